@@ -1,0 +1,240 @@
+"""The public verbs: ``quantize`` a diffusers model folder into an artifact, ``load_quantized`` it.
+
+Stages (ARCHITECTURE.md): load -> FP trajectories -> Weight Dilation -> per-step activation
+calibration -> block-wise distillation -> artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifact import LayerMeta, Manifest, load_state, read_manifest, save_artifact
+from .errors import ArtifactError, CalibrationError, ModelLoadError
+from .models import LoadedModel, encode_prompts, load_model, make_scheduler, unet_class
+from .quant.analysis import analyze_inputs
+from .quant.blocks import partition
+from .quant.calibrate import init_activation_scales, input_channel_absmax, unet_forward
+from .quant.dilation import dilation_factors, smoothquant_factors
+from .quant.distill import BlockReport, distill_blocks, distill_model
+from .quant.modules import QUANTIZABLE, QuantizedUNet, QuantLayer, replace_module
+from .quant.timestep import StepIndex, TimestepTable
+from .quant.trajectories import CalibrationSet, Conditioning, collect, load_conditioning
+from .recipe import CalibrationConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` produced: the simulated model, its metadata and the distillation record."""
+
+    model: QuantizedUNet
+    manifest: Manifest
+    reports: list[BlockReport]
+    path: Path | None = None
+
+
+def _example_run(unet: nn.Module, calib: CalibrationSet, n: int = 2):
+    x, t, _, cond = calib.batch(torch.arange(min(n, len(calib))))
+    run = unet_forward(unet)
+    return lambda: run(x, t, cond)
+
+
+def _dilations(
+    unet: nn.Module, names: list[str], info: dict, recipe: Recipe, calib: CalibrationSet
+) -> dict[str, torch.Tensor | None]:
+    """Per-layer ``s`` vectors: one per input-sharing group."""
+    if recipe.dilation == "none":
+        return {n: None for n in names}
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(info[n].group, []).append(n)
+    absmax = input_channel_absmax(unet, [g[0] for g in groups.values()], calib) if recipe.dilation == "smoothquant" else {}
+    result: dict[str, torch.Tensor | None] = {}
+    for members in groups.values():
+        weights = [unet.get_submodule(m).weight for m in members]
+        if any(unet.get_submodule(m).__class__ is nn.Conv2d and unet.get_submodule(m).groups != 1 for m in members):
+            s = None  # grouped convs mix channels per group: leave them undilated
+        elif recipe.dilation == "wd":
+            s = dilation_factors(weights)
+        else:
+            s = smoothquant_factors(absmax[members[0]], weights, recipe.smoothquant_alpha)
+        for m in members:
+            result[m] = s
+    return result
+
+
+def build_quantized(
+    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet | None = None
+) -> tuple[QuantizedUNet, dict[str, LayerMeta]]:
+    """Replace the recipe's Conv2d/Linear layers of a copy of ``unet`` with QuantLayers.
+
+    With ``calib`` the dilation vectors are computed (WD from the FP weights, SmoothQuant from the
+    calibration activations); without it (loading an artifact) they come from the state dict.
+    """
+    qunet = copy.deepcopy(unet).eval()
+    names = [n for n, m in qunet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
+    if not names:
+        raise ModelLoadError("the recipe selects no Conv2d/Linear layer", hint="check the recipe's include/exclude patterns")
+    step_index = StepIndex()
+    if calib is not None:
+        info = analyze_inputs(qunet, _example_run(qunet, calib), names)
+        names = [n for n in names if n in info]  # layers never called keep FP weights
+        dil = _dilations(qunet, names, info, recipe, calib)
+    metas: dict[str, LayerMeta] = {}
+    for name in names:
+        layer = qunet.get_submodule(name)
+        bits = recipe.weight_bits_for(name)
+        s = dil[name] if calib is not None else None
+        q = QuantLayer(
+            layer, weight_bits=bits, act_bits=recipe.act_bits, act_symmetric=recipe.act_symmetric,
+            n_steps=table.n_rows, step_index=step_index, dilation=s,
+        )
+        replace_module(qunet, name, q)
+        if calib is not None:
+            metas[name] = LayerMeta(q.kind, bits, recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold)
+    return QuantizedUNet(qunet, table, step_index), metas
+
+
+def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None) -> Conditioning | None:
+    if not loaded.conditional:
+        if cond_file or prompts:
+            raise CalibrationError(f"{type(loaded.unet).__name__} is unconditional: --cond/--prompts do not apply")
+        return None
+    if cond_file:
+        cond = load_conditioning(cond_file)
+    elif prompts:
+        cond = Conditioning(*encode_prompts(loaded, prompts))
+    else:
+        raise CalibrationError(
+            "this UNet is conditional (cross-attention) and needs calibration conditioning",
+            hint="pass --cond FILE.safetensors (encoder_hidden_states [P, S, D]) or --prompts FILE.txt",
+        )
+    dim = loaded.unet.config.cross_attention_dim
+    if cond.cond.shape[-1] != dim:
+        raise CalibrationError(
+            f"conditioning has hidden size {cond.cond.shape[-1]}, the UNet's cross_attention_dim is {dim}",
+            hint="use embeddings from this model's text encoder",
+        )
+    return cond
+
+
+def quantize(
+    model_dir: str | Path,
+    recipe: Recipe,
+    calibration: CalibrationConfig = CalibrationConfig(),
+    out_dir: str | Path | None = None,
+    *,
+    scheduler_dir: str | Path | None = None,
+    cond_file: str | Path | None = None,
+    prompts: list[str] | None = None,
+    overwrite: bool = False,
+) -> QuantizeResult:
+    """Quantize the UNet of a diffusers folder with DilateQuant; save to ``out_dir`` when given."""
+    loaded = load_model(model_dir, scheduler_dir)
+    scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config)
+    conditioning = _conditioning(loaded, cond_file, prompts)
+    calib = collect(loaded.unet, scheduler, calibration, conditioning)
+    result = quantize_unet(loaded.unet, recipe, calib, calibration, dict(scheduler.config))
+    if out_dir is not None:
+        result.path = save_quantized(result, out_dir, overwrite=overwrite)
+    return result
+
+
+def quantize_unet(
+    unet: nn.Module,
+    recipe: Recipe,
+    calib: CalibrationSet,
+    calibration: CalibrationConfig = CalibrationConfig(),
+    scheduler_config: dict | None = None,
+) -> QuantizeResult:
+    """The in-memory pipeline: dilation, per-step calibration, distillation."""
+    calib.validate()
+    table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
+    qmodel, metas = build_quantized(unet, recipe, table, calib)
+    init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
+    reports: list[BlockReport] = []
+    if recipe.distill == "block":
+        blocks = partition(qmodel.unet, _example_run(qmodel, calib))
+        reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed)
+    elif recipe.distill == "model":
+        reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed)
+    qmodel.eval()
+    manifest = Manifest(
+        recipe=recipe.to_dict(),
+        calibration=calibration.to_dict(),
+        model_class=type(unet).__name__,
+        model_config=json.loads(unet.to_json_string()),
+        scheduler_config=json.loads(json.dumps(scheduler_config or {}, default=list)),
+        timesteps=calib.timesteps,
+        layers=metas,
+        blocks=[{"name": r.name, "loss_before": r.loss_before, "loss_after": r.loss_after} for r in reports],
+    )
+    return QuantizeResult(qmodel, manifest, reports)
+
+
+def save_quantized(result: QuantizeResult, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the artifact (manifest, safetensors, distillation losses and their plot)."""
+    extras = {"distill_report.json": json.dumps([asdict(r) for r in result.reports], indent=1).encode()}
+    if result.reports:
+        extras["distill_loss.png"] = _loss_plot(result.reports)
+    return save_artifact(out_dir, result.manifest, result.model.unet.state_dict(), extras, overwrite=overwrite)
+
+
+def _loss_plot(reports: list[BlockReport]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r.name for r in reports]
+    a.semilogy(range(len(reports)), [max(r.loss_before, 1e-12) for r in reports], "o-", label="before")
+    a.semilogy(range(len(reports)), [max(r.loss_after, 1e-12) for r in reports], "o-", label="after")
+    a.set_xticks(range(len(reports)), names, rotation=90, fontsize=6)
+    a.set_title("block MSE vs full precision")
+    a.legend()
+    for r in reports:
+        if r.curve:
+            b.semilogy(r.curve, lw=0.6)
+    b.set_title("distillation loss per block")
+    b.set_xlabel("iteration")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
+    """Rebuild the simulated quantized UNet from an artifact (no calibration data needed)."""
+    manifest = read_manifest(quant_dir)
+    state = load_state(quant_dir, manifest)
+    recipe = Recipe.from_dict(manifest.recipe)
+    cls = unet_class({"_class_name": manifest.model_class}, Path(quant_dir))
+    unet = cls.from_config(manifest.model_config).eval()
+    table = TimestepTable(manifest.timesteps, collapsed=recipe.timestep_scales == "collapsed")
+    step_index = StepIndex()
+    for name, meta in manifest.layers.items():
+        try:
+            layer = unet.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"manifest layer {name!r} does not exist in {manifest.model_class}") from None
+        q = QuantLayer(
+            layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
+            n_steps=table.n_rows, step_index=step_index,
+        )
+        replace_module(unet, name, q)
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{quant_dir}: weights do not match the manifest ({str(exc)[:300]})") from None
+    return QuantizedUNet(unet, table, step_index).eval()

@@ -1,0 +1,1 @@
+"""Exporters: PyTorch -> ONNX (float graph + Q/DQ surgery) -> TensorRT engines."""

@@ -1,0 +1,116 @@
+"""Float ONNX export of a diffusers UNet with optimum's I/O contract.
+
+Inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for conditional UNets,
+``encoder_hidden_states`` [B, S, D]; output ``out_sample``. The batch axis is dynamic. Q/DQ nodes
+are added afterwards by graph surgery (:mod:`dqdeploy.exporters.qdq`), never by the exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ExportError, require
+
+log = logging.getLogger(__name__)
+
+INPUT_SAMPLE = "sample"
+INPUT_TIMESTEP = "timestep"
+INPUT_CONTEXT = "encoder_hidden_states"
+OUTPUT_SAMPLE = "out_sample"
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes: protobuf's limit is 2 GiB
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """Example tensors that fix ranks and static dims of the exported graph."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None = None
+
+    def as_args(self) -> tuple[torch.Tensor, ...]:
+        args = (self.sample, self.timestep)
+        return args if self.encoder_hidden_states is None else (*args, self.encoder_hidden_states)
+
+    @property
+    def names(self) -> list[str]:
+        names = [INPUT_SAMPLE, INPUT_TIMESTEP]
+        return names if self.encoder_hidden_states is None else [*names, INPUT_CONTEXT]
+
+
+class _UNetGraph(torch.nn.Module):
+    """Positional-argument adaptor: (sample, timestep[, context]) -> out_sample tensor."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states=None):  # noqa: D401
+        if encoder_hidden_states is None:
+            return self.unet(sample, timestep, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def example_inputs(unet: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> ExampleInputs:
+    """Build example inputs from a diffusers UNet's config."""
+    cfg = unet.config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    sample = torch.randn(batch, cfg.in_channels, h, w)
+    timestep = torch.linspace(1.0, 900.0, batch)
+    context = None
+    cross = getattr(cfg, "cross_attention_dim", None)
+    if cross is not None:
+        context = torch.randn(batch, seq_len, int(cross))
+    return ExampleInputs(sample, timestep, context)
+
+
+def export_float_onnx(
+    unet: torch.nn.Module,
+    path: str | Path,
+    *,
+    inputs: ExampleInputs | None = None,
+    opset: int = 20,
+) -> "onnx.ModelProto":  # noqa: F821
+    """Export ``unet`` (any module with the diffusers UNet call signature) to a float ONNX model.
+
+    Returns the in-memory model; ``path`` is only a scratch location for the exporter.
+    """
+    onnx = require("onnx", "ort", "ONNX export")
+    inputs = inputs or example_inputs(unet)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {INPUT_SAMPLE: {0: batch}, INPUT_TIMESTEP: {0: batch}}
+    if inputs.encoder_hidden_states is not None:
+        dynamic[INPUT_CONTEXT] = {0: batch}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = unet.training
+    unet.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _UNetGraph(unet),
+                inputs.as_args(),
+                str(path),
+                input_names=inputs.names,
+                output_names=[OUTPUT_SAMPLE],
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; report them as one
+        raise ExportError(
+            f"torch.onnx.export failed for {type(unet).__name__}: {exc}",
+            hint="check that the model runs in eval mode on the example inputs",
+        ) from exc
+    finally:
+        unet.train(was_training)
+    return onnx.load(str(path), load_external_data=True)

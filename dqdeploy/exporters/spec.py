@@ -1,0 +1,101 @@
+"""The exported-model folder: layout and JSON sidecar (the contract between exporters and runtimes).
+
+Layout (optimum's)::
+
+    OUT_DIR/
+      dqdeploy_export.json      # ExportSpec below
+      unet/model.onnx           # + unet/model.onnx_data (external weights)
+      unet/model.plan           # TensorRT engine (trt target only) + unet/engine.json
+
+I/O: ``sample`` [B, C, H, W], ``timestep`` [B], ``encoder_hidden_states`` [B, S, D] (conditional
+models only) -> ``out_sample`` [B, C_out, H, W].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError
+
+SPEC_FILE = "dqdeploy_export.json"
+ONNX_FILE = "unet/model.onnx"
+ONNX_DATA_FILE = "model.onnx_data"
+ENGINE_FILE = "unet/model.plan"
+ENGINE_SPEC_FILE = "unet/engine.json"
+FORMAT = "dqdeploy-export"
+FORMAT_VERSION = 1
+FLAVOURS = ("float", "onnx", "ort")  # float graph, TensorRT-layout QDQ, ORT-fused QDQ
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (ints or symbolic strings) and dtype of one graph input or output."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Everything a runtime needs to know about an exported UNet, stored as JSON next to it."""
+
+    flavour: str
+    precision: str  # "fp32" | "fp16"
+    opset: int
+    model_class: str
+    model_config: dict[str, Any]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    timesteps: list[float] = field(default_factory=list)  # calibrated steps, descending
+    recipe: dict[str, Any] | None = None
+    scheduler_config: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def conditional(self) -> bool:
+        return any(t.name == "encoder_hidden_states" for t in self.inputs)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExportSpec":
+        if data.get("format") != FORMAT:
+            raise ArtifactError(
+                f"not a dqdeploy export: format is {data.get('format')!r}, expected {FORMAT!r}",
+                hint="point at the folder written by `dqdeploy export`",
+            )
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"export format version {data.get('format_version')} is not supported "
+                f"(this dqdeploy reads version {FORMAT_VERSION})",
+                hint="re-run `dqdeploy export` with this version of dqdeploy",
+            )
+        data = dict(data)
+        data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+        data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ArtifactError(f"malformed {SPEC_FILE}: {exc}") from exc
+
+
+def read_spec(export_dir: str | Path) -> ExportSpec:
+    """Read ``dqdeploy_export.json`` from an export folder, with clear errors."""
+    path = Path(export_dir) / SPEC_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path} not found: {export_dir} is not a dqdeploy export folder",
+            hint="create one with `dqdeploy export QUANT_DIR --out OUT_DIR`",
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    return ExportSpec.from_dict(data)

@@ -1,0 +1,1 @@
+"""Quantization: math (primitives), quantizers, quantized layers, Weight Dilation, calibration, BKD."""

@@ -1,0 +1,70 @@
+"""Block partition of diffusers UNets for block-wise distillation: every ResnetBlock2D, attention /
+transformer block, down/up-sampler and time embedding, plus every quantized layer outside them
+(conv_in, conv_out, ...). Blocks come in execution order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import QuantLayer, quant_layers
+
+BLOCK_CLASSES = (
+    "ResnetBlock2D",
+    "Attention",
+    "Transformer2DModel",
+    "Downsample2D",
+    "Upsample2D",
+    "TimestepEmbedding",
+)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A named unit of distillation and the quantized layers inside it."""
+
+    name: str
+    layers: tuple[str, ...]
+
+
+def _candidates(root: nn.Module) -> list[str]:
+    found: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            full = prefix + child_name
+            if type(child).__name__ in BLOCK_CLASSES or isinstance(child, QuantLayer):
+                if quant_layers(child) or isinstance(child, QuantLayer):
+                    found.append(full)
+            else:
+                visit(full + ".", child)
+
+    visit("", root)
+    return found
+
+
+@torch.no_grad()
+def partition(unet: nn.Module, run: Callable[[], object]) -> list[Block]:
+    """Blocks of the quantized ``unet`` in the order one forward (``run``) executes them."""
+    names = _candidates(unet)
+    order: list[str] = []
+    handles = [
+        unet.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
+        for n in names
+    ]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    order += [n for n in names if n not in order]  # never-called blocks go last
+    blocks = []
+    for name in order:
+        module = unet.get_submodule(name)
+        layers = (name,) if isinstance(module, QuantLayer) else tuple(f"{name}.{n}" for n in quant_layers(module))
+        blocks.append(Block(name, layers))
+    return blocks

@@ -1,0 +1,129 @@
+"""Initialisation of the per-time-step activation step sizes (TPQ) from calibration data.
+
+Two passes over the calibration set with forward hooks on every QuantLayer (activation
+quantizers off, weights quantized): the first finds each step's range, the second scores clipping
+ratios of that range by quantization MSE, per step. Steps without calibration samples take the
+range of all steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .modules import QuantizedUNet, QuantLayer, quant_layers, set_act_quant
+from .primitives import CLIP_RATIOS, minmax_scale
+from .trajectories import CalibrationSet
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def unet_forward(model: nn.Module) -> Forward:
+    """(x, t, cond) -> output tensor, for FP and quantized diffusers UNets alike."""
+
+    def run(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        kwargs = {} if cond is None else {"encoder_hidden_states": cond}
+        return model(x, t, return_dict=False, **kwargs)[0]
+
+    return run
+
+
+class _StepStats:
+    """Per-step running min/max and per-candidate squared error of one layer's input."""
+
+    def __init__(self, n_steps: int, n_candidates: int) -> None:
+        self.lo = torch.full((n_steps,), float("inf"))
+        self.hi = torch.full((n_steps,), float("-inf"))
+        self.err = torch.zeros(n_candidates, n_steps)
+
+    def observe_range(self, flat: torch.Tensor, rows: torch.Tensor) -> None:
+        self.lo.scatter_reduce_(0, rows, flat.amin(1), "amin")
+        self.hi.scatter_reduce_(0, rows, flat.amax(1), "amax")
+
+    def filled_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        seen = torch.isfinite(self.lo)
+        lo = torch.where(seen, self.lo, self.lo[seen].min() if seen.any() else torch.tensor(-1.0))
+        hi = torch.where(seen, self.hi, self.hi[seen].max() if seen.any() else torch.tensor(1.0))
+        return lo, hi
+
+
+@torch.no_grad()
+def init_activation_scales(model: QuantizedUNet, calib: CalibrationSet, *, method: str = "mse", batch_size: int = 32) -> None:
+    """Set every activation quantizer's per-step scale (and zero point) from ``calib``."""
+    layers = quant_layers(model)
+    if not layers:
+        return
+    n_steps = model.table.n_rows
+    stats = {name: _StepStats(n_steps, len(CLIP_RATIOS)) for name in layers}
+    phase = {"name": "range"}
+
+    def make_hook(name: str, layer: QuantLayer):
+        q = layer.input_quantizer
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = layer.dilated_input(args[0])
+            rows = q.rows_for(x)
+            flat = x.detach().reshape(x.shape[0], -1).float()
+            st = stats[name]
+            if phase["name"] == "range":
+                st.observe_range(flat, rows)
+                return
+            lo, hi = st.filled_range()
+            for c, ratio in enumerate(CLIP_RATIOS):
+                scale, zp = minmax_scale(ratio * lo[rows], ratio * hi[rows], q.qmin, q.qmax, q.symmetric)
+                xq = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], q.qmin, q.qmax) - zp[:, None]) * scale[:, None]
+                st.err[c].index_add_(0, rows, (xq - flat).pow(2).sum(1))
+
+        return layer.register_forward_pre_hook(hook)
+
+    run = unet_forward(model)
+    set_act_quant(model, False)
+    handles = [make_hook(name, layer) for name, layer in layers.items()]
+    try:
+        passes = ["range", "mse"] if method == "mse" else ["range"]
+        for p in passes:
+            phase["name"] = p
+            for x, t, _, cond in tqdm(calib.batches(batch_size), total=-(-len(calib) // batch_size), desc=f"calibrate ({p})", leave=False):
+                run(x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+        set_act_quant(model, True)
+
+    for name, layer in layers.items():
+        q = layer.input_quantizer
+        lo, hi = stats[name].filled_range()
+        ratio = torch.ones(n_steps)
+        if method == "mse":
+            ratio = CLIP_RATIOS[stats[name].err.argmin(0)]
+        scale, zp = minmax_scale(ratio * lo, ratio * hi, q.qmin, q.qmax, q.symmetric)
+        q.scale.copy_(scale)
+        q.zero_point.copy_(zp)
+
+
+@torch.no_grad()
+def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationSet, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of the inputs of the named Conv2d/Linear layers (SmoothQuant)."""
+    result: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            dims = [d for d in range(x.dim()) if d != (1 if isinstance(module, nn.Conv2d) else x.dim() - 1)]
+            amax = x.abs().amax(dim=dims).float()
+            result[name] = amax if name not in result else torch.maximum(result[name], amax)
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    run = unet_forward(model)
+    try:
+        for x, t, _, cond in calib.batches(batch_size):
+            run(x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+    return result

@@ -1,0 +1,196 @@
+"""Block-wise knowledge distillation (BKD, BRIEF §1.3) and the whole-model baseline.
+
+For block k: the FP block's output on FP inputs is the target; the quantized block is fed the
+inputs produced by the already-distilled quantized blocks before it. Weights, biases, weight step
+sizes and per-step activation step sizes (and zero points) train jointly with Adam. Only one
+block's inputs and targets are held at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..recipe import Recipe
+from .blocks import Block
+from .modules import QuantizedUNet, QuantLayer, quant_layers
+from .trajectories import CalibrationSet
+
+
+class _Stop(Exception):
+    """Ends a forward pass as soon as the block of interest has been seen."""
+
+
+@dataclass
+class BlockReport:
+    """Distillation record of one block: MSE before and after, and the loss curve."""
+
+    name: str
+    loss_before: float
+    loss_after: float
+    curve: list[float] = field(default_factory=list)
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().contiguous()  # (a strided view crashed conv backward in torch 2.13)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detach(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a module output (tensor, tuple, or diffusers output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return first_tensor(out[0])
+    if hasattr(out, "sample"):
+        return out.sample
+    raise TypeError(f"cannot find a tensor in block output of type {type(out).__name__}")
+
+
+def _call(model: nn.Module, x, t, cond) -> None:
+    kwargs = {} if cond is None else {"encoder_hidden_states": cond}
+    model(x, t, return_dict=False, **kwargs)
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, module: nn.Module, calib: CalibrationSet, order: torch.Tensor, batch: int, want: str) -> list:
+    """Per calibration batch: the block's (args, kwargs) (``want="inputs"``) or output tensor."""
+    seen: list = []
+
+    def pre(mod, args, kwargs):
+        if want == "inputs":
+            seen.append((_detach(args), _detach(kwargs)))
+            raise _Stop
+
+    def post(mod, args, kwargs, out):
+        seen.append(first_tensor(out).detach())
+        raise _Stop
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True)]
+    if want == "output":
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    try:
+        for start in range(0, len(calib), batch):
+            x, t, _, cond = calib.batch(order[start : start + batch])
+            try:
+                _call(model, x, t, cond)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _param_groups(layers: list[QuantLayer], recipe: Recipe) -> list[dict]:
+    weights, quant = [], []
+    for layer in layers:
+        weights.append(layer.weight)
+        if layer.bias is not None:
+            weights.append(layer.bias)
+        quant.append(layer.weight_quantizer.scale)
+        quant.append(layer.input_quantizer.scale)
+        if isinstance(layer.input_quantizer.zero_point, nn.Parameter):
+            quant.append(layer.input_quantizer.zero_point)
+    return [{"params": weights, "lr": recipe.lr_weight}, {"params": quant, "lr": recipe.lr_quant}]
+
+
+def _train(
+    name: str,
+    forward,
+    layers: list[QuantLayer],
+    n_batches: int,
+    recipe: Recipe,
+    iters: int,
+    seed: int,
+) -> BlockReport:
+    """Adam on ``forward(i) -> loss`` over randomly drawn captured batches ``i``."""
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(sum(forward(i).item() for i in range(n_batches)) / n_batches)
+
+    before = mean_loss()
+    curve: list[float] = []
+    if iters > 0 and layers:
+        opt = torch.optim.Adam(_param_groups(layers, recipe))
+        gen = torch.Generator().manual_seed(seed)
+        bar = tqdm(range(iters), desc=f"distill {name}", leave=False)
+        running = before
+        for step in bar:
+            i = int(torch.randint(n_batches, (1,), generator=gen))
+            loss = forward(i)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"distillation loss of {name} became {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running = 0.9 * running + 0.1 * loss.item()
+            curve.append(loss.item())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{running:.3e}")
+    return BlockReport(name, before, mean_loss(), curve)
+
+
+def distill_blocks(
+    qmodel: QuantizedUNet,
+    fp_unet: nn.Module,
+    blocks: list[Block],
+    calib: CalibrationSet,
+    recipe: Recipe,
+    seed: int = 0,
+) -> list[BlockReport]:
+    """BKD over ``blocks`` (in execution order); returns one report per block."""
+    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
+    reports = []
+    for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
+        qblock = qmodel.unet.get_submodule(block.name)
+        fpblock = fp_unet.get_submodule(block.name)
+        inputs = _capture(qmodel, qblock, calib, order, recipe.batch_size, "inputs")
+        targets = _capture(fp_unet, fpblock, calib, order, recipe.batch_size, "output")
+        rows = [qmodel.table.index(calib.t[b], len(b)) for b in order.split(recipe.batch_size)]
+        layers = [qmodel.unet.get_submodule(n) for n in block.layers]
+
+        def forward(i: int) -> torch.Tensor:
+            args, kwargs = inputs[i]
+            out = qmodel.run_rows(rows[i], qblock, *args, **kwargs)
+            return F.mse_loss(first_tensor(out), targets[i])
+
+        qblock.train()
+        reports.append(_train(block.name, forward, layers, len(inputs), recipe, recipe.iters, seed + k))
+        qblock.eval()
+        del inputs, targets
+    return reports
+
+
+def distill_model(
+    qmodel: QuantizedUNet, fp_unet: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0
+) -> list[BlockReport]:
+    """Whole-model distillation baseline: every quantized parameter against the FP output."""
+    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
+    batches = [order[s : s + recipe.batch_size] for s in range(0, len(calib), recipe.batch_size)]
+    with torch.no_grad():
+        targets = [fp_unet(*calib.batch(b)[:2], return_dict=False, **_cond_kwargs(calib, b))[0] for b in batches]
+
+    def forward(i: int) -> torch.Tensor:
+        x, t, _, cond = calib.batch(batches[i])
+        kwargs = {} if cond is None else {"encoder_hidden_states": cond}
+        return F.mse_loss(qmodel(x, t, return_dict=False, **kwargs)[0], targets[i])
+
+    layers = list(quant_layers(qmodel).values())
+    return [_train("model", forward, layers, len(batches), recipe, recipe.iters, seed)]
+
+
+def _cond_kwargs(calib: CalibrationSet, idx: torch.Tensor) -> dict:
+    return {} if calib.cond is None else {"encoder_hidden_states": calib.cond[idx]}

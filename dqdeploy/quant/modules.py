@@ -1,0 +1,133 @@
+"""Quantized Conv2d / Linear layers and the drop-in quantized UNet.
+
+A :class:`QuantLayer` computes ``layer(Qa(x * input_scale), Qw(W'))`` where ``W' = W * s`` is the
+dilated weight and ``input_scale = 1 / s`` (Weight Dilation, BRIEF §1.1). ``Qa`` is the per-step
+activation quantizer, ``Qw`` the per-channel weight quantizer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import ActQuantizer, WeightQuantizer
+from .timestep import StepIndex, TimestepTable
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+def channel_view(v: torch.Tensor, kind: str, ndim: int) -> torch.Tensor:
+    """Shape a per-input-channel vector to broadcast against an activation of rank ``ndim``."""
+    return v.view(1, -1, *([1] * (ndim - 2))) if kind == "conv" else v
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear with dilation, per-channel weight and per-step activation quantizers."""
+
+    def __init__(
+        self,
+        layer: nn.Conv2d | nn.Linear,
+        *,
+        weight_bits: int,
+        act_bits: int,
+        act_symmetric: bool,
+        n_steps: int,
+        step_index: StepIndex,
+        dilation: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+        if self.kind == "conv":
+            self.conv_args = dict(
+                stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups
+            )
+            if layer.padding_mode != "zeros":
+                raise NotImplementedError(f"padding_mode={layer.padding_mode!r} is not supported")
+        in_ch = layer.weight.shape[1]
+        s = torch.ones(in_ch) if dilation is None else dilation.detach().float()
+        shape = (1, -1) + (1,) * (layer.weight.dim() - 2)
+        self.weight = nn.Parameter(layer.weight.detach() * s.view(shape).to(layer.weight))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.register_buffer("input_scale", (1.0 / s).to(layer.weight))
+        self.weight_quantizer = WeightQuantizer(self.weight, weight_bits)
+        self.input_quantizer = ActQuantizer(n_steps, act_bits, act_symmetric, step_index)
+        self.quantize_weight = True
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1]
+
+    def dilated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / s``: the activation the quantizer sees."""
+        return x * channel_view(self.input_scale, self.kind, x.dim())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(self.dilated_input(x))
+        w = self.weight_quantizer(self.weight) if self.quantize_weight else self.weight
+        if self.kind == "conv":
+            return F.conv2d(x, w, self.bias, **self.conv_args)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, weight={tuple(self.weight.shape)}"
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Every QuantLayer in ``model`` by qualified name (relative to ``model``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def set_act_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch every activation quantizer on or off (calibration runs them off)."""
+    for layer in quant_layers(model).values():
+        layer.input_quantizer.enabled = enabled
+
+
+def set_weight_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch every weight quantizer on or off."""
+    for layer in quant_layers(model).values():
+        layer.quantize_weight = enabled
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+class QuantizedUNet(nn.Module):
+    """Drop-in for the diffusers UNet it wraps: same call signature and return type.
+
+    Each call maps ``timestep`` to calibrated-step rows and binds them for the activation
+    quantizers for exactly that call.
+    """
+
+    def __init__(self, unet: nn.Module, table: TimestepTable, step_index: StepIndex) -> None:
+        super().__init__()
+        self.unet = unet
+        self.table = table
+        self.step_index = step_index
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def forward(self, sample: torch.Tensor, timestep, *args, **kwargs):
+        rows = self.table.index(timestep, sample.shape[0])
+        with self.step_index.bound(rows):
+            return self.unet(sample, timestep, *args, **kwargs)
+
+    def run_rows(self, rows: torch.Tensor, fn, *args, **kwargs):
+        """Call ``fn`` with explicit step ``rows`` bound (block-wise training uses this)."""
+        with self.step_index.bound(rows):
+            return fn(*args, **kwargs)

@@ -1,0 +1,82 @@
+"""Quantizers with learnable step sizes (LSQ): per-output-channel weights, and per-time-step
+activations (the Temporal Parallel Quantizer). All parameters are created in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .primitives import fake_quant, qrange, quantize, search_weight_scale
+from .timestep import StepIndex
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-output-channel quantizer of a weight [O, ...] with a learnable scale [O]."""
+
+    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.qmin, self.qmax = qrange(bits, True)
+        self.scale = nn.Parameter(search_weight_scale(weight, bits))
+
+    def _shaped_scale(self, w: torch.Tensor) -> torch.Tensor:
+        return self.scale.view(-1, *([1] * (w.dim() - 1)))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quant(w, self._shaped_scale(w), 0.0, self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def integers(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight's integers (int8 tensor; 4-bit values fit losslessly)."""
+        return quantize(w, self._shaped_scale(w), 0.0, self.qmin, self.qmax).to(torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.scale.numel()}"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with one step size (and zero point) per time step.
+
+    Each sample uses the row of its own time step, read from the shared :class:`StepIndex`; a batch
+    may mix steps, and a backward pass reaches exactly the rows that were used. When the tensor's
+    leading dim is a multiple of the batch (attention's (B*H, N, d) layout) rows repeat per head.
+    """
+
+    def __init__(self, n_steps: int, bits: int, symmetric: bool, step_index: StepIndex) -> None:
+        super().__init__()
+        self.bits = bits
+        self.symmetric = symmetric
+        self.qmin, self.qmax = qrange(bits, symmetric)
+        self.step_index = step_index
+        self.scale = nn.Parameter(torch.ones(n_steps))
+        if symmetric:
+            self.register_buffer("zero_point", torch.zeros(n_steps))
+        else:
+            self.zero_point = nn.Parameter(torch.zeros(n_steps))
+        self.enabled = True
+
+    @property
+    def n_steps(self) -> int:
+        return self.scale.numel()
+
+    def rows_for(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows of ``x`` [N, ...] from the bound step index."""
+        rows = self.step_index.value.to(self.scale.device)
+        if rows.numel() != x.shape[0]:
+            if x.shape[0] % rows.numel():
+                raise RuntimeError(f"activation batch {x.shape[0]} is not a multiple of {rows.numel()} steps")
+            rows = rows.repeat_interleave(x.shape[0] // rows.numel())
+        return rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        rows = self.rows_for(x)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        scale = self.scale.abs()[rows].view(shape)  # abs keeps a learned scale positive
+        zero_point = self.zero_point[rows].view(shape)
+        return fake_quant(x, scale, zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, steps={self.n_steps}"

@@ -1,0 +1,151 @@
+"""Calibration data from full-precision sampling trajectories.
+
+The FP UNet samples ``trajectories`` images with the requested scheduler and step count; the UNet
+inputs ``(x_t, t, cond)`` of randomly chosen (trajectory, step) pairs are kept. Under
+classifier-free guidance both the conditional and the unconditional input are kept, since the
+deployed model sees both. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError
+from ..recipe import CalibrationConfig
+from ..sampling import denoise
+
+COND_KEY = "encoder_hidden_states"
+UNCOND_KEY = "uncond_encoder_hidden_states"
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for calibration: ``cond`` [P, S, D], optional ``uncond`` [1, S, D]."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+
+    def for_batch(self, first: int, n: int) -> torch.Tensor:
+        idx = torch.arange(first, first + n) % self.cond.shape[0]
+        return self.cond[idx]
+
+
+def load_conditioning(path: str | Path) -> Conditioning:
+    """Read ``--cond FILE.safetensors``: ``encoder_hidden_states`` [P, S, D] (required) and
+    ``uncond_encoder_hidden_states`` [1, S, D] (optional, enables classifier-free guidance)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"conditioning file {path} not found")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CalibrationError(f"{path} is not a readable safetensors file: {exc}") from None
+    if COND_KEY not in tensors:
+        raise CalibrationError(
+            f"{path} has keys {sorted(tensors)}; expected {COND_KEY!r} [P, S, D]",
+            hint=f"save prompt embeddings under {COND_KEY!r} (and optionally {UNCOND_KEY!r})",
+        )
+    cond = tensors[COND_KEY].float()
+    uncond = tensors.get(UNCOND_KEY)
+    if cond.dim() != 3 or (uncond is not None and uncond.shape[-2:] != cond.shape[-2:]):
+        raise CalibrationError(
+            f"{path}: {COND_KEY} must be [P, S, D] and {UNCOND_KEY} [1, S, D]; "
+            f"found {tuple(cond.shape)} and {None if uncond is None else tuple(uncond.shape)}"
+        )
+    return Conditioning(cond, None if uncond is None else uncond[:1].float())
+
+
+@dataclass
+class CalibrationSet:
+    """UNet inputs recorded on FP trajectories: ``x`` [N, C, H, W], ``t`` [N], ``rows`` [N] (index
+    of ``t`` in ``timesteps``), ``cond`` [N, S, D] or None; ``timesteps`` in sampling order."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    rows: torch.Tensor
+    cond: torch.Tensor | None
+    timesteps: list[float]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.x[idx], self.t[idx], self.rows[idx], None if self.cond is None else self.cond[idx]
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
+
+    def validate(self) -> None:
+        for name, tensor in (("x_t", self.x), ("cond", self.cond)):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CalibrationError(
+                    f"calibration {name} holds {bad} non-finite values (NaN/Inf): the full-precision "
+                    "model diverged on its own trajectories",
+                    hint="check the model weights, the scheduler config and the conditioning file",
+                )
+
+
+@torch.no_grad()
+def collect(
+    unet: torch.nn.Module,
+    scheduler,
+    config: CalibrationConfig,
+    conditioning: Conditioning | None = None,
+    guidance: float | None = None,
+) -> CalibrationSet:
+    """Sample FP trajectories and keep ``config.samples`` UNet inputs drawn at random across steps."""
+    guidance = config.guidance if guidance is None else guidance
+    cfg_on = conditioning is not None and conditioning.uncond is not None and guidance != 1.0
+    per_pair = 2 if cfg_on else 1
+    gen = torch.Generator().manual_seed(config.seed)
+    n_pairs = config.trajectories * config.steps
+    wanted = min(n_pairs, -(-config.samples // per_pair))
+    chosen = torch.zeros(n_pairs, dtype=torch.bool)
+    chosen[torch.randperm(n_pairs, generator=gen)[:wanted]] = True
+    chosen = chosen.view(config.trajectories, config.steps)
+
+    cfg = unet.config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    xs, ts, rows, conds = [], [], [], []
+    timesteps: list[float] = []
+    bar = tqdm(total=config.trajectories, desc="calibration trajectories", unit="traj")
+    for first in range(0, config.trajectories, config.batch_size):
+        n = min(config.batch_size, config.trajectories - first)
+        noise = torch.randn(n, cfg.in_channels, h, w, generator=gen)
+        cond = None if conditioning is None else conditioning.for_batch(first, n)
+        keep = chosen[first : first + n]
+
+        def record(i: int, t: torch.Tensor, model_input: torch.Tensor) -> None:
+            if i == 0 and not timesteps:
+                timesteps.extend(float(v) for v in scheduler.timesteps)
+            sel = keep[:, i].nonzero().flatten()
+            if sel.numel() == 0:
+                return
+            for context in ([conditioning.uncond.expand(sel.numel(), -1, -1), cond[sel]] if cfg_on else [None if cond is None else cond[sel]]):
+                xs.append(model_input[sel].clone())
+                ts.append(torch.full((sel.numel(),), float(t)))
+                rows.append(torch.full((sel.numel(),), i, dtype=torch.long))
+                if context is not None:
+                    conds.append(context.clone())
+
+        denoise(
+            unet, scheduler, noise, config.steps,
+            cond=cond, uncond=None if conditioning is None else conditioning.uncond,
+            guidance=guidance, generator=gen, callback=record,
+        )
+        bar.update(n)
+    bar.close()
+    calib = CalibrationSet(
+        torch.cat(xs), torch.cat(ts), torch.cat(rows), torch.cat(conds) if conds else None, timesteps
+    )
+    calib.validate()
+    return calib

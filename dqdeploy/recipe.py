@@ -1,0 +1,160 @@
+"""Recipes: frozen, validated, versioned quantization configs with presets and a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+
+RECIPE_VERSION = 1
+DILATIONS = ("wd", "smoothquant", "none")
+TIMESTEP_SCALES = ("per-step", "collapsed")
+DISTILL_MODES = ("block", "model", "none")
+ACT_INITS = ("mse", "minmax")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize and how. Layer selection uses wildcard module names (``fnmatch``)."""
+
+    name: str = "w8a8"
+    weight_bits: int = 8
+    act_bits: int = 8
+    act_symmetric: bool = True
+    first_last_bits: int | None = 8  # conv_in / conv_out weights; None keeps weight_bits
+    first_last: tuple[str, ...] = ("conv_in", "conv_out")
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    dilation: str = "wd"  # "wd" (Weight Dilation) | "smoothquant" | "none"
+    smoothquant_alpha: float = 0.5
+    timestep_scales: str = "per-step"  # "per-step" (TPQ) | "collapsed" (one scale for all steps)
+    act_init: str = "mse"
+    distill: str = "block"  # "block" (BKD) | "model" (whole-model distillation) | "none" (PTQ)
+    iters: int = 300  # per block (or total, for distill="model")
+    batch_size: int = 32
+    lr_weight: float = 1e-5
+    lr_quant: float = 1e-4
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        problems = []
+        for attr in ("weight_bits", "act_bits"):
+            if getattr(self, attr) not in (4, 8):
+                problems.append(f"{attr}={getattr(self, attr)} (expected 4 or 8)")
+        if self.first_last_bits not in (None, 4, 8):
+            problems.append(f"first_last_bits={self.first_last_bits} (expected 4, 8 or null)")
+        for attr, allowed in (
+            ("dilation", DILATIONS), ("timestep_scales", TIMESTEP_SCALES),
+            ("distill", DISTILL_MODES), ("act_init", ACT_INITS),
+        ):
+            if getattr(self, attr) not in allowed:
+                problems.append(f"{attr}={getattr(self, attr)!r} (expected one of {', '.join(allowed)})")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            problems.append(f"smoothquant_alpha={self.smoothquant_alpha} (expected 0..1)")
+        if self.iters < 0 or self.batch_size < 1:
+            problems.append(f"iters={self.iters}, batch_size={self.batch_size} (expected iters >= 0, batch_size >= 1)")
+        if self.lr_weight < 0 or self.lr_quant < 0:
+            problems.append("learning rates must be >= 0")
+        if not self.include:
+            problems.append("include is empty: no layer would be quantized")
+        if self.version != RECIPE_VERSION:
+            problems.append(f"version={self.version} (this dqdeploy reads recipe version {RECIPE_VERSION})")
+        if problems:
+            raise RecipeError(
+                "invalid recipe: " + "; ".join(problems),
+                hint="see `dqdeploy quantize --help` for the allowed values",
+            )
+
+    @property
+    def deployable(self) -> bool:
+        """True when TensorRT/ONNX Runtime can run it: 8-bit symmetric activations."""
+        return self.act_bits == 8 and self.act_symmetric
+
+    def selects(self, module_name: str) -> bool:
+        """Whether the layer ``module_name`` is quantized under this recipe."""
+        hit = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
+        return hit and not any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude)
+
+    def weight_bits_for(self, module_name: str) -> int:
+        if self.first_last_bits is not None and module_name in self.first_last:
+            return self.first_last_bits
+        return self.weight_bits
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(
+                f"unknown recipe keys: {', '.join(unknown)}",
+                hint=f"allowed keys: {', '.join(sorted(known))}",
+            )
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file {path} not found") from None
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"recipe file {path} is not valid JSON: {exc}") from None
+
+
+W8A8 = Recipe(name="w8a8", weight_bits=8, act_bits=8)
+W4A8 = Recipe(name="w4a8", weight_bits=4, act_bits=8)
+W4A4 = Recipe(name="w4a4", weight_bits=4, act_bits=4)  # simulation only: no runtime runs A4
+PRESETS: dict[str, Recipe] = {r.name: r for r in (W8A8, W4A8, W4A4)}
+
+
+def resolve_recipe(name_or_path: str) -> Recipe:
+    """A preset name (``w8a8``, ``w4a8``, ``w4a4``) or a path to a recipe JSON file."""
+    if name_or_path.lower() in PRESETS:
+        return PRESETS[name_or_path.lower()]
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        return Recipe.load(path)
+    raise RecipeError(
+        f"unknown recipe {name_or_path!r}",
+        hint=f"use a preset ({', '.join(PRESETS)}) or a path to a recipe .json file",
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration data is drawn from full-precision sampling trajectories."""
+
+    scheduler: str = "ddim"
+    steps: int = 50
+    samples: int = 1024  # (x_t, t, cond) triples drawn at random across steps
+    trajectories: int = 64  # independent sampling runs to draw from
+    seed: int = 0
+    guidance: float = 1.0  # classifier-free guidance scale (conditional models)
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.samples < 1 or self.trajectories < 1 or self.batch_size < 1:
+            raise RecipeError(
+                f"calibration needs steps, samples, trajectories, batch_size >= 1 (found {self})"
+            )
+        if self.guidance < 0:
+            raise RecipeError(f"guidance={self.guidance} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

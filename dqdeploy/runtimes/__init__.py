@@ -1,0 +1,1 @@
+"""Runtimes that execute exported UNets as drop-in replacements for diffusers UNets."""
