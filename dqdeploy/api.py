@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import LayerMeta, Manifest, load_state, read_manifest, save_artifact
+from .artifact import CALIB_INPUTS, WEIGHTS, LayerMeta, Manifest, load_state, read_manifest, save_artifact
 from .errors import ArtifactError, CalibrationError, ModelLoadError
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, unet_class
 from .quant.analysis import analyze_inputs
@@ -39,6 +39,7 @@ class QuantizeResult:
     model: QuantizedUNet
     manifest: Manifest
     reports: list[BlockReport]
+    calib_inputs: dict[str, torch.Tensor]
     path: Path | None = None
 
 
@@ -178,7 +179,19 @@ def quantize_unet(
         layers=metas,
         blocks=[{"name": r.name, "loss_before": r.loss_before, "loss_after": r.loss_after} for r in reports],
     )
-    return QuantizeResult(qmodel, manifest, reports)
+    return QuantizeResult(qmodel, manifest, reports, calibration_subset(calib, seed=calibration.seed))
+
+
+def calibration_subset(calib: CalibrationSet, n: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded subset of calibration inputs kept in the artifact (export calibration, checks)."""
+    idx = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    x, t, _, cond = calib.batch(idx)
+    return {"sample": x, "timestep": t} | ({} if cond is None else {"encoder_hidden_states": cond})
+
+
+def load_calibration_inputs(quant_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The calibration inputs saved with an artifact: ``sample``, ``timestep`` [, ``encoder_hidden_states``]."""
+    return load_state(quant_dir, read_manifest(quant_dir), CALIB_INPUTS)
 
 
 def save_quantized(result: QuantizeResult, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -186,7 +199,8 @@ def save_quantized(result: QuantizeResult, out_dir: str | Path, *, overwrite: bo
     extras = {"distill_report.json": json.dumps([asdict(r) for r in result.reports], indent=1).encode()}
     if result.reports:
         extras["distill_loss.png"] = _loss_plot(result.reports)
-    return save_artifact(out_dir, result.manifest, result.model.unet.state_dict(), extras, overwrite=overwrite)
+    tensors = {WEIGHTS: result.model.unet.state_dict(), CALIB_INPUTS: result.calib_inputs}
+    return save_artifact(out_dir, result.manifest, tensors, extras, overwrite=overwrite)
 
 
 def _loss_plot(reports: list[BlockReport]) -> bytes:

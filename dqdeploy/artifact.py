@@ -23,6 +23,7 @@ FORMAT = "dqdeploy-quantized"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+CALIB_INPUTS = "calibration_inputs.safetensors"  # a small seeded subset of (x_t, t, cond), for export and checks
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,20 @@ def sha256(path: Path) -> str:
 def save_artifact(
     out_dir: str | Path,
     manifest: Manifest,
-    state: dict[str, torch.Tensor],
+    tensors: dict[str, dict[str, torch.Tensor]],
     extras: dict[str, bytes] | None = None,
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write the artifact folder atomically; ``extras`` are additional files (reports, plots)."""
+    """Write the artifact folder atomically: ``tensors`` maps file names to safetensors contents
+    (hashed in the manifest); ``extras`` are additional files (reports, plots)."""
     from safetensors.torch import save_file
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
-        manifest.files = {WEIGHTS: sha256(tmp / WEIGHTS)}
+        manifest.files = {}
+        for fname, state in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname))
+            manifest.files[fname] = sha256(tmp / fname)
         for name, data in (extras or {}).items():
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_text(manifest.to_json())
@@ -122,12 +126,14 @@ def read_manifest(quant_dir: str | Path) -> Manifest:
     return Manifest.from_dict(data, quant_dir)
 
 
-def load_state(quant_dir: str | Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """Load the tensors after checking every file's sha256 against the manifest."""
+def load_state(quant_dir: str | Path, manifest: Manifest, fname: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """Load one safetensors file of the artifact after checking its sha256 against the manifest."""
     from safetensors.torch import load_file
 
     quant_dir = Path(quant_dir)
     for name, digest in manifest.files.items():
+        if name != fname:
+            continue
         path = quant_dir / name
         if not path.is_file():
             raise ArtifactError(f"{path} is missing from the artifact")
@@ -136,6 +142,6 @@ def load_state(quant_dir: str | Path, manifest: Manifest) -> dict[str, torch.Ten
                 f"{path} does not match the sha256 in {MANIFEST}: the file is corrupted or was modified",
                 hint="re-run `dqdeploy quantize` to recreate the artifact",
             )
-    if WEIGHTS not in manifest.files:
-        raise ArtifactError(f"{MANIFEST} lists no {WEIGHTS}")
-    return load_file(str(quant_dir / WEIGHTS))
+    if fname not in manifest.files:
+        raise ArtifactError(f"{MANIFEST} lists no {fname}", hint="re-run `dqdeploy quantize` with this version")
+    return load_file(str(quant_dir / fname))

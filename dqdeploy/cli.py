@@ -1,0 +1,307 @@
+"""The ``dqdeploy`` command line: quantize -> export -> check / lint -> sample / eval.
+
+Typical use::
+
+    dqdeploy quantize MODEL_DIR --recipe w8a8 --out q/ && dqdeploy export q/ --target trt --out e/
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DQDeployError
+
+RUNTIMES = ("auto", "torch", "ort", "trt")
+
+
+def _setup(verbose: bool) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "torch.onnx", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.version_option(package_name="dqdeploy")
+def cli(verbose: bool) -> None:
+    """Ship low-bit diffusion UNets with DilateQuant.
+
+    \b
+    1. dqdeploy quantize MODEL_DIR --recipe w8a8 --out Q     # Weight Dilation + per-step scales + BKD
+    2. dqdeploy export Q --target ort --out E                 # QDQ ONNX for ONNX Runtime (CPU)
+       dqdeploy export Q --target onnx --out E                # TensorRT-layout QDQ ONNX
+       dqdeploy export Q --target trt --out E                 # ... and a TensorRT engine (GPU)
+    3. dqdeploy check Q E                                     # simulation vs exported graph
+    4. dqdeploy sample E --n 64 --out grid.png                # images through the deployed graph
+    """
+    _setup(verbose)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--recipe", default="w8a8", show_default=True, help="Preset (w8a8, w4a8, w4a4) or a recipe .json file.")
+@click.option("--scheduler", default="ddim", show_default=True, help="Sampler of the calibration trajectories (ddim, ddpm, pndm, euler, dpm or a diffusers class name). Use the one you will deploy with.")
+@click.option("--scheduler-dir", type=click.Path(path_type=Path), help="Scheduler folder, when MODEL_DIR is a bare UNet folder.")
+@click.option("--steps", default=50, show_default=True, help="Sampling steps of the trajectories (one activation scale per step).")
+@click.option("--calib-samples", default=1024, show_default=True, help="(x_t, t, cond) samples drawn at random across steps.")
+@click.option("--trajectories", default=64, show_default=True, help="Full-precision sampling runs to draw them from.")
+@click.option("--iters", type=int, help="Distillation iterations per block (recipe default otherwise).")
+@click.option("--batch-size", type=int, help="Distillation batch size.")
+@click.option("--lr-weight", type=float, help="Adam learning rate of weights and biases.")
+@click.option("--lr-quant", type=float, help="Adam learning rate of step sizes.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional UNets: safetensors with 'encoder_hidden_states' [P,S,D] and optional 'uncond_encoder_hidden_states' [1,S,D].")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Conditional UNets in a full SD pipeline folder: a text file, one prompt per line.")
+@click.option("--guidance", default=1.0, show_default=True, help="Classifier-free guidance scale of the calibration trajectories.")
+@click.option("--no-dilation", is_flag=True, help="Ablation: no Weight Dilation.")
+@click.option("--scaling", type=click.Choice(["wd", "smoothquant", "none"]), help="Equivalent scaling: Weight Dilation (default), SmoothQuant, none.")
+@click.option("--timestep-scales", type=click.Choice(["per-step", "collapsed"]), help="Ablation: 'collapsed' keeps one activation scale for all steps.")
+@click.option("--no-distill", is_flag=True, help="Ablation: calibration only (post-training quantization).")
+@click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]), help="Block-wise (default), whole-model, or none.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
+             lr_weight, lr_quant, seed, cond_file, prompts_file, guidance, no_dilation, scaling, timestep_scales,
+             no_distill, distill_mode, overwrite) -> None:
+    """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
+
+    MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
+    --scheduler-dir. Writes OUT (manifest.json, model.safetensors, distillation report and plot).
+    """
+    from .api import quantize as run_quantize
+    from .recipe import CalibrationConfig, resolve_recipe
+
+    r = resolve_recipe(recipe)
+    changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant).items() if v is not None}
+    if no_dilation and scaling not in (None, "none"):
+        raise click.UsageError("--no-dilation contradicts --scaling " + scaling)
+    if no_dilation or scaling:
+        changes["dilation"] = "none" if no_dilation else scaling
+    if timestep_scales:
+        changes["timestep_scales"] = timestep_scales
+    if no_distill and distill_mode not in (None, "none"):
+        raise click.UsageError("--no-distill contradicts --distill " + distill_mode)
+    if no_distill or distill_mode:
+        changes["distill"] = "none" if no_distill else distill_mode
+    r = r.replace(**changes)
+    calib = CalibrationConfig(scheduler=scheduler, steps=steps, samples=calib_samples, trajectories=trajectories,
+                              seed=seed, guidance=guidance, batch_size=r.batch_size)
+    prompts = None
+    if prompts_file:
+        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    result = run_quantize(model_dir, r, calib, out_dir, scheduler_dir=scheduler_dir, cond_file=cond_file,
+                          prompts=prompts, overwrite=overwrite)
+    n = len(result.manifest.layers)
+    click.echo(f"quantized {n} layers of {result.manifest.model_class} with recipe {r.name} -> {out_dir}")
+    if result.reports:
+        before = sum(b.loss_before for b in result.reports) / len(result.reports)
+        after = sum(b.loss_after for b in result.reports) / len(result.reports)
+        click.echo(f"mean block MSE vs full precision: {before:.3e} before distillation, {after:.3e} after")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw metadata.")
+def inspect(path, as_json) -> None:
+    """Describe a quantized artifact or an export folder."""
+    from .sources import detect
+
+    kind = detect(path)
+    if kind == "quantized":
+        from .artifact import read_manifest
+
+        m = read_manifest(path)
+        if as_json:
+            click.echo(m.to_json())
+            return
+        r = m.recipe
+        click.echo(f"quantized artifact  {path}")
+        click.echo(f"  model            {m.model_class} (dqdeploy {m.dqdeploy_version}, format v{m.format_version})")
+        click.echo(f"  recipe           {r['name']}: W{r['weight_bits']}A{r['act_bits']} "
+                   f"{'symmetric' if r['act_symmetric'] else 'asymmetric'} activations, dilation={r['dilation']}, "
+                   f"timestep scales={r['timestep_scales']}, distill={r['distill']}")
+        c = m.calibration
+        click.echo(f"  calibration      {c['scheduler']} x {c['steps']} steps, {c['samples']} samples, seed {c['seed']}")
+        bits: dict[int, int] = {}
+        for meta in m.layers.values():
+            bits[meta.weight_bits] = bits.get(meta.weight_bits, 0) + 1
+        folds = sum(1 for meta in m.layers.values() if meta.fold != "mul")
+        click.echo(f"  layers           {len(m.layers)} ({', '.join(f'{v} at {k}-bit' for k, v in sorted(bits.items()))}); "
+                   f"1/s folds into a norm for {folds}")
+        if m.blocks:
+            worst = max(m.blocks, key=lambda b: b["loss_after"])
+            click.echo(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
+        return
+    if kind == "export":
+        from .exporters.spec import read_spec
+
+        spec = read_spec(path)
+        if as_json:
+            click.echo(spec.to_json())
+            return
+        click.echo(f"export folder  {path}")
+        click.echo(f"  flavour      {spec.flavour} ({spec.precision}, opset {spec.opset}), model {spec.model_class}")
+        for t in spec.inputs + spec.outputs:
+            click.echo(f"  {t.name:<22} {t.dtype} {t.shape}")
+        click.echo(f"  timesteps    {len(spec.timesteps)} calibrated")
+        return
+    raise DQDeployError(f"{path} is neither a quantized artifact nor an export folder",
+                        hint="inspect takes the --out folder of `dqdeploy quantize` or `dqdeploy export`")
+
+
+def _sample_options(f):
+    for opt in reversed([
+        click.option("--n", default=64, show_default=True, help="Number of images."),
+        click.option("--steps", type=int, help="Sampling steps (default: the calibrated count, else 50)."),
+        click.option("--scheduler", help="Sampler (default: the calibrated one, else ddim)."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--batch-size", default=64, show_default=True),
+        click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+                     help="torch simulation, ONNX Runtime or TensorRT (exports only; a quantized artifact is exported on the fly)."),
+        click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional models: embeddings file (as for quantize)."),
+        click.option("--guidance", default=1.0, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, guidance):
+    from .generate import generate
+
+    return generate(path, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
+                    runtime=runtime, cond_file=cond_file, guidance=guidance)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@_sample_options
+@click.option("--out", "out_png", required=True, type=click.Path(path_type=Path), help="PNG grid to write.")
+def sample(path, out_png, **kw) -> None:
+    """Generate images from a diffusers folder, a quantized artifact or an export folder."""
+    from .eval.grid import save_grid
+
+    images = _generate(path, **kw)
+    save_grid(images, out_png)
+    click.echo(f"wrote {images.shape[0]} samples to {out_png}")
+
+
+@cli.command(name="eval")
+@click.argument("path", type=click.Path(path_type=Path))
+@_sample_options
+@click.option("--grid", type=click.Path(path_type=Path), help="Also save the samples as a PNG grid.")
+def eval_cmd(path, grid, **kw) -> None:
+    """Digits-FID of generated images (for models trained on scikit-learn's digits)."""
+    from .eval.fid import digits_fid
+
+    images = _generate(path, **kw)
+    fid = digits_fid(images)
+    if grid:
+        from .eval.grid import save_grid
+
+        save_grid(images, grid)
+    click.echo(json.dumps({"path": str(path), "n": int(images.shape[0]), "digits_fid": round(fid, 4)}))
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
+@click.option("--target", type=click.Choice(["onnx", "ort", "trt", "float"]), default="ort", show_default=True,
+              help="onnx: TensorRT-layout QDQ graph; ort: fastest graph for ONNX Runtime on CPU; trt: onnx + TensorRT engine; float: unquantized graph (SOURCE may be a diffusers folder).")
+@click.option("--fp16", is_flag=True, help="FP16 graph (onnx/trt targets).")
+@click.option("--int4-linear", is_flag=True, help="Pack 4-bit Linear weights as INT4 blocks (opset 21, weight-only).")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--batch", default="1:2:8", show_default=True, help="trt: min:opt:max batch of the optimization profile.")
+@click.option("--cfg", is_flag=True, help="trt: double the batch profile for classifier-free guidance.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="trt: timing cache file to reuse.")
+@click.option("--workspace-gb", type=float, help="trt: builder workspace limit.")
+@click.option("--triton-repo", type=click.Path(path_type=Path), help="trt: also write a Triton model repository here.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo, overwrite) -> None:
+    """Export a quantized artifact SOURCE to ONNX (QDQ) and, for --target trt, a TensorRT engine."""
+    from .exporters.export import export_quantized
+
+    if target == "trt":
+        from .exporters.trt import build_engine, require_tensorrt
+
+        require_tensorrt()  # fail fast, before the export work
+    export_quantized(source, out_dir, target="onnx" if target == "trt" else target, fp16=fp16 or target == "trt",
+                     int4_linear=int4_linear, simplify=not no_simplify, overwrite=overwrite)
+    click.echo(f"wrote {out_dir}/unet/model.onnx ({target})")
+    if target == "trt":
+        lo, opt, hi = (int(v) for v in batch.split(":"))
+        engine = build_engine(out_dir, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
+        click.echo(f"wrote {engine}")
+        if triton_repo:
+            from .exporters.trt import write_triton_repo
+
+            click.echo(f"wrote {write_triton_repo(out_dir, triton_repo)}")
+
+
+@cli.command()
+@click.argument("quant_dir", type=click.Path(path_type=Path))
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--runtime", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--per-layer", is_flag=True, help="Compare every quantized layer's input and output to find the first that diverges.")
+@click.option("--samples", default=4, show_default=True, help="Inputs per checked time step.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")
+def check(quant_dir, export_dir, runtime, per_layer, samples, report) -> None:
+    """Compare the PyTorch simulation with the exported graph (Polygraphy), per time step.
+
+    Exits 1 when any step is outside tolerance.
+    """
+    from .check import check_export
+
+    result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples)
+    click.echo(result.table())
+    if report:
+        Path(report).write_text(json.dumps(result.to_dict(), indent=2))
+    result.raise_if_failed()
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+def lint(export_dir) -> None:
+    """Check an exported graph against TensorRT's explicit-quantization rules (no TensorRT needed)."""
+    from .exporters.lint import lint_path
+    from .exporters.spec import ONNX_FILE
+
+    path = Path(export_dir)
+    onnx_path = path / ONNX_FILE if path.is_dir() else path
+    if not onnx_path.is_file():
+        raise DQDeployError(f"{onnx_path} not found", hint="pass the --out folder of `dqdeploy export --target onnx`")
+    violations = lint_path(onnx_path)
+    for v in violations:
+        click.echo(f"{v.rule}: {v.node}: {v.message}")
+    if violations:
+        raise DQDeployError(f"{len(violations)} TensorRT rule violation(s) in {onnx_path}")
+    click.echo(f"{onnx_path}: passes every TensorRT rule check")
+
+
+def main() -> None:
+    """Console entry point: user errors print one message and exit non-zero, without a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DQDeployError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: no output was left behind", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

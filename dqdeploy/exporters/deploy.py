@@ -1,0 +1,110 @@
+"""From a quantized artifact to what the ONNX graph needs: a float UNet whose exported graph is the
+canvas for Q/DQ surgery (dequantized weights in place, ``1/s`` folded into affine norms where exact),
+and per layer the integer weights, scales and per-step tables.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..artifact import Manifest
+from ..quant.modules import QuantizedUNet, QuantLayer, channel_view, quant_layers, replace_module
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """Everything the graph needs for one quantized layer (numpy, float32 unless noted).
+
+    ``act_scale`` [T] (T = 1 when the recipe collapses time steps) is the per-step step size;
+    ``in_factor`` [C] is the part of ``1/s`` not folded into a norm (ones when folded).
+    """
+
+    name: str
+    kind: str
+    w_int: np.ndarray  # int8 [O, I, ...]
+    w_scale: np.ndarray  # [O]
+    bias: np.ndarray | None
+    act_scale: np.ndarray
+    act_zero_point: np.ndarray
+    in_factor: np.ndarray
+    weight_bits: int
+    act_bits: int
+
+    @property
+    def ref_scale(self) -> float:
+        """The constant Q/DQ scale ``s0`` of the rescale form: the median per-step scale."""
+        return float(np.median(self.act_scale))
+
+
+def layer_tensors(model: QuantizedUNet, manifest: Manifest) -> dict[str, LayerTensors]:
+    """Integer weights, scales and tables of every quantized layer."""
+    result = {}
+    for name, layer in quant_layers(model.unet).items():
+        meta = manifest.layers[name]
+        folded = meta.fold.startswith("norm:")
+        inv_s = layer.input_scale.detach().float()
+        result[name] = LayerTensors(
+            name=name,
+            kind=layer.kind,
+            w_int=layer.weight_quantizer.integers(layer.weight).numpy(),
+            w_scale=layer.weight_quantizer.scale.detach().float().numpy().copy(),
+            bias=None if layer.bias is None else layer.bias.detach().float().numpy().copy(),
+            act_scale=layer.input_quantizer.scale.detach().abs().float().numpy().copy(),
+            act_zero_point=torch.round(layer.input_quantizer.zero_point.detach()).float().numpy().copy(),
+            in_factor=np.ones(inv_s.numel(), np.float32) if folded else inv_s.numpy().copy(),
+            weight_bits=meta.weight_bits,
+            act_bits=meta.act_bits,
+        )
+    return result
+
+
+class _DequantLayer(nn.Module):
+    """Plain conv/linear with the dequantized weight: what gets exported, then rewritten."""
+
+    def __init__(self, layer: QuantLayer) -> None:
+        super().__init__()
+        with torch.no_grad():
+            w = layer.weight_quantizer(layer.weight)
+        if layer.kind == "conv":
+            out_ch, in_ch = w.shape[:2]
+            args = layer.conv_args
+            self.inner = nn.Conv2d(in_ch * args["groups"], out_ch, w.shape[2:], stride=args["stride"], padding=args["padding"],
+                                   dilation=args["dilation"], groups=args["groups"], bias=layer.bias is not None)
+        else:
+            self.inner = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
+        with torch.no_grad():
+            self.inner.weight.copy_(w)
+            if layer.bias is not None:
+                self.inner.bias.copy_(layer.bias)
+
+
+def deploy_unet(model: QuantizedUNet, manifest: Manifest) -> nn.Module:
+    """A float diffusers UNet: each QuantLayer becomes a plain layer (dequantized weights) named like
+    the original, and ``1/s`` is folded into the affine norm in front of it where that is exact."""
+    unet = copy.deepcopy(model.unet).float().eval()
+    layers = quant_layers(unet)
+    folded: set[str] = set()
+    for name, layer in layers.items():
+        fold = manifest.layers[name].fold
+        if fold.startswith("norm:") and fold not in folded:
+            norm = unet.get_submodule(fold[5:])
+            with torch.no_grad():
+                norm.weight.mul_(layer.input_scale)
+                norm.bias.mul_(layer.input_scale)
+            folded.add(fold)
+    for name, layer in layers.items():
+        replace_module(unet, name, _DequantLayer(layer).inner)
+    return unet
+
+
+def simulate_layer_input(layer: QuantLayer, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The integers the simulation feeds layer ``layer`` for input ``x`` at step ``rows`` (tests/checks)."""
+    q = layer.input_quantizer
+    xs = x * channel_view(layer.input_scale, layer.kind, x.dim())
+    scale = q.scale.detach().abs()[rows].view(-1, *([1] * (x.dim() - 1)))
+    return torch.clamp(torch.round(xs / scale) + q.zero_point.detach()[rows].view_as(scale), q.qmin, q.qmax)

@@ -1,0 +1,274 @@
+"""Q/DQ graph surgery on the float ONNX graph, keyed on module names, and the export verb.
+
+For every quantized layer (module name -> the Conv/MatMul/Gemm node the exporter made for it)::
+
+    x -> Mul(f_in[rows]) -> Q(s0) -> DQ(s0) -> Conv/MatMul(W: int8 -> DQ(per channel), no bias)
+      [ort: -> Q(out) -> DQ(out)] -> Mul(f_out[rows]) -> Add(bias)
+
+``rows`` = ArgMin |timestep - calibrated steps| (one Gather per table), ``f_in = (1/s) * s0 / s_t``,
+``f_out = s_t / s0``: ``round(x / s_t) == round(x * s0 / s_t / s0)``, so the integers are exactly the
+per-step quantizer's while every Q/DQ scale is a build-time constant (BRIEF §2.1). Flavours:
+``onnx`` (TensorRT: int8, zero point 0, input-only Q/DQ) and ``ort`` (uint8 / zero point 128 plus an
+output Q, the pattern ONNX Runtime fuses into QLinearConv / QLinearMatMul).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ExportError, require
+from .deploy import LayerTensors
+from .onnx import INPUT_TIMESTEP
+
+log = logging.getLogger(__name__)
+
+FLAVOURS = ("onnx", "ort")
+SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """How the Q/DQ nodes are written."""
+
+    flavour: str = "onnx"  # "onnx" (TensorRT layout) | "ort" (ONNX Runtime fused layout)
+    float_type: int = 1  # onnx.TensorProto.FLOAT or FLOAT16
+    int4_linear: bool = False  # pack 4-bit Linear weights as INT4 blocks (opset 21)
+    int4_block: int = 32
+    scope_prefix: str = "unet."
+
+
+class _Graph:
+    """Small helpers over an onnx GraphProto: unique names, initializers, node insertion."""
+
+    def __init__(self, model) -> None:
+        import onnx
+
+        self.onnx = onnx
+        self.model = model
+        self.g = model.graph
+        self.inits = {i.name: i for i in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self._names: set[str] = {n.name for n in self.g.node} | set(self.inits) | {o for n in self.g.node for o in n.output}
+        self.new_nodes: dict[int | None, list] = {}  # id(anchor node) -> nodes to insert before it; None: at the end
+
+    def name(self, base: str) -> str:
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.name(base)
+        self.g.initializer.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], base: str, anchor, **attrs) -> str:
+        out = self.name(base)
+        n = self.onnx.helper.make_node(op, inputs, [out], name=self.name(f"{base}/{op}"), **attrs)
+        self.new_nodes.setdefault(None if anchor is None else id(anchor), []).append(n)
+        return out
+
+    def finish(self) -> None:
+        """Insert the new nodes in front of their anchors (keeps a topological order)."""
+        nodes = list(self.g.node)
+        del self.g.node[:]
+        for n in nodes:
+            self.g.node.extend(self.new_nodes.get(id(n), []))
+            self.g.node.append(n)
+        self.g.node.extend(self.new_nodes.get(None, []))
+        used = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
+        keep = [i for i in self.g.initializer if i.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+
+
+def _scope(node) -> str | None:
+    for p in node.metadata_props:
+        if p.key == SCOPE_KEY:
+            scopes = json.loads(p.value.replace("'", '"'))
+            return scopes[-2] if len(scopes) >= 2 else None
+    return None
+
+
+def find_compute_nodes(model, names: list[str], prefix: str = "unet.") -> dict[str, object]:
+    """The Conv / MatMul / Gemm node the exporter made for each module name."""
+    wanted = {prefix + n: n for n in names}
+    found: dict[str, object] = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "MatMul", "Gemm"):
+            scope = _scope(node)
+            if scope in wanted and wanted[scope] not in found:
+                found[wanted[scope]] = node
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise ExportError(
+            f"{len(missing)} quantized layers have no Conv/MatMul/Gemm node in the exported graph "
+            f"(first: {missing[0]}); the exporter's module-name metadata ({SCOPE_KEY}) is missing or changed",
+            hint="export with torch.onnx.export(dynamo=True) from torch >= 2.5",
+        )
+    return found
+
+
+def _np_float(float_type: int):
+    return np.float16 if float_type == 10 else np.float32
+
+
+def _rows_subgraph(gr: _Graph, timesteps: list[float], anchor) -> str:
+    """rows [B] (int64) = argmin |timestep - table| : the nearest calibrated step of each sample."""
+    table = gr.const("dq/timestep_table", np.asarray(timesteps, np.float32)[None, :])
+    t = gr.node("Cast", [INPUT_TIMESTEP], "dq/timestep_f32", anchor, to=1)
+    t2 = gr.node("Unsqueeze", [t, gr.const("dq/axis1", np.asarray([1], np.int64))], "dq/timestep_col", anchor)
+    diff = gr.node("Abs", [gr.node("Sub", [t2, table], "dq/timestep_diff", anchor)], "dq/timestep_dist", anchor)
+    return gr.node("ArgMin", [diff], "dq/rows", anchor, axis=1, keepdims=0)
+
+
+def _weight_edge(gr: _Graph, node, layer: LayerTensors, opts: SurgeryOptions) -> None:
+    """Replace the float weight input with int8 (or packed int4) initializer -> DequantizeLinear."""
+    onnx = gr.onnx
+    w_name = node.input[1]
+    if w_name not in gr.inits:
+        raise ExportError(f"{layer.name}: weight input {w_name!r} of {node.op_type} is not an initializer")
+    w_int = layer.w_int
+    axis = 0
+    if node.op_type == "MatMul":  # the exporter stores W^T [in, out]
+        w_int, axis = np.ascontiguousarray(w_int.T), 1
+    elif node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        if not trans_b:
+            w_int, axis = np.ascontiguousarray(w_int.T), 1
+    expected = tuple(gr.inits[w_name].dims)
+    if tuple(w_int.shape) != expected:
+        raise ExportError(f"{layer.name}: int weight {w_int.shape} does not match the graph's {expected}")
+    ftype = _np_float(opts.float_type)
+    prefix = f"dq/{layer.name}/weight"
+    if opts.int4_linear and layer.kind == "linear" and layer.weight_bits == 4 and w_int.shape[0] % opts.int4_block == 0 and node.op_type == "MatMul":
+        # blocked INT4 along the reduction axis (0 for W^T [K, N]); every block of a column shares the scale
+        blocks = w_int.shape[0] // opts.int4_block
+        scale = np.repeat(layer.w_scale[None, :], blocks, axis=0).astype(ftype)
+        q = onnx.helper.make_tensor(gr.name(prefix + "_int4"), onnx.TensorProto.INT4, w_int.shape, w_int.flatten().tolist())
+        gr.g.initializer.append(q)
+        zp = onnx.helper.make_tensor(gr.name(prefix + "_zp"), onnx.TensorProto.INT4, scale.shape, [0] * scale.size)
+        gr.g.initializer.append(zp)
+        dq = gr.node("DequantizeLinear", [q.name, gr.const(prefix + "_scale", scale), zp.name], prefix + "_dq", node,
+                     axis=0, block_size=opts.int4_block)
+    else:
+        q = gr.const(prefix + "_int8", w_int.astype(np.int8))
+        zp = gr.const(prefix + "_zp", np.zeros(layer.w_scale.shape, np.int8))
+        dq = gr.node("DequantizeLinear", [q, gr.const(prefix + "_scale", layer.w_scale.astype(ftype)), zp], prefix + "_dq", node, axis=axis)
+    node.input[1] = dq
+
+
+def _factor_shape(kind: str, rank: int, channels: int) -> tuple[int, ...]:
+    if kind == "conv":
+        return (channels, 1, 1)
+    return (1,) * (rank - 2) + (channels,)
+
+
+def _rescale_layer(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions, out_scale: float | None) -> None:
+    """Input factor + Q/DQ before the node; bias-free node; [output Q/DQ]; output factor + bias after."""
+    ftype = _np_float(opts.float_type)
+    prefix = f"dq/{layer.name}"
+    per_step = rows is not None and layer.act_scale.size > 1
+    s0 = layer.ref_scale
+    c = layer.in_factor.size
+    fshape = _factor_shape(layer.kind, rank, c)
+    oshape = (1,) * (rank - 1)
+    # input factor: (1/s) * s0 / s_t, gathered per sample, or a constant
+    if per_step:
+        f_in = (layer.in_factor[None, :] * (s0 / layer.act_scale)[:, None]).reshape((-1,) + fshape).astype(ftype)
+        factor = gr.node("Gather", [gr.const(prefix + "/in_factor_table", f_in), rows], prefix + "/in_factor", node, axis=0)
+    else:
+        f_const = (layer.in_factor * (s0 / layer.act_scale[0])).reshape((1,) + fshape).astype(ftype)
+        factor = None if np.all(f_const == 1) else gr.const(prefix + "/in_factor", f_const)
+    x = node.input[0]
+    if factor is not None:
+        x = gr.node("Mul", [x, factor], prefix + "/input_scaled", node)
+    act_zp = np.asarray(128 if opts.flavour == "ort" else 0, np.uint8 if opts.flavour == "ort" else np.int8)
+    s0_name = gr.const(prefix + "/act_scale", np.asarray(s0, ftype))
+    zp_name = gr.const(prefix + "/act_zp", act_zp)
+    xq = gr.node("QuantizeLinear", [x, s0_name, zp_name], prefix + "/input_q", node)
+    node.input[0] = gr.node("DequantizeLinear", [xq, s0_name, zp_name], prefix + "/input_dq", node)
+
+    # bias-free compute, then [out Q/DQ], output factor and bias, spliced in front of the consumers
+    bias_name = None
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+        bias_name = node.input[2]
+        del node.input[2]
+    out = node.output[0]
+    consumers = list(gr.consumers.get(out, []))
+    # a 3D linear's `+ bias` is the exporter's own Add after the MatMul: it stays after the rescale
+    anchor = consumers[0] if consumers else None  # None: the output is a graph output
+    y = gr.name(out + "_nobias")
+    node.output[0] = y
+    if out_scale is not None:
+        oscale = gr.const(prefix + "/out_scale", np.asarray(out_scale, ftype))
+        ozp = gr.const(prefix + "/out_zp", np.asarray(128, np.uint8))
+        y = gr.node("DequantizeLinear", [gr.node("QuantizeLinear", [y, oscale, ozp], prefix + "/out_q", anchor), oscale, ozp], prefix + "/out_dq", anchor)
+    if per_step:
+        f_out = (layer.act_scale / s0).reshape((-1,) + oshape).astype(ftype)
+        y = gr.node("Mul", [y, gr.node("Gather", [gr.const(prefix + "/out_factor_table", f_out), rows], prefix + "/out_factor", anchor, axis=0)], prefix + "/rescaled", anchor)
+    elif layer.act_scale[0] != s0:
+        y = gr.node("Mul", [y, gr.const(prefix + "/out_factor", np.asarray(layer.act_scale[0] / s0, ftype))], prefix + "/rescaled", anchor)
+    if bias_name is not None:
+        b = gr.inits[bias_name]
+        bias = gr.onnx.numpy_helper.to_array(b).astype(ftype)
+        bshape = (1, -1, 1, 1) if node.op_type == "Conv" else (-1,)
+        y = gr.node("Add", [y, gr.const(prefix + "/bias", bias.reshape(bshape))], prefix + "/biased", anchor)
+    # reconnect: everything that read `out` now reads `y`
+    if y == node.output[0]:
+        node.output[0] = out
+        return
+    key = None if anchor is None else id(anchor)
+    gr.new_nodes[key].append(gr.onnx.helper.make_node("Identity", [y], [out], name=gr.name(prefix + "/out")))
+
+
+def insert_qdq(
+    model,
+    layers: dict[str, LayerTensors],
+    timesteps: list[float],
+    ranks: dict[str, int],
+    opts: SurgeryOptions = SurgeryOptions(),
+    out_scales: dict[str, float] | None = None,
+):
+    """Rewrite the float ``model`` (onnx.ModelProto, modified in place and returned)."""
+    if opts.flavour not in FLAVOURS:
+        raise ExportError(f"unknown flavour {opts.flavour!r} (expected {', '.join(FLAVOURS)})")
+    for layer in layers.values():
+        if np.any(layer.act_zero_point != 0):
+            raise ExportError(
+                f"{layer.name}: asymmetric activation quantization (nonzero zero point) cannot be exported: "
+                "TensorRT needs zero point 0",
+                hint="quantize with a recipe whose act_symmetric is true (the presets are)",
+            )
+        if layer.act_bits != 8:
+            raise ExportError(
+                f"{layer.name}: {layer.act_bits}-bit activations are simulation-only (no runtime runs them)",
+                hint="export w8a8 or w4a8 recipes; w4a4 is for accuracy studies",
+            )
+    gr = _Graph(model)
+    nodes = find_compute_nodes(model, list(layers), opts.scope_prefix)
+    per_step = any(layer.act_scale.size > 1 for layer in layers.values())
+    first = model.graph.node[0]
+    rows = _rows_subgraph(gr, timesteps, first) if per_step else None
+    for name, layer in layers.items():
+        node = nodes[name]
+        _weight_edge(gr, node, layer, opts)
+        scale = None if out_scales is None else out_scales.get(name)
+        if opts.flavour == "ort" and scale is None:
+            raise ExportError(f"{name}: the ort flavour needs a calibrated output scale")
+        _rescale_layer(gr, node, layer, rows, ranks[name], opts, scale)
+    gr.finish()
+    return model

@@ -1,0 +1,51 @@
+"""Seeded image generation from any model folder (FP, quantized, exported), batch by batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import CalibrationError
+from .models import make_scheduler
+from .sampling import denoise
+from .sources import open_model
+
+
+def generate(
+    path: str | Path,
+    *,
+    n: int = 64,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    runtime: str = "auto",
+    cond_file: str | Path | None = None,
+    guidance: float = 1.0,
+    scheduler_dir: str | Path | None = None,
+) -> torch.Tensor:
+    """``n`` samples (clamped to [-1, 1]) with the same noise for every model given the same seed."""
+    opened = open_model(path, runtime, scheduler_dir=scheduler_dir)
+    steps = steps or (len(opened.timesteps) or 50)
+    sched = make_scheduler(scheduler or "ddim", opened.scheduler_config)
+    cond = uncond = None
+    if opened.conditional:
+        if cond_file is None:
+            raise CalibrationError("this model is conditional: pass --cond FILE.safetensors with prompt embeddings")
+        from .quant.trajectories import load_conditioning
+
+        c = load_conditioning(cond_file)
+        cond, uncond = c.cond, c.uncond
+    cfg = opened.unet.config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for first in tqdm(range(0, n, batch_size), desc="generating", unit="batch"):
+        b = min(batch_size, n - first)
+        noise = torch.randn(b, cfg.in_channels, h, w, generator=gen)
+        batch_cond = None if cond is None else cond[torch.arange(first, first + b) % cond.shape[0]]
+        out.append(denoise(opened.unet, sched, noise, steps, cond=batch_cond, uncond=uncond, guidance=guidance, generator=gen))
+    return torch.cat(out).clamp(-1, 1)
