@@ -182,10 +182,17 @@ def quantize_unet(
     return QuantizeResult(qmodel, manifest, reports, calibration_subset(calib, seed=calibration.seed))
 
 
-def calibration_subset(calib: CalibrationSet, n: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A seeded subset of calibration inputs kept in the artifact (export calibration, checks)."""
-    idx = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    x, t, _, cond = calib.batch(idx)
+def calibration_subset(calib: CalibrationSet, steps: int = 8, per_step: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Calibration inputs kept in the artifact (export calibration, accuracy checks): up to
+    ``per_step`` samples at each of ``steps`` time steps spread over the trajectory, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    present = calib.rows.unique()
+    chosen = present[torch.linspace(0, len(present) - 1, min(steps, len(present))).round().long().unique()]
+    idx = []
+    for row in chosen:
+        members = (calib.rows == row).nonzero().flatten()
+        idx.append(members[torch.randperm(len(members), generator=gen)[:per_step]])
+    x, t, _, cond = calib.batch(torch.cat(idx))
     return {"sample": x, "timestep": t} | ({} if cond is None else {"encoder_hidden_states": cond})
 
 

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine (Python 3.11): `make demo` (install + quantize/export/sample the
+# shipped digits model on CPU) and `make test` (install + the test suite, one thread).
+PY ?= python3
+OUT ?= out
+RECIPE ?= w8a8
+export HF_HUB_OFFLINE = 1
+export OMP_NUM_THREADS = 1
+
+.PHONY: install demo test bench-quality bench-latency
+
+install:
+	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel; install it before anything that pulls torch
+	$(PY) -m pip install -q -e '.[dev]'
+
+demo: install
+	rm -rf $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort
+	dqdeploy quantize dqdeploy/assets/digits-ddpm --recipe $(RECIPE) --out $(OUT)/digits-$(RECIPE) --calib-samples 512 --iters 100
+	dqdeploy inspect $(OUT)/digits-$(RECIPE)
+	dqdeploy export $(OUT)/digits-$(RECIPE) --target ort --out $(OUT)/digits-$(RECIPE)-ort
+	dqdeploy export $(OUT)/digits-$(RECIPE) --target onnx --out $(OUT)/digits-$(RECIPE)-trt-onnx --overwrite
+	dqdeploy lint $(OUT)/digits-$(RECIPE)-trt-onnx
+	dqdeploy check $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort
+	dqdeploy sample $(OUT)/digits-$(RECIPE)-ort --n 64 --out $(OUT)/digits-$(RECIPE)-ort.png
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench-quality: install
+	$(PY) bench/quality.py
+
+bench-latency: install
+	$(PY) bench/latency.py

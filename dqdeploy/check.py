@@ -1,0 +1,270 @@
+"""Accuracy checks of an exported graph against the PyTorch simulation, with Polygraphy.
+
+Whole network, per time step: Polygraphy's Comparator runs the simulation (a Polygraphy runner
+around the QuantizedUNet) and the exported graph (``OnnxrtRunner`` / ``TrtRunner``) on the
+artifact's calibration inputs, one iteration per calibrated step. Tolerances come from the
+quantization error itself: rounding ties flip a few integers and the flips cascade, so a deployed
+graph may differ from the simulation by up to ``tolerance_ratio`` x (simulation vs full precision).
+
+Per layer (``per_layer=True``): the integers entering every quantized layer, read from the graph's
+QuantizeLinear outputs, against the simulation's, to find the first layer that diverges.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CheckFailedError, require
+from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
+
+OUTPUT = "out_sample"
+
+
+@dataclass
+class StepResult:
+    """Agreement at one time step."""
+
+    timestep: float
+    samples: int
+    rel_err: float  # ||export - sim|| / ||sim||
+    cosine: float
+    quant_err: float  # ||sim - fp|| / ||fp||: the simulation's own quantization error
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.tolerance
+
+
+@dataclass
+class LayerResult:
+    """Integer agreement at one quantized layer's input."""
+
+    name: str
+    mismatch: float  # fraction of integers that differ
+    max_diff: int
+
+
+@dataclass
+class CheckResult:
+    """The report of ``check_export``."""
+
+    runtime: str
+    flavour: str
+    steps: list[StepResult]
+    layers: list[LayerResult] = field(default_factory=list)
+    first_divergent: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.steps)
+
+    def table(self) -> str:
+        lines = [f"{'timestep':>9} {'n':>3} {'rel err':>9} {'cosine':>9} {'quant err':>9} {'tolerance':>9}  ok"]
+        for s in self.steps:
+            lines.append(f"{s.timestep:9.1f} {s.samples:3d} {s.rel_err:9.2e} {s.cosine:9.6f} {s.quant_err:9.2e} {s.tolerance:9.2e}  {'yes' if s.ok else 'NO'}")
+        if self.layers:
+            worst = max(self.layers, key=lambda r: r.mismatch)
+            lines.append(f"per layer: {len(self.layers)} layer inputs compared; worst {worst.name} "
+                         f"({worst.mismatch:.2%} integers differ, max |diff| {worst.max_diff})")
+            lines.append(f"first divergent layer: {self.first_divergent or 'none'}")
+        lines.append(f"{self.runtime} ({self.flavour}) vs PyTorch simulation: {'PASS' if self.ok else 'FAIL'}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime, "flavour": self.flavour, "ok": self.ok, "first_divergent": self.first_divergent,
+                "steps": [asdict(s) | {"ok": s.ok} for s in self.steps], "layers": [asdict(r) for r in self.layers]}
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            bad = [s for s in self.steps if not s.ok]
+            raise CheckFailedError(
+                f"{len(bad)} of {len(self.steps)} time steps out of tolerance "
+                f"(worst: t={bad[0].timestep:g}, rel err {bad[0].rel_err:.3e} > {bad[0].tolerance:.3e})",
+                hint="run `dqdeploy check --per-layer` to find the first layer that diverges",
+            )
+
+
+def _simulation_runner(model: QuantizedUNet, inputs: list, name: str = "pytorch-simulation"):
+    """A Polygraphy runner around the simulated UNet (Polygraphy's PytRunner assumes CUDA)."""
+    from polygraphy.backend.base import BaseRunner
+
+    class SimulationRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=name, prefix="dqdeploy-sim")
+
+        def activate_impl(self) -> None:
+            pass
+
+        def get_input_metadata_impl(self):
+            from polygraphy.common import TensorMetadata
+
+            meta = TensorMetadata()
+            for t in inputs:
+                meta.add(t.name, np.dtype(t.dtype), [d if isinstance(d, int) else -1 for d in t.shape])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            start = time.time()
+            with torch.no_grad():
+                kw = {}
+                if "encoder_hidden_states" in feed_dict:
+                    kw["encoder_hidden_states"] = torch.from_numpy(np.asarray(feed_dict["encoder_hidden_states"])).float()
+                out = model(torch.from_numpy(np.asarray(feed_dict["sample"])).float(),
+                            torch.from_numpy(np.asarray(feed_dict["timestep"])).float(), return_dict=False, **kw)[0]
+            self.inference_time = time.time() - start
+            return OrderedDict([(OUTPUT, out.numpy())])
+
+        def deactivate_impl(self) -> None:
+            pass
+
+    return SimulationRunner()
+
+
+def _feeds(calib: dict[str, torch.Tensor], samples: int, input_dtypes: dict[str, np.dtype]) -> list[dict[str, np.ndarray]]:
+    """One feed per calibrated step present in the artifact's calibration inputs."""
+    feeds = []
+    for t in calib["timestep"].unique(sorted=True).flip(0):
+        idx = (calib["timestep"] == t).nonzero().flatten()[:samples]
+        feed = {k: v[idx].numpy().astype(input_dtypes.get(k, np.float32)) for k, v in calib.items()}
+        feeds.append(feed)
+    return feeds
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+@torch.no_grad()
+def _quant_errors(model: QuantizedUNet, feeds: list[dict[str, np.ndarray]], sim_outs: list[np.ndarray]) -> list[float]:
+    """Per feed: the simulation's relative error against its own full-precision twin (the
+    dilated float weights with every quantizer off; dilation itself is exact in float)."""
+    set_act_quant(model, False)
+    set_weight_quant(model, False)
+    try:
+        errs = []
+        for feed, sim in zip(feeds, sim_outs):
+            kw = {} if "encoder_hidden_states" not in feed else {"encoder_hidden_states": torch.from_numpy(feed["encoder_hidden_states"]).float()}
+            fp = model(torch.from_numpy(feed["sample"]).float(), torch.from_numpy(feed["timestep"]).float(), return_dict=False, **kw)[0].numpy()
+            errs.append(_rel(sim, fp))
+        return errs
+    finally:
+        set_act_quant(model, True)
+        set_weight_quant(model, True)
+
+
+def _graph_runner(export_dir: Path, runtime: str, extra_outputs: list[str] | None = None):
+    from .exporters.spec import ENGINE_FILE, ONNX_FILE
+
+    if runtime == "trt":
+        from .exporters.trt import require_tensorrt
+
+        require_tensorrt()
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        return TrtRunner(EngineFromBytes(BytesFromPath(str(export_dir / ENGINE_FILE))), name="tensorrt")
+    require("onnxruntime", "ort", "checking with ONNX Runtime")
+    from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    loader = str(export_dir / ONNX_FILE)
+    if extra_outputs:  # only the named layer inputs: marking every tensor of a big graph is unusable
+        loader = BytesFromOnnx(ModifyOutputs(OnnxFromPath(loader), outputs=[OUTPUT, *extra_outputs]))
+    return OnnxrtRunner(SessionFromOnnx(loader, providers=["CPUExecutionProvider"]), name="onnxruntime")
+
+
+def check_export(
+    quant_dir: str | Path,
+    export_dir: str | Path,
+    *,
+    runtime: str = "ort",
+    per_layer: bool = False,
+    samples: int = 4,
+    tolerance_ratio: float = 1.0,
+    tolerance_floor: float = 1e-3,
+) -> CheckResult:
+    """Compare the simulation of ``quant_dir`` with the graph in ``export_dir`` per time step."""
+    from polygraphy.comparator import Comparator
+
+    from .api import load_calibration_inputs, load_quantized
+    from .exporters.spec import read_spec
+
+    spec = read_spec(export_dir)
+    model = load_quantized(quant_dir)
+    calib = load_calibration_inputs(quant_dir)
+    dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+    feeds = _feeds(calib, samples, dtypes)
+    layer_names = list(quant_layers(model.unet)) if per_layer else []
+    q_outputs = [f"dq/{n}/input_q" for n in layer_names]
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    results = Comparator.run([_simulation_runner(model, spec.inputs), _graph_runner(Path(export_dir), runtime, q_outputs)], data_loader=feeds)
+    (_, sim_iters), (_, graph_iters) = results
+    sim_outs = [np.asarray(it[OUTPUT], np.float32) for it in sim_iters]
+    graph_outs = [np.asarray(it[OUTPUT], np.float32) for it in graph_iters]
+    quant_errs = _quant_errors(model, feeds, sim_outs)
+    steps = [
+        StepResult(float(feed["timestep"][0]), int(feed["sample"].shape[0]), _rel(g, s), _cos(g, s), qe,
+                   max(tolerance_floor, tolerance_ratio * qe))
+        for feed, s, g, qe in zip(feeds, sim_outs, graph_outs, quant_errs)
+    ]
+    result = CheckResult(runtime, spec.flavour, steps)
+    if per_layer:
+        result.layers = _layer_agreement(model, feeds, graph_iters, layer_names, spec.flavour)
+        result.first_divergent = next((r.name for r in result.layers if r.mismatch > 0.01 or r.max_diff > 1), None)
+    return result
+
+
+@torch.no_grad()
+def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str], flavour: str) -> list[LayerResult]:
+    """Integers at each layer input, simulation vs graph, in execution order."""
+    from .exporters.deploy import simulate_layer_input
+
+    layers = quant_layers(model.unet)
+    offset = 128 if flavour == "ort" else 0
+    order: list[str] = []
+    stats = {n: [0, 0, 0] for n in names}  # differing, total, max diff
+
+    for feed, graph in zip(feeds, graph_iters):
+        sim_ints: dict[str, np.ndarray] = {}
+
+        def make_hook(name: str):
+            def hook(mod, args):
+                if name not in order:
+                    order.append(name)
+                sim_ints[name] = simulate_layer_input(layers[name], args[0], layers[name].input_quantizer.rows_for(args[0])).numpy()
+
+            return hook
+
+        handles = [layers[n].register_forward_pre_hook(make_hook(n)) for n in names]
+        try:
+            kw = {} if "encoder_hidden_states" not in feed else {"encoder_hidden_states": torch.from_numpy(feed["encoder_hidden_states"]).float()}
+            model(torch.from_numpy(feed["sample"]).float(), torch.from_numpy(feed["timestep"]).float(), return_dict=False, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        for n in names:
+            g = np.asarray(graph[f"dq/{n}/input_q"]).astype(np.int32) - offset
+            s = sim_ints[n].astype(np.int32).reshape(g.shape) if sim_ints[n].size == g.size else None
+            if s is None:
+                stats[n][0] += g.size
+                stats[n][1] += g.size
+                continue
+            diff = np.abs(g - s)
+            stats[n][0] += int((diff > 0).sum())
+            stats[n][1] += diff.size
+            stats[n][2] = max(stats[n][2], int(diff.max()))
+    return [LayerResult(n, stats[n][0] / max(stats[n][1], 1), stats[n][2]) for n in order]
