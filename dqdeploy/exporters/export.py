@@ -181,7 +181,10 @@ def export_quantized(
     canvas = deploy_unet(model, manifest)
     example = _example(calib)
     ranks = input_ranks(canvas, list(layers), example)
-    out_scales = calibrate_output_scales(model, layers, calib) if target == "ort" else None
+    out_scales = None
+    if target == "ort":  # output Q (QLinear* fusion) where the compute is: convs and token matmuls
+        fused = {n: t for n, t in layers.items() if ranks[n] > 2}
+        out_scales = calibrate_output_scales(model, fused, calib)
     ftype = 1
     if fp16:
         canvas = canvas.half()

@@ -177,58 +177,90 @@ def _factor_shape(kind: str, rank: int, channels: int) -> tuple[int, ...]:
     return (1,) * (rank - 2) + (channels,)
 
 
-def _rescale_layer(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions, out_scale: float | None) -> None:
-    """Input factor + Q/DQ before the node; bias-free node; [output Q/DQ]; output factor + bias after."""
+def _per_sample(gr: _Graph, table: np.ndarray, rows: str, base: str, anchor) -> str:
+    """Gather(table, rows): one row of a per-step table per sample."""
+    return gr.node("Gather", [gr.const(base + "_table", table), rows], base, anchor, axis=0)
+
+
+def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions) -> None:
+    """x -> [Mul] -> Q -> DQ(s0) -> node. The DQ feeding the node always has the constant scale s0.
+
+    TensorRT layout: Mul by ``(1/s) * s0 / s_t`` (gathered per sample) then Q(s0): Q/DQ scales stay
+    build-time constants. ORT layout: Mul by the constant ``1/s`` only, then a Q whose per-sample
+    scale ``s_t`` is gathered (axis 0): one pass fewer, and the fused DQ->node->Q keeps constants.
+    """
     ftype = _np_float(opts.float_type)
     prefix = f"dq/{layer.name}"
     per_step = rows is not None and layer.act_scale.size > 1
     s0 = layer.ref_scale
-    c = layer.in_factor.size
-    fshape = _factor_shape(layer.kind, rank, c)
-    oshape = (1,) * (rank - 1)
-    # input factor: (1/s) * s0 / s_t, gathered per sample, or a constant
-    if per_step:
-        f_in = (layer.in_factor[None, :] * (s0 / layer.act_scale)[:, None]).reshape((-1,) + fshape).astype(ftype)
-        factor = gr.node("Gather", [gr.const(prefix + "/in_factor_table", f_in), rows], prefix + "/in_factor", node, axis=0)
-    else:
-        f_const = (layer.in_factor * (s0 / layer.act_scale[0])).reshape((1,) + fshape).astype(ftype)
-        factor = None if np.all(f_const == 1) else gr.const(prefix + "/in_factor", f_const)
-    x = node.input[0]
-    if factor is not None:
-        x = gr.node("Mul", [x, factor], prefix + "/input_scaled", node)
-    act_zp = np.asarray(128 if opts.flavour == "ort" else 0, np.uint8 if opts.flavour == "ort" else np.int8)
+    fshape = (1,) + _factor_shape(layer.kind, rank, layer.in_factor.size)
+    ort = opts.flavour == "ort"
+    zp_dtype = np.uint8 if ort else np.int8
+    zp0 = zp_dtype(128 if ort else 0)
     s0_name = gr.const(prefix + "/act_scale", np.asarray(s0, ftype))
-    zp_name = gr.const(prefix + "/act_zp", act_zp)
-    xq = gr.node("QuantizeLinear", [x, s0_name, zp_name], prefix + "/input_q", node)
+    zp_name = gr.const(prefix + "/act_zp", np.asarray(zp0))
+    x = node.input[0]
+    if per_step and ort:
+        if not np.all(layer.in_factor == 1):
+            x = gr.node("Mul", [x, gr.const(prefix + "/in_factor", layer.in_factor.reshape(fshape).astype(ftype))], prefix + "/input_scaled", node)
+        scale = _per_sample(gr, layer.act_scale.astype(ftype), rows, prefix + "/step_scale", node)
+        zps = _per_sample(gr, np.full(layer.act_scale.size, zp0, zp_dtype), rows, prefix + "/step_zp", node)
+        xq = gr.node("QuantizeLinear", [x, scale, zps], prefix + "/input_q", node, axis=0)
+    else:
+        if per_step:
+            f_in = (layer.in_factor[None, :] * (s0 / layer.act_scale)[:, None]).reshape((-1,) + fshape[1:]).astype(ftype)
+            factor = _per_sample(gr, f_in, rows, prefix + "/in_factor", node)
+        else:
+            f_const = (layer.in_factor * (s0 / layer.act_scale[0])).reshape(fshape).astype(ftype)
+            factor = None if np.all(f_const == 1) else gr.const(prefix + "/in_factor", f_const)
+        if factor is not None:
+            x = gr.node("Mul", [x, factor], prefix + "/input_scaled", node)
+        xq = gr.node("QuantizeLinear", [x, s0_name, zp_name], prefix + "/input_q", node)
     node.input[0] = gr.node("DequantizeLinear", [xq, s0_name, zp_name], prefix + "/input_dq", node)
 
-    # bias-free compute, then [out Q/DQ], output factor and bias, spliced in front of the consumers
+
+def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions, out_scale: float | None) -> None:
+    """node (bias removed) -> [Q(out) -> DQ] -> rescale by ``s_t / s0`` -> + bias -> consumers.
+
+    With an output Q (ORT layout) the rescale rides on the output DQ's per-sample scale (axis 0);
+    otherwise it is a Mul by a gathered factor. The bias is added after the rescale.
+    """
+    ftype = _np_float(opts.float_type)
+    prefix = f"dq/{layer.name}"
+    per_step = rows is not None and layer.act_scale.size > 1
+    s0 = layer.ref_scale
+    step_ratio = (layer.act_scale / s0).astype(np.float64)  # [T] (T = 1: constant)
     bias_name = None
     if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
         bias_name = node.input[2]
         del node.input[2]
+    # (a 3D linear's bias is the exporter's own Add after the MatMul: it stays after the rescale)
     out = node.output[0]
     consumers = list(gr.consumers.get(out, []))
-    # a 3D linear's `+ bias` is the exporter's own Add after the MatMul: it stays after the rescale
     anchor = consumers[0] if consumers else None  # None: the output is a graph output
     y = gr.name(out + "_nobias")
     node.output[0] = y
     if out_scale is not None:
         oscale = gr.const(prefix + "/out_scale", np.asarray(out_scale, ftype))
         ozp = gr.const(prefix + "/out_zp", np.asarray(128, np.uint8))
-        y = gr.node("DequantizeLinear", [gr.node("QuantizeLinear", [y, oscale, ozp], prefix + "/out_q", anchor), oscale, ozp], prefix + "/out_dq", anchor)
-    if per_step:
-        f_out = (layer.act_scale / s0).reshape((-1,) + oshape).astype(ftype)
-        y = gr.node("Mul", [y, gr.node("Gather", [gr.const(prefix + "/out_factor_table", f_out), rows], prefix + "/out_factor", anchor, axis=0)], prefix + "/rescaled", anchor)
-    elif layer.act_scale[0] != s0:
-        y = gr.node("Mul", [y, gr.const(prefix + "/out_factor", np.asarray(layer.act_scale[0] / s0, ftype))], prefix + "/rescaled", anchor)
+        yq = gr.node("QuantizeLinear", [y, oscale, ozp], prefix + "/out_q", anchor)
+        if per_step:
+            dq_scale = _per_sample(gr, (out_scale * step_ratio).astype(ftype), rows, prefix + "/out_step_scale", anchor)
+            dq_zp = _per_sample(gr, np.full(step_ratio.size, 128, np.uint8), rows, prefix + "/out_step_zp", anchor)
+            y = gr.node("DequantizeLinear", [yq, dq_scale, dq_zp], prefix + "/out_dq", anchor, axis=0)
+        else:
+            dq_scale = gr.const(prefix + "/out_dq_scale", np.asarray(out_scale * step_ratio[0], ftype))
+            y = gr.node("DequantizeLinear", [yq, dq_scale, ozp], prefix + "/out_dq", anchor)
+    elif per_step:
+        f_out = step_ratio.reshape((-1,) + (1,) * (rank - 1)).astype(ftype)
+        y = gr.node("Mul", [y, _per_sample(gr, f_out, rows, prefix + "/out_factor", anchor)], prefix + "/rescaled", anchor)
+    elif step_ratio[0] != 1.0:
+        y = gr.node("Mul", [y, gr.const(prefix + "/out_factor", np.asarray(step_ratio[0], ftype))], prefix + "/rescaled", anchor)
     if bias_name is not None:
-        b = gr.inits[bias_name]
-        bias = gr.onnx.numpy_helper.to_array(b).astype(ftype)
+        bias = gr.onnx.numpy_helper.to_array(gr.inits[bias_name]).astype(ftype)
         bshape = (1, -1, 1, 1) if node.op_type == "Conv" else (-1,)
         y = gr.node("Add", [y, gr.const(prefix + "/bias", bias.reshape(bshape))], prefix + "/biased", anchor)
-    # reconnect: everything that read `out` now reads `y`
-    if y == node.output[0]:
+    if y == node.output[0]:  # nothing was added after the node
         node.output[0] = out
         return
     key = None if anchor is None else id(anchor)
@@ -267,8 +299,7 @@ def insert_qdq(
         node = nodes[name]
         _weight_edge(gr, node, layer, opts)
         scale = None if out_scales is None else out_scales.get(name)
-        if opts.flavour == "ort" and scale is None:
-            raise ExportError(f"{name}: the ort flavour needs a calibrated output scale")
-        _rescale_layer(gr, node, layer, rows, ranks[name], opts, scale)
+        _input_side(gr, node, layer, rows, ranks[name], opts)
+        _output_side(gr, node, layer, rows, ranks[name], opts, scale)
     gr.finish()
     return model

@@ -1,0 +1,55 @@
+"""Shared benchmark plumbing: one thread, timing medians, JSON results next to the scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` in milliseconds, and all samples."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples), samples
+
+
+def machine() -> dict[str, str]:
+    import onnxruntime
+
+    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": "1"}
+
+
+def write_results(name: str, data: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def ort_session(path: str | Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
