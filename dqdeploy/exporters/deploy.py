@@ -41,26 +41,27 @@ class LayerTensors:
         return float(np.median(self.act_scale))
 
 
+def tensors_of(name: str, layer: QuantLayer, fold: str = "mul") -> LayerTensors:
+    """Integer weight, scales and tables of one quantized layer (``fold``: its manifest entry)."""
+    meta_bits = (layer.weight_quantizer.bits, layer.input_quantizer.bits)
+    inv_s = layer.input_scale.detach().float()
+    return LayerTensors(
+        name=name,
+        kind=layer.kind,
+        w_int=layer.weight_quantizer.integers(layer.weight).numpy(),
+        w_scale=layer.weight_quantizer.scale.detach().float().numpy().copy(),
+        bias=None if layer.bias is None else layer.bias.detach().float().numpy().copy(),
+        act_scale=layer.input_quantizer.scale.detach().abs().float().numpy().copy(),
+        act_zero_point=torch.round(layer.input_quantizer.zero_point.detach()).float().numpy().copy(),
+        in_factor=np.ones(inv_s.numel(), np.float32) if fold.startswith("norm:") else inv_s.numpy().copy(),
+        weight_bits=meta_bits[0],
+        act_bits=meta_bits[1],
+    )
+
+
 def layer_tensors(model: QuantizedUNet, manifest: Manifest) -> dict[str, LayerTensors]:
     """Integer weights, scales and tables of every quantized layer."""
-    result = {}
-    for name, layer in quant_layers(model.unet).items():
-        meta = manifest.layers[name]
-        folded = meta.fold.startswith("norm:")
-        inv_s = layer.input_scale.detach().float()
-        result[name] = LayerTensors(
-            name=name,
-            kind=layer.kind,
-            w_int=layer.weight_quantizer.integers(layer.weight).numpy(),
-            w_scale=layer.weight_quantizer.scale.detach().float().numpy().copy(),
-            bias=None if layer.bias is None else layer.bias.detach().float().numpy().copy(),
-            act_scale=layer.input_quantizer.scale.detach().abs().float().numpy().copy(),
-            act_zero_point=torch.round(layer.input_quantizer.zero_point.detach()).float().numpy().copy(),
-            in_factor=np.ones(inv_s.numel(), np.float32) if folded else inv_s.numpy().copy(),
-            weight_bits=meta.weight_bits,
-            act_bits=meta.act_bits,
-        )
-    return result
+    return {name: tensors_of(name, layer, manifest.layers[name].fold) for name, layer in quant_layers(model.unet).items()}
 
 
 class _DequantLayer(nn.Module):
