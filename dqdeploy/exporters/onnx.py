@@ -91,6 +91,9 @@ def export_float_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = unet.training
     unet.eval()
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -113,4 +116,5 @@ def export_float_onnx(
         ) from exc
     finally:
         unet.train(was_training)
+        exporter_log.setLevel(level)
     return onnx.load(str(path), load_external_data=True)

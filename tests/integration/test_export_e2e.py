@@ -1,0 +1,87 @@
+"""Quantize -> export (both flavours) -> Polygraphy check, on tiny conditional and unconditional
+UNets; errors for artifacts that cannot be exported."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from dqdeploy.api import quantize
+from dqdeploy.check import check_export
+from dqdeploy.errors import ArtifactError, ExportError
+from dqdeploy.exporters.export import export_quantized
+from dqdeploy.exporters.spec import ONNX_FILE, read_spec
+from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
+from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
+
+SIMPLIFY = False
+CALIB = CalibrationConfig(steps=6, samples=48, trajectories=8, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def uncond_artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uncond")
+    write_pipeline(tiny_unet(), root / "pipe")
+    return quantize(root / "pipe", W8A8.replace(iters=10, batch_size=16), CALIB, root / "q").path
+
+
+@pytest.fixture(scope="module")
+def cond_artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cond")
+    unet_dir, sched_dir = write_bare_unet(tiny_cond_unet(), root)
+    cond = write_cond_file(root / "cond.safetensors")
+    calib = CalibrationConfig(steps=6, samples=48, trajectories=8, batch_size=8, guidance=3.0)
+    res = quantize(unet_dir, W4A8.replace(iters=10, batch_size=16), calib, root / "q", scheduler_dir=sched_dir, cond_file=cond)
+    return res.path
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+def test_unconditional_export_agrees_per_step(uncond_artifact, target, tmp_path):
+    out = export_quantized(uncond_artifact, tmp_path / target, target=target, simplify=SIMPLIFY)
+    spec = read_spec(out)
+    assert [t.name for t in spec.inputs] == ["sample", "timestep"] and [t.name for t in spec.outputs] == ["out_sample"]
+    model = onnx.load(str(out / ONNX_FILE))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "ArgMin", "Gather"} <= ops
+    result = check_export(uncond_artifact, out, per_layer=True)
+    assert result.ok, result.table()
+    assert len(result.steps) >= 4
+    if target == "onnx":  # TensorRT layout: the integers are TPQ's; ties flip a few and flips cascade
+        assert all(r.mismatch == 0 for r in result.layers[:5]), result.layers[:5]
+        assert max(r.mismatch for r in result.layers) < 0.15  # a broken layer would differ almost everywhere
+
+
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+def test_conditional_export_agrees_per_step(cond_artifact, target, tmp_path):
+    out = export_quantized(cond_artifact, tmp_path / target, target=target, simplify=SIMPLIFY)
+    assert read_spec(out).conditional
+    result = check_export(cond_artifact, out)
+    assert result.ok, result.table()
+
+
+def test_simulation_only_recipe_is_refused(tmp_path):
+    write_pipeline(tiny_unet(), tmp_path / "pipe")
+    q = quantize(tmp_path / "pipe", W4A4.replace(distill="none"), CALIB, tmp_path / "q").path
+    with pytest.raises(ExportError, match="simulation-only"):
+        export_quantized(q, tmp_path / "e", target="onnx")
+    assert not (tmp_path / "e").exists()
+
+
+def test_artifact_from_another_format_version_is_refused(uncond_artifact, tmp_path):
+    import shutil
+
+    bad = tmp_path / "old"
+    shutil.copytree(uncond_artifact, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        export_quantized(bad, tmp_path / "e", target="ort")
+
+
+def test_export_folder_is_not_a_source(uncond_artifact, tmp_path):
+    out = export_quantized(uncond_artifact, tmp_path / "e", target="ort", simplify=SIMPLIFY)
+    with pytest.raises(ExportError, match="already an export folder"):
+        export_quantized(out, tmp_path / "e2", target="ort")
