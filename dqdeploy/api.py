@@ -21,7 +21,7 @@ from .errors import ArtifactError, CalibrationError, ModelLoadError
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, unet_class
 from .quant.analysis import analyze_inputs
 from .quant.blocks import partition
-from .quant.calibrate import init_activation_scales, input_channel_absmax, unet_forward
+from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax, unet_forward
 from .quant.dilation import dilation_factors, smoothquant_factors
 from .quant.distill import BlockReport, distill_blocks, distill_model
 from .quant.modules import QUANTIZABLE, QuantizedUNet, QuantLayer, replace_module
@@ -74,34 +74,30 @@ def _dilations(
 
 
 def build_quantized(
-    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet | None = None
+    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet
 ) -> tuple[QuantizedUNet, dict[str, LayerMeta]]:
-    """Replace the recipe's Conv2d/Linear layers of a copy of ``unet`` with QuantLayers.
-
-    With ``calib`` the dilation vectors are computed (WD from the FP weights, SmoothQuant from the
-    calibration activations); without it (loading an artifact) they come from the state dict.
-    """
+    """Replace the recipe's Conv2d/Linear layers of a copy of ``unet`` with QuantLayers, computing
+    the dilation vectors (WD from the FP weights, SmoothQuant from the calibration activations)."""
     qunet = copy.deepcopy(unet).eval()
     names = [n for n, m in qunet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
     if not names:
         raise ModelLoadError("the recipe selects no Conv2d/Linear layer", hint="check the recipe's include/exclude patterns")
     step_index = StepIndex()
-    if calib is not None:
-        info = analyze_inputs(qunet, _example_run(qunet, calib), names)
-        names = [n for n in names if n in info]  # layers never called keep FP weights
-        dil = _dilations(qunet, names, info, recipe, calib)
+    info = analyze_inputs(qunet, _example_run(qunet, calib), names)
+    names = [n for n in names if n in info]  # layers never called keep FP weights
+    dil = _dilations(qunet, names, info, recipe, calib)
     metas: dict[str, LayerMeta] = {}
     for name in names:
         layer = qunet.get_submodule(name)
         bits = recipe.weight_bits_for(name)
-        s = dil[name] if calib is not None else None
+        s = dil[name]
+        out_q = recipe.layout == "ort" and info[name].rank > 2  # the fused (compute-heavy) layers
         q = QuantLayer(
             layer, weight_bits=bits, act_bits=recipe.act_bits, act_symmetric=recipe.act_symmetric,
-            n_steps=table.n_rows, step_index=step_index, dilation=s,
+            n_steps=table.n_rows, step_index=step_index, dilation=s, output_quant=out_q,
         )
         replace_module(qunet, name, q)
-        if calib is not None:
-            metas[name] = LayerMeta(q.kind, bits, recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold)
+        metas[name] = LayerMeta(q.kind, bits, recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold, out_q)
     return QuantizedUNet(qunet, table, step_index), metas
 
 
@@ -162,6 +158,7 @@ def quantize_unet(
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
     qmodel, metas = build_quantized(unet, recipe, table, calib)
     init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
+    init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
     reports: list[BlockReport] = []
     if recipe.distill == "block":
         blocks = partition(qmodel.unet, _example_run(qmodel, calib))
@@ -251,7 +248,7 @@ def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
             raise ArtifactError(f"manifest layer {name!r} does not exist in {manifest.model_class}") from None
         q = QuantLayer(
             layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
-            n_steps=table.n_rows, step_index=step_index,
+            n_steps=table.n_rows, step_index=step_index, output_quant=meta.output_quant,
         )
         replace_module(unet, name, q)
     try:

@@ -36,6 +36,7 @@ class LayerMeta:
     act_symmetric: bool
     group: str  # layers with the same group read the same tensor and share the dilation vector
     fold: str  # "norm:<module>" (1/s folded into that affine norm at export) | "mul"
+    output_quant: bool = False  # the layer's output is quantized too (layout "ort")
 
 
 @dataclass

@@ -67,10 +67,11 @@ def cli(verbose: bool) -> None:
 @click.option("--timestep-scales", type=click.Choice(["per-step", "collapsed"]), help="Ablation: 'collapsed' keeps one activation scale for all steps.")
 @click.option("--no-distill", is_flag=True, help="Ablation: calibration only (post-training quantization).")
 @click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]), help="Block-wise (default), whole-model, or none.")
+@click.option("--layout", type=click.Choice(["trt", "ort"]), help="Deployment layout the simulation reproduces exactly: 'trt' (default) or 'ort' (also models the output rounding of ONNX Runtime's fused QLinearConv; train for the CPU target).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, prompts_file, guidance, no_dilation, scaling, timestep_scales,
-             no_distill, distill_mode, overwrite) -> None:
+             no_distill, distill_mode, layout, overwrite) -> None:
     """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
@@ -87,6 +88,8 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
         changes["dilation"] = "none" if no_dilation else scaling
     if timestep_scales:
         changes["timestep_scales"] = timestep_scales
+    if layout:
+        changes["layout"] = layout
     if no_distill and distill_mode not in (None, "none"):
         raise click.UsageError("--no-distill contradicts --distill " + distill_mode)
     if no_distill or distill_mode:

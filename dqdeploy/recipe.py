@@ -16,6 +16,7 @@ DILATIONS = ("wd", "smoothquant", "none")
 TIMESTEP_SCALES = ("per-step", "collapsed")
 DISTILL_MODES = ("block", "model", "none")
 ACT_INITS = ("mse", "minmax")
+LAYOUTS = ("trt", "ort")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Recipe:
     timestep_scales: str = "per-step"  # "per-step" (TPQ) | "collapsed" (one scale for all steps)
     act_init: str = "mse"
     distill: str = "block"  # "block" (BKD) | "model" (whole-model distillation) | "none" (PTQ)
+    # deployment layout the simulation reproduces exactly: "trt" (input Q/DQ only) or "ort" (convs
+    # and token matmuls also quantize their output, as ONNX Runtime's fused QLinearConv does)
+    layout: str = "trt"
     iters: int = 300  # per block (or total, for distill="model")
     batch_size: int = 32
     lr_weight: float = 1e-5
@@ -50,7 +54,7 @@ class Recipe:
             problems.append(f"first_last_bits={self.first_last_bits} (expected 4, 8 or null)")
         for attr, allowed in (
             ("dilation", DILATIONS), ("timestep_scales", TIMESTEP_SCALES),
-            ("distill", DISTILL_MODES), ("act_init", ACT_INITS),
+            ("distill", DISTILL_MODES), ("act_init", ACT_INITS), ("layout", LAYOUTS),
         ):
             if getattr(self, attr) not in allowed:
                 problems.append(f"{attr}={getattr(self, attr)!r} (expected one of {', '.join(allowed)})")

@@ -34,6 +34,7 @@ class LayerTensors:
     in_factor: np.ndarray
     weight_bits: int
     act_bits: int
+    out_c: float | None = None  # output quantizer step factor c (step c * s_t), layout "ort"
 
     @property
     def ref_scale(self) -> float:
@@ -56,6 +57,7 @@ def tensors_of(name: str, layer: QuantLayer, fold: str = "mul") -> LayerTensors:
         in_factor=np.ones(inv_s.numel(), np.float32) if fold.startswith("norm:") else inv_s.numpy().copy(),
         weight_bits=meta_bits[0],
         act_bits=meta_bits[1],
+        out_c=None if layer.output_scale is None else float(layer.output_scale.detach().abs()),
     )
 
 

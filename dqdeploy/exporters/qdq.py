@@ -240,21 +240,28 @@ def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: 
     anchor = consumers[0] if consumers else None  # None: the output is a graph output
     y = gr.name(out + "_nobias")
     node.output[0] = y
+    rescaled = False
     if out_scale is not None:
+        ort = opts.flavour == "ort"
+        zp_value, zp_dtype = (128, np.uint8) if ort else (0, np.int8)
         oscale = gr.const(prefix + "/out_scale", np.asarray(out_scale, ftype))
-        ozp = gr.const(prefix + "/out_zp", np.asarray(128, np.uint8))
+        ozp = gr.const(prefix + "/out_zp", np.asarray(zp_value, zp_dtype))
         yq = gr.node("QuantizeLinear", [y, oscale, ozp], prefix + "/out_q", anchor)
-        if per_step:
+        if ort and per_step:  # the rescale rides on the DQ's per-sample scale
             dq_scale = _per_sample(gr, (out_scale * step_ratio).astype(ftype), rows, prefix + "/out_step_scale", anchor)
-            dq_zp = _per_sample(gr, np.full(step_ratio.size, 128, np.uint8), rows, prefix + "/out_step_zp", anchor)
+            dq_zp = _per_sample(gr, np.full(step_ratio.size, zp_value, zp_dtype), rows, prefix + "/out_step_zp", anchor)
             y = gr.node("DequantizeLinear", [yq, dq_scale, dq_zp], prefix + "/out_dq", anchor, axis=0)
-        else:
+            rescaled = True
+        elif ort:
             dq_scale = gr.const(prefix + "/out_dq_scale", np.asarray(out_scale * step_ratio[0], ftype))
             y = gr.node("DequantizeLinear", [yq, dq_scale, ozp], prefix + "/out_dq", anchor)
-    elif per_step:
+            rescaled = True
+        else:  # TensorRT: constant Q/DQ scales, the rescale stays a Mul
+            y = gr.node("DequantizeLinear", [yq, oscale, ozp], prefix + "/out_dq", anchor)
+    if not rescaled and per_step:
         f_out = step_ratio.reshape((-1,) + (1,) * (rank - 1)).astype(ftype)
         y = gr.node("Mul", [y, _per_sample(gr, f_out, rows, prefix + "/out_factor", anchor)], prefix + "/rescaled", anchor)
-    elif step_ratio[0] != 1.0:
+    elif not rescaled and step_ratio[0] != 1.0:
         y = gr.node("Mul", [y, gr.const(prefix + "/out_factor", np.asarray(step_ratio[0], ftype))], prefix + "/rescaled", anchor)
     if bias_name is not None:
         bias = gr.onnx.numpy_helper.to_array(gr.inits[bias_name]).astype(ftype)
@@ -299,6 +306,8 @@ def insert_qdq(
         node = nodes[name]
         _weight_edge(gr, node, layer, opts)
         scale = None if out_scales is None else out_scales.get(name)
+        if layer.out_c is not None:  # the simulation quantizes this output: step c * s_t = (c * s0) * s_t / s0
+            scale = layer.out_c * layer.ref_scale
         _input_side(gr, node, layer, rows, ranks[name], opts)
         _output_side(gr, node, layer, rows, ranks[name], opts, scale)
     gr.finish()

@@ -23,6 +23,7 @@ class InputInfo:
 
     group: str
     fold: str
+    rank: int  # rank of the input activation (2: [B, C] vectors such as the time embedding)
 
 
 def _key(x: torch.Tensor) -> tuple:
@@ -74,7 +75,7 @@ def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str])
             if affine and only_members and _is_quantizable_group(unet, members):
                 fold = f"norm:{src}"
         for name in members:
-            info[name] = InputInfo(group=members[0], fold=fold)
+            info[name] = InputInfo(group=members[0], fold=fold, rank=len(key[1]))
     return info
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .modules import QuantizedUNet, QuantLayer, quant_layers, set_act_quant
-from .primitives import CLIP_RATIOS, minmax_scale
+from .primitives import CLIP_RATIOS, minmax_scale, quant_error
 from .trajectories import CalibrationSet
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -127,3 +127,45 @@ def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationS
         for h in handles:
             h.remove()
     return result
+
+
+@torch.no_grad()
+def init_output_scales(model: QuantizedUNet, calib: CalibrationSet, batch_size: int = 32, keep: int = 1 << 15) -> None:
+    """Initialise each output quantizer's ``c`` (step ``c * s_t``) by MSE over the bias-free outputs
+    normalised by their step's input scale, with every input quantizer calibrated and on."""
+    layers = {n: m for n, m in quant_layers(model).items() if m.output_scale is not None}
+    if not layers:
+        return
+    values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    gen = torch.Generator().manual_seed(0)
+
+    def make_hook(name: str, layer: QuantLayer):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = layer.input_quantizer(layer.dilated_input(args[0]))
+            w = layer.weight_quantizer(layer.weight)
+            y = layer._compute(x, w, None)
+            q = layer.input_quantizer
+            y = y / q.scale.abs()[q.rows_for(y)].view(-1, *([1] * (y.dim() - 1)))
+            flat = y.flatten()
+            values[name].append(torch.cat([flat[torch.randperm(flat.numel(), generator=gen)[:keep]], flat.abs().max().view(1)]))
+
+        return layer.register_forward_hook(hook)
+
+    for layer in layers.values():  # observe outputs before any output rounding
+        layer.output_enabled = False
+    handles = [make_hook(n, m) for n, m in layers.items()]
+    run = unet_forward(model)
+    try:
+        for x, t, _, cond in calib.batches(batch_size):
+            run(x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in layers.values():
+            layer.output_enabled = True
+    for name, layer in layers.items():
+        y = torch.cat(values[name])
+        qmax = layer.out_qmax
+        candidates = (CLIP_RATIOS * y.abs().max().clamp(min=1e-12) / qmax)[:, None]
+        err = quant_error(y.expand(len(candidates), -1), candidates, torch.zeros_like(candidates), layer.out_qmin, qmax)
+        layer.output_scale.data.fill_(float(candidates[int(err.argmin())]))

@@ -101,6 +101,8 @@ def _param_groups(layers: list[QuantLayer], recipe: Recipe) -> list[dict]:
             weights.append(layer.bias)
         quant.append(layer.weight_quantizer.scale)
         quant.append(layer.input_quantizer.scale)
+        if layer.output_scale is not None:
+            quant.append(layer.output_scale)
         if isinstance(layer.input_quantizer.zero_point, nn.Parameter):
             quant.append(layer.input_quantizer.zero_point)
     return [{"params": weights, "lr": recipe.lr_weight}, {"params": quant, "lr": recipe.lr_quant}]

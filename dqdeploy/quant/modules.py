@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .primitives import fake_quant, qrange
 from .quantizer import ActQuantizer, WeightQuantizer
 from .timestep import StepIndex, TimestepTable
 
@@ -35,6 +36,7 @@ class QuantLayer(nn.Module):
         n_steps: int,
         step_index: StepIndex,
         dilation: torch.Tensor | None = None,
+        output_quant: bool = False,
     ) -> None:
         super().__init__()
         self.kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
@@ -53,6 +55,10 @@ class QuantLayer(nn.Module):
         self.weight_quantizer = WeightQuantizer(self.weight, weight_bits)
         self.input_quantizer = ActQuantizer(n_steps, act_bits, act_symmetric, step_index)
         self.quantize_weight = True
+        # ORT layout: the bias-free output is quantized with step c * s_t (s_t: the input's step)
+        self.output_scale = nn.Parameter(torch.ones(())) if output_quant else None
+        self.output_enabled = True
+        self.out_qmin, self.out_qmax = qrange(act_bits, True)
 
     @property
     def in_channels(self) -> int:
@@ -65,9 +71,25 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(self.dilated_input(x))
         w = self.weight_quantizer(self.weight) if self.quantize_weight else self.weight
+        if self.output_scale is None or not (self.output_enabled and self.input_quantizer.enabled):
+            return self._compute(x, w, self.bias)
+        y = self.quantize_output(self._compute(x, w, None))
+        return y if self.bias is None else y + channel_view(self.bias, self.kind, y.dim())
+
+    def _compute(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "conv":
-            return F.conv2d(x, w, self.bias, **self.conv_args)
-        return F.linear(x, w, self.bias)
+            return F.conv2d(x, w, bias, **self.conv_args)
+        return F.linear(x, w, bias)
+
+    def output_step(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample step of the output quantizer, ``c * s_t``, shaped to broadcast against ``y``."""
+        q = self.input_quantizer
+        rows = q.rows_for(y)
+        return (self.output_scale.abs() * q.scale.abs()[rows]).view(-1, *([1] * (y.dim() - 1)))
+
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the bias-free output on the symmetric grid (ORT layout)."""
+        return fake_quant(y, self.output_step(y), 0.0, self.out_qmin, self.out_qmax)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, weight={tuple(self.weight.shape)}"

@@ -1,0 +1,222 @@
+"""Graph simplification that keeps the Q/DQ structure, and folding of build-time weight quantization.
+
+:func:`simplify` runs onnxsim (onnxslim if onnxsim fails or breaks the graph) and keeps the result
+only if every QuantizeLinear/DequantizeLinear, every quantized weight and every integer constant
+survived and no float weight appeared; otherwise it returns the input model and logs a warning.
+
+:func:`fold_weight_quantize` turns ``QuantizeLinear(float initializer W, constant scale, zp)`` into an
+integer initializer, which no off-the-shelf simplifier does (BRIEF §2.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import require
+from .lint import COMPUTE_OPS, FLOAT_TYPES, GraphIndex
+
+log = logging.getLogger(__name__)
+
+SKIP_IF_LARGER_THAN = 1_000_000_000  # bytes of initializer data; onnxsim serializes (protobuf: 2 GiB)
+QUANT_TYPES = frozenset({2, 3, 21, 22})  # uint8, int8, uint4, int4
+EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
+
+
+# ---------------------------------------------------------------------------------------------
+# structure fingerprint: what a simplifier must not change
+# ---------------------------------------------------------------------------------------------
+def _digest(tensor) -> tuple:
+    from onnx import numpy_helper
+
+    data = numpy_helper.to_array(tensor)
+    return tensor.data_type, tuple(tensor.dims), hashlib.sha1(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class QDQStructure:
+    """The parts of a QDQ graph a simplifier must keep."""
+
+    quantize: int
+    dequantize: int
+    weights: Counter  # (dtype, dims, digest) of each DQ's integer constant input, one per DQ
+    int_constants: frozenset  # distinct (dtype, dims, digest) of 8/4-bit integer constants
+    float_weights: int  # Conv/MatMul/Gemm weight inputs that are float constants
+    io: tuple  # graph input and output names
+
+    def differences(self, other: QDQStructure) -> list[str]:
+        """What changed from ``self`` to ``other`` (empty: the structure is intact)."""
+        found = []
+        if (self.quantize, self.dequantize) != (other.quantize, other.dequantize):
+            found.append(f"Q/DQ nodes {self.quantize}/{self.dequantize} -> {other.quantize}/{other.dequantize}")
+        if self.weights != other.weights:
+            found.append(f"{sum((self.weights - other.weights).values())} quantized weights changed or lost")
+        if self.int_constants != other.int_constants:
+            found.append(f"{len(self.int_constants - other.int_constants)} integer constants changed or lost")
+        if other.float_weights > self.float_weights:
+            found.append(f"float weights {self.float_weights} -> {other.float_weights}")
+        if self.io != other.io:
+            found.append("graph inputs/outputs renamed")
+        return found
+
+
+def qdq_structure(model) -> QDQStructure:
+    """Fingerprint of ``model``'s Q/DQ nodes, quantized weights and integer constants."""
+    ix = GraphIndex(model)
+    weights: Counter = Counter()
+    for n in ix.nodes("DequantizeLinear"):
+        t = ix.constant(n.input[0])
+        if t is not None and t.data_type in QUANT_TYPES:
+            weights[_digest(t)] += 1
+    consts = [t for t in ix.inits.values()] + [a.t for n in ix.nodes("Constant") for a in n.attribute if a.name == "value"]
+    int_constants = frozenset(_digest(t) for t in consts if t.data_type in QUANT_TYPES)
+    float_weights = 0
+    for node in ix.nodes(*COMPUTE_OPS):
+        for slot in ((0, 1) if node.op_type == "MatMul" else (1,)):
+            t = ix.constant(node.input[slot]) if len(node.input) > slot else None
+            float_weights += t is not None and t.data_type in FLOAT_TYPES
+    io = (tuple(i.name for i in model.graph.input if i.name not in ix.inits), tuple(o.name for o in model.graph.output))
+    return QDQStructure(
+        quantize=sum(1 for _ in ix.nodes("QuantizeLinear")),
+        dequantize=sum(1 for _ in ix.nodes("DequantizeLinear")),
+        weights=weights, int_constants=int_constants, float_weights=float_weights, io=io,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# simplifiers
+# ---------------------------------------------------------------------------------------------
+def _onnxsim(model):
+    onnxsim = require("onnxsim", "ort", "graph simplification")
+    simplified, ok = onnxsim.simplify(model, check_n=0)
+    if not ok:
+        raise RuntimeError("onnxsim's own check failed")
+    return simplified
+
+
+def _onnxslim(model):
+    onnxslim = require("onnxslim", "ort", "graph simplification")
+    return onnxslim.slim(model)
+
+
+BACKENDS: dict[str, Callable] = {"onnxsim": _onnxsim, "onnxslim": _onnxslim}
+
+
+def _data_bytes(model) -> tuple[int, bool]:
+    """Bytes of initializer data held in memory, and whether some data is external (not loaded)."""
+    total, external = 0, False
+    for t in model.graph.initializer:
+        if t.data_location == EXTERNAL:
+            external = True
+        total += len(t.raw_data) if t.raw_data else int(np.prod(t.dims, dtype=np.int64)) * 4
+    return total, external
+
+
+def simplify(model, *, skip_if_larger_than: int | None = SKIP_IF_LARGER_THAN,
+             backends: tuple[str, ...] = ("onnxsim", "onnxslim")):
+    """Simplify ``model`` (onnxsim, then onnxslim) without touching its Q/DQ structure.
+
+    Returns the first simplified model whose :func:`qdq_structure` is intact, else ``model`` itself.
+    Models with unloaded external data or more than ``skip_if_larger_than`` bytes are returned as is.
+    """
+    size, external = _data_bytes(model)
+    if external:
+        log.info("simplify skipped: the model's weights are external data (simplifiers need them in memory)")
+        return model
+    if skip_if_larger_than is not None and size > skip_if_larger_than:
+        log.info("simplify skipped: %.2f GB of weights is over the %.2f GB limit", size / 1e9, skip_if_larger_than / 1e9)
+        return model
+    onnx = require("onnx", "ort", "graph simplification")
+    before = qdq_structure(model)
+    for name in backends:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        try:
+            simplified = BACKENDS[name](work)
+        except Exception as exc:  # simplifiers raise anything from RuntimeError to protobuf errors
+            log.info("%s failed (%s: %s)", name, type(exc).__name__, exc)
+            continue
+        changes = before.differences(qdq_structure(simplified))
+        if not changes:
+            log.info("simplified with %s: %d -> %d nodes", name, len(model.graph.node), len(simplified.graph.node))
+            return simplified
+        log.warning("%s broke the Q/DQ structure (%s); result discarded", name, "; ".join(changes))
+    log.warning("simplify: no simplifier kept the Q/DQ structure; returning the model unchanged")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Q(W_float) -> integer initializer
+# ---------------------------------------------------------------------------------------------
+def _quantize(node, opset: int, arrays: list[np.ndarray]) -> np.ndarray:
+    """Run one QuantizeLinear node with ONNX's reference implementation (its exact rounding)."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{k}" for k in range(len(arrays))]
+    q = helper.make_node("QuantizeLinear", names, ["out"], name="q")
+    q.attribute.extend(node.attribute)
+    graph = helper.make_graph([q], "fold", [helper.make_tensor_value_info(n, 0, None) for n in names],
+                              [helper.make_tensor_value_info("out", 0, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, dict(zip(names, arrays)))[0]
+
+
+def fold_weight_quantize(model):
+    """Replace every ``QuantizeLinear(float constant W, constant scale[, zp])`` by an integer initializer.
+
+    Identity nodes between W and the Q are looked through. Returns a new model; the input is unchanged.
+    """
+    onnx = require("onnx", "ort", "weight folding")
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ix = GraphIndex(out)
+    graph = out.graph
+    folded, orphans = [], set()
+    for node in list(ix.nodes("QuantizeLinear")):
+        w = ix.constant(node.input[0])
+        if w is None or w.data_type not in FLOAT_TYPES or node.output[0] in ix.outputs:
+            continue
+        arrays = [ix.const_array(node.input[0]), ix.const_array(node.input[1])]
+        if len(node.input) > 2 and node.input[2]:
+            arrays.append(ix.const_array(node.input[2]))
+        if any(a is None for a in arrays):
+            log.info("fold_weight_quantize: %s has a non-constant scale/zero point or unloaded data; kept", node.name)
+            continue
+        q = _quantize(node, ix.opset or 21, arrays)
+        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+        folded.append(node)
+        orphans.update(i for i in node.input if i)
+    if not folded:
+        return out
+    drop = {id(n) for n in folded}
+    kept = [n for n in graph.node if id(n) not in drop]
+    _prune(graph, kept, orphans)
+    log.info("fold_weight_quantize: folded %d weight QuantizeLinear nodes into integer initializers", len(folded))
+    return out
+
+
+def _prune(graph, nodes: list, orphans: set[str]) -> None:
+    """Keep ``nodes`` minus the Identity/Constant chains and initializers that only fed removed nodes."""
+    keep_names = {o.name for o in graph.output} | {i.name for i in graph.input}
+    todo = set(orphans)
+    while todo:
+        used = {i for n in nodes for i in n.input} | keep_names
+        dead = {id(n) for n in nodes if n.op_type in ("Identity", "Constant") and n.output[0] in todo
+                and n.output[0] not in used}
+        todo = {i for n in nodes if id(n) in dead for i in n.input if i}
+        orphans |= todo
+        nodes = [n for n in nodes if id(n) not in dead]
+    used = {i for n in nodes for i in n.input} | keep_names
+    inits = [t for t in graph.initializer if t.name in used or t.name not in orphans]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)

@@ -1,0 +1,272 @@
+"""The drop-in adaptor shared by every runtime: diffusers UNet call signature -> backend -> output.
+
+A :class:`UNetRuntime` looks enough like a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` for
+``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline`` and :func:`dqdeploy.sampling.denoise`:
+it has ``.config`` (the exported model's config), ``.dtype``, ``.device`` and
+``__call__(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs)``.
+
+It is deliberately *not* a ``torch.nn.Module``: pipelines only read ``config``/``dtype`` from their
+``unet`` and skip non-modules in ``.to()`` / offloading, and a module would pretend to own
+parameters it does not have. Inputs are validated against the export folder's
+:class:`~dqdeploy.exporters.spec.ExportSpec` before the backend sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError, RuntimeInputError
+from ..exporters.spec import ExportSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+SAMPLE, TIMESTEP, CONTEXT, OUTPUT = "sample", "timestep", "encoder_hidden_states", "out_sample"
+DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",), CONTEXT: ("batch", "sequence", "hidden size")}
+TIMESTEP_ATOL = 1e-3
+# diffusers keyword arguments that change the result and that an exported graph cannot honour
+UNSUPPORTED_KWARGS = (
+    "class_labels", "timestep_cond", "attention_mask", "encoder_attention_mask", "added_cond_kwargs",
+    "down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
+)
+TORCH_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+
+
+class CalibratedStepWarning(UserWarning):
+    """A timestep that is not one of the export's calibrated steps was given to a quantized graph."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a numpy dtype name as stored in an :class:`ExportSpec`."""
+    if name not in TORCH_DTYPES:
+        raise ArtifactError(f"unsupported tensor dtype {name!r} in the export spec (expected one of {', '.join(TORCH_DTYPES)})")
+    return TORCH_DTYPES[name]
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray | np.generic):
+        return torch.tensor(np.asarray(value))  # a copy: numpy inputs may be read-only
+    if isinstance(value, int | float):
+        return torch.tensor(value)
+    raise RuntimeInputError(f"{name}: expected a torch.Tensor or numpy array, found {type(value).__name__}")
+
+
+def frozen_config(model_config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """diffusers' ``FrozenDict`` of ``model_config``: ``config.sample_size`` and ``config["sample_size"]``."""
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict(dict(model_config))
+
+
+class UNetRuntime:
+    """Base of the ONNX Runtime and TensorRT drop-ins: validation, casting, output wrapping.
+
+    Subclasses set ``self._device`` and implement :meth:`_run`, which receives validated tensors on
+    that device in the graph's dtypes and returns ``out_sample`` on that device.
+    """
+
+    backend = "base"
+
+    def __init__(self, spec: ExportSpec, source: str = "") -> None:
+        self.spec = spec
+        self.source = source
+        self.config = frozen_config(spec.model_config)
+        self._inputs: dict[str, TensorSpec] = {t.name: t for t in spec.inputs}
+        self._dtypes = {t.name: torch_dtype(t.dtype) for t in spec.inputs}
+        self._device = torch.device("cpu")
+        self._calibrated = np.asarray(spec.timesteps, np.float64)
+        self._warned_timestep = False
+        missing = [n for n in (SAMPLE, TIMESTEP) if n not in self._inputs]
+        if missing or not spec.outputs:
+            raise ArtifactError(
+                f"{source or 'the export'}: expected inputs sample and timestep and one output, found inputs "
+                f"{sorted(self._inputs)} and outputs {[t.name for t in spec.outputs]}",
+                hint="export with `dqdeploy export`, which writes optimum's UNet I/O names",
+            )
+
+    # -- what pipelines read ------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The graph's ``sample`` dtype (pipelines create their noise in it)."""
+        return self._dtypes[SAMPLE]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backend runs; inputs from anywhere are accepted, outputs follow the input."""
+        return self._device
+
+    @property
+    def conditional(self) -> bool:
+        return self.spec.conditional
+
+    def __getattr__(self, key: str) -> Any:
+        # diffusers models also answer config keys as attributes (``unet.in_channels``)
+        config = self.__dict__.get("config")
+        if config is not None and not key.startswith("_") and key in config:
+            return config[key]
+        raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
+
+    def to(self, *args: Any, **kwargs: Any) -> "UNetRuntime":
+        """No-op (the backend's device is fixed at load time); returns ``self`` like ``nn.Module.to``."""
+        return self
+
+    def eval(self) -> "UNetRuntime":
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, {self.spec.model_class}, {self.spec.flavour}/{self.spec.precision})"
+
+    # -- the call -----------------------------------------------------------------------------
+    def __call__(
+        self,
+        sample: Any,
+        timestep: Any,
+        encoder_hidden_states: Any = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ):
+        """Run one denoising step; returns ``UNet2DOutput``/``UNet2DConditionOutput`` or a 1-tuple."""
+        for key in UNSUPPORTED_KWARGS:
+            value = kwargs.get(key)
+            if value is not None and not (isinstance(value, Mapping | list | tuple) and len(value) == 0):
+                raise RuntimeInputError(
+                    f"{key} was given, but the exported graph has no input for it (inputs: {', '.join(self._inputs)})",
+                    hint=f"call without {key}, or export a model whose graph takes it",
+                )
+        sample = _as_tensor(SAMPLE, sample)
+        if not (sample.is_floating_point()):
+            raise RuntimeInputError(f"sample: expected a floating-point tensor, found dtype {sample.dtype}",
+                                    hint="pass the latents as float32 (or float16)")
+        out_device, out_dtype = sample.device, sample.dtype
+        feeds = self._feeds(sample, timestep, encoder_hidden_states)
+        self._warn_uncalibrated(feeds[TIMESTEP])
+        with torch.no_grad():
+            out = self._run(feeds)
+        out = out.to(device=out_device, dtype=out_dtype)
+        if not return_dict:
+            return (out,)
+        return self._output_class()(sample=out)
+
+    forward = __call__
+
+    def _feeds(self, sample: torch.Tensor, timestep: Any, context: Any) -> dict[str, torch.Tensor]:
+        """Validated inputs on the backend device, in the graph's dtypes."""
+        if sample.dim() != 4:
+            raise RuntimeInputError(
+                f"sample: expected a 4-D tensor [batch, channels, height, width], found shape {tuple(sample.shape)}",
+                hint="unbatched latents need a leading batch axis: sample[None]",
+            )
+        batch = sample.shape[0]
+        t = self._timestep(timestep, batch)
+        feeds = {SAMPLE: sample, TIMESTEP: t}
+        if self.conditional:
+            if context is None:
+                raise RuntimeInputError(
+                    "encoder_hidden_states is missing: this exported UNet is conditional "
+                    f"(expected a tensor of shape {self._inputs[CONTEXT].shape})",
+                    hint="pass encoder_hidden_states=prompt embeddings (for classifier-free guidance, the "
+                         "[uncond; cond] batch)",
+                )
+            context = _as_tensor(CONTEXT, context)
+            if not context.is_floating_point():
+                raise RuntimeInputError(f"encoder_hidden_states: expected a floating-point tensor, found {context.dtype}")
+            feeds[CONTEXT] = context
+        elif context is not None:
+            raise RuntimeInputError(
+                "encoder_hidden_states was given, but this exported UNet is unconditional (it has no such input)",
+                hint="call it as unet(sample, timestep)",
+            )
+        extra = [n for n in self._inputs if n not in feeds]
+        if extra:
+            raise RuntimeInputError(f"the graph needs inputs this adaptor cannot fill: {', '.join(extra)}",
+                                    hint="run the ONNX file with onnxruntime directly")
+        self._check_shapes(feeds)
+        return {n: v.to(device=self._device, dtype=self._dtypes[n]).contiguous() for n, v in feeds.items()}
+
+    def _timestep(self, timestep: Any, batch: int) -> torch.Tensor:
+        t = _as_tensor(TIMESTEP, timestep)
+        if t.dtype == torch.bool or t.is_complex():
+            raise RuntimeInputError(f"timestep: expected a real number or a [batch] tensor, found dtype {t.dtype}")
+        if t.dim() == 0:
+            return t.reshape(1).expand(batch)
+        if t.dim() == 1 and t.shape[0] in (1, batch):
+            return t.expand(batch)
+        raise RuntimeInputError(
+            f"timestep: expected a scalar or a tensor of shape [{batch}] (one step per sample), found shape {tuple(t.shape)}",
+            hint="pass one timestep for the whole batch, or one per sample",
+        )
+
+    def _check_shapes(self, feeds: Mapping[str, torch.Tensor]) -> None:
+        """Ranks, static dims and consistent symbolic dims (the batch) against the export spec."""
+        symbols: dict[str, tuple[str, int]] = {}
+        for name, value in feeds.items():
+            spec = self._inputs[name]
+            labels = DIM_LABELS.get(name, ())
+            if value.dim() != len(spec.shape):
+                raise RuntimeInputError(
+                    f"{name}: expected rank {len(spec.shape)} (shape {spec.shape}), found shape {tuple(value.shape)}"
+                )
+            for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
+                label = labels[axis] if axis < len(labels) else f"dim {axis}"
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise RuntimeInputError(
+                        f"{name}: expected {label} {want} (shape {spec.shape}), found {got} (shape {tuple(value.shape)})",
+                        hint=self._shape_hint(name, axis),
+                    )
+                if isinstance(want, str) and want:
+                    seen = symbols.setdefault(want, (name, got))
+                    if seen[1] != got:
+                        raise RuntimeInputError(
+                            f"{name}: {label} is {got}, but {seen[0]} has {seen[1]} for the same axis '{want}'",
+                            hint="sample, timestep and encoder_hidden_states must share the batch size",
+                        )
+
+    def _shape_hint(self, name: str, axis: int) -> str:
+        if name == SAMPLE and axis == 1:
+            return "the latents' channel count is fixed by the model (config.in_channels)"
+        if name == SAMPLE:
+            return "the graph was exported at a fixed resolution; re-export at the resolution you sample at"
+        if name == CONTEXT:
+            return "encoder_hidden_states must come from the text encoder the model was exported for"
+        return "check the inputs against `dqdeploy inspect EXPORT_DIR`"
+
+    def _warn_uncalibrated(self, t: torch.Tensor) -> None:
+        if self._warned_timestep or self._calibrated.size == 0:
+            return
+        values = np.unique(t.detach().float().cpu().numpy().astype(np.float64))
+        dist = np.abs(values[:, None] - self._calibrated[None, :]).min(axis=1)
+        off = values[dist > TIMESTEP_ATOL]
+        if off.size:
+            self._warned_timestep = True
+            nearest = self._calibrated[np.abs(off[0] - self._calibrated).argmin()]
+            warnings.warn(
+                f"timestep {off[0]:g} is not one of the {self._calibrated.size} calibrated steps of this export: "
+                f"the graph uses the nearest calibrated step ({nearest:g}) for its activation scales. "
+                "Sample with the scheduler and step count used for calibration for the calibrated accuracy "
+                "(warned once per runtime).",
+                CalibratedStepWarning,
+                stacklevel=3,
+            )
+
+    def _output_class(self):
+        if self.conditional:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        """Execute the backend on validated inputs; return ``out_sample`` on :attr:`device`."""
+        raise NotImplementedError

@@ -1,0 +1,161 @@
+"""ONNX Runtime drop-in: an exported UNet on an ``onnxruntime.InferenceSession`` (CPU by default)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError, MissingDependencyError, require
+from ..exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec, read_spec
+from .base import CONTEXT, OUTPUT, SAMPLE, UNetRuntime
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+Provider = str | tuple[str, dict[str, Any]]
+
+
+def resolve_source(source: str | Path) -> tuple[Path, ExportSpec | None]:
+    """``(onnx_path, spec)`` for an export folder, its ``unet/model.onnx``, or any ONNX file (spec None)."""
+    path = Path(source)
+    if path.is_dir():
+        return path / ONNX_FILE, read_spec(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist", hint="pass an export folder (the --out of `dqdeploy export`) or an .onnx file")
+    folder = path.parent.parent
+    if path.parent.name == "unet" and (folder / SPEC_FILE).is_file():
+        return path, read_spec(folder)
+    return path, None
+
+
+def check_providers(providers: Sequence[Provider]) -> list[Provider]:
+    """The requested execution providers, or :class:`MissingDependencyError` naming what is available."""
+    ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+    if not providers:
+        raise ArtifactError("no execution provider requested", hint=f"pass providers=('{CPU}',)")
+    available = ort.get_available_providers()
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [n for n in names if n not in available]
+    if missing:
+        if any(n in GPU_PROVIDERS for n in missing):
+            hint = ("pip uninstall -y onnxruntime && pip install 'dqdeploy[gpu]' (onnxruntime-gpu; the two packages cannot "
+                    "share an environment) on a machine with an NVIDIA GPU and CUDA")
+            if "TensorrtExecutionProvider" in missing:
+                hint += "; TensorrtExecutionProvider also needs TensorRT's libraries"
+        else:
+            hint = f"use one of: {', '.join(available)}"
+        raise MissingDependencyError(
+            f"ONNX Runtime execution provider(s) {', '.join(missing)} requested, but this onnxruntime "
+            f"{ort.__version__} only has {', '.join(available)}",
+            hint=hint,
+        )
+    return list(providers)
+
+
+def session_options(threads: int = 1, options: Any = None):
+    """Session options: graph optimization level ALL, ``threads`` intra-op threads, one inter-op thread.
+
+    ``options`` is an ``onnxruntime.SessionOptions`` (used as given) or a mapping of session config
+    entries added on top of the defaults (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "4"}``).
+    """
+    ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+    if isinstance(options, ort.SessionOptions):
+        return options
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    for key, value in dict(options or {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    return so
+
+
+def _spec_from_session(session, path: Path) -> ExportSpec:
+    """A minimal spec for a bare ONNX file with the UNet I/O names (no calibrated steps, no recipe)."""
+    def tensor(v) -> TensorSpec:
+        dims = [d if isinstance(d, int) else str(d or "?") for d in v.shape]
+        return TensorSpec(v.name, dims, ORT_TYPES.get(v.type, v.type))
+
+    inputs = [tensor(v) for v in session.get_inputs()]
+    outputs = [tensor(v) for v in session.get_outputs()]
+    by_name = {t.name: t for t in inputs}
+    if SAMPLE not in by_name or len(by_name[SAMPLE].shape) != 4:
+        raise ArtifactError(f"{path}: expected an input 'sample' [B, C, H, W], found inputs {[t.name for t in inputs]}",
+                            hint="export with `dqdeploy export`, which writes optimum's UNet I/O names")
+    _, c, h, w = by_name[SAMPLE].shape
+    config: dict[str, Any] = {"in_channels": c, "out_channels": outputs[0].shape[1] if len(outputs[0].shape) == 4 else c,
+                              "sample_size": h if h == w else [h, w]}
+    if CONTEXT in by_name:
+        config["cross_attention_dim"] = by_name[CONTEXT].shape[-1]
+        config["time_cond_proj_dim"] = None
+    return ExportSpec(
+        flavour="unknown", precision="fp16" if by_name[SAMPLE].dtype == "float16" else "fp32", opset=0,
+        model_class="UNet2DConditionModel" if CONTEXT in by_name else "UNet2DModel", model_config=config,
+        inputs=inputs, outputs=outputs,
+    )
+
+
+class OrtUNet(UNetRuntime):
+    """An exported UNet on ONNX Runtime, callable like the diffusers UNet it came from.
+
+    ``source``: an export folder, its ``unet/model.onnx``, or any ONNX file with the UNet I/O names.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        source: str | Path,
+        providers: Sequence[Provider] = (CPU,),
+        threads: int = 1,
+        options: Any = None,
+    ) -> None:
+        ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+        path, spec = resolve_source(source)
+        if not path.is_file():
+            raise ArtifactError(f"{path} not found", hint="the export folder is incomplete; re-run `dqdeploy export`")
+        requested = check_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads, options), providers=requested)
+        except Exception as exc:  # ORT raises its own exception types for unloadable graphs
+            raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}",
+                                hint="check the file (and model.onnx_data next to it), or re-export") from exc
+        active = self.session.get_providers()
+        dropped = [p if isinstance(p, str) else p[0] for p in requested if (p if isinstance(p, str) else p[0]) not in active]
+        if dropped:  # ORT falls back to CPU silently when a provider fails to initialise (missing CUDA libraries)
+            raise MissingDependencyError(
+                f"ONNX Runtime could not initialise {', '.join(dropped)} (the session runs on {', '.join(active)} only)",
+                hint="install the CUDA/cuDNN versions this onnxruntime-gpu was built for; ONNX Runtime's log says which library is missing",
+            )
+        spec = spec or _spec_from_session(self.session, path)
+        super().__init__(spec, str(source))
+        self._check_session(path)
+        self.onnx_path = path
+
+    def _check_session(self, path: Path) -> None:
+        got = {v.name: ORT_TYPES.get(v.type, v.type) for v in self.session.get_inputs()}
+        want = {t.name: t.dtype for t in self.spec.inputs}
+        if got != want:
+            raise ArtifactError(
+                f"{path} does not match its dqdeploy_export.json: the graph's inputs are {got}, the spec says {want}",
+                hint="the folder was edited by hand or mixed from two exports; re-run `dqdeploy export`",
+            )
+        outputs = [v.name for v in self.session.get_outputs()]
+        self._output = OUTPUT if OUTPUT in outputs else outputs[0]
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        arrays: Mapping[str, np.ndarray] = {n: t.numpy() for n, t in feeds.items()}
+        (out,) = self.session.run([self._output], arrays)
+        return torch.from_numpy(out)
