@@ -81,10 +81,20 @@ def main() -> None:
             qdir = save_quantized(res, work / f"{recipe_name}-{variant.split()[0]}")
             evaluate(f"{recipe_name} {variant}", qdir, runtime="torch", recipe=recipe_name, variant=variant, quantize_s=quant_s)
             if variant == "dilatequant" and recipe.deployable and not args.no_ort:
-                for target in ("ort", "onnx"):
-                    edir = export_quantized(qdir, work / f"{recipe_name}-{target}", target=target)
-                    evaluate(f"{recipe_name} {variant} -> {target} graph", edir, runtime="ort", recipe=recipe_name,
-                             variant=variant, flavour=target)
+                edir = export_quantized(qdir, work / f"{recipe_name}-onnx", target="onnx")
+                evaluate(f"{recipe_name} {variant} -> onnx (TensorRT layout) graph", edir, runtime="ort",
+                         recipe=recipe_name, variant=variant, flavour="onnx")
+                # the CPU target: quantize with layout=ort (the simulation models the fused output rounding)
+                ort_recipe = recipe.replace(layout="ort")
+                t0 = time.perf_counter()
+                res = quantize_unet(loaded.unet, ort_recipe, calib, calib_cfg, loaded.scheduler_config)
+                quant_s = time.perf_counter() - t0
+                qdir = save_quantized(res, work / f"{recipe_name}-layout-ort")
+                evaluate(f"{recipe_name} {variant}, layout=ort", qdir, runtime="torch", recipe=recipe_name,
+                         variant=variant + " layout=ort", quantize_s=quant_s)
+                edir = export_quantized(qdir, work / f"{recipe_name}-ort", target="ort")
+                evaluate(f"{recipe_name} {variant}, layout=ort -> ort graph", edir, runtime="ort",
+                         recipe=recipe_name, variant=variant + " layout=ort", flavour="ort")
     path = write_results(args.out, result)
     print(f"wrote {path}")
 

@@ -44,6 +44,7 @@ class QDQStructure:
 
     quantize: int
     dequantize: int
+    quantized_compute: int  # Conv/MatMul/Gemm nodes whose activation input comes from a DequantizeLinear
     weights: Counter  # (dtype, dims, digest) of each DQ's integer constant input, one per DQ
     int_constants: frozenset  # distinct (dtype, dims, digest) of 8/4-bit integer constants
     float_weights: int  # Conv/MatMul/Gemm weight inputs that are float constants
@@ -52,7 +53,11 @@ class QDQStructure:
     def differences(self, other: QDQStructure) -> list[str]:
         """What changed from ``self`` to ``other`` (empty: the structure is intact)."""
         found = []
-        if (self.quantize, self.dequantize) != (other.quantize, other.dequantize):
+        # identical Q/DQ pairs on one tensor (layers that share an input and its calibrated scales)
+        # may be merged by common-subexpression elimination; every quantized input must survive
+        if self.quantized_compute != other.quantized_compute:
+            found.append(f"quantized compute nodes {self.quantized_compute} -> {other.quantized_compute}")
+        if other.quantize > self.quantize or other.dequantize > self.dequantize:
             found.append(f"Q/DQ nodes {self.quantize}/{self.dequantize} -> {other.quantize}/{other.dequantize}")
         if self.weights != other.weights:
             found.append(f"{sum((self.weights - other.weights).values())} quantized weights changed or lost")
@@ -81,9 +86,14 @@ def qdq_structure(model) -> QDQStructure:
             t = ix.constant(node.input[slot]) if len(node.input) > slot else None
             float_weights += t is not None and t.data_type in FLOAT_TYPES
     io = (tuple(i.name for i in model.graph.input if i.name not in ix.inits), tuple(o.name for o in model.graph.output))
+    quantized_compute = 0
+    for node in ix.nodes(*COMPUTE_OPS):
+        src = ix.source(node.input[0])
+        quantized_compute += src is not None and src.op_type == "DequantizeLinear"
     return QDQStructure(
         quantize=sum(1 for _ in ix.nodes("QuantizeLinear")),
         dequantize=sum(1 for _ in ix.nodes("DequantizeLinear")),
+        quantized_compute=quantized_compute,
         weights=weights, int_constants=int_constants, float_weights=float_weights, io=io,
     )
 

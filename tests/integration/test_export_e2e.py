@@ -16,7 +16,7 @@ from dqdeploy.exporters.spec import ONNX_FILE, read_spec
 from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
 
-SIMPLIFY = False
+SIMPLIFY = True
 CALIB = CalibrationConfig(steps=6, samples=48, trajectories=8, batch_size=8)
 
 
@@ -85,3 +85,16 @@ def test_export_folder_is_not_a_source(uncond_artifact, tmp_path):
     out = export_quantized(uncond_artifact, tmp_path / "e", target="ort", simplify=SIMPLIFY)
     with pytest.raises(ExportError, match="already an export folder"):
         export_quantized(out, tmp_path / "e2", target="ort")
+
+
+def test_layout_ort_makes_the_ort_graph_match_the_simulation(tmp_path):
+    """With layout=ort the simulation models the fused layers' output rounding: the ORT graph
+    reproduces it like the TensorRT layout does (integers exact until a tie flips)."""
+    write_pipeline(tiny_unet(), tmp_path / "pipe")
+    q = quantize(tmp_path / "pipe", W8A8.replace(iters=10, batch_size=16, layout="ort"), CALIB, tmp_path / "q").path
+    out = export_quantized(q, tmp_path / "e", target="ort", simplify=False)
+    result = check_export(q, out, per_layer=True)
+    assert result.ok, result.table()
+    assert all(s.tolerance == max(1e-3, s.quant_err) for s in result.steps)  # no extra budget needed
+    assert all(r.mismatch == 0 for r in result.layers[:5]), result.layers[:5]
+    assert sorted(s.rel_err for s in result.steps)[len(result.steps) // 2] < 1e-4  # most steps bit-exact
