@@ -206,6 +206,13 @@ def export_quantized(
 
         graph = run_simplify(graph)
     _check_graph(graph)
+    if target == "onnx":  # the graph TensorRT builds from must pass its rules, checked statically
+        from .lint import lint_trt
+
+        violations = lint_trt(graph)
+        if violations:
+            raise ExportError(f"the TensorRT-layout graph breaks {len(violations)} TensorRT rule(s): "
+                              + "; ".join(str(v) for v in violations[:5]))
     inputs, outputs = _tensor_specs(graph)
     spec = ExportSpec(
         flavour=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,

