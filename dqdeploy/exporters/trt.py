@@ -313,7 +313,8 @@ def _tensors(count: int, get) -> list[dict[str, Any]]:
     return out
 
 
-def _gpu() -> tuple[str, str]:
+def gpu_description() -> tuple[str, str]:
+    """(name, compute capability) of the current CUDA device."""
     import torch
 
     idx = torch.cuda.current_device()
@@ -404,7 +405,7 @@ def build_engine(
                           hint="try a larger workspace_gb, or check the graph with `dqdeploy lint`")
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    gpu, capability = _gpu()
+    gpu, capability = gpu_description()
     info = engine_info(
         spec,
         inputs=_tensors(network.num_inputs, network.get_input),

@@ -13,7 +13,6 @@ parameters it does not have. Inputs are validated against the export folder's
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -23,8 +22,6 @@ import torch
 
 from ..errors import ArtifactError, RuntimeInputError
 from ..exporters.spec import ExportSpec, TensorSpec
-
-log = logging.getLogger(__name__)
 
 SAMPLE, TIMESTEP, CONTEXT, OUTPUT = "sample", "timestep", "encoder_hidden_states", "out_sample"
 DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",), CONTEXT: ("batch", "sequence", "hidden size")}
@@ -97,7 +94,14 @@ class UNetRuntime:
     # -- what pipelines read ------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """The graph's ``sample`` dtype (pipelines create their noise in it)."""
+        """``torch.float32``: what pipelines should create latents in (DDPM/DDIM pipelines make their
+        noise in ``unet.dtype``). The adaptor casts to the graph's dtype at the boundary, so an FP16
+        engine still gets FP32 scheduler arithmetic and FP32 VAEs still get FP32 latents."""
+        return torch.float32
+
+    @property
+    def graph_dtype(self) -> torch.dtype:
+        """The graph's own ``sample`` dtype (``torch.float16`` for FP16 exports and engines)."""
         return self._dtypes[SAMPLE]
 
     @property
@@ -144,12 +148,9 @@ class UNetRuntime:
                     hint=f"call without {key}, or export a model whose graph takes it",
                 )
         sample = _as_tensor(SAMPLE, sample)
-        if not (sample.is_floating_point()):
-            raise RuntimeInputError(f"sample: expected a floating-point tensor, found dtype {sample.dtype}",
-                                    hint="pass the latents as float32 (or float16)")
         out_device, out_dtype = sample.device, sample.dtype
-        feeds = self._feeds(sample, timestep, encoder_hidden_states)
-        self._warn_uncalibrated(feeds[TIMESTEP])
+        feeds = self.prepare_inputs(sample, timestep, encoder_hidden_states)
+        self._warn_uncalibrated(timestep)  # the caller's tensor (usually on the CPU): no device sync
         with torch.no_grad():
             out = self._run(feeds)
         out = out.to(device=out_device, dtype=out_dtype)
@@ -159,8 +160,13 @@ class UNetRuntime:
 
     forward = __call__
 
-    def _feeds(self, sample: torch.Tensor, timestep: Any, context: Any) -> dict[str, torch.Tensor]:
-        """Validated inputs on the backend device, in the graph's dtypes."""
+    def prepare_inputs(self, sample: Any, timestep: Any, encoder_hidden_states: Any = None) -> dict[str, torch.Tensor]:
+        """Validated graph inputs ``{name: tensor}`` on :attr:`device`, in the graph's dtypes, with the
+        timestep expanded to ``[batch]``: what :meth:`__call__` hands the backend."""
+        sample, context = _as_tensor(SAMPLE, sample), encoder_hidden_states
+        if not sample.is_floating_point():
+            raise RuntimeInputError(f"sample: expected a floating-point tensor, found dtype {sample.dtype}",
+                                    hint="pass the latents as float32 (or float16)")
         if sample.dim() != 4:
             raise RuntimeInputError(
                 f"sample: expected a 4-D tensor [batch, channels, height, width], found shape {tuple(sample.shape)}",
@@ -240,10 +246,10 @@ class UNetRuntime:
             return "encoder_hidden_states must come from the text encoder the model was exported for"
         return "check the inputs against `dqdeploy inspect EXPORT_DIR`"
 
-    def _warn_uncalibrated(self, t: torch.Tensor) -> None:
+    def _warn_uncalibrated(self, timestep: Any) -> None:
         if self._warned_timestep or self._calibrated.size == 0:
             return
-        values = np.unique(t.detach().float().cpu().numpy().astype(np.float64))
+        values = np.unique(_as_tensor(TIMESTEP, timestep).detach().double().cpu().numpy().reshape(-1))
         dist = np.abs(values[:, None] - self._calibrated[None, :]).min(axis=1)
         off = values[dist > TIMESTEP_ATOL]
         if off.size:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,6 @@ import torch
 from ..errors import ArtifactError, MissingDependencyError, require
 from ..exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec, read_spec
 from .base import CONTEXT, OUTPUT, SAMPLE, UNetRuntime
-
-log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")

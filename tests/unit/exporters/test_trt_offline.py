@@ -1,0 +1,263 @@
+"""What of the TensorRT path can be checked without TensorRT: fail-fast messages, profile shapes,
+engine.json reading, the Triton config text and repository, the C++ example's build files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dqdeploy.errors import ArtifactError, DQDeployError, ExportError, MissingDependencyError
+from dqdeploy.exporters.spec import ENGINE_FILE, ENGINE_SPEC_FILE, ExportSpec, TensorSpec
+from dqdeploy.exporters.trt import (
+    build_engine, profile_shapes, read_engine_info, require_tensorrt, triton_config, write_triton_repo,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+CPP = ROOT / "examples" / "cpp"
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+no_tensorrt = pytest.mark.skipif(HAS_TRT and torch.cuda.is_available(), reason="TensorRT and a GPU are present")
+
+
+def spec(conditional: bool = True, sample_shape=("batch", 4, 64, 64), ctx_shape=("batch", 77, 768)) -> ExportSpec:
+    inputs = [TensorSpec("sample", list(sample_shape), "float16"), TensorSpec("timestep", ["batch"], "float32")]
+    if conditional:
+        inputs.append(TensorSpec("encoder_hidden_states", list(ctx_shape), "float16"))
+    return ExportSpec(flavour="onnx", precision="fp16", opset=20, model_class="UNet2DConditionModel",
+                      model_config={"in_channels": 4}, inputs=inputs,
+                      outputs=[TensorSpec("out_sample", list(sample_shape), "float16")],
+                      timesteps=[981.0, 1.0], recipe={"name": "w8a8"})
+
+
+ENGINE_JSON = {
+    "format": "dqdeploy-engine", "format_version": 1, "tensorrt_version": "10.8.0", "gpu": "NVIDIA H100 80GB HBM3",
+    "compute_capability": "9.0", "strongly_typed": True, "precision": "fp16", "flavour": "onnx",
+    "model_class": "UNet2DConditionModel",
+    "inputs": [
+        {"name": "sample", "shape": [-1, 4, 64, 64], "dtype": "float16"},
+        {"name": "timestep", "shape": [-1], "dtype": "float32"},
+        {"name": "encoder_hidden_states", "shape": [-1, 77, 768], "dtype": "float16"},
+    ],
+    "outputs": [{"name": "out_sample", "shape": [-1, 4, 64, 64], "dtype": "float16"}],
+    "profile": {"sample": {"min": [2, 4, 64, 64], "opt": [4, 4, 64, 64], "max": [16, 4, 64, 64]}},
+    "batch": [1, 2, 8], "cfg": True, "recipe": {"name": "w8a8"}, "timesteps": [981.0, 1.0],
+    "workspace_gb": None, "build_seconds": 42.0,
+}
+
+TRITON_CONFIG = '''name: "unet"
+platform: "tensorrt_plan"
+max_batch_size: 0
+input [
+  {
+    name: "sample"
+    data_type: TYPE_FP16
+    dims: [ -1, 4, 64, 64 ]
+  },
+  {
+    name: "timestep"
+    data_type: TYPE_FP32
+    dims: [ -1 ]
+  },
+  {
+    name: "encoder_hidden_states"
+    data_type: TYPE_FP16
+    dims: [ -1, 77, 768 ]
+  }
+]
+output [
+  {
+    name: "out_sample"
+    data_type: TYPE_FP16
+    dims: [ -1, 4, 64, 64 ]
+  }
+]
+instance_group [
+  {
+    count: 1
+    kind: KIND_GPU
+  }
+]
+'''
+
+
+# -- fail fast ------------------------------------------------------------------------------------
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed")
+def test_missing_tensorrt_message():
+    with pytest.raises(MissingDependencyError) as err:
+        require_tensorrt()
+    msg = str(err.value)
+    assert "pip install 'dqdeploy[trt]'" in msg and "NVIDIA GPU" in msg and "'tensorrt'" in msg
+
+
+@no_tensorrt
+def test_build_engine_fails_before_any_work(tmp_path):
+    # not even an export folder: the dependency check comes first, before any file is read
+    with pytest.raises(MissingDependencyError, match=r"dqdeploy\[trt\]"):
+        build_engine(tmp_path / "does-not-exist")
+
+
+@no_tensorrt
+def test_trt_runtime_fails_fast(tmp_path):
+    from dqdeploy.runtimes import load_runtime
+    from dqdeploy.runtimes.trt import TrtUNet
+
+    with pytest.raises(MissingDependencyError, match="running a TensorRT engine"):
+        TrtUNet(tmp_path)
+    with pytest.raises(MissingDependencyError, match=r"dqdeploy\[trt\]"):
+        load_runtime(tmp_path, "trt")
+
+
+def _fake_tensorrt(monkeypatch, version: str = "10.8.0", complete: bool = True) -> None:
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = version
+    if complete:
+        fake.Builder = fake.Runtime = object
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_tensorrt_without_gpu(monkeypatch):
+    _fake_tensorrt(monkeypatch)
+    with pytest.raises(MissingDependencyError, match="no CUDA device is visible") as err:
+        require_tensorrt()
+    assert "NVIDIA GPU" in str(err.value)
+
+
+def test_tensorrt_placeholder_or_old(monkeypatch):
+    _fake_tensorrt(monkeypatch, complete=False)
+    with pytest.raises(MissingDependencyError, match="not a working TensorRT"):
+        require_tensorrt()
+    _fake_tensorrt(monkeypatch, version="8.6.1")
+    with pytest.raises(MissingDependencyError, match="TensorRT 8.6.1 is too old"):
+        require_tensorrt()
+
+
+def test_cli_export_trt_fails_fast(tmp_path):
+    from click.testing import CliRunner
+
+    from dqdeploy.cli import cli
+
+    if HAS_TRT and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present")
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "q"), "--target", "trt", "--out", str(tmp_path / "e")],
+                                standalone_mode=False)
+    assert isinstance(result.exception, MissingDependencyError)
+    assert not (tmp_path / "e").exists()
+
+
+# -- profile shapes -------------------------------------------------------------------------------
+def test_profile_shapes_batch_and_cfg():
+    shapes = profile_shapes(spec(), batch=(1, 2, 8))
+    assert shapes["sample"] == ([1, 4, 64, 64], [2, 4, 64, 64], [8, 4, 64, 64])
+    assert shapes["timestep"] == ([1], [2], [8])
+    assert shapes["encoder_hidden_states"] == ([1, 77, 768], [2, 77, 768], [8, 77, 768])
+    doubled = profile_shapes(spec(), batch=(1, 2, 8), cfg=True)
+    assert doubled["sample"][0][0] == 2 and doubled["timestep"] == ([2], [4], [16])
+    assert profile_shapes(spec(False), batch=4)["sample"] == ([4, 4, 64, 64],) * 3
+
+
+def test_profile_shapes_resolution_and_sequence():
+    dynamic = spec(sample_shape=("batch", 4, "height", "width"), ctx_shape=("batch", "seq", 768))
+    shapes = profile_shapes(dynamic, batch=(1, 1, 2), resolution=((32, 32), (64, 64), (96, 128)), seq_len=(77, 77, 154))
+    assert shapes["sample"] == ([1, 4, 32, 32], [1, 4, 64, 64], [2, 4, 96, 128])
+    assert shapes["encoder_hidden_states"][2] == [2, 154, 768]
+    with pytest.raises(ExportError, match="pass resolution"):
+        profile_shapes(dynamic, seq_len=77)
+    with pytest.raises(ExportError, match="pass seq_len"):
+        profile_shapes(dynamic, resolution=64)
+    with pytest.raises(ExportError, match="fixed at 64"):
+        profile_shapes(spec(), resolution=(96, 96))
+    assert profile_shapes(spec(), resolution=64)["sample"][1] == [2, 4, 64, 64]  # same as the graph: fine
+    with pytest.raises(ExportError, match="min <= opt <= max"):
+        profile_shapes(spec(), batch=(4, 2, 8))
+
+
+# -- engine.json and Triton -----------------------------------------------------------------------
+def _engine_folder(path: Path, info: dict = ENGINE_JSON) -> Path:
+    (path / ENGINE_FILE).parent.mkdir(parents=True)
+    (path / ENGINE_FILE).write_bytes(b"plan bytes")
+    (path / ENGINE_SPEC_FILE).write_text(json.dumps(info))
+    return path
+
+
+def test_triton_config_text():
+    assert triton_config(ENGINE_JSON) == TRITON_CONFIG
+    two = triton_config(ENGINE_JSON, "sd15_unet", instances=2)
+    assert two.startswith('name: "sd15_unet"') and "count: 2" in two
+    with pytest.raises(ExportError, match="invalid Triton model name"):
+        triton_config(ENGINE_JSON, "a/b")
+    bad = {**ENGINE_JSON, "outputs": [{"name": "out_sample", "shape": [-1], "dtype": "int4"}]}
+    with pytest.raises(ExportError, match="Triton cannot serve"):
+        triton_config(bad)
+
+
+def test_write_triton_repo(tmp_path):
+    engine = _engine_folder(tmp_path / "e")
+    model = write_triton_repo(engine, tmp_path / "repo")
+    assert model == tmp_path / "repo" / "unet"
+    assert (model / "config.pbtxt").read_text() == TRITON_CONFIG
+    assert (model / "1" / "model.plan").read_bytes() == b"plan bytes"
+    write_triton_repo(engine, tmp_path / "repo", "other")  # other models in the repo are kept
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["other", "unet"]
+    with pytest.raises(DQDeployError, match="already exists"):
+        write_triton_repo(engine, tmp_path / "repo")
+    write_triton_repo(engine, tmp_path / "repo", overwrite=True)
+
+
+def test_read_engine_info_errors(tmp_path):
+    with pytest.raises(ArtifactError, match="holds no TensorRT engine"):
+        read_engine_info(tmp_path)
+    _engine_folder(tmp_path / "old", {**ENGINE_JSON, "format_version": 99})
+    with pytest.raises(ArtifactError, match="rebuild the engine"):
+        read_engine_info(tmp_path / "old")
+    _engine_folder(tmp_path / "bad", {**ENGINE_JSON, "inputs": [{"name": "sample"}]})
+    with pytest.raises(ArtifactError, match="name, shape, dtype"):
+        read_engine_info(tmp_path / "bad")
+
+
+# -- the C++ example ------------------------------------------------------------------------------
+def test_cmake_find_logic():
+    text = (CPP / "CMakeLists.txt").read_text()
+    for needle in ("find_package(CUDAToolkit", "find_path(TensorRT_INCLUDE_DIR NvInfer.h", "TensorRT_ROOT",
+                   "find_library(TensorRT_LIBRARY", "return()", "CUDA::cudart"):
+        assert needle in text
+    source = (CPP / "run_engine.cpp").read_text()
+    for call in ("createInferRuntime", "deserializeCudaEngine", "setInputShape", "setTensorAddress", "enqueueV3"):
+        assert call in source
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None, reason="cmake or a C++ compiler missing")
+def test_cmake_configure_skips_without_tensorrt(tmp_path):
+    if HAS_TRT:
+        pytest.skip("tensorrt is installed: the configure step may find it")
+    run = subprocess.run(["cmake", "-S", str(CPP), "-B", str(tmp_path / "build"), "-DTensorRT_ROOT=" + str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "skipping" in run.stderr + run.stdout
+
+
+def test_save_inputs_round_trip(tmp_path):
+    spec_path = CPP / "save_inputs.py"
+    module_spec = importlib.util.spec_from_file_location("save_inputs", spec_path)
+    helper = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(helper)
+    export = tmp_path / "e"
+    (export / "unet").mkdir(parents=True)
+    (export / "dqdeploy_export.json").write_text(spec().to_json())
+    (export / ENGINE_SPEC_FILE).write_text(json.dumps(ENGINE_JSON))
+    arrays = helper.make_inputs(export, batch=3, timestep=501.0, seed=0)
+    assert arrays["sample"].shape == (3, 4, 64, 64) and arrays["sample"].dtype == np.float16
+    assert arrays["timestep"].dtype == np.float32 and set(arrays["timestep"]) == {501.0}
+    helper.write_tensors(tmp_path / "in", arrays)
+    back = helper.read_tensors(tmp_path / "in")
+    assert back.keys() == arrays.keys() and all(np.array_equal(back[k], arrays[k]) for k in arrays)
+    line = (tmp_path / "in" / "tensors.txt").read_text().splitlines()[0]
+    assert line == "sample float16 4 3 4 64 64 sample.bin"
