@@ -56,8 +56,16 @@ def open_model(path: str | Path, runtime: str = "auto", scheduler_dir: str | Pat
 
             from .exporters.export import export_quantized
 
+            if runtime == "trt":
+                from .exporters.trt import require_tensorrt
+
+                require_tensorrt("sampling with TensorRT")
             out = Path(tempfile.mkdtemp(prefix="dqdeploy-export-")) / "export"
-            export_quantized(path, out, target="ort" if runtime == "ort" else "onnx")
+            export_quantized(path, out, target="ort" if runtime == "ort" else "onnx", fp16=runtime == "trt")
+            if runtime == "trt":
+                from .exporters.trt import build_engine
+
+                build_engine(out)
             return open_model(out, runtime, **runtime_kw)
         from .api import load_quantized
         from .artifact import read_manifest

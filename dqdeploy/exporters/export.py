@@ -195,7 +195,12 @@ def export_quantized(
         example = ExampleInputs(example.sample.half(), example.timestep,
                                 None if example.encoder_hidden_states is None else example.encoder_hidden_states.half())
         ftype = 10
-    opset = 21 if int4_linear else 20
+    int4_layers = [n for n, t in layers.items() if int4_linear and t.kind == "linear" and t.weight_bits == 4
+                   and ranks[n] > 2 and any(t.w_int.shape[1] % b == 0 for b in SurgeryOptions().int4_blocks)]
+    if int4_linear and not int4_layers:
+        log.warning("--int4-linear: no 4-bit Linear layer has a reduction size divisible by %s; exporting INT8 weights",
+                    SurgeryOptions().int4_blocks)
+    opset = 21 if int4_layers else 20
     with tempfile.TemporaryDirectory(prefix="dqdeploy-float-") as scratch:
         graph = export_float_onnx(canvas, Path(scratch) / "float.onnx", inputs=example, opset=opset)
     if target != "float":

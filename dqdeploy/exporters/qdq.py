@@ -39,8 +39,8 @@ class SurgeryOptions:
 
     flavour: str = "onnx"  # "onnx" (TensorRT layout) | "ort" (ONNX Runtime fused layout)
     float_type: int = 1  # onnx.TensorProto.FLOAT or FLOAT16
-    int4_linear: bool = False  # pack 4-bit Linear weights as INT4 blocks (opset 21)
-    int4_block: int = 32
+    int4_linear: bool = False  # 4-bit Linear weights as packed INT4 blocks, weight-only (W4A16, opset 21)
+    int4_blocks: tuple[int, ...] = (128, 64)  # the block sizes TensorRT's INT4 weight-only GEMM takes
     scope_prefix: str = "unet."
 
 
@@ -135,6 +135,14 @@ def _rows_subgraph(gr: _Graph, timesteps: list[float], anchor) -> str:
     return gr.node("ArgMin", [diff], "dq/rows", anchor, axis=1, keepdims=0)
 
 
+def int4_block(layer: LayerTensors, node, opts: SurgeryOptions) -> int | None:
+    """The INT4 block size for a weight-only 4-bit Linear (MatMul over W^T [K, N]), or None."""
+    if not (opts.int4_linear and layer.kind == "linear" and layer.weight_bits == 4 and node.op_type == "MatMul"):
+        return None
+    k = layer.w_int.shape[1]
+    return next((b for b in opts.int4_blocks if k % b == 0), None)
+
+
 def _weight_edge(gr: _Graph, node, layer: LayerTensors, opts: SurgeryOptions) -> None:
     """Replace the float weight input with int8 (or packed int4) initializer -> DequantizeLinear."""
     onnx = gr.onnx
@@ -154,16 +162,17 @@ def _weight_edge(gr: _Graph, node, layer: LayerTensors, opts: SurgeryOptions) ->
         raise ExportError(f"{layer.name}: int weight {w_int.shape} does not match the graph's {expected}")
     ftype = _np_float(opts.float_type)
     prefix = f"dq/{layer.name}/weight"
-    if opts.int4_linear and layer.kind == "linear" and layer.weight_bits == 4 and w_int.shape[0] % opts.int4_block == 0 and node.op_type == "MatMul":
+    block = int4_block(layer, node, opts)
+    if block is not None:
         # blocked INT4 along the reduction axis (0 for W^T [K, N]); every block of a column shares the scale
-        blocks = w_int.shape[0] // opts.int4_block
+        blocks = w_int.shape[0] // block
         scale = np.repeat(layer.w_scale[None, :], blocks, axis=0).astype(ftype)
         q = onnx.helper.make_tensor(gr.name(prefix + "_int4"), onnx.TensorProto.INT4, w_int.shape, w_int.flatten().tolist())
         gr.g.initializer.append(q)
         zp = onnx.helper.make_tensor(gr.name(prefix + "_zp"), onnx.TensorProto.INT4, scale.shape, [0] * scale.size)
         gr.g.initializer.append(zp)
         dq = gr.node("DequantizeLinear", [q.name, gr.const(prefix + "_scale", scale), zp.name], prefix + "_dq", node,
-                     axis=0, block_size=opts.int4_block)
+                     axis=0, block_size=block)
     else:
         q = gr.const(prefix + "_int8", w_int.astype(np.int8))
         zp = gr.const(prefix + "_zp", np.zeros(layer.w_scale.shape, np.int8))
@@ -217,6 +226,15 @@ def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: i
             x = gr.node("Mul", [x, factor], prefix + "/input_scaled", node)
         xq = gr.node("QuantizeLinear", [x, s0_name, zp_name], prefix + "/input_q", node)
     node.input[0] = gr.node("DequantizeLinear", [xq, s0_name, zp_name], prefix + "/input_dq", node)
+
+
+def _weight_only_input(gr: _Graph, node, layer: LayerTensors, rank: int, opts: SurgeryOptions) -> None:
+    """W4A16 Linear: no activation Q/DQ; the unfolded ``1/s`` of Weight Dilation is the only Mul."""
+    if np.all(layer.in_factor == 1):
+        return
+    shape = (1,) + _factor_shape(layer.kind, rank, layer.in_factor.size)
+    factor = gr.const(f"dq/{layer.name}/in_factor", layer.in_factor.reshape(shape).astype(_np_float(opts.float_type)))
+    node.input[0] = gr.node("Mul", [node.input[0], factor], f"dq/{layer.name}/input_scaled", node)
 
 
 def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions, out_scale: float | None) -> None:
@@ -308,6 +326,9 @@ def insert_qdq(
         scale = None if out_scales is None else out_scales.get(name)
         if layer.out_c is not None:  # the simulation quantizes this output: step c * s_t = (c * s0) * s_t / s0
             scale = layer.out_c * layer.ref_scale
+        if int4_block(layer, node, opts) is not None:  # weight-only: float activations, only 1/s stays
+            _weight_only_input(gr, node, layer, ranks[name], opts)
+            continue
         _input_side(gr, node, layer, rows, ranks[name], opts)
         _output_side(gr, node, layer, rows, ranks[name], opts, scale)
     gr.finish()

@@ -129,3 +129,29 @@ def test_asymmetric_and_4bit_activations_are_refused(tmp_path):
     four_bit = tensors.__class__(**{**tensors.__dict__, "act_bits": 4})
     with pytest.raises(ExportError, match="simulation-only"):
         insert_qdq(graph, {"layer": four_bit}, TIMESTEPS, {"layer": 3}, SurgeryOptions(scope_prefix="unet."))
+
+
+def test_int4_linear_is_weight_only_blocked(tmp_path):
+    torch.manual_seed(1)
+    index = StepIndex()
+    layer = QuantLayer(nn.Linear(128, 16), weight_bits=4, act_bits=8, act_symmetric=True, n_steps=len(TIMESTEPS),
+                       step_index=index, dilation=1.0 + torch.rand(128))
+    x = torch.randn(2, 5, 128)
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=ExampleInputs(x, torch.tensor([1.0, 2.0])), opset=21)
+    graph = insert_qdq(graph, {"layer": tensors_of("layer", layer)}, TIMESTEPS, {"layer": 3},
+                       SurgeryOptions(scope_prefix="unet.", int4_linear=True))
+    onnx.checker.check_model(graph)
+    int4 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert sorted(tuple(i.dims) for i in int4) == [(1, 16), (128, 16)]  # weight and its zero points
+    dq = next(n for n in graph.graph.node if n.op_type == "DequantizeLinear")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}["block_size"] == 128
+    assert not any(n.op_type == "QuantizeLinear" for n in graph.graph.node)  # activations stay float (W4A16)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    out = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"sample": x.numpy(), "timestep": np.array([1.0, 2.0], np.float32)})[0]
+    with torch.no_grad():
+        w = layer.weight_quantizer(layer.weight)
+        ref = torch.nn.functional.linear(layer.dilated_input(x), w, layer.bias).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
