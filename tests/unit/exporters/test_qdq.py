@@ -148,7 +148,7 @@ def test_int4_linear_is_weight_only_blocked(tmp_path):
     assert not any(n.op_type == "QuantizeLinear" for n in graph.graph.node)  # activations stay float (W4A16)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # fp32 compute
     out = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
         None, {"sample": x.numpy(), "timestep": np.array([1.0, 2.0], np.float32)})[0]
     with torch.no_grad():
