@@ -57,7 +57,7 @@ def calibrate_output_scales(
     """Constant scales of the output Q (ort flavour), one per layer: the clipping of the bias-free
     output in the rescaled (``s0``) domain that minimises the 8-bit rounding MSE over the artifact's
     calibration inputs."""
-    from ..quant.primitives import CLIP_RATIOS, quant_error
+    from ..quant.primitives import search_tensor_scale
 
     values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     modules = quant_layers(model.unet)
@@ -84,14 +84,7 @@ def calibrate_output_scales(
     finally:
         for h in handles:
             h.remove()
-    scales = {}
-    for name, chunks in values.items():
-        y = torch.cat(chunks)
-        amax = float(y.abs().max().clamp(min=1e-8))
-        candidates = (CLIP_RATIOS * amax / qmax)[:, None]
-        err = quant_error(y.expand(len(candidates), -1), candidates, torch.zeros_like(candidates), -qmax - 1, qmax)
-        scales[name] = float(candidates[int(err.argmin())])
-    return scales
+    return {name: search_tensor_scale(torch.cat(chunks), -qmax - 1, qmax) for name, chunks in values.items()}
 
 
 def _example(calib: dict[str, torch.Tensor], batch: int = 2) -> ExampleInputs:

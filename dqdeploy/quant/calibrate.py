@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .modules import QuantizedUNet, QuantLayer, quant_layers, set_act_quant
-from .primitives import CLIP_RATIOS, minmax_scale, quant_error
+from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
 from .trajectories import CalibrationSet
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -118,7 +118,12 @@ def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationS
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    run_with_hooks(model, [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names], calib, batch_size)
+    return result
+
+
+def run_with_hooks(model: nn.Module, handles: list, calib: CalibrationSet, batch_size: int) -> None:
+    """Run ``model`` over the calibration set, then remove the hook ``handles`` (also on error)."""
     run = unet_forward(model)
     try:
         for x, t, _, cond in calib.batches(batch_size):
@@ -126,7 +131,6 @@ def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationS
     finally:
         for h in handles:
             h.remove()
-    return result
 
 
 @torch.no_grad()
@@ -153,19 +157,10 @@ def init_output_scales(model: QuantizedUNet, calib: CalibrationSet, batch_size: 
 
     for layer in layers.values():  # observe outputs before any output rounding
         layer.output_enabled = False
-    handles = [make_hook(n, m) for n, m in layers.items()]
-    run = unet_forward(model)
     try:
-        for x, t, _, cond in calib.batches(batch_size):
-            run(x, t, cond)
+        run_with_hooks(model, [make_hook(n, m) for n, m in layers.items()], calib, batch_size)
     finally:
-        for h in handles:
-            h.remove()
         for layer in layers.values():
             layer.output_enabled = True
     for name, layer in layers.items():
-        y = torch.cat(values[name])
-        qmax = layer.out_qmax
-        candidates = (CLIP_RATIOS * y.abs().max().clamp(min=1e-12) / qmax)[:, None]
-        err = quant_error(y.expand(len(candidates), -1), candidates, torch.zeros_like(candidates), layer.out_qmin, qmax)
-        layer.output_scale.data.fill_(float(candidates[int(err.argmin())]))
+        layer.output_scale.data.fill_(search_tensor_scale(torch.cat(values[name]), layer.out_qmin, layer.out_qmax))

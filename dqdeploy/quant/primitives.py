@@ -61,6 +61,15 @@ def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 CLIP_RATIOS = torch.linspace(0.30, 1.0, 36)
 
 
+def search_tensor_scale(values: torch.Tensor, qmin: int, qmax: int) -> float:
+    """One symmetric scale for ``values`` (a sample of a tensor) minimising the rounding MSE over
+    clipping ratios of its max |value|."""
+    flat = values.detach().float().flatten()
+    candidates = (CLIP_RATIOS * flat.abs().max().clamp(min=1e-12) / qmax)[:, None]
+    err = quant_error(flat.expand(len(candidates), -1), candidates, torch.zeros_like(candidates), qmin, qmax)
+    return float(candidates[int(err.argmin())])
+
+
 def search_weight_scale(w: torch.Tensor, bits: int, p: float = 2.4) -> torch.Tensor:
     """Per-output-channel symmetric scale minimising ``|fq(w) - w|^p`` over clipping ratios.
 

@@ -10,34 +10,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
 
 from dqdeploy.exporters.onnx import ExampleInputs, export_float_onnx
 from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
 
-CROSS_DIM = 24
-SEQ_LEN = 5
+from tests.helpers import CROSS_DIM, SEQ_LEN, tiny_cond_unet, tiny_unet  # noqa: F401  (re-exported to tests)
+
 CALIBRATED = [801.0, 601.0, 401.0, 201.0, 1.0]
-
-
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    """1 -> 1 channel, 8x8, one attention level (AttnDownBlock2D / AttnUpBlock2D)."""
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
-    ).eval()
-
-
-def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
-    """4 -> 4 channels, 8x8, cross-attention to [B, 5, 24] context."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CROSS_DIM, attention_head_dim=4,
-    ).eval()
 
 
 def _tensor_specs(values) -> list[TensorSpec]:
