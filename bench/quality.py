@@ -49,10 +49,12 @@ def main() -> None:
     ap.add_argument("--recipes", default="w8a8,w4a8,w4a4")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
-    ap.add_argument("--out", default="quality")
+    ap.add_argument("--out", default="quality", help="results name (bench/results/NAME.json); report.py merges quality*.json")
+    ap.add_argument("--model", type=Path, help="diffusers folder (default: the shipped digits DDPM)")
+    ap.add_argument("--skip-fp", action="store_true", help="leave the FP32 row to another run")
     args = ap.parse_args()
 
-    model_dir = digits_model_dir()
+    model_dir = args.model or digits_model_dir()
     work = Path(tempfile.mkdtemp(prefix="dqdeploy-quality-"))
     rows: list[dict] = []
     result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "machine": machine(),
@@ -66,7 +68,8 @@ def main() -> None:
         write_results(args.out, result)
         print(f"{label:40s} {runtime:6s} FID {fid:8.3f}", flush=True)
 
-    evaluate("fp32", model_dir, runtime="torch")
+    if not args.skip_fp:
+        evaluate("fp32", model_dir, runtime="torch")
     loaded = load_model(model_dir)
     calib_cfg = CalibrationConfig(scheduler="ddim", steps=args.steps, samples=args.calib_samples, seed=0)
     t0 = time.perf_counter()

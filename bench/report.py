@@ -15,6 +15,16 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def merged_quality() -> dict | None:
+    """All ``quality*.json`` runs (parallel runs split the recipes) as one table, FP row first."""
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality*.json"))]
+    if not runs:
+        return None
+    rows = [r for run in runs for r in run["rows"]]
+    rows.sort(key=lambda r: r["model"] != "fp32")
+    return runs[0] | {"rows": rows, "command": " ; ".join(run["command"] for run in runs)}
+
+
 def quality_section(q: dict) -> list[str]:
     fp = next(r["digits_fid"] for r in q["rows"] if r["model"] == "fp32")
     out = ["## Image quality: digits-FID", "",
@@ -52,8 +62,7 @@ def main() -> None:
              "command that produced it. Machine: 2-core x86 CPU, one thread (`torch.set_num_threads(1)`, ORT "
              "`intra_op_num_threads=1`). Absolute times on this shared machine are noise; compare the ratios, measured "
              "side by side in one run.", ""]
-    for name, section in (("quality", quality_section), ("latency", latency_section), ("memory", memory_section)):
-        data = _load(name)
+    for data, section in ((merged_quality(), quality_section), (_load("latency"), latency_section), (_load("memory"), memory_section)):
         if data:
             lines += section(data)
     extra = ROOT / "bench" / "NOTES.md"
