@@ -13,11 +13,11 @@ install:
 	$(PY) -m pip install -q -e '.[dev]'
 
 demo: install
-	rm -rf $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort
-	dqdeploy quantize dqdeploy/assets/digits-ddpm --recipe $(RECIPE) --out $(OUT)/digits-$(RECIPE) --calib-samples 512 --iters 100
+	rm -rf $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort $(OUT)/digits-$(RECIPE)-trt-onnx
+	dqdeploy quantize dqdeploy/assets/digits-ddpm --recipe $(RECIPE) --out $(OUT)/digits-$(RECIPE) --calib-samples 512 --iters 100 --layout ort
 	dqdeploy inspect $(OUT)/digits-$(RECIPE)
 	dqdeploy export $(OUT)/digits-$(RECIPE) --target ort --out $(OUT)/digits-$(RECIPE)-ort
-	dqdeploy export $(OUT)/digits-$(RECIPE) --target onnx --out $(OUT)/digits-$(RECIPE)-trt-onnx --overwrite
+	dqdeploy export $(OUT)/digits-$(RECIPE) --target onnx --out $(OUT)/digits-$(RECIPE)-trt-onnx
 	dqdeploy lint $(OUT)/digits-$(RECIPE)-trt-onnx
 	dqdeploy check $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort
 	dqdeploy sample $(OUT)/digits-$(RECIPE)-ort --n 64 --out $(OUT)/digits-$(RECIPE)-ort.png

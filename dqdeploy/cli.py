@@ -119,9 +119,10 @@ def inspect(path, as_json) -> None:
 
     kind = detect(path)
     if kind == "quantized":
-        from .artifact import read_manifest
+        from .artifact import read_manifest, verify_files
 
         m = read_manifest(path)
+        verify_files(path, m)  # a corrupted artifact must not be described as if it were sound
         if as_json:
             click.echo(m.to_json())
             return
@@ -192,7 +193,7 @@ def sample(path, out_png, **kw) -> None:
     from .eval.grid import save_grid
 
     images = _generate(path, **kw)
-    save_grid(images, out_png)
+    save_grid(images, out_png, scale=max(1, 64 // images.shape[-1]))  # small images are shown enlarged
     click.echo(f"wrote {images.shape[0]} samples to {out_png}")
 
 
@@ -209,7 +210,7 @@ def eval_cmd(path, grid, **kw) -> None:
     if grid:
         from .eval.grid import save_grid
 
-        save_grid(images, grid)
+        save_grid(images, grid, scale=max(1, 64 // images.shape[-1]))
     click.echo(json.dumps({"path": str(path), "n": int(images.shape[0]), "digits_fid": round(fid, 4)}))
 
 

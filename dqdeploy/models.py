@@ -78,7 +78,7 @@ def load_unet(model_dir: str | Path) -> torch.nn.Module:
     udir = _unet_dir(model_dir)
     cls = unet_class(_read_json(udir / "config.json"), udir)
     try:
-        unet = cls.from_pretrained(str(udir), torch_dtype=torch.float32)
+        unet = cls.from_pretrained(str(udir), torch_dtype=torch.float32, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load {cls.__name__} from {udir}: {exc}") from exc
     return unet.eval()
