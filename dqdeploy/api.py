@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import check_target
 from .artifact import CALIB_INPUTS, WEIGHTS, LayerMeta, Manifest, load_state, read_manifest, save_artifact
 from .errors import ArtifactError, CalibrationError, ModelLoadError
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, unet_class
@@ -136,6 +137,8 @@ def quantize(
     overwrite: bool = False,
 ) -> QuantizeResult:
     """Quantize the UNet of a diffusers folder with DilateQuant; save to ``out_dir`` when given."""
+    if out_dir is not None:
+        check_target(out_dir, overwrite=overwrite)  # fail before calibration, not after it
     loaded = load_model(model_dir, scheduler_dir)
     scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config)
     conditioning = _conditioning(loaded, cond_file, prompts)

@@ -132,8 +132,17 @@ def load_state(quant_dir: str | Path, manifest: Manifest, fname: str = WEIGHTS) 
     from safetensors.torch import load_file
 
     quant_dir = Path(quant_dir)
+    if fname not in manifest.files:
+        raise ArtifactError(f"{MANIFEST} lists no {fname}", hint="re-run `dqdeploy quantize` with this version")
+    verify_files(quant_dir, manifest, [fname])
+    return load_file(str(quant_dir / fname))
+
+
+def verify_files(quant_dir: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
+    """Check that the data files the manifest lists (or only ``names``) exist and match their sha256."""
+    quant_dir = Path(quant_dir)
     for name, digest in manifest.files.items():
-        if name != fname:
+        if names is not None and name not in names:
             continue
         path = quant_dir / name
         if not path.is_file():
@@ -143,6 +152,3 @@ def load_state(quant_dir: str | Path, manifest: Manifest, fname: str = WEIGHTS) 
                 f"{path} does not match the sha256 in {MANIFEST}: the file is corrupted or was modified",
                 hint="re-run `dqdeploy quantize` to recreate the artifact",
             )
-    if fname not in manifest.files:
-        raise ArtifactError(f"{MANIFEST} lists no {fname}", hint="re-run `dqdeploy quantize` with this version")
-    return load_file(str(quant_dir / fname))

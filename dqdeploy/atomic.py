@@ -15,15 +15,20 @@ from pathlib import Path
 from .errors import DQDeployError
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces ``target`` in one rename."""
-    target = Path(target)
-    if target.exists() and not overwrite:
+def check_target(target: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse an existing output folder unless ``overwrite`` (call it before long work, too)."""
+    if Path(target).exists() and not overwrite:
         raise DQDeployError(
             f"output folder {target} already exists",
             hint="choose another --out or pass --overwrite",
         )
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    check_target(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     umask = os.umask(0)

@@ -46,10 +46,12 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self._type_problems()
+        if problems:  # the value checks below would fail with a TypeError on these
+            raise RecipeError("invalid recipe: " + "; ".join(problems), hint="fix the types in the recipe JSON")
         for attr in ("weight_bits", "act_bits"):
             if getattr(self, attr) not in (4, 8):
-                problems.append(f"{attr}={getattr(self, attr)} (expected 4 or 8)")
+                problems.append(f"{attr}={getattr(self, attr)!r} (expected 4 or 8)")
         if self.first_last_bits not in (None, 4, 8):
             problems.append(f"first_last_bits={self.first_last_bits} (expected 4, 8 or null)")
         for attr, allowed in (
@@ -73,6 +75,22 @@ class Recipe:
                 "invalid recipe: " + "; ".join(problems),
                 hint="see `dqdeploy quantize --help` for the allowed values",
             )
+
+    def _type_problems(self) -> list[str]:
+        problems = []
+        for attr, kind, expected in (
+            ("iters", int, "an integer"), ("batch_size", int, "an integer"), ("version", int, "an integer"),
+            ("smoothquant_alpha", (int, float), "a number"), ("lr_weight", (int, float), "a number"),
+            ("lr_quant", (int, float), "a number"), ("act_symmetric", bool, "true or false"), ("name", str, "a string"),
+        ):
+            value = getattr(self, attr)
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                problems.append(f"{attr}={value!r} (expected {expected})")
+        for attr in ("first_last", "include", "exclude"):
+            value = getattr(self, attr)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
+                problems.append(f"{attr}={value!r} (expected a list of module-name patterns)")
+        return problems
 
     @property
     def deployable(self) -> bool:
@@ -100,6 +118,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe is a JSON object of settings; found {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -54,3 +54,19 @@ def write_cond_file(path: Path, prompts: int = 3, uncond: bool = True, seed: int
         tensors["uncond_encoder_hidden_states"] = torch.randn(1, SEQ_LEN, CROSS_DIM, generator=g)
     save_file(tensors, str(path))
     return path
+
+
+def random_calib(unet: torch.nn.Module, n: int = 8, timesteps=(901.0, 601.0, 301.0, 1.0), seed: int = 0):
+    """A CalibrationSet of random UNet inputs spread over ``timesteps`` (no sampling run): enough for
+    building a quantized model or checking wiring; use ``collect`` where real activations matter."""
+    from dqdeploy.quant.trajectories import CalibrationSet
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    rows = torch.arange(n) % len(timesteps)
+    t = torch.tensor(timesteps, dtype=torch.float32)[rows]
+    x = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    cond = None
+    if getattr(cfg, "cross_attention_dim", None) is not None:
+        cond = torch.randn(n, SEQ_LEN, cfg.cross_attention_dim, generator=g)
+    return CalibrationSet(x, t, rows, cond, list(timesteps))

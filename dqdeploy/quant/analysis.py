@@ -36,6 +36,9 @@ def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str])
     producer: dict[int, str] = {}  # storage ptr -> leaf module that wrote it
     consumers: dict[int, set[str]] = {}  # storage ptr -> leaf modules that read it
     inputs: dict[str, tuple] = {}
+    # every tensor seen stays referenced until the analysis is done: a freed tensor's storage is
+    # reused by later ones, and a reused pointer would merge unrelated layers into one group
+    alive: list[torch.Tensor] = []
     handles = []
     wanted = set(names)
     for name, module in unet.named_modules():
@@ -44,12 +47,14 @@ def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str])
 
         def pre(mod, args, name=name):
             if args and isinstance(args[0], torch.Tensor):
+                alive.append(args[0])
                 consumers.setdefault(args[0].untyped_storage().data_ptr(), set()).add(name)
                 if name in wanted:
                     inputs[name] = _key(args[0])
 
         def post(mod, args, out, name=name):
             if isinstance(out, torch.Tensor):
+                alive.append(out)
                 producer[out.untyped_storage().data_ptr()] = name
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
