@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_dir
-from .errors import ArtifactError
+from .errors import ArtifactError, check_format
 
 FORMAT = "dqdeploy-quantized"
 FORMAT_VERSION = 1
@@ -61,17 +61,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: Path) -> "Manifest":
-        if data.get("format") != FORMAT:
-            raise ArtifactError(
-                f"{where} is not a dqdeploy quantized artifact (format {data.get('format')!r})",
-                hint="create one with `dqdeploy quantize MODEL_DIR --out QUANT_DIR`",
-            )
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{where}: artifact format version {data.get('format_version')} is not supported; "
-                f"this dqdeploy {__version__} reads version {FORMAT_VERSION}",
-                hint="re-run `dqdeploy quantize` with this version",
-            )
+        check_format(data, FORMAT, FORMAT_VERSION, f"quantized artifact ({where})", "dqdeploy quantize")
         try:
             data = dict(data)
             data["layers"] = {k: LayerMeta(**v) for k, v in data["layers"].items()}

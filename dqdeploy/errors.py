@@ -55,6 +55,21 @@ class CheckFailedError(DQDeployError):
     exit_code = 1
 
 
+def check_format(data: dict, fmt: str, version: int, what: str, command: str) -> None:
+    """Refuse metadata of another format or format version (``what``: the folder kind, ``command``:
+    the dqdeploy command that writes it)."""
+    if data.get("format") != fmt:
+        raise ArtifactError(
+            f"not a dqdeploy {what}: format is {data.get('format')!r}, expected {fmt!r}",
+            hint=f"point at a folder written by `{command}`",
+        )
+    if data.get("format_version") != version:
+        raise ArtifactError(
+            f"{what} format version {data.get('format_version')} is not supported (this dqdeploy reads version {version})",
+            hint=f"re-run `{command}` with this version of dqdeploy",
+        )
+
+
 def require(module: str, extra: str, purpose: str):
     """Import an optional dependency or fail with the install command that fixes it."""
     import importlib

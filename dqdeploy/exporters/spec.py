@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, check_format
 
 SPEC_FILE = "dqdeploy_export.json"
 ONNX_FILE = "unet/model.onnx"
@@ -66,17 +66,7 @@ class ExportSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExportSpec":
-        if data.get("format") != FORMAT:
-            raise ArtifactError(
-                f"not a dqdeploy export: format is {data.get('format')!r}, expected {FORMAT!r}",
-                hint="point at the folder written by `dqdeploy export`",
-            )
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"export format version {data.get('format_version')} is not supported "
-                f"(this dqdeploy reads version {FORMAT_VERSION})",
-                hint="re-run `dqdeploy export` with this version of dqdeploy",
-            )
+        check_format(data, FORMAT, FORMAT_VERSION, "export", "dqdeploy export")
         data = dict(data)
         data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
         data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
