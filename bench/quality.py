@@ -11,16 +11,14 @@ Writes bench/results/quality.json (updated after every row, so a long run keeps 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, machine, write_results  # noqa: E402
+from bench.common import machine, write_results  # noqa: E402
 
-import torch  # noqa: E402
 
 from dqdeploy.api import quantize_unet, save_quantized  # noqa: E402
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402

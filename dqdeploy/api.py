@@ -63,7 +63,7 @@ def _dilations(
     result: dict[str, torch.Tensor | None] = {}
     for members in groups.values():
         weights = [unet.get_submodule(m).weight for m in members]
-        if any(unet.get_submodule(m).__class__ is nn.Conv2d and unet.get_submodule(m).groups != 1 for m in members):
+        if any(getattr(unet.get_submodule(m), "groups", 1) != 1 for m in members):
             s = None  # grouped convs mix channels per group: leave them undilated
         elif recipe.dilation == "wd":
             s = dilation_factors(weights)

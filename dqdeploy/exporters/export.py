@@ -11,7 +11,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -20,7 +19,7 @@ from ..errors import ExportError, require
 from ..quant.modules import QuantizedUNet, quant_layers
 from .deploy import LayerTensors, deploy_unet, layer_tensors
 from .onnx import (
-    EXTERNAL_DATA_THRESHOLD, INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEP, OUTPUT_SAMPLE, ExampleInputs, export_float_onnx,
+    EXTERNAL_DATA_THRESHOLD, ExampleInputs, export_float_onnx,
 )
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ONNX_DATA_FILE, ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec

@@ -17,13 +17,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from .. import __version__
-from ..errors import ExportError, require
+from ..errors import ExportError
 from .deploy import LayerTensors
 from .onnx import INPUT_TIMESTEP
 

@@ -172,7 +172,6 @@ def distill_blocks(
         qblock.train()
         reports.append(_train(block.name, forward, layers, len(inputs), recipe, recipe.iters, seed + k))
         qblock.eval()
-        del inputs, targets
     return reports
 
 
