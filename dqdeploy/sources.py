@@ -48,7 +48,7 @@ def open_model(path: str | Path, runtime: str = "auto", scheduler_dir: str | Pat
         loaded = load_model(path, scheduler_dir)
         if runtime not in ("auto", "torch"):
             raise ModelLoadError(f"--runtime {runtime} needs an export folder; {path} is a diffusers folder",
-                                 hint=f"run `dqdeploy export` first, or use --runtime torch")
+                                 hint="run `dqdeploy export` first, or use --runtime torch")
         return OpenedModel(loaded.unet, loaded.scheduler_config, "fp", loaded.conditional, [])
     if kind == "quantized":
         if runtime in ("ort", "trt"):
