@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
-from dqdeploy.api import quantize  # noqa: E402
-from dqdeploy.exporters.export import export_quantized  # noqa: E402
+from dqdeploy import quantize  # noqa: E402
+from dqdeploy import export  # noqa: E402
 from dqdeploy.recipe import W8A8, CalibrationConfig  # noqa: E402
 
 
@@ -42,17 +42,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
-    from dqdeploy.exporters.peer import quantize_with_ort
+    from dqdeploy.exporters.ort_baseline import quantize_with_ort
 
     work = Path(tempfile.mkdtemp(prefix="dqdeploy-bench-"))
     DDPMPipeline(unet=bench_unet(), scheduler=DDPMScheduler()).save_pretrained(str(work / "model"))
     calib = CalibrationConfig(steps=10, samples=64, trajectories=8, batch_size=8)
     graphs: dict[str, Path] = {}
-    export_quantized(work / "model", work / "fp32", target="float")
+    export(work / "model", work / "fp32", target="float")
     graphs["fp32"] = work / "fp32/unet/model.onnx"
     for name, recipe in (("dq-per-step", W8A8), ("dq-constant", W8A8.replace(timestep_scales="collapsed"))):
         quantize(work / "model", recipe.replace(distill="none"), calib, work / f"q-{name}")
-        export_quantized(work / f"q-{name}", work / name, target="ort")
+        export(work / f"q-{name}", work / name, target="ort")
         graphs[name] = work / name / "unet/model.onnx"
 
     rng = np.random.default_rng(0)

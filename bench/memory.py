@@ -32,7 +32,7 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     """Inside the subprocess: calibrate, then distill with ``mode`` and measure its peak."""
     import torch
 
-    from dqdeploy.api import _example_run, build_quantized
+    from dqdeploy.quantize_stage import _example_run, build_quantized
     from dqdeploy.eval.digits import digits_model_dir
     from dqdeploy.models import load_model, make_scheduler
     from dqdeploy.quant.blocks import partition

@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, write_results  # noqa: E402
 
 
-from dqdeploy.api import quantize_unet, save_quantized  # noqa: E402
+from dqdeploy.artifact import save_quantized
+from dqdeploy.quantize_stage import quantize_unet  # noqa: E402
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402
 from dqdeploy.eval.fid import digits_fid  # noqa: E402
-from dqdeploy.exporters.export import export_quantized  # noqa: E402
+from dqdeploy import export  # noqa: E402
 from dqdeploy.generate import generate  # noqa: E402
 from dqdeploy.models import load_model, make_scheduler  # noqa: E402
 from dqdeploy.quant.trajectories import collect  # noqa: E402
@@ -82,7 +83,7 @@ def main() -> None:
             qdir = save_quantized(res, work / f"{recipe_name}-{variant.split()[0]}")
             evaluate(f"{recipe_name} {variant}", qdir, runtime="torch", recipe=recipe_name, variant=variant, quantize_s=quant_s)
             if variant == "dilatequant" and recipe.deployable and not args.no_ort:
-                edir = export_quantized(qdir, work / f"{recipe_name}-onnx", target="onnx")
+                edir = export(qdir, work / f"{recipe_name}-onnx", target="onnx")
                 evaluate(f"{recipe_name} {variant} -> onnx (TensorRT layout) graph", edir, runtime="ort",
                          recipe=recipe_name, variant=variant, flavour="onnx")
                 # the CPU target: quantize with layout=ort (the simulation models the fused output rounding)
@@ -93,7 +94,7 @@ def main() -> None:
                 qdir = save_quantized(res, work / f"{recipe_name}-layout-ort")
                 evaluate(f"{recipe_name} {variant}, layout=ort", qdir, runtime="torch", recipe=recipe_name,
                          variant=variant + " layout=ort", quantize_s=quant_s)
-                edir = export_quantized(qdir, work / f"{recipe_name}-ort", target="ort")
+                edir = export(qdir, work / f"{recipe_name}-ort", target="ort")
                 evaluate(f"{recipe_name} {variant}, layout=ort -> ort graph", edir, runtime="ort",
                          recipe=recipe_name, variant=variant + " layout=ort", flavour="ort")
     path = write_results(args.out, result)

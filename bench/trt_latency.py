@@ -72,7 +72,7 @@ def dqdeploy(*args: str) -> None:
 
 def make_folders(args, work: Path) -> dict[str, dict[str, Path]]:
     """``{engine name: {"engine": export folder with a plan, "reference": FP32 export for ORT}}``."""
-    from dqdeploy.exporters.trt import build_engine
+    from dqdeploy.exporters.engine import build_engine
 
     model = Path(args.model) if args.model else bench_unet_dir(work / "model", args.size)
     batch = f"1:{args.batch}:{args.batch}"
@@ -238,7 +238,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from dqdeploy.atomic import atomic_write_bytes
-    from dqdeploy.exporters.trt import read_engine_info, require_tensorrt
+    from dqdeploy.exporters.engine_spec import read_engine_info
+    from dqdeploy.trt_gate import require_tensorrt
 
     trt = require_tensorrt("the TensorRT latency benchmark")
     torch.set_num_threads(1)

@@ -1,3 +1,51 @@
-"""dqdeploy: ship low-bit diffusion UNets with DilateQuant."""
+"""dqdeploy: ship low-bit diffusion UNets with DilateQuant.
+
+The public verbs (imported on first use, so ``import dqdeploy`` stays light)::
+
+    import dqdeploy
+
+    result = dqdeploy.quantize("model_dir", dqdeploy.W8A8, out_dir="q")  # diffusers folder -> artifact
+    dqdeploy.export("q", "e", target="ort")                              # artifact -> export folder
+    unet = dqdeploy.load_quantized("q")                                  # the PyTorch simulation
+    unet = dqdeploy.load_runtime("e")                                    # the exported graph, drop-in
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .artifact import load_quantized
+    from .exporters.export import export
+    from .quantize_stage import quantize
+    from .recipe import PRESETS, W4A4, W4A8, W8A8, CalibrationConfig, Recipe
+    from .runtimes import load_runtime
+
+__all__ = [
+    "quantize", "export", "load_quantized", "load_runtime",
+    "Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W4A8", "W4A4", "__version__",
+]
+
+_WHERE = {
+    "quantize": ".quantize_stage",
+    "export": ".exporters.export",
+    "load_quantized": ".artifact",
+    "load_runtime": ".runtimes",
+    **{name: ".recipe" for name in ("Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W4A8", "W4A4")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from the module that defines it, on first access."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'dqdeploy' has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,22 +8,40 @@ metadata, per-block distillation losses and the sha256 of every data file. Writt
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import __version__
 from .atomic import atomic_dir
 from .errors import ArtifactError, check_format
+from .folders import MANIFEST
+from .models import unet_class
+from .quant.distill import BlockReport
+from .quant.modules import QuantizedUNet, QuantLayer, replace_module
+from .quant.timestep import StepIndex, TimestepTable
+from .recipe import Recipe
 
 FORMAT = "dqdeploy-quantized"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 CALIB_INPUTS = "calibration_inputs.safetensors"  # a small seeded subset of (x_t, t, cond), for export and checks
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` produced: the simulated model, its metadata and the distillation record."""
+
+    model: QuantizedUNet
+    manifest: Manifest
+    reports: list[BlockReport]
+    calib_inputs: dict[str, torch.Tensor]
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,7 @@ class Manifest:
 
 
 def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -142,3 +161,87 @@ def verify_files(quant_dir: str | Path, manifest: Manifest, names: list[str] | N
                 f"{path} does not match the sha256 in {MANIFEST}: the file is corrupted or was modified",
                 hint="re-run `dqdeploy quantize` to recreate the artifact",
             )
+
+
+def install_quant_layers(
+    unet: nn.Module,
+    layers: dict[str, LayerMeta],
+    table: TimestepTable,
+    dilations: dict[str, torch.Tensor | None] | None = None,
+) -> QuantizedUNet:
+    """Replace each layer named in ``layers`` of ``unet`` (in place) by a QuantLayer as its meta says.
+
+    Used when quantizing (with the dilation vectors) and when loading an artifact (the state dict
+    then brings every parameter and step size)."""
+    step_index = StepIndex()
+    for name, meta in layers.items():
+        try:
+            layer = unet.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"manifest layer {name!r} does not exist in {type(unet).__name__}") from None
+        q = QuantLayer(
+            layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
+            n_steps=table.n_rows, step_index=step_index, dilation=None if dilations is None else dilations[name],
+            output_quant=meta.output_quant,
+        )
+        replace_module(unet, name, q)
+    return QuantizedUNet(unet, table, step_index)
+
+
+def timestep_table(manifest: Manifest) -> TimestepTable:
+    """The calibrated-step table of an artifact (one row, when its recipe collapses time steps)."""
+    recipe = Recipe.from_dict(manifest.recipe)
+    return TimestepTable(manifest.timesteps, collapsed=recipe.timestep_scales == "collapsed")
+
+
+def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
+    """Rebuild the simulated quantized UNet from an artifact (no calibration data needed)."""
+    manifest = read_manifest(quant_dir)
+    state = load_state(quant_dir, manifest)
+    cls = unet_class({"_class_name": manifest.model_class}, Path(quant_dir))
+    unet = cls.from_config(manifest.model_config).eval()
+    model = install_quant_layers(unet, manifest.layers, timestep_table(manifest))
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{quant_dir}: weights do not match the manifest ({str(exc)[:300]})") from None
+    return model.eval()
+
+
+def load_calibration_inputs(quant_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The calibration inputs saved with an artifact: ``sample``, ``timestep`` [, ``encoder_hidden_states``]."""
+    return load_state(quant_dir, read_manifest(quant_dir), CALIB_INPUTS)
+
+
+def save_quantized(result: QuantizeResult, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the artifact (manifest, safetensors, distillation losses and their plot)."""
+    extras = {"distill_report.json": json.dumps([asdict(r) for r in result.reports], indent=1).encode()}
+    if result.reports:
+        extras["distill_loss.png"] = _loss_plot(result.reports)
+    tensors = {WEIGHTS: result.model.unet.state_dict(), CALIB_INPUTS: result.calib_inputs}
+    return save_artifact(out_dir, result.manifest, tensors, extras, overwrite=overwrite)
+
+
+def _loss_plot(reports: list[BlockReport]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r.name for r in reports]
+    a.semilogy(range(len(reports)), [max(r.loss_before, 1e-12) for r in reports], "o-", label="before")
+    a.semilogy(range(len(reports)), [max(r.loss_after, 1e-12) for r in reports], "o-", label="after")
+    a.set_xticks(range(len(reports)), names, rotation=90, fontsize=6)
+    a.set_title("block MSE vs full precision")
+    a.legend()
+    for r in reports:
+        if r.curve:
+            b.semilogy(r.curve, lw=0.6)
+    b.set_title("distillation loss per block")
+    b.set_xlabel("iteration")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -20,8 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifact import load_calibration_inputs, load_quantized
 from .errors import CheckFailedError, require
+from .exporters.dequantize import simulate_layer_input
+from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
+from .exporters.spec import ENGINE_FILE, ONNX_FILE, read_spec
 from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
+from .trt_gate import require_tensorrt
 
 OUTPUT = "out_sample"
 # Graphs that round where the simulation does not -- the ORT layout's output quantization of an
@@ -169,11 +174,7 @@ def _quant_errors(model: QuantizedUNet, feeds: list[dict[str, np.ndarray]], sim_
 
 
 def _graph_runner(export_dir: Path, runtime: str, extra_outputs: list[str] | None = None):
-    from .exporters.spec import ENGINE_FILE, ONNX_FILE
-
     if runtime == "trt":
-        from .exporters.trt import require_tensorrt
-
         require_tensorrt()
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -207,9 +208,6 @@ def check_export(
     """
     from polygraphy.comparator import Comparator
 
-    from .api import load_calibration_inputs, load_quantized
-    from .exporters.spec import read_spec
-
     spec = read_spec(export_dir)
     if tolerance_ratio is None:
         unmodelled = spec.flavour == "ort" and (spec.recipe or {}).get("layout") != "ort"
@@ -220,7 +218,7 @@ def check_export(
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
     feeds = _feeds(calib, samples, dtypes)
     layer_names = list(quant_layers(model.unet)) if per_layer else []
-    q_outputs = [f"dq/{n}/input_q" for n in layer_names]
+    q_outputs = [input_q_name(n) for n in layer_names]
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
@@ -244,10 +242,8 @@ def check_export(
 @torch.no_grad()
 def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str], flavour: str) -> list[LayerResult]:
     """Integers at each layer input, simulation vs graph, in execution order."""
-    from .exporters.deploy import simulate_layer_input
-
     layers = quant_layers(model.unet)
-    offset = 128 if flavour == "ort" else 0
+    offset = UINT8_ZERO_POINT if flavour == "ort" else 0
     order: list[str] = []
     stats = {n: [0, 0, 0] for n in names}  # differing, total, max diff
 
@@ -270,7 +266,7 @@ def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str],
             for h in handles:
                 h.remove()
         for n in names:
-            g = np.asarray(graph[f"dq/{n}/input_q"]).astype(np.int32) - offset
+            g = np.asarray(graph[input_q_name(n)]).astype(np.int32) - offset
             s = sim_ints[n].astype(np.int32).reshape(g.shape) if sim_ints[n].size == g.size else None
             if s is None:
                 stats[n][0] += g.size

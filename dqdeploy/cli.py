@@ -15,8 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import DQDeployError
-
-RUNTIMES = ("auto", "torch", "ort", "trt")
+from .vocab import LAYOUTS, RUNTIMES, SCALINGS, TARGETS
 
 
 def _setup(verbose: bool) -> None:
@@ -63,11 +62,11 @@ def cli(verbose: bool) -> None:
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Conditional UNets in a full SD pipeline folder: a text file, one prompt per line.")
 @click.option("--guidance", default=1.0, show_default=True, help="Classifier-free guidance scale of the calibration trajectories.")
 @click.option("--no-dilation", is_flag=True, help="Ablation: no Weight Dilation.")
-@click.option("--scaling", type=click.Choice(["wd", "smoothquant", "none"]), help="Equivalent scaling: Weight Dilation (default), SmoothQuant, none.")
+@click.option("--scaling", type=click.Choice(SCALINGS), help="Equivalent scaling: Weight Dilation (default), SmoothQuant, none.")
 @click.option("--timestep-scales", type=click.Choice(["per-step", "collapsed"]), help="Ablation: 'collapsed' keeps one activation scale for all steps.")
 @click.option("--no-distill", is_flag=True, help="Ablation: calibration only (post-training quantization).")
 @click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]), help="Block-wise (default), whole-model, or none.")
-@click.option("--layout", type=click.Choice(["trt", "ort"]), help="Deployment layout the simulation reproduces exactly: 'trt' (default) or 'ort' (also models the output rounding of ONNX Runtime's fused QLinearConv; train for the CPU target).")
+@click.option("--layout", type=click.Choice(LAYOUTS), help="Deployment layout the simulation reproduces exactly: 'trt' (default) or 'ort' (also models the output rounding of ONNX Runtime's fused QLinearConv; train for the CPU target).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, prompts_file, guidance, no_dilation, scaling, timestep_scales,
@@ -77,7 +76,7 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
     --scheduler-dir. Writes OUT (manifest.json, model.safetensors, distillation report and plot).
     """
-    from .api import quantize as run_quantize
+    from .quantize_stage import quantize as run_quantize
     from .recipe import CalibrationConfig, resolve_recipe
 
     r = resolve_recipe(recipe)
@@ -217,7 +216,7 @@ def eval_cmd(path, grid, **kw) -> None:
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
-@click.option("--target", type=click.Choice(["onnx", "ort", "trt", "float"]), default="ort", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
               help="onnx: TensorRT-layout QDQ graph; ort: fastest graph for ONNX Runtime on CPU; trt: onnx + TensorRT engine; float: unquantized graph (SOURCE may be a diffusers folder).")
 @click.option("--fp16", is_flag=True, help="FP16 graph (onnx/trt targets).")
 @click.option("--int4-linear", is_flag=True, help="Pack 4-bit Linear weights as INT4 blocks (opset 21, weight-only).")
@@ -230,23 +229,18 @@ def eval_cmd(path, grid, **kw) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo, overwrite) -> None:
     """Export a quantized artifact SOURCE to ONNX (QDQ) and, for --target trt, a TensorRT engine."""
-    from .exporters.export import export_quantized
+    from .exporters.export import export as run_export
+    from .exporters.spec import ENGINE_FILE, ONNX_FILE
 
+    lo, opt, hi = (int(v) for v in batch.split(":"))
+    run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
+               overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
+               triton_repo=triton_repo)
+    click.echo(f"wrote {Path(out_dir) / ONNX_FILE} ({target})")
     if target == "trt":
-        from .exporters.trt import build_engine, require_tensorrt
-
-        require_tensorrt()  # fail fast, before the export work
-    export_quantized(source, out_dir, target="onnx" if target == "trt" else target, fp16=fp16 or target == "trt",
-                     int4_linear=int4_linear, simplify=not no_simplify, overwrite=overwrite)
-    click.echo(f"wrote {out_dir}/unet/model.onnx ({target})")
-    if target == "trt":
-        lo, opt, hi = (int(v) for v in batch.split(":"))
-        engine = build_engine(out_dir, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
-        click.echo(f"wrote {engine}")
+        click.echo(f"wrote {Path(out_dir) / ENGINE_FILE}")
         if triton_repo:
-            from .exporters.trt import write_triton_repo
-
-            click.echo(f"wrote {write_triton_repo(out_dir, triton_repo)}")
+            click.echo(f"wrote {Path(triton_repo) / 'unet'}")
 
 
 @cli.command()

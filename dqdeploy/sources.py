@@ -3,11 +3,19 @@ artifact, or an export folder -- as a callable UNet plus its scheduler config.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .artifact import load_quantized, read_manifest
 from .errors import ModelLoadError
+from .exporters.export import export
+from .exporters.spec import read_spec
+from .folders import FolderKind, detect
+from .models import load_model
+from .runtimes import load_runtime
+from .vocab import Runtime
 
 
 @dataclass
@@ -16,67 +24,37 @@ class OpenedModel:
 
     unet: Any
     scheduler_config: dict[str, Any]
-    kind: str  # "fp" | "quantized" | "export"
+    kind: FolderKind
     conditional: bool
     timesteps: list[float]
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed with this object
 
 
-def detect(path: str | Path) -> str:
-    """``"quantized"``, ``"export"`` or ``"fp"`` (a diffusers folder) for ``path``."""
-    from .artifact import MANIFEST
-    from .exporters.spec import SPEC_FILE
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} does not exist or is not a folder")
-    if (path / MANIFEST).is_file():
-        return "quantized"
-    if (path / SPEC_FILE).is_file():
-        return "export"
-    return "fp"
-
-
-def open_model(path: str | Path, runtime: str = "auto", scheduler_dir: str | Path | None = None, **runtime_kw: Any) -> OpenedModel:
+def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str | Path | None = None, **runtime_kw: Any) -> OpenedModel:
     """Open ``path`` for sampling. ``runtime``: torch | ort | trt | auto (torch, or ort for exports).
 
-    A quantized artifact with ``runtime="ort"``/``"trt"`` is exported to a temporary folder first.
+    A quantized artifact with ``runtime="ort"``/``"trt"`` is exported to a temporary folder first,
+    which is removed when the returned object is.
     """
     kind = detect(path)
     if kind == "fp":
-        from .models import load_model
-
         loaded = load_model(path, scheduler_dir)
         if runtime not in ("auto", "torch"):
             raise ModelLoadError(f"--runtime {runtime} needs an export folder; {path} is a diffusers folder",
                                  hint="run `dqdeploy export` first, or use --runtime torch")
         return OpenedModel(loaded.unet, loaded.scheduler_config, "fp", loaded.conditional, [])
+    if kind == "quantized" and runtime in ("ort", "trt"):
+        scratch = tempfile.TemporaryDirectory(prefix="dqdeploy-export-")
+        out = Path(scratch.name) / "export"
+        export(path, out, target=runtime)
+        opened = open_model(out, runtime, **runtime_kw)
+        opened.scratch = scratch
+        return opened
     if kind == "quantized":
-        if runtime in ("ort", "trt"):
-            import tempfile
-
-            from .exporters.export import export_quantized
-
-            if runtime == "trt":
-                from .exporters.trt import require_tensorrt
-
-                require_tensorrt("sampling with TensorRT")
-            out = Path(tempfile.mkdtemp(prefix="dqdeploy-export-")) / "export"
-            export_quantized(path, out, target="ort" if runtime == "ort" else "onnx", fp16=runtime == "trt")
-            if runtime == "trt":
-                from .exporters.trt import build_engine
-
-                build_engine(out)
-            return open_model(out, runtime, **runtime_kw)
-        from .api import load_quantized
-        from .artifact import read_manifest
-
         manifest = read_manifest(path)
         model = load_quantized(path)
         conditional = manifest.model_config.get("cross_attention_dim") is not None
         return OpenedModel(model, manifest.scheduler_config, "quantized", conditional, manifest.timesteps)
-    from .exporters.spec import read_spec
-    from .runtimes import load_runtime
-
     spec = read_spec(path)
     unet = load_runtime(path, "ort" if runtime in ("auto", "torch") else runtime, **runtime_kw)
     return OpenedModel(unet, spec.scheduler_config or {}, "export", spec.conditional, spec.timesteps)

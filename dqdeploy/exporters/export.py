@@ -1,252 +1,219 @@
-"""The export verb: quantized artifact (or diffusers folder, for ``float``) -> export folder.
+"""The export stage (``dqdeploy.export``): a quantized artifact (or a diffusers folder, for ``float``)
+-> an export folder, for every target.
 
-Stages: rebuild the simulation -> float canvas UNet (dequantized weights, norms folded) -> float
-ONNX (torch dynamo exporter) -> [ort: calibrate output scales] -> Q/DQ surgery -> simplify -> write
-``unet/model.onnx`` + ``dqdeploy_export.json`` atomically.
+Steps: rebuild the simulation -> float copy of the UNet (dequantized weights, ``1/s`` folded into
+norms) -> float ONNX (torch dynamo exporter) -> [ort: calibrate output scales] -> Q/DQ surgery ->
+simplify -> checks -> write ``unet/model.onnx`` + ``dqdeploy_export.json`` atomically -> [trt: build the
+engine, optionally a Triton repository].
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .. import __version__
-from ..atomic import atomic_dir
-from ..errors import ExportError, require
-from ..quant.modules import QuantizedUNet, quant_layers
-from .deploy import LayerTensors, deploy_unet, layer_tensors
-from .onnx import (
-    EXTERNAL_DATA_THRESHOLD, ExampleInputs, export_float_onnx,
-)
+from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
+from ..errors import ExportError
+from ..folders import detect
+from ..models import load_model
+from ..quant.modules import QuantizedUNet
+from ..recipe import Recipe
+from ..trt_gate import require_tensorrt
+from ..vocab import GRAPH_TARGETS, TARGETS, GraphTarget, Target, layout_of
+from .dequantize import LayerTensors, dequantized_unet, layer_tensors
+from .engine import build_engine
+from .folder import check_graph, save_export, tensor_specs, versions
+from .measure import calibrate_output_scales, input_ranks
+from .onnx import ExampleInputs, example_inputs, export_float_onnx
 from .qdq import SurgeryOptions, insert_qdq
-from .spec import ONNX_DATA_FILE, ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
+from .spec import ExportSpec
+from .triton import write_triton_repo
 
 log = logging.getLogger(__name__)
-TARGETS = ("onnx", "ort", "float")
+FLOAT16 = 10  # onnx.TensorProto.FLOAT16 (FLOAT is 1)
 
 
-@torch.no_grad()
-def input_ranks(unet: torch.nn.Module, names: list[str], inputs: ExampleInputs) -> dict[str, int]:
-    """Rank of each named layer's input activation, from one forward."""
-    ranks: dict[str, int] = {}
-
-    def record(name: str):
-        def hook(module, args) -> None:
-            ranks.setdefault(name, args[0].dim())
-
-        return hook
-
-    handles = [unet.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
-    try:
-        kwargs = {} if inputs.encoder_hidden_states is None else {"encoder_hidden_states": inputs.encoder_hidden_states}
-        unet(inputs.sample, inputs.timestep, return_dict=False, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return ranks
-
-
-@torch.no_grad()
-def calibrate_output_scales(
-    model: QuantizedUNet, layers: dict[str, LayerTensors], calib: dict[str, torch.Tensor], qmax: int = 127, keep: int = 1 << 16
-) -> dict[str, float]:
-    """Constant scales of the output Q (ort flavour), one per layer: the clipping of the bias-free
-    output in the rescaled (``s0``) domain that minimises the 8-bit rounding MSE over the artifact's
-    calibration inputs."""
-    from ..quant.primitives import search_tensor_scale
-
-    values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    modules = quant_layers(model.unet)
-    gen = torch.Generator().manual_seed(0)
-
-    def make_hook(name: str):
-        layer, tensors = modules[name], layers[name]
-
-        def hook(mod, args, out):
-            y = out if layer.bias is None else out - (layer.bias.view(1, -1, 1, 1) if layer.kind == "conv" else layer.bias)
-            rows = layer.input_quantizer.rows_for(y)
-            ratio = torch.as_tensor(tensors.ref_scale / tensors.act_scale, dtype=y.dtype)[rows]
-            flat = (y * ratio.view(-1, *([1] * (y.dim() - 1)))).flatten()
-            pick = torch.randperm(flat.numel(), generator=gen)[:keep]
-            values[name].append(torch.cat([flat[pick], flat.abs().max().view(1)]))
-
-        return hook
-
-    handles = [modules[n].register_forward_hook(make_hook(n)) for n in layers]
-    try:
-        kwargs = {} if "encoder_hidden_states" not in calib else {"encoder_hidden_states": calib["encoder_hidden_states"]}
-        for idx in torch.arange(calib["sample"].shape[0]).split(16):
-            model(calib["sample"][idx], calib["timestep"][idx], return_dict=False, **{k: v[idx] for k, v in kwargs.items()})
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: search_tensor_scale(torch.cat(chunks), -qmax - 1, qmax) for name, chunks in values.items()}
-
-
-def _example(calib: dict[str, torch.Tensor], batch: int = 2) -> ExampleInputs:
-    cond = calib.get("encoder_hidden_states")
-    return ExampleInputs(calib["sample"][:batch], calib["timestep"][:batch].float(), None if cond is None else cond[:batch])
-
-
-def _tensor_specs(model) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    from onnx import helper
-
-    def spec(v) -> TensorSpec:
-        t = v.type.tensor_type
-        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-        return TensorSpec(v.name, dims, helper.tensor_dtype_to_np_dtype(t.elem_type).name)
-
-    inits = {i.name for i in model.graph.initializer}
-    return [spec(v) for v in model.graph.input if v.name not in inits], [spec(v) for v in model.graph.output]
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    return {"dqdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def save_export(model, out_dir: str | Path, spec: ExportSpec, *, overwrite: bool = False) -> Path:
-    """Write ``unet/model.onnx`` (external ``model.onnx_data`` over 2 GB) and the spec, atomically."""
-    onnx = require("onnx", "ort", "ONNX export")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        path = tmp / ONNX_FILE
-        path.parent.mkdir(parents=True)
-        big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_proto(model) else True
-        onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                        location=ONNX_DATA_FILE, size_threshold=1024)
-        (tmp / SPEC_FILE).write_text(spec.to_json())
-    return Path(out_dir)
-
-
-def _fits_proto(model) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:  # protobuf refuses to size messages over 2 GB
-        return False
-
-
-def export_quantized(
+def export(
     source: str | Path,
     out_dir: str | Path,
     *,
-    target: str = "ort",
+    target: Target = "ort",
+    fp16: bool = False,
+    int4_linear: bool = False,
+    simplify: bool = True,
+    overwrite: bool = False,
+    batch: int | Sequence[int] = (1, 2, 8),
+    cfg: bool = False,
+    timing_cache: str | Path | None = None,
+    workspace_gb: float | None = None,
+    triton_repo: str | Path | None = None,
+) -> Path:
+    """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``).
+
+    ``trt`` writes the FP16 TensorRT-layout graph, then builds ``unet/model.plan`` with the batch
+    profile ``batch`` (doubled by ``cfg``), and a Triton repository at ``triton_repo`` if given.
+    Returns ``out_dir``.
+    """
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
+    if target != "trt":
+        return export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
+                            simplify=simplify, overwrite=overwrite)
+    require_tensorrt()  # fail fast, before the export work
+    export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite)
+    build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
+    if triton_repo is not None:
+        write_triton_repo(out_dir, triton_repo)
+    return Path(out_dir)
+
+
+def export_graph(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    target: GraphTarget = "ort",
     fp16: bool = False,
     int4_linear: bool = False,
     simplify: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Export a quantized artifact (``onnx``/``ort``) or any model folder (``float``) to ``out_dir``."""
-    from ..api import load_calibration_inputs, load_quantized
-    from ..artifact import read_manifest
-    from ..recipe import Recipe
-    from ..sources import detect
+    """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``)."""
+    _check_request(source, target, fp16)
+    if detect(source) == "fp":
+        return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite)
+    manifest = read_manifest(source)
+    recipe = Recipe.from_dict(manifest.recipe)
+    if target != "float":
+        _check_deployable(recipe)
+    parts = _prepare(source, manifest, recipe, target, fp16)
+    int4_layers = _int4_layers(parts.layers, parts.ranks) if int4_linear else []
+    opset = 21 if int4_layers else 20
+    graph = _float_graph(parts.canvas, parts.example, opset)
+    if target != "float":
+        opts = SurgeryOptions(flavour=target, float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
+        graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
+    graph = _finish_graph(graph, target, simplify)
+    spec = _spec(graph, manifest, target, fp16, opset)
+    return save_export(graph, out_dir, spec, overwrite=overwrite)
 
-    if target not in TARGETS:
+
+def _check_request(source: str | Path, target: str, fp16: bool) -> None:
+    """Target, precision and source kind go together (errors say how to fix them)."""
+    if target not in GRAPH_TARGETS:
         raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
     if fp16 and target == "ort":
         raise ExportError("--fp16 applies to the TensorRT layout (--target onnx/trt); ONNX Runtime on CPU runs the uint8 graph in FP32")
     kind = detect(source)
     if kind == "export":
         raise ExportError(f"{source} is already an export folder", hint="export from the quantized artifact (the --out of `dqdeploy quantize`)")
-    if kind == "fp":
-        if target != "float":
-            raise ExportError(f"{source} is a full-precision diffusers folder: only --target float applies",
-                              hint="run `dqdeploy quantize` first, then export the artifact")
-        return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite)
-    manifest = read_manifest(source)
-    recipe = Recipe.from_dict(manifest.recipe)
-    if target != "float" and not recipe.deployable:
+    if kind == "fp" and target != "float":
+        raise ExportError(f"{source} is a full-precision diffusers folder: only --target float applies",
+                          hint="run `dqdeploy quantize` first, then export the artifact")
+
+
+def _check_deployable(recipe: Recipe) -> None:
+    if not recipe.deployable:
         raise ExportError(
             f"recipe {recipe.name} has {recipe.act_bits}-bit {'symmetric' if recipe.act_symmetric else 'asymmetric'} "
             "activations: simulation-only, no runtime runs them (TensorRT and ONNX Runtime need symmetric 8-bit activations)",
             hint="quantize with w8a8 or w4a8 to deploy; see docs/SUPPORT_MATRIX.md",
         )
+
+
+@dataclass
+class _Parts:
+    """What the graph is made from: the float copy, example inputs, per-layer tensors and ranks."""
+
+    canvas: torch.nn.Module
+    example: ExampleInputs
+    layers: dict[str, LayerTensors]
+    ranks: dict[str, int]
+    out_scales: dict[str, float] | None
+
+
+def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: str, fp16: bool) -> _Parts:
     model = load_quantized(source)
     calib = load_calibration_inputs(source)
     layers = layer_tensors(model, manifest)
-    canvas = deploy_unet(model, manifest)
-    example = _example(calib)
+    canvas = dequantized_unet(model, manifest)
+    example = ExampleInputs.from_tensors(calib)
     ranks = input_ranks(canvas, list(layers), example)
-    out_scales = None
-    if target == "ort" and recipe.layout != "ort":
-        # output Q (QLinear* fusion) where the compute is: convs and token matmuls. The simulation
-        # does not model this rounding; `dqdeploy quantize --layout ort` makes the graph exact.
-        log.warning("recipe layout %r: the ort graph adds output rounding the simulation lacks "
-                    "(quantize with --layout ort for an exact match)", recipe.layout)
-        fused = {n: t for n, t in layers.items() if ranks[n] > 2}
-        out_scales = calibrate_output_scales(model, fused, calib)
-    ftype = 1
+    out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if target == "ort" else None
     if fp16:
-        canvas = canvas.half()
-        example = ExampleInputs(example.sample.half(), example.timestep,
-                                None if example.encoder_hidden_states is None else example.encoder_hidden_states.half())
-        ftype = 10
-    int4_layers = [n for n, t in layers.items() if int4_linear and t.kind == "linear" and t.weight_bits == 4
-                   and ranks[n] > 2 and any(t.w_int.shape[1] % b == 0 for b in SurgeryOptions().int4_blocks)]
-    if int4_linear and not int4_layers:
-        log.warning("--int4-linear: no 4-bit Linear layer has a reduction size divisible by %s; exporting INT8 weights",
-                    SurgeryOptions().int4_blocks)
-    opset = 21 if int4_layers else 20
+        canvas, example = canvas.half(), example.half()
+    return _Parts(canvas, example, layers, ranks, out_scales)
+
+
+def _ort_output_scales(
+    model: QuantizedUNet, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int], calib: dict[str, torch.Tensor]
+) -> dict[str, float] | None:
+    """Output Q scales (QLinear* fusion) where the compute is -- convs and token matmuls -- for an
+    artifact whose simulation does not model this rounding (``quantize --layout ort`` makes it exact)."""
+    if recipe.layout == "ort":
+        return None
+    log.warning("recipe layout %r: the ort graph adds output rounding the simulation lacks "
+                "(quantize with --layout ort for an exact match)", recipe.layout)
+    fused = {n: t for n, t in layers.items() if ranks[n] > 2}
+    return calibrate_output_scales(model, fused, calib)
+
+
+def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list[str]:
+    """4-bit token Linears whose reduction size fits one of TensorRT's INT4 block sizes."""
+    blocks = SurgeryOptions().int4_blocks
+    found = [n for n, t in layers.items() if t.kind == "linear" and t.weight_bits == 4 and ranks[n] > 2
+             and any(t.w_int.shape[1] % b == 0 for b in blocks)]
+    if not found:
+        log.warning("--int4-linear: no 4-bit Linear layer has a reduction size divisible by %s; exporting INT8 weights", blocks)
+    return found
+
+
+def _float_graph(unet: torch.nn.Module, example: ExampleInputs, opset: int = 20) -> Any:
     with tempfile.TemporaryDirectory(prefix="dqdeploy-float-") as scratch:
-        graph = export_float_onnx(canvas, Path(scratch) / "float.onnx", inputs=example, opset=opset)
-    if target != "float":
-        opts = SurgeryOptions(flavour=target, float_type=ftype, int4_linear=int4_linear)
-        graph = insert_qdq(graph, layers, manifest.timesteps, ranks, opts, out_scales)
+        return export_float_onnx(unet, Path(scratch) / "float.onnx", inputs=example, opset=opset)
+
+
+def _finish_graph(graph: Any, target: str, simplify: bool) -> Any:
+    """Simplify (keeping Q/DQ), onnx.checker, and for the TensorRT layout its static rule check."""
     if simplify:
         from .simplify import simplify as run_simplify
 
         graph = run_simplify(graph)
-    _check_graph(graph)
-    if target == "onnx":  # the graph TensorRT builds from must pass its rules, checked statically
+    check_graph(graph)
+    if layout_of(target) == "trt":  # the graph TensorRT builds from must pass its rules, checked statically
         from .lint import lint_trt
 
         violations = lint_trt(graph)
         if violations:
             raise ExportError(f"the TensorRT-layout graph breaks {len(violations)} TensorRT rule(s): "
                               + "; ".join(str(v) for v in violations[:5]))
-    inputs, outputs = _tensor_specs(graph)
-    spec = ExportSpec(
+    return graph
+
+
+def _spec(graph: Any, manifest: Manifest, target: str, fp16: bool, opset: int) -> ExportSpec:
+    inputs, outputs = tensor_specs(graph)
+    return ExportSpec(
         flavour=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,
         model_config=manifest.model_config, inputs=inputs, outputs=outputs, timesteps=manifest.timesteps,
-        recipe=manifest.recipe, scheduler_config=manifest.scheduler_config, versions=_versions(),
+        recipe=manifest.recipe, scheduler_config=manifest.scheduler_config, versions=versions(),
     )
-    return save_export(graph, out_dir, spec, overwrite=overwrite)
 
 
 def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite: bool) -> Path:
-    import json
-
-    from ..models import load_model
-    from .onnx import example_inputs
-
     loaded = load_model(source)
     unet = loaded.unet.half() if fp16 else loaded.unet
     example = example_inputs(loaded.unet)
-    if fp16:
-        example = ExampleInputs(example.sample.half(), example.timestep,
-                                None if example.encoder_hidden_states is None else example.encoder_hidden_states.half())
-    with tempfile.TemporaryDirectory(prefix="dqdeploy-float-") as scratch:
-        graph = export_float_onnx(unet, Path(scratch) / "float.onnx", inputs=example)
-    inputs, outputs = _tensor_specs(graph)
+    graph = _float_graph(unet, example.half() if fp16 else example)
+    inputs, outputs = tensor_specs(graph)
     spec = ExportSpec(
         flavour="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(unet).__name__,
         model_config=json.loads(unet.to_json_string()), inputs=inputs, outputs=outputs,
-        scheduler_config=loaded.scheduler_config, versions=_versions(),
+        scheduler_config=loaded.scheduler_config, versions=versions(),
     )
     return save_export(graph, out_dir, spec, overwrite=overwrite)
-
-
-def _check_graph(graph) -> None:
-    import onnx
-
-    try:
-        if _fits_proto(graph) and graph.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(graph, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported graph fails onnx.checker: {str(exc)[:500]}") from None

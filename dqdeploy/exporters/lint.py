@@ -1,6 +1,6 @@
 """Static TensorRT rule check for QDQ ONNX graphs; runs without TensorRT.
 
-TensorRT's explicit quantization (BRIEF §2.1) accepts only part of what ONNX allows: build-time
+TensorRT's explicit quantization (its developer guide, "Explicit Quantization") accepts only part of what ONNX allows: build-time
 constant scales, zero-points equal to zero in int8 (int4 for weights), per-tensor activations,
 per-channel or blocked weights, INT4 only behind MatMul/Gemm, opset 13..20 (21 with INT4). Each rule
 is one function registered in :data:`RULES`; adding a rule touches nothing else.
@@ -18,29 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LintError, require
+from .graph_index import (
+    CASTS,
+    COMPUTE_OPS,
+    DATA_MOVES,
+    FLOAT_TYPES,
+    INT4,
+    INT4_TYPES,
+    INT8,
+    QDQ_OPS,
+    GraphIndex,
+    node_attr,
+    node_input,
+    type_name,
+)
 
 log = logging.getLogger(__name__)
 
-# onnx.TensorProto data types (numbers, so that importing this module does not need onnx)
-FLOAT, UINT8, INT8, FLOAT16, DOUBLE, BFLOAT16, UINT4, INT4 = 1, 2, 3, 10, 11, 16, 21, 22
-FLOAT_TYPES = frozenset({FLOAT, FLOAT16, DOUBLE, BFLOAT16})
-INT4_TYPES = frozenset({INT4, UINT4})
-TYPE_NAMES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-              10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn", 21: "uint4", 22: "int4"}
-
 MIN_OPSET, MAX_OPSET, INT4_OPSET = 13, 20, 21
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-IDENTITY = ("Identity",)
-CASTS = ("Identity", "Cast")
-# ops that only move data: TensorRT propagates Q/DQ across them
-DATA_MOVES = ("Identity", "Cast", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand")
-SMALL_INITIALIZER = 1024  # elements: larger ones become graph inputs in the shape-inference skeleton
-
-
-def type_name(dtype: int | None) -> str:
-    """Readable name of an onnx.TensorProto data type."""
-    return "unknown" if dtype is None else TYPE_NAMES.get(dtype, f"dtype {dtype}")
 
 
 @dataclass(frozen=True)
@@ -62,195 +57,9 @@ class LintOptions:
     allow_attention_qdq: bool = False
 
 
-class GraphIndex:
-    """Read-only lookups over a model's main graph: producers, consumers, constants, dtypes."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-        self.inits = {i.name: i for i in self.graph.initializer}
-        self.producer = {o: n for n in self.graph.node for o in n.output if o}
-        self.consumers: dict[str, list] = {}
-        for n in self.graph.node:
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in self.graph.output}
-        self._types: dict[str, int] | None = None
-        self._shapes: dict[str, tuple | None] = {}
-        self._const_derived: dict[str, bool] | None = None
-        self._names = {id(n): n.name or f"{n.op_type}#{k}({n.output[0] if n.output else ''})"
-                       for k, n in enumerate(self.graph.node)}
-
-    # -- names and edges ------------------------------------------------------------------------
-    def label(self, node) -> str:
-        """A printable node name (the node's own, or op#index(output))."""
-        return self._names[id(node)]
-
-    def nodes(self, *ops: str) -> Iterator:
-        """The main graph's nodes with one of the given op types."""
-        return (n for n in self.graph.node if n.op_type in ops)
-
-    def resolve(self, name: str, through: tuple[str, ...] = IDENTITY) -> str:
-        """Follow ``name`` upwards through nodes of the ``through`` op types."""
-        seen = 0
-        while name in self.producer and self.producer[name].op_type in through and seen < 10_000:
-            name = self.producer[name].input[0]
-            seen += 1
-        return name
-
-    def source(self, name: str, through: tuple[str, ...] = IDENTITY):
-        """The node producing ``name`` after looking through ``through`` ops (None: input/initializer)."""
-        return self.producer.get(self.resolve(name, through))
-
-    def users(self, name: str, through: tuple[str, ...] = IDENTITY) -> list[tuple[object, int]]:
-        """(node, input index) pairs consuming ``name``, looking down through ``through`` ops."""
-        found, todo, seen = [], [name], set()
-        while todo:
-            t = todo.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            for n in self.consumers.get(t, []):
-                if n.op_type in through:
-                    todo.extend(o for o in n.output if o)
-                else:
-                    found.extend((n, k) for k, i in enumerate(n.input) if i == t)
-        return found
-
-    # -- constants -------------------------------------------------------------------------------
-    def constant(self, name: str):
-        """The TensorProto behind ``name`` if it is an initializer or Constant output (via Identity)."""
-        name = self.resolve(name)
-        if name in self.inits:
-            return self.inits[name]
-        node = self.producer.get(name)
-        if node is None or node.op_type != "Constant":
-            return None
-        for a in node.attribute:
-            if a.name == "value":
-                return a.t
-            if a.name in ("value_float", "value_int", "value_floats", "value_ints"):
-                from onnx import helper
-
-                value = getattr(a, {"value_float": "f", "value_int": "i", "value_floats": "floats", "value_ints": "ints"}[a.name])
-                dtype = FLOAT if "float" in a.name else 7
-                dims = [] if a.name in ("value_float", "value_int") else [len(value)]
-                vals = [value] if not dims else list(value)
-                return helper.make_tensor(name, dtype, dims, vals)
-        return None
-
-    def const_array(self, name: str) -> np.ndarray | None:
-        """Values of a constant ``name`` (None if not constant or its external data is not loaded)."""
-        t = self.constant(name)
-        if t is None:
-            return None
-        from onnx import numpy_helper
-
-        try:
-            return numpy_helper.to_array(t)
-        except Exception:  # external data not loaded, exotic dtype: values unknown
-            return None
-
-    def const_size(self, name: str) -> int | None:
-        t = self.constant(name)
-        return None if t is None else int(np.prod(t.dims, dtype=np.int64))
-
-    def is_constant_derived(self, name: str) -> bool:
-        """True if ``name`` is computed from initializers/Constants only (a weight, not an activation)."""
-        if self._const_derived is None:
-            graph_inputs = {i.name for i in self.graph.input} - set(self.inits)
-            known: dict[str, bool] = {n: True for n in self.inits}
-            known.update({n: False for n in graph_inputs})
-            for node in self.graph.node:  # ONNX graphs are topologically sorted
-                if node.op_type in ("Constant",):
-                    value = True
-                elif node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
-                    value = False
-                else:
-                    value = all(known.get(i, False) for i in node.input if i)
-                for o in node.output:
-                    if o:
-                        known[o] = value
-            self._const_derived = known
-        return self._const_derived.get(name, False)
-
-    # -- types -----------------------------------------------------------------------------------
-    def elem_type(self, name: str) -> int | None:
-        """Element type of ``name``: declared, constant or inferred; None when unknown."""
-        if not name:
-            return None
-        t = self.constant(name)
-        if t is not None:
-            return t.data_type
-        if self._types is None:
-            self._infer()
-        return self._types.get(name)
-
-    def shape(self, name: str) -> tuple | None:
-        """Static shape of ``name`` (dims may be None), or None when unknown."""
-        t = self.constant(name)
-        if t is not None:
-            return tuple(t.dims)
-        if self._types is None:
-            self._infer()
-        return self._shapes.get(name)
-
-    def _infer(self) -> None:
-        types: dict[str, int] = {}
-        shapes: dict[str, tuple | None] = {}
-
-        def take(values) -> None:
-            for vi in values:
-                tt = vi.type.tensor_type
-                if vi.type.HasField("tensor_type") and tt.elem_type:
-                    types[vi.name] = tt.elem_type
-                    if tt.HasField("shape"):
-                        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-
-        take(self.graph.input)
-        take(self.graph.output)
-        take(self.graph.value_info)
-        try:
-            from onnx import shape_inference
-
-            inferred = shape_inference.infer_shapes(_skeleton(self.model), check_type=False, strict_mode=False)
-            take(inferred.graph.value_info)
-            take(inferred.graph.output)
-        except Exception as exc:  # a broken graph still gets the declared types
-            log.info("shape inference failed (%s); using declared types only", exc)
-        self._types, self._shapes = types, shapes
-
-
-def _skeleton(model):
-    """A copy of ``model`` without large initializer data (they become graph inputs): cheap to serialize."""
-    from onnx import helper
-
-    g = model.graph
-    small, large = [], []
-    for t in g.initializer:
-        (large if np.prod(t.dims, dtype=np.int64) > SMALL_INITIALIZER or t.data_location == 1 else small).append(t)
-    declared = {i.name for i in g.input}
-    inputs = list(g.input) + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                              for t in large if t.name not in declared]
-    graph = helper.make_graph(list(g.node), g.name or "graph", inputs, list(g.output), small,
-                              value_info=list(g.value_info))
-    skeleton = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 4))
-    skeleton.functions.extend(model.functions)
-    return skeleton
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers shared by rules
 # ---------------------------------------------------------------------------------------------
-def _attr(node, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i if a.type == 2 else a.f if a.type == 1 else a.s
-    return default
-
-
 def _is_weight_dq(ix: GraphIndex, node) -> bool:
     """A DequantizeLinear whose input 0 is an integer constant (initializer / Constant)."""
     t = ix.constant(node.input[0])
@@ -266,10 +75,6 @@ def _is_weight_q(ix: GraphIndex, node) -> bool:
 def _is_activation(ix: GraphIndex, node) -> bool:
     """A Q/DQ node on an activation (its input is computed from graph inputs)."""
     return not ix.is_constant_derived(node.input[0])
-
-
-def _input(node, k: int) -> str:
-    return node.input[k] if len(node.input) > k else ""
 
 
 def _same_constant(ix: GraphIndex, a: str, b: str) -> bool | None:
@@ -294,7 +99,7 @@ def _expected_weight_axis(ix: GraphIndex, node, slot: int, rank: int) -> int | N
     if node.op_type == "ConvTranspose" and slot == 1:
         return 1
     if node.op_type == "Gemm" and slot == 1:
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if node_attr(node, "transB", 0) else 1
     if node.op_type == "MatMul" and slot == 1:
         return rank - 1
     return None
@@ -346,14 +151,14 @@ def _constant_scale(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
     """Q/DQ scales and zero points are initializers or Constant outputs (through Identity)."""
     for n in ix.nodes(*QDQ_OPS):
         for k, what in ((1, "scale"), (2, "zero point")):
-            name = _input(n, k)
+            name = node_input(n, k)
             if name and ix.constant(name) is None:
                 src = ix.source(name)
                 found = f"{src.op_type} node '{ix.label(src)}'" if src is not None else "a graph input"
                 yield Violation("qdq-constant-scale", ix.label(n),
                                 f"{what} '{name}' comes from {found} at run time; expected an initializer or "
                                 "Constant; fix: use a constant Q/DQ scale s0 and move the per-step factor into "
-                                "Mul nodes around the Q/DQ pair (BRIEF §2.1)")
+                                "Mul nodes around the Q/DQ pair (per-step scales as a build-time-constant rescale)")
 
 
 @rule("qdq-zero-point")
@@ -363,13 +168,13 @@ def _zero_point(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
         weight = _is_weight_dq(ix, n)
         allowed = {INT8, INT4} if weight else {INT8}
         expected = "int8 or int4" if weight else "int8"
-        zp = _input(n, 2)
+        zp = node_input(n, 2)
         if zp:
             dtype = ix.elem_type(zp)
         elif n.op_type == "DequantizeLinear":
             dtype = ix.elem_type(n.input[0])
         else:
-            dtype = _attr(n, "output_dtype", 0) or None  # absent zero point: TensorRT reads int8
+            dtype = node_attr(n, "output_dtype", 0) or None  # absent zero point: TensorRT reads int8
         if dtype is not None and dtype not in allowed:
             yield Violation("qdq-zero-point", ix.label(n),
                             f"found {type_name(dtype)} quantized data ({'zero point ' + repr(zp) if zp else 'no zero point'}); "
@@ -388,7 +193,7 @@ def _zero_point(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
 def _scale_dtype(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
     """Scale dtype equals the dtype of the float tensor quantized / produced (fp16 graph -> fp16 scale)."""
     for n in ix.nodes(*QDQ_OPS):
-        scale_t = ix.elem_type(_input(n, 1))
+        scale_t = ix.elem_type(node_input(n, 1))
         if scale_t is None:
             continue
         float_t = None
@@ -407,7 +212,7 @@ def _scale_dtype(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
         if float_t in FLOAT_TYPES and scale_t != float_t:
             note = " (QuantizeLinear/DequantizeLinear take fp16 scales from opset 19)" if (ix.opset or 0) < 19 else ""
             yield Violation("qdq-scale-dtype", ix.label(n),
-                            f"found {type_name(scale_t)} scale '{_input(n, 1)}' on a {type_name(float_t)} tensor; "
+                            f"found {type_name(scale_t)} scale '{node_input(n, 1)}' on a {type_name(float_t)} tensor; "
                             f"expected a {type_name(float_t)} scale (strongly typed TensorRT); "
                             f"fix: store the scale as {type_name(float_t)}{note}")
 
@@ -416,7 +221,7 @@ def _scale_dtype(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
 def _per_tensor(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
     """Activations per-tensor; weights per-tensor, per-channel on the output axis, or blocked (MatMul/Gemm)."""
     for n in ix.nodes(*QDQ_OPS):
-        scale = _input(n, 1)
+        scale = node_input(n, 1)
         size = ix.const_size(scale)
         shape = ix.shape(scale)
         if _is_weight_q(ix, n):
@@ -428,7 +233,7 @@ def _per_tensor(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
             if not per_tensor:
                 found = f"{size} scales" if size is not None else f"scale of shape {shape}"
                 yield Violation("activation-per-tensor", ix.label(n),
-                                f"found {found} on an activation (axis {_attr(n, 'axis', 1)}); expected one scalar "
+                                f"found {found} on an activation (axis {node_attr(n, 'axis', 1)}); expected one scalar "
                                 "scale; fix: use a per-tensor scale (per-channel factors go into a Mul before Q)")
             continue
         if size is None or size == 1:
@@ -436,7 +241,7 @@ def _per_tensor(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
         weight = ix.constant(n.input[0])
         rank = len(weight.dims)
         users = ix.users(n.output[0], CASTS)
-        block = _attr(n, "block_size", 0)
+        block = node_attr(n, "block_size", 0)
         if block:
             bad = [u for u, _ in users if u.op_type not in ("MatMul", "Gemm")]
             if bad or len(ix.constant(scale).dims) != rank:
@@ -446,7 +251,7 @@ def _per_tensor(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
                                 f"{tuple(ix.constant(scale).dims)}; expected blocks only on MatMul/Gemm weights with a "
                                 "scale of the weight's rank; fix: quantize this weight per channel")
             continue
-        axis = _attr(n, "axis", 1)
+        axis = node_attr(n, "axis", 1)
         axis = axis + rank if axis < 0 else axis
         for user, slot in users:
             expected = _expected_weight_axis(ix, user, slot, rank)
@@ -473,7 +278,7 @@ def _int8_weights(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
     for node in ix.nodes(*COMPUTE_OPS):
         slots = (0, 1) if node.op_type == "MatMul" else (1,)
         for slot in slots:
-            dq = ix.source(_input(node, slot), CASTS)
+            dq = ix.source(node_input(node, slot), CASTS)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             src = ix.source(dq.input[0])
@@ -511,7 +316,7 @@ def _attention(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
     if opts.allow_attention_qdq:
         return
     for node in ix.nodes("MatMul"):
-        a, b = _input(node, 0), _input(node, 1)
+        a, b = node_input(node, 0), node_input(node, 1)
         if ix.is_constant_derived(a) or ix.is_constant_derived(b):
             continue
         for slot, name in enumerate((a, b)):
@@ -544,8 +349,8 @@ def _pairing(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
                                 f"found QuantizeLinear output feeding {user.op_type} '{ix.label(user)}'; expected "
                                 "only DequantizeLinear consumers; fix: insert the matching DequantizeLinear")
                 continue
-            same_scale = _same_constant(ix, _input(n, 1), _input(user, 1))
-            same_zp = _same_constant(ix, _input(n, 2), _input(user, 2))
+            same_scale = _same_constant(ix, node_input(n, 1), node_input(user, 1))
+            same_zp = _same_constant(ix, node_input(n, 2), node_input(user, 2))
             if same_scale is False or same_zp is False:
                 what = "scale" if same_scale is False else "zero point"
                 yield Violation("qdq-pairing", ix.label(n),

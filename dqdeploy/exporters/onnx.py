@@ -37,6 +37,18 @@ class ExampleInputs:
         args = (self.sample, self.timestep)
         return args if self.encoder_hidden_states is None else (*args, self.encoder_hidden_states)
 
+    def half(self) -> "ExampleInputs":
+        """FP16 sample and conditioning (the timestep stays float32, as the graph takes it)."""
+        context = self.encoder_hidden_states
+        return ExampleInputs(self.sample.half(), self.timestep, None if context is None else context.half())
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], batch: int = 2) -> "ExampleInputs":
+        """The first ``batch`` rows of named input tensors (an artifact's calibration inputs)."""
+        context = tensors.get(INPUT_CONTEXT)
+        return cls(tensors[INPUT_SAMPLE][:batch], tensors[INPUT_TIMESTEP][:batch].float(),
+                   None if context is None else context[:batch])
+
     @property
     def names(self) -> list[str]:
         names = [INPUT_SAMPLE, INPUT_TIMESTEP]

@@ -1,4 +1,4 @@
-"""Q/DQ graph surgery on the float ONNX graph, keyed on module names, and the export verb.
+"""Q/DQ graph surgery on the float ONNX graph, keyed on module names (the export verb is :mod:`.export`).
 
 For every quantized layer (module name -> the Conv/MatMul/Gemm node the exporter made for it)::
 
@@ -7,7 +7,8 @@ For every quantized layer (module name -> the Conv/MatMul/Gemm node the exporter
 
 ``rows`` = ArgMin |timestep - calibrated steps| (one Gather per table), ``f_in = (1/s) * s0 / s_t``,
 ``f_out = s_t / s0``: ``round(x / s_t) == round(x * s0 / s_t / s0)``, so the integers are exactly the
-per-step quantizer's while every Q/DQ scale is a build-time constant (BRIEF §2.1). Flavours:
+per-step quantizer's while every Q/DQ scale is a build-time constant (TensorRT's explicit
+quantization requires constant scales; DilateQuant, arXiv 2409.14307, has one scale per step). Layouts:
 ``onnx`` (TensorRT: int8, zero point 0, input-only Q/DQ) and ``ort`` (uint8 / zero point 128 plus an
 output Q, the pattern ONNX Runtime fuses into QLinearConv / QLinearMatMul).
 """
@@ -21,13 +22,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ExportError
-from .deploy import LayerTensors
+from .dequantize import LayerTensors
+from .graph_index import GraphIndex
 from .onnx import INPUT_TIMESTEP
 
 log = logging.getLogger(__name__)
 
 FLAVOURS = ("onnx", "ort")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+UINT8_ZERO_POINT = 128  # ORT layout: uint8 activations, q_uint8 = q_int8 + 128
+
+
+def layer_prefix(layer: str) -> str:
+    """Name prefix of every node and initializer the surgery adds for quantized layer ``layer``."""
+    return f"dq/{layer}"
+
+
+def input_q_name(layer: str) -> str:
+    """Output of the QuantizeLinear on ``layer``'s input: the integers checks compare per layer."""
+    return layer_prefix(layer) + "/input_q"
 
 
 @dataclass(frozen=True)
@@ -50,12 +63,8 @@ class _Graph:
         self.onnx = onnx
         self.model = model
         self.g = model.graph
-        self.inits = {i.name: i for i in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
+        index = GraphIndex(model)
+        self.inits, self.consumers = index.inits, index.consumers
         self._names: set[str] = {n.name for n in self.g.node} | set(self.inits) | {o for n in self.g.node for o in n.output}
         self.new_nodes: dict[int | None, list] = {}  # id(anchor node) -> nodes to insert before it; None: at the end
 
@@ -196,13 +205,13 @@ def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: i
     scale ``s_t`` is gathered (axis 0): one pass fewer, and the fused DQ->node->Q keeps constants.
     """
     ftype = _np_float(opts.float_type)
-    prefix = f"dq/{layer.name}"
+    prefix = layer_prefix(layer.name)
     per_step = rows is not None and layer.act_scale.size > 1
     s0 = layer.ref_scale
     fshape = (1,) + _factor_shape(layer.kind, rank, layer.in_factor.size)
     ort = opts.flavour == "ort"
     zp_dtype = np.uint8 if ort else np.int8
-    zp0 = zp_dtype(128 if ort else 0)
+    zp0 = zp_dtype(UINT8_ZERO_POINT if ort else 0)
     s0_name = gr.const(prefix + "/act_scale", np.asarray(s0, ftype))
     zp_name = gr.const(prefix + "/act_zp", np.asarray(zp0))
     x = node.input[0]
@@ -211,7 +220,7 @@ def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: i
             x = gr.node("Mul", [x, gr.const(prefix + "/in_factor", layer.in_factor.reshape(fshape).astype(ftype))], prefix + "/input_scaled", node)
         scale = _per_sample(gr, layer.act_scale.astype(ftype), rows, prefix + "/step_scale", node)
         zps = _per_sample(gr, np.full(layer.act_scale.size, zp0, zp_dtype), rows, prefix + "/step_zp", node)
-        xq = gr.node("QuantizeLinear", [x, scale, zps], prefix + "/input_q", node, axis=0)
+        xq = gr.node("QuantizeLinear", [x, scale, zps], input_q_name(layer.name), node, axis=0)
     else:
         if per_step:
             f_in = (layer.in_factor[None, :] * (s0 / layer.act_scale)[:, None]).reshape((-1,) + fshape[1:]).astype(ftype)
@@ -221,7 +230,7 @@ def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: i
             factor = None if np.all(f_const == 1) else gr.const(prefix + "/in_factor", f_const)
         if factor is not None:
             x = gr.node("Mul", [x, factor], prefix + "/input_scaled", node)
-        xq = gr.node("QuantizeLinear", [x, s0_name, zp_name], prefix + "/input_q", node)
+        xq = gr.node("QuantizeLinear", [x, s0_name, zp_name], input_q_name(layer.name), node)
     node.input[0] = gr.node("DequantizeLinear", [xq, s0_name, zp_name], prefix + "/input_dq", node)
 
 
@@ -230,8 +239,8 @@ def _weight_only_input(gr: _Graph, node, layer: LayerTensors, rank: int, opts: S
     if np.all(layer.in_factor == 1):
         return
     shape = (1,) + _factor_shape(layer.kind, rank, layer.in_factor.size)
-    factor = gr.const(f"dq/{layer.name}/in_factor", layer.in_factor.reshape(shape).astype(_np_float(opts.float_type)))
-    node.input[0] = gr.node("Mul", [node.input[0], factor], f"dq/{layer.name}/input_scaled", node)
+    factor = gr.const(layer_prefix(layer.name) + "/in_factor", layer.in_factor.reshape(shape).astype(_np_float(opts.float_type)))
+    node.input[0] = gr.node("Mul", [node.input[0], factor], layer_prefix(layer.name) + "/input_scaled", node)
 
 
 def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions, out_scale: float | None) -> None:
@@ -241,7 +250,7 @@ def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: 
     otherwise it is a Mul by a gathered factor. The bias is added after the rescale.
     """
     ftype = _np_float(opts.float_type)
-    prefix = f"dq/{layer.name}"
+    prefix = layer_prefix(layer.name)
     per_step = rows is not None and layer.act_scale.size > 1
     s0 = layer.ref_scale
     step_ratio = (layer.act_scale / s0).astype(np.float64)  # [T] (T = 1: constant)
@@ -258,7 +267,7 @@ def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: 
     rescaled = False
     if out_scale is not None:
         ort = opts.flavour == "ort"
-        zp_value, zp_dtype = (128, np.uint8) if ort else (0, np.int8)
+        zp_value, zp_dtype = (UINT8_ZERO_POINT, np.uint8) if ort else (0, np.int8)
         oscale = gr.const(prefix + "/out_scale", np.asarray(out_scale, ftype))
         ozp = gr.const(prefix + "/out_zp", np.asarray(zp_value, zp_dtype))
         yq = gr.node("QuantizeLinear", [y, oscale, ozp], prefix + "/out_q", anchor)

@@ -5,7 +5,8 @@ only if every QuantizeLinear/DequantizeLinear, every quantized weight and every 
 survived and no float weight appeared; otherwise it returns the input model and logs a warning.
 
 :func:`fold_weight_quantize` turns ``QuantizeLinear(float initializer W, constant scale, zp)`` into an
-integer initializer, which no off-the-shelf simplifier does (BRIEF §2.3).
+integer initializer, which no off-the-shelf simplifier does (they leave the float weight and the Q
+node in place, which TensorRT rejects as a run-time weight quantization).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import require
-from .lint import COMPUTE_OPS, FLOAT_TYPES, GraphIndex
+from .graph_index import COMPUTE_OPS, FLOAT_TYPES, GraphIndex
 
 log = logging.getLogger(__name__)
 

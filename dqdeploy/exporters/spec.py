@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError, check_format
+from ..folders import SPEC_FILE
 
-SPEC_FILE = "dqdeploy_export.json"
 ONNX_FILE = "unet/model.onnx"
 ONNX_DATA_FILE = "model.onnx_data"
 ENGINE_FILE = "unet/model.plan"

@@ -1,4 +1,4 @@
-"""Weight Dilation (DilateQuant, BRIEF §1.1) and the SmoothQuant baseline: per-input-channel
+"""Weight Dilation (DilateQuant, arXiv 2409.14307) and the SmoothQuant baseline: per-input-channel
 factors ``s`` with ``W' = W * s`` and ``X' = X / s``. Pure functions of tensors.
 """
 

@@ -1,4 +1,4 @@
-"""Block-wise knowledge distillation (BKD, BRIEF §1.3) and the whole-model baseline.
+"""Block-wise knowledge distillation (BKD, DilateQuant arXiv 2409.14307) and the whole-model baseline.
 
 For block k: the FP block's output on FP inputs is the target; the quantized block is fed the
 inputs produced by the already-distilled quantized blocks before it. Weights, biases, weight step

@@ -1,7 +1,7 @@
 """Quantized Conv2d / Linear layers and the drop-in quantized UNet.
 
 A :class:`QuantLayer` computes ``layer(Qa(x * input_scale), Qw(W'))`` where ``W' = W * s`` is the
-dilated weight and ``input_scale = 1 / s`` (Weight Dilation, BRIEF §1.1). ``Qa`` is the per-step
+dilated weight and ``input_scale = 1 / s`` (Weight Dilation, DilateQuant arXiv 2409.14307). ``Qa`` is the per-step
 activation quantizer, ``Qw`` the per-channel weight quantizer.
 """
 

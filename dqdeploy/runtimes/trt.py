@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError, DQDeployError, RuntimeInputError
+from ..exporters.engine_spec import read_engine_info
 from ..exporters.spec import ENGINE_FILE, read_spec
-from ..exporters.trt import gpu_description, read_engine_info, require_tensorrt
+from ..trt_gate import gpu_description, require_tensorrt
 from .base import OUTPUT, UNetRuntime
 
 TORCH_OF_TRT = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -22,7 +23,7 @@ TORCH_OF_TRT = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfl
 
 
 class TrtUNet(UNetRuntime):
-    """A TensorRT engine built by :func:`dqdeploy.exporters.trt.build_engine`, callable like a diffusers UNet.
+    """A TensorRT engine built by :func:`dqdeploy.exporters.engine.build_engine`, callable like a diffusers UNet.
 
     ``device``: the CUDA device index the engine runs on (default: the current one).
     """

@@ -42,20 +42,20 @@ def uncond_pipeline(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def float_exports(uncond_pipeline, tmp_path_factory) -> dict[str, Path]:
     """FP16 and FP32 float exports of the same unconditional UNet."""
-    from dqdeploy.exporters.export import export_quantized
+    from dqdeploy import export
 
     root = tmp_path_factory.mktemp("float")
     return {
-        "fp16": export_quantized(uncond_pipeline, root / "fp16", target="float", fp16=True),
-        "fp32": export_quantized(uncond_pipeline, root / "fp32", target="float"),
+        "fp16": export(uncond_pipeline, root / "fp16", target="float", fp16=True),
+        "fp32": export(uncond_pipeline, root / "fp32", target="float"),
     }
 
 
 @pytest.fixture(scope="session")
 def w8a8(uncond_pipeline, tmp_path_factory) -> dict[str, Path]:
     """A w8a8 artifact and its TensorRT-layout exports (FP16 for the engine, FP32 for ONNX Runtime)."""
-    from dqdeploy.api import quantize
-    from dqdeploy.exporters.export import export_quantized
+    from dqdeploy import quantize
+    from dqdeploy import export
     from dqdeploy.recipe import W8A8, CalibrationConfig
 
     root = tmp_path_factory.mktemp("w8a8")
@@ -63,8 +63,8 @@ def w8a8(uncond_pipeline, tmp_path_factory) -> dict[str, Path]:
     q = quantize(uncond_pipeline, W8A8.replace(iters=10, batch_size=16), calib, root / "q").path
     return {
         "q": q,
-        "fp16": export_quantized(q, root / "fp16", target="onnx", fp16=True),
-        "fp32": export_quantized(q, root / "fp32", target="onnx"),
+        "fp16": export(q, root / "fp16", target="onnx", fp16=True),
+        "fp32": export(q, root / "fp32", target="onnx"),
     }
 
 
@@ -73,11 +73,11 @@ def cond_export(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A conditional UNet (cross-attention, [B, 5, 24] context) and its FP16 float export."""
     from diffusers import DDIMScheduler
 
-    from dqdeploy.exporters.export import export_quantized
+    from dqdeploy import export
     from tests.helpers import tiny_cond_unet
 
     root = tmp_path_factory.mktemp("cond")
     unet = tiny_cond_unet()
     unet.save_pretrained(str(root / "pipe" / "unet"))
     DDIMScheduler(num_train_timesteps=1000).save_pretrained(str(root / "pipe" / "scheduler"))
-    return unet, export_quantized(root / "pipe", root / "fp16", target="float", fp16=True)
+    return unet, export(root / "pipe", root / "fp16", target="float", fp16=True)

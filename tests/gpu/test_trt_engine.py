@@ -25,7 +25,9 @@ if not torch.cuda.is_available():
 from dqdeploy.errors import RuntimeInputError  # noqa: E402
 from dqdeploy.exporters.lint import lint_path  # noqa: E402
 from dqdeploy.exporters.spec import ENGINE_FILE, ONNX_FILE  # noqa: E402
-from dqdeploy.exporters.trt import build_engine, read_engine_info, triton_config, write_triton_repo  # noqa: E402
+from dqdeploy.exporters.engine import build_engine  # noqa: E402
+from dqdeploy.exporters.engine_spec import read_engine_info  # noqa: E402
+from dqdeploy.exporters.triton import triton_config, write_triton_repo  # noqa: E402
 from dqdeploy.runtimes import load_runtime  # noqa: E402
 from dqdeploy.runtimes.ort import OrtUNet  # noqa: E402
 from dqdeploy.runtimes.trt import TrtUNet  # noqa: E402

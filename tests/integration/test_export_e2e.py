@@ -9,10 +9,10 @@ import subprocess
 import onnx
 import pytest
 
-from dqdeploy.api import quantize
+from dqdeploy import quantize
 from dqdeploy.check import check_export
 from dqdeploy.errors import ArtifactError, ExportError
-from dqdeploy.exporters.export import export_quantized
+from dqdeploy import export
 from dqdeploy.exporters.lint import lint_path
 from dqdeploy.exporters.spec import ONNX_FILE, read_spec
 from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
@@ -41,7 +41,7 @@ def cond_artifact(tmp_path_factory):
 
 @pytest.mark.parametrize("target", ["onnx", "ort"])
 def test_unconditional_export_agrees_per_step(uncond_artifact, target, tmp_path):
-    out = export_quantized(uncond_artifact, tmp_path / target, target=target, simplify=SIMPLIFY)
+    out = export(uncond_artifact, tmp_path / target, target=target, simplify=SIMPLIFY)
     spec = read_spec(out)
     assert [t.name for t in spec.inputs] == ["sample", "timestep"] and [t.name for t in spec.outputs] == ["out_sample"]
     model = onnx.load(str(out / ONNX_FILE))
@@ -61,7 +61,7 @@ def test_unconditional_export_agrees_per_step(uncond_artifact, target, tmp_path)
 
 @pytest.mark.parametrize("target", ["onnx", "ort"])
 def test_conditional_export_agrees_per_step(cond_artifact, target, tmp_path):
-    out = export_quantized(cond_artifact, tmp_path / target, target=target, simplify=SIMPLIFY)
+    out = export(cond_artifact, tmp_path / target, target=target, simplify=SIMPLIFY)
     assert read_spec(out).conditional
     result = check_export(cond_artifact, out)
     assert result.ok, result.table()
@@ -71,7 +71,7 @@ def test_simulation_only_recipe_is_refused(tmp_path):
     write_pipeline(tiny_unet(), tmp_path / "pipe")
     q = quantize(tmp_path / "pipe", W4A4.replace(distill="none"), CALIB, tmp_path / "q").path
     with pytest.raises(ExportError, match="simulation-only"):
-        export_quantized(q, tmp_path / "e", target="onnx")
+        export(q, tmp_path / "e", target="onnx")
     assert not (tmp_path / "e").exists()
 
 
@@ -84,13 +84,13 @@ def test_artifact_from_another_format_version_is_refused(uncond_artifact, tmp_pa
     manifest["format_version"] = 99
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="format version 99"):
-        export_quantized(bad, tmp_path / "e", target="ort")
+        export(bad, tmp_path / "e", target="ort")
 
 
 def test_export_folder_is_not_a_source(uncond_artifact, tmp_path):
-    out = export_quantized(uncond_artifact, tmp_path / "e", target="ort", simplify=SIMPLIFY)
+    out = export(uncond_artifact, tmp_path / "e", target="ort", simplify=SIMPLIFY)
     with pytest.raises(ExportError, match="already an export folder"):
-        export_quantized(out, tmp_path / "e2", target="ort")
+        export(out, tmp_path / "e2", target="ort")
 
 
 def test_layout_ort_makes_the_ort_graph_match_the_simulation(tmp_path):
@@ -98,7 +98,7 @@ def test_layout_ort_makes_the_ort_graph_match_the_simulation(tmp_path):
     reproduces it like the TensorRT layout does (integers exact until a tie flips)."""
     write_pipeline(tiny_unet(), tmp_path / "pipe")
     q = quantize(tmp_path / "pipe", W8A8.replace(iters=10, batch_size=16, layout="ort"), CALIB, tmp_path / "q").path
-    out = export_quantized(q, tmp_path / "e", target="ort", simplify=False)
+    out = export(q, tmp_path / "e", target="ort", simplify=False)
     result = check_export(q, out, per_layer=True)
     assert result.ok, result.table()
     assert all(s.tolerance == max(1e-3, s.quant_err) for s in result.steps)  # no extra budget needed

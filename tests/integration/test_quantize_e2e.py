@@ -1,4 +1,4 @@
-"""End to end: ``dqdeploy.api.quantize`` on model folders in the layouts users have (a DDPM pipeline
+"""End to end: ``dqdeploy.quantize`` on model folders in the layouts users have (a DDPM pipeline
 folder; a bare conditional UNet + scheduler folder + conditioning file under guidance), then the
 reloaded artifact sampling inside real diffusers scheduler loops; every ablation switch."""
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
-from dqdeploy.api import load_calibration_inputs, load_quantized, quantize
+from dqdeploy import quantize
+from dqdeploy.artifact import load_calibration_inputs, load_quantized
 from dqdeploy.artifact import read_manifest
 from dqdeploy.models import load_unet
 from dqdeploy.quant.modules import quant_layers

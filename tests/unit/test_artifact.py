@@ -10,7 +10,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.api import load_calibration_inputs, load_quantized, quantize_unet, save_quantized
+from dqdeploy.artifact import load_calibration_inputs, load_quantized, save_quantized
+from dqdeploy.quantize_stage import quantize_unet
 from dqdeploy.artifact import CALIB_INPUTS, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, read_manifest, save_artifact, sha256
 from dqdeploy.atomic import atomic_dir, atomic_write_bytes
 from dqdeploy.errors import ArtifactError, DQDeployError

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dqdeploy.api import build_quantized
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.errors import ModelLoadError, RecipeError
 from dqdeploy.quant.modules import QUANTIZABLE, quant_layers
 from dqdeploy.quant.timestep import TimestepTable

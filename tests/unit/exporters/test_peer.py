@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 
 from dqdeploy.errors import CalibrationError, ExportError
 from dqdeploy.exporters.onnx import example_inputs, export_float_onnx
-from dqdeploy.exporters.peer import quantize_with_ort
+from dqdeploy.exporters.ort_baseline import quantize_with_ort
 
 # measured: 0.04-0.06 over these inputs; every activation scale x4 gives ~0.5, x0.1 ~0.96
 REL_BOUND = 0.15
@@ -101,7 +101,7 @@ def test_bad_calibration_inputs_are_refused(peer, tmp_path):
 def test_calibration_session_uses_one_thread(peer):
     from onnxruntime.quantization.calibrate import CalibraterBase
 
-    from dqdeploy.exporters.peer import _calibration_threads
+    from dqdeploy.exporters.ort_baseline import _calibration_threads
 
     float_path, _ = peer
     original = CalibraterBase.create_inference_session

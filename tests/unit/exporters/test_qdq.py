@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dqdeploy.errors import ExportError
-from dqdeploy.exporters.deploy import simulate_layer_input, tensors_of
+from dqdeploy.exporters.dequantize import simulate_layer_input, tensors_of
 from dqdeploy.exporters.onnx import ExampleInputs, export_float_onnx
 from dqdeploy.exporters.qdq import SurgeryOptions, insert_qdq
 from dqdeploy.quant.modules import QuantLayer
@@ -62,7 +62,7 @@ def exported(kind: str, flavour: str, tmp_path, out_scale: float | None = None):
 
 
 def _plain(layer: QuantLayer) -> nn.Module:
-    from dqdeploy.exporters.deploy import _DequantLayer
+    from dqdeploy.exporters.dequantize import _DequantLayer
 
     return _DequantLayer(layer).inner
 

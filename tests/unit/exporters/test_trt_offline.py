@@ -17,9 +17,10 @@ import torch
 
 from dqdeploy.errors import ArtifactError, DQDeployError, ExportError, MissingDependencyError
 from dqdeploy.exporters.spec import ENGINE_FILE, ENGINE_SPEC_FILE, ExportSpec, TensorSpec
-from dqdeploy.exporters.trt import (
-    build_engine, profile_shapes, read_engine_info, require_tensorrt, triton_config, write_triton_repo,
-)
+from dqdeploy.exporters.engine import build_engine, profile_shapes
+from dqdeploy.exporters.engine_spec import read_engine_info
+from dqdeploy.exporters.triton import triton_config, write_triton_repo
+from dqdeploy.trt_gate import require_tensorrt
 
 ROOT = Path(__file__).resolve().parents[3]
 CPP = ROOT / "examples" / "cpp"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.api import build_quantized, quantize_unet
+from dqdeploy.quantize_stage import build_quantized, quantize_unet
 from dqdeploy.errors import CalibrationError
 from dqdeploy.quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax, unet_forward
 from dqdeploy.quant.modules import quant_layers, set_act_quant

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.api import build_quantized
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.quant.dilation import dilation_factors, smoothquant_factors
 from dqdeploy.quant.modules import QuantLayer, quant_layers
 from dqdeploy.quant.timestep import StepIndex, TimestepTable

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.api import _example_run, build_quantized
+from dqdeploy.quantize_stage import _example_run, build_quantized
 from dqdeploy.quant.blocks import partition
 from dqdeploy.quant.calibrate import init_activation_scales
 from dqdeploy.quant.distill import distill_blocks, distill_model

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.api import build_quantized
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.quant.modules import QuantLayer
 from dqdeploy.quant.primitives import fake_quant
 from dqdeploy.quant.quantizer import ActQuantizer, WeightQuantizer

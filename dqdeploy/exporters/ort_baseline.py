@@ -1,4 +1,5 @@
-"""ONNX Runtime's own post-training quantization: the reference peer for benchmarks (BRIEF §2.2).
+"""ONNX Runtime's own post-training quantization: the baseline dqdeploy's own
+export is benchmarked against (``bench/``): what a user gets from ONNX Runtime without DilateQuant.
 
 ``quantize_static`` in QDQ format with uint8 activations (what ONNX Runtime fuses into QLinearConv /
 QLinearMatMul on x86), int8 per-channel weights, MinMax calibration over the given input dicts.

@@ -86,7 +86,7 @@ class _DequantLayer(nn.Module):
                 self.inner.bias.copy_(layer.bias)
 
 
-def deploy_unet(model: QuantizedUNet, manifest: Manifest) -> nn.Module:
+def dequantized_unet(model: QuantizedUNet, manifest: Manifest) -> nn.Module:
     """A float diffusers UNet: each QuantLayer becomes a plain layer (dequantized weights) named like
     the original, and ``1/s`` is folded into the affine norm in front of it where that is exact."""
     unet = copy.deepcopy(model.unet).float().eval()

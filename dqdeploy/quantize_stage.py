@@ -1,47 +1,34 @@
-"""The public verbs: ``quantize`` a diffusers model folder into an artifact, ``load_quantized`` it.
+"""The quantize stage: a diffusers model folder -> a quantized artifact (``dqdeploy.quantize``).
 
-Stages (ARCHITECTURE.md): load -> FP trajectories -> Weight Dilation -> per-step activation
+Steps (ARCHITECTURE.md): load -> FP trajectories -> Weight Dilation -> per-step activation
 calibration -> block-wise distillation -> artifact.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
 from .atomic import check_target
-from .artifact import CALIB_INPUTS, WEIGHTS, LayerMeta, Manifest, load_state, read_manifest, save_artifact
-from .errors import ArtifactError, CalibrationError, ModelLoadError
-from .models import LoadedModel, encode_prompts, load_model, make_scheduler, unet_class
+from .errors import CalibrationError, ModelLoadError
+from .models import LoadedModel, encode_prompts, load_model, make_scheduler
 from .quant.analysis import analyze_inputs
 from .quant.blocks import partition
 from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax, unet_forward
 from .quant.dilation import dilation_factors, smoothquant_factors
 from .quant.distill import BlockReport, distill_blocks, distill_model
-from .quant.modules import QUANTIZABLE, QuantizedUNet, QuantLayer, replace_module
-from .quant.timestep import StepIndex, TimestepTable
+from .quant.modules import QUANTIZABLE, QuantizedUNet
+from .quant.timestep import TimestepTable
 from .quant.trajectories import CalibrationSet, Conditioning, collect, load_conditioning
 from .recipe import CalibrationConfig, Recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QuantizeResult:
-    """What ``quantize`` produced: the simulated model, its metadata and the distillation record."""
-
-    model: QuantizedUNet
-    manifest: Manifest
-    reports: list[BlockReport]
-    calib_inputs: dict[str, torch.Tensor]
-    path: Path | None = None
 
 
 def _example_run(unet: nn.Module, calib: CalibrationSet, n: int = 2):
@@ -83,23 +70,18 @@ def build_quantized(
     names = [n for n, m in qunet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
     if not names:
         raise ModelLoadError("the recipe selects no Conv2d/Linear layer", hint="check the recipe's include/exclude patterns")
-    step_index = StepIndex()
     info = analyze_inputs(qunet, _example_run(qunet, calib), names)
     names = [n for n in names if n in info]  # layers never called keep FP weights
     dil = _dilations(qunet, names, info, recipe, calib)
-    metas: dict[str, LayerMeta] = {}
-    for name in names:
-        layer = qunet.get_submodule(name)
-        bits = recipe.weight_bits_for(name)
-        s = dil[name]
-        out_q = recipe.layout == "ort" and info[name].rank > 2  # the fused (compute-heavy) layers
-        q = QuantLayer(
-            layer, weight_bits=bits, act_bits=recipe.act_bits, act_symmetric=recipe.act_symmetric,
-            n_steps=table.n_rows, step_index=step_index, dilation=s, output_quant=out_q,
+    metas = {
+        name: LayerMeta(
+            "conv" if isinstance(qunet.get_submodule(name), nn.Conv2d) else "linear",
+            recipe.weight_bits_for(name), recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold,
+            recipe.layout == "ort" and info[name].rank > 2,  # output Q on the fused (compute-heavy) layers
         )
-        replace_module(qunet, name, q)
-        metas[name] = LayerMeta(q.kind, bits, recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold, out_q)
-    return QuantizedUNet(qunet, table, step_index), metas
+        for name in names
+    }
+    return install_quant_layers(qunet, metas, table, dil), metas
 
 
 def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None) -> Conditioning | None:
@@ -194,68 +176,3 @@ def calibration_subset(calib: CalibrationSet, steps: int = 8, per_step: int = 8,
         idx.append(members[torch.randperm(len(members), generator=gen)[:per_step]])
     x, t, _, cond = calib.batch(torch.cat(idx))
     return {"sample": x, "timestep": t} | ({} if cond is None else {"encoder_hidden_states": cond})
-
-
-def load_calibration_inputs(quant_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The calibration inputs saved with an artifact: ``sample``, ``timestep`` [, ``encoder_hidden_states``]."""
-    return load_state(quant_dir, read_manifest(quant_dir), CALIB_INPUTS)
-
-
-def save_quantized(result: QuantizeResult, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the artifact (manifest, safetensors, distillation losses and their plot)."""
-    extras = {"distill_report.json": json.dumps([asdict(r) for r in result.reports], indent=1).encode()}
-    if result.reports:
-        extras["distill_loss.png"] = _loss_plot(result.reports)
-    tensors = {WEIGHTS: result.model.unet.state_dict(), CALIB_INPUTS: result.calib_inputs}
-    return save_artifact(out_dir, result.manifest, tensors, extras, overwrite=overwrite)
-
-
-def _loss_plot(reports: list[BlockReport]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r.name for r in reports]
-    a.semilogy(range(len(reports)), [max(r.loss_before, 1e-12) for r in reports], "o-", label="before")
-    a.semilogy(range(len(reports)), [max(r.loss_after, 1e-12) for r in reports], "o-", label="after")
-    a.set_xticks(range(len(reports)), names, rotation=90, fontsize=6)
-    a.set_title("block MSE vs full precision")
-    a.legend()
-    for r in reports:
-        if r.curve:
-            b.semilogy(r.curve, lw=0.6)
-    b.set_title("distillation loss per block")
-    b.set_xlabel("iteration")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
-    """Rebuild the simulated quantized UNet from an artifact (no calibration data needed)."""
-    manifest = read_manifest(quant_dir)
-    state = load_state(quant_dir, manifest)
-    recipe = Recipe.from_dict(manifest.recipe)
-    cls = unet_class({"_class_name": manifest.model_class}, Path(quant_dir))
-    unet = cls.from_config(manifest.model_config).eval()
-    table = TimestepTable(manifest.timesteps, collapsed=recipe.timestep_scales == "collapsed")
-    step_index = StepIndex()
-    for name, meta in manifest.layers.items():
-        try:
-            layer = unet.get_submodule(name)
-        except AttributeError:
-            raise ArtifactError(f"manifest layer {name!r} does not exist in {manifest.model_class}") from None
-        q = QuantLayer(
-            layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
-            n_steps=table.n_rows, step_index=step_index, output_quant=meta.output_quant,
-        )
-        replace_module(unet, name, q)
-    try:
-        unet.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{quant_dir}: weights do not match the manifest ({str(exc)[:300]})") from None
-    return QuantizedUNet(unet, table, step_index).eval()

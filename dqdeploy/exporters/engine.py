@@ -1,0 +1,256 @@
+"""TensorRT engines from exported QDQ ONNX graphs (needs TensorRT and a GPU; see :mod:`dqdeploy.trt_gate`).
+
+``build_engine(export_dir)`` parses ``unet/model.onnx`` into a *strongly typed* network (types come
+from the graph: build from an FP16 export with explicit Q/DQ; no ``--int8``/``--fp16`` builder
+flags), adds one optimization profile for ``sample``/``timestep``/``encoder_hidden_states``, and
+writes ``unet/model.plan`` plus ``unet/engine.json`` (I/O, profile, TensorRT version, GPU, recipe).
+
+Batch profile: ``batch=(min, opt, max)`` counts UNet calls' batch rows. Classifier-free guidance
+runs the UNet on ``[uncond; cond]``, i.e. twice the number of images: pass ``cfg=True`` to double
+the profile (``(1, 2, 8)`` images -> ``(2, 4, 16)`` rows).
+
+The profile shapes are a pure function; ``engine.json`` is :mod:`.engine_spec`, Triton :mod:`.triton`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_bytes
+from ..errors import ArtifactError, DQDeployError, ExportError, LintError, require
+from ..trt_gate import gpu_description, require_tensorrt
+from .engine_spec import engine_info, tensor_records
+from .spec import ENGINE_FILE, ENGINE_SPEC_FILE, ONNX_FILE, ExportSpec, read_spec
+
+log = logging.getLogger(__name__)
+
+Range = tuple[int, int, int]
+Resolution = int | tuple[int, int] | tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def _range(value: int | Sequence[int], what: str) -> Range:
+    vals = (value, value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(vals) != 3 or not (1 <= vals[0] <= vals[1] <= vals[2]):
+        raise ExportError(f"{what} must be one int or (min, opt, max) with 1 <= min <= opt <= max, found {value!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _resolution(resolution: Resolution | None) -> tuple[Range, Range] | None:
+    """``(H range, W range)`` from an int, ``(h, w)`` or ``((h, w), (h, w), (h, w))`` (min/opt/max)."""
+    if resolution is None:
+        return None
+    if isinstance(resolution, int):
+        return _range(resolution, "resolution"), _range(resolution, "resolution")
+    res = tuple(resolution)
+    if len(res) == 2 and all(isinstance(v, int) for v in res):
+        return _range(res[0], "resolution height"), _range(res[1], "resolution width")
+    if len(res) == 3 and all(len(tuple(v)) == 2 for v in res):
+        return _range([v[0] for v in res], "resolution height"), _range([v[1] for v in res], "resolution width")
+    raise ExportError(f"resolution must be an int, (h, w) or ((h, w), (h, w), (h, w)) for min/opt/max, found {resolution!r}")
+
+
+def profile_shapes(
+    spec: ExportSpec,
+    *,
+    batch: int | Sequence[int] = (1, 2, 8),
+    cfg: bool = False,
+    resolution: Resolution | None = None,
+    seq_len: int | Sequence[int] | None = None,
+) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """``{input: (min, opt, max)}`` for the engine's optimization profile, from the export spec.
+
+    Symbolic dims: the batch (``cfg`` doubles it), H/W of ``sample`` (``resolution``) and the
+    sequence length of ``encoder_hidden_states`` (``seq_len``). A fixed dim stays fixed; asking
+    for another value there is an error (re-export instead).
+    """
+    b = _range(batch, "batch")
+    if cfg:
+        b = (2 * b[0], 2 * b[1], 2 * b[2])
+    inputs = {t.name: t for t in spec.inputs}
+    if "sample" not in inputs or len(inputs["sample"].shape) != 4:
+        raise ExportError("the export has no 4-D 'sample' input", hint="export with `dqdeploy export`")
+    ranges: dict[str, Range] = {}
+    sample = inputs["sample"].shape
+    batch_sym = sample[0] if isinstance(sample[0], str) else None
+    hw = _resolution(resolution)
+    for axis, label in ((2, "height"), (3, "width")):
+        dim = sample[axis]
+        asked = None if hw is None else hw[axis - 2]
+        if isinstance(dim, str):
+            if asked is None:
+                raise ExportError(f"the graph's sample {label} is dynamic ({dim!r}): the profile needs it",
+                                  hint="pass resolution=(h, w) or ((h, w), (h, w), (h, w)) for min/opt/max")
+            ranges[dim] = asked
+        elif asked is not None and asked != (dim, dim, dim):
+            raise ExportError(f"resolution asks for {label} {asked}, but the graph's sample {label} is fixed at {dim}",
+                              hint="leave resolution unset, or re-export the ONNX graph at that resolution")
+    if "encoder_hidden_states" in inputs:
+        ctx = inputs["encoder_hidden_states"].shape
+        if len(ctx) == 3 and isinstance(ctx[1], str):
+            if seq_len is None:
+                raise ExportError(f"the graph's encoder_hidden_states sequence length is dynamic ({ctx[1]!r})",
+                                  hint="pass seq_len=77 (or (min, opt, max))")
+            ranges[ctx[1]] = _range(seq_len, "seq_len")
+    shapes = {}
+    for t in spec.inputs:
+        lo, opt, hi = [], [], []
+        for axis, dim in enumerate(t.shape):
+            if isinstance(dim, int) and dim > 0:
+                r = (dim, dim, dim)
+            elif dim == batch_sym or (axis == 0 and isinstance(dim, str) and dim not in ranges):
+                r = b
+            elif dim in ranges:
+                r = ranges[dim]
+            else:
+                raise ExportError(f"input {t.name} has an unknown dynamic dim {dim!r} at axis {axis}",
+                                  hint="re-export with only the batch dynamic (the dqdeploy default)")
+            lo.append(r[0])
+            opt.append(r[1])
+            hi.append(r[2])
+        shapes[t.name] = (lo, opt, hi)
+    return shapes
+
+
+
+def _lint(onnx_path: Path) -> None:
+    """The static TensorRT rule check (``dqdeploy.exporters.lint``); refuses to build on violations."""
+    try:
+        from .lint import lint_trt
+    except ImportError:  # pragma: no cover - lint ships with dqdeploy
+        log.warning("dqdeploy.exporters.lint is not available: building without the static rule check")
+        return
+    onnx = require("onnx", "ort", "the TensorRT rule check")
+    violations = lint_trt(onnx.load(str(onnx_path), load_external_data=True))
+    if violations:
+        lines = "\n".join(f"  {v}" for v in violations[:20])
+        more = f"\n  ... and {len(violations) - 20} more" if len(violations) > 20 else ""
+        raise LintError(
+            f"{onnx_path} breaks {len(violations)} TensorRT rule(s); not building:\n{lines}{more}",
+            hint="re-export with `dqdeploy export QUANT_DIR --target onnx --fp16` (the TensorRT layout); "
+                 "`dqdeploy lint EXPORT_DIR` lists the same violations",
+        )
+
+
+
+def _check_buildable(export_dir: Path, spec: ExportSpec, *, fp16: bool, overwrite: bool) -> tuple[Path, Path]:
+    """The ONNX and plan paths, after checking the folder holds a TensorRT-layout graph of the asked precision."""
+    onnx_path = export_dir / ONNX_FILE
+    plan_path = export_dir / ENGINE_FILE
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path} not found", hint="re-run `dqdeploy export`")
+    if plan_path.exists() and not overwrite:
+        raise DQDeployError(f"{plan_path} already exists", hint="pass overwrite=True (--overwrite) to rebuild it")
+    if spec.flavour == "ort":
+        raise ExportError(
+            f"{export_dir} holds the ONNX Runtime layout (uint8, zero point 128, output Q/DQ); TensorRT needs the "
+            "TensorRT layout (int8, zero point 0)",
+            hint="export with `dqdeploy export QUANT_DIR --target trt` (or --target onnx --fp16)",
+        )
+    want = "fp16" if fp16 else "fp32"
+    if spec.precision != want:
+        raise ExportError(
+            f"fp16={fp16} asks for a {want} engine, but {onnx_path} is {spec.precision}: a strongly typed "
+            "network takes its types from the graph",
+            hint="re-export with --fp16 for an FP16 engine" if fp16 else "pass fp16=True for this FP16 graph",
+        )
+    return onnx_path, plan_path
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, shapes: dict[str, Any]) -> tuple[Any, Any]:
+    """A strongly typed network parsed from ``onnx_path`` whose inputs match the profile's, and its
+    parser (which owns the weights the network points at, so it must outlive the build)."""
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # always on in TensorRT 11
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  " + "\n  ".join(errors[:10]),
+                          hint="run `dqdeploy lint` on the folder; check the opset (20, or 21 with INT4)")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if sorted(names) != sorted(shapes):
+        raise ExportError(f"the parsed network's inputs {names} differ from the export spec's {sorted(shapes)}",
+                          hint="re-run `dqdeploy export`: the folder's graph and spec do not belong together")
+    return network, parser
+
+
+def _builder_config(trt: Any, builder: Any, shapes: dict[str, Any], workspace_gb: float | None, cache_path: Path | None) -> Any:
+    """Builder config: workspace limit, the one optimization profile, the timing cache (loaded if present)."""
+    config = builder.create_builder_config()
+    if workspace_gb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s does not match this TensorRT/GPU; starting a fresh one", cache_path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return config
+
+
+def _serialize(builder: Any, network: Any, config: Any, onnx_path: Path) -> tuple[bytes, float]:
+    """The serialized engine and the build time in seconds."""
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)",
+                          hint="try a larger workspace_gb, or check the graph with `dqdeploy lint`")
+    return bytes(memoryview(serialized)), seconds
+
+
+def build_engine(
+    export_dir: str | Path,
+    *,
+    fp16: bool = True,
+    batch: int | Sequence[int] = (1, 2, 8),
+    cfg: bool = False,
+    resolution: Resolution | None = None,
+    seq_len: int | Sequence[int] | None = None,
+    timing_cache: str | Path | None = None,
+    workspace_gb: float | None = None,
+    overwrite: bool = False,
+    lint: bool = True,
+) -> Path:
+    """Build ``unet/model.plan`` (+ ``unet/engine.json``) from the export folder's ONNX graph.
+
+    ``fp16`` states the graph's precision: a strongly typed network takes its types from the graph,
+    so an FP16 engine needs an FP16 export (``dqdeploy export --fp16``). ``batch`` is (min, opt, max)
+    UNet batch rows; ``cfg=True`` doubles it for classifier-free guidance. ``resolution``/``seq_len``
+    are only needed where the graph has those dims dynamic. ``timing_cache`` is loaded if it exists
+    and saved after the build. Returns the plan's path.
+    """
+    trt = require_tensorrt()  # before anything expensive
+    export_dir = Path(export_dir)
+    spec = read_spec(export_dir)
+    onnx_path, plan_path = _check_buildable(export_dir, spec, fp16=fp16, overwrite=overwrite)
+    shapes = profile_shapes(spec, batch=batch, cfg=cfg, resolution=resolution, seq_len=seq_len)
+    if lint:
+        _lint(onnx_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network, _parser = _parse_network(trt, builder, logger, onnx_path, shapes)
+    cache_path = None if timing_cache is None else Path(timing_cache)
+    config = _builder_config(trt, builder, shapes, workspace_gb, cache_path)
+    serialized, seconds = _serialize(builder, network, config, onnx_path)
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    gpu, capability = gpu_description()
+    info = engine_info(
+        spec,
+        inputs=tensor_records(network.num_inputs, network.get_input),
+        outputs=tensor_records(network.num_outputs, network.get_output),
+        profile=shapes, tensorrt_version=str(trt.__version__), gpu=gpu, compute_capability=capability,
+        batch=_range(batch, "batch"), cfg=cfg, build_seconds=round(seconds, 2), workspace_gb=workspace_gb,
+    )
+    atomic_write_bytes(plan_path, serialized)
+    atomic_write_bytes(export_dir / ENGINE_SPEC_FILE, json.dumps(info, indent=2).encode())
+    log.info("built %s in %.1f s (TensorRT %s, %s)", plan_path, seconds, trt.__version__, gpu)
+    return plan_path

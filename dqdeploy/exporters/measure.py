@@ -1,0 +1,67 @@
+"""Export-time measurements on the simulation: the rank of each layer's input, and the constant
+output-Q scales of the ORT layout when the artifact was not quantized for it."""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.modules import QuantizedUNet, quant_layers
+from ..quant.primitives import search_tensor_scale
+from .dequantize import LayerTensors
+from .onnx import ExampleInputs
+
+
+@torch.no_grad()
+def input_ranks(unet: torch.nn.Module, names: list[str], inputs: ExampleInputs) -> dict[str, int]:
+    """Rank of each named layer's input activation, from one forward."""
+    ranks: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            ranks.setdefault(name, args[0].dim())
+
+        return hook
+
+    handles = [unet.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    try:
+        kwargs = {} if inputs.encoder_hidden_states is None else {"encoder_hidden_states": inputs.encoder_hidden_states}
+        unet(inputs.sample, inputs.timestep, return_dict=False, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+@torch.no_grad()
+def calibrate_output_scales(
+    model: QuantizedUNet, layers: dict[str, LayerTensors], calib: dict[str, torch.Tensor], qmax: int = 127, keep: int = 1 << 16
+) -> dict[str, float]:
+    """Constant scales of the output Q (ort layout), one per layer: the clipping of the bias-free
+    output in the rescaled (``s0``) domain that minimises the 8-bit rounding MSE over the artifact's
+    calibration inputs."""
+    values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    modules = quant_layers(model.unet)
+    gen = torch.Generator().manual_seed(0)
+
+    def make_hook(name: str):
+        layer, tensors = modules[name], layers[name]
+
+        def hook(mod, args, out):
+            y = out if layer.bias is None else out - (layer.bias.view(1, -1, 1, 1) if layer.kind == "conv" else layer.bias)
+            rows = layer.input_quantizer.rows_for(y)
+            ratio = torch.as_tensor(tensors.ref_scale / tensors.act_scale, dtype=y.dtype)[rows]
+            flat = (y * ratio.view(-1, *([1] * (y.dim() - 1)))).flatten()
+            pick = torch.randperm(flat.numel(), generator=gen)[:keep]
+            values[name].append(torch.cat([flat[pick], flat.abs().max().view(1)]))
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(make_hook(n)) for n in layers]
+    try:
+        kwargs = {} if "encoder_hidden_states" not in calib else {"encoder_hidden_states": calib["encoder_hidden_states"]}
+        for idx in torch.arange(calib["sample"].shape[0]).split(16):
+            model(calib["sample"][idx], calib["timestep"][idx], return_dict=False, **{k: v[idx] for k, v in kwargs.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: search_tensor_scale(torch.cat(chunks), -qmax - 1, qmax) for name, chunks in values.items()}
