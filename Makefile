@@ -6,7 +6,7 @@ RECIPE ?= w8a8
 export HF_HUB_OFFLINE = 1
 export OMP_NUM_THREADS = 1
 
-.PHONY: install demo test bench-quality bench-latency
+.PHONY: install demo test lint bench-quality bench-latency
 
 install:
 	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel; install it before anything that pulls torch
@@ -22,8 +22,12 @@ demo: install
 	dqdeploy check $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort
 	dqdeploy sample $(OUT)/digits-$(RECIPE)-ort --n 64 --out $(OUT)/digits-$(RECIPE)-ort.png
 
-test: install
+test: install lint
 	$(PY) -m pytest -q tests
+
+lint:  # static checks of the package (configured in pyproject.toml); `make test` runs them first
+	$(PY) -m ruff check dqdeploy
+	$(PY) -m mypy
 
 bench-quality: install
 	$(PY) bench/quality.py

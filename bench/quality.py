@@ -32,8 +32,8 @@ from dqdeploy.recipe import PRESETS, CalibrationConfig  # noqa: E402
 
 VARIANTS = {
     "dilatequant": {},
-    "no-dilation": {"dilation": "none"},
-    "smoothquant": {"dilation": "smoothquant"},
+    "no-dilation": {"scaling": "none"},
+    "smoothquant": {"scaling": "smoothquant"},
     "collapsed-scales": {"timestep_scales": "collapsed"},
     "no-distill (PTQ)": {"distill": "none"},
 }

@@ -254,7 +254,7 @@ def main() -> None:
             "latency": measure_latency(f["engine"], args.batch, args.iters, args.warmup, args.cond),
             "accuracy_vs_onnxruntime_fp32": measure_accuracy(f["engine"], f["reference"], args.batch, args.points,
                                                              args.cond, args.rtol, args.atol),
-            "build": {k: read_engine_info(f["engine"]).get(k) for k in ("build_seconds", "precision", "flavour", "batch")},
+            "build": {k: read_engine_info(f["engine"]).get(k) for k in ("build_seconds", "precision", "target", "batch")},
         }
     med = {n: e["latency"]["engine_ms"]["median"] for n, e in engines.items()}
     result = {

@@ -12,14 +12,14 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from . import __version__
 from .atomic import atomic_dir
-from .errors import ArtifactError, check_format
+from .errors import ArtifactError, RecipeError, check_format
 from .folders import MANIFEST
 from .models import unet_class
 from .quant.distill import BlockReport
@@ -61,7 +61,7 @@ class LayerMeta:
 class Manifest:
     """Everything in ``manifest.json``."""
 
-    recipe: dict[str, Any]
+    recipe: Recipe
     calibration: dict[str, Any]
     model_class: str
     model_config: dict[str, Any]
@@ -75,17 +75,23 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
+        """The manifest as JSON text."""
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: Path) -> "Manifest":
+        """Parse a manifest (format and version checked; the recipe validated, old key names read)."""
         check_format(data, FORMAT, FORMAT_VERSION, f"quantized artifact ({where})", "dqdeploy quantize")
         try:
             data = dict(data)
             data["layers"] = {k: LayerMeta(**v) for k, v in data["layers"].items()}
+            data["recipe"] = Recipe.from_dict(data["recipe"])
             return cls(**data)
         except (TypeError, KeyError, AttributeError) as exc:
             raise ArtifactError(f"{where}: malformed manifest ({exc})") from None
+        except RecipeError as exc:
+            raise ArtifactError(f"{where}: the manifest's recipe is invalid ({exc})",
+                                hint="re-run `dqdeploy quantize` to recreate the artifact") from None
 
 
 def sha256(path: Path) -> str:
@@ -176,7 +182,7 @@ def install_quant_layers(
     step_index = StepIndex()
     for name, meta in layers.items():
         try:
-            layer = unet.get_submodule(name)
+            layer = cast(nn.Conv2d | nn.Linear, unet.get_submodule(name))
         except AttributeError:
             raise ArtifactError(f"manifest layer {name!r} does not exist in {type(unet).__name__}") from None
         q = QuantLayer(
@@ -190,8 +196,7 @@ def install_quant_layers(
 
 def timestep_table(manifest: Manifest) -> TimestepTable:
     """The calibrated-step table of an artifact (one row, when its recipe collapses time steps)."""
-    recipe = Recipe.from_dict(manifest.recipe)
-    return TimestepTable(manifest.timesteps, collapsed=recipe.timestep_scales == "collapsed")
+    return TimestepTable(manifest.timesteps, collapsed=manifest.recipe.timestep_scales == "collapsed")
 
 
 def load_quantized(quant_dir: str | Path) -> QuantizedUNet:

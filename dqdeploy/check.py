@@ -27,6 +27,7 @@ from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
 from .exporters.spec import ENGINE_FILE, ONNX_FILE, read_spec
 from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
 from .trt_gate import require_tensorrt
+from .vocab import GraphRuntime, Layout
 
 OUTPUT = "out_sample"
 # Graphs that round where the simulation does not -- the ORT layout's output quantization of an
@@ -65,7 +66,7 @@ class CheckResult:
     """The report of ``check_export``."""
 
     runtime: str
-    flavour: str
+    target: str  # the export target of the checked graph
     steps: list[StepResult]
     layers: list[LayerResult] = field(default_factory=list)
     first_divergent: str | None = None
@@ -83,11 +84,11 @@ class CheckResult:
             lines.append(f"per layer: {len(self.layers)} layer inputs compared; worst {worst.name} "
                          f"({worst.mismatch:.2%} integers differ, max |diff| {worst.max_diff})")
             lines.append(f"first divergent layer: {self.first_divergent or 'none'}")
-        lines.append(f"{self.runtime} ({self.flavour}) vs PyTorch simulation: {'PASS' if self.ok else 'FAIL'}")
+        lines.append(f"{self.runtime} ({self.target}) vs PyTorch simulation: {'PASS' if self.ok else 'FAIL'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"runtime": self.runtime, "flavour": self.flavour, "ok": self.ok, "first_divergent": self.first_divergent,
+        return {"runtime": self.runtime, "target": self.target, "ok": self.ok, "first_divergent": self.first_divergent,
                 "steps": [asdict(s) | {"ok": s.ok} for s in self.steps], "layers": [asdict(r) for r in self.layers]}
 
     def raise_if_failed(self) -> None:
@@ -173,7 +174,7 @@ def _quant_errors(model: QuantizedUNet, feeds: list[dict[str, np.ndarray]], sim_
         set_weight_quant(model, True)
 
 
-def _graph_runner(export_dir: Path, runtime: str, extra_outputs: list[str] | None = None):
+def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[str] | None = None):
     if runtime == "trt":
         require_tensorrt()
         from polygraphy.backend.common import BytesFromPath
@@ -194,7 +195,7 @@ def check_export(
     quant_dir: str | Path,
     export_dir: str | Path,
     *,
-    runtime: str = "ort",
+    runtime: GraphRuntime = "ort",
     per_layer: bool = False,
     samples: int = 4,
     tolerance_ratio: float | None = None,
@@ -210,7 +211,7 @@ def check_export(
 
     spec = read_spec(export_dir)
     if tolerance_ratio is None:
-        unmodelled = spec.flavour == "ort" and (spec.recipe or {}).get("layout") != "ort"
+        unmodelled = spec.layout == "ort" and (spec.recipe is None or spec.recipe.layout != "ort")
         # FP16 graphs round every activation to 11 bits on top of the quantization
         tolerance_ratio = EXTRA_ROUNDING_RATIO if unmodelled or spec.precision == "fp16" else 1.0
     model = load_quantized(quant_dir)
@@ -232,18 +233,18 @@ def check_export(
                    max(tolerance_floor, tolerance_ratio * qe))
         for feed, s, g, qe in zip(feeds, sim_outs, graph_outs, quant_errs)
     ]
-    result = CheckResult(runtime, spec.flavour, steps)
+    result = CheckResult(runtime, spec.target, steps)
     if per_layer:
-        result.layers = _layer_agreement(model, feeds, graph_iters, layer_names, spec.flavour)
+        result.layers = _layer_agreement(model, feeds, graph_iters, layer_names, spec.layout)
         result.first_divergent = next((r.name for r in result.layers if r.mismatch > 0.01 or r.max_diff > 1), None)
     return result
 
 
 @torch.no_grad()
-def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str], flavour: str) -> list[LayerResult]:
+def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str], layout: Layout | None) -> list[LayerResult]:
     """Integers at each layer input, simulation vs graph, in execution order."""
     layers = quant_layers(model.unet)
-    offset = UINT8_ZERO_POINT if flavour == "ort" else 0
+    offset = UINT8_ZERO_POINT if layout == "ort" else 0
     order: list[str] = []
     stats = {n: [0, 0, 0] for n in names}  # differing, total, max diff
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import DQDeployError
-from .vocab import LAYOUTS, RUNTIMES, SCALINGS, TARGETS
+from .vocab import GRAPH_RUNTIMES, LAYOUTS, RUNTIMES, SCALINGS, TARGETS
 
 
 def _setup(verbose: bool) -> None:
@@ -84,7 +84,7 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     if no_dilation and scaling not in (None, "none"):
         raise click.UsageError("--no-dilation contradicts --scaling " + scaling)
     if no_dilation or scaling:
-        changes["dilation"] = "none" if no_dilation else scaling
+        changes["scaling"] = "none" if no_dilation else scaling
     if timestep_scales:
         changes["timestep_scales"] = timestep_scales
     if layout:
@@ -128,9 +128,9 @@ def inspect(path, as_json) -> None:
         r = m.recipe
         click.echo(f"quantized artifact  {path}")
         click.echo(f"  model            {m.model_class} (dqdeploy {m.dqdeploy_version}, format v{m.format_version})")
-        click.echo(f"  recipe           {r['name']}: W{r['weight_bits']}A{r['act_bits']} "
-                   f"{'symmetric' if r['act_symmetric'] else 'asymmetric'} activations, dilation={r['dilation']}, "
-                   f"timestep scales={r['timestep_scales']}, distill={r['distill']}")
+        click.echo(f"  recipe           {r.name}: W{r.weight_bits}A{r.act_bits} "
+                   f"{'symmetric' if r.act_symmetric else 'asymmetric'} activations, scaling={r.scaling}, "
+                   f"timestep scales={r.timestep_scales}, distill={r.distill}, layout={r.layout}")
         c = m.calibration
         click.echo(f"  calibration      {c['scheduler']} x {c['steps']} steps, {c['samples']} samples, seed {c['seed']}")
         bits: dict[int, int] = {}
@@ -151,7 +151,7 @@ def inspect(path, as_json) -> None:
             click.echo(spec.to_json())
             return
         click.echo(f"export folder  {path}")
-        click.echo(f"  flavour      {spec.flavour} ({spec.precision}, opset {spec.opset}), model {spec.model_class}")
+        click.echo(f"  target       {spec.target} ({spec.precision}, opset {spec.opset}), model {spec.model_class}")
         for t in spec.inputs + spec.outputs:
             click.echo(f"  {t.name:<22} {t.dtype} {t.shape}")
         click.echo(f"  timesteps    {len(spec.timesteps)} calibrated")
@@ -246,7 +246,7 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
 @cli.command()
 @click.argument("quant_dir", type=click.Path(path_type=Path))
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--runtime", type=click.Choice(GRAPH_RUNTIMES), default="ort", show_default=True)
 @click.option("--per-layer", is_flag=True, help="Compare every quantized layer's input and output to find the first that diverges.")
 @click.option("--samples", default=4, show_default=True, help="Inputs per checked time step.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")

@@ -8,9 +8,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
-from .models import make_scheduler
+from .models import latent_shape, make_scheduler
 from .sampling import denoise
 from .sources import open_model
+from .vocab import Runtime
 
 
 def generate(
@@ -21,7 +22,7 @@ def generate(
     scheduler: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    runtime: str = "auto",
+    runtime: Runtime = "auto",
     cond_file: str | Path | None = None,
     guidance: float = 1.0,
     scheduler_dir: str | Path | None = None,
@@ -38,14 +39,12 @@ def generate(
 
         c = load_conditioning(cond_file)
         cond, uncond = c.cond, c.uncond
-    cfg = opened.unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = latent_shape(opened.unet)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for first in tqdm(range(0, n, batch_size), desc="generating", unit="batch"):
         b = min(batch_size, n - first)
-        noise = torch.randn(b, cfg.in_channels, h, w, generator=gen)
+        noise = torch.randn(b, *shape, generator=gen)
         batch_cond = None if cond is None else cond[torch.arange(first, first + b) % cond.shape[0]]
         out.append(denoise(opened.unet, sched, noise, steps, cond=batch_cond, uncond=uncond, guidance=guidance, generator=gen))
     return torch.cat(out).clamp(-1, 1)

@@ -57,7 +57,7 @@ def _unet_dir(model_dir: Path) -> Path:
     )
 
 
-def unet_class(config: dict[str, Any], where: Path) -> type:
+def unet_class(config: dict[str, Any], where: Path) -> Any:
     """The diffusers class named by a UNet config, refusing unsupported ones."""
     import diffusers
 
@@ -145,3 +145,11 @@ def encode_prompts(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Tenso
         return loaded.text_encoder(ids.input_ids)[0].float()
 
     return encode(prompts), encode([""])
+
+
+def latent_shape(unet: Any) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of one noise sample for a diffusers denoiser, from its config."""
+    cfg = unet.config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(cfg.in_channels), int(h), int(w)

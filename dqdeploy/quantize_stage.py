@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,18 +42,18 @@ def _dilations(
     unet: nn.Module, names: list[str], info: dict, recipe: Recipe, calib: CalibrationSet
 ) -> dict[str, torch.Tensor | None]:
     """Per-layer ``s`` vectors: one per input-sharing group."""
-    if recipe.dilation == "none":
+    if recipe.scaling == "none":
         return {n: None for n in names}
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(info[n].group, []).append(n)
-    absmax = input_channel_absmax(unet, [g[0] for g in groups.values()], calib) if recipe.dilation == "smoothquant" else {}
+    absmax = input_channel_absmax(unet, [g[0] for g in groups.values()], calib) if recipe.scaling == "smoothquant" else {}
     result: dict[str, torch.Tensor | None] = {}
     for members in groups.values():
-        weights = [unet.get_submodule(m).weight for m in members]
+        weights = [cast(torch.Tensor, unet.get_submodule(m).weight) for m in members]
         if any(getattr(unet.get_submodule(m), "groups", 1) != 1 for m in members):
             s = None  # grouped convs mix channels per group: leave them undilated
-        elif recipe.dilation == "wd":
+        elif recipe.scaling == "wd":
             s = dilation_factors(weights)
         else:
             s = smoothquant_factors(absmax[members[0]], weights, recipe.smoothquant_alpha)
@@ -98,7 +99,7 @@ def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: li
             "this UNet is conditional (cross-attention) and needs calibration conditioning",
             hint="pass --cond FILE.safetensors (encoder_hidden_states [P, S, D]) or --prompts FILE.txt",
         )
-    dim = loaded.unet.config.cross_attention_dim
+    dim = cast(Any, loaded.unet).config.cross_attention_dim
     if cond.cond.shape[-1] != dim:
         raise CalibrationError(
             f"conditioning has hidden size {cond.cond.shape[-1]}, the UNet's cross_attention_dim is {dim}",
@@ -152,10 +153,10 @@ def quantize_unet(
         reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed)
     qmodel.eval()
     manifest = Manifest(
-        recipe=recipe.to_dict(),
+        recipe=recipe,
         calibration=calibration.to_dict(),
         model_class=type(unet).__name__,
-        model_config=json.loads(unet.to_json_string()),
+        model_config=json.loads(cast(Any, unet).to_json_string()),
         scheduler_config=json.loads(json.dumps(scheduler_config or {}, default=list)),
         timesteps=calib.timesteps,
         layers=metas,

@@ -7,16 +7,19 @@ import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import RecipeError
+from .vocab import LAYOUTS, SCALINGS, Layout, Scaling
 
 RECIPE_VERSION = 1
-DILATIONS = ("wd", "smoothquant", "none")
+TimestepScales = Literal["per-step", "collapsed"]
+DistillMode = Literal["block", "model", "none"]
+ActInit = Literal["mse", "minmax"]
 TIMESTEP_SCALES = ("per-step", "collapsed")
 DISTILL_MODES = ("block", "model", "none")
 ACT_INITS = ("mse", "minmax")
-LAYOUTS = ("trt", "ort")
+LEGACY_KEYS = {"dilation": "scaling"}  # recipe JSON and manifests written before the rename
 
 
 @dataclass(frozen=True)
@@ -31,14 +34,14 @@ class Recipe:
     first_last: tuple[str, ...] = ("conv_in", "conv_out")
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    dilation: str = "wd"  # "wd" (Weight Dilation) | "smoothquant" | "none"
+    scaling: Scaling = "wd"  # equivalent scaling: "wd" (Weight Dilation) | "smoothquant" | "none" (--scaling)
     smoothquant_alpha: float = 0.5
-    timestep_scales: str = "per-step"  # "per-step" (TPQ) | "collapsed" (one scale for all steps)
-    act_init: str = "mse"
-    distill: str = "block"  # "block" (BKD) | "model" (whole-model distillation) | "none" (PTQ)
+    timestep_scales: TimestepScales = "per-step"  # "per-step" (TPQ) | "collapsed" (one scale for all steps)
+    act_init: ActInit = "mse"
+    distill: DistillMode = "block"  # "block" (BKD) | "model" (whole-model distillation) | "none" (PTQ)
     # deployment layout the simulation reproduces exactly: "trt" (input Q/DQ only) or "ort" (convs
     # and token matmuls also quantize their output, as ONNX Runtime's fused QLinearConv does)
-    layout: str = "trt"
+    layout: Layout = "trt"
     iters: int = 300  # per block (or total, for distill="model")
     batch_size: int = 32
     lr_weight: float = 1e-5
@@ -55,7 +58,7 @@ class Recipe:
         if self.first_last_bits not in (None, 4, 8):
             problems.append(f"first_last_bits={self.first_last_bits} (expected 4, 8 or null)")
         for attr, allowed in (
-            ("dilation", DILATIONS), ("timestep_scales", TIMESTEP_SCALES),
+            ("scaling", SCALINGS), ("timestep_scales", TIMESTEP_SCALES),
             ("distill", DISTILL_MODES), ("act_init", ACT_INITS), ("layout", LAYOUTS),
         ):
             if getattr(self, attr) not in allowed:
@@ -120,6 +123,7 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe is a JSON object of settings; found {type(data).__name__}")
+        data = {LEGACY_KEYS.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -50,7 +50,7 @@ def denoise(
         model_input = scheduler.scale_model_input(x, t)
         if callback is not None:
             callback(i, t, model_input)
-        if use_cfg:
+        if use_cfg and cond is not None and uncond is not None:
             both = torch.cat([model_input, model_input])
             context = torch.cat([uncond.expand_as(cond), cond])
             eps_u, eps_c = _call_unet(unet, both, t, context).chunk(2)

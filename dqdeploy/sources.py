@@ -15,7 +15,7 @@ from .exporters.spec import read_spec
 from .folders import FolderKind, detect
 from .models import load_model
 from .runtimes import load_runtime
-from .vocab import Runtime
+from .vocab import GraphRuntime, Runtime
 
 
 @dataclass
@@ -56,5 +56,6 @@ def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str |
         conditional = manifest.model_config.get("cross_attention_dim") is not None
         return OpenedModel(model, manifest.scheduler_config, "quantized", conditional, manifest.timesteps)
     spec = read_spec(path)
-    unet = load_runtime(path, "ort" if runtime in ("auto", "torch") else runtime, **runtime_kw)
+    backend: GraphRuntime = "trt" if runtime == "trt" else "ort"  # auto/torch: ONNX Runtime
+    unet = load_runtime(path, backend, **runtime_kw)
     return OpenedModel(unet, spec.scheduler_config or {}, "export", spec.conditional, spec.timesteps)

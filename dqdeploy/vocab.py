@@ -6,7 +6,8 @@
 * ``Target``: what ``export`` writes -- ``onnx`` (the TensorRT-layout QDQ graph), ``ort`` (the
   ORT-layout QDQ graph), ``trt`` (``onnx`` in FP16 plus a TensorRT engine) or ``float``.
 * ``GraphTarget``: the targets that name an ONNX graph (what an export folder's spec records).
-* ``Runtime``: what runs a model when sampling or checking.
+* ``Runtime``: what runs a model when sampling (``torch``: the simulation); ``GraphRuntime``: what runs
+  an exported graph (ONNX Runtime or TensorRT).
 * ``Scaling``: the equivalent scaling before quantization (Weight Dilation, SmoothQuant, none).
 """
 
@@ -18,12 +19,14 @@ Layout = Literal["trt", "ort"]
 Target = Literal["onnx", "ort", "trt", "float"]
 GraphTarget = Literal["onnx", "ort", "float"]
 Runtime = Literal["auto", "torch", "ort", "trt"]
+GraphRuntime = Literal["ort", "trt"]
 Scaling = Literal["wd", "smoothquant", "none"]
 
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 TARGETS: tuple[str, ...] = get_args(Target)
 GRAPH_TARGETS: tuple[str, ...] = get_args(GraphTarget)
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
+GRAPH_RUNTIMES: tuple[str, ...] = get_args(GraphRuntime)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,7 @@ class _DequantLayer(nn.Module):
         super().__init__()
         with torch.no_grad():
             w = layer.weight_quantizer(layer.weight)
+        self.inner: nn.Conv2d | nn.Linear
         if layer.kind == "conv":
             out_ch, in_ch = w.shape[:2]
             args = layer.conv_args
@@ -82,7 +84,7 @@ class _DequantLayer(nn.Module):
             self.inner = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
         with torch.no_grad():
             self.inner.weight.copy_(w)
-            if layer.bias is not None:
+            if layer.bias is not None and self.inner.bias is not None:
                 self.inner.bias.copy_(layer.bias)
 
 
@@ -95,7 +97,7 @@ def dequantized_unet(model: QuantizedUNet, manifest: Manifest) -> nn.Module:
     for name, layer in layers.items():
         fold = manifest.layers[name].fold
         if fold.startswith("norm:") and fold not in folded:
-            norm = unet.get_submodule(fold[5:])
+            norm: Any = unet.get_submodule(fold[5:])
             with torch.no_grad():
                 norm.weight.mul_(layer.input_scale)
                 norm.bias.mul_(layer.input_scale)

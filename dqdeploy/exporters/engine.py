@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..atomic import atomic_write_bytes
 from ..errors import ArtifactError, DQDeployError, ExportError, LintError, require
@@ -46,7 +46,7 @@ def _resolution(resolution: Resolution | None) -> tuple[Range, Range] | None:
         return None
     if isinstance(resolution, int):
         return _range(resolution, "resolution"), _range(resolution, "resolution")
-    res = tuple(resolution)
+    res: tuple[Any, ...] = tuple(cast(Any, resolution))
     if len(res) == 2 and all(isinstance(v, int) for v in res):
         return _range(res[0], "resolution height"), _range(res[1], "resolution width")
     if len(res) == 3 and all(len(tuple(v)) == 2 for v in res):
@@ -145,7 +145,7 @@ def _check_buildable(export_dir: Path, spec: ExportSpec, *, fp16: bool, overwrit
         raise ArtifactError(f"{onnx_path} not found", hint="re-run `dqdeploy export`")
     if plan_path.exists() and not overwrite:
         raise DQDeployError(f"{plan_path} already exists", hint="pass overwrite=True (--overwrite) to rebuild it")
-    if spec.flavour == "ort":
+    if spec.target == "ort":
         raise ExportError(
             f"{export_dir} holds the ONNX Runtime layout (uint8, zero point 128, output Q/DQ); TensorRT needs the "
             "TensorRT layout (int8, zero point 0)",

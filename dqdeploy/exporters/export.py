@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -89,7 +89,7 @@ def export_graph(
     if detect(source) == "fp":
         return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite)
     manifest = read_manifest(source)
-    recipe = Recipe.from_dict(manifest.recipe)
+    recipe = manifest.recipe
     if target != "float":
         _check_deployable(recipe)
     parts = _prepare(source, manifest, recipe, target, fp16)
@@ -97,7 +97,7 @@ def export_graph(
     opset = 21 if int4_layers else 20
     graph = _float_graph(parts.canvas, parts.example, opset)
     if target != "float":
-        opts = SurgeryOptions(flavour=target, float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
+        opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
         graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
     graph = _finish_graph(graph, target, simplify)
     spec = _spec(graph, manifest, target, fp16, opset)
@@ -138,7 +138,7 @@ class _Parts:
     out_scales: dict[str, float] | None
 
 
-def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: str, fp16: bool) -> _Parts:
+def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool) -> _Parts:
     model = load_quantized(source)
     calib = load_calibration_inputs(source)
     layers = layer_tensors(model, manifest)
@@ -179,7 +179,7 @@ def _float_graph(unet: torch.nn.Module, example: ExampleInputs, opset: int = 20)
         return export_float_onnx(unet, Path(scratch) / "float.onnx", inputs=example, opset=opset)
 
 
-def _finish_graph(graph: Any, target: str, simplify: bool) -> Any:
+def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
     """Simplify (keeping Q/DQ), onnx.checker, and for the TensorRT layout its static rule check."""
     if simplify:
         from .simplify import simplify as run_simplify
@@ -196,10 +196,10 @@ def _finish_graph(graph: Any, target: str, simplify: bool) -> Any:
     return graph
 
 
-def _spec(graph: Any, manifest: Manifest, target: str, fp16: bool, opset: int) -> ExportSpec:
+def _spec(graph: Any, manifest: Manifest, target: GraphTarget, fp16: bool, opset: int) -> ExportSpec:
     inputs, outputs = tensor_specs(graph)
     return ExportSpec(
-        flavour=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,
+        target=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,
         model_config=manifest.model_config, inputs=inputs, outputs=outputs, timesteps=manifest.timesteps,
         recipe=manifest.recipe, scheduler_config=manifest.scheduler_config, versions=versions(),
     )
@@ -212,8 +212,8 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
     graph = _float_graph(unet, example.half() if fp16 else example)
     inputs, outputs = tensor_specs(graph)
     spec = ExportSpec(
-        flavour="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(unet).__name__,
-        model_config=json.loads(unet.to_json_string()), inputs=inputs, outputs=outputs,
+        target="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(unet).__name__,
+        model_config=json.loads(cast(Any, unet).to_json_string()), inputs=inputs, outputs=outputs,
         scheduler_config=loaded.scheduler_config, versions=versions(),
     )
     return save_export(graph, out_dir, spec, overwrite=overwrite)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -93,9 +94,10 @@ class GraphIndex:
         """The node producing ``name`` after looking through ``through`` ops (None: input/initializer)."""
         return self.producer.get(self.resolve(name, through))
 
-    def users(self, name: str, through: tuple[str, ...] = IDENTITY) -> list[tuple[object, int]]:
+    def users(self, name: str, through: tuple[str, ...] = IDENTITY) -> list[tuple[Any, int]]:
         """(node, input index) pairs consuming ``name``, looking down through ``through`` ops."""
-        found, todo, seen = [], [name], set()
+        found: list[tuple[Any, int]] = []
+        todo, seen = [name], set()
         while todo:
             t = todo.pop()
             if t in seen:
@@ -173,18 +175,20 @@ class GraphIndex:
         t = self.constant(name)
         if t is not None:
             return t.data_type
-        if self._types is None:
-            self._infer()
-        return self._types.get(name)
+        return self._inferred()[0].get(name)
 
     def shape(self, name: str) -> tuple | None:
         """Static shape of ``name`` (dims may be None), or None when unknown."""
         t = self.constant(name)
         if t is not None:
             return tuple(t.dims)
+        return self._inferred()[1].get(name)
+
+    def _inferred(self) -> tuple[dict[str, int], dict[str, tuple | None]]:
+        """Declared and inferred element types and shapes (computed once)."""
         if self._types is None:
             self._infer()
-        return self._shapes.get(name)
+        return self._types or {}, self._shapes
 
     def _infer(self) -> None:
         types: dict[str, int] = {}

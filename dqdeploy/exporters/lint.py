@@ -87,8 +87,8 @@ def _same_constant(ix: GraphIndex, a: str, b: str) -> bool | None:
     if a and b and va is not None and vb is not None:
         return va.shape == vb.shape and bool(np.array_equal(va.astype(np.float64), vb.astype(np.float64)))
     if (not a and vb is not None) or (not b and va is not None):  # absent zero point == 0
-        v = vb if va is None else va
-        return bool(np.all(v.astype(np.float64) == 0))
+        v = va if va is not None else vb
+        return v is not None and bool(np.all(v.astype(np.float64) == 0))
     return None
 
 
@@ -376,7 +376,7 @@ def check_trt(model, *, allow_attention_qdq: bool = False) -> None:
         lines = "\n".join(f"  {v}" for v in violations)
         raise LintError(
             f"the graph breaks {len(violations)} TensorRT rule(s) ({', '.join(rules)}):\n{lines}",
-            hint="export with the 'onnx' (TensorRT) flavour, or fix each node as its message says",
+            hint="export with --target onnx (the TensorRT layout), or fix each node as its message says",
         )
 
 

@@ -11,10 +11,12 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import ExportError, require
+from ..models import latent_shape
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,10 @@ class _UNetGraph(torch.nn.Module):
 
 def example_inputs(unet: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> ExampleInputs:
     """Build example inputs from a diffusers UNet's config."""
-    cfg = unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    sample = torch.randn(batch, cfg.in_channels, h, w)
+    sample = torch.randn(batch, *latent_shape(unet))
     timestep = torch.linspace(1.0, 900.0, batch)
     context = None
-    cross = getattr(cfg, "cross_attention_dim", None)
+    cross = getattr(unet.config, "cross_attention_dim", None)
     if cross is not None:
         context = torch.randn(batch, seq_len, int(cross))
     return ExampleInputs(sample, timestep, context)
@@ -88,7 +87,7 @@ def export_float_onnx(
     *,
     inputs: ExampleInputs | None = None,
     opset: int = 20,
-) -> "onnx.ModelProto":  # noqa: F821
+) -> Any:
     """Export ``unet`` (any module with the diffusers UNet call signature) to a float ONNX model.
 
     Returns the in-memory model; ``path`` is only a scratch location for the exporter.

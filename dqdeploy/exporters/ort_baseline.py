@@ -12,6 +12,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes: above this the output uses ext
 
 def _reader(inputs: list[dict[str, np.ndarray]]):
     """A CalibrationDataReader over ``inputs`` (rewindable)."""
-    quant = require("onnxruntime.quantization", "ort", "ONNX Runtime quantization")
+    quant: Any = require("onnxruntime.quantization", "ort", "ONNX Runtime quantization")
 
     class _ListReader(quant.CalibrationDataReader):
         def __init__(self) -> None:
@@ -50,7 +51,7 @@ def _calibration_threads(threads: int) -> Iterator[None]:
     """
     ort = require("onnxruntime", "ort", "ONNX Runtime quantization")
     calibrate = require("onnxruntime.quantization.calibrate", "ort", "ONNX Runtime quantization")
-    base = getattr(calibrate, "CalibraterBase", None)
+    base: Any = getattr(calibrate, "CalibraterBase", None)
     original = getattr(base, "create_inference_session", None)
     if original is None:  # another ORT layout: calibrate with ORT's defaults
         log.info("onnxruntime.quantization has no CalibraterBase.create_inference_session; default threads")
@@ -109,7 +110,7 @@ def _pre_process(float_path: Path, scratch: Path, large: bool) -> Path:
     the pre-processor's optimized model points at a data file that is not next to it.
     """
     onnx = require("onnx", "ort", "ONNX Runtime quantization")
-    quant = require("onnxruntime.quantization", "ort", "ONNX Runtime quantization")
+    quant: Any = require("onnxruntime.quantization", "ort", "ONNX Runtime quantization")
     source = float_path
     if not large:
         source = scratch / "float.onnx"
@@ -137,7 +138,7 @@ def quantize_with_ort(
     ``calibration_inputs``: one ``{input name: array}`` dict per calibration batch (MinMax ranges).
     Returns ``out_path``; a model over 2 GB gets its weights in ``<out_path>.data`` beside it.
     """
-    quant = require("onnxruntime.quantization", "ort", "ONNX Runtime quantization")
+    quant: Any = require("onnxruntime.quantization", "ort", "ONNX Runtime quantization")
     float_path, out = Path(float_onnx_path), Path(out_path)
     if not float_path.is_file():
         raise ExportError(f"no float ONNX model at {float_path}", hint="export one with export_float_onnx first")

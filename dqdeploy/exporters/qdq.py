@@ -9,7 +9,7 @@ For every quantized layer (module name -> the Conv/MatMul/Gemm node the exporter
 ``f_out = s_t / s0``: ``round(x / s_t) == round(x * s0 / s_t / s0)``, so the integers are exactly the
 per-step quantizer's while every Q/DQ scale is a build-time constant (TensorRT's explicit
 quantization requires constant scales; DilateQuant, arXiv 2409.14307, has one scale per step). Layouts:
-``onnx`` (TensorRT: int8, zero point 0, input-only Q/DQ) and ``ort`` (uint8 / zero point 128 plus an
+``trt`` (target ``onnx``; TensorRT: int8, zero point 0, input-only Q/DQ) and ``ort`` (uint8 / zero point 128 plus an
 output Q, the pattern ONNX Runtime fuses into QLinearConv / QLinearMatMul).
 """
 
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ExportError
+from ..vocab import LAYOUTS, Layout
 from .dequantize import LayerTensors
 from .graph_index import GraphIndex
 from .onnx import INPUT_TIMESTEP
 
 log = logging.getLogger(__name__)
 
-FLAVOURS = ("onnx", "ort")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 UINT8_ZERO_POINT = 128  # ORT layout: uint8 activations, q_uint8 = q_int8 + 128
 
@@ -47,7 +47,7 @@ def input_q_name(layer: str) -> str:
 class SurgeryOptions:
     """How the Q/DQ nodes are written."""
 
-    flavour: str = "onnx"  # "onnx" (TensorRT layout) | "ort" (ONNX Runtime fused layout)
+    layout: Layout = "trt"  # "trt": int8, input-only Q/DQ | "ort": uint8 + output Q (ONNX Runtime fusion)
     float_type: int = 1  # onnx.TensorProto.FLOAT or FLOAT16
     int4_linear: bool = False  # 4-bit Linear weights as packed INT4 blocks, weight-only (W4A16, opset 21)
     int4_blocks: tuple[int, ...] = (128, 64)  # the block sizes TensorRT's INT4 weight-only GEMM takes
@@ -192,8 +192,9 @@ def _factor_shape(kind: str, rank: int, channels: int) -> tuple[int, ...]:
     return (1,) * (rank - 2) + (channels,)
 
 
-def _per_sample(gr: _Graph, table: np.ndarray, rows: str, base: str, anchor) -> str:
+def _per_sample(gr: _Graph, table: np.ndarray, rows: str | None, base: str, anchor) -> str:
     """Gather(table, rows): one row of a per-step table per sample."""
+    assert rows is not None, "per-step tables need the rows subgraph"
     return gr.node("Gather", [gr.const(base + "_table", table), rows], base, anchor, axis=0)
 
 
@@ -209,7 +210,7 @@ def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: i
     per_step = rows is not None and layer.act_scale.size > 1
     s0 = layer.ref_scale
     fshape = (1,) + _factor_shape(layer.kind, rank, layer.in_factor.size)
-    ort = opts.flavour == "ort"
+    ort = opts.layout == "ort"
     zp_dtype = np.uint8 if ort else np.int8
     zp0 = zp_dtype(UINT8_ZERO_POINT if ort else 0)
     s0_name = gr.const(prefix + "/act_scale", np.asarray(s0, ftype))
@@ -222,6 +223,7 @@ def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: i
         zps = _per_sample(gr, np.full(layer.act_scale.size, zp0, zp_dtype), rows, prefix + "/step_zp", node)
         xq = gr.node("QuantizeLinear", [x, scale, zps], input_q_name(layer.name), node, axis=0)
     else:
+        factor: str | None
         if per_step:
             f_in = (layer.in_factor[None, :] * (s0 / layer.act_scale)[:, None]).reshape((-1,) + fshape[1:]).astype(ftype)
             factor = _per_sample(gr, f_in, rows, prefix + "/in_factor", node)
@@ -266,7 +268,7 @@ def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: 
     node.output[0] = y
     rescaled = False
     if out_scale is not None:
-        ort = opts.flavour == "ort"
+        ort = opts.layout == "ort"
         zp_value, zp_dtype = (UINT8_ZERO_POINT, np.uint8) if ort else (0, np.int8)
         oscale = gr.const(prefix + "/out_scale", np.asarray(out_scale, ftype))
         ozp = gr.const(prefix + "/out_zp", np.asarray(zp_value, zp_dtype))
@@ -307,8 +309,8 @@ def insert_qdq(
     out_scales: dict[str, float] | None = None,
 ):
     """Rewrite the float ``model`` (onnx.ModelProto, modified in place and returned)."""
-    if opts.flavour not in FLAVOURS:
-        raise ExportError(f"unknown flavour {opts.flavour!r} (expected {', '.join(FLAVOURS)})")
+    if opts.layout not in LAYOUTS:
+        raise ExportError(f"unknown layout {opts.layout!r} (expected {', '.join(LAYOUTS)})")
     for layer in layers.values():
         if np.any(layer.act_zero_point != 0):
             raise ExportError(

@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -175,7 +176,8 @@ def _quantize(node, opset: int, arrays: list[np.ndarray]) -> np.ndarray:
     graph = helper.make_graph([q], "fold", [helper.make_tensor_value_info(n, 0, None) for n in names],
                               [helper.make_tensor_value_info("out", 0, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return ReferenceEvaluator(model).run(None, dict(zip(names, arrays)))[0]
+    outputs: Any = ReferenceEvaluator(model).run(None, dict(zip(names, arrays)))
+    return outputs[0]
 
 
 def fold_weight_quantize(model):

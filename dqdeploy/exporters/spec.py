@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..errors import ArtifactError, check_format
+from ..errors import ArtifactError, RecipeError, check_format
 from ..folders import SPEC_FILE
+from ..recipe import Recipe
+from ..vocab import GRAPH_TARGETS, GraphTarget, Layout, layout_of
 
 ONNX_FILE = "unet/model.onnx"
 ONNX_DATA_FILE = "model.onnx_data"
@@ -27,7 +29,7 @@ ENGINE_FILE = "unet/model.plan"
 ENGINE_SPEC_FILE = "unet/engine.json"
 FORMAT = "dqdeploy-export"
 FORMAT_VERSION = 1
-FLAVOURS = ("float", "onnx", "ort")  # float graph, TensorRT-layout QDQ, ORT-fused QDQ
+LEGACY_KEYS = {"flavour": "target"}  # specs written before the rename
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class TensorSpec:
 class ExportSpec:
     """Everything a runtime needs to know about an exported UNet, stored as JSON next to it."""
 
-    flavour: str
+    target: GraphTarget | Literal["unknown"]  # the export target that wrote the graph ("unknown": a bare ONNX file)
     precision: str  # "fp32" | "fp16"
     opset: int
     model_class: str
@@ -51,7 +53,7 @@ class ExportSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     timesteps: list[float] = field(default_factory=list)  # calibrated steps, descending
-    recipe: dict[str, Any] | None = None
+    recipe: Recipe | None = None
     scheduler_config: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
@@ -59,21 +61,33 @@ class ExportSpec:
 
     @property
     def conditional(self) -> bool:
+        """Whether the graph takes ``encoder_hidden_states``."""
         return any(t.name == "encoder_hidden_states" for t in self.inputs)
 
+    @property
+    def layout(self) -> Layout | None:
+        """The deployment layout of the graph (``None``: float or unknown)."""
+        return layout_of(self.target) if self.target in GRAPH_TARGETS else None  # type: ignore[arg-type]
+
     def to_json(self) -> str:
+        """The spec as JSON text."""
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExportSpec":
+        """Parse a spec (format and version checked; old key names read)."""
         check_format(data, FORMAT, FORMAT_VERSION, "export", "dqdeploy export")
-        data = dict(data)
+        data = {LEGACY_KEYS.get(k, k): v for k, v in data.items()}
         data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
         data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
         try:
+            if data.get("recipe") is not None:
+                data["recipe"] = Recipe.from_dict(data["recipe"])
             return cls(**data)
         except TypeError as exc:
             raise ArtifactError(f"malformed {SPEC_FILE}: {exc}") from exc
+        except RecipeError as exc:
+            raise ArtifactError(f"{SPEC_FILE}: the recipe is invalid ({exc})", hint="re-run `dqdeploy export`") from None
 
 
 def read_spec(export_dir: str | Path) -> ExportSpec:

@@ -163,4 +163,5 @@ def init_output_scales(model: QuantizedUNet, calib: CalibrationSet, batch_size: 
         for layer in layers.values():
             layer.output_enabled = True
     for name, layer in layers.items():
+        assert layer.output_scale is not None  # only output-quantized layers are in ``layers``
         layer.output_scale.data.fill_(search_tensor_scale(torch.cat(values[name]), layer.out_qmin, layer.out_qmax))

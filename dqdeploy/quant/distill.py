@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,7 @@ def distill_blocks(
         inputs = _capture(qmodel, qblock, calib, order, recipe.batch_size, "inputs")
         targets = _capture(fp_unet, fpblock, calib, order, recipe.batch_size, "output")
         rows = [qmodel.table.index(calib.t[b], len(b)) for b in order.split(recipe.batch_size)]
-        layers = [qmodel.unet.get_submodule(n) for n in block.layers]
+        layers = [cast(QuantLayer, qmodel.unet.get_submodule(n)) for n in block.layers]
 
         def forward(i: int) -> torch.Tensor:
             args, kwargs = inputs[i]

@@ -7,6 +7,8 @@ activation quantizer, ``Qw`` the per-channel weight quantizer.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,13 @@ def channel_view(v: torch.Tensor, kind: str, ndim: int) -> torch.Tensor:
 
 class QuantLayer(nn.Module):
     """A Conv2d or Linear with dilation, per-channel weight and per-step activation quantizers."""
+
+    input_scale: torch.Tensor  # a buffer: 1/s
+    weight_quantizer: WeightQuantizer
+    input_quantizer: ActQuantizer
+    bias: nn.Parameter | None
+    output_scale: nn.Parameter | None
+    conv_args: dict[str, Any]
 
     def __init__(
         self,
@@ -85,6 +94,7 @@ class QuantLayer(nn.Module):
         """Per-sample step of the output quantizer, ``c * s_t``, shaped to broadcast against ``y``."""
         q = self.input_quantizer
         rows = q.rows_for(y)
+        assert self.output_scale is not None, "output_step is for layers with an output quantizer"
         return (self.output_scale.abs() * q.scale.abs()[rows]).view(-1, *([1] * (y.dim() - 1)))
 
     def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
@@ -138,11 +148,11 @@ class QuantizedUNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return cast(torch.dtype, self.unet.dtype)
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return cast(torch.device, self.unet.device)
 
     def forward(self, sample: torch.Tensor, timestep, *args, **kwargs):
         rows = self.table.index(timestep, sample.shape[0])

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
+from ..models import latent_shape
 from ..recipe import CalibrationConfig
 from ..sampling import denoise
 
@@ -112,15 +113,14 @@ def collect(
     chosen[torch.randperm(n_pairs, generator=gen)[:wanted]] = True
     chosen = chosen.view(config.trajectories, config.steps)
 
-    cfg = unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = latent_shape(unet)
+    uncond = None if conditioning is None else conditioning.uncond
     xs, ts, rows, conds = [], [], [], []
     timesteps: list[float] = []
     bar = tqdm(total=config.trajectories, desc="calibration trajectories", unit="traj")
     for first in range(0, config.trajectories, config.batch_size):
         n = min(config.batch_size, config.trajectories - first)
-        noise = torch.randn(n, cfg.in_channels, h, w, generator=gen)
+        noise = torch.randn(n, *shape, generator=gen)
         cond = None if conditioning is None else conditioning.for_batch(first, n)
         keep = chosen[first : first + n]
 
@@ -130,7 +130,10 @@ def collect(
             sel = keep[:, i].nonzero().flatten()
             if sel.numel() == 0:
                 return
-            for context in ([conditioning.uncond.expand(sel.numel(), -1, -1), cond[sel]] if cfg_on else [None if cond is None else cond[sel]]):
+            contexts = [None if cond is None else cond[sel]]
+            if cfg_on and uncond is not None and cond is not None:
+                contexts = [uncond.expand(sel.numel(), -1, -1), cond[sel]]
+            for context in contexts:
                 xs.append(model_input[sel].clone())
                 ts.append(torch.full((sel.numel(),), float(t)))
                 rows.append(torch.full((sel.numel(),), i, dtype=torch.long))
@@ -139,7 +142,7 @@ def collect(
 
         denoise(
             unet, scheduler, noise, config.steps,
-            cond=cond, uncond=None if conditioning is None else conditioning.uncond,
+            cond=cond, uncond=uncond,
             guidance=guidance, generator=gen, callback=record,
         )
         bar.update(n)

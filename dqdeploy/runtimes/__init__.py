@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DQDeployError
+from ..vocab import GRAPH_RUNTIMES, GraphRuntime
 
 if TYPE_CHECKING:
     from .base import UNetRuntime
 
-RUNTIMES = ("ort", "trt")
 
-
-def load_runtime(export_dir: str | Path, runtime: str = "ort", **kwargs: Any) -> "UNetRuntime":
+def load_runtime(export_dir: str | Path, runtime: GraphRuntime = "ort", **kwargs: Any) -> "UNetRuntime":
     """Open an export folder as a drop-in UNet: ``"ort"`` (:class:`~dqdeploy.runtimes.ort.OrtUNet`, keyword
     arguments ``providers``, ``threads``, ``options``) or ``"trt"`` (:class:`~dqdeploy.runtimes.trt.TrtUNet`)."""
     if runtime == "ort":
@@ -24,5 +23,5 @@ def load_runtime(export_dir: str | Path, runtime: str = "ort", **kwargs: Any) ->
         from .trt import TrtUNet
 
         return TrtUNet(export_dir, **kwargs)
-    raise DQDeployError(f"unknown runtime {runtime!r} (expected one of {', '.join(RUNTIMES)})",
+    raise DQDeployError(f"unknown runtime {runtime!r} (expected one of {', '.join(GRAPH_RUNTIMES)})",
                         hint="use 'ort' (ONNX Runtime, CPU by default) or 'trt' (TensorRT engine, NVIDIA GPU)")

@@ -128,7 +128,7 @@ class UNetRuntime:
         return self
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.source!r}, {self.spec.model_class}, {self.spec.flavour}/{self.spec.precision})"
+        return f"{type(self).__name__}({self.source!r}, {self.spec.model_class}, {self.spec.target}/{self.spec.precision})"
 
     # -- the call -----------------------------------------------------------------------------
     def __call__(

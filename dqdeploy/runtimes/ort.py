@@ -98,7 +98,7 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
         config["cross_attention_dim"] = by_name[CONTEXT].shape[-1]
         config["time_cond_proj_dim"] = None
     return ExportSpec(
-        flavour="unknown", precision="fp16" if by_name[SAMPLE].dtype == "float16" else "fp32", opset=0,
+        target="unknown", precision="fp16" if by_name[SAMPLE].dtype == "float16" else "fp32", opset=0,
         model_class="UNet2DConditionModel" if CONTEXT in by_name else "UNet2DModel", model_config=config,
         inputs=inputs, outputs=outputs,
     )

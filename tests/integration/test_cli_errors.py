@@ -81,7 +81,7 @@ def test_impossible_recipe_values(pipe_dir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"weight_bits": 3, "dilation": "foo"}))
     proc = dqdeploy("quantize", pipe_dir, "--out", tmp_path / "q", "--recipe", bad)
-    assert_user_error(proc, "weight_bits=3", "dilation='foo'")
+    assert_user_error(proc, "weight_bits=3", "scaling='foo'")
     typo = tmp_path / "typo.json"
     typo.write_text(json.dumps({"iters": "many"}))
     assert_user_error(dqdeploy("quantize", pipe_dir, "--out", tmp_path / "q", "--recipe", typo), "iters='many'")

@@ -1,4 +1,4 @@
-"""Quantize -> export (both flavours) -> Polygraphy check, on tiny conditional and unconditional
+"""Quantize -> export (both layouts) -> Polygraphy check, on tiny conditional and unconditional
 UNets; errors for artifacts that cannot be exported."""
 
 from __future__ import annotations

@@ -117,9 +117,9 @@ def test_conditional_bare_unet_with_guidance(cond, cond_setup):
 
 def _property_checks(changes: dict, result, loaded) -> None:
     layers = quant_layers(loaded.unet)
-    if changes.get("dilation") == "none":
+    if changes.get("scaling") == "none":
         assert all(torch.equal(m.input_scale, torch.ones_like(m.input_scale)) for m in layers.values())
-    if changes.get("dilation") in ("smoothquant", None):
+    if changes.get("scaling") in ("smoothquant", None):
         assert sum(not torch.equal(m.input_scale, torch.ones_like(m.input_scale)) for m in layers.values()) > 10
     if changes.get("timestep_scales") == "collapsed":
         assert all(q.scale.numel() == 1 for q in loaded.modules() if isinstance(q, ActQuantizer))
@@ -141,8 +141,8 @@ def _property_checks(changes: dict, result, loaded) -> None:
 
 
 @pytest.mark.parametrize("changes", [
-    {"dilation": "none"},
-    {"dilation": "smoothquant"},
+    {"scaling": "none"},
+    {"scaling": "smoothquant"},
     {"timestep_scales": "collapsed"},
     {"distill": "none"},
     {"distill": "model"},
@@ -151,7 +151,7 @@ def _property_checks(changes: dict, result, loaded) -> None:
 def test_ablation_switches_write_loadable_artifacts(changes, pipe_dir, tmp_path):
     recipe = W8A8.replace(iters=10, batch_size=16, **changes)
     result = quantize(pipe_dir, recipe, SMALL, tmp_path / "q")
-    assert Recipe.from_dict(read_manifest(result.path).recipe) == recipe
+    assert read_manifest(result.path).recipe == recipe
     loaded = load_quantized(result.path)
     x = torch.randn(3, 1, 8, 8)
     t = torch.tensor(result.manifest.timesteps[:3])

@@ -76,7 +76,7 @@ def test_manifest_contents(uncond):
     result, path = uncond
     m = read_manifest(path)
     assert m.format_version == FORMAT_VERSION
-    assert Recipe.from_dict(m.recipe) == W8A8.replace(iters=3, batch_size=8)
+    assert m.recipe == W8A8.replace(iters=3, batch_size=8)
     assert m.model_class == "UNet2DModel" and m.model_config["block_out_channels"] == [16, 32]
     assert m.timesteps == result.model.table.tolist() and len(m.timesteps) == CALIB.steps
     assert set(m.layers) == set(quant_layers(result.model.unet))

@@ -25,7 +25,7 @@ def test_presets():
     assert W8A8.deployable and W4A8.deployable and not W4A4.deployable
     assert not W8A8.replace(act_symmetric=False).deployable
     # the method's defaults: Weight Dilation, per-step scales, block-wise distillation
-    assert (W4A8.dilation, W4A8.timestep_scales, W4A8.distill) == ("wd", "per-step", "block")
+    assert (W4A8.scaling, W4A8.timestep_scales, W4A8.distill) == ("wd", "per-step", "block")
     assert resolve_recipe("W4A8") is W4A8 and resolve_recipe("w8a8") is W8A8
 
 
@@ -37,7 +37,7 @@ def test_recipes_are_frozen():
 
 @pytest.mark.parametrize("recipe", [
     W8A8, W4A8,
-    W4A8.replace(name="custom", include=("down_blocks.*", "conv_*"), exclude=("*attentions*",), dilation="smoothquant",
+    W4A8.replace(name="custom", include=("down_blocks.*", "conv_*"), exclude=("*attentions*",), scaling="smoothquant",
                  smoothquant_alpha=0.7, timestep_scales="collapsed", distill="model", layout="ort", iters=7,
                  first_last_bits=None, act_symmetric=False, lr_weight=0.0),
 ], ids=["w8a8", "w4a8", "custom"])
@@ -55,7 +55,8 @@ def test_json_round_trip(recipe, tmp_path):
     ({"weight_bits": 3}, "weight_bits=3 (expected 4 or 8)"),
     ({"act_bits": 16}, "act_bits=16 (expected 4 or 8)"),
     ({"first_last_bits": 2}, "first_last_bits=2"),
-    ({"dilation": "foo"}, "dilation='foo' (expected one of wd, smoothquant, none)"),
+    ({"scaling": "foo"}, "scaling='foo' (expected one of wd, smoothquant, none)"),
+    ({"dilation": "foo"}, "scaling='foo' (expected one of wd, smoothquant, none)"),  # the old key name
     ({"timestep_scales": "per-batch"}, "timestep_scales='per-batch'"),
     ({"distill": "layer"}, "distill='layer' (expected one of block, model, none)"),
     ({"layout": "openvino"}, "layout='openvino'"),
@@ -77,9 +78,9 @@ def test_invalid_values_raise_recipe_error_with_the_reason(changes, message):
 
 def test_every_problem_is_reported_at_once_with_a_fix():
     with pytest.raises(RecipeError) as err:
-        Recipe(weight_bits=3, dilation="foo", iters=-1)
+        Recipe(weight_bits=3, scaling="foo", iters=-1)
     text = str(err.value)
-    assert "weight_bits=3" in text and "dilation='foo'" in text and "iters=-1" in text
+    assert "weight_bits=3" in text and "scaling='foo'" in text and "iters=-1" in text
     assert "fix:" in text and "--help" in text
 
 

@@ -1,4 +1,4 @@
-"""Q/DQ surgery: single layers reproduce the simulation's integers exactly, both flavours; the
+"""Q/DQ surgery: single layers reproduce the simulation's integers exactly, both layouts; the
 timestep -> row mapping inside the graph; refused recipes."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from torch import nn
 from dqdeploy.errors import ExportError
 from dqdeploy.exporters.dequantize import simulate_layer_input, tensors_of
 from dqdeploy.exporters.onnx import ExampleInputs, export_float_onnx
-from dqdeploy.exporters.qdq import SurgeryOptions, insert_qdq
+from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, insert_qdq
+from dqdeploy.vocab import layout_of
 from dqdeploy.quant.modules import QuantLayer
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
 
@@ -43,7 +44,7 @@ def quant_layer(kind: str, seed: int = 0) -> tuple[QuantLayer, TimestepTable, St
     return q, table, index
 
 
-def exported(kind: str, flavour: str, tmp_path, out_scale: float | None = None):
+def exported(kind: str, target: str, tmp_path, out_scale: float | None = None):
     layer, table, index = quant_layer(kind)
     shape = (4, 8, 5, 5) if kind == "conv" else (4, 7, 8)
     # activations whose range follows their step's scale, as calibrated ones do (rows 0..3)
@@ -51,9 +52,9 @@ def exported(kind: str, flavour: str, tmp_path, out_scale: float | None = None):
     graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=ExampleInputs(x, torch.tensor(TIMESTEPS)))
     tensors = {"layer": tensors_of("layer", layer)}
     scales = {"layer": out_scale} if out_scale else None
-    graph = insert_qdq(graph, tensors, TIMESTEPS, {"layer": x.dim()}, SurgeryOptions(flavour=flavour, scope_prefix="unet."), scales)
+    graph = insert_qdq(graph, tensors, TIMESTEPS, {"layer": x.dim()}, SurgeryOptions(layout=layout_of(target), scope_prefix="unet."), scales)
     onnx.checker.check_model(graph)
-    int_type = onnx.TensorProto.UINT8 if flavour == "ort" else onnx.TensorProto.INT8
+    int_type = onnx.TensorProto.UINT8 if target == "ort" else onnx.TensorProto.INT8
     graph.graph.output.append(onnx.helper.make_tensor_value_info("dq/layer/input_q", int_type, None))
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -68,14 +69,14 @@ def _plain(layer: QuantLayer) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-@pytest.mark.parametrize("flavour", ["onnx", "ort"])
-def test_single_layer_integers_match_simulation(kind, flavour, tmp_path):
-    layer, table, index, sess, x = exported(kind, flavour, tmp_path, out_scale=None)
+@pytest.mark.parametrize("target", ["onnx", "ort"])
+def test_single_layer_integers_match_simulation(kind, target, tmp_path):
+    layer, table, index, sess, x = exported(kind, target, tmp_path, out_scale=None)
     t = torch.tensor([901.0, 1.0, 301.0, 601.0])  # mixed steps in one batch (not x's own rows: any is valid)
     rows = table.index(t, 4)
     out, ints = sess.run(None, {"sample": x.numpy(), "timestep": t.numpy()})
     sim_ints = simulate_layer_input(layer, x, rows).numpy()
-    graph_ints = ints.astype(np.int32) - (128 if flavour == "ort" else 0)
+    graph_ints = ints.astype(np.int32) - (UINT8_ZERO_POINT if target == "ort" else 0)
     assert np.array_equal(graph_ints, sim_ints.astype(np.int32))
     with index.bound(rows), torch.no_grad():
         ref = layer(x).numpy()

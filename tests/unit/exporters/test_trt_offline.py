@@ -32,7 +32,7 @@ def spec(conditional: bool = True, sample_shape=("batch", 4, 64, 64), ctx_shape=
     inputs = [TensorSpec("sample", list(sample_shape), "float16"), TensorSpec("timestep", ["batch"], "float32")]
     if conditional:
         inputs.append(TensorSpec("encoder_hidden_states", list(ctx_shape), "float16"))
-    return ExportSpec(flavour="onnx", precision="fp16", opset=20, model_class="UNet2DConditionModel",
+    return ExportSpec(target="onnx", precision="fp16", opset=20, model_class="UNet2DConditionModel",
                       model_config={"in_channels": 4}, inputs=inputs,
                       outputs=[TensorSpec("out_sample", list(sample_shape), "float16")],
                       timesteps=[981.0, 1.0], recipe={"name": "w8a8"})
@@ -40,7 +40,7 @@ def spec(conditional: bool = True, sample_shape=("batch", 4, 64, 64), ctx_shape=
 
 ENGINE_JSON = {
     "format": "dqdeploy-engine", "format_version": 1, "tensorrt_version": "10.8.0", "gpu": "NVIDIA H100 80GB HBM3",
-    "compute_capability": "9.0", "strongly_typed": True, "precision": "fp16", "flavour": "onnx",
+    "compute_capability": "9.0", "strongly_typed": True, "precision": "fp16", "target": "onnx",
     "model_class": "UNet2DConditionModel",
     "inputs": [
         {"name": "sample", "shape": [-1, 4, 64, 64], "dtype": "float16"},

@@ -42,7 +42,7 @@ def write_export(unet: torch.nn.Module, out: Path, *, timesteps: list[float] | N
     onnx.save_model(model, str(out / ONNX_FILE))
     inits = {i.name for i in model.graph.initializer}
     spec = ExportSpec(
-        flavour="float", precision="fp32", opset=20, model_class=type(unet).__name__,
+        target="float", precision="fp32", opset=20, model_class=type(unet).__name__,
         model_config=json.loads(unet.to_json_string()),
         inputs=_tensor_specs([v for v in model.graph.input if v.name not in inits]),
         outputs=_tensor_specs(model.graph.output), timesteps=list(timesteps or []),

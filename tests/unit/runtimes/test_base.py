@@ -24,7 +24,7 @@ def make_spec(conditional: bool = False, sample_dtype: str = "float32", timestep
         inputs.append(TensorSpec("encoder_hidden_states", ["batch", 5, 24], sample_dtype))
         config["cross_attention_dim"] = 24
     return ExportSpec(
-        flavour="onnx", precision="fp16" if sample_dtype == "float16" else "fp32", opset=20,
+        target="onnx", precision="fp16" if sample_dtype == "float16" else "fp32", opset=20,
         model_class="UNet2DConditionModel" if conditional else "UNet2DModel", model_config=config,
         inputs=inputs, outputs=[TensorSpec("out_sample", ["batch", 4, 8, 8], sample_dtype)], timesteps=list(timesteps),
     )
