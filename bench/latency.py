@@ -23,9 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
-from dqdeploy import quantize  # noqa: E402
-from dqdeploy import export  # noqa: E402
-from dqdeploy.recipe import W8A8, CalibrationConfig  # noqa: E402
+from dqdeploy import W8A8, CalibrationConfig, export, quantize  # noqa: E402
 
 
 def bench_unet() -> UNet2DModel:

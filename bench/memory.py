@@ -32,7 +32,7 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     """Inside the subprocess: calibrate, then distill with ``mode`` and measure its peak."""
     import torch
 
-    from dqdeploy.quantize_stage import _example_run, build_quantized
+    from dqdeploy.quantize_stage import example_forward, build_quantized
     from dqdeploy.eval.digits import digits_model_dir
     from dqdeploy.models import load_model, make_scheduler
     from dqdeploy.quant.blocks import partition
@@ -49,7 +49,7 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     recipe = PRESETS[recipe_name].replace(iters=iters, distill=mode)
     qmodel, _ = build_quantized(loaded.unet, recipe, TimestepTable(calib.timesteps), calib)
     init_activation_scales(qmodel, calib)
-    blocks = partition(qmodel.unet, _example_run(qmodel, calib))
+    blocks = partition(qmodel.unet, example_forward(qmodel, calib))
     baseline = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     start = time.perf_counter()

@@ -136,9 +136,9 @@ def cuda_latency(fn, iters: int, warmup: int) -> dict[str, float]:
 
 
 def measure_latency(engine_dir: Path, batch: int, iters: int, warmup: int, cond_file: str | None) -> dict:
-    from dqdeploy.runtimes.trt import TrtUNet
+    from dqdeploy import load_runtime
 
-    unet = TrtUNet(engine_dir)
+    unet = load_runtime(engine_dir, "trt")
     inputs = {k: v.cuda() for k, v in example_inputs(unet.spec, batch, cond_file=cond_file).items()}
     steps = unet.spec.timesteps or [500.0]
     t = torch.full((batch,), float(steps[len(steps) // 2]), device="cuda")

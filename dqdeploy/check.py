@@ -25,11 +25,11 @@ from .errors import CheckFailedError, require
 from .exporters.dequantize import simulate_layer_input
 from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
 from .exporters.spec import ENGINE_FILE, ONNX_FILE, read_spec
+from .inputs import OUTPUT, DenoiserInputs, forward_hooks
 from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
 from .trt_gate import require_tensorrt
 from .vocab import GraphRuntime, Layout
 
-OUTPUT = "out_sample"
 # Graphs that round where the simulation does not -- the ORT layout's output quantization of an
 # artifact not quantized with layout="ort", or FP16 activations -- get twice the simulation's
 # quantization error as their whole-network budget.
@@ -123,11 +123,7 @@ def _simulation_runner(model: QuantizedUNet, inputs: list, name: str = "pytorch-
         def infer_impl(self, feed_dict):
             start = time.time()
             with torch.no_grad():
-                kw = {}
-                if "encoder_hidden_states" in feed_dict:
-                    kw["encoder_hidden_states"] = torch.from_numpy(np.asarray(feed_dict["encoder_hidden_states"])).float()
-                out = model(torch.from_numpy(np.asarray(feed_dict["sample"])).float(),
-                            torch.from_numpy(np.asarray(feed_dict["timestep"])).float(), return_dict=False, **kw)[0]
+                out = DenoiserInputs.from_dict(feed_dict).call(model)
             self.inference_time = time.time() - start
             return OrderedDict([(OUTPUT, out.numpy())])
 
@@ -137,14 +133,10 @@ def _simulation_runner(model: QuantizedUNet, inputs: list, name: str = "pytorch-
     return SimulationRunner()
 
 
-def _feeds(calib: dict[str, torch.Tensor], samples: int, input_dtypes: dict[str, np.dtype]) -> list[dict[str, np.ndarray]]:
+def _feeds(calib: DenoiserInputs, samples: int, input_dtypes: dict[str, np.dtype]) -> list[dict[str, np.ndarray]]:
     """One feed per calibrated step present in the artifact's calibration inputs."""
-    feeds = []
-    for t in calib["timestep"].unique(sorted=True).flip(0):
-        idx = (calib["timestep"] == t).nonzero().flatten()[:samples]
-        feed = {k: v[idx].numpy().astype(input_dtypes.get(k, np.float32)) for k, v in calib.items()}
-        feeds.append(feed)
-    return feeds
+    steps = calib.timestep.unique(sorted=True).flip(0)
+    return [calib.slice((calib.timestep == t).nonzero().flatten()[:samples]).numpy(input_dtypes) for t in steps]
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -165,9 +157,7 @@ def _quant_errors(model: QuantizedUNet, feeds: list[dict[str, np.ndarray]], sim_
     try:
         errs = []
         for feed, sim in zip(feeds, sim_outs):
-            kw = {} if "encoder_hidden_states" not in feed else {"encoder_hidden_states": torch.from_numpy(feed["encoder_hidden_states"]).float()}
-            fp = model(torch.from_numpy(feed["sample"]).float(), torch.from_numpy(feed["timestep"]).float(), return_dict=False, **kw)[0].numpy()
-            errs.append(_rel(sim, fp))
+            errs.append(_rel(sim, DenoiserInputs.from_dict(feed).call(model).numpy()))
         return errs
     finally:
         set_act_quant(model, True)
@@ -215,7 +205,7 @@ def check_export(
         # FP16 graphs round every activation to 11 bits on top of the quantization
         tolerance_ratio = EXTRA_ROUNDING_RATIO if unmodelled or spec.precision == "fp16" else 1.0
     model = load_quantized(quant_dir)
-    calib = load_calibration_inputs(quant_dir)
+    calib = DenoiserInputs.from_dict(load_calibration_inputs(quant_dir))
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
     feeds = _feeds(calib, samples, dtypes)
     layer_names = list(quant_layers(model.unet)) if per_layer else []
@@ -259,13 +249,8 @@ def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str],
 
             return hook
 
-        handles = [layers[n].register_forward_pre_hook(make_hook(n)) for n in names]
-        try:
-            kw = {} if "encoder_hidden_states" not in feed else {"encoder_hidden_states": torch.from_numpy(feed["encoder_hidden_states"]).float()}
-            model(torch.from_numpy(feed["sample"]).float(), torch.from_numpy(feed["timestep"]).float(), return_dict=False, **kw)
-        finally:
-            for h in handles:
-                h.remove()
+        with forward_hooks((layers[n], "pre", make_hook(n)) for n in names):
+            DenoiserInputs.from_dict(feed).call(model)
         for n in names:
             g = np.asarray(graph[input_q_name(n)]).astype(np.int32) - offset
             s = sim_ints[n].astype(np.int32).reshape(g.shape) if sim_ints[n].size == g.size else None

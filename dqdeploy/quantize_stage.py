@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,7 +22,7 @@ from .errors import CalibrationError, ModelLoadError
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler
 from .quant.analysis import analyze_inputs
 from .quant.blocks import partition
-from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax, unet_forward
+from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
 from .quant.dilation import dilation_factors, smoothquant_factors
 from .quant.distill import BlockReport, distill_blocks, distill_model
 from .quant.modules import QUANTIZABLE, QuantizedUNet
@@ -32,10 +33,10 @@ from .recipe import CalibrationConfig, Recipe
 log = logging.getLogger(__name__)
 
 
-def _example_run(unet: nn.Module, calib: CalibrationSet, n: int = 2):
-    x, t, _, cond = calib.batch(torch.arange(min(n, len(calib))))
-    run = unet_forward(unet)
-    return lambda: run(x, t, cond)
+def example_forward(unet: nn.Module, calib: CalibrationSet, n: int = 2) -> Callable[[], torch.Tensor]:
+    """One forward of ``unet`` on the first ``n`` calibration inputs (traced by analysis and partition)."""
+    inputs = calib.batch(torch.arange(min(n, len(calib))))
+    return lambda: inputs.call(unet)
 
 
 def _dilations(
@@ -71,7 +72,7 @@ def build_quantized(
     names = [n for n, m in qunet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
     if not names:
         raise ModelLoadError("the recipe selects no Conv2d/Linear layer", hint="check the recipe's include/exclude patterns")
-    info = analyze_inputs(qunet, _example_run(qunet, calib), names)
+    info = analyze_inputs(qunet, example_forward(qunet, calib), names)
     names = [n for n in names if n in info]  # layers never called keep FP weights
     dil = _dilations(qunet, names, info, recipe, calib)
     metas = {
@@ -147,7 +148,7 @@ def quantize_unet(
     init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
     reports: list[BlockReport] = []
     if recipe.distill == "block":
-        blocks = partition(qmodel.unet, _example_run(qmodel, calib))
+        blocks = partition(qmodel.unet, example_forward(qmodel, calib))
         reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed)
     elif recipe.distill == "model":
         reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed)
@@ -175,5 +176,4 @@ def calibration_subset(calib: CalibrationSet, steps: int = 8, per_step: int = 8,
     for row in chosen:
         members = (calib.rows == row).nonzero().flatten()
         idx.append(members[torch.randperm(len(members), generator=gen)[:per_step]])
-    x, t, _, cond = calib.batch(torch.cat(idx))
-    return {"sample": x, "timestep": t} | ({} if cond is None else {"encoder_hidden_states": cond})
+    return calib.batch(torch.cat(idx)).to_dict()

@@ -13,15 +13,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .inputs import DenoiserInputs
+
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, t, model_input)
 
 
 def _call_unet(unet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-    if context is None:
-        out = unet(x, t, return_dict=False)
-    else:
-        out = unet(x, t, encoder_hidden_states=context, return_dict=False)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return DenoiserInputs.create(x, t, encoder_hidden_states=context).call(unet)
 
 
 @torch.no_grad()

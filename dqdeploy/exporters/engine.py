@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from ..atomic import atomic_write_bytes
 from ..errors import ArtifactError, DQDeployError, ExportError, LintError, require
+from ..inputs import CONTEXT
 from ..trt_gate import gpu_description, require_tensorrt
 from .engine_spec import engine_info, tensor_records
 from .spec import ENGINE_FILE, ENGINE_SPEC_FILE, ONNX_FILE, ExportSpec, read_spec
@@ -89,8 +90,8 @@ def profile_shapes(
         elif asked is not None and asked != (dim, dim, dim):
             raise ExportError(f"resolution asks for {label} {asked}, but the graph's sample {label} is fixed at {dim}",
                               hint="leave resolution unset, or re-export the ONNX graph at that resolution")
-    if "encoder_hidden_states" in inputs:
-        ctx = inputs["encoder_hidden_states"].shape
+    if CONTEXT in inputs:
+        ctx = inputs[CONTEXT].shape
         if len(ctx) == 3 and isinstance(ctx[1], str):
             if seq_len is None:
                 raise ExportError(f"the graph's encoder_hidden_states sequence length is dynamic ({ctx[1]!r})",

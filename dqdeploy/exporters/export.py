@@ -22,6 +22,7 @@ import torch
 from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
 from ..errors import ExportError
 from ..folders import detect
+from ..inputs import DenoiserInputs
 from ..models import load_model
 from ..quant.modules import QuantizedUNet
 from ..recipe import Recipe
@@ -31,7 +32,7 @@ from .dequantize import LayerTensors, dequantized_unet, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, save_export, tensor_specs, versions
 from .measure import calibrate_output_scales, input_ranks
-from .onnx import ExampleInputs, example_inputs, export_float_onnx
+from .onnx import example_inputs, export_float_onnx
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ExportSpec
 from .triton import write_triton_repo
@@ -132,7 +133,7 @@ class _Parts:
     """What the graph is made from: the float copy, example inputs, per-layer tensors and ranks."""
 
     canvas: torch.nn.Module
-    example: ExampleInputs
+    example: DenoiserInputs
     layers: dict[str, LayerTensors]
     ranks: dict[str, int]
     out_scales: dict[str, float] | None
@@ -140,10 +141,10 @@ class _Parts:
 
 def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool) -> _Parts:
     model = load_quantized(source)
-    calib = load_calibration_inputs(source)
+    calib = DenoiserInputs.from_dict(load_calibration_inputs(source))
     layers = layer_tensors(model, manifest)
     canvas = dequantized_unet(model, manifest)
-    example = ExampleInputs.from_tensors(calib)
+    example = calib.slice(slice(0, 2))
     ranks = input_ranks(canvas, list(layers), example)
     out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if target == "ort" else None
     if fp16:
@@ -152,7 +153,7 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
 
 
 def _ort_output_scales(
-    model: QuantizedUNet, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int], calib: dict[str, torch.Tensor]
+    model: QuantizedUNet, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int], calib: DenoiserInputs
 ) -> dict[str, float] | None:
     """Output Q scales (QLinear* fusion) where the compute is -- convs and token matmuls -- for an
     artifact whose simulation does not model this rounding (``quantize --layout ort`` makes it exact)."""
@@ -174,7 +175,7 @@ def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list
     return found
 
 
-def _float_graph(unet: torch.nn.Module, example: ExampleInputs, opset: int = 20) -> Any:
+def _float_graph(unet: torch.nn.Module, example: DenoiserInputs, opset: int = 20) -> Any:
     with tempfile.TemporaryDirectory(prefix="dqdeploy-float-") as scratch:
         return export_float_onnx(unet, Path(scratch) / "float.onnx", inputs=example, opset=opset)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from ..inputs import DenoiserInputs, forward_hooks
 from ..quant.modules import QuantizedUNet, quant_layers
 from ..quant.primitives import search_tensor_scale
 from .dequantize import LayerTensors
-from .onnx import ExampleInputs
 
 
 @torch.no_grad()
-def input_ranks(unet: torch.nn.Module, names: list[str], inputs: ExampleInputs) -> dict[str, int]:
+def input_ranks(unet: torch.nn.Module, names: list[str], inputs: DenoiserInputs) -> dict[str, int]:
     """Rank of each named layer's input activation, from one forward."""
     ranks: dict[str, int] = {}
 
@@ -22,19 +22,14 @@ def input_ranks(unet: torch.nn.Module, names: list[str], inputs: ExampleInputs) 
 
         return hook
 
-    handles = [unet.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
-    try:
-        kwargs = {} if inputs.encoder_hidden_states is None else {"encoder_hidden_states": inputs.encoder_hidden_states}
-        unet(inputs.sample, inputs.timestep, return_dict=False, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks((unet.get_submodule(n), "pre", record(n)) for n in names):
+        inputs.call(unet)
     return ranks
 
 
 @torch.no_grad()
 def calibrate_output_scales(
-    model: QuantizedUNet, layers: dict[str, LayerTensors], calib: dict[str, torch.Tensor], qmax: int = 127, keep: int = 1 << 16
+    model: QuantizedUNet, layers: dict[str, LayerTensors], calib: DenoiserInputs, qmax: int = 127, keep: int = 1 << 16
 ) -> dict[str, float]:
     """Constant scales of the output Q (ort layout), one per layer: the clipping of the bias-free
     output in the rescaled (``s0``) domain that minimises the 8-bit rounding MSE over the artifact's
@@ -56,12 +51,7 @@ def calibrate_output_scales(
 
         return hook
 
-    handles = [modules[n].register_forward_hook(make_hook(n)) for n in layers]
-    try:
-        kwargs = {} if "encoder_hidden_states" not in calib else {"encoder_hidden_states": calib["encoder_hidden_states"]}
-        for idx in torch.arange(calib["sample"].shape[0]).split(16):
-            model(calib["sample"][idx], calib["timestep"][idx], return_dict=False, **{k: v[idx] for k, v in kwargs.items()})
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks((modules[n], "post", make_hook(n)) for n in layers):
+        for idx in torch.arange(len(calib)).split(16):
+            calib.slice(idx).call(model)
     return {name: search_tensor_scale(torch.cat(chunks), -qmax - 1, qmax) for name, chunks in values.items()}

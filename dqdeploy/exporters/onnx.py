@@ -9,56 +9,25 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ExportError, require
+from ..inputs import OUTPUT, DenoiserInputs
 from ..models import latent_shape
 
 log = logging.getLogger(__name__)
 
-INPUT_SAMPLE = "sample"
-INPUT_TIMESTEP = "timestep"
-INPUT_CONTEXT = "encoder_hidden_states"
-OUTPUT_SAMPLE = "out_sample"
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes: protobuf's limit is 2 GiB
 
 
-@dataclass(frozen=True)
-class ExampleInputs:
-    """Example tensors that fix ranks and static dims of the exported graph."""
-
-    sample: torch.Tensor
-    timestep: torch.Tensor
-    encoder_hidden_states: torch.Tensor | None = None
-
-    def as_args(self) -> tuple[torch.Tensor, ...]:
-        args = (self.sample, self.timestep)
-        return args if self.encoder_hidden_states is None else (*args, self.encoder_hidden_states)
-
-    def half(self) -> "ExampleInputs":
-        """FP16 sample and conditioning (the timestep stays float32, as the graph takes it)."""
-        context = self.encoder_hidden_states
-        return ExampleInputs(self.sample.half(), self.timestep, None if context is None else context.half())
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], batch: int = 2) -> "ExampleInputs":
-        """The first ``batch`` rows of named input tensors (an artifact's calibration inputs)."""
-        context = tensors.get(INPUT_CONTEXT)
-        return cls(tensors[INPUT_SAMPLE][:batch], tensors[INPUT_TIMESTEP][:batch].float(),
-                   None if context is None else context[:batch])
-
-    @property
-    def names(self) -> list[str]:
-        names = [INPUT_SAMPLE, INPUT_TIMESTEP]
-        return names if self.encoder_hidden_states is None else [*names, INPUT_CONTEXT]
-
-
 class _UNetGraph(torch.nn.Module):
-    """Positional-argument adaptor: (sample, timestep[, context]) -> out_sample tensor."""
+    """Positional-argument adaptor for UNets: (sample, timestep[, context]) -> out_sample tensor.
+
+    Its parameter names are the graph's input names (the exporter keys dynamic axes by them);
+    denoisers with other inputs (diffusion transformers) need an adaptor with their names."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
@@ -70,7 +39,7 @@ class _UNetGraph(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
-def example_inputs(unet: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> ExampleInputs:
+def example_inputs(unet: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> DenoiserInputs:
     """Build example inputs from a diffusers UNet's config."""
     sample = torch.randn(batch, *latent_shape(unet))
     timestep = torch.linspace(1.0, 900.0, batch)
@@ -78,14 +47,14 @@ def example_inputs(unet: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> 
     cross = getattr(unet.config, "cross_attention_dim", None)
     if cross is not None:
         context = torch.randn(batch, seq_len, int(cross))
-    return ExampleInputs(sample, timestep, context)
+    return DenoiserInputs.create(sample, timestep, encoder_hidden_states=context)
 
 
 def export_float_onnx(
     unet: torch.nn.Module,
     path: str | Path,
     *,
-    inputs: ExampleInputs | None = None,
+    inputs: DenoiserInputs | None = None,
     opset: int = 20,
 ) -> Any:
     """Export ``unet`` (any module with the diffusers UNet call signature) to a float ONNX model.
@@ -95,9 +64,7 @@ def export_float_onnx(
     onnx = require("onnx", "ort", "ONNX export")
     inputs = inputs or example_inputs(unet)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {INPUT_SAMPLE: {0: batch}, INPUT_TIMESTEP: {0: batch}}
-    if inputs.encoder_hidden_states is not None:
-        dynamic[INPUT_CONTEXT] = {0: batch}
+    dynamic = {name: {0: batch} for name in inputs.names}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = unet.training
@@ -110,10 +77,10 @@ def export_float_onnx(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 _UNetGraph(unet),
-                inputs.as_args(),
+                inputs.tensors(),
                 str(path),
                 input_names=inputs.names,
-                output_names=[OUTPUT_SAMPLE],
+                output_names=[OUTPUT],
                 dynamic_shapes=dynamic,
                 opset_version=opset,
                 dynamo=True,

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ExportError
+from ..inputs import TIMESTEP
 from ..vocab import LAYOUTS, Layout
 from .dequantize import LayerTensors
 from .graph_index import GraphIndex
-from .onnx import INPUT_TIMESTEP
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _np_float(float_type: int):
 def _rows_subgraph(gr: _Graph, timesteps: list[float], anchor) -> str:
     """rows [B] (int64) = argmin |timestep - table| : the nearest calibrated step of each sample."""
     table = gr.const("dq/timestep_table", np.asarray(timesteps, np.float32)[None, :])
-    t = gr.node("Cast", [INPUT_TIMESTEP], "dq/timestep_f32", anchor, to=1)
+    t = gr.node("Cast", [TIMESTEP], "dq/timestep_f32", anchor, to=1)
     t2 = gr.node("Unsqueeze", [t, gr.const("dq/axis1", np.asarray([1], np.int64))], "dq/timestep_col", anchor)
     diff = gr.node("Abs", [gr.node("Sub", [t2, table], "dq/timestep_diff", anchor)], "dq/timestep_dist", anchor)
     return gr.node("ArgMin", [diff], "dq/rows", anchor, axis=1, keepdims=0)

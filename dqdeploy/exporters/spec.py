@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from ..errors import ArtifactError, RecipeError, check_format
 from ..folders import SPEC_FILE
+from ..inputs import CONTEXT
 from ..recipe import Recipe
 from ..vocab import GRAPH_TARGETS, GraphTarget, Layout, layout_of
 
@@ -62,7 +63,7 @@ class ExportSpec:
     @property
     def conditional(self) -> bool:
         """Whether the graph takes ``encoder_hidden_states``."""
-        return any(t.name == "encoder_hidden_states" for t in self.inputs)
+        return any(t.name == CONTEXT for t in self.inputs)
 
     @property
     def layout(self) -> Layout | None:

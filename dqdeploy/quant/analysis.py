@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..inputs import Hook, forward_hooks
 from .modules import QUANTIZABLE
 
 AFFINE_NORMS = (nn.GroupNorm, nn.LayerNorm)
@@ -39,7 +40,7 @@ def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str])
     # every tensor seen stays referenced until the analysis is done: a freed tensor's storage is
     # reused by later ones, and a reused pointer would merge unrelated layers into one group
     alive: list[torch.Tensor] = []
-    handles = []
+    hooks: list[Hook] = []
     wanted = set(names)
     for name, module in unet.named_modules():
         if list(module.children()):
@@ -57,12 +58,9 @@ def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str])
                 alive.append(out)
                 producer[out.untyped_storage().data_ptr()] = name
 
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    try:
+        hooks += [(module, "pre", pre), (module, "post", post)]
+    with forward_hooks(hooks):
         run()
-    finally:
-        for h in handles:
-            h.remove()
 
     groups: dict[tuple, list[str]] = {}
     for name in names:

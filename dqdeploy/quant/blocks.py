@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..inputs import Hook, forward_hooks
 from .modules import QuantLayer, quant_layers
 
 BLOCK_CLASSES = (
@@ -52,15 +53,9 @@ def partition(unet: nn.Module, run: Callable[[], object]) -> list[Block]:
     """Blocks of the quantized ``unet`` in the order one forward (``run``) executes them."""
     names = _candidates(unet)
     order: list[str] = []
-    handles = [
-        unet.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
-        for n in names
-    ]
-    try:
+    hooks: list[Hook] = [(unet.get_submodule(n), "pre", lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
+    with forward_hooks(hooks):
         run()
-    finally:
-        for h in handles:
-            h.remove()
     order += [n for n in names if n not in order]  # never-called blocks go last
     blocks = []
     for name in order:

@@ -8,27 +8,14 @@ range of all steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..inputs import Hook, PreHook, forward_hooks
 from .modules import QuantizedUNet, QuantLayer, quant_layers, set_act_quant
 from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
 from .trajectories import CalibrationSet
-
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-def unet_forward(model: nn.Module) -> Forward:
-    """(x, t, cond) -> output tensor, for FP and quantized diffusers UNets alike."""
-
-    def run(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        kwargs = {} if cond is None else {"encoder_hidden_states": cond}
-        return model(x, t, return_dict=False, **kwargs)[0]
-
-    return run
 
 
 class _StepStats:
@@ -60,7 +47,7 @@ def init_activation_scales(model: QuantizedUNet, calib: CalibrationSet, *, metho
     stats = {name: _StepStats(n_steps, len(CLIP_RATIOS)) for name in layers}
     phase = {"name": "range"}
 
-    def make_hook(name: str, layer: QuantLayer):
+    def make_hook(name: str, layer: QuantLayer) -> PreHook:
         q = layer.input_quantizer
 
         def hook(module: nn.Module, args: tuple) -> None:
@@ -77,20 +64,16 @@ def init_activation_scales(model: QuantizedUNet, calib: CalibrationSet, *, metho
                 xq = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], q.qmin, q.qmax) - zp[:, None]) * scale[:, None]
                 st.err[c].index_add_(0, rows, (xq - flat).pow(2).sum(1))
 
-        return layer.register_forward_pre_hook(hook)
+        return hook
 
-    run = unet_forward(model)
     set_act_quant(model, False)
-    handles = [make_hook(name, layer) for name, layer in layers.items()]
     try:
-        passes = ["range", "mse"] if method == "mse" else ["range"]
-        for p in passes:
-            phase["name"] = p
-            for x, t, _, cond in tqdm(calib.batches(batch_size), total=-(-len(calib) // batch_size), desc=f"calibrate ({p})", leave=False):
-                run(x, t, cond)
+        with forward_hooks((layer, "pre", make_hook(name, layer)) for name, layer in layers.items()):
+            for p in ["range", "mse"] if method == "mse" else ["range"]:
+                phase["name"] = p
+                for batch in tqdm(calib.batches(batch_size), total=-(-len(calib) // batch_size), desc=f"calibrate ({p})", leave=False):
+                    batch.call(model)
     finally:
-        for h in handles:
-            h.remove()
         set_act_quant(model, True)
 
     for name, layer in layers.items():
@@ -118,19 +101,15 @@ def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationS
 
         return hook
 
-    run_with_hooks(model, [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names], calib, batch_size)
+    run_with_hooks(model, [(model.get_submodule(n), "pre", make_hook(n)) for n in names], calib, batch_size)
     return result
 
 
-def run_with_hooks(model: nn.Module, handles: list, calib: CalibrationSet, batch_size: int) -> None:
-    """Run ``model`` over the calibration set, then remove the hook ``handles`` (also on error)."""
-    run = unet_forward(model)
-    try:
-        for x, t, _, cond in calib.batches(batch_size):
-            run(x, t, cond)
-    finally:
-        for h in handles:
-            h.remove()
+def run_with_hooks(model: nn.Module, hooks: list[Hook], calib: CalibrationSet, batch_size: int) -> None:
+    """Run ``model`` over the calibration set with ``hooks`` registered (removed afterwards, also on error)."""
+    with forward_hooks(hooks):
+        for batch in calib.batches(batch_size):
+            batch.call(model)
 
 
 @torch.no_grad()
@@ -153,12 +132,12 @@ def init_output_scales(model: QuantizedUNet, calib: CalibrationSet, batch_size: 
             flat = y.flatten()
             values[name].append(torch.cat([flat[torch.randperm(flat.numel(), generator=gen)[:keep]], flat.abs().max().view(1)]))
 
-        return layer.register_forward_hook(hook)
+        return hook
 
     for layer in layers.values():  # observe outputs before any output rounding
         layer.output_enabled = False
     try:
-        run_with_hooks(model, [make_hook(n, m) for n, m in layers.items()], calib, batch_size)
+        run_with_hooks(model, [(m, "post", make_hook(n, m)) for n, m in layers.items()], calib, batch_size)
     finally:
         for layer in layers.values():
             layer.output_enabled = True

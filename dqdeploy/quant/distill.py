@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..inputs import Hook, forward_hooks
 from ..recipe import Recipe
 from .blocks import Block
 from .modules import QuantizedUNet, QuantLayer, quant_layers
@@ -58,11 +59,6 @@ def first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in block output of type {type(out).__name__}")
 
 
-def _call(model: nn.Module, x, t, cond) -> None:
-    kwargs = {} if cond is None else {"encoder_hidden_states": cond}
-    model(x, t, return_dict=False, **kwargs)
-
-
 @torch.no_grad()
 def _capture(model: nn.Module, module: nn.Module, calib: CalibrationSet, order: torch.Tensor, batch: int, want: str) -> list:
     """Per calibration batch: the block's (args, kwargs) (``want="inputs"``) or output tensor."""
@@ -77,19 +73,15 @@ def _capture(model: nn.Module, module: nn.Module, calib: CalibrationSet, order: 
         seen.append(first_tensor(out).detach())
         raise _Stop
 
-    handles = [module.register_forward_pre_hook(pre, with_kwargs=True)]
+    hooks: list[Hook] = [(module, "pre", pre)]
     if want == "output":
-        handles.append(module.register_forward_hook(post, with_kwargs=True))
-    try:
+        hooks.append((module, "post", post))
+    with forward_hooks(hooks, with_kwargs=True):
         for start in range(0, len(calib), batch):
-            x, t, _, cond = calib.batch(order[start : start + batch])
             try:
-                _call(model, x, t, cond)
+                calib.batch(order[start : start + batch]).call(model)
             except _Stop:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
     return seen
 
 
@@ -161,7 +153,7 @@ def distill_blocks(
         fpblock = fp_unet.get_submodule(block.name)
         inputs = _capture(qmodel, qblock, calib, order, recipe.batch_size, "inputs")
         targets = _capture(fp_unet, fpblock, calib, order, recipe.batch_size, "output")
-        rows = [qmodel.table.index(calib.t[b], len(b)) for b in order.split(recipe.batch_size)]
+        rows = [qmodel.table.index(calib.inputs.timestep[b], len(b)) for b in order.split(recipe.batch_size)]
         layers = [cast(QuantLayer, qmodel.unet.get_submodule(n)) for n in block.layers]
 
         def forward(i: int) -> torch.Tensor:
@@ -182,16 +174,11 @@ def distill_model(
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
     batches = [order[s : s + recipe.batch_size] for s in range(0, len(calib), recipe.batch_size)]
     with torch.no_grad():
-        targets = [fp_unet(*calib.batch(b)[:2], return_dict=False, **_cond_kwargs(calib, b))[0] for b in batches]
+        targets = [calib.batch(b).call(fp_unet) for b in batches]
 
     def forward(i: int) -> torch.Tensor:
-        x, t, _, cond = calib.batch(batches[i])
-        kwargs = {} if cond is None else {"encoder_hidden_states": cond}
-        return F.mse_loss(qmodel(x, t, return_dict=False, **kwargs)[0], targets[i])
+        return F.mse_loss(calib.batch(batches[i]).call(qmodel), targets[i])
 
     layers = list(quant_layers(qmodel).values())
     return [_train("model", forward, layers, len(batches), recipe, recipe.iters, seed)]
 
-
-def _cond_kwargs(calib: CalibrationSet, idx: torch.Tensor) -> dict:
-    return {} if calib.cond is None else {"encoder_hidden_states": calib.cond[idx]}

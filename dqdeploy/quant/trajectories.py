@@ -8,6 +8,7 @@ deployed model sees both. Everything is seeded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
+from ..inputs import CONTEXT, DenoiserInputs
 from ..models import latent_shape
 from ..recipe import CalibrationConfig
 from ..sampling import denoise
 
-COND_KEY = "encoder_hidden_states"
+COND_KEY = CONTEXT
 UNCOND_KEY = "uncond_encoder_hidden_states"
 
 
@@ -64,28 +66,30 @@ def load_conditioning(path: str | Path) -> Conditioning:
 
 @dataclass
 class CalibrationSet:
-    """UNet inputs recorded on FP trajectories: ``x`` [N, C, H, W], ``t`` [N], ``rows`` [N] (index
-    of ``t`` in ``timesteps``), ``cond`` [N, S, D] or None; ``timesteps`` in sampling order."""
+    """Denoiser inputs recorded on FP trajectories (``inputs``: N rows), ``rows`` [N] (index of each
+    time step in ``timesteps``) and the calibrated ``timesteps`` in sampling order."""
 
-    x: torch.Tensor
-    t: torch.Tensor
+    inputs: DenoiserInputs
     rows: torch.Tensor
-    cond: torch.Tensor | None
     timesteps: list[float]
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return len(self.inputs)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.x[idx], self.t[idx], self.rows[idx], None if self.cond is None else self.cond[idx]
+    def batch(self, idx: torch.Tensor) -> DenoiserInputs:
+        """The inputs at rows ``idx``."""
+        return self.inputs.slice(idx)
 
-    def batches(self, batch_size: int):
+    def batches(self, batch_size: int) -> Iterator[DenoiserInputs]:
+        """Consecutive batches of at most ``batch_size`` rows, in order."""
         for start in range(0, len(self), batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
 
     def validate(self) -> None:
-        for name, tensor in (("x_t", self.x), ("cond", self.cond)):
-            if tensor is not None and not torch.isfinite(tensor).all():
+        """Refuse non-finite inputs (the FP model diverged on its own trajectories)."""
+        named = {"x_t": self.inputs.sample, **{"cond" if k == CONTEXT else k: v for k, v in self.inputs.conditioning.items()}}
+        for name, tensor in named.items():
+            if not torch.isfinite(tensor).all():
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise CalibrationError(
                     f"calibration {name} holds {bad} non-finite values (NaN/Inf): the full-precision "
@@ -147,8 +151,7 @@ def collect(
         )
         bar.update(n)
     bar.close()
-    calib = CalibrationSet(
-        torch.cat(xs), torch.cat(ts), torch.cat(rows), torch.cat(conds) if conds else None, timesteps
-    )
+    inputs = DenoiserInputs.create(torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(conds) if conds else None)
+    calib = CalibrationSet(inputs, torch.cat(rows), timesteps)
     calib.validate()
     return calib

@@ -22,8 +22,8 @@ import torch
 
 from ..errors import ArtifactError, RuntimeInputError
 from ..exporters.spec import ExportSpec, TensorSpec
+from ..inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
 
-SAMPLE, TIMESTEP, CONTEXT, OUTPUT = "sample", "timestep", "encoder_hidden_states", "out_sample"
 DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",), CONTEXT: ("batch", "sequence", "hidden size")}
 TIMESTEP_ATOL = 1e-3
 # diffusers keyword arguments that change the result and that an exported graph cannot honour

@@ -70,14 +70,11 @@ def make_inputs(export_dir: Path, batch: int, timestep: float, seed: int) -> dic
 
 def compare(export_dir: Path, in_dir: Path, out_dir: Path, onnx_source: Path | None = None) -> dict[str, float]:
     """Error of ``out_dir/out_sample.bin`` against ONNX Runtime on the same inputs."""
-    import torch
+    from dqdeploy import load_runtime
+    from dqdeploy.inputs import DenoiserInputs
 
-    from dqdeploy.runtimes.ort import OrtUNet
-
-    inputs = {k: torch.from_numpy(v.astype(np.float32)) for k, v in read_tensors(in_dir).items()}
-    reference = OrtUNet(onnx_source or export_dir)(
-        inputs["sample"], inputs["timestep"], inputs.get("encoder_hidden_states"), return_dict=False
-    )[0].numpy()
+    inputs = DenoiserInputs.from_dict({k: v.astype(np.float32) for k, v in read_tensors(in_dir).items()})
+    reference = inputs.call(load_runtime(onnx_source or export_dir, "ort")).numpy()
     got = read_tensors(out_dir)["out_sample"].astype(np.float32)
     if got.shape != reference.shape:
         raise SystemExit(f"out_sample shape {got.shape} differs from ONNX Runtime's {reference.shape}")

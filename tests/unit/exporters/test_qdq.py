@@ -12,7 +12,8 @@ from torch import nn
 
 from dqdeploy.errors import ExportError
 from dqdeploy.exporters.dequantize import simulate_layer_input, tensors_of
-from dqdeploy.exporters.onnx import ExampleInputs, export_float_onnx
+from dqdeploy.exporters.onnx import export_float_onnx
+from dqdeploy.inputs import DenoiserInputs
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, insert_qdq
 from dqdeploy.vocab import layout_of
 from dqdeploy.quant.modules import QuantLayer
@@ -49,7 +50,7 @@ def exported(kind: str, target: str, tmp_path, out_scale: float | None = None):
     shape = (4, 8, 5, 5) if kind == "conv" else (4, 7, 8)
     # activations whose range follows their step's scale, as calibrated ones do (rows 0..3)
     x = torch.randn(*shape) * torch.tensor([0.05, 0.02, 0.011, 0.004]).view(-1, *([1] * (len(shape) - 1))) * 40
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=ExampleInputs(x, torch.tensor(TIMESTEPS)))
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(x, torch.tensor(TIMESTEPS)))
     tensors = {"layer": tensors_of("layer", layer)}
     scales = {"layer": out_scale} if out_scale else None
     graph = insert_qdq(graph, tensors, TIMESTEPS, {"layer": x.dim()}, SurgeryOptions(layout=layout_of(target), scope_prefix="unet."), scales)
@@ -113,7 +114,7 @@ def test_timestep_maps_to_nearest_calibrated_row(tmp_path):
 def test_weights_are_int8_initializers_without_float_copy(tmp_path):
     layer, *_ = quant_layer("conv")
     x = torch.randn(2, 8, 5, 5)
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=ExampleInputs(x, torch.tensor([1.0, 2.0])))
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(x, torch.tensor([1.0, 2.0])))
     graph = insert_qdq(graph, {"layer": tensors_of("layer", layer)}, TIMESTEPS, {"layer": 4}, SurgeryOptions(scope_prefix="unet."))
     floats = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) == tuple(layer.weight.shape)]
     ints = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and tuple(i.dims) == tuple(layer.weight.shape)]
@@ -123,7 +124,7 @@ def test_weights_are_int8_initializers_without_float_copy(tmp_path):
 def test_asymmetric_and_4bit_activations_are_refused(tmp_path):
     layer, *_ = quant_layer("linear")
     tensors = tensors_of("layer", layer)
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=ExampleInputs(torch.randn(2, 3, 8), torch.tensor([1.0, 2.0])))
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(torch.randn(2, 3, 8), torch.tensor([1.0, 2.0])))
     bad_zp = tensors.__class__(**{**tensors.__dict__, "act_zero_point": np.full(4, 3.0)})
     with pytest.raises(ExportError, match="zero point"):
         insert_qdq(graph, {"layer": bad_zp}, TIMESTEPS, {"layer": 3}, SurgeryOptions(scope_prefix="unet."))
@@ -138,7 +139,7 @@ def test_int4_linear_is_weight_only_blocked(tmp_path):
     layer = QuantLayer(nn.Linear(128, 16), weight_bits=4, act_bits=8, act_symmetric=True, n_steps=len(TIMESTEPS),
                        step_index=index, dilation=1.0 + torch.rand(128))
     x = torch.randn(2, 5, 128)
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=ExampleInputs(x, torch.tensor([1.0, 2.0])), opset=21)
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(x, torch.tensor([1.0, 2.0])), opset=21)
     graph = insert_qdq(graph, {"layer": tensors_of("layer", layer)}, TIMESTEPS, {"layer": 3},
                        SurgeryOptions(scope_prefix="unet.", int4_linear=True))
     onnx.checker.check_model(graph)

@@ -9,7 +9,8 @@ from diffusers import DDIMScheduler
 
 from dqdeploy.quantize_stage import build_quantized, quantize_unet
 from dqdeploy.errors import CalibrationError
-from dqdeploy.quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax, unet_forward
+from dqdeploy.inputs import DenoiserInputs
+from dqdeploy.quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
 from dqdeploy.quant.modules import quant_layers, set_act_quant
 from dqdeploy.quant.primitives import CLIP_RATIOS
 from dqdeploy.quant.timestep import TimestepTable
@@ -51,9 +52,8 @@ def _observed(model, calib) -> dict[str, dict[int, torch.Tensor]]:
         handles.append(layer.register_forward_pre_hook(hook))
     set_act_quant(model, False)
     try:
-        run = unet_forward(model)
-        for x, t, _, cond in calib.batches(16):
-            run(x, t, cond)
+        for batch in calib.batches(16):
+            batch.call(model)
     finally:
         set_act_quant(model, True)
         for h in handles:
@@ -68,7 +68,7 @@ def _mse(x: torch.Tensor, scale: float) -> float:
 def test_calibration_data_covers_every_step(calib):
     assert len(calib.timesteps) == STEPS and len(calib) == 40
     assert set(calib.rows.tolist()) == set(range(STEPS))
-    assert torch.equal(torch.tensor(calib.timesteps)[calib.rows], calib.t)
+    assert torch.equal(torch.tensor(calib.timesteps)[calib.rows], calib.inputs.timestep)
 
 
 def test_minmax_scales_are_each_steps_max_abs(unet, calib):
@@ -103,7 +103,7 @@ def test_mse_scales_differ_per_step_and_never_exceed_the_observed_range(unet, ca
 
 def test_a_step_without_samples_takes_the_range_of_all_steps(unet, calib):
     keep = calib.rows != 2
-    partial = CalibrationSet(calib.x[keep], calib.t[keep], calib.rows[keep], None, calib.timesteps)
+    partial = CalibrationSet(calib.inputs.slice(keep), calib.rows[keep], calib.timesteps)
     model = _build(unet, partial)
     init_activation_scales(model, partial, method="minmax", batch_size=16)
     for name, layer in quant_layers(model).items():
@@ -131,7 +131,7 @@ def test_asymmetric_scales_cover_the_observed_range(unet, calib):
 def test_smoothquant_statistics_are_per_input_channel_max_abs(unet, calib):
     names = ["conv_in", "down_blocks.1.attentions.0.to_q", "time_embedding.linear_1"]
     got = input_channel_absmax(unet, names, calib, batch_size=16)
-    assert torch.allclose(got["conv_in"], calib.x.abs().amax(dim=(0, 2, 3)))
+    assert torch.allclose(got["conv_in"], calib.inputs.sample.abs().amax(dim=(0, 2, 3)))
     assert got["down_blocks.1.attentions.0.to_q"].shape == (32,)
     assert got["time_embedding.linear_1"].shape == (unet.time_embedding.linear_1.in_features,)
     assert not any(m._forward_pre_hooks for m in unet.modules())
@@ -148,9 +148,9 @@ def test_output_scales_are_initialised_for_the_ort_layout(unet, calib):
 
 
 def test_nan_in_calibration_data_is_a_calibration_error(unet, calib):
-    x = calib.x.clone()
+    x = calib.inputs.sample.clone()
     x[3, 0, 2, 2] = float("nan")
-    bad = CalibrationSet(x, calib.t, calib.rows, None, calib.timesteps)
+    bad = CalibrationSet(DenoiserInputs(x, calib.inputs.timestep), calib.rows, calib.timesteps)
     with pytest.raises(CalibrationError, match="non-finite"):
         quantize_unet(unet, W8A8.replace(distill="none"), bad)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.quantize_stage import _example_run, build_quantized
+from dqdeploy.quantize_stage import example_forward, build_quantized
 from dqdeploy.quant.blocks import partition
 from dqdeploy.quant.calibrate import init_activation_scales
 from dqdeploy.quant.distill import distill_blocks, distill_model
@@ -55,7 +55,7 @@ def test_partition_covers_every_layer_once_in_execution_order(make):
     unet = make()
     calib = random_calib(unet, n=2)
     model, _ = build_quantized(unet, RECIPE, TimestepTable(calib.timesteps), calib)
-    run = _example_run(model, calib)
+    run = example_forward(model, calib)
     blocks = partition(model.unet, run)
     flat = [layer for b in blocks for layer in b.layers]
     assert len(flat) == len(set(flat))  # no layer in two blocks
@@ -76,7 +76,7 @@ def test_block_distillation_lowers_block_losses(unet, calib):
     fp_before = {k: v.clone() for k, v in unet.state_dict().items()}
     params_before = {n: (m.weight.detach().clone(), m.weight_quantizer.scale.detach().clone(),
                          m.input_quantizer.scale.detach().clone()) for n, m in quant_layers(model.unet).items()}
-    blocks = partition(model.unet, _example_run(model, calib))
+    blocks = partition(model.unet, example_forward(model, calib))
     reports = distill_blocks(model, unet, blocks, calib, RECIPE)
     assert [r.name for r in reports] == [b.name for b in blocks]
     assert all(len(r.curve) == RECIPE.iters for r in reports)
@@ -99,7 +99,7 @@ def test_block_distillation_lowers_block_losses(unet, calib):
 def test_zero_iterations_measure_without_changing_anything(unet, calib):
     model = _calibrated(unet, calib)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    blocks = partition(model.unet, _example_run(model, calib))[:4]
+    blocks = partition(model.unet, example_forward(model, calib))[:4]
     reports = distill_blocks(model, unet, blocks, calib, RECIPE.replace(iters=0))
     assert all(r.loss_before == r.loss_after and r.loss_before > 0 and not r.curve for r in reports)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -11,8 +11,9 @@ import onnx
 import pytest
 import torch
 
-from dqdeploy.exporters.onnx import ExampleInputs, export_float_onnx
+from dqdeploy.exporters.onnx import export_float_onnx
 from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
+from dqdeploy.inputs import DenoiserInputs
 
 from tests.helpers import CROSS_DIM, SEQ_LEN, tiny_cond_unet, tiny_unet  # noqa: F401  (re-exported to tests)
 
@@ -34,8 +35,8 @@ def write_export(unet: torch.nn.Module, out: Path, *, timesteps: list[float] | N
     context = None
     if getattr(cfg, "cross_attention_dim", None) is not None:
         context = torch.randn(2, SEQ_LEN, cfg.cross_attention_dim)
-    inputs = ExampleInputs(torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                           torch.tensor([10.0, 500.0]), context)
+    inputs = DenoiserInputs.create(torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                                   torch.tensor([10.0, 500.0]), encoder_hidden_states=context)
     with tempfile.TemporaryDirectory() as scratch:
         model = export_float_onnx(unet, Path(scratch) / "float.onnx", inputs=inputs)
     (out / ONNX_FILE).parent.mkdir(parents=True, exist_ok=True)
