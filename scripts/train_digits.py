@@ -9,9 +9,19 @@
 Then reloads the saved pipeline, samples with DDIM (50 steps) and writes to ``--out``: the loss curve
 (``loss.png``), an 8x8 sample grid (``samples.png``) and ``summary.json`` (times, accuracy, FID).
 
+Options for the development model zoo (``bench/zoo.py``, ``scripts/train_zoo.py``):
+``--unet JSON`` overrides the UNet config (width, norm groups, attention head size),
+``--stop-at K`` keeps the model after K iterations of an ``--iters`` schedule (an early checkpoint),
+``--conditional`` trains a class-conditional ``UNet2DConditionModel``: a learned class table (10
+digits + a null row) is the 1-token ``encoder_hidden_states``; the null row replaces the class with
+probability ``--p-uncond`` so classifier-free guidance works. The table is saved next to the
+pipeline as ``class_cond.safetensors`` in the ``--cond`` file format (``encoder_hidden_states`` [10, 1, D],
+``uncond_encoder_hidden_states`` [1, 1, D]); sample ``i`` of a seeded run is digit ``i % 10``.
+
 Usage:  python scripts/train_digits.py                 # everything, ~20 min on one CPU thread
         python scripts/train_digits.py --stage classifier
         python scripts/train_digits.py --iters 200 --assets /tmp/a --out /tmp/r   # smoke run
+        python scripts/train_digits.py --stage ddpm --conditional --iters 200 --assets /tmp/a --out /tmp/r
 """
 
 from __future__ import annotations
@@ -58,7 +68,16 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 )
+COND_UNET_CONFIG = dict(
+    sample_size=16, in_channels=1, out_channels=1,
+    block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=16, attention_head_dim=8,
+    cross_attention_dim=64,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+CLASS_COND_FILE = "class_cond.safetensors"
+NUM_CLASSES = 10
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -125,28 +144,51 @@ def train_classifier(args: argparse.Namespace) -> tuple[DigitsClassifier, dict]:
     return model, metrics
 
 
-def build_unet(seed: int):
-    """The digits UNet2DModel (seeded initialisation)."""
-    from diffusers import UNet2DModel
+def build_unet(seed: int, overrides: dict | None = None, conditional: bool = False) -> torch.nn.Module:
+    """The digits UNet (``UNet2DModel``, or ``UNet2DConditionModel`` if ``conditional``), seeded,
+    with ``overrides`` merged over the default config."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
     torch.manual_seed(seed)
-    return UNet2DModel(**UNET_CONFIG)
+    config = {**(COND_UNET_CONFIG if conditional else UNET_CONFIG), **(overrides or {})}
+    return (UNet2DConditionModel if conditional else UNet2DModel)(**config)
 
 
-def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[float], dict]:
-    """DDPM training (epsilon MSE, uniform time steps); returns the EMA UNet, losses and metrics."""
+def class_table(unet: torch.nn.Module, seed: int) -> torch.nn.Embedding:
+    """Learned class 'prompts' of a conditional UNet: rows 0-9 the digits, row 10 the null (uncond) token."""
+    torch.manual_seed(seed + 3)
+    return torch.nn.Embedding(NUM_CLASSES + 1, unet.config.cross_attention_dim)
+
+
+def save_class_cond(table: torch.nn.Embedding, path: Path) -> None:
+    """Write the class table in the ``--cond`` file format (one 1-token 'prompt' per digit + the null one)."""
+    from safetensors.torch import save_file
+
+    from dqdeploy.quant.trajectories import COND_KEY, UNCOND_KEY
+
+    w = table.weight.detach().float()
+    save_file({COND_KEY: w[:NUM_CLASSES, None].contiguous(), UNCOND_KEY: w[NUM_CLASSES:, None].contiguous()}, str(path))
+
+
+def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Embedding | None, list[float], dict]:
+    """DDPM training (epsilon MSE, uniform time steps); returns the EMA UNet, its EMA class table
+    (conditional only, else None), losses and metrics."""
     from diffusers import DDPMScheduler
 
-    images = load_digits_images(16)
-    unet = build_unet(args.seed).train()
+    images, labels = load_digits_images(16), load_digits_labels()
+    unet = build_unet(args.seed, args.unet, args.conditional).train()
+    table = class_table(unet, args.seed) if args.conditional else None
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    params = list(unet.parameters()) + ([] if table is None else list(table.parameters()))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    params, ema_params = list(unet.parameters()), list(ema.parameters())
+    ema_table = None if table is None else copy.deepcopy(table).requires_grad_(False)
+    ema_params = list(ema.parameters()) + ([] if ema_table is None else list(ema_table.parameters()))
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(args.iters), desc="ddpm", unit="it")
+    stop = args.stop_at or args.iters
+    bar = tqdm(range(stop), desc="ddpm", unit="it")
     running = None
     for step in bar:
         idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=gen)
@@ -156,7 +198,13 @@ def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[float], 
         xt = sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.iters, args.lr, warmup=args.warmup)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if table is None:
+            pred = unet(xt, t).sample
+        else:
+            drop = torch.rand(x0.shape[0], generator=gen) < args.p_uncond
+            classes = torch.where(drop, torch.full_like(labels[idx], NUM_CLASSES), labels[idx])
+            pred = unet(xt, t, encoder_hidden_states=table(classes)[:, None]).sample
+        loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -172,31 +220,39 @@ def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[float], 
     for b_ema, b in zip(ema.buffers(), unet.buffers()):
         b_ema.copy_(b)
     tail = losses[-min(200, len(losses)):]
-    metrics = {"train_seconds": round(seconds, 1), "it_per_s": round(args.iters / seconds, 3),
+    metrics = {"train_seconds": round(seconds, 1), "it_per_s": round(stop / seconds, 3),
                "final_loss_mean_last_200": round(sum(tail) / len(tail), 5)}
-    log.info("ddpm: %d iterations in %.1f s (%.2f it/s), final loss %.4f", args.iters, seconds,
+    log.info("ddpm: %d iterations in %.1f s (%.2f it/s), final loss %.4f", stop, seconds,
              metrics["it_per_s"], metrics["final_loss_mean_last_200"])
-    return ema, losses, metrics
+    return ema, ema_table, losses, metrics
 
 
-@torch.no_grad()
-def ddim_sample(unet: torch.nn.Module, scheduler_dir: Path, n: int, steps: int, seed: int,
-                batch_size: int = 100) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) samples in [-1, 1]; noise drawn batch by batch from one seeded generator."""
-    from diffusers import DDIMScheduler
+def ddim_sample(model_dir: Path, n: int, steps: int, seed: int, guidance: float = 1.0) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) samples in [-1, 1] of a saved pipeline folder (``dqdeploy.generate``:
+    noise drawn batch by batch from one seeded generator; conditional: sample i is digit i % 10)."""
+    from dqdeploy.generate import generate
 
-    sched = DDIMScheduler.from_pretrained(scheduler_dir, subfolder="scheduler")
-    sched.set_timesteps(steps)
-    size = unet.config.sample_size
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    unet.eval()
-    for first in tqdm(range(0, n, batch_size), desc=f"ddim-{steps}", unit="batch"):
-        x = torch.randn(min(batch_size, n - first), unet.config.in_channels, size, size, generator=gen)
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x).prev_sample
-        out.append(x)
-    return torch.cat(out).clamp(-1, 1)
+    cond = model_dir / CLASS_COND_FILE
+    return generate(model_dir, n=n, steps=steps, scheduler="ddim", seed=seed, batch_size=100, runtime="torch",
+                    cond_file=cond if cond.is_file() else None, guidance=guidance)
+
+
+def save_pipeline(unet: torch.nn.Module, table: torch.nn.Embedding | None, path: Path) -> None:
+    """Write ``unet/``, ``scheduler/`` and ``model_index.json`` (+ the class table of a conditional UNet)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    if table is None:
+        DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path, safe_serialization=True)
+        return
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    sched.save_pretrained(path / "scheduler")
+    import diffusers
+
+    index = {"_class_name": "DiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", type(unet).__name__]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_class_cond(table, path / CLASS_COND_FILE)
 
 
 def plot_losses(losses: list[float], path: Path) -> None:
@@ -250,9 +306,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="ddpm: reuse the classifier already in --assets")
     ap.add_argument("--assets", type=Path, default=ASSETS_DIR, help="where the two model folders go")
     ap.add_argument("--out", type=Path, default=Path("runs/train_digits"), help="plots and summary.json")
+    ap.add_argument("--classifier", type=Path, help="classifier folder for --stage ddpm (default: the one in --assets, "
+                    "else the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=4000, help="DDPM iterations (~0.27 s each on one thread)")
+    ap.add_argument("--stop-at", type=int, help="stop after this many iterations of the --iters schedule (early checkpoint)")
+    ap.add_argument("--unet", type=json.loads, default={}, help="JSON overrides of the UNet config")
+    ap.add_argument("--conditional", action="store_true", help="class-conditional UNet2DConditionModel (CFG)")
+    ap.add_argument("--p-uncond", type=float, default=0.1, help="conditional: probability of the null class")
+    ap.add_argument("--guidance", type=float, default=2.0, help="conditional: CFG scale of the summary samples")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -283,31 +346,36 @@ def main(argv: list[str] | None = None) -> None:
             normalise_modes(tmp)
         summary["classifier"] = {**metrics, "params": sum(p.numel() for p in model.parameters()),
                                  "bytes_on_disk": dir_size(clf_dir)}
+    if args.stage == "ddpm":
+        clf_dir = args.classifier or (clf_dir if clf_dir.is_dir() else ASSETS_DIR / CLASSIFIER_NAME)
     classifier = load_classifier(clf_dir)
 
     if args.stage in ("all", "ddpm"):
-        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-        ema, losses, metrics = train_unet(args)
+        ema, table, losses, metrics = train_unet(args)
         with atomic_dir(ddpm_dir, overwrite=True) as tmp:
-            DDPMPipeline(unet=ema, scheduler=DDPMScheduler(**SCHEDULER_CONFIG)).save_pretrained(tmp, safe_serialization=True)
+            save_pipeline(ema, table, tmp)
             normalise_modes(tmp)
         plot_losses(losses, args.out / "loss.png")
-        unet = UNet2DModel.from_pretrained(ddpm_dir, subfolder="unet").eval()
-        summary["ddpm"] = {**metrics, "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr,
-                           "ema": args.ema, "shift": args.shift,
-                           "params": sum(p.numel() for p in unet.parameters()), "bytes_on_disk": dir_size(ddpm_dir)}
-        grid = ddim_sample(unet, ddpm_dir, 64, args.sample_steps, seed=args.seed)
+        summary["ddpm"] = {**metrics, "iters": args.iters, "stop_at": args.stop_at, "batch_size": args.batch_size,
+                           "lr": args.lr, "ema": args.ema, "shift": args.shift, "unet_overrides": args.unet,
+                           "conditional": args.conditional, "p_uncond": args.p_uncond if args.conditional else None,
+                           "params": sum(p.numel() for p in ema.parameters()), "bytes_on_disk": dir_size(ddpm_dir)}
+        guidance = args.guidance if args.conditional else 1.0
+        grid = ddim_sample(ddpm_dir, 64, args.sample_steps, seed=args.seed, guidance=guidance)
         save_grid(grid, args.out / "samples.png", nrow=8, scale=4)
         t0 = time.perf_counter()
-        samples = ddim_sample(unet, ddpm_dir, args.fid_samples, args.sample_steps, seed=args.seed)
+        samples = ddim_sample(ddpm_dir, args.fid_samples, args.sample_steps, seed=args.seed, guidance=guidance)
         summary["fid"] = {
             "samples": args.fid_samples, "sampler": f"ddim-{args.sample_steps}", "seed": args.seed,
+            "guidance": guidance,
             "digits_fid": round(digits_fid(samples, classifier), 4),
             "real_halves_fid": round(real_halves_fid(classifier, args.seed), 4),
             "sample_seconds": round(time.perf_counter() - t0, 1),
             "class_histogram": class_histogram(samples, classifier),
         }
+        if args.conditional:
+            digit = torch.arange(samples.shape[0]) % NUM_CLASSES  # sample i was asked for digit i % 10
+            summary["fid"]["class_accuracy"] = classifier_accuracy(classifier, samples, digit)
         log.info("digits-FID of %d DDIM-%d samples: %.3f (real halves: %.3f)", args.fid_samples,
                  args.sample_steps, summary["fid"]["digits_fid"], summary["fid"]["real_halves_fid"])
 

@@ -1,0 +1,139 @@
+"""The development model zoo: digits diffusion models that differ in seed, training length, norm
+groups, attention head size, width and conditioning, so that quality is never tuned on one model.
+
+Every member except ``shipped`` is trained on CPU by ``scripts/train_digits.py --stage ddpm`` with
+the arguments below (fixed seed, one thread) and cached outside git, under
+``$DQDEPLOY_ZOO`` (default ``~/.cache/dqdeploy/zoo``)::
+
+    ZOO_ROOT/NAME/digits-ddpm/   the diffusers pipeline folder (unet/, scheduler/, model_index.json
+                                 [, class_cond.safetensors for the conditional member])
+    ZOO_ROOT/NAME/run/           training summary.json, loss.png, samples.png
+    ZOO_ROOT/NAME/train.log      the training log
+
+API (small on purpose; part of the quality harness):
+
+* ``ZOO`` -- ``{name: ZooModel}`` in benchmark order; ``names()`` lists them.
+* ``get(name) -> ZooModel`` (raises ``DQDeployError`` for an unknown name).
+* ``ZooModel.folder()`` -- where its pipeline folder is (trained or not); ``.available()``.
+* ``ZooModel.cond_file()`` -- the ``--cond`` file (class prompts + null prompt) of a conditional
+  member, else None; ``.guidance`` the classifier-free guidance scale to sample it with.
+* ``ZooModel.train_command()`` -- the exact command (argv) that trains it.
+* ``ensure(name) -> Path`` -- the folder, training the model first (minutes) if it is missing.
+
+Train the whole zoo, one model at a time: ``python scripts/train_zoo.py`` (``--list`` shows state).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "scripts" / "train_digits.py"
+MODEL_SUBDIR = "digits-ddpm"
+CLASS_COND_FILE = "class_cond.safetensors"  # written by scripts/train_digits.py --conditional
+
+
+def zoo_root() -> Path:
+    """Cache folder of the trained zoo models (``$DQDEPLOY_ZOO`` or ``~/.cache/dqdeploy/zoo``)."""
+    return Path(os.environ.get("DQDEPLOY_ZOO", "~/.cache/dqdeploy/zoo")).expanduser()
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One zoo member: how it differs from the shipped model and how it is trained."""
+
+    name: str
+    description: str
+    seed: int = 0
+    train_args: tuple[str, ...] = ()  # extra arguments of scripts/train_digits.py --stage ddpm
+    conditional: bool = False
+    guidance: float = 1.0  # classifier-free guidance scale used when sampling it
+    shipped: bool = False
+    notes: dict = field(default_factory=dict, compare=False)
+
+    def folder(self) -> Path:
+        """The diffusers pipeline folder (may not exist yet: see :func:`ensure`)."""
+        if self.shipped:
+            from dqdeploy.eval.digits import ASSETS_DIR, DIGITS_MODEL_NAME
+
+            return ASSETS_DIR / DIGITS_MODEL_NAME
+        return zoo_root() / self.name / MODEL_SUBDIR
+
+    def available(self) -> bool:
+        """Whether the pipeline folder is complete (training writes it atomically)."""
+        d = self.folder()
+        return (d / "unet" / "config.json").is_file() and (d / "scheduler" / "scheduler_config.json").is_file()
+
+    def cond_file(self) -> Path | None:
+        """The class-prompt ``--cond`` file of a conditional member (sample i is digit i % 10)."""
+        return self.folder() / CLASS_COND_FILE if self.conditional else None
+
+    def train_command(self) -> list[str]:
+        """argv that (re)trains this member into :meth:`folder` (the shipped one: its own script)."""
+        if self.shipped:
+            return [sys.executable, str(TRAIN_SCRIPT), "--stage", "ddpm"]
+        base = zoo_root() / self.name
+        return [sys.executable, str(TRAIN_SCRIPT), "--stage", "ddpm", "--seed", str(self.seed),
+                "--assets", str(base), "--out", str(base / "run"), *self.train_args]
+
+
+def _member(name: str, description: str, *args: str, **kw) -> tuple[str, ZooModel]:
+    return name, ZooModel(name, description, train_args=tuple(args), **kw)
+
+
+ZOO: dict[str, ZooModel] = dict([
+    _member("shipped", "dqdeploy/assets/digits-ddpm: 4000 iterations, seed 0, block_out (32, 64, 64), "
+            "16 norm groups, attention head dim 32", shipped=True),
+    _member("seed1", "shipped config and training, seed 1", seed=1),
+    _member("early", "shipped config and seed, stopped after 1000 of its 4000 iterations (EMA weights)",
+            "--stop-at", "1000"),
+    _member("cond", "class-conditional UNet2DConditionModel (cross-attention on a learned 1-token class prompt, "
+            "null prompt 10% of the time), 2000 iterations, CFG scale 2", "--conditional", "--iters", "2000",
+            conditional=True, guidance=2.0),
+    _member("g8h16", "8 norm groups and attention head dim 16 (4 heads), 2000 iterations",
+            "--unet", '{"norm_num_groups": 8, "attention_head_dim": 16}', "--iters", "2000"),
+    _member("wide", "block_out (48, 96, 96) with 24 norm groups, 2000 iterations",
+            "--unet", '{"block_out_channels": [48, 96, 96], "norm_num_groups": 24}', "--iters", "2000"),
+])
+
+
+def names() -> list[str]:
+    """Zoo member names in benchmark order."""
+    return list(ZOO)
+
+
+def get(name: str) -> ZooModel:
+    """The zoo member called ``name``."""
+    from dqdeploy.errors import DQDeployError
+
+    if name not in ZOO:
+        raise DQDeployError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}",
+                            hint="pick one of those names (bench/zoo.py defines them)")
+    return ZOO[name]
+
+
+def train(name: str, nice: int = 10) -> Path:
+    """Train ``name`` now (blocking; log in ZOO_ROOT/NAME/train.log) and return its folder."""
+    from dqdeploy.errors import DQDeployError
+
+    model = get(name)
+    log = zoo_root() / name / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with log.open("ab") as fh:
+        rc = subprocess.call(["nice", "-n", str(nice), *model.train_command()], stdout=fh, stderr=subprocess.STDOUT,
+                             env=env, cwd=ROOT)
+    if rc != 0 or not model.available():
+        raise DQDeployError(f"training zoo model {name!r} failed (exit {rc}); no pipeline at {model.folder()}",
+                            hint=f"read {log}")
+    return model.folder()
+
+
+def ensure(name: str) -> Path:
+    """The pipeline folder of ``name``, trained first if it is missing (minutes on one CPU thread)."""
+    model = get(name)
+    return model.folder() if model.available() else train(name)

@@ -1,0 +1,53 @@
+"""The zoo registry and the training script's zoo options (conditional, early stop, config overrides)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import zoo
+from dqdeploy.errors import DQDeployError
+from dqdeploy.models import load_model
+from dqdeploy.quant.trajectories import load_conditioning
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_registry_names_commands_and_cache_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQDEPLOY_ZOO", str(tmp_path))
+    assert len(zoo.names()) >= 5 and zoo.names()[0] == "shipped"
+    assert zoo.get("shipped").available() and zoo.ensure("shipped") == zoo.get("shipped").folder()
+    seeds = {m.seed for m in zoo.ZOO.values()}
+    assert seeds >= {0, 1}
+    cond = [m for m in zoo.ZOO.values() if m.conditional]
+    assert len(cond) == 1 and cond[0].guidance > 1 and cond[0].cond_file().name == "class_cond.safetensors"
+    early = zoo.get("early")
+    assert early.folder() == tmp_path / "early" / "digits-ddpm" and not early.available()
+    cmd = early.train_command()
+    assert cmd[1].endswith("scripts/train_digits.py") and "--stop-at" in cmd and str(tmp_path / "early") in cmd
+    with pytest.raises(DQDeployError, match="unknown zoo model 'nope'"):
+        zoo.get("nope")
+
+
+def test_training_script_conditional_early_stop_and_overrides(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--stage", "ddpm", "--conditional", "--iters", "8", "--stop-at", "2", "--batch-size", "4",
+            "--unet", '{"norm_num_groups": 8, "block_out_channels": [16, 32, 32], "cross_attention_dim": 16}',
+            "--fid-samples", "10", "--sample-steps", "2", "--assets", str(tmp_path / "a"), "--out", str(tmp_path / "r")]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_digits.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = tmp_path / "a" / "digits-ddpm"
+    loaded = load_model(model)
+    assert type(loaded.unet).__name__ == "UNet2DConditionModel" and loaded.conditional
+    assert loaded.unet.config.norm_num_groups == 8 and list(loaded.unet.config.block_out_channels) == [16, 32, 32]
+    cond = load_conditioning(model / "class_cond.safetensors")
+    assert tuple(cond.cond.shape) == (10, 1, 16) and tuple(cond.uncond.shape) == (1, 1, 16)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["ddpm"]["stop_at"] == 2 and summary["ddpm"]["iters"] == 8
+    assert 0.0 <= summary["fid"]["class_accuracy"] <= 1.0 and summary["fid"]["guidance"] == 2.0
