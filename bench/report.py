@@ -37,6 +37,58 @@ def quality_section(q: dict) -> list[str]:
     return out + [""]
 
 
+def _ci(lo: float | None, hi: float | None, fmt: str = "{:.2f}") -> str:
+    return f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else ""
+
+
+def zoo_quality_section(z: dict) -> list[str]:
+    """The zoo-wide table (bench/zoo_quality.py): per model, every row; then the worst case per recipe."""
+    rows = list(z["rows"].values())
+    if not rows:
+        return []
+    commands = "; ".join(dict.fromkeys(f"`{r['command']}`" for r in z["runs"]))
+    n = sorted({r["n"] for r in rows})
+    out = ["## Zoo-wide image quality: digits-FID on every zoo model", "",
+           f"{commands} — {'/'.join(map(str, n))} samples per row, DDIM {z['steps']} steps, one noise seed per row "
+           "(the same noise for every model and recipe). Models: `bench/zoo.py` (trained by `python scripts/train_zoo.py`). "
+           "`[..]` are 95% bootstrap intervals over samples; `vs FP` is the ratio to the FP row of the same model and "
+           "seed, its interval a paired bootstrap (same resampled indices for both). `vs sim`: exported graph on ONNX "
+           "Runtime vs its own simulation. `step err`: mean relative error of the denoiser output vs FP along FP "
+           "trajectories (16 trajectories, 50 steps) / worst step.", ""]
+    order = {"fp32": 0, "w8a8": 1, "w4a8": 2, "w4a4": 3}
+    fl = {"sim": 0, "onnx": 1, "ort": 2}
+    rows.sort(key=lambda r: (r["model"], order.get(r["recipe"], 9), r["variant"], fl[r["flavour"]], r["seed"]))
+    out += ["| model | recipe | variant | runs | seed | digits-FID | vs FP | vs sim | step err (mean / worst) | class acc |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs_fp = "" if r.get("vs_fp") is None else f"{r['vs_fp']:.3f}x" + _ci(r.get("fp_ratio_lo"), r.get("fp_ratio_hi"), "{:.3f}")
+        vs_sim = "" if r.get("vs_sim") is None else f"{r['vs_sim']:.3f}x" + _ci(r.get("sim_ratio_lo"), r.get("sim_ratio_hi"), "{:.3f}")
+        se = r.get("step_error")
+        step = f"{se['mean_rel_err']:.4f} / {se['worst_rel_err']:.4f}" if se else ""
+        acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else ""
+        runs = {"sim": "simulation" if r["recipe"] != "fp32" else "torch", "onnx": "onnx graph, ORT",
+                "ort": "ort graph, ORT"}[r["flavour"]]
+        out.append(f"| {r['model']} | {r['recipe']} | {r['variant']} | {runs} | {r['seed']} | "
+                   f"{r['digits_fid']:.2f}{_ci(r['fid_lo'], r['fid_hi'])} | {vs_fp} | {vs_sim} | {step} | {acc} |")
+    out += ["", "**Noise** (FP vs FP with another noise seed, same model):", ""]
+    for model in sorted({r["model"] for r in rows}):
+        fps = sorted((r for r in rows if r["model"] == model and r["recipe"] == "fp32"), key=lambda r: r["seed"])
+        if len(fps) >= 2:
+            out.append(f"* {model}: seed {fps[0]['seed']} {fps[0]['digits_fid']:.2f}, seed {fps[1]['seed']} "
+                       f"{fps[1]['digits_fid']:.2f} (ratio {fps[1]['digits_fid'] / fps[0]['digits_fid']:.3f})")
+    out += ["", "**Worst case over the zoo** (seed 0; models measured / zoo size):", "",
+            "| recipe | variant | runs | worst vs FP | on model | models |", "|---|---|---|---:|---|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["recipe"] != "fp32" and r["seed"] == 0 and r.get("vs_fp") is not None:
+            groups.setdefault((r["recipe"], r["variant"], r["flavour"]), []).append(r)
+    for (recipe, variant, flavour), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], fl[kv[0][2]])):
+        worst = max(members, key=lambda r: r["vs_fp"])
+        out.append(f"| {recipe} | {variant} | {flavour} | {worst['vs_fp']:.3f}x{_ci(worst.get('fp_ratio_lo'), worst.get('fp_ratio_hi'), '{:.3f}')} "
+                   f"| {worst['model']} | {len(members)}/{z.get('zoo_size', '?')} |")
+    return out + [""]
+
+
 def latency_section(lat: dict) -> list[str]:
     out = ["## ONNX Runtime CPU latency", "",
            f"`{lat['command']}` — {lat['model']}, batch {lat['batch']}, one thread, {lat['repeats']} interleaved rounds; medians.", "",
@@ -62,7 +114,8 @@ def main() -> None:
              "command that produced it. Machine: 2-core x86 CPU, one thread (`torch.set_num_threads(1)`, ORT "
              "`intra_op_num_threads=1`). Absolute times on this shared machine are noise; compare the ratios, measured "
              "side by side in one run.", ""]
-    for data, section in ((merged_quality(), quality_section), (_load("latency"), latency_section), (_load("memory"), memory_section)):
+    for data, section in ((merged_quality(), quality_section), (_load("zoo_quality"), zoo_quality_section),
+                          (_load("latency"), latency_section), (_load("memory"), memory_section)):
         if data:
             lines += section(data)
     extra = ROOT / "bench" / "NOTES.md"

@@ -199,18 +199,33 @@ def sample(path, out_png, **kw) -> None:
 @cli.command(name="eval")
 @click.argument("path", type=click.Path(path_type=Path))
 @_sample_options
-@click.option("--grid", type=click.Path(path_type=Path), help="Also save the samples as a PNG grid.")
-def eval_cmd(path, grid, **kw) -> None:
-    """Digits-FID of generated images (for models trained on scikit-learn's digits)."""
-    from .eval.fid import digits_fid
+@click.option("--fp", "fp_dir", type=click.Path(path_type=Path), help="The full-precision diffusers folder PATH was quantized from: enables the full quality report.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON (atomically).")
+@click.option("--png", type=click.Path(path_type=Path), help="With --fp: FP and quantized samples side by side.")
+@click.option("--step-samples", default=8, show_default=True, help="With --fp: FP trajectories for the per-step denoiser error.")
+@click.option("--fid-ref", type=click.Path(path_type=Path), help="Folder of reference images for a Frechet distance.")
+@click.option("--fid-extractor", help="Features for the Frechet distance: digits, pixels, a TorchScript .pt file or module:function (default: digits for 1x16x16 models, else pixels).")
+@click.option("--scheduler-dir", type=click.Path(path_type=Path), help="With --fp: scheduler folder, when --fp is a bare UNet folder.")
+@click.option("--grid", type=click.Path(path_type=Path), help="Without --fp: save the samples as a PNG grid.")
+def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, **kw) -> None:
+    """Quality of PATH. With --fp (any supported model): per-step denoiser error along FP trajectories,
+    PSNR/SSIM of samples from the same noise, FID if --fid-ref/--fid-extractor, a side-by-side PNG.
+    Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples."""
+    from .eval.report import EvalConfig, quality_report, sample_quality, write_report
 
-    images = _generate(path, **kw)
-    fid = digits_fid(images)
-    if grid:
-        from .eval.grid import save_grid
-
-        save_grid(images, grid, scale=max(1, 64 // images.shape[-1]))
-    click.echo(json.dumps({"path": str(path), "n": int(images.shape[0]), "digits_fid": round(fid, 4)}))
+    if fp_dir is not None:
+        cfg = EvalConfig(step_samples=step_samples, fid_ref=fid_ref, fid_extractor=fid_extractor,
+                         scheduler_dir=scheduler_dir, **kw)
+        report = quality_report(path, fp_dir, cfg, png=png)
+    else:
+        if png:
+            raise DQDeployError("--png shows FP and quantized samples side by side and needs --fp MODEL_DIR",
+                                hint="add --fp, or use --grid for a grid of PATH's samples")
+        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, **kw)
+    if report_path:
+        write_report(report, report_path)
+    summary = {k: v for k, v in report.items() if k not in ("per_step", "config")}
+    click.echo(json.dumps(summary, default=str))
 
 
 @cli.command()

@@ -1,0 +1,308 @@
+"""Zoo-wide quality benchmark: every recipe on every zoo model (``bench/zoo.py``), per model and
+worst case, for the simulation and both exported graphs run on ONNX Runtime.
+
+A *row* is one (model, recipe, variant, flavour, seed):
+
+* ``recipe``: ``fp32`` or a preset (``w8a8``, ``w4a8``, ``w4a4``); ``variant``: ``default`` (the README's
+  plain ``dqdeploy quantize MODEL --recipe R``, DDIM 50 calibration) or an ablation / experiment named
+  in ``VARIANTS`` (recipe field overrides);
+* ``flavour``: ``sim`` (the PyTorch simulation), ``onnx`` (``export --target onnx`` run on ORT) or
+  ``ort`` (``export --target ort`` run on ORT), both exported from the same artifact;
+* ``seed``: the noise seed of the ``n`` DDIM-50 samples (the same noise for every model and recipe).
+
+Each row records the digits-FID with a bootstrap 95% interval over samples, the ratio to the FP row
+of the same model and seed with a *paired* bootstrap interval (same resampled indices: the noise is
+shared, so most of it cancels), for export rows the ratio to their simulation, for the conditional
+member the class accuracy (sample i asked for digit i % 10), and for quantized rows the per-step
+denoiser error along FP trajectories (``dqdeploy.eval.compare.step_errors``: cheap, low-noise, use
+it to screen variants before paying for FIDs).
+
+Rows are cached in ``bench/results/zoo_quality.json`` (written atomically after every row) together
+with the recipe hash they were made with: a re-run skips rows that are present and current, so runs
+can be resumed and extended across sessions. Quantized artifacts, exports and sample features are
+cached outside git under ``$DQDEPLOY_ZOO/bench`` (reused by later rows and by other scripts).
+
+Python API (for sensitivity / fallback experiments)::
+
+    from bench import zoo_quality as zq
+    zq.VARIANTS["my-idea"] = {"act_init": "minmax"}      # any Recipe field overrides
+    q = zq.artifact("seed1", "w8a8", "my-idea")          # quantize once, cached
+    row = zq.run_row("seed1", "w8a8", "my-idea", "sim", seed=0, n=1000)
+
+Usage: python bench/zoo_quality.py --models shipped,seed1 --recipes fp32,w8a8,w4a8 [--flavours sim,onnx,ort]
+           [--seeds 0] [--fp-seeds 0,1] [--variants default] [--n 1000] [--dry-run]
+Then: python bench/report.py (renders the table and the worst case into BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import zoo  # noqa: E402
+from bench.common import RESULTS, machine  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
+from dqdeploy.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
+
+RESULTS_FILE = RESULTS / "zoo_quality.json"
+STEPS = 50
+FLAVOURS = ("sim", "onnx", "ort")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no-dilation": {"scaling": "none"},
+    "smoothquant": {"scaling": "smoothquant"},
+    "collapsed-scales": {"timestep_scales": "collapsed"},
+    "no-distill": {"distill": "none"},
+    "layout-ort": {"layout": "ort"},
+}
+BOOTSTRAP = 200
+STEP_TRAJECTORIES = 16
+
+
+def cache_root() -> Path:
+    """Artifacts, exports and features of the benchmark (outside git)."""
+    return zoo.zoo_root() / "bench"
+
+
+def recipe_for(recipe: str, variant: str) -> Recipe:
+    """The preset ``recipe`` with ``VARIANTS[variant]`` applied."""
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    return PRESETS[recipe].replace(**VARIANTS[variant])
+
+
+def calibration_for(model: str) -> CalibrationConfig:
+    """The plain path's calibration (DDIM 50, defaults), with the zoo member's CFG scale."""
+    return CalibrationConfig(scheduler="ddim", steps=STEPS, guidance=zoo.get(model).guidance)
+
+
+def recipe_hash(model: str, recipe: str, variant: str) -> str:
+    """Identity of what a quantized row was made with (recipe fields + calibration); 'fp32' for FP rows."""
+    if recipe == "fp32":
+        return "fp32"
+    text = recipe_for(recipe, variant).to_json() + json.dumps(calibration_for(model).to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def artifact(model: str, recipe: str, variant: str = "default") -> Path:
+    """The quantized artifact of (model, recipe, variant), quantized now if not cached."""
+    from dqdeploy.api import quantize
+
+    out = cache_root() / model / f"{recipe}-{variant}-{recipe_hash(model, recipe, variant)}" / "q"
+    if not (out / "manifest.json").is_file():
+        member = zoo.get(model)
+        start = time.perf_counter()
+        quantize(zoo.ensure(model), recipe_for(recipe, variant), calibration_for(model), out,
+                 cond_file=member.cond_file(), overwrite=True)
+        (out.parent / "quantize_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    return out
+
+
+def exported(model: str, recipe: str, variant: str, flavour: str) -> Path:
+    """The ``export --target flavour`` folder of the artifact, exported now if not cached."""
+    from dqdeploy.exporters.export import export_quantized
+
+    q = artifact(model, recipe, variant)
+    out = q.parent / flavour
+    if not (out / "dqdeploy_export.json").is_file():
+        export_quantized(q, out, target=flavour, overwrite=True)
+    return out
+
+
+def _source(model: str, recipe: str, variant: str, flavour: str) -> tuple[Path, str]:
+    if recipe == "fp32":
+        return zoo.ensure(model), "torch"
+    if flavour == "sim":
+        return artifact(model, recipe, variant), "torch"
+    return exported(model, recipe, variant, flavour), "ort"
+
+
+def _features_path(key: str) -> Path:
+    return cache_root() / "features" / (key.replace("|", "__") + ".pt")
+
+
+def row_key(model: str, recipe: str, variant: str, flavour: str, seed: int) -> str:
+    """The cache key of a row."""
+    return f"{model}|{recipe}|{variant}|{flavour}|seed{seed}"
+
+
+def fp_key(model: str, seed: int) -> str:
+    return row_key(model, "fp32", "default", "sim", seed)
+
+
+def bootstrap_fid(feats: np.ndarray, refs: dict[str, np.ndarray] | None = None, draws: int | None = None,
+                  seed: int = 0) -> dict[str, float]:
+    """95% bootstrap interval of the digits-FID of ``feats`` (``fid_lo``/``fid_hi``) -- and, for each
+    ``refs[name]`` (features of another model's samples from the same noise), of the ratio FID/FID_ref
+    with the same resampled indices for both (paired): ``{name}_ratio_lo``/``{name}_ratio_hi``."""
+    from dqdeploy.eval.fid import feature_stats, frechet_distance, reference_stats
+
+    real = reference_stats()
+    rng = np.random.default_rng(seed)
+    refs = refs or {}
+    fids: list[float] = []
+    ratios: dict[str, list[float]] = {name: [] for name in refs}
+    for _ in range(draws or BOOTSTRAP):
+        idx = rng.integers(0, feats.shape[0], feats.shape[0])
+        fid = frechet_distance(*feature_stats(feats[idx]), *real)
+        fids.append(fid)
+        for name, ref in refs.items():
+            ratios[name].append(fid / frechet_distance(*feature_stats(ref[idx]), *real))
+    out = {"fid_lo": float(np.percentile(fids, 2.5)), "fid_hi": float(np.percentile(fids, 97.5))}
+    for name, values in ratios.items():
+        out |= {f"{name}_ratio_lo": float(np.percentile(values, 2.5)), f"{name}_ratio_hi": float(np.percentile(values, 97.5))}
+    return out
+
+
+def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
+    from dqdeploy.eval.compare import step_errors, summarize_steps
+    from dqdeploy.generate import load_cond
+    from dqdeploy.models import latent_shape, make_scheduler
+    from dqdeploy.sources import open_model
+
+    member = zoo.get(model)
+    fp, test = open_model(zoo.ensure(model), "torch"), open_model(path, runtime)
+    cond, uncond = load_cond(fp, member.cond_file())
+    noise = torch.randn(STEP_TRAJECTORIES, *latent_shape(fp.unet), generator=torch.Generator().manual_seed(1234))
+    cond = None if cond is None else cond[torch.arange(STEP_TRAJECTORIES) % cond.shape[0]]
+    per_step = step_errors(fp.unet, test.unet, make_scheduler("ddim", fp.scheduler_config), noise, STEPS,
+                           cond=cond, uncond=uncond, guidance=member.guidance)
+    return summarize_steps(per_step) | {"per_step_rel_err": [round(s["rel_err"], 6) for s in per_step]}
+
+
+def run_row(model: str, recipe: str, variant: str, flavour: str, seed: int, n: int) -> dict[str, Any]:
+    """Measure one row (see the module docstring); FP features of the same seed must exist for the ratio."""
+    from dqdeploy.eval.digits import classifier_accuracy
+    from dqdeploy.eval.fid import class_histogram, classifier_features, digits_fid
+    from dqdeploy.generate import generate
+
+    member = zoo.get(model)
+    key = row_key(model, recipe, variant, flavour, seed)
+    path, runtime = _source(model, recipe, variant, flavour)
+    start = time.perf_counter()
+    images = generate(path, n=n, steps=STEPS, scheduler="ddim", seed=seed, batch_size=100, runtime=runtime,
+                      cond_file=member.cond_file(), guidance=member.guidance)
+    sample_s = time.perf_counter() - start
+    feats = classifier_features(images)
+    fpath = _features_path(key)
+    fpath.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, fpath)
+    row: dict[str, Any] = {"model": model, "recipe": recipe, "variant": variant, "flavour": flavour, "seed": seed,
+                           "n": n, "runtime": runtime, "hash": recipe_hash(model, recipe, variant),
+                           "digits_fid": digits_fid(images), "sample_s": round(sample_s, 1),
+                           "class_histogram": class_histogram(images)["counts"]}
+    if member.conditional:
+        row["class_accuracy"] = classifier_accuracy(_clf(), images, torch.arange(n) % 10)
+    refs = {}
+    if recipe != "fp32":
+        refs["fp"] = _features_path(fp_key(model, seed))
+        if flavour != "sim":
+            refs["sim"] = _features_path(row_key(model, recipe, variant, "sim", seed))
+    row |= bootstrap_fid(feats.numpy(), {k: torch.load(f).numpy() for k, f in refs.items() if f.is_file()}, seed=seed)
+    if recipe != "fp32":
+        qs = artifact(model, recipe, variant).parent / "quantize_s.txt"
+        row["quantize_s"] = float(qs.read_text()) if qs.is_file() else None
+        if flavour == "sim" and seed == 0:
+            row["step_error"] = _step_error_summary(model, path, runtime)
+    return row
+
+
+def _clf():
+    from dqdeploy.eval.digits import load_classifier
+
+    return load_classifier()
+
+
+def load_results() -> dict[str, Any]:
+    """The cached results file (``{"rows": {key: row}, "runs": [...]}``)."""
+    if RESULTS_FILE.is_file():
+        return json.loads(RESULTS_FILE.read_text())
+    return {"rows": {}, "runs": [], "steps": STEPS, "sampler": "ddim"}
+
+
+def save_results(results: dict[str, Any]) -> Path:
+    return atomic_write_bytes(RESULTS_FILE, (json.dumps(results, indent=1) + "\n").encode())
+
+
+def derive(results: dict[str, Any]) -> None:
+    """Fill ratios that need two rows: vs the FP row of the same model and seed, vs the simulation."""
+    rows = results["rows"]
+    for row in rows.values():
+        fp = rows.get(fp_key(row["model"], row["seed"]))
+        row["vs_fp"] = row["digits_fid"] / fp["digits_fid"] if fp else None
+        if row["flavour"] != "sim":
+            sim = rows.get(row_key(row["model"], row["recipe"], row["variant"], "sim", row["seed"]))
+            row["vs_sim"] = row["digits_fid"] / sim["digits_fid"] if sim else None
+
+
+def plan(models: list[str], recipes: list[str], variants: list[str], flavours: list[str], seeds: list[int],
+         fp_seeds: list[int]) -> list[tuple[str, str, str, str, int]]:
+    """Rows to measure, model by model: FP rows first (other rows' ratios need them)."""
+    todo = []
+    for m in models:
+        todo += [(m, "fp32", "default", "sim", s) for s in fp_seeds]
+        for r in recipes:
+            if r == "fp32":
+                continue
+            for v in variants:
+                todo += [(m, r, v, f, s) for f in flavours for s in seeds
+                         if f == "sim" or recipe_for(r, v).deployable]
+    return todo
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(zoo.names()))
+    ap.add_argument("--recipes", default="fp32,w8a8,w4a8", help="fp32 and/or presets")
+    ap.add_argument("--variants", default="default", help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--flavours", default=",".join(FLAVOURS))
+    ap.add_argument("--seeds", default="0", help="noise seeds of quantized rows")
+    ap.add_argument("--fp-seeds", default="0,1", help="noise seeds of FP rows (two: the seed-to-seed noise)")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--redo", action="store_true", help="measure rows again even if cached")
+    ap.add_argument("--dry-run", action="store_true", help="list the rows that would run")
+    args = ap.parse_args(argv)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    models = [zoo.get(m).name for m in split(args.models)]
+    fp_seeds = [int(s) for s in split(args.fp_seeds)] if "fp32" in split(args.recipes) else []
+    todo = plan(models, split(args.recipes), split(args.variants), split(args.flavours),
+                [int(s) for s in split(args.seeds)], fp_seeds)
+    results = load_results()
+    results["zoo_size"] = len(zoo.names())
+    results["runs"].append({"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                            "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    for m, r, v, f, s in todo:
+        key = row_key(m, r, v, f, s)
+        cached = results["rows"].get(key)
+        if cached and cached.get("hash") == recipe_hash(m, r, v) and cached["n"] >= args.n and not args.redo:
+            print(f"cached   {key}", flush=True)
+            continue
+        if args.dry_run:
+            print(f"would run {key}", flush=True)
+            continue
+        if not zoo.get(m).available():
+            print(f"skip     {key}: {m} is not trained yet (python scripts/train_zoo.py {m})", flush=True)
+            continue
+        row = run_row(m, r, v, f, s, args.n)
+        results["rows"][key] = row
+        derive(results)
+        save_results(results)
+        print(f"done     {key}: digits-FID {row['digits_fid']:.2f} [{row['fid_lo']:.2f}, {row['fid_hi']:.2f}]"
+              + (f" vs FP {results['rows'][key]['vs_fp']:.3f}" if results['rows'][key].get('vs_fp') else ""), flush=True)
+    if not args.dry_run:
+        derive(results)
+        save_results(results)
+
+
+if __name__ == "__main__":
+    main()

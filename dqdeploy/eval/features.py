@@ -1,0 +1,109 @@
+"""Feature extractors and reference images for a Frechet distance (FID) on any image model.
+
+An extractor maps images ``[N, C, H, W]`` in [-1, 1] to features ``[N, D]``. ``load_extractor(spec)``:
+
+* ``"digits"`` -- the shipped digits classifier (1x16x16 images): the digits-FID.
+* ``"pixels"`` -- images average-pooled to at most 8x8 per channel: a Frechet distance in pixel
+  space. Always available, much weaker than a learned embedding; reported under its own name.
+* ``PATH.pt`` / ``PATH.ts`` -- a TorchScript module (``torch.jit.save``), e.g. an Inception or
+  CLIP image tower the user exported; called on [-1, 1] images, its output is flattened.
+* ``"package.module:function"`` -- an importable Python callable with the same contract.
+
+``load_reference_images(folder, channels, size)`` reads PNG/JPEG/BMP/WebP images, converts them to
+the model's channels and size, and maps them to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import DQDeployError
+
+Extractor = Callable[[torch.Tensor], torch.Tensor]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+BUILTIN = ("digits", "pixels")
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """Images average-pooled to at most 8x8 per channel, flattened ``[N, C*h*w]``."""
+    h, w = images.shape[-2:]
+    return torch.nn.functional.adaptive_avg_pool2d(images.float(), (min(8, h), min(8, w))).flatten(1)
+
+
+def _digits_features(images: torch.Tensor) -> torch.Tensor:
+    from .fid import classifier_features
+
+    return classifier_features(images)
+
+
+def load_extractor(spec: str) -> Extractor:
+    """The feature extractor named by ``spec`` (see the module docstring)."""
+    if spec == "digits":
+        return _digits_features
+    if spec == "pixels":
+        return pixel_features
+    path = Path(spec)
+    if path.suffix in (".pt", ".ts", ".pth", ".jit"):
+        if not path.is_file():
+            raise DQDeployError(f"feature extractor file {path} not found",
+                                hint="pass a TorchScript file written by torch.jit.save, 'digits', 'pixels' or module:function")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as exc:
+            raise DQDeployError(f"{path} is not a TorchScript module: {exc}",
+                                hint="save the extractor with torch.jit.save(torch.jit.script(model), path)") from None
+        return lambda x: module(x)
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise DQDeployError(f"cannot import the feature extractor {spec!r}: {exc}",
+                                hint="use package.module:function, importable from the current environment") from None
+        if not callable(fn):
+            raise DQDeployError(f"feature extractor {spec!r} is not callable")
+        return fn
+    raise DQDeployError(f"unknown feature extractor {spec!r}",
+                        hint="use 'digits', 'pixels', a TorchScript .pt/.ts file or package.module:function")
+
+
+@torch.no_grad()
+def extract(extractor: Extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Features ``[N, D]`` of ``images`` batch by batch, checked to be finite and 2-D after flattening."""
+    feats = torch.cat([torch.as_tensor(extractor(images[i:i + batch_size])).float().flatten(1)
+                       for i in range(0, images.shape[0], batch_size)])
+    if not torch.isfinite(feats).all():
+        raise DQDeployError("the feature extractor returned non-finite features",
+                            hint="check that it expects images in [-1, 1] of this size and channel count")
+    return feats
+
+
+def load_reference_images(folder: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """All images in ``folder`` as ``[N, channels, H, W]`` in [-1, 1] (bilinear resize, L or RGB)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DQDeployError(f"reference image folder {folder} does not exist",
+                            hint="pass a folder of PNG/JPEG images of the training distribution")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise DQDeployError(f"{folder} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); a Frechet "
+                            "distance needs at least 2 (hundreds for a stable value)")
+    if channels not in (1, 3):
+        raise DQDeployError(f"reference images can be compared with 1- or 3-channel samples, the model makes {channels}",
+                            hint="pass --fid-extractor for a latent model and compare decoded images yourself")
+    mode = "L" if channels == 1 else "RGB"
+    out = []
+    for f in files:
+        with Image.open(f) as img:
+            px = torch.frombuffer(bytearray(img.convert(mode).tobytes()), dtype=torch.uint8)
+            h, w = img.size[1], img.size[0]
+        x = px.view(h, w, channels).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        out.append(torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                   if (h, w) != tuple(size) else x)
+    return torch.cat(out).clamp(-1, 1)

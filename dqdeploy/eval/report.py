@@ -1,0 +1,178 @@
+"""``dqdeploy eval``: the quality report of a quantized artifact or exported folder against its
+full-precision model -- for any supported UNet, with no dataset-specific classifier needed.
+
+Sections of the JSON report:
+
+* ``per_step``: denoiser output error (relative error, SNR, cosine) at every sampling step along real
+  FP trajectories (:func:`dqdeploy.eval.compare.step_errors`), plus its summary.
+* ``images``: PSNR / SSIM / relative error of the quantized samples against the FP samples drawn from
+  the same noise (and the same prompts).
+* ``fid``: when a feature extractor or reference images are given, the Frechet distance of FP and
+  quantized samples to the reference (a folder of images, else the FP samples themselves).
+* ``digits``: the digits-FID of both, for 1x16x16 models (the digits family).
+
+A PNG shows FP and quantized samples side by side. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write_bytes
+from ..errors import DQDeployError
+from ..generate import generate_from, load_cond
+from ..models import latent_shape, make_scheduler
+from ..sources import OpenedModel, open_model
+from .compare import image_errors, step_errors, summarize_steps
+from .features import extract, load_extractor, load_reference_images
+
+DIGITS_SHAPE = (1, 16, 16)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sampling and metric settings of a quality report."""
+
+    n: int = 64  # samples per model for the image metrics (and FID)
+    steps: int | None = None  # default: the calibrated step count, else 50
+    scheduler: str | None = None  # default: ddim
+    seed: int = 0
+    batch_size: int = 64
+    runtime: str = "auto"  # of the evaluated model: torch (simulation) | ort | trt | auto
+    cond_file: str | Path | None = None
+    guidance: float = 1.0
+    step_samples: int = 8  # FP trajectories for the per-step errors
+    fid_ref: str | Path | None = None  # folder of reference images
+    fid_extractor: str | None = None  # see dqdeploy.eval.features.load_extractor
+    scheduler_dir: str | Path | None = None  # when --fp is a bare UNet folder
+
+    def __post_init__(self) -> None:
+        if self.n < 2 or self.step_samples < 1 or self.batch_size < 1:
+            raise DQDeployError(f"eval needs n >= 2, step_samples >= 1, batch_size >= 1; found n={self.n}, "
+                                f"step_samples={self.step_samples}, batch_size={self.batch_size}")
+
+
+def _check_same_model(fp: OpenedModel, test: OpenedModel, fp_dir: Path, path: Path) -> None:
+    if latent_shape(fp.unet) != latent_shape(test.unet) or fp.conditional != test.conditional:
+        raise DQDeployError(
+            f"{path} makes samples {latent_shape(test.unet)} (conditional: {test.conditional}) but the FP model "
+            f"{fp_dir} makes {latent_shape(fp.unet)} (conditional: {fp.conditional})",
+            hint="pass with --fp the diffusers folder the artifact was quantized from")
+
+
+def _fid_section(cfg: EvalConfig, fp_images: torch.Tensor, test_images: torch.Tensor) -> dict[str, Any] | None:
+    from .fid import feature_stats, frechet_distance
+
+    if cfg.fid_ref is None and cfg.fid_extractor is None:
+        return None
+    c, h, w = fp_images.shape[1:]
+    spec = cfg.fid_extractor or ("digits" if (c, h, w) == DIGITS_SHAPE else "pixels")
+    extractor = load_extractor(spec)
+    if cfg.fid_ref is not None:
+        reference, ref_name = load_reference_images(cfg.fid_ref, c, (h, w)), str(cfg.fid_ref)
+    else:
+        reference, ref_name = fp_images, "fp samples"
+    ref_stats = feature_stats(extract(extractor, reference))
+    fid = {name: frechet_distance(*feature_stats(extract(extractor, imgs)), *ref_stats)
+           for name, imgs in (("fp", fp_images), ("quantized", test_images))}
+    out = {"extractor": spec, "reference": ref_name, "n_reference": int(reference.shape[0]), **fid}
+    if cfg.fid_ref is not None and fid["fp"] > 0:
+        out["ratio"] = fid["quantized"] / fid["fp"]
+    return out
+
+
+def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalConfig(),
+                   png: str | Path | None = None) -> dict[str, Any]:
+    """Compare the model at ``path`` (artifact or export folder, run by ``cfg.runtime``) with the FP
+    diffusers folder ``fp_dir``; returns the report dict (and writes the side-by-side PNG)."""
+    path, fp_dir = Path(path), Path(fp_dir)
+    start = time.perf_counter()
+    test = open_model(path, cfg.runtime)
+    fp = open_model(fp_dir, "torch", scheduler_dir=cfg.scheduler_dir)
+    if fp.kind != "fp":
+        raise DQDeployError(f"--fp must be a diffusers model folder; {fp_dir} is a {fp.kind} folder",
+                            hint="pass the full-precision model the artifact was made from")
+    _check_same_model(fp, test, fp_dir, path)
+    cond, uncond = load_cond(test, cfg.cond_file)
+    steps = cfg.steps or (len(test.timesteps) or 50)
+    scheduler = cfg.scheduler or "ddim"
+    sample = dict(n=cfg.n, steps=steps, scheduler=scheduler, seed=cfg.seed, batch_size=cfg.batch_size,
+                  cond=cond, uncond=uncond, guidance=cfg.guidance)
+
+    c, h, w = latent_shape(fp.unet)
+    noise = torch.randn(cfg.step_samples, c, h, w, generator=torch.Generator().manual_seed(cfg.seed))
+    step_cond = None if cond is None else cond[torch.arange(cfg.step_samples) % cond.shape[0]]
+    per_step = step_errors(fp.unet, test.unet, make_scheduler(scheduler, fp.scheduler_config), noise, steps,
+                           cond=step_cond, uncond=uncond, guidance=cfg.guidance)
+    fp_images = generate_from(fp, **sample)
+    test_images = generate_from(test, **sample)
+    report: dict[str, Any] = {
+        "path": str(path), "fp": str(fp_dir), "kind": test.kind, "runtime": cfg.runtime,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()} | {"steps": steps, "scheduler": scheduler},
+        "per_step_summary": summarize_steps(per_step),
+        "per_step": per_step,
+        "images": image_errors(fp_images, test_images),
+    }
+    fid = _fid_section(cfg, fp_images, test_images)
+    if fid is not None:
+        report["fid"] = fid
+    if (c, h, w) == DIGITS_SHAPE:
+        from .fid import digits_fid
+
+        report["digits"] = {"fp": digits_fid(fp_images), "quantized": digits_fid(test_images)}
+        report["digits"]["ratio"] = report["digits"]["quantized"] / max(report["digits"]["fp"], 1e-12)
+    if png is not None:
+        from .grid import save_side_by_side
+
+        k = min(cfg.n, 64)
+        shown = slice(0, 1) if c < 3 else slice(0, 3)  # latent models: the first channel(s) as an image
+        save_side_by_side({"FP": fp_images[:k, shown], f"{test.kind} ({cfg.runtime})": test_images[:k, shown]}, png,
+                          scale=max(1, 64 // max(h, w)))
+        report["png"] = str(png)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_extractor: str | None = None,
+                   grid: str | Path | None = None, runtime: str = "auto", cond_file: str | Path | None = None,
+                   **sample: Any) -> dict[str, Any]:
+    """Quality of one model's own samples, no FP model needed: the digits-FID for 1x16x16 models,
+    and/or the Frechet distance to ``fid_ref`` images (features by ``fid_extractor``)."""
+    from .fid import feature_stats, frechet_distance
+
+    opened = open_model(path, runtime)
+    c, h, w = latent_shape(opened.unet)
+    digits = (c, h, w) == DIGITS_SHAPE
+    if not digits and fid_ref is None:
+        raise DQDeployError(
+            f"{path} is not a digits model (its samples are {c}x{h}x{w}), so there is nothing to score it against",
+            hint="pass --fp MODEL_DIR for the full report against the FP model, or --fid-ref FOLDER of reference images")
+    cond, uncond = load_cond(opened, cond_file)
+    images = generate_from(opened, cond=cond, uncond=uncond, **sample)
+    report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
+    if digits and fid_ref is None and fid_extractor in (None, "digits"):
+        from .fid import digits_fid
+
+        report["digits_fid"] = round(digits_fid(images), 4)
+    if fid_ref is not None:
+        spec = fid_extractor or ("digits" if digits else "pixels")
+        extractor = load_extractor(spec)
+        ref = extract(extractor, load_reference_images(fid_ref, c, (h, w)))
+        report["fid"] = {"extractor": spec, "reference": str(fid_ref), "n_reference": int(ref.shape[0]),
+                         "value": frechet_distance(*feature_stats(extract(extractor, images)), *feature_stats(ref))}
+    if grid:
+        from .grid import save_grid
+
+        save_grid(images[:, : (1 if c < 3 else 3)], grid, scale=max(1, 64 // max(h, w)))
+    return report
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Write the report as JSON, atomically."""
+    return atomic_write_bytes(Path(path), (json.dumps(report, indent=2) + "\n").encode())

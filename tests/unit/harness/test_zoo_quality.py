@@ -1,0 +1,67 @@
+"""The zoo benchmark harness end to end on a tiny digits-shaped model: rows for FP (two seeds), the
+simulation and both exported graphs on ORT, cached and resumable, ratios and paired intervals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from bench import zoo
+from bench import zoo_quality as zq
+from tests.helpers import write_pipeline
+
+
+def tiny_digits_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8).eval()
+
+
+@pytest.fixture
+def tiny_zoo(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQDEPLOY_ZOO", str(tmp_path / "zoo"))
+    member = zoo.ZooModel("tiny", "test member")
+    write_pipeline(tiny_digits_unet(), member.folder())
+    monkeypatch.setattr(zoo, "ZOO", {"tiny": member})
+    monkeypatch.setattr(zq, "RESULTS_FILE", tmp_path / "results.json")
+    monkeypatch.setattr(zq, "STEPS", 3)
+    monkeypatch.setattr(zq, "BOOTSTRAP", 10)
+    monkeypatch.setattr(zq, "STEP_TRAJECTORIES", 2)
+    monkeypatch.setitem(zq.VARIANTS, "fast", {"iters": 1, "batch_size": 8})
+    monkeypatch.setattr(zq, "calibration_for",
+                        lambda m: zq.CalibrationConfig(scheduler="ddim", steps=3, samples=16, trajectories=4, batch_size=4))
+    return tmp_path
+
+
+def test_rows_cached_resumable_with_ratios(tiny_zoo, capsys):
+    args = ["--models", "tiny", "--recipes", "fp32,w8a8", "--variants", "fast", "--n", "12"]
+    zq.main(args)
+    rows = json.loads(zq.RESULTS_FILE.read_text())["rows"]
+    assert set(rows) == {"tiny|fp32|default|sim|seed0", "tiny|fp32|default|sim|seed1", "tiny|w8a8|fast|sim|seed0",
+                         "tiny|w8a8|fast|onnx|seed0", "tiny|w8a8|fast|ort|seed0"}
+    fp0, q = rows["tiny|fp32|default|sim|seed0"], rows["tiny|w8a8|fast|sim|seed0"]
+    assert fp0["vs_fp"] == pytest.approx(1.0) and fp0["fid_lo"] <= fp0["fid_hi"]
+    assert q["vs_fp"] == pytest.approx(q["digits_fid"] / fp0["digits_fid"])
+    assert q["fp_ratio_lo"] <= q["fp_ratio_hi"] and q["quantize_s"] > 0
+    assert len(q["step_error"]["per_step_rel_err"]) == 3 and q["step_error"]["mean_rel_err"] > 0
+    ort = rows["tiny|w8a8|fast|ort|seed0"]
+    assert ort["runtime"] == "ort" and ort["vs_sim"] == pytest.approx(ort["digits_fid"] / q["digits_fid"])
+    assert ort["sim_ratio_lo"] <= ort["sim_ratio_hi"] and "sim_ratio_lo" not in q
+    capsys.readouterr()
+    zq.main(args)  # everything is cached now
+    out = capsys.readouterr().out
+    assert out.count("cached") == 5 and "done" not in out
+    zq.VARIANTS["fast"] = {"iters": 2, "batch_size": 8}  # a changed recipe makes its rows stale
+    zq.main(args + ["--dry-run"])
+    assert capsys.readouterr().out.count("would run") == 3
+
+
+def test_paired_bootstrap_ratio_of_identical_samples_is_exactly_one():
+    feats = torch.randn(60, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    out = zq.bootstrap_fid(feats, {"fp": feats.copy()}, draws=20)
+    assert out["fp_ratio_lo"] == pytest.approx(1.0) and out["fp_ratio_hi"] == pytest.approx(1.0)
+    assert out["fid_lo"] < out["fid_hi"]
