@@ -96,7 +96,7 @@ def recipe_hash(model: str, recipe: str, variant: str) -> str:
 
 def artifact(model: str, recipe: str, variant: str = "default") -> Path:
     """The quantized artifact of (model, recipe, variant), quantized now if not cached."""
-    from dqdeploy.api import quantize
+    from dqdeploy.quantize_stage import quantize
 
     out = cache_root() / model / f"{recipe}-{variant}-{recipe_hash(model, recipe, variant)}" / "q"
     if not (out / "manifest.json").is_file():
@@ -110,12 +110,12 @@ def artifact(model: str, recipe: str, variant: str = "default") -> Path:
 
 def exported(model: str, recipe: str, variant: str, flavour: str) -> Path:
     """The ``export --target flavour`` folder of the artifact, exported now if not cached."""
-    from dqdeploy.exporters.export import export_quantized
+    from dqdeploy.exporters.export import export
 
     q = artifact(model, recipe, variant)
     out = q.parent / flavour
     if not (out / "dqdeploy_export.json").is_file():
-        export_quantized(q, out, target=flavour, overwrite=True)
+        export(q, out, target=flavour, overwrite=True)
     return out
 
 

@@ -9,9 +9,9 @@ import json
 import pytest
 from PIL import Image
 
-from dqdeploy.api import quantize
+from dqdeploy.quantize_stage import quantize
 from dqdeploy.eval.report import EvalConfig, quality_report
-from dqdeploy.exporters.export import export_quantized
+from dqdeploy.exporters.export import export
 from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
 from tests.integration.test_cli_errors import assert_user_error, dqdeploy
@@ -50,9 +50,9 @@ def test_reference_folder_fid_and_exported_graph_on_ort(uncond, tmp_path):
     ref.mkdir()
     for i in range(6):
         Image.new("L", (12, 12), color=40 * i).save(ref / f"{i}.png")
-    export = export_quantized(q, tmp_path / "e", target="ort", simplify=False)
+    exported_dir = export(q, tmp_path / "e", target="ort", simplify=False)
     cfg = EvalConfig(n=6, step_samples=2, batch_size=6, runtime="ort", fid_ref=ref)
-    report = quality_report(export, pipe, cfg)
+    report = quality_report(exported_dir, pipe, cfg)
     assert report["kind"] == "export" and report["fid"]["n_reference"] == 6
     assert report["fid"]["extractor"] == "pixels" and report["fid"]["fp"] > 0 and "ratio" in report["fid"]
     assert report["per_step_summary"]["mean_rel_err"] < 1
