@@ -92,12 +92,11 @@ ZOO: dict[str, ZooModel] = dict([
     _member("early", "shipped config and seed, stopped after 1000 of its 4000 iterations (EMA weights)",
             "--stop-at", "1000"),
     _member("cond", "class-conditional UNet2DConditionModel (cross-attention on a learned 1-token class prompt, "
-            "null prompt 10% of the time), 2000 iterations, CFG scale 2", "--conditional", "--iters", "2000",
+            "null prompt 10% of the time), 1500 iterations, CFG scale 2", "--conditional", "--iters", "1500",
             conditional=True, guidance=2.0),
-    _member("g8h16", "8 norm groups and attention head dim 16 (4 heads), 2000 iterations",
-            "--unet", '{"norm_num_groups": 8, "attention_head_dim": 16}', "--iters", "2000"),
-    _member("wide", "block_out (48, 96, 96) with 24 norm groups, 2000 iterations",
-            "--unet", '{"block_out_channels": [48, 96, 96], "norm_num_groups": 24}', "--iters", "2000"),
+    _member("narrow", "narrower (block_out (32, 48, 48)), 8 norm groups, attention head dim 16 (3 heads), "
+            "1500 iterations", "--unet",
+            '{"block_out_channels": [32, 48, 48], "norm_num_groups": 8, "attention_head_dim": 16}', "--iters", "1500"),
 ])
 
 

@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import zoo  # noqa: E402
-from bench.common import RESULTS, machine  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench import zoo  # noqa: E402
+from bench.common import RESULTS, machine  # noqa: E402
 from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
 from dqdeploy.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
 

@@ -29,6 +29,7 @@ from ..errors import DQDeployError
 from ..generate import generate_from, load_cond
 from ..models import latent_shape, make_scheduler
 from ..sources import OpenedModel, open_model
+from ..vocab import Runtime
 from .compare import image_errors, step_errors, summarize_steps
 from .features import extract, load_extractor, load_reference_images
 
@@ -44,7 +45,7 @@ class EvalConfig:
     scheduler: str | None = None  # default: ddim
     seed: int = 0
     batch_size: int = 64
-    runtime: str = "auto"  # of the evaluated model: torch (simulation) | ort | trt | auto
+    runtime: Runtime = "auto"  # of the evaluated model: torch (simulation) | ort | trt | auto
     cond_file: str | Path | None = None
     guidance: float = 1.0
     step_samples: int = 8  # FP trajectories for the per-step errors
@@ -102,7 +103,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     cond, uncond = load_cond(test, cfg.cond_file)
     steps = cfg.steps or (len(test.timesteps) or 50)
     scheduler = cfg.scheduler or "ddim"
-    sample = dict(n=cfg.n, steps=steps, scheduler=scheduler, seed=cfg.seed, batch_size=cfg.batch_size,
+    sample: dict[str, Any] = dict(n=cfg.n, steps=steps, scheduler=scheduler, seed=cfg.seed, batch_size=cfg.batch_size,
                   cond=cond, uncond=uncond, guidance=cfg.guidance)
 
     c, h, w = latent_shape(fp.unet)
@@ -140,7 +141,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
 
 
 def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_extractor: str | None = None,
-                   grid: str | Path | None = None, runtime: str = "auto", cond_file: str | Path | None = None,
+                   grid: str | Path | None = None, runtime: Runtime = "auto", cond_file: str | Path | None = None,
                    **sample: Any) -> dict[str, Any]:
     """Quality of one model's own samples, no FP model needed: the digits-FID for 1x16x16 models,
     and/or the Frechet distance to ``fid_ref`` images (features by ``fid_extractor``)."""

@@ -9,9 +9,9 @@ import json
 import pytest
 from PIL import Image
 
-from dqdeploy.quantize_stage import quantize
 from dqdeploy.eval.report import EvalConfig, quality_report
 from dqdeploy.exporters.export import export
+from dqdeploy.quantize_stage import quantize
 from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
 from tests.integration.test_cli_errors import assert_user_error, dqdeploy
