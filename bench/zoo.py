@@ -93,10 +93,12 @@ ZOO: dict[str, ZooModel] = dict([
             "--stop-at", "1000"),
     _member("cond", "class-conditional UNet2DConditionModel (cross-attention on a learned 1-token class prompt, "
             "null prompt 10% of the time), 1500 iterations, CFG scale 2", "--conditional", "--iters", "1500",
+            "--fid-samples", "200",
             conditional=True, guidance=2.0),
     _member("narrow", "narrower (block_out (32, 48, 48)), 8 norm groups, attention head dim 16 (3 heads), "
             "1500 iterations", "--unet",
-            '{"block_out_channels": [32, 48, 48], "norm_num_groups": 8, "attention_head_dim": 16}', "--iters", "1500"),
+            '{"block_out_channels": [32, 48, 48], "norm_num_groups": 8, "attention_head_dim": 16}', "--iters", "1500",
+            "--fid-samples", "200"),
 ])
 
 
