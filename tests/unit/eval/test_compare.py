@@ -51,9 +51,9 @@ class _Perturbed(torch.nn.Module):
         super().__init__()
         self.unet, self.eps, self.t_max, self.config = unet, eps, t_max, unet.config
 
-    def forward(self, x, t, return_dict=False, **kw):
-        out = self.unet(x, t, return_dict=False, **kw)[0]
-        return (out * (1 + self.eps) if float(t) < self.t_max else out,)
+    def forward(self, sample, timestep, return_dict=False, **kw):
+        out = self.unet(sample, timestep, return_dict=False, **kw)[0]
+        return (out * (1 + self.eps) if float(timestep) < self.t_max else out,)
 
 
 def test_step_errors_localise_a_perturbation_in_time():
