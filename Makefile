@@ -14,7 +14,7 @@ install:
 
 demo: install
 	rm -rf $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort $(OUT)/digits-$(RECIPE)-trt-onnx
-	dqdeploy quantize dqdeploy/assets/digits-ddpm --recipe $(RECIPE) --out $(OUT)/digits-$(RECIPE) --calib-samples 512 --iters 100 --layout ort
+	dqdeploy quantize dqdeploy/assets/digits-ddpm --recipe $(RECIPE) --out $(OUT)/digits-$(RECIPE) --scheduler ddim --calib-samples 512 --iters 100 --layout ort
 	dqdeploy inspect $(OUT)/digits-$(RECIPE)
 	dqdeploy export $(OUT)/digits-$(RECIPE) --target ort --out $(OUT)/digits-$(RECIPE)-ort
 	dqdeploy export $(OUT)/digits-$(RECIPE) --target onnx --out $(OUT)/digits-$(RECIPE)-trt-onnx

@@ -171,7 +171,8 @@ def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
 
     member = zoo.get(model)
     fp, test = open_model(zoo.ensure(model), "torch"), open_model(path, runtime)
-    cond, uncond = load_cond(fp, member.cond_file())
+    conditioning = load_cond(fp, member.cond_file())
+    cond, uncond = (None, None) if conditioning is None else (conditioning.cond, conditioning.uncond)
     noise = torch.randn(STEP_TRAJECTORIES, *latent_shape(fp.unet), generator=torch.Generator().manual_seed(1234))
     cond = None if cond is None else cond[torch.arange(STEP_TRAJECTORIES) % cond.shape[0]]
     per_step = step_errors(fp.unet, test.unet, make_scheduler("ddim", fp.scheduler_config), noise, STEPS,

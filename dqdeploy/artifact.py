@@ -214,7 +214,8 @@ def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
 
 
 def load_calibration_inputs(quant_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The calibration inputs saved with an artifact: ``sample``, ``timestep`` [, ``encoder_hidden_states``]."""
+    """The calibration inputs saved with an artifact, keyed by the model's keyword names: ``sample``
+    or ``hidden_states``, ``timestep`` and the conditioning (``encoder_hidden_states``, ...)."""
     return load_state(quant_dir, read_manifest(quant_dir), CALIB_INPUTS)
 
 

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from .artifact import load_calibration_inputs, load_quantized
+from .denoisers import spec_for, spec_of
 from .errors import CheckFailedError, require
 from .exporters.dequantize import simulate_layer_input
 from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
-from .exporters.spec import ENGINE_FILE, ONNX_FILE, read_spec
+from .exporters.spec import ENGINE_FILE, read_spec
 from .inputs import OUTPUT, DenoiserInputs, forward_hooks
 from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
 from .trt_gate import require_tensorrt
@@ -78,7 +79,7 @@ class CheckResult:
     def table(self) -> str:
         lines = [f"{'timestep':>9} {'n':>3} {'rel err':>9} {'cosine':>9} {'quant err':>9} {'tolerance':>9}  ok"]
         for s in self.steps:
-            lines.append(f"{s.timestep:9.1f} {s.samples:3d} {s.rel_err:9.2e} {s.cosine:9.6f} {s.quant_err:9.2e} {s.tolerance:9.2e}  {'yes' if s.ok else 'NO'}")
+            lines.append(f"{s.timestep:9.4g} {s.samples:3d} {s.rel_err:9.2e} {s.cosine:9.6f} {s.quant_err:9.2e} {s.tolerance:9.2e}  {'yes' if s.ok else 'NO'}")
         if self.layers:
             worst = max(self.layers, key=lambda r: r.mismatch)
             lines.append(f"per layer: {len(self.layers)} layer inputs compared; worst {worst.name} "
@@ -101,7 +102,12 @@ class CheckResult:
             )
 
 
-def _simulation_runner(model: QuantizedUNet, inputs: list, name: str = "pytorch-simulation"):
+def _run_feed(model: QuantizedUNet, feed) -> torch.Tensor:
+    """The simulation's whole output for one feed (graph input names are the model's keywords)."""
+    return spec_of(model).inputs_from_dict(feed).call(model)
+
+
+def _simulation_runner(model: QuantizedUNet, inputs: list, output: str = OUTPUT, name: str = "pytorch-simulation"):
     """A Polygraphy runner around the simulated UNet (Polygraphy's PytRunner assumes CUDA)."""
     from polygraphy.backend.base import BaseRunner
 
@@ -123,9 +129,9 @@ def _simulation_runner(model: QuantizedUNet, inputs: list, name: str = "pytorch-
         def infer_impl(self, feed_dict):
             start = time.time()
             with torch.no_grad():
-                out = DenoiserInputs.from_dict(feed_dict).call(model)
+                out = _run_feed(model, feed_dict)
             self.inference_time = time.time() - start
-            return OrderedDict([(OUTPUT, out.numpy())])
+            return OrderedDict([(output, out.numpy())])
 
         def deactivate_impl(self) -> None:
             pass
@@ -157,14 +163,14 @@ def _quant_errors(model: QuantizedUNet, feeds: list[dict[str, np.ndarray]], sim_
     try:
         errs = []
         for feed, sim in zip(feeds, sim_outs):
-            errs.append(_rel(sim, DenoiserInputs.from_dict(feed).call(model).numpy()))
+            errs.append(_rel(sim, _run_feed(model, feed).numpy()))
         return errs
     finally:
         set_act_quant(model, True)
         set_weight_quant(model, True)
 
 
-def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[str] | None = None):
+def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[str] | None = None, output: str = OUTPUT):
     if runtime == "trt":
         require_tensorrt()
         from polygraphy.backend.common import BytesFromPath
@@ -175,9 +181,9 @@ def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[s
     from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    loader = str(export_dir / ONNX_FILE)
+    loader = str(export_dir / read_spec(export_dir).onnx_file)
     if extra_outputs:  # only the named layer inputs: marking every tensor of a big graph is unusable
-        loader = BytesFromOnnx(ModifyOutputs(OnnxFromPath(loader), outputs=[OUTPUT, *extra_outputs]))
+        loader = BytesFromOnnx(ModifyOutputs(OnnxFromPath(loader), outputs=[output, *extra_outputs]))
     return OnnxrtRunner(SessionFromOnnx(loader, providers=["CPUExecutionProvider"]), name="onnxruntime")
 
 
@@ -205,21 +211,22 @@ def check_export(
         # FP16 graphs round every activation to 11 bits on top of the quantization
         tolerance_ratio = EXTRA_ROUNDING_RATIO if unmodelled or spec.precision == "fp16" else 1.0
     model = load_quantized(quant_dir)
-    calib = DenoiserInputs.from_dict(load_calibration_inputs(quant_dir))
+    calib = spec_for(spec.model_class).inputs_from_dict(load_calibration_inputs(quant_dir))
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+    output = spec.outputs[0].name
     feeds = _feeds(calib, samples, dtypes)
     layer_names = list(quant_layers(model.unet)) if per_layer else []
     q_outputs = [input_q_name(n) for n in layer_names]
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    results = Comparator.run([_simulation_runner(model, spec.inputs), _graph_runner(Path(export_dir), runtime, q_outputs)], data_loader=feeds)
-    (_, sim_iters), (_, graph_iters) = results
-    sim_outs = [np.asarray(it[OUTPUT], np.float32) for it in sim_iters]
-    graph_outs = [np.asarray(it[OUTPUT], np.float32) for it in graph_iters]
+    runners = [_simulation_runner(model, spec.inputs, output), _graph_runner(Path(export_dir), runtime, q_outputs, output)]
+    (_, sim_iters), (_, graph_iters) = Comparator.run(runners, data_loader=feeds)
+    sim_outs = [np.asarray(it[output], np.float32) for it in sim_iters]
+    graph_outs = [np.asarray(it[output], np.float32) for it in graph_iters]
     quant_errs = _quant_errors(model, feeds, sim_outs)
     steps = [
-        StepResult(float(feed["timestep"][0]), int(feed["sample"].shape[0]), _rel(g, s), _cos(g, s), qe,
+        StepResult(float(feed["timestep"][0]), int(feed["timestep"].shape[0]), _rel(g, s), _cos(g, s), qe,
                    max(tolerance_floor, tolerance_ratio * qe))
         for feed, s, g, qe in zip(feeds, sim_outs, graph_outs, quant_errs)
     ]
@@ -250,7 +257,7 @@ def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str],
             return hook
 
         with forward_hooks((layers[n], "pre", make_hook(n)) for n in names):
-            DenoiserInputs.from_dict(feed).call(model)
+            _run_feed(model, feed)
         for n in names:
             g = np.asarray(graph[input_q_name(n)]).astype(np.int32) - offset
             s = sim_ints[n].astype(np.int32).reshape(g.shape) if sim_ints[n].size == g.size else None

@@ -48,7 +48,7 @@ def cli(verbose: bool) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--recipe", default="w8a8", show_default=True, help="Preset (w8a8, w4a8, w4a4) or a recipe .json file.")
-@click.option("--scheduler", default="ddim", show_default=True, help="Sampler of the calibration trajectories (ddim, ddpm, pndm, euler, dpm or a diffusers class name). Use the one you will deploy with.")
+@click.option("--scheduler", help="Sampler of the calibration trajectories (ddim, ddpm, pndm, euler, dpm, flow or a diffusers class name; default: the model folder's own scheduler). Use the one you will deploy with.")
 @click.option("--scheduler-dir", type=click.Path(path_type=Path), help="Scheduler folder, when MODEL_DIR is a bare UNet folder.")
 @click.option("--steps", default=50, show_default=True, help="Sampling steps of the trajectories (one activation scale per step).")
 @click.option("--calib-samples", default=1024, show_default=True, help="(x_t, t, cond) samples drawn at random across steps.")
@@ -58,9 +58,10 @@ def cli(verbose: bool) -> None:
 @click.option("--lr-weight", type=float, help="Adam learning rate of weights and biases.")
 @click.option("--lr-quant", type=float, help="Adam learning rate of step sizes.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional UNets: safetensors with 'encoder_hidden_states' [P,S,D] and optional 'uncond_encoder_hidden_states' [1,S,D].")
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional models: safetensors with 'encoder_hidden_states' [P,S,D], 'pooled_projections' [P,D2] (SD3, Flux), optional 'uncond_encoder_hidden_states' [1,S,D] and 'uncond_pooled_projections' [1,D2].")
+@click.option("--resolution", type=int, help="Latent height = width of the calibration trajectories (default: the model's sample_size; Flux needs it).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Conditional UNets in a full SD pipeline folder: a text file, one prompt per line.")
-@click.option("--guidance", default=1.0, show_default=True, help="Classifier-free guidance scale of the calibration trajectories.")
+@click.option("--guidance", default=1.0, show_default=True, help="Classifier-free guidance scale of the calibration trajectories (Flux: the guidance embedding's value).")
 @click.option("--no-dilation", is_flag=True, help="Ablation: no Weight Dilation.")
 @click.option("--scaling", type=click.Choice(SCALINGS), help="Equivalent scaling: Weight Dilation (default), SmoothQuant, none.")
 @click.option("--timestep-scales", type=click.Choice(["per-step", "collapsed"]), help="Ablation: 'collapsed' keeps one activation scale for all steps.")
@@ -69,7 +70,7 @@ def cli(verbose: bool) -> None:
 @click.option("--layout", type=click.Choice(LAYOUTS), help="Deployment layout the simulation reproduces exactly: 'trt' (default) or 'ort' (also models the output rounding of ONNX Runtime's fused QLinearConv; train for the CPU target).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
-             lr_weight, lr_quant, seed, cond_file, prompts_file, guidance, no_dilation, scaling, timestep_scales,
+             lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling, timestep_scales,
              no_distill, distill_mode, layout, overwrite) -> None:
     """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
 
@@ -95,7 +96,7 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
         changes["distill"] = "none" if no_distill else distill_mode
     r = r.replace(**changes)
     calib = CalibrationConfig(scheduler=scheduler, steps=steps, samples=calib_samples, trajectories=trajectories,
-                              seed=seed, guidance=guidance, batch_size=r.batch_size)
+                              seed=seed, guidance=guidance, batch_size=r.batch_size, resolution=resolution)
     prompts = None
     if prompts_file:
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -164,7 +165,7 @@ def _sample_options(f):
     for opt in reversed([
         click.option("--n", default=64, show_default=True, help="Number of images."),
         click.option("--steps", type=int, help="Sampling steps (default: the calibrated count, else 50)."),
-        click.option("--scheduler", help="Sampler (default: the calibrated one, else ddim)."),
+        click.option("--scheduler", help="Sampler (default: the calibrated one, else the model folder's own, else ddim)."),
         click.option("--seed", default=0, show_default=True),
         click.option("--batch-size", default=64, show_default=True),
         click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
@@ -245,13 +246,13 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo, overwrite) -> None:
     """Export a quantized artifact SOURCE to ONNX (QDQ) and, for --target trt, a TensorRT engine."""
     from .exporters.export import export as run_export
-    from .exporters.spec import ENGINE_FILE, ONNX_FILE
+    from .exporters.spec import ENGINE_FILE, read_spec
 
     lo, opt, hi = (int(v) for v in batch.split(":"))
     run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
                overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
                triton_repo=triton_repo)
-    click.echo(f"wrote {Path(out_dir) / ONNX_FILE} ({target})")
+    click.echo(f"wrote {Path(out_dir) / read_spec(out_dir).onnx_file} ({target})")
     if target == "trt":
         click.echo(f"wrote {Path(out_dir) / ENGINE_FILE}")
         if triton_repo:
@@ -284,10 +285,12 @@ def check(quant_dir, export_dir, runtime, per_layer, samples, report) -> None:
 def lint(export_dir) -> None:
     """Check an exported graph against TensorRT's explicit-quantization rules (no TensorRT needed)."""
     from .exporters.lint import lint_path
-    from .exporters.spec import ONNX_FILE
+    from .exporters.spec import ONNX_FILE, SPEC_FILE, read_spec
 
     path = Path(export_dir)
-    onnx_path = path / ONNX_FILE if path.is_dir() else path
+    onnx_path = path
+    if path.is_dir():
+        onnx_path = path / (read_spec(path).onnx_file if (path / SPEC_FILE).is_file() else ONNX_FILE)
     if not onnx_path.is_file():
         raise DQDeployError(f"{onnx_path} not found", hint="pass the --out folder of `dqdeploy export --target onnx`")
     violations = lint_path(onnx_path)

@@ -7,23 +7,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .denoisers import latent_shape, spec_of
 from .errors import CalibrationError
-from .models import latent_shape, make_scheduler
+from .models import make_scheduler
+from .quant.trajectories import Conditioning, load_conditioning
 from .sampling import denoise
 from .sources import OpenedModel, open_model
 from .vocab import Runtime
 
 
-def load_cond(opened: OpenedModel, cond_file: str | Path | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(cond, uncond)`` embeddings for a conditional model (from ``--cond``), ``(None, None)`` otherwise."""
+def load_cond(opened: OpenedModel, cond_file: str | Path | None) -> Conditioning | None:
+    """The conditioning of a conditional model (from ``--cond``: prompt embeddings, pooled ones for
+    SD3/Flux, unconditional rows), ``None`` for an unconditional one."""
     if not opened.conditional:
-        return None, None
+        return None
     if cond_file is None:
         raise CalibrationError("this model is conditional: pass --cond FILE.safetensors with prompt embeddings")
-    from .quant.trajectories import load_conditioning
-
-    c = load_conditioning(cond_file)
-    return c.cond, c.uncond
+    return load_conditioning(cond_file)
 
 
 def generate_from(
@@ -34,21 +34,26 @@ def generate_from(
     scheduler: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
+    conditioning: Conditioning | None = None,
     guidance: float = 1.0,
+    resolution: int | None = None,
 ) -> torch.Tensor:
-    """:func:`generate` on an opened model; sample ``i`` uses prompt ``cond[i % P]``."""
+    """:func:`generate` on an opened model; sample ``i`` uses prompt row ``i % P`` of ``conditioning``.
+
+    The sampler defaults to the calibrated one (the class recorded with the artifact or export),
+    else the model folder's own, else DDIM.
+    """
     steps = steps or (len(opened.timesteps) or 50)
-    sched = make_scheduler(scheduler or "ddim", opened.scheduler_config)
-    shape = latent_shape(opened.unet)
+    sched = make_scheduler(scheduler, opened.scheduler_config)
+    spec = spec_of(opened.unet)
+    uncond = None if conditioning is None else conditioning.unconditional()
     gen = torch.Generator().manual_seed(seed)
     out = []
     for first in tqdm(range(0, n, batch_size), desc="generating", unit="batch"):
         b = min(batch_size, n - first)
-        noise = torch.randn(b, *shape, generator=gen)
-        batch_cond = None if cond is None else cond[torch.arange(first, first + b) % cond.shape[0]]
-        out.append(denoise(opened.unet, sched, noise, steps, cond=batch_cond, uncond=uncond, guidance=guidance, generator=gen))
+        noise = torch.randn(*latent_shape(spec, opened.unet.config, b, resolution), generator=gen)
+        cond = None if conditioning is None else conditioning.for_batch(first, b)
+        out.append(denoise(opened.unet, sched, noise, steps, cond=cond, uncond=uncond, guidance=guidance, generator=gen))
     return torch.cat(out).clamp(-1, 1)
 
 
@@ -64,9 +69,9 @@ def generate(
     cond_file: str | Path | None = None,
     guidance: float = 1.0,
     scheduler_dir: str | Path | None = None,
+    resolution: int | None = None,
 ) -> torch.Tensor:
     """``n`` samples (clamped to [-1, 1]) with the same noise for every model given the same seed."""
     opened = open_model(path, runtime, scheduler_dir=scheduler_dir)
-    cond, uncond = load_cond(opened, cond_file)
     return generate_from(opened, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                         cond=cond, uncond=uncond, guidance=guidance)
+                         conditioning=load_cond(opened, cond_file), guidance=guidance, resolution=resolution)

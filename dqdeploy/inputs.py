@@ -2,8 +2,9 @@
 
 ``DenoiserInputs`` holds one batch of what a diffusers denoiser takes: the noisy latent (``sample``
 for UNets; ``hidden_states`` for diffusion transformers -- ``sample_name`` says which), the time
-step, and the model-specific conditioning by keyword name (``encoder_hidden_states``,
-``pooled_projections``, ``class_labels``, ``img_ids``/``txt_ids``, ``guidance``, ...). The same
+step, the model-specific conditioning by keyword name (``encoder_hidden_states``,
+``pooled_projections``, ``class_labels``, ``guidance``, ...), and ``shared`` inputs without a batch
+axis (Flux's ``img_ids``/``txt_ids``: one tensor serves every row, so slicing leaves them whole). The same
 names are the exported graph's input names, the keys of ``calibration_inputs.safetensors`` and of
 the numpy feeds of checks, so one object moves between all of them without per-model code.
 """
@@ -30,12 +31,14 @@ OUTPUT = "out_sample"  # the exported graph's output name
 
 @dataclass(frozen=True)
 class DenoiserInputs:
-    """One batch of denoiser inputs: ``sample`` [B, ...], ``timestep`` [B], named ``conditioning``."""
+    """One batch of denoiser inputs: ``sample`` [B, ...], ``timestep`` [B], named ``conditioning``
+    ([B, ...] each) and named ``shared`` inputs (no batch axis)."""
 
     sample: torch.Tensor
     timestep: torch.Tensor
     conditioning: Mapping[str, torch.Tensor] = field(default_factory=dict)
     sample_name: str = SAMPLE  # the model's keyword for the noisy latent ("hidden_states" for transformers)
+    shared: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def create(cls, sample: torch.Tensor, timestep: torch.Tensor, *, sample_name: str = SAMPLE,
@@ -53,16 +56,16 @@ class DenoiserInputs:
 
     @property
     def names(self) -> list[str]:
-        """Input names in graph order: the latent, the time step, then the conditioning."""
-        return [self.sample_name, TIMESTEP, *self.conditioning]
+        """Input names: the latent, the time step, the conditioning, then the shared inputs."""
+        return [self.sample_name, TIMESTEP, *self.conditioning, *self.shared]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors in :attr:`names` order (positional export arguments)."""
-        return (self.sample, self.timestep, *self.conditioning.values())
+        return (self.sample, self.timestep, *self.conditioning.values(), *self.shared.values())
 
     def kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of a diffusers denoiser call (without ``return_dict``)."""
-        return {self.sample_name: self.sample, TIMESTEP: self.timestep, **self.conditioning}
+        return {self.sample_name: self.sample, TIMESTEP: self.timestep, **self.conditioning, **self.shared}
 
     def call(self, model: Callable[..., Any]) -> torch.Tensor:
         """``model(**inputs, return_dict=False)[0]``: the denoiser's output tensor."""
@@ -70,7 +73,7 @@ class DenoiserInputs:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DenoiserInputs:
-        """Apply ``fn`` to every tensor (the same for all: slicing, moving)."""
+        """Apply ``fn`` to every batched tensor (slicing, moving); ``shared`` inputs stay as they are."""
         return replace(self, sample=fn(self.sample), timestep=fn(self.timestep),
                        conditioning={k: fn(v) for k, v in self.conditioning.items()})
 
@@ -92,16 +95,19 @@ class DenoiserInputs:
         return self.kwargs()
 
     @classmethod
-    def from_dict(cls, tensors: Mapping[str, Any], sample_name: str = SAMPLE) -> DenoiserInputs:
-        """From named tensors (numpy arrays are converted; floating arrays become float32)."""
+    def from_dict(cls, tensors: Mapping[str, Any], sample_name: str = SAMPLE, shared: Iterable[str] = ()) -> DenoiserInputs:
+        """From named tensors (numpy arrays are converted; floating arrays become float32); the names in
+        ``shared`` have no batch axis."""
         def tensor(v: Any) -> torch.Tensor:
             if isinstance(v, torch.Tensor):
                 return v
             t = torch.from_numpy(np.asarray(v))
             return t.float() if t.is_floating_point() else t
 
-        rest = {k: tensor(v) for k, v in tensors.items() if k not in (sample_name, TIMESTEP)}
-        return cls(tensor(tensors[sample_name]), tensor(tensors[TIMESTEP]), rest, sample_name)
+        unbatched = set(shared)
+        rest = {k: tensor(v) for k, v in tensors.items() if k not in (sample_name, TIMESTEP, *unbatched)}
+        common = {k: tensor(v) for k, v in tensors.items() if k in unbatched}
+        return cls(tensor(tensors[sample_name]), tensor(tensors[TIMESTEP]), rest, sample_name, common)
 
     def numpy(self, dtypes: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """A numpy feed by input name, cast to ``dtypes[name]`` where given (float32 otherwise)."""

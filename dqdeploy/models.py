@@ -1,6 +1,8 @@
-"""Loading diffusers model folders: a pipeline folder (``model_index.json`` with ``unet/`` and
-``scheduler/``) or a bare UNet folder plus a scheduler folder. Supported UNets:
-``UNet2DModel`` (DDPM/LDM) and ``UNet2DConditionModel`` (Stable-Diffusion style).
+"""Loading diffusers model folders: a pipeline folder (``model_index.json`` with ``unet/`` or
+``transformer/``, and ``scheduler/``) or a bare denoiser folder plus a scheduler folder. Supported
+denoisers (:mod:`dqdeploy.denoisers`): ``UNet2DModel`` (DDPM/LDM), ``UNet2DConditionModel``
+(Stable-Diffusion style), ``SD3Transformer2DModel``, ``PixArtTransformer2DModel`` and
+``FluxTransformer2DModel``.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ from typing import Any
 
 import torch
 
+from .denoisers import conditional, spec_for, spec_of
+from .denoisers import latent_shape as spec_latent_shape
 from .errors import ModelLoadError
 
-SUPPORTED_UNETS = ("UNet2DModel", "UNet2DConditionModel")
 SCHEDULER_ALIASES = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
     "pndm": "PNDMScheduler",
     "euler": "EulerDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
+    "flow": "FlowMatchEulerDiscreteScheduler",
 }
 
 
 @dataclass
 class LoadedModel:
-    """A UNet with the scheduler config it came with and (for full pipelines) the text stack."""
+    """A denoiser (``unet``: a UNet or a diffusion transformer) with the scheduler config it came
+    with and (for full Stable Diffusion pipelines) the text stack."""
 
     unet: torch.nn.Module
     scheduler_config: dict[str, Any]
@@ -36,7 +41,7 @@ class LoadedModel:
 
     @property
     def conditional(self) -> bool:
-        return getattr(self.unet.config, "cross_attention_dim", None) is not None
+        return conditional(spec_for(type(self.unet).__name__), self.unet.config)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -47,36 +52,34 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _unet_dir(model_dir: Path) -> Path:
-    if (model_dir / "unet" / "config.json").is_file():
-        return model_dir / "unet"
+    for sub in ("unet", "transformer"):
+        if (model_dir / sub / "config.json").is_file():
+            return model_dir / sub
     if (model_dir / "config.json").is_file():
         return model_dir
     raise ModelLoadError(
-        f"{model_dir} holds neither unet/config.json (a pipeline folder) nor config.json (a UNet folder)",
+        f"{model_dir} holds neither unet/config.json nor transformer/config.json (a pipeline folder) "
+        "nor config.json (a bare denoiser folder)",
         hint="pass a diffusers folder written by save_pretrained",
     )
 
 
 def unet_class(config: dict[str, Any], where: Path) -> Any:
-    """The diffusers class named by a UNet config, refusing unsupported ones."""
+    """The diffusers class named by a denoiser config, refusing unsupported ones."""
     import diffusers
 
-    name = config.get("_class_name")
-    if name not in SUPPORTED_UNETS:
-        raise ModelLoadError(
-            f"{where}: unsupported model class {name!r}; dqdeploy quantizes {', '.join(SUPPORTED_UNETS)}",
-            hint="point at the UNet of a DDPM/LDM or Stable-Diffusion-style pipeline",
-        )
-    return getattr(diffusers, name)
+    return getattr(diffusers, spec_for(config.get("_class_name"), where).class_name)
 
 
 def load_unet(model_dir: str | Path) -> torch.nn.Module:
-    """Load the UNet of a pipeline folder or a bare UNet folder, in FP32 eval mode."""
+    """Load the denoiser (UNet or transformer) of a pipeline folder or a bare folder, in FP32 eval mode."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist", hint="check the path")
     udir = _unet_dir(model_dir)
-    cls = unet_class(_read_json(udir / "config.json"), udir)
+    config = _read_json(udir / "config.json")
+    cls = unet_class(config, udir)
+    spec_for(config.get("_class_name"), udir).check_supported(config, udir)
     try:
         unet = cls.from_pretrained(str(udir), torch_dtype=torch.float32, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -116,10 +119,13 @@ def _load_text_stack(model_dir: Path) -> tuple[Any, Any]:
     return encoder, tokenizer
 
 
-def make_scheduler(name: str, config: dict[str, Any]) -> Any:
-    """A diffusers scheduler by alias (ddim, ddpm, pndm, euler, dpm) or class name, from ``config``."""
+def make_scheduler(name: str | None, config: dict[str, Any]) -> Any:
+    """A diffusers scheduler by alias (ddim, ddpm, pndm, euler, dpm, flow) or class name, from
+    ``config``; ``None`` means the class the config names (the model folder's own scheduler)."""
     import diffusers
 
+    if name is None:
+        name = config.get("_class_name") or "DDIMScheduler"
     cls_name = SCHEDULER_ALIASES.get(name.lower(), name)
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not hasattr(cls, "set_timesteps"):
@@ -147,9 +153,6 @@ def encode_prompts(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Tenso
     return encode(prompts), encode([""])
 
 
-def latent_shape(unet: Any) -> tuple[int, int, int]:
-    """``(channels, height, width)`` of one noise sample for a diffusers denoiser, from its config."""
-    cfg = unet.config
-    size = cfg.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(cfg.in_channels), int(h), int(w)
+def latent_shape(unet: Any) -> tuple[int, ...]:
+    """The shape of one noise sample for a diffusers denoiser (``(C, H, W)``; Flux: ``(N, C)``)."""
+    return spec_latent_shape(spec_of(unet), unet.config, 1)[1:]

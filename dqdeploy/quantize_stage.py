@@ -7,6 +7,7 @@ calibration -> block-wise distillation -> artifact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from torch import nn
 
 from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
 from .atomic import check_target
+from .denoisers import conditioning_dims, spec_for
 from .errors import CalibrationError, ModelLoadError
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler
 from .quant.analysis import analyze_inputs
@@ -27,7 +29,7 @@ from .quant.dilation import dilation_factors, smoothquant_factors
 from .quant.distill import BlockReport, distill_blocks, distill_model
 from .quant.modules import QUANTIZABLE, QuantizedUNet
 from .quant.timestep import TimestepTable
-from .quant.trajectories import CalibrationSet, Conditioning, collect, load_conditioning
+from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, collect, load_conditioning
 from .recipe import CalibrationConfig, Recipe
 
 log = logging.getLogger(__name__)
@@ -87,25 +89,35 @@ def build_quantized(
 
 
 def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None) -> Conditioning | None:
+    name = type(loaded.unet).__name__
     if not loaded.conditional:
         if cond_file or prompts:
-            raise CalibrationError(f"{type(loaded.unet).__name__} is unconditional: --cond/--prompts do not apply")
+            raise CalibrationError(f"{name} is unconditional: --cond/--prompts do not apply")
         return None
     if cond_file:
         cond = load_conditioning(cond_file)
     elif prompts:
+        if spec_for(name).is_transformer:
+            raise CalibrationError(f"--prompts encodes CLIP prompts for Stable Diffusion UNets; {name} needs its own text encoders",
+                                   hint="pass precomputed embeddings with --cond FILE.safetensors")
         cond = Conditioning(*encode_prompts(loaded, prompts))
     else:
         raise CalibrationError(
-            "this UNet is conditional (cross-attention) and needs calibration conditioning",
-            hint="pass --cond FILE.safetensors (encoder_hidden_states [P, S, D]) or --prompts FILE.txt",
+            f"{name} is conditional and needs calibration conditioning",
+            hint="pass --cond FILE.safetensors (encoder_hidden_states [P, S, D], pooled_projections [P, D2] "
+                 "for SD3/Flux) or --prompts FILE.txt (Stable Diffusion folders)",
         )
-    dim = cast(Any, loaded.unet).config.cross_attention_dim
-    if cond.cond.shape[-1] != dim:
-        raise CalibrationError(
-            f"conditioning has hidden size {cond.cond.shape[-1]}, the UNet's cross_attention_dim is {dim}",
-            hint="use embeddings from this model's text encoder",
-        )
+    found = {COND_KEY: cond.cond, POOLED_KEY: cond.pooled}
+    for key, dim in conditioning_dims(spec_for(name), loaded.unet.config).items():
+        tensor = found[key]
+        if tensor is None:
+            raise CalibrationError(f"{name} takes {key} [P, {dim}], the conditioning file has none",
+                                   hint=f"add {key} to the --cond file")
+        if tensor.shape[-1] != dim:
+            raise CalibrationError(
+                f"conditioning {key} has hidden size {tensor.shape[-1]}, {name} expects {dim}",
+                hint="use embeddings from this model's text encoder(s)",
+            )
     return cond
 
 
@@ -120,14 +132,17 @@ def quantize(
     prompts: list[str] | None = None,
     overwrite: bool = False,
 ) -> QuantizeResult:
-    """Quantize the UNet of a diffusers folder with DilateQuant; save to ``out_dir`` when given."""
+    """Quantize the denoiser (UNet or diffusion transformer) of a diffusers folder with DilateQuant;
+    save to ``out_dir`` when given."""
     if out_dir is not None:
         check_target(out_dir, overwrite=overwrite)  # fail before calibration, not after it
     loaded = load_model(model_dir, scheduler_dir)
     scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config)
+    calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
     conditioning = _conditioning(loaded, cond_file, prompts)
     calib = collect(loaded.unet, scheduler, calibration, conditioning)
-    result = quantize_unet(loaded.unet, recipe, calib, calibration, dict(scheduler.config))
+    scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
+    result = quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config)
     if out_dir is not None:
         result.path = save_quantized(result, out_dir, overwrite=overwrite)
     return result
@@ -148,7 +163,7 @@ def quantize_unet(
     init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
     reports: list[BlockReport] = []
     if recipe.distill == "block":
-        blocks = partition(qmodel.unet, example_forward(qmodel, calib))
+        blocks = partition(qmodel.unet, example_forward(qmodel, calib), spec_for(type(unet).__name__).blocks)
         reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed)
     elif recipe.distill == "model":
         reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed)

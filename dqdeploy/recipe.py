@@ -168,15 +168,18 @@ def resolve_recipe(name_or_path: str) -> Recipe:
 class CalibrationConfig:
     """How calibration data is drawn from full-precision sampling trajectories."""
 
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model folder's own scheduler class
     steps: int = 50
     samples: int = 1024  # (x_t, t, cond) triples drawn at random across steps
     trajectories: int = 64  # independent sampling runs to draw from
     seed: int = 0
     guidance: float = 1.0  # classifier-free guidance scale (conditional models)
     batch_size: int = 32
+    resolution: int | None = None  # latent height = width (default: the model's sample_size; Flux needs it)
 
     def __post_init__(self) -> None:
+        if self.resolution is not None and (self.resolution < 2 or self.resolution % 2):
+            raise RecipeError(f"resolution={self.resolution}: the latent size must be an even number >= 2")
         if self.steps < 1 or self.samples < 1 or self.trajectories < 1 or self.batch_size < 1:
             raise RecipeError(
                 f"calibration needs steps, samples, trajectories, batch_size >= 1 (found {self})"

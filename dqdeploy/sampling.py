@@ -1,25 +1,72 @@
 """The denoising loop shared by calibration-data collection, ``dqdeploy sample`` and benchmarks.
 
-Works with any diffusers scheduler that has ``set_timesteps``/``scale_model_input``/``step`` and any
-callable with the diffusers UNet signature (the FP UNet, a QuantizedUNet, an ONNX Runtime or
-TensorRT runner). Classifier-free guidance batches [uncond; cond] as diffusers pipelines do.
+Works with any diffusers scheduler that has ``set_timesteps``/``step`` (``scale_model_input`` where
+it has one: flow-matching schedulers do not) and any callable with the call signature of one of
+the denoisers in :mod:`dqdeploy.denoisers` (the FP model, a quantized simulation, an ONNX Runtime
+or TensorRT runner). Classifier-free guidance batches [uncond; cond] as diffusers pipelines do;
+Flux's guidance embedding takes the guidance scale instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .denoisers import CONTEXT, GUIDANCE, DenoiserSpec, flux_position_ids, spec_of
 from .inputs import DenoiserInputs
 
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, t, model_input)
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, model timestep, model_input)
+Cond = Mapping[str, torch.Tensor]
 
 
-def _call_unet(unet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-    return DenoiserInputs.create(x, t, encoder_hidden_states=context).call(unet)
+def prediction(model: Any, spec: DenoiserSpec, inputs: DenoiserInputs) -> torch.Tensor:
+    """What the scheduler takes from ``model``'s output: PixArt's learned-sigma models also predict
+    the variance, and only the mean half is the prediction."""
+    out = inputs.call(model)
+    return out.chunk(2, dim=1)[0] if spec.learned_sigma(model.config) else out
+
+
+def as_cond(cond: torch.Tensor | Cond | None) -> dict[str, torch.Tensor]:
+    """Conditioning keywords: a bare tensor is ``encoder_hidden_states``."""
+    if cond is None:
+        return {}
+    if isinstance(cond, torch.Tensor):
+        return {CONTEXT: cond}
+    return dict(cond)
+
+
+def set_timesteps(scheduler: Any, spec: DenoiserSpec, steps: int, tokens: int) -> None:
+    """``scheduler.set_timesteps`` as the diffusers pipeline of ``spec`` calls it: Flux pipelines pass
+    ``sigmas = linspace(1, 1/steps)``; schedulers with dynamic shifting get ``mu`` from the token count."""
+    kwargs: dict[str, Any] = {}
+    config = scheduler.config
+    if config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = calculate_shift(
+            tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+        )
+    if spec.packed:
+        import numpy as np
+
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), **kwargs)
+    else:
+        scheduler.set_timesteps(steps, **kwargs)
+
+
+def shared_inputs(spec: DenoiserSpec, noise: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
+    """Inputs without a batch axis that a sampling loop makes itself (Flux position ids)."""
+    if not spec.shared:
+        return {}
+    return flux_position_ids(noise.shape[1], cond[CONTEXT].shape[1])
+
+
+def _tokens(spec: DenoiserSpec, noise: torch.Tensor) -> int:
+    return noise.shape[1] if spec.packed else noise.shape[-1] * noise.shape[-2]
 
 
 @torch.no_grad()
@@ -29,8 +76,8 @@ def denoise(
     noise: torch.Tensor,
     steps: int,
     *,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
+    cond: torch.Tensor | Cond | None = None,
+    uncond: torch.Tensor | Cond | None = None,
     guidance: float = 1.0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
@@ -38,22 +85,34 @@ def denoise(
 ) -> torch.Tensor:
     """Run the sampler from ``noise`` for ``steps`` steps and return the final sample.
 
-    ``callback(i, t, model_input)`` sees every UNet input (after ``scale_model_input``, before
-    guidance duplication), which is what calibration records.
+    ``cond``: per-sample conditioning keywords ([B, ...]; a bare tensor is ``encoder_hidden_states``);
+    ``uncond``: the unconditional ones ([1, ...]), enabling classifier-free guidance when
+    ``guidance != 1`` (Flux with a guidance embedding takes ``guidance`` as that input instead).
+    ``callback(i, t, model_input)`` sees every model input and model timestep (before guidance
+    duplication), which is what calibration records.
     """
-    scheduler.set_timesteps(steps)
+    spec = spec_of(unet)
+    cond_kw, uncond_kw = as_cond(cond), as_cond(uncond)
+    embedded = GUIDANCE in spec.input_names(unet.config)
+    if embedded:
+        cond_kw[GUIDANCE] = torch.full((noise.shape[0],), float(guidance))
+    set_timesteps(scheduler, spec, steps, _tokens(spec, noise))
+    shared = shared_inputs(spec, noise, cond_kw)
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    use_cfg = cond is not None and uncond is not None and guidance != 1.0
+    use_cfg = bool(cond_kw) and bool(uncond_kw) and guidance != 1.0 and not embedded
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
-        model_input = scheduler.scale_model_input(x, t)
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        # transformers get one timestep per sample (as their pipelines pass it); UNets the scheduler's own
+        t_model = spec.model_timestep(t).expand(x.shape[0]) if spec.is_transformer else t
         if callback is not None:
-            callback(i, t, model_input)
-        if use_cfg and cond is not None and uncond is not None:
-            both = torch.cat([model_input, model_input])
-            context = torch.cat([uncond.expand_as(cond), cond])
-            eps_u, eps_c = _call_unet(unet, both, t, context).chunk(2)
+            callback(i, spec.model_timestep(t), model_input)
+        if use_cfg:
+            both = {k: torch.cat([uncond_kw[k].expand_as(v), v]) for k, v in cond_kw.items()}
+            t_pair = torch.cat([t_model, t_model]) if t_model.dim() else t_model
+            pair = DenoiserInputs(torch.cat([model_input, model_input]), t_pair, both, spec.sample, shared)
+            eps_u, eps_c = prediction(unet, spec, pair).chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
-            eps = _call_unet(unet, model_input, t, cond)
+            eps = prediction(unet, spec, DenoiserInputs(model_input, t_model, cond_kw, spec.sample, shared))
         x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]
     return x

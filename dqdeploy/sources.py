@@ -53,7 +53,10 @@ def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str |
     if kind == "quantized":
         manifest = read_manifest(path)
         model = load_quantized(path)
-        conditional = manifest.model_config.get("cross_attention_dim") is not None
+        from .denoisers import conditional as takes_text
+        from .denoisers import spec_for
+
+        conditional = takes_text(spec_for(manifest.model_class), manifest.model_config)
         return OpenedModel(model, manifest.scheduler_config, "quantized", conditional, manifest.timesteps)
     spec = read_spec(path)
     backend: GraphRuntime = "trt" if runtime == "trt" else "ort"  # auto/torch: ONNX Runtime

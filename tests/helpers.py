@@ -71,3 +71,85 @@ def random_calib(unet: torch.nn.Module, n: int = 8, timesteps=(901.0, 601.0, 301
     if getattr(cfg, "cross_attention_dim", None) is not None:
         cond = torch.randn(n, SEQ_LEN, cfg.cross_attention_dim, generator=g)
     return CalibrationSet(DenoiserInputs.create(x, t, encoder_hidden_states=cond), rows, list(timesteps))
+
+
+# -- diffusion transformers ------------------------------------------------------------------------
+TEXT_DIM, POOLED_DIM = 16, 12  # tiny text-encoder widths of the transformer configs below
+
+
+def tiny_sd3(seed: int = 0):
+    """A two-block SD3 MMDiT (the second block context_pre_only, as in SD3)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+        pooled_projection_dim=POOLED_DIM, pos_embed_max_size=16,
+    ).eval()
+
+
+def tiny_pixart(seed: int = 0):
+    """A two-block PixArt-alpha DiT with learned sigma (out_channels = 2 x in_channels)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, cross_attention_dim=16, caption_channels=TEXT_DIM, norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    ).eval()
+
+
+def tiny_flux(seed: int = 0, guidance: bool = True):
+    """One double-stream and one single-stream Flux block (packed latents of 16 channels)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def transformer_scheduler(kind: str):
+    """The scheduler each pipeline ships: flow matching for SD3 (shift 3) and Flux (dynamic shift), DPM for PixArt."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    if kind == "pixart":
+        return DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    if kind == "flux":
+        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                               max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtAlphaPipeline", "flux": "FluxPipeline"}
+
+
+def write_transformer_pipeline(kind: str, path: Path, seed: int = 0) -> Path:
+    """A pipeline folder (model_index.json, transformer/, scheduler/) of a tiny transformer ``kind``."""
+    import json
+
+    model = {"sd3": tiny_sd3, "pixart": tiny_pixart, "flux": tiny_flux}[kind](seed)
+    sched = transformer_scheduler(kind)
+    model.save_pretrained(str(path / "transformer"))
+    sched.save_pretrained(str(path / "scheduler"))
+    index = {"_class_name": PIPELINES[kind], "transformer": ["diffusers", type(model).__name__],
+             "scheduler": ["diffusers", type(sched).__name__]}
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+def write_transformer_cond(path: Path, pooled: bool = True, uncond: bool = True, prompts: int = 3, seed: int = 0) -> Path:
+    """A conditioning file for the tiny transformers (sequence length SEQ_LEN)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"encoder_hidden_states": torch.randn(prompts, SEQ_LEN, TEXT_DIM, generator=g)}
+    if pooled:
+        tensors["pooled_projections"] = torch.randn(prompts, POOLED_DIM, generator=g)
+    if uncond:
+        tensors["uncond_encoder_hidden_states"] = torch.randn(1, SEQ_LEN, TEXT_DIM, generator=g)
+        if pooled:
+            tensors["uncond_pooled_projections"] = torch.randn(1, POOLED_DIM, generator=g)
+    save_file(tensors, str(path))
+    return path

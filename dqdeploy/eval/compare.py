@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DQDeployError
-from ..sampling import _call_unet, denoise
+from ..sampling import denoise
 
 
 def _flat_pair(ref: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,12 +50,13 @@ class _PairedUNet:
 
     def __init__(self, fp: Any, test: Any) -> None:
         self.fp, self.test, self.config = fp, test, fp.config
+        self.unet = fp  # the model kind (dqdeploy.denoisers.spec_of) is the FP model's
         self.step = 0
         self.per_step: dict[int, dict[str, list[torch.Tensor]]] = {}
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=False, **_: Any):
-        ref = _call_unet(self.fp, sample, timestep, encoder_hidden_states)
-        test = _call_unet(self.test, sample, timestep, encoder_hidden_states)
+    def __call__(self, return_dict: bool = False, **inputs: Any):
+        ref = self.fp(**inputs, return_dict=False)[0]
+        test = self.test(**inputs, return_dict=False)[0]
         bucket = self.per_step.setdefault(self.step, {"rel_err": [], "snr_db": [], "cosine": []})
         for k, v in tensor_errors(ref, test).items():
             bucket[k].append(v)

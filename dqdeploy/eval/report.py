@@ -100,11 +100,12 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
         raise DQDeployError(f"--fp must be a diffusers model folder; {fp_dir} is a {fp.kind} folder",
                             hint="pass the full-precision model the artifact was made from")
     _check_same_model(fp, test, fp_dir, path)
-    cond, uncond = load_cond(test, cfg.cond_file)
+    conditioning = load_cond(test, cfg.cond_file)
+    cond, uncond = (None, None) if conditioning is None else (conditioning.cond, conditioning.uncond)
     steps = cfg.steps or (len(test.timesteps) or 50)
     scheduler = cfg.scheduler or "ddim"
     sample: dict[str, Any] = dict(n=cfg.n, steps=steps, scheduler=scheduler, seed=cfg.seed, batch_size=cfg.batch_size,
-                  cond=cond, uncond=uncond, guidance=cfg.guidance)
+                  conditioning=conditioning, guidance=cfg.guidance)
 
     c, h, w = latent_shape(fp.unet)
     noise = torch.randn(cfg.step_samples, c, h, w, generator=torch.Generator().manual_seed(cfg.seed))
@@ -154,8 +155,7 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
         raise DQDeployError(
             f"{path} is not a digits model (its samples are {c}x{h}x{w}), so there is nothing to score it against",
             hint="pass --fp MODEL_DIR for the full report against the FP model, or --fid-ref FOLDER of reference images")
-    cond, uncond = load_cond(opened, cond_file)
-    images = generate_from(opened, cond=cond, uncond=uncond, **sample)
+    images = generate_from(opened, conditioning=load_cond(opened, cond_file), **sample)
     report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
     if digits and fid_ref is None and fid_extractor in (None, "digits"):
         from .fid import digits_fid

@@ -3,7 +3,7 @@
 
 Steps: rebuild the simulation -> float copy of the UNet (dequantized weights, ``1/s`` folded into
 norms) -> float ONNX (torch dynamo exporter) -> [ort: calibrate output scales] -> Q/DQ surgery ->
-simplify -> checks -> write ``unet/model.onnx`` + ``dqdeploy_export.json`` atomically -> [trt: build the
+simplify -> checks -> write ``unet/model.onnx`` (``transformer/model.onnx``) + ``dqdeploy_export.json`` atomically -> [trt: build the
 engine, optionally a Triton repository].
 """
 
@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 
 from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
+from ..denoisers import spec_for, spec_of
 from ..errors import ExportError
 from ..folders import detect
 from ..inputs import DenoiserInputs
@@ -32,7 +33,7 @@ from .dequantize import LayerTensors, dequantized_unet, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, save_export, tensor_specs, versions
 from .measure import calibrate_output_scales, input_ranks
-from .onnx import example_inputs, export_float_onnx
+from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ExportSpec
 from .triton import write_triton_repo
@@ -67,6 +68,7 @@ def export(
     if target != "trt":
         return export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
                             simplify=simplify, overwrite=overwrite)
+    _refuse_transformer_engine(source)
     require_tensorrt()  # fail fast, before the export work
     export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite)
     build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
@@ -105,6 +107,15 @@ def export_graph(
     return save_export(graph, out_dir, spec, overwrite=overwrite)
 
 
+def _refuse_transformer_engine(source: str | Path) -> None:
+    """Engines are built for UNets only: the transformer graphs have no TensorRT profile yet."""
+    if Path(source).is_dir() and detect(source) == "quantized" and spec_for(read_manifest(source).model_class).is_transformer:
+        raise ExportError(
+            f"{source} holds a diffusion transformer; --target trt builds TensorRT engines for UNets only",
+            hint="export --target onnx (the TensorRT-layout graph, add --fp16) and build it with trtexec",
+        )
+
+
 def _check_request(source: str | Path, target: str, fp16: bool) -> None:
     """Target, precision and source kind go together (errors say how to fix them)."""
     if target not in GRAPH_TARGETS:
@@ -141,7 +152,7 @@ class _Parts:
 
 def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool) -> _Parts:
     model = load_quantized(source)
-    calib = DenoiserInputs.from_dict(load_calibration_inputs(source))
+    calib = spec_for(manifest.model_class).inputs_from_dict(load_calibration_inputs(source))
     layers = layer_tensors(model, manifest)
     canvas = dequantized_unet(model, manifest)
     example = calib.slice(slice(0, 2))
@@ -208,8 +219,8 @@ def _spec(graph: Any, manifest: Manifest, target: GraphTarget, fp16: bool, opset
 
 def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite: bool) -> Path:
     loaded = load_model(source)
+    example = transformer_example(loaded.unet) if spec_of(loaded.unet).is_transformer else example_inputs(loaded.unet)
     unet = loaded.unet.half() if fp16 else loaded.unet
-    example = example_inputs(loaded.unet)
     graph = _float_graph(unet, example.half() if fp16 else example)
     inputs, outputs = tensor_specs(graph)
     spec = ExportSpec(

@@ -11,7 +11,7 @@ from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import ExportError, require
 from .onnx import EXTERNAL_DATA_THRESHOLD
-from .spec import ONNX_DATA_FILE, ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
+from .spec import ONNX_DATA_FILE, SPEC_FILE, ExportSpec, TensorSpec
 
 
 def tensor_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -55,10 +55,11 @@ def check_graph(graph: Any) -> None:
 
 
 def save_export(model: Any, out_dir: str | Path, spec: ExportSpec, *, overwrite: bool = False) -> Path:
-    """Write ``unet/model.onnx`` (external ``model.onnx_data`` over 2 GB) and the spec, atomically."""
+    """Write ``unet/model.onnx`` or ``transformer/model.onnx`` (external ``model.onnx_data`` over
+    2 GB) and the spec, atomically."""
     onnx = require("onnx", "ort", "ONNX export")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        path = tmp / ONNX_FILE
+        path = tmp / spec.onnx_file
         path.parent.mkdir(parents=True)
         big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_proto(model) else True
         onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,

@@ -1,8 +1,11 @@
-"""Float ONNX export of a diffusers UNet with optimum's I/O contract.
+"""Float ONNX export of a diffusers denoiser with optimum's I/O contract.
 
-Inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for conditional UNets,
-``encoder_hidden_states`` [B, S, D]; output ``out_sample``. The batch axis is dynamic. Q/DQ nodes
-are added afterwards by graph surgery (:mod:`dqdeploy.exporters.qdq`), never by the exporter.
+UNets: inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for conditional UNets,
+``encoder_hidden_states`` [B, S, D]; output ``out_sample``. Diffusion transformers: ``hidden_states``,
+``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``,
+``txt_ids`` (no batch axis), ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.denoisers`).
+The batch axis is dynamic. Q/DQ nodes are added afterwards by graph surgery
+(:mod:`dqdeploy.exporters.qdq`), never by the exporter.
 """
 
 from __future__ import annotations
@@ -10,44 +13,88 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from ..denoisers import GUIDANCE, POOLED, conditioning_dims, latent_shape, spec_of
 from ..errors import ExportError, require
-from ..inputs import OUTPUT, DenoiserInputs
-from ..models import latent_shape
+from ..inputs import CONTEXT, DenoiserInputs
+from ..sampling import shared_inputs
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes: protobuf's limit is 2 GiB
 
 
-class _UNetGraph(torch.nn.Module):
-    """Positional-argument adaptor for UNets: (sample, timestep[, context]) -> out_sample tensor.
+class _DenoiserGraph(torch.nn.Module):
+    """Keyword adaptor: the graph inputs (named like the diffusers call's keywords) -> output tensor.
 
-    Its parameter names are the graph's input names (the exporter keys dynamic axes by them);
-    denoisers with other inputs (diffusion transformers) need an adaptor with their names."""
+    Its parameter names are the graph's input names (the exporter keys dynamic axes by them)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # the attribute name is the module-name prefix Q/DQ surgery looks for
 
-    def forward(self, sample, timestep, encoder_hidden_states=None):  # noqa: D401
-        if encoder_hidden_states is None:
-            return self.unet(sample, timestep, return_dict=False)[0]
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample=None, hidden_states=None, encoder_hidden_states=None, pooled_projections=None,
+                timestep=None, img_ids=None, txt_ids=None, guidance=None):  # noqa: D401
+        given = dict(sample=sample, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                     pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
+                     guidance=guidance)
+        return self.unet(**{k: v for k, v in given.items() if v is not None}, return_dict=False)[0]
+
+
+def drop_noop_squeezes(model: Any) -> int:
+    """Turn ``Squeeze`` nodes whose axes have a known size other than 1 into ``Identity``.
+
+    ``torch.squeeze(x, dim)`` is a no-op when that dim is not 1 (PixArt squeezes [B, N, C] on
+    axis 1); the exporter writes it as an ONNX Squeeze, which ONNX Runtime then refuses to load.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    fixed = 0
+    for node in model.graph.node:
+        if node.op_type != "Squeeze" or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        shape = shapes.get(node.input[0])
+        axes = [int(a) for a in consts[node.input[1]].reshape(-1)]
+        if shape and all(-len(shape) <= a < len(shape) and shape[a] not in (None, 1) for a in axes):
+            node.op_type = "Identity"
+            del node.input[1:]
+            fixed += 1
+    return fixed
 
 
 def example_inputs(unet: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> DenoiserInputs:
-    """Build example inputs from a diffusers UNet's config."""
-    sample = torch.randn(batch, *latent_shape(unet))
+    """Build example inputs from a diffusers UNet's config (transformers: :func:`transformer_example`)."""
+    sample = torch.randn(*latent_shape(spec_of(unet), cast(Any, unet).config, batch))
     timestep = torch.linspace(1.0, 900.0, batch)
     context = None
     cross = getattr(unet.config, "cross_attention_dim", None)
     if cross is not None:
         context = torch.randn(batch, seq_len, int(cross))
     return DenoiserInputs.create(sample, timestep, encoder_hidden_states=context)
+
+
+def transformer_example(model: torch.nn.Module, batch: int = 2, seq_len: int = 8, size: int = 8) -> DenoiserInputs:
+    """Random inputs for a diffusion transformer (latent ``size`` x ``size`` where the config has no
+    sample_size, ``seq_len`` text tokens)."""
+    spec, cfg = spec_of(model), cast(Any, model).config
+    dims = conditioning_dims(spec, cfg)
+    hidden = torch.randn(*latent_shape(spec, cfg, batch, cfg.get("sample_size") or size))
+    values = {CONTEXT: torch.randn(batch, seq_len, dims[CONTEXT]), GUIDANCE: torch.full((batch,), 3.5)}
+    if POOLED in dims:
+        values[POOLED] = torch.randn(batch, dims[POOLED])
+    conditioning = {n: values[n] for n in spec.input_names(cfg) if n in values}
+    timestep = torch.linspace(1.0, 900.0, batch) * spec.timestep_scale
+    return DenoiserInputs(hidden, timestep, conditioning, spec.sample, shared_inputs(spec, hidden, values))
 
 
 def export_float_onnx(
@@ -57,14 +104,19 @@ def export_float_onnx(
     inputs: DenoiserInputs | None = None,
     opset: int = 20,
 ) -> Any:
-    """Export ``unet`` (any module with the diffusers UNet call signature) to a float ONNX model.
+    """Export ``unet`` (a diffusers UNet or diffusion transformer, or any module with one of their
+    call signatures) to a float ONNX model; the graph inputs are ``inputs``' names in the order of
+    the model's :class:`~dqdeploy.denoisers.DenoiserSpec` (optimum's).
 
     Returns the in-memory model; ``path`` is only a scratch location for the exporter.
     """
     onnx = require("onnx", "ort", "ONNX export")
     inputs = inputs or example_inputs(unet)
+    spec = spec_of(unet, fallback="UNet2DConditionModel")  # other modules: the UNet call signature
+    given = inputs.kwargs()
+    feeds = {n: given[n] for n in spec.inputs if n in given} | given  # optimum's order first
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {name: {0: batch} for name in inputs.names}
+    dynamic = {name: (None if name in inputs.shared else {0: batch}) for name in feeds}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = unet.training
@@ -76,11 +128,12 @@ def export_float_onnx(
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _UNetGraph(unet),
-                inputs.tensors(),
+                _DenoiserGraph(unet),
+                (),
                 str(path),
-                input_names=inputs.names,
-                output_names=[OUTPUT],
+                kwargs=feeds,
+                input_names=list(feeds),
+                output_names=[spec.output],
                 dynamic_shapes=dynamic,
                 opset_version=opset,
                 dynamo=True,
@@ -95,4 +148,6 @@ def export_float_onnx(
     finally:
         unet.train(was_training)
         exporter_log.setLevel(level)
-    return onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=True)
+    drop_noop_squeezes(model)
+    return model

@@ -4,11 +4,13 @@ Layout (optimum's)::
 
     OUT_DIR/
       dqdeploy_export.json      # ExportSpec below
-      unet/model.onnx           # + unet/model.onnx_data (external weights)
+      unet/model.onnx           # + unet/model.onnx_data (external weights); transformer/ for DiTs
       unet/model.plan           # TensorRT engine (trt target only) + unet/engine.json
 
-I/O: ``sample`` [B, C, H, W], ``timestep`` [B], ``encoder_hidden_states`` [B, S, D] (conditional
-models only) -> ``out_sample`` [B, C_out, H, W].
+I/O (UNets): ``sample`` [B, C, H, W], ``timestep`` [B], ``encoder_hidden_states`` [B, S, D]
+(conditional models only) -> ``out_sample`` [B, C_out, H, W]. Diffusion transformers:
+``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``, ``timestep`` [, ``img_ids``,
+``txt_ids``, ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.denoisers`).
 """
 
 from __future__ import annotations
@@ -18,19 +20,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..denoisers import SPECS
 from ..errors import ArtifactError, RecipeError, check_format
 from ..folders import SPEC_FILE
 from ..inputs import CONTEXT
 from ..recipe import Recipe
 from ..vocab import GRAPH_TARGETS, GraphTarget, Layout, layout_of
 
-ONNX_FILE = "unet/model.onnx"
+ONNX_FILE = "unet/model.onnx"  # UNets; transformers: onnx_file()
 ONNX_DATA_FILE = "model.onnx_data"
 ENGINE_FILE = "unet/model.plan"
 ENGINE_SPEC_FILE = "unet/engine.json"
 FORMAT = "dqdeploy-export"
 FORMAT_VERSION = 1
 LEGACY_KEYS = {"flavour": "target"}  # specs written before the rename
+
+
+def onnx_file(model_class: str) -> str:
+    """The graph's path inside an export folder: ``unet/model.onnx`` or ``transformer/model.onnx``."""
+    spec = SPECS.get(model_class)
+    return ONNX_FILE if spec is None else f"{spec.subfolder}/model.onnx"
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,11 @@ class ExportSpec:
     def layout(self) -> Layout | None:
         """The deployment layout of the graph (``None``: float or unknown)."""
         return layout_of(self.target) if self.target in GRAPH_TARGETS else None  # type: ignore[arg-type]
+
+    @property
+    def onnx_file(self) -> str:
+        """The graph's path inside the export folder."""
+        return onnx_file(self.model_class)
 
     def to_json(self) -> str:
         """The spec as JSON text."""

@@ -1,27 +1,23 @@
-"""Block partition of diffusers UNets for block-wise distillation: every ResnetBlock2D, attention /
-transformer block, down/up-sampler and time embedding, plus every quantized layer outside them
-(conv_in, conv_out, ...). Blocks come in execution order.
+"""Block partition of a denoiser for block-wise distillation: every module of the block classes of
+its :class:`~dqdeploy.denoisers.DenoiserSpec` (UNets: each ResnetBlock2D, attention / transformer
+block, down/up-sampler and time embedding; diffusion transformers: each transformer block and
+embedder), plus every quantized layer outside them (conv_in, conv_out, proj_out, ...). Blocks come
+in execution order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..denoisers import SPECS
 from ..inputs import Hook, forward_hooks
 from .modules import QuantLayer, quant_layers
 
-BLOCK_CLASSES = (
-    "ResnetBlock2D",
-    "Attention",
-    "Transformer2DModel",
-    "Downsample2D",
-    "Upsample2D",
-    "TimestepEmbedding",
-)
+BLOCK_CLASSES = SPECS["UNet2DModel"].blocks
 
 
 @dataclass(frozen=True)
@@ -32,13 +28,13 @@ class Block:
     layers: tuple[str, ...]
 
 
-def _candidates(root: nn.Module) -> list[str]:
+def _candidates(root: nn.Module, classes: Sequence[str]) -> list[str]:
     found: list[str] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
             full = prefix + child_name
-            if type(child).__name__ in BLOCK_CLASSES or isinstance(child, QuantLayer):
+            if type(child).__name__ in classes or isinstance(child, QuantLayer):
                 if quant_layers(child) or isinstance(child, QuantLayer):
                     found.append(full)
             else:
@@ -49,9 +45,10 @@ def _candidates(root: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def partition(unet: nn.Module, run: Callable[[], object]) -> list[Block]:
-    """Blocks of the quantized ``unet`` in the order one forward (``run``) executes them."""
-    names = _candidates(unet)
+def partition(unet: nn.Module, run: Callable[[], object], classes: Sequence[str] = BLOCK_CLASSES) -> list[Block]:
+    """Blocks (modules of ``classes``) of the quantized ``unet`` in the order one forward (``run``)
+    executes them."""
+    names = _candidates(unet, classes)
     order: list[str] = []
     hooks: list[Hook] = [(unet.get_submodule(n), "pre", lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
     with forward_hooks(hooks):

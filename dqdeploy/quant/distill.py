@@ -48,15 +48,23 @@ def _detach(obj: Any) -> Any:
     return obj
 
 
-def first_tensor(out: Any) -> torch.Tensor:
-    """The main tensor of a module output (tensor, tuple, or diffusers output dataclass)."""
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a block output: a tensor, a tuple (transformer blocks return
+    ``(encoder_hidden_states, hidden_states)``, the first possibly None), or a diffusers output."""
     if isinstance(out, torch.Tensor):
-        return out
+        return [out]
     if isinstance(out, (tuple, list)):
-        return first_tensor(out[0])
+        found = [t for o in out if o is not None for t in output_tensors(o)]
+        if found:
+            return found
     if hasattr(out, "sample"):
-        return out.sample
+        return [out.sample]
     raise TypeError(f"cannot find a tensor in block output of type {type(out).__name__}")
+
+
+def block_loss(out: Any, targets: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the MSEs of every output tensor of a block against its FP targets."""
+    return sum((F.mse_loss(o, t) for o, t in zip(output_tensors(out), targets)), torch.zeros(()))
 
 
 @torch.no_grad()
@@ -70,7 +78,7 @@ def _capture(model: nn.Module, module: nn.Module, calib: CalibrationSet, order: 
             raise _Stop
 
     def post(mod, args, kwargs, out):
-        seen.append(first_tensor(out).detach())
+        seen.append([o.detach() for o in output_tensors(out)])
         raise _Stop
 
     hooks: list[Hook] = [(module, "pre", pre)]
@@ -159,7 +167,7 @@ def distill_blocks(
         def forward(i: int) -> torch.Tensor:
             args, kwargs = inputs[i]
             out = qmodel.run_rows(rows[i], qblock, *args, **kwargs)
-            return F.mse_loss(first_tensor(out), targets[i])
+            return block_loss(out, targets[i])
 
         qblock.train()
         reports.append(_train(block.name, forward, layers, len(inputs), recipe, recipe.iters, seed + k))

@@ -7,6 +7,7 @@ activation quantizer, ``Qw`` the per-channel weight quantizer.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, cast
 
 import torch
@@ -130,7 +131,8 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class QuantizedUNet(nn.Module):
-    """Drop-in for the diffusers UNet it wraps: same call signature and return type.
+    """Drop-in for the diffusers denoiser it wraps (a UNet or a diffusion transformer): same call
+    signature and return type.
 
     Each call maps ``timestep`` to calibrated-step rows and binds them for the activation
     quantizers for exactly that call.
@@ -141,6 +143,8 @@ class QuantizedUNet(nn.Module):
         self.unet = unet
         self.table = table
         self.step_index = step_index
+        self._signature = inspect.signature(unet.forward)
+        self._sample_name = next(iter(self._signature.parameters))  # "sample" | "hidden_states"
 
     @property
     def config(self):
@@ -154,10 +158,18 @@ class QuantizedUNet(nn.Module):
     def device(self) -> torch.device:
         return cast(torch.device, self.unet.device)
 
-    def forward(self, sample: torch.Tensor, timestep, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        sample, timestep = bound.get(self._sample_name), bound.get("timestep")
+        if sample is None or timestep is None:
+            raise TypeError(f"{type(self.unet).__name__} needs {self._sample_name} and timestep")
         rows = self.table.index(timestep, sample.shape[0])
         with self.step_index.bound(rows):
-            return self.unet(sample, timestep, *args, **kwargs)
+            return self.unet(*args, **kwargs)
+
+    def cache_context(self, name: str):
+        """The wrapped model's cache context (Flux pipelines open one around each call)."""
+        return cast(Any, self.unet).cache_context(name)
 
     def run_rows(self, rows: torch.Tensor, fn, *args, **kwargs):
         """Call ``fn`` with explicit step ``rows`` bound (block-wise training uses this)."""

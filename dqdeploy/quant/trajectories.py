@@ -1,7 +1,8 @@
 """Calibration data from full-precision sampling trajectories.
 
-The FP UNet samples ``trajectories`` images with the requested scheduler and step count; the UNet
-inputs ``(x_t, t, cond)`` of randomly chosen (trajectory, step) pairs are kept. Under
+The FP denoiser (UNet or transformer) samples ``trajectories`` images with the requested scheduler
+and step count; the model inputs ``(x_t, t, cond)`` of randomly chosen (trajectory, step) pairs are
+kept, ``t`` being the timestep the model sees (flow matching: ``sigma * 1000``, a float). Under
 classifier-free guidance both the conditional and the unconditional input are kept, since the
 deployed model sees both. Everything is seeded.
 """
@@ -15,31 +16,64 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..denoisers import GUIDANCE, latent_shape, spec_of
 from ..errors import CalibrationError
 from ..inputs import CONTEXT, DenoiserInputs
-from ..models import latent_shape
 from ..recipe import CalibrationConfig
-from ..sampling import denoise
+from ..sampling import denoise, shared_inputs
 
 COND_KEY = CONTEXT
 UNCOND_KEY = "uncond_encoder_hidden_states"
+POOLED_KEY = "pooled_projections"
+UNCOND_POOLED_KEY = "uncond_pooled_projections"
 
 
 @dataclass
 class Conditioning:
-    """Text conditioning for calibration: ``cond`` [P, S, D], optional ``uncond`` [1, S, D]."""
+    """Text conditioning for calibration: ``cond`` [P, S, D] and, for SD3/Flux, ``pooled`` [P, D2];
+    optional unconditional rows ``uncond`` [1, S, D] / ``uncond_pooled`` [1, D2]."""
 
     cond: torch.Tensor
     uncond: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
 
-    def for_batch(self, first: int, n: int) -> torch.Tensor:
+    def for_batch(self, first: int, n: int) -> dict[str, torch.Tensor]:
+        """Conditioning keywords of trajectories ``first .. first + n - 1`` (rows used round-robin)."""
         idx = torch.arange(first, first + n) % self.cond.shape[0]
-        return self.cond[idx]
+        out = {COND_KEY: self.cond[idx]}
+        if self.pooled is not None:
+            out[POOLED_KEY] = self.pooled[idx]
+        return out
+
+    def unconditional(self) -> dict[str, torch.Tensor] | None:
+        """The unconditional keywords ([1, ...]), or None without ``uncond``."""
+        if self.uncond is None:
+            return None
+        out = {COND_KEY: self.uncond}
+        if self.pooled is not None:
+            if self.uncond_pooled is None:
+                raise CalibrationError(
+                    f"the conditioning has {POOLED_KEY} and {UNCOND_KEY} but no {UNCOND_POOLED_KEY}",
+                    hint=f"add {UNCOND_POOLED_KEY} [1, D2] (the pooled embedding of the empty prompt)",
+                )
+            out[POOLED_KEY] = self.uncond_pooled
+        return out
+
+
+def _check_rows(path: Path, name: str, tensor: torch.Tensor | None, rank: int, width: int | None = None) -> None:
+    if tensor is None:
+        return
+    if tensor.dim() != rank or (width is not None and tensor.shape[-1] != width):
+        dims = "[P, S, D]" if rank == 3 else "[P, D2]"
+        raise CalibrationError(f"{path}: {name} must be {dims} (rank {rank}), found shape {tuple(tensor.shape)}",
+                               hint="save one row per prompt; the unconditional entries hold one row")
 
 
 def load_conditioning(path: str | Path) -> Conditioning:
-    """Read ``--cond FILE.safetensors``: ``encoder_hidden_states`` [P, S, D] (required) and
-    ``uncond_encoder_hidden_states`` [1, S, D] (optional, enables classifier-free guidance)."""
+    """Read ``--cond FILE.safetensors``: ``encoder_hidden_states`` [P, S, D] (required),
+    ``pooled_projections`` [P, D2] (SD3 and Flux), and optionally ``uncond_encoder_hidden_states``
+    [1, S, D] / ``uncond_pooled_projections`` [1, D2] (enable classifier-free guidance)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -55,13 +89,21 @@ def load_conditioning(path: str | Path) -> Conditioning:
             hint=f"save prompt embeddings under {COND_KEY!r} (and optionally {UNCOND_KEY!r})",
         )
     cond = tensors[COND_KEY].float()
-    uncond = tensors.get(UNCOND_KEY)
-    if cond.dim() != 3 or (uncond is not None and uncond.shape[-2:] != cond.shape[-2:]):
-        raise CalibrationError(
-            f"{path}: {COND_KEY} must be [P, S, D] and {UNCOND_KEY} [1, S, D]; "
-            f"found {tuple(cond.shape)} and {None if uncond is None else tuple(uncond.shape)}"
-        )
-    return Conditioning(cond, None if uncond is None else uncond[:1].float())
+    uncond, pooled, uncond_pooled = (tensors.get(k) for k in (UNCOND_KEY, POOLED_KEY, UNCOND_POOLED_KEY))
+    _check_rows(path, COND_KEY, cond, 3)
+    _check_rows(path, UNCOND_KEY, uncond, 3)
+    if uncond is not None and uncond.shape[-2:] != cond.shape[-2:]:
+        raise CalibrationError(f"{path}: {UNCOND_KEY} {tuple(uncond.shape)} must match {COND_KEY} {tuple(cond.shape)} in [S, D]")
+    _check_rows(path, POOLED_KEY, pooled, 2)
+    _check_rows(path, UNCOND_POOLED_KEY, uncond_pooled, 2, None if pooled is None else pooled.shape[-1])
+    if pooled is not None and pooled.shape[0] != cond.shape[0]:
+        raise CalibrationError(f"{path}: {POOLED_KEY} has {pooled.shape[0]} rows, {COND_KEY} {cond.shape[0]}",
+                               hint="one pooled row per prompt")
+
+    def first(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[:1].float()
+
+    return Conditioning(cond, first(uncond), None if pooled is None else pooled.float(), first(uncond_pooled))
 
 
 @dataclass
@@ -98,6 +140,10 @@ class CalibrationSet:
                 )
 
 
+def _cat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+
+
 @torch.no_grad()
 def collect(
     unet: torch.nn.Module,
@@ -106,9 +152,12 @@ def collect(
     conditioning: Conditioning | None = None,
     guidance: float | None = None,
 ) -> CalibrationSet:
-    """Sample FP trajectories and keep ``config.samples`` UNet inputs drawn at random across steps."""
+    """Sample FP trajectories and keep ``config.samples`` model inputs drawn at random across steps."""
+    spec = spec_of(unet)
     guidance = config.guidance if guidance is None else guidance
-    cfg_on = conditioning is not None and conditioning.uncond is not None and guidance != 1.0
+    embedded = GUIDANCE in spec.input_names(unet.config)  # Flux: guidance is an input, not CFG
+    uncond = None if conditioning is None else conditioning.unconditional()
+    cfg_on = uncond is not None and guidance != 1.0 and not embedded
     per_pair = 2 if cfg_on else 1
     gen = torch.Generator().manual_seed(config.seed)
     n_pairs = config.trajectories * config.steps
@@ -117,41 +166,40 @@ def collect(
     chosen[torch.randperm(n_pairs, generator=gen)[:wanted]] = True
     chosen = chosen.view(config.trajectories, config.steps)
 
-    shape = latent_shape(unet)
-    uncond = None if conditioning is None else conditioning.uncond
     xs, ts, rows, conds = [], [], [], []
     timesteps: list[float] = []
+    shared: dict[str, torch.Tensor] = {}
     bar = tqdm(total=config.trajectories, desc="calibration trajectories", unit="traj")
     for first in range(0, config.trajectories, config.batch_size):
         n = min(config.batch_size, config.trajectories - first)
-        noise = torch.randn(n, *shape, generator=gen)
-        cond = None if conditioning is None else conditioning.for_batch(first, n)
+        noise = torch.randn(*latent_shape(spec, unet.config, n, config.resolution), generator=gen)
+        cond = {} if conditioning is None else conditioning.for_batch(first, n)
+        if embedded:
+            cond[GUIDANCE] = torch.full((n,), float(guidance))
+        shared = shared_inputs(spec, noise, cond)
         keep = chosen[first : first + n]
 
         def record(i: int, t: torch.Tensor, model_input: torch.Tensor) -> None:
             if i == 0 and not timesteps:
-                timesteps.extend(float(v) for v in scheduler.timesteps)
+                timesteps.extend(float(v) for v in spec.model_timestep(scheduler.timesteps))
             sel = keep[:, i].nonzero().flatten()
             if sel.numel() == 0:
                 return
-            contexts = [None if cond is None else cond[sel]]
-            if cfg_on and uncond is not None and cond is not None:
-                contexts = [uncond.expand(sel.numel(), -1, -1), cond[sel]]
+            picked = {k: v[sel] for k, v in cond.items()}
+            contexts = [picked]
+            if cfg_on and uncond is not None:
+                contexts = [{k: uncond[k].expand_as(v) for k, v in picked.items()}, picked]
             for context in contexts:
                 xs.append(model_input[sel].clone())
                 ts.append(torch.full((sel.numel(),), float(t)))
                 rows.append(torch.full((sel.numel(),), i, dtype=torch.long))
-                if context is not None:
-                    conds.append(context.clone())
+                conds.append({k: v.clone() for k, v in context.items()})
 
-        denoise(
-            unet, scheduler, noise, config.steps,
-            cond=cond, uncond=uncond,
-            guidance=guidance, generator=gen, callback=record,
-        )
+        denoise(unet, scheduler, noise, config.steps, cond=cond or None, uncond=uncond, guidance=guidance,
+                generator=gen, callback=record)
         bar.update(n)
     bar.close()
-    inputs = DenoiserInputs.create(torch.cat(xs), torch.cat(ts), encoder_hidden_states=torch.cat(conds) if conds else None)
+    inputs = DenoiserInputs(torch.cat(xs), torch.cat(ts), _cat(conds), spec.sample, shared)
     calib = CalibrationSet(inputs, torch.cat(rows), timesteps)
     calib.validate()
     return calib

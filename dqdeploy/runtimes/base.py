@@ -1,9 +1,11 @@
-"""The drop-in adaptor shared by every runtime: diffusers UNet call signature -> backend -> output.
+"""The drop-in adaptor shared by every runtime: diffusers call signature -> backend -> output.
 
 A :class:`UNetRuntime` looks enough like a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` for
 ``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline`` and :func:`dqdeploy.sampling.denoise`:
 it has ``.config`` (the exported model's config), ``.dtype``, ``.device`` and
-``__call__(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs)``.
+``__call__(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs)``. An exported
+diffusion transformer (SD3, PixArt, Flux) takes its class's own call instead
+(:mod:`dqdeploy.runtimes.transformer`), as ``pipe.transformer`` of the matching pipeline.
 
 It is deliberately *not* a ``torch.nn.Module``: pipelines only read ``config``/``dtype`` from their
 ``unet`` and skip non-modules in ``.to()`` / offloading, and a module would pretend to own
@@ -13,16 +15,19 @@ parameters it does not have. Inputs are validated against the export folder's
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..denoisers import spec_for
 from ..errors import ArtifactError, RuntimeInputError
 from ..exporters.spec import ExportSpec, TensorSpec
 from ..inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
+from .transformer import as_tensor, call_transformer
 
 DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",), CONTEXT: ("batch", "sequence", "hidden size")}
 TIMESTEP_ATOL = 1e-3
@@ -46,16 +51,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in TORCH_DTYPES:
         raise ArtifactError(f"unsupported tensor dtype {name!r} in the export spec (expected one of {', '.join(TORCH_DTYPES)})")
     return TORCH_DTYPES[name]
-
-
-def _as_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray | np.generic):
-        return torch.tensor(np.asarray(value))  # a copy: numpy inputs may be read-only
-    if isinstance(value, int | float):
-        return torch.tensor(value)
-    raise RuntimeInputError(f"{name}: expected a torch.Tensor or numpy array, found {type(value).__name__}")
 
 
 def frozen_config(model_config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -83,12 +78,13 @@ class UNetRuntime:
         self._device = torch.device("cpu")
         self._calibrated = np.asarray(spec.timesteps, np.float64)
         self._warned_timestep = False
-        missing = [n for n in (SAMPLE, TIMESTEP) if n not in self._inputs]
+        self.denoiser = spec_for(spec.model_class, source or "the export")
+        missing = [n for n in (self.denoiser.sample, TIMESTEP) if n not in self._inputs]
         if missing or not spec.outputs:
             raise ArtifactError(
-                f"{source or 'the export'}: expected inputs sample and timestep and one output, found inputs "
+                f"{source or 'the export'}: expected inputs {self.denoiser.sample} and timestep and one output, found inputs "
                 f"{sorted(self._inputs)} and outputs {[t.name for t in spec.outputs]}",
-                hint="export with `dqdeploy export`, which writes optimum's UNet I/O names",
+                hint="export with `dqdeploy export`, which writes optimum's I/O names",
             )
 
     # -- what pipelines read ------------------------------------------------------------------
@@ -102,7 +98,7 @@ class UNetRuntime:
     @property
     def graph_dtype(self) -> torch.dtype:
         """The graph's own ``sample`` dtype (``torch.float16`` for FP16 exports and engines)."""
-        return self._dtypes[SAMPLE]
+        return self._dtypes[self.denoiser.sample]
 
     @property
     def device(self) -> torch.device:
@@ -127,11 +123,25 @@ class UNetRuntime:
     def eval(self) -> "UNetRuntime":
         return self
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """No-op (Flux pipelines open a cache context around each transformer call)."""
+        yield
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, {self.spec.model_class}, {self.spec.target}/{self.spec.precision})"
 
     # -- the call -----------------------------------------------------------------------------
-    def __call__(
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Run one denoising step with the call signature of the exported class; returns its output
+        dataclass (``UNet2DOutput``, ``UNet2DConditionOutput``, ``Transformer2DModelOutput``) or a 1-tuple."""
+        if self.denoiser.is_transformer:
+            return call_transformer(self, args, kwargs)
+        return self._call_unet(*args, **kwargs)
+
+    forward = __call__
+
+    def _call_unet(
         self,
         sample: Any,
         timestep: Any,
@@ -139,7 +149,6 @@ class UNetRuntime:
         return_dict: bool = True,
         **kwargs: Any,
     ):
-        """Run one denoising step; returns ``UNet2DOutput``/``UNet2DConditionOutput`` or a 1-tuple."""
         for key in UNSUPPORTED_KWARGS:
             value = kwargs.get(key)
             if value is not None and not (isinstance(value, Mapping | list | tuple) and len(value) == 0):
@@ -147,7 +156,7 @@ class UNetRuntime:
                     f"{key} was given, but the exported graph has no input for it (inputs: {', '.join(self._inputs)})",
                     hint=f"call without {key}, or export a model whose graph takes it",
                 )
-        sample = _as_tensor(SAMPLE, sample)
+        sample = as_tensor(SAMPLE, sample)
         out_device, out_dtype = sample.device, sample.dtype
         feeds = self.prepare_inputs(sample, timestep, encoder_hidden_states)
         self._warn_uncalibrated(timestep)  # the caller's tensor (usually on the CPU): no device sync
@@ -158,12 +167,10 @@ class UNetRuntime:
             return (out,)
         return self._output_class()(sample=out)
 
-    forward = __call__
-
     def prepare_inputs(self, sample: Any, timestep: Any, encoder_hidden_states: Any = None) -> dict[str, torch.Tensor]:
         """Validated graph inputs ``{name: tensor}`` on :attr:`device`, in the graph's dtypes, with the
         timestep expanded to ``[batch]``: what :meth:`__call__` hands the backend."""
-        sample, context = _as_tensor(SAMPLE, sample), encoder_hidden_states
+        sample, context = as_tensor(SAMPLE, sample), encoder_hidden_states
         if not sample.is_floating_point():
             raise RuntimeInputError(f"sample: expected a floating-point tensor, found dtype {sample.dtype}",
                                     hint="pass the latents as float32 (or float16)")
@@ -183,7 +190,7 @@ class UNetRuntime:
                     hint="pass encoder_hidden_states=prompt embeddings (for classifier-free guidance, the "
                          "[uncond; cond] batch)",
                 )
-            context = _as_tensor(CONTEXT, context)
+            context = as_tensor(CONTEXT, context)
             if not context.is_floating_point():
                 raise RuntimeInputError(f"encoder_hidden_states: expected a floating-point tensor, found {context.dtype}")
             feeds[CONTEXT] = context
@@ -200,7 +207,7 @@ class UNetRuntime:
         return {n: v.to(device=self._device, dtype=self._dtypes[n]).contiguous() for n, v in feeds.items()}
 
     def _timestep(self, timestep: Any, batch: int) -> torch.Tensor:
-        t = _as_tensor(TIMESTEP, timestep)
+        t = as_tensor(TIMESTEP, timestep)
         if t.dtype == torch.bool or t.is_complex():
             raise RuntimeInputError(f"timestep: expected a real number or a [batch] tensor, found dtype {t.dtype}")
         if t.dim() == 0:
@@ -249,7 +256,7 @@ class UNetRuntime:
     def _warn_uncalibrated(self, timestep: Any) -> None:
         if self._warned_timestep or self._calibrated.size == 0:
             return
-        values = np.unique(_as_tensor(TIMESTEP, timestep).detach().double().cpu().numpy().reshape(-1))
+        values = np.unique(as_tensor(TIMESTEP, timestep).detach().double().cpu().numpy().reshape(-1))
         dist = np.abs(values[:, None] - self._calibrated[None, :]).min(axis=1)
         off = values[dist > TIMESTEP_ATOL]
         if off.size:

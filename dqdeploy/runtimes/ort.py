@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError, MissingDependencyError, require
-from ..exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec, read_spec
+from ..exporters.spec import SPEC_FILE, ExportSpec, TensorSpec, read_spec
 from .base import CONTEXT, OUTPUT, SAMPLE, UNetRuntime
 
 CPU = "CPUExecutionProvider"
@@ -23,14 +23,16 @@ Provider = str | tuple[str, dict[str, Any]]
 
 
 def resolve_source(source: str | Path) -> tuple[Path, ExportSpec | None]:
-    """``(onnx_path, spec)`` for an export folder, its ``unet/model.onnx``, or any ONNX file (spec None)."""
+    """``(onnx_path, spec)`` for an export folder, its ``unet/model.onnx`` (``transformer/model.onnx``),
+    or any ONNX file (spec None)."""
     path = Path(source)
     if path.is_dir():
-        return path / ONNX_FILE, read_spec(path)
+        spec = read_spec(path)
+        return path / spec.onnx_file, spec
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist", hint="pass an export folder (the --out of `dqdeploy export`) or an .onnx file")
     folder = path.parent.parent
-    if path.parent.name == "unet" and (folder / SPEC_FILE).is_file():
+    if path.parent.name in ("unet", "transformer") and (folder / SPEC_FILE).is_file():
         return path, read_spec(folder)
     return path, None
 

@@ -58,7 +58,7 @@ def test_quantize_then_inspect(artifact):
     assert proc.returncode == 0, proc.stderr
     assert "UNet2DModel" in proc.stdout and "w4a8: W4A8" in proc.stdout
     assert "at 8-bit" in proc.stdout and "at 4-bit" in proc.stdout  # conv_in / conv_out stay at 8 bits
-    assert "ddim x 4 steps" in proc.stdout
+    assert "DDPMScheduler x 4 steps" in proc.stdout  # no --scheduler: the folder's own
     as_json = json.loads(dqdeploy("inspect", artifact, "--json").stdout)
     assert as_json["recipe"]["iters"] == 3 and len(as_json["timesteps"]) == 4
 

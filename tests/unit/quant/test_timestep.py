@@ -76,3 +76,20 @@ def test_step_index_is_released_when_the_call_fails():
         1 / 0
     with pytest.raises(RuntimeError, match="no time step is bound"):
         idx.value
+
+
+def test_flow_matching_float_timesteps_round_trip_and_map_to_their_rows():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(7)
+    steps = [float(t) for t in sched.timesteps]  # sigma x 1000: floats such as 857.69...
+    assert any(t != round(t) for t in steps)
+    table = TimestepTable(steps)
+    assert torch.equal(table.index(sched.timesteps, 7), torch.arange(7))  # the scheduler's own float32 values
+    assert table.is_calibrated(sched.timesteps)
+    sigmas = TimestepTable([t / 1000 for t in steps])  # Flux: the transformer sees sigma in [0, 1]
+    assert torch.equal(sigmas.index(sched.timesteps / 1000, 7), torch.arange(7))
+    # between two steps: the nearer one, also at this scale
+    mid = (steps[2] * 0.6 + steps[3] * 0.4) / 1000
+    assert sigmas.index(mid, 1).tolist() == [2]

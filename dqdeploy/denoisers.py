@@ -1,0 +1,171 @@
+"""The denoiser kinds dqdeploy handles, one :class:`DenoiserSpec` each: diffusers class, folder,
+call signature, ONNX I/O names (optimum's), the blocks of block-wise distillation, and how a
+sampling loop feeds it (latent shape, timestep scale, position ids).
+
+UNets (``UNet2DModel``, ``UNet2DConditionModel``) take ``sample``; the diffusion transformers
+(``SD3Transformer2DModel``, ``PixArtTransformer2DModel``, ``FluxTransformer2DModel``) take
+``hidden_states``. Every graph input is named like the keyword argument of the diffusers call, so
+one ``{name: tensor}`` mapping drives the PyTorch model and the exported graph alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .inputs import CONTEXT, SAMPLE, TIMESTEP, DenoiserInputs
+
+HIDDEN = "hidden_states"
+POOLED = "pooled_projections"
+GUIDANCE = "guidance"
+IMG_IDS, TXT_IDS = "img_ids", "txt_ids"
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """How one diffusers denoiser class is loaded, called, exported and distilled."""
+
+    class_name: str
+    subfolder: str  # the pipeline folder's subfolder: "unet" | "transformer"
+    sample: str  # the main input's keyword: "sample" | "hidden_states"
+    output: str  # the graph output: "out_sample" | "out_hidden_states"
+    inputs: tuple[str, ...]  # graph inputs in optimum's order (optional ones filtered by ``input_names``)
+    blocks: tuple[str, ...] = ()  # module classes distilled as one block (besides the UNet blocks)
+    shared: tuple[str, ...] = ()  # inputs without a batch axis (Flux position ids)
+    timestep_scale: float = 1.0  # model timestep = scheduler timestep * scale (Flux pipelines pass t / 1000)
+    packed: bool = False  # latents are token sequences [B, N, C] (Flux), not images [B, C, H, W]
+
+    @property
+    def is_transformer(self) -> bool:
+        return self.sample == HIDDEN
+
+    def input_names(self, config: Any) -> list[str]:
+        """The graph inputs of a model with ``config`` (Flux's ``guidance`` only with guidance embeds)."""
+        names = [n for n in self.inputs if n != GUIDANCE or config.get("guidance_embeds")]
+        if CONTEXT in names and not conditional(self, config):
+            names.remove(CONTEXT)
+        return names
+
+    def conditioning_names(self, config: Any) -> list[str]:
+        """Per-sample conditioning inputs read from a conditioning file (``guidance`` is a scale, not a file entry)."""
+        return [n for n in self.input_names(config) if n not in (self.sample, TIMESTEP, GUIDANCE) and n not in self.shared]
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the model is called with for scheduler timestep ``t`` (float)."""
+        t = torch.as_tensor(t, dtype=torch.float32)
+        return t * self.timestep_scale if self.timestep_scale != 1.0 else t
+
+    def inputs_from_dict(self, tensors: Mapping[str, Any]) -> DenoiserInputs:
+        """:class:`DenoiserInputs` from graph-named tensors (an artifact's calibration inputs, a feed)."""
+        return DenoiserInputs.from_dict(tensors, self.sample, self.shared)
+
+    def check_supported(self, config: Any, where: object = "the model") -> None:
+        """Refuse configurations whose extra inputs the graphs do not carry."""
+        if self.class_name == "PixArtTransformer2DModel" and config.get("use_additional_conditions"):
+            raise ModelLoadError(
+                f"{where}: PixArt with resolution/aspect-ratio conditions (use_additional_conditions, the 1024px "
+                "models) is not supported: its added_cond_kwargs are not graph inputs yet",
+                hint="use a PixArt model without additional conditions (256/512px, PixArt-Sigma)",
+            )
+
+    def learned_sigma(self, config: Any) -> bool:
+        """True when the output stacks a variance prediction the scheduler does not take (PixArt)."""
+        out = config.get("out_channels")
+        return self.class_name == "PixArtTransformer2DModel" and out is not None and out == 2 * config["in_channels"]
+
+
+_UNET_BLOCKS = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding")
+_EMBEDDERS = (
+    "PatchEmbed", "TimestepEmbedding", "PixArtAlphaTextProjection", "CombinedTimestepTextProjEmbeddings",
+    "CombinedTimestepGuidanceTextProjEmbeddings", "AdaLayerNormSingle",
+)
+
+SPECS: dict[str, DenoiserSpec] = {
+    s.class_name: s
+    for s in (
+        DenoiserSpec("UNet2DModel", "unet", SAMPLE, "out_sample", (SAMPLE, TIMESTEP), _UNET_BLOCKS),
+        DenoiserSpec("UNet2DConditionModel", "unet", SAMPLE, "out_sample", (SAMPLE, TIMESTEP, CONTEXT), _UNET_BLOCKS),
+        DenoiserSpec(
+            "SD3Transformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, POOLED, TIMESTEP),
+            ("JointTransformerBlock", *_EMBEDDERS),
+        ),
+        DenoiserSpec(
+            "PixArtTransformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, TIMESTEP),
+            ("BasicTransformerBlock", *_EMBEDDERS),
+        ),
+        DenoiserSpec(
+            "FluxTransformer2DModel", "transformer", HIDDEN, "out_hidden_states",
+            (HIDDEN, CONTEXT, POOLED, TIMESTEP, IMG_IDS, TXT_IDS, GUIDANCE),
+            ("FluxTransformerBlock", "FluxSingleTransformerBlock", *_EMBEDDERS),
+            shared=(IMG_IDS, TXT_IDS), timestep_scale=1e-3, packed=True,
+        ),
+    )
+}
+SUPPORTED = tuple(SPECS)
+
+
+def spec_for(class_name: str | None, where: object = "the model") -> DenoiserSpec:
+    """The spec of a diffusers class name, or :class:`ModelLoadError` naming the supported ones."""
+    if class_name not in SPECS:
+        raise ModelLoadError(
+            f"{where}: unsupported model class {class_name!r}; dqdeploy quantizes {', '.join(SUPPORTED)}",
+            hint="point at the unet/ or transformer/ of a DDPM/LDM, Stable Diffusion, SD3, PixArt or Flux pipeline",
+        )
+    return SPECS[class_name]
+
+
+def spec_of(model: Any, fallback: str | None = None) -> DenoiserSpec:
+    """The spec of a model object (a diffusers model, a quantized wrapper, or a runtime with ``spec``);
+    other modules get the spec of class ``fallback`` when given (callables with its signature)."""
+    inner = getattr(model, "unet", model)
+    name = getattr(getattr(model, "spec", None), "model_class", None) or type(inner).__name__
+    return spec_for(fallback if name not in SPECS and fallback else name)
+
+
+def conditional(spec: DenoiserSpec, config: Any) -> bool:
+    """Whether a model takes text conditioning (``encoder_hidden_states``)."""
+    if spec.is_transformer:
+        return True
+    return config.get("cross_attention_dim") is not None
+
+
+def latent_shape(spec: DenoiserSpec, config: Any, batch: int, size: int | None = None) -> tuple[int, ...]:
+    """Shape of the initial noise: [B, C, H, W], or [B, N, C] tokens for packed (Flux) latents.
+
+    ``size``: the latent height and width (default: the config's ``sample_size``; Flux has none and
+    needs it). For Flux it is the latent grid of 2x2 patches, ``N = (size // 2) ** 2``.
+    """
+    size = size or config.get("sample_size")
+    if size is None:
+        raise ModelLoadError(f"{spec.class_name} has no sample_size in its config: the latent size must be given",
+                             hint="pass --resolution (latent height = width)")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if spec.packed:
+        return (batch, (h // 2) * (w // 2), int(config["in_channels"]))
+    return (batch, int(config["in_channels"]), h, w)
+
+
+def flux_position_ids(tokens: int, text_tokens: int) -> dict[str, torch.Tensor]:
+    """Flux's ``img_ids`` [N, 3] (row, column of each 2x2 patch on a square grid) and ``txt_ids`` [S, 3] (zeros)."""
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise ModelLoadError(f"Flux latents with {tokens} tokens are not a square grid", hint="use a square resolution")
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return {IMG_IDS: ids.reshape(tokens, 3), TXT_IDS: torch.zeros(text_tokens, 3)}
+
+
+def conditioning_dims(spec: DenoiserSpec, config: Any) -> dict[str, int]:
+    """Last-axis width of each conditioning input the model takes (what a conditioning file must hold)."""
+    dims = {
+        "UNet2DConditionModel": {CONTEXT: config.get("cross_attention_dim")},
+        "SD3Transformer2DModel": {CONTEXT: config.get("joint_attention_dim"), POOLED: config.get("pooled_projection_dim")},
+        "PixArtTransformer2DModel": {CONTEXT: config.get("caption_channels")},
+        "FluxTransformer2DModel": {CONTEXT: config.get("joint_attention_dim"), POOLED: config.get("pooled_projection_dim")},
+    }.get(spec.class_name, {})
+    return {k: int(v) for k, v in dims.items() if v is not None}

@@ -1,0 +1,152 @@
+"""Diffusion transformers end to end on tiny random configs: SD3, PixArt and Flux pipeline folders ->
+quantize (folder's own scheduler, float flow-matching timesteps, pooled conditioning, Flux guidance)
+-> load_quantized as a drop-in -> export in both layouts -> lint (TensorRT layout) -> check per step
+and per layer -> the ORT runtime as ``pipe.transformer`` inside the matching diffusers pipeline."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
+
+from dqdeploy import export, load_quantized, quantize
+from dqdeploy.check import check_export
+from dqdeploy.errors import ExportError, RuntimeInputError
+from dqdeploy.exporters.lint import lint_path
+from dqdeploy.exporters.spec import read_spec
+from dqdeploy.recipe import W8A8, CalibrationConfig
+from dqdeploy.runtimes import load_runtime
+from tests.helpers import POOLED_DIM, SEQ_LEN, TEXT_DIM, transformer_scheduler, write_transformer_cond, write_transformer_pipeline
+
+KINDS = ("sd3", "pixart", "flux")
+STEPS = 4
+INPUTS = {
+    "sd3": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
+    "pixart": ["hidden_states", "encoder_hidden_states", "timestep"],
+    "flux": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance"],
+}
+BLOCKS = {"sd3": "JointTransformerBlock", "pixart": "BasicTransformerBlock", "flux": "FluxSingleTransformerBlock"}
+# one linear of each family Weight Dilation must reach: q/k/v, context projection, feed-forward, adaLN modulation
+LAYERS = {
+    "sd3": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.ff.net.2",
+            "transformer_blocks.0.norm1.linear", "context_embedder"],
+    "pixart": ["transformer_blocks.0.attn1.to_v", "transformer_blocks.0.attn2.to_k", "transformer_blocks.0.ff.net.0.proj",
+               "adaln_single.linear", "caption_projection.linear_1"],
+    "flux": ["transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.add_q_proj", "single_transformer_blocks.0.proj_mlp",
+             "single_transformer_blocks.0.norm.linear", "context_embedder"],
+}
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def artifact(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    folder = write_transformer_pipeline(kind, root / "pipe")
+    cond = write_transformer_cond(root / "cond.safetensors", pooled=kind != "pixart")
+    calib = CalibrationConfig(steps=STEPS, samples=32, trajectories=4, batch_size=4, guidance=3.0,
+                              resolution=8 if kind == "flux" else None)
+    result = quantize(folder, W8A8.replace(iters=4, batch_size=8), calib, root / "q", cond_file=cond)
+    return kind, result
+
+
+@pytest.fixture(scope="module")
+def exports(artifact, tmp_path_factory):
+    kind, result = artifact
+    root = tmp_path_factory.mktemp(f"{kind}-export")
+    return {t: export(result.path, root / t, target=t) for t in ("onnx", "ort")}
+
+
+def test_quantize_reaches_every_linear_family_and_block(artifact):
+    kind, result = artifact
+    m = result.manifest
+    assert set(LAYERS[kind]) <= set(m.layers)
+    assert all(m.layers[n].fold in ("mul",) or m.layers[n].fold.startswith("norm:") for n in LAYERS[kind])
+    names = [b["name"] for b in m.blocks]
+    model = load_quantized(result.path).unet
+    assert any(type(model.get_submodule(n)).__name__ == BLOCKS[kind] for n in names), names
+    assert len(m.timesteps) == STEPS
+    assert m.scheduler_config["_class_name"] == type(transformer_scheduler(kind)).__name__  # the folder's own
+    if kind != "pixart":  # flow matching: float timesteps (sigma x 1000; Flux's model sees sigma)
+        assert any(t != round(t) for t in m.timesteps), m.timesteps
+    if kind == "flux":
+        assert max(m.timesteps) <= 1.0 and torch.all(result.calib_inputs["guidance"] == 3.0)
+
+
+def test_load_quantized_is_a_drop_in_with_the_class_signature(artifact):
+    kind, result = artifact
+    model = load_quantized(result.path)
+    inputs = {k: v if k in ("img_ids", "txt_ids") else v[:2] for k, v in result.calib_inputs.items()}
+    out = model(**inputs, return_dict=True).sample  # keywords, as the pipelines call it
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, result.model(**inputs, return_dict=False)[0])
+
+
+def test_export_both_layouts_lint_and_check(artifact, exports):
+    kind, result = artifact
+    for target, folder in exports.items():
+        spec = read_spec(folder)
+        assert [t.name for t in spec.inputs] == INPUTS[kind]
+        assert [t.name for t in spec.outputs] == ["out_hidden_states"]
+        graph = onnx.load(str(folder / "transformer" / "model.onnx"))
+        hidden = next(i for i in graph.graph.input if i.name == "hidden_states")
+        assert hidden.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+        ops = {n.op_type for n in graph.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "ArgMin", "Gather"} <= ops  # per-step tables keyed on timestep
+        if target == "onnx":
+            assert lint_path(folder / "transformer" / "model.onnx") == []
+        check = check_export(result.path, folder, per_layer=True)
+        assert check.ok, check.table()
+        assert len(check.steps) == STEPS and len(check.layers) == len(result.manifest.layers)
+        if target == "onnx":  # TensorRT layout: the integers are the simulation's but for rounding ties
+            assert max(r.mismatch for r in check.layers) < 0.1, check.table()
+
+
+def _pipeline(kind: str, transformer):
+    g = torch.Generator().manual_seed(0)
+    emb, pooled = torch.randn(2, SEQ_LEN, TEXT_DIM, generator=g), torch.randn(2, POOLED_DIM, generator=g)
+    run = dict(output_type="latent", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), height=64, width=64)
+    sched = transformer_scheduler(kind)
+    if kind == "sd3":
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None, tokenizer=None,
+                                        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        return pipe(prompt_embeds=emb[:1], pooled_prompt_embeds=pooled[:1], negative_prompt_embeds=emb[1:],
+                    negative_pooled_prompt_embeds=pooled[1:], guidance_scale=3.0, **run).images
+    if kind == "pixart":
+        pipe = PixArtAlphaPipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None, tokenizer=None)
+        mask = torch.ones(1, SEQ_LEN)
+        return pipe(prompt_embeds=emb[:1], prompt_attention_mask=mask, negative_prompt=None, negative_prompt_embeds=emb[1:],
+                    negative_prompt_attention_mask=mask, guidance_scale=3.0, use_resolution_binning=False, **run).images
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None)
+    return pipe(prompt_embeds=emb[:1], pooled_prompt_embeds=pooled[:1], guidance_scale=3.0, **run).images
+
+
+def test_ort_runtime_runs_inside_the_diffusers_pipeline(artifact, exports):
+    kind, result = artifact
+    simulated = _pipeline(kind, load_quantized(result.path))
+    for target, folder in exports.items():
+        deployed = _pipeline(kind, load_runtime(folder, "ort"))
+        assert deployed.shape == simulated.shape
+        rel = float((deployed - simulated).norm() / simulated.norm())
+        assert rel < 0.05, (target, rel)  # whole-trajectory drift stays at the quantization-noise level
+
+
+def test_runtime_refuses_what_the_graph_cannot_honour(artifact, exports):
+    kind, result = artifact
+    rt = load_runtime(exports["ort"], "ort")
+    inputs = {k: v if k in ("img_ids", "txt_ids") else v[:1] for k, v in result.calib_inputs.items()}
+    out = rt(**inputs, joint_attention_kwargs={}, return_dict=False)[0] if kind != "pixart" else rt(**inputs, return_dict=False)[0]
+    assert out.shape[0] == 1
+    with pytest.raises(RuntimeInputError, match="encoder_hidden_states"):
+        rt(**{k: v for k, v in inputs.items() if k != "encoder_hidden_states"})
+    bogus = {"sd3": {"skip_layers": [0]}, "pixart": {"attention_mask": torch.zeros(1, 16)},
+             "flux": {"controlnet_block_samples": [torch.zeros(1)]}}[kind]
+    with pytest.raises(RuntimeInputError, match=next(iter(bogus))):
+        rt(**inputs, **bogus)
+
+
+def test_engine_target_is_refused_for_transformers(artifact, tmp_path):
+    _, result = artifact
+    with pytest.raises(ExportError, match="UNets only"):
+        export(result.path, tmp_path / "engine", target="trt")
