@@ -150,3 +150,19 @@ def test_engine_target_is_refused_for_transformers(artifact, tmp_path):
     _, result = artifact
     with pytest.raises(ExportError, match="UNets only"):
         export(result.path, tmp_path / "engine", target="trt")
+
+
+def test_ort_layout_fuses_every_layer_with_an_output_q(artifact, exports, tmp_path):
+    import onnxruntime as ort
+
+    path = exports["ort"] / "transformer" / "model.onnx"
+    out_q = [n for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear" and "/out_q" in n.name]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    fused = ops.count("QLinearMatMul") + ops.count("QLinearConv")
+    print(f"{artifact[0]}: {fused} fused of {len(out_q)} output-quantized layers "
+          f"({ops.count('QLinearMatMul')} QLinearMatMul, {ops.count('QLinearConv')} QLinearConv)")
+    assert len(out_q) >= 20 and fused == len(out_q)  # every token linear (and the patch conv) runs on int8 kernels
