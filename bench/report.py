@@ -51,8 +51,9 @@ def zoo_quality_section(z: dict) -> list[str]:
     out = ["## Zoo-wide image quality: digits-FID on every zoo model", "",
            f"{commands} — {'/'.join(map(str, n))} samples per row, DDIM {z['steps']} steps, one noise seed per row "
            "(the same noise for every model and recipe). Models: `bench/zoo.py` (trained by `python scripts/train_zoo.py`). "
-           "`[..]` are 95% bootstrap intervals over samples; `vs FP` is the ratio to the FP row of the same model and "
-           "seed, its interval a paired bootstrap (same resampled indices for both). `vs sim`: exported graph on ONNX "
+           "`vs FP` is the ratio to the FP row of the same model and seed; `[..]` is its paired 95% bootstrap "
+           "interval over samples (the FID difference on the same resampled indices, mapped to a ratio; the seed-to-seed "
+           "noise below is the other yardstick). `vs sim`: exported graph on ONNX "
            "Runtime vs its own simulation. `step err`: mean relative error of the denoiser output vs FP along FP "
            "trajectories (16 trajectories, 50 steps) / worst step.", ""]
     order = {"fp32": 0, "w8a8": 1, "w4a8": 2, "w4a4": 3}
@@ -69,7 +70,7 @@ def zoo_quality_section(z: dict) -> list[str]:
         runs = {"sim": "simulation" if r["recipe"] != "fp32" else "torch", "onnx": "onnx graph, ORT",
                 "ort": "ort graph, ORT"}[r["flavour"]]
         out.append(f"| {r['model']} | {r['recipe']} | {r['variant']} | {runs} | {r['seed']} | "
-                   f"{r['digits_fid']:.2f}{_ci(r['fid_lo'], r['fid_hi'])} | {vs_fp} | {vs_sim} | {step} | {acc} |")
+                   f"{r['digits_fid']:.2f} | {vs_fp} | {vs_sim} | {step} | {acc} |")
     out += ["", "**Noise** (FP vs FP with another noise seed, same model):", ""]
     for model in sorted({r["model"] for r in rows}):
         fps = sorted((r for r in rows if r["model"] == model and r["recipe"] == "fp32"), key=lambda r: r["seed"])

@@ -10,9 +10,8 @@ A *row* is one (model, recipe, variant, flavour, seed):
   ``ort`` (``export --target ort`` run on ORT), both exported from the same artifact;
 * ``seed``: the noise seed of the ``n`` DDIM-50 samples (the same noise for every model and recipe).
 
-Each row records the digits-FID with a bootstrap 95% interval over samples, the ratio to the FP row
-of the same model and seed with a *paired* bootstrap interval (same resampled indices: the noise is
-shared, so most of it cancels), for export rows the ratio to their simulation, for the conditional
+Each row records the digits-FID, the ratio to the FP row of the same model and seed with a *paired*
+bootstrap interval over samples (same resampled indices for both; see ``bootstrap_fid``), for export rows the ratio to their simulation, for the conditional
 member the class accuracy (sample i asked for digit i % 10), and for quantized rows the per-step
 denoiser error along FP trajectories (``dqdeploy.eval.compare.step_errors``: cheap, low-noise, use
 it to screen variants before paying for FIDs).
@@ -141,26 +140,52 @@ def fp_key(model: str, seed: int) -> str:
 
 def bootstrap_fid(feats: np.ndarray, refs: dict[str, np.ndarray] | None = None, draws: int | None = None,
                   seed: int = 0) -> dict[str, float]:
-    """95% bootstrap interval of the digits-FID of ``feats`` (``fid_lo``/``fid_hi``) -- and, for each
-    ``refs[name]`` (features of another model's samples from the same noise), of the ratio FID/FID_ref
-    with the same resampled indices for both (paired): ``{name}_ratio_lo``/``{name}_ratio_hi``."""
+    """Paired 95% bootstrap intervals of the ratio of this row's digits-FID to each ``refs[name]``
+    (features of another model's samples from the same noise): ``{name}_ratio_lo``/``_hi``.
+
+    FID of a resample drawn with replacement is biased upward (duplicates), so a percentile interval
+    of the FID itself does not even contain the estimate. The *difference* of two FIDs computed on
+    the same resampled indices carries nearly the same bias on both sides, so the interval is taken
+    on the difference and mapped to a ratio: ``(FID_ref + d) / FID_ref``. ``boot_bias`` records the
+    mean upward shift of the resampled FID (how large the cancelled bias is)."""
     from dqdeploy.eval.fid import feature_stats, frechet_distance, reference_stats
 
     real = reference_stats()
     rng = np.random.default_rng(seed)
     refs = refs or {}
-    fids: list[float] = []
-    ratios: dict[str, list[float]] = {name: [] for name in refs}
+    point = frechet_distance(*feature_stats(feats), *real)
+    ref_point = {name: frechet_distance(*feature_stats(ref), *real) for name, ref in refs.items()}
+    boot: list[float] = []
+    diffs: dict[str, list[float]] = {name: [] for name in refs}
     for _ in range(draws or BOOTSTRAP):
         idx = rng.integers(0, feats.shape[0], feats.shape[0])
         fid = frechet_distance(*feature_stats(feats[idx]), *real)
-        fids.append(fid)
+        boot.append(fid)
         for name, ref in refs.items():
-            ratios[name].append(fid / frechet_distance(*feature_stats(ref[idx]), *real))
-    out = {"fid_lo": float(np.percentile(fids, 2.5)), "fid_hi": float(np.percentile(fids, 97.5))}
-    for name, values in ratios.items():
-        out |= {f"{name}_ratio_lo": float(np.percentile(values, 2.5)), f"{name}_ratio_hi": float(np.percentile(values, 97.5))}
+            diffs[name].append(fid - frechet_distance(*feature_stats(ref[idx]), *real))
+    out = {"boot_bias": float(np.mean(boot) - point)}
+    for name, d in diffs.items():
+        lo, hi = np.percentile(d, [2.5, 97.5])
+        out |= {f"{name}_ratio_lo": float((ref_point[name] + lo) / ref_point[name]),
+                f"{name}_ratio_hi": float((ref_point[name] + hi) / ref_point[name])}
     return out
+
+
+def rederive_intervals(results: dict[str, Any]) -> None:
+    """Recompute every row's bootstrap fields from its cached features (after a change of method)."""
+    for key, row in results["rows"].items():
+        feats = _features_path(key)
+        if not feats.is_file():
+            continue
+        refs = {}
+        if row["recipe"] != "fp32":
+            refs["fp"] = _features_path(fp_key(row["model"], row["seed"]))
+            if row["flavour"] != "sim":
+                refs["sim"] = _features_path(row_key(row["model"], row["recipe"], row["variant"], "sim", row["seed"]))
+        for k in [k for k in row if k.endswith(("_lo", "_hi"))]:
+            del row[k]
+        row |= bootstrap_fid(torch.load(feats).numpy(), {k: torch.load(f).numpy() for k, f in refs.items() if f.is_file()},
+                             seed=row["seed"])
 
 
 def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
@@ -271,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--redo", action="store_true", help="measure rows again even if cached")
     ap.add_argument("--dry-run", action="store_true", help="list the rows that would run")
+    ap.add_argument("--rederive", action="store_true", help="recompute ratios and intervals of cached rows, run nothing")
     args = ap.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     models = [zoo.get(m).name for m in split(args.models)]
@@ -278,6 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     todo = plan(models, split(args.recipes), split(args.variants), split(args.flavours),
                 [int(s) for s in split(args.seeds)], fp_seeds)
     results = load_results()
+    if args.rederive:
+        rederive_intervals(results)
+        derive(results)
+        save_results(results)
+        return
     results["zoo_size"] = len(zoo.names())
     results["runs"].append({"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
                             "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -297,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         results["rows"][key] = row
         derive(results)
         save_results(results)
-        print(f"done     {key}: digits-FID {row['digits_fid']:.2f} [{row['fid_lo']:.2f}, {row['fid_hi']:.2f}]"
+        print(f"done     {key}: digits-FID {row['digits_fid']:.2f}"
               + (f" vs FP {results['rows'][key]['vs_fp']:.3f}" if results['rows'][key].get('vs_fp') else ""), flush=True)
     if not args.dry_run:
         derive(results)

@@ -44,7 +44,7 @@ def test_rows_cached_resumable_with_ratios(tiny_zoo, capsys):
     assert set(rows) == {"tiny|fp32|default|sim|seed0", "tiny|fp32|default|sim|seed1", "tiny|w8a8|fast|sim|seed0",
                          "tiny|w8a8|fast|onnx|seed0", "tiny|w8a8|fast|ort|seed0"}
     fp0, q = rows["tiny|fp32|default|sim|seed0"], rows["tiny|w8a8|fast|sim|seed0"]
-    assert fp0["vs_fp"] == pytest.approx(1.0) and fp0["fid_lo"] <= fp0["fid_hi"]
+    assert fp0["vs_fp"] == pytest.approx(1.0) and "fp_ratio_lo" not in fp0
     assert q["vs_fp"] == pytest.approx(q["digits_fid"] / fp0["digits_fid"])
     assert q["fp_ratio_lo"] <= q["fp_ratio_hi"] and q["quantize_s"] > 0
     assert len(q["step_error"]["per_step_rel_err"]) == 3 and q["step_error"]["mean_rel_err"] > 0
@@ -52,6 +52,10 @@ def test_rows_cached_resumable_with_ratios(tiny_zoo, capsys):
     assert ort["runtime"] == "ort" and ort["vs_sim"] == pytest.approx(ort["digits_fid"] / q["digits_fid"])
     assert ort["sim_ratio_lo"] <= ort["sim_ratio_hi"] and "sim_ratio_lo" not in q
     capsys.readouterr()
+    q_before = dict(q)
+    zq.main(["--rederive"])  # intervals recomputed from the cached features: same method, same seed -> same values
+    again = json.loads(zq.RESULTS_FILE.read_text())["rows"]["tiny|w8a8|fast|sim|seed0"]
+    assert again["fp_ratio_lo"] == pytest.approx(q_before["fp_ratio_lo"])
     zq.main(args)  # everything is cached now
     out = capsys.readouterr().out
     assert out.count("cached") == 5 and "done" not in out
@@ -64,4 +68,4 @@ def test_paired_bootstrap_ratio_of_identical_samples_is_exactly_one():
     feats = torch.randn(60, 64, generator=torch.Generator().manual_seed(0)).numpy()
     out = zq.bootstrap_fid(feats, {"fp": feats.copy()}, draws=20)
     assert out["fp_ratio_lo"] == pytest.approx(1.0) and out["fp_ratio_hi"] == pytest.approx(1.0)
-    assert out["fid_lo"] < out["fid_hi"]
+    assert out["boot_bias"] > 0  # resampling with replacement inflates the FID: why the interval is on differences
