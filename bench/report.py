@@ -83,6 +83,8 @@ def zoo_quality_section(z: dict) -> list[str]:
     for r in rows:
         if r["recipe"] != "fp32" and r["seed"] == 0 and r.get("vs_fp") is not None:
             groups.setdefault((r["recipe"], r["variant"], r["flavour"]), []).append(r)
+    if not groups:
+        return out[:-5] + ["", "**Worst case over the zoo**: no quantized row measured yet.", ""]
     for (recipe, variant, flavour), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], fl[kv[0][2]])):
         worst = max(members, key=lambda r: r["vs_fp"])
         out.append(f"| {recipe} | {variant} | {flavour} | {worst['vs_fp']:.3f}x{_ci(worst.get('fp_ratio_lo'), worst.get('fp_ratio_hi'), '{:.3f}')} "
