@@ -2,15 +2,18 @@
 
 The manifest records the format version, dqdeploy version, recipe, calibration settings, the base
 model class and config, the scheduler config and calibrated time steps, per-layer quantizer
-metadata, per-block distillation losses and the sha256 of every data file. Written atomically.
+metadata, per-block distillation losses and the sha256 of every data file, and is itself sealed by
+a sha256 of its canonical body (``integrity``). Reading validates the schema, the seal, the file
+names (confined to the folder) and the hashes; ``load_quantized`` cross-checks the model the config
+describes (on the meta device, before allocating) and the tensors. Written atomically.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,13 +22,22 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_dir
-from .errors import ArtifactError, RecipeError, check_format
+from .errors import ArtifactError, check_format
 from .folders import MANIFEST
+from .integrity import confined, file_sha256, read_json_object, seal, verify_file, verify_seal
 from .models import unet_class
 from .quant.distill import BlockReport
 from .quant.modules import QuantizedUNet, QuantLayer, replace_module
 from .quant.timestep import StepIndex, TimestepTable
 from .recipe import Recipe
+from .validation import (
+    check_calibration_inputs,
+    check_manifest,
+    check_model_against_weights,
+    check_state,
+    header_shapes,
+    meta_model,
+)
 
 FORMAT = "dqdeploy-quantized"
 FORMAT_VERSION = 1
@@ -73,34 +85,27 @@ class Manifest:
     dqdeploy_version: str = __version__
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    integrity: str = ""  # sha256 of the canonical JSON of everything else (integrity.seal)
 
     def to_json(self) -> str:
-        """The manifest as JSON text."""
-        return json.dumps(asdict(self), indent=2)
+        """The manifest as JSON text, sealed."""
+        return json.dumps(seal(asdict(self)), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: Path) -> "Manifest":
-        """Parse a manifest (format and version checked; the recipe validated, old key names read)."""
+        """Validate (format, schema, recipe, seal) and build; every problem is an :class:`ArtifactError`."""
         check_format(data, FORMAT, FORMAT_VERSION, f"quantized artifact ({where})", "dqdeploy quantize")
-        try:
-            data = dict(data)
-            data["layers"] = {k: LayerMeta(**v) for k, v in data["layers"].items()}
-            data["recipe"] = Recipe.from_dict(data["recipe"])
-            return cls(**data)
-        except (TypeError, KeyError, AttributeError) as exc:
-            raise ArtifactError(f"{where}: malformed manifest ({exc})") from None
-        except RecipeError as exc:
-            raise ArtifactError(f"{where}: the manifest's recipe is invalid ({exc})",
-                                hint="re-run `dqdeploy quantize` to recreate the artifact") from None
+        check_manifest(data, where, {f.name for f in fields(cls)}, {f.name for f in fields(LayerMeta)})
+        verify_seal(data, where / MANIFEST, "dqdeploy quantize")
+        data = dict(data)
+        data["layers"] = {k: LayerMeta(**v) for k, v in data["layers"].items()}
+        data["recipe"] = Recipe.from_dict(data["recipe"])
+        return cls(**data)
 
 
 def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file (cached by size and modification time)."""
+    return file_sha256(Path(path))
 
 
 def save_artifact(
@@ -110,12 +115,14 @@ def save_artifact(
     extras: dict[str, bytes] | None = None,
     *,
     overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
 ) -> Path:
     """Write the artifact folder atomically: ``tensors`` maps file names to safetensors contents
-    (hashed in the manifest); ``extras`` are additional files (reports, plots)."""
+    (hashed in the manifest); ``extras`` are additional files (reports, plots). ``sources`` (the
+    model folder it came from) are never replaced."""
     from safetensors.torch import save_file
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="quantized", sources=sources) as tmp:
         manifest.files = {}
         for fname, state in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname))
@@ -135,11 +142,13 @@ def read_manifest(quant_dir: str | Path) -> Manifest:
             f"{quant_dir} is not a quantized artifact: {MANIFEST} is missing",
             hint="create one with `dqdeploy quantize MODEL_DIR --out QUANT_DIR` (an interrupted run leaves none)",
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}): the artifact is corrupted") from None
+    data = read_json_object(path, "quantized artifact manifest", "re-run `dqdeploy quantize` to recreate the artifact")
     return Manifest.from_dict(data, quant_dir)
+
+
+def manifest_seal(quant_dir: str | Path) -> str:
+    """The integrity seal of an artifact's manifest: identifies exactly this artifact."""
+    return read_manifest(quant_dir).integrity
 
 
 def load_state(quant_dir: str | Path, manifest: Manifest, fname: str = WEIGHTS) -> dict[str, torch.Tensor]:
@@ -150,23 +159,19 @@ def load_state(quant_dir: str | Path, manifest: Manifest, fname: str = WEIGHTS) 
     if fname not in manifest.files:
         raise ArtifactError(f"{MANIFEST} lists no {fname}", hint="re-run `dqdeploy quantize` with this version")
     verify_files(quant_dir, manifest, [fname])
-    return load_file(str(quant_dir / fname))
+    try:
+        return load_file(str(confined(quant_dir, fname, "artifact")))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"{quant_dir / fname} is not a readable safetensors file ({str(exc)[:200]})",
+                            hint="re-run `dqdeploy quantize` to recreate the artifact") from None
 
 
 def verify_files(quant_dir: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Check that the data files the manifest lists (or only ``names``) exist and match their sha256."""
     quant_dir = Path(quant_dir)
     for name, digest in manifest.files.items():
-        if names is not None and name not in names:
-            continue
-        path = quant_dir / name
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing from the artifact")
-        if sha256(path) != digest:
-            raise ArtifactError(
-                f"{path} does not match the sha256 in {MANIFEST}: the file is corrupted or was modified",
-                hint="re-run `dqdeploy quantize` to recreate the artifact",
-            )
+        if names is None or name in names:
+            verify_file(quant_dir, name, digest, None, "artifact", "dqdeploy quantize")
 
 
 def install_quant_layers(
@@ -201,9 +206,15 @@ def timestep_table(manifest: Manifest) -> TimestepTable:
 
 def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
     """Rebuild the simulated quantized UNet from an artifact (no calibration data needed)."""
+    quant_dir = Path(quant_dir)
     manifest = read_manifest(quant_dir)
+    verify_files(quant_dir, manifest, [WEIGHTS])
+    cls = unet_class({"_class_name": manifest.model_class}, quant_dir)
+    # sizes, layers and fold targets checked on the meta device: a tampered config allocates nothing
+    check_model_against_weights(meta_model(cls, manifest.model_config, quant_dir), manifest,
+                                header_shapes(quant_dir / WEIGHTS), quant_dir)
     state = load_state(quant_dir, manifest)
-    cls = unet_class({"_class_name": manifest.model_class}, Path(quant_dir))
+    check_state(state, manifest, quant_dir)
     unet = cls.from_config(manifest.model_config).eval()
     model = install_quant_layers(unet, manifest.layers, timestep_table(manifest))
     try:
@@ -216,16 +227,21 @@ def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
 def load_calibration_inputs(quant_dir: str | Path) -> dict[str, torch.Tensor]:
     """The calibration inputs saved with an artifact, keyed by the model's keyword names: ``sample``
     or ``hidden_states``, ``timestep`` and the conditioning (``encoder_hidden_states``, ...)."""
-    return load_state(quant_dir, read_manifest(quant_dir), CALIB_INPUTS)
+    manifest = read_manifest(quant_dir)
+    calib = load_state(quant_dir, manifest, CALIB_INPUTS)
+    check_calibration_inputs(calib, manifest, Path(quant_dir))
+    return calib
 
 
-def save_quantized(result: QuantizeResult, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def save_quantized(
+    result: QuantizeResult, out_dir: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path] = ()
+) -> Path:
     """Write the artifact (manifest, safetensors, distillation losses and their plot)."""
     extras = {"distill_report.json": json.dumps([asdict(r) for r in result.reports], indent=1).encode()}
     if result.reports:
         extras["distill_loss.png"] = _loss_plot(result.reports)
     tensors = {WEIGHTS: result.model.unet.state_dict(), CALIB_INPUTS: result.calib_inputs}
-    return save_artifact(out_dir, result.manifest, tensors, extras, overwrite=overwrite)
+    return save_artifact(out_dir, result.manifest, tensors, extras, overwrite=overwrite, sources=sources)
 
 
 def _loss_plot(reports: list[BlockReport]) -> bytes:

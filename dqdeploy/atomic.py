@@ -1,6 +1,9 @@
 """Atomic outputs: write into a hidden temporary folder next to the target, then rename.
 
-An interrupted run leaves at most a ``.NAME.tmp-*`` folder, never a folder that looks complete.
+An interrupted run leaves at most a ``.NAME.tmp-PID-*`` folder (marked as dqdeploy's own by a
+``.dqdeploy-partial`` file), never a folder that looks complete; the next run writing NAME sweeps
+such folders of dead processes. The target is checked on entry (:func:`dqdeploy.paths.check_output_dir`)
+and again at the rename, so a folder that appeared meanwhile is never silently replaced.
 """
 
 from __future__ import annotations
@@ -9,43 +12,141 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import DQDeployError
+from .paths import OutputPathError, check_output_dir, own_kind, replaceable
+
+PARTIAL_MARKER = ".dqdeploy-partial"
 
 
-def check_target(target: str | Path, *, overwrite: bool = False) -> None:
-    """Refuse an existing output folder unless ``overwrite`` (call it before long work, too)."""
-    if Path(target).exists() and not overwrite:
-        raise DQDeployError(
-            f"output folder {target} already exists",
-            hint="choose another --out or pass --overwrite",
-        )
+check_target = check_output_dir  # the name callers used before dqdeploy.paths existed
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_pid(name: str, prefix: str) -> int | None:
+    rest = name[len(prefix):]
+    head = rest.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def sweep_stale(target: str | Path) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` folders left next to ``target`` by dead dqdeploy processes, and
+    restore or drop ``.NAME.old-PID`` folders of an interrupted replacement. Returns what was removed."""
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    removed = []
+    tmp_prefix, old_prefix = f".{target.name}.tmp-", f".{target.name}.old-"
+    for entry in parent.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if entry.name.startswith(tmp_prefix):
+            pid = _owner_pid(entry.name, tmp_prefix)
+            if pid is not None and not _pid_alive(pid) and (entry / PARTIAL_MARKER).is_file():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        elif entry.name.startswith(old_prefix):
+            pid = _owner_pid(entry.name, old_prefix)
+            if pid is None or _pid_alive(pid) or own_kind(entry) is None:
+                continue
+            if os.path.lexists(target):  # the replacement completed: the old copy is garbage
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+            else:  # interrupted between the two renames: put the old folder back
+                os.replace(entry, target)
+    return removed
+
+
+def _install(tmp: Path, target: Path, overwrite: bool, kind: str | None, owned: Callable[[Path], bool] | None) -> None:
+    """Rename ``tmp`` to ``target``, re-checking the target at this moment."""
+    if os.path.lexists(target):
+        if not overwrite or not replaceable(target, kind, owned):
+            raise OutputPathError(
+                f"output folder {target} appeared while dqdeploy was working and is not one it may replace",
+                hint="choose another --out; nothing was written",
+            )
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another run installed its folder between the two renames: keep that one
+            try:
+                os.replace(old, target)
+            except OSError:
+                shutil.rmtree(old, ignore_errors=True)
+            raise OutputPathError(f"another run wrote {target} at the same moment; its folder was kept",
+                                  hint="run one writer per output folder") from None
+        except BaseException:  # interrupted between the two renames: put the old folder back
+            os.replace(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, target)
+    except OSError as exc:  # a non-empty folder appeared between the check and the rename
+        raise OutputPathError(f"output folder {target} could not be created ({exc.strerror or exc})",
+                              hint="choose another --out; nothing was written") from None
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces ``target`` in one rename."""
-    target = Path(target)
-    check_target(target, overwrite=overwrite)
+def atomic_dir(
+    target: str | Path,
+    *,
+    overwrite: bool = False,
+    kind: str | None = None,
+    sources: Iterable[str | Path] = (),
+    owned: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces ``target`` in one rename.
+
+    ``kind``/``sources``/``owned``: see :func:`dqdeploy.paths.check_output_dir`.
+    """
+    target = Path(os.path.abspath(target))
+    check_output_dir(target, overwrite=overwrite, kind=kind, sources=sources, owned=owned)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder
+    sweep_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any folder
+        (tmp / PARTIAL_MARKER).write_text(str(os.getpid()))
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        (tmp / PARTIAL_MARKER).unlink()
+        fix_modes(tmp)
+        _install(tmp, target, overwrite, kind, owned)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fix_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open`` would (safetensors and mkstemp write 0600)."""
+    mode = _file_mode()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = Path(root) / name
+            if not p.is_symlink():
+                p.chmod(mode)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -56,6 +157,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifact import load_calibration_inputs, load_quantized
+from .artifact import load_calibration_inputs, load_quantized, manifest_seal
 from .denoisers import spec_for, spec_of
-from .errors import CheckFailedError, require
+from .errors import ArtifactError, CheckFailedError, require
 from .exporters.dequantize import simulate_layer_input
 from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
 from .exporters.spec import ENGINE_FILE, read_spec
@@ -206,6 +206,12 @@ def check_export(
     from polygraphy.comparator import Comparator
 
     spec = read_spec(export_dir)
+    if spec.source != manifest_seal(quant_dir):
+        raise ArtifactError(
+            f"{export_dir} was not exported from {quant_dir}"
+            + (" (it is a float export)" if not spec.source else " (another artifact, or an older version of it)"),
+            hint=f"check the export against the artifact it came from, or re-run `dqdeploy export {quant_dir}`",
+        )
     if tolerance_ratio is None:
         unmodelled = spec.layout == "ort" and (spec.recipe is None or spec.recipe.layout != "ort")
         # FP16 graphs round every activation to 11 bits on top of the quantization

@@ -17,6 +17,28 @@ import click
 from .errors import DQDeployError
 from .vocab import GRAPH_RUNTIMES, LAYOUTS, RUNTIMES, SCALINGS, TARGETS
 
+POSITIVE = click.IntRange(min=1)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number >= 0 (learning rates, guidance): NaN and Inf are refused."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} is not a finite number >= 0", param, ctx)
+        return number
+
+
+RATE = FiniteFloat()
+
 
 def _setup(verbose: bool) -> None:
     import os
@@ -50,33 +72,35 @@ def cli(verbose: bool) -> None:
 @click.option("--recipe", default="w8a8", show_default=True, help="Preset (w8a8, w4a8, w4a4) or a recipe .json file.")
 @click.option("--scheduler", help="Sampler of the calibration trajectories (ddim, ddpm, pndm, euler, dpm, flow or a diffusers class name; default: the model folder's own scheduler). Use the one you will deploy with.")
 @click.option("--scheduler-dir", type=click.Path(path_type=Path), help="Scheduler folder, when MODEL_DIR is a bare UNet folder.")
-@click.option("--steps", default=50, show_default=True, help="Sampling steps of the trajectories (one activation scale per step).")
-@click.option("--calib-samples", default=1024, show_default=True, help="(x_t, t, cond) samples drawn at random across steps.")
-@click.option("--trajectories", default=64, show_default=True, help="Full-precision sampling runs to draw them from.")
-@click.option("--iters", type=int, help="Distillation iterations per block (recipe default otherwise).")
-@click.option("--batch-size", type=int, help="Distillation batch size.")
-@click.option("--lr-weight", type=float, help="Adam learning rate of weights and biases.")
-@click.option("--lr-quant", type=float, help="Adam learning rate of step sizes.")
+@click.option("--steps", default=50, show_default=True, type=POSITIVE, help="Sampling steps of the trajectories (one activation scale per step).")
+@click.option("--calib-samples", default=1024, show_default=True, type=POSITIVE, help="(x_t, t, cond) samples drawn at random across steps.")
+@click.option("--trajectories", default=64, show_default=True, type=POSITIVE, help="Full-precision sampling runs to draw them from.")
+@click.option("--iters", type=click.IntRange(min=0), help="Distillation iterations per block (recipe default otherwise).")
+@click.option("--batch-size", type=POSITIVE, help="Distillation batch size.")
+@click.option("--lr-weight", type=RATE, help="Adam learning rate of weights and biases.")
+@click.option("--lr-quant", type=RATE, help="Adam learning rate of step sizes.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional models: safetensors with 'encoder_hidden_states' [P,S,D], 'pooled_projections' [P,D2] (SD3, Flux), optional 'uncond_encoder_hidden_states' [1,S,D] and 'uncond_pooled_projections' [1,D2].")
 @click.option("--resolution", type=int, help="Latent height = width of the calibration trajectories (default: the model's sample_size; Flux needs it).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="Conditional UNets in a full SD pipeline folder: a text file, one prompt per line.")
-@click.option("--guidance", default=1.0, show_default=True, help="Classifier-free guidance scale of the calibration trajectories (Flux: the guidance embedding's value).")
+@click.option("--guidance", default=1.0, show_default=True, type=RATE, help="Classifier-free guidance scale of the calibration trajectories (Flux: the guidance embedding's value).")
 @click.option("--no-dilation", is_flag=True, help="Ablation: no Weight Dilation.")
 @click.option("--scaling", type=click.Choice(SCALINGS), help="Equivalent scaling: Weight Dilation (default), SmoothQuant, none.")
 @click.option("--timestep-scales", type=click.Choice(["per-step", "collapsed"]), help="Ablation: 'collapsed' keeps one activation scale for all steps.")
 @click.option("--no-distill", is_flag=True, help="Ablation: calibration only (post-training quantization).")
 @click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]), help="Block-wise (default), whole-model, or none.")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="Deployment layout the simulation reproduces exactly: 'trt' (default) or 'ort' (also models the output rounding of ONNX Runtime's fused QLinearConv; train for the CPU target).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
+@click.option("--allow-pickle", is_flag=True, help="Also load pickled .bin weights (they can run code: trusted folders only).")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling, timestep_scales,
-             no_distill, distill_mode, layout, overwrite) -> None:
+             no_distill, distill_mode, layout, overwrite, allow_pickle) -> None:
     """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
     --scheduler-dir. Writes OUT (manifest.json, model.safetensors, distillation report and plot).
     """
+    from .quant.trajectories import read_prompts
     from .quantize_stage import quantize as run_quantize
     from .recipe import CalibrationConfig, resolve_recipe
 
@@ -97,11 +121,9 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     r = r.replace(**changes)
     calib = CalibrationConfig(scheduler=scheduler, steps=steps, samples=calib_samples, trajectories=trajectories,
                               seed=seed, guidance=guidance, batch_size=r.batch_size, resolution=resolution)
-    prompts = None
-    if prompts_file:
-        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    prompts = read_prompts(prompts_file) if prompts_file else None
     result = run_quantize(model_dir, r, calib, out_dir, scheduler_dir=scheduler_dir, cond_file=cond_file,
-                          prompts=prompts, overwrite=overwrite)
+                          prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle)
     n = len(result.manifest.layers)
     click.echo(f"quantized {n} layers of {result.manifest.model_class} with recipe {r.name} -> {out_dir}")
     if result.reports:
@@ -163,15 +185,15 @@ def inspect(path, as_json) -> None:
 
 def _sample_options(f):
     for opt in reversed([
-        click.option("--n", default=64, show_default=True, help="Number of images."),
-        click.option("--steps", type=int, help="Sampling steps (default: the calibrated count, else 50)."),
+        click.option("--n", default=64, show_default=True, type=POSITIVE, help="Number of images."),
+        click.option("--steps", type=POSITIVE, help="Sampling steps (default: the calibrated count, else 50)."),
         click.option("--scheduler", help="Sampler (default: the calibrated one, else the model folder's own, else ddim)."),
         click.option("--seed", default=0, show_default=True),
-        click.option("--batch-size", default=64, show_default=True),
+        click.option("--batch-size", default=64, show_default=True, type=POSITIVE),
         click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
                      help="torch simulation, ONNX Runtime or TensorRT (exports only; a quantized artifact is exported on the fly)."),
         click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional models: embeddings file (as for quantize)."),
-        click.option("--guidance", default=1.0, show_default=True),
+        click.option("--guidance", default=1.0, show_default=True, type=RATE),
     ]):
         f = opt(f)
     return f
@@ -191,7 +213,9 @@ def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, g
 def sample(path, out_png, **kw) -> None:
     """Generate images from a diffusers folder, a quantized artifact or an export folder."""
     from .eval.grid import save_grid
+    from .paths import check_output_file
 
+    check_output_file(out_png, "--out", sources=[path])  # before sampling, not after it
     images = _generate(path, **kw)
     save_grid(images, out_png, scale=max(1, 64 // images.shape[-1]))  # small images are shown enlarged
     click.echo(f"wrote {images.shape[0]} samples to {out_png}")
@@ -213,7 +237,11 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
     PSNR/SSIM of samples from the same noise, FID if --fid-ref/--fid-extractor, a side-by-side PNG.
     Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples."""
     from .eval.report import EvalConfig, quality_report, sample_quality, write_report
+    from .paths import check_output_file
 
+    for option, value in (("--report", report_path), ("--png", png), ("--grid", grid)):
+        if value is not None:  # before any sampling, not after it
+            check_output_file(value, option, sources=[path] + ([fp_dir] if fp_dir else []))
     if fp_dir is not None:
         cfg = EvalConfig(step_samples=step_samples, fid_ref=fid_ref, fid_extractor=fid_extractor,
                          scheduler_dir=scheduler_dir, **kw)
@@ -227,6 +255,16 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
         write_report(report, report_path)
     summary = {k: v for k, v in report.items() if k not in ("per_step", "config")}
     click.echo(json.dumps(summary, default=str))
+
+
+def _batch_profile(text: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected MIN:OPT:MAX batch sizes, e.g. 1:2:8", param_hint="--batch") from None
+    if not 1 <= lo <= opt <= hi:
+        raise click.BadParameter(f"{text!r}: expected 1 <= MIN <= OPT <= MAX", param_hint="--batch")
+    return lo, opt, hi
 
 
 @cli.command()
@@ -248,7 +286,7 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
     from .exporters.export import export as run_export
     from .exporters.spec import ENGINE_FILE, read_spec
 
-    lo, opt, hi = (int(v) for v in batch.split(":"))
+    lo, opt, hi = _batch_profile(batch)
     run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
                overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
                triton_repo=triton_repo)
@@ -264,19 +302,23 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--runtime", type=click.Choice(GRAPH_RUNTIMES), default="ort", show_default=True)
 @click.option("--per-layer", is_flag=True, help="Compare every quantized layer's input and output to find the first that diverges.")
-@click.option("--samples", default=4, show_default=True, help="Inputs per checked time step.")
+@click.option("--samples", default=4, show_default=True, type=POSITIVE, help="Inputs per checked time step.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")
 def check(quant_dir, export_dir, runtime, per_layer, samples, report) -> None:
     """Compare the PyTorch simulation with the exported graph (Polygraphy), per time step.
 
     Exits 1 when any step is outside tolerance.
     """
+    from .atomic import atomic_write_bytes
     from .check import check_export
+    from .paths import check_output_file
 
+    if report:
+        check_output_file(report, "--report", sources=[quant_dir, export_dir])
     result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples)
     click.echo(result.table())
     if report:
-        Path(report).write_text(json.dumps(result.to_dict(), indent=2))
+        atomic_write_bytes(report, json.dumps(result.to_dict(), indent=2).encode())
     result.raise_if_failed()
 
 
@@ -291,6 +333,12 @@ def lint(export_dir) -> None:
     onnx_path = path
     if path.is_dir():
         onnx_path = path / (read_spec(path).onnx_file if (path / SPEC_FILE).is_file() else ONNX_FILE)
+    if path.is_dir() and (path / SPEC_FILE).is_file():
+        spec = read_spec(path)  # a missing, truncated or replaced graph is reported as corrupt
+        if spec.target != "onnx":
+            raise DQDeployError(
+                f"{path} is a {spec.target!r} export; lint checks TensorRT's rules, which apply to TensorRT-layout graphs only",
+                hint="lint the --out folder of `dqdeploy export --target onnx` (or trt)")
     if not onnx_path.is_file():
         raise DQDeployError(f"{onnx_path} not found", hint="pass the --out folder of `dqdeploy export --target onnx`")
     violations = lint_path(onnx_path)
@@ -301,13 +349,61 @@ def lint(export_dir) -> None:
     click.echo(f"{onnx_path}: passes every TensorRT rule check")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally``/atomic writer cleans up."""
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT/SIGTERM: raise in the main thread, but never inside a module import (an exception
+    thrown through torch's native initialisation aborts the process): re-deliver it shortly after."""
+    import os
+    import signal
+    import threading
+
+    if _importing(frame):
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Terminated()
+
+
+def _interrupted() -> None:
+    click.echo("interrupted: no output was left behind", err=True)
+    # A KeyboardInterrupt that surfaced inside a string exec (dataclasses, lazy imports) leaves
+    # CPython's "unhandled KeyboardInterrupt" flag set, and `python -m` then dies by SIGINT instead
+    # of exiting 130; a string exec resets that flag.
+    exec("None")
+    sys.exit(130)
+
+
 def main() -> None:
-    """Console entry point: user errors print one message and exit non-zero, without a traceback."""
+    """Console entry point: user errors print one message and exit non-zero, without a traceback.
+
+    SIGINT exits 130 and SIGTERM 143, both after temporary folders are removed.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except Terminated:
+        click.echo("terminated: no output was left behind", err=True)
+        sys.exit(143)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt
+        _interrupted()
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -315,8 +411,7 @@ def main() -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted: no output was left behind", err=True)
-        sys.exit(130)
+        _interrupted()
 
 
 if __name__ == "__main__":

@@ -43,8 +43,11 @@ def generate_from(
     The sampler defaults to the calibrated one (the class recorded with the artifact or export),
     else the model folder's own, else DDIM.
     """
+    for name, value in (("n", n), ("batch_size", batch_size), ("steps", 1 if steps is None else steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CalibrationError(f"{name}={value!r}: expected a whole number >= 1")
     steps = steps or (len(opened.timesteps) or 50)
-    sched = make_scheduler(scheduler, opened.scheduler_config)
+    sched = make_scheduler(scheduler, opened.scheduler_config, steps)
     spec = spec_of(opened.unet)
     uncond = None if conditioning is None else conditioning.unconditional()
     gen = torch.Generator().manual_seed(seed)
@@ -72,6 +75,6 @@ def generate(
     resolution: int | None = None,
 ) -> torch.Tensor:
     """``n`` samples (clamped to [-1, 1]) with the same noise for every model given the same seed."""
-    opened = open_model(path, runtime, scheduler_dir=scheduler_dir)
-    return generate_from(opened, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                         conditioning=load_cond(opened, cond_file), guidance=guidance, resolution=resolution)
+    with open_model(path, runtime, scheduler_dir=scheduler_dir) as opened:  # removes a temporary export
+        return generate_from(opened, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
+                             conditioning=load_cond(opened, cond_file), guidance=guidance, resolution=resolution)

@@ -26,6 +26,14 @@ SCHEDULER_ALIASES = {
     "dpm": "DPMSolverMultistepScheduler",
     "flow": "FlowMatchEulerDiscreteScheduler",
 }
+# the samplers of diffusers' Stable-Diffusion family (KarrasDiffusionSchedulers) and flow matching, each
+# tested in calibration and sampling. Left out: EDMEulerScheduler (needs an EDM-trained model) and
+# the second-order samplers (Heun, KDPM2), which call the model more than once per step
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "FlowMatchEulerDiscreteScheduler",
+)
 
 
 @dataclass
@@ -46,9 +54,16 @@ class LoadedModel:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {str(exc)[:200]}",
+                             hint="restore the file written by diffusers' save_pretrained") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings",
+                             hint="restore the file written by diffusers' save_pretrained")
+    return data
 
 
 def _unet_dir(model_dir: Path) -> Path:
@@ -64,6 +79,13 @@ def _unet_dir(model_dir: Path) -> Path:
     )
 
 
+def portable_config(model: Any) -> dict[str, Any]:
+    """A diffusers model's config without the machine-specific ``_name_or_path`` (a local path)."""
+    config = json.loads(model.to_json_string())
+    config.pop("_name_or_path", None)
+    return config
+
+
 def unet_class(config: dict[str, Any], where: Path) -> Any:
     """The diffusers class named by a denoiser config, refusing unsupported ones."""
     import diffusers
@@ -71,8 +93,12 @@ def unet_class(config: dict[str, Any], where: Path) -> Any:
     return getattr(diffusers, spec_for(config.get("_class_name"), where).class_name)
 
 
-def load_unet(model_dir: str | Path) -> torch.nn.Module:
-    """Load the denoiser (UNet or transformer) of a pipeline folder or a bare folder, in FP32 eval mode."""
+def load_unet(model_dir: str | Path, *, allow_pickle: bool = False) -> torch.nn.Module:
+    """Load the denoiser (UNet or transformer) of a pipeline folder or a bare folder, in FP32 eval mode.
+
+    Weights are read from safetensors only; ``allow_pickle`` also accepts ``.bin`` (pickle) files,
+    which can run code when loaded: only for folders you trust.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist", hint="check the path")
@@ -80,10 +106,17 @@ def load_unet(model_dir: str | Path) -> torch.nn.Module:
     config = _read_json(udir / "config.json")
     cls = unet_class(config, udir)
     spec_for(config.get("_class_name"), udir).check_supported(config, udir)
+    if not allow_pickle and not any(udir.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{udir} holds no .safetensors weights; loading pickled .bin weights can run arbitrary code",
+            hint="convert the weights to safetensors, or pass --allow-pickle if you trust this folder",
+        )
     try:
-        unet = cls.from_pretrained(str(udir), torch_dtype=torch.float32, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"could not load {cls.__name__} from {udir}: {exc}") from exc
+        unet = cls.from_pretrained(str(udir), torch_dtype=torch.float32, low_cpu_mem_usage=False,
+                                   use_safetensors=None if allow_pickle else True)
+    except Exception as exc:  # diffusers raises OSError/ValueError/TypeError/KeyError for malformed folders
+        raise ModelLoadError(f"could not load {cls.__name__} from {udir}: {type(exc).__name__}: {str(exc)[:400]}",
+                             hint="check config.json (field types) and the weights, or re-save with save_pretrained") from None
     return unet.eval()
 
 
@@ -100,40 +133,76 @@ def load_scheduler_config(model_dir: Path, scheduler_dir: str | Path | None = No
     )
 
 
-def load_model(model_dir: str | Path, scheduler_dir: str | Path | None = None) -> LoadedModel:
-    """Load UNet, scheduler config and, when present, the text encoder and tokenizer."""
+def load_model(model_dir: str | Path, scheduler_dir: str | Path | None = None, *, allow_pickle: bool = False) -> LoadedModel:
+    """Load UNet, scheduler config and, when present, the text encoder and tokenizer
+    (safetensors only unless ``allow_pickle``)."""
     model_dir = Path(model_dir)
-    unet = load_unet(model_dir)
+    unet = load_unet(model_dir, allow_pickle=allow_pickle)
     loaded = LoadedModel(unet, load_scheduler_config(model_dir, scheduler_dir), model_dir)
     if (model_dir / "text_encoder").is_dir() and (model_dir / "tokenizer").is_dir():
-        loaded.text_encoder, loaded.tokenizer = _load_text_stack(model_dir)
+        loaded.text_encoder, loaded.tokenizer = _load_text_stack(model_dir, allow_pickle)
     return loaded
 
 
-def _load_text_stack(model_dir: Path) -> tuple[Any, Any]:
+def _load_text_stack(model_dir: Path, allow_pickle: bool = False) -> tuple[Any, Any]:
     from .errors import require
 
     transformers = require("transformers", "sd", "encoding prompts of a Stable Diffusion pipeline")
-    encoder = transformers.CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")).eval()
+    try:
+        encoder = transformers.CLIPTextModel.from_pretrained(
+            str(model_dir / "text_encoder"), use_safetensors=None if allow_pickle else True).eval()
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the text encoder of {model_dir}: {type(exc).__name__}: {str(exc)[:300]}",
+                             hint="safetensors weights are required unless --allow-pickle") from None
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
     return encoder, tokenizer
 
 
-def make_scheduler(name: str | None, config: dict[str, Any]) -> Any:
-    """A diffusers scheduler by alias (ddim, ddpm, pndm, euler, dpm, flow) or class name, from
-    ``config``; ``None`` means the class the config names (the model folder's own scheduler)."""
+def make_scheduler(name: str | None, config: dict[str, Any], steps: int | None = None) -> Any:
+    """A diffusers scheduler by alias (ddim, ddpm, pndm, euler, dpm) or class name, from ``config``;
+    with ``steps``, also checked to accept that many sampling steps (before any work)."""
     import diffusers
 
-    if name is None:
+    from .errors import MissingDependencyError
+
+    if name is None:  # the class the config names (the model folder's own scheduler)
         name = config.get("_class_name") or "DDIMScheduler"
-    cls_name = SCHEDULER_ALIASES.get(name.lower(), name)
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not hasattr(cls, "set_timesteps"):
+    cls_name = SCHEDULER_ALIASES.get(str(name).lower(), name)
+    if cls_name not in SUPPORTED_SCHEDULERS:
         raise ModelLoadError(
-            f"unknown scheduler {name!r}",
-            hint=f"use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers scheduler class name",
+            f"unknown or unsupported scheduler {name!r}",
+            hint=f"use one of {', '.join(SCHEDULER_ALIASES)} or {', '.join(SUPPORTED_SCHEDULERS)}",
         )
-    return cls.from_config(config)
+    cls = getattr(diffusers, cls_name)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"the scheduler config is a JSON {type(config).__name__}, expected an object",
+                             hint="point at a scheduler folder written by save_pretrained")
+    try:
+        scheduler = cls.from_config(config)
+    except ImportError as exc:  # diffusers' placeholder for a class whose backend is missing
+        raise MissingDependencyError(f"{cls_name} cannot be used: {str(exc).strip()}",
+                                     hint="install the package it names, or choose another --scheduler") from None
+    except Exception as exc:  # diffusers raises NotImplementedError/ValueError/TypeError for bad configs
+        raise ModelLoadError(f"the scheduler config does not make a {cls_name}: {type(exc).__name__}: {str(exc)[:300]}",
+                             hint="check scheduler_config.json (e.g. beta_schedule, num_train_timesteps)") from None
+    if steps is not None:
+        check_steps(scheduler, steps)
+    return scheduler
+
+
+def check_steps(scheduler: Any, steps: int) -> None:
+    """Refuse a step count the scheduler cannot sample with (e.g. more than its training steps)."""
+    train = scheduler.config.get("num_train_timesteps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ModelLoadError(f"--steps {steps!r}: expected a whole number >= 1")
+    if isinstance(train, int) and steps > train:
+        raise ModelLoadError(f"--steps {steps} exceeds the scheduler's {train} training time steps",
+                             hint=f"use --steps {train} or fewer")
+    try:
+        scheduler.set_timesteps(steps)
+    except Exception as exc:
+        raise ModelLoadError(f"{type(scheduler).__name__} cannot sample in {steps} steps: {str(exc)[:300]}",
+                             hint="choose another --steps or --scheduler") from None
 
 
 @torch.no_grad()

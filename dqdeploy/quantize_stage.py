@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers,
 from .atomic import check_target
 from .denoisers import conditioning_dims, spec_for
 from .errors import CalibrationError, ModelLoadError
-from .models import LoadedModel, encode_prompts, load_model, make_scheduler
+from .models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
 from .quant.analysis import analyze_inputs
 from .quant.blocks import partition
 from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
@@ -131,20 +131,22 @@ def quantize(
     cond_file: str | Path | None = None,
     prompts: list[str] | None = None,
     overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> QuantizeResult:
-    """Quantize the denoiser (UNet or diffusion transformer) of a diffusers folder with DilateQuant;
-    save to ``out_dir`` when given."""
+    """Quantize the UNet of a diffusers folder with DilateQuant; save to ``out_dir`` when given
+    (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders only)."""
+    sources = [s for s in (model_dir, scheduler_dir) if s is not None]
     if out_dir is not None:
-        check_target(out_dir, overwrite=overwrite)  # fail before calibration, not after it
-    loaded = load_model(model_dir, scheduler_dir)
-    scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config)
+        check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
+    loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
+    scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
     calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
     conditioning = _conditioning(loaded, cond_file, prompts)
     calib = collect(loaded.unet, scheduler, calibration, conditioning)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
     result = quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config)
     if out_dir is not None:
-        result.path = save_quantized(result, out_dir, overwrite=overwrite)
+        result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
     return result
 
 
@@ -172,7 +174,7 @@ def quantize_unet(
         recipe=recipe,
         calibration=calibration.to_dict(),
         model_class=type(unet).__name__,
-        model_config=json.loads(cast(Any, unet).to_json_string()),
+        model_config=portable_config(unet),
         scheduler_config=json.loads(json.dumps(scheduler_config or {}, default=list)),
         timesteps=calib.timesteps,
         layers=metas,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,7 @@ class Recipe:
     def _type_problems(self) -> list[str]:
         problems = []
         for attr, kind, expected in (
+            ("weight_bits", int, "an integer"), ("act_bits", int, "an integer"),
             ("iters", int, "an integer"), ("batch_size", int, "an integer"), ("version", int, "an integer"),
             ("smoothquant_alpha", (int, float), "a number"), ("lr_weight", (int, float), "a number"),
             ("lr_quant", (int, float), "a number"), ("act_symmetric", bool, "true or false"), ("name", str, "a string"),
@@ -89,6 +91,10 @@ class Recipe:
             value = getattr(self, attr)
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 problems.append(f"{attr}={value!r} (expected {expected})")
+            elif kind == (int, float) and not math.isfinite(float(value)):
+                problems.append(f"{attr}={value!r} (expected a finite number)")
+        if self.first_last_bits is not None and (isinstance(self.first_last_bits, bool) or not isinstance(self.first_last_bits, int)):
+            problems.append(f"first_last_bits={self.first_last_bits!r} (expected an integer or null)")
         for attr in ("first_last", "include", "exclude"):
             value = getattr(self, attr)
             if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
@@ -137,12 +143,17 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
         path = Path(path)
+        hint = "pass a preset (w8a8, w4a8, w4a4) or a JSON file written by Recipe.to_json()"
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
-            raise RecipeError(f"recipe file {path} not found") from None
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"recipe file {path} is not valid JSON: {exc}") from None
+            raise RecipeError(f"recipe file {path} not found", hint=hint) from None
+        except IsADirectoryError:
+            raise RecipeError(f"recipe {path} is a folder, not a JSON file", hint=hint) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise RecipeError(f"recipe file {path} is not valid JSON: {str(exc)[:200]}", hint=hint) from None
+        except OSError as exc:
+            raise RecipeError(f"recipe file {path} cannot be read: {exc.strerror or exc}", hint=hint) from None
 
 
 W8A8 = Recipe(name="w8a8", weight_bits=8, act_bits=8)
@@ -180,12 +191,15 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.resolution is not None and (self.resolution < 2 or self.resolution % 2):
             raise RecipeError(f"resolution={self.resolution}: the latent size must be an even number >= 2")
+        counts = (self.steps, self.samples, self.trajectories, self.batch_size, self.seed)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in counts):
+            raise RecipeError(f"calibration steps, samples, trajectories, batch_size and seed must be integers (found {self})")
         if self.steps < 1 or self.samples < 1 or self.trajectories < 1 or self.batch_size < 1:
             raise RecipeError(
                 f"calibration needs steps, samples, trajectories, batch_size >= 1 (found {self})"
             )
-        if self.guidance < 0:
-            raise RecipeError(f"guidance={self.guidance} must be >= 0")
+        if not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
+            raise RecipeError(f"guidance={self.guidance} must be a finite number >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

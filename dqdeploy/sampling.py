@@ -98,6 +98,7 @@ def denoise(
         cond_kw[GUIDANCE] = torch.full((noise.shape[0],), float(guidance))
     set_timesteps(scheduler, spec, steps, _tokens(spec, noise))
     shared = shared_inputs(spec, noise, cond_kw)
+    step_kw = {"generator": generator} if _accepts(scheduler.step, "generator") else {}  # PNDM, LMS, ... take none
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     use_cfg = bool(cond_kw) and bool(uncond_kw) and guidance != 1.0 and not embedded
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
@@ -114,5 +115,12 @@ def denoise(
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
             eps = prediction(unet, spec, DenoiserInputs(model_input, t_model, cond_kw, spec.sample, shared))
-        x = scheduler.step(eps, t, x, generator=generator, return_dict=False)[0]
+        x = scheduler.step(eps, t, x, return_dict=False, **step_kw)[0]
     return x
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

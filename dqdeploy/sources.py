@@ -27,14 +27,27 @@ class OpenedModel:
     kind: FolderKind
     conditional: bool
     timesteps: list[float]
-    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed with this object
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed by close() or with this object
+
+    def close(self) -> None:
+        """Remove the temporary export (if any) now; ``with open_model(...)`` does it on exit."""
+        if self.scratch is not None:
+            self.scratch.cleanup()
+            self.scratch = None
+
+    def __enter__(self) -> "OpenedModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str | Path | None = None, **runtime_kw: Any) -> OpenedModel:
     """Open ``path`` for sampling. ``runtime``: torch | ort | trt | auto (torch, or ort for exports).
 
     A quantized artifact with ``runtime="ort"``/``"trt"`` is exported to a temporary folder first,
-    which is removed when the returned object is.
+    removed by :meth:`OpenedModel.close` (use the result in a ``with`` block), on any failure or
+    interruption, or at the latest when the returned object is.
     """
     kind = detect(path)
     if kind == "fp":
@@ -45,9 +58,13 @@ def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str |
         return OpenedModel(loaded.unet, loaded.scheduler_config, "fp", loaded.conditional, [])
     if kind == "quantized" and runtime in ("ort", "trt"):
         scratch = tempfile.TemporaryDirectory(prefix="dqdeploy-export-")
-        out = Path(scratch.name) / "export"
-        export(path, out, target=runtime)
-        opened = open_model(out, runtime, **runtime_kw)
+        try:
+            out = Path(scratch.name) / "export"
+            export(path, out, target=runtime)
+            opened = open_model(out, runtime, **runtime_kw)
+        except BaseException:  # failures and interruptions (SIGINT, SIGTERM) leave no temporary export
+            scratch.cleanup()
+            raise
         opened.scratch = scratch
         return opened
     if kind == "quantized":

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.stage in ("all", "classifier"):
         model, metrics = train_classifier(args)
-        with atomic_dir(clf_dir, overwrite=True) as tmp:
+        with atomic_dir(clf_dir, overwrite=True, owned=lambda p: any(p.glob("*.safetensors"))) as tmp:
             save_classifier(model, tmp, extra={"metrics": metrics})
             normalise_modes(tmp)
         summary["classifier"] = {**metrics, "params": sum(p.numel() for p in model.parameters()),
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.stage in ("all", "ddpm"):
         ema, table, losses, metrics = train_unet(args)
-        with atomic_dir(ddpm_dir, overwrite=True) as tmp:
+        with atomic_dir(ddpm_dir, overwrite=True, owned=lambda p: (p / "model_index.json").is_file()) as tmp:
             save_pipeline(ema, table, tmp)
             normalise_modes(tmp)
         plot_losses(losses, args.out / "loss.png")

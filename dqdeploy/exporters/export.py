@@ -9,22 +9,23 @@ engine, optionally a Triton repository].
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
+from ..atomic import check_target
 from ..denoisers import spec_for, spec_of
 from ..errors import ExportError
 from ..folders import detect
 from ..inputs import DenoiserInputs
-from ..models import load_model
+from ..models import load_model, portable_config
+from ..paths import check_output_dir, check_output_file
 from ..quant.modules import QuantizedUNet
 from ..recipe import Recipe
 from ..trt_gate import require_tensorrt
@@ -36,7 +37,7 @@ from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ExportSpec
-from .triton import write_triton_repo
+from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16 (FLOAT is 1)
@@ -65,6 +66,11 @@ def export(
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
+    check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
+    if triton_repo is not None:
+        check_output_dir(Path(triton_repo) / "unet", owned=is_triton_model, sources=[source, out_dir])
+    if timing_cache is not None:
+        check_output_file(timing_cache, "--timing-cache", sources=[source])
     if target != "trt":
         return export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
                             simplify=simplify, overwrite=overwrite)
@@ -89,6 +95,7 @@ def export_graph(
 ) -> Path:
     """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``)."""
     _check_request(source, target, fp16)
+    check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if detect(source) == "fp":
         return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite)
     manifest = read_manifest(source)
@@ -104,7 +111,7 @@ def export_graph(
         graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
     graph = _finish_graph(graph, target, simplify)
     spec = _spec(graph, manifest, target, fp16, opset)
-    return save_export(graph, out_dir, spec, overwrite=overwrite)
+    return save_export(graph, out_dir, spec, overwrite=overwrite, sources=[source])
 
 
 def _refuse_transformer_engine(source: str | Path) -> None:
@@ -214,6 +221,7 @@ def _spec(graph: Any, manifest: Manifest, target: GraphTarget, fp16: bool, opset
         target=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,
         model_config=manifest.model_config, inputs=inputs, outputs=outputs, timesteps=manifest.timesteps,
         recipe=manifest.recipe, scheduler_config=manifest.scheduler_config, versions=versions(),
+        source=manifest.integrity,
     )
 
 
@@ -225,7 +233,7 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
     inputs, outputs = tensor_specs(graph)
     spec = ExportSpec(
         target="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(unet).__name__,
-        model_config=json.loads(cast(Any, unet).to_json_string()), inputs=inputs, outputs=outputs,
+        model_config=portable_config(unet), inputs=inputs, outputs=outputs,
         scheduler_config=loaded.scheduler_config, versions=versions(),
     )
-    return save_export(graph, out_dir, spec, overwrite=overwrite)
+    return save_export(graph, out_dir, spec, overwrite=overwrite, sources=[source])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 from .. import __version__
 from ..atomic import atomic_dir
 from ..errors import ExportError, require
+from ..integrity import file_record
 from .onnx import EXTERNAL_DATA_THRESHOLD
 from .spec import ONNX_DATA_FILE, SPEC_FILE, ExportSpec, TensorSpec
 
@@ -54,15 +57,19 @@ def check_graph(graph: Any) -> None:
         raise ExportError(f"the exported graph fails onnx.checker: {str(exc)[:500]}") from None
 
 
-def save_export(model: Any, out_dir: str | Path, spec: ExportSpec, *, overwrite: bool = False) -> Path:
-    """Write ``unet/model.onnx`` or ``transformer/model.onnx`` (external ``model.onnx_data`` over
-    2 GB) and the spec, atomically."""
+def save_export(
+    model: Any, out_dir: str | Path, spec: ExportSpec, *, overwrite: bool = False, sources: Iterable[str | Path] = ()
+) -> Path:
+    """Write ``unet/model.onnx`` or ``transformer/model.onnx`` (external ``model.onnx_data`` over 2 GB) and the spec, atomically;
+    the spec records the sha256 and size of every file. ``sources`` (the folder exported from) are
+    never replaced."""
     onnx = require("onnx", "ort", "ONNX export")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as tmp:
         path = tmp / spec.onnx_file
         path.parent.mkdir(parents=True)
         big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_proto(model) else True
         onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                         location=ONNX_DATA_FILE, size_threshold=1024)
-        (tmp / SPEC_FILE).write_text(spec.to_json())
+        files = {p.relative_to(tmp).as_posix(): file_record(p) for p in sorted(path.parent.iterdir()) if p.is_file()}
+        (tmp / SPEC_FILE).write_text(dataclasses.replace(spec, files=files).to_json())
     return Path(out_dir)

@@ -16,7 +16,7 @@ I/O (UNets): ``sample`` [B, C, H, W], ``timestep`` [B], ``encoder_hidden_states`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from ..denoisers import SPECS
 from ..errors import ArtifactError, RecipeError, check_format
 from ..folders import SPEC_FILE
 from ..inputs import CONTEXT
+from ..integrity import SEAL_KEY, read_json_object, seal, verify_file, verify_seal
 from ..recipe import Recipe
 from ..vocab import GRAPH_TARGETS, GraphTarget, Layout, layout_of
 
@@ -66,6 +67,8 @@ class ExportSpec:
     recipe: Recipe | None = None
     scheduler_config: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {sha256, size}
+    source: str = ""  # integrity seal of the artifact manifest it was exported from ("" for float exports)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -85,14 +88,14 @@ class ExportSpec:
         return onnx_file(self.model_class)
 
     def to_json(self) -> str:
-        """The spec as JSON text."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        """The spec as JSON text, sealed (``integrity``: sha256 of the canonical body)."""
+        return json.dumps(seal(asdict(self)), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExportSpec":
-        """Parse a spec (format and version checked; old key names read)."""
+        """Parse a spec (format and version checked; old key names read; the seal is not kept)."""
         check_format(data, FORMAT, FORMAT_VERSION, "export", "dqdeploy export")
-        data = {LEGACY_KEYS.get(k, k): v for k, v in data.items()}
+        data = {LEGACY_KEYS.get(k, k): v for k, v in data.items() if k != SEAL_KEY}
         data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
         data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
         try:
@@ -105,16 +108,24 @@ class ExportSpec:
             raise ArtifactError(f"{SPEC_FILE}: the recipe is invalid ({exc})", hint="re-run `dqdeploy export`") from None
 
 
-def read_spec(export_dir: str | Path) -> ExportSpec:
-    """Read ``dqdeploy_export.json`` from an export folder, with clear errors."""
-    path = Path(export_dir) / SPEC_FILE
+def read_spec(export_dir: str | Path, *, verify: bool = True) -> ExportSpec:
+    """Read and validate ``dqdeploy_export.json``; with ``verify``, also check every file it lists
+    (size and sha256, hashed once per process while size and mtime stay the same)."""
+    export_dir = Path(export_dir)
+    path = export_dir / SPEC_FILE
     if not path.is_file():
         raise ArtifactError(
             f"{path} not found: {export_dir} is not a dqdeploy export folder",
             hint="create one with `dqdeploy export QUANT_DIR --out OUT_DIR`",
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    return ExportSpec.from_dict(data)
+    from ..validation import check_spec
+
+    data = read_json_object(path, "export spec", "re-run `dqdeploy export`")
+    check_format(data, FORMAT, FORMAT_VERSION, "export", "dqdeploy export")
+    check_spec({LEGACY_KEYS.get(k, k): v for k, v in data.items()}, path, {f.name for f in fields(ExportSpec)} | {SEAL_KEY})
+    verify_seal(data, path, "dqdeploy export")
+    spec = ExportSpec.from_dict(data)
+    if verify:
+        for name, rec in spec.files.items():
+            verify_file(export_dir, name, rec["sha256"], rec["size"], "export", "dqdeploy export", nested=True)
+    return spec

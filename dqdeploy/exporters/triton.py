@@ -47,6 +47,11 @@ def triton_config(info: Mapping[str, Any], model_name: str = "unet", *, instance
     ])
 
 
+def is_triton_model(folder: Path) -> bool:
+    """A Triton model folder as :func:`write_triton_repo` writes it (config.pbtxt + 1/model.plan)."""
+    return (folder / "config.pbtxt").is_file() and (folder / "1" / "model.plan").is_file()
+
+
 def write_triton_repo(
     engine_dir: str | Path,
     repo_dir: str | Path,
@@ -64,7 +69,7 @@ def write_triton_repo(
         raise ArtifactError(f"{plan} not found although {ENGINE_SPEC_FILE} exists", hint="rebuild the engine")
     text = triton_config(info, model_name, instances=instances)
     target = Path(repo_dir) / model_name
-    with atomic_dir(target, overwrite=overwrite) as tmp:
+    with atomic_dir(target, overwrite=overwrite, sources=[engine_dir], owned=is_triton_model) as tmp:
         (tmp / "1").mkdir()
         shutil.copyfile(plan, tmp / "1" / "model.plan")
         (tmp / "config.pbtxt").write_text(text)

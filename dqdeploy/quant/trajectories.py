@@ -203,3 +203,22 @@ def collect(
     calib = CalibrationSet(inputs, torch.cat(rows), timesteps)
     calib.validate()
     return calib
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CalibrationError(f"--prompts file {path} not found", hint="pass a text file, one prompt per line") from None
+    except IsADirectoryError:
+        raise CalibrationError(f"--prompts {path} is a folder", hint="pass a text file, one prompt per line") from None
+    except UnicodeDecodeError:
+        raise CalibrationError(f"--prompts file {path} is not UTF-8 text", hint="pass a text file, one prompt per line") from None
+    except OSError as exc:
+        raise CalibrationError(f"--prompts file {path} cannot be read: {exc.strerror or exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts or "\x00" in text:
+        raise CalibrationError(f"--prompts file {path} holds no prompts" if not prompts else f"--prompts file {path} is binary",
+                               hint="pass a text file, one prompt per line")
+    return prompts

@@ -31,6 +31,9 @@ from .transformer import as_tensor, call_transformer
 
 DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",), CONTEXT: ("batch", "sequence", "hidden size")}
 TIMESTEP_ATOL = 1e-3
+# inputs beyond this magnitude are not latents or embeddings: a quantized graph would clip them to a
+# finite but meaningless output (the simulation returns NaN/Inf), so they are refused
+MAX_ABS_INPUT = 1e4
 # diffusers keyword arguments that change the result and that an exported graph cannot honour
 UNSUPPORTED_KWARGS = (
     "class_labels", "timestep_cond", "attention_mask", "encoder_attention_mask", "added_cond_kwargs",
@@ -53,6 +56,22 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def _check_values(name: str, value: torch.Tensor) -> None:
+    """NaN, Inf and absurd magnitudes are refused (a quantized graph would turn them into finite noise)."""
+    v = value.detach()
+    if not v.is_floating_point():
+        v = v.double()
+    finite = torch.isfinite(v)
+    if not bool(finite.all()):
+        raise RuntimeInputError(f"{name}: holds {int((~finite).sum())} NaN/Inf value(s)",
+                                hint="check the scheduler and the previous step's output (runtime check_values=False skips this check)")
+    limit = 1e6 if name == TIMESTEP else MAX_ABS_INPUT
+    peak = float(v.abs().max()) if v.numel() else 0.0
+    if peak > limit:
+        raise RuntimeInputError(f"{name}: magnitude {peak:.3g} exceeds {limit:g}, far outside what a UNet is given",
+                                hint="check the latents' scaling (scheduler.scale_model_input) or the embeddings")
+
+
 def frozen_config(model_config: Mapping[str, Any]) -> Mapping[str, Any]:
     """diffusers' ``FrozenDict`` of ``model_config``: ``config.sample_size`` and ``config["sample_size"]``."""
     from diffusers.configuration_utils import FrozenDict
@@ -68,6 +87,8 @@ class UNetRuntime:
     """
 
     backend = "base"
+    #: refuse NaN/Inf and out-of-range values at the boundary (one pass over the inputs; set False for speed)
+    check_values: bool = True
 
     def __init__(self, spec: ExportSpec, source: str = "") -> None:
         self.spec = spec
@@ -180,6 +201,8 @@ class UNetRuntime:
                 hint="unbatched latents need a leading batch axis: sample[None]",
             )
         batch = sample.shape[0]
+        if batch == 0 or sample.numel() == 0:
+            raise RuntimeInputError(f"sample: empty batch (shape {tuple(sample.shape)})", hint="pass at least one latent")
         t = self._timestep(timestep, batch)
         feeds = {SAMPLE: sample, TIMESTEP: t}
         if self.conditional:
@@ -204,6 +227,9 @@ class UNetRuntime:
             raise RuntimeInputError(f"the graph needs inputs this adaptor cannot fill: {', '.join(extra)}",
                                     hint="run the ONNX file with onnxruntime directly")
         self._check_shapes(feeds)
+        if self.check_values:
+            for name, value in feeds.items():
+                _check_values(name, value)
         return {n: v.to(device=self._device, dtype=self._dtypes[n]).contiguous() for n, v in feeds.items()}
 
     def _timestep(self, timestep: Any, batch: int) -> torch.Tensor:

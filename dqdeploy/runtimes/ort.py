@@ -106,6 +106,11 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
     )
 
 
+def _static(shape) -> tuple:
+    """A shape with symbolic dims (names, None) as None: what must match between graph and spec."""
+    return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
+
+
 class OrtUNet(UNetRuntime):
     """An exported UNet on ONNX Runtime, callable like the diffusers UNet it came from.
 
@@ -120,7 +125,9 @@ class OrtUNet(UNetRuntime):
         providers: Sequence[Provider] = (CPU,),
         threads: int = 1,
         options: Any = None,
+        check_values: bool = True,
     ) -> None:
+        """``check_values``: refuse NaN/Inf/out-of-range inputs (False skips the pass over the inputs)."""
         ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
         path, spec = resolve_source(source)
         if not path.is_file():
@@ -140,15 +147,17 @@ class OrtUNet(UNetRuntime):
             )
         spec = spec or _spec_from_session(self.session, path)
         super().__init__(spec, str(source))
+        self.check_values = check_values
         self._check_session(path)
         self.onnx_path = path
 
     def _check_session(self, path: Path) -> None:
-        got = {v.name: ORT_TYPES.get(v.type, v.type) for v in self.session.get_inputs()}
-        want = {t.name: t.dtype for t in self.spec.inputs}
+        got = {v.name: (ORT_TYPES.get(v.type, v.type), _static(v.shape)) for v in self.session.get_inputs()}
+        want = {t.name: (t.dtype, _static(t.shape)) for t in self.spec.inputs}
         if got != want:
             raise ArtifactError(
-                f"{path} does not match its dqdeploy_export.json: the graph's inputs are {got}, the spec says {want}",
+                f"{path} does not match its dqdeploy_export.json: the graph's inputs (dtype, static dims) are {got}, "
+                f"the spec says {want}",
                 hint="the folder was edited by hand or mixed from two exports; re-run `dqdeploy export`",
             )
         outputs = [v.name for v in self.session.get_outputs()]

@@ -14,6 +14,7 @@ from dqdeploy.artifact import load_calibration_inputs, load_quantized, save_quan
 from dqdeploy.quantize_stage import quantize_unet
 from dqdeploy.artifact import CALIB_INPUTS, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, read_manifest, save_artifact, sha256
 from dqdeploy.atomic import atomic_dir, atomic_write_bytes
+from dqdeploy.integrity import seal
 from dqdeploy.errors import ArtifactError, DQDeployError
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.trajectories import collect, load_conditioning
@@ -164,15 +165,24 @@ def test_malformed_manifest(copy):
         read_manifest(copy)
 
 
+def test_hand_edited_manifest_is_refused_by_its_seal(copy):
+    data = json.loads((copy / MANIFEST).read_text())
+    data["timesteps"][0] += 1.0
+    (copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="does not match its integrity record"):
+        load_quantized(copy)
+
+
 def test_manifest_and_weights_that_disagree(copy):
+    """Even with a recomputed seal, the manifest is cross-checked against the model and the tensors."""
     data = json.loads((copy / MANIFEST).read_text())
     data["layers"]["no_such.layer"] = data["layers"]["conv_in"]
-    (copy / MANIFEST).write_text(json.dumps(data))
+    (copy / MANIFEST).write_text(json.dumps(seal(data)))
     with pytest.raises(ArtifactError, match="'no_such.layer' does not exist"):
         load_quantized(copy)
     data["layers"].pop("no_such.layer")
     data["layers"].pop("conv_out")  # the weights file still holds conv_out's quantizer tensors
-    (copy / MANIFEST).write_text(json.dumps(data))
+    (copy / MANIFEST).write_text(json.dumps(seal(data)))
     with pytest.raises(ArtifactError, match="do not match the manifest"):
         load_quantized(copy)
 

@@ -14,6 +14,7 @@ import torch
 from dqdeploy.exporters.onnx import export_float_onnx
 from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
 from dqdeploy.inputs import DenoiserInputs
+from dqdeploy.integrity import file_record, seal
 
 from tests.helpers import CROSS_DIM, SEQ_LEN, tiny_cond_unet, tiny_unet  # noqa: F401  (re-exported to tests)
 
@@ -47,7 +48,7 @@ def write_export(unet: torch.nn.Module, out: Path, *, timesteps: list[float] | N
         model_config=json.loads(unet.to_json_string()),
         inputs=_tensor_specs([v for v in model.graph.input if v.name not in inits]),
         outputs=_tensor_specs(model.graph.output), timesteps=list(timesteps or []),
-        scheduler_config={"num_train_timesteps": 1000},
+        scheduler_config={"num_train_timesteps": 1000}, files={ONNX_FILE: file_record(out / ONNX_FILE)},
     )
     (out / SPEC_FILE).write_text(spec.to_json())
     return out
@@ -66,7 +67,7 @@ def uncond_calibrated(uncond, tmp_path_factory) -> tuple[UNet2DModel, Path]:
     out = tmp_path_factory.mktemp("uncond_cal")
     shutil.copytree(folder / "unet", out / "unet")
     spec = json.loads((folder / SPEC_FILE).read_text())
-    (out / SPEC_FILE).write_text(json.dumps({**spec, "timesteps": CALIBRATED}))
+    (out / SPEC_FILE).write_text(json.dumps(seal({**spec, "timesteps": CALIBRATED})))
     return unet, out
 
 

@@ -15,6 +15,7 @@ from diffusers import DDIMPipeline, DDIMScheduler
 
 from dqdeploy.errors import ArtifactError, DQDeployError, MissingDependencyError, RuntimeInputError
 from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE
+from dqdeploy.integrity import seal
 from dqdeploy.runtimes import load_runtime
 from dqdeploy.runtimes.base import CalibratedStepWarning
 from dqdeploy.runtimes.ort import OrtUNet, session_options
@@ -145,7 +146,7 @@ def test_folder_errors(uncond, tmp_path):
     shutil.copytree(uncond[1], bad)
     spec = json.loads((bad / SPEC_FILE).read_text())
     spec["inputs"][0]["dtype"] = "float16"
-    (bad / SPEC_FILE).write_text(json.dumps(spec))
+    (bad / SPEC_FILE).write_text(json.dumps(seal(spec)))  # even with a recomputed seal
     with pytest.raises(ArtifactError, match="does not match its dqdeploy_export.json"):
         OrtUNet(bad)
 
