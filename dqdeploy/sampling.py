@@ -65,7 +65,8 @@ def shared_inputs(spec: DenoiserSpec, noise: torch.Tensor, cond: Cond) -> dict[s
     return flux_position_ids(noise.shape[1], cond[CONTEXT].shape[1])
 
 
-def _tokens(spec: DenoiserSpec, noise: torch.Tensor) -> int:
+def model_tokens(spec: DenoiserSpec, noise: torch.Tensor) -> int:
+    """Tokens the denoiser sees for ``noise`` (dynamic-shift schedulers depend on it)."""
     return noise.shape[1] if spec.packed else noise.shape[-1] * noise.shape[-2]
 
 
@@ -96,7 +97,7 @@ def denoise(
     embedded = GUIDANCE in spec.input_names(unet.config)
     if embedded:
         cond_kw[GUIDANCE] = torch.full((noise.shape[0],), float(guidance))
-    set_timesteps(scheduler, spec, steps, _tokens(spec, noise))
+    set_timesteps(scheduler, spec, steps, model_tokens(spec, noise))
     shared = shared_inputs(spec, noise, cond_kw)
     step_kw = {"generator": generator} if _accepts(scheduler.step, "generator") else {}  # PNDM, LMS, ... take none
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)

@@ -20,7 +20,7 @@ from ..denoisers import GUIDANCE, latent_shape, spec_of
 from ..errors import CalibrationError
 from ..inputs import CONTEXT, DenoiserInputs
 from ..recipe import CalibrationConfig
-from ..sampling import denoise, shared_inputs
+from ..sampling import denoise, model_tokens, set_timesteps, shared_inputs
 
 COND_KEY = CONTEXT
 UNCOND_KEY = "uncond_encoder_hidden_states"
@@ -64,10 +64,18 @@ class Conditioning:
 def _check_rows(path: Path, name: str, tensor: torch.Tensor | None, rank: int, width: int | None = None) -> None:
     if tensor is None:
         return
-    if tensor.dim() != rank or (width is not None and tensor.shape[-1] != width):
-        dims = "[P, S, D]" if rank == 3 else "[P, D2]"
-        raise CalibrationError(f"{path}: {name} must be {dims} (rank {rank}), found shape {tuple(tensor.shape)}",
+    dims = "[P, S, D]" if rank == 3 else "[P, D2]"
+    if tensor.dim() != rank or (width is not None and tensor.shape[-1] != width) or tensor.numel() == 0:
+        raise CalibrationError(f"{path}: {name} must be {dims} (rank {rank}) with P, S, D >= 1, found shape {tuple(tensor.shape)}",
                                hint="save one row per prompt; the unconditional entries hold one row")
+    if name.startswith("uncond") and tensor.shape[0] != 1:
+        raise CalibrationError(f"{path}: {name} must hold one row, found shape {tuple(tensor.shape)}",
+                               hint="save the empty prompt's embeddings as [1, ...]")
+    if not tensor.is_floating_point():
+        raise CalibrationError(f"{path}: {name} has dtype {tensor.dtype}; expected floating-point embeddings",
+                               hint="save the text encoder's float output, not token ids or masks")
+    if not torch.isfinite(tensor).all():
+        raise CalibrationError(f"{path}: {name} holds NaN or Inf values", hint="recompute the embeddings")
 
 
 def load_conditioning(path: str | Path) -> Conditioning:
@@ -88,7 +96,7 @@ def load_conditioning(path: str | Path) -> Conditioning:
             f"{path} has keys {sorted(tensors)}; expected {COND_KEY!r} [P, S, D]",
             hint=f"save prompt embeddings under {COND_KEY!r} (and optionally {UNCOND_KEY!r})",
         )
-    cond = tensors[COND_KEY].float()
+    cond = tensors[COND_KEY]
     uncond, pooled, uncond_pooled = (tensors.get(k) for k in (UNCOND_KEY, POOLED_KEY, UNCOND_POOLED_KEY))
     _check_rows(path, COND_KEY, cond, 3)
     _check_rows(path, UNCOND_KEY, uncond, 3)
@@ -103,7 +111,7 @@ def load_conditioning(path: str | Path) -> Conditioning:
     def first(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[:1].float()
 
-    return Conditioning(cond, first(uncond), None if pooled is None else pooled.float(), first(uncond_pooled))
+    return Conditioning(cond.float(), first(uncond), None if pooled is None else pooled.float(), first(uncond_pooled))
 
 
 @dataclass
@@ -160,11 +168,15 @@ def collect(
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
     per_pair = 2 if cfg_on else 1
     gen = torch.Generator().manual_seed(config.seed)
-    n_pairs = config.trajectories * config.steps
+    # model calls per trajectory: PNDM's warm-up calls the model more often than once per step
+    probe = torch.zeros(*latent_shape(spec, unet.config, 1, config.resolution))
+    set_timesteps(scheduler, spec, config.steps, model_tokens(spec, probe))
+    calls = len(scheduler.timesteps)
+    n_pairs = config.trajectories * calls
     wanted = min(n_pairs, -(-config.samples // per_pair))
     chosen = torch.zeros(n_pairs, dtype=torch.bool)
     chosen[torch.randperm(n_pairs, generator=gen)[:wanted]] = True
-    chosen = chosen.view(config.trajectories, config.steps)
+    chosen = chosen.view(config.trajectories, calls)
 
     xs, ts, rows, conds = [], [], [], []
     timesteps: list[float] = []

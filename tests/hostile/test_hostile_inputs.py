@@ -71,6 +71,7 @@ BAD_NUMBERS = {
     "--scheduler unknown": (["--scheduler", "warp"], "unsupported scheduler"),
     "--scheduler needing a missing package": (["--scheduler", "CosineDPMSolverMultistepScheduler"], "unsupported scheduler"),
     "--scheduler EDMEulerScheduler": (["--scheduler", "EDMEulerScheduler"], "unsupported scheduler"),
+    "--scheduler HeunDiscreteScheduler (second order)": (["--scheduler", "HeunDiscreteScheduler"], "unsupported scheduler"),
 }
 
 
@@ -121,9 +122,9 @@ COND = {
     "P=0 prompts": (lambda: {"encoder_hidden_states": torch.zeros(0, SEQ_LEN, CROSS_DIM)}, "P, S, D >= 1"),
     "S=0 tokens": (lambda: {"encoder_hidden_states": torch.zeros(2, 0, CROSS_DIM)}, "P, S, D >= 1"),
     "uncond of rank 2": (lambda: {"encoder_hidden_states": torch.randn(2, SEQ_LEN, CROSS_DIM),
-                                  "uncond_encoder_hidden_states": torch.randn(SEQ_LEN, CROSS_DIM)}, "[1, S, D]"),
+                                  "uncond_encoder_hidden_states": torch.randn(SEQ_LEN, CROSS_DIM)}, "rank 3"),
     "uncond of rank 4": (lambda: {"encoder_hidden_states": torch.randn(2, SEQ_LEN, CROSS_DIM),
-                                  "uncond_encoder_hidden_states": torch.randn(1, 1, SEQ_LEN, CROSS_DIM)}, "[1, S, D]"),
+                                  "uncond_encoder_hidden_states": torch.randn(1, 1, SEQ_LEN, CROSS_DIM)}, "rank 3"),
     "boolean embeddings": (lambda: {"encoder_hidden_states": torch.ones(2, SEQ_LEN, CROSS_DIM, dtype=torch.bool)}, "floating-point"),
     "integer token ids": (lambda: {"encoder_hidden_states": torch.ones(2, SEQ_LEN, CROSS_DIM, dtype=torch.int64)}, "floating-point"),
     "NaN embeddings": (lambda: {"encoder_hidden_states": torch.full((2, SEQ_LEN, CROSS_DIM), float("nan"))}, "NaN"),
@@ -185,7 +186,8 @@ def test_export_with_a_malformed_batch_profile(artifact, tmp_path):
 
 
 @pytest.mark.hostile("cli", "succeeds")
-@pytest.mark.parametrize("name", list(SCHEDULER_ALIASES) + [s for s in SUPPORTED_SCHEDULERS if s != "DPMSolverSDEScheduler"])
+@pytest.mark.parametrize("name", [a for a in SCHEDULER_ALIASES if a != "flow"]
+                         + [s for s in SUPPORTED_SCHEDULERS if s not in ("DPMSolverSDEScheduler", "FlowMatchEulerDiscreteScheduler")])
 def test_every_scheduler_calibrates_and_samples(name, artifact):
     from dqdeploy.generate import generate
     from dqdeploy.models import make_scheduler
