@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import DQDeployError
+from .interrupts import Terminated, install_signal_handlers
 from .vocab import GRAPH_RUNTIMES, LAYOUTS, RUNTIMES, SCALINGS, TARGETS
 
 POSITIVE = click.IntRange(min=1)
@@ -349,36 +350,6 @@ def lint(export_dir) -> None:
     click.echo(f"{onnx_path}: passes every TensorRT rule check")
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every ``finally``/atomic writer cleans up."""
-
-
-def _importing(frame) -> bool:
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _on_signal(signum, frame) -> None:
-    """SIGINT/SIGTERM: raise in the main thread, but never inside a module import (an exception
-    thrown through torch's native initialisation aborts the process): re-deliver it shortly after."""
-    import os
-    import signal
-    import threading
-
-    if _importing(frame):
-        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
-        timer.daemon = True
-        timer.start()
-        return
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
-    raise Terminated()
-
-
 def _interrupted() -> None:
     click.echo("interrupted: no output was left behind", err=True)
     # A KeyboardInterrupt that surfaced inside a string exec (dataclasses, lazy imports) leaves
@@ -393,10 +364,7 @@ def main() -> None:
 
     SIGINT exits 130 and SIGTERM 143, both after temporary folders are removed.
     """
-    import signal
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    install_signal_handlers()
     try:
         cli.main(standalone_mode=False)
     except Terminated:

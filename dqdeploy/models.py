@@ -198,6 +198,8 @@ def check_steps(scheduler: Any, steps: int) -> None:
     if isinstance(train, int) and steps > train:
         raise ModelLoadError(f"--steps {steps} exceeds the scheduler's {train} training time steps",
                              hint=f"use --steps {train} or fewer")
+    if scheduler.config.get("use_dynamic_shifting"):
+        return  # its timesteps depend on the token count (sampling.set_timesteps passes mu)
     try:
         scheduler.set_timesteps(steps)
     except Exception as exc:

@@ -152,6 +152,13 @@ def _cat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
 
+def _model_calls(scheduler, spec, unet: torch.nn.Module, config: CalibrationConfig) -> int:
+    """Model calls per trajectory: PNDM's warm-up calls the model more often than once per step."""
+    probe = torch.zeros(*latent_shape(spec, unet.config, 1, config.resolution))
+    set_timesteps(scheduler, spec, config.steps, model_tokens(spec, probe))
+    return len(scheduler.timesteps)
+
+
 @torch.no_grad()
 def collect(
     unet: torch.nn.Module,
@@ -168,10 +175,7 @@ def collect(
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
     per_pair = 2 if cfg_on else 1
     gen = torch.Generator().manual_seed(config.seed)
-    # model calls per trajectory: PNDM's warm-up calls the model more often than once per step
-    probe = torch.zeros(*latent_shape(spec, unet.config, 1, config.resolution))
-    set_timesteps(scheduler, spec, config.steps, model_tokens(spec, probe))
-    calls = len(scheduler.timesteps)
+    calls = _model_calls(scheduler, spec, unet, config)
     n_pairs = config.trajectories * calls
     wanted = min(n_pairs, -(-config.samples // per_pair))
     chosen = torch.zeros(n_pairs, dtype=torch.bool)

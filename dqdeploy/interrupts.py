@@ -1,0 +1,41 @@
+"""Interruptions: SIGINT and SIGTERM raise in the main thread (so every ``finally`` and atomic writer
+cleans up), but never inside a module import, where an exception thrown through torch's native
+initialisation aborts the process; there the signal is re-delivered shortly after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally``/atomic writer cleans up."""
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def on_signal(signum, frame) -> None:
+    """SIGINT/SIGTERM: raise in the main thread, but never inside a module import (an exception
+    thrown through torch's native initialisation aborts the process): re-deliver it shortly after."""
+    if _importing(frame):
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM raises :class:`Terminated`, SIGINT ``KeyboardInterrupt`` (both deferred past imports)."""
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
