@@ -11,6 +11,7 @@ Writes bench/results/quality.json (updated after every row, so a long run keeps 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -18,16 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, write_results  # noqa: E402
-
-
+from dqdeploy import export  # noqa: E402
 from dqdeploy.artifact import save_quantized
-from dqdeploy.quantize_stage import quantize_unet  # noqa: E402
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402
 from dqdeploy.eval.fid import digits_fid  # noqa: E402
-from dqdeploy import export  # noqa: E402
 from dqdeploy.generate import generate  # noqa: E402
 from dqdeploy.models import load_model, make_scheduler  # noqa: E402
 from dqdeploy.quant.trajectories import collect  # noqa: E402
+from dqdeploy.quantize_stage import quantize_unet  # noqa: E402
 from dqdeploy.recipe import PRESETS, CalibrationConfig  # noqa: E402
 
 VARIANTS = {
@@ -51,17 +50,22 @@ def main() -> None:
     ap.add_argument("--out", default="quality", help="results name (bench/results/NAME.json); report.py merges quality*.json")
     ap.add_argument("--model", type=Path, help="diffusers folder (default: the shipped digits DDPM)")
     ap.add_argument("--skip-fp", action="store_true", help="leave the FP32 row to another run")
+    ap.add_argument("--default-ort", action="store_true",
+                    help="deployed rows from the default artifact itself (--target ort and --target onnx), no extra layout=ort quantize")
+    ap.add_argument("--targets", default="ort,onnx", help="with --default-ort: the graphs to score")
+    ap.add_argument("--noise-seed", type=int, default=0, help="seed of the sampling noise")
+    ap.add_argument("--changes", default="{}", help="JSON recipe changes applied to every variant (e.g. old defaults)")
     args = ap.parse_args()
 
     model_dir = args.model or digits_model_dir()
     work = Path(tempfile.mkdtemp(prefix="dqdeploy-quality-"))
     rows: list[dict] = []
     result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "machine": machine(),
-              "model": str(model_dir), "n": args.n, "steps": args.steps, "sampler": "ddim", "seed": 0, "rows": rows}
+              "model": str(model_dir), "n": args.n, "steps": args.steps, "sampler": "ddim", "seed": args.noise_seed, "rows": rows}
 
     def evaluate(label: str, path: Path, runtime: str = "auto", **extra) -> None:
         start = time.perf_counter()
-        images = generate(path, n=args.n, steps=args.steps, scheduler="ddim", seed=0, batch_size=100, runtime=runtime)
+        images = generate(path, n=args.n, steps=args.steps, scheduler="ddim", seed=args.noise_seed, batch_size=100, runtime=runtime)
         fid = digits_fid(images)
         rows.append({"model": label, "runtime": runtime, "digits_fid": fid, "sample_s": time.perf_counter() - start, **extra})
         write_results(args.out, result)
@@ -76,13 +80,18 @@ def main() -> None:
     result["calibration_s"] = time.perf_counter() - t0
     for recipe_name in args.recipes.split(","):
         for variant in args.variants.split(","):
-            recipe = PRESETS[recipe_name].replace(iters=args.iters, **VARIANTS[variant])
+            recipe = PRESETS[recipe_name].replace(iters=args.iters, **(VARIANTS[variant] | json.loads(args.changes)))
             t0 = time.perf_counter()
             res = quantize_unet(loaded.unet, recipe, calib, calib_cfg, loaded.scheduler_config)
             quant_s = time.perf_counter() - t0
             qdir = save_quantized(res, work / f"{recipe_name}-{variant.split()[0]}")
             evaluate(f"{recipe_name} {variant}", qdir, runtime="torch", recipe=recipe_name, variant=variant, quantize_s=quant_s)
-            if variant == "dilatequant" and recipe.deployable and not args.no_ort:
+            if variant == "dilatequant" and recipe.deployable and not args.no_ort and args.default_ort:
+                for target in args.targets.split(","):
+                    edir = export(qdir, work / f"{recipe_name}-{target}", target=target)
+                    evaluate(f"{recipe_name} {variant} -> {target} graph", edir, runtime="ort",
+                             recipe=recipe_name, variant=variant, flavour=target)
+            elif variant == "dilatequant" and recipe.deployable and not args.no_ort:
                 edir = export(qdir, work / f"{recipe_name}-onnx", target="onnx")
                 evaluate(f"{recipe_name} {variant} -> onnx (TensorRT layout) graph", edir, runtime="ort",
                          recipe=recipe_name, variant=variant, flavour="onnx")

@@ -81,6 +81,7 @@ class Manifest:
     timesteps: list[float]
     layers: dict[str, LayerMeta]
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    fallback: list[str] = field(default_factory=list)  # layers the recipe selected but kept in float
     files: dict[str, str] = field(default_factory=dict)
     dqdeploy_version: str = __version__
     format: str = FORMAT

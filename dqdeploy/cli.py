@@ -90,12 +90,14 @@ def cli(verbose: bool) -> None:
 @click.option("--timestep-scales", type=click.Choice(["per-step", "collapsed"]), help="Ablation: 'collapsed' keeps one activation scale for all steps.")
 @click.option("--no-distill", is_flag=True, help="Ablation: calibration only (post-training quantization).")
 @click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]), help="Block-wise (default), whole-model, or none.")
-@click.option("--layout", type=click.Choice(LAYOUTS), help="Deployment layout the simulation reproduces exactly: 'trt' (default) or 'ort' (also models the output rounding of ONNX Runtime's fused QLinearConv; train for the CPU target).")
+@click.option("--layout", type=click.Choice(LAYOUTS), help="Rounding the simulation models: 'ort' (default: also the output rounding of ONNX Runtime's fused QLinearConv; both exported graphs reproduce it exactly) or 'trt' (input Q/DQ only: exact for the TensorRT graph, the --target ort graph adds unmodelled output rounding).")
+@click.option("--fallback", help="Layers kept in float in both graphs: 'auto' (the most costly by sensitivity, within --fallback-budget of the MACs), 'none', or comma-separated module-name patterns. Recipe default otherwise.")
+@click.option("--fallback-budget", type=float, help="auto fallback: at most this fraction of the MACs stays in float.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
 @click.option("--allow-pickle", is_flag=True, help="Also load pickled .bin weights (they can run code: trusted folders only).")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling, timestep_scales,
-             no_distill, distill_mode, layout, overwrite, allow_pickle) -> None:
+             no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle) -> None:
     """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
@@ -106,7 +108,8 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     from .recipe import CalibrationConfig, resolve_recipe
 
     r = resolve_recipe(recipe)
-    changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant).items() if v is not None}
+    changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
+                                     fallback=fallback, fallback_budget=fallback_budget).items() if v is not None}
     if no_dilation and scaling not in (None, "none"):
         raise click.UsageError("--no-dilation contradicts --scaling " + scaling)
     if no_dilation or scaling:
@@ -127,6 +130,8 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
                           prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle)
     n = len(result.manifest.layers)
     click.echo(f"quantized {n} layers of {result.manifest.model_class} with recipe {r.name} -> {out_dir}")
+    if result.manifest.fallback:
+        click.echo(f"kept in float (fallback {r.fallback}): {', '.join(result.manifest.fallback)}")
     if result.reports:
         before = sum(b.loss_before for b in result.reports) / len(result.reports)
         after = sum(b.loss_after for b in result.reports) / len(result.reports)
@@ -163,6 +168,8 @@ def inspect(path, as_json) -> None:
         folds = sum(1 for meta in m.layers.values() if meta.fold != "mul")
         click.echo(f"  layers           {len(m.layers)} ({', '.join(f'{v} at {k}-bit' for k, v in sorted(bits.items()))}); "
                    f"1/s folds into a norm for {folds}")
+        click.echo(f"  fallback         {', '.join(m.fallback) if m.fallback else 'none'} "
+                   f"(recipe fallback={r.fallback}; kept in float in both graphs)")
         if m.blocks:
             worst = max(m.blocks, key=lambda b: b["loss_after"])
             click.echo(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
@@ -321,6 +328,28 @@ def check(quant_dir, export_dir, runtime, per_layer, samples, report) -> None:
     if report:
         atomic_write_bytes(report, json.dumps(result.to_dict(), indent=2).encode())
     result.raise_if_failed()
+
+
+@cli.command()
+@click.argument("quant_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Report folder to write (default: QUANT_DIR-sensitivity).")
+@click.option("--top", default=20, show_default=True, help="Layers and blocks listed (and plotted).")
+@click.option("--no-blocks", is_flag=True, help="Per-layer only (skip the per-block rows).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def analyze(quant_dir, out_dir, top, no_blocks, overwrite) -> None:
+    """Which layers cost the most: quantize one layer (or block) at a time, weights vs activations,
+    per time step, and measure the denoiser output error vs full precision on the artifact's
+    calibration inputs. Writes sensitivity.md (tables), .json and .png.
+    """
+    from .analyze import analyze_artifact, write_report
+    from .atomic import check_target
+
+    out_dir = out_dir or Path(str(Path(quant_dir)).rstrip("/") + "-sensitivity")
+    check_target(out_dir, overwrite=overwrite)
+    report = analyze_artifact(quant_dir, blocks=not no_blocks)
+    write_report(report, out_dir, top=top, overwrite=overwrite)
+    click.echo(report.table(top=top))
+    click.echo(f"wrote {out_dir}/sensitivity.md, .json, .png")
 
 
 @cli.command()

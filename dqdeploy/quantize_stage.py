@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import json
 import logging
 from collections.abc import Callable
@@ -20,14 +21,16 @@ from torch import nn
 from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
 from .atomic import check_target
 from .denoisers import conditioning_dims, spec_for
-from .errors import CalibrationError, ModelLoadError
+from .errors import CalibrationError, ModelLoadError, RecipeError
+from .inputs import DenoiserInputs
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
 from .quant.analysis import analyze_inputs
 from .quant.blocks import partition
 from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
 from .quant.dilation import dilation_factors, smoothquant_factors
 from .quant.distill import BlockReport, distill_blocks, distill_model
-from .quant.modules import QUANTIZABLE, QuantizedUNet
+from .quant.modules import QUANTIZABLE, QuantizedUNet, quant_layers, quantizes_output, replace_module
+from .quant.sensitivity import analyze, choose_fallback, scheduler_weights
 from .quant.timestep import TimestepTable
 from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, collect, load_conditioning
 from .recipe import CalibrationConfig, Recipe
@@ -81,7 +84,7 @@ def build_quantized(
         name: LayerMeta(
             "conv" if isinstance(qunet.get_submodule(name), nn.Conv2d) else "linear",
             recipe.weight_bits_for(name), recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold,
-            recipe.layout == "ort" and info[name].rank > 2,  # output Q on the fused (compute-heavy) layers
+            recipe.layout == "ort" and quantizes_output(name, info[name].rank),  # output Q on the fused layers
         )
         for name in names
     }
@@ -163,6 +166,11 @@ def quantize_unet(
     qmodel, metas = build_quantized(unet, recipe, table, calib)
     init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
     init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
+    weights = None
+    if scheduler_config and recipe.fallback == "auto":
+        weights = scheduler_weights(make_scheduler(calibration.scheduler, scheduler_config), calib.timesteps)
+    fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights)
+    metas = keep_in_float(qmodel, unet, metas, fallback)
     reports: list[BlockReport] = []
     if recipe.distill == "block":
         blocks = partition(qmodel.unet, example_forward(qmodel, calib), spec_for(type(unet).__name__).blocks)
@@ -179,8 +187,47 @@ def quantize_unet(
         timesteps=calib.timesteps,
         layers=metas,
         blocks=[{"name": r.name, "loss_before": r.loss_before, "loss_after": r.loss_after} for r in reports],
+        fallback=fallback,
     )
     return QuantizeResult(qmodel, manifest, reports, calibration_subset(calib, seed=calibration.seed))
+
+
+def fallback_layers(
+    qmodel: QuantizedUNet, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0, step_weights: dict[float, float] | None = None
+) -> list[str]:
+    """The layers ``recipe.fallback`` keeps in float: by sensitivity on a calibration subset
+    (``auto``, needs calibrated scales; steps weighted by ``step_weights``), by module-name
+    pattern, or none."""
+    if recipe.fallback == "none":
+        return []
+    names = list(quant_layers(qmodel.unet))
+    if recipe.fallback == "auto":
+        subset = DenoiserInputs.from_dict(calibration_subset(calib, seed=seed), calib.inputs.sample_name)
+        report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False)
+        chosen = choose_fallback(report, recipe.fallback_budget)
+        log.info("fallback auto: %s", ", ".join(chosen) or "no layer")
+        return chosen
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in recipe.fallback_patterns)]
+    if not chosen:
+        raise RecipeError(
+            f"fallback patterns {recipe.fallback!r} match no quantized layer",
+            hint=f"use module names such as {', '.join(names[:3])} (wildcards allowed), or auto / none",
+        )
+    return chosen
+
+
+def keep_in_float(
+    qmodel: QuantizedUNet, fp_unet: nn.Module, metas: dict[str, LayerMeta], names: list[str]
+) -> dict[str, LayerMeta]:
+    """Put the FP layers ``names`` back into ``qmodel``; returns the remaining layers' metadata. A
+    layer whose input is shared with a float layer can no longer fold ``1/s`` into the norm."""
+    groups = {metas[n].group for n in names}
+    for name in names:
+        replace_module(qmodel.unet, name, copy.deepcopy(fp_unet.get_submodule(name)))
+    return {
+        n: dataclasses.replace(m, fold="mul") if m.group in groups and m.fold != "mul" else m
+        for n, m in metas.items() if n not in names
+    }
 
 
 def calibration_subset(calib: CalibrationSet, steps: int = 8, per_step: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -42,11 +42,15 @@ class Recipe:
     distill: DistillMode = "block"  # "block" (BKD) | "model" (whole-model distillation) | "none" (PTQ)
     # deployment layout the simulation reproduces exactly: "trt" (input Q/DQ only) or "ort" (convs
     # and token matmuls also quantize their output, as ONNX Runtime's fused QLinearConv does)
-    layout: Layout = "trt"
+    layout: Layout = "ort"  # the default artifact is exact for both graphs (the TensorRT one carries the output Q/DQ too)
     iters: int = 300  # per block (or total, for distill="model")
     batch_size: int = 32
     lr_weight: float = 1e-5
     lr_quant: float = 1e-4
+    # layers kept in float (no Q/DQ in either graph): "auto" (the most costly by sensitivity, within
+    # fallback_budget of the MACs), "none", or comma-separated module-name patterns
+    fallback: str = "auto"
+    fallback_budget: float = 0.05
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -70,6 +74,10 @@ class Recipe:
             problems.append(f"iters={self.iters}, batch_size={self.batch_size} (expected iters >= 0, batch_size >= 1)")
         if self.lr_weight < 0 or self.lr_quant < 0:
             problems.append("learning rates must be >= 0")
+        if not 0.0 <= self.fallback_budget <= 1.0:
+            problems.append(f"fallback_budget={self.fallback_budget} (expected a MAC fraction 0..1)")
+        if not self.fallback.strip():
+            problems.append("fallback is empty (expected auto, none or module-name patterns)")
         if not self.include:
             problems.append("include is empty: no layer would be quantized")
         if self.version != RECIPE_VERSION:
@@ -87,6 +95,7 @@ class Recipe:
             ("iters", int, "an integer"), ("batch_size", int, "an integer"), ("version", int, "an integer"),
             ("smoothquant_alpha", (int, float), "a number"), ("lr_weight", (int, float), "a number"),
             ("lr_quant", (int, float), "a number"), ("act_symmetric", bool, "true or false"), ("name", str, "a string"),
+            ("fallback", str, "auto, none or comma-separated patterns"), ("fallback_budget", (int, float), "a number"),
         ):
             value = getattr(self, attr)
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -115,6 +124,13 @@ class Recipe:
         if self.first_last_bits is not None and module_name in self.first_last:
             return self.first_last_bits
         return self.weight_bits
+
+    @property
+    def fallback_patterns(self) -> tuple[str, ...]:
+        """The explicit fallback patterns (empty for ``auto`` and ``none``)."""
+        if self.fallback in ("auto", "none"):
+            return ()
+        return tuple(p.strip() for p in self.fallback.split(",") if p.strip())
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)

@@ -26,7 +26,7 @@ from ..folders import detect
 from ..inputs import DenoiserInputs
 from ..models import load_model, portable_config
 from ..paths import check_output_dir, check_output_file
-from ..quant.modules import QuantizedUNet
+from ..quant.modules import QuantizedUNet, quantizes_output
 from ..recipe import Recipe
 from ..trt_gate import require_tensorrt
 from ..vocab import GRAPH_TARGETS, TARGETS, GraphTarget, Target, layout_of
@@ -179,7 +179,7 @@ def _ort_output_scales(
         return None
     log.warning("recipe layout %r: the ort graph adds output rounding the simulation lacks "
                 "(quantize with --layout ort for an exact match)", recipe.layout)
-    fused = {n: t for n, t in layers.items() if ranks[n] > 2}
+    fused = {n: t for n, t in layers.items() if quantizes_output(n, ranks[n])}
     return calibrate_output_scales(model, fused, calib)
 
 

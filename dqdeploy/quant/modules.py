@@ -19,6 +19,14 @@ from .quantizer import ActQuantizer, WeightQuantizer
 from .timestep import StepIndex, TimestepTable
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
+OUTPUT_LAYER = "conv_out"  # the diffusers UNets' last layer: its output is the network output
+
+
+def quantizes_output(name: str, input_rank: int) -> bool:
+    """Whether the ORT layout quantizes this layer's output (QLinearConv / QLinearMatMul fusion): the
+    compute-heavy layers (convs and token matmuls, input rank > 2), except the network's last
+    layer -- the denoiser output itself is never rounded."""
+    return input_rank > 2 and name != OUTPUT_LAYER
 
 
 def channel_view(v: torch.Tensor, kind: str, ndim: int) -> torch.Tensor:

@@ -93,12 +93,15 @@ def test_export_folder_is_not_a_source(uncond_artifact, tmp_path):
         export(out, tmp_path / "e2", target="ort")
 
 
-def test_layout_ort_makes_the_ort_graph_match_the_simulation(tmp_path):
-    """With layout=ort the simulation models the fused layers' output rounding: the ORT graph
-    reproduces it like the TensorRT layout does (integers exact until a tie flips)."""
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_default_artifact_matches_both_graphs(target, tmp_path):
+    """A default artifact (layout=ort: the simulation models the fused layers' output rounding) is
+    reproduced by the --target ort graph and by the TensorRT-layout graph alike, within the strict
+    check tolerance (integers exact until a tie flips)."""
+    assert W8A8.layout == "ort"
     write_pipeline(tiny_unet(), tmp_path / "pipe")
-    q = quantize(tmp_path / "pipe", W8A8.replace(iters=10, batch_size=16, layout="ort"), CALIB, tmp_path / "q").path
-    out = export(q, tmp_path / "e", target="ort", simplify=False)
+    q = quantize(tmp_path / "pipe", W8A8.replace(iters=10, batch_size=16), CALIB, tmp_path / "q").path
+    out = export(q, tmp_path / "e", target=target, simplify=False)
     result = check_export(q, out, per_layer=True)
     assert result.ok, result.table()
     assert all(s.tolerance == max(1e-3, s.quant_err) for s in result.steps)  # no extra budget needed

@@ -126,6 +126,11 @@ def _property_checks(changes: dict, result, loaded) -> None:
         assert len(result.manifest.timesteps) == SMALL.steps  # still recorded, but all map to row 0
     else:
         assert all(q.scale.numel() == SMALL.steps for q in loaded.modules() if isinstance(q, ActQuantizer))
+    if changes.get("fallback", "").startswith("conv_in"):
+        assert "conv_in" in result.manifest.fallback and not any("attentions" in n for n in result.manifest.layers)
+        assert all("attentions" in n or n == "conv_in" for n in result.manifest.fallback)
+    elif changes.get("fallback") == "none":
+        assert result.manifest.fallback == []
     if changes.get("distill") == "none":
         assert result.reports == [] and result.manifest.blocks == []
         assert not (result.path / "distill_loss.png").exists()
@@ -133,8 +138,9 @@ def _property_checks(changes: dict, result, loaded) -> None:
         assert [r.name for r in result.reports] == ["model"]
     else:
         assert len(result.reports) > 10
-    if changes.get("layout") == "ort":
+    if changes.get("layout", W8A8.layout) == "ort":
         assert any(meta.output_quant for meta in result.manifest.layers.values())
+        assert not any(meta.output_quant for name, meta in result.manifest.layers.items() if name == "conv_out")
         assert any(m.output_scale is not None for m in layers.values())
     else:
         assert not any(meta.output_quant for meta in result.manifest.layers.values())
@@ -146,7 +152,9 @@ def _property_checks(changes: dict, result, loaded) -> None:
     {"timestep_scales": "collapsed"},
     {"distill": "none"},
     {"distill": "model"},
-    {"layout": "ort"},
+    {"layout": "trt"},
+    {"fallback": "none"},
+    {"fallback": "conv_in,*attentions*"},
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_ablation_switches_write_loadable_artifacts(changes, pipe_dir, tmp_path):
     recipe = W8A8.replace(iters=10, batch_size=16, **changes)
