@@ -201,6 +201,9 @@ def fallback_layers(
     if recipe.fallback == "none":
         return []
     names = list(quant_layers(qmodel.unet))
+    if recipe.fallback == "auto" and not type(qmodel.unet).__name__.startswith("UNet"):
+        log.warning("fallback auto: sensitivity analysis supports UNets only so far; keeping every layer quantized")
+        return []
     if recipe.fallback == "auto":
         subset = DenoiserInputs.from_dict(calibration_subset(calib, seed=seed), calib.inputs.sample_name)
         report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False)
