@@ -130,6 +130,9 @@ def reliability_section(rel: dict) -> list[str]:
             + ", ".join(f"{k} {v}" for k, v in rel["outcomes"].items()) + ".", ""]
     if rel.get("failed"):
         out += ["Failing cases: " + ", ".join(f"`{c}`" for c in rel["failed"]), ""]
+    return out
+
+
 def loss_section() -> list[str]:
     """Issue 7: where the quantization loss comes from (screens, group bounds) and the digits-FID that confirms it."""
     screens = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("screen-*.json"))]
