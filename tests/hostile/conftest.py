@@ -71,7 +71,7 @@ def artifact(hostile_root) -> Path:
     from tests.helpers import random_calib
 
     unet = tiny_unet()
-    result = quantize_unet(unet, W8A8.replace(distill="none", act_init="minmax"), random_calib(unet, n=8),
+    result = quantize_unet(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"), random_calib(unet, n=8),
                            scheduler_config=dict(scheduler().config))
     return save_quantized(result, hostile_root / "q")
 
