@@ -143,52 +143,9 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
 @click.option("--json", "as_json", is_flag=True, help="Print the raw metadata.")
 def inspect(path, as_json) -> None:
     """Describe a quantized artifact or an export folder."""
-    from .sources import detect
+    from .describe import describe
 
-    kind = detect(path)
-    if kind == "quantized":
-        from .artifact import read_manifest, verify_files
-
-        m = read_manifest(path)
-        verify_files(path, m)  # a corrupted artifact must not be described as if it were sound
-        if as_json:
-            click.echo(m.to_json())
-            return
-        r = m.recipe
-        click.echo(f"quantized artifact  {path}")
-        click.echo(f"  model            {m.model_class} (dqdeploy {m.dqdeploy_version}, format v{m.format_version})")
-        click.echo(f"  recipe           {r.name}: W{r.weight_bits}A{r.act_bits} "
-                   f"{'symmetric' if r.act_symmetric else 'asymmetric'} activations, scaling={r.scaling}, "
-                   f"timestep scales={r.timestep_scales}, distill={r.distill}, layout={r.layout}")
-        c = m.calibration
-        click.echo(f"  calibration      {c['scheduler']} x {c['steps']} steps, {c['samples']} samples, seed {c['seed']}")
-        bits: dict[int, int] = {}
-        for meta in m.layers.values():
-            bits[meta.weight_bits] = bits.get(meta.weight_bits, 0) + 1
-        folds = sum(1 for meta in m.layers.values() if meta.fold != "mul")
-        click.echo(f"  layers           {len(m.layers)} ({', '.join(f'{v} at {k}-bit' for k, v in sorted(bits.items()))}); "
-                   f"1/s folds into a norm for {folds}")
-        click.echo(f"  fallback         {', '.join(m.fallback) if m.fallback else 'none'} "
-                   f"(recipe fallback={r.fallback}; kept in float in both graphs)")
-        if m.blocks:
-            worst = max(m.blocks, key=lambda b: b["loss_after"])
-            click.echo(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
-        return
-    if kind == "export":
-        from .exporters.spec import read_spec
-
-        spec = read_spec(path)
-        if as_json:
-            click.echo(spec.to_json())
-            return
-        click.echo(f"export folder  {path}")
-        click.echo(f"  target       {spec.target} ({spec.precision}, opset {spec.opset}), model {spec.model_class}")
-        for t in spec.inputs + spec.outputs:
-            click.echo(f"  {t.name:<22} {t.dtype} {t.shape}")
-        click.echo(f"  timesteps    {len(spec.timesteps)} calibrated")
-        return
-    raise DQDeployError(f"{path} is neither a quantized artifact nor an export folder",
-                        hint="inspect takes the --out folder of `dqdeploy quantize` or `dqdeploy export`")
+    click.echo(describe(path, as_json=as_json))
 
 
 def _sample_options(f):
