@@ -18,6 +18,7 @@ from pathlib import Path
 from .paths import OutputPathError, check_output_dir, own_kind, replaceable
 
 PARTIAL_MARKER = ".dqdeploy-partial"
+REPLACED_MARKER = ".dqdeploy-replaced"  # in a ``.NAME.old-PID`` folder: moved aside by dqdeploy itself
 
 
 check_target = check_output_dir  # the name callers used before dqdeploy.paths existed
@@ -70,12 +71,19 @@ def sweep_stale(target: str | Path) -> list[Path]:
             pid = _owner_pid(entry.name, old_prefix)
             if pid is None or _pid_alive(pid) or own_kind(entry) is None:
                 continue
-            if os.path.lexists(target):  # the replacement completed: the old copy is garbage
+            if not os.path.lexists(target):  # interrupted between the two renames: put the old folder back
+                os.replace(entry, target)
+                (target / REPLACED_MARKER).unlink(missing_ok=True)
+            elif (entry / REPLACED_MARKER).is_file():  # the replacement completed: our old copy is garbage
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
-            else:  # interrupted between the two renames: put the old folder back
-                os.replace(entry, target)
     return removed
+
+
+def _restore(old: Path, target: Path) -> None:
+    """Put a folder moved aside by :func:`_install` back in place."""
+    os.replace(old, target)
+    (target / REPLACED_MARKER).unlink(missing_ok=True)
 
 
 def _install(tmp: Path, target: Path, overwrite: bool, kind: str | None, owned: Callable[[Path], bool] | None) -> None:
@@ -89,16 +97,17 @@ def _install(tmp: Path, target: Path, overwrite: bool, kind: str | None, owned: 
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         try:
+            (old / REPLACED_MARKER).write_text(str(os.getpid()))
             os.replace(tmp, target)
         except OSError:  # another run installed its folder between the two renames: keep that one
             try:
-                os.replace(old, target)
+                _restore(old, target)
             except OSError:
                 shutil.rmtree(old, ignore_errors=True)
             raise OutputPathError(f"another run wrote {target} at the same moment; its folder was kept",
                                   hint="run one writer per output folder") from None
         except BaseException:  # interrupted between the two renames: put the old folder back
-            os.replace(old, target)
+            _restore(old, target)
             raise
         shutil.rmtree(old, ignore_errors=True)
         return

@@ -168,6 +168,14 @@ def test_an_interrupted_replacement_is_rolled_back(artifact, copy_of, tmp_path):
     assert not old.exists()
 
 
+@pytest.mark.hostile("interruption", "kept")
+def test_a_users_old_named_copy_is_never_swept(artifact, copy_of, tmp_path):
+    copy_of(artifact, "q")
+    users = copy_of(artifact, f".q.old-{2 ** 22 + 9}")  # the user's own backup: no dqdeploy marker
+    sweep_stale(tmp_path / "q")
+    assert (users / "manifest.json").is_file() and (tmp_path / "q" / "manifest.json").is_file()
+
+
 @pytest.mark.hostile("cli", "succeeds")
 def test_written_files_get_ordinary_modes(artifact, export_dir):
     umask = os.umask(0)
