@@ -2,30 +2,38 @@
 
 For block k: the FP block's output on FP inputs is the target; the quantized block is fed the
 inputs produced by the already-distilled quantized blocks before it. Weights, biases, weight step
-sizes and per-step activation step sizes (and zero points) train jointly with Adam. Only one
-block's inputs and targets are held at a time.
+sizes and per-step activation step sizes (and zero points) train jointly with Adam.
+
+The data is captured by propagation (:mod:`.propagate`: one FP forward per batch for every target,
+a replay answered from cached outputs for each block's inputs) and lives on disk
+(:mod:`.blockstore`), read one batch at a time. A :class:`BlockCheckpoint` saves each finished
+block and restores it on a resumed run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..inputs import Hook, forward_hooks
 from ..recipe import Recipe
 from .blocks import Block
+from .blockstore import BlockStore, contiguous
 from .modules import QuantizedUNet, QuantLayer, quant_layers
+from .propagate import FP, INPUTS, cache_outputs, capture_inputs, capture_targets, output_tensors
 from .trajectories import CalibrationSet
 
-
-class _Stop(Exception):
-    """Ends a forward pass as soon as the block of interest has been seen."""
+__all__ = ["BlockCheckpoint", "BlockReport", "block_loss", "distill_blocks", "distill_model", "output_tensors"]
 
 
 @dataclass
@@ -38,59 +46,19 @@ class BlockReport:
     curve: list[float] = field(default_factory=list)
 
 
-def _detach(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().contiguous()  # (a strided view crashed conv backward in torch 2.13)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_detach(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    return obj
-
-
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a block output: a tensor, a tuple (transformer blocks return
-    ``(encoder_hidden_states, hidden_states)``, the first possibly None), or a diffusers output."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        found = [t for o in out if o is not None for t in output_tensors(o)]
-        if found:
-            return found
-    if hasattr(out, "sample"):
-        return [out.sample]
-    raise TypeError(f"cannot find a tensor in block output of type {type(out).__name__}")
-
-
 def block_loss(out: Any, targets: list[torch.Tensor]) -> torch.Tensor:
     """Sum of the MSEs of every output tensor of a block against its FP targets."""
     return sum((F.mse_loss(o, t) for o, t in zip(output_tensors(out), targets)), torch.zeros(()))
 
 
-@torch.no_grad()
-def _capture(model: nn.Module, module: nn.Module, calib: CalibrationSet, order: torch.Tensor, batch: int, want: str) -> list:
-    """Per calibration batch: the block's (args, kwargs) (``want="inputs"``) or output tensor."""
-    seen: list = []
+class BlockCheckpoint(Protocol):
+    """Saves each distilled block, and gives back the blocks a resumed run already finished."""
 
-    def pre(mod, args, kwargs):
-        if want == "inputs":
-            seen.append((_detach(args), _detach(kwargs)))
-            raise _Stop
+    def restore(self, index: int, name: str, block: nn.Module) -> BlockReport | None:
+        """Load block ``index``'s saved parameters into ``block`` and return its report; None if not saved."""
 
-    def post(mod, args, kwargs, out):
-        seen.append([o.detach() for o in output_tensors(out)])
-        raise _Stop
-
-    hooks: list[Hook] = [(module, "pre", pre)]
-    if want == "output":
-        hooks.append((module, "post", post))
-    with forward_hooks(hooks, with_kwargs=True):
-        for start in range(0, len(calib), batch):
-            try:
-                calib.batch(order[start : start + batch]).call(model)
-            except _Stop:
-                pass
-    return seen
+    def save(self, index: int, name: str, block: nn.Module, report: BlockReport) -> None:
+        """Record block ``index`` as finished (its parameters and report)."""
 
 
 def _param_groups(layers: list[QuantLayer], recipe: Recipe) -> list[dict]:
@@ -152,27 +120,62 @@ def distill_blocks(
     calib: CalibrationSet,
     recipe: Recipe,
     seed: int = 0,
+    *,
+    workdir: str | Path | None = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> list[BlockReport]:
-    """BKD over ``blocks`` (in execution order); returns one report per block."""
+    """BKD over ``blocks`` (in execution order); returns one report per block. The data goes to
+    ``workdir`` (a folder it creates and removes; a temporary folder when None)."""
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-    reports = []
-    for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
-        qblock = qmodel.unet.get_submodule(block.name)
-        fpblock = fp_unet.get_submodule(block.name)
-        inputs = _capture(qmodel, qblock, calib, order, recipe.batch_size, "inputs")
-        targets = _capture(fp_unet, fpblock, calib, order, recipe.batch_size, "output")
-        rows = [qmodel.table.index(calib.inputs.timestep[b], len(b)) for b in order.split(recipe.batch_size)]
-        layers = [cast(QuantLayer, qmodel.unet.get_submodule(n)) for n in block.layers]
-
-        def forward(i: int) -> torch.Tensor:
-            args, kwargs = inputs[i]
-            out = qmodel.run_rows(rows[i], qblock, *args, **kwargs)
-            return block_loss(out, targets[i])
-
-        qblock.train()
-        reports.append(_train(block.name, forward, layers, len(inputs), recipe, recipe.iters, seed + k))
-        qblock.eval()
+    batches = list(order.split(recipe.batch_size))
+    rows = [qmodel.table.index(calib.inputs.timestep[b], len(b)) for b in batches]
+    names = [b.name for b in blocks]
+    with _store(workdir) as store:
+        capture_targets(fp_unet, names, calib, batches, store)
+        reports = []
+        for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
+            qblock = qmodel.unet.get_submodule(block.name)
+            n_batches = capture_inputs(qmodel, names, k, calib, batches, store)
+            report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
+            if report is None:
+                report = _distill_block(qmodel, qblock, block, k, store, rows, n_batches, recipe, seed)
+                if checkpoint:
+                    checkpoint.save(k, block.name, qblock, report)
+            reports.append(report)
+            cache_outputs(qmodel, qblock, k, rows, store)
+            store.drop(INPUTS, k)
+            store.drop(FP, k)
     return reports
+
+
+@contextmanager
+def _store(workdir: str | Path | None) -> Iterator[BlockStore]:
+    with contextlib.ExitStack() as stack:
+        root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dqdeploy-distill-"))) / "data"
+        store = BlockStore(root)
+        try:
+            yield store
+        finally:
+            store.clear()
+
+
+def _distill_block(qmodel: QuantizedUNet, qblock: nn.Module, block: Block, k: int, store: BlockStore,
+                   rows: list[torch.Tensor], n_batches: int, recipe: Recipe, seed: int) -> BlockReport:
+    """Train block ``k`` on its stored inputs and FP targets."""
+    if n_batches == 0:  # never called by the model's forward: nothing to distill
+        return BlockReport(block.name, 0.0, 0.0)
+    layers = [cast(QuantLayer, qmodel.unet.get_submodule(n)) for n in block.layers]
+
+    def forward(i: int) -> torch.Tensor:
+        args, kwargs = contiguous(store.get(INPUTS, k, i))  # (a strided view crashed conv backward in torch 2.13)
+        out = qmodel.run_rows(rows[i], qblock, *args, **kwargs)
+        return block_loss(out, store.get(FP, k, i))
+
+    qblock.train()
+    try:
+        return _train(block.name, forward, layers, n_batches, recipe, recipe.iters, seed + k)
+    finally:
+        qblock.eval()
 
 
 def distill_model(
