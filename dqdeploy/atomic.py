@@ -34,7 +34,8 @@ def _file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,12 +65,12 @@ def sweep_stale(target: str | Path) -> list[Path]:
             continue
         if entry.name.startswith(tmp_prefix):
             pid = _owner_pid(entry.name, tmp_prefix)
-            if pid is not None and not _pid_alive(pid) and (entry / PARTIAL_MARKER).is_file():
+            if pid is not None and not pid_alive(pid) and (entry / PARTIAL_MARKER).is_file():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
         elif entry.name.startswith(old_prefix):
             pid = _owner_pid(entry.name, old_prefix)
-            if pid is None or _pid_alive(pid) or own_kind(entry) is None:
+            if pid is None or pid_alive(pid) or own_kind(entry) is None:
                 continue
             if not os.path.lexists(target):  # interrupted between the two renames: put the old folder back
                 os.replace(entry, target)

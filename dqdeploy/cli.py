@@ -95,13 +95,17 @@ def cli(verbose: bool) -> None:
 @click.option("--fallback-budget", type=float, help="auto fallback: at most this fraction of the MACs stays in float.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
 @click.option("--allow-pickle", is_flag=True, help="Also load pickled .bin weights (they can run code: trusted folders only).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.checkpoint/ (same command and inputs): calibration and finished blocks are not redone.")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling, timestep_scales,
-             no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle) -> None:
+             no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle, resume) -> None:
     """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
     --scheduler-dir. Writes OUT (manifest.json, model.safetensors, distillation report and plot).
+    While it runs, OUT.checkpoint/ keeps what is finished (calibration, each distilled block); after
+    an interruption (even kill -9) the same command with --resume continues from there and writes
+    the same artifact. It is deleted when OUT is written.
     """
     from .quant.trajectories import read_prompts
     from .quantize_stage import quantize as run_quantize
@@ -127,7 +131,7 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
                               seed=seed, guidance=guidance, batch_size=r.batch_size, resolution=resolution)
     prompts = read_prompts(prompts_file) if prompts_file else None
     result = run_quantize(model_dir, r, calib, out_dir, scheduler_dir=scheduler_dir, cond_file=cond_file,
-                          prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle)
+                          prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle, resume=resume)
     n = len(result.manifest.layers)
     click.echo(f"quantized {n} layers of {result.manifest.model_class} with recipe {r.name} -> {out_dir}")
     if result.manifest.fallback:

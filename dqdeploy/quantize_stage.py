@@ -20,6 +20,7 @@ from torch import nn
 
 from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
 from .atomic import check_target
+from .checkpoint import RunCheckpoint, fingerprint
 from .denoisers import conditioning_dims, spec_for
 from .errors import CalibrationError, ModelLoadError, RecipeError
 from .inputs import DenoiserInputs
@@ -135,22 +136,51 @@ def quantize(
     prompts: list[str] | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    resume: bool = False,
 ) -> QuantizeResult:
     """Quantize the UNet of a diffusers folder with DilateQuant; save to ``out_dir`` when given
-    (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders only)."""
+    (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders only).
+
+    With ``out_dir``, the run keeps a checkpoint in ``OUT.checkpoint/`` (calibration set,
+    calibrated model, each distilled block), deleted after the artifact is saved; ``resume``
+    continues an interrupted run from it (:mod:`dqdeploy.checkpoint`)."""
     sources = [s for s in (model_dir, scheduler_dir) if s is not None]
+    ckpt = None
     if out_dir is not None:
         check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
+        run = fingerprint({"model": model_dir, "scheduler_dir": scheduler_dir, "conditioning": cond_file},
+                          {"prompts": prompts, "recipe": recipe.to_dict(), "calibration": calibration.to_dict()})
+        ckpt = RunCheckpoint.open(out_dir, run, resume=resume)
+    try:
+        result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle, ckpt)
+    except BaseException:
+        if ckpt and ckpt.is_empty():  # nothing worth resuming yet
+            ckpt.remove()
+        raise
+    if out_dir is not None:
+        result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
+    if ckpt and not ckpt.remove():
+        log.warning("kept %s: it holds files dqdeploy did not write", ckpt.folder)
+    return result
+
+
+def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: CalibrationConfig, scheduler_dir: str | Path | None,
+                     cond_file: str | Path | None, prompts: list[str] | None, allow_pickle: bool,
+                     ckpt: RunCheckpoint | None) -> QuantizeResult:
+    """Load the model, collect (or restore) the calibration set, quantize."""
     loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
     scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
     calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
     conditioning = _conditioning(loaded, cond_file, prompts)
-    calib = collect(loaded.unet, scheduler, calibration, conditioning)
+    calib = ckpt.calibration() if ckpt else None
+    if calib is not None:
+        log.info("calibration set restored from the checkpoint")
+    else:
+        calib = collect(loaded.unet, scheduler, calibration, conditioning)
+        if ckpt:
+            ckpt.save_calibration(calib)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
-    result = quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config)
-    if out_dir is not None:
-        result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
-    return result
+    return quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config, checkpoint=ckpt)
 
 
 def quantize_unet(
@@ -159,22 +189,28 @@ def quantize_unet(
     calib: CalibrationSet,
     calibration: CalibrationConfig = CalibrationConfig(),
     scheduler_config: dict | None = None,
+    *,
+    checkpoint: RunCheckpoint | None = None,
 ) -> QuantizeResult:
-    """The in-memory pipeline: dilation, per-step calibration, distillation."""
+    """The in-memory pipeline: dilation, per-step calibration, distillation (``checkpoint``: saves
+    each step's result and restores what an interrupted run finished)."""
     calib.validate()
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
-    qmodel, metas = build_quantized(unet, recipe, table, calib)
-    init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
-    init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
-    weights = None
-    if scheduler_config and recipe.fallback == "auto":
-        weights = scheduler_weights(make_scheduler(calibration.scheduler, scheduler_config), calib.timesteps)
-    fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights)
-    metas = keep_in_float(qmodel, unet, metas, fallback)
+    saved = checkpoint.calibrated() if checkpoint else None
+    if saved is None:
+        qmodel, metas, fallback = _calibrated(unet, recipe, table, calib, calibration, scheduler_config)
+        if checkpoint:
+            checkpoint.save_calibrated(qmodel.unet, metas, fallback)
+    else:
+        log.info("calibrated model restored from the checkpoint")
+        state, metas, fallback = saved
+        qmodel = install_quant_layers(copy.deepcopy(unet).eval(), metas, table)
+        qmodel.unet.load_state_dict(state, strict=True)
     reports: list[BlockReport] = []
     if recipe.distill == "block":
         blocks = partition(qmodel.unet, example_forward(qmodel, calib), spec_for(type(unet).__name__).blocks)
-        reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed)
+        reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed, checkpoint=checkpoint,
+                                 workdir=checkpoint.data_dir if checkpoint else None)
     elif recipe.distill == "model":
         reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed)
     qmodel.eval()
@@ -190,6 +226,21 @@ def quantize_unet(
         fallback=fallback,
     )
     return QuantizeResult(qmodel, manifest, reports, calibration_subset(calib, seed=calibration.seed))
+
+
+def _calibrated(
+    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet, calibration: CalibrationConfig,
+    scheduler_config: dict | None,
+) -> tuple[QuantizedUNet, dict[str, LayerMeta], list[str]]:
+    """Quantized model with calibrated per-step scales and the fallback layers back in float."""
+    qmodel, metas = build_quantized(unet, recipe, table, calib)
+    init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
+    init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
+    weights = None
+    if scheduler_config and recipe.fallback == "auto":
+        weights = scheduler_weights(make_scheduler(calibration.scheduler, scheduler_config), calib.timesteps)
+    fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights)
+    return qmodel, keep_in_float(qmodel, unet, metas, fallback), fallback
 
 
 def fallback_layers(

@@ -13,6 +13,7 @@ block and restores it on a resumed run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from .modules import QuantizedUNet, QuantLayer, quant_layers
 from .propagate import FP, INPUTS, cache_outputs, capture_inputs, capture_targets, output_tensors
 from .trajectories import CalibrationSet
 
+log = logging.getLogger(__name__)
 __all__ = ["BlockCheckpoint", "BlockReport", "block_loss", "distill_blocks", "distill_model", "output_tensors"]
 
 
@@ -137,7 +139,9 @@ def distill_blocks(
             qblock = qmodel.unet.get_submodule(block.name)
             n_batches = capture_inputs(qmodel, names, k, calib, batches, store)
             report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
-            if report is None:
+            if report is not None:
+                log.info("block %s restored from the checkpoint", block.name)
+            else:
                 report = _distill_block(qmodel, qblock, block, k, store, rows, n_batches, recipe, seed)
                 if checkpoint:
                     checkpoint.save(k, block.name, qblock, report)

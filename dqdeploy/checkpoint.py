@@ -1,0 +1,251 @@
+"""The checkpoint of a ``quantize`` run: ``OUT.checkpoint/`` next to the output folder ``OUT``.
+
+It holds what an interrupted run (Ctrl-C, kill -9, a crashed machine) has finished, so that
+``dqdeploy quantize ... --resume`` continues from there and writes the same artifact as an
+uninterrupted run:
+
+* ``checkpoint.json``: format tag, the run's fingerprint (sha256 of the model folder's files, the
+  scheduler folder and conditioning, recipe, calibration settings, dqdeploy version), the writer's
+  pid, and the report of every finished block; rewritten atomically after each step;
+* ``calibration.safetensors``: the calibration set (FP trajectories);
+* ``calibrated.safetensors``: the quantized model after per-step calibration and fallback, with
+  its layer metadata;
+* ``block-NNNNN.safetensors``: the parameters of each distilled block;
+* ``data/``: distillation shards (rebuilt on resume).
+
+Every file is written under a temporary name and renamed. The folder is recognised by its
+``checkpoint.json``; dqdeploy never writes into, resumes from or deletes a folder without it, and
+when a run succeeds it deletes only the files it wrote there. Its name never matches the
+``.NAME.tmp-*`` / ``.NAME.old-*`` patterns :func:`dqdeploy.atomic.sweep_stale` removes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .artifact import LayerMeta
+from .atomic import atomic_write_bytes, pid_alive
+from .errors import DQDeployError
+from .inputs import DenoiserInputs
+from .quant.distill import BlockReport
+from .quant.trajectories import CalibrationSet
+
+SUFFIX = ".checkpoint"
+STATE = "checkpoint.json"
+CALIBRATION = "calibration.safetensors"
+CALIBRATED = "calibrated.safetensors"
+DATA = "data"
+FORMAT = "dqdeploy-checkpoint"
+FORMAT_VERSION = 1
+_TEMP = re.compile(r"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$")  # our temporary names, and atomic_write_bytes's
+_BLOCK = re.compile(r"block-\d{5}\.safetensors$")
+_OWN_DATA = re.compile(r"(fp|inputs|cached)-\d{5}-\d{6}\.safetensors$")
+
+
+class CheckpointError(DQDeployError):
+    """A quantize checkpoint exists where it should not, belongs to another run, or cannot be used."""
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """``OUT.checkpoint`` next to the output folder ``OUT``."""
+    out = Path(os.path.abspath(out_dir))
+    return out.with_name(out.name + SUFFIX)
+
+
+def _hash_tree(path: Path, h: Any) -> None:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(path) if p != path else p.name).encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def fingerprint(inputs: dict[str, str | Path | None], settings: dict[str, Any]) -> dict[str, str]:
+    """Per part of a run, a sha256: of the content of every input file / folder (``None``: absent)
+    and of each setting's canonical JSON."""
+    out = {}
+    for name, path in inputs.items():
+        h = hashlib.sha256()
+        if path is not None:
+            _hash_tree(Path(path), h)
+        out[name] = h.hexdigest()
+    for name, value in {**settings, "dqdeploy": __version__}.items():
+        out[name] = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return out
+
+
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / STATE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class RunCheckpoint:
+    """The checkpoint folder of one quantize run (see the module docstring). Open it with :meth:`open`."""
+
+    def __init__(self, folder: Path, state: dict[str, Any]) -> None:
+        self.folder = folder
+        self.state = state
+
+    @classmethod
+    def open(cls, out_dir: str | Path, run: dict[str, str], *, resume: bool) -> RunCheckpoint:
+        """Create the checkpoint of a new run, or (``resume``) open the one of this same run ``run``
+        (a :func:`fingerprint`); a missing checkpoint with ``resume`` starts a new one."""
+        folder = checkpoint_path(out_dir)
+        if os.path.lexists(folder):
+            state = _read_state(folder) if folder.is_dir() and not folder.is_symlink() else None
+            if state is None:
+                raise CheckpointError(f"{folder} exists and is not a dqdeploy checkpoint: dqdeploy keeps its "
+                                      f"quantize checkpoint there and never touches what it did not write",
+                                      hint="move that folder away or choose another --out")
+            pid = state.get("pid")
+            if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+                raise CheckpointError(f"checkpoint {folder} already exists and is in use by another dqdeploy run (pid {pid})",
+                                      hint="run one writer per output folder; wait for that run or stop it")
+            if not resume:
+                raise CheckpointError(f"{folder} holds the checkpoint of an interrupted run "
+                                      f"({len(state.get('blocks', []))} blocks distilled)",
+                                      hint=f"add --resume to continue it, or delete {folder} to start over")
+            cls._check_same_run(folder, state, run)
+            ckpt = cls(folder, {**state, "pid": os.getpid()})
+            ckpt.clean_data()
+        else:
+            try:
+                folder.mkdir(parents=True)
+            except FileExistsError:
+                raise CheckpointError(f"checkpoint {folder} already exists: another run created it at the same moment",
+                                      hint="run one writer per output folder") from None
+            ckpt = cls(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": run,
+                                "pid": os.getpid(), "blocks": []})
+        ckpt._write_state()
+        return ckpt
+
+    @staticmethod
+    def _check_same_run(folder: Path, state: dict[str, Any], run: dict[str, str]) -> None:
+        if state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{folder} is a checkpoint format version {state.get('format_version')}, this dqdeploy "
+                                  f"reads version {FORMAT_VERSION}", hint=f"delete {folder} and run again without --resume")
+        saved = state.get("fingerprint", {})
+        differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+        if differ:
+            raise CheckpointError(f"--resume refused: {folder} is the checkpoint of another run (different {', '.join(differ)})",
+                                  hint=f"resume with the same model, inputs and settings as that run, or delete {folder} "
+                                       "and run again without --resume")
+
+    def _write_state(self) -> None:
+        atomic_write_bytes(self.folder / STATE, json.dumps(self.state, indent=1).encode())
+
+    @property
+    def data_dir(self) -> Path:
+        """Where distillation keeps its shards."""
+        return self.folder / DATA
+
+    def clean_data(self) -> None:
+        """Delete the distillation shards and temporary files a killed run left."""
+        self._unlink_own(self.folder, _TEMP)
+        self._unlink_own(self.data_dir, _OWN_DATA)
+
+    @staticmethod
+    def _unlink_own(folder: Path, pattern: re.Pattern[str]) -> None:
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if pattern.match(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink()
+
+    # -- calibration set ------------------------------------------------------------------------
+    def save_calibration(self, calib: CalibrationSet) -> None:
+        """Keep the calibration set."""
+        meta = {"timesteps": json.dumps(calib.timesteps), "sample_name": calib.inputs.sample_name,
+                "shared": json.dumps(list(calib.inputs.shared))}
+        _save_tensors({**calib.inputs.to_dict(), "__rows__": calib.rows}, self.folder / CALIBRATION, meta)
+
+    def calibration(self) -> CalibrationSet | None:
+        """The saved calibration set, or None."""
+        path = self.folder / CALIBRATION
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        rows = tensors.pop("__rows__")
+        inputs = DenoiserInputs.from_dict(tensors, meta["sample_name"], json.loads(meta["shared"]))
+        return CalibrationSet(inputs, rows, json.loads(meta["timesteps"]))
+
+    # -- calibrated model ---------------------------------------------------------------------
+    def save_calibrated(self, unet: nn.Module, metas: dict[str, LayerMeta], fallback: list[str]) -> None:
+        """Keep the calibrated quantized model (before distillation), its layer metadata and fallback."""
+        meta = {"layers": json.dumps({k: asdict(v) for k, v in metas.items()}), "fallback": json.dumps(fallback)}
+        _save_tensors(unet.state_dict(), self.folder / CALIBRATED, meta)
+
+    def calibrated(self) -> tuple[dict[str, torch.Tensor], dict[str, LayerMeta], list[str]] | None:
+        """The saved calibrated state, layer metadata and fallback layers, or None."""
+        path = self.folder / CALIBRATED
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        metas = {k: LayerMeta(**v) for k, v in json.loads(meta["layers"]).items()}
+        return load_file(str(path)), metas, json.loads(meta["fallback"])
+
+    # -- distilled blocks (distill.BlockCheckpoint) ----------------------------------------------
+    def _block_file(self, index: int) -> Path:
+        return self.folder / f"block-{index:05d}.safetensors"
+
+    def restore(self, index: int, name: str, block: nn.Module) -> BlockReport | None:
+        """Load block ``index``'s saved parameters into ``block``; its report, or None if not finished."""
+        done = {b["index"]: b for b in self.state["blocks"]}
+        if index not in done:
+            return None
+        if done[index]["name"] != name:
+            raise CheckpointError(f"{self.folder}: block {index} is {done[index]['name']!r}, this run's is {name!r}",
+                                  hint=f"delete {self.folder} and run again without --resume")
+        block.load_state_dict(load_file(str(self._block_file(index))), strict=True)
+        return BlockReport(**{k: v for k, v in done[index].items() if k != "index"})
+
+    def save(self, index: int, name: str, block: nn.Module, report: BlockReport) -> None:
+        """Record block ``index`` as finished: its parameters, then its report."""
+        _save_tensors(block.state_dict(), self._block_file(index), {"name": name})
+        self.state["blocks"] = [b for b in self.state["blocks"] if b["index"] != index]
+        self.state["blocks"].append({"index": index, **dataclasses.asdict(report)})
+        self._write_state()
+
+    def is_empty(self) -> bool:
+        """Whether nothing worth resuming has been saved yet."""
+        return not (self.folder / CALIBRATION).is_file()
+
+    def remove(self) -> bool:
+        """Delete every file this checkpoint wrote, then the folder; True if it is gone (a file
+        someone else put there is left, with the folder)."""
+        self.clean_data()
+        for name in (CALIBRATION, CALIBRATED):
+            (self.folder / name).unlink(missing_ok=True)
+        self._unlink_own(self.folder, _BLOCK)
+        (self.folder / STATE).unlink(missing_ok=True)
+        for folder in (self.data_dir, self.folder):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        return not self.folder.exists()

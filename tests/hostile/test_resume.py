@@ -1,0 +1,68 @@
+"""kill -9 in the middle of block-wise distillation, then ``quantize --resume``: the artifact equals an
+uninterrupted run's, tensor for tensor; a checkpoint is never silently reused nor destroyed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.hostile.runner import refused, run, spawn, tree
+
+RUN = ["--recipe", "w4a8", "--steps", "3", "--trajectories", "4", "--calib-samples", "16", "--iters", "25",
+       "--batch-size", "4", "--fallback", "none"]
+BLOCKS = 17  # of tests.helpers.tiny_unet
+
+
+def _blocks_done(ckpt: Path) -> int:
+    try:
+        return len(json.loads((ckpt / "checkpoint.json").read_text())["blocks"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _artifact_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {f"{name}/{k}": v for name in ("model.safetensors", "calibration_inputs.safetensors")
+            for k, v in load_file(str(folder / name)).items()}
+
+
+@pytest.mark.hostile("interruption", "resumed")
+def test_kill_9_during_distillation_then_resume_equals_an_uninterrupted_run(pipe_dir, tmp_path):
+    out, ckpt = tmp_path / "q", tmp_path / "q.checkpoint"
+    proc = spawn("quantize", pipe_dir, "--out", out, *RUN)
+    start = time.monotonic()
+    while _blocks_done(ckpt) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - start < 300, "distillation never reached block 3"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = _blocks_done(ckpt)
+    assert 3 <= done < BLOCKS and not out.exists()
+
+    before = tree(ckpt)
+    refused(run("quantize", pipe_dir, "--out", out, *RUN), "interrupted run", "--resume", code=2)
+    other = [a if a != "25" else "26" for a in RUN]
+    refused(run("quantize", pipe_dir, "--out", out, *other, "--resume"), "another run", "recipe", code=2)
+    assert tree(ckpt) == before  # refusals touch nothing
+
+    resumed = spawn("-v", "quantize", pipe_dir, "--out", out, *RUN, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "calibration set restored" in err and err.count("restored from the checkpoint") == done + 2, err
+    assert not ckpt.exists()  # removed once the artifact is written
+
+    fresh = spawn("quantize", pipe_dir, "--out", tmp_path / "fresh", *RUN)
+    _, err = fresh.communicate(timeout=600)
+    assert fresh.returncode == 0, err
+    got, want = _artifact_tensors(out), _artifact_tensors(tmp_path / "fresh")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    blocks = [json.loads((f / "manifest.json").read_text())["blocks"] for f in (out, tmp_path / "fresh")]
+    assert blocks[0] == blocks[1] and len(blocks[0]) == BLOCKS
