@@ -22,7 +22,7 @@ from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers,
 from .atomic import check_target
 from .checkpoint import RunCheckpoint, fingerprint
 from .denoisers import conditioning_dims, spec_for
-from .errors import CalibrationError, ModelLoadError, RecipeError
+from .errors import CalibrationError, DQDeployError, ModelLoadError, RecipeError
 from .inputs import DenoiserInputs
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
 from .quant.analysis import analyze_inputs
@@ -153,9 +153,14 @@ def quantize(
         ckpt = RunCheckpoint.open(out_dir, run, resume=resume)
     try:
         result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle, ckpt)
-    except BaseException:
-        if ckpt and ckpt.is_empty():  # nothing worth resuming yet
+    except BaseException as exc:
+        if ckpt is None:
+            raise
+        # a user error before any block is distilled would recur on resume: nothing worth keeping
+        if ckpt.is_empty() or isinstance(exc, DQDeployError) and not ckpt.state["blocks"]:
             ckpt.remove()
+        else:
+            log.warning("the finished work is kept in %s: the same command with --resume continues from it", ckpt.folder)
         raise
     if out_dir is not None:
         result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)

@@ -54,6 +54,7 @@ def test_signal_during_quantize_exits_cleanly(sig, code, word, delay, pipe_dir, 
     assert proc.returncode == code, err
     assert "Traceback" not in err and word in err, err
     assert not (tmp_path / "q").exists() and leftovers(tmp_path) == []
+    assert not (tmp_path / "q.checkpoint").exists()  # nothing worth resuming before the calibration set exists
 
 
 @pytest.mark.hostile("interruption", "cleaned")

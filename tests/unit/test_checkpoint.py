@@ -87,3 +87,15 @@ def test_fingerprint_follows_file_content(tmp_path):
     second = fingerprint({"model": tmp_path / "m", "cond": None}, {"recipe": {"iters": 1}})
     assert first["model"] != second["model"] and first["recipe"] == second["recipe"]
     assert json.dumps(first)  # plain JSON
+
+
+def test_a_user_error_before_distillation_leaves_no_checkpoint(tmp_path):
+    from dqdeploy.errors import CalibrationError
+    from dqdeploy.quantize_stage import quantize
+    from dqdeploy.recipe import W8A8, CalibrationConfig
+    from tests.helpers import tiny_cond_unet, write_bare_unet
+
+    unet_dir, sched = write_bare_unet(tiny_cond_unet(), tmp_path)
+    with pytest.raises(CalibrationError, match="needs calibration conditioning"):
+        quantize(unet_dir, W8A8, CalibrationConfig(steps=2, trajectories=2, samples=4), tmp_path / "q", scheduler_dir=sched)
+    assert not (tmp_path / "q").exists() and not checkpoint_path(tmp_path / "q").exists()
