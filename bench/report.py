@@ -112,6 +112,19 @@ def memory_section(mem: dict) -> list[str]:
     return out + ["", f"Block-wise / whole-model peak: {mem['block_vs_model_peak_ratio']:.2f}x (paper, GPU: 0.34x).", ""]
 
 
+def distill_scale_section(d: dict) -> list[str]:
+    m = d["model"]
+    out = ["## Distillation time per block", "",
+           f"`{d['command']}` — {m['class']} {'/'.join(map(str, m['block_out_channels']))} wide (SD-1.5 block layout, "
+           f"{d['before']['parameters_m']:.0f}M parameters, {d['before']['blocks']} blocks, {m['sample_size']}x{m['sample_size']} latent, "
+           f"{m['tokens']} tokens), {d['recipe']}, {d['iters']} iterations, {d['calibration_samples']} samples, batch {d['batch_size']}.", "",
+           "| code | distillation (s) | per block (s) | peak RSS above baseline (MB) | mean final block loss |", "|---|---:|---:|---:|---:|"]
+    for name in ("before", "after"):
+        r = d[name]
+        out.append(f"| {name} | {r['distill_s']:.0f} | {r['per_block_s_mean']:.2f} | {r['peak_above_baseline_mb']:.0f} | {r['loss_after_mean']:.4e} |")
+    return out + ["", f"Propagation vs re-running the model per block: {d['distill_speedup']:.2f}x faster.", ""]
+
+
 def reliability_section(rel: dict) -> list[str]:
     """The hostile-input corpus: cases by category, what each expects, and what happened."""
     labels = {"cli": "CLI inputs and output paths", "artifact": "artifact tampering", "export": "export tampering",
@@ -178,6 +191,7 @@ def main() -> None:
              "side by side in one run.", ""]
     for data, section in ((merged_quality(), quality_section), (_load("zoo_quality"), zoo_quality_section),
                           (_load("latency"), latency_section), (_load("memory"), memory_section),
+                          (_load("distill_scale"), distill_scale_section),
                           (_load("reliability"), reliability_section)):
         if data:
             lines += section(data)
