@@ -249,16 +249,24 @@ def _batch_profile(text: str) -> tuple[int, int, int]:
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="trt: timing cache file to reuse.")
 @click.option("--workspace-gb", type=float, help="trt: builder workspace limit.")
 @click.option("--triton-repo", type=click.Path(path_type=Path), help="trt: also write a Triton model repository here.")
+@click.option("--dynamic-resolution", "dyn_res", metavar="MIN:MAX",
+              help="Dynamic latent height and width, each in MIN..MAX (latent pixels, like quantize --resolution; multiples of the model's step).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo, overwrite) -> None:
+def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo, dyn_res,
+           overwrite) -> None:
     """Export a quantized artifact SOURCE to ONNX (QDQ) and, for --target trt, a TensorRT engine."""
+    from .exporters.dynamic import parse_range
     from .exporters.export import export as run_export
     from .exporters.spec import ENGINE_FILE, read_spec
 
     lo, opt, hi = _batch_profile(batch)
+    try:
+        res_range = None if dyn_res is None else parse_range(dyn_res)
+    except ValueError:
+        raise click.BadParameter(f"{dyn_res!r}: expected MIN:MAX latent sizes with 1 <= MIN <= MAX, e.g. 32:96", param_hint="--dynamic-resolution") from None
     run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
                overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
-               triton_repo=triton_repo)
+               triton_repo=triton_repo, dynamic_resolution=res_range)
     click.echo(f"wrote {Path(out_dir) / read_spec(out_dir).onnx_file} ({target})")
     if target == "trt":
         click.echo(f"wrote {Path(out_dir) / ENGINE_FILE}")

@@ -308,6 +308,9 @@ def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> Non
     if data.get("scheduler_config") is not None:
         check_config(p, "scheduler_config", data["scheduler_config"])
     check_timesteps(p, data.get("timesteps", []), allow_empty=data["target"] == "float")
+    rr = data.get("resolution_range")
+    p.require(rr is None or (isinstance(rr, list) and len(rr) == 2 and all(is_int(v) and v > 0 for v in rr) and rr[0] <= rr[1]),
+              f"resolution_range {rr!r} (expected [MIN, MAX] latent pixels)")
     for key in ("inputs", "outputs"):
         tensors = data[key]
         if not p.require(isinstance(tensors, list) and 0 < len(tensors) <= 8, f"{key} must be a non-empty list"):

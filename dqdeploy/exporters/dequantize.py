@@ -67,31 +67,34 @@ def layer_tensors(model: QuantizedUNet, manifest: Manifest) -> dict[str, LayerTe
     return {name: tensors_of(name, layer, manifest.layers[name].fold) for name, layer in quant_layers(model.unet).items()}
 
 
-class _DequantLayer(nn.Module):
-    """Plain conv/linear with the dequantized weight: what gets exported, then rewritten."""
+def plain_layer(layer: QuantLayer) -> nn.Conv2d | nn.Linear:
+    """Plain conv/linear holding the dequantized weight of ``layer``: what gets exported, then rewritten.
 
-    def __init__(self, layer: QuantLayer) -> None:
-        super().__init__()
-        with torch.no_grad():
-            w = layer.weight_quantizer(layer.weight)
-        self.inner: nn.Conv2d | nn.Linear
-        if layer.kind == "conv":
-            out_ch, in_ch = w.shape[:2]
-            args = layer.conv_args
-            self.inner = nn.Conv2d(in_ch * args["groups"], out_ch, w.shape[2:], stride=args["stride"], padding=args["padding"],
-                                   dilation=args["dilation"], groups=args["groups"], bias=layer.bias is not None)
-        else:
-            self.inner = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
-        with torch.no_grad():
-            self.inner.weight.copy_(w)
-            if layer.bias is not None and self.inner.bias is not None:
-                self.inner.bias.copy_(layer.bias)
+    Built without the random initialisation (``skip_init``): its parameters are the dequantized
+    tensor and the layer's own bias, not copies."""
+    with torch.no_grad():
+        w = layer.weight_quantizer(layer.weight).float()
+    inner: nn.Conv2d | nn.Linear
+    if layer.kind == "conv":
+        args = layer.conv_args
+        inner = nn.utils.skip_init(nn.Conv2d, w.shape[1] * args["groups"], w.shape[0], tuple(w.shape[2:]),
+                                   stride=args["stride"], padding=args["padding"], dilation=args["dilation"],
+                                   groups=args["groups"], bias=layer.bias is not None)
+    else:
+        inner = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=layer.bias is not None)
+    inner.weight = nn.Parameter(w, requires_grad=False)
+    if layer.bias is not None:
+        inner.bias = nn.Parameter(layer.bias.detach().float(), requires_grad=False)
+    return inner
 
 
-def dequantized_unet(model: QuantizedUNet, manifest: Manifest) -> nn.Module:
+def dequantized_unet(model: QuantizedUNet, manifest: Manifest, *, inplace: bool = False) -> nn.Module:
     """A float diffusers UNet: each QuantLayer becomes a plain layer (dequantized weights) named like
-    the original, and ``1/s`` is folded into the affine norm in front of it where that is exact."""
-    unet = copy.deepcopy(model.unet).float().eval()
+    the original, and ``1/s`` is folded into the affine norm in front of it where that is exact.
+
+    ``inplace=True`` converts ``model``'s own UNet layer by layer (``model`` is consumed): no second
+    copy of the weights is ever held, which is what bounds the export's memory."""
+    unet = (model.unet if inplace else copy.deepcopy(model.unet)).float().eval()
     layers = quant_layers(unet)
     folded: set[str] = set()
     for name, layer in layers.items():
@@ -102,8 +105,8 @@ def dequantized_unet(model: QuantizedUNet, manifest: Manifest) -> nn.Module:
                 norm.weight.mul_(layer.input_scale)
                 norm.bias.mul_(layer.input_scale)
             folded.add(fold)
-    for name, layer in layers.items():
-        replace_module(unet, name, _DequantLayer(layer).inner)
+    for name in list(layers):
+        replace_module(unet, name, plain_layer(layers.pop(name)))  # the QuantLayer is freed here
     return unet
 
 

@@ -9,8 +9,9 @@ engine, optionally a Triton repository].
 
 from __future__ import annotations
 
+import gc
 import logging
-import tempfile
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
-from ..atomic import check_target
+from ..atomic import atomic_dir, check_target
 from ..denoisers import spec_for, spec_of
 from ..errors import ExportError
 from ..folders import detect
@@ -32,15 +33,17 @@ from ..trt_gate import require_tensorrt
 from ..vocab import GRAPH_TARGETS, TARGETS, GraphTarget, Target, layout_of
 from .dequantize import LayerTensors, dequantized_unet, layer_tensors
 from .engine import build_engine
-from .folder import check_graph, save_export, tensor_specs, versions
+from .folder import check_graph, tensor_specs, versions, write_export
 from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ExportSpec
+from .stages import stage
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16 (FLOAT is 1)
+SCRATCH = ".float-graph"  # inside the atomic output folder; removed before it is renamed into place
 
 
 def export(
@@ -57,8 +60,12 @@ def export(
     timing_cache: str | Path | None = None,
     workspace_gb: float | None = None,
     triton_repo: str | Path | None = None,
+    dynamic_resolution: tuple[int, int] | None = None,
 ) -> Path:
     """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``).
+
+    ``dynamic_resolution=(MIN, MAX)``: the latent height and width are dynamic, each a multiple of
+    the model's step in ``[MIN, MAX]`` (:mod:`.dynamic`); ``trt`` profiles that range.
 
     ``trt`` writes the FP16 TensorRT-layout graph, then builds ``unet/model.plan`` with the batch
     profile ``batch`` (doubled by ``cfg``), and a Triton repository at ``triton_repo`` if given.
@@ -73,10 +80,11 @@ def export(
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if target != "trt":
         return export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
-                            simplify=simplify, overwrite=overwrite)
+                            simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
     _refuse_transformer_engine(source)
     require_tensorrt()  # fail fast, before the export work
-    export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite)
+    export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
+                 dynamic_resolution=dynamic_resolution)
     build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
     if triton_repo is not None:
         write_triton_repo(out_dir, triton_repo)
@@ -92,26 +100,36 @@ def export_graph(
     int4_linear: bool = False,
     simplify: bool = True,
     overwrite: bool = False,
+    dynamic_resolution: tuple[int, int] | None = None,
 ) -> Path:
     """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``)."""
     _check_request(source, target, fp16)
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if detect(source) == "fp":
-        return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite)
+        return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
     manifest = read_manifest(source)
     recipe = manifest.recipe
     if target != "float":
         _check_deployable(recipe)
-    parts = _prepare(source, manifest, recipe, target, fp16)
-    int4_layers = _int4_layers(parts.layers, parts.ranks) if int4_linear else []
-    opset = 21 if int4_layers else 20
-    graph = _float_graph(parts.canvas, parts.example, opset)
-    if target != "float":
-        opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
-        graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
-    graph = _finish_graph(graph, target, simplify)
-    spec = _spec(graph, manifest, target, fp16, opset)
-    return save_export(graph, out_dir, spec, overwrite=overwrite, sources=[source])
+    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
+        scratch = folder / SCRATCH  # the float graph's weights: on the output's disk, swept if the run dies
+        canvas, parts = _prepare(source, manifest, recipe, target, fp16)
+        int4_layers = _int4_layers(parts.layers, parts.ranks) if int4_linear else []
+        opset = 21 if int4_layers else 20
+        graph = _float_graph(canvas, parts.example, scratch, opset, dynamic_resolution)
+        del canvas
+        gc.collect()  # the float UNet is not needed any more: its weights are in the scratch file
+        if target != "float":
+            opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
+            with stage("Q/DQ surgery"):
+                graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
+        del parts
+        graph = _finish_graph(graph, target, simplify)
+        with stage("write the graph"):
+            spec = _spec(graph, manifest, target, fp16, opset, dynamic_resolution)
+            write_export(graph, folder, spec, base_dir=scratch)
+        shutil.rmtree(scratch)
+    return Path(out_dir)
 
 
 def _refuse_transformer_engine(source: str | Path) -> None:
@@ -148,26 +166,30 @@ def _check_deployable(recipe: Recipe) -> None:
 
 @dataclass
 class _Parts:
-    """What the graph is made from: the float copy, example inputs, per-layer tensors and ranks."""
+    """What the Q/DQ surgery needs besides the float graph: example inputs, per-layer tensors and ranks."""
 
-    canvas: torch.nn.Module
     example: DenoiserInputs
     layers: dict[str, LayerTensors]
     ranks: dict[str, int]
     out_scales: dict[str, float] | None
 
 
-def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool) -> _Parts:
-    model = load_quantized(source)
+def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool
+             ) -> tuple[torch.nn.Module, _Parts]:
+    """The float canvas (the simulation's own UNet, converted in place) and the surgery's inputs."""
+    with stage("load the artifact"):
+        model = load_quantized(source)
     calib = spec_for(manifest.model_class).inputs_from_dict(load_calibration_inputs(source))
-    layers = layer_tensors(model, manifest)
-    canvas = dequantized_unet(model, manifest)
     example = calib.slice(slice(0, 2))
-    ranks = input_ranks(canvas, list(layers), example)
-    out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if target == "ort" else None
+    with stage("measure layers"):
+        layers = layer_tensors(model, manifest)
+        ranks = input_ranks(model, list(layers), example, root=model.unet)
+        out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if target == "ort" else None
+    canvas = dequantized_unet(model, manifest, inplace=True)
+    del model
     if fp16:
         canvas, example = canvas.half(), example.half()
-    return _Parts(canvas, example, layers, ranks, out_scales)
+    return canvas, _Parts(example, layers, ranks, out_scales)
 
 
 def _ort_output_scales(
@@ -193,9 +215,12 @@ def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list
     return found
 
 
-def _float_graph(unet: torch.nn.Module, example: DenoiserInputs, opset: int = 20) -> Any:
-    with tempfile.TemporaryDirectory(prefix="dqdeploy-float-") as scratch:
-        return export_float_onnx(unet, Path(scratch) / "float.onnx", inputs=example, opset=opset)
+def _float_graph(unet: torch.nn.Module, example: DenoiserInputs, scratch: Path, opset: int = 20,
+                 resolution_range: tuple[int, int] | None = None) -> Any:
+    """The float ONNX graph, its large weights left in ``scratch`` (which must outlive it)."""
+    with stage("float ONNX export"):
+        return export_float_onnx(unet, scratch / "float.onnx", inputs=example, opset=opset, large_external=True,
+                                 resolution_range=resolution_range)
 
 
 def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
@@ -203,7 +228,8 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
     if simplify:
         from .simplify import simplify as run_simplify
 
-        graph = run_simplify(graph)
+        with stage("simplify"):
+            graph = run_simplify(graph)
     check_graph(graph)
     if layout_of(target) == "trt":  # the graph TensorRT builds from must pass its rules, checked statically
         from .lint import lint_trt
@@ -215,25 +241,32 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
     return graph
 
 
-def _spec(graph: Any, manifest: Manifest, target: GraphTarget, fp16: bool, opset: int) -> ExportSpec:
+def _spec(graph: Any, manifest: Manifest, target: GraphTarget, fp16: bool, opset: int,
+          resolution_range: tuple[int, int] | None) -> ExportSpec:
     inputs, outputs = tensor_specs(graph)
     return ExportSpec(
         target=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,
         model_config=manifest.model_config, inputs=inputs, outputs=outputs, timesteps=manifest.timesteps,
         recipe=manifest.recipe, scheduler_config=manifest.scheduler_config, versions=versions(),
-        source=manifest.integrity,
+        source=manifest.integrity, resolution_range=None if resolution_range is None else list(resolution_range),
     )
 
 
-def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite: bool) -> Path:
-    loaded = load_model(source)
-    example = transformer_example(loaded.unet) if spec_of(loaded.unet).is_transformer else example_inputs(loaded.unet)
-    unet = loaded.unet.half() if fp16 else loaded.unet
-    graph = _float_graph(unet, example.half() if fp16 else example)
-    inputs, outputs = tensor_specs(graph)
-    spec = ExportSpec(
-        target="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(unet).__name__,
-        model_config=portable_config(unet), inputs=inputs, outputs=outputs,
-        scheduler_config=loaded.scheduler_config, versions=versions(),
-    )
-    return save_export(graph, out_dir, spec, overwrite=overwrite, sources=[source])
+def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite: bool,
+               dynamic_resolution: tuple[int, int] | None) -> Path:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
+        loaded = load_model(source)
+        example = transformer_example(loaded.unet) if spec_of(loaded.unet).is_transformer else example_inputs(loaded.unet)
+        unet = loaded.unet.half() if fp16 else loaded.unet
+        graph = _float_graph(unet, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
+        inputs, outputs = tensor_specs(graph)
+        spec = ExportSpec(
+            target="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(unet).__name__,
+            model_config=portable_config(unet), inputs=inputs, outputs=outputs,
+            scheduler_config=loaded.scheduler_config, versions=versions(),
+            resolution_range=None if dynamic_resolution is None else list(dynamic_resolution),
+        )
+        del loaded, unet
+        write_export(graph, folder, spec, base_dir=folder / SCRATCH)
+        shutil.rmtree(folder / SCRATCH)
+    return Path(out_dir)

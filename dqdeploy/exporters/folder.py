@@ -11,8 +11,9 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_dir
-from ..errors import ExportError, require
+from ..errors import ExportError
 from ..integrity import file_record
+from .external import external_bytes, graph_bytes, write_graph
 from .onnx import EXTERNAL_DATA_THRESHOLD
 from .spec import ONNX_DATA_FILE, SPEC_FILE, ExportSpec, TensorSpec
 
@@ -38,38 +39,35 @@ def versions() -> dict[str, str]:
     return {"dqdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _fits_proto(model: Any) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:  # protobuf refuses to size messages over 2 GB
-        return False
-
-
 def check_graph(graph: Any) -> None:
-    """onnx.checker on graphs small enough to serialize in memory."""
+    """onnx.checker on the graph's structure (tensors in external data are not read)."""
     import onnx
 
     try:
-        if _fits_proto(graph) and graph.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if graph_bytes(graph) - external_bytes(graph) < EXTERNAL_DATA_THRESHOLD:  # protobuf's 2 GB limit
             onnx.checker.check_model(graph, full_check=False)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported graph fails onnx.checker: {str(exc)[:500]}") from None
 
 
+def write_export(model: Any, folder: Path, spec: ExportSpec, *, base_dir: str | Path | None = None,
+                 external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> None:
+    """Write ``unet/model.onnx`` or ``transformer/model.onnx`` (external ``model.onnx_data`` when the
+    weights reach ``external_threshold`` bytes) and the spec into ``folder`` (an open atomic folder);
+    the spec records the sha256 and size of every graph file. Tensors of ``model`` still in external
+    data are streamed from ``base_dir`` (:func:`~.external.write_graph`)."""
+    path = folder / spec.onnx_file
+    path.parent.mkdir(parents=True)
+    write_graph(model, path, base_dir=base_dir, data_file=ONNX_DATA_FILE, threshold=external_threshold)
+    files = {p.relative_to(folder).as_posix(): file_record(p) for p in sorted(path.parent.iterdir()) if p.is_file()}
+    (folder / SPEC_FILE).write_text(dataclasses.replace(spec, files=files).to_json())
+
+
 def save_export(
     model: Any, out_dir: str | Path, spec: ExportSpec, *, overwrite: bool = False, sources: Iterable[str | Path] = ()
 ) -> Path:
-    """Write ``unet/model.onnx`` or ``transformer/model.onnx`` (external ``model.onnx_data`` over 2 GB) and the spec, atomically;
-    the spec records the sha256 and size of every file. ``sources`` (the folder exported from) are
-    never replaced."""
-    onnx = require("onnx", "ort", "ONNX export")
+    """:func:`write_export` of an in-memory ``model`` into ``out_dir``, atomically. ``sources`` (the
+    folder exported from) are never replaced."""
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as tmp:
-        path = tmp / spec.onnx_file
-        path.parent.mkdir(parents=True)
-        big = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_proto(model) else True
-        onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                        location=ONNX_DATA_FILE, size_threshold=1024)
-        files = {p.relative_to(tmp).as_posix(): file_record(p) for p in sorted(path.parent.iterdir()) if p.is_file()}
-        (tmp / SPEC_FILE).write_text(dataclasses.replace(spec, files=files).to_json())
+        write_export(model, tmp, spec)
     return Path(out_dir)

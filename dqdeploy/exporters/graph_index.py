@@ -208,7 +208,7 @@ class GraphIndex:
         try:
             from onnx import shape_inference
 
-            inferred = shape_inference.infer_shapes(_skeleton(self.model), check_type=False, strict_mode=False)
+            inferred = shape_inference.infer_shapes(skeleton(self.model), check_type=False, strict_mode=False)
             take(inferred.graph.value_info)
             take(inferred.graph.output)
         except Exception as exc:  # a broken graph still gets the declared types
@@ -216,7 +216,7 @@ class GraphIndex:
         self._types, self._shapes = types, shapes
 
 
-def _skeleton(model):
+def skeleton(model):
     """A copy of ``model`` without large initializer data (they become graph inputs): cheap to serialize."""
     from onnx import helper
 

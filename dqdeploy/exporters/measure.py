@@ -12,8 +12,11 @@ from .dequantize import LayerTensors
 
 
 @torch.no_grad()
-def input_ranks(unet: torch.nn.Module, names: list[str], inputs: DenoiserInputs) -> dict[str, int]:
-    """Rank of each named layer's input activation, from one forward."""
+def input_ranks(unet: torch.nn.Module, names: list[str], inputs: DenoiserInputs,
+                root: torch.nn.Module | None = None) -> dict[str, int]:
+    """Rank of each named layer's input activation, from one forward of ``unet``; the names are
+    submodules of ``root`` (default ``unet``; a QuantizedUNet's ``.unet``)."""
+    root = unet if root is None else root
     ranks: dict[str, int] = {}
 
     def record(name: str):
@@ -22,7 +25,7 @@ def input_ranks(unet: torch.nn.Module, names: list[str], inputs: DenoiserInputs)
 
         return hook
 
-    with forward_hooks((unet.get_submodule(n), "pre", record(n)) for n in names):
+    with forward_hooks((root.get_submodule(n), "pre", record(n)) for n in names):
         inputs.call(unet)
     return ranks
 

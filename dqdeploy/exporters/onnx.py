@@ -4,7 +4,7 @@ UNets: inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for condi
 ``encoder_hidden_states`` [B, S, D]; output ``out_sample``. Diffusion transformers: ``hidden_states``,
 ``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``,
 ``txt_ids`` (no batch axis), ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.denoisers`).
-The batch axis is dynamic. Q/DQ nodes are added afterwards by graph surgery
+The batch axis is dynamic (the latent height and width too with ``resolution_range``). Q/DQ nodes are added afterwards by graph surgery
 (:mod:`dqdeploy.exporters.qdq`), never by the exporter.
 """
 
@@ -21,6 +21,9 @@ from ..denoisers import GUIDANCE, POOLED, conditioning_dims, latent_shape, spec_
 from ..errors import ExportError, require
 from ..inputs import CONTEXT, DenoiserInputs
 from ..sampling import shared_inputs
+from .dynamic import sample_axes
+from .external import LOAD_BELOW, is_external, load_graph
+from .graph_index import skeleton
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,11 @@ def drop_noop_squeezes(model: Any) -> int:
     import onnx
     from onnx import numpy_helper
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model))  # large initializers stay out
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*inferred.graph.value_info, *inferred.graph.input]}
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT64
+              and not is_external(i)}
     consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     fixed = 0
@@ -103,20 +107,28 @@ def export_float_onnx(
     *,
     inputs: DenoiserInputs | None = None,
     opset: int = 20,
+    large_external: bool = False,
+    resolution_range: tuple[int, int] | None = None,
 ) -> Any:
     """Export ``unet`` (a diffusers UNet or diffusion transformer, or any module with one of their
     call signatures) to a float ONNX model; the graph inputs are ``inputs``' names in the order of
     the model's :class:`~dqdeploy.denoisers.DenoiserSpec` (optimum's).
 
-    Returns the in-memory model; ``path`` is only a scratch location for the exporter.
+    ``resolution_range`` = (MIN, MAX) makes the latent height and width dynamic (:mod:`.dynamic`).
+    Returns the model read back from ``path``: every tensor in memory, or with ``large_external``
+    only those under :data:`~.external.LOAD_BELOW` bytes (the weights then stay in ``path``'s data
+    file, which must outlive the model: :func:`~.external.write_graph` copies them from there).
     """
-    onnx = require("onnx", "ort", "ONNX export")
+    require("onnx", "ort", "ONNX export")
     inputs = inputs or example_inputs(unet)
     spec = spec_of(unet, fallback="UNet2DConditionModel")  # other modules: the UNet call signature
     given = inputs.kwargs()
     feeds = {n: given[n] for n in spec.inputs if n in given} | given  # optimum's order first
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {name: (None if name in inputs.shared else {0: batch}) for name in feeds}
+    dynamic: dict[str, Any] = {name: (None if name in inputs.shared else {0: batch}) for name in feeds}
+    if resolution_range is not None:
+        size = (int(inputs.sample.shape[-2]), int(inputs.sample.shape[-1]))
+        dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, unet).config, size, *resolution_range)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = unet.training
@@ -148,6 +160,6 @@ def export_float_onnx(
     finally:
         unet.train(was_training)
         exporter_log.setLevel(level)
-    model = onnx.load(str(path), load_external_data=True)
+    model = load_graph(path, load_below=LOAD_BELOW if large_external else None)
     drop_noop_squeezes(model)
     return model

@@ -21,13 +21,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import require
-from .graph_index import COMPUTE_OPS, FLOAT_TYPES, GraphIndex
+from .graph_index import COMPUTE_OPS, FLOAT_TYPES, GraphIndex, skeleton
 
 log = logging.getLogger(__name__)
 
-SKIP_IF_LARGER_THAN = 1_000_000_000  # bytes of initializer data; onnxsim serializes (protobuf: 2 GiB)
 QUANT_TYPES = frozenset({2, 3, 21, 22})  # uint8, int8, uint4, int4
-EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,35 +117,34 @@ def _onnxslim(model):
 BACKENDS: dict[str, Callable] = {"onnxsim": _onnxsim, "onnxslim": _onnxslim}
 
 
-def _data_bytes(model) -> tuple[int, bool]:
-    """Bytes of initializer data held in memory, and whether some data is external (not loaded)."""
-    total, external = 0, False
-    for t in model.graph.initializer:
-        if t.data_location == EXTERNAL:
-            external = True
-        total += len(t.raw_data) if t.raw_data else int(np.prod(t.dims, dtype=np.int64)) * 4
-    return total, external
+def _restore(simplified, large: dict[str, Any]):
+    """Put the initializers the skeleton had turned into graph inputs back into ``simplified``."""
+    g = simplified.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    inputs = [i for i in g.input if i.name not in large]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.initializer.extend(t for name, t in large.items() if name in used)
+    return simplified
 
 
-def simplify(model, *, skip_if_larger_than: int | None = SKIP_IF_LARGER_THAN,
-             backends: tuple[str, ...] = ("onnxsim", "onnxslim")):
+def simplify(model, *, backends: tuple[str, ...] = ("onnxsim", "onnxslim")):
     """Simplify ``model`` (onnxsim, then onnxslim) without touching its Q/DQ structure.
 
-    Returns the first simplified model whose :func:`qdq_structure` is intact, else ``model`` itself.
-    Models with unloaded external data or more than ``skip_if_larger_than`` bytes are returned as is.
+    The simplifiers see a skeleton (:func:`~.graph_index.skeleton`: initializers over
+    ``SMALL_INITIALIZER`` elements or held in external data become graph inputs), so their memory
+    does not grow with the model and >2 GB graphs work; those initializers are put back untouched
+    (as the same in-memory or external tensors). Returns the first simplified model whose
+    :func:`qdq_structure` is intact, else ``model`` itself.
     """
-    size, external = _data_bytes(model)
-    if external:
-        log.info("simplify skipped: the model's weights are external data (simplifiers need them in memory)")
-        return model
-    if skip_if_larger_than is not None and size > skip_if_larger_than:
-        log.info("simplify skipped: %.2f GB of weights is over the %.2f GB limit", size / 1e9, skip_if_larger_than / 1e9)
-        return model
     onnx = require("onnx", "ort", "graph simplification")
-    before = qdq_structure(model)
+    skel = skeleton(model)
+    small = {t.name for t in skel.graph.initializer}
+    large = {t.name: t for t in model.graph.initializer if t.name not in small}
+    before = qdq_structure(skel)
     for name in backends:
         work = onnx.ModelProto()
-        work.CopyFrom(model)
+        work.CopyFrom(skel)
         try:
             simplified = BACKENDS[name](work)
         except Exception as exc:  # simplifiers raise anything from RuntimeError to protobuf errors
@@ -155,8 +152,9 @@ def simplify(model, *, skip_if_larger_than: int | None = SKIP_IF_LARGER_THAN,
             continue
         changes = before.differences(qdq_structure(simplified))
         if not changes:
-            log.info("simplified with %s: %d -> %d nodes", name, len(model.graph.node), len(simplified.graph.node))
-            return simplified
+            log.info("simplified with %s: %d -> %d nodes (%d large initializers kept aside)",
+                     name, len(model.graph.node), len(simplified.graph.node), len(large))
+            return _restore(simplified, large)
         log.warning("%s broke the Q/DQ structure (%s); result discarded", name, "; ".join(changes))
     log.warning("simplify: no simplifier kept the Q/DQ structure; returning the model unchanged")
     return model

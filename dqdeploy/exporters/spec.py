@@ -69,6 +69,7 @@ class ExportSpec:
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {sha256, size}
     source: str = ""  # integrity seal of the artifact manifest it was exported from ("" for float exports)
+    resolution_range: list[int] | None = None  # [MIN, MAX] latent height/width of a dynamic-resolution graph
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

@@ -262,6 +262,8 @@ class UNetRuntime:
                         f"{name}: expected {label} {want} (shape {spec.shape}), found {got} (shape {tuple(value.shape)})",
                         hint=self._shape_hint(name, axis),
                     )
+                if isinstance(want, str) and want and name == self.denoiser.sample and axis >= 2:
+                    self._check_resolution(name, label, got)
                 if isinstance(want, str) and want:
                     seen = symbols.setdefault(want, (name, got))
                     if seen[1] != got:
@@ -269,6 +271,13 @@ class UNetRuntime:
                             f"{name}: {label} is {got}, but {seen[0]} has {seen[1]} for the same axis '{want}'",
                             hint="sample, timestep and encoder_hidden_states must share the batch size",
                         )
+
+    def _check_resolution(self, name: str, label: str, got: int) -> None:
+        """A dynamic-resolution graph takes the latent sizes its export asked for (``--dynamic-resolution``)."""
+        bounds = self.spec.resolution_range
+        if bounds and not bounds[0] <= got <= bounds[1]:
+            raise RuntimeInputError(f"{name}: {label} {got} is outside the range {bounds[0]}..{bounds[1]} the graph was exported for",
+                                    hint=f"re-export with --dynamic-resolution covering {got}")
 
     def _shape_hint(self, name: str, axis: int) -> str:
         if name == SAMPLE and axis == 1:

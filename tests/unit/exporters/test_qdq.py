@@ -64,9 +64,9 @@ def exported(kind: str, target: str, tmp_path, out_scale: float | None = None):
 
 
 def _plain(layer: QuantLayer) -> nn.Module:
-    from dqdeploy.exporters.dequantize import _DequantLayer
+    from dqdeploy.exporters.dequantize import plain_layer
 
-    return _DequantLayer(layer).inner
+    return plain_layer(layer)
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])

@@ -1,0 +1,108 @@
+"""Time and peak memory of every stage at Stable Diffusion size, and ORT int8 vs FP32 latency.
+
+Each stage is the user's own command (``dqdeploy ...``, ``-v``) in a fresh process; its wall time and
+peak RSS (``os.wait4``'s ``ru_maxrss`` of that process) are recorded:
+
+  folder        the random-weight pipeline folder (``bench/scale_models.py``)
+  quantize      W8A8 with block-wise distillation at a small budget (--iters, --batch-size 2)
+  quantize-ptq  W8A8 --no-distill (the artifact every later stage uses)
+  export-ort    --target ort          export-onnx   --target onnx        export-float  --target float
+  load          dqdeploy.load_quantized of the artifact
+  latency       ONNX Runtime CPU, FP32 graph vs the --target ort graph: batch 2 (CFG), the config's latent,
+                77 tokens, 1 and 2 threads, runs alternated (interleaved), medians; session RSS
+
+Calibration budget (the smallest the CLI allows for CFG): --steps 4 --trajectories 2 --calib-samples 8
+--guidance 7.5. Results go to bench/results/scale.json under the config's name; BENCHMARKS.md via
+bench/report.py. Usage:
+
+  nice -n 10 python bench/scale.py --config sd15 --work /tmp/scale [--skip quantize] [--iters 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, machine  # noqa: E402
+from bench.scale_models import CONFIGS  # noqa: E402
+
+STAGES = ("folder", "quantize", "quantize-ptq", "export-ort", "export-onnx", "export-float", "load", "latency")
+CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guidance", "7.5"]
+
+
+def run_stage(argv: list[str], log: Path) -> dict:
+    """Run ``argv`` to completion; its wall seconds, peak RSS (GB) and exit status."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+            "exit": proc.returncode, "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
+
+
+def dq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dqdeploy.cli", "-v", *args]
+
+
+def stage_commands(config: str, work: Path, iters: int, width: int | None) -> dict[str, list[str]]:
+    model, cond = work / "model", work / "model-cond.safetensors"
+    py = [sys.executable, "-c"]
+    make = f"from bench.scale_models import CONFIGS, write_folder; from pathlib import Path; " \
+           f"write_folder(CONFIGS[{config!r}]({'' if width is None else width}), Path({str(model)!r}))"
+    return {
+        "folder": py + [make],
+        "quantize": dq("quantize", str(model), "--cond", str(cond), *CALIB, "--iters", str(iters), "--batch-size", "2",
+                       "--out", str(work / "q-bkd"), "--overwrite"),
+        "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *CALIB, "--no-distill", "--out", str(work / "q"),
+                           "--overwrite"),
+        "export-ort": dq("export", str(work / "q"), "--target", "ort", "--out", str(work / "e-ort"), "--overwrite"),
+        "export-onnx": dq("export", str(work / "q"), "--target", "onnx", "--out", str(work / "e-onnx"), "--overwrite"),
+        "export-float": dq("export", str(model), "--target", "float", "--out", str(work / "e-fp"), "--overwrite"),
+        "load": py + [f"import dqdeploy; dqdeploy.load_quantized({str(work / 'q')!r})"],
+        "latency": [sys.executable, str(ROOT / "bench" / "scale_latency.py"), str(work / "e-fp"), str(work / "e-ort")],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
+    ap.add_argument("--width", type=int, help="reduced config only: channels of the first block")
+    ap.add_argument("--work", type=Path, required=True, help="scratch folder (GBs at SD size)")
+    ap.add_argument("--iters", type=int, default=2, help="distillation iterations per block (stage quantize)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=STAGES)
+    ap.add_argument("--results", type=Path, default=RESULTS / "scale.json")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    commands = stage_commands(args.config, args.work, args.iters, args.width)
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    entry = results.get(args.config, {}) | {"command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+                                           "machine": machine(), "calibration": " ".join(CALIB), "iters": args.iters}
+    stages = entry.setdefault("stages", {})
+    for name in STAGES:
+        if name in args.skip:
+            continue
+        print(f"[scale] {name} ...", flush=True)
+        row = run_stage(commands[name], args.work / f"{name}.log")
+        if name == "latency" and row["exit"] == 0:
+            entry["latency"] = json.loads((args.work / "latency.log").read_text().strip().splitlines()[-1])
+        stages[name] = row
+        print(f"[scale] {name}: {row}", flush=True)
+        results[args.config] = entry
+        args.results.parent.mkdir(exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2))
+        if row["exit"] != 0:
+            print(f"[scale] {name} failed: see {args.work / (name + '.log')}", flush=True)
+            break
+
+
+if __name__ == "__main__":
+    main()

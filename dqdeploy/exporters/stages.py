@@ -1,0 +1,27 @@
+"""Progress lines for the export's long steps: each logs its wall time and the process's peak RSS."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import sys
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger("dqdeploy.export")
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KiB on Linux
+
+
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Log ``name`` when it starts and, when it ends, its seconds and the peak RSS so far."""
+    start = time.perf_counter()
+    log.info("%s ...", name)
+    yield
+    log.info("%s: %.1f s (peak RSS so far %.2f GB)", name, time.perf_counter() - start, peak_rss_gb())
