@@ -34,7 +34,7 @@ from bench.common import RESULTS, machine  # noqa: E402
 from bench.scale_models import CONFIGS  # noqa: E402
 
 STAGES = ("folder", "quantize", "quantize-ptq", "export-ort", "export-onnx", "export-float", "load", "latency")
-CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guidance", "7.5"]
+CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guidance", "7.5", "--fallback", "none"]
 
 
 def run_stage(argv: list[str], log: Path) -> dict:

@@ -55,9 +55,12 @@ def _resolution(resolution: Resolution | None) -> tuple[Range, Range] | None:
     raise ExportError(f"resolution must be an int, (h, w) or ((h, w), (h, w), (h, w)) for min/opt/max, found {resolution!r}")
 
 
-def _export_range(bounds: list[int], sample_size: Any) -> Resolution:
-    """(min, opt, max) (h, w) of a ``--dynamic-resolution`` export: opt is the config's size, clamped."""
-    lo, hi = bounds
+def _export_range(spec: ExportSpec) -> Resolution | None:
+    """(min, opt, max) (h, w) of a ``--dynamic-resolution`` export (opt: the config's size, clamped)."""
+    if not spec.resolution_range:
+        return None
+    lo, hi = spec.resolution_range
+    sample_size = spec.model_config.get("sample_size")
     opt = min(max(sample_size, lo), hi) if isinstance(sample_size, int) else lo
     return ((lo, lo), (opt, opt), (hi, hi))
 
@@ -72,14 +75,11 @@ def profile_shapes(
 ) -> dict[str, tuple[list[int], list[int], list[int]]]:
     """``{input: (min, opt, max)}`` for the engine's optimization profile, from the export spec.
 
-    Symbolic dims: the batch (``cfg`` doubles it), H/W of ``sample`` (``resolution``; default for a
-    ``--dynamic-resolution`` export: its MIN, the config's sample_size, its MAX) and the
-    sequence length of ``encoder_hidden_states`` (``seq_len``). A fixed dim stays fixed; asking
-    for another value there is an error (re-export instead).
+    Symbolic dims: the batch (``cfg`` doubles it), H/W of ``sample`` (``resolution``, default: the
+    export's ``--dynamic-resolution``) and the sequence length of ``encoder_hidden_states`` (``seq_len``).
+    A fixed dim stays fixed; asking for another value there is an error (re-export instead).
     """
     b = _range(batch, "batch")
-    if resolution is None and spec.resolution_range:  # a dynamic-resolution export: profile its range
-        resolution = _export_range(spec.resolution_range, spec.model_config.get("sample_size"))
     if cfg:
         b = (2 * b[0], 2 * b[1], 2 * b[2])
     inputs = {t.name: t for t in spec.inputs}
@@ -88,7 +88,7 @@ def profile_shapes(
     ranges: dict[str, Range] = {}
     sample = inputs["sample"].shape
     batch_sym = sample[0] if isinstance(sample[0], str) else None
-    hw = _resolution(resolution)
+    hw = _resolution(resolution if resolution is not None else _export_range(spec))
     for axis, label in ((2, "height"), (3, "width")):
         dim = sample[axis]
         asked = None if hw is None else hw[axis - 2]

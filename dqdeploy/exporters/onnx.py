@@ -101,6 +101,18 @@ def transformer_example(model: torch.nn.Module, batch: int = 2, seq_len: int = 8
     return DenoiserInputs(hidden, timestep, conditioning, spec.sample, shared_inputs(spec, hidden, values))
 
 
+def _dynamic_shapes(unet: torch.nn.Module, inputs: DenoiserInputs, names: list[str],
+                    resolution_range: tuple[int, int] | None) -> dict[str, Any]:
+    """torch.export dims per input: the batch (not for shared inputs), and the latent H/W on request."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic: dict[str, Any] = {name: (None if name in inputs.shared else {0: batch}) for name in names}
+    if resolution_range is not None:
+        size = (int(inputs.sample.shape[-2]), int(inputs.sample.shape[-1]))
+        spec = spec_of(unet, fallback="UNet2DConditionModel")
+        dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, unet).config, size, *resolution_range)
+    return dynamic
+
+
 def export_float_onnx(
     unet: torch.nn.Module,
     path: str | Path,
@@ -124,11 +136,7 @@ def export_float_onnx(
     spec = spec_of(unet, fallback="UNet2DConditionModel")  # other modules: the UNet call signature
     given = inputs.kwargs()
     feeds = {n: given[n] for n in spec.inputs if n in given} | given  # optimum's order first
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic: dict[str, Any] = {name: (None if name in inputs.shared else {0: batch}) for name in feeds}
-    if resolution_range is not None:
-        size = (int(inputs.sample.shape[-2]), int(inputs.sample.shape[-1]))
-        dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, unet).config, size, *resolution_range)
+    dynamic = _dynamic_shapes(unet, inputs, list(feeds), resolution_range)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = unet.training

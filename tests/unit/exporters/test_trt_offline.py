@@ -181,6 +181,15 @@ def test_profile_shapes_resolution_and_sequence():
         profile_shapes(spec(), batch=(4, 2, 8))
 
 
+def test_profile_of_a_dynamic_resolution_export_is_its_range():
+    import dataclasses
+
+    dynamic = dataclasses.replace(spec(sample_shape=("batch", 4, "8*height_q", "8*width_q")), resolution_range=[32, 96],
+                                  model_config={"in_channels": 4, "sample_size": 64})
+    assert profile_shapes(dynamic, batch=(1, 2, 4))["sample"] == ([1, 4, 32, 32], [2, 4, 64, 64], [4, 4, 96, 96])
+    assert profile_shapes(dynamic, resolution=48)["sample"][2] == [8, 4, 48, 48]  # an explicit profile wins
+
+
 # -- engine.json and Triton -----------------------------------------------------------------------
 def _engine_folder(path: Path, info: dict = ENGINE_JSON) -> Path:
     (path / ENGINE_FILE).parent.mkdir(parents=True)
