@@ -9,7 +9,6 @@ engine, optionally a Triton repository].
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ExportSpec
-from .stages import stage
+from .stages import release_memory, stage
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ def export_graph(
         opset = 21 if int4_layers else 20
         graph = _float_graph(canvas, parts.example, scratch, opset, dynamic_resolution)
         del canvas
-        gc.collect()  # the float UNet is not needed any more: its weights are in the scratch file
+        release_memory()  # the float UNet is not needed any more: its weights are in the scratch file
         if target != "float":
             opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
             with stage("Q/DQ surgery"):
@@ -179,6 +178,7 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
     """The float canvas (the simulation's own UNet, converted in place) and the surgery's inputs."""
     with stage("load the artifact"):
         model = load_quantized(source)
+    release_memory()  # what loading allocated on the way (the state dict) leaves the process
     calib = spec_for(manifest.model_class).inputs_from_dict(load_calibration_inputs(source))
     example = calib.slice(slice(0, 2))
     with stage("measure layers"):
