@@ -31,6 +31,18 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> tuple[
     return statistics.median(samples), samples
 
 
+def interleaved_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall times (ms) of every ``runs[name]``, measured in interleaved rounds (after ``warmup`` calls of
+    each): drift on a shared machine hits all of them alike, so their medians compare."""
+    for fn in runs.values():
+        median_ms(fn, repeats=1, warmup=warmup)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(median_ms(fn, repeats=1, warmup=0)[0])
+    return times
+
+
 def machine() -> dict[str, str]:
     import onnxruntime
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, median_ms, ort_session, write_results  # noqa: E402
+from bench.common import interleaved_ms, machine, ort_session, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -62,12 +62,7 @@ def main() -> None:
 
     sessions = {name: ort_session(path) for name, path in graphs.items()}
     order = ["fp32", "ort-peer", "dq-per-step", "dq-constant"]
-    times: dict[str, list[float]] = {n: [] for n in order}
-    for name in order:  # warm up every session first
-        median_ms(lambda: sessions[name].run(None, feed), repeats=1, warmup=2)
-    for _ in range(args.repeats):  # interleaved rounds: drift on a shared machine hits all alike
-        for name in order:
-            times[name].append(median_ms(lambda: sessions[name].run(None, feed), repeats=1, warmup=0)[0])
+    times = interleaved_ms({n: lambda s=sessions[n]: s.run(None, feed) for n in order}, args.repeats)
     med = {n: float(np.median(v)) for n, v in times.items()}
     result = {
         "command": "python bench/latency.py " + " ".join(sys.argv[1:]),

@@ -48,14 +48,17 @@ def zoo_quality_section(z: dict) -> list[str]:
         return []
     commands = "; ".join(dict.fromkeys(f"`{r['command']}`" for r in z["runs"]))
     n = sorted({r["n"] for r in rows})
+    samplers = sorted({f"{r['model']}: its own flow-matching Euler, {r['steps']} steps" for r in rows
+                       if r.get("sampler", "ddim") != "ddim"})
     out = ["## Zoo-wide image quality: digits-FID on every zoo model", "",
-           f"{commands} — {'/'.join(map(str, n))} samples per row, DDIM {z['steps']} steps, one noise seed per row "
+           f"{commands} — {'/'.join(map(str, n))} samples per row, DDIM {z['steps']} steps"
+           + "".join(f" ({s})" for s in samplers) + ", one noise seed per row "
            "(the same noise for every model and recipe). Models: `bench/zoo.py` (trained by `python scripts/train_zoo.py`). "
            "`vs FP` is the ratio to the FP row of the same model and seed; `[..]` is its paired 95% bootstrap "
            "interval over samples (the FID difference on the same resampled indices, mapped to a ratio; the seed-to-seed "
            "noise below is the other yardstick). `vs sim`: exported graph on ONNX "
            "Runtime vs its own simulation. `step err`: mean relative error of the denoiser output vs FP along FP "
-           "trajectories (16 trajectories, 50 steps) / worst step.", ""]
+           "trajectories (16 trajectories, every sampling step) / worst step.", ""]
     order = {"fp32": 0, "w8a8": 1, "w4a8": 2, "w4a4": 3}
     fl = {"sim": 0, "onnx": 1, "ort": 2}
     rows.sort(key=lambda r: (r["model"], order.get(r["recipe"], 9), r["variant"], fl[r["flavour"]], r["seed"]))
@@ -101,6 +104,14 @@ def latency_section(lat: dict) -> list[str]:
     out += ["", f"dqdeploy per-step vs ORT's own quantize_static: {lat['dq_per_step_vs_peer']:.2f}x "
             f"(>1 means dqdeploy is faster); per-step scale overhead vs constant scales: {lat['per_step_overhead']:+.1%}.", ""]
     return out
+
+
+def dit_latency_section(lat: dict) -> list[str]:
+    out = ["## ONNX Runtime CPU latency: digits diffusion transformer", "",
+           f"`{lat['command']}` — {lat['model']}; batch {lat['batch']}, one thread, {lat['repeats']} interleaved rounds; "
+           "medians.", "", "| graph | median (ms) | speed-up vs FP32 |", "|---|---:|---:|"]
+    out += [f"| {name} | {ms:.2f} | {lat['speedup_vs_fp32'][name]:.2f}x |" for name, ms in lat["median_ms"].items()]
+    return out + [""]
 
 
 def memory_section(mem: dict) -> list[str]:
@@ -213,8 +224,8 @@ def main() -> None:
              "`intra_op_num_threads=1`). Absolute times on this shared machine are noise; compare the ratios, measured "
              "side by side in one run.", ""]
     for data, section in ((merged_quality(), quality_section), (_load("zoo_quality"), zoo_quality_section),
-                          (_load("latency"), latency_section), (_load("memory"), memory_section),
-                          (_load("distill_scale"), distill_scale_section),
+                          (_load("latency"), latency_section), (_load("latency_dit"), dit_latency_section),
+                          (_load("memory"), memory_section), (_load("distill_scale"), distill_scale_section),
                           (_load("reliability"), reliability_section), (_load("scale"), scale_section)):
         if data:
             lines += section(data)

@@ -52,6 +52,8 @@ class ZooModel:
     train_args: tuple[str, ...] = ()  # extra arguments of scripts/train_digits.py --stage ddpm
     conditional: bool = False
     guidance: float = 1.0  # classifier-free guidance scale used when sampling it
+    scheduler: str | None = "ddim"  # its sampler (None: the folder's own, e.g. the DiT's flow-matching Euler)
+    steps: int = 50  # sampling (and calibration) steps
     shipped: bool = False
     notes: dict = field(default_factory=dict, compare=False)
 
@@ -66,7 +68,8 @@ class ZooModel:
     def available(self) -> bool:
         """Whether the pipeline folder is complete (training writes it atomically)."""
         d = self.folder()
-        return (d / "unet" / "config.json").is_file() and (d / "scheduler" / "scheduler_config.json").is_file()
+        denoiser = (d / "unet" / "config.json").is_file() or (d / "transformer" / "config.json").is_file()
+        return denoiser and (d / "scheduler" / "scheduler_config.json").is_file()
 
     def cond_file(self) -> Path | None:
         """The class-prompt ``--cond`` file of a conditional member (sample i is digit i % 10)."""
@@ -95,6 +98,10 @@ ZOO: dict[str, ZooModel] = dict([
             "null prompt 10% of the time), 1500 iterations, CFG scale 2", "--conditional", "--iters", "1500",
             "--fid-samples", "200",
             conditional=True, guidance=2.0),
+    _member("dit", "class-conditional SD3-style diffusion transformer (SD3Transformer2DModel, patch 2, 4 joint blocks of "
+            "width 96), rectified flow, fixed 2-token class prompt + pooled vector, null prompt 10%, 4000 iterations of batch 32, "
+            "flow-matching Euler 28 steps, CFG scale 2", "--transformer", "--iters", "4000", "--batch-size", "32", "--lr", "1e-3",
+            "--sample-steps", "28", conditional=True, guidance=2.0, scheduler=None, steps=28),
     _member("narrow", "narrower (block_out (32, 48, 48)), 8 norm groups, attention head dim 16 (3 heads), "
             "1500 iterations", "--unet",
             '{"block_out_channels": [32, 48, 48], "norm_num_groups": 8, "attention_head_dim": 16}', "--iters", "1500",

@@ -4,11 +4,13 @@ worst case, for the simulation and both exported graphs run on ONNX Runtime.
 A *row* is one (model, recipe, variant, flavour, seed):
 
 * ``recipe``: ``fp32`` or a preset (``w8a8``, ``w4a8``, ``w4a4``); ``variant``: ``default`` (the README's
-  plain ``dqdeploy quantize MODEL --recipe R``, DDIM 50 calibration) or an ablation / experiment named
+  plain ``dqdeploy quantize MODEL --recipe R``, calibrated with the member's sampler) or an ablation / experiment named
   in ``VARIANTS`` (recipe field overrides);
 * ``flavour``: ``sim`` (the PyTorch simulation), ``onnx`` (``export --target onnx`` run on ORT) or
   ``ort`` (``export --target ort`` run on ORT), both exported from the same artifact;
-* ``seed``: the noise seed of the ``n`` DDIM-50 samples (the same noise for every model and recipe).
+* ``seed``: the noise seed of the ``n`` samples (the same noise for every model and recipe), drawn with
+  the member's sampler (``ZooModel.scheduler``/``steps``: DDIM 50 for the UNets, the DiT's own
+  flow-matching Euler in 28 steps), which also calibrates its artifacts.
 
 Each row records the digits-FID, the ratio to the FP row of the same model and seed with a *paired*
 bootstrap interval over samples (same resampled indices for both; see ``bootstrap_fid``), for export rows the ratio to their simulation, for the conditional
@@ -80,8 +82,10 @@ def recipe_for(recipe: str, variant: str) -> Recipe:
 
 
 def calibration_for(model: str) -> CalibrationConfig:
-    """The plain path's calibration (DDIM 50, defaults), with the zoo member's CFG scale."""
-    return CalibrationConfig(scheduler="ddim", steps=STEPS, guidance=zoo.get(model).guidance)
+    """The plain path's calibration (defaults) with the zoo member's sampler, steps (DDIM 50 for the
+    UNets, the folder's flow-matching Euler for the DiT) and CFG scale."""
+    member = zoo.get(model)
+    return CalibrationConfig(scheduler=member.scheduler, steps=member.steps, guidance=member.guidance)
 
 
 def recipe_hash(model: str, recipe: str, variant: str) -> str:
@@ -197,11 +201,11 @@ def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
     member = zoo.get(model)
     fp, test = open_model(zoo.ensure(model), "torch"), open_model(path, runtime)
     conditioning = load_cond(fp, member.cond_file())
-    cond, uncond = (None, None) if conditioning is None else (conditioning.cond, conditioning.uncond)
+    cond, uncond = (None, None) if conditioning is None else (conditioning.for_batch(0, STEP_TRAJECTORIES),
+                                                              conditioning.unconditional())
     noise = torch.randn(STEP_TRAJECTORIES, *latent_shape(fp.unet), generator=torch.Generator().manual_seed(1234))
-    cond = None if cond is None else cond[torch.arange(STEP_TRAJECTORIES) % cond.shape[0]]
-    per_step = step_errors(fp.unet, test.unet, make_scheduler("ddim", fp.scheduler_config), noise, STEPS,
-                           cond=cond, uncond=uncond, guidance=member.guidance)
+    per_step = step_errors(fp.unet, test.unet, make_scheduler(member.scheduler, fp.scheduler_config), noise,
+                           member.steps, cond=cond, uncond=uncond, guidance=member.guidance)
     return summarize_steps(per_step) | {"per_step_rel_err": [round(s["rel_err"], 6) for s in per_step]}
 
 
@@ -215,7 +219,7 @@ def run_row(model: str, recipe: str, variant: str, flavour: str, seed: int, n: i
     key = row_key(model, recipe, variant, flavour, seed)
     path, runtime = _source(model, recipe, variant, flavour)
     start = time.perf_counter()
-    images = generate(path, n=n, steps=STEPS, scheduler="ddim", seed=seed, batch_size=100, runtime=runtime,
+    images = generate(path, n=n, steps=member.steps, scheduler=member.scheduler, seed=seed, batch_size=100, runtime=runtime,
                       cond_file=member.cond_file(), guidance=member.guidance)
     sample_s = time.perf_counter() - start
     feats = classifier_features(images)
@@ -223,7 +227,7 @@ def run_row(model: str, recipe: str, variant: str, flavour: str, seed: int, n: i
     fpath.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, fpath)
     row: dict[str, Any] = {"model": model, "recipe": recipe, "variant": variant, "flavour": flavour, "seed": seed,
-                           "n": n, "runtime": runtime, "hash": recipe_hash(model, recipe, variant),
+                           "n": n, "runtime": runtime, "sampler": member.scheduler or "folder", "steps": member.steps, "hash": recipe_hash(model, recipe, variant),
                            "digits_fid": digits_fid(images), "sample_s": round(sample_s, 1),
                            "class_histogram": class_histogram(images)["counts"]}
     if member.conditional:

@@ -38,6 +38,7 @@ class DenoiserSpec:
     shared: tuple[str, ...] = ()  # inputs without a batch axis (Flux position ids)
     timestep_scale: float = 1.0  # model timestep = scheduler timestep * scale (Flux pipelines pass t / 1000)
     packed: bool = False  # latents are token sequences [B, N, C] (Flux), not images [B, C, H, W]
+    ends: tuple[str, str] = ("conv_in", "conv_out")  # first and last layer (kept at first_last_bits by recipes)
 
     @property
     def is_transformer(self) -> bool:
@@ -84,6 +85,8 @@ _EMBEDDERS = (
     "CombinedTimestepGuidanceTextProjEmbeddings", "AdaLayerNormSingle",
 )
 
+_PATCH_ENDS = ("pos_embed.proj", "proj_out")
+
 SPECS: dict[str, DenoiserSpec] = {
     s.class_name: s
     for s in (
@@ -91,17 +94,17 @@ SPECS: dict[str, DenoiserSpec] = {
         DenoiserSpec("UNet2DConditionModel", "unet", SAMPLE, "out_sample", (SAMPLE, TIMESTEP, CONTEXT), _UNET_BLOCKS),
         DenoiserSpec(
             "SD3Transformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, POOLED, TIMESTEP),
-            ("JointTransformerBlock", *_EMBEDDERS),
+            ("JointTransformerBlock", *_EMBEDDERS), ends=_PATCH_ENDS,
         ),
         DenoiserSpec(
             "PixArtTransformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, TIMESTEP),
-            ("BasicTransformerBlock", *_EMBEDDERS),
+            ("BasicTransformerBlock", *_EMBEDDERS), ends=_PATCH_ENDS,
         ),
         DenoiserSpec(
             "FluxTransformer2DModel", "transformer", HIDDEN, "out_hidden_states",
             (HIDDEN, CONTEXT, POOLED, TIMESTEP, IMG_IDS, TXT_IDS, GUIDANCE),
             ("FluxTransformerBlock", "FluxSingleTransformerBlock", *_EMBEDDERS),
-            shared=(IMG_IDS, TXT_IDS), timestep_scale=1e-3, packed=True,
+            shared=(IMG_IDS, TXT_IDS), timestep_scale=1e-3, packed=True, ends=("x_embedder", "proj_out"),
         ),
     )
 }

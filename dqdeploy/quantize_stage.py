@@ -23,7 +23,6 @@ from .atomic import check_target
 from .checkpoint import RunCheckpoint, fingerprint
 from .denoisers import conditioning_dims, spec_for
 from .errors import CalibrationError, DQDeployError, ModelLoadError, RecipeError
-from .inputs import DenoiserInputs
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
 from .quant.analysis import analyze_inputs
 from .quant.blocks import partition
@@ -84,7 +83,7 @@ def build_quantized(
     metas = {
         name: LayerMeta(
             "conv" if isinstance(qunet.get_submodule(name), nn.Conv2d) else "linear",
-            recipe.weight_bits_for(name), recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold,
+            recipe.weight_bits_for(name, spec_for(type(unet).__name__).ends), recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold,
             recipe.layout == "ort" and quantizes_output(name, info[name].rank),  # output Q on the fused layers
         )
         for name in names
@@ -257,11 +256,8 @@ def fallback_layers(
     if recipe.fallback == "none":
         return []
     names = list(quant_layers(qmodel.unet))
-    if recipe.fallback == "auto" and not type(qmodel.unet).__name__.startswith("UNet"):
-        log.warning("fallback auto: sensitivity analysis supports UNets only so far; keeping every layer quantized")
-        return []
     if recipe.fallback == "auto":
-        subset = DenoiserInputs.from_dict(calibration_subset(calib, seed=seed), calib.inputs.sample_name)
+        subset = calibration_subset(calib, seed=seed)  # named tensors: analyze reads them with the model's spec
         report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False)
         chosen = choose_fallback(report, recipe.fallback_budget)
         log.info("fallback auto: %s", ", ".join(chosen) or "no layer")

@@ -14,6 +14,7 @@ from .errors import RecipeError
 from .vocab import LAYOUTS, SCALINGS, Layout, Scaling
 
 RECIPE_VERSION = 1
+UNET_ENDS = ("conv_in", "conv_out")  # a UNet's first and last layer
 TimestepScales = Literal["per-step", "collapsed"]
 DistillMode = Literal["block", "model", "none"]
 ActInit = Literal["mse", "minmax"]
@@ -32,7 +33,8 @@ class Recipe:
     act_bits: int = 8
     act_symmetric: bool = True
     first_last_bits: int | None = 8  # conv_in / conv_out weights; None keeps weight_bits
-    first_last: tuple[str, ...] = ("conv_in", "conv_out")
+    # the first and last layer; conv_in / conv_out also stand for a transformer's own (DenoiserSpec.ends)
+    first_last: tuple[str, ...] = UNET_ENDS
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     scaling: Scaling = "wd"  # equivalent scaling: "wd" (Weight Dilation) | "smoothquant" | "none" (--scaling)
@@ -120,8 +122,11 @@ class Recipe:
         hit = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
         return hit and not any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude)
 
-    def weight_bits_for(self, module_name: str) -> int:
-        if self.first_last_bits is not None and module_name in self.first_last:
+    def weight_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
+        """Weight bits of layer ``module_name``; ``ends``: the model's first and last layer, which the
+        names ``conv_in`` / ``conv_out`` in ``first_last`` stand for (a transformer's patch embedding, proj_out)."""
+        alias = dict(zip(ends, UNET_ENDS)).get(module_name, module_name)
+        if self.first_last_bits is not None and (module_name in self.first_last or alias in self.first_last):
             return self.first_last_bits
         return self.weight_bits
 

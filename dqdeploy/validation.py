@@ -90,6 +90,7 @@ def check_timesteps(p: Problems, value: Any, *, allow_empty: bool = False) -> No
 
 def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], layer_fields: set[str]) -> None:
     """Schema of a manifest dict (after its format and seal were checked)."""
+    from .denoisers import SPECS
     from .denoisers import SUPPORTED as SUPPORTED_UNETS
     from .recipe import CalibrationConfig, Recipe
 
@@ -115,7 +116,8 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
     check_config(p, "model_config", data["model_config"])
     check_config(p, "scheduler_config", data.get("scheduler_config", {}))
     check_timesteps(p, data["timesteps"])
-    _check_layers(p, data["layers"], layer_fields, recipe)
+    ends = SPECS[data["model_class"]].ends if data["model_class"] in SPECS else None
+    _check_layers(p, data["layers"], layer_fields, recipe, ends)
     _check_files(p, data["files"])
     blocks = data.get("blocks", [])
     if p.require(isinstance(blocks, list), "blocks must be a list"):
@@ -128,7 +130,7 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
     p.raise_if_any()
 
 
-def _check_layers(p: Problems, layers: Any, fields: set[str], recipe) -> None:
+def _check_layers(p: Problems, layers: Any, fields: set[str], recipe, ends: tuple[str, str] | None) -> None:
     if not p.require(isinstance(layers, dict) and 0 < len(layers) <= MAX_LAYERS,
                      f"layers must be a non-empty object of at most {MAX_LAYERS} layers"):
         return
@@ -150,8 +152,9 @@ def _check_layers(p: Problems, layers: Any, fields: set[str], recipe) -> None:
         p.require(fold == "mul" or (isinstance(fold, str) and fold.startswith("norm:") and bool(MODULE_NAME.match(fold[5:]))),
                   f"layer {name}: fold {fold!r} (expected 'mul' or 'norm:<module>')")
         if recipe is not None:
-            p.require(meta.get("weight_bits") == recipe.weight_bits_for(name),
-                      f"layer {name}: weight_bits {meta.get('weight_bits')!r} contradicts the recipe ({recipe.weight_bits_for(name)})")
+            bits = recipe.weight_bits_for(name, *(ends,) if ends else ())
+            p.require(meta.get("weight_bits") == bits,
+                      f"layer {name}: weight_bits {meta.get('weight_bits')!r} contradicts the recipe ({bits})")
             p.require(meta.get("act_bits") == recipe.act_bits and meta.get("act_symmetric") == recipe.act_symmetric,
                       f"layer {name}: activation quantizer contradicts the recipe")
             p.require(not meta.get("output_quant") or recipe.layout == "ort",

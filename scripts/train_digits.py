@@ -34,7 +34,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -170,21 +172,47 @@ def save_class_cond(table: torch.nn.Embedding, path: Path) -> None:
     save_file({COND_KEY: w[:NUM_CLASSES, None].contiguous(), UNCOND_KEY: w[NUM_CLASSES:, None].contiguous()}, str(path))
 
 
-def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Embedding | None, list[float], dict]:
-    """DDPM training (epsilon MSE, uniform time steps); returns the EMA UNet, its EMA class table
-    (conditional only, else None), losses and metrics."""
+def denoiser_and_loss(args: argparse.Namespace) -> tuple[torch.nn.ModuleDict, Any, Callable]:
+    """The module trained (``denoiser`` [+ a learned class ``table``]), the class prompts a DiT keeps
+    fixed (else None), and ``loss(net, x0, labels, gen)`` of one batch."""
+    if args.transformer:
+        from digits_dit import build_dit, class_prompts, flow_loss
+
+        dit = build_dit(args.seed, args.unet).train()
+        prompts = class_prompts(dit.config, args.seed)
+        return (torch.nn.ModuleDict({"denoiser": dit}), prompts,
+                lambda net, x0, y, gen: flow_loss(net["denoiser"], prompts, x0, y, gen, args.p_uncond))
     from diffusers import DDPMScheduler
 
-    images, labels = load_digits_images(16), load_digits_labels()
     unet = build_unet(args.seed, args.unet, args.conditional).train()
-    table = class_table(unet, args.seed) if args.conditional else None
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    net = torch.nn.ModuleDict({"denoiser": unet})
+    if args.conditional:
+        net["table"] = class_table(unet, args.seed)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    params = list(unet.parameters()) + ([] if table is None else list(table.parameters()))
+
+    def loss(net: torch.nn.ModuleDict, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        if "table" not in net:
+            return F.mse_loss(net["denoiser"](xt, t).sample, noise)
+        drop = torch.rand(x0.shape[0], generator=gen) < args.p_uncond
+        classes = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)
+        return F.mse_loss(net["denoiser"](xt, t, encoder_hidden_states=net["table"](classes)[:, None]).sample, noise)
+
+    return net, None, loss
+
+
+def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[float], dict]:
+    """Train the denoiser (DDPM epsilon MSE with uniform time steps, or rectified flow for
+    ``--transformer``); returns the EMA denoiser, its class conditioning (the EMA class table of a
+    conditional UNet, the fixed prompts of the DiT, else None), losses and metrics."""
+    images, labels = load_digits_images(16), load_digits_labels()
+    net, prompts, loss_fn = denoiser_and_loss(args)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    params, ema_params = list(net.parameters()), list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    ema_table = None if table is None else copy.deepcopy(table).requires_grad_(False)
-    ema_params = list(ema.parameters()) + ([] if ema_table is None else list(ema_table.parameters()))
     losses: list[float] = []
     start = time.perf_counter()
     stop = args.stop_at or args.iters
@@ -193,18 +221,9 @@ def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Embe
     for step in bar:
         idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=gen)
         x0 = random_shift(images[idx], args.shift, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
-        xt = sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.iters, args.lr, warmup=args.warmup)
-        if table is None:
-            pred = unet(xt, t).sample
-        else:
-            drop = torch.rand(x0.shape[0], generator=gen) < args.p_uncond
-            classes = torch.where(drop, torch.full_like(labels[idx], NUM_CLASSES), labels[idx])
-            pred = unet(xt, t, encoder_hidden_states=table(classes)[:, None]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = loss_fn(net, x0, labels[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -217,30 +236,38 @@ def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Embe
         if step % 10 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
     seconds = time.perf_counter() - start
-    for b_ema, b in zip(ema.buffers(), unet.buffers()):
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
     tail = losses[-min(200, len(losses)):]
     metrics = {"train_seconds": round(seconds, 1), "it_per_s": round(stop / seconds, 3),
                "final_loss_mean_last_200": round(sum(tail) / len(tail), 5)}
-    log.info("ddpm: %d iterations in %.1f s (%.2f it/s), final loss %.4f", stop, seconds,
+    log.info("training: %d iterations in %.1f s (%.2f it/s), final loss %.4f", stop, seconds,
              metrics["it_per_s"], metrics["final_loss_mean_last_200"])
-    return ema, ema_table, losses, metrics
+    return ema["denoiser"], prompts if prompts is not None else ema["table"] if "table" in ema else None, losses, metrics
 
 
-def ddim_sample(model_dir: Path, n: int, steps: int, seed: int, guidance: float = 1.0) -> torch.Tensor:
+def ddim_sample(model_dir: Path, n: int, steps: int, seed: int, guidance: float = 1.0,
+                scheduler: str | None = "ddim") -> torch.Tensor:
     """Deterministic DDIM (eta 0) samples in [-1, 1] of a saved pipeline folder (``dqdeploy.generate``:
-    noise drawn batch by batch from one seeded generator; conditional: sample i is digit i % 10)."""
+    noise drawn batch by batch from one seeded generator; conditional: sample i is digit i % 10);
+    ``scheduler=None``: the folder's own sampler (the DiT's flow-matching Euler)."""
     from dqdeploy.generate import generate
 
     cond = model_dir / CLASS_COND_FILE
-    return generate(model_dir, n=n, steps=steps, scheduler="ddim", seed=seed, batch_size=100, runtime="torch",
+    return generate(model_dir, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=100, runtime="torch",
                     cond_file=cond if cond.is_file() else None, guidance=guidance)
 
 
-def save_pipeline(unet: torch.nn.Module, table: torch.nn.Embedding | None, path: Path) -> None:
-    """Write ``unet/``, ``scheduler/`` and ``model_index.json`` (+ the class table of a conditional UNet)."""
+def save_pipeline(unet: torch.nn.Module, table: Any, path: Path) -> None:
+    """Write ``unet/`` (or ``transformer/``), ``scheduler/`` and ``model_index.json`` (+ the class
+    table of a conditional UNet, the class prompts of the DiT)."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
+    if isinstance(table, dict):  # the DiT's fixed class prompts
+        from digits_dit import save_dit_pipeline
+
+        save_dit_pipeline(unet, table, path, CLASS_COND_FILE)
+        return
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     if table is None:
         DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path, safe_serialization=True)
@@ -314,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stop-at", type=int, help="stop after this many iterations of the --iters schedule (early checkpoint)")
     ap.add_argument("--unet", type=json.loads, default={}, help="JSON overrides of the UNet config")
     ap.add_argument("--conditional", action="store_true", help="class-conditional UNet2DConditionModel (CFG)")
+    ap.add_argument("--transformer", action="store_true",
+                    help="class-conditional SD3-style diffusion transformer, rectified flow (scripts/digits_dit.py; "
+                    "--unet then overrides its config)")
     ap.add_argument("--p-uncond", type=float, default=0.1, help="conditional: probability of the null class")
     ap.add_argument("--guidance", type=float, default=2.0, help="conditional: CFG scale of the summary samples")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -331,6 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.conditional = args.conditional or args.transformer
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -361,12 +392,15 @@ def main(argv: list[str] | None = None) -> None:
                            "conditional": args.conditional, "p_uncond": args.p_uncond if args.conditional else None,
                            "params": sum(p.numel() for p in ema.parameters()), "bytes_on_disk": dir_size(ddpm_dir)}
         guidance = args.guidance if args.conditional else 1.0
-        grid = ddim_sample(ddpm_dir, 64, args.sample_steps, seed=args.seed, guidance=guidance)
+        sampler = None if args.transformer else "ddim"  # the DiT: its folder's flow-matching Euler
+        summary["ddpm"]["transformer"] = args.transformer
+        grid = ddim_sample(ddpm_dir, 64, args.sample_steps, seed=args.seed, guidance=guidance, scheduler=sampler)
         save_grid(grid, args.out / "samples.png", nrow=8, scale=4)
         t0 = time.perf_counter()
-        samples = ddim_sample(ddpm_dir, args.fid_samples, args.sample_steps, seed=args.seed, guidance=guidance)
+        samples = ddim_sample(ddpm_dir, args.fid_samples, args.sample_steps, seed=args.seed, guidance=guidance,
+                              scheduler=sampler)
         summary["fid"] = {
-            "samples": args.fid_samples, "sampler": f"ddim-{args.sample_steps}", "seed": args.seed,
+            "samples": args.fid_samples, "sampler": f"{sampler or 'flow-euler'}-{args.sample_steps}", "seed": args.seed,
             "guidance": guidance,
             "digits_fid": round(digits_fid(samples, classifier), 4),
             "real_halves_fid": round(real_halves_fid(classifier, args.seed), 4),
@@ -376,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.conditional:
             digit = torch.arange(samples.shape[0]) % NUM_CLASSES  # sample i was asked for digit i % 10
             summary["fid"]["class_accuracy"] = classifier_accuracy(classifier, samples, digit)
-        log.info("digits-FID of %d DDIM-%d samples: %.3f (real halves: %.3f)", args.fid_samples,
+        log.info("digits-FID of %d samples, %d steps: %.3f (real halves: %.3f)", args.fid_samples,
                  args.sample_steps, summary["fid"]["digits_fid"], summary["fid"]["real_halves_fid"])
 
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)

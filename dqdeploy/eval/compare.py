@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DQDeployError
-from ..sampling import denoise
+from ..sampling import Cond, denoise
 
 
 def _flat_pair(ref: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +71,8 @@ def step_errors(
     noise: torch.Tensor,
     steps: int,
     *,
-    cond: torch.Tensor | None = None,
-    uncond: torch.Tensor | None = None,
+    cond: torch.Tensor | Cond | None = None,
+    uncond: torch.Tensor | Cond | None = None,
     guidance: float = 1.0,
 ) -> list[dict[str, float]]:
     """Denoiser output error of ``test_unet`` vs ``fp_unet`` at every step of FP trajectories from

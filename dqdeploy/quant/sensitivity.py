@@ -1,12 +1,13 @@
 """Where the quantization error comes from: per-layer and per-block sensitivity of a quantized UNet.
 
 Every measurement is the denoiser output error against full precision, ``||eps_q - eps_fp|| /
-||eps_fp||`` per sample, averaged per calibrated time step, on a fixed set of UNet inputs (the
-artifact's stored calibration inputs). Steps are combined with weights ``|c_t|``, the factor by
-which an error in the predicted noise enters the sample in the DDIM update
-``x_prev = sqrt(a_prev) * x0_pred + sqrt(1 - a_prev) * eps`` (``c_t = sqrt(1 - a_prev) -
+||eps_fp||`` per sample, averaged per calibrated time step, on a fixed set of denoiser inputs (the
+artifact's stored calibration inputs; UNets and diffusion transformers alike). Steps are combined
+with weights ``|c_t|``, the factor by which an error in the predicted noise enters the sample in the
+DDIM update ``x_prev = sqrt(a_prev) * x0_pred + sqrt(1 - a_prev) * eps`` (``c_t = sqrt(1 - a_prev) -
 sqrt(a_prev / a_t) * sqrt(1 - a_t)``): the last step's relative error is large but barely moves the
-image, so it must not dominate. Full precision is the same model with every quantizer off
+image, so it must not dominate. For flow matching (``x_next = x + (sigma_next - sigma) * v``) the
+factor is the step's ``|sigma_next - sigma|``. Full precision is the same model with every quantizer off
 (dilated weights times ``1/s`` inputs are exactly the FP layer). Per layer:
 
 * ``weight`` / ``act`` / ``alone``: only this layer's weight, input (and output) quantizer, or both, on;
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..denoisers import spec_of
 from ..inputs import DenoiserInputs, forward_hooks
 from .blocks import partition
 from .modules import QuantizedUNet, QuantLayer, quant_layers
@@ -32,9 +34,10 @@ from .modules import QuantizedUNet, QuantLayer, quant_layers
 Inputs = DenoiserInputs | Mapping[str, torch.Tensor]  # or the named tensors of calibration_inputs.safetensors
 
 
-def as_inputs(inputs: Inputs) -> DenoiserInputs:
-    """``DenoiserInputs`` from either form."""
-    return inputs if isinstance(inputs, DenoiserInputs) else DenoiserInputs.from_dict(inputs)
+def as_inputs(inputs: Inputs, model: object) -> DenoiserInputs:
+    """``DenoiserInputs`` from either form (named tensors: with the input names of ``model``'s kind --
+    ``hidden_states`` for transformers, Flux's position ids without a batch axis)."""
+    return inputs if isinstance(inputs, DenoiserInputs) else spec_of(model).inputs_from_dict(inputs)
 
 
 @dataclass
@@ -108,7 +111,7 @@ def quantized_only(model: QuantizedUNet, weights: Iterable[str] | None, acts: It
 @torch.no_grad()
 def outputs(model: torch.nn.Module, inputs: Inputs, batch: int = 32) -> torch.Tensor:
     """The model's output for every input sample (batched)."""
-    inputs = as_inputs(inputs)
+    inputs = as_inputs(inputs, model)
     return torch.cat([inputs.slice(idx).call(model) for idx in torch.arange(len(inputs)).split(batch)])
 
 
@@ -128,11 +131,19 @@ def trajectory_weights(alphas_cumprod: torch.Tensor, schedule: list[float], fina
     return weights
 
 
+def flow_weights(schedule: list[float]) -> dict[float, float]:
+    """``|sigma_next - sigma|`` of every step of a flow-matching ``schedule`` (model timesteps in sampling
+    order, proportional to sigma; the last step ends at 0). Only ratios matter: the meter normalises."""
+    return {float(t): abs(float(t) - (float(schedule[k + 1]) if k + 1 < len(schedule) else 0.0))
+            for k, t in enumerate(schedule)}
+
+
 def scheduler_weights(scheduler, schedule: list[float]) -> dict[float, float] | None:
-    """:func:`trajectory_weights` from a diffusers scheduler (None when it has no ``alphas_cumprod``)."""
+    """:func:`trajectory_weights` from a diffusers scheduler, :func:`flow_weights` for a flow-matching
+    one (no ``alphas_cumprod``, ``sigmas`` instead), else None (steps weighted equally)."""
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None:
-        return None
+        return flow_weights(schedule) if "FlowMatch" in type(scheduler).__name__ else None
     final = 1.0 if getattr(scheduler.config, "set_alpha_to_one", True) else float(alphas[0])
     return trajectory_weights(torch.as_tensor(alphas), schedule, final)
 
@@ -141,7 +152,7 @@ class ErrorMeter:
     """Relative error vs the FP outputs, per time step and combined with the step weights."""
 
     def __init__(self, model: QuantizedUNet, inputs: Inputs, batch: int, weights: dict[float, float] | None) -> None:
-        inputs = as_inputs(inputs)
+        inputs = as_inputs(inputs, model)
         self.model, self.inputs, self.batch = model, inputs, batch
         t = inputs.timestep.float()
         self.steps = sorted(t.unique().tolist(), reverse=True)
@@ -174,7 +185,7 @@ def layer_macs(model: QuantizedUNet, inputs: Inputs) -> dict[str, int]:
         return hook
 
     with forward_hooks((m, "post", make_hook(n, m)) for n, m in quant_layers(model.unet).items()):
-        outputs(model, as_inputs(inputs).slice(0))
+        outputs(model, as_inputs(inputs, model).slice(0))
     return result
 
 
@@ -207,7 +218,7 @@ def analyze(
         rows.append(row)
     block_rows = []
     if blocks and detail:
-        first = as_inputs(inputs).slice(slice(0, 2))
+        first = as_inputs(inputs, model).slice(slice(0, 2))
         for block in partition(model.unet, lambda: outputs(model, first)):
             members = set(block.layers)
             others = [n for n in names if n not in members]

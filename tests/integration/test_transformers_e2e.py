@@ -165,4 +165,25 @@ def test_ort_layout_fuses_every_layer_with_an_output_q(artifact, exports, tmp_pa
     fused = ops.count("QLinearMatMul") + ops.count("QLinearConv")
     print(f"{artifact[0]}: {fused} fused of {len(out_q)} output-quantized layers "
           f"({ops.count('QLinearMatMul')} QLinearMatMul, {ops.count('QLinearConv')} QLinearConv)")
-    assert len(out_q) >= 20 and fused == len(out_q)  # every token linear (and the patch conv) runs on int8 kernels
+    expected = sum(meta.output_quant for meta in artifact[1].manifest.layers.values())  # all but auto's float layers
+    assert len(out_q) == expected >= 15 and fused == len(out_q)  # every token linear (and the patch conv) runs on int8
+
+
+def test_sensitivity_analysis_and_auto_fallback_cover_transformers(artifact, tmp_path):
+    """`dqdeploy analyze` (and the default fallback `auto`, which ran while quantizing) read the artifact's
+    calibration inputs with the model's own input names (Flux's position ids without a batch axis);
+    flow-matching steps are weighted by their step size |sigma_next - sigma|."""
+    from dqdeploy.analyze import analyze_artifact
+
+    kind, result = artifact
+    assert isinstance(result.manifest.fallback, list)  # auto ran (no longer UNet-only)
+    report = analyze_artifact(result.path)
+    quantized = set(result.manifest.layers)
+    assert {r.name for r in report.layers} == quantized and report.full > 0
+    assert any(r.gain > 0 for r in report.layers) and report.blocks
+    weights = dict(zip(report.timesteps, report.step_weights))
+    assert sum(weights.values()) == pytest.approx(1.0)
+    if kind != "pixart":  # flow matching: weight proportional to the step to the next sigma (0 after the last)
+        ts = report.timesteps
+        steps = [ts[k] - (ts[k + 1] if k + 1 < len(ts) else 0.0) for k in range(len(ts))]
+        assert report.step_weights == pytest.approx([s / sum(steps) for s in steps])

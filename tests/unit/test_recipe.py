@@ -167,3 +167,17 @@ def test_built_w4a8_model_has_8_bit_first_and_last_layers():
 def test_a_recipe_that_selects_nothing_is_a_model_load_error():
     with pytest.raises(ModelLoadError, match="selects no Conv2d/Linear"):
         _build(W8A8.replace(include=("no_such_layer*",)))
+
+
+def test_first_last_names_stand_for_each_model_kinds_own_ends():
+    """conv_in / conv_out mean a transformer's patch embedding and proj_out (Flux: x_embedder), kept at 8 bits
+    by W4A8; the same names inside a UNet (its transformer blocks' proj_out) stay at 4 bits."""
+    from dqdeploy.denoisers import SPECS
+    from dqdeploy.recipe import W4A8
+
+    sd3, flux, unet = (SPECS[c].ends for c in ("SD3Transformer2DModel", "FluxTransformer2DModel", "UNet2DModel"))
+    assert W4A8.weight_bits_for("pos_embed.proj", sd3) == W4A8.weight_bits_for("proj_out", sd3) == 8
+    assert W4A8.weight_bits_for("x_embedder", flux) == 8 and W4A8.weight_bits_for("pos_embed.proj", flux) == 4
+    assert W4A8.weight_bits_for("transformer_blocks.0.ff.net.2", sd3) == 4
+    assert W4A8.weight_bits_for("conv_in", unet) == 8 and W4A8.weight_bits_for("proj_out", unet) == 4
+    assert W4A8.replace(first_last_bits=None).weight_bits_for("proj_out", sd3) == 4

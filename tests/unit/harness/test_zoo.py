@@ -25,7 +25,8 @@ def test_registry_names_commands_and_cache_layout(tmp_path, monkeypatch):
     seeds = {m.seed for m in zoo.ZOO.values()}
     assert seeds >= {0, 1}
     cond = [m for m in zoo.ZOO.values() if m.conditional]
-    assert len(cond) == 1 and cond[0].guidance > 1 and cond[0].cond_file().name == "class_cond.safetensors"
+    assert {m.name for m in cond} == {"cond", "dit"}
+    assert all(m.guidance > 1 and m.cond_file().name == "class_cond.safetensors" for m in cond)
     early = zoo.get("early")
     assert early.folder() == tmp_path / "early" / "digits-ddpm" and not early.available()
     cmd = early.train_command()
@@ -51,3 +52,27 @@ def test_training_script_conditional_early_stop_and_overrides(tmp_path):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["ddpm"]["stop_at"] == 2 and summary["ddpm"]["iters"] == 8
     assert 0.0 <= summary["fid"]["class_accuracy"] <= 1.0 and summary["fid"]["guidance"] == 2.0
+
+
+def test_training_script_transformer_rectified_flow_with_class_prompts(tmp_path):
+    """--transformer: an SD3Transformer2DModel pipeline with its flow-matching scheduler, and the fixed class
+    prompts (2 tokens + pooled, null prompt) as a --cond file that the zoo's DiT member points at."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    args = ["--stage", "ddpm", "--transformer", "--iters", "3", "--batch-size", "4",
+            "--unet", '{"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "caption_projection_dim": 16}',
+            "--fid-samples", "10", "--sample-steps", "2", "--assets", str(tmp_path / "a"), "--out", str(tmp_path / "r")]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_digits.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = load_model(tmp_path / "a" / "digits-ddpm")
+    assert type(loaded.unet).__name__ == "SD3Transformer2DModel" and loaded.unet.config.num_layers == 1
+    assert loaded.scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    cond = load_conditioning(tmp_path / "a" / "digits-ddpm" / "class_cond.safetensors")
+    d, d2 = loaded.unet.config.joint_attention_dim, loaded.unet.config.pooled_projection_dim
+    assert tuple(cond.cond.shape) == (10, 2, d) and tuple(cond.pooled.shape) == (10, d2)
+    assert tuple(cond.uncond.shape) == (1, 2, d) and tuple(cond.uncond_pooled.shape) == (1, d2)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["ddpm"]["transformer"] and summary["fid"]["sampler"] == "flow-euler-2"
+    assert 0.0 <= summary["fid"]["class_accuracy"] <= 1.0
+    dit = zoo.get("dit")
+    assert dit.scheduler is None and dit.conditional and "--transformer" in dit.train_command()

@@ -69,3 +69,40 @@ def test_paired_bootstrap_ratio_of_identical_samples_is_exactly_one():
     out = zq.bootstrap_fid(feats, {"fp": feats.copy()}, draws=20)
     assert out["fp_ratio_lo"] == pytest.approx(1.0) and out["fp_ratio_hi"] == pytest.approx(1.0)
     assert out["boot_bias"] > 0  # resampling with replacement inflates the FID: why the interval is on differences
+
+
+def test_transformer_member_uses_its_own_sampler_cfg_and_pooled_prompts(tmp_path, monkeypatch):
+    """A DiT member (SD3 transformer, flow-matching scheduler, 2-part class prompts) runs the same harness path:
+    calibrated and sampled with its folder's scheduler and step count, class accuracy, per-step errors under CFG."""
+    import dataclasses
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from tests.helpers import write_transformer_cond
+
+    monkeypatch.setenv("DQDEPLOY_ZOO", str(tmp_path / "zoo"))
+    member = zoo.ZooModel("tinydit", "test member", conditional=True, guidance=2.0, scheduler=None, steps=3)
+    torch.manual_seed(0)
+    dit = SD3Transformer2DModel(sample_size=16, patch_size=4, in_channels=1, out_channels=1, num_layers=1,
+                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                caption_projection_dim=16, pooled_projection_dim=12, pos_embed_max_size=4)
+    folder = member.folder()
+    dit.save_pretrained(str(folder / "transformer"))
+    FlowMatchEulerDiscreteScheduler().save_pretrained(str(folder / "scheduler"))
+    write_transformer_cond(member.cond_file(), prompts=10)
+    monkeypatch.setattr(zoo, "ZOO", {"tinydit": member})
+    monkeypatch.setattr(zq, "RESULTS_FILE", tmp_path / "results.json")
+    monkeypatch.setattr(zq, "BOOTSTRAP", 10)
+    monkeypatch.setattr(zq, "STEP_TRAJECTORIES", 2)
+    monkeypatch.setitem(zq.VARIANTS, "fast", {"iters": 1, "batch_size": 8, "fallback": "none"})
+    real = zq.calibration_for
+    assert real("tinydit") == zq.CalibrationConfig(scheduler=None, steps=3, guidance=2.0)
+    monkeypatch.setattr(zq, "calibration_for", lambda m: dataclasses.replace(real(m), samples=16, trajectories=4))
+    zq.main(["--models", "tinydit", "--recipes", "fp32,w8a8", "--variants", "fast", "--flavours", "sim",
+             "--fp-seeds", "0", "--n", "10"])
+    rows = json.loads(zq.RESULTS_FILE.read_text())["rows"]
+    q = rows["tinydit|w8a8|fast|sim|seed0"]
+    assert q["sampler"] == "folder" and q["steps"] == 3 and 0.0 <= q["class_accuracy"] <= 1.0
+    assert len(q["step_error"]["per_step_rel_err"]) == 3 and q["step_error"]["mean_rel_err"] > 0
+    manifest = json.loads((zq.artifact("tinydit", "w8a8", "fast") / "manifest.json").read_text())
+    assert "FlowMatchEuler" in json.dumps(manifest["scheduler_config"])
