@@ -25,7 +25,7 @@ from .denoisers import spec_for, spec_of
 from .errors import ArtifactError, CheckFailedError, require
 from .exporters.dequantize import simulate_layer_input
 from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
-from .exporters.spec import ENGINE_FILE, read_spec
+from .exporters.spec import read_spec
 from .inputs import OUTPUT, DenoiserInputs, forward_hooks
 from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
 from .trt_gate import require_tensorrt
@@ -176,7 +176,7 @@ def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[s
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        return TrtRunner(EngineFromBytes(BytesFromPath(str(export_dir / ENGINE_FILE))), name="tensorrt")
+        return TrtRunner(EngineFromBytes(BytesFromPath(str(export_dir / read_spec(export_dir).engine_file))), name="tensorrt")
     require("onnxruntime", "ort", "checking with ONNX Runtime")
     from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx

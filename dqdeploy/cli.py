@@ -257,7 +257,7 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
     """Export a quantized artifact SOURCE to ONNX (QDQ) and, for --target trt, a TensorRT engine."""
     from .exporters.dynamic import parse_range
     from .exporters.export import export as run_export
-    from .exporters.spec import ENGINE_FILE, read_spec
+    from .exporters.spec import read_spec
 
     lo, opt, hi = _batch_profile(batch)
     try:
@@ -269,7 +269,7 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
                triton_repo=triton_repo, dynamic_resolution=res_range)
     click.echo(f"wrote {Path(out_dir) / read_spec(out_dir).onnx_file} ({target})")
     if target == "trt":
-        click.echo(f"wrote {Path(out_dir) / ENGINE_FILE}")
+        click.echo(f"wrote {Path(out_dir) / read_spec(out_dir).engine_file}")
         if triton_repo:
             click.echo(f"wrote {Path(triton_repo) / 'unet'}")
 

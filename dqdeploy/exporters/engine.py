@@ -1,11 +1,13 @@
 """TensorRT engines from exported QDQ ONNX graphs (needs TensorRT and a GPU; see :mod:`dqdeploy.trt_gate`).
 
-``build_engine(export_dir)`` parses ``unet/model.onnx`` into a *strongly typed* network (types come
-from the graph: build from an FP16 export with explicit Q/DQ; no ``--int8``/``--fp16`` builder
-flags), adds one optimization profile for ``sample``/``timestep``/``encoder_hidden_states``, and
-writes ``unet/model.plan`` plus ``unet/engine.json`` (I/O, profile, TensorRT version, GPU, recipe).
+``build_engine(export_dir)`` parses ``unet/model.onnx`` (a transformer's ``transformer/model.onnx``)
+into a *strongly typed* network (types come from the graph: build from an FP16 export with explicit
+Q/DQ; no ``--int8``/``--fp16`` builder flags), adds one optimization profile over every graph input
+(``sample`` or ``hidden_states``, ``timestep``, ``encoder_hidden_states``, ``pooled_projections``,
+Flux's ``img_ids``/``txt_ids``/``guidance``), and writes ``model.plan`` plus ``engine.json`` (I/O,
+profile, TensorRT version, GPU, recipe) next to the graph.
 
-Batch profile: ``batch=(min, opt, max)`` counts UNet calls' batch rows. Classifier-free guidance
+Batch profile: ``batch=(min, opt, max)`` counts denoiser calls' batch rows. Classifier-free guidance
 runs the UNet on ``[uncond; cond]``, i.e. twice the number of images: pass ``cfg=True`` to double
 the profile (``(1, 2, 8)`` images -> ``(2, 4, 16)`` rows).
 
@@ -22,11 +24,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..atomic import atomic_write_bytes
+from ..denoisers import spec_for
 from ..errors import ArtifactError, DQDeployError, ExportError, LintError, require
 from ..inputs import CONTEXT
 from ..trt_gate import gpu_description, require_tensorrt
 from .engine_spec import engine_info, tensor_records
-from .spec import ENGINE_FILE, ENGINE_SPEC_FILE, ONNX_FILE, ExportSpec, read_spec
+from .spec import ExportSpec, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +78,27 @@ def profile_shapes(
 ) -> dict[str, tuple[list[int], list[int], list[int]]]:
     """``{input: (min, opt, max)}`` for the engine's optimization profile, from the export spec.
 
-    Symbolic dims: the batch (``cfg`` doubles it), H/W of ``sample`` (``resolution``, default: the
-    export's ``--dynamic-resolution``) and the sequence length of ``encoder_hidden_states`` (``seq_len``).
-    A fixed dim stays fixed; asking for another value there is an error (re-export instead).
+    Symbolic dims: the batch (``cfg`` doubles it), H/W of the image latent (``sample`` or
+    ``hidden_states``; ``resolution``, default: the export's ``--dynamic-resolution``) and the sequence
+    length of ``encoder_hidden_states`` (``seq_len``). A fixed dim stays fixed; asking for another value
+    there is an error (re-export instead). Inputs without a batch axis (Flux's position ids) must be fixed.
     """
     b = _range(batch, "batch")
     if cfg:
         b = (2 * b[0], 2 * b[1], 2 * b[2])
+    kind = spec_for(spec.model_class, "the export")
     inputs = {t.name: t for t in spec.inputs}
-    if "sample" not in inputs or len(inputs["sample"].shape) != 4:
-        raise ExportError("the export has no 4-D 'sample' input", hint="export with `dqdeploy export`")
+    rank = 3 if kind.packed else 4  # Flux: packed tokens [B, N, C], fixed N
+    if kind.sample not in inputs or len(inputs[kind.sample].shape) != rank:
+        raise ExportError(f"the export has no {rank}-D {kind.sample!r} input", hint="export with `dqdeploy export`")
     ranges: dict[str, Range] = {}
-    sample = inputs["sample"].shape
+    sample = inputs[kind.sample].shape
     batch_sym = sample[0] if isinstance(sample[0], str) else None
     hw = _resolution(resolution if resolution is not None else _export_range(spec))
-    for axis, label in ((2, "height"), (3, "width")):
+    if kind.packed and hw is not None:
+        raise ExportError(f"{spec.model_class} graphs take packed latents of a fixed token count: resolution "
+                          "cannot be chosen at build time", hint="leave resolution unset, or re-export at that resolution")
+    for axis, label in (() if kind.packed else ((2, "height"), (3, "width"))):
         dim = sample[axis]
         asked = None if hw is None else hw[axis - 2]
         if isinstance(dim, str):
@@ -113,6 +122,9 @@ def profile_shapes(
         for axis, dim in enumerate(t.shape):
             if isinstance(dim, int) and dim > 0:
                 r = (dim, dim, dim)
+            elif t.name in kind.shared:
+                raise ExportError(f"input {t.name} has no batch axis but a dynamic dim {dim!r} at axis {axis}",
+                                  hint="re-export with only the batch dynamic (the dqdeploy default)")
             elif dim == batch_sym or (axis == 0 and isinstance(dim, str) and dim not in ranges):
                 r = b
             elif dim in ranges:
@@ -150,8 +162,8 @@ def _lint(onnx_path: Path) -> None:
 
 def _check_buildable(export_dir: Path, spec: ExportSpec, *, fp16: bool, overwrite: bool) -> tuple[Path, Path]:
     """The ONNX and plan paths, after checking the folder holds a TensorRT-layout graph of the asked precision."""
-    onnx_path = export_dir / ONNX_FILE
-    plan_path = export_dir / ENGINE_FILE
+    onnx_path = export_dir / spec.onnx_file
+    plan_path = export_dir / spec.engine_file
     if not onnx_path.is_file():
         raise ArtifactError(f"{onnx_path} not found", hint="re-run `dqdeploy export`")
     if plan_path.exists() and not overwrite:
@@ -230,11 +242,12 @@ def build_engine(
     overwrite: bool = False,
     lint: bool = True,
 ) -> Path:
-    """Build ``unet/model.plan`` (+ ``unet/engine.json``) from the export folder's ONNX graph.
+    """Build ``unet/model.plan`` (+ ``unet/engine.json``; a transformer's in ``transformer/``) from the
+    export folder's ONNX graph.
 
     ``fp16`` states the graph's precision: a strongly typed network takes its types from the graph,
     so an FP16 engine needs an FP16 export (``dqdeploy export --fp16``). ``batch`` is (min, opt, max)
-    UNet batch rows; ``cfg=True`` doubles it for classifier-free guidance. ``resolution``/``seq_len``
+    denoiser batch rows; ``cfg=True`` doubles it for classifier-free guidance. ``resolution``/``seq_len``
     are only needed where the graph has those dims dynamic. ``timing_cache`` is loaded if it exists
     and saved after the build. Returns the plan's path.
     """
@@ -262,6 +275,6 @@ def build_engine(
         batch=_range(batch, "batch"), cfg=cfg, build_seconds=round(seconds, 2), workspace_gb=workspace_gb,
     )
     atomic_write_bytes(plan_path, serialized)
-    atomic_write_bytes(export_dir / ENGINE_SPEC_FILE, json.dumps(info, indent=2).encode())
+    atomic_write_bytes(export_dir / spec.engine_spec_file, json.dumps(info, indent=2).encode())
     log.info("built %s in %.1f s (TensorRT %s, %s)", plan_path, seconds, trt.__version__, gpu)
     return plan_path

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError
-from .spec import ENGINE_SPEC_FILE, ExportSpec
+from .spec import ENGINE_SPEC_FILE, SPEC_FILE, ExportSpec, read_spec
 
 ENGINE_FORMAT = "dqdeploy-engine"
 ENGINE_FORMAT_VERSION = 1
@@ -76,8 +76,9 @@ def engine_info(
 
 
 def read_engine_info(export_dir: str | Path) -> dict[str, Any]:
-    """Read ``unet/engine.json`` with clear errors."""
-    path = Path(export_dir) / ENGINE_SPEC_FILE
+    """Read ``unet/engine.json`` (``transformer/engine.json``) with clear errors."""
+    export_dir = Path(export_dir)
+    path = export_dir / (read_spec(export_dir).engine_spec_file if (export_dir / SPEC_FILE).is_file() else ENGINE_SPEC_FILE)
     if not path.is_file():
         raise ArtifactError(f"{path} not found: {export_dir} holds no TensorRT engine",
                             hint="build one with `dqdeploy export QUANT_DIR --target trt --out DIR` (or build_engine(DIR))")

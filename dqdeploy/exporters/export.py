@@ -66,7 +66,7 @@ def export(
     ``dynamic_resolution=(MIN, MAX)``: the latent height and width are dynamic, each a multiple of
     the model's step in ``[MIN, MAX]`` (:mod:`.dynamic`); ``trt`` profiles that range.
 
-    ``trt`` writes the FP16 TensorRT-layout graph, then builds ``unet/model.plan`` with the batch
+    ``trt`` writes the FP16 TensorRT-layout graph, then builds ``unet/model.plan`` (``transformer/model.plan``) with the batch
     profile ``batch`` (doubled by ``cfg``), and a Triton repository at ``triton_repo`` if given.
     Returns ``out_dir``.
     """
@@ -80,7 +80,6 @@ def export(
     if target != "trt":
         return export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
                             simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
-    _refuse_transformer_engine(source)
     require_tensorrt()  # fail fast, before the export work
     export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
                  dynamic_resolution=dynamic_resolution)
@@ -129,15 +128,6 @@ def export_graph(
             write_export(graph, folder, spec, base_dir=scratch)
         shutil.rmtree(scratch)
     return Path(out_dir)
-
-
-def _refuse_transformer_engine(source: str | Path) -> None:
-    """Engines are built for UNets only: the transformer graphs have no TensorRT profile yet."""
-    if Path(source).is_dir() and detect(source) == "quantized" and spec_for(read_manifest(source).model_class).is_transformer:
-        raise ExportError(
-            f"{source} holds a diffusion transformer; --target trt builds TensorRT engines for UNets only",
-            hint="export --target onnx (the TensorRT-layout graph, add --fp16) and build it with trtexec",
-        )
 
 
 def _check_request(source: str | Path, target: str, fp16: bool) -> None:

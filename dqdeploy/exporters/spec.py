@@ -30,7 +30,7 @@ from ..vocab import GRAPH_TARGETS, GraphTarget, Layout, layout_of
 
 ONNX_FILE = "unet/model.onnx"  # UNets; transformers: onnx_file()
 ONNX_DATA_FILE = "model.onnx_data"
-ENGINE_FILE = "unet/model.plan"
+ENGINE_FILE = "unet/model.plan"  # UNets; transformers: engine_files()
 ENGINE_SPEC_FILE = "unet/engine.json"
 FORMAT = "dqdeploy-export"
 FORMAT_VERSION = 1
@@ -41,6 +41,12 @@ def onnx_file(model_class: str) -> str:
     """The graph's path inside an export folder: ``unet/model.onnx`` or ``transformer/model.onnx``."""
     spec = SPECS.get(model_class)
     return ONNX_FILE if spec is None else f"{spec.subfolder}/model.onnx"
+
+
+def engine_files(model_class: str) -> tuple[str, str]:
+    """The TensorRT engine and its ``engine.json`` next to the graph (``unet/`` or ``transformer/``)."""
+    folder = onnx_file(model_class).rsplit("/", 1)[0]
+    return f"{folder}/model.plan", f"{folder}/engine.json"
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,16 @@ class ExportSpec:
     def onnx_file(self) -> str:
         """The graph's path inside the export folder."""
         return onnx_file(self.model_class)
+
+    @property
+    def engine_file(self) -> str:
+        """The TensorRT engine's path inside the export folder."""
+        return engine_files(self.model_class)[0]
+
+    @property
+    def engine_spec_file(self) -> str:
+        """The engine description's path inside the export folder."""
+        return engine_files(self.model_class)[1]
 
     def to_json(self) -> str:
         """The spec as JSON text, sealed (``integrity``: sha256 of the canonical body)."""

@@ -10,7 +10,7 @@ from typing import Any
 from ..atomic import atomic_dir
 from ..errors import ArtifactError, ExportError
 from .engine_spec import read_engine_info
-from .spec import ENGINE_FILE, ENGINE_SPEC_FILE
+from .spec import engine_files
 
 TRITON_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
@@ -64,9 +64,10 @@ def write_triton_repo(
     export folder holding an engine; returns the model folder. Other models in the repo are kept."""
     engine_dir = Path(engine_dir)
     info = read_engine_info(engine_dir)
-    plan = engine_dir / ENGINE_FILE
+    plan_file, info_file = engine_files(str(info.get("model_class")))
+    plan = engine_dir / plan_file
     if not plan.is_file():
-        raise ArtifactError(f"{plan} not found although {ENGINE_SPEC_FILE} exists", hint="rebuild the engine")
+        raise ArtifactError(f"{plan} not found although {info_file} exists", hint="rebuild the engine")
     text = triton_config(info, model_name, instances=instances)
     target = Path(repo_dir) / model_name
     with atomic_dir(target, overwrite=overwrite, sources=[engine_dir], owned=is_triton_model) as tmp:

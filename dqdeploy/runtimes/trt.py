@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ArtifactError, DQDeployError, RuntimeInputError
 from ..exporters.engine_spec import read_engine_info
-from ..exporters.spec import ENGINE_FILE, read_spec
+from ..exporters.spec import read_spec
 from ..trt_gate import gpu_description, require_tensorrt
 from .base import OUTPUT, UNetRuntime
 
@@ -35,7 +35,7 @@ class TrtUNet(UNetRuntime):
         export_dir = Path(export_dir)
         spec = read_spec(export_dir)
         info = read_engine_info(export_dir)
-        plan = export_dir / ENGINE_FILE
+        plan = export_dir / spec.engine_file
         if not plan.is_file():
             raise ArtifactError(f"{plan} not found", hint=f"build it with build_engine('{export_dir}')")
         super().__init__(spec, str(export_dir))

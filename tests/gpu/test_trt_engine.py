@@ -176,3 +176,29 @@ def test_cpp_example_if_it_builds(fp16_engine, tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert json.loads(run.stdout)["relative_l2_error"] < FP16_REL
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_transformer_engine_passes_the_per_step_check_and_runs_in_its_pipeline(kind, tmp_path):
+    """A w8a8 diffusion transformer: FP16 TensorRT-layout export -> engine (profile over every transformer
+    input, Flux's position ids fixed) -> the per-step check against the simulation -> drop-in call."""
+    from dqdeploy import export, quantize
+    from dqdeploy.artifact import load_calibration_inputs
+    from dqdeploy.check import check_export
+    from dqdeploy.recipe import W8A8, CalibrationConfig
+    from tests.helpers import write_transformer_cond, write_transformer_pipeline
+
+    folder = write_transformer_pipeline(kind, tmp_path / "pipe")
+    cond = write_transformer_cond(tmp_path / "cond.safetensors")
+    calib = CalibrationConfig(steps=4, samples=32, trajectories=4, batch_size=4, guidance=3.0,
+                              resolution=8 if kind == "flux" else None)
+    q = quantize(folder, W8A8.replace(iters=4, batch_size=8), calib, tmp_path / "q", cond_file=cond).path
+    out = export(q, tmp_path / "e", target="trt", batch=(1, 2, 4), cfg=kind == "sd3")
+    info = read_engine_info(out)
+    assert (out / "transformer" / "model.plan").stat().st_size > 0 and info["model_class"].endswith("Model")
+    assert "hidden_states" in info["profile"]
+    result = check_export(q, out, runtime="trt", tolerance_ratio=2.0)  # FP16 graph: see the UNet test above
+    assert result.ok, result.table()
+    inputs = {k: v if k in ("img_ids", "txt_ids") else v[:2] for k, v in load_calibration_inputs(q).items()}
+    engine = load_runtime(out, "trt")
+    assert torch.isfinite(engine(**inputs, return_dict=False)[0]).all()

@@ -12,7 +12,7 @@ from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipelin
 
 from dqdeploy import export, load_quantized, quantize
 from dqdeploy.check import check_export
-from dqdeploy.errors import ExportError, RuntimeInputError
+from dqdeploy.errors import ExportError, MissingDependencyError, RuntimeInputError
 from dqdeploy.exporters.lint import lint_path
 from dqdeploy.exporters.spec import read_spec
 from dqdeploy.recipe import W8A8, CalibrationConfig
@@ -146,10 +146,30 @@ def test_runtime_refuses_what_the_graph_cannot_honour(artifact, exports):
         rt(**inputs, **bogus)
 
 
-def test_engine_target_is_refused_for_transformers(artifact, tmp_path):
-    _, result = artifact
-    with pytest.raises(ExportError, match="UNets only"):
-        export(result.path, tmp_path / "engine", target="trt")
+def test_engine_profile_covers_every_transformer_input(artifact, exports, tmp_path):
+    """The TensorRT optimization profile (checked without TensorRT): batch axes get the batch range (doubled
+    under CFG), the other dims their fixed sizes, Flux's position ids keep their shapes (no batch axis)."""
+    import importlib.util
+
+    from dqdeploy.exporters.engine import profile_shapes
+
+    kind, result = artifact
+    spec = read_spec(exports["onnx"])
+    shapes = profile_shapes(spec, batch=(1, 2, 4), cfg=True)
+    assert list(shapes) == INPUTS[kind] and spec.engine_file == "transformer/model.plan"
+    for t in spec.inputs:
+        lo, opt, hi = shapes[t.name]
+        if t.name in ("img_ids", "txt_ids"):
+            assert lo == opt == hi == list(t.shape)
+        else:
+            assert (lo[0], opt[0], hi[0]) == (2, 4, 8) and lo[1:] == hi[1:] == list(t.shape[1:])
+    if kind == "flux":
+        with pytest.raises(ExportError, match="packed latents"):
+            profile_shapes(spec, resolution=16)
+    if importlib.util.find_spec("tensorrt") is None:  # the engine build itself runs in tests/gpu
+        with pytest.raises(MissingDependencyError):
+            export(result.path, tmp_path / "engine", target="trt")
+        assert not (tmp_path / "engine").exists()
 
 
 def test_ort_layout_fuses_every_layer_with_an_output_q(artifact, exports, tmp_path):
