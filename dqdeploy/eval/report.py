@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_bytes
+from ..denoisers import spec_of
 from ..errors import DQDeployError
 from ..generate import generate_from, load_cond
 from ..models import latent_shape, make_scheduler
@@ -42,7 +43,7 @@ class EvalConfig:
 
     n: int = 64  # samples per model for the image metrics (and FID)
     steps: int | None = None  # default: the calibrated step count, else 50
-    scheduler: str | None = None  # default: ddim
+    scheduler: str | None = None  # default: ddim for UNets, the model's own for transformers
     seed: int = 0
     batch_size: int = 64
     runtime: Runtime = "auto"  # of the evaluated model: torch (simulation) | ort | trt | auto
@@ -100,23 +101,27 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
         raise DQDeployError(f"--fp must be a diffusers model folder; {fp_dir} is a {fp.kind} folder",
                             hint="pass the full-precision model the artifact was made from")
     _check_same_model(fp, test, fp_dir, path)
+    shape = latent_shape(fp.unet)
+    if png is not None and len(shape) != 3:
+        raise DQDeployError(f"--png shows latents as images; {fp_dir} makes packed latents {shape}",
+                            hint="leave out --png for this model")
     conditioning = load_cond(test, cfg.cond_file)
-    cond, uncond = (None, None) if conditioning is None else (conditioning.cond, conditioning.uncond)
     steps = cfg.steps or (len(test.timesteps) or 50)
-    scheduler = cfg.scheduler or "ddim"
+    # UNets: DDIM unless asked; transformers: their own (flow-matching) scheduler
+    scheduler = cfg.scheduler or (None if spec_of(fp.unet).is_transformer else "ddim")
     sample: dict[str, Any] = dict(n=cfg.n, steps=steps, scheduler=scheduler, seed=cfg.seed, batch_size=cfg.batch_size,
                   conditioning=conditioning, guidance=cfg.guidance)
 
-    c, h, w = latent_shape(fp.unet)
-    noise = torch.randn(cfg.step_samples, c, h, w, generator=torch.Generator().manual_seed(cfg.seed))
-    step_cond = None if cond is None else cond[torch.arange(cfg.step_samples) % cond.shape[0]]
+    noise = torch.randn(cfg.step_samples, *shape, generator=torch.Generator().manual_seed(cfg.seed))
+    step_cond, uncond = ((None, None) if conditioning is None
+                         else (conditioning.for_batch(0, cfg.step_samples), conditioning.unconditional()))
     per_step = step_errors(fp.unet, test.unet, make_scheduler(scheduler, fp.scheduler_config), noise, steps,
                            cond=step_cond, uncond=uncond, guidance=cfg.guidance)
     fp_images = generate_from(fp, **sample)
     test_images = generate_from(test, **sample)
     report: dict[str, Any] = {
         "path": str(path), "fp": str(fp_dir), "kind": test.kind, "runtime": cfg.runtime,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()} | {"steps": steps, "scheduler": scheduler},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()} | {"steps": steps, "scheduler": scheduler or fp.scheduler_config.get("_class_name")},
         "per_step_summary": summarize_steps(per_step),
         "per_step": per_step,
         "images": image_errors(fp_images, test_images),
@@ -124,7 +129,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     fid = _fid_section(cfg, fp_images, test_images)
     if fid is not None:
         report["fid"] = fid
-    if (c, h, w) == DIGITS_SHAPE:
+    if shape == DIGITS_SHAPE:
         from .fid import digits_fid
 
         report["digits"] = {"fp": digits_fid(fp_images), "quantized": digits_fid(test_images)}
@@ -132,7 +137,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     if png is not None:
         from .grid import save_side_by_side
 
-        k = min(cfg.n, 64)
+        k, (c, h, w) = min(cfg.n, 64), shape
         shown = slice(0, 1) if c < 3 else slice(0, 3)  # latent models: the first channel(s) as an image
         save_side_by_side({"FP": fp_images[:k, shown], f"{test.kind} ({cfg.runtime})": test_images[:k, shown]}, png,
                           scale=max(1, 64 // max(h, w)))
@@ -149,11 +154,15 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
     from .fid import feature_stats, frechet_distance
 
     opened = open_model(path, runtime)
-    c, h, w = latent_shape(opened.unet)
-    digits = (c, h, w) == DIGITS_SHAPE
-    if not digits and fid_ref is None:
+    shape = latent_shape(opened.unet)
+    digits = shape == DIGITS_SHAPE
+    if grid and len(shape) != 3:
+        raise DQDeployError(f"--grid shows latents as images; {path} makes packed latents {shape}",
+                            hint="leave out --grid for this model")
+    if not digits and (fid_ref is None or len(shape) != 3):
         raise DQDeployError(
-            f"{path} is not a digits model (its samples are {c}x{h}x{w}), so there is nothing to score it against",
+            f"{path} is not a digits model (its samples are {'x'.join(map(str, shape))}), so there is nothing to score "
+            "it against" + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)"),
             hint="pass --fp MODEL_DIR for the full report against the FP model, or --fid-ref FOLDER of reference images")
     images = generate_from(opened, conditioning=load_cond(opened, cond_file), **sample)
     report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
@@ -164,12 +173,13 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
     if fid_ref is not None:
         spec = fid_extractor or ("digits" if digits else "pixels")
         extractor = load_extractor(spec)
-        ref = extract(extractor, load_reference_images(fid_ref, c, (h, w)))
+        ref = extract(extractor, load_reference_images(fid_ref, shape[0], (shape[1], shape[2])))
         report["fid"] = {"extractor": spec, "reference": str(fid_ref), "n_reference": int(ref.shape[0]),
                          "value": frechet_distance(*feature_stats(extract(extractor, images)), *feature_stats(ref))}
     if grid:
         from .grid import save_grid
 
+        c, h, w = shape
         save_grid(images[:, : (1 if c < 3 else 3)], grid, scale=max(1, 64 // max(h, w)))
     return report
 

@@ -207,3 +207,19 @@ def test_sensitivity_analysis_and_auto_fallback_cover_transformers(artifact, tmp
         ts = report.timesteps
         steps = [ts[k] - (ts[k + 1] if k + 1 < len(ts) else 0.0) for k in range(len(ts))]
         assert report.step_weights == pytest.approx([s / sum(steps) for s in steps])
+
+
+def test_eval_report_against_the_fp_transformer(artifact):
+    """`dqdeploy eval Q --fp MODEL --cond FILE --guidance W` on a transformer: its own scheduler, pooled and
+    unconditional prompts under CFG, per-step errors and image metrics (Flux: packed latents, no PNG)."""
+    from dqdeploy.eval.report import EvalConfig, quality_report
+
+    kind, result = artifact
+    if kind == "flux":
+        pytest.skip("Flux sampling needs a resolution the eval options do not take yet")
+    root = result.path.parent
+    cfg = EvalConfig(n=2, steps=STEPS, batch_size=2, step_samples=2, cond_file=root / "cond.safetensors", guidance=3.0)
+    report = quality_report(result.path, root / "pipe", cfg)
+    assert report["config"]["scheduler"] == type(transformer_scheduler(kind)).__name__
+    assert len(report["per_step"]) == STEPS and report["per_step_summary"]["mean_rel_err"] > 0
+    assert report["images"]["psnr_db"] > 0
