@@ -1,9 +1,11 @@
 """ONNX Runtime CPU latency of the zoo's digits diffusion transformer (``bench/zoo.py`` member ``dit``,
 an SD3Transformer2DModel): one forward at batch 2 (one CFG pair), one thread, side by side:
 
-  fp32          ``dqdeploy export DIT --target float``
-  int8 (ort)    ``dqdeploy export Q --target ort`` of the zoo benchmark's W8A8 artifact
-                (``bench/zoo_quality.py``: the README's plain ``dqdeploy quantize``, cached)
+  fp32          ``dqdeploy export Q --target float``: the same transformer as an FP32 graph without Q/DQ
+                (an export of the FP folder fixes the text length at its example's 8 tokens, the
+                artifact's at the 2 of the class prompts)
+  int8 (ort)    ``dqdeploy export Q --target ort``
+both of the zoo benchmark's W8A8 artifact Q (``bench/zoo_quality.py``: the README's plain ``dqdeploy quantize``, cached).
 
 Interleaved rounds, medians. The inputs are real ones: a noisy latent and the class prompts of the
 member's ``--cond`` file (digit 3 and the null prompt), at the middle time step.
@@ -40,17 +42,13 @@ def feed(batch: int) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    from dqdeploy.exporters.export import export
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--recipe", default="w8a8")
     args = ap.parse_args()
-    fp_dir = zq.cache_root() / MODEL / "fp32-float"
-    if not (fp_dir / "dqdeploy_export.json").is_file():
-        export(zoo.ensure(MODEL), fp_dir, target="float", overwrite=True)
-    graphs = {"fp32": fp_dir, f"{args.recipe} ort": zq.exported(MODEL, args.recipe, "default", "ort")}
+    graphs = {"fp32": zq.exported(MODEL, args.recipe, "default", "float"),
+              f"{args.recipe} ort": zq.exported(MODEL, args.recipe, "default", "ort")}
     sessions = {name: ort_session(path / "transformer" / "model.onnx") for name, path in graphs.items()}
     inputs = feed(args.batch)
     times = interleaved_ms({n: lambda s=s: s.run(None, inputs) for n, s in sessions.items()}, args.repeats)

@@ -218,6 +218,9 @@ def quantize_unet(
     elif recipe.distill == "model":
         reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed)
     qmodel.eval()
+    with torch.no_grad():  # what is stored stays inside each layer's bit width (validation.check_state)
+        for layer in quant_layers(qmodel.unet).values():
+            layer.weight.copy_(layer.weight_quantizer.clip_to_grid(layer.weight))
     manifest = Manifest(
         recipe=recipe,
         calibration=calibration.to_dict(),

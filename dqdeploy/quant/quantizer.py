@@ -31,6 +31,15 @@ class WeightQuantizer(nn.Module):
         """The weight's integers (int8 tensor; 4-bit values fit losslessly)."""
         return quantize(w, self._shaped_scale(w), 0.0, self.qmin, self.qmax).to(torch.int8)
 
+    @torch.no_grad()
+    def clip_to_grid(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` with the entries beyond the grid (more than ``qmin``/``qmax`` steps) set to its edge: the
+        same integers, hence the same quantized weight, and nothing stored outside the bit width (a
+        learned step can shrink far below max-abs / qmax, clipping a channel's outliers)."""
+        s = self._shaped_scale(w)
+        steps = w / s
+        return torch.where((steps < self.qmin) | (steps > self.qmax), s * steps.clamp(self.qmin, self.qmax), w)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.scale.numel()}"
 

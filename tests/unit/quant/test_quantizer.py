@@ -168,3 +168,19 @@ def test_classifier_free_guidance_batch_with_a_scalar_timestep(qmodel):
         second = qmodel(x, 601).sample
         third = qmodel(x, torch.tensor(601.0)).sample
     assert torch.equal(first, second) and torch.equal(first, third)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_clip_to_grid_keeps_the_integers_and_stays_inside_the_bit_width(sign):
+    """A learned step far below max-abs / qmax clips a channel's outliers; storing them clipped changes
+    no integer (so no quantized weight) and keeps max|w| / |step| within the grid (what loading checks)."""
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    w[2, 3] = 9.0  # an outlier
+    q = WeightQuantizer(w, 4)
+    with torch.no_grad():
+        q.scale.mul_(sign * 0.1)  # as distillation can shrink it (or flip its sign)
+    clipped = q.clip_to_grid(w)
+    assert torch.equal(q.integers(clipped), q.integers(w)) and torch.equal(q(clipped), q(w))
+    assert float((clipped.abs().amax(1) / q.scale.abs()).max()) <= 8 + 1e-4
+    inside = (w / q.scale[:, None]).abs() < 7
+    assert torch.equal(clipped[inside], w[inside])  # untouched inside the grid
