@@ -68,6 +68,29 @@ def _export_range(spec: ExportSpec) -> Resolution | None:
     return ((lo, lo), (opt, opt), (hi, hi))
 
 
+def _latent_ranges(spec: ExportSpec, sample: list[int | str], resolution: Resolution | None) -> dict[str, Range]:
+    """Ranges of the image latent's dynamic H/W dims from ``resolution`` (packed latents: none)."""
+    ranges: dict[str, Range] = {}
+    hw = _resolution(resolution)
+    if spec_for(spec.model_class).packed:
+        if hw is not None:
+            raise ExportError(f"{spec.model_class} graphs take packed latents of a fixed token count: resolution "
+                              "cannot be chosen at build time", hint="leave resolution unset, or re-export at that resolution")
+        return ranges
+    for axis, label in ((2, "height"), (3, "width")):
+        dim = sample[axis]
+        asked = None if hw is None else hw[axis - 2]
+        if isinstance(dim, str):
+            if asked is None:
+                raise ExportError(f"the graph's sample {label} is dynamic ({dim!r}): the profile needs it",
+                                  hint="pass resolution=(h, w) or ((h, w), (h, w), (h, w)) for min/opt/max")
+            ranges[dim] = asked
+        elif asked is not None and asked != (dim, dim, dim):
+            raise ExportError(f"resolution asks for {label} {asked}, but the graph's sample {label} is fixed at {dim}",
+                              hint="leave resolution unset, or re-export the ONNX graph at that resolution")
+    return ranges
+
+
 def profile_shapes(
     spec: ExportSpec,
     *,
@@ -91,24 +114,9 @@ def profile_shapes(
     rank = 3 if kind.packed else 4  # Flux: packed tokens [B, N, C], fixed N
     if kind.sample not in inputs or len(inputs[kind.sample].shape) != rank:
         raise ExportError(f"the export has no {rank}-D {kind.sample!r} input", hint="export with `dqdeploy export`")
-    ranges: dict[str, Range] = {}
     sample = inputs[kind.sample].shape
     batch_sym = sample[0] if isinstance(sample[0], str) else None
-    hw = _resolution(resolution if resolution is not None else _export_range(spec))
-    if kind.packed and hw is not None:
-        raise ExportError(f"{spec.model_class} graphs take packed latents of a fixed token count: resolution "
-                          "cannot be chosen at build time", hint="leave resolution unset, or re-export at that resolution")
-    for axis, label in (() if kind.packed else ((2, "height"), (3, "width"))):
-        dim = sample[axis]
-        asked = None if hw is None else hw[axis - 2]
-        if isinstance(dim, str):
-            if asked is None:
-                raise ExportError(f"the graph's sample {label} is dynamic ({dim!r}): the profile needs it",
-                                  hint="pass resolution=(h, w) or ((h, w), (h, w), (h, w)) for min/opt/max")
-            ranges[dim] = asked
-        elif asked is not None and asked != (dim, dim, dim):
-            raise ExportError(f"resolution asks for {label} {asked}, but the graph's sample {label} is fixed at {dim}",
-                              hint="leave resolution unset, or re-export the ONNX graph at that resolution")
+    ranges = _latent_ranges(spec, sample, resolution if resolution is not None else _export_range(spec))
     if CONTEXT in inputs:
         ctx = inputs[CONTEXT].shape
         if len(ctx) == 3 and isinstance(ctx[1], str):
