@@ -24,11 +24,10 @@ def tiny_digits_unet() -> UNet2DModel:
 @pytest.fixture
 def tiny_zoo(tmp_path, monkeypatch):
     monkeypatch.setenv("DQDEPLOY_ZOO", str(tmp_path / "zoo"))
-    member = zoo.ZooModel("tiny", "test member")
+    member = zoo.ZooModel("tiny", "test member", steps=3)  # DDIM 3 (sampling, step errors)
     write_pipeline(tiny_digits_unet(), member.folder())
     monkeypatch.setattr(zoo, "ZOO", {"tiny": member})
     monkeypatch.setattr(zq, "RESULTS_FILE", tmp_path / "results.json")
-    monkeypatch.setattr(zq, "STEPS", 3)
     monkeypatch.setattr(zq, "BOOTSTRAP", 10)
     monkeypatch.setattr(zq, "STEP_TRAJECTORIES", 2)
     monkeypatch.setitem(zq.VARIANTS, "fast", {"iters": 1, "batch_size": 8})
