@@ -1,4 +1,5 @@
-"""The quantized artifact: a folder with ``manifest.json`` and ``model.safetensors`` (no pickles).
+"""The quantized artifact: a folder with ``manifest.json`` and ``model.safetensors`` (no pickles;
+integer weights plus scales, see ``storage.py``).
 
 The manifest records the format version, dqdeploy version, recipe, calibration settings, the base
 model class and config, the scheduler config and calibrated time steps, per-layer quantizer
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_dir
@@ -30,17 +32,12 @@ from .quant.distill import BlockReport
 from .quant.modules import QuantizedUNet, QuantLayer, replace_module
 from .quant.timestep import StepIndex, TimestepTable
 from .recipe import Recipe
-from .validation import (
-    check_calibration_inputs,
-    check_manifest,
-    check_model_against_weights,
-    check_state,
-    header_shapes,
-    meta_model,
-)
+from .storage import Header, expected_header, file_header, simulation_state, stored_state
+from .validation import check_calibration_inputs, check_header, check_manifest, check_model_layers, check_state, meta_model
 
 FORMAT = "dqdeploy-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: integer weights (storage.py); 1: float weights, still read
+READABLE_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 CALIB_INPUTS = "calibration_inputs.safetensors"  # a small seeded subset of (x_t, t, cond), for export and checks
 
@@ -95,7 +92,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: Path) -> "Manifest":
         """Validate (format, schema, recipe, seal) and build; every problem is an :class:`ArtifactError`."""
-        check_format(data, FORMAT, FORMAT_VERSION, f"quantized artifact ({where})", "dqdeploy quantize")
+        check_format(data, FORMAT, READABLE_VERSIONS, f"quantized artifact ({where})", "dqdeploy quantize")
         check_manifest(data, where, {f.name for f in fields(cls)}, {f.name for f in fields(LayerMeta)})
         verify_seal(data, where / MANIFEST, "dqdeploy quantize")
         data = dict(data)
@@ -180,23 +177,31 @@ def install_quant_layers(
     layers: dict[str, LayerMeta],
     table: TimestepTable,
     dilations: dict[str, torch.Tensor | None] | None = None,
+    weight_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> QuantizedUNet:
     """Replace each layer named in ``layers`` of ``unet`` (in place) by a QuantLayer as its meta says.
 
-    Used when quantizing (with the dilation vectors) and when loading an artifact (the state dict
-    then brings every parameter and step size)."""
+    When quantizing (with the dilation vectors) each layer's weight-scale search runs here, with a
+    progress bar; loading an artifact passes its stored ``weight_scales`` and searches nothing."""
     step_index = StepIndex()
-    for name, meta in layers.items():
+    modules: dict[str, nn.Conv2d | nn.Linear] = {}
+    for name in layers:
         try:
-            layer = cast(nn.Conv2d | nn.Linear, unet.get_submodule(name))
+            modules[name] = cast(nn.Conv2d | nn.Linear, unet.get_submodule(name))
         except AttributeError:
             raise ArtifactError(f"manifest layer {name!r} does not exist in {type(unet).__name__}") from None
+    bar = tqdm(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w", unit_scale=True,
+               leave=False, disable=weight_scales is not None)
+    for name, meta in layers.items():
+        layer = modules[name]
         q = QuantLayer(
             layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
             n_steps=table.n_rows, step_index=step_index, dilation=None if dilations is None else dilations[name],
-            output_quant=meta.output_quant,
+            output_quant=meta.output_quant, weight_scale=None if weight_scales is None else weight_scales[name],
         )
         replace_module(unet, name, q)
+        bar.update(layer.weight.numel())
+    bar.close()
     return QuantizedUNet(unet, table, step_index)
 
 
@@ -206,23 +211,48 @@ def timestep_table(manifest: Manifest) -> TimestepTable:
 
 
 def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
-    """Rebuild the simulated quantized UNet from an artifact (no calibration data needed)."""
+    """Rebuild the simulated quantized model from an artifact (no calibration data needed).
+
+    The layers are built straight from the stored integers and scales: nothing is searched or
+    recomputed. The model the manifest describes is first built on the meta device and the weights
+    file's header checked against it (names, dtypes, shapes), so a tampered artifact allocates
+    nothing; the loaded tensors then become the model's own (no second copy)."""
     quant_dir = Path(quant_dir)
     manifest = read_manifest(quant_dir)
     verify_files(quant_dir, manifest, [WEIGHTS])
     cls = unet_class({"_class_name": manifest.model_class}, quant_dir)
-    # sizes, layers and fold targets checked on the meta device: a tampered config allocates nothing
-    check_model_against_weights(meta_model(cls, manifest.model_config, quant_dir), manifest,
-                                header_shapes(quant_dir / WEIGHTS), quant_dir)
-    state = load_state(quant_dir, manifest)
-    check_state(state, manifest, quant_dir)
-    unet = cls.from_config(manifest.model_config).eval()
-    model = install_quant_layers(unet, manifest.layers, timestep_table(manifest))
+    skeleton = meta_model(cls, manifest.model_config, quant_dir)
+    check_model_layers(skeleton, manifest, quant_dir)
+    table = timestep_table(manifest)
+    model = install_quant_layers(skeleton, manifest.layers, table, weight_scales=_placeholder_scales(skeleton, manifest.layers))
+    bits = {n: m.weight_bits for n, m in manifest.layers.items()} if manifest.format_version >= 2 else {}
+    shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
+    check_header(expected_header(skeleton.state_dict(), bits), _file_header(quant_dir / WEIGHTS), quant_dir)
+    stored = load_state(quant_dir, manifest)
+    check_state(stored, manifest, quant_dir, shapes)
+    state = simulation_state(stored, bits, shapes)
+    if set(dict(skeleton.named_buffers())) - set(shapes):  # buffers computed at construction (PixArt's pos_embed)
+        unet = cls.from_config(manifest.model_config)
+        scales = {n: state[f"{n}.weight_quantizer.scale"] for n in manifest.layers}
+        model = install_quant_layers(unet, manifest.layers, table, weight_scales=scales)
     try:
-        unet.load_state_dict(state, strict=True)
+        model.unet.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{quant_dir}: weights do not match the manifest ({str(exc)[:300]})") from None
     return model.eval()
+
+
+def _placeholder_scales(unet: nn.Module, layers: Mapping[str, LayerMeta]) -> dict[str, torch.Tensor]:
+    """Per layer an uninitialised weight-scale vector of the right size on the meta device."""
+    return {n: torch.empty(cast(torch.Tensor, unet.get_submodule(n).weight).shape[0], device="meta") for n in layers}
+
+
+def _file_header(path: Path) -> Header:
+    try:
+        return file_header(path)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtifactError(f"{path} is not a readable safetensors file ({str(exc)[:200]})",
+                            hint="re-run `dqdeploy quantize`") from None
 
 
 def load_calibration_inputs(quant_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -241,7 +271,7 @@ def save_quantized(
     extras = {"distill_report.json": json.dumps([asdict(r) for r in result.reports], indent=1).encode()}
     if result.reports:
         extras["distill_loss.png"] = _loss_plot(result.reports)
-    tensors = {WEIGHTS: result.model.unet.state_dict(), CALIB_INPUTS: result.calib_inputs}
+    tensors = {WEIGHTS: stored_state(result.model.unet), CALIB_INPUTS: result.calib_inputs}
     return save_artifact(out_dir, result.manifest, tensors, extras, overwrite=overwrite, sources=sources)
 
 

@@ -71,6 +71,7 @@ class CheckResult:
     steps: list[StepResult]
     layers: list[LayerResult] = field(default_factory=list)
     first_divergent: str | None = None
+    unchecked: list[float] = field(default_factory=list)  # calibrated steps not compared (no stored inputs, or --steps)
 
     @property
     def ok(self) -> bool:
@@ -85,12 +86,17 @@ class CheckResult:
             lines.append(f"per layer: {len(self.layers)} layer inputs compared; worst {worst.name} "
                          f"({worst.mismatch:.2%} integers differ, max |diff| {worst.max_diff})")
             lines.append(f"first divergent layer: {self.first_divergent or 'none'}")
+        total = len(self.steps) + len(self.unchecked)
+        lines.append(f"{len(self.steps)} of {total} calibrated time steps checked"
+                     + (f" (not checked: {', '.join(f'{t:g}' for t in self.unchecked[:12])}"
+                        f"{' ...' if len(self.unchecked) > 12 else ''})" if self.unchecked else ""))
         lines.append(f"{self.runtime} ({self.target}) vs PyTorch simulation: {'PASS' if self.ok else 'FAIL'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, "target": self.target, "ok": self.ok, "first_divergent": self.first_divergent,
-                "steps": [asdict(s) | {"ok": s.ok} for s in self.steps], "layers": [asdict(r) for r in self.layers]}
+                "steps": [asdict(s) | {"ok": s.ok} for s in self.steps], "layers": [asdict(r) for r in self.layers],
+                "unchecked": self.unchecked}
 
     def raise_if_failed(self) -> None:
         if not self.ok:
@@ -139,10 +145,15 @@ def _simulation_runner(model: QuantizedUNet, inputs: list, output: str = OUTPUT,
     return SimulationRunner()
 
 
-def _feeds(calib: DenoiserInputs, samples: int, input_dtypes: dict[str, np.dtype]) -> list[dict[str, np.ndarray]]:
-    """One feed per calibrated step present in the artifact's calibration inputs."""
-    steps = calib.timestep.unique(sorted=True).flip(0)
-    return [calib.slice((calib.timestep == t).nonzero().flatten()[:samples]).numpy(input_dtypes) for t in steps]
+def _feeds(calib: DenoiserInputs, samples: int, input_dtypes: dict[str, np.dtype],
+           steps: int | None = None) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    """One feed per calibrated step present in the artifact's calibration inputs (``steps``: at
+    most that many, spread evenly from the first step to the last), and those steps."""
+    present = calib.timestep.unique(sorted=True).flip(0)
+    if steps is not None and steps < len(present):
+        present = present[torch.linspace(0, len(present) - 1, steps).round().long().unique()]
+    feeds = [calib.slice((calib.timestep == t).nonzero().flatten()[:samples]).numpy(input_dtypes) for t in present]
+    return feeds, [float(t) for t in present]
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -194,10 +205,13 @@ def check_export(
     runtime: GraphRuntime = "ort",
     per_layer: bool = False,
     samples: int = 4,
+    steps: int | None = None,
     tolerance_ratio: float | None = None,
     tolerance_floor: float = 1e-3,
 ) -> CheckResult:
-    """Compare the simulation of ``quant_dir`` with the graph in ``export_dir`` per time step.
+    """Compare the simulation of ``quant_dir`` with the graph in ``export_dir`` at every calibrated
+    time step the artifact stores inputs for (``steps``: at most that many, spread over the
+    trajectory), ``samples`` inputs each.
 
     ``tolerance_ratio`` (default 1; 2 for FP16 graphs and for an ORT-layout graph made from an
     artifact whose simulation does not model the output rounding, i.e. not quantized with
@@ -220,7 +234,7 @@ def check_export(
     calib = spec_for(spec.model_class).inputs_from_dict(load_calibration_inputs(quant_dir))
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
     output = spec.outputs[0].name
-    feeds = _feeds(calib, samples, dtypes)
+    feeds, checked = _feeds(calib, samples, dtypes, steps)
     layer_names = list(quant_layers(model.unet)) if per_layer else []
     q_outputs = [input_q_name(n) for n in layer_names]
     from polygraphy.logger import G_LOGGER
@@ -231,12 +245,12 @@ def check_export(
     sim_outs = [np.asarray(it[output], np.float32) for it in sim_iters]
     graph_outs = [np.asarray(it[output], np.float32) for it in graph_iters]
     quant_errs = _quant_errors(model, feeds, sim_outs)
-    steps = [
+    results = [
         StepResult(float(feed["timestep"][0]), int(feed["timestep"].shape[0]), _rel(g, s), _cos(g, s), qe,
                    max(tolerance_floor, tolerance_ratio * qe))
         for feed, s, g, qe in zip(feeds, sim_outs, graph_outs, quant_errs)
     ]
-    result = CheckResult(runtime, spec.target, steps)
+    result = CheckResult(runtime, spec.target, results, unchecked=[t for t in model.table.tolist() if t not in checked])
     if per_layer:
         result.layers = _layer_agreement(model, feeds, graph_iters, layer_names, spec.layout)
         result.first_divergent = next((r.name for r in result.layers if r.mismatch > 0.01 or r.max_diff > 1), None)

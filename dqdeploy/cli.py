@@ -280,9 +280,10 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
 @click.option("--runtime", type=click.Choice(GRAPH_RUNTIMES), default="ort", show_default=True)
 @click.option("--per-layer", is_flag=True, help="Compare every quantized layer's input and output to find the first that diverges.")
 @click.option("--samples", default=4, show_default=True, type=POSITIVE, help="Inputs per checked time step.")
+@click.option("--steps", type=POSITIVE, help="Check at most this many time steps, spread over the trajectory (default: every calibrated step).")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")
-def check(quant_dir, export_dir, runtime, per_layer, samples, report) -> None:
-    """Compare the PyTorch simulation with the exported graph (Polygraphy), per time step.
+def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report) -> None:
+    """Compare the PyTorch simulation with the exported graph (Polygraphy) at every calibrated time step.
 
     Exits 1 when any step is outside tolerance.
     """
@@ -292,7 +293,7 @@ def check(quant_dir, export_dir, runtime, per_layer, samples, report) -> None:
 
     if report:
         check_output_file(report, "--report", sources=[quant_dir, export_dir])
-    result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples)
+    result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples, steps=steps)
     click.echo(result.table())
     if report:
         atomic_write_bytes(report, json.dumps(result.to_dict(), indent=2).encode())

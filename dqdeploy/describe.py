@@ -44,10 +44,27 @@ def _describe_artifact(path: Path, as_json: bool) -> str:
         f"  fallback         {', '.join(m.fallback) if m.fallback else 'none'} "
         f"(recipe fallback={r.fallback}; kept in float in both graphs)",
     ]
+    lines.append(_weights_line(path, m.format_version))
     if m.blocks:
         worst = max(m.blocks, key=lambda b: b["loss_after"])
         lines.append(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
     return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _weights_line(path: Path, version: int) -> str:
+    from .artifact import WEIGHTS
+    from .storage import file_header, weight_bytes
+
+    sizes = weight_bytes(file_header(path / WEIGHTS))
+    if version < 2:
+        return f"  weights          {WEIGHTS} {_mb(sum(sizes.values()))}, float (format v1; re-quantize for integer storage)"
+    fp32 = 4 * sizes["int8"] + 8 * sizes["int4"] + sizes["float"]  # float tensors as stored (float32)
+    return (f"  weights          {WEIGHTS} {_mb(sum(sizes.values()))}: 8-bit integers {_mb(sizes['int8'])}, "
+            f"4-bit packed {_mb(sizes['int4'])}, float {_mb(sizes['float'])} (about {_mb(fp32)} as float32)")
 
 
 def _describe_export(path: Path, as_json: bool) -> str:

@@ -55,17 +55,19 @@ class CheckFailedError(DQDeployError):
     exit_code = 1
 
 
-def check_format(data: dict, fmt: str, version: int, what: str, command: str) -> None:
-    """Refuse metadata of another format or format version (``what``: the folder kind, ``command``:
-    the dqdeploy command that writes it)."""
+def check_format(data: dict, fmt: str, version: int | tuple[int, ...], what: str, command: str) -> None:
+    """Refuse metadata of another format or of a format version not in ``version`` (``what``: the
+    folder kind, ``command``: the dqdeploy command that writes it)."""
     if data.get("format") != fmt:
         raise ArtifactError(
             f"not a dqdeploy {what}: format is {data.get('format')!r}, expected {fmt!r}",
             hint=f"point at a folder written by `{command}`",
         )
-    if data.get("format_version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    found = data.get("format_version")
+    if isinstance(found, bool) or found not in versions:
         raise ArtifactError(
-            f"{what} format version {data.get('format_version')} is not supported (this dqdeploy reads version {version})",
+            f"{what} format version {found} is not supported (this dqdeploy reads version {', '.join(map(str, versions))})",
             hint=f"re-run `{command}` with this version of dqdeploy",
         )
 

@@ -260,7 +260,7 @@ def fallback_layers(
         return []
     names = list(quant_layers(qmodel.unet))
     if recipe.fallback == "auto":
-        subset = calibration_subset(calib, seed=seed)  # named tensors: analyze reads them with the model's spec
+        subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)  # the analysis subset (named tensors, read with the model's spec)
         report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False)
         chosen = choose_fallback(report, recipe.fallback_budget)
         log.info("fallback auto: %s", ", ".join(chosen) or "no layer")
@@ -288,12 +288,22 @@ def keep_in_float(
     }
 
 
-def calibration_subset(calib: CalibrationSet, steps: int = 8, per_step: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+SUBSET_SAMPLES = 64  # the stored subset's size when the steps allow (at least MIN_PER_STEP per step)
+MIN_PER_STEP = 2
+
+
+def calibration_subset(
+    calib: CalibrationSet, steps: int | None = None, per_step: int | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Calibration inputs kept in the artifact (export calibration, accuracy checks): up to
-    ``per_step`` samples at each of ``steps`` time steps spread over the trajectory, seeded."""
+    ``per_step`` seeded samples at each of ``steps`` time steps spread over the trajectory. By
+    default every step that has calibration samples, with ``SUBSET_SAMPLES / steps`` samples each
+    (between 2 and 8), so ``check`` covers every calibrated step and the artifact stays small."""
     gen = torch.Generator().manual_seed(seed)
     present = calib.rows.unique()
-    chosen = present[torch.linspace(0, len(present) - 1, min(steps, len(present))).round().long().unique()]
+    count = len(present) if steps is None else min(steps, len(present))
+    per_step = per_step or max(MIN_PER_STEP, min(8, SUBSET_SAMPLES // max(count, 1)))
+    chosen = present[torch.linspace(0, len(present) - 1, count).round().long().unique()]
     idx = []
     for row in chosen:
         members = (calib.rows == row).nonzero().flatten()

@@ -187,25 +187,10 @@ def meta_model(cls: Any, config: dict[str, Any], where: Path) -> torch.nn.Module
                             hint="re-run `dqdeploy quantize`") from None
 
 
-def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header (nothing loaded)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise ArtifactError(f"{path} is not a readable safetensors file ({str(exc)[:200]})", hint="re-run `dqdeploy quantize`") from None
-
-
-def check_model_against_weights(model: torch.nn.Module, manifest, shapes: Mapping[str, tuple[int, ...]], where: Path) -> None:
-    """Before allocation: the config's parameter count fits the weights file, and every manifest
-    layer and fold target exists with the right type."""
-    p = Problems(where, "dqdeploy quantize", "artifact (the manifest and the weights disagree)")
-    described = sum(t.numel() for t in model.parameters())
-    stored = sum(math.prod(s) for s in shapes.values())
-    p.require(described <= stored, f"model_config describes {described} parameters but the weights file holds {stored} values")
-    p.raise_if_any()
+def check_model_layers(model: torch.nn.Module, manifest, where: Path) -> None:
+    """Every manifest layer and fold target exists in ``model`` (built on the meta device) with the
+    right type."""
+    p = Problems(where, "dqdeploy quantize", "artifact (the manifest and the model it describes disagree)")
     modules = dict(model.named_modules())
     for name, meta in manifest.layers.items():
         layer = modules.get(name)
@@ -220,9 +205,36 @@ def check_model_against_weights(model: torch.nn.Module, manifest, shapes: Mappin
     p.raise_if_any()
 
 
-def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path) -> None:
-    """The loaded tensors: finite, positive finite scales, weights inside their bit width's range."""
+def check_header(expected: Mapping[str, tuple[str, tuple[int, ...]]], found: Mapping[str, tuple[str, tuple[int, ...]]],
+                 where: Path) -> None:
+    """Before loading: the weights file holds exactly the tensors of the model the manifest
+    describes, with their dtypes and shapes (integer weights: int8 for 8-bit layers, uint8 packed
+    two per byte for 4-bit ones, so the sizes follow from the bit widths)."""
+    p = Problems(where, "dqdeploy quantize", "artifact (the manifest and the weights file disagree)")
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    for key in missing:
+        layer, _, stored = key.rpartition(".")
+        other = f"{layer}.weight_int{'8' if stored == 'weight_int4' else '4'}"
+        if stored.startswith("weight_int") and other in found:
+            p.add(f"layer {layer}: the manifest says {stored[10:]}-bit weights ({key}), the file holds {other}")
+    if not p.items:
+        p.require(not missing, f"{len(missing)} tensors missing ({', '.join(missing[:4])})")
+        p.require(not extra, f"{len(extra)} unexpected tensors ({', '.join(extra[:4])})")
+    for key in sorted(set(expected) & set(found)):
+        (want_dtype, want_shape), (dtype, shape) = expected[key], found[key]
+        p.require(dtype == want_dtype, f"tensor {key} is {dtype}, expected {want_dtype}")
+        p.require(shape == want_shape, f"tensor {key} has shape {list(shape)}, expected {list(want_shape)}")
+        if len(p.items) > 20:
+            break
+    p.raise_if_any()
+
+
+def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """The loaded tensors: finite, non-zero finite scales, weights inside their bit width's range
+    (integer weights by their dtype, plus the unused nibble of packed 4-bit ones; float weights of
+    format version 1 by their ratio to the scale). ``shapes``: the model's, ``<layer>.weight`` included."""
     from .quant.primitives import qrange
+    from .storage import INT_KEYS, padding_nibble
 
     p = Problems(where, "dqdeploy quantize", "artifact (impossible tensor values)")
     for key, t in state.items():
@@ -230,14 +242,17 @@ def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path) -> Non
             p.add(f"tensor {key} holds NaN or Inf")
     p.raise_if_any()
     for name, meta in manifest.layers.items():
-        weight, scale = state.get(f"{name}.weight"), state.get(f"{name}.weight_quantizer.scale")
-        act = state.get(f"{name}.input_quantizer.scale")
-        if weight is None or scale is None or act is None:
-            continue  # the strict load reports missing tensors
+        scale, act = state.get(f"{name}.weight_quantizer.scale"), state.get(f"{name}.input_quantizer.scale")
+        weight, packed = state.get(f"{name}.weight"), state.get(f"{name}.{INT_KEYS[4]}")
+        if scale is None or act is None:
+            continue  # the header check reports missing tensors
         # quantizers use |scale| (a learned step may cross zero's sign), so only zero is impossible
         if not p.require(bool((scale.abs() > 0).all()) and bool((act.abs() > 0).all()), f"layer {name}: a step size is zero"):
             continue
-        if scale.numel() != weight.shape[0]:
+        if packed is not None:
+            p.require(padding_nibble(packed, math.prod(shapes[f"{name}.weight"])) == 0,
+                      f"layer {name}: the unused nibble of the packed 4-bit weights is not 0")
+        if weight is None or scale.numel() != weight.shape[0]:
             continue
         qmax = qrange(meta.weight_bits, True)[1]
         ratio = float((weight.float().reshape(weight.shape[0], -1).abs().amax(1) / scale.float().abs()).max())

@@ -35,7 +35,8 @@ def channel_view(v: torch.Tensor, kind: str, ndim: int) -> torch.Tensor:
 
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear with dilation, per-channel weight and per-step activation quantizers."""
+    """A Conv2d or Linear with dilation, per-channel weight and per-step activation quantizers
+    (``weight_scale``: an artifact's stored weight scales; without it they are searched)."""
 
     input_scale: torch.Tensor  # a buffer: 1/s
     weight_quantizer: WeightQuantizer
@@ -55,6 +56,7 @@ class QuantLayer(nn.Module):
         step_index: StepIndex,
         dilation: torch.Tensor | None = None,
         output_quant: bool = False,
+        weight_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
@@ -70,7 +72,7 @@ class QuantLayer(nn.Module):
         self.weight = nn.Parameter(layer.weight.detach() * s.view(shape).to(layer.weight))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.register_buffer("input_scale", (1.0 / s).to(layer.weight))
-        self.weight_quantizer = WeightQuantizer(self.weight, weight_bits)
+        self.weight_quantizer = WeightQuantizer(self.weight, weight_bits, weight_scale)
         self.input_quantizer = ActQuantizer(n_steps, act_bits, act_symmetric, step_index)
         self.quantize_weight = True
         # ORT layout: the bias-free output is quantized with step c * s_t (s_t: the input's step)

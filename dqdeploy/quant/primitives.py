@@ -73,17 +73,18 @@ def search_tensor_scale(values: torch.Tensor, qmin: int, qmax: int) -> float:
 def search_weight_scale(w: torch.Tensor, bits: int, p: float = 2.4) -> torch.Tensor:
     """Per-output-channel symmetric scale minimising ``|fq(w) - w|^p`` over clipping ratios.
 
-    ``w`` [O, ...]; returns [O]. The ratio 1.0 (max-abs) is always a candidate.
+    ``w`` [O, ...]; returns [O]: for each channel the scale of the first ratio reaching the least
+    error (the ratio 1.0, max-abs, is always a candidate). One work buffer the size of ``w`` is
+    reused for every ratio: fresh allocations per operation cost more than the arithmetic.
     """
     qmin, qmax = qrange(bits, True)
     flat = w.detach().reshape(w.shape[0], -1).float()
     amax = flat.abs().amax(1).clamp(min=1e-12)
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax / qmax
-    for ratio in CLIP_RATIOS:
+    work = torch.empty_like(flat)
+    errs = torch.empty(len(CLIP_RATIOS), flat.shape[0])
+    for i, ratio in enumerate(CLIP_RATIOS):
         scale = (ratio * amax / qmax)[:, None]
-        err = quant_error(flat, scale, torch.zeros_like(scale), qmin, qmax, p)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, scale[:, 0], best)
-    return best
+        torch.div(flat, scale, out=work)
+        work.round_().clamp_(qmin, qmax).mul_(scale).sub_(flat).abs_().pow_(p)
+        torch.sum(work, -1, out=errs[i])
+    return CLIP_RATIOS[errs.argmin(0)] * amax / qmax  # argmin: the first of equal errors

@@ -12,13 +12,14 @@ from .timestep import StepIndex
 
 
 class WeightQuantizer(nn.Module):
-    """Symmetric per-output-channel quantizer of a weight [O, ...] with a learnable scale [O]."""
+    """Symmetric per-output-channel quantizer of a weight [O, ...] with a learnable scale [O]:
+    ``scale`` when given (an artifact's), else the clipping search's on ``weight``."""
 
-    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+    def __init__(self, weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.bits = bits
         self.qmin, self.qmax = qrange(bits, True)
-        self.scale = nn.Parameter(search_weight_scale(weight, bits))
+        self.scale = nn.Parameter(search_weight_scale(weight, bits) if scale is None else scale.detach())
 
     def _shaped_scale(self, w: torch.Tensor) -> torch.Tensor:
         return self.scale.view(-1, *([1] * (w.dim() - 1)))

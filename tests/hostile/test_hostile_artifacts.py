@@ -74,7 +74,11 @@ def _retensor(fname: str, change, key: str | None = None):
 
 
 def _nan_weight(t):
-    t["down_blocks.0.resnets.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    t["down_blocks.0.resnets.0.norm1.weight"][0] = float("nan")
+
+
+def _wide_integers(t):
+    t["conv_in.weight_int8"] = t["conv_in.weight_int8"].to(torch.int16) * 4
 
 
 def _zero_scale(t):
@@ -91,7 +95,7 @@ def _resized_calib(t):
 
 
 def _four_bit_relabel(q: Path) -> None:
-    """8-bit weights declared 4-bit, recipe included (seal recomputed): only the integer range shows it."""
+    """8-bit weights declared 4-bit, recipe included (seal recomputed): the stored integers show it."""
     data = _manifest(q)
     data["recipe"]["weight_bits"] = 4
     for name, meta in data["layers"].items():
@@ -136,15 +140,16 @@ CASES = {
     "weight_bits 99": (_edit_layer("conv_in", weight_bits=99), "expected 4 or 8"),
     "weight_bits 8.0": (_edit_layer("conv_in", weight_bits=8.0), "expected 4 or 8"),
     "one layer relabelled 4-bit": (_edit_layer("down_blocks.0.resnets.0.conv1", weight_bits=4), "contradicts the recipe"),
-    "whole model relabelled 4-bit": (_four_bit_relabel, "impossible for 4-bit"),
+    "whole model relabelled 4-bit": (_four_bit_relabel, "the manifest says 4-bit weights"),
     "act_symmetric false": (_edit_layer("conv_in", act_symmetric=False), "contradicts the recipe"),
     "fold target missing": (_edit_layer("down_blocks.0.resnets.0.conv1", fold="norm:down_blocks.0.nothing"), "fold target"),
     "kind swapped": (_edit_layer("conv_in", kind="linear"), "kind"),
     "file name ../../etc/passwd": (_edit(files={"../../etc/passwd": "0" * 64, "model.safetensors": "0" * 64}), "plain relative name"),
     "absolute file name": (_edit(files={"/etc/hostname": "0" * 64}), "plain relative name"),
-    "oversized model_config": (_oversized_config, "describes"),
+    "oversized model_config": (_oversized_config, "expected [40000"),
     "model_class swapped": (_edit(model_class="UNet2DConditionModel"), ""),
     "NaN weight, sha256 recomputed": (_retensor("model.safetensors", _nan_weight), "NaN or Inf"),
+    "int16 integer weights, sha256 recomputed": (_retensor("model.safetensors", _wide_integers), "is I16, expected I8"),
     "zero step size, sha256 recomputed": (_retensor("model.safetensors", _zero_scale), "step size"),
     "empty calibration inputs": (_retensor("calibration_inputs.safetensors", _empty_calib), "calibration inputs"),
     "resized calibration inputs": (_retensor("calibration_inputs.safetensors", _resized_calib), "calibration inputs"),

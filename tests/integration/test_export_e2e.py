@@ -53,7 +53,7 @@ def test_unconditional_export_agrees_per_step(uncond_artifact, target, tmp_path)
         assert lint_path(out / ONNX_FILE) == []
     result = check_export(uncond_artifact, out, per_layer=True)
     assert result.ok, result.table()
-    assert len(result.steps) >= 4
+    assert len(result.steps) == CALIB.steps and result.unchecked == []  # every calibrated step, by default
     if target == "onnx":  # TensorRT layout: the integers are TPQ's; ties flip a few and flips cascade
         assert all(r.mismatch == 0 for r in result.layers[:5]), result.layers[:5]
         assert max(r.mismatch for r in result.layers) < 0.15  # a broken layer would differ almost everywhere
@@ -65,6 +65,10 @@ def test_conditional_export_agrees_per_step(cond_artifact, target, tmp_path):
     assert read_spec(out).conditional
     result = check_export(cond_artifact, out)
     assert result.ok, result.table()
+    assert len(result.steps) == 6 and "6 of 6 calibrated time steps checked" in result.table()
+    limited = check_export(cond_artifact, out, steps=2)
+    assert [s.timestep for s in limited.steps] == [result.steps[0].timestep, result.steps[-1].timestep]
+    assert len(limited.unchecked) == 4 and "2 of 6 calibrated time steps checked (not checked:" in limited.table()
 
 
 def test_simulation_only_recipe_is_refused(tmp_path):
