@@ -57,10 +57,11 @@ def make_model(work: Path) -> tuple[Path, Path, Path, int]:
 
 
 def run(code: Path, args: list[str]) -> float:
-    """Run ``args`` with ``code`` first on the import path, one thread; wall seconds."""
+    """Run ``args`` with ``code`` first on the import path (from a folder without a dqdeploy/: ``-c``
+    puts the working directory before PYTHONPATH), one thread; wall seconds."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     return time.perf_counter() - start
 
 
@@ -69,8 +70,8 @@ def load_seconds(code: Path, artifact: Path, repeats: int) -> list[float]:
     script = ("import time, torch; torch.set_num_threads(1); from dqdeploy.artifact import load_quantized; "
               f"s = time.perf_counter(); load_quantized({str(artifact)!r}); print(time.perf_counter() - s)")
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return [float(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
-                                 text=True).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
+    return [float(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True,
+                                 cwd=tempfile.gettempdir()).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
 
 
 SEARCH = """
@@ -90,14 +91,15 @@ def search_seconds(code: Path, unet_dir: Path) -> tuple[float, str]:
     """The weight-scale search of ``code`` over every Conv2d/Linear weight: seconds, sha256 of the scales."""
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", SEARCH.format(unet=str(unet_dir))], env=env, check=True,
-                         capture_output=True, text=True).stdout.split()
+                         capture_output=True, text=True, cwd=tempfile.gettempdir()).stdout.split()
     return float(out[-2]), out[-1]
 
 
 def artifact_sizes(path: Path) -> dict:
     from dqdeploy.storage import file_header, weight_bytes
 
-    return {"weights_file_bytes": (path / "model.safetensors").stat().st_size,
+    return {"format_version": json.loads((path / "manifest.json").read_text())["format_version"],
+            "weights_file_bytes": (path / "model.safetensors").stat().st_size,
             "calibration_inputs_bytes": (path / "calibration_inputs.safetensors").stat().st_size,
             "by_kind": weight_bytes(file_header(path / "model.safetensors"))}
 

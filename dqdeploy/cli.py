@@ -308,8 +308,10 @@ def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report) -> 
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def analyze(quant_dir, out_dir, top, no_blocks, overwrite) -> None:
     """Which layers cost the most: quantize one layer (or block) at a time, weights vs activations,
-    per time step, and measure the denoiser output error vs full precision on the artifact's
-    calibration inputs. Writes sensitivity.md (tables), .json and .png.
+    per time step, and measure the denoiser output error vs the float model on the artifact's
+    calibration inputs. Writes sensitivity.md (tables), .json and .png. Artifacts store integer
+    weights, so the float reference holds the dequantized weights: weight-only errors read 0 for
+    them (format-1 artifacts kept the float weights).
     """
     from .analyze import analyze_artifact, write_report
     from .atomic import check_target
