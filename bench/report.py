@@ -136,6 +136,28 @@ def distill_scale_section(d: dict) -> list[str]:
     return out + ["", f"Propagation vs re-running the model per block: {d['distill_speedup']:.2f}x faster.", ""]
 
 
+def storage_section(st: dict) -> list[str]:
+    """Artifact size and load time, float weights (format 1) vs integer storage (format 2)."""
+    m = st["model"]
+    out = ["## Artifact storage and load time", "",
+           f"`{st['command']}` — {m['class']} ({m['parameters'] / 1e6:.0f}M parameters, FP32 {m['fp32_bytes'] / 1e6:.0f} MB; "
+           f"reduced SD-1.5 layout, see `bench/storage.py`), W8A8; each load in a fresh process, medians of "
+           f"{len(st['rows']['format2']['load_s'])}.", "",
+           "| artifact | code | weights file (MB) | vs FP32 | load_quantized (s) |", "|---|---|---:|---:|---:|"]
+    for label, name in (("format1", "format 1 (float weights)"), ("format2", "format 2 (integers + scales)")):
+        r = st["rows"][label]
+        out.append(f"| {name} | {'before' if label == 'format1' else 'this tree'} | {r['weights_file_bytes'] / 1e6:.1f} | "
+                   f"{r['weights_file_bytes'] / m['fp32_bytes']:.2f}x | {r['load_median_s']:.1f} |")
+    old = st["rows"]["format1_read_by_format2_code"]
+    out.append(f"| format 1 (float weights) | this tree | {st['rows']['format1']['weights_file_bytes'] / 1e6:.1f} | | "
+               f"{old['load_median_s']:.1f} |")
+    search = st["weight_scale_search"]
+    same = search["format1"]["scales_sha256"] == search["format2"]["scales_sha256"]
+    return out + ["", f"Weight-scale search over every Conv2d/Linear weight (quantize time only now): "
+                      f"{search['format1']['seconds']:.0f} s before, {search['format2']['seconds']:.0f} s now; "
+                      f"same scales: {'yes' if same else 'NO'}.", ""]
+
+
 def reliability_section(rel: dict) -> list[str]:
     """The hostile-input corpus: cases by category, what each expects, and what happened."""
     labels = {"cli": "CLI inputs and output paths", "artifact": "artifact tampering", "export": "export tampering",
@@ -226,6 +248,7 @@ def main() -> None:
     for data, section in ((merged_quality(), quality_section), (_load("zoo_quality"), zoo_quality_section),
                           (_load("latency"), latency_section), (_load("latency_dit"), dit_latency_section),
                           (_load("memory"), memory_section), (_load("distill_scale"), distill_scale_section),
+                          (_load("storage"), storage_section),
                           (_load("reliability"), reliability_section), (_load("scale"), scale_section)):
         if data:
             lines += section(data)
