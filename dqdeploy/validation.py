@@ -1,7 +1,8 @@
 """Schema and consistency checks of what dqdeploy reads back, before anything is allocated:
 quantized-artifact manifests (types, sizes, names, bit widths, finite time steps, the recipe they
-claim) and their tensors (finite values, integer ranges against the bit widths, the model size the
-config describes against the weights file), and export specs (I/O, shapes, time steps).
+claim) and their tensors (the weights file's header against the model the config describes: names,
+dtypes, shapes and packed sizes; finite values, integer ranges against the bit widths), and export
+specs (I/O, shapes, time steps).
 
 Every problem found is collected and reported in one :class:`~dqdeploy.errors.ArtifactError`.
 """
