@@ -208,7 +208,8 @@ def quantize_unet(
     else:
         log.info("calibrated model restored from the checkpoint")
         state, metas, fallback = saved
-        qmodel = install_quant_layers(copy.deepcopy(unet).eval(), metas, table)
+        scales = {n: state[f"{n}.weight_quantizer.scale"] for n in metas}  # stored: no weight-scale search
+        qmodel = install_quant_layers(copy.deepcopy(unet).eval(), metas, table, weight_scales=scales)
         qmodel.unet.load_state_dict(state, strict=True)
     reports: list[BlockReport] = []
     if recipe.distill == "block":
