@@ -266,11 +266,11 @@ def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path, shapes
 
 
 def check_calibration_inputs(calib: Mapping[str, torch.Tensor], manifest, where: Path) -> None:
-    """The artifact's calibration inputs match the model: [N, C, H, W] samples, [N] finite time
-    steps, [N, S, D] conditioning for conditional models, N >= 1."""
+    """The artifact's calibration inputs match the model: [N, C, H, W] samples (H = W = the
+    calibrated resolution, else the config's sample_size), [N] finite time steps, [N, S, D] conditioning for conditional models, N >= 1."""
     p = Problems(where, "dqdeploy quantize", "calibration inputs")
     cfg = manifest.model_config
-    size = cfg.get("sample_size")
+    size = manifest.calibration.get("resolution") or cfg.get("sample_size")  # `quantize --resolution` wins
     hw = (size, size) if is_int(size) else tuple(size) if isinstance(size, list) else None
     sample, t = calib.get("sample", calib.get("hidden_states")), calib.get("timestep")
     if sample is None or t is None:

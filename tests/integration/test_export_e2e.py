@@ -112,3 +112,15 @@ def test_default_artifact_matches_both_graphs(target, tmp_path):
     assert all(r.mismatch == 0 for r in result.layers[:5]), result.layers[:5]
     # tie flips only: far below the quantization error (an unmodelled output rounding is about as large)
     assert sum(s.rel_err for s in result.steps) < 0.5 * sum(s.quant_err for s in result.steps), result.table()
+
+
+def test_artifact_calibrated_at_another_resolution_exports(tmp_path):
+    """`quantize --resolution` other than the config's sample_size: the stored calibration inputs
+    are at the calibrated size, and export + check accept them."""
+    write_pipeline(tiny_unet(), tmp_path / "pipe")  # sample_size 8
+    calib = CalibrationConfig(steps=3, samples=16, trajectories=4, batch_size=8, resolution=12)
+    q = quantize(tmp_path / "pipe", W8A8.replace(iters=2, batch_size=8, fallback="none"), calib, tmp_path / "q").path
+    out = export(q, tmp_path / "ort", target="ort")
+    assert read_spec(out).inputs[0].shape[-2:] == [12, 12]
+    result = check_export(q, out)
+    assert result.ok, result.table()
