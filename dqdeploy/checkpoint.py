@@ -50,9 +50,10 @@ CALIBRATED = "calibrated.safetensors"
 DATA = "data"
 FORMAT = "dqdeploy-checkpoint"
 FORMAT_VERSION = 1
-_TEMP = re.compile(r"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$")  # our temporary names, and atomic_write_bytes's
+_WRITER_TEMP = r"\.tmp[A-Za-z0-9]{6}$"  # safetensors' save_file writes .tmpXXXXXX, then renames it
+_TEMP = re.compile(rf"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$|{_WRITER_TEMP}")  # ours, atomic_write_bytes's, safetensors'
 _BLOCK = re.compile(r"block-\d{5}\.safetensors$")
-_OWN_DATA = re.compile(r"(fp|inputs|cached)-\d{5}-\d{6}\.safetensors$")
+_OWN_DATA = re.compile(rf"(fp|inputs|cached)-\d{{5}}-\d{{6}}\.safetensors$|{_WRITER_TEMP}")
 
 
 class CheckpointError(DQDeployError):

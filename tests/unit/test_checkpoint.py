@@ -74,6 +74,8 @@ def test_state_round_trips_and_remove_deletes_only_what_it_wrote(tmp_path):
     assert ckpt.restore(1, "conv_in", other) == report and torch.equal(other.weight, block.weight)
     (ckpt.data_dir).mkdir()
     (ckpt.data_dir / "fp-00000-000000.safetensors").write_bytes(b"partial")
+    (ckpt.data_dir / ".tmpWDZek4").write_bytes(b"partial")  # safetensors' writer, killed before its rename
+    (ckpt.folder / ".tmpQ3x9Za").write_bytes(b"partial")
     (ckpt.folder / "yours.txt").write_text("keep")
     assert not ckpt.remove()
     assert sorted(p.name for p in ckpt.folder.iterdir()) == ["yours.txt"]
