@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Terminated(BaseException):
@@ -39,3 +41,18 @@ def install_signal_handlers() -> None:
     """SIGTERM raises :class:`Terminated`, SIGINT ``KeyboardInterrupt`` (both deferred past imports)."""
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM held back for a short step that must not be cut in half (create then remove);
+    delivered, and raised, as soon as it is done. Outside the main thread: no effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

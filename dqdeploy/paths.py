@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import DQDeployError
 from .folders import MANIFEST, SPEC_FILE
+from .interrupts import deferred
 
 # kind -> (metadata file, format tag), as artifact.py and exporters/spec.py write them
 OWN_FOLDERS = {
@@ -77,8 +78,8 @@ def check_parent_writable(target: str | Path, what: str) -> None:
             hint="choose an output path whose parent folders are folders",
         )
     try:
-        probe = tempfile.mkdtemp(prefix=".dqdeploy-probe-", dir=base)
-        os.rmdir(probe)
+        with deferred():  # a signal between the two calls would leave the probe behind
+            os.rmdir(tempfile.mkdtemp(prefix=".dqdeploy-probe-", dir=base))
     except OSError as exc:
         raise OutputPathError(
             f"{what} {target} cannot be written: creating a folder in {base} failed ({exc.strerror or exc})",
