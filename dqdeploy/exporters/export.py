@@ -124,10 +124,15 @@ def export_graph(
         del parts
         graph = _finish_graph(graph, target, simplify)
         with stage("write the graph"):
-            spec = _spec(graph, manifest, target, fp16, opset, dynamic_resolution)
-            write_export(graph, folder, spec, base_dir=scratch)
-        shutil.rmtree(scratch)
+            _write(graph, folder, _spec(graph, manifest, target, fp16, opset, dynamic_resolution))
     return Path(out_dir)
+
+
+def _write(graph: Any, folder: Path, spec: ExportSpec) -> None:
+    """Write the export into ``folder`` (atomic_dir's own temporary folder), then remove the float
+    graph's scratch weights there: the only folder export ever deletes, and one it created."""
+    write_export(graph, folder, spec, base_dir=folder / SCRATCH)
+    shutil.rmtree(folder / SCRATCH)
 
 
 def _check_request(source: str | Path, target: str, fp16: bool) -> None:
@@ -257,6 +262,5 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
             resolution_range=None if dynamic_resolution is None else list(dynamic_resolution),
         )
         del loaded, unet
-        write_export(graph, folder, spec, base_dir=folder / SCRATCH)
-        shutil.rmtree(folder / SCRATCH)
+        _write(graph, folder, spec)
     return Path(out_dir)
