@@ -81,7 +81,8 @@ def zoo_quality_section(z: dict) -> list[str]:
             out.append(f"* {model}: seed {fps[0]['seed']} {fps[0]['digits_fid']:.2f}, seed {fps[1]['seed']} "
                        f"{fps[1]['digits_fid']:.2f} (ratio {fps[1]['digits_fid'] / fps[0]['digits_fid']:.3f})")
     out += ["", "**Worst case over the zoo** (seed 0; models measured / zoo size):", "",
-            "| recipe | variant | runs | worst vs FP | on model | models |", "|---|---|---|---:|---|---:|"]
+            "| recipe | variant | runs | worst vs FP | on model | worst vs sim | on model | models |",
+            "|---|---|---|---:|---|---:|---|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["recipe"] != "fp32" and r["seed"] == 0 and r.get("vs_fp") is not None:
@@ -90,8 +91,12 @@ def zoo_quality_section(z: dict) -> list[str]:
         return out[:-5] + ["", "**Worst case over the zoo**: no quantized row measured yet.", ""]
     for (recipe, variant, flavour), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], fl[kv[0][2]])):
         worst = max(members, key=lambda r: r["vs_fp"])
+        vs_sim = [r for r in members if r.get("vs_sim") is not None]
+        far = max(vs_sim, key=lambda r: abs(r["vs_sim"] - 1)) if vs_sim else None
+        sim_cells = (f"{far['vs_sim']:.3f}x{_ci(far.get('sim_ratio_lo'), far.get('sim_ratio_hi'), '{:.3f}')} | {far['model']}"
+                     if far else " | ")
         out.append(f"| {recipe} | {variant} | {flavour} | {worst['vs_fp']:.3f}x{_ci(worst.get('fp_ratio_lo'), worst.get('fp_ratio_hi'), '{:.3f}')} "
-                   f"| {worst['model']} | {len(members)}/{z.get('zoo_size', '?')} |")
+                   f"| {worst['model']} | {sim_cells} | {len(members)}/{z.get('zoo_size', '?')} |")
     return out + [""]
 
 

@@ -64,6 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "collapsed-scales": {"timestep_scales": "collapsed"},
     "no-distill": {"distill": "none"},
     "layout-ort": {"layout": "ort"},
+    "old-defaults": {"layout": "trt", "fallback": "none"},  # the defaults before issue 7 (quantize time, FID)
 }
 BOOTSTRAP = 200
 STEP_TRAJECTORIES = 16
