@@ -6,6 +6,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +20,16 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
+CLI = [sys.executable, "-c", "from dqdeploy.cli import main; main()"]  # the dqdeploy CLI of the code on PYTHONPATH
+
+
+def run_with_code(code: Path, args: list[str]) -> float:
+    """Run ``args`` with the dqdeploy source tree ``code`` first on the import path (from a folder without a
+    dqdeploy/: ``-c`` puts the working directory before PYTHONPATH), one thread; wall seconds."""
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+    return time.perf_counter() - start
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> tuple[float, list[float]]:

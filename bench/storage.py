@@ -23,12 +23,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import machine, write_results  # noqa: E402
+from bench.common import CLI, machine, run_with_code, write_results  # noqa: E402
 
 CONFIG = dict(
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
@@ -54,15 +53,6 @@ def make_model(work: Path) -> tuple[Path, Path, Path, int]:
     save_file({"encoder_hidden_states": torch.randn(2, 77, 768, generator=g),
                "uncond_encoder_hidden_states": torch.randn(1, 77, 768, generator=g)}, str(work / "cond.safetensors"))
     return work / "unet", work / "sched", work / "cond.safetensors", sum(p.numel() for p in unet.parameters())
-
-
-def run(code: Path, args: list[str]) -> float:
-    """Run ``args`` with ``code`` first on the import path (from a folder without a dqdeploy/: ``-c``
-    puts the working directory before PYTHONPATH), one thread; wall seconds."""
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, cwd=tempfile.gettempdir())
-    return time.perf_counter() - start
 
 
 def load_seconds(code: Path, artifact: Path, repeats: int) -> list[float]:
@@ -118,9 +108,9 @@ def main() -> None:
     for label, code in (("format1", args.before.resolve()), ("format2", ROOT)):
         search[label] = dict(zip(("seconds", "scales_sha256"), search_seconds(code, unet_dir)))
         out = work / f"q-{label}"
-        cmd = [sys.executable, "-c", "from dqdeploy.cli import main; main()", "quantize", str(unet_dir), "--scheduler-dir", str(sched_dir),
+        cmd = [*CLI, "quantize", str(unet_dir), "--scheduler-dir", str(sched_dir),
                "--cond", str(cond), "--out", str(out), "--overwrite", *QUANTIZE]
-        quantize_s = run(code, cmd)
+        quantize_s = run_with_code(code, cmd)
         loads = load_seconds(code, out, args.repeats)
         rows[label] = {"code": str(code), "quantize_s": quantize_s, "load_s": loads,
                        "load_median_s": statistics.median(loads), **artifact_sizes(out)}
