@@ -38,6 +38,7 @@ Then: python bench/report.py (renders the table and the worst case into BENCHMAR
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import sys
@@ -264,6 +265,21 @@ def save_results(results: dict[str, Any]) -> Path:
     return atomic_write_bytes(RESULTS_FILE, (json.dumps(results, indent=1) + "\n").encode())
 
 
+def update_results(rows: dict[str, dict[str, Any]] | None = None, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add ``rows`` and/or a ``run`` record to the results file as it is on disk now, under a lock, so that
+    several harness processes (other models, other variants) can share one file without losing rows."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / "zoo_quality.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results()
+        results["rows"] |= rows or {}
+        results["runs"] += [run] if run else []
+        results["zoo_size"] = len(zoo.names())
+        derive(results)
+        save_results(results)
+    return results
+
+
 def derive(results: dict[str, Any]) -> None:
     """Fill ratios that need two rows: vs the FP row of the same model and seed, vs the simulation."""
     rows = results["rows"]
@@ -314,9 +330,9 @@ def main(argv: list[str] | None = None) -> None:
         derive(results)
         save_results(results)
         return
-    results["zoo_size"] = len(zoo.names())
-    results["runs"].append({"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                            "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if not args.dry_run:
+        results = update_results(run={"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                                      "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     for m, r, v, f, s in todo:
         key = row_key(m, r, v, f, s)
         cached = results["rows"].get(key)
@@ -329,15 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         if not zoo.get(m).available():
             print(f"skip     {key}: {m} is not trained yet (python scripts/train_zoo.py {m})", flush=True)
             continue
-        row = run_row(m, r, v, f, s, args.n)
-        results["rows"][key] = row
-        derive(results)
-        save_results(results)
+        results = update_results(rows={key: run_row(m, r, v, f, s, args.n)})
+        row = results["rows"][key]
         print(f"done     {key}: digits-FID {row['digits_fid']:.2f}"
-              + (f" vs FP {results['rows'][key]['vs_fp']:.3f}" if results['rows'][key].get('vs_fp') else ""), flush=True)
-    if not args.dry_run:
-        derive(results)
-        save_results(results)
+              + (f" vs FP {row['vs_fp']:.3f}" if row.get("vs_fp") else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,19 @@ def test_rows_cached_resumable_with_ratios(tiny_zoo, capsys):
     assert capsys.readouterr().out.count("would run") == 3
 
 
+def test_concurrent_harness_processes_keep_each_others_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("DQDEPLOY_ZOO", str(tmp_path / "zoo"))
+    monkeypatch.setattr(zq, "RESULTS_FILE", tmp_path / "results.json")
+    fp = {"model": "m", "recipe": "fp32", "variant": "default", "flavour": "sim", "seed": 0, "digits_fid": 10.0}
+    q = fp | {"recipe": "w8a8", "digits_fid": 11.0}
+    zq.update_results(run={"command": "a"})
+    stale = zq.load_results()  # a second process loaded the file before the first one added its row
+    zq.update_results(rows={zq.fp_key("m", 0): fp})
+    merged = zq.update_results(rows={zq.row_key("m", "w8a8", "default", "sim", 0): q}, run={"command": "b"})
+    assert stale["rows"] == {} and len(merged["rows"]) == 2 and [r["command"] for r in merged["runs"]] == ["a", "b"]
+    assert json.loads(zq.RESULTS_FILE.read_text()) == merged and merged["rows"][zq.row_key("m", "w8a8", "default", "sim", 0)]["vs_fp"] == 1.1
+
+
 def test_paired_bootstrap_ratio_of_identical_samples_is_exactly_one():
     feats = torch.randn(60, 64, generator=torch.Generator().manual_seed(0)).numpy()
     out = zq.bootstrap_fid(feats, {"fp": feats.copy()}, draws=20)
