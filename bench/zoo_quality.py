@@ -32,6 +32,7 @@ Python API (for sensitivity / fallback experiments)::
 
 Usage: python bench/zoo_quality.py --models shipped,seed1 --recipes fp32,w8a8,w4a8 [--flavours sim,onnx,ort]
            [--seeds 0] [--fp-seeds 0,1] [--variants default] [--n 1000] [--dry-run]
+       python bench/zoo_quality.py --merge OTHER/zoo_quality.json   # rows measured in another checkout
 Then: python bench/report.py (renders the table and the worst case into BENCHMARKS.md).
 """
 
@@ -265,15 +266,15 @@ def save_results(results: dict[str, Any]) -> Path:
     return atomic_write_bytes(RESULTS_FILE, (json.dumps(results, indent=1) + "\n").encode())
 
 
-def update_results(rows: dict[str, dict[str, Any]] | None = None, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Add ``rows`` and/or a ``run`` record to the results file as it is on disk now, under a lock, so that
+def update_results(rows: dict[str, dict[str, Any]] | None = None, runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Add ``rows`` and/or ``runs`` records (those not there yet) to the results file as it is on disk now, under a lock, so that
     several harness processes (other models, other variants) can share one file without losing rows."""
     cache_root().mkdir(parents=True, exist_ok=True)
     with open(cache_root() / "zoo_quality.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load_results()
         results["rows"] |= rows or {}
-        results["runs"] += [run] if run else []
+        results["runs"] += [r for r in runs or [] if r not in results["runs"]]
         results["zoo_size"] = len(zoo.names())
         derive(results)
         save_results(results)
@@ -317,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--redo", action="store_true", help="measure rows again even if cached")
     ap.add_argument("--dry-run", action="store_true", help="list the rows that would run")
+    ap.add_argument("--merge", type=Path, metavar="RESULTS_JSON",
+                    help="add the rows and runs of another results file (another checkout or machine), run nothing")
     ap.add_argument("--rederive", action="store_true", help="recompute ratios and intervals of cached rows, run nothing")
     args = ap.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
@@ -324,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     fp_seeds = [int(s) for s in split(args.fp_seeds)] if "fp32" in split(args.recipes) else []
     todo = plan(models, split(args.recipes), split(args.variants), split(args.flavours),
                 [int(s) for s in split(args.seeds)], fp_seeds)
+    if args.merge:
+        other = json.loads(args.merge.read_text())
+        update_results(rows=other["rows"], runs=other["runs"])
+        print(f"merged {len(other['rows'])} rows from {args.merge}")
+        return
     results = load_results()
     if args.rederive:
         rederive_intervals(results)
@@ -331,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         save_results(results)
         return
     if not args.dry_run:
-        results = update_results(run={"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                                      "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        results = update_results(runs=[{"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                                        "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
     for m, r, v, f, s in todo:
         key = row_key(m, r, v, f, s)
         cached = results["rows"].get(key)

@@ -68,12 +68,18 @@ def test_concurrent_harness_processes_keep_each_others_rows(tmp_path, monkeypatc
     monkeypatch.setattr(zq, "RESULTS_FILE", tmp_path / "results.json")
     fp = {"model": "m", "recipe": "fp32", "variant": "default", "flavour": "sim", "seed": 0, "digits_fid": 10.0}
     q = fp | {"recipe": "w8a8", "digits_fid": 11.0}
-    zq.update_results(run={"command": "a"})
+    zq.update_results(runs=[{"command": "a"}])
     stale = zq.load_results()  # a second process loaded the file before the first one added its row
     zq.update_results(rows={zq.fp_key("m", 0): fp})
-    merged = zq.update_results(rows={zq.row_key("m", "w8a8", "default", "sim", 0): q}, run={"command": "b"})
+    merged = zq.update_results(rows={zq.row_key("m", "w8a8", "default", "sim", 0): q}, runs=[{"command": "b"}])
     assert stale["rows"] == {} and len(merged["rows"]) == 2 and [r["command"] for r in merged["runs"]] == ["a", "b"]
     assert json.loads(zq.RESULTS_FILE.read_text()) == merged and merged["rows"][zq.row_key("m", "w8a8", "default", "sim", 0)]["vs_fp"] == 1.1
+    other = tmp_path / "other.json"  # rows measured in another checkout: --merge adds them once
+    other.write_text(json.dumps({"rows": {zq.fp_key("m", 1): fp | {"seed": 1}}, "runs": [{"command": "b"}, {"command": "c"}]}))
+    zq.main(["--merge", str(other)])
+    zq.main(["--merge", str(other)])
+    final = zq.load_results()
+    assert len(final["rows"]) == 3 and [r["command"] for r in final["runs"]] == ["a", "b", "c"]
 
 
 def test_paired_bootstrap_ratio_of_identical_samples_is_exactly_one():
