@@ -141,6 +141,17 @@ def distill_scale_section(d: dict) -> list[str]:
     return out + ["", f"Propagation vs re-running the model per block: {d['distill_speedup']:.2f}x faster.", ""]
 
 
+def quantize_time_section(qt: dict) -> list[str]:
+    """Quantize wall time of the README's plain command: today's defaults vs before issue 7 and vs the old defaults."""
+    out = ["## Quantize time", "", f"`{qt['command']}` — `dqdeploy quantize {qt['model']} --recipe {qt['recipe']} "
+           f"{' '.join(qt['args'])}`, each run a fresh one-thread process, configurations interleaved.", "",
+           "| configuration | runs (s) | median (s) |", "|---|---|---:|"]
+    for name, runs in qt["seconds"].items():
+        out.append(f"| {name} | {', '.join(f'{s:.0f}' for s in runs)} | {qt['median_s'][name]:.0f} |")
+    return out + ["", f"Today's defaults / the code before issue 7: {qt['default_vs_before']:.2f}x; today's defaults / "
+                  f"today's code with `{' '.join(qt['old_defaults_args'])}`: {qt['default_vs_old_defaults']:.2f}x.", ""]
+
+
 def storage_section(st: dict) -> list[str]:
     """Artifact size and load time, float weights (format 1) vs integer storage (format 2)."""
     m = st["model"]
@@ -253,7 +264,7 @@ def main() -> None:
     for data, section in ((merged_quality(), quality_section), (_load("zoo_quality"), zoo_quality_section),
                           (_load("latency"), latency_section), (_load("latency_dit"), dit_latency_section),
                           (_load("memory"), memory_section), (_load("distill_scale"), distill_scale_section),
-                          (_load("storage"), storage_section),
+                          (_load("storage"), storage_section), (_load("quantize_time_w8a8"), quantize_time_section),
                           (_load("reliability"), reliability_section), (_load("scale"), scale_section)):
         if data:
             lines += section(data)
