@@ -219,12 +219,17 @@ def _float_graph(unet: torch.nn.Module, example: DenoiserInputs, scratch: Path, 
 
 
 def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
-    """Simplify (keeping Q/DQ), onnx.checker, and for the TensorRT layout its static rule check."""
+    """Simplify (keeping Q/DQ), for the ORT layout fuse attention, onnx.checker, and for the TensorRT layout its static rule check."""
     if simplify:
         from .simplify import simplify as run_simplify
 
         with stage("simplify"):
             graph = run_simplify(graph)
+    if target == "ort":  # ONNX Runtime's own attention kernel instead of the float score matrix
+        from .ort_attention import fuse_attention
+
+        with stage("attention fusion"):
+            fuse_attention(graph)
     check_graph(graph)
     if layout_of(target) == "trt":  # the graph TensorRT builds from must pass its rules, checked statically
         from .lint import lint_trt

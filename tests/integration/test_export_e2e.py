@@ -63,6 +63,11 @@ def test_unconditional_export_agrees_per_step(uncond_artifact, target, tmp_path)
 def test_conditional_export_agrees_per_step(cond_artifact, target, tmp_path):
     out = export(cond_artifact, tmp_path / target, target=target, simplify=SIMPLIFY)
     assert read_spec(out).conditional
+    ops = [n.op_type for n in onnx.load(str(out / ONNX_FILE)).graph.node]
+    if target == "ort":  # every attention (self and cross) runs in ONNX Runtime's own attention kernel
+        assert ops.count("MultiHeadAttention") == 8 and "Softmax" not in ops
+    else:  # the TensorRT layout keeps the exporter's attention
+        assert ops.count("Softmax") == 8 and "MultiHeadAttention" not in ops
     result = check_export(cond_artifact, out)
     assert result.ok, result.table()
     assert len(result.steps) == 6 and "6 of 6 calibrated time steps checked" in result.table()

@@ -1,0 +1,187 @@
+"""ONNX Runtime layout: each scaled-dot-product attention as one ``com.microsoft.MultiHeadAttention`` node.
+
+The exporter writes attention as heads split by Reshape/Transpose, ``MatMul(q * a, k^T * b)``, Softmax,
+``MatMul(p, v)`` and heads merged again; ONNX Runtime runs that in float with the full score matrix
+(``batch * heads * N * N`` floats) written to memory and read back twice. Its CPU MultiHeadAttention
+kernel computes the same product tile by tile (no score matrix, no head transposes). The rewrite is
+float-exact up to summation order: the Q/DQ nodes around it are not touched. Only the exact
+pattern is rewritten (every Reshape/Transpose checked against the head count and head size); anything
+else (masks, rotary embeddings, normalised q/k) is left as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph_index import GraphIndex
+
+log = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+HEADS_PERM = [0, 2, 1, 3]  # [B, N, H, d] <-> [B, H, N, d]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One matched attention: its 3D inputs [B, N, H*d], head count, score scale and merged output."""
+
+    q: str
+    k: str
+    v: str
+    heads: int
+    scale: float
+    merged: object  # the Reshape node writing [B, N, H*d]; becomes the MultiHeadAttention node
+
+
+def _attr(node, name: str, default):
+    """Any attribute of ``node`` as a Python value (ints lists included), or ``default``."""
+    from onnx import helper
+
+    found = next((a for a in node.attribute if a.name == name), None)
+    value = default if found is None else helper.get_attribute_value(found)
+    return list(value) if isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated") else value
+
+
+def _op(ix: GraphIndex, name: str, op: str):
+    node = ix.producer.get(name)
+    return node if node is not None and node.op_type == op else None
+
+
+def _shape_const(ix: GraphIndex, node) -> list[int] | None:
+    """The constant target shape of a Reshape node, or None."""
+    if node is None or len(node.input) < 2:
+        return None
+    shape = ix.const_array(node.input[1])
+    return None if shape is None or shape.ndim != 1 else [int(s) for s in shape]
+
+
+def _scaled(ix: GraphIndex, name: str) -> tuple[str, float]:
+    """``name`` = Mul(x, scalar constant) -> (x, scalar); otherwise (name, 1.0)."""
+    node = _op(ix, name, "Mul")
+    if node is not None:
+        for k in (0, 1):
+            c = ix.const_array(node.input[1 - k])
+            if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating):
+                return node.input[k], float(c.reshape(()))
+    return name, 1.0
+
+
+def _split_heads(ix: GraphIndex, name: str, perm: list[int] = HEADS_PERM) -> tuple[str, int, int] | None:
+    """``name`` = Transpose(Reshape(x, [., ., H, d]), perm) with x rank 3 -> (x, H, d)."""
+    t = _op(ix, name, "Transpose")
+    if t is None or _attr(t, "perm", []) != perm:
+        return None
+    r = _op(ix, t.input[0], "Reshape")
+    shape = _shape_const(ix, r)
+    if r is None or shape is None or len(shape) != 4 or min(shape[2:]) <= 0:
+        return None
+    src_shape = ix.shape(r.input[0])
+    if src_shape is None or len(src_shape) != 3 or src_shape[2] not in (None, shape[2] * shape[3]):
+        return None
+    return r.input[0], shape[2], shape[3]
+
+
+def _keys_transposed(ix: GraphIndex, name: str) -> tuple[str, int, int] | None:
+    """``name`` = k as [B, H, d, N]: Transpose(Reshape(k), [0, 2, 3, 1]), or the exporter's
+    Reshape(Transpose(Reshape(split_heads(k), [-1, N, d]), [0, 2, 1]), [-1, H, d, N])."""
+    direct = _split_heads(ix, name, [0, 2, 3, 1])
+    if direct is not None:
+        return direct
+    outer = _op(ix, name, "Reshape")
+    outer_shape = _shape_const(ix, outer)
+    if outer is None or outer_shape is None or len(outer_shape) != 4:
+        return None
+    t = _op(ix, outer.input[0], "Transpose")
+    if t is None or _attr(t, "perm", []) != [0, 2, 1]:
+        return None
+    inner = _op(ix, t.input[0], "Reshape")
+    inner_shape = _shape_const(ix, inner)
+    if inner is None or inner_shape is None or len(inner_shape) != 3:
+        return None
+    split = _split_heads(ix, inner.input[0])
+    if split is None:
+        return None
+    _, heads, dim = split
+    if inner_shape[2] != dim or outer_shape[1:3] != [heads, dim]:
+        return None
+    return split
+
+
+def _single_user(ix: GraphIndex, name: str, op: str):
+    users = ix.consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != op or name in ix.outputs:
+        return None
+    return users[0]
+
+
+def match_attention(ix: GraphIndex, softmax) -> Attention | None:
+    """The attention around ``softmax`` if it is exactly the exporter's pattern, else None."""
+    if _attr(softmax, "axis", -1) not in (-1, 3):
+        return None
+    scores, post = _scaled(ix, softmax.input[0])
+    qk = _op(ix, scores, "MatMul")
+    pv = _single_user(ix, softmax.output[0], "MatMul")
+    if qk is None or pv is None or pv.input[0] != softmax.output[0]:
+        return None
+    q_name, a = _scaled(ix, qk.input[0])
+    k_name, b = _scaled(ix, qk.input[1])
+    q, k, v = _split_heads(ix, q_name), _keys_transposed(ix, k_name), _split_heads(ix, pv.input[1])
+    if q is None or k is None or v is None or len({q[1:], k[1:], v[1:]}) != 1:
+        return None
+    heads, dim = q[1], q[2]
+    merge = _single_user(ix, pv.output[0], "Transpose")
+    if merge is None or _attr(merge, "perm", []) != HEADS_PERM:
+        return None
+    merged = _single_user(ix, merge.output[0], "Reshape")
+    shape = _shape_const(ix, merged)
+    if merged is None or shape is None or len(shape) != 3 or shape[2] != heads * dim:
+        return None
+    return Attention(q[0], k[0], v[0], heads, a * b * post, merged)
+
+
+def _prune(model) -> int:
+    """Remove nodes whose outputs nobody reads, and initializers nobody reads; the count of nodes removed."""
+    g = model.graph
+    removed = 0
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        dead_ids = {id(n) for n in dead}
+        keep = [n for n in g.node if id(n) not in dead_ids]
+        del g.node[:]
+        g.node.extend(keep)
+        removed += len(dead)
+    used = {i for n in g.node for i in n.input}
+    produced = {o for n in g.node for o in n.output}
+    for field in (g.initializer, g.value_info):
+        keep_items = [t for t in field if t.name in used or t.name in produced]
+        del field[:]
+        field.extend(keep_items)
+    return removed
+
+
+def fuse_attention(model) -> int:
+    """Rewrite every matched attention of ``model`` (an onnx.ModelProto, changed in place) into one
+    ``com.microsoft.MultiHeadAttention`` node; returns how many were rewritten."""
+    from onnx import helper
+
+    ix = GraphIndex(model)
+    softmaxes = list(ix.nodes("Softmax"))
+    found = [m for m in (match_attention(ix, s) for s in softmaxes) if m is not None]
+    for m in found:
+        node = helper.make_node("MultiHeadAttention", [m.q, m.k, m.v], list(m.merged.output),  # type: ignore[attr-defined]
+                                name=m.merged.name + "/MultiHeadAttention", domain=MS_DOMAIN,  # type: ignore[attr-defined]
+                                num_heads=m.heads, scale=m.scale)
+        m.merged.CopyFrom(node)  # type: ignore[attr-defined]
+    if found:
+        removed = _prune(model)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        log.info("attention: %d of %d fused into MultiHeadAttention (%d nodes removed)",
+                 len(found), len(softmaxes), removed)
+    return len(found)
