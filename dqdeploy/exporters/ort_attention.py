@@ -104,8 +104,10 @@ def _keys_transposed(ix: GraphIndex, name: str) -> tuple[str, int, int] | None:
     split = _split_heads(ix, inner.input[0])
     if split is None:
         return None
-    _, heads, dim = split
-    if inner_shape[2] != dim or outer_shape[1:3] != [heads, dim]:
+    src, heads, dim = split
+    tokens = (ix.shape(src) or (None, None))[1]
+    if inner_shape[2] != dim or outer_shape[1:3] != [heads, dim] or inner_shape[1] != outer_shape[3] \
+            or inner_shape[1] <= 0 or tokens not in (None, inner_shape[1]):
         return None
     return split
 

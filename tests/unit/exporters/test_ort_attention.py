@@ -17,9 +17,11 @@ B, N, M, H, D = 2, 12, 7, 4, 8  # batch, query tokens, key tokens, heads, head s
 def _attention_graph(variant: str = "exporter") -> onnx.ModelProto:
     """q [B, N, H*D], k/v [B, M, H*D] -> attention as the torch exporter writes it (``exporter``: the
     K^T chain Reshape/Transpose/Reshape; ``direct``: one Transpose [0, 2, 3, 1]); ``mask``: an Add
-    before the Softmax; ``axis``: Softmax over another axis; ``perm``: a wrong head transpose."""
+    before the Softmax; ``axis``: Softmax over another axis; ``perm``: a wrong head transpose; ``scramble``:
+    the K^T chain regroups tokens across heads (same element count, other values)."""
     c = H * D
-    consts = {"s4q": [-1, N, H, D], "s4k": [-1, M, H, D], "s3k": [-1, M, D], "s4kt": [-1, H, D, M], "s3": [-1, N, c]}
+    consts = {"s4q": [-1, N, H, D], "s4k": [-1, M, H, D], "s3k": [-1, 2 * M if variant == "scramble" else M, D],
+              "s4kt": [-1, H, D, M], "s3": [-1, N, c]}
     inits = [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in consts.items()]
     inits.append(numpy_helper.from_array(np.asarray([D ** -0.25], np.float32), "half_scale"))
     if variant == "mask":
@@ -69,7 +71,7 @@ def test_attention_becomes_one_node_with_the_same_output(variant):
     np.testing.assert_allclose(_run(model, feeds), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["mask", "axis", "perm"])
+@pytest.mark.parametrize("variant", ["mask", "axis", "perm", "scramble"])
 def test_other_patterns_are_left_alone(variant):
     model = _attention_graph(variant)
     before = model.SerializeToString()
