@@ -8,7 +8,8 @@ thread count the three sessions are built, warmed up, then run in turn ``repeats
 time and of the process's CPU time (on this shared machine, CPU time of a one-thread run is the less
 noisy figure: preemption inflates wall time, not CPU time). Profile: ``enable_profiling`` over
 ``profile-runs`` runs at one thread; each node's *minimum* over the runs after the first (robust to
-preemption), summed by op type and by group (int8 kernels, attention, Q/DQ, other). Results go to
+preemption), summed by op type and by group (int8 kernels, attention -- Softmax, the two batched MatMuls
+or MultiHeadAttention --, Q/DQ, float conv/matmul, other). Results go to
 ``bench/results/ort_speed.json`` (key ``--label``), with the load average before and after.
 """
 
@@ -34,6 +35,13 @@ GROUPS = {"int8 kernels": {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteg
           "attention": {"MultiHeadAttention", "Softmax", "FusedMatMul"},
           "Q/DQ": {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"},
           "float conv/matmul": {"Conv", "MatMul", "Gemm", "FusedConv", "FusedGemm"}}
+
+
+def _group(node: str, op: str) -> str:
+    """The group of a profiled node: the exporter names attention's P.V MatMul after scaled_dot_product_attention."""
+    if op == "MatMul" and "scaled_dot_product_attention" in node:
+        return "attention"
+    return next((g for g, members in GROUPS.items() if op in members), "other")
 
 
 def interleaved(folders: dict[str, Path], threads: int, repeats: int) -> dict:
@@ -90,9 +98,11 @@ def profile(folder: Path, runs: int) -> dict:
     for name, ms in best.items():
         by_op[ops[name]] += ms
         count[ops[name]] += 1
-    groups = {g: round(sum(ms for op, ms in by_op.items() if op in members), 1) for g, members in GROUPS.items()}
+    groups_ms: collections.Counter = collections.Counter()
+    for name, ms in best.items():
+        groups_ms[_group(name, ops[name])] += ms
     total = sum(by_op.values())
-    groups["other"] = round(total - sum(groups.values()), 1)
+    groups = {g: round(groups_ms[g], 1) for g in (*GROUPS, "other")}
     return {"total_ms": round(total, 1), "groups_ms": groups, "nodes": len(best),
             "by_op_ms": {op: round(ms, 1) for op, ms in by_op.most_common(16)},
             "count": {op: count[op] for op, _ in by_op.most_common(16)}}
@@ -112,7 +122,11 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = [interleaved(folders, t, args.repeats) for t in args.threads]
     profiles = {n: profile(p, args.profile_runs) for n, p in folders.items()} if args.profile_runs > 1 else {}
-    entry = {"command": "python bench/ort_speed.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    argv = [a if " " not in a else repr(a) for a in sys.argv[1:]]
+    if "--note" in argv:  # the note is stored on its own
+        k = argv.index("--note")
+        del argv[k:k + 2]
+    entry = {"command": "python bench/ort_speed.py " + " ".join(argv), "machine": machine(),
              "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
              "batch": 2, "tokens": 77, "rows": rows, "profile_1_thread": profiles, "note": args.note}
     path = RESULTS / "ort_speed.json"

@@ -233,6 +233,45 @@ def loss_section() -> list[str]:
     return out
 
 
+def ort_speed_section(res: dict) -> list[str]:
+    """bench/ort_speed.py: FP32 vs the --target ort graph before/after a layout change, and where each spends time."""
+    out = ["## ONNX Runtime CPU int8 speed: the `--target ort` layout before and after (issue 9, part 5)", ""]
+    micro = res.get("attention micro")
+    for label, e in res.items():
+        if label == "attention micro":
+            continue
+        out += [f"**{label}** (`{e['command']}`; batch {e['batch']}, {e['tokens']} tokens; load average "
+                f"{e['loadavg_before'][0]:.1f} before / {e['loadavg_after'][0]:.1f} after, 2 cores):", "",
+                "| threads | FP32 (s) | int8 before (s) | int8 after (s) | speed-up before | speed-up after | "
+                "CPU-time speed-up before / after |", "|---:|---:|---:|---:|---:|---:|---|"]
+        for r in e["rows"]:
+            w, sp, cs = r["wall_s"], r["speedup_wall"], r["speedup_cpu"]
+            out.append(f"| {r['threads']} | {w['fp32']:.3f} | {w['before']:.3f} | {w['after']:.3f} | {sp['before']:.2f}x | "
+                       f"{sp['after']:.2f}x | {cs['before']:.2f}x / {cs['after']:.2f}x |")
+        prof = e.get("profile_1_thread") or {}
+        if prof:
+            groups = list(next(iter(prof.values()))["groups_ms"])
+            out += ["", "ORT profile, one thread, sum of each node's minimum over the runs (ms):", "",
+                    "| group | " + " | ".join(prof) + " |", "|---|" + "---:|" * len(prof)]
+            for g in groups + ["total"]:
+                cells = [f"{p['total_ms']:.1f}" if g == "total" else f"{p['groups_ms'][g]:.1f}" for p in prof.values()]
+                out.append(f"| {g} | " + " | ".join(cells) + " |")
+        if e.get("note"):
+            out += ["", e["note"]]
+        out.append("")
+    if micro:
+        out += [f"One attention alone (`{micro['command']}`; batch {micro['batch']}, {micro['heads']} heads, one thread, "
+                "median CPU ms): the exporter's float form, ONNX Runtime's MultiHeadAttention, and int8 batched matmuls "
+                "(QLinearMatMul, constant scales).", "",
+                "| attention | query x key tokens, channels | float | MultiHeadAttention | int8 QLinearMatMul |",
+                "|---|---|---:|---:|---:|"]
+        for name, r in micro["cpu_ms"].items():
+            n, m, c = r["shape"]
+            out.append(f"| {name} | {n} x {m}, {c} | {r['float']:.1f} | {r['mha']:.1f} | {r['int8']:.1f} |")
+        out.append("")
+    return out
+
+
 def scale_section(scale: dict) -> list[str]:
     """bench/scale.py: seconds and peak RSS per stage, per model size, and the ORT latency table."""
     out = ["## Stable Diffusion size: time and peak memory per stage, int8 latency", "",
@@ -265,7 +304,8 @@ def main() -> None:
                           (_load("latency"), latency_section), (_load("latency_dit"), dit_latency_section),
                           (_load("memory"), memory_section), (_load("distill_scale"), distill_scale_section),
                           (_load("storage"), storage_section), (_load("quantize_time_w8a8"), quantize_time_section),
-                          (_load("reliability"), reliability_section), (_load("scale"), scale_section)):
+                          (_load("reliability"), reliability_section), (_load("scale"), scale_section),
+                          (_load("ort_speed"), ort_speed_section)):
         if data:
             lines += section(data)
     lines += loss_section()
