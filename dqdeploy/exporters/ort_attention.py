@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class Attention:
     v: str
     heads: int
     scale: float
-    merged: object  # the Reshape node writing [B, N, H*d]; becomes the MultiHeadAttention node
+    merged: Any  # the Reshape node writing [B, N, H*d]; becomes the MultiHeadAttention node
 
 
 def _attr(node, name: str, default):
@@ -158,7 +159,7 @@ def _prune(model) -> int:
         del g.node[:]
         g.node.extend(keep)
         removed += len(dead)
-    used = {i for n in g.node for i in n.input}
+    used = {i for n in g.node for i in n.input} | {i.name for i in g.input} | {o.name for o in g.output}
     produced = {o for n in g.node for o in n.output}
     for field in (g.initializer, g.value_info):
         keep_items = [t for t in field if t.name in used or t.name in produced]
@@ -176,10 +177,10 @@ def fuse_attention(model) -> int:
     softmaxes = list(ix.nodes("Softmax"))
     found = [m for m in (match_attention(ix, s) for s in softmaxes) if m is not None]
     for m in found:
-        node = helper.make_node("MultiHeadAttention", [m.q, m.k, m.v], list(m.merged.output),  # type: ignore[attr-defined]
-                                name=m.merged.name + "/MultiHeadAttention", domain=MS_DOMAIN,  # type: ignore[attr-defined]
+        node = helper.make_node("MultiHeadAttention", [m.q, m.k, m.v], list(m.merged.output),
+                                name=m.merged.name + "/MultiHeadAttention", domain=MS_DOMAIN,
                                 num_heads=m.heads, scale=m.scale)
-        m.merged.CopyFrom(node)  # type: ignore[attr-defined]
+        m.merged.CopyFrom(node)
     if found:
         removed = _prune(model)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
