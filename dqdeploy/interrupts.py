@@ -46,13 +46,24 @@ def install_signal_handlers() -> None:
 @contextmanager
 def deferred() -> Iterator[None]:
     """SIGINT/SIGTERM held back for a short step that must not be cut in half (create then remove);
-    delivered, and raised, as soon as it is done. Outside the main thread: no effect."""
+    delivered, and raised, as soon as it is done. Outside the main thread: no effect.
+
+    Held by swapping the Python handlers, not by the thread's signal mask: a process-directed signal goes
+    to any thread that does not block it (onnxruntime starts one at import), and Python then runs the
+    handler in the main thread at once; the Python-level handler is what every thread's signal reaches."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+
+    def hold(signum, frame) -> None:
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():  # None: a handler not set from Python; the default then
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)

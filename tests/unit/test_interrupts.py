@@ -22,3 +22,30 @@ def test_a_signal_inside_deferred_is_raised_after_it():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert steps == ["finished"]
+
+
+def test_a_signal_is_held_while_other_threads_run():
+    """A process-directed signal may reach any thread that does not block it (onnxruntime starts one at
+    import): it must still wait for the end of the step."""
+    import threading
+
+    stop = threading.Event()
+    others = [threading.Thread(target=stop.wait, daemon=True) for _ in range(4)]
+    for t in others:
+        t.start()
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    steps = []
+    try:
+        for _ in range(20):  # the kernel picks the receiving thread; try it often
+            with pytest.raises(Terminated):
+                with deferred():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(1000):  # bytecodes during which an undeferred handler would run
+                        pass
+                    steps.append("finished")
+                steps.append("after")
+            signal.signal(signal.SIGTERM, on_signal)  # on_signal ignores a second SIGTERM; re-arm it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop.set()
+    assert steps == ["finished"] * 20
