@@ -96,9 +96,10 @@ def cli(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
 @click.option("--allow-pickle", is_flag=True, help="Also load pickled .bin weights (they can run code: trusted folders only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.checkpoint/ (same command and inputs): calibration and finished blocks are not redone.")
+@click.option("--nproc", default=1, show_default=True, type=POSITIVE, help="Processes on this machine (runs the command under torchrun; same result as one).")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling, timestep_scales,
-             no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle, resume) -> None:
+             no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle, resume, nproc) -> None:
     """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
@@ -106,7 +107,14 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     While it runs, OUT.checkpoint/ keeps what is finished (calibration, each distilled block); after
     an interruption (even kill -9) the same command with --resume continues from there and writes
     the same artifact. It is deleted when OUT is written.
+    Many processes: --nproc N here, or `torchrun --nproc-per-node N -m dqdeploy quantize ...`.
     """
+    from .launch import launch, launched
+
+    if nproc > 1:
+        if launched():
+            raise click.UsageError("--nproc starts torchrun itself: drop it when running under torchrun")
+        sys.exit(launch(nproc, sys.argv[1:]))
     from .quant.trajectories import read_prompts
     from .quantize_stage import quantize as run_quantize
     from .recipe import CalibrationConfig, resolve_recipe
@@ -132,6 +140,10 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     prompts = read_prompts(prompts_file) if prompts_file else None
     result = run_quantize(model_dir, r, calib, out_dir, scheduler_dir=scheduler_dir, cond_file=cond_file,
                           prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle, resume=resume)
+    from .distributed import is_writer
+
+    if not is_writer():  # rank 0 reports
+        return
     n = len(result.manifest.layers)
     click.echo(f"quantized {n} layers of {result.manifest.model_class} with recipe {r.name} -> {out_dir}")
     if result.manifest.fallback:

@@ -18,6 +18,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from . import distributed
 from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
 from .atomic import check_target
 from .checkpoint import RunCheckpoint, fingerprint
@@ -142,27 +143,41 @@ def quantize(
 
     With ``out_dir``, the run keeps a checkpoint in ``OUT.checkpoint/`` (calibration set,
     calibrated model, each distilled block), deleted after the artifact is saved; ``resume``
-    continues an interrupted run from it (:mod:`dqdeploy.checkpoint`)."""
+    continues an interrupted run from it (:mod:`dqdeploy.checkpoint`). Under torchrun every rank runs
+    this with the same arguments; the work is shared, rank 0 writes ``out_dir``, and there is no
+    checkpoint (``resume`` is refused)."""
     sources = [s for s in (model_dir, scheduler_dir) if s is not None]
-    ckpt = None
-    if out_dir is not None:
-        check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
-        run = fingerprint({"model": model_dir, "scheduler_dir": scheduler_dir, "conditioning": cond_file},
-                          {"prompts": prompts, "recipe": recipe.to_dict(), "calibration": calibration.to_dict()})
-        ckpt = RunCheckpoint.open(out_dir, run, resume=resume)
-    try:
-        result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle, ckpt)
-    except BaseException as exc:
-        if ckpt is None:
+    with distributed.session():
+        ckpt, error = None, None
+        try:
+            if resume and distributed.active():
+                raise distributed.DistributedError("--resume continues one-process runs only", hint="resume without --nproc / torchrun")
+            if out_dir is not None and distributed.is_writer():
+                check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
+            if out_dir is not None and not distributed.active():
+                run = fingerprint({"model": model_dir, "scheduler_dir": scheduler_dir, "conditioning": cond_file},
+                                  {"prompts": prompts, "recipe": recipe.to_dict(), "calibration": calibration.to_dict()})
+                ckpt = RunCheckpoint.open(out_dir, run, resume=resume)
+        except Exception as exc:  # every rank learns of it before any collective work
+            error = exc
+        distributed.agree(error, "checking the output folder")
+        try:
+            result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle, ckpt)
+        except BaseException as exc:
+            if ckpt is None:
+                raise
+            # a user error before any block is distilled would recur on resume: nothing worth keeping
+            if ckpt.is_empty() or isinstance(exc, DQDeployError) and not ckpt.state["blocks"]:
+                ckpt.remove()
+            else:
+                log.warning("the finished work is kept in %s: the same command with --resume continues from it", ckpt.folder)
             raise
-        # a user error before any block is distilled would recur on resume: nothing worth keeping
-        if ckpt.is_empty() or isinstance(exc, DQDeployError) and not ckpt.state["blocks"]:
-            ckpt.remove()
-        else:
-            log.warning("the finished work is kept in %s: the same command with --resume continues from it", ckpt.folder)
-        raise
-    if out_dir is not None:
-        result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
+        try:
+            if out_dir is not None and distributed.is_writer():  # rank 0 writes, atomically
+                result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
+        except Exception as exc:
+            error = exc
+        distributed.agree(error, "writing the artifact")
     if ckpt and not ckpt.remove():
         log.warning("kept %s: it holds files dqdeploy did not write", ckpt.folder)
     return result
@@ -172,10 +187,15 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
                      cond_file: str | Path | None, prompts: list[str] | None, allow_pickle: bool,
                      ckpt: RunCheckpoint | None) -> QuantizeResult:
     """Load the model, collect (or restore) the calibration set, quantize."""
-    loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
-    scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
-    calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
-    conditioning = _conditioning(loaded, cond_file, prompts)
+    error = None
+    try:
+        loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
+        scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
+        calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
+        conditioning = _conditioning(loaded, cond_file, prompts)
+    except Exception as exc:  # every rank learns of it before any collective work
+        error = exc
+    distributed.agree(error, "loading the model and conditioning")
     calib = ckpt.calibration() if ckpt else None
     if calib is not None:
         log.info("calibration set restored from the checkpoint")
@@ -262,7 +282,10 @@ def fallback_layers(
     names = list(quant_layers(qmodel.unet))
     if recipe.fallback == "auto":
         subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)  # the analysis subset (named tensors, read with the model's spec)
-        report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False)
+        mine = [names[i] for i in distributed.shard(len(names))]  # ranks measure every world-th layer
+        report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine)
+        rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}
+        report = dataclasses.replace(report, layers=[rows[n] for n in names if n in rows])
         chosen = choose_fallback(report, recipe.fallback_budget)
         log.info("fallback auto: %s", ", ".join(chosen) or "no layer")
         return chosen

@@ -80,7 +80,7 @@ def denoise(
     cond: torch.Tensor | Cond | None = None,
     uncond: torch.Tensor | Cond | None = None,
     guidance: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -90,7 +90,8 @@ def denoise(
     ``uncond``: the unconditional ones ([1, ...]), enabling classifier-free guidance when
     ``guidance != 1`` (Flux with a guidance embedding takes ``guidance`` as that input instead).
     ``callback(i, t, model_input)`` sees every model input and model timestep (before guidance
-    duplication), which is what calibration records.
+    duplication), which is what calibration records. ``generator``: one, or one per sample (the
+    scheduler's own noise then depends on each sample's generator only).
     """
     spec = spec_of(unet)
     cond_kw, uncond_kw = as_cond(cond), as_cond(uncond)

@@ -8,6 +8,10 @@ The data is captured by propagation (:mod:`.propagate`: one FP forward per batch
 a replay answered from cached outputs for each block's inputs) and lives on disk
 (:mod:`.blockstore`), read one batch at a time. A :class:`BlockCheckpoint` saves each finished
 block and restores it on a resumed run.
+
+Data parallel under torchrun: every rank holds its slice of each global batch, weights its loss by
+the slice's share of the batch and the gradients are summed over the ranks before each Adam step,
+so a step is the one-process step on the global batch (up to reduction order).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..recipe import Recipe
 from .blocks import Block
 from .blockstore import BlockStore, contiguous
@@ -87,29 +92,36 @@ def _train(
     iters: int,
     seed: int,
 ) -> BlockReport:
-    """Adam on ``forward(i) -> loss`` over randomly drawn captured batches ``i``."""
+    """Adam on ``forward(i) -> loss`` over randomly drawn captured batches ``i`` (``forward`` gives this
+    rank's share of the batch's loss; ranks sum the gradients, and draw the same ``i``)."""
 
     def mean_loss() -> float:
         with torch.no_grad():
-            return float(sum(forward(i).item() for i in range(n_batches)) / n_batches)
+            losses = torch.tensor([forward(i).item() for i in range(n_batches)], dtype=torch.float64)
+        return float(distributed.all_reduce(losses).sum() / n_batches)
 
     before = mean_loss()
     curve: list[float] = []
     if iters > 0 and layers:
-        opt = torch.optim.Adam(_param_groups(layers, recipe))
+        groups = _param_groups(layers, recipe)
+        params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.Adam(groups)
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(iters), desc=f"distill {name}", leave=False)
         running = before
         for step in bar:
             i = int(torch.randint(n_batches, (1,), generator=gen))
             loss = forward(i)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"distillation loss of {name} became {loss.item()} at step {step}")
+            value = float(distributed.all_reduce(loss.detach().double()))  # the global batch's loss
+            if not math.isfinite(value):
+                raise FloatingPointError(f"distillation loss of {name} became {value} at step {step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # an empty slice of the batch adds no gradient
+                loss.backward()
+            distributed.sum_gradients(params)
             opt.step()
-            running = 0.9 * running + 0.1 * loss.item()
-            curve.append(loss.item())
+            running = 0.9 * running + 0.1 * value
+            curve.append(value)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{running:.3e}")
     return BlockReport(name, before, mean_loss(), curve)
@@ -129,7 +141,7 @@ def distill_blocks(
     """BKD over ``blocks`` (in execution order); returns one report per block. The data goes to
     ``workdir`` (a folder it creates and removes; a temporary folder when None)."""
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-    batches = list(order.split(recipe.batch_size))
+    batches, shares = rank_slices(order, recipe.batch_size)
     rows = [qmodel.table.index(calib.inputs.timestep[b], len(b)) for b in batches]
     names = [b.name for b in blocks]
     with _store(workdir) as store:
@@ -142,7 +154,7 @@ def distill_blocks(
             if report is not None:
                 log.info("block %s restored from the checkpoint", block.name)
             else:
-                report = _distill_block(qmodel, qblock, block, k, store, rows, n_batches, recipe, seed)
+                report = _distill_block(qmodel, qblock, block, k, store, rows, shares, n_batches, recipe, seed)
                 if checkpoint:
                     checkpoint.save(k, block.name, qblock, report)
             reports.append(report)
@@ -164,22 +176,31 @@ def _store(workdir: str | Path | None) -> Iterator[BlockStore]:
 
 
 def _distill_block(qmodel: QuantizedUNet, qblock: nn.Module, block: Block, k: int, store: BlockStore,
-                   rows: list[torch.Tensor], n_batches: int, recipe: Recipe, seed: int) -> BlockReport:
-    """Train block ``k`` on its stored inputs and FP targets."""
-    if n_batches == 0:  # never called by the model's forward: nothing to distill
+                   rows: list[torch.Tensor], shares: list[float], n_batches: int, recipe: Recipe, seed: int) -> BlockReport:
+    """Train block ``k`` on its stored inputs and FP targets (``shares``: each batch's part of its global batch)."""
+    if int(distributed.all_reduce(torch.tensor(n_batches), "max")) == 0:  # never called by the model's forward
         return BlockReport(block.name, 0.0, 0.0)
     layers = [cast(QuantLayer, qmodel.unet.get_submodule(n)) for n in block.layers]
 
     def forward(i: int) -> torch.Tensor:
+        if not store.has(INPUTS, k, i):  # this rank's slice of batch i is empty
+            return torch.zeros(())
         args, kwargs = contiguous(store.get(INPUTS, k, i))  # (a strided view crashed conv backward in torch 2.13)
         out = qmodel.run_rows(rows[i], qblock, *args, **kwargs)
-        return block_loss(out, store.get(FP, k, i))
+        return block_loss(out, store.get(FP, k, i)) * shares[i]
 
     qblock.train()
     try:
-        return _train(block.name, forward, layers, n_batches, recipe, recipe.iters, seed + k)
+        return _train(block.name, forward, layers, len(rows), recipe, recipe.iters, seed + k)
     finally:
         qblock.eval()
+
+
+def rank_slices(order: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[float]]:
+    """This rank's part of every global batch of ``order`` (all of it in one process) and the
+    part's share of its batch."""
+    parts = [b.tensor_split(distributed.world())[distributed.rank()] for b in order.split(batch)]
+    return parts, [len(p) / len(b) for p, b in zip(parts, order.split(batch))]
 
 
 def distill_model(
@@ -187,13 +208,15 @@ def distill_model(
 ) -> list[BlockReport]:
     """Whole-model distillation baseline: every quantized parameter against the FP output."""
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-    batches = [order[s : s + recipe.batch_size] for s in range(0, len(calib), recipe.batch_size)]
+    parts, shares = rank_slices(order, recipe.batch_size)
     with torch.no_grad():
-        targets = [calib.batch(b).call(fp_unet) for b in batches]
+        targets = [calib.batch(b).call(fp_unet) if len(b) else None for b in parts]
 
     def forward(i: int) -> torch.Tensor:
-        return F.mse_loss(calib.batch(batches[i]).call(qmodel), targets[i])
+        target = targets[i]
+        if target is None:
+            return torch.zeros(())
+        return F.mse_loss(calib.batch(parts[i]).call(qmodel), target) * shares[i]
 
     layers = list(quant_layers(qmodel).values())
-    return [_train("model", forward, layers, len(batches), recipe, recipe.iters, seed)]
-
+    return [_train("model", forward, layers, len(parts), recipe, recipe.iters, seed)]

@@ -21,7 +21,7 @@ Per block (ResnetBlock2D, attention, ...): ``alone`` and ``gain`` with the whole
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -197,10 +197,12 @@ def analyze(
     detail: bool = True,
     blocks: bool = True,
     batch: int = 32,
+    only: Sequence[str] | None = None,
 ) -> SensitivityReport:
     """Measure per-layer (and per-block) sensitivity of ``model`` on ``inputs``, steps combined with
     ``step_weights`` (timestep -> weight; None: equal). Without ``detail`` only each layer's
-    ``gain`` is measured (one pass per layer: what the fallback needs)."""
+    ``gain`` is measured (one pass per layer: what the fallback needs). ``only``: rows for these
+    layers only (the others stay quantized as usual)."""
     model.eval()
     layers = quant_layers(model.unet)
     names = list(layers)
@@ -208,7 +210,7 @@ def analyze(
     macs = layer_macs(model, inputs)
     full, full_steps = meter.per_step(None, None)
     rows = []
-    for name in names:
+    for name in names if only is None else [n for n in names if n in set(only)]:
         others = [n for n in names if n != name]
         row = Row(name=name, kind=layers[name].kind, macs=macs.get(name, 0),
                   gain=full - meter.mean(others, others))

@@ -9,6 +9,7 @@ deployed model sees both. Everything is seeded.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..denoisers import GUIDANCE, latent_shape, spec_of
 from ..errors import CalibrationError
 from ..inputs import CONTEXT, DenoiserInputs
@@ -135,6 +137,11 @@ class CalibrationSet:
         for start in range(0, len(self), batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
 
+    def local_batches(self, batch_size: int) -> Iterator[tuple[int, DenoiserInputs]]:
+        """``(index, batch)`` of this rank's share of :meth:`batches` (all of them in one process)."""
+        for b in distributed.shard(-(-len(self) // batch_size)):
+            yield b, self.batch(torch.arange(b * batch_size, min((b + 1) * batch_size, len(self))))
+
     def validate(self) -> None:
         """Refuse non-finite inputs (the FP model diverged on its own trajectories)."""
         named = {"x_t": self.inputs.sample, **{"cond" if k == CONTEXT else k: v for k, v in self.inputs.conditioning.items()}}
@@ -149,6 +156,7 @@ class CalibrationSet:
 
 
 def _cat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    chunks = [c for c in chunks if c]  # a chunk that kept no sample holds no keys
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
 
@@ -159,6 +167,13 @@ def _model_calls(scheduler, spec, unet: torch.nn.Module, config: CalibrationConf
     return len(scheduler.timesteps)
 
 
+def trajectory_generator(seed: int, j: int) -> torch.Generator:
+    """The generator of trajectory ``j`` (its noise and the sampler's own noise): it depends on the
+    seed and ``j`` only, so trajectories sharded over processes are those of one process."""
+    digest = hashlib.sha256(f"dqdeploy-trajectory/{seed}/{j}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 @torch.no_grad()
 def collect(
     unet: torch.nn.Module,
@@ -167,58 +182,75 @@ def collect(
     conditioning: Conditioning | None = None,
     guidance: float | None = None,
 ) -> CalibrationSet:
-    """Sample FP trajectories and keep ``config.samples`` model inputs drawn at random across steps."""
+    """Sample FP trajectories and keep ``config.samples`` model inputs drawn at random across steps.
+
+    Trajectories run in chunks of ``config.batch_size``; under torchrun each rank runs every
+    ``world``-th chunk and the chunks are gathered in order, so every rank holds the set one process
+    would have drawn."""
     spec = spec_of(unet)
     guidance = config.guidance if guidance is None else guidance
     embedded = GUIDANCE in spec.input_names(unet.config)  # Flux: guidance is an input, not CFG
     uncond = None if conditioning is None else conditioning.unconditional()
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
-    per_pair = 2 if cfg_on else 1
-    gen = torch.Generator().manual_seed(config.seed)
     calls = _model_calls(scheduler, spec, unet, config)
     n_pairs = config.trajectories * calls
-    wanted = min(n_pairs, -(-config.samples // per_pair))
+    wanted = min(n_pairs, -(-config.samples // (2 if cfg_on else 1)))
     chosen = torch.zeros(n_pairs, dtype=torch.bool)
-    chosen[torch.randperm(n_pairs, generator=gen)[:wanted]] = True
+    chosen[torch.randperm(n_pairs, generator=torch.Generator().manual_seed(config.seed))[:wanted]] = True
     chosen = chosen.view(config.trajectories, calls)
 
-    xs, ts, rows, conds = [], [], [], []
-    timesteps: list[float] = []
-    shared: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=config.trajectories, desc="calibration trajectories", unit="traj")
-    for first in range(0, config.trajectories, config.batch_size):
-        n = min(config.batch_size, config.trajectories - first)
-        noise = torch.randn(*latent_shape(spec, unet.config, n, config.resolution), generator=gen)
-        cond = {} if conditioning is None else conditioning.for_batch(first, n)
-        if embedded:
-            cond[GUIDANCE] = torch.full((n,), float(guidance))
-        shared = shared_inputs(spec, noise, cond)
-        keep = chosen[first : first + n]
-
-        def record(i: int, t: torch.Tensor, model_input: torch.Tensor) -> None:
-            if i == 0 and not timesteps:
-                timesteps.extend(float(v) for v in spec.model_timestep(scheduler.timesteps))
-            sel = keep[:, i].nonzero().flatten()
-            if sel.numel() == 0:
-                return
-            picked = {k: v[sel] for k, v in cond.items()}
-            contexts = [picked]
-            if cfg_on and uncond is not None:
-                contexts = [{k: uncond[k].expand_as(v) for k, v in picked.items()}, picked]
-            for context in contexts:
-                xs.append(model_input[sel].clone())
-                ts.append(torch.full((sel.numel(),), float(t)))
-                rows.append(torch.full((sel.numel(),), i, dtype=torch.long))
-                conds.append({k: v.clone() for k, v in context.items()})
-
-        denoise(unet, scheduler, noise, config.steps, cond=cond or None, uncond=uncond, guidance=guidance,
-                generator=gen, callback=record)
+    starts = list(range(0, config.trajectories, config.batch_size))
+    mine = distributed.shard(len(starts))
+    local: dict[int, dict] = {}
+    bar = tqdm(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine),
+               desc="calibration trajectories", unit="traj")
+    for c in mine:
+        n = min(config.batch_size, config.trajectories - starts[c])
+        local[c] = _chunk(unet, scheduler, config, conditioning, guidance, starts[c], n, chosen, uncond if cfg_on else None)
         bar.update(n)
     bar.close()
-    inputs = DenoiserInputs(torch.cat(xs), torch.cat(ts), _cat(conds), spec.sample, shared)
-    calib = CalibrationSet(inputs, torch.cat(rows), timesteps)
+    chunks = {c: chunk for part in distributed.all_gather(local) for c, chunk in part.items()}
+    ordered = [chunks[c] for c in range(len(starts))]
+    inputs = DenoiserInputs(torch.cat([o["x"] for o in ordered]), torch.cat([o["t"] for o in ordered]),
+                            _cat([o["cond"] for o in ordered]), spec.sample, ordered[0]["shared"])
+    calib = CalibrationSet(inputs, torch.cat([o["rows"] for o in ordered]), ordered[0]["timesteps"])
     calib.validate()
     return calib
+
+
+def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float,
+           first: int, n: int, chosen: torch.Tensor, uncond: dict[str, torch.Tensor] | None) -> dict:
+    """Trajectories ``first .. first + n - 1``: their kept model inputs (``uncond``: under CFG)."""
+    spec = spec_of(unet)
+    gens = [trajectory_generator(config.seed, j) for j in range(first, first + n)]
+    noise = torch.cat([torch.randn(*latent_shape(spec, unet.config, 1, config.resolution), generator=g) for g in gens])
+    cond = {} if conditioning is None else conditioning.for_batch(first, n)
+    if GUIDANCE in spec.input_names(unet.config):
+        cond[GUIDANCE] = torch.full((n,), float(guidance))
+    keep = chosen[first : first + n]
+    xs, ts, rows, conds = [], [], [], []
+    timesteps: list[float] = []
+
+    def record(i: int, t: torch.Tensor, model_input: torch.Tensor) -> None:
+        if i == 0 and not timesteps:
+            timesteps.extend(float(v) for v in spec.model_timestep(scheduler.timesteps))
+        sel = keep[:, i].nonzero().flatten()
+        if sel.numel() == 0:
+            return
+        picked = {k: v[sel] for k, v in cond.items()}
+        contexts = [picked] if uncond is None else [{k: uncond[k].expand_as(v) for k, v in picked.items()}, picked]
+        for context in contexts:
+            xs.append(model_input[sel].clone())
+            ts.append(torch.full((sel.numel(),), float(t)))
+            rows.append(torch.full((sel.numel(),), i, dtype=torch.long))
+            conds.append({k: v.clone() for k, v in context.items()})
+
+    denoise(unet, scheduler, noise, config.steps, cond=cond or None, uncond=uncond, guidance=guidance,
+            generator=gens, callback=record)
+    empty = torch.zeros(0, *noise.shape[1:])
+    return {"x": torch.cat(xs) if xs else empty, "t": torch.cat(ts) if ts else torch.zeros(0),
+            "rows": torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long), "cond": _cat(conds),
+            "shared": shared_inputs(spec, noise, cond), "timesteps": timesteps}
 
 
 def read_prompts(path: Path) -> list[str]:

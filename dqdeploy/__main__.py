@@ -1,0 +1,5 @@
+"""``python -m dqdeploy`` (and ``torchrun ... -m dqdeploy``): the command line."""
+
+from .cli import main
+
+main()
