@@ -2,8 +2,8 @@
 rank-0-only writing, the few collectives the quantize stage needs, and teardown.
 
 Every helper is a no-op in a single process (no process group), so library code calls them
-unconditionally. Collectives run on CPU tensors over gloo; on CUDA the group is NCCL and tensors
-travel through the current device. A failure on one rank reaches the others: :func:`agree` shares
+unconditionally. Collectives run on CPU tensors over gloo; for work on CUDA the group is NCCL (one
+GPU per local rank) and tensors travel through the current device. A failure on one rank reaches the others: :func:`agree` shares
 errors at the points every rank reaches, a dead peer breaks the next collective (gloo reports it at
 once), and every collective has a timeout (``DQDEPLOY_DIST_TIMEOUT`` seconds, default 1800).
 """
@@ -74,9 +74,10 @@ def _device() -> torch.device:
 
 
 @contextlib.contextmanager
-def session() -> Iterator[None]:
+def session(device: str | torch.device = "cpu") -> Iterator[None]:
     """Set up the process group from torchrun's environment for the ``with`` body (nothing in a single
-    process, or when a group is already up): gloo on CPU, NCCL when CUDA is available."""
+    process, or when a group is already up): gloo when the work runs on ``device`` CPU, NCCL (one
+    GPU per local rank) when it runs on CUDA."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         yield
         return
@@ -84,10 +85,13 @@ def session() -> Iterator[None]:
     if missing or not dist.is_available():
         raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing) or 'torch.distributed'} is missing",
                                hint="start many processes with torchrun (or `dqdeploy quantize ... --nproc N`)")
-    backend = "gloo"
-    if torch.cuda.is_available() and dist.is_nccl_available():
-        backend = "nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_nccl_available() or local >= torch.cuda.device_count():
+            raise DistributedError(f"local rank {local} needs its own CUDA device; {torch.cuda.device_count()} visible",
+                                   hint="start at most one process per GPU (--nproc-per-node)")
+        torch.cuda.set_device(local)
     try:
         dist.init_process_group(backend, timeout=_timeout())
     except (RuntimeError, ValueError) as exc:
