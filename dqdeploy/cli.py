@@ -45,6 +45,8 @@ def _setup(verbose: bool) -> None:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone shows progress
+        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "torch.onnx", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
