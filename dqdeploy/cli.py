@@ -98,7 +98,7 @@ def cli(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
 @click.option("--allow-pickle", is_flag=True, help="Also load pickled .bin weights (they can run code: trusted folders only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.checkpoint/ (same command and inputs): calibration and finished blocks are not redone.")
-@click.option("--nproc", default=1, show_default=True, type=POSITIVE, help="Processes on this machine (runs the command under torchrun; same result as one).")
+@click.option("--nproc", default=1, show_default=True, type=POSITIVE, help="Processes on this machine (runs the command under torchrun; the same work shared, see README).")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling, timestep_scales,
              no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle, resume, nproc) -> None:
