@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_dir
+from .distributed import is_writer
 from .errors import ArtifactError, check_format
 from .folders import MANIFEST
 from .integrity import confined, file_sha256, read_json_object, seal, verify_file, verify_seal
@@ -191,7 +192,7 @@ def install_quant_layers(
         except AttributeError:
             raise ArtifactError(f"manifest layer {name!r} does not exist in {type(unet).__name__}") from None
     bar = tqdm(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w", unit_scale=True,
-               leave=False, disable=weight_scales is not None)
+               leave=False, disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
     for name, meta in layers.items():
         layer = modules[name]
         q = QuantLayer(

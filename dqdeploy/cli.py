@@ -111,12 +111,10 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     the same artifact. It is deleted when OUT is written.
     Many processes: --nproc N here, or `torchrun --nproc-per-node N -m dqdeploy quantize ...`.
     """
-    from .launch import launch, launched
-
     if nproc > 1:
-        if launched():
-            raise click.UsageError("--nproc starts torchrun itself: drop it when running under torchrun")
-        sys.exit(launch(nproc, sys.argv[1:]))
+        from .distributed import launch_many
+
+        sys.exit(launch_many(nproc, resume, sys.argv[1:]))
     from .quant.trajectories import read_prompts
     from .quantize_stage import quantize as run_quantize
     from .recipe import CalibrationConfig, resolve_recipe

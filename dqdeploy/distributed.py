@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import DQDeployError
-from .launch import launched
+from .launch import launch, launched
 
 T = TypeVar("T")
 TIMEOUT_ENV = "DQDEPLOY_DIST_TIMEOUT"
@@ -176,3 +176,15 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
     for p, present in zip(params, has.tolist()):
         p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if present else None
         offset += p.numel()
+
+
+def launch_many(nproc: int, resume: bool, argv: list[str]) -> int:
+    """``dqdeploy ARGV`` as ``nproc`` local processes under torchrun (its exit status); refused under
+    torchrun already, and with ``resume`` (many-process runs keep no checkpoint)."""
+    if resume:
+        raise DistributedError("--resume continues one-process runs only: many-process runs keep no checkpoint",
+                               hint="drop --nproc to resume, or start afresh without --resume")
+    if launched():
+        raise DistributedError("--nproc starts torchrun itself, and this process already runs under torchrun",
+                               hint="drop --nproc when running under torchrun")
+    return launch(nproc, argv)

@@ -137,6 +137,7 @@ def quantize(
     overwrite: bool = False,
     allow_pickle: bool = False,
     resume: bool = False,
+    micro_batches: int = 1,
 ) -> QuantizeResult:
     """Quantize the UNet of a diffusers folder with DilateQuant; save to ``out_dir`` when given
     (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders only).
@@ -145,24 +146,18 @@ def quantize(
     calibrated model, each distilled block), deleted after the artifact is saved; ``resume``
     continues an interrupted run from it (:mod:`dqdeploy.checkpoint`). Under torchrun every rank runs
     this with the same arguments; the work is shared, rank 0 writes ``out_dir``, and there is no
-    checkpoint (``resume`` is refused)."""
+    checkpoint (``resume`` is refused). ``micro_batches``: slices of each distillation batch per
+    process, gradients accumulated (the same step in less memory; float results differ slightly,
+    see :mod:`dqdeploy.quant.distill`)."""
     sources = [s for s in (model_dir, scheduler_dir) if s is not None]
     with distributed.session():
-        ckpt, error = None, None
+        run = {"model": model_dir, "scheduler_dir": scheduler_dir, "conditioning": cond_file}, {
+            "prompts": prompts, "recipe": recipe.to_dict(), "calibration": calibration.to_dict(),
+            **({"micro_batches": micro_batches} if micro_batches != 1 else {})}
+        ckpt = _start(out_dir, sources, run, overwrite=overwrite, resume=resume, micro_batches=micro_batches)
         try:
-            if resume and distributed.active():
-                raise distributed.DistributedError("--resume continues one-process runs only", hint="resume without --nproc / torchrun")
-            if out_dir is not None and distributed.is_writer():
-                check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
-            if out_dir is not None and not distributed.active():
-                run = fingerprint({"model": model_dir, "scheduler_dir": scheduler_dir, "conditioning": cond_file},
-                                  {"prompts": prompts, "recipe": recipe.to_dict(), "calibration": calibration.to_dict()})
-                ckpt = RunCheckpoint.open(out_dir, run, resume=resume)
-        except Exception as exc:  # every rank learns of it before any collective work
-            error = exc
-        distributed.agree(error, "checking the output folder")
-        try:
-            result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle, ckpt)
+            result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle, ckpt,
+                                      micro_batches)
         except BaseException as exc:
             if ckpt is None:
                 raise
@@ -172,6 +167,7 @@ def quantize(
             else:
                 log.warning("the finished work is kept in %s: the same command with --resume continues from it", ckpt.folder)
             raise
+        error = None
         try:
             if out_dir is not None and distributed.is_writer():  # rank 0 writes, atomically
                 result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
@@ -183,9 +179,30 @@ def quantize(
     return result
 
 
+def _start(out_dir: str | Path | None, sources: list, run: tuple[dict, dict], *, overwrite: bool, resume: bool,
+           micro_batches: int) -> RunCheckpoint | None:
+    """The checks before any work, on every rank (an error on one is raised on all): the arguments,
+    the output folder; then the checkpoint of a one-process run (``run``: its fingerprint's inputs)."""
+    ckpt, error = None, None
+    try:
+        if micro_batches < 1:
+            raise RecipeError(f"micro_batches={micro_batches} (expected a whole number >= 1)", hint="pass micro_batches=1 (no split)")
+        if resume and distributed.active():
+            raise distributed.DistributedError("--resume continues one-process runs only: many-process runs keep no checkpoint",
+                                               hint="resume without --nproc / torchrun, or start afresh without --resume")
+        if out_dir is not None and distributed.is_writer():
+            check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
+        if out_dir is not None and not distributed.active():
+            ckpt = RunCheckpoint.open(out_dir, fingerprint(*run), resume=resume)
+    except Exception as exc:  # every rank learns of it before any collective work
+        error = exc
+    distributed.agree(error, "checking the output folder")
+    return ckpt
+
+
 def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: CalibrationConfig, scheduler_dir: str | Path | None,
                      cond_file: str | Path | None, prompts: list[str] | None, allow_pickle: bool,
-                     ckpt: RunCheckpoint | None) -> QuantizeResult:
+                     ckpt: RunCheckpoint | None, micro_batches: int = 1) -> QuantizeResult:
     """Load the model, collect (or restore) the calibration set, quantize."""
     error = None
     try:
@@ -204,7 +221,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
         if ckpt:
             ckpt.save_calibration(calib)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
-    return quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config, checkpoint=ckpt)
+    return quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config, checkpoint=ckpt, micro_batches=micro_batches)
 
 
 def quantize_unet(
@@ -215,9 +232,11 @@ def quantize_unet(
     scheduler_config: dict | None = None,
     *,
     checkpoint: RunCheckpoint | None = None,
+    micro_batches: int = 1,
 ) -> QuantizeResult:
     """The in-memory pipeline: dilation, per-step calibration, distillation (``checkpoint``: saves
-    each step's result and restores what an interrupted run finished)."""
+    each step's result and restores what an interrupted run finished; ``micro_batches``: slices of
+    each distillation batch per process, gradients accumulated, see :mod:`dqdeploy.quant.distill`)."""
     calib.validate()
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
     saved = checkpoint.calibrated() if checkpoint else None
@@ -235,9 +254,9 @@ def quantize_unet(
     if recipe.distill == "block":
         blocks = partition(qmodel.unet, example_forward(qmodel, calib), spec_for(type(unet).__name__).blocks)
         reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed, checkpoint=checkpoint,
-                                 workdir=checkpoint.data_dir if checkpoint else None)
+                                 workdir=checkpoint.data_dir if checkpoint else None, micro_batches=micro_batches)
     elif recipe.distill == "model":
-        reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed)
+        reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed, micro_batches=micro_batches)
     qmodel.eval()
     with torch.no_grad():  # what is stored stays inside each layer's bit width (validation.check_state)
         for layer in quant_layers(qmodel.unet).values():

@@ -80,7 +80,7 @@ def denoise(
     cond: torch.Tensor | Cond | None = None,
     uncond: torch.Tensor | Cond | None = None,
     guidance: float = 1.0,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+    generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -90,8 +90,7 @@ def denoise(
     ``uncond``: the unconditional ones ([1, ...]), enabling classifier-free guidance when
     ``guidance != 1`` (Flux with a guidance embedding takes ``guidance`` as that input instead).
     ``callback(i, t, model_input)`` sees every model input and model timestep (before guidance
-    duplication), which is what calibration records. ``generator``: one, or one per sample (the
-    scheduler's own noise then depends on each sample's generator only).
+    duplication), which is what calibration records.
     """
     spec = spec_of(unet)
     cond_kw, uncond_kw = as_cond(cond), as_cond(uncond)
@@ -119,6 +118,25 @@ def denoise(
             eps = prediction(unet, spec, DenoiserInputs(model_input, t_model, cond_kw, spec.sample, shared))
         x = scheduler.step(eps, t, x, return_dict=False, **step_kw)[0]
     return x
+
+
+def advance(scheduler: Any, spec: DenoiserSpec, noise: torch.Tensor, steps: int, generator: torch.Generator) -> None:
+    """Draw from ``generator`` what :func:`denoise` from ``noise`` would draw, without the model: the
+    scheduler steps on zero predictions (with the variance channels of ``learned`` / ``learned_range``
+    schedulers). Exact when the scheduler's draws depend on shapes and steps only, as diffusers'
+    schedulers' do; schedulers whose ``step`` takes no generator draw nothing here."""
+    if not _accepts(scheduler.step, "generator"):
+        return
+    set_timesteps(scheduler, spec, steps, model_tokens(spec, noise))
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    shape = list(x.shape)
+    if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
+        shape[1] *= 2  # DDPM-style schedulers split the predicted variance off the model output
+    eps = torch.zeros(shape, dtype=x.dtype)
+    for t in scheduler.timesteps:
+        if hasattr(scheduler, "scale_model_input"):
+            scheduler.scale_model_input(x, t)  # (some schedulers keep their step index here)
+        x = scheduler.step(eps, t, x, return_dict=False, generator=generator)[0]
 
 
 def _accepts(fn: Callable, name: str) -> bool:

@@ -3,14 +3,18 @@
 Two passes over the calibration set with forward hooks on every QuantLayer (activation
 quantizers off, weights quantized): the first finds each step's range, the second scores clipping
 ratios of that range by quantization MSE, per step. Steps without calibration samples take the
-range of all steps. Under torchrun each rank runs its share of the batches and the statistics
-(min, max, float64 error sums) are all-reduced after each pass: the same numbers as one process,
-up to the order of the error sums.
+range of all steps.
+
+Under torchrun each rank runs its share of the batches (every ``world``-th) and the ranks combine
+what they saw into exactly the numbers of one process: ranges by min/max, and the error sums by
+replaying every rank's per-sample errors in the one-process order (a float sum depends on its
+order, so summing per-rank partial sums would not be bit-equal). Output scales sample their values
+with one generator in batch order, so each rank first learns the sizes of the other ranks' outputs
+(one extra pass over its own batches) to draw what one process draws.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -20,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..inputs import Hook, PreHook, forward_hooks
 from .modules import QuantizedUNet, QuantLayer, quant_layers, set_act_quant
-from .primitives import CLIP_RATIOS, candidate_errors, minmax_scale, tensor_scale_candidates
+from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
 from .trajectories import CalibrationSet
 
 
@@ -30,7 +34,7 @@ class _StepStats:
     def __init__(self, n_steps: int, n_candidates: int) -> None:
         self.lo = torch.full((n_steps,), float("inf"))
         self.hi = torch.full((n_steps,), float("-inf"))
-        self.err = torch.zeros(n_candidates, n_steps, dtype=torch.float64)
+        self.err = torch.zeros(n_candidates, n_steps)
 
     def observe_range(self, flat: torch.Tensor, rows: torch.Tensor) -> None:
         self.lo.scatter_reduce_(0, rows, flat.amin(1), "amin")
@@ -43,17 +47,20 @@ class _StepStats:
         return lo, hi
 
 
-def _reduce(stats: list[_StepStats], phase: str) -> None:
-    """Combine every rank's statistics of one pass (one collective per kind)."""
+def _combine(stats: dict[str, _StepStats], records: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]], phase: str) -> None:
+    """Every rank's statistics of one pass, combined as one process computes them."""
     if phase == "range":
-        lo, hi = torch.stack([st.lo for st in stats]), torch.stack([st.hi for st in stats])
-        distributed.all_reduce(lo, "min"), distributed.all_reduce(hi, "max")
-        for i, st in enumerate(stats):
-            st.lo, st.hi = lo[i], hi[i]
-    else:
-        err = distributed.all_reduce(torch.stack([st.err for st in stats]))
-        for i, st in enumerate(stats):
-            st.err = err[i]
+        lo = distributed.all_reduce(torch.stack([st.lo for st in stats.values()]), "min")
+        hi = distributed.all_reduce(torch.stack([st.hi for st in stats.values()]), "max")
+        for i, st in enumerate(stats.values()):
+            st.lo, st.hi = lo[i].clone(), hi[i].clone()
+        return
+    for name, st in stats.items():  # one layer at a time: its per-sample errors of every rank, in batch order
+        found = sorted((r for part in distributed.all_gather(records[name]) for r in part), key=lambda r: r[0])
+        records[name].clear()
+        for _, rows, errs in found:
+            for c in range(len(errs)):
+                st.err[c].index_add_(0, rows, errs[c])
 
 
 @torch.no_grad()
@@ -64,7 +71,9 @@ def init_activation_scales(model: QuantizedUNet, calib: CalibrationSet, *, metho
         return
     n_steps = model.table.n_rows
     stats = {name: _StepStats(n_steps, len(CLIP_RATIOS)) for name in layers}
-    phase = {"name": "range"}
+    phase: dict = {"name": "range", "batch": 0}
+    many = distributed.active()
+    records: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
 
     def make_hook(name: str, layer: QuantLayer) -> PreHook:
         q = layer.input_quantizer
@@ -78,10 +87,16 @@ def init_activation_scales(model: QuantizedUNet, calib: CalibrationSet, *, metho
                 st.observe_range(flat, rows)
                 return
             lo, hi = st.filled_range()
+            errs = []
             for c, ratio in enumerate(CLIP_RATIOS):
                 scale, zp = minmax_scale(ratio * lo[rows], ratio * hi[rows], q.qmin, q.qmax, q.symmetric)
                 xq = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], q.qmin, q.qmax) - zp[:, None]) * scale[:, None]
-                st.err[c].index_add_(0, rows, (xq - flat).pow(2).sum(1).double())
+                if many:  # kept per sample, summed in the one-process order once every rank's are known
+                    errs.append((xq - flat).pow(2).sum(1))
+                else:
+                    st.err[c].index_add_(0, rows, (xq - flat).pow(2).sum(1))
+            if many:
+                records[name].append((phase["batch"], rows, torch.stack(errs)))
 
         return hook
 
@@ -90,9 +105,12 @@ def init_activation_scales(model: QuantizedUNet, calib: CalibrationSet, *, metho
         with forward_hooks((layer, "pre", make_hook(name, layer)) for name, layer in layers.items()):
             for p in ["range", "mse"] if method == "mse" else ["range"]:
                 phase["name"] = p
-                for _, batch in tqdm(calib.local_batches(batch_size), desc=f"calibrate ({p})", leave=False):
+                for b, batch in tqdm(calib.local_batches(batch_size), total=len(calib.batch_indices(batch_size)),
+                                     desc=f"calibrate ({p})", leave=False):
+                    phase["batch"] = b
                     batch.call(model)
-                _reduce(list(stats.values()), p)
+                if many:
+                    _combine(stats, records, p)
     finally:
         set_act_quant(model, True)
 
@@ -122,63 +140,82 @@ def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationS
         return hook
 
     run_with_hooks(model, [(model.get_submodule(n), "pre", make_hook(n)) for n in names], calib, batch_size)
-    for name in names:  # a rank without batches contributes zeros
-        module = model.get_submodule(name)
-        width = cast(int, module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
-        result[name] = distributed.all_reduce(result.get(name, torch.zeros(width)), "max")
+    if distributed.active():  # max is exact in any order; a layer no rank saw stays absent, as in one process
+        seen = {n for part in distributed.all_gather(list(result)) for n in part}
+        for name in [n for n in names if n in seen]:
+            module = model.get_submodule(name)
+            width = cast(int, module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
+            result[name] = distributed.all_reduce(result.get(name, torch.zeros(width)), "max")
     return result
 
 
-def run_with_hooks(
-    model: nn.Module, hooks: list[Hook], calib: CalibrationSet, batch_size: int, on_batch: Callable[[int], object] | None = None
-) -> None:
-    """Run ``model`` over this rank's calibration batches with ``hooks`` registered (removed
-    afterwards, also on error); ``on_batch(index)`` before each batch."""
+def run_with_hooks(model: nn.Module, hooks: list[Hook], calib: CalibrationSet, batch_size: int) -> None:
+    """Run ``model`` over this rank's calibration batches (all of them in one process) with ``hooks``
+    registered (removed afterwards, also on error)."""
     with forward_hooks(hooks):
-        for b, batch in calib.local_batches(batch_size):
-            if on_batch is not None:
-                on_batch(b)
+        for _, batch in calib.local_batches(batch_size):
             batch.call(model)
 
 
 @torch.no_grad()
 def init_output_scales(model: QuantizedUNet, calib: CalibrationSet, batch_size: int = 32, keep: int = 1 << 15) -> None:
     """Initialise each output quantizer's ``c`` (step ``c * s_t``) by MSE over the bias-free outputs
-    normalised by their step's input scale, with every input quantizer calibrated and on. Each batch
-    keeps a sample (seeded by the batch's index) of every output; ranks combine max and errors."""
+    normalised by their step's input scale, with every input quantizer calibrated and on. Each
+    output contributes ``keep`` values drawn with one generator over the batches in order (under
+    torchrun: the same draws, see the module's docstring)."""
     layers = {n: m for n, m in quant_layers(model).items() if m.output_scale is not None}
     if not layers:
         return
-    values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    gen = torch.Generator()
+    values: dict[str, list[tuple[int, torch.Tensor]]] = {n: [] for n in layers}
+    gen = torch.Generator().manual_seed(0)
+    state: dict = {"batch": 0, "sizes": None}  # sizes: (layer, numel) of each output, in call order
 
     def make_hook(name: str, layer: QuantLayer):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if state["sizes"] is not None:
+                state["sizes"].append((name, out.numel()))
+                return
             x = layer.input_quantizer(layer.dilated_input(args[0]))
             w = layer.weight_quantizer(layer.weight)
             y = layer._compute(x, w, None)
             q = layer.input_quantizer
             y = y / q.scale.abs()[q.rows_for(y)].view(-1, *([1] * (y.dim() - 1)))
             flat = y.flatten()
-            values[name].append(torch.cat([flat[torch.randperm(flat.numel(), generator=gen)[:keep]], flat.abs().max().view(1)]))
+            assert flat.numel() == out.numel()  # the sizes the other ranks replay the draws with
+            kept = torch.cat([flat[torch.randperm(flat.numel(), generator=gen)[:keep]], flat.abs().max().view(1)])
+            values[name].append((state["batch"], kept))
 
         return hook
 
     for layer in layers.values():  # observe outputs before any output rounding
         layer.output_enabled = False
     try:
-        run_with_hooks(model, [(m, "post", make_hook(n, m)) for n, m in layers.items()], calib, batch_size,
-                       on_batch=gen.manual_seed)
+        with forward_hooks([(m, "post", make_hook(n, m)) for n, m in layers.items()]):
+            _sample_outputs(model, calib, batch_size, gen, state)
     finally:
         for layer in layers.values():
             layer.output_enabled = True
-    amax = distributed.all_reduce(torch.stack([max((v.abs().max() for v in values[n]), default=torch.tensor(0.0))
-                                               for n in layers]), "max")
-    candidates = [tensor_scale_candidates(a, m.out_qmax) for a, m in zip(amax, layers.values())]
-    err = distributed.all_reduce(torch.stack([
-        sum((candidate_errors(v, c, m.out_qmin, m.out_qmax) for v in values[n]), torch.zeros(len(c), dtype=torch.float64))
-        for (n, m), c in zip(layers.items(), candidates)
-    ]))
-    for (name, layer), c, e in zip(layers.items(), candidates, err):
+    for name, layer in layers.items():
         assert layer.output_scale is not None  # only output-quantized layers are in ``layers``
-        layer.output_scale.data.fill_(float(c[int(e.argmin())]))
+        found = sorted((v for part in distributed.all_gather(values[name]) for v in part), key=lambda v: v[0])
+        layer.output_scale.data.fill_(search_tensor_scale(torch.cat([v for _, v in found]), layer.out_qmin, layer.out_qmax))
+
+
+def _sample_outputs(model: QuantizedUNet, calib: CalibrationSet, batch_size: int, gen: torch.Generator, state: dict) -> None:
+    """Run this rank's batches with the output hooks sampling from ``gen``; under torchrun, the draws
+    of the other ranks' batches are made here too (sizes learnt from a first pass), in batch order."""
+    sizes: dict[int, list[tuple[str, int]]] = {}
+    if distributed.active():
+        for b, batch in calib.local_batches(batch_size):
+            state["sizes"] = sizes[b] = []
+            batch.call(model)
+        state["sizes"] = None
+        sizes = {b: seq for part in distributed.all_gather(sizes) for b, seq in part.items()}
+    mine = set(calib.batch_indices(batch_size))
+    for b in range(-(-len(calib) // batch_size)):
+        if b in mine:
+            state["batch"] = b
+            calib.batch(torch.arange(b * batch_size, min((b + 1) * batch_size, len(calib)))).call(model)
+        else:
+            for _, numel in sizes[b]:
+                torch.randperm(numel, generator=gen)

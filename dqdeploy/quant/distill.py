@@ -9,9 +9,14 @@ a replay answered from cached outputs for each block's inputs) and lives on disk
 (:mod:`.blockstore`), read one batch at a time. A :class:`BlockCheckpoint` saves each finished
 block and restores it on a resumed run.
 
-Data parallel under torchrun: every rank holds its slice of each global batch, weights its loss by
-the slice's share of the batch and the gradients are summed over the ranks before each Adam step,
-so a step is the one-process step on the global batch (up to reduction order).
+Slices: each global batch (``recipe.batch_size`` samples) is split into ``world * micro_batches``
+slices; a rank holds ``micro_batches`` of them, weights each slice's loss by its share of the batch
+and accumulates the gradients; under torchrun the ranks' gradients are summed before each Adam step.
+So one step sees the global batch whatever the split, and two processes compute exactly what one
+process with ``micro_batches=2`` computes (the same slices, the same sums). Against the unsplit
+batch (one process, ``micro_batches=1``) a split changes float results slightly: matrix products
+of another batch shape round differently, and the slices' losses and gradients are added in
+another order.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,20 +90,30 @@ def _param_groups(layers: list[QuantLayer], recipe: Recipe) -> list[dict]:
 
 def _train(
     name: str,
-    forward,
+    losses: Callable[[int], Iterator[torch.Tensor]],
     layers: list[QuantLayer],
     n_batches: int,
     recipe: Recipe,
     iters: int,
     seed: int,
 ) -> BlockReport:
-    """Adam on ``forward(i) -> loss`` over randomly drawn captured batches ``i`` (``forward`` gives this
-    rank's share of the batch's loss; ranks sum the gradients, and draw the same ``i``)."""
+    """Adam on randomly drawn global batches ``i``: ``losses(i)`` yields the share-weighted loss of
+    each of this rank's slices of batch ``i`` (ranks draw the same ``i`` and sum their gradients)."""
+
+    def batch_loss(i: int, backward: bool) -> float:
+        total = 0.0
+        for loss in losses(i):
+            if backward and loss.requires_grad:
+                loss.backward()  # gradients of the slices accumulate
+            total += loss.item()
+        return total
 
     def mean_loss() -> float:
         with torch.no_grad():
-            losses = torch.tensor([forward(i).item() for i in range(n_batches)], dtype=torch.float64)
-        return float(distributed.all_reduce(losses).sum() / n_batches)
+            values = [batch_loss(i, False) for i in range(n_batches)]
+        if distributed.active():  # each batch's loss is the sum of its slices' shares
+            values = distributed.all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+        return float(sum(values) / n_batches)
 
     before = mean_loss()
     curve: list[float] = []
@@ -111,13 +126,12 @@ def _train(
         running = before
         for step in bar:
             i = int(torch.randint(n_batches, (1,), generator=gen))
-            loss = forward(i)
-            value = float(distributed.all_reduce(loss.detach().double()))  # the global batch's loss
+            opt.zero_grad(set_to_none=True)
+            value = batch_loss(i, True)
+            if distributed.active():
+                value = float(distributed.all_reduce(torch.tensor(value, dtype=torch.float64)))  # the global batch's loss
             if not math.isfinite(value):
                 raise FloatingPointError(f"distillation loss of {name} became {value} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            if loss.requires_grad:  # an empty slice of the batch adds no gradient
-                loss.backward()
             distributed.sum_gradients(params)
             opt.step()
             running = 0.9 * running + 0.1 * value
@@ -137,24 +151,26 @@ def distill_blocks(
     *,
     workdir: str | Path | None = None,
     checkpoint: BlockCheckpoint | None = None,
+    micro_batches: int = 1,
 ) -> list[BlockReport]:
     """BKD over ``blocks`` (in execution order); returns one report per block. The data goes to
-    ``workdir`` (a folder it creates and removes; a temporary folder when None)."""
+    ``workdir`` (a folder it creates and removes; a temporary folder when None). ``micro_batches``:
+    slices per global batch on this rank, gradients accumulated (the same step, less memory)."""
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-    batches, shares = rank_slices(order, recipe.batch_size)
-    rows = [qmodel.table.index(calib.inputs.timestep[b], len(b)) for b in batches]
+    sl = rank_slices(order, recipe.batch_size, micro_batches)
+    rows = [qmodel.table.index(calib.inputs.timestep[p], len(p)) for p in sl.parts]
     names = [b.name for b in blocks]
     with _store(workdir) as store:
-        capture_targets(fp_unet, names, calib, batches, store)
+        capture_targets(fp_unet, names, calib, sl.parts, store)
         reports = []
         for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
             qblock = qmodel.unet.get_submodule(block.name)
-            n_batches = capture_inputs(qmodel, names, k, calib, batches, store)
+            n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
             report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
             if report is not None:
                 log.info("block %s restored from the checkpoint", block.name)
             else:
-                report = _distill_block(qmodel, qblock, block, k, store, rows, shares, n_batches, recipe, seed)
+                report = _distill_block(qmodel, qblock, block, k, store, rows, sl, n_parts, recipe, seed)
                 if checkpoint:
                     checkpoint.save(k, block.name, qblock, report)
             reports.append(report)
@@ -176,47 +192,62 @@ def _store(workdir: str | Path | None) -> Iterator[BlockStore]:
 
 
 def _distill_block(qmodel: QuantizedUNet, qblock: nn.Module, block: Block, k: int, store: BlockStore,
-                   rows: list[torch.Tensor], shares: list[float], n_batches: int, recipe: Recipe, seed: int) -> BlockReport:
-    """Train block ``k`` on its stored inputs and FP targets (``shares``: each batch's part of its global batch)."""
-    if int(distributed.all_reduce(torch.tensor(n_batches), "max")) == 0:  # never called by the model's forward
+                   rows: list[torch.Tensor], sl: Slices, n_parts: int, recipe: Recipe, seed: int) -> BlockReport:
+    """Train block ``k`` on its stored inputs and FP targets (one entry per slice of ``sl``)."""
+    if int(distributed.all_reduce(torch.tensor(n_parts), "max")) == 0:  # never called by the model's forward
         return BlockReport(block.name, 0.0, 0.0)
     layers = [cast(QuantLayer, qmodel.unet.get_submodule(n)) for n in block.layers]
 
-    def forward(i: int) -> torch.Tensor:
-        if not store.has(INPUTS, k, i):  # this rank's slice of batch i is empty
-            return torch.zeros(())
-        args, kwargs = contiguous(store.get(INPUTS, k, i))  # (a strided view crashed conv backward in torch 2.13)
-        out = qmodel.run_rows(rows[i], qblock, *args, **kwargs)
-        return block_loss(out, store.get(FP, k, i)) * shares[i]
+    def losses(i: int) -> Iterator[torch.Tensor]:
+        for p in sl.groups[i]:
+            args, kwargs = contiguous(store.get(INPUTS, k, p))  # (a strided view crashed conv backward in torch 2.13)
+            out = qmodel.run_rows(rows[p], qblock, *args, **kwargs)
+            yield block_loss(out, store.get(FP, k, p)) * sl.shares[p]
 
     qblock.train()
     try:
-        return _train(block.name, forward, layers, len(rows), recipe, recipe.iters, seed + k)
+        return _train(block.name, losses, layers, len(sl.groups), recipe, recipe.iters, seed + k)
     finally:
         qblock.eval()
 
 
-def rank_slices(order: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[float]]:
-    """This rank's part of every global batch of ``order`` (all of it in one process) and the
-    part's share of its batch."""
-    parts = [b.tensor_split(distributed.world())[distributed.rank()] for b in order.split(batch)]
-    return parts, [len(p) / len(b) for p, b in zip(parts, order.split(batch))]
+@dataclass
+class Slices:
+    """This rank's slices of the global batches: ``parts`` (sample indices; empty slices left out),
+    each part's ``shares`` of its batch, and ``groups[i]``: the parts of global batch ``i``."""
+
+    parts: list[torch.Tensor]
+    shares: list[float]
+    groups: list[list[int]]
+
+
+def rank_slices(order: torch.Tensor, batch: int, micro_batches: int = 1) -> Slices:
+    """Every global batch of ``order`` split into ``world * micro_batches`` slices; this rank's
+    ``micro_batches`` consecutive ones (one process, one micro-batch: the whole batches)."""
+    n, first = distributed.world() * micro_batches, distributed.rank() * micro_batches
+    sl = Slices([], [], [])
+    for b in order.split(batch):
+        sl.groups.append([])
+        for piece in b.tensor_split(n)[first : first + micro_batches]:
+            if len(piece):
+                sl.groups[-1].append(len(sl.parts))
+                sl.parts.append(piece)
+                sl.shares.append(len(piece) / len(b))
+    return sl
 
 
 def distill_model(
-    qmodel: QuantizedUNet, fp_unet: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0
+    qmodel: QuantizedUNet, fp_unet: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *, micro_batches: int = 1
 ) -> list[BlockReport]:
     """Whole-model distillation baseline: every quantized parameter against the FP output."""
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-    parts, shares = rank_slices(order, recipe.batch_size)
+    sl = rank_slices(order, recipe.batch_size, micro_batches)
     with torch.no_grad():
-        targets = [calib.batch(b).call(fp_unet) if len(b) else None for b in parts]
+        targets = [calib.batch(p).call(fp_unet) for p in sl.parts]
 
-    def forward(i: int) -> torch.Tensor:
-        target = targets[i]
-        if target is None:
-            return torch.zeros(())
-        return F.mse_loss(calib.batch(parts[i]).call(qmodel), target) * shares[i]
+    def losses(i: int) -> Iterator[torch.Tensor]:
+        for p in sl.groups[i]:
+            yield F.mse_loss(calib.batch(sl.parts[p]).call(qmodel), targets[p]) * sl.shares[p]
 
     layers = list(quant_layers(qmodel).values())
-    return [_train("model", forward, layers, len(parts), recipe, recipe.iters, seed)]
+    return [_train("model", losses, layers, len(sl.groups), recipe, recipe.iters, seed)]

@@ -61,23 +61,13 @@ def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 CLIP_RATIOS = torch.linspace(0.30, 1.0, 36)
 
 
-def tensor_scale_candidates(amax: torch.Tensor | float, qmax: int) -> torch.Tensor:
-    """Symmetric scales [C, 1] of the clipping ratios of a max |value|."""
-    return (CLIP_RATIOS * torch.as_tensor(amax, dtype=torch.float32).clamp(min=1e-12) / qmax)[:, None]
-
-
-def candidate_errors(values: torch.Tensor, candidates: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Rounding squared error [C] (float64, so sums over parts hardly depend on their order) of
-    ``values`` under each candidate scale [C, 1]."""
-    flat = values.detach().float().flatten()
-    return quant_error(flat.expand(len(candidates), -1), candidates, torch.zeros_like(candidates), qmin, qmax).double()
-
-
 def search_tensor_scale(values: torch.Tensor, qmin: int, qmax: int) -> float:
     """One symmetric scale for ``values`` (a sample of a tensor) minimising the rounding MSE over
     clipping ratios of its max |value|."""
-    candidates = tensor_scale_candidates(values.detach().float().abs().max(), qmax)
-    return float(candidates[int(candidate_errors(values, candidates, qmin, qmax).argmin())])
+    flat = values.detach().float().flatten()
+    candidates = (CLIP_RATIOS * flat.abs().max().clamp(min=1e-12) / qmax)[:, None]
+    err = quant_error(flat.expand(len(candidates), -1), candidates, torch.zeros_like(candidates), qmin, qmax)
+    return float(candidates[int(err.argmin())])
 
 
 def search_weight_scale(w: torch.Tensor, bits: int, p: float = 2.4) -> torch.Tensor:

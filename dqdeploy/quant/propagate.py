@@ -72,8 +72,7 @@ def capture_targets(fp_unet: nn.Module, names: Sequence[str], calib: Calibration
     hooks: list[Hook] = [(fp_unet.get_submodule(n), "post", post(n)) for n in names]
     with forward_hooks(hooks, with_kwargs=True):
         for current, idx in enumerate(batches):
-            if len(idx):  # (a rank's slice of a small last batch may be empty)
-                calib.batch(idx).call(fp_unet)
+            calib.batch(idx).call(fp_unet)
 
 
 class _Replay:
@@ -124,8 +123,6 @@ def capture_inputs(qmodel: QuantizedUNet, names: Sequence[str], k: int, calib: C
 
     with forward_hooks([(modules[k], "pre", pre)], with_kwargs=True), replay.installed():
         for i, idx in enumerate(batches):
-            if not len(idx):
-                continue
             replay.start(i)
             try:
                 calib.batch(idx).call(qmodel)

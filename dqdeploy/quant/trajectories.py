@@ -22,7 +22,7 @@ from ..denoisers import GUIDANCE, latent_shape, spec_of
 from ..errors import CalibrationError
 from ..inputs import CONTEXT, DenoiserInputs
 from ..recipe import CalibrationConfig
-from ..sampling import denoise, model_tokens, set_timesteps, shared_inputs
+from ..sampling import advance, denoise, model_tokens, set_timesteps, shared_inputs
 
 COND_KEY = CONTEXT
 UNCOND_KEY = "uncond_encoder_hidden_states"
@@ -137,9 +137,13 @@ class CalibrationSet:
         for start in range(0, len(self), batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
 
+    def batch_indices(self, batch_size: int) -> range:
+        """Indices of this rank's share of :meth:`batches` (every ``world``-th; all in one process)."""
+        return distributed.shard(-(-len(self) // batch_size))
+
     def local_batches(self, batch_size: int) -> Iterator[tuple[int, DenoiserInputs]]:
         """``(index, batch)`` of this rank's share of :meth:`batches` (all of them in one process)."""
-        for b in distributed.shard(-(-len(self) // batch_size)):
+        for b in self.batch_indices(batch_size):
             yield b, self.batch(torch.arange(b * batch_size, min((b + 1) * batch_size, len(self))))
 
     def validate(self) -> None:
@@ -167,13 +171,6 @@ def _model_calls(scheduler, spec, unet: torch.nn.Module, config: CalibrationConf
     return len(scheduler.timesteps)
 
 
-def trajectory_generator(seed: int, j: int) -> torch.Generator:
-    """The generator of trajectory ``j`` (its noise and the sampler's own noise): it depends on the
-    seed and ``j`` only, so trajectories sharded over processes are those of one process."""
-    digest = hashlib.sha256(f"dqdeploy-trajectory/{seed}/{j}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 @torch.no_grad()
 def collect(
     unet: torch.nn.Module,
@@ -184,50 +181,62 @@ def collect(
 ) -> CalibrationSet:
     """Sample FP trajectories and keep ``config.samples`` model inputs drawn at random across steps.
 
-    Trajectories run in chunks of ``config.batch_size``; under torchrun each rank runs every
-    ``world``-th chunk and the chunks are gathered in order, so every rank holds the set one process
-    would have drawn."""
+    Trajectories run in chunks of ``config.batch_size`` from one seeded generator. Under torchrun each
+    rank runs every ``world``-th chunk and the chunks are gathered in order; every rank still draws
+    every chunk's noise (and, through :func:`~dqdeploy.sampling.advance`, the sampler's own draws of
+    the chunks it skips), so each chunk starts from the generator state of a one-process run and
+    every rank holds exactly the set one process draws."""
     spec = spec_of(unet)
     guidance = config.guidance if guidance is None else guidance
     embedded = GUIDANCE in spec.input_names(unet.config)  # Flux: guidance is an input, not CFG
     uncond = None if conditioning is None else conditioning.unconditional()
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
+    per_pair = 2 if cfg_on else 1
+    gen = torch.Generator().manual_seed(config.seed)
     calls = _model_calls(scheduler, spec, unet, config)
     n_pairs = config.trajectories * calls
-    wanted = min(n_pairs, -(-config.samples // (2 if cfg_on else 1)))
+    wanted = min(n_pairs, -(-config.samples // per_pair))
     chosen = torch.zeros(n_pairs, dtype=torch.bool)
-    chosen[torch.randperm(n_pairs, generator=torch.Generator().manual_seed(config.seed))[:wanted]] = True
+    chosen[torch.randperm(n_pairs, generator=gen)[:wanted]] = True
     chosen = chosen.view(config.trajectories, calls)
 
-    starts = list(range(0, config.trajectories, config.batch_size))
-    mine = distributed.shard(len(starts))
+    starts = range(0, config.trajectories, config.batch_size)
+    mine = set(distributed.shard(len(starts)))
     local: dict[int, dict] = {}
     bar = tqdm(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine),
                desc="calibration trajectories", unit="traj")
-    for c in mine:
-        n = min(config.batch_size, config.trajectories - starts[c])
-        local[c] = _chunk(unet, scheduler, config, conditioning, guidance, starts[c], n, chosen, uncond if cfg_on else None)
+    for c, first in enumerate(starts):
+        n = min(config.batch_size, config.trajectories - first)
+        noise = torch.randn(*latent_shape(spec, unet.config, n, config.resolution), generator=gen)
+        if c not in mine:  # another rank's chunk: draw what it draws, run no model
+            advance(scheduler, spec, noise, config.steps, gen)
+            continue
+        local[c] = _chunk(unet, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n], uncond, cfg_on, gen)
         bar.update(n)
     bar.close()
+    if distributed.active() and len(set(distributed.all_gather(hashlib.sha256(gen.get_state().numpy().tobytes()).hexdigest()))) > 1:
+        raise CalibrationError(f"the sampler {type(scheduler).__name__} draws random numbers that depend on more than shapes: "
+                               "ranks that skipped a chunk of trajectories are out of step with the rank that ran it",
+                               hint="quantize with this scheduler in one process, or calibrate with a deterministic sampler")
     chunks = {c: chunk for part in distributed.all_gather(local) for c, chunk in part.items()}
     ordered = [chunks[c] for c in range(len(starts))]
     inputs = DenoiserInputs(torch.cat([o["x"] for o in ordered]), torch.cat([o["t"] for o in ordered]),
-                            _cat([o["cond"] for o in ordered]), spec.sample, ordered[0]["shared"])
+                            _cat([o["cond"] for o in ordered]), spec.sample, ordered[-1]["shared"])
     calib = CalibrationSet(inputs, torch.cat([o["rows"] for o in ordered]), ordered[0]["timesteps"])
     calib.validate()
     return calib
 
 
-def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float,
-           first: int, n: int, chosen: torch.Tensor, uncond: dict[str, torch.Tensor] | None) -> dict:
-    """Trajectories ``first .. first + n - 1``: their kept model inputs (``uncond``: under CFG)."""
+def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float, first: int,
+           noise: torch.Tensor, keep: torch.Tensor, uncond: dict[str, torch.Tensor] | None, cfg_on: bool,
+           gen: torch.Generator) -> dict:
+    """Trajectories ``first ..`` from ``noise`` (the sampler draws from ``gen``): the model inputs
+    ``keep`` [n, calls] selects (under CFG with the unconditional input first)."""
     spec = spec_of(unet)
-    gens = [trajectory_generator(config.seed, j) for j in range(first, first + n)]
-    noise = torch.cat([torch.randn(*latent_shape(spec, unet.config, 1, config.resolution), generator=g) for g in gens])
+    n = noise.shape[0]
     cond = {} if conditioning is None else conditioning.for_batch(first, n)
     if GUIDANCE in spec.input_names(unet.config):
         cond[GUIDANCE] = torch.full((n,), float(guidance))
-    keep = chosen[first : first + n]
     xs, ts, rows, conds = [], [], [], []
     timesteps: list[float] = []
 
@@ -238,7 +247,9 @@ def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditionin
         if sel.numel() == 0:
             return
         picked = {k: v[sel] for k, v in cond.items()}
-        contexts = [picked] if uncond is None else [{k: uncond[k].expand_as(v) for k, v in picked.items()}, picked]
+        contexts = [picked]
+        if cfg_on and uncond is not None:
+            contexts = [{k: uncond[k].expand_as(v) for k, v in picked.items()}, picked]
         for context in contexts:
             xs.append(model_input[sel].clone())
             ts.append(torch.full((sel.numel(),), float(t)))
@@ -246,7 +257,7 @@ def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditionin
             conds.append({k: v.clone() for k, v in context.items()})
 
     denoise(unet, scheduler, noise, config.steps, cond=cond or None, uncond=uncond, guidance=guidance,
-            generator=gens, callback=record)
+            generator=gen, callback=record)
     empty = torch.zeros(0, *noise.shape[1:])
     return {"x": torch.cat(xs) if xs else empty, "t": torch.cat(ts) if ts else torch.zeros(0),
             "rows": torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long), "cond": _cat(conds),

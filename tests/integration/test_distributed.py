@@ -1,16 +1,28 @@
 """Many processes: ``dqdeploy quantize --nproc 2`` (torchrun, two real gloo processes) against one
 process with the same seed and global batch, and a failure on one rank of a two-node run.
 
-Tolerances. Trajectories, activation ranges, MSE scale searches and the fallback are sharded and
-combined exactly (min/max) or in float64 (error sums): they decide the same. Distillation sums the
-ranks' gradients, so a step differs from the one-process step only by summation order (~1e-7
-relative). Two things amplify that: Adam's first steps are ``lr * sign(g)`` (an element whose
-gradient is at rounding-noise level may step the other way) and rounding to the integer grid (a
-weight that moves by 1e-9 may land on the next integer), and each block's inputs come from the
-blocks distilled before it. So: the first block's loss curve, where no earlier block differs, must
-match to 1e-4, and every tensor must lie within Adam's bound ``2 * iters * lr`` of one process.
-Without the gradient sum (each rank stepping on its half batch) the first block's curve differs by
-more than 1e-4.
+What must be equal, and why:
+
+* Without distillation (and before it), two processes write the same artifact as one, byte for
+  byte: the trajectories (DDPM here: the sampler draws noise at every step) come from one generator
+  whose draws every rank makes, the ranges are min/max, the MSE error sums are replayed from every
+  rank's per-sample errors in the one-process order, output-scale samples are drawn in batch order,
+  and the fallback's layers are measured by one rank each.
+* Distillation splits each global batch between the ranks. Two processes write exactly what one
+  process writes with ``micro_batches=2`` (the same two slices, gradients accumulated): the data-
+  parallel step is gradient accumulation, nothing else.
+* Against the unsplit batch (one process, ``micro_batches=1``) the results are not bit-equal, and
+  cannot be: a matrix product over 2 samples rounds differently from one over 4 (MKL picks another
+  kernel; 3.6e-7 on a Linear measured here), and slice losses and gradients are added in another
+  order. Fake quantization turns such 1e-7 input differences into whole-step rounding flips, so the
+  first block's loss already differs by ~1.5e-5 relative before any update (bound 1e-4). Adam then
+  moves every parameter by about ``lr`` per step whatever the size of its gradient, so a gradient
+  whose sign differs puts the two runs ``2 * lr`` apart per step, and each block's inputs come from
+  the blocks distilled before it. Every stored float tensor is therefore checked against Adam's
+  bound ``2 * iters * lr`` of its parameter group, the integer weights after dequantization against
+  that bound plus half a step of each run and the clipping range's difference (rounding flips).
+  (On the unconditional tiny UNet with batch 2 the same comparison stays within 4e-7: how far the
+  amplification goes depends on how close the model's values sit to rounding boundaries.)
 """
 
 from __future__ import annotations
@@ -33,7 +45,9 @@ from tests.helpers import tiny_cond_unet, write_bare_unet, write_cond_file
 ROOT = Path(__file__).resolve().parents[2]
 ITERS, BATCH = 3, 4
 ARGS = ["--steps", "4", "--trajectories", "6", "--calib-samples", "24", "--batch-size", str(BATCH), "--iters", str(ITERS),
-        "--guidance", "3", "--recipe", "w8a8"]
+        "--guidance", "3", "--recipe", "w8a8", "--scheduler", "ddpm"]
+CALIB = CalibrationConfig(steps=4, samples=24, trajectories=6, batch_size=BATCH, guidance=3.0, scheduler="ddpm")
+RECIPE = W8A8.replace(iters=ITERS, batch_size=BATCH)
 
 
 def _env() -> dict[str, str]:
@@ -48,39 +62,71 @@ def model(tmp_path_factory):
     return root, ["--scheduler-dir", str(sched_dir), "--cond", str(write_cond_file(root / "cond.safetensors"))], unet_dir
 
 
-def test_two_processes_match_one(model):
+def _two_processes(model, out: Path, *extra: str) -> None:
     root, inputs, unet_dir = model
-    torch.set_num_threads(1)
-    one = root / "one"
-    quantize(unet_dir, W8A8.replace(iters=ITERS, batch_size=BATCH),
-             CalibrationConfig(steps=4, samples=24, trajectories=6, batch_size=BATCH, guidance=3.0), one,
-             scheduler_dir=root / "sched", cond_file=root / "cond.safetensors")
-    two = root / "two"
-    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, *ARGS, "--out", str(two),
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, *ARGS, *extra, "--out", str(out),
                            "--nproc", "2"], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("quantized ") == 1, proc.stdout  # rank 0 reports
 
+
+def _one_process(model, out: Path, recipe=RECIPE, **kw) -> None:
+    root, _, unet_dir = model
+    torch.set_num_threads(1)
+    quantize(unet_dir, recipe, CALIB, out, scheduler_dir=root / "sched", cond_file=root / "cond.safetensors", **kw)
+
+
+def _same_bytes(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_two_processes_write_the_one_process_artifact_without_distillation(model, tmp_path):
+    _two_processes(model, tmp_path / "two", "--no-distill")
+    _one_process(model, tmp_path / "one", RECIPE.replace(distill="none"))
+    _same_bytes(tmp_path / "one", tmp_path / "two")
+
+
+def test_distillation_in_two_processes_is_gradient_accumulation_over_the_same_slices(model, tmp_path):
+    two, micro, one = tmp_path / "two", tmp_path / "micro", tmp_path / "one"
+    _two_processes(model, two)
+    _one_process(model, micro, micro_batches=2)
+    _same_bytes(micro, two)
+
+    _one_process(model, one)  # the unsplit batch: within the bounds explained above
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
-    assert m1["fallback"] == m2["fallback"] and m1["timesteps"] == m2["timesteps"]
-    assert m2["blocks"][0]["loss_before"] == pytest.approx(m1["blocks"][0]["loss_before"], rel=1e-5)
-    c1, c2 = (json.loads((d / "distill_report.json").read_text())[0]["curve"] for d in (one, two))
-    assert len(c1) == ITERS and c2 == pytest.approx(c1, rel=1e-4)
-    for name in ("calibration_inputs.safetensors",):
-        a, b = load_file(str(one / name)), load_file(str(two / name))
-        assert all(torch.equal(a[k], b[k]) for k in a)  # trajectories: the same set, in the same order
+    assert m1["fallback"] == m2["fallback"] and m1["timesteps"] == m2["timesteps"] and m1["layers"] == m2["layers"]
+    assert (one / "calibration_inputs.safetensors").read_bytes() == (two / "calibration_inputs.safetensors").read_bytes()
+    assert m2["blocks"][0]["loss_before"] == pytest.approx(m1["blocks"][0]["loss_before"], rel=1e-4)
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert a.keys() == b.keys()
-    bound = 2 * ITERS * max(W8A8.lr_weight, W8A8.lr_quant) + 1e-6
+    lr_w, lr_q = 2 * ITERS * RECIPE.lr_weight, 2 * ITERS * RECIPE.lr_quant
     for k in a:
-        diff = (a[k].float() - b[k].float()).abs()
-        assert diff.max() <= bound, (k, float(diff.max()))
+        if k.endswith((".weight_int8", ".weight_int4")):
+            continue
+        bound = lr_w if k.endswith((".weight", ".bias")) else lr_q
+        assert float((a[k].float() - b[k].float()).abs().max()) <= bound + 1e-6, k
+    for k in [k for k in a if k.endswith(".weight_int8")]:
+        s_key = k.replace("weight_int8", "weight_quantizer.scale")
+        s1, s2 = (t[s_key].float().reshape(-1, *[1] * (a[k].dim() - 1)) for t in (a, b))
+        diff = (a[k].float() * s1 - b[k].float() * s2).abs()
+        assert (diff <= lr_w + 128 * (s1 - s2).abs() + (s1 + s2) / 2 + 1e-6).all(), k
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_resume_with_many_processes_is_refused_before_anything_starts(model, tmp_path):
+    root, inputs, unet_dir = model
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, "--out", str(tmp_path / "q"),
+                           "--nproc", "2", "--resume"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode != 0 and "--resume continues one-process runs only" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_failing_rank_stops_every_rank(model):
