@@ -66,7 +66,7 @@ def _reference_distill(qmodel, fp, blocks, calib, recipe, seed=0):
             return block_loss(qmodel.run_rows(rows[i], qblock, *args, **kwargs), targets[i])
 
         qblock.train()
-        reports.append(_train(block.name, forward, layers, len(inputs), recipe, recipe.iters, seed + k))
+        reports.append(_train(block.name, lambda i: iter([forward(i)]), layers, len(inputs), recipe, recipe.iters, seed + k))
         qblock.eval()
     return reports
 
