@@ -67,6 +67,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-distill": {"distill": "none"},
     "layout-ort": {"layout": "ort"},
     "old-defaults": {"layout": "trt", "fallback": "none"},  # the defaults before issue 7 (quantize time, FID)
+    # (for w4a4) the w4a4 preset before issue 7 part 6 (same recipe JSON and hash; only its first/last layers' inputs
+    # are now 8-bit, Recipe.act_bits_for)
+    "legacy": {"layout": "ort", "act8_layers": (), "lr_weight": 1e-5, "lr_quant": 1e-4},
 }
 BOOTSTRAP = 200
 STEP_TRAJECTORIES = 16

@@ -81,10 +81,11 @@ def build_quantized(
     info = analyze_inputs(qunet, example_forward(qunet, calib), names)
     names = [n for n in names if n in info]  # layers never called keep FP weights
     dil = _dilations(qunet, names, info, recipe, calib)
+    ends = spec_for(type(unet).__name__).ends
     metas = {
         name: LayerMeta(
             "conv" if isinstance(qunet.get_submodule(name), nn.Conv2d) else "linear",
-            recipe.weight_bits_for(name, spec_for(type(unet).__name__).ends), recipe.act_bits, recipe.act_symmetric, info[name].group, info[name].fold,
+            recipe.weight_bits_for(name, ends), recipe.act_bits_for(name, ends), recipe.act_symmetric, info[name].group, info[name].fold,
             recipe.layout == "ort" and quantizes_output(name, info[name].rank),  # output Q on the fused layers
         )
         for name in names

@@ -21,7 +21,8 @@ ActInit = Literal["mse", "minmax"]
 TIMESTEP_SCALES = ("per-step", "collapsed")
 DISTILL_MODES = ("block", "model", "none")
 ACT_INITS = ("mse", "minmax")
-LEGACY_KEYS = {"dilation": "scaling"}  # recipe JSON and manifests written before the rename
+LEGACY_KEYS = {"dilation": "scaling"}
+LATER_KEYS: dict[str, Any] = {"act8_layers": ()}  # fields added after version 1, omitted from to_dict at their default  # recipe JSON and manifests written before the rename
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Recipe:
     # fallback_budget of the MACs), "none", or comma-separated module-name patterns
     fallback: str = "auto"
     fallback_budget: float = 0.05
+    # layers whose input activations keep 8 bits (wildcard module names): mixed precision for act_bits=4
+    act8_layers: tuple[str, ...] = ()
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -106,7 +109,7 @@ class Recipe:
                 problems.append(f"{attr}={value!r} (expected a finite number)")
         if self.first_last_bits is not None and (isinstance(self.first_last_bits, bool) or not isinstance(self.first_last_bits, int)):
             problems.append(f"first_last_bits={self.first_last_bits!r} (expected an integer or null)")
-        for attr in ("first_last", "include", "exclude"):
+        for attr in ("first_last", "include", "exclude", "act8_layers"):
             value = getattr(self, attr)
             if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
                 problems.append(f"{attr}={value!r} (expected a list of module-name patterns)")
@@ -130,6 +133,17 @@ class Recipe:
             return self.first_last_bits
         return self.weight_bits
 
+    def act_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
+        """Input-activation bits of layer ``module_name``: the first and last layer (see
+        :meth:`weight_bits_for`) keep at least ``first_last_bits`` (Q-Diffusion's 8-bit ends: with 4-bit
+        activations the first layer would otherwise round the noisy sample itself to 16 levels)."""
+        alias = dict(zip(ends, UNET_ENDS)).get(module_name, module_name)
+        if self.first_last_bits is not None and (module_name in self.first_last or alias in self.first_last):
+            return max(self.act_bits, self.first_last_bits)
+        if any(fnmatch.fnmatchcase(module_name, p) for p in self.act8_layers):
+            return max(self.act_bits, 8)
+        return self.act_bits
+
     @property
     def fallback_patterns(self) -> tuple[str, ...]:
         """The explicit fallback patterns (empty for ``auto`` and ``none``)."""
@@ -141,7 +155,13 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except those added after recipe version 1 while they hold their default (so
+        an existing recipe's JSON, and what is keyed on it, stays the same)."""
+        data = dataclasses.asdict(self)
+        for key, default in LATER_KEYS.items():
+            if data[key] == default:
+                del data[key]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -179,7 +199,11 @@ class Recipe:
 
 W8A8 = Recipe(name="w8a8", weight_bits=8, act_bits=8)
 W4A8 = Recipe(name="w4a8", weight_bits=4, act_bits=8)
-W4A4 = Recipe(name="w4a4", weight_bits=4, act_bits=4)  # simulation only: no runtime runs A4
+# simulation only (no runtime runs A4), so its settings serve accuracy alone (bench/NOTES.md, "W4A4"): no
+# 4-bit rounding of conv outputs (the ort layout's output Q is an 8-bit runtime's fusion), 8-bit inputs of the
+# 1x1 shortcut convs (the raw skip concatenation, few MACs), and distillation rates 10x / 100x the 8-bit ones
+W4A4 = Recipe(name="w4a4", weight_bits=4, act_bits=4, layout="trt", act8_layers=("*conv_shortcut",),
+              lr_weight=1e-3, lr_quant=1e-3)
 PRESETS: dict[str, Recipe] = {r.name: r for r in (W8A8, W4A8, W4A4)}
 
 

@@ -181,3 +181,28 @@ def test_first_last_names_stand_for_each_model_kinds_own_ends():
     assert W4A8.weight_bits_for("transformer_blocks.0.ff.net.2", sd3) == 4
     assert W4A8.weight_bits_for("conv_in", unet) == 8 and W4A8.weight_bits_for("proj_out", unet) == 4
     assert W4A8.replace(first_last_bits=None).weight_bits_for("proj_out", sd3) == 4
+
+
+def test_w4a4_keeps_8_bit_activations_at_the_ends_and_on_act8_layers():
+    r = W4A4.replace(act8_layers=("*conv_shortcut",))
+    assert r.act_bits_for("conv_in") == r.act_bits_for("conv_out") == 8
+    assert r.act_bits_for("up_blocks.0.resnets.0.conv_shortcut") == 8
+    assert r.act_bits_for("up_blocks.0.resnets.0.conv1") == 4
+    assert r.replace(first_last_bits=None).act_bits_for("conv_in") == 4
+    # 8-bit activations never drop: W4A8 is unchanged by its ends or by act8 patterns
+    assert W4A8.replace(first_last_bits=4, act8_layers=("*",)).act_bits_for("conv_in") == 8
+    _, model, metas = _build(r)
+    layers = quant_layers(model.unet)
+    assert layers["conv_in"].input_quantizer.bits == 8 and metas["conv_in"].act_bits == 8
+    assert layers["down_blocks.0.resnets.0.conv1"].input_quantizer.bits == 4
+    shortcuts = [n for n in layers if n.endswith("conv_shortcut")]
+    assert shortcuts and all(layers[n].input_quantizer.bits == 8 for n in shortcuts)
+
+
+def test_act8_layers_is_left_out_of_the_json_at_its_default():
+    """Recipes written before the field existed keep the same JSON (manifests, benchmark hashes)."""
+    assert "act8_layers" not in W8A8.to_dict()
+    r = W8A8.replace(act8_layers=("conv_*",))
+    assert r.to_dict()["act8_layers"] == ("conv_*",) and Recipe.from_dict(json.loads(r.to_json())) == r
+    with pytest.raises(RecipeError, match="act8_layers"):
+        W8A8.replace(act8_layers="conv_*")
