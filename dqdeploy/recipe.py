@@ -125,20 +125,21 @@ class Recipe:
         hit = any(fnmatch.fnmatchcase(module_name, p) for p in self.include)
         return hit and not any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude)
 
-    def weight_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
-        """Weight bits of layer ``module_name``; ``ends``: the model's first and last layer, which the
-        names ``conv_in`` / ``conv_out`` in ``first_last`` stand for (a transformer's patch embedding, proj_out)."""
+    def is_end(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> bool:
+        """Whether ``module_name`` is one of the 8-bit ends: ``first_last`` names it, where ``ends`` (the model's
+        first and last layer) stand for ``conv_in`` / ``conv_out`` (a transformer's patch embedding, proj_out)."""
         alias = dict(zip(ends, UNET_ENDS)).get(module_name, module_name)
-        if self.first_last_bits is not None and (module_name in self.first_last or alias in self.first_last):
-            return self.first_last_bits
-        return self.weight_bits
+        return self.first_last_bits is not None and (module_name in self.first_last or alias in self.first_last)
+
+    def weight_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
+        """Weight bits of layer ``module_name`` (``first_last_bits`` at the ends, see :meth:`is_end`)."""
+        return self.first_last_bits if self.first_last_bits is not None and self.is_end(module_name, ends) else self.weight_bits
 
     def act_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
         """Input-activation bits of layer ``module_name``: the first and last layer (see
         :meth:`weight_bits_for`) keep at least ``first_last_bits`` (Q-Diffusion's 8-bit ends: with 4-bit
         activations the first layer would otherwise round the noisy sample itself to 16 levels)."""
-        alias = dict(zip(ends, UNET_ENDS)).get(module_name, module_name)
-        if self.first_last_bits is not None and (module_name in self.first_last or alias in self.first_last):
+        if self.first_last_bits is not None and self.is_end(module_name, ends):
             return max(self.act_bits, self.first_last_bits)
         if any(fnmatch.fnmatchcase(module_name, p) for p in self.act8_layers):
             return max(self.act_bits, 8)

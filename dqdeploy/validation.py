@@ -156,8 +156,10 @@ def _check_layers(p: Problems, layers: Any, fields: set[str], recipe, ends: tupl
             bits = recipe.weight_bits_for(name, *(ends,) if ends else ())
             p.require(meta.get("weight_bits") == bits,
                       f"layer {name}: weight_bits {meta.get('weight_bits')!r} contradicts the recipe ({bits})")
-            act_bits = recipe.act_bits_for(name, *(ends,) if ends else ())
-            p.require(meta.get("act_bits") == act_bits and meta.get("act_symmetric") == recipe.act_symmetric,
+            end = recipe.is_end(name, *(ends,) if ends else ())
+            act_bits = {recipe.act_bits_for(name, *(ends,) if ends else ())} | ({recipe.act_bits} if end else set())
+            # (artifacts written before the 8-bit end activations quantized the ends at act_bits: still valid)
+            p.require(meta.get("act_bits") in act_bits and meta.get("act_symmetric") == recipe.act_symmetric,
                       f"layer {name}: activation quantizer contradicts the recipe")
             p.require(not meta.get("output_quant") or recipe.layout == "ort",
                       f"layer {name}: output_quant is only written for layout 'ort'")

@@ -18,7 +18,7 @@ from dqdeploy.integrity import seal
 from dqdeploy.errors import ArtifactError, DQDeployError
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.trajectories import collect, load_conditioning
-from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig, Recipe
+from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig, Recipe
 from tests.helpers import tiny_cond_unet, tiny_unet, write_cond_file
 
 CALIB = CalibrationConfig(steps=5, samples=24, trajectories=4, batch_size=4)
@@ -239,3 +239,23 @@ def test_atomic_write_bytes(tmp_path):
     assert path.read_bytes() == b"abc"
     atomic_write_bytes(path, b"defg")
     assert path.read_bytes() == b"defg" and [p.name for p in path.parent.iterdir()] == ["f.bin"]
+
+
+def test_w4a4_artifact_from_before_8_bit_end_activations_still_loads(tmp_path):
+    """Before the W4A4 preset kept 8-bit inputs at the first and last layer, its artifacts quantized them at
+    4 bits: such an artifact (its layers record the bits they were calibrated with) still loads, as written;
+    any other relabelled layer is still refused."""
+    unet = tiny_unet()
+    calib = collect(unet, DDIMScheduler(num_train_timesteps=1000), CALIB)
+    result = quantize_unet(unet, W4A4.replace(distill="none", fallback="none"), calib, CALIB, {"num_train_timesteps": 1000})
+    q = save_quantized(result, tmp_path / "q")
+    data = json.loads((q / MANIFEST).read_text())
+    assert data["layers"]["conv_in"]["act_bits"] == 8
+    data["layers"]["conv_in"]["act_bits"] = 4
+    (q / MANIFEST).write_text(json.dumps(seal(data)))
+    loaded = load_quantized(q)
+    assert dict(quant_layers(loaded.unet))["conv_in"].input_quantizer.qmax == 7
+    data["layers"]["down_blocks.0.resnets.0.conv1"]["act_bits"] = 8
+    (q / MANIFEST).write_text(json.dumps(seal(data)))
+    with pytest.raises(ArtifactError, match="activation quantizer contradicts the recipe"):
+        load_quantized(q)
