@@ -66,7 +66,7 @@ def _two_processes(model, out: Path, *extra: str) -> None:
     root, inputs, unet_dir = model
     proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, *ARGS, *extra, "--out", str(out),
                            "--nproc", "2"], capture_output=True, text=True, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[:4000] + "\n...\n" + proc.stderr[-3000:]
     assert proc.stdout.count("quantized ") == 1, proc.stdout  # rank 0 reports
 
 
