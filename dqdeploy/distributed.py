@@ -164,6 +164,17 @@ def agree(error: BaseException | None, stage: str) -> None:
         raise DistributedError(f"rank {r} failed while {stage}: {msg}", hint="fix the error reported by that rank and re-run every rank")
 
 
+@contextlib.contextmanager
+def agreed(stage: str) -> Iterator[None]:
+    """A block whose error (an ``Exception``) reaches every rank: :func:`agree` at its end."""
+    error = None
+    try:
+        yield
+    except Exception as exc:  # every rank learns of it before any collective work
+        error = exc
+    agree(error, stage)
+
+
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``params`` over every rank (a rank without a gradient adds zeros; a
     parameter no rank has a gradient for keeps none, as in one process)."""

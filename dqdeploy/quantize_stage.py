@@ -168,13 +168,9 @@ def quantize(
             else:
                 log.warning("the finished work is kept in %s: the same command with --resume continues from it", ckpt.folder)
             raise
-        error = None
-        try:
+        with distributed.agreed("writing the artifact"):
             if out_dir is not None and distributed.is_writer():  # rank 0 writes, atomically
                 result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
-        except Exception as exc:
-            error = exc
-        distributed.agree(error, "writing the artifact")
     if ckpt and not ckpt.remove():
         log.warning("kept %s: it holds files dqdeploy did not write", ckpt.folder)
     return result
@@ -184,8 +180,8 @@ def _start(out_dir: str | Path | None, sources: list, run: tuple[dict, dict], *,
            micro_batches: int) -> RunCheckpoint | None:
     """The checks before any work, on every rank (an error on one is raised on all): the arguments,
     the output folder; then the checkpoint of a one-process run (``run``: its fingerprint's inputs)."""
-    ckpt, error = None, None
-    try:
+    ckpt = None
+    with distributed.agreed("checking the output folder"):
         if micro_batches < 1:
             raise RecipeError(f"micro_batches={micro_batches} (expected a whole number >= 1)", hint="pass micro_batches=1 (no split)")
         if resume and distributed.active():
@@ -195,9 +191,6 @@ def _start(out_dir: str | Path | None, sources: list, run: tuple[dict, dict], *,
             check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
         if out_dir is not None and not distributed.active():
             ckpt = RunCheckpoint.open(out_dir, fingerprint(*run), resume=resume)
-    except Exception as exc:  # every rank learns of it before any collective work
-        error = exc
-    distributed.agree(error, "checking the output folder")
     return ckpt
 
 
@@ -205,15 +198,11 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
                      cond_file: str | Path | None, prompts: list[str] | None, allow_pickle: bool,
                      ckpt: RunCheckpoint | None, micro_batches: int = 1) -> QuantizeResult:
     """Load the model, collect (or restore) the calibration set, quantize."""
-    error = None
-    try:
+    with distributed.agreed("loading the model and conditioning"):
         loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
         conditioning = _conditioning(loaded, cond_file, prompts)
-    except Exception as exc:  # every rank learns of it before any collective work
-        error = exc
-    distributed.agree(error, "loading the model and conditioning")
     calib = ckpt.calibration() if ckpt else None
     if calib is not None:
         log.info("calibration set restored from the checkpoint")

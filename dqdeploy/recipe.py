@@ -137,7 +137,7 @@ class Recipe:
 
     def act_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
         """Input-activation bits of layer ``module_name``: the first and last layer (see
-        :meth:`weight_bits_for`) keep at least ``first_last_bits`` (Q-Diffusion's 8-bit ends: with 4-bit
+        :meth:`is_end`) keep at least ``first_last_bits`` (Q-Diffusion's 8-bit ends: with 4-bit
         activations the first layer would otherwise round the noisy sample itself to 16 levels)."""
         if self.first_last_bits is not None and self.is_end(module_name, ends):
             return max(self.act_bits, self.first_last_bits)
