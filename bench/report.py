@@ -97,6 +97,32 @@ def zoo_quality_section(z: dict) -> list[str]:
                      if far else " | ")
         out.append(f"| {recipe} | {variant} | {flavour} | {worst['vs_fp']:.3f}x{_ci(worst.get('fp_ratio_lo'), worst.get('fp_ratio_hi'), '{:.3f}')} "
                    f"| {worst['model']} | {sim_cells} | {len(members)}/{z.get('zoo_size', '?')} |")
+    return out + [""] + _ablation_table(z["rows"], order)
+
+
+def _ablation_table(rows: dict, order: dict[str, int]) -> list[str]:
+    """Each ablation's row next to the default recipe's on the same model, noise and runtime."""
+    def key(r: dict) -> tuple:
+        return r["model"], r["recipe"], r["flavour"], r["seed"]
+
+    defaults = {key(r): r for r in rows.values() if r["variant"] == "default"}
+    pairs = []
+    for r in rows.values():
+        default = defaults.get(key(r))
+        if r["variant"] not in ("default", "legacy") and r["recipe"] != "fp32" and r.get("vs_default") is not None and default:
+            pairs.append((r, default))
+    if not pairs:
+        return []
+    out = ["**Ablations** (the default recipe with one part changed; `vs default`: FID ratio to the default recipe's row of "
+           "the same model and noise, paired 95% bootstrap interval; > 1 means the part helps):", "",
+           "| recipe | ablation | model | runs | vs FP | default vs FP | vs default | step err (ablation / default) |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
+    pairs.sort(key=lambda p: (order.get(p[0]["recipe"], 9), p[0]["variant"], p[0]["model"], p[0]["flavour"], p[0]["seed"]))
+    for r, d in pairs:
+        se, de = r.get("step_error"), d.get("step_error")
+        step = f"{se['mean_rel_err']:.4f} / {de['mean_rel_err']:.4f}" if se and de else ""
+        out.append(f"| {r['recipe']} | {r['variant']} | {r['model']} | {r['flavour']}, seed {r['seed']} | {r['vs_fp']:.3f}x | "
+                   f"{d['vs_fp']:.3f}x | {r['vs_default']:.3f}x{_ci(r.get('default_ratio_lo'), r.get('default_ratio_hi'), '{:.3f}')} | {step} |")
     return out + [""]
 
 

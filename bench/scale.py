@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, machine  # noqa: E402
 from bench.scale_models import CONFIGS  # noqa: E402
+from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
 
 STAGES = ("folder", "quantize", "quantize-ptq", "export-ort", "export-onnx", "export-float", "load", "latency")
 CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guidance", "7.5", "--fallback", "none"]
@@ -98,7 +99,7 @@ def main() -> None:
         print(f"[scale] {name}: {row}", flush=True)
         results[args.config] = entry
         args.results.parent.mkdir(exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=2))
+        atomic_write_bytes(args.results, json.dumps(results, indent=2).encode())
         if row["exit"] != 0:
             print(f"[scale] {name} failed: see {args.work / (name + '.log')}", flush=True)
             break

@@ -5,7 +5,8 @@ A *row* is one (model, recipe, variant, flavour, seed):
 
 * ``recipe``: ``fp32`` or a preset (``w8a8``, ``w4a8``, ``w4a4``); ``variant``: ``default`` (the README's
   plain ``dqdeploy quantize MODEL --recipe R``, calibrated with the member's sampler) or an ablation / experiment named
-  in ``VARIANTS`` (recipe field overrides);
+  in ``VARIANTS`` (recipe field overrides; ``calib-seed1``: the default recipe calibrated with another seed, the
+  quantizer's own run-to-run noise, ``CALIBRATION_VARIANTS``);
 * ``flavour``: ``sim`` (the PyTorch simulation), ``onnx`` (``export --target onnx`` run on ORT) or
   ``ort`` (``export --target ort`` run on ORT), both exported from the same artifact;
 * ``seed``: the noise seed of the ``n`` samples (the same noise for every model and recipe), drawn with
@@ -13,7 +14,8 @@ A *row* is one (model, recipe, variant, flavour, seed):
   flow-matching Euler in 28 steps), which also calibrates its artifacts.
 
 Each row records the digits-FID, the ratio to the FP row of the same model and seed with a *paired*
-bootstrap interval over samples (same resampled indices for both; see ``bootstrap_fid``), for export rows the ratio to their simulation, for the conditional
+bootstrap interval over samples (same resampled indices for both; see ``bootstrap_fid``), for export rows the
+ratio to their simulation, for ablation rows the ratio to the default recipe's row (paired too), for the conditional
 member the class accuracy (sample i asked for digit i % 10), and for quantized rows the per-step
 denoiser error along FP trajectories (``dqdeploy.eval.compare.step_errors``: cheap, low-noise, use
 it to screen variants before paying for FIDs).
@@ -39,11 +41,13 @@ Then: python bench/report.py (renders the table and the worst case into BENCHMAR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +74,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # (for w4a4) the w4a4 preset before issue 7 part 6 (same recipe JSON and hash; only its first/last layers' inputs
     # are now 8-bit, Recipe.act_bits_for)
     "legacy": {"layout": "ort", "act8_layers": (), "lr_weight": 1e-5, "lr_quant": 1e-4},
+    "calib-seed1": {},  # the default recipe calibrated with another seed: the quantizer's own run-to-run noise
 }
+CALIBRATION_VARIANTS: dict[str, dict[str, Any]] = {"calib-seed1": {"seed": 1}}  # CalibrationConfig field overrides
 BOOTSTRAP = 200
 STEP_TRAJECTORIES = 16
 
@@ -87,18 +93,19 @@ def recipe_for(recipe: str, variant: str) -> Recipe:
     return PRESETS[recipe].replace(**VARIANTS[variant])
 
 
-def calibration_for(model: str) -> CalibrationConfig:
+def calibration_for(model: str, variant: str = "default") -> CalibrationConfig:
     """The plain path's calibration (defaults) with the zoo member's sampler, steps (DDIM 50 for the
-    UNets, the folder's flow-matching Euler for the DiT) and CFG scale."""
+    UNets, the folder's flow-matching Euler for the DiT) and CFG scale; ``CALIBRATION_VARIANTS[variant]`` applied."""
     member = zoo.get(model)
-    return CalibrationConfig(scheduler=member.scheduler, steps=member.steps, guidance=member.guidance)
+    return CalibrationConfig(scheduler=member.scheduler, steps=member.steps, guidance=member.guidance,
+                             **CALIBRATION_VARIANTS.get(variant, {}))
 
 
 def recipe_hash(model: str, recipe: str, variant: str) -> str:
     """Identity of what a quantized row was made with (recipe fields + calibration); 'fp32' for FP rows."""
     if recipe == "fp32":
         return "fp32"
-    text = recipe_for(recipe, variant).to_json() + json.dumps(calibration_for(model).to_dict(), sort_keys=True)
+    text = recipe_for(recipe, variant).to_json() + json.dumps(calibration_for(model, variant).to_dict(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -110,7 +117,7 @@ def artifact(model: str, recipe: str, variant: str = "default") -> Path:
     if not (out / "manifest.json").is_file():
         member = zoo.get(model)
         start = time.perf_counter()
-        quantize(zoo.ensure(model), recipe_for(recipe, variant), calibration_for(model), out,
+        quantize(zoo.ensure(model), recipe_for(recipe, variant), calibration_for(model, variant), out,
                  cond_file=member.cond_file(), overwrite=True)
         (out.parent / "quantize_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     return out
@@ -187,15 +194,23 @@ def rederive_intervals(results: dict[str, Any]) -> None:
         feats = _features_path(key)
         if not feats.is_file():
             continue
-        refs = {}
-        if row["recipe"] != "fp32":
-            refs["fp"] = _features_path(fp_key(row["model"], row["seed"]))
-            if row["flavour"] != "sim":
-                refs["sim"] = _features_path(row_key(row["model"], row["recipe"], row["variant"], "sim", row["seed"]))
         for k in [k for k in row if k.endswith(("_lo", "_hi"))]:
             del row[k]
-        row |= bootstrap_fid(torch.load(feats).numpy(), {k: torch.load(f).numpy() for k, f in refs.items() if f.is_file()},
-                             seed=row["seed"])
+        row |= bootstrap_fid(torch.load(feats).numpy(), _reference_features(row["model"], row["recipe"], row["variant"],
+                                                                            row["flavour"], row["seed"]), seed=row["seed"])
+
+
+def _reference_features(model: str, recipe: str, variant: str, flavour: str, seed: int) -> dict[str, np.ndarray]:
+    """The rows a row is compared with, on the same noise (those measured so far): ``fp`` (the FP row), ``sim``
+    (for an exported graph, its simulation) and ``default`` (for an ablation, the default recipe's row)."""
+    refs = {}
+    if recipe != "fp32":
+        refs["fp"] = _features_path(fp_key(model, seed))
+        if flavour != "sim":
+            refs["sim"] = _features_path(row_key(model, recipe, variant, "sim", seed))
+        if variant != "default":
+            refs["default"] = _features_path(row_key(model, recipe, "default", flavour, seed))
+    return {k: torch.load(f).numpy() for k, f in refs.items() if f.is_file()}
 
 
 def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
@@ -238,12 +253,7 @@ def run_row(model: str, recipe: str, variant: str, flavour: str, seed: int, n: i
                            "class_histogram": class_histogram(images)["counts"]}
     if member.conditional:
         row["class_accuracy"] = classifier_accuracy(_clf(), images, torch.arange(n) % 10)
-    refs = {}
-    if recipe != "fp32":
-        refs["fp"] = _features_path(fp_key(model, seed))
-        if flavour != "sim":
-            refs["sim"] = _features_path(row_key(model, recipe, variant, "sim", seed))
-    row |= bootstrap_fid(feats.numpy(), {k: torch.load(f).numpy() for k, f in refs.items() if f.is_file()}, seed=seed)
+    row |= bootstrap_fid(feats.numpy(), _reference_features(model, recipe, variant, flavour, seed), seed=seed)
     if recipe != "fp32":
         qs = artifact(model, recipe, variant).parent / "quantize_s.txt"
         row["quantize_s"] = float(qs.read_text()) if qs.is_file() else None
@@ -269,23 +279,31 @@ def save_results(results: dict[str, Any]) -> Path:
     return atomic_write_bytes(RESULTS_FILE, (json.dumps(results, indent=1) + "\n").encode())
 
 
-def update_results(rows: dict[str, dict[str, Any]] | None = None, runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Add ``rows`` and/or ``runs`` records (those not there yet) to the results file as it is on disk now, under a lock, so that
+@contextlib.contextmanager
+def locked_results() -> Iterator[dict[str, Any]]:
+    """The results file as it is on disk now, held under a lock and saved on exit (ratios re-derived), so that
     several harness processes (other models, other variants) can share one file without losing rows."""
     cache_root().mkdir(parents=True, exist_ok=True)
     with open(cache_root() / "zoo_quality.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load_results()
-        results["rows"] |= rows or {}
-        results["runs"] += [r for r in runs or [] if r not in results["runs"]]
+        yield results
         results["zoo_size"] = len(zoo.names())
         derive(results)
         save_results(results)
+
+
+def update_results(rows: dict[str, dict[str, Any]] | None = None, runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Add ``rows`` and/or ``runs`` records (those not there yet) to the results file (:func:`locked_results`)."""
+    with locked_results() as results:
+        results["rows"] |= rows or {}
+        results["runs"] += [r for r in runs or [] if r not in results["runs"]]
     return results
 
 
 def derive(results: dict[str, Any]) -> None:
-    """Fill ratios that need two rows: vs the FP row of the same model and seed, vs the simulation."""
+    """Fill ratios that need two rows: vs the FP row of the same model and seed, vs the simulation, and
+    for an ablation vs the default recipe's row."""
     rows = results["rows"]
     for row in rows.values():
         fp = rows.get(fp_key(row["model"], row["seed"]))
@@ -293,6 +311,9 @@ def derive(results: dict[str, Any]) -> None:
         if row["flavour"] != "sim":
             sim = rows.get(row_key(row["model"], row["recipe"], row["variant"], "sim", row["seed"]))
             row["vs_sim"] = row["digits_fid"] / sim["digits_fid"] if sim else None
+        if row["variant"] != "default" and row["recipe"] != "fp32":
+            default = rows.get(row_key(row["model"], row["recipe"], "default", row["flavour"], row["seed"]))
+            row["vs_default"] = row["digits_fid"] / default["digits_fid"] if default else None
 
 
 def plan(models: list[str], recipes: list[str], variants: list[str], flavours: list[str], seeds: list[int],
@@ -335,12 +356,11 @@ def main(argv: list[str] | None = None) -> None:
         update_results(rows=other["rows"], runs=other["runs"])
         print(f"merged {len(other['rows'])} rows from {args.merge}")
         return
-    results = load_results()
     if args.rederive:
-        rederive_intervals(results)
-        derive(results)
-        save_results(results)
+        with locked_results() as results:
+            rederive_intervals(results)
         return
+    results = load_results()
     if not args.dry_run:
         results = update_results(runs=[{"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
                                         "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])

@@ -267,5 +267,6 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
             resolution_range=None if dynamic_resolution is None else list(dynamic_resolution),
         )
         del loaded, unet
+        check_graph(graph)
         _write(graph, folder, spec)
     return Path(out_dir)

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import CalibrationError, ExportError, require
+from .onnx import EXTERNAL_DATA_THRESHOLD
 
 log = logging.getLogger(__name__)
 
 OP_TYPES = ["Conv", "MatMul", "Gemm"]
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes: above this the output uses external data
 
 
 def _reader(inputs: list[dict[str, np.ndarray]]):
