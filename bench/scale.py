@@ -5,7 +5,7 @@ peak RSS (``os.wait4``'s ``ru_maxrss`` of that process) are recorded:
 
   folder        the random-weight pipeline folder (``bench/scale_models.py``)
   quantize      W8A8 with block-wise distillation at a small budget (--iters, --batch-size 2)
-  quantize-ptq  W8A8 --no-distill (the artifact every later stage uses)
+  quantize-ptq  W8A8 --no-distill (the artifact later stages read; --artifact q-bkd: the distilled one)
   export-ort    --target ort          export-onnx   --target onnx        export-float  --target float
   load          dqdeploy.load_quantized of the artifact
   latency       ONNX Runtime CPU, FP32 graph vs the --target ort graph: batch 2 (CFG), the config's latent,
@@ -15,7 +15,7 @@ Calibration budget (the smallest the CLI allows for CFG): --steps 4 --trajectori
 --guidance 7.5. Results go to bench/results/scale.json under the config's name; BENCHMARKS.md via
 bench/report.py. Usage:
 
-  nice -n 10 python bench/scale.py --config sd15 --work /tmp/scale [--skip quantize] [--iters 2]
+  nice -n 10 python bench/scale.py --config sd15 --work /tmp/scale [--skip quantize] [--iters 2] [--artifact q-bkd]
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def dq(*args: str) -> list[str]:
     return [sys.executable, "-m", "dqdeploy.cli", "-v", *args]
 
 
-def stage_commands(config: str, work: Path, iters: int, width: int | None) -> dict[str, list[str]]:
-    model, cond = work / "model", work / "model-cond.safetensors"
+def stage_commands(config: str, work: Path, iters: int, width: int | None, artifact: str = "q") -> dict[str, list[str]]:
+    model, cond, q = work / "model", work / "model-cond.safetensors", work / artifact
     py = [sys.executable, "-c"]
     make = f"from bench.scale_models import CONFIGS, write_folder; from pathlib import Path; " \
            f"write_folder(CONFIGS[{config!r}]({'' if width is None else width}), Path({str(model)!r}))"
@@ -65,10 +65,10 @@ def stage_commands(config: str, work: Path, iters: int, width: int | None) -> di
                        "--out", str(work / "q-bkd"), "--overwrite"),
         "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *CALIB, "--no-distill", "--out", str(work / "q"),
                            "--overwrite"),
-        "export-ort": dq("export", str(work / "q"), "--target", "ort", "--out", str(work / "e-ort"), "--overwrite"),
-        "export-onnx": dq("export", str(work / "q"), "--target", "onnx", "--out", str(work / "e-onnx"), "--overwrite"),
+        "export-ort": dq("export", str(q), "--target", "ort", "--out", str(work / "e-ort"), "--overwrite"),
+        "export-onnx": dq("export", str(q), "--target", "onnx", "--out", str(work / "e-onnx"), "--overwrite"),
         "export-float": dq("export", str(model), "--target", "float", "--out", str(work / "e-fp"), "--overwrite"),
-        "load": py + [f"import dqdeploy; dqdeploy.load_quantized({str(work / 'q')!r})"],
+        "load": py + [f"import dqdeploy; dqdeploy.load_quantized({str(q)!r})"],
         "latency": [sys.executable, str(ROOT / "bench" / "scale_latency.py"), str(work / "e-fp"), str(work / "e-ort")],
     }
 
@@ -80,10 +80,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (GBs at SD size)")
     ap.add_argument("--iters", type=int, default=2, help="distillation iterations per block (stage quantize)")
     ap.add_argument("--skip", nargs="*", default=[], choices=STAGES)
+    ap.add_argument("--artifact", choices=("q", "q-bkd"), default="q",
+                    help="what export and load read: the PTQ artifact (q) or the distilled one (q-bkd)")
     ap.add_argument("--results", type=Path, default=RESULTS / "scale.json")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    commands = stage_commands(args.config, args.work, args.iters, args.width)
+    commands = stage_commands(args.config, args.work, args.iters, args.width, args.artifact)
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     entry = results.get(args.config, {}) | {"command": "python bench/scale.py " + " ".join(sys.argv[1:]),
                                            "machine": machine(), "calibration": " ".join(CALIB), "iters": args.iters}
