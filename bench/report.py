@@ -114,7 +114,8 @@ def _ablation_table(rows: dict, order: dict[str, int]) -> list[str]:
     if not pairs:
         return []
     out = ["**Ablations** (the default recipe with one part changed; `vs default`: FID ratio to the default recipe's row of "
-           "the same model and noise, paired 95% bootstrap interval; > 1 means the part helps):", "",
+           "the same model and noise, paired 95% bootstrap interval; > 1 means the part helps; `calib-seed1` is the default "
+           "recipe calibrated with another seed, the quantizer's own run-to-run noise):", "",
            "| recipe | ablation | model | runs | vs FP | default vs FP | vs default | step err (ablation / default) |",
            "|---|---|---|---|---:|---:|---:|---:|"]
     pairs.sort(key=lambda p: (order.get(p[0]["recipe"], 9), p[0]["variant"], p[0]["model"], p[0]["flavour"], p[0]["seed"]))

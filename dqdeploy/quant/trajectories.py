@@ -9,8 +9,9 @@ deployed model sees both. Everything is seeded.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,16 +204,16 @@ def collect(
     starts = range(0, config.trajectories, config.batch_size)
     mine = set(distributed.shard(len(starts)))
     local: dict[int, dict] = {}
-    bar = tqdm(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine),
-               desc="calibration trajectories", unit="traj")
+    bar = tqdm(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine) * calls,  # per model call
+               desc=f"calibration trajectories ({config.trajectories} x {calls} steps)", unit="traj-step")
     for c, first in enumerate(starts):
         n = min(config.batch_size, config.trajectories - first)
         noise = torch.randn(*latent_shape(spec, unet.config, n, config.resolution), generator=gen)
         if c not in mine:  # another rank's chunk: draw what it draws, run no model
             advance(scheduler, spec, noise, config.steps, gen)
             continue
-        local[c] = _chunk(unet, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n], uncond, cfg_on, gen)
-        bar.update(n)
+        local[c] = _chunk(unet, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n], uncond, cfg_on, gen,
+                          tick=functools.partial(bar.update, n))
     bar.close()
     if distributed.active() and len(set(distributed.all_gather(hashlib.sha256(gen.get_state().numpy().tobytes()).hexdigest()))) > 1:
         raise CalibrationError(f"the sampler {type(scheduler).__name__} draws random numbers that depend on more than shapes: "
@@ -229,9 +230,9 @@ def collect(
 
 def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float, first: int,
            noise: torch.Tensor, keep: torch.Tensor, uncond: dict[str, torch.Tensor] | None, cfg_on: bool,
-           gen: torch.Generator) -> dict:
+           gen: torch.Generator, tick: Callable[[], object] = lambda: None) -> dict:
     """Trajectories ``first ..`` from ``noise`` (the sampler draws from ``gen``): the model inputs
-    ``keep`` [n, calls] selects (under CFG with the unconditional input first)."""
+    ``keep`` [n, calls] selects (under CFG with the unconditional input first); ``tick`` after every model call."""
     spec = spec_of(unet)
     n = noise.shape[0]
     cond = {} if conditioning is None else conditioning.for_batch(first, n)
@@ -241,6 +242,7 @@ def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditionin
     timesteps: list[float] = []
 
     def record(i: int, t: torch.Tensor, model_input: torch.Tensor) -> None:
+        tick()
         if i == 0 and not timesteps:
             timesteps.extend(float(v) for v in spec.model_timestep(scheduler.timesteps))
         sel = keep[:, i].nonzero().flatten()
