@@ -62,10 +62,18 @@ def model(tmp_path_factory):
     return root, ["--scheduler-dir", str(sched_dir), "--cond", str(write_cond_file(root / "cond.safetensors"))], unet_dir
 
 
+NATIVE_ABORT = "terminate called without an active exception"  # known, open: a rank aborts in native code (~1 launch in 10-20)
+
+
 def _two_processes(model, out: Path, *extra: str) -> None:
+    """``quantize --nproc 2``; one more launch when a rank died of the known native abort (bench/NOTES.md,
+    "Many processes"), which says nothing about what these tests compare. Any other failure fails."""
     root, inputs, unet_dir = model
-    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, *ARGS, *extra, "--out", str(out),
-                           "--nproc", "2"], capture_output=True, text=True, env=_env(), timeout=600)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, *ARGS, *extra, "--out", str(out),
+                               "--nproc", "2", "--overwrite"], capture_output=True, text=True, env=_env(), timeout=600)
+        if proc.returncode == 0 or NATIVE_ABORT not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[:4000] + "\n...\n" + proc.stderr[-3000:]
     assert proc.stdout.count("quantized ") == 1, proc.stdout  # rank 0 reports
 
