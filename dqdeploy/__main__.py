@@ -1,5 +1,27 @@
-"""``python -m dqdeploy`` (and ``torchrun ... -m dqdeploy``): the command line."""
+"""``python -m dqdeploy`` (and ``torchrun ... -m dqdeploy``): the command line.
+
+A process started by torchrun ends with ``os._exit`` once its command has finished and its output is
+flushed: the interpreter's own teardown there sometimes aborts in native code ("terminate called
+without an active exception") after the work is done and written, which torchrun reports as a
+failed job (bench/NOTES.md, "Many processes").
+"""
+
+import logging
+import os
+import sys
 
 from .cli import main
+from .launch import launched
 
-main()
+if not launched():
+    main()
+else:
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
