@@ -216,6 +216,16 @@ class GraphIndex:
         self._types, self._shapes = types, shapes
 
 
+def delete_where(field, dead) -> int:
+    """Delete the items of a protobuf repeated field (nodes, initializers) for which ``dead(item)`` holds,
+    in place; how many. Re-adding the survivors instead (``del field[:]``, ``extend``) copies them: for
+    initializers, every weight of the graph."""
+    doomed = [i for i, item in enumerate(field) if dead(item)]
+    for i in reversed(doomed):
+        del field[i]
+    return len(doomed)
+
+
 def skeleton(model):
     """A copy of ``model`` without large initializer data (they become graph inputs): cheap to serialize."""
     from onnx import helper

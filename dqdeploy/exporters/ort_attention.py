@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph_index import GraphIndex
+from .graph_index import GraphIndex, delete_where
 
 log = logging.getLogger(__name__)
 
@@ -145,29 +145,20 @@ def match_attention(ix: GraphIndex, softmax) -> Attention | None:
     return Attention(q[0], k[0], v[0], heads, a * b * post, merged)
 
 
-def _delete_where(field, dead) -> int:
-    """Delete the items of a protobuf repeated field for which ``dead(item)`` holds, in place (re-adding
-    the survivors would copy them: every weight of the graph); how many were deleted."""
-    doomed = [i for i, item in enumerate(field) if dead(item)]
-    for i in reversed(doomed):
-        del field[i]
-    return len(doomed)
-
-
 def _prune(model) -> int:
     """Remove nodes whose outputs nobody reads, and initializers nobody reads; the count of nodes removed."""
     g = model.graph
     removed = 0
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dropped = _delete_where(g.node, lambda n: not any(o in used for o in n.output if o))
+        dropped = delete_where(g.node, lambda n: not any(o in used for o in n.output if o))
         if not dropped:
             break
         removed += dropped
     used = {i for n in g.node for i in n.input} | {i.name for i in g.input} | {o.name for o in g.output}
     produced = {o for n in g.node for o in n.output}
     for field in (g.initializer, g.value_info):
-        _delete_where(field, lambda t: t.name not in used and t.name not in produced)
+        delete_where(field, lambda t: t.name not in used and t.name not in produced)
     return removed
 
 

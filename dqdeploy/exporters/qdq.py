@@ -25,7 +25,7 @@ from ..errors import ExportError
 from ..inputs import TIMESTEP
 from ..vocab import LAYOUTS, Layout
 from .dequantize import LayerTensors
-from .graph_index import GraphIndex
+from .graph_index import GraphIndex, delete_where
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,7 @@ class _Graph:
             self.g.node.append(n)
         self.g.node.extend(self.new_nodes.get(None, []))
         used = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
-        keep = [i for i in self.g.initializer if i.name in used]
-        del self.g.initializer[:]
-        self.g.initializer.extend(keep)
+        delete_where(self.g.initializer, lambda t: t.name not in used)
 
 
 def _scope(node) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import require
-from .graph_index import COMPUTE_OPS, FLOAT_TYPES, GraphIndex, skeleton
+from .graph_index import COMPUTE_OPS, FLOAT_TYPES, GraphIndex, delete_where, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,6 @@ def _prune(graph, nodes: list, orphans: set[str]) -> None:
         orphans |= todo
         nodes = [n for n in nodes if id(n) not in dead]
     used = {i for n in nodes for i in n.input} | keep_names
-    inits = [t for t in graph.initializer if t.name in used or t.name not in orphans]
     del graph.node[:]
     graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    delete_where(graph.initializer, lambda t: t.name not in used and t.name in orphans)
