@@ -35,6 +35,7 @@ from .quant.sensitivity import analyze, choose_fallback, scheduler_weights
 from .quant.timestep import TimestepTable
 from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, collect, load_conditioning
 from .recipe import CalibrationConfig, Recipe
+from .stages import stage
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def quantize(
             raise
         with distributed.agreed("writing the artifact"):
             if out_dir is not None and distributed.is_writer():  # rank 0 writes, atomically
-                result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
+                with stage(log, "write the artifact"):
+                    result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
     if ckpt and not ckpt.remove():
         log.warning("kept %s: it holds files dqdeploy did not write", ckpt.folder)
     return result
@@ -198,7 +200,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
                      cond_file: str | Path | None, prompts: list[str] | None, allow_pickle: bool,
                      ckpt: RunCheckpoint | None, micro_batches: int = 1) -> QuantizeResult:
     """Load the model, collect (or restore) the calibration set, quantize."""
-    with distributed.agreed("loading the model and conditioning"):
+    with distributed.agreed("loading the model and conditioning"), stage(log, "load the model"):
         loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
@@ -207,7 +209,8 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
     if calib is not None:
         log.info("calibration set restored from the checkpoint")
     else:
-        calib = collect(loaded.unet, scheduler, calibration, conditioning)
+        with stage(log, "calibration trajectories"):
+            calib = collect(loaded.unet, scheduler, calibration, conditioning)
         if ckpt:
             ckpt.save_calibration(calib)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
@@ -233,7 +236,8 @@ def quantize_unet(
     if saved is None:
         qmodel, metas, fallback = _calibrated(unet, recipe, table, calib, calibration, scheduler_config)
         if checkpoint:
-            checkpoint.save_calibrated(qmodel.unet, metas, fallback)
+            with stage(log, "checkpoint the calibrated model"):
+                checkpoint.save_calibrated(qmodel.unet, metas, fallback)
     else:
         log.info("calibrated model restored from the checkpoint")
         state, metas, fallback = saved
@@ -243,8 +247,9 @@ def quantize_unet(
     reports: list[BlockReport] = []
     if recipe.distill == "block":
         blocks = partition(qmodel.unet, example_forward(qmodel, calib), spec_for(type(unet).__name__).blocks)
-        reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed, checkpoint=checkpoint,
-                                 workdir=checkpoint.data_dir if checkpoint else None, micro_batches=micro_batches)
+        with stage(log, "block-wise distillation"):
+            reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed, checkpoint=checkpoint,
+                                     workdir=checkpoint.data_dir if checkpoint else None, micro_batches=micro_batches)
     elif recipe.distill == "model":
         reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed, micro_batches=micro_batches)
     qmodel.eval()
@@ -270,13 +275,16 @@ def _calibrated(
     scheduler_config: dict | None,
 ) -> tuple[QuantizedUNet, dict[str, LayerMeta], list[str]]:
     """Quantized model with calibrated per-step scales and the fallback layers back in float."""
-    qmodel, metas = build_quantized(unet, recipe, table, calib)
-    init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
-    init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
+    with stage(log, "quantized layers (input analysis, dilation, weight scales)"):
+        qmodel, metas = build_quantized(unet, recipe, table, calib)
+    with stage(log, "activation scales"):
+        init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
+        init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
     weights = None
     if scheduler_config and recipe.fallback == "auto":
         weights = scheduler_weights(make_scheduler(calibration.scheduler, scheduler_config), calib.timesteps)
-    fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights)
+    with stage(log, "fallback layers"):
+        fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights)
     return qmodel, keep_in_float(qmodel, unet, metas, fallback), fallback
 
 

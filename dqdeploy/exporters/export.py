@@ -28,6 +28,7 @@ from ..models import load_model, portable_config
 from ..paths import check_output_dir, check_output_file
 from ..quant.modules import QuantizedUNet, quantizes_output
 from ..recipe import Recipe
+from ..stages import release_memory, stage
 from ..trt_gate import require_tensorrt
 from ..vocab import GRAPH_TARGETS, TARGETS, GraphTarget, Target, layout_of
 from .dequantize import LayerTensors, dequantized_unet, layer_tensors
@@ -37,7 +38,6 @@ from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ExportSpec
-from .stages import release_memory, stage
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,11 @@ def export_graph(
         release_memory()  # the float UNet is not needed any more: its weights are in the scratch file
         if target != "float":
             opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
-            with stage("Q/DQ surgery"):
+            with stage(log, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
         del parts
         graph = _finish_graph(graph, target, simplify)
-        with stage("write the graph"):
+        with stage(log, "write the graph"):
             _write(graph, folder, _spec(graph, manifest, target, fp16, opset, dynamic_resolution))
     return Path(out_dir)
 
@@ -171,12 +171,12 @@ class _Parts:
 def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool
              ) -> tuple[torch.nn.Module, _Parts]:
     """The float canvas (the simulation's own UNet, converted in place) and the surgery's inputs."""
-    with stage("load the artifact"):
+    with stage(log, "load the artifact"):
         model = load_quantized(source)
     release_memory()  # what loading allocated on the way (the state dict) leaves the process
     calib = spec_for(manifest.model_class).inputs_from_dict(load_calibration_inputs(source))
     example = calib.slice(slice(0, 2))
-    with stage("measure layers"):
+    with stage(log, "measure layers"):
         layers = layer_tensors(model, manifest)
         ranks = input_ranks(model, list(layers), example, root=model.unet)
         out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if target == "ort" else None
@@ -213,7 +213,7 @@ def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list
 def _float_graph(unet: torch.nn.Module, example: DenoiserInputs, scratch: Path, opset: int = 20,
                  resolution_range: tuple[int, int] | None = None) -> Any:
     """The float ONNX graph, its large weights left in ``scratch`` (which must outlive it)."""
-    with stage("float ONNX export"):
+    with stage(log, "float ONNX export"):
         return export_float_onnx(unet, scratch / "float.onnx", inputs=example, opset=opset, large_external=True,
                                  resolution_range=resolution_range)
 
@@ -223,12 +223,12 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
     if simplify:
         from .simplify import simplify as run_simplify
 
-        with stage("simplify"):
+        with stage(log, "simplify"):
             graph = run_simplify(graph)
     if target == "ort":  # ONNX Runtime's own attention kernel instead of the float score matrix
         from .ort_attention import fuse_attention
 
-        with stage("attention fusion"):
+        with stage(log, "attention fusion"):
             fuse_attention(graph)
     check_graph(graph)
     if layout_of(target) == "trt":  # the graph TensorRT builds from must pass its rules, checked statically

@@ -1,4 +1,5 @@
-"""Progress lines for the export's long steps (wall time, the process's peak RSS), and releasing memory between them."""
+"""Progress lines for the long steps of quantize and export (wall time, the process's peak RSS), and releasing
+memory between them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import sys
 import time
 from collections.abc import Iterator
 
-log = logging.getLogger("dqdeploy.export")
+
+def rss_gb() -> float | None:
+    """Resident memory of this process now, in GB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
+    except OSError:
+        return None
 
 
 def peak_rss_gb() -> float:
@@ -21,12 +29,14 @@ def peak_rss_gb() -> float:
 
 
 @contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Log ``name`` when it starts and, when it ends, its seconds and the peak RSS so far."""
+def stage(log: logging.Logger, name: str) -> Iterator[None]:
+    """Log ``name`` on ``log`` when it starts and, when it ends, its seconds and the peak RSS so far."""
     start = time.perf_counter()
     log.info("%s ...", name)
     yield
-    log.info("%s: %.1f s (peak RSS so far %.2f GB)", name, time.perf_counter() - start, peak_rss_gb())
+    now = rss_gb()
+    log.info("%s: %.1f s (peak RSS so far %.2f GB%s)", name, time.perf_counter() - start, peak_rss_gb(),
+             "" if now is None else f", now {now:.2f} GB")
 
 
 def release_memory() -> None:
