@@ -83,7 +83,8 @@ def run_version(iters: int, samples: int, batch_size: int) -> dict:
     baseline = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     start = time.perf_counter()
-    reports = distill.distill_blocks(qmodel, unet, blocks, calib, recipe)
+    with distill.open_store(None) as store:  # targets and distillation timed together, as before
+        reports = distill.distill_blocks(qmodel, blocks, calib, recipe, distill.block_targets(unet, blocks, calib, recipe, store))
     end = time.perf_counter()
     per_block = [b - a for a, b in zip(starts, starts[1:] + [end])]
     return {"source": source, "parameters_m": sum(p.numel() for p in unet.parameters()) / 1e6, "blocks": len(blocks),

@@ -37,7 +37,7 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     from dqdeploy.models import load_model, make_scheduler
     from dqdeploy.quant.blocks import partition
     from dqdeploy.quant.calibrate import init_activation_scales
-    from dqdeploy.quant.distill import distill_blocks, distill_model
+    from dqdeploy.quant.distill import block_targets, distill_blocks, distill_model, model_targets, open_store
     from dqdeploy.quant.timestep import TimestepTable
     from dqdeploy.quant.trajectories import collect
     from dqdeploy.recipe import PRESETS, CalibrationConfig
@@ -54,9 +54,10 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     start = time.perf_counter()
     if mode == "block":
-        reports = distill_blocks(qmodel, loaded.unet, blocks, calib, recipe)
+        with open_store(None) as store:
+            reports = distill_blocks(qmodel, blocks, calib, recipe, block_targets(loaded.unet, blocks, calib, recipe, store))
     else:
-        reports = distill_model(qmodel, loaded.unet, calib, recipe)
+        reports = distill_model(qmodel, calib, recipe, model_targets(loaded.unet, calib, recipe))
     return {"mode": mode, "baseline_mb": baseline / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
             "distill_peak_above_baseline_mb": (_status_kb("VmHWM") - baseline) / 1024,
             "distill_s": time.perf_counter() - start, "final_loss_mean": sum(r.loss_after for r in reports) / len(reports)}

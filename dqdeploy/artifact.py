@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
@@ -34,6 +34,7 @@ from .quant.modules import QuantizedUNet, QuantLayer, replace_module
 from .quant.timestep import StepIndex, TimestepTable
 from .recipe import Recipe
 from .storage import Header, expected_header, file_header, simulation_state, stored_state
+from .tensorfile import read_tensors
 from .validation import check_calibration_inputs, check_header, check_manifest, check_model_layers, check_state, meta_model
 
 FORMAT = "dqdeploy-quantized"
@@ -152,15 +153,13 @@ def manifest_seal(quant_dir: str | Path) -> str:
 
 def load_state(quant_dir: str | Path, manifest: Manifest, fname: str = WEIGHTS) -> dict[str, torch.Tensor]:
     """Load one safetensors file of the artifact after checking its sha256 against the manifest."""
-    from safetensors.torch import load_file
-
     quant_dir = Path(quant_dir)
     if fname not in manifest.files:
         raise ArtifactError(f"{MANIFEST} lists no {fname}", hint="re-run `dqdeploy quantize` with this version")
     verify_files(quant_dir, manifest, [fname])
     try:
-        return load_file(str(confined(quant_dir, fname, "artifact")))
-    except Exception as exc:  # safetensors raises its own error types
+        return read_tensors(confined(quant_dir, fname, "artifact"))  # read, not mapped: the float weights built from it replace it
+    except Exception as exc:  # OSError, TensorFileError (a malformed header), RecursionError (JSON nesting)
         raise ArtifactError(f"{quant_dir / fname} is not a readable safetensors file ({str(exc)[:200]})",
                             hint="re-run `dqdeploy quantize` to recreate the artifact") from None
 
@@ -179,8 +178,10 @@ def install_quant_layers(
     table: TimestepTable,
     dilations: dict[str, torch.Tensor | None] | None = None,
     weight_scales: Mapping[str, torch.Tensor] | None = None,
+    replaced: Callable[[str, nn.Module], None] | None = None,
 ) -> QuantizedUNet:
-    """Replace each layer named in ``layers`` of ``unet`` (in place) by a QuantLayer as its meta says.
+    """Replace each layer named in ``layers`` of ``unet`` (in place) by a QuantLayer as its meta says,
+    handing each replaced layer to ``replaced`` (else it is freed at once).
 
     When quantizing (with the dilation vectors) each layer's weight-scale search runs here, with a
     progress bar; loading an artifact passes its stored ``weight_scales`` and searches nothing."""
@@ -194,7 +195,7 @@ def install_quant_layers(
     bar = tqdm(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w", unit_scale=True,
                leave=False, disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
     for name, meta in layers.items():
-        layer = modules[name]
+        layer = modules.pop(name)  # the replaced layer is freed as soon as its QuantLayer is in place
         q = QuantLayer(
             layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
             n_steps=table.n_rows, step_index=step_index, dilation=None if dilations is None else dilations[name],
@@ -202,6 +203,8 @@ def install_quant_layers(
         )
         replace_module(unet, name, q)
         bar.update(layer.weight.numel())
+        if replaced is not None:
+            replaced(name, layer)
     bar.close()
     return QuantizedUNet(unet, table, step_index)
 

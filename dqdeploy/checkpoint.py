@@ -11,7 +11,7 @@ uninterrupted run:
 * ``calibrated.safetensors``: the quantized model after per-step calibration and fallback, with
   its layer metadata;
 * ``block-NNNNN.safetensors``: the parameters of each distilled block;
-* ``data/``: distillation shards (rebuilt on resume).
+* ``data/``: distillation shards and the float layers fallback may put back (rebuilt on resume).
 
 Every file is written under a temporary name and renamed. The folder is recognised by its
 ``checkpoint.json``; dqdeploy never writes into, resumes from or deletes a folder without it, and
@@ -42,6 +42,7 @@ from .errors import DQDeployError
 from .inputs import DenoiserInputs
 from .quant.distill import BlockReport
 from .quant.trajectories import CalibrationSet
+from .tensorfile import read_tensors
 
 SUFFIX = ".checkpoint"
 STATE = "checkpoint.json"
@@ -53,7 +54,7 @@ FORMAT_VERSION = 1
 _WRITER_TEMP = r"\.tmp[A-Za-z0-9]{6}$"  # safetensors' save_file writes .tmpXXXXXX, then renames it
 _TEMP = re.compile(rf"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$|{_WRITER_TEMP}")  # ours, atomic_write_bytes's, safetensors'
 _BLOCK = re.compile(r"block-\d{5}\.safetensors$")
-_OWN_DATA = re.compile(rf"(fp|inputs|cached)-\d{{5}}-\d{{6}}\.safetensors$|{_WRITER_TEMP}")
+_OWN_DATA = re.compile(rf"(fp|inputs|cached)-\d{{5}}-\d{{6}}\.safetensors$|float-\d{{5}}\.safetensors$|{_WRITER_TEMP}")  # blockstore, float_layers
 
 
 class CheckpointError(DQDeployError):
@@ -208,7 +209,7 @@ class RunCheckpoint:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         metas = {k: LayerMeta(**v) for k, v in json.loads(meta["layers"]).items()}
-        return load_file(str(path)), metas, json.loads(meta["fallback"])
+        return read_tensors(path), metas, json.loads(meta["fallback"])  # read, not mapped: loaded into the model, then freed
 
     # -- distilled blocks (distill.BlockCheckpoint) ----------------------------------------------
     def _block_file(self, index: int) -> Path:

@@ -48,7 +48,7 @@ def _setup(verbose: bool) -> None:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone shows progress
         os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "torch.onnx", "onnxscript"):
+    for noisy in ("diffusers", "torch.onnx", "onnxscript", "onnx_ir"):  # onnx_ir logs every initializer it deduplicates
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

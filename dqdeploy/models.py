@@ -17,6 +17,7 @@ import torch
 from .denoisers import conditional, spec_for, spec_of
 from .denoisers import latent_shape as spec_latent_shape
 from .errors import ModelLoadError
+from .tensorfile import DTYPES, TensorFileError, read_tensors
 
 SCHEDULER_ALIASES = {
     "ddim": "DDIMScheduler",
@@ -117,7 +118,41 @@ def load_unet(model_dir: str | Path, *, allow_pickle: bool = False) -> torch.nn.
     except Exception as exc:  # diffusers raises OSError/ValueError/TypeError/KeyError for malformed folders
         raise ModelLoadError(f"could not load {cls.__name__} from {udir}: {type(exc).__name__}: {str(exc)[:400]}",
                              hint="check config.json (field types) and the weights, or re-save with save_pretrained") from None
+    own_weights(unet, udir)
     return unet.eval()
+
+
+def own_weights(model: torch.nn.Module, folder: Path) -> int:
+    """Give ``model`` its own memory for every parameter and buffer stored with the same name,
+    dtype and shape in ``folder``'s safetensors weights, read with file reads (``from_pretrained``
+    maps the file, and the pages the model touches then stay resident for the life of the process,
+    see :mod:`dqdeploy.tensorfile`). A tensor the loader converted (another dtype or name) is left as
+    it is. Returns the number of tensors replaced."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["diffusion_pytorch_model.safetensors"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0  # from_pretrained read it: whatever it found stays as loaded
+
+    def same(name: str, entry: dict) -> bool:
+        t = tensors.get(name)
+        return t is not None and DTYPES[entry["dtype"]] == t.dtype and list(t.shape) == entry["shape"]
+
+    count = 0
+    for fname in files:
+        path = folder / str(fname)
+        if not path.is_file():
+            continue
+        try:
+            read = read_tensors(path, same)
+        except (OSError, TensorFileError):
+            continue
+        for name, value in read.items():
+            tensors[name].data = value
+            count += 1
+    return count
 
 
 def load_scheduler_config(model_dir: Path, scheduler_dir: str | Path | None = None) -> dict[str, Any]:

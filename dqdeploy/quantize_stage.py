@@ -6,12 +6,13 @@ calibration -> block-wise distillation -> artifact.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import fnmatch
 import json
 import logging
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -26,14 +27,17 @@ from .denoisers import conditioning_dims, spec_for
 from .errors import CalibrationError, DQDeployError, ModelLoadError, RecipeError
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
 from .quant.analysis import analyze_inputs
-from .quant.blocks import partition
+from .quant.blocks import Block, partition
+from .quant.blockstore import BlockStore
 from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
 from .quant.dilation import dilation_factors, smoothquant_factors
-from .quant.distill import BlockReport, distill_blocks, distill_model
-from .quant.modules import QUANTIZABLE, QuantizedUNet, quant_layers, quantizes_output, replace_module
-from .quant.sensitivity import analyze, choose_fallback, scheduler_weights
+from .quant.distill import BlockReport, Targets, block_targets, distill_blocks, distill_model, model_targets, open_store
+from .quant.fallback import fallback_candidates, fallback_layers, keep_in_float
+from .quant.float_layers import FloatLayers
+from .quant.modules import QUANTIZABLE, QuantizedUNet, quant_layers, quantizes_output
+from .quant.sensitivity import scheduler_weights
 from .quant.timestep import TimestepTable
-from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, collect, load_conditioning
+from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, calibration_subset, collect, load_conditioning
 from .recipe import CalibrationConfig, Recipe
 from .stages import stage
 
@@ -70,28 +74,35 @@ def _dilations(
     return result
 
 
-def build_quantized(
-    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet
-) -> tuple[QuantizedUNet, dict[str, LayerMeta]]:
-    """Replace the recipe's Conv2d/Linear layers of a copy of ``unet`` with QuantLayers, computing
-    the dilation vectors (WD from the FP weights, SmoothQuant from the calibration activations)."""
-    qunet = copy.deepcopy(unet).eval()
-    names = [n for n, m in qunet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
+def plan_layers(unet: nn.Module, recipe: Recipe, calib: CalibrationSet) -> tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None]]:
+    """What the conversion of the float ``unet`` will do, per layer the recipe selects and the
+    model calls: its metadata and dilation vector (WD from the FP weights, SmoothQuant from the
+    calibration activations). Nothing is changed."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
     if not names:
         raise ModelLoadError("the recipe selects no Conv2d/Linear layer", hint="check the recipe's include/exclude patterns")
-    info = analyze_inputs(qunet, example_forward(qunet, calib), names)
+    info = analyze_inputs(unet, example_forward(unet, calib), names)
     names = [n for n in names if n in info]  # layers never called keep FP weights
-    dil = _dilations(qunet, names, info, recipe, calib)
     ends = spec_for(type(unet).__name__).ends
     metas = {
         name: LayerMeta(
-            "conv" if isinstance(qunet.get_submodule(name), nn.Conv2d) else "linear",
+            "conv" if isinstance(unet.get_submodule(name), nn.Conv2d) else "linear",
             recipe.weight_bits_for(name, ends), recipe.act_bits_for(name, ends), recipe.act_symmetric, info[name].group, info[name].fold,
             recipe.layout == "ort" and quantizes_output(name, info[name].rank),  # output Q on the fused layers
         )
         for name in names
     }
-    return install_quant_layers(qunet, metas, table, dil), metas
+    return metas, _dilations(unet, names, info, recipe, calib)
+
+
+def build_quantized(
+    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet
+) -> tuple[QuantizedUNet, dict[str, LayerMeta]]:
+    """A copy of ``unet`` with the recipe's Conv2d/Linear layers replaced by QuantLayers (weight
+    scales searched, activation scales not yet calibrated)."""
+    model = copy.deepcopy(unet).eval()
+    metas, dil = plan_layers(model, recipe, calib)
+    return install_quant_layers(model, metas, table, dil), metas
 
 
 def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None) -> Conditioning | None:
@@ -214,7 +225,8 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
         if ckpt:
             ckpt.save_calibration(calib)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
-    return quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config, checkpoint=ckpt, micro_batches=micro_batches)
+    return quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config, checkpoint=ckpt, micro_batches=micro_batches,
+                         in_place=True)  # the model loaded here is converted itself
 
 
 def quantize_unet(
@@ -226,36 +238,44 @@ def quantize_unet(
     *,
     checkpoint: RunCheckpoint | None = None,
     micro_batches: int = 1,
+    in_place: bool = False,
 ) -> QuantizeResult:
-    """The in-memory pipeline: dilation, per-step calibration, distillation (``checkpoint``: saves
-    each step's result and restores what an interrupted run finished; ``micro_batches``: slices of
-    each distillation batch per process, gradients accumulated, see :mod:`dqdeploy.quant.distill`)."""
+    """The in-memory pipeline: dilation, per-step calibration, distillation. ``checkpoint``: saves each
+    step's result and restores what an interrupted run finished; ``micro_batches``: slices of each
+    distillation batch per process (:mod:`dqdeploy.quant.distill`); ``in_place``: convert ``unet``
+    itself, holding the weights once (else a copy, ``unet`` unchanged)."""
     calib.validate()
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
+    model = unet if in_place else copy.deepcopy(unet).eval()
     saved = checkpoint.calibrated() if checkpoint else None
-    if saved is None:
-        qmodel, metas, fallback = _calibrated(unet, recipe, table, calib, calibration, scheduler_config)
-        if checkpoint:
-            with stage(log, "checkpoint the calibrated model"):
-                checkpoint.save_calibrated(qmodel.unet, metas, fallback)
-    else:
-        log.info("calibrated model restored from the checkpoint")
-        state, metas, fallback = saved
-        scales = {n: state[f"{n}.weight_quantizer.scale"] for n in metas}  # stored: no weight-scale search
-        qmodel = install_quant_layers(copy.deepcopy(unet).eval(), metas, table, weight_scales=scales)
-        qmodel.unet.load_state_dict(state, strict=True)
-    reports: list[BlockReport] = []
-    if recipe.distill == "block":
-        blocks = partition(qmodel.unet, example_forward(qmodel, calib), spec_for(type(unet).__name__).blocks)
-        with stage(log, "block-wise distillation"):
-            reports = distill_blocks(qmodel, unet, blocks, calib, recipe, seed=calibration.seed, checkpoint=checkpoint,
-                                     workdir=checkpoint.data_dir if checkpoint else None, micro_batches=micro_batches)
-    elif recipe.distill == "model":
-        reports = distill_model(qmodel, unet, calib, recipe, seed=calibration.seed, micro_batches=micro_batches)
-    qmodel.eval()
-    with torch.no_grad():  # what is stored stays inside each layer's bit width (validation.check_state)
-        for layer in quant_layers(qmodel.unet).values():
-            layer.weight.copy_(layer.weight_quantizer.clip_to_grid(layer.weight))
+    with _workdir(checkpoint) as work, open_store(work) if recipe.distill == "block" else contextlib.nullcontext() as store:
+        if saved is None:
+            with stage(log, "input analysis and dilation"):
+                metas, dilations = plan_layers(model, recipe, calib)
+            fallback: list[str] = []
+            planned = list(metas)
+        else:
+            log.info("calibrated model restored from the checkpoint")
+            state, metas, fallback = saved
+            planned = [*metas, *fallback]
+        with stage(log, "distillation targets"):
+            blocks, targets = _targets(model, recipe, calib, calibration.seed, micro_batches, planned, store)
+        if saved is None:
+            floats = FloatLayers(fallback_candidates(recipe, planned), work if in_place else None)
+            qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration,
+                                                  scheduler_config)
+            if checkpoint:
+                with stage(log, "checkpoint the calibrated model"):
+                    checkpoint.save_calibrated(qmodel.unet, metas, fallback)
+        else:
+            qmodel = _restored(model, metas, table, state)
+            del state
+        reports: list[BlockReport] = []
+        if targets is not None and recipe.distill == "block":
+            with stage(log, "block-wise distillation"):
+                reports = distill_blocks(qmodel, blocks, calib, recipe, targets, seed=calibration.seed, checkpoint=checkpoint)
+        elif targets is not None:
+            reports = distill_model(qmodel, calib, recipe, targets, seed=calibration.seed)
     manifest = Manifest(
         recipe=recipe,
         calibration=calibration.to_dict(),
@@ -267,16 +287,58 @@ def quantize_unet(
         blocks=[{"name": r.name, "loss_before": r.loss_before, "loss_after": r.loss_after} for r in reports],
         fallback=fallback,
     )
-    return QuantizeResult(qmodel, manifest, reports, calibration_subset(calib, seed=calibration.seed))
+    return QuantizeResult(_on_grid(qmodel), manifest, reports, calibration_subset(calib, seed=calibration.seed))
+
+
+@torch.no_grad()
+def _on_grid(qmodel: QuantizedUNet) -> QuantizedUNet:
+    """``qmodel`` in eval mode with every weight clipped to its grid: what is stored stays inside
+    each layer's bit width (validation.check_state)."""
+    for layer in quant_layers(qmodel.unet).values():
+        layer.weight.copy_(layer.weight_quantizer.clip_to_grid(layer.weight))
+    return qmodel.eval()
+
+
+def _restored(model: nn.Module, metas: dict[str, LayerMeta], table: TimestepTable, state: dict[str, torch.Tensor]) -> QuantizedUNet:
+    """The checkpoint's calibrated model: ``model`` converted with the stored scales (nothing searched), then its state."""
+    scales = {n: state[f"{n}.weight_quantizer.scale"] for n in metas}
+    qmodel = install_quant_layers(model, metas, table, weight_scales=scales)
+    qmodel.unet.load_state_dict(state, strict=True)
+    return qmodel
+
+
+@contextlib.contextmanager
+def _workdir(checkpoint: RunCheckpoint | None) -> Iterator[Path]:
+    """Where the run keeps data on disk: the checkpoint's data folder, or a temporary folder."""
+    if checkpoint is not None:
+        yield checkpoint.data_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="dqdeploy-quantize-") as tmp:
+        yield Path(tmp) / "data"
+
+
+def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int, micro_batches: int, planned: list[str],
+             store: BlockStore | None) -> tuple[list[Block], Targets | None]:
+    """The distillation blocks and FP targets, from the float ``model`` before it is converted."""
+    if recipe.distill == "block":
+        assert store is not None
+        blocks = partition(model, example_forward(model, calib), spec_for(type(model).__name__).blocks, layers=planned)
+        return blocks, block_targets(model, blocks, calib, recipe, store, seed, micro_batches=micro_batches)
+    if recipe.distill == "model":
+        return [], model_targets(model, calib, recipe, seed, micro_batches=micro_batches)
+    return [], None
 
 
 def _calibrated(
-    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet, calibration: CalibrationConfig,
-    scheduler_config: dict | None,
-) -> tuple[QuantizedUNet, dict[str, LayerMeta], list[str]]:
-    """Quantized model with calibrated per-step scales and the fallback layers back in float."""
-    with stage(log, "quantized layers (input analysis, dilation, weight scales)"):
-        qmodel, metas = build_quantized(unet, recipe, table, calib)
+    model: nn.Module, plan: tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None], TimestepTable], floats: FloatLayers,
+    recipe: Recipe, calib: CalibrationSet, calibration: CalibrationConfig, scheduler_config: dict | None,
+) -> tuple[QuantizedUNet, list[str], dict[str, LayerMeta]]:
+    """Convert ``model`` as ``plan`` (metadata, dilations, step table) says, the replaced layers to
+    ``floats``; calibrate the per-step scales, then put the fallback layers back in float. Returns the
+    quantized model, the fallback layers and the remaining layers' metadata."""
+    metas, dilations, table = plan
+    with stage(log, "quantized layers (weight scales)"):
+        qmodel = install_quant_layers(model, metas, table, dilations, replaced=floats.keep)
     with stage(log, "activation scales"):
         init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
         init_output_scales(qmodel, calib, batch_size=recipe.batch_size)
@@ -285,68 +347,6 @@ def _calibrated(
         weights = scheduler_weights(make_scheduler(calibration.scheduler, scheduler_config), calib.timesteps)
     with stage(log, "fallback layers"):
         fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights)
-    return qmodel, keep_in_float(qmodel, unet, metas, fallback), fallback
-
-
-def fallback_layers(
-    qmodel: QuantizedUNet, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0, step_weights: dict[float, float] | None = None
-) -> list[str]:
-    """The layers ``recipe.fallback`` keeps in float: by sensitivity on a calibration subset
-    (``auto``, needs calibrated scales; steps weighted by ``step_weights``), by module-name
-    pattern, or none."""
-    if recipe.fallback == "none":
-        return []
-    names = list(quant_layers(qmodel.unet))
-    if recipe.fallback == "auto":
-        subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)  # the analysis subset (named tensors, read with the model's spec)
-        mine = [names[i] for i in distributed.shard(len(names))]  # ranks measure every world-th layer
-        report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine)
-        rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}
-        report = dataclasses.replace(report, layers=[rows[n] for n in names if n in rows])
-        chosen = choose_fallback(report, recipe.fallback_budget)
-        log.info("fallback auto: %s", ", ".join(chosen) or "no layer")
-        return chosen
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in recipe.fallback_patterns)]
-    if not chosen:
-        raise RecipeError(
-            f"fallback patterns {recipe.fallback!r} match no quantized layer",
-            hint=f"use module names such as {', '.join(names[:3])} (wildcards allowed), or auto / none",
-        )
-    return chosen
-
-
-def keep_in_float(
-    qmodel: QuantizedUNet, fp_unet: nn.Module, metas: dict[str, LayerMeta], names: list[str]
-) -> dict[str, LayerMeta]:
-    """Put the FP layers ``names`` back into ``qmodel``; returns the remaining layers' metadata. A
-    layer whose input is shared with a float layer can no longer fold ``1/s`` into the norm."""
-    groups = {metas[n].group for n in names}
-    for name in names:
-        replace_module(qmodel.unet, name, copy.deepcopy(fp_unet.get_submodule(name)))
-    return {
-        n: dataclasses.replace(m, fold="mul") if m.group in groups and m.fold != "mul" else m
-        for n, m in metas.items() if n not in names
-    }
-
-
-SUBSET_SAMPLES = 64  # the stored subset's size when the steps allow (at least MIN_PER_STEP per step)
-MIN_PER_STEP = 2
-
-
-def calibration_subset(
-    calib: CalibrationSet, steps: int | None = None, per_step: int | None = None, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Calibration inputs kept in the artifact (export calibration, accuracy checks): up to
-    ``per_step`` seeded samples at each of ``steps`` time steps spread over the trajectory. By
-    default every step that has calibration samples, with ``SUBSET_SAMPLES / steps`` samples each
-    (between 2 and 8), so ``check`` covers every calibrated step and the artifact stays small."""
-    gen = torch.Generator().manual_seed(seed)
-    present = calib.rows.unique()
-    count = len(present) if steps is None else min(steps, len(present))
-    per_step = per_step or max(MIN_PER_STEP, min(8, SUBSET_SAMPLES // max(count, 1)))
-    chosen = present[torch.linspace(0, len(present) - 1, count).round().long().unique()]
-    idx = []
-    for row in chosen:
-        members = (calib.rows == row).nonzero().flatten()
-        idx.append(members[torch.randperm(len(members), generator=gen)[:per_step]])
-    return calib.batch(torch.cat(idx)).to_dict()
+        metas = keep_in_float(qmodel, floats, metas, fallback)
+    floats.clear()
+    return qmodel, fallback, metas

@@ -153,3 +153,11 @@ def write_transformer_cond(path: Path, pooled: bool = True, uncond: bool = True,
             tensors["uncond_pooled_projections"] = torch.randn(1, POOLED_DIM, generator=g)
     save_file(tensors, str(path))
     return path
+
+
+def distill(qmodel, fp, blocks, calib, recipe, workdir=None):
+    """Block-wise distillation of ``qmodel`` against the float ``fp`` (targets captured from ``fp``)."""
+    from dqdeploy.quant.distill import block_targets, distill_blocks, open_store
+
+    with open_store(workdir) as store:
+        return distill_blocks(qmodel, blocks, calib, recipe, block_targets(fp, blocks, calib, recipe, store))

@@ -7,7 +7,7 @@ in execution order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..denoisers import SPECS
 from ..inputs import Hook, forward_hooks
-from .modules import QuantLayer, quant_layers
+from .modules import quant_layers
 
 BLOCK_CLASSES = SPECS["UNet2DModel"].blocks
 
@@ -28,14 +28,15 @@ class Block:
     layers: tuple[str, ...]
 
 
-def _candidates(root: nn.Module, classes: Sequence[str]) -> list[str]:
+def _candidates(root: nn.Module, classes: Sequence[str], quantized: Collection[str]) -> list[str]:
     found: list[str] = []
+    prefixes = {n.rsplit(".", i)[0] for n in quantized for i in range(n.count(".") + 1)}  # every module above a quantized layer
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
             full = prefix + child_name
-            if type(child).__name__ in classes or isinstance(child, QuantLayer):
-                if quant_layers(child) or isinstance(child, QuantLayer):
+            if type(child).__name__ in classes or full in quantized:
+                if full in prefixes:
                     found.append(full)
             else:
                 visit(full + ".", child)
@@ -45,10 +46,13 @@ def _candidates(root: nn.Module, classes: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def partition(unet: nn.Module, run: Callable[[], object], classes: Sequence[str] = BLOCK_CLASSES) -> list[Block]:
-    """Blocks (modules of ``classes``) of the quantized ``unet`` in the order one forward (``run``)
-    executes them."""
-    names = _candidates(unet, classes)
+def partition(unet: nn.Module, run: Callable[[], object], classes: Sequence[str] = BLOCK_CLASSES,
+              layers: Collection[str] | None = None) -> list[Block]:
+    """Blocks (modules of ``classes``) of ``unet`` in the order one forward (``run``) executes them.
+    ``layers``: the names of the layers quantized, or to be quantized when ``unet`` is still the
+    float model (by default its QuantLayers)."""
+    quantized = set(quant_layers(unet) if layers is None else layers)
+    names = _candidates(unet, classes, quantized)
     order: list[str] = []
     hooks: list[Hook] = [(unet.get_submodule(n), "pre", lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
     with forward_hooks(hooks):
@@ -56,7 +60,6 @@ def partition(unet: nn.Module, run: Callable[[], object], classes: Sequence[str]
     order += [n for n in names if n not in order]  # never-called blocks go last
     blocks = []
     for name in order:
-        module = unet.get_submodule(name)
-        layers = (name,) if isinstance(module, QuantLayer) else tuple(f"{name}.{n}" for n in quant_layers(module))
-        blocks.append(Block(name, layers))
+        inside = [f"{name}.{n}" if n else name for n, _ in unet.get_submodule(name).named_modules()]
+        blocks.append(Block(name, tuple(n for n in inside if n in quantized)))
     return blocks

@@ -6,8 +6,10 @@ sizes and per-step activation step sizes (and zero points) train jointly with Ad
 
 The data is captured by propagation (:mod:`.propagate`: one FP forward per batch for every target,
 a replay answered from cached outputs for each block's inputs) and lives on disk
-(:mod:`.blockstore`), read one batch at a time. A :class:`BlockCheckpoint` saves each finished
-block and restores it on a resumed run.
+(:mod:`.blockstore`), read one batch at a time. The targets (:func:`block_targets`,
+:func:`model_targets`) are taken from the float model before it is converted, so quantize holds
+the weights once. A :class:`BlockCheckpoint` saves each finished block and restores it on a
+resumed run.
 
 Slices: each global batch (``recipe.batch_size`` samples) is split into ``world * micro_batches``
 slices; a rank holds ``micro_batches`` of them, weights each slice's loss by its share of the batch
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,8 @@ from .propagate import FP, INPUTS, cache_outputs, capture_inputs, capture_target
 from .trajectories import CalibrationSet
 
 log = logging.getLogger(__name__)
-__all__ = ["BlockCheckpoint", "BlockReport", "block_loss", "distill_blocks", "distill_model", "output_tensors"]
+__all__ = ["BlockCheckpoint", "BlockReport", "Targets", "block_loss", "block_targets", "distill_blocks", "distill_model",
+           "model_targets", "open_store", "output_tensors"]
 
 
 @dataclass
@@ -141,47 +144,73 @@ def _train(
     return BlockReport(name, before, mean_loss(), curve)
 
 
+@dataclass
+class Targets:
+    """The full-precision targets of distillation, taken from the float model before it is converted
+    (so the conversion can happen in place): this rank's slices of the seeded batch order, and every
+    block's outputs per slice in ``store`` (block-wise) or the model's output per slice (``outputs``)."""
+
+    slices: Slices
+    store: BlockStore | None = None
+    blocks: list[str] = field(default_factory=list)  # the blocks whose targets are in ``store``, by index
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def block_targets(fp_unet: nn.Module, blocks: list[Block], calib: CalibrationSet, recipe: Recipe, store: BlockStore,
+                  seed: int = 0, *, micro_batches: int = 1) -> Targets:
+    """The FP outputs of every block, one FP forward per slice, into ``store``."""
+    sl = rank_slices(torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed)), recipe.batch_size, micro_batches)
+    names = [b.name for b in blocks]
+    capture_targets(fp_unet, names, calib, sl.parts, store)
+    return Targets(sl, store, names)
+
+
+@torch.no_grad()
+def model_targets(fp_unet: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *, micro_batches: int = 1) -> Targets:
+    """The FP model's output on every slice (whole-model distillation)."""
+    sl = rank_slices(torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed)), recipe.batch_size, micro_batches)
+    return Targets(sl, outputs=[calib.batch(p).call(fp_unet) for p in sl.parts])
+
+
 def distill_blocks(
     qmodel: QuantizedUNet,
-    fp_unet: nn.Module,
     blocks: list[Block],
     calib: CalibrationSet,
     recipe: Recipe,
+    targets: Targets,
     seed: int = 0,
     *,
-    workdir: str | Path | None = None,
     checkpoint: BlockCheckpoint | None = None,
-    micro_batches: int = 1,
 ) -> list[BlockReport]:
-    """BKD over ``blocks`` (in execution order); returns one report per block. The data goes to
-    ``workdir`` (a folder it creates and removes; a temporary folder when None). ``micro_batches``:
-    slices per global batch on this rank, gradients accumulated (the same step, less memory)."""
-    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-    sl = rank_slices(order, recipe.batch_size, micro_batches)
+    """BKD over ``blocks`` (in execution order, the ones ``targets`` were captured for); returns one
+    report per block with a quantized layer (a block whose layers all stayed in float runs as it is)."""
+    sl, store = targets.slices, targets.store
+    assert store is not None, "block-wise distillation needs block targets (block_targets)"
+    target_index = {name: i for i, name in enumerate(targets.blocks)}
+    blocks = [b for b in blocks if any(isinstance(qmodel.unet.get_submodule(n), QuantLayer) for n in b.layers)]
     rows = [qmodel.table.index(calib.inputs.timestep[p], len(p)) for p in sl.parts]
     names = [b.name for b in blocks]
-    with _store(workdir) as store:
-        capture_targets(fp_unet, names, calib, sl.parts, store)
-        reports = []
-        for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
-            qblock = qmodel.unet.get_submodule(block.name)
-            n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
-            report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
-            if report is not None:
-                log.info("block %s restored from the checkpoint", block.name)
-            else:
-                report = _distill_block(qmodel, qblock, block, k, store, rows, sl, n_parts, recipe, seed)
-                if checkpoint:
-                    checkpoint.save(k, block.name, qblock, report)
-            reports.append(report)
-            cache_outputs(qmodel, qblock, k, rows, store)
-            store.drop(INPUTS, k)
-            store.drop(FP, k)
+    reports = []
+    for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
+        qblock = qmodel.unet.get_submodule(block.name)
+        n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
+        report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
+        if report is not None:
+            log.info("block %s restored from the checkpoint", block.name)
+        else:
+            report = _distill_block(qmodel, qblock, block, (k, target_index[block.name]), store, rows, sl, n_parts, recipe, seed)
+            if checkpoint:
+                checkpoint.save(k, block.name, qblock, report)
+        reports.append(report)
+        cache_outputs(qmodel, qblock, k, rows, store)
+        store.drop(INPUTS, k)
+        store.drop(FP, target_index[block.name])
     return reports
 
 
 @contextmanager
-def _store(workdir: str | Path | None) -> Iterator[BlockStore]:
+def open_store(workdir: str | Path | None) -> Iterator[BlockStore]:
+    """A :class:`BlockStore` in ``workdir`` (a temporary folder when None), emptied at the end."""
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dqdeploy-distill-"))) / "data"
         store = BlockStore(root)
@@ -191,18 +220,20 @@ def _store(workdir: str | Path | None) -> Iterator[BlockStore]:
             store.clear()
 
 
-def _distill_block(qmodel: QuantizedUNet, qblock: nn.Module, block: Block, k: int, store: BlockStore,
+def _distill_block(qmodel: QuantizedUNet, qblock: nn.Module, block: Block, index: tuple[int, int], store: BlockStore,
                    rows: list[torch.Tensor], sl: Slices, n_parts: int, recipe: Recipe, seed: int) -> BlockReport:
-    """Train block ``k`` on its stored inputs and FP targets (one entry per slice of ``sl``)."""
+    """Train block ``k`` on its stored inputs and FP targets (one entry per slice of ``sl``);
+    ``index``: ``k`` and the index of its targets."""
+    k, t = index
     if int(distributed.all_reduce(torch.tensor(n_parts), "max")) == 0:  # never called by the model's forward
         return BlockReport(block.name, 0.0, 0.0)
-    layers = [cast(QuantLayer, qmodel.unet.get_submodule(n)) for n in block.layers]
+    layers = [m for n in block.layers if isinstance(m := qmodel.unet.get_submodule(n), QuantLayer)]  # not the fallback ones
 
     def losses(i: int) -> Iterator[torch.Tensor]:
         for p in sl.groups[i]:
             args, kwargs = contiguous(store.get(INPUTS, k, p))  # (a strided view crashed conv backward in torch 2.13)
             out = qmodel.run_rows(rows[p], qblock, *args, **kwargs)
-            yield block_loss(out, store.get(FP, k, p)) * sl.shares[p]
+            yield block_loss(out, store.get(FP, t, p)) * sl.shares[p]
 
     qblock.train()
     try:
@@ -236,18 +267,13 @@ def rank_slices(order: torch.Tensor, batch: int, micro_batches: int = 1) -> Slic
     return sl
 
 
-def distill_model(
-    qmodel: QuantizedUNet, fp_unet: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *, micro_batches: int = 1
-) -> list[BlockReport]:
-    """Whole-model distillation baseline: every quantized parameter against the FP output."""
-    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
-    sl = rank_slices(order, recipe.batch_size, micro_batches)
-    with torch.no_grad():
-        targets = [calib.batch(p).call(fp_unet) for p in sl.parts]
+def distill_model(qmodel: QuantizedUNet, calib: CalibrationSet, recipe: Recipe, targets: Targets, seed: int = 0) -> list[BlockReport]:
+    """Whole-model distillation baseline: every quantized parameter against the FP output (``model_targets``)."""
+    sl = targets.slices
 
     def losses(i: int) -> Iterator[torch.Tensor]:
         for p in sl.groups[i]:
-            yield F.mse_loss(calib.batch(sl.parts[p]).call(qmodel), targets[p]) * sl.shares[p]
+            yield F.mse_loss(calib.batch(sl.parts[p]).call(qmodel), targets.outputs[p]) * sl.shares[p]
 
     layers = list(quant_layers(qmodel).values())
     return [_train("model", losses, layers, len(sl.groups), recipe, recipe.iters, seed)]

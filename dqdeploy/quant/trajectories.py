@@ -283,3 +283,26 @@ def read_prompts(path: Path) -> list[str]:
         raise CalibrationError(f"--prompts file {path} holds no prompts" if not prompts else f"--prompts file {path} is binary",
                                hint="pass a text file, one prompt per line")
     return prompts
+
+
+SUBSET_SAMPLES = 64  # the stored subset's size when the steps allow (at least MIN_PER_STEP per step)
+MIN_PER_STEP = 2
+
+
+def calibration_subset(
+    calib: CalibrationSet, steps: int | None = None, per_step: int | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Calibration inputs kept in the artifact (export calibration, accuracy checks): up to
+    ``per_step`` seeded samples at each of ``steps`` time steps spread over the trajectory. By
+    default every step that has calibration samples, with ``SUBSET_SAMPLES / steps`` samples each
+    (between 2 and 8), so ``check`` covers every calibrated step and the artifact stays small."""
+    gen = torch.Generator().manual_seed(seed)
+    present = calib.rows.unique()
+    count = len(present) if steps is None else min(steps, len(present))
+    per_step = per_step or max(MIN_PER_STEP, min(8, SUBSET_SAMPLES // max(count, 1)))
+    chosen = present[torch.linspace(0, len(present) - 1, count).round().long().unique()]
+    idx = []
+    for row in chosen:
+        members = (calib.rows == row).nonzero().flatten()
+        idx.append(members[torch.randperm(len(members), generator=gen)[:per_step]])
+    return calib.batch(torch.cat(idx)).to_dict()

@@ -17,8 +17,8 @@ from dqdeploy.describe import describe
 from dqdeploy.errors import ArtifactError
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.primitives import CLIP_RATIOS, qrange, quant_error, search_weight_scale
-from dqdeploy.quant.trajectories import collect
-from dqdeploy.quantize_stage import calibration_subset, quantize_unet
+from dqdeploy.quant.trajectories import calibration_subset, collect
+from dqdeploy.quantize_stage import quantize_unet
 from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
 from dqdeploy.storage import file_header, int_key, pack_int4, packed_size, unpack_int4, weight_bytes
 from tests.helpers import random_calib, tiny_unet

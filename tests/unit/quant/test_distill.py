@@ -10,12 +10,12 @@ from diffusers import DDIMScheduler
 from dqdeploy.quantize_stage import example_forward, build_quantized
 from dqdeploy.quant.blocks import partition
 from dqdeploy.quant.calibrate import init_activation_scales
-from dqdeploy.quant.distill import distill_blocks, distill_model
+from dqdeploy.quant.distill import distill_model, model_targets
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.timestep import TimestepTable
 from dqdeploy.quant.trajectories import collect
 from dqdeploy.recipe import W4A8, CalibrationConfig
-from tests.helpers import random_calib, tiny_cond_unet, tiny_unet
+from tests.helpers import distill, random_calib, tiny_cond_unet, tiny_unet
 
 RECIPE = W4A8.replace(iters=30, batch_size=16, lr_weight=1e-4)
 
@@ -77,7 +77,7 @@ def test_block_distillation_lowers_block_losses(unet, calib):
     params_before = {n: (m.weight.detach().clone(), m.weight_quantizer.scale.detach().clone(),
                          m.input_quantizer.scale.detach().clone()) for n, m in quant_layers(model.unet).items()}
     blocks = partition(model.unet, example_forward(model, calib))
-    reports = distill_blocks(model, unet, blocks, calib, RECIPE)
+    reports = distill(model, unet, blocks, calib, RECIPE)
     assert [r.name for r in reports] == [b.name for b in blocks]
     assert all(len(r.curve) == RECIPE.iters for r in reports)
     ratios = torch.tensor([r.loss_after / r.loss_before for r in reports])
@@ -100,13 +100,25 @@ def test_zero_iterations_measure_without_changing_anything(unet, calib):
     model = _calibrated(unet, calib)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = partition(model.unet, example_forward(model, calib))[:4]
-    reports = distill_blocks(model, unet, blocks, calib, RECIPE.replace(iters=0))
+    reports = distill(model, unet, blocks, calib, RECIPE.replace(iters=0))
     assert all(r.loss_before == r.loss_after and r.loss_before > 0 and not r.curve for r in reports)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_whole_model_distillation_lowers_output_loss(unet, calib):
     model = _calibrated(unet, calib)
-    reports = distill_model(model, unet, calib, RECIPE.replace(iters=20))
+    recipe = RECIPE.replace(iters=20)
+    reports = distill_model(model, calib, recipe, model_targets(unet, calib, recipe))
     assert [r.name for r in reports] == ["model"]
     assert reports[0].loss_after < reports[0].loss_before
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet], ids=["UNet2DModel", "UNet2DConditionModel"])
+def test_partition_of_the_float_model_names_the_blocks_the_conversion_will_have(make):
+    """Quantize takes its distillation targets before converting: the float model's partition over
+    the layers to be quantized is the quantized model's partition."""
+    unet = make()
+    calib = random_calib(unet, n=2)
+    model, metas = build_quantized(unet, RECIPE, TimestepTable(calib.timesteps), calib)
+    before = partition(unet, example_forward(unet, calib), layers=list(metas))
+    assert before == partition(model.unet, example_forward(model, calib))

@@ -15,11 +15,11 @@ from dqdeploy.inputs import forward_hooks
 from dqdeploy.quant.blocks import partition
 from dqdeploy.quant.blockstore import BlockStore, flatten, unflatten
 from dqdeploy.quant.calibrate import init_activation_scales
-from dqdeploy.quant.distill import _train, block_loss, distill_blocks, output_tensors
+from dqdeploy.quant.distill import _train, block_loss, output_tensors
 from dqdeploy.quant.timestep import TimestepTable
 from dqdeploy.quantize_stage import build_quantized, example_forward
 from dqdeploy.recipe import W4A8
-from tests.helpers import random_calib, tiny_cond_unet, tiny_pixart, tiny_unet
+from tests.helpers import distill, random_calib, tiny_cond_unet, tiny_pixart, tiny_unet
 
 RECIPE = W4A8.replace(iters=4, batch_size=3, lr_weight=1e-4)
 
@@ -87,7 +87,7 @@ def test_propagation_equals_running_from_the_start(make, tmp_path):
     blocks = partition(model.unet, example_forward(model, calib), spec_for(type(fp).__name__).blocks)
     assert len(blocks) >= 4
     reference = copy.deepcopy(model)
-    new_reports = distill_blocks(model, fp, blocks, calib, RECIPE, workdir=tmp_path / "work")
+    new_reports = distill(model, fp, blocks, calib, RECIPE, workdir=tmp_path / "work")
     old_reports = _reference_distill(reference, fp, blocks, calib, RECIPE)
     assert not (tmp_path / "work").exists()  # the data folder is removed
     for new, old in zip(new_reports, old_reports, strict=True):

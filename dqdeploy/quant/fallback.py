@@ -1,0 +1,73 @@
+"""Fallback: the quantized layers kept in float, chosen by sensitivity (``auto``) or by name pattern,
+and put back from the :class:`~dqdeploy.quant.float_layers.FloatLayers` the conversion kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from typing import TYPE_CHECKING
+
+from .. import distributed
+from ..errors import RecipeError
+from ..recipe import Recipe
+from .float_layers import FloatLayers
+from .modules import QuantizedUNet, quant_layers, replace_module
+from .sensitivity import analyze, choose_fallback
+from .trajectories import CalibrationSet, calibration_subset
+
+if TYPE_CHECKING:  # the artifact module builds on quant/, not the reverse
+    from ..artifact import LayerMeta
+
+log = logging.getLogger(__name__)
+
+
+def fallback_candidates(recipe: Recipe, planned: list[str]) -> list[str]:
+    """The layers fallback may choose: any (``auto``), those matching the patterns, or none."""
+    if recipe.fallback == "none":
+        return []
+    if recipe.fallback == "auto":
+        return planned
+    return [n for n in planned if any(fnmatch.fnmatchcase(n, p) for p in recipe.fallback_patterns)]
+
+
+def fallback_layers(
+    qmodel: QuantizedUNet, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0, step_weights: dict[float, float] | None = None
+) -> list[str]:
+    """The layers ``recipe.fallback`` keeps in float: by sensitivity on a calibration subset
+    (``auto``, needs calibrated scales; steps weighted by ``step_weights``), by module-name
+    pattern, or none."""
+    if recipe.fallback == "none":
+        return []
+    names = list(quant_layers(qmodel.unet))
+    if recipe.fallback == "auto":
+        subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)  # the analysis subset (named tensors, read with the model's spec)
+        mine = [names[i] for i in distributed.shard(len(names))]  # ranks measure every world-th layer
+        report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine)
+        rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}
+        report = dataclasses.replace(report, layers=[rows[n] for n in names if n in rows])
+        chosen = choose_fallback(report, recipe.fallback_budget)
+        log.info("fallback auto: %s", ", ".join(chosen) or "no layer")
+        return chosen
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in recipe.fallback_patterns)]
+    if not chosen:
+        raise RecipeError(
+            f"fallback patterns {recipe.fallback!r} match no quantized layer",
+            hint=f"use module names such as {', '.join(names[:3])} (wildcards allowed), or auto / none",
+        )
+    return chosen
+
+
+def keep_in_float(
+    qmodel: QuantizedUNet, floats: FloatLayers, metas: dict[str, LayerMeta], names: list[str]
+) -> dict[str, LayerMeta]:
+    """Put the float layers ``names`` (kept by ``floats``) back into ``qmodel``; returns the remaining
+    layers' metadata. A layer whose input is shared with a float layer can no longer fold ``1/s``
+    into the norm."""
+    groups = {metas[n].group for n in names}
+    for name in names:
+        replace_module(qmodel.unet, name, floats.restore(name))
+    return {
+        n: dataclasses.replace(m, fold="mul") if m.group in groups and m.fold != "mul" else m
+        for n, m in metas.items() if n not in names
+    }

@@ -1,0 +1,62 @@
+"""Quantizing in place (one copy of the weights): the same artifact as converting a copy, fallback
+layers put back bit for bit from disk, and the kept float layers' files removed."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dqdeploy.quant.float_layers import FloatLayers
+from dqdeploy.quant.modules import QuantLayer, quant_layers
+from dqdeploy.quantize_stage import quantize_unet
+from dqdeploy.recipe import W4A8
+from dqdeploy.storage import stored_state
+from tests.helpers import random_calib, tiny_cond_unet
+
+
+def test_float_layers_round_trip_exactly_through_disk(tmp_path):
+    conv, linear = nn.Conv2d(3, 5, 3), nn.Linear(4, 2, bias=False)
+    originals = {"a": copy.deepcopy(conv.state_dict()), "b": copy.deepcopy(linear.state_dict())}
+    floats = FloatLayers(["a", "b"], tmp_path / "data")
+    floats.keep("a", conv)
+    floats.keep("b", linear)
+    floats.keep("c", nn.Linear(2, 2))  # not a candidate: not kept
+    assert conv.weight.is_meta and linear.weight.is_meta  # no memory held
+    assert len(list((tmp_path / "data").iterdir())) == 2
+    back = floats.restore("a")
+    assert back is conv and not back.weight.is_meta
+    assert all(torch.equal(t, originals["a"][k]) for k, t in back.state_dict().items())
+    assert len(list((tmp_path / "data").iterdir())) == 1  # read back, then deleted
+    floats.clear()
+    assert not list((tmp_path / "data").iterdir())
+
+
+def test_in_place_writes_what_a_copy_writes(tmp_path):
+    fp = tiny_cond_unet()
+    calib = random_calib(fp, n=16)
+    recipe = W4A8.replace(iters=3, batch_size=8, fallback="auto", fallback_budget=0.2)
+    reference = quantize_unet(fp, recipe, calib)
+    assert not quant_layers(fp)  # the copy was converted, fp is untouched
+    model = copy.deepcopy(fp)
+    result = quantize_unet(model, recipe, calib, in_place=True)
+    assert result.model.unet is model and quant_layers(model)
+    assert result.manifest.fallback and result.manifest.fallback == reference.manifest.fallback
+    assert result.manifest.blocks == reference.manifest.blocks
+    ours, theirs = stored_state(result.model.unet), stored_state(reference.model.unet)
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    for name in result.manifest.fallback:  # back from disk, bit for bit
+        layer = model.get_submodule(name)
+        assert not isinstance(layer, QuantLayer)
+        assert all(torch.equal(t, fp.get_submodule(name).state_dict()[k]) for k, t in layer.state_dict().items())
+
+
+def test_a_block_whose_layers_all_fall_back_is_not_distilled():
+    fp = tiny_cond_unet()
+    calib = random_calib(fp, n=8)
+    result = quantize_unet(fp, W4A8.replace(iters=2, batch_size=8, fallback="conv_in,time_embedding.*"), calib, in_place=True)
+    names = [b["name"] for b in result.manifest.blocks]
+    assert "conv_in" not in names and "time_embedding" not in names and "conv_out" in names
+    assert not isinstance(fp.conv_in, QuantLayer) and isinstance(fp.conv_out, QuantLayer)
