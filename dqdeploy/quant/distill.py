@@ -27,7 +27,7 @@ import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..recipe import Recipe
+from ..stages import release_memory, rss_gb
 from .blocks import Block
 from .blockstore import BlockStore, contiguous
 from .modules import QuantizedUNet, QuantLayer, quant_layers
@@ -127,7 +128,7 @@ def _train(
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(iters), desc=f"distill {name}", leave=False)
         running = before
-        for step in bar:
+        for step in _with_gradients(params, bar):
             i = int(torch.randint(n_batches, (1,), generator=gen))
             opt.zero_grad(set_to_none=True)
             value = batch_loss(i, True)
@@ -141,7 +142,34 @@ def _train(
             curve.append(value)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{running:.3e}")
+        opt.zero_grad(set_to_none=True)  # a finished block keeps no gradients (they added up to the model's size)
     return BlockReport(name, before, mean_loss(), curve)
+
+
+def _with_gradients(params: list[torch.Tensor], steps: Iterable[int]) -> Iterator[int]:
+    """``steps``, with exactly ``params`` of the model requiring gradients meanwhile (the model is
+    :func:`_frozen`: no gradient is computed, nor kept, for norms or float layers); flags restored after."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield from steps
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires gradients in the ``with`` body; flags restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 @dataclass
@@ -191,20 +219,23 @@ def distill_blocks(
     rows = [qmodel.table.index(calib.inputs.timestep[p], len(p)) for p in sl.parts]
     names = [b.name for b in blocks]
     reports = []
-    for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
-        qblock = qmodel.unet.get_submodule(block.name)
-        n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
-        report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
-        if report is not None:
-            log.info("block %s restored from the checkpoint", block.name)
-        else:
-            report = _distill_block(qmodel, qblock, block, (k, target_index[block.name]), store, rows, sl, n_parts, recipe, seed)
-            if checkpoint:
-                checkpoint.save(k, block.name, qblock, report)
-        reports.append(report)
-        cache_outputs(qmodel, qblock, k, rows, store)
-        store.drop(INPUTS, k)
-        store.drop(FP, target_index[block.name])
+    with _frozen(qmodel):  # only the block in training computes gradients, for its quantized layers' parameters
+        for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
+            qblock = qmodel.unet.get_submodule(block.name)
+            n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
+            report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
+            if report is not None:
+                log.info("block %s restored from the checkpoint", block.name)
+            else:
+                report = _distill_block(qmodel, qblock, block, (k, target_index[block.name]), store, rows, sl, n_parts, recipe, seed)
+                if checkpoint:
+                    checkpoint.save(k, block.name, qblock, report)
+            reports.append(report)
+            cache_outputs(qmodel, qblock, k, rows, store)
+            store.drop(INPUTS, k)
+            store.drop(FP, target_index[block.name])
+            release_memory()  # the block's activations and optimizer state leave the process before the next block
+            log.debug("block %s done: RSS now %.2f GB", block.name, rss_gb() or 0.0)
     return reports
 
 
@@ -276,4 +307,5 @@ def distill_model(qmodel: QuantizedUNet, calib: CalibrationSet, recipe: Recipe, 
             yield F.mse_loss(calib.batch(sl.parts[p]).call(qmodel), targets.outputs[p]) * sl.shares[p]
 
     layers = list(quant_layers(qmodel).values())
-    return [_train("model", losses, layers, len(sl.groups), recipe, recipe.iters, seed)]
+    with _frozen(qmodel):
+        return [_train("model", losses, layers, len(sl.groups), recipe, recipe.iters, seed)]

@@ -94,6 +94,7 @@ def test_block_distillation_lowers_block_losses(unet, calib):
     # ... and the full-precision teacher did not move
     assert all(torch.equal(v, fp_before[k]) for k, v in unet.state_dict().items())
     assert all(not model.unet.get_submodule(b.name).training for b in blocks)
+    assert all(p.grad is None for p in model.parameters())  # no block keeps its gradients (memory)
 
 
 def test_zero_iterations_measure_without_changing_anything(unet, calib):
