@@ -27,11 +27,13 @@ HEADS_PERM = [0, 2, 1, 3]  # [B, N, H, d] <-> [B, H, N, d]
 
 @dataclass(frozen=True)
 class Attention:
-    """One matched attention: its 3D inputs [B, N, H*d], head count, score scale and merged output."""
+    """One matched attention: its 3D inputs [B, N, H*d] (each the concatenation of its parts along the
+    tokens: one part, or two for SD3's joint attention over image and text tokens), head count, score
+    scale and merged output."""
 
-    q: str
-    k: str
-    v: str
+    q: tuple[str, ...]
+    k: tuple[str, ...]
+    v: tuple[str, ...]
     heads: int
     scale: float
     merged: Any  # the Reshape node writing [B, N, H*d]; becomes the MultiHeadAttention node
@@ -70,7 +72,21 @@ def _scaled(ix: GraphIndex, name: str) -> tuple[str, float]:
     return name, 1.0
 
 
-def _split_heads(ix: GraphIndex, name: str, perm: list[int] = HEADS_PERM) -> tuple[str, int, int] | None:
+def _split_heads(ix: GraphIndex, name: str, perm: list[int] = HEADS_PERM) -> tuple[tuple[str, ...], int, int] | None:
+    """``name`` = Transpose(Reshape(x, [., ., H, d]), perm) with x rank 3 -> ((x,), H, d); or the
+    concatenation of such along the tokens (joint attention) -> ((x1, x2, ...), H, d)."""
+    cat = _op(ix, name, "Concat")
+    if cat is not None:
+        parts = [p for p in (_one_split(ix, i, perm) for i in cat.input) if p is not None]
+        if _attr(cat, "axis", None) not in (perm.index(1), perm.index(1) - 4) or len(parts) != len(cat.input) \
+                or len({p[1:] for p in parts}) != 1:
+            return None
+        return tuple(p[0] for p in parts), parts[0][1], parts[0][2]
+    one = _one_split(ix, name, perm)
+    return None if one is None else ((one[0],), one[1], one[2])
+
+
+def _one_split(ix: GraphIndex, name: str, perm: list[int]) -> tuple[str, int, int] | None:
     """``name`` = Transpose(Reshape(x, [., ., H, d]), perm) with x rank 3 -> (x, H, d)."""
     t = _op(ix, name, "Transpose")
     if t is None or _attr(t, "perm", []) != perm:
@@ -85,7 +101,13 @@ def _split_heads(ix: GraphIndex, name: str, perm: list[int] = HEADS_PERM) -> tup
     return r.input[0], shape[2], shape[3]
 
 
-def _keys_transposed(ix: GraphIndex, name: str) -> tuple[str, int, int] | None:
+def _tokens(ix: GraphIndex, parts: tuple[str, ...]) -> int | None:
+    """The token count of the concatenation of ``parts`` (None when a part's is not known)."""
+    counts = [(ix.shape(p) or (None, None))[1] for p in parts]
+    return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+
+def _keys_transposed(ix: GraphIndex, name: str) -> tuple[tuple[str, ...], int, int] | None:
     """``name`` = k as [B, H, d, N]: Transpose(Reshape(k), [0, 2, 3, 1]), or the exporter's
     Reshape(Transpose(Reshape(split_heads(k), [-1, N, d]), [0, 2, 1]), [-1, H, d, N])."""
     direct = _split_heads(ix, name, [0, 2, 3, 1])
@@ -106,7 +128,7 @@ def _keys_transposed(ix: GraphIndex, name: str) -> tuple[str, int, int] | None:
     if split is None:
         return None
     src, heads, dim = split
-    tokens = (ix.shape(src) or (None, None))[1]
+    tokens = _tokens(ix, src)
     if inner_shape[2] != dim or outer_shape[1:3] != [heads, dim] or inner_shape[1] != outer_shape[3] \
             or inner_shape[1] <= 0 or tokens not in (None, inner_shape[1]):
         return None
@@ -164,17 +186,31 @@ def _prune(model) -> int:
 
 def fuse_attention(model) -> int:
     """Rewrite every matched attention of ``model`` (an onnx.ModelProto, changed in place) into one
-    ``com.microsoft.MultiHeadAttention`` node; returns how many were rewritten."""
+    ``com.microsoft.MultiHeadAttention`` node (after a Concat of the parts of q, k and v where the
+    attention is joint); returns how many were rewritten."""
     from onnx import helper
 
     ix = GraphIndex(model)
     softmaxes = list(ix.nodes("Softmax"))
     found = [m for m in (match_attention(ix, s) for s in softmaxes) if m is not None]
+    before: dict[str, list] = {}  # the output of an attention -> the Concat nodes that go in front of it
     for m in found:
-        node = helper.make_node("MultiHeadAttention", [m.q, m.k, m.v], list(m.merged.output),
+        inputs = []
+        for role, parts in (("q", m.q), ("k", m.k), ("v", m.v)):
+            if len(parts) == 1:
+                inputs.append(parts[0])
+                continue
+            joined = f"{m.merged.name}/{role}_joint"
+            before.setdefault(m.merged.output[0], []).append(helper.make_node("Concat", list(parts), [joined], name=joined, axis=1))
+            inputs.append(joined)
+        node = helper.make_node("MultiHeadAttention", inputs, list(m.merged.output),
                                 name=m.merged.name + "/MultiHeadAttention", domain=MS_DOMAIN,
                                 num_heads=m.heads, scale=m.scale)
         m.merged.CopyFrom(node)
+    if before:  # topological order: each Concat right before the attention that reads it
+        nodes = [new for n in model.graph.node for new in [*before.get(n.output[0] if n.output else "", []), n]]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     if found:
         removed = _prune(model)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):

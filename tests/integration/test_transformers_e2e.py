@@ -95,6 +95,8 @@ def test_export_both_layouts_lint_and_check(artifact, exports):
         assert {"QuantizeLinear", "DequantizeLinear", "ArgMin", "Gather"} <= ops  # per-step tables keyed on timestep
         if target == "onnx":
             assert lint_path(folder / "transformer" / "model.onnx") == []
+        if target == "ort" and kind != "flux":  # SD3's joint and PixArt's attention: ORT's kernel (Flux: rotary, left as is)
+            assert "MultiHeadAttention" in ops and "Softmax" not in ops
         check = check_export(result.path, folder, per_layer=True)
         assert check.ok, check.table()
         assert len(check.steps) == STEPS and len(check.layers) == len(result.manifest.layers)

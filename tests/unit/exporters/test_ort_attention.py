@@ -84,3 +84,51 @@ def test_intermediate_with_another_reader_is_not_fused():
     model = _attention_graph()
     model.graph.output.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", H, N, M]))
     assert fuse_attention(model) == 0
+
+
+T = 5  # text tokens of a joint attention
+
+
+def _joint_graph(axis: int = 2) -> onnx.ModelProto:
+    """SD3's joint attention as the exporter writes it: image q/k/v [B, N, H*D] and text q/k/v
+    [B, T, H*D] each split into heads, concatenated along the tokens (``axis`` of [B, H, N, D]), then
+    one attention over the N + T tokens, heads merged to [B, N + T, H*D]."""
+    c, m = H * D, N + T
+    consts = {"s4i": [-1, N, H, D], "s4t": [-1, T, H, D], "s3k": [-1, m, D], "s4kt": [-1, H, D, m], "s3": [-1, m, c]}
+    inits = [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in consts.items()]
+    inits.append(numpy_helper.from_array(np.asarray([D ** -0.25], np.float32), "half_scale"))
+    nodes = []
+    for x in "qkv":
+        for part, shape in (("img", "s4i"), ("txt", "s4t")):
+            nodes += [helper.make_node("Reshape", [f"{x}_{part}", shape], [f"{x}_{part}4"]),
+                      helper.make_node("Transpose", [f"{x}_{part}4"], [f"{x}_{part}t"], perm=[0, 2, 1, 3])]
+        nodes.append(helper.make_node("Concat", [f"{x}_imgt", f"{x}_txtt"], [f"{x}t"], axis=axis))
+    nodes += [helper.make_node("Mul", ["qt", "half_scale"], ["qs"]), helper.make_node("Reshape", ["kt", "s3k"], ["k3"]),
+              helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]), helper.make_node("Reshape", ["k3t", "s4kt"], ["kT"]),
+              helper.make_node("Mul", ["kT", "half_scale"], ["ks"]), helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "vt"], ["o4"]),
+              helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["ot", "s3"], ["o"])]
+    inputs = [helper.make_tensor_value_info(f"{x}_{part}", TensorProto.FLOAT, ["batch", t, c])
+              for x in "qkv" for part, t in (("img", N), ("txt", T))]
+    graph = helper.make_graph(nodes, "joint", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", m, c])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_joint_attention_becomes_concatenations_and_one_node():
+    model = _joint_graph()
+    rng = np.random.default_rng(1)
+    feeds = {i.name: rng.standard_normal((B, N if i.name.endswith("img") else T, H * D), dtype=np.float32) for i in model.graph.input}
+    want = _run(model, feeds)
+    assert fuse_attention(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Concat", "Concat", "Concat", "MultiHeadAttention"]
+    assert [list(n.input) for n in model.graph.node[:3]] == [[f"{x}_img", f"{x}_txt"] for x in "qkv"]
+    assert all(helper.get_attribute_value(n.attribute[0]) == 1 for n in model.graph.node[:3])  # along the tokens
+    np.testing.assert_allclose(_run(model, feeds), want, rtol=1e-5, atol=1e-6)
+
+
+def test_concatenation_along_another_axis_is_left_alone():
+    model = _joint_graph(axis=3)  # joins head dimensions, not tokens: not an attention over N + T tokens
+    before = model.SerializeToString()
+    assert fuse_attention(model) == 0
+    assert model.SerializeToString() == before
