@@ -16,6 +16,7 @@ Calibration budget (the smallest the CLI allows for CFG): --steps 4 --trajectori
 bench/report.py. Usage:
 
   nice -n 10 python bench/scale.py --config sd15 --work /tmp/scale [--skip quantize] [--iters 2] [--artifact q-bkd]
+                                  [--resolution 64]
 """
 
 from __future__ import annotations
@@ -54,16 +55,18 @@ def dq(*args: str) -> list[str]:
     return [sys.executable, "-m", "dqdeploy.cli", "-v", *args]
 
 
-def stage_commands(config: str, work: Path, iters: int, width: int | None, artifact: str = "q") -> dict[str, list[str]]:
+def stage_commands(config: str, work: Path, iters: int, width: int | None, artifact: str = "q",
+                   resolution: int | None = None) -> dict[str, list[str]]:
     model, cond, q = work / "model", work / "model-cond.safetensors", work / artifact
+    calib = CALIB + ([] if resolution is None else ["--resolution", str(resolution)])
     py = [sys.executable, "-c"]
     make = f"from bench.scale_models import CONFIGS, write_folder; from pathlib import Path; " \
            f"write_folder(CONFIGS[{config!r}]({'' if width is None else width}), Path({str(model)!r}))"
     return {
         "folder": py + [make],
-        "quantize": dq("quantize", str(model), "--cond", str(cond), *CALIB, "--iters", str(iters), "--batch-size", "2",
+        "quantize": dq("quantize", str(model), "--cond", str(cond), *calib, "--iters", str(iters), "--batch-size", "2",
                        "--out", str(work / "q-bkd"), "--overwrite"),
-        "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *CALIB, "--no-distill", "--out", str(work / "q"),
+        "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *calib, "--no-distill", "--out", str(work / "q"),
                            "--overwrite"),
         "export-ort": dq("export", str(q), "--target", "ort", "--out", str(work / "e-ort"), "--overwrite"),
         "export-onnx": dq("export", str(q), "--target", "onnx", "--out", str(work / "e-onnx"), "--overwrite"),
@@ -82,13 +85,16 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=STAGES)
     ap.add_argument("--artifact", choices=("q", "q-bkd"), default="q",
                     help="what export and load read: the PTQ artifact (q) or the distilled one (q-bkd)")
+    ap.add_argument("--resolution", type=int, help="calibration latent size (quantize --resolution; the config's sample_size "
+                                                   "by default); the exported graphs take that size")
     ap.add_argument("--results", type=Path, default=RESULTS / "scale.json")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    commands = stage_commands(args.config, args.work, args.iters, args.width, args.artifact)
+    commands = stage_commands(args.config, args.work, args.iters, args.width, args.artifact, args.resolution)
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     entry = results.get(args.config, {}) | {"command": "python bench/scale.py " + " ".join(sys.argv[1:]),
-                                           "machine": machine(), "calibration": " ".join(CALIB), "iters": args.iters}
+                                           "machine": machine(), "calibration": " ".join(CALIB + ([f"--resolution {args.resolution}"] if args.resolution else [])),
+                                           "iters": args.iters}
     stages = entry.setdefault("stages", {})
     for name in STAGES:
         if name in args.skip:
