@@ -6,7 +6,8 @@ The exporter writes attention as heads split by Reshape/Transpose, ``MatMul(q * 
 kernel computes the same product tile by tile (no score matrix, no head transposes). The rewrite is
 float-exact up to summation order: the Q/DQ nodes around it are not touched. Only the exact
 pattern is rewritten (every Reshape/Transpose checked against the head count and head size); anything
-else (masks, rotary embeddings, normalised q/k) is left as it is.
+else (masks, rotary embeddings, normalised q/k) is left as it is. SD3's joint attention (image and text
+heads concatenated along the tokens before one attention) becomes a Concat of the 3D parts per input.
 """
 
 from __future__ import annotations
