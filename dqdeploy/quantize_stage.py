@@ -18,6 +18,7 @@ from typing import cast
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
@@ -61,7 +62,7 @@ def _dilations(
         groups.setdefault(info[n].group, []).append(n)
     absmax = input_channel_absmax(unet, [g[0] for g in groups.values()], calib) if recipe.scaling == "smoothquant" else {}
     result: dict[str, torch.Tensor | None] = {}
-    for members in groups.values():
+    for members in tqdm(groups.values(), desc=f"dilation ({recipe.scaling})", unit="group", leave=False):
         weights = [cast(torch.Tensor, unet.get_submodule(m).weight) for m in members]
         if any(getattr(unet.get_submodule(m), "groups", 1) != 1 for m in members):
             s = None  # grouped convs mix channels per group: leave them undilated

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
 from ..inputs import Hook, forward_hooks
@@ -71,7 +72,7 @@ def capture_targets(fp_unet: nn.Module, names: Sequence[str], calib: Calibration
 
     hooks: list[Hook] = [(fp_unet.get_submodule(n), "post", post(n)) for n in names]
     with forward_hooks(hooks, with_kwargs=True):
-        for current, idx in enumerate(batches):
+        for current, idx in enumerate(tqdm(batches, desc="distillation targets", unit="batch", leave=False)):
             calib.batch(idx).call(fp_unet)
 
 
