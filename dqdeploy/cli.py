@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DQDeployError
+from .errors import DQDeployError, as_user_error
 from .interrupts import Terminated, install_signal_handlers
 from .vocab import GRAPH_RUNTIMES, LAYOUTS, RUNTIMES, SCALINGS, TARGETS
 
@@ -373,10 +373,8 @@ def _interrupted() -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors print one message and exit non-zero, without a traceback.
-
-    SIGINT exits 130 and SIGTERM 143, both after temporary folders are removed.
-    """
+    """Console entry point: user errors (a full disk included) print one message and exit non-zero, without a
+    traceback. SIGINT exits 130 and SIGTERM 143, both after temporary folders are removed."""
     install_signal_handlers()
     try:
         cli.main(standalone_mode=False)
@@ -388,11 +386,13 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except DQDeployError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _interrupted()
+    except Exception as exc:
+        if (error := as_user_error(exc)) is None:
+            raise  # a bug: its traceback is the report
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

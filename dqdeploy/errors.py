@@ -6,6 +6,9 @@ found and how to fix it; the CLI prints them without a traceback and exits non-z
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class DQDeployError(Exception):
     """Base class of every error dqdeploy reports to a user."""
@@ -53,6 +56,30 @@ class CheckFailedError(DQDeployError):
     """An accuracy check found outputs outside tolerance."""
 
     exit_code = 1
+
+
+class DiskFullError(DQDeployError):
+    """Writing failed: the disk, a quota or the file-size limit is full."""
+
+    exit_code = 1
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def as_user_error(exc: BaseException) -> DQDeployError | None:
+    """``exc`` as a user sees it: itself when it is a :class:`DQDeployError`, a full disk (Python's
+    ``OSError`` or the error of safetensors' writer) as a :class:`DiskFullError`, else None (a bug)."""
+    if isinstance(exc, DQDeployError):
+        return exc
+    code = exc.errno if isinstance(exc, OSError) else next(
+        (c for c in DISK_FULL if type(exc).__name__ == "SafetensorError" and f"(os error {c})" in str(exc)), None)
+    if code not in DISK_FULL:
+        return None
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    return DiskFullError(f"writing failed: {os.strerror(code)}{where}",
+                         hint="free space on that disk, or write the output (--out) and temporary files (TMPDIR) to a disk "
+                              "with room: quantize keeps about the model's size there while it runs")
 
 
 def check_format(data: dict, fmt: str, version: int | tuple[int, ...], what: str, command: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "4", "--calib-samples", "24", "--trajectories", "4", "--iters", "3", "--batch-size", "8"]
 
 
-def dqdeploy(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def dqdeploy(*args, cwd: Path | None = None, max_file_bytes: int | None = None, tmpdir: Path | None = None
+             ) -> subprocess.CompletedProcess:
+    """Run the CLI (``max_file_bytes``: the file-size limit of the process, so that writing past it
+    fails as on a full disk; ``tmpdir``: its TMPDIR)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
+
+    def limit() -> None:
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run([sys.executable, "-m", "dqdeploy.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd or ROOT, timeout=300)
+                          text=True, env=env, cwd=cwd or ROOT, timeout=300, preexec_fn=limit)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -117,3 +127,14 @@ def test_contradicting_ablation_flags_are_a_usage_error(pipe_dir, tmp_path):
     proc = dqdeploy("quantize", pipe_dir, "--out", tmp_path / "q", "--no-distill", "--distill", "block")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "contradicts" in proc.stderr
+
+
+def test_a_full_disk_is_a_user_error_and_leaves_no_output(pipe_dir, tmp_path):
+    """Writes past the process's file-size limit fail as on a full disk would (EFBIG, like ENOSPC)."""
+    out = tmp_path / "q"
+    proc = dqdeploy("quantize", pipe_dir, "--out", out, *FAST, max_file_bytes=20_000, tmpdir=tmp_path)
+    assert_user_error(proc, "writing failed", "File too large", "fix: free space")
+    assert proc.returncode == 1
+    assert not out.exists()  # nothing half-written under the output's name
+    assert "--resume continues" in proc.stderr  # the calibration set it had written is kept for a resumed run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.checkpoint"]  # no temporary folder left
