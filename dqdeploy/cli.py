@@ -91,7 +91,8 @@ def cli(verbose: bool) -> None:
 @click.option("--scaling", type=click.Choice(SCALINGS), help="Equivalent scaling: Weight Dilation (default), SmoothQuant, none.")
 @click.option("--timestep-scales", type=click.Choice(["per-step", "collapsed"]), help="Ablation: 'collapsed' keeps one activation scale for all steps.")
 @click.option("--no-distill", is_flag=True, help="Ablation: calibration only (post-training quantization).")
-@click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]), help="Block-wise (default), whole-model, or none.")
+@click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]),
+              help="Block-wise (default), whole-model (an ablation: Adam over every weight at once, about 4x the model's memory), or none.")
 @click.option("--layout", type=click.Choice(LAYOUTS), help="Rounding the simulation models: 'ort' (default: also the output rounding of ONNX Runtime's fused QLinearConv; both exported graphs reproduce it exactly) or 'trt' (input Q/DQ only: exact for the TensorRT graph, the --target ort graph adds unmodelled output rounding).")
 @click.option("--fallback", help="Layers kept in float in both graphs: 'auto' (the most costly by sensitivity, within --fallback-budget of the MACs), 'none', or comma-separated module-name patterns. Recipe default otherwise.")
 @click.option("--fallback-budget", type=float, help="auto fallback: at most this fraction of the MACs stays in float.")
