@@ -212,7 +212,7 @@ def _sample_outputs(model: QuantizedUNet, calib: CalibrationSet, batch_size: int
         state["sizes"] = None
         sizes = {b: seq for part in distributed.all_gather(sizes) for b, seq in part.items()}
     mine = set(calib.batch_indices(batch_size))
-    for b in range(-(-len(calib) // batch_size)):
+    for b in tqdm(range(-(-len(calib) // batch_size)), desc="calibrate (outputs)", leave=False):
         if b in mine:
             state["batch"] = b
             calib.batch(torch.arange(b * batch_size, min((b + 1) * batch_size, len(calib)))).call(model)
