@@ -8,7 +8,7 @@ denoisers (:mod:`dqdeploy.denoisers`): ``UNet2DModel`` (DDPM/LDM), ``UNet2DCondi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class LoadedModel:
     model_dir: Path
     text_encoder: Any = None
     tokenizer: Any = None
+    weight_files: dict[str, Path] = field(default_factory=dict)  # tensor name -> the safetensors file it was read from
 
     @property
     def conditional(self) -> bool:
@@ -100,7 +101,11 @@ def load_unet(model_dir: str | Path, *, allow_pickle: bool = False) -> torch.nn.
     Weights are read from safetensors only; ``allow_pickle`` also accepts ``.bin`` (pickle) files,
     which can run code when loaded: only for folders you trust.
     """
-    model_dir = Path(model_dir)
+    return _load_unet(Path(model_dir), allow_pickle)[0]
+
+
+def _load_unet(model_dir: Path, allow_pickle: bool) -> tuple[torch.nn.Module, dict[str, Path]]:
+    """The denoiser, and the file each tensor was read from (:func:`own_weights`)."""
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist", hint="check the path")
     udir = _unet_dir(model_dir)
@@ -118,29 +123,29 @@ def load_unet(model_dir: str | Path, *, allow_pickle: bool = False) -> torch.nn.
     except Exception as exc:  # diffusers raises OSError/ValueError/TypeError/KeyError for malformed folders
         raise ModelLoadError(f"could not load {cls.__name__} from {udir}: {type(exc).__name__}: {str(exc)[:400]}",
                              hint="check config.json (field types) and the weights, or re-save with save_pretrained") from None
-    own_weights(unet, udir)
-    return unet.eval()
+    files = own_weights(unet, udir)
+    return unet.eval(), files
 
 
-def own_weights(model: torch.nn.Module, folder: Path) -> int:
+def own_weights(model: torch.nn.Module, folder: Path) -> dict[str, Path]:
     """Give ``model`` its own memory for every parameter and buffer stored with the same name,
     dtype and shape in ``folder``'s safetensors weights, read with file reads (``from_pretrained``
     maps the file, and the pages the model touches then stay resident for the life of the process,
     see :mod:`dqdeploy.tensorfile`). A tensor the loader converted (another dtype or name) is left as
-    it is. Returns the number of tensors replaced."""
+    it is. Returns the file each replaced tensor was read from, by tensor name."""
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     try:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
             else ["diffusion_pytorch_model.safetensors"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0  # from_pretrained read it: whatever it found stays as loaded
+        return {}  # from_pretrained read it: whatever it found stays as loaded
 
     def same(name: str, entry: dict) -> bool:
         t = tensors.get(name)
         return t is not None and DTYPES[entry["dtype"]] == t.dtype and list(t.shape) == entry["shape"]
 
-    count = 0
+    found: dict[str, Path] = {}
     for fname in files:
         path = folder / str(fname)
         if not path.is_file():
@@ -151,8 +156,8 @@ def own_weights(model: torch.nn.Module, folder: Path) -> int:
             continue
         for name, value in read.items():
             tensors[name].data = value
-            count += 1
-    return count
+            found[name] = path
+    return found
 
 
 def load_scheduler_config(model_dir: Path, scheduler_dir: str | Path | None = None) -> dict[str, Any]:
@@ -172,8 +177,8 @@ def load_model(model_dir: str | Path, scheduler_dir: str | Path | None = None, *
     """Load UNet, scheduler config and, when present, the text encoder and tokenizer
     (safetensors only unless ``allow_pickle``)."""
     model_dir = Path(model_dir)
-    unet = load_unet(model_dir, allow_pickle=allow_pickle)
-    loaded = LoadedModel(unet, load_scheduler_config(model_dir, scheduler_dir), model_dir)
+    unet, files = _load_unet(model_dir, allow_pickle)
+    loaded = LoadedModel(unet, load_scheduler_config(model_dir, scheduler_dir), model_dir, weight_files=files)
     if (model_dir / "text_encoder").is_dir() and (model_dir / "tokenizer").is_dir():
         loaded.text_encoder, loaded.tokenizer = _load_text_stack(model_dir, allow_pickle)
     return loaded

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import cast
 
@@ -227,7 +227,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
             ckpt.save_calibration(calib)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
     return quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config, checkpoint=ckpt, micro_batches=micro_batches,
-                         in_place=True)  # the model loaded here is converted itself
+                         in_place=True, sources=loaded.weight_files)  # the model loaded here is converted itself
 
 
 def quantize_unet(
@@ -240,11 +240,13 @@ def quantize_unet(
     checkpoint: RunCheckpoint | None = None,
     micro_batches: int = 1,
     in_place: bool = False,
+    sources: Mapping[str, Path] | None = None,
 ) -> QuantizeResult:
     """The in-memory pipeline: dilation, per-step calibration, distillation. ``checkpoint``: saves each
     step's result and restores what an interrupted run finished; ``micro_batches``: slices of each
     distillation batch per process (:mod:`dqdeploy.quant.distill`); ``in_place``: convert ``unet``
-    itself, holding the weights once (else a copy, ``unet`` unchanged)."""
+    itself, holding the weights once (else a copy, ``unet`` unchanged), fallback layers read back from
+    ``sources`` (the file of each tensor, ``LoadedModel.weight_files``) or from the run's data folder."""
     calib.validate()
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
     model = unet if in_place else copy.deepcopy(unet).eval()
@@ -262,9 +264,8 @@ def quantize_unet(
         with stage(log, "distillation targets"):
             blocks, targets = _targets(model, recipe, calib, calibration.seed, micro_batches, planned, store)
         if saved is None:
-            floats = FloatLayers(fallback_candidates(recipe, planned), work if in_place else None)
-            qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration,
-                                                  scheduler_config)
+            floats = FloatLayers(fallback_candidates(recipe, planned), *((work, sources) if in_place else ()))
+            qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration, scheduler_config)
             if checkpoint:
                 with stage(log, "checkpoint the calibrated model"):
                     checkpoint.save_calibrated(qmodel.unet, metas, fallback)

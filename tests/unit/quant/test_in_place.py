@@ -28,7 +28,6 @@ def test_float_layers_round_trip_exactly_through_disk(tmp_path):
     back = floats.restore("a")
     assert back is conv and not back.weight.is_meta
     assert all(torch.equal(t, originals["a"][k]) for k, t in back.state_dict().items())
-    assert len(list((tmp_path / "data").iterdir())) == 1  # read back, then deleted
     floats.clear()
     assert not list((tmp_path / "data").iterdir())
 
@@ -60,3 +59,24 @@ def test_a_block_whose_layers_all_fall_back_is_not_distilled():
     names = [b["name"] for b in result.manifest.blocks]
     assert "conv_in" not in names and "time_embedding" not in names and "conv_out" in names
     assert not isinstance(fp.conv_in, QuantLayer) and isinstance(fp.conv_out, QuantLayer)
+
+
+def test_float_layers_loaded_from_a_file_are_read_back_from_it(tmp_path):
+    """A layer whose every tensor came from the model's safetensors file is read back from there (nothing
+    written); one with a tensor from elsewhere goes to the data folder."""
+    from safetensors.torch import save_file
+
+    conv, linear = nn.Conv2d(3, 5, 3), nn.Linear(4, 2)
+    originals = {"a": copy.deepcopy(conv.state_dict()), "b": copy.deepcopy(linear.state_dict())}
+    source = tmp_path / "model.safetensors"
+    save_file({"a.weight": conv.weight.detach(), "a.bias": conv.bias.detach(), "b.weight": linear.weight.detach()}, str(source))
+    floats = FloatLayers(["a", "b"], tmp_path / "data", {"a.weight": source, "a.bias": source, "b.weight": source})
+    floats.keep("a", conv)
+    floats.keep("b", linear)  # b.bias was not read from the file
+    assert conv.weight.is_meta and linear.weight.is_meta
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["float-00000.safetensors"]  # b only
+    for name in ("a", "b"):
+        back = floats.restore(name)
+        assert all(torch.equal(t, originals[name][k]) for k, t in back.state_dict().items()), name
+    floats.clear()
+    assert source.is_file() and not list((tmp_path / "data").iterdir())  # the model's file is never touched
