@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..recipe import Recipe
-from ..stages import release_memory, rss_gb
+from ..stages import rss_gb, trim_heap
 from .blocks import Block
 from .blockstore import BlockStore, contiguous
 from .modules import QuantizedUNet, QuantLayer, quant_layers
@@ -234,7 +234,7 @@ def distill_blocks(
             cache_outputs(qmodel, qblock, k, rows, store)
             store.drop(INPUTS, k)
             store.drop(FP, target_index[block.name])
-            release_memory()  # the block's activations and optimizer state leave the process before the next block
+            trim_heap()  # the block's activations and optimizer state leave the process before the next block
             log.debug("block %s done: RSS now %.2f GB", block.name, rss_gb() or 0.0)
     return reports
 
