@@ -264,7 +264,7 @@ def quantize_unet(
         with stage(log, "distillation targets"):
             blocks, targets = _targets(model, recipe, calib, calibration.seed, micro_batches, planned, store)
         if saved is None:
-            floats = FloatLayers(fallback_candidates(recipe, planned), *((work, sources) if in_place else ()))
+            floats = FloatLayers(fallback_candidates(recipe, planned), work if in_place else None, sources if in_place else None)
             qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration, scheduler_config)
             if checkpoint:
                 with stage(log, "checkpoint the calibrated model"):

@@ -128,48 +128,38 @@ def _train(
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(iters), desc=f"distill {name}", leave=False)
         running = before
-        for step in _with_gradients(params, bar):
-            i = int(torch.randint(n_batches, (1,), generator=gen))
-            opt.zero_grad(set_to_none=True)
-            value = batch_loss(i, True)
-            if distributed.active():
-                value = float(distributed.all_reduce(torch.tensor(value, dtype=torch.float64)))  # the global batch's loss
-            if not math.isfinite(value):
-                raise FloatingPointError(f"distillation loss of {name} became {value} at step {step}")
-            distributed.sum_gradients(params)
-            opt.step()
-            running = 0.9 * running + 0.1 * value
-            curve.append(value)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{running:.3e}")
+        with _requires_grad(params, True):
+            for step in bar:
+                i = int(torch.randint(n_batches, (1,), generator=gen))
+                opt.zero_grad(set_to_none=True)
+                value = batch_loss(i, True)
+                if distributed.active():
+                    value = float(distributed.all_reduce(torch.tensor(value, dtype=torch.float64)))  # the global batch's loss
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"distillation loss of {name} became {value} at step {step}")
+                distributed.sum_gradients(params)
+                opt.step()
+                running = 0.9 * running + 0.1 * value
+                curve.append(value)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{running:.3e}")
         opt.zero_grad(set_to_none=True)  # a finished block keeps no gradients (they added up to the model's size)
     return BlockReport(name, before, mean_loss(), curve)
 
 
-def _with_gradients(params: list[torch.Tensor], steps: Iterable[int]) -> Iterator[int]:
-    """``steps``, with exactly ``params`` of the model requiring gradients meanwhile (the model is
-    :func:`_frozen`: no gradient is computed, nor kept, for norms or float layers); flags restored after."""
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield from steps
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """No parameter of ``model`` requires gradients in the ``with`` body; flags restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+def _requires_grad(params: Iterable[torch.Tensor], flag: bool) -> Iterator[None]:
+    """``params`` require gradients (``flag``) in the ``with`` body; their own flags restored after.
+    Distillation freezes the whole model, then unfreezes the parameters of the block it trains: no
+    gradient is computed, nor kept, for norms, float layers or other blocks."""
+    saved = [(p, p.requires_grad) for p in params]
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
+        for p, _ in saved:
+            p.requires_grad_(flag)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for p, old in saved:
+            p.requires_grad_(old)
 
 
 @dataclass
@@ -187,7 +177,7 @@ class Targets:
 def block_targets(fp_unet: nn.Module, blocks: list[Block], calib: CalibrationSet, recipe: Recipe, store: BlockStore,
                   seed: int = 0, *, micro_batches: int = 1) -> Targets:
     """The FP outputs of every block, one FP forward per slice, into ``store``."""
-    sl = rank_slices(torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed)), recipe.batch_size, micro_batches)
+    sl = _seeded_slices(len(calib), recipe.batch_size, seed, micro_batches)
     names = [b.name for b in blocks]
     capture_targets(fp_unet, names, calib, sl.parts, store)
     return Targets(sl, store, names)
@@ -196,7 +186,7 @@ def block_targets(fp_unet: nn.Module, blocks: list[Block], calib: CalibrationSet
 @torch.no_grad()
 def model_targets(fp_unet: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *, micro_batches: int = 1) -> Targets:
     """The FP model's output on every slice (whole-model distillation)."""
-    sl = rank_slices(torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed)), recipe.batch_size, micro_batches)
+    sl = _seeded_slices(len(calib), recipe.batch_size, seed, micro_batches)
     return Targets(sl, outputs=[calib.batch(p).call(fp_unet) for p in sl.parts])
 
 
@@ -219,7 +209,7 @@ def distill_blocks(
     rows = [qmodel.table.index(calib.inputs.timestep[p], len(p)) for p in sl.parts]
     names = [b.name for b in blocks]
     reports = []
-    with _frozen(qmodel):  # only the block in training computes gradients, for its quantized layers' parameters
+    with _requires_grad(qmodel.parameters(), False):  # only the block in training computes gradients (_train)
         for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
             qblock = qmodel.unet.get_submodule(block.name)
             n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
@@ -283,6 +273,11 @@ class Slices:
     groups: list[list[int]]
 
 
+def _seeded_slices(n: int, batch: int, seed: int, micro_batches: int) -> Slices:
+    """This rank's slices of the batches of a seeded random order of ``n`` samples."""
+    return rank_slices(torch.randperm(n, generator=torch.Generator().manual_seed(seed)), batch, micro_batches)
+
+
 def rank_slices(order: torch.Tensor, batch: int, micro_batches: int = 1) -> Slices:
     """Every global batch of ``order`` split into ``world * micro_batches`` slices; this rank's
     ``micro_batches`` consecutive ones (one process, one micro-batch: the whole batches)."""
@@ -307,5 +302,5 @@ def distill_model(qmodel: QuantizedUNet, calib: CalibrationSet, recipe: Recipe, 
             yield F.mse_loss(calib.batch(sl.parts[p]).call(qmodel), targets.outputs[p]) * sl.shares[p]
 
     layers = list(quant_layers(qmodel).values())
-    with _frozen(qmodel):
+    with _requires_grad(qmodel.parameters(), False):
         return [_train("model", losses, layers, len(sl.groups), recipe, recipe.iters, seed)]
