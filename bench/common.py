@@ -59,8 +59,18 @@ def interleaved_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: 
 def machine() -> dict[str, str]:
     import onnxruntime
 
-    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+    from dqdeploy.cpu import cpu_info
+
+    return {**cpu_info().as_dict(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": "1"}
+
+
+def git_commit() -> str:
+    """The commit the measured code is at (``+dirty`` when the work tree differs from it)."""
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = run("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def write_results(name: str, data: dict) -> Path:

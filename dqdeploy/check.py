@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from .exporters.spec import read_spec
 from .inputs import OUTPUT, DenoiserInputs, forward_hooks
 from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
 from .trt_gate import require_tensorrt
-from .vocab import GraphRuntime, Layout
+from .vocab import GraphRuntime, Inexact, Layout
 
 # Graphs that round where the simulation does not -- the ORT layout's output quantization of an
 # artifact not quantized with layout="ort", or FP16 activations -- get twice the simulation's
@@ -181,21 +182,27 @@ def _quant_errors(model: QuantizedUNet, feeds: list[dict[str, np.ndarray]], sim_
         set_weight_quant(model, True)
 
 
-def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[str] | None = None, output: str = OUTPUT):
+def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[str] | None = None, output: str = OUTPUT,
+                  inexact: Inexact = "refuse"):
     if runtime == "trt":
         require_tensorrt()
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         return TrtRunner(EngineFromBytes(BytesFromPath(str(export_dir / read_spec(export_dir).engine_file))), name="tensorrt")
-    require("onnxruntime", "ort", "checking with ONNX Runtime")
+    ort = require("onnxruntime", "ort", "checking with ONNX Runtime")
     from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    loader = str(export_dir / read_spec(export_dir).onnx_file)
+    from .runtimes.ort import CPU, exactness_entries, session_options
+
+    spec = read_spec(export_dir)
+    options = session_options(1, None, exactness_entries(spec, inexact))  # the runtime's own session, on this CPU
+    model: Any = str(export_dir / spec.onnx_file)
     if extra_outputs:  # only the named layer inputs: marking every tensor of a big graph is unusable
-        loader = BytesFromOnnx(ModifyOutputs(OnnxFromPath(loader), outputs=[output, *extra_outputs]))
-    return OnnxrtRunner(SessionFromOnnx(loader, providers=["CPUExecutionProvider"]), name="onnxruntime")
+        model = BytesFromOnnx(ModifyOutputs(OnnxFromPath(model), outputs=[output, *extra_outputs]))
+    return OnnxrtRunner(lambda: ort.InferenceSession(model() if callable(model) else model, options, providers=[CPU]),
+                        name="onnxruntime")
 
 
 def check_export(
@@ -208,6 +215,7 @@ def check_export(
     steps: int | None = None,
     tolerance_ratio: float | None = None,
     tolerance_floor: float = 1e-3,
+    inexact: Inexact = "refuse",
 ) -> CheckResult:
     """Compare the simulation of ``quant_dir`` with the graph in ``export_dir`` at every calibrated
     time step the artifact stores inputs for (``steps``: at most that many, spread over the
@@ -215,7 +223,8 @@ def check_export(
 
     ``tolerance_ratio`` (default 1; 2 for FP16 graphs and for an ORT-layout graph made from an
     artifact whose simulation does not model the output rounding, i.e. not quantized with
-    ``layout="ort"``) times the simulation's own quantization error.
+    ``layout="ort"``) times the simulation's own quantization error. ``inexact``: as for the ORT runtime, when
+    the graph's int8 format is not exact on this CPU (:func:`dqdeploy.runtimes.ort.exactness_entries`).
     """
     from polygraphy.comparator import Comparator
 
@@ -240,7 +249,7 @@ def check_export(
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    runners = [_simulation_runner(model, spec.inputs, output), _graph_runner(Path(export_dir), runtime, q_outputs, output)]
+    runners = [_simulation_runner(model, spec.inputs, output), _graph_runner(Path(export_dir), runtime, q_outputs, output, inexact)]
     (_, sim_iters), (_, graph_iters) = Comparator.run(runners, data_loader=feeds)
     sim_outs = [np.asarray(it[output], np.float32) for it in sim_iters]
     graph_outs = [np.asarray(it[output], np.float32) for it in graph_iters]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import click
 
 from .errors import DQDeployError, as_user_error
 from .interrupts import Terminated, install_signal_handlers
-from .vocab import GRAPH_RUNTIMES, LAYOUTS, RUNTIMES, SCALINGS, TARGETS
+from .vocab import CPU_CHOICES, GRAPH_RUNTIMES, INEXACT, LAYOUTS, RUNTIMES, SCALINGS, TARGETS
 
 POSITIVE = click.IntRange(min=1)
 
@@ -27,8 +29,6 @@ class FiniteFloat(click.ParamType):
     name = "number"
 
     def convert(self, value, param, ctx):
-        import math
-
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -42,8 +42,6 @@ RATE = FiniteFloat()
 
 
 def _setup(verbose: bool) -> None:
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone shows progress
         os.environ.setdefault("TQDM_DISABLE", "1")
@@ -121,16 +119,13 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     from .recipe import CalibrationConfig, resolve_recipe
 
     r = resolve_recipe(recipe)
-    changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
-                                     fallback=fallback, fallback_budget=fallback_budget).items() if v is not None}
+    changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant, fallback=fallback,
+                                     fallback_budget=fallback_budget, timestep_scales=timestep_scales, layout=layout).items()
+               if v is not None}
     if no_dilation and scaling not in (None, "none"):
         raise click.UsageError("--no-dilation contradicts --scaling " + scaling)
     if no_dilation or scaling:
         changes["scaling"] = "none" if no_dilation else scaling
-    if timestep_scales:
-        changes["timestep_scales"] = timestep_scales
-    if layout:
-        changes["layout"] = layout
     if no_distill and distill_mode not in (None, "none"):
         raise click.UsageError("--no-distill contradicts --distill " + distill_mode)
     if no_distill or distill_mode:
@@ -145,8 +140,7 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
 
     if not is_writer():  # rank 0 reports
         return
-    n = len(result.manifest.layers)
-    click.echo(f"quantized {n} layers of {result.manifest.model_class} with recipe {r.name} -> {out_dir}")
+    click.echo(f"quantized {len(result.manifest.layers)} layers of {result.manifest.model_class} with recipe {r.name} -> {out_dir}")
     if result.manifest.fallback:
         click.echo(f"kept in float (fallback {r.fallback}): {', '.join(result.manifest.fallback)}")
     if result.reports:
@@ -264,9 +258,10 @@ def _batch_profile(text: str) -> tuple[int, int, int]:
 @click.option("--triton-repo", type=click.Path(path_type=Path), help="trt: also write a Triton model repository here.")
 @click.option("--dynamic-resolution", "dyn_res", metavar="MIN:MAX",
               help="Dynamic latent height and width, each in MIN..MAX (latent pixels, like quantize --resolution; multiples of the model's step).")
+@click.option("--cpu", type=click.Choice(CPU_CHOICES), default="auto", show_default=True, help="ort: CPUs the int8 graph is exact on. vnni: fastest, x86 with VNNI/AMX and ARM64 only; portable: every CPU (x86 without VNNI too), slower; auto: this machine's.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo, dyn_res,
-           overwrite) -> None:
+           cpu, overwrite) -> None:
     """Export a quantized artifact SOURCE to ONNX (QDQ) and, for --target trt, a TensorRT engine."""
     from .exporters.dynamic import parse_range
     from .exporters.export import export as run_export
@@ -279,10 +274,12 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
         raise click.BadParameter(f"{dyn_res!r}: expected MIN:MAX latent sizes with 1 <= MIN <= MAX, e.g. 32:96", param_hint="--dynamic-resolution") from None
     run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
                overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
-               triton_repo=triton_repo, dynamic_resolution=res_range)
-    click.echo(f"wrote {Path(out_dir) / read_spec(out_dir).onnx_file} ({target})")
+               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu)
+    spec = read_spec(out_dir)
+    fmt = f"; int8 format {spec.int8_format}: `dqdeploy inspect` says where it is exact" if spec.int8_format else ""
+    click.echo(f"wrote {Path(out_dir) / spec.onnx_file} ({target}{fmt})")
     if target == "trt":
-        click.echo(f"wrote {Path(out_dir) / read_spec(out_dir).engine_file}")
+        click.echo(f"wrote {Path(out_dir) / spec.engine_file}")
         if triton_repo:
             click.echo(f"wrote {Path(triton_repo) / 'unet'}")
 
@@ -295,7 +292,9 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
 @click.option("--samples", default=4, show_default=True, type=POSITIVE, help="Inputs per checked time step.")
 @click.option("--steps", type=POSITIVE, help="Check at most this many time steps, spread over the trajectory (default: every calibrated step).")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")
-def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report) -> None:
+@click.option("--inexact", type=click.Choice(INEXACT), default="refuse", show_default=True,
+              help="A graph whose int8 format is not exact on this CPU: refuse, run its Q/DQ as float math (exact, slow), or allow the wrong kernels.")
+def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report, inexact) -> None:
     """Compare the PyTorch simulation with the exported graph (Polygraphy) at every calibrated time step.
 
     Exits 1 when any step is outside tolerance.
@@ -306,7 +305,8 @@ def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report) -> 
 
     if report:
         check_output_file(report, "--report", sources=[quant_dir, export_dir])
-    result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples, steps=steps)
+    result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples, steps=steps,
+                          inexact=inexact)
     click.echo(result.table())
     if report:
         atomic_write_bytes(report, json.dumps(result.to_dict(), indent=2).encode())
@@ -344,16 +344,16 @@ def lint(export_dir) -> None:
     from .exporters.lint import lint_path
     from .exporters.spec import ONNX_FILE, SPEC_FILE, read_spec
 
-    path = Path(export_dir)
-    onnx_path = path
-    if path.is_dir():
-        onnx_path = path / (read_spec(path).onnx_file if (path / SPEC_FILE).is_file() else ONNX_FILE)
+    path = onnx_path = Path(export_dir)
     if path.is_dir() and (path / SPEC_FILE).is_file():
         spec = read_spec(path)  # a missing, truncated or replaced graph is reported as corrupt
         if spec.target != "onnx":
             raise DQDeployError(
                 f"{path} is a {spec.target!r} export; lint checks TensorRT's rules, which apply to TensorRT-layout graphs only",
                 hint="lint the --out folder of `dqdeploy export --target onnx` (or trt)")
+        onnx_path = path / spec.onnx_file
+    elif path.is_dir():
+        onnx_path = path / ONNX_FILE
     if not onnx_path.is_file():
         raise DQDeployError(f"{onnx_path} not found", hint="pass the --out folder of `dqdeploy export --target onnx`")
     violations = lint_path(onnx_path)

@@ -79,4 +79,19 @@ def _describe_export(path: Path, as_json: bool) -> str:
         *(f"  {t.name:<22} {t.dtype} {t.shape}" for t in spec.inputs + spec.outputs),
         f"  timesteps    {len(spec.timesteps)} calibrated",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _int8_lines(spec))
+
+
+def _int8_lines(spec) -> list[str]:
+    """Which CPUs the graph's integer kernels are exact on, and whether this one is among them."""
+    from .cpu import cpu_info, exact_on
+
+    fmt = spec.weight_format
+    if fmt is None:
+        return ["  int8 kernels none on ONNX Runtime (" + ("float graph)" if spec.layout is None else
+                                                          "TensorRT layout: ONNX Runtime runs its Q/DQ as float math)")]
+    info = cpu_info()
+    verdict = "exact" if info.exact(fmt) else "NOT exact (re-export with --cpu portable)"
+    recorded = "" if spec.int8_format else " (exported before the format was recorded)"
+    return [f"  int8 format  {fmt}{recorded}: exact on {exact_on(fmt)}",
+            f"  this CPU     {info.model} ({' '.join(info.flags) or 'no int8 flags'}; {info.int8_class}): {verdict}"]

@@ -52,6 +52,10 @@ class MissingDependencyError(DQDeployError):
     """An optional dependency (ONNX Runtime, TensorRT, CUDA, ...) is not installed."""
 
 
+class CpuFormatError(DQDeployError):
+    """An int8 graph's integer format is not exact on this CPU (its GEMM kernels would saturate)."""
+
+
 class CheckFailedError(DQDeployError):
     """An accuracy check found outputs outside tolerance."""
 

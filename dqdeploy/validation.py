@@ -309,7 +309,7 @@ def check_calibration_inputs(calib: Mapping[str, torch.Tensor], manifest, where:
 def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> None:
     """Schema of an export spec dict (after its format and seal were checked)."""
     from .denoisers import SUPPORTED as SUPPORTED_UNETS
-    from .vocab import GRAPH_TARGETS
+    from .vocab import GRAPH_TARGETS, INT8_FORMATS
 
     p = Problems(where, "dqdeploy export", "export spec")
     required = {"target", "precision", "opset", "model_class", "model_config", "inputs", "outputs", "files"}
@@ -333,6 +333,9 @@ def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> Non
     rr = data.get("resolution_range")
     p.require(rr is None or (isinstance(rr, list) and len(rr) == 2 and all(is_int(v) and v > 0 for v in rr) and rr[0] <= rr[1]),
               f"resolution_range {rr!r} (expected [MIN, MAX] latent pixels)")
+    fmt = data.get("int8_format")
+    p.require(fmt is None or (fmt in INT8_FORMATS and data["target"] == "ort"),
+              f"int8_format {fmt!r} (expected one of {INT8_FORMATS}, on an ort-target graph only)")
     for key in ("inputs", "outputs"):
         tensors = data[key]
         if not p.require(isinstance(tensors, list) and 0 < len(tensors) <= 8, f"{key} must be a non-empty list"):

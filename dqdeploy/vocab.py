@@ -9,6 +9,10 @@
 * ``Runtime``: what runs a model when sampling (``torch``: the simulation); ``GraphRuntime``: what runs
   an exported graph (ONNX Runtime or TensorRT).
 * ``Scaling``: the equivalent scaling before quantization (Weight Dilation, SmoothQuant, none).
+* ``Int8Format``: the integer format of an ORT-layout graph's weights -- ``vnni`` (int8 weights over
+  the full range: exact where the CPU adds u8 x s8 products in 32 bits, i.e. x86 with VNNI/AMX and
+  ARM64) or ``portable`` (int8 weights within [-64, 64], else uint8: exact on every CPU);
+  ``CpuChoice`` adds ``auto`` (the exporting machine's). See :mod:`dqdeploy.cpu`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ GraphTarget = Literal["onnx", "ort", "float"]
 Runtime = Literal["auto", "torch", "ort", "trt"]
 GraphRuntime = Literal["ort", "trt"]
 Scaling = Literal["wd", "smoothquant", "none"]
+Int8Format = Literal["vnni", "portable"]
+CpuChoice = Literal["auto", "vnni", "portable"]
+Inexact = Literal["refuse", "float", "allow"]  # what a runtime does with a graph not exact on its CPU
 
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 TARGETS: tuple[str, ...] = get_args(Target)
@@ -28,6 +35,9 @@ GRAPH_TARGETS: tuple[str, ...] = get_args(GraphTarget)
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
 GRAPH_RUNTIMES: tuple[str, ...] = get_args(GraphRuntime)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
+INT8_FORMATS: tuple[str, ...] = get_args(Int8Format)
+CPU_CHOICES: tuple[str, ...] = get_args(CpuChoice)
+INEXACT: tuple[str, ...] = get_args(Inexact)
 
 
 def layout_of(target: GraphTarget) -> Layout | None:

@@ -20,6 +20,7 @@ import torch
 
 from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
 from ..atomic import atomic_dir, check_target
+from ..cpu import cpu_info, exact_on
 from ..denoisers import spec_for, spec_of
 from ..errors import ExportError
 from ..folders import detect
@@ -30,7 +31,7 @@ from ..quant.modules import QuantizedUNet, quantizes_output
 from ..recipe import Recipe
 from ..stages import release_memory, stage
 from ..trt_gate import require_tensorrt
-from ..vocab import GRAPH_TARGETS, TARGETS, GraphTarget, Target, layout_of
+from ..vocab import CPU_CHOICES, GRAPH_TARGETS, TARGETS, CpuChoice, GraphTarget, Int8Format, Target, layout_of
 from .dequantize import LayerTensors, dequantized_unet, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
@@ -60,8 +61,15 @@ def export(
     workspace_gb: float | None = None,
     triton_repo: str | Path | None = None,
     dynamic_resolution: tuple[int, int] | None = None,
+    cpu: CpuChoice = "auto",
 ) -> Path:
     """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``).
+
+    ``cpu`` (``ort`` only): the CPUs the int8 graph must be exact on -- ``vnni`` (full-range int8 weights:
+    fastest, exact on x86 with VNNI/AMX and ARM64, wrong on x86 without VNNI), ``portable`` (exact on every
+    CPU; the layers whose weights leave [-64, 64] multiply u8 x u8, slower) or ``auto`` (this machine's:
+    ``portable`` where it lacks VNNI, else ``vnni``). Recorded in the spec; runtimes refuse a graph that is
+    not exact on their CPU (:mod:`dqdeploy.cpu`).
 
     ``dynamic_resolution=(MIN, MAX)``: the latent height and width are dynamic, each a multiple of
     the model's step in ``[MIN, MAX]`` (:mod:`.dynamic`); ``trt`` profiles that range.
@@ -72,6 +80,8 @@ def export(
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
+    if target == "trt":
+        _check_request(source, "onnx", fp16, cpu)
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if triton_repo is not None:
         check_output_dir(Path(triton_repo) / "unet", owned=is_triton_model, sources=[source, out_dir])
@@ -79,7 +89,7 @@ def export(
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if target != "trt":
         return export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
-                            simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
+                            simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu)
     require_tensorrt()  # fail fast, before the export work
     export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
                  dynamic_resolution=dynamic_resolution)
@@ -99,9 +109,11 @@ def export_graph(
     simplify: bool = True,
     overwrite: bool = False,
     dynamic_resolution: tuple[int, int] | None = None,
+    cpu: CpuChoice = "auto",
 ) -> Path:
     """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``)."""
-    _check_request(source, target, fp16)
+    _check_request(source, target, fp16, cpu)
+    int8_format = resolve_format(cpu) if target == "ort" else None
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if detect(source) == "fp":
         return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
@@ -118,13 +130,14 @@ def export_graph(
         del canvas
         release_memory()  # the float UNet is not needed any more: its weights are in the scratch file
         if target != "float":
-            opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1, int4_linear=int4_linear)
+            opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1,
+                                  int4_linear=int4_linear, int8_format=int8_format or "vnni")
             with stage(log, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
         del parts
         graph = _finish_graph(graph, target, simplify)
         with stage(log, "write the graph"):
-            _write(graph, folder, _spec(graph, manifest, target, fp16, opset, dynamic_resolution))
+            _write(graph, folder, _spec(graph, manifest, target, fp16, opset, dynamic_resolution, int8_format))
     return Path(out_dir)
 
 
@@ -135,10 +148,26 @@ def _write(graph: Any, folder: Path, spec: ExportSpec) -> None:
     shutil.rmtree(folder / SCRATCH)
 
 
-def _check_request(source: str | Path, target: str, fp16: bool) -> None:
-    """Target, precision and source kind go together (errors say how to fix them)."""
+def resolve_format(cpu: str) -> Int8Format:
+    """The integer format for ``--cpu`` (``auto``: ``portable`` on a CPU whose u8s8 kernel saturates, else ``vnni``)."""
+    if cpu != "auto":
+        return cpu  # type: ignore[return-value]
+    info = cpu_info()
+    fmt: Int8Format = "vnni" if info.exact("vnni") else "portable"
+    log.info("--cpu auto: %s (%s, int8 class %s): int8 format %s, exact on %s", info.model, " ".join(info.flags) or "no int8 flags",
+             info.int8_class, fmt, exact_on(fmt))
+    return fmt
+
+
+def _check_request(source: str | Path, target: str, fp16: bool, cpu: str = "auto") -> None:
+    """Target, precision, CPU format and source kind go together (errors say how to fix them)."""
     if target not in GRAPH_TARGETS:
         raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
+    if cpu not in CPU_CHOICES:
+        raise ExportError(f"unknown --cpu {cpu!r} (expected one of {', '.join(CPU_CHOICES)})")
+    if cpu != "auto" and target != "ort":
+        raise ExportError(f"--cpu {cpu} applies to --target ort (the int8 graph for ONNX Runtime on CPU); "
+                          f"--target {target} has no CPU integer format", hint="drop --cpu, or export --target ort")
     if fp16 and target == "ort":
         raise ExportError("--fp16 applies to the TensorRT layout (--target onnx/trt); ONNX Runtime on CPU runs the uint8 graph in FP32")
     kind = detect(source)
@@ -242,13 +271,14 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
 
 
 def _spec(graph: Any, manifest: Manifest, target: GraphTarget, fp16: bool, opset: int,
-          resolution_range: tuple[int, int] | None) -> ExportSpec:
+          resolution_range: tuple[int, int] | None, int8_format: Int8Format | None) -> ExportSpec:
     inputs, outputs = tensor_specs(graph)
     return ExportSpec(
         target=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,
         model_config=manifest.model_config, inputs=inputs, outputs=outputs, timesteps=manifest.timesteps,
         recipe=manifest.recipe, scheduler_config=manifest.scheduler_config, versions=versions(),
         source=manifest.integrity, resolution_range=None if resolution_range is None else list(resolution_range),
+        int8_format=int8_format,
     )
 
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..cpu import s8_exact_anywhere
 from ..errors import ExportError
 from ..inputs import TIMESTEP
-from ..vocab import LAYOUTS, Layout
+from ..vocab import LAYOUTS, Int8Format, Layout
 from .dequantize import LayerTensors
 from .graph_index import GraphIndex, delete_where
 
@@ -52,6 +53,9 @@ class SurgeryOptions:
     int4_linear: bool = False  # 4-bit Linear weights as packed INT4 blocks, weight-only (W4A16, opset 21)
     int4_blocks: tuple[int, ...] = (128, 64)  # the block sizes TensorRT's INT4 weight-only GEMM takes
     scope_prefix: str = "unet."
+    # ORT layout: "vnni" keeps int8 weights over their full range (exact on CPUs with VNNI, ARM64);
+    # "portable" stores a layer whose weights leave [-64, 64] as uint8 (u8u8: exact on every CPU)
+    int8_format: Int8Format = "vnni"
 
 
 class _Graph:
@@ -178,10 +182,20 @@ def _weight_edge(gr: _Graph, node, layer: LayerTensors, opts: SurgeryOptions) ->
         dq = gr.node("DequantizeLinear", [q.name, gr.const(prefix + "_scale", scale), zp.name], prefix + "_dq", node,
                      axis=0, block_size=block)
     else:
-        q = gr.const(prefix + "_int8", w_int.astype(np.int8))
-        zp = gr.const(prefix + "_zp", np.zeros(layer.w_scale.shape, np.int8))
+        w_stored, w_zp = stored_weight(w_int, opts)
+        q = gr.const(prefix + ("_uint8" if w_stored.dtype == np.uint8 else "_int8"), w_stored)
+        zp = gr.const(prefix + "_zp", np.full(layer.w_scale.shape, w_zp, w_stored.dtype))
         dq = gr.node("DequantizeLinear", [q, gr.const(prefix + "_scale", layer.w_scale.astype(ftype)), zp], prefix + "_dq", node, axis=axis)
     node.input[1] = dq
+
+
+def stored_weight(w_int: np.ndarray, opts: SurgeryOptions) -> tuple[np.ndarray, int]:
+    """The weight integers as the graph stores them, and their zero point: int8 with zero point 0, or --
+    ORT layout, ``portable`` format, weights outside [-64, 64] -- uint8 with zero point 128 (the same values:
+    ``w + 128``), which ONNX Runtime multiplies without the saturating int16 pair sums of x86 without VNNI."""
+    if opts.layout == "ort" and opts.int8_format == "portable" and not s8_exact_anywhere(w_int):
+        return (w_int.astype(np.int16) + UINT8_ZERO_POINT).astype(np.uint8), UINT8_ZERO_POINT
+    return w_int.astype(np.int8), 0
 
 
 def _factor_shape(kind: str, rank: int, channels: int) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from ..folders import SPEC_FILE
 from ..inputs import CONTEXT
 from ..integrity import SEAL_KEY, read_json_object, seal, verify_file, verify_seal
 from ..recipe import Recipe
-from ..vocab import GRAPH_TARGETS, GraphTarget, Layout, layout_of
+from ..vocab import GRAPH_TARGETS, GraphTarget, Int8Format, Layout, layout_of
 
 ONNX_FILE = "unet/model.onnx"  # UNets; transformers: onnx_file()
 ONNX_DATA_FILE = "model.onnx_data"
@@ -76,6 +76,9 @@ class ExportSpec:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {sha256, size}
     source: str = ""  # integrity seal of the artifact manifest it was exported from ("" for float exports)
     resolution_range: list[int] | None = None  # [MIN, MAX] latent height/width of a dynamic-resolution graph
+    # ORT layout: the integer format of the weights, which decides the CPUs its int8 kernels are exact on
+    # (:mod:`dqdeploy.cpu`); None for other targets, and for ORT graphs exported before it was recorded (int8)
+    int8_format: Int8Format | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -88,6 +91,11 @@ class ExportSpec:
     def layout(self) -> Layout | None:
         """The deployment layout of the graph (``None``: float or unknown)."""
         return layout_of(self.target) if self.target in GRAPH_TARGETS else None  # type: ignore[arg-type]
+
+    @property
+    def weight_format(self) -> Int8Format | None:
+        """The ORT-layout graph's integer format (``vnni`` for ORT graphs that predate the record); None otherwise."""
+        return (self.int8_format or "vnni") if self.layout == "ort" else None
 
     @property
     def onnx_file(self) -> str:

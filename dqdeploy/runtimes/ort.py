@@ -1,7 +1,9 @@
-"""ONNX Runtime drop-in: an exported UNet on an ``onnxruntime.InferenceSession`` (CPU by default)."""
+"""ONNX Runtime drop-in: an exported UNet on an ``onnxruntime.InferenceSession`` (CPU by default), guarded
+against integer formats that are not exact on this CPU (:func:`exactness_entries`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,8 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ArtifactError, MissingDependencyError, require
+from ..cpu import cpu_info, exact_on
+from ..errors import ArtifactError, CpuFormatError, MissingDependencyError, require
 from ..exporters.spec import SPEC_FILE, ExportSpec, TensorSpec, read_spec
+from ..vocab import INEXACT, Inexact
 from .base import CONTEXT, OUTPUT, SAMPLE, UNetRuntime
 
 CPU = "CPUExecutionProvider"
@@ -20,6 +24,8 @@ ORT_TYPES = {
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 Provider = str | tuple[str, dict[str, Any]]
+QDQ_AS_FLOAT = {"session.disable_quant_qdq": "1"}  # ORT runs Q/DQ as float conversions: no integer kernels
+log = logging.getLogger(__name__)
 
 
 def resolve_source(source: str | Path) -> tuple[Path, ExportSpec | None]:
@@ -43,7 +49,7 @@ def check_providers(providers: Sequence[Provider]) -> list[Provider]:
     if not providers:
         raise ArtifactError("no execution provider requested", hint=f"pass providers=('{CPU}',)")
     available = ort.get_available_providers()
-    names = [p if isinstance(p, str) else p[0] for p in providers]
+    names = [_name(p) for p in providers]
     missing = [n for n in names if n not in available]
     if missing:
         if any(n in GPU_PROVIDERS for n in missing):
@@ -61,14 +67,17 @@ def check_providers(providers: Sequence[Provider]) -> list[Provider]:
     return list(providers)
 
 
-def session_options(threads: int = 1, options: Any = None):
+def session_options(threads: int = 1, options: Any = None, entries: Mapping[str, str] | None = None):
     """Session options: graph optimization level ALL, ``threads`` intra-op threads, one inter-op thread.
 
     ``options`` is an ``onnxruntime.SessionOptions`` (used as given) or a mapping of session config
     entries added on top of the defaults (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "4"}``).
+    ``entries`` (:func:`exactness_entries`) are added in either case.
     """
     ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
     if isinstance(options, ort.SessionOptions):
+        for key, value in dict(entries or {}).items():
+            options.add_session_config_entry(key, value)
         return options
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -76,9 +85,40 @@ def session_options(threads: int = 1, options: Any = None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
-    for key, value in dict(options or {}).items():
+    for key, value in {**dict(options or {}), **dict(entries or {})}.items():
         so.add_session_config_entry(str(key), str(value))
     return so
+
+
+def exactness_entries(spec: ExportSpec | None, inexact: Inexact = "refuse") -> dict[str, str]:
+    """The session config entries that run ``spec``'s graph exactly on this CPU, or :class:`CpuFormatError`.
+
+    The TensorRT-layout graph (int8 weights over their full range, int8 activations) is TensorRT's: ONNX
+    Runtime runs its Q/DQ as float math, exact on every CPU. An ORT-layout graph runs on ORT's integer
+    kernels when its format is exact on this CPU (:mod:`dqdeploy.cpu`); otherwise ``inexact`` decides:
+    ``refuse`` (the default), ``float`` (Q/DQ as float math: exact, at float speed) or ``allow`` (the
+    saturating kernels, with a warning).
+    """
+    if inexact not in INEXACT:
+        raise ArtifactError(f"inexact={inexact!r} (expected one of {', '.join(INEXACT)})")
+    if spec is None or spec.layout is None:
+        return {}
+    if spec.layout == "trt":
+        return dict(QDQ_AS_FLOAT)
+    info, fmt = cpu_info(), spec.weight_format
+    if fmt is None or info.exact(fmt):
+        return {}
+    what = (f"this graph's weights are int8 over their full range (int8 format '{fmt}', exact on {exact_on(fmt)}); "
+            f"this CPU ({info.model}; {' '.join(info.flags) or 'no int8 flags'}) has no VNNI, so ONNX Runtime's u8s8 "
+            "kernels add pairs of products in saturating int16 and the graph's outputs would be wrong")
+    if inexact == "float":
+        log.warning("%s: running its Q/DQ as float math instead (exact, float speed)", what)
+        return dict(QDQ_AS_FLOAT)
+    if inexact == "allow":
+        log.warning("%s; running it anyway (inexact='allow')", what)
+        return {}
+    raise CpuFormatError(what, hint="re-export for this CPU: `dqdeploy export QUANT_DIR --target ort --cpu portable` (exact on "
+                                    "every CPU); or run it exactly at float speed: --inexact float (Python: inexact='float')")
 
 
 def _spec_from_session(session, path: Path) -> ExportSpec:
@@ -106,6 +146,10 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
     )
 
 
+def _name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
 def _static(shape) -> tuple:
     """A shape with symbolic dims (names, None) as None: what must match between graph and spec."""
     return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
@@ -126,20 +170,24 @@ class OrtUNet(UNetRuntime):
         threads: int = 1,
         options: Any = None,
         check_values: bool = True,
+        inexact: Inexact = "refuse",
     ) -> None:
-        """``check_values``: refuse NaN/Inf/out-of-range inputs (False skips the pass over the inputs)."""
+        """``check_values``: refuse NaN/Inf/out-of-range inputs (False skips the pass over the inputs).
+        ``inexact``: what to do when the graph's int8 format is not exact on this CPU (:func:`exactness_entries`)."""
         ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
         path, spec = resolve_source(source)
         if not path.is_file():
             raise ArtifactError(f"{path} not found", hint="the export folder is incomplete; re-run `dqdeploy export`")
         requested = check_providers(providers)
+        # the guard is about ORT's CPU kernels: a GPU provider list runs the integer nodes on the GPU
+        entries = exactness_entries(spec if all(_name(p) == CPU for p in requested) else None, inexact)
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads, options), providers=requested)
+            self.session = ort.InferenceSession(str(path), session_options(threads, options, entries), providers=requested)
         except Exception as exc:  # ORT raises its own exception types for unloadable graphs
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}",
                                 hint="check the file (and model.onnx_data next to it), or re-export") from exc
         active = self.session.get_providers()
-        dropped = [p if isinstance(p, str) else p[0] for p in requested if (p if isinstance(p, str) else p[0]) not in active]
+        dropped = [_name(p) for p in requested if _name(p) not in active]
         if dropped:  # ORT falls back to CPU silently when a provider fails to initialise (missing CUDA libraries)
             raise MissingDependencyError(
                 f"ONNX Runtime could not initialise {', '.join(dropped)} (the session runs on {', '.join(active)} only)",
