@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .artifact import load_calibration_inputs, load_quantized, manifest_seal
+from .cpu import cpu_info
 from .denoisers import spec_for, spec_of
 from .errors import ArtifactError, CheckFailedError, require
 from .exporters.dequantize import simulate_layer_input
@@ -73,6 +74,7 @@ class CheckResult:
     layers: list[LayerResult] = field(default_factory=list)
     first_divergent: str | None = None
     unchecked: list[float] = field(default_factory=list)  # calibrated steps not compared (no stored inputs, or --steps)
+    cause: str | None = None  # a known reason for disagreement (integer kernels not exact on this CPU)
 
     @property
     def ok(self) -> bool:
@@ -104,8 +106,9 @@ class CheckResult:
             bad = [s for s in self.steps if not s.ok]
             raise CheckFailedError(
                 f"{len(bad)} of {len(self.steps)} time steps out of tolerance "
-                f"(worst: t={bad[0].timestep:g}, rel err {bad[0].rel_err:.3e} > {bad[0].tolerance:.3e})",
-                hint="run `dqdeploy check --per-layer` to find the first layer that diverges",
+                f"(worst: t={bad[0].timestep:g}, rel err {bad[0].rel_err:.3e} > {bad[0].tolerance:.3e})"
+                + (f"; likely cause: {self.cause}" if self.cause else ""),
+                hint="re-export with --cpu portable" if self.cause else "run `dqdeploy check --per-layer` to find the first layer that diverges",
             )
 
 
@@ -260,6 +263,9 @@ def check_export(
         for feed, s, g, qe in zip(feeds, sim_outs, graph_outs, quant_errs)
     ]
     result = CheckResult(runtime, spec.target, results, unchecked=[t for t in model.table.tolist() if t not in checked])
+    fmt, cpu = spec.weight_format, cpu_info()
+    if runtime == "ort" and fmt is not None and not cpu.exact(fmt) and inexact == "allow":
+        result.cause = f"the graph's int8 format {fmt!r} saturates ONNX Runtime's u8s8 kernels on this CPU ({cpu.model}, no VNNI)"
     if per_layer:
         result.layers = _layer_agreement(model, feeds, graph_iters, layer_names, spec.layout)
         result.first_divergent = next((r.name for r in result.layers if r.mismatch > 0.01 or r.max_diff > 1), None)
