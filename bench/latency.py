@@ -2,8 +2,12 @@
 
   fp32          the float graph
   ort-peer      ONNX Runtime's own quantize_static QDQ (uint8 activations, per-channel int8 weights)
-  dq-per-step   dqdeploy --target ort, per-time-step activation scales (rescale form)
-  dq-constant   dqdeploy --target ort from the same model with collapsed (constant) scales
+  dq-per-step   dqdeploy --target ort --cpu vnni, per-time-step activation scales (rescale form)
+  dq-portable   the same artifact, --cpu portable (exact on CPUs without VNNI: full-range weights as uint8)
+  dq-constant   dqdeploy --target ort --cpu vnni from the same model with collapsed (constant) scales
+
+Every row is the graph's speed on *this* CPU (``machine.int8_class``); rows of different CPU classes are
+never compared with each other.
 
 Model: a conv-heavy diffusers UNet2DModel (block_out 64/128/128, 32x32, one attention level),
 random weights (latency does not depend on training). Usage: python bench/latency.py [--repeats N]
@@ -12,12 +16,13 @@ random weights (latency does not depend on training). Usage: python bench/latenc
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved_ms, machine, ort_session, write_results  # noqa: E402
+from bench.common import git_commit, interleaved_ms, machine, ort_session, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -50,8 +55,10 @@ def main() -> None:
     graphs["fp32"] = work / "fp32/unet/model.onnx"
     for name, recipe in (("dq-per-step", W8A8), ("dq-constant", W8A8.replace(timestep_scales="collapsed"))):
         quantize(work / "model", recipe.replace(distill="none"), calib, work / f"q-{name}")
-        export(work / f"q-{name}", work / name, target="ort")
+        export(work / f"q-{name}", work / name, target="ort", cpu="vnni")
         graphs[name] = work / name / "unet/model.onnx"
+    export(work / "q-dq-per-step", work / "dq-portable", target="ort", cpu="portable")
+    graphs["dq-portable"] = work / "dq-portable/unet/model.onnx"
 
     rng = np.random.default_rng(0)
     feed = {"sample": rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32),
@@ -61,12 +68,14 @@ def main() -> None:
     graphs["ort-peer"] = quantize_with_ort(graphs["fp32"], work / "peer.onnx", calib_feeds)
 
     sessions = {name: ort_session(path) for name, path in graphs.items()}
-    order = ["fp32", "ort-peer", "dq-per-step", "dq-constant"]
+    order = ["fp32", "ort-peer", "dq-per-step", "dq-portable", "dq-constant"]
     times = interleaved_ms({n: lambda s=sessions[n]: s.run(None, feed) for n in order}, args.repeats)
     med = {n: float(np.median(v)) for n, v in times.items()}
     result = {
         "command": "python bench/latency.py " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
         "machine": machine(),
+        "load_average": os.getloadavg(),
         "model": "UNet2DModel block_out (64,128,128), layers_per_block 2, 32x32, attention at the lowest level",
         "batch": args.batch,
         "repeats": args.repeats,

@@ -3,7 +3,7 @@
 A process started by torchrun ends with ``os._exit`` once its command has finished and its output is
 flushed: the interpreter's own teardown there sometimes aborts in native code ("terminate called
 without an active exception") after the work is done and written, which torchrun reports as a
-failed job (bench/NOTES.md, "Many processes").
+failed job (docs/notes/bench-notes.md, "Many processes").
 """
 
 import logging

@@ -200,7 +200,7 @@ class Recipe:
 
 W8A8 = Recipe(name="w8a8", weight_bits=8, act_bits=8)
 W4A8 = Recipe(name="w4a8", weight_bits=4, act_bits=8)
-# simulation only (no runtime runs A4), so its settings serve accuracy alone (bench/NOTES.md, "W4A4"): no
+# simulation only (no runtime runs A4), so its settings serve accuracy alone (docs/notes/bench-notes.md, "W4A4"): no
 # 4-bit rounding of conv outputs (the ort layout's output Q is an 8-bit runtime's fusion), 8-bit inputs of the
 # 1x1 shortcut convs (the raw skip concatenation, few MACs), and distillation rates 10x / 100x the 8-bit ones
 W4A4 = Recipe(name="w4a4", weight_bits=4, act_bits=4, layout="trt", act8_layers=("*conv_shortcut",),

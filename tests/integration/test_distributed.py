@@ -66,7 +66,7 @@ NATIVE_ABORT = "terminate called without an active exception"  # the teardown ab
 
 
 def _two_processes(model, out: Path, *extra: str) -> None:
-    """``quantize --nproc 2``; one more launch if a rank died of the native teardown abort (bench/NOTES.md, "Many
+    """``quantize --nproc 2``; one more launch if a rank died of the native teardown abort (docs/notes/bench-notes.md, "Many
     processes"; avoided since by ``os._exit``, kept as a safety net), which says nothing about what these tests compare."""
     root, inputs, unet_dir = model
     for attempt in range(2):
