@@ -24,8 +24,8 @@ def analyze_artifact(quant_dir: str | Path, *, blocks: bool = True) -> Sensitivi
 def write_report(report: SensitivityReport, out_dir: str | Path, *, top: int = 20, overwrite: bool = False) -> Path:
     """Write the report folder atomically; returns its path."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / "sensitivity.json").write_text(json.dumps(report.to_dict(), indent=1))
+    with atomic_dir(out_dir, overwrite=overwrite, kind="sensitivity") as tmp:
+        (tmp / "sensitivity.json").write_text(json.dumps({"format": "dqdeploy-sensitivity", **report.to_dict()}, indent=1))
         (tmp / "sensitivity.md").write_text(report.table() + "\n")
         (tmp / "sensitivity.png").write_bytes(plot(report, top=top))
     return out_dir

@@ -9,36 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from .cli_params import OVERWRITE_FILES, POSITIVE, RATE, batch_profile, sample_options
 from .errors import DQDeployError, as_user_error
 from .interrupts import Terminated, install_signal_handlers
-from .vocab import CPU_CHOICES, GRAPH_RUNTIMES, INEXACT, LAYOUTS, RUNTIMES, SCALINGS, TARGETS
-
-POSITIVE = click.IntRange(min=1)
-
-
-class FiniteFloat(click.ParamType):
-    """A finite number >= 0 (learning rates, guidance): NaN and Inf are refused."""
-
-    name = "number"
-
-    def convert(self, value, param, ctx):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number) or number < 0:
-            self.fail(f"{value!r} is not a finite number >= 0", param, ctx)
-        return number
-
-
-RATE = FiniteFloat()
+from .vocab import CPU_CHOICES, GRAPH_RUNTIMES, INEXACT, LAYOUTS, SCALINGS, TARGETS
 
 
 def _setup(verbose: bool) -> None:
@@ -159,22 +139,6 @@ def inspect(path, as_json) -> None:
     click.echo(describe(path, as_json=as_json))
 
 
-def _sample_options(f):
-    for opt in reversed([
-        click.option("--n", default=64, show_default=True, type=POSITIVE, help="Number of images."),
-        click.option("--steps", type=POSITIVE, help="Sampling steps (default: the calibrated count, else 50)."),
-        click.option("--scheduler", help="Sampler (default: the calibrated one, else the model folder's own, else ddim)."),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--batch-size", default=64, show_default=True, type=POSITIVE),
-        click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-                     help="torch simulation, ONNX Runtime or TensorRT (exports only; a quantized artifact is exported on the fly)."),
-        click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional models: embeddings file (as for quantize)."),
-        click.option("--guidance", default=1.0, show_default=True, type=RATE),
-    ]):
-        f = opt(f)
-    return f
-
-
 def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, guidance):
     from .generate import generate
 
@@ -184,14 +148,15 @@ def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, g
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@_sample_options
+@sample_options
 @click.option("--out", "out_png", required=True, type=click.Path(path_type=Path), help="PNG grid to write.")
-def sample(path, out_png, **kw) -> None:
+@OVERWRITE_FILES
+def sample(path, out_png, overwrite, **kw) -> None:
     """Generate images from a diffusers folder, a quantized artifact or an export folder."""
     from .eval.grid import save_grid
-    from .paths import check_output_file
+    from .paths import check_output_files
 
-    check_output_file(out_png, "--out", sources=[path])  # before sampling, not after it
+    check_output_files({"--out": out_png}, sources=[path, kw["cond_file"]], overwrite=overwrite)  # before sampling
     images = _generate(path, **kw)
     save_grid(images, out_png, scale=max(1, 64 // images.shape[-1]))  # small images are shown enlarged
     click.echo(f"wrote {images.shape[0]} samples to {out_png}")
@@ -199,7 +164,7 @@ def sample(path, out_png, **kw) -> None:
 
 @cli.command(name="eval")
 @click.argument("path", type=click.Path(path_type=Path))
-@_sample_options
+@sample_options
 @click.option("--fp", "fp_dir", type=click.Path(path_type=Path), help="The full-precision diffusers folder PATH was quantized from: enables the full quality report.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON (atomically).")
 @click.option("--png", type=click.Path(path_type=Path), help="With --fp: FP and quantized samples side by side.")
@@ -208,16 +173,16 @@ def sample(path, out_png, **kw) -> None:
 @click.option("--fid-extractor", help="Features for the Frechet distance: digits, pixels, a TorchScript .pt file or module:function (default: digits for 1x16x16 models, else pixels).")
 @click.option("--scheduler-dir", type=click.Path(path_type=Path), help="With --fp: scheduler folder, when --fp is a bare UNet folder.")
 @click.option("--grid", type=click.Path(path_type=Path), help="Without --fp: save the samples as a PNG grid.")
-def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, **kw) -> None:
+@OVERWRITE_FILES
+def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, overwrite, **kw) -> None:
     """Quality of PATH. With --fp (any supported model): per-step denoiser error along FP trajectories,
     PSNR/SSIM of samples from the same noise, FID if --fid-ref/--fid-extractor, a side-by-side PNG.
     Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples."""
     from .eval.report import EvalConfig, quality_report, sample_quality, write_report
-    from .paths import check_output_file
+    from .paths import check_output_files
 
-    for option, value in (("--report", report_path), ("--png", png), ("--grid", grid)):
-        if value is not None:  # before any sampling, not after it
-            check_output_file(value, option, sources=[path] + ([fp_dir] if fp_dir else []))
+    check_output_files({"--report": report_path, "--png": png, "--grid": grid}, overwrite=overwrite,  # before any sampling
+                       sources=[path, fp_dir, fid_ref, scheduler_dir, kw["cond_file"]])
     if fp_dir is not None:
         cfg = EvalConfig(step_samples=step_samples, fid_ref=fid_ref, fid_extractor=fid_extractor,
                          scheduler_dir=scheduler_dir, **kw)
@@ -231,16 +196,6 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
         write_report(report, report_path)
     summary = {k: v for k, v in report.items() if k not in ("per_step", "config")}
     click.echo(json.dumps(summary, default=str))
-
-
-def _batch_profile(text: str) -> tuple[int, int, int]:
-    try:
-        lo, opt, hi = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected MIN:OPT:MAX batch sizes, e.g. 1:2:8", param_hint="--batch") from None
-    if not 1 <= lo <= opt <= hi:
-        raise click.BadParameter(f"{text!r}: expected 1 <= MIN <= OPT <= MAX", param_hint="--batch")
-    return lo, opt, hi
 
 
 @cli.command()
@@ -267,7 +222,7 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
     from .exporters.export import export as run_export
     from .exporters.spec import read_spec
 
-    lo, opt, hi = _batch_profile(batch)
+    lo, opt, hi = batch_profile(batch)
     try:
         res_range = None if dyn_res is None else parse_range(dyn_res)
     except ValueError:
@@ -294,29 +249,29 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--inexact", type=click.Choice(INEXACT), default="refuse", show_default=True,
               help="A graph whose int8 format is not exact on this CPU: refuse, run its Q/DQ as float math (exact, slow), or allow the wrong kernels.")
-def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report, inexact) -> None:
+@OVERWRITE_FILES
+def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report, inexact, overwrite) -> None:
     """Compare the PyTorch simulation with the exported graph (Polygraphy) at every calibrated time step.
 
     Exits 1 when any step is outside tolerance.
     """
     from .atomic import atomic_write_bytes
     from .check import check_export
-    from .paths import check_output_file
+    from .paths import check_output_files
 
-    if report:
-        check_output_file(report, "--report", sources=[quant_dir, export_dir])
+    check_output_files({"--report": report}, sources=[quant_dir, export_dir], overwrite=overwrite)
     result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples, steps=steps,
                           inexact=inexact)
     click.echo(result.table())
     if report:
-        atomic_write_bytes(report, json.dumps(result.to_dict(), indent=2).encode())
+        atomic_write_bytes(report, json.dumps({"format": "dqdeploy-check-report", **result.to_dict()}, indent=2).encode())
     result.raise_if_failed()
 
 
 @cli.command()
 @click.argument("quant_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Report folder to write (default: QUANT_DIR-sensitivity).")
-@click.option("--top", default=20, show_default=True, help="Layers and blocks listed (and plotted).")
+@click.option("--top", default=20, show_default=True, type=POSITIVE, help="Layers and blocks listed (and plotted).")
 @click.option("--no-blocks", is_flag=True, help="Per-layer only (skip the per-block rows).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def analyze(quant_dir, out_dir, top, no_blocks, overwrite) -> None:
@@ -329,8 +284,9 @@ def analyze(quant_dir, out_dir, top, no_blocks, overwrite) -> None:
     from .analyze import analyze_artifact, write_report
     from .atomic import check_target
 
-    out_dir = out_dir or Path(str(Path(quant_dir)).rstrip("/") + "-sensitivity")
-    check_target(out_dir, overwrite=overwrite)
+    source = Path(os.path.abspath(quant_dir))  # `analyze .` inside the artifact: the report goes next to it
+    out_dir = out_dir or source.with_name(source.name + "-sensitivity")
+    check_target(out_dir, overwrite=overwrite, kind="sensitivity", sources=[quant_dir])
     report = analyze_artifact(quant_dir, blocks=not no_blocks)
     write_report(report, out_dir, top=top, overwrite=overwrite)
     click.echo(report.table(top=top))

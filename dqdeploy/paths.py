@@ -8,6 +8,10 @@ Checked before any work (calibration can take hours) and again at the final rena
   model folder) nor a folder that holds it;
 * the output's parent must be creatable and writable (not under a regular file, not /proc, /sys, a
   read-only mount): probed by creating and removing a hidden folder there.
+
+Output files (reports, PNGs) follow the same rule: never inside an input, never two outputs at one path, an
+existing file only with ``--overwrite`` and then only one dqdeploy wrote (a JSON report tagged with
+``"format": "dqdeploy-..."``, a PNG carrying dqdeploy's ``Software`` text chunk).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from .errors import DQDeployError
@@ -26,8 +30,12 @@ from .interrupts import deferred
 OWN_FOLDERS = {
     "quantized": (MANIFEST, "dqdeploy-quantized"),
     "export": (SPEC_FILE, "dqdeploy-export"),
+    "sensitivity": ("sensitivity.json", "dqdeploy-sensitivity"),
 }
-WRITERS = {"quantized": "dqdeploy quantize", "export": "dqdeploy export", "triton": "dqdeploy export --triton-repo"}
+WRITERS = {"quantized": "dqdeploy quantize", "export": "dqdeploy export", "triton": "dqdeploy export --triton-repo",
+           "sensitivity": "dqdeploy analyze"}
+PNG_SOFTWARE = b"tEXtSoftware\x00dqdeploy"  # the text chunk dqdeploy's PNGs carry (eval.grid.png_bytes)
+OWN_REPORT_PREFIX = "dqdeploy-"  # "format" of dqdeploy's JSON reports
 MAX_METADATA_BYTES = 64 << 20
 
 
@@ -163,3 +171,49 @@ def check_output_file(path: str | Path, what: str = "output file", sources: Iter
             raise OutputPathError(f"{what} {path} lies inside the input {src}: dqdeploy never modifies its inputs",
                                   hint="write the file somewhere else")
     check_parent_writable(path, what)
+
+
+def own_file(path: str | Path) -> bool:
+    """Whether the existing file ``path`` is one dqdeploy wrote: a JSON report tagged ``dqdeploy-...`` or a PNG with
+    dqdeploy's text chunk."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_METADATA_BYTES:
+            return False
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if data.startswith(b"\x89PNG"):
+        return PNG_SOFTWARE in data[:4096]
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and str(doc.get("format", "")).startswith(OWN_REPORT_PREFIX)
+
+
+def check_output_files(outputs: Mapping[str, str | Path | None], *, sources: Iterable[str | Path | None] = (),
+                       overwrite: bool = False) -> None:
+    """Refuse output files (option name -> path; None: not asked for) that are folders, lie inside an input, name one
+    path twice, or exist -- unless ``overwrite`` and dqdeploy wrote them. Call it before any work."""
+    seen: dict[Path, str] = {}
+    for option, value in outputs.items():
+        if value is None:
+            continue
+        path = _resolved(value)
+        if path in seen:
+            raise OutputPathError(f"{option} and {seen[path]} name the same file {path}: one would overwrite the other",
+                                  hint=f"give {option} its own file name")
+        seen[path] = option
+        if path.is_dir():
+            raise OutputPathError(f"{option} {path} is a folder", hint="name a file, e.g. out.png")
+        for src in sources:
+            if src is not None and _is_within(path, _resolved(src)):
+                raise OutputPathError(f"{option} {path} lies inside the input {src}: dqdeploy never writes into its inputs",
+                                      hint="write the file somewhere else")
+        if os.path.lexists(path) and not overwrite:
+            raise OutputPathError(f"{option} {path} already exists", hint="choose another file name or pass --overwrite")
+        if os.path.lexists(path) and not own_file(path):
+            raise OutputPathError(f"--overwrite refused: {option} {path} is a file dqdeploy did not write",
+                                  hint="choose another file name (dqdeploy never replaces what it did not write)")
+        check_parent_writable(path, option)

@@ -20,8 +20,12 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *
 
 
 def _write_png(img, path: str | Path) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "dqdeploy")  # marks the file as dqdeploy's (paths.own_file): --overwrite may replace it
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 

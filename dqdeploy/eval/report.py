@@ -185,5 +185,5 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
-    """Write the report as JSON, atomically."""
-    return atomic_write_bytes(Path(path), (json.dumps(report, indent=2) + "\n").encode())
+    """Write the report as JSON, atomically (tagged as dqdeploy's, so ``--overwrite`` may replace it)."""
+    return atomic_write_bytes(Path(path), (json.dumps({"format": "dqdeploy-eval-report", **report}, indent=2) + "\n").encode())

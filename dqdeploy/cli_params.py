@@ -1,0 +1,59 @@
+"""Parameter types and shared option groups of the ``dqdeploy`` command line (:mod:`dqdeploy.cli`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from .vocab import RUNTIMES
+
+POSITIVE = click.IntRange(min=1)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number >= 0 (learning rates, guidance): NaN and Inf are refused."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} is not a finite number >= 0", param, ctx)
+        return number
+
+
+RATE = FiniteFloat()
+OVERWRITE_FILES = click.option("--overwrite", is_flag=True, help="Replace output files that dqdeploy wrote earlier (never other files).")
+
+
+def sample_options(f):
+    """The options every sampling command takes (sample, eval)."""
+    for opt in reversed([
+        click.option("--n", default=64, show_default=True, type=POSITIVE, help="Number of images."),
+        click.option("--steps", type=POSITIVE, help="Sampling steps (default: the calibrated count, else 50)."),
+        click.option("--scheduler", help="Sampler (default: the calibrated one, else the model folder's own, else ddim)."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--batch-size", default=64, show_default=True, type=POSITIVE),
+        click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+                     help="torch simulation, ONNX Runtime or TensorRT (exports only; a quantized artifact is exported on the fly)."),
+        click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional models: embeddings file (as for quantize)."),
+        click.option("--guidance", default=1.0, show_default=True, type=RATE),
+    ]):
+        f = opt(f)
+    return f
+
+
+def batch_profile(text: str) -> tuple[int, int, int]:
+    """``--batch MIN:OPT:MAX`` as three ints, or click's usage error."""
+    try:
+        lo, opt, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected MIN:OPT:MAX batch sizes, e.g. 1:2:8", param_hint="--batch") from None
+    if not 1 <= lo <= opt <= hi:
+        raise click.BadParameter(f"{text!r}: expected 1 <= MIN <= OPT <= MAX", param_hint="--batch")
+    return lo, opt, hi
