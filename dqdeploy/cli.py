@@ -91,7 +91,10 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     Many processes: --nproc N here, or `torchrun --nproc-per-node N -m dqdeploy quantize ...`.
     """
     if nproc > 1:
+        from .checkpoint import refuse_with_checkpoint
         from .distributed import launch_many
+
+        refuse_with_checkpoint(out_dir)
 
         sys.exit(launch_many(nproc, resume, sys.argv[1:]))
     from .quant.trajectories import read_prompts

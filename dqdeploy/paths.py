@@ -111,6 +111,9 @@ def _check_not_protected(target: Path, what: str, sources: Iterable[str | Path])
                 f"{what} {target} is the input {src} or a folder holding it: dqdeploy never replaces its inputs",
                 hint="write to a new folder",
             )
+        if src.is_dir() and _is_within(target, src):
+            raise OutputPathError(f"{what} {target} lies inside the input {src}: dqdeploy never writes into its inputs",
+                                  hint="write to a folder next to it, e.g. " + str(src.with_name(src.name + "-out")))
 
 
 def replaceable(target: Path, kind: str | None = None, owned: Callable[[Path], bool] | None = None) -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dqdeploy.atomic import sweep_stale
-from dqdeploy.checkpoint import CheckpointError, RunCheckpoint, checkpoint_path, fingerprint
+from dqdeploy.checkpoint import CheckpointError, RunCheckpoint, _process_start, checkpoint_path, fingerprint
 from dqdeploy.quant.distill import BlockReport
 from tests.helpers import random_calib, tiny_unet
 
@@ -41,10 +41,18 @@ def test_existing_checkpoint_needs_resume_and_the_same_run(tmp_path):
 
 def test_checkpoint_in_use_by_a_live_process_is_refused(tmp_path):
     ckpt = RunCheckpoint.open(tmp_path / "q", RUN, resume=False)
-    ckpt.state["pid"] = os.getppid()
+    ckpt.state["pid"], ckpt.state["started"] = os.getppid(), _process_start(os.getppid())
     ckpt._write_state()
     with pytest.raises(CheckpointError, match="in use by another dqdeploy run"):
         RunCheckpoint.open(tmp_path / "q", RUN, resume=True)
+
+
+def test_a_recycled_pid_does_not_block_resume(tmp_path):
+    """The writer died and its pid now names another process (started at another time): not in use."""
+    ckpt = RunCheckpoint.open(tmp_path / "q", RUN, resume=False)
+    ckpt.state["pid"], ckpt.state["started"] = os.getppid(), "1"
+    ckpt._write_state()
+    assert RunCheckpoint.open(tmp_path / "q", RUN, resume=True).folder == ckpt.folder
 
 
 def test_sweep_of_stale_temporaries_never_removes_a_checkpoint(tmp_path):
