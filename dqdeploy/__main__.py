@@ -11,7 +11,7 @@ import os
 import sys
 
 from .cli import main
-from .launch import launched
+from .launch import launched, write_exit_status
 
 if not launched():
     main()
@@ -21,6 +21,7 @@ else:
         main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    write_exit_status(code)  # the launcher of --nproc exits with it (torchrun's own status is 1 for any failure)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -173,3 +173,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def own_tempdir(prefix: str) -> Iterator[Path]:
+    """A temporary folder ``PREFIX-PID-*`` in the system temp folder, marked as dqdeploy's and removed on exit; folders
+    of the same prefix that dead processes left (kill -9) are swept first."""
+    base = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in base.iterdir():
+            pid = _owner_pid(entry.name, prefix + "-") if entry.name.startswith(prefix + "-") else None
+            if pid is not None and not pid_alive(pid) and not entry.is_symlink() and (entry / PARTIAL_MARKER).is_file():
+                shutil.rmtree(entry, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=base))
+    try:
+        (tmp / PARTIAL_MARKER).write_text(str(os.getpid()))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import click
 
-from .cli_params import OVERWRITE_FILES, POSITIVE, RATE, batch_profile, sample_options
+from .cli_params import OVERWRITE_FILES, POSITIVE, RATE, batch_profile, check_before_launch, sample_options
 from .errors import DQDeployError, as_user_error
 from .interrupts import Terminated, install_signal_handlers
+from .launch import local_peer, under_launcher
 from .vocab import CPU_CHOICES, GRAPH_RUNTIMES, INEXACT, LAYOUTS, SCALINGS, TARGETS
 
 
@@ -91,10 +92,9 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     Many processes: --nproc N here, or `torchrun --nproc-per-node N -m dqdeploy quantize ...`.
     """
     if nproc > 1:
-        from .checkpoint import refuse_with_checkpoint
         from .distributed import launch_many
 
-        refuse_with_checkpoint(out_dir)
+        check_before_launch(nproc, out_dir, overwrite, [model_dir, scheduler_dir, cond_file, prompts_file])
 
         sys.exit(launch_many(nproc, resume, sys.argv[1:]))
     from .quant.trajectories import read_prompts
@@ -324,7 +324,8 @@ def lint(export_dir) -> None:
 
 
 def _interrupted() -> None:
-    click.echo("interrupted: no output was left behind", err=True)
+    if not under_launcher():
+        click.echo("interrupted: no output was left behind", err=True)
     # A KeyboardInterrupt that surfaced inside a string exec (dataclasses, lazy imports) leaves
     # CPython's "unhandled KeyboardInterrupt" flag set, and `python -m` then dies by SIGINT instead
     # of exiting 130; a string exec resets that flag.
@@ -339,7 +340,8 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except Terminated:
-        click.echo("terminated: no output was left behind", err=True)
+        if not under_launcher():  # under --nproc the launcher says it, once
+            click.echo("terminated: no output was left behind", err=True)
         sys.exit(143)
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt
         _interrupted()
@@ -351,7 +353,8 @@ def main() -> None:
     except Exception as exc:
         if (error := as_user_error(exc)) is None:
             raise  # a bug: its traceback is the report
-        click.echo(f"error: {error}", err=True)
+        if not local_peer():  # under --nproc every rank has the error (distributed.agree) on one terminal: rank 0 says it
+            click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
 
 

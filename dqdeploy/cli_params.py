@@ -57,3 +57,22 @@ def batch_profile(text: str) -> tuple[int, int, int]:
     if not 1 <= lo <= opt <= hi:
         raise click.BadParameter(f"{text!r}: expected 1 <= MIN <= OPT <= MAX", param_hint="--batch")
     return lo, opt, hi
+
+
+def check_before_launch(nproc: int, out_dir: Path, overwrite: bool, sources: list) -> None:
+    """What ``quantize --nproc N`` refuses before it starts N processes (each would print the same error): more
+    processes than cores, an unsafe ``--out``, a one-process checkpoint beside it, a bad collective timeout."""
+    import os
+
+    from .checkpoint import refuse_with_checkpoint
+    from .distributed import DistributedError, collective_timeout
+    from .paths import check_output_dir
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if nproc > cores:
+        raise DistributedError(f"--nproc {nproc} asks for more processes than the {cores} CPU cores this process may use: "
+                               "each runs one thread, so the extra ones only slow the run down",
+                               hint=f"--nproc {cores} or fewer here; use torchrun across machines for more")
+    check_output_dir(out_dir, overwrite=overwrite, kind="quantized", sources=sources)
+    refuse_with_checkpoint(out_dir)
+    collective_timeout()

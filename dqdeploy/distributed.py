@@ -56,7 +56,8 @@ def shard(n: int) -> range:
     return range(rank(), n, world())
 
 
-def _timeout() -> datetime.timedelta:
+def collective_timeout() -> datetime.timedelta:
+    """The collective timeout from ``DQDEPLOY_DIST_TIMEOUT`` (seconds, default 1800), or :class:`DistributedError`."""
     raw = os.environ.get(TIMEOUT_ENV, "1800")
     try:
         seconds = float(raw)
@@ -93,7 +94,7 @@ def session(device: str | torch.device = "cpu") -> Iterator[None]:
                                    hint="start at most one process per GPU (--nproc-per-node)")
         torch.cuda.set_device(local)
     try:
-        dist.init_process_group(backend, timeout=_timeout())
+        dist.init_process_group(backend, timeout=collective_timeout())
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"cannot join the process group ({backend}): {exc}",
                                hint="check torchrun's --rdzv-endpoint / --master-addr and that every node can reach it") from None

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import cast
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
-from .atomic import check_target
+from .atomic import check_target, own_tempdir
 from .checkpoint import RunCheckpoint, fingerprint
 from .denoisers import conditioning_dims, spec_for
 from .errors import CalibrationError, DQDeployError, ModelLoadError, RecipeError
@@ -315,8 +314,8 @@ def _workdir(checkpoint: RunCheckpoint | None) -> Iterator[Path]:
     if checkpoint is not None:
         yield checkpoint.data_dir
         return
-    with tempfile.TemporaryDirectory(prefix="dqdeploy-quantize-") as tmp:
-        yield Path(tmp) / "data"
+    with own_tempdir("dqdeploy-quantize") as tmp:  # a rank killed with -9 leaves it: the next run sweeps it
+        yield tmp / "data"
 
 
 def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int, micro_batches: int, planned: list[str],
