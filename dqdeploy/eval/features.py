@@ -16,6 +16,9 @@ the model's channels and size, and maps them to [-1, 1].
 from __future__ import annotations
 
 import importlib
+import os
+import stat
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,8 +63,10 @@ def load_extractor(spec: str) -> Extractor:
     if ":" in spec:
         mod_name, _, attr = spec.partition(":")
         try:
+            if not mod_name or not attr or mod_name.startswith("."):
+                raise ValueError("expected package.module:function")
             fn = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
             raise DQDeployError(f"cannot import the feature extractor {spec!r}: {exc}",
                                 hint="use package.module:function, importable from the current environment") from None
         if not callable(fn):
@@ -73,13 +78,41 @@ def load_extractor(spec: str) -> Extractor:
 
 @torch.no_grad()
 def extract(extractor: Extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Features ``[N, D]`` of ``images`` batch by batch, checked to be finite and 2-D after flattening."""
-    feats = torch.cat([torch.as_tensor(extractor(images[i:i + batch_size])).float().flatten(1)
-                       for i in range(0, images.shape[0], batch_size)])
+    """Features ``[N, D]`` of ``images`` batch by batch: one row per image, finite, not the same for every image."""
+    feats = torch.cat([_features(extractor, images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+    hint = "check that it expects images in [-1, 1] of this size and channel count"
     if not torch.isfinite(feats).all():
-        raise DQDeployError("the feature extractor returned non-finite features",
-                            hint="check that it expects images in [-1, 1] of this size and channel count")
+        raise DQDeployError("the feature extractor returned non-finite features", hint=hint)
+    if feats.shape[0] > 1 and bool((feats == feats[:1]).all()):
+        raise DQDeployError(f"the feature extractor returned the same features for all {feats.shape[0]} images: a Frechet "
+                            "distance on them would be 0 whatever the images", hint=hint)
     return feats
+
+
+def _features(extractor: Extractor, batch: torch.Tensor) -> torch.Tensor:
+    """One batch's features ``[B, D]``; a failing or ill-shaped extractor as :class:`DQDeployError`."""
+    try:
+        out = torch.as_tensor(extractor(batch)).float()
+    except Exception as exc:  # a user's callable or TorchScript: anything can go wrong inside it
+        raise DQDeployError(f"the feature extractor failed on images {tuple(batch.shape)}: {type(exc).__name__}: {exc}",
+                            hint="it must map images [N, C, H, W] in [-1, 1] to features [N, ...]") from None
+    if out.dim() < 1 or out.shape[0] != batch.shape[0]:
+        raise DQDeployError(f"the feature extractor returned {tuple(out.shape)} for {batch.shape[0]} images; expected one row "
+                            "of features per image", hint="it must map images [N, C, H, W] to features [N, ...]")
+    return out.reshape(out.shape[0], -1)
+
+
+def check_extractor(extractor: Extractor, shape: tuple[int, ...]) -> None:
+    """Run ``extractor`` on two random images of ``shape`` [C, H, W] before any sampling: a broken one fails now."""
+    extract(extractor, torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+
+
+def _regular(path: Path) -> bool:
+    """A regular file (symlinks followed; FIFOs, folders, devices and dangling or looping links are not)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def load_reference_images(folder: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -90,7 +123,7 @@ def load_reference_images(folder: str | Path, channels: int, size: tuple[int, in
     if not folder.is_dir():
         raise DQDeployError(f"reference image folder {folder} does not exist",
                             hint="pass a folder of PNG/JPEG images of the training distribution")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _regular(p))  # no FIFOs, folders, loops
     if len(files) < 2:
         raise DQDeployError(f"{folder} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); a Frechet "
                             "distance needs at least 2 (hundreds for a stable value)")
@@ -100,9 +133,15 @@ def load_reference_images(folder: str | Path, channels: int, size: tuple[int, in
     mode = "L" if channels == 1 else "RGB"
     out = []
     for f in files:
-        with Image.open(f) as img:
-            px = torch.frombuffer(bytearray(img.convert(mode).tobytes()), dtype=torch.uint8)
-            h, w = img.size[1], img.size[0]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as img:
+                    px = torch.frombuffer(bytearray(img.convert(mode).tobytes()), dtype=torch.uint8)
+                    h, w = img.size[1], img.size[0]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise DQDeployError(f"reference image {f} cannot be read: {type(exc).__name__}: {exc}",
+                                hint="remove it from the folder, or replace it with a valid image") from None
         x = px.view(h, w, channels).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         out.append(torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
                    if (h, w) != tuple(size) else x)

@@ -17,6 +17,7 @@ A PNG shows FP and quantized samples side by side. Both files are written atomic
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +33,10 @@ from ..models import latent_shape, make_scheduler
 from ..sources import OpenedModel, open_model
 from ..vocab import Runtime
 from .compare import image_errors, step_errors, summarize_steps
-from .features import extract, load_extractor, load_reference_images
+from .features import check_extractor, extract, load_extractor, load_reference_images
 
 DIGITS_SHAPE = (1, 16, 16)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,25 +70,57 @@ def _check_same_model(fp: OpenedModel, test: OpenedModel, fp_dir: Path, path: Pa
             hint="pass with --fp the diffusers folder the artifact was quantized from")
 
 
-def _fid_section(cfg: EvalConfig, fp_images: torch.Tensor, test_images: torch.Tensor) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class FidSetup:
+    """The Frechet distance's extractor and reference features, prepared (and checked) before any sampling."""
+
+    spec: str
+    extractor: Any
+    reference: torch.Tensor | None  # features of the reference images; None: the FP samples are the reference
+    ref_name: str
+
+
+def fid_setup(fid_ref: str | Path | None, fid_extractor: str | None, shape: tuple[int, ...]) -> FidSetup:
+    """Load and try the extractor on two random images, read the reference images and their features: a broken
+    extractor or an unreadable image fails here, not after minutes of sampling."""
+    if len(shape) != 3:
+        raise DQDeployError(f"a Frechet distance compares images; this model makes packed latents {shape}",
+                            hint="leave out --fid-ref / --fid-extractor for this model")
+    spec = fid_extractor or ("digits" if tuple(shape) == DIGITS_SHAPE else "pixels")
+    extractor = load_extractor(spec)
+    check_extractor(extractor, shape)
+    if fid_ref is None:
+        return FidSetup(spec, extractor, None, "fp samples")
+    return FidSetup(spec, extractor, extract(extractor, load_reference_images(fid_ref, shape[0], (shape[1], shape[2]))), str(fid_ref))
+
+
+def _fid_section(setup: FidSetup | None, fp_images: torch.Tensor, test_images: torch.Tensor) -> dict[str, Any] | None:
     from .fid import feature_stats, frechet_distance
 
-    if cfg.fid_ref is None and cfg.fid_extractor is None:
+    if setup is None:
         return None
-    c, h, w = fp_images.shape[1:]
-    spec = cfg.fid_extractor or ("digits" if (c, h, w) == DIGITS_SHAPE else "pixels")
-    extractor = load_extractor(spec)
-    if cfg.fid_ref is not None:
-        reference, ref_name = load_reference_images(cfg.fid_ref, c, (h, w)), str(cfg.fid_ref)
-    else:
-        reference, ref_name = fp_images, "fp samples"
-    ref_stats = feature_stats(extract(extractor, reference))
-    fid = {name: frechet_distance(*feature_stats(extract(extractor, imgs)), *ref_stats)
+    reference = extract(setup.extractor, fp_images) if setup.reference is None else setup.reference
+    ref_stats = feature_stats(reference)
+    fid = {name: frechet_distance(*feature_stats(extract(setup.extractor, imgs)), *ref_stats)
            for name, imgs in (("fp", fp_images), ("quantized", test_images))}
-    out = {"extractor": spec, "reference": ref_name, "n_reference": int(reference.shape[0]), **fid}
-    if cfg.fid_ref is not None and fid["fp"] > 0:
+    out = {"extractor": setup.spec, "reference": setup.ref_name, "n_reference": int(reference.shape[0]), **fid}
+    if setup.reference is not None and fid["fp"] > 0:
         out["ratio"] = fid["quantized"] / fid["fp"]
     return out
+
+
+SOURCE_REL_ERR = 1.0  # a mean per-step relative error above this is no quantization error: another model
+
+
+def _source_warnings(summary: dict[str, float], path: Path, fp_dir: Path) -> list[str]:
+    """A warning when ``fp_dir`` is probably not the model ``path`` was quantized from (same config, other weights)."""
+    if summary["mean_rel_err"] <= SOURCE_REL_ERR and summary["mean_cosine"] >= 0.5:
+        return []
+    text = (f"{path} and --fp {fp_dir} disagree far beyond any quantization error (mean per-step relative error "
+            f"{summary['mean_rel_err']:.3g}, cosine {summary['mean_cosine']:.3g}): --fp is probably not the folder it was "
+            "quantized from")
+    log.warning(text)
+    return [text]
 
 
 def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalConfig(),
@@ -106,6 +140,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
         raise DQDeployError(f"--png shows latents as images; {fp_dir} makes packed latents {shape}",
                             hint="leave out --png for this model")
     conditioning = load_cond(test, cfg.cond_file)
+    fid = None if cfg.fid_ref is None and cfg.fid_extractor is None else fid_setup(cfg.fid_ref, cfg.fid_extractor, shape)
     steps = cfg.steps or (len(test.timesteps) or 50)
     # UNets: DDIM unless asked; transformers: their own (flow-matching) scheduler
     scheduler = cfg.scheduler or (None if spec_of(fp.unet).is_transformer else "ddim")
@@ -117,6 +152,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
                          else (conditioning.for_batch(0, cfg.step_samples), conditioning.unconditional()))
     per_step = step_errors(fp.unet, test.unet, make_scheduler(scheduler, fp.scheduler_config), noise, steps,
                            cond=step_cond, uncond=uncond, guidance=cfg.guidance)
+    warnings = _source_warnings(summarize_steps(per_step), path, fp_dir)  # said before the sampling, not after
     fp_images = generate_from(fp, **sample)
     test_images = generate_from(test, **sample)
     report: dict[str, Any] = {
@@ -126,9 +162,10 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
         "per_step": per_step,
         "images": image_errors(fp_images, test_images),
     }
-    fid = _fid_section(cfg, fp_images, test_images)
+    if warnings:
+        report["warnings"] = warnings
     if fid is not None:
-        report["fid"] = fid
+        report["fid"] = _fid_section(fid, fp_images, test_images)
     if shape == DIGITS_SHAPE:
         from .fid import digits_fid
 
@@ -164,18 +201,16 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
             f"{path} is not a digits model (its samples are {'x'.join(map(str, shape))}), so there is nothing to score "
             "it against" + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)"),
             hint="pass --fp MODEL_DIR for the full report against the FP model, or --fid-ref FOLDER of reference images")
+    setup = None if fid_ref is None else fid_setup(fid_ref, fid_extractor, shape)  # before sampling
     images = generate_from(opened, conditioning=load_cond(opened, cond_file), **sample)
     report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
     if digits and fid_ref is None and fid_extractor in (None, "digits"):
         from .fid import digits_fid
 
         report["digits_fid"] = round(digits_fid(images), 4)
-    if fid_ref is not None:
-        spec = fid_extractor or ("digits" if digits else "pixels")
-        extractor = load_extractor(spec)
-        ref = extract(extractor, load_reference_images(fid_ref, shape[0], (shape[1], shape[2])))
-        report["fid"] = {"extractor": spec, "reference": str(fid_ref), "n_reference": int(ref.shape[0]),
-                         "value": frechet_distance(*feature_stats(extract(extractor, images)), *feature_stats(ref))}
+    if setup is not None and setup.reference is not None:
+        report["fid"] = {"extractor": setup.spec, "reference": setup.ref_name, "n_reference": int(setup.reference.shape[0]),
+                         "value": frechet_distance(*feature_stats(extract(setup.extractor, images)), *feature_stats(setup.reference))}
     if grid:
         from .grid import save_grid
 
