@@ -67,11 +67,19 @@ def padding_nibble(packed: torch.Tensor, numel: int) -> int:
 
 def stored_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """``unet``'s state dict in the artifact's format: each quantized layer's float weight
-    replaced by its integers (``weight_quantizer.integers``), 4-bit ones packed."""
+    replaced by its integers (``weight_quantizer.integers``), 4-bit ones packed; every step size stored
+    positive (the quantizers use its magnitude; a negative weight step flips its integers instead)."""
     state = dict(unet.state_dict())
     for name, layer in quant_layers(unet).items():
         bits = layer.weight_quantizer.bits
         q = layer.weight_quantizer.integers(layer.weight)
+        scale = state[f"{name}.weight_quantizer.scale"]
+        if bool((scale < 0).any()):  # a learned step that crossed zero: the same weight as (-q) * |s|
+            q = torch.where((scale < 0).view(-1, *([1] * (q.dim() - 1))), -q, q)
+            state[f"{name}.weight_quantizer.scale"] = scale.abs()
+        for key in (f"{name}.input_quantizer.scale", f"{name}.output_scale"):  # the quantizers use |scale|
+            if key in state:
+                state[key] = state[key].abs()
         del state[f"{name}.weight"]
         state[int_key(name, bits)] = q if bits == 8 else pack_int4(q)
     return state

@@ -29,6 +29,9 @@ BITS = (4, 8)
 # a trained weight may lie beyond the clipping range: the clip search goes down to 0.3 of max-abs
 # and training can shrink the step further; 8-bit weights relabelled 4-bit exceed this by far
 WEIGHT_RANGE_SLACK = 2.0 / 0.3
+# step sizes a quantizer can produce: not denormal or zero, and no weight beyond MAX_WEIGHT nor activation grid
+# beyond MAX_ACTIVATION (the runtimes refuse inputs above 1e4; trained diffusion weights stay far below 1e3)
+MIN_STEP, MAX_WEIGHT, MAX_ACTIVATION = 1e-20, 1e4, 1e7
 
 
 class Problems:
@@ -250,15 +253,23 @@ def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path, shapes
         weight, packed = state.get(f"{name}.weight"), state.get(f"{name}.{INT_KEYS[4]}")
         if scale is None or act is None:
             continue  # the header check reports missing tensors
-        # quantizers use |scale| (a learned step may cross zero's sign), so only zero is impossible
-        if not p.require(bool((scale.abs() > 0).all()) and bool((act.abs() > 0).all()), f"layer {name}: a step size is zero"):
+        # steps are stored positive (storage.stored_state) and within what a weight or an activation can need
+        out = state.get(f"{name}.output_scale")
+        if not p.require(bool((scale > 0).all()) and bool((act > 0).all()) and (out is None or bool((out > 0).all())),
+                         f"layer {name}: a step size is zero or negative (dqdeploy stores them positive)"):
+            continue
+        qmax_w, qmax_a = qrange(meta.weight_bits, True)[1], qrange(meta.act_bits, True)[1]
+        if not p.require(MIN_STEP <= float(scale.min()) and float(scale.max()) * qmax_w <= MAX_WEIGHT
+                         and MIN_STEP <= float(act.min()) and float(act.max()) * qmax_a <= MAX_ACTIVATION,
+                         f"layer {name}: step sizes outside what any model needs (weight steps {float(scale.min()):.3g}.."
+                         f"{float(scale.max()):.3g}, activation steps {float(act.min()):.3g}..{float(act.max()):.3g})"):
             continue
         if packed is not None:
             p.require(padding_nibble(packed, math.prod(shapes[f"{name}.weight"])) == 0,
                       f"layer {name}: the unused nibble of the packed 4-bit weights is not 0")
         if weight is None or scale.numel() != weight.shape[0]:
             continue
-        qmax = qrange(meta.weight_bits, True)[1]
+        qmax = qmax_w
         ratio = float((weight.float().reshape(weight.shape[0], -1).abs().amax(1) / scale.float().abs()).max())
         p.require(ratio <= (qmax + 1) * WEIGHT_RANGE_SLACK,
                   f"layer {name}: weights reach {ratio:.0f} steps, impossible for {meta.weight_bits}-bit weights "
