@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .arguments import as_path, public
 from .atomic import atomic_dir
 from .distributed import is_writer
 from .errors import ArtifactError, check_format
@@ -214,6 +215,7 @@ def timestep_table(manifest: Manifest) -> TimestepTable:
     return TimestepTable(manifest.timesteps, collapsed=manifest.recipe.timestep_scales == "collapsed")
 
 
+@public
 def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
     """Rebuild the simulated quantized model from an artifact (no calibration data needed).
 
@@ -221,7 +223,7 @@ def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
     recomputed. The model the manifest describes is first built on the meta device and the weights
     file's header checked against it (names, dtypes, shapes), so a tampered artifact allocates
     nothing; the loaded tensors then become the model's own (no second copy)."""
-    quant_dir = Path(quant_dir)
+    quant_dir = as_path(quant_dir, "quant_dir", "load_quantized")
     manifest = read_manifest(quant_dir)
     verify_files(quant_dir, manifest, [WEIGHTS])
     cls = unet_class({"_class_name": manifest.model_class}, quant_dir)

@@ -105,6 +105,8 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant, fallback=fallback,
                                      fallback_budget=fallback_budget, timestep_scales=timestep_scales, layout=layout).items()
                if v is not None}
+    if fallback_budget is not None and (fallback or r.fallback) != "auto":
+        raise click.UsageError(f"--fallback-budget applies to --fallback auto; this run's fallback is {fallback or r.fallback!r}")
     if no_dilation and scaling not in (None, "none"):
         raise click.UsageError("--no-dilation contradicts --scaling " + scaling)
     if no_dilation or scaling:

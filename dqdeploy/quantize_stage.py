@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .arguments import as_calibration, as_path, as_recipe, public
 from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers, save_quantized
 from .atomic import check_target, own_tempdir
 from .checkpoint import RunCheckpoint, fingerprint
@@ -32,7 +33,7 @@ from .quant.blockstore import BlockStore
 from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
 from .quant.dilation import dilation_factors, smoothquant_factors
 from .quant.distill import BlockReport, Targets, block_targets, distill_blocks, distill_model, model_targets, open_store
-from .quant.fallback import fallback_candidates, fallback_layers, keep_in_float
+from .quant.fallback import check_fallback, fallback_candidates, fallback_layers, keep_in_float
 from .quant.float_layers import FloatLayers
 from .quant.modules import QUANTIZABLE, QuantizedUNet, quant_layers, quantizes_output
 from .quant.sensitivity import scheduler_weights
@@ -138,6 +139,7 @@ def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: li
     return cond
 
 
+@public
 def quantize(
     model_dir: str | Path,
     recipe: Recipe,
@@ -162,6 +164,8 @@ def quantize(
     checkpoint (``resume`` is refused). ``micro_batches``: slices of each distillation batch per
     process, gradients accumulated (the same step in less memory; float results differ slightly,
     see :mod:`dqdeploy.quant.distill`)."""
+    model_dir, recipe, calibration = as_path(model_dir, "model_dir", "quantize"), as_recipe(recipe), as_calibration(calibration)
+    out_dir = None if out_dir is None else as_path(out_dir, "out_dir", "quantize")
     sources = [s for s in (model_dir, scheduler_dir) if s is not None]
     with distributed.session():
         run = {"model": model_dir, "scheduler_dir": scheduler_dir, "conditioning": cond_file}, {
@@ -213,6 +217,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
     """Load the model, collect (or restore) the calibration set, quantize."""
     with distributed.agreed("loading the model and conditioning"), stage(log, "load the model"):
         loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
+        check_fallback(recipe, loaded.unet)  # a pattern that fits no layer (or all) fails now, not after calibration
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
         conditioning = _conditioning(loaded, cond_file, prompts)

@@ -153,6 +153,11 @@ class Recipe:
         return tuple(p.strip() for p in self.fallback.split(",") if p.strip())
 
     def replace(self, **changes: Any) -> "Recipe":
+        """A copy with ``changes`` (field names; an unknown one is a :class:`RecipeError` listing the fields)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise RecipeError(f"Recipe has no field(s) {', '.join(unknown)}",
+                              hint=f"fields: {', '.join(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

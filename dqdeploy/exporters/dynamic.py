@@ -17,6 +17,7 @@ from ..denoisers import DenoiserSpec
 from ..errors import ExportError
 
 Range = tuple[int, int]
+MAX_LATENT = 1024  # latent pixels: 8192-pixel images for an 8x VAE, far beyond any denoiser's memory at batch 1
 
 
 def resolution_step(spec: DenoiserSpec, config: Any) -> int:
@@ -52,13 +53,19 @@ def check_range(spec: DenoiserSpec, config: Any, size: tuple[int, int], lo: int,
     step = resolution_step(spec, config)
     where = "a UNet with %d down blocks" % len(config["block_out_channels"]) if not spec.is_transformer else \
         f"patch_size {step}"
+    # a range that passes every check below: multiples of the step around the asked one, holding the traced size
+    near_lo = min(max(2 * step, lo // step * step), min(size))
+    near_hi = min(max(near_lo, -(-hi // step) * step, max(size)), MAX_LATENT // step * step)
+    hint = f"e.g. --dynamic-resolution {near_lo}:{near_hi}"
     if lo % step or hi % step or lo < 2 * step:
         raise ExportError(f"--dynamic-resolution {lo}:{hi}: both ends must be multiples of {step} ({where}) and "
-                          f"MIN at least {2 * step}",
-                          hint=f"e.g. --dynamic-resolution {max(2 * step, lo // step * step)}:{max(2 * step, hi // step * step)}")
+                          f"MIN at least {2 * step}", hint=hint)
+    if hi > MAX_LATENT:
+        raise ExportError(f"--dynamic-resolution {lo}:{hi}: MAX above {MAX_LATENT} latent pixels ({8 * MAX_LATENT} image pixels "
+                          "for an 8x VAE) is beyond what a denoiser can run in memory", hint=hint)
     if not all(lo <= s <= hi for s in size):
         raise ExportError(f"--dynamic-resolution {lo}:{hi} does not contain the calibration resolution {size[0]}x{size[1]} "
-                          "(the graph is traced there)", hint=f"widen the range to include {max(size)}")
+                          "(the graph is traced there)", hint=hint)
     max_embed = config.get("pos_embed_max_size")
     if spec.is_transformer and max_embed and hi > max_embed * step:
         raise ExportError(f"--dynamic-resolution {lo}:{hi}: the model's position embedding covers at most "

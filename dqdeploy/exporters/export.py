@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..arguments import as_path, public
 from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
 from ..atomic import atomic_dir, check_target
 from ..cpu import cpu_info, exact_on
@@ -46,6 +47,7 @@ FLOAT16 = 10  # onnx.TensorProto.FLOAT16 (FLOAT is 1)
 SCRATCH = ".float-graph"  # inside the atomic output folder; removed before it is renamed into place
 
 
+@public
 def export(
     source: str | Path,
     out_dir: str | Path,
@@ -78,6 +80,8 @@ def export(
     profile ``batch`` (doubled by ``cfg``), and a Triton repository at ``triton_repo`` if given.
     Returns ``out_dir``.
     """
+    source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
+    dynamic_resolution = _resolution_range(dynamic_resolution)
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
     if target == "trt":
@@ -146,6 +150,24 @@ def _write(graph: Any, folder: Path, spec: ExportSpec) -> None:
     graph's scratch weights there: the only folder export ever deletes, and one it created."""
     write_export(graph, folder, spec, base_dir=folder / SCRATCH)
     shutil.rmtree(folder / SCRATCH)
+
+
+def _resolution_range(value: Any) -> tuple[int, int] | None:
+    """``dynamic_resolution`` as ``(MIN, MAX)``: a pair of ints or a ``"MIN:MAX"`` string."""
+    from .dynamic import parse_range
+
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            return parse_range(value)
+        lo, hi = value
+        if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
+            raise ValueError
+        return parse_range(f"{lo}:{hi}")
+    except (ValueError, TypeError):
+        raise ExportError(f"dynamic_resolution={value!r}: expected (MIN, MAX) or 'MIN:MAX' latent sizes with 1 <= MIN <= MAX",
+                          hint="e.g. dynamic_resolution=(32, 96)") from None
 
 
 def resolve_format(cpu: str) -> Int8Format:

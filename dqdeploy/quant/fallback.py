@@ -23,12 +23,27 @@ log = logging.getLogger(__name__)
 
 
 def fallback_candidates(recipe: Recipe, planned: list[str]) -> list[str]:
-    """The layers fallback may choose: any (``auto``), those matching the patterns, or none."""
+    """The layers fallback may choose: any (``auto``), those matching the patterns, or none. Patterns that match
+    no layer, or every layer (nothing would be quantized), are a :class:`RecipeError`."""
     if recipe.fallback == "none":
         return []
     if recipe.fallback == "auto":
         return planned
-    return [n for n in planned if any(fnmatch.fnmatchcase(n, p) for p in recipe.fallback_patterns)]
+    chosen = [n for n in planned if any(fnmatch.fnmatchcase(n, p) for p in recipe.fallback_patterns)]
+    if not chosen:
+        raise RecipeError(f"fallback patterns {recipe.fallback!r} match no quantized layer",
+                          hint=f"use module names such as {', '.join(planned[:3])} (wildcards allowed), or auto / none")
+    if len(chosen) == len(planned):
+        raise RecipeError(f"fallback patterns {recipe.fallback!r} match every one of the {len(planned)} quantized layers: "
+                          "nothing would be quantized", hint="name the layers to keep in float, e.g. conv_in,conv_out")
+    return chosen
+
+
+def check_fallback(recipe: Recipe, model) -> None:
+    """:func:`fallback_candidates`' refusals on the layers of a freshly loaded ``model``: before any calibration."""
+    from .modules import QUANTIZABLE
+
+    fallback_candidates(recipe, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)])
 
 
 def fallback_layers(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +16,18 @@ if TYPE_CHECKING:
 def load_runtime(export_dir: str | Path, runtime: GraphRuntime = "ort", **kwargs: Any) -> "UNetRuntime":
     """Open an export folder as a drop-in UNet: ``"ort"`` (:class:`~dqdeploy.runtimes.ort.OrtUNet`, keyword
     arguments ``providers``, ``threads``, ``options``) or ``"trt"`` (:class:`~dqdeploy.runtimes.trt.TrtUNet`)."""
-    if runtime == "ort":
-        from .ort import OrtUNet
+    if runtime in ("ort", "trt"):
+        import inspect
 
-        return OrtUNet(export_dir, **kwargs)
-    if runtime == "trt":
-        from .trt import TrtUNet
+        from ..arguments import as_path
 
-        return TrtUNet(export_dir, **kwargs)
+        cls = getattr(import_module(f".{runtime}", __name__), "OrtUNet" if runtime == "ort" else "TrtUNet")
+        path = as_path(export_dir, "export_dir", "load_runtime")
+        try:
+            inspect.signature(cls).bind(path, **kwargs)
+        except TypeError as exc:
+            raise DQDeployError(f"dqdeploy.load_runtime(..., {runtime!r}): {exc}",
+                                hint=f"keyword arguments of {cls.__name__}: {', '.join(list(inspect.signature(cls).parameters)[1:])}") from None
+        return cls(path, **kwargs)
     raise DQDeployError(f"unknown runtime {runtime!r} (expected one of {', '.join(GRAPH_RUNTIMES)})",
                         hint="use 'ort' (ONNX Runtime, CPU by default) or 'trt' (TensorRT engine, NVIDIA GPU)")

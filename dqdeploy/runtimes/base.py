@@ -274,10 +274,16 @@ class UNetRuntime:
 
     def _check_resolution(self, name: str, label: str, got: int) -> None:
         """A dynamic-resolution graph takes the latent sizes its export asked for (``--dynamic-resolution``)."""
+        from ..exporters.dynamic import resolution_step
+
         bounds = self.spec.resolution_range
         if bounds and not bounds[0] <= got <= bounds[1]:
             raise RuntimeInputError(f"{name}: {label} {got} is outside the range {bounds[0]}..{bounds[1]} the graph was exported for",
                                     hint=f"re-export with --dynamic-resolution covering {got}")
+        step = resolution_step(self.denoiser, self.spec.model_config) if bounds else 1
+        if got % step:
+            raise RuntimeInputError(f"{name}: {label} {got} is not a multiple of {step}, the model's resolution step",
+                                    hint=f"use {got // step * step} or {(got // step + 1) * step}")
 
     def _shape_hint(self, name: str, axis: int) -> str:
         if name == SAMPLE and axis == 1:

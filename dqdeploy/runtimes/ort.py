@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..cpu import cpu_info, exact_on
-from ..errors import ArtifactError, CpuFormatError, MissingDependencyError, require
+from ..errors import ArtifactError, CpuFormatError, MissingDependencyError, RuntimeInputError, require
 from ..exporters.spec import SPEC_FILE, ExportSpec, TensorSpec, read_spec
 from ..vocab import INEXACT, Inexact
 from .base import CONTEXT, OUTPUT, SAMPLE, UNetRuntime
@@ -24,7 +24,8 @@ ORT_TYPES = {
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 Provider = str | tuple[str, dict[str, Any]]
-QDQ_AS_FLOAT = {"session.disable_quant_qdq": "1"}  # ORT runs Q/DQ as float conversions: no integer kernels
+QDQ_AS_FLOAT = {"session.disable_quant_qdq": "1"}
+CONFIG_PREFIXES = ("session.", "optimization.", "mlas.", "ep.", "kernel.")  # namespaces of ORT's session config keys  # ORT runs Q/DQ as float conversions: no integer kernels
 log = logging.getLogger(__name__)
 
 
@@ -43,9 +44,17 @@ def resolve_source(source: str | Path) -> tuple[Path, ExportSpec | None]:
     return path, None
 
 
-def check_providers(providers: Sequence[Provider]) -> list[Provider]:
-    """The requested execution providers, or :class:`MissingDependencyError` naming what is available."""
+def check_providers(providers: Sequence[Provider] | str) -> list[Provider]:
+    """The requested execution providers (one name alone is a list of one), or :class:`MissingDependencyError`
+    naming what is available."""
     ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+    if isinstance(providers, str):
+        providers = [providers]
+    if not isinstance(providers, Sequence) or not all(isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2
+                                                                             and isinstance(p[0], str) and isinstance(p[1], dict))
+                                                      for p in providers):
+        raise ArtifactError(f"providers={providers!r}: expected provider names or (name, options) pairs",
+                            hint=f"e.g. providers=('{CPU}',)")
     if not providers:
         raise ArtifactError("no execution provider requested", hint=f"pass providers=('{CPU}',)")
     available = ort.get_available_providers()
@@ -75,10 +84,19 @@ def session_options(threads: int = 1, options: Any = None, entries: Mapping[str,
     ``entries`` (:func:`exactness_entries`) are added in either case.
     """
     ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise RuntimeInputError(f"threads={threads!r}: expected a whole number >= 0 (0: ONNX Runtime's default)", hint="e.g. threads=1")
     if isinstance(options, ort.SessionOptions):
         for key, value in dict(entries or {}).items():
             options.add_session_config_entry(key, value)
         return options
+    if options is not None and not isinstance(options, Mapping):
+        raise RuntimeInputError(f"options={options!r}: expected an onnxruntime.SessionOptions or a mapping of session "
+                                "config entries", hint='e.g. options={"session.intra_op.allow_spinning": "0"}')
+    unknown = [k for k in (options or {}) if not (isinstance(k, str) and k.startswith(CONFIG_PREFIXES))]
+    if unknown:  # ONNX Runtime accepts any key silently: a typo would change nothing, unnoticed
+        raise RuntimeInputError(f"unknown session config entries {unknown}: ONNX Runtime's keys start with "
+                                f"{', '.join(CONFIG_PREFIXES)}", hint="see onnxruntime_session_options_config_keys.h for the keys")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(threads)
@@ -166,7 +184,7 @@ class OrtUNet(UNetRuntime):
     def __init__(
         self,
         source: str | Path,
-        providers: Sequence[Provider] = (CPU,),
+        providers: Sequence[Provider] | str = (CPU,),
         threads: int = 1,
         options: Any = None,
         check_values: bool = True,
@@ -181,8 +199,9 @@ class OrtUNet(UNetRuntime):
         requested = check_providers(providers)
         # the guard is about ORT's CPU kernels: a GPU provider list runs the integer nodes on the GPU
         entries = exactness_entries(spec if all(_name(p) == CPU for p in requested) else None, inexact)
+        so = session_options(threads, options, entries)
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads, options, entries), providers=requested)
+            self.session = ort.InferenceSession(str(path), so, providers=requested)
         except Exception as exc:  # ORT raises its own exception types for unloadable graphs
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}",
                                 hint="check the file (and model.onnx_data next to it), or re-export") from exc
@@ -213,5 +232,11 @@ class OrtUNet(UNetRuntime):
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         arrays: Mapping[str, np.ndarray] = {n: t.numpy() for n, t in feeds.items()}
-        (out,) = self.session.run([self._output], arrays)
+        try:
+            (out,) = self.session.run([self._output], arrays)
+        except Exception as exc:  # ORT's own error types (allocation failures, kernels refusing a shape)
+            shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+            raise RuntimeInputError(f"ONNX Runtime could not run the graph on inputs {shapes}: {str(exc).splitlines()[0][:300]}",
+                                    hint="smaller inputs (batch, resolution) need less memory; inputs must match "
+                                         "`dqdeploy inspect EXPORT_DIR`") from None
         return torch.from_numpy(out)

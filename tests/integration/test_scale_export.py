@@ -6,6 +6,8 @@ likewise; Flux and PixArt refused with the reason."""
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -93,14 +95,23 @@ def test_dynamic_resolution_runs_other_sizes(sd_artifact, tmp_path):
         assert _rel(got, want) < 0.15, (h, w, _rel(got, want))  # rounding flips cascade; a wrong graph is ~1
     with pytest.raises(RuntimeInputError, match="outside the range 16..32"):
         runtime(**_feeds(40, 40))
+    with pytest.raises(RuntimeInputError, match="not a multiple of 8"):  # in range, but no UNet takes it
+        runtime(**_feeds(17, 17))
 
 
 @pytest.mark.parametrize("bad, match", [((12, 32), "multiples of 8"), ((24, 32), "does not contain the calibration"),
-                                        ((8, 32), "at least 16")])
-def test_impossible_ranges_are_refused(sd_artifact, tmp_path, bad, match):
-    with pytest.raises(ExportError, match=match):
+                                        ((8, 32), "at least 16"), ((16, 100000), "MAX above"), ((7, 9), "multiples of 8")])
+def test_impossible_ranges_are_refused_with_a_hint_that_works(sd_artifact, tmp_path, bad, match):
+    from dqdeploy.denoisers import spec_for
+    from dqdeploy.exporters.dynamic import check_range
+
+    with pytest.raises(ExportError, match=match) as err:
         export(sd_artifact, tmp_path / "e", target="ort", dynamic_resolution=bad)
     assert not (tmp_path / "e").exists()
+    hint = err.value.hint.rsplit(" ", 1)[-1]
+    lo, hi = (int(v) for v in hint.split(":"))
+    config = json.loads((sd_artifact / "manifest.json").read_text())["model_config"]
+    check_range(spec_for("UNet2DConditionModel"), config, (16, 16), lo, hi)  # the suggested range passes every check
 
 
 @pytest.fixture(scope="module")
