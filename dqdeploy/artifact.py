@@ -36,7 +36,15 @@ from .quant.timestep import StepIndex, TimestepTable
 from .recipe import Recipe
 from .storage import Header, expected_header, file_header, simulation_state, stored_state
 from .tensorfile import read_tensors
-from .validation import check_calibration_inputs, check_header, check_manifest, check_model_layers, check_state, meta_model
+from .validation import (
+    check_calibrated_size,
+    check_calibration_inputs,
+    check_header,
+    check_manifest,
+    check_model_layers,
+    check_state,
+    meta_model,
+)
 
 FORMAT = "dqdeploy-quantized"
 FORMAT_VERSION = 2  # 2: integer weights (storage.py); 1: float weights, still read
@@ -225,7 +233,9 @@ def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
     nothing; the loaded tensors then become the model's own (no second copy)."""
     quant_dir = as_path(quant_dir, "quant_dir", "load_quantized")
     manifest = read_manifest(quant_dir)
-    verify_files(quant_dir, manifest, [WEIGHTS])
+    verify_files(quant_dir, manifest, [WEIGHTS, CALIB_INPUTS])
+    if CALIB_INPUTS in manifest.files:  # a resealed sample_size shows in the stored inputs' shape
+        check_calibrated_size(manifest, _file_header(quant_dir / CALIB_INPUTS), quant_dir)
     cls = unet_class({"_class_name": manifest.model_class}, quant_dir)
     skeleton = meta_model(cls, manifest.model_config, quant_dir)
     check_model_layers(skeleton, manifest, quant_dir)

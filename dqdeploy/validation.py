@@ -279,6 +279,21 @@ def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path, shapes
     p.raise_if_any()
 
 
+def check_calibrated_size(manifest, header: Mapping[str, tuple[str, tuple[int, ...]]], where: Path) -> None:
+    """A UNet's stored calibration inputs (safetensors header: name -> (dtype, shape)) have the latent size the manifest
+    says it was calibrated at (``calibration.resolution``, else ``model_config.sample_size``)."""
+    sample = header.get("sample")
+    cfg = manifest.model_config
+    size = manifest.calibration.get("resolution") or cfg.get("sample_size")
+    hw = (size, size) if is_int(size) else tuple(size) if isinstance(size, list) else None
+    if sample is None or hw is None or len(sample[1]) != 4:
+        return
+    p = Problems(where, "dqdeploy quantize", "artifact")
+    p.require(tuple(sample[1][2:]) == hw, f"the calibration inputs are {sample[1][2]}x{sample[1][3]} latents, but the manifest "
+                                          f"says the model was calibrated at {hw[0]}x{hw[1]} (sample_size or resolution was changed)")
+    p.raise_if_any()
+
+
 def check_calibration_inputs(calib: Mapping[str, torch.Tensor], manifest, where: Path) -> None:
     """The artifact's calibration inputs match the model: [N, C, H, W] samples (H = W = the
     calibrated resolution, else the config's sample_size), [N] finite time steps, [N, S, D] conditioning for conditional models, N >= 1."""

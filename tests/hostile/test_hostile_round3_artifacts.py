@@ -70,3 +70,19 @@ def test_a_negative_learned_step_is_stored_positive_and_loads_the_same_model(tmp
     loaded = load_quantized(save_quantized(result, tmp_path / "q"))
     assert torch.equal(loaded(x, t).sample, want)
     assert bool((quant_layers(loaded.unet)[LAYER].weight_quantizer.scale > 0).all())
+
+
+@pytest.mark.hostile("artifacts", "refused")
+def test_a_resealed_sample_size_is_refused(artifact, copy_of, tmp_path):
+    import json
+
+    from tests.hostile.test_hostile_artifacts import _manifest, _write
+
+    q = copy_of(artifact)
+    data = _manifest(q)
+    data.pop("integrity", None)
+    data["model_config"]["sample_size"] = 2 * data["model_config"]["sample_size"]
+    _write(q, data)
+    result = run("sample", q, "--n", "2", "--steps", "2", "--out", tmp_path / "x.png")
+    refused(result, "calibrated at", code=2)
+    assert not (tmp_path / "x.png").exists() and json.loads((q / "manifest.json").read_text())
