@@ -65,6 +65,20 @@ def machine() -> dict[str, str]:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": "1"}
 
 
+def interleaved_wall_cpu(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU seconds of every ``runs[name]``, in interleaved rounds (call each once first to warm it):
+    on a shared machine the CPU time of a one-thread run is the less noisy figure (preemption inflates wall time)."""
+    wall: dict[str, list[float]] = {n: [] for n in runs}
+    cpu: dict[str, list[float]] = {n: [] for n in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    return wall, cpu
+
+
 def git_commit() -> str:
     """The commit the measured code is at (``+dirty`` when the work tree differs from it)."""
     root = Path(__file__).resolve().parents[1]

@@ -19,14 +19,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, git_commit, machine  # noqa: E402
+from bench.common import RESULTS, git_commit, interleaved_wall_cpu, machine  # noqa: E402
 from dqdeploy.cpu import cpu_info  # noqa: E402
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, stored_weight  # noqa: E402
 from dqdeploy.runtimes.int8_probe import PROBES, probe  # noqa: E402
@@ -71,14 +70,9 @@ def speed(repeats: int) -> dict:
     x = {"x": np.random.default_rng(1).standard_normal((2, 320, 32, 32)).astype(np.float32)}
     for s in sessions.values():
         s.run(None, x)
-    wall: dict[str, list[float]] = {n: [] for n in sessions}
-    cpu: dict[str, list[float]] = {n: [] for n in sessions}
-    for _ in range(repeats):
-        for name, s in sessions.items():
-            w, c = time.perf_counter(), time.process_time()
-            s.run(None, x)
-            wall[name].append((time.perf_counter() - w) * 1e3)
-            cpu[name].append((time.process_time() - c) * 1e3)
+    wall_s, cpu_s = interleaved_wall_cpu({n: (lambda s=s: s.run(None, x)) for n, s in sessions.items()}, repeats)
+    wall = {n: [t * 1e3 for t in v] for n, v in wall_s.items()}
+    cpu = {n: [t * 1e3 for t in v] for n, v in cpu_s.items()}
     med = {n: statistics.median(v) for n, v in cpu.items()}
     return {"shape": "conv 320->320 3x3, 2x320x32x32", "repeats": repeats,
             "wall_ms": {n: round(statistics.median(v), 2) for n, v in wall.items()},

@@ -22,12 +22,11 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, machine  # noqa: E402
+from bench.common import RESULTS, interleaved_wall_cpu, machine  # noqa: E402
 from bench.scale_latency import feeds, session  # noqa: E402
 
 GRAPHS = ("fp32", "before", "after")
@@ -52,14 +51,7 @@ def interleaved(folders: dict[str, Path], threads: int, repeats: int) -> dict:
     x = feeds(read_spec(folders["fp32"]))
     for s in sessions.values():
         s.run(None, x)
-    wall: dict[str, list[float]] = {n: [] for n in sessions}
-    cpu: dict[str, list[float]] = {n: [] for n in sessions}
-    for _ in range(repeats):
-        for name, s in sessions.items():
-            w, c = time.perf_counter(), time.process_time()
-            s.run(None, x)
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
+    wall, cpu = interleaved_wall_cpu({n: (lambda s=s: s.run(None, x)) for n, s in sessions.items()}, repeats)
     med = {n: statistics.median(v) for n, v in wall.items()}
     med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
     return {"threads": threads, "repeats": repeats, "wall_s": {n: round(v, 4) for n, v in med.items()},
