@@ -2,7 +2,7 @@
 checked and sampled under ``qemu-x86_64 -cpu Haswell`` (AVX2 + FMA, no AVX-512, no VNNI: ONNX Runtime's u8s8
 kernel there is the saturating ``vpmaddubsw``) beside the same runs on this machine.
 
-  python bench/cpu_emulation.py [--recipes w8a8,w4a8] [--n 1000] [--cpu-model Haswell] [--steps-checked 50]
+  python bench/cpu_emulation.py [--recipes w8a8,w4a8] [--n 1000] [--cpu-model Haswell] [--steps-checked 50] [--label KEY]
 
 Per recipe: quantize the shipped digits model as ``make demo`` does (cached under ``$TMPDIR/dqdeploy-cpu-emulation``),
 export ``--target ort --cpu portable`` (what ``--cpu auto`` picks on such a CPU), ``--cpu vnni`` and ``--target onnx``
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1000, help="samples per digits-FID")
     ap.add_argument("--cpu-model", default="Haswell", help="qemu -cpu model without VNNI")
     ap.add_argument("--steps-checked", type=int, default=50)
+    ap.add_argument("--label", help="key in cpu_emulation.json (default: CPU-MODEL-emulated)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dqdeploy-cpu-emulation")
     args = ap.parse_args(argv)
     if shutil.which("qemu-x86_64") is None:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     entry: dict = {"command": "python bench/cpu_emulation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "commit": git_commit(), "machine": machine(), "emulated_cpu": json.loads(probe.stdout.strip().splitlines()[-1]),
                    "n": args.n, "recipes": {}}
-    data[f"{args.cpu_model.lower()}-emulated"] = entry
+    data[args.label or f"{args.cpu_model.lower()}-emulated"] = entry
 
     def save() -> None:
         RESULTS.mkdir(exist_ok=True)

@@ -25,9 +25,18 @@ def merged_quality() -> dict | None:
     return runs[0] | {"rows": rows, "command": " ; ".join(run["command"] for run in runs)}
 
 
-def quality_section(q: dict) -> list[str]:
+def precision_sections() -> list[str]:
+    """``bench/quality.py --out precision-*`` runs: recipes compared side by side on one calibration set and noise."""
+    out = []
+    for path in sorted(RESULTS.glob("precision-*.json")):
+        q = json.loads(path.read_text())
+        out += quality_section(q, f"Weight precision for CPUs without VNNI: {path.stem}") + [cpu_line(q.get("machine")), ""]
+    return out
+
+
+def quality_section(q: dict, title: str = "Image quality: digits-FID") -> list[str]:
     fp = next(r["digits_fid"] for r in q["rows"] if r["model"] == "fp32")
-    out = ["## Image quality: digits-FID", "",
+    out = [f"## {title}", "",
            f"`{q['command']}` — {q['n']} samples, DDIM {q['steps']} steps, seed {q['seed']}, the same noise for every row; "
            "one calibration set shared by all quantized rows. Lower is better; `vs FP` is the ratio to the FP32 FID.", "",
            "| model | runs on | digits-FID | vs FP | quantize time (s) |", "|---|---|---:|---:|---:|"]
@@ -399,6 +408,7 @@ def main() -> None:
             lines += section(data)
             if section not in (int8_kernels_section, cpu_emulation_section):  # those name a CPU per entry
                 lines += [cpu_line(data.get("machine")), ""]
+    lines += precision_sections()
     lines += loss_section()
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)

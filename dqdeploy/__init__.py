@@ -21,12 +21,12 @@ if TYPE_CHECKING:
     from .artifact import load_quantized
     from .exporters.export import export
     from .quantize_stage import quantize
-    from .recipe import PRESETS, W4A4, W4A8, W8A8, CalibrationConfig, Recipe
+    from .recipe import PRESETS, W4A4, W4A8, W7A8, W8A8, CalibrationConfig, Recipe
     from .runtimes import load_runtime
 
 __all__ = [
     "quantize", "export", "load_quantized", "load_runtime",
-    "Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W4A8", "W4A4", "__version__",
+    "Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W7A8", "W4A8", "W4A4", "__version__",
 ]
 
 _WHERE = {
@@ -34,7 +34,7 @@ _WHERE = {
     "export": ".exporters.export",
     "load_quantized": ".artifact",
     "load_runtime": ".runtimes",
-    **{name: ".recipe" for name in ("Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W4A8", "W4A4")},
+    **{name: ".recipe" for name in ("Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W7A8", "W4A8", "W4A4")},
 }
 
 

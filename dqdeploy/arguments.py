@@ -51,7 +51,7 @@ def as_recipe(value: Any) -> Any:
         return resolve_recipe(str(value))
     if isinstance(value, dict):
         return Recipe.from_dict(value)
-    raise RecipeError(f"recipe must be a Recipe, a preset name (w8a8, w4a8, w4a4), a recipe .json path or a dict; "
+    raise RecipeError(f"recipe must be a Recipe, a preset name (w8a8, w7a8, w4a8, w4a4), a recipe .json path or a dict; "
                       f"found {type(value).__name__}", hint="e.g. dqdeploy.W8A8 or dqdeploy.W8A8.replace(iters=100)")
 
 

@@ -51,7 +51,7 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
-@click.option("--recipe", default="w8a8", show_default=True, help="Preset (w8a8, w4a8, w4a4) or a recipe .json file.")
+@click.option("--recipe", default="w8a8", show_default=True, help="Preset (w8a8; w7a8: 7-bit weights, fast exact int8 on CPUs without VNNI too; w4a8, w4a4) or a recipe .json file.")
 @click.option("--scheduler", help="Sampler of the calibration trajectories (ddim, ddpm, pndm, euler, dpm, flow or a diffusers class name; default: the model folder's own scheduler). Use the one you will deploy with.")
 @click.option("--scheduler-dir", type=click.Path(path_type=Path), help="Scheduler folder, when MODEL_DIR is a bare UNet folder.")
 @click.option("--steps", default=50, show_default=True, type=POSITIVE, help="Sampling steps of the trajectories (one activation scale per step).")

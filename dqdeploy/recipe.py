@@ -14,6 +14,8 @@ from .errors import RecipeError
 from .vocab import LAYOUTS, SCALINGS, Layout, Scaling
 
 RECIPE_VERSION = 1
+WEIGHT_BITS = (4, 7, 8)  # 7: int8 weights within [-64, 63], exact on every CPU's u8s8 kernel (dqdeploy.cpu)
+ACT_BITS = (4, 8)
 UNET_ENDS = ("conv_in", "conv_out")  # a UNet's first and last layer
 TimestepScales = Literal["per-step", "collapsed"]
 DistillMode = Literal["block", "model", "none"]
@@ -62,11 +64,12 @@ class Recipe:
         problems = self._type_problems()
         if problems:  # the value checks below would fail with a TypeError on these
             raise RecipeError("invalid recipe: " + "; ".join(problems), hint="fix the types in the recipe JSON")
-        for attr in ("weight_bits", "act_bits"):
-            if getattr(self, attr) not in (4, 8):
-                problems.append(f"{attr}={getattr(self, attr)!r} (expected 4 or 8)")
-        if self.first_last_bits not in (None, 4, 8):
-            problems.append(f"first_last_bits={self.first_last_bits} (expected 4, 8 or null)")
+        if self.weight_bits not in WEIGHT_BITS:
+            problems.append(f"weight_bits={self.weight_bits!r} (expected 4, 7 or 8)")
+        if self.act_bits not in ACT_BITS:
+            problems.append(f"act_bits={self.act_bits!r} (expected 4 or 8)")
+        if self.first_last_bits is not None and self.first_last_bits not in WEIGHT_BITS:
+            problems.append(f"first_last_bits={self.first_last_bits} (expected 4, 7, 8 or null)")
         for attr, allowed in (
             ("scaling", SCALINGS), ("timestep_scales", TIMESTEP_SCALES),
             ("distill", DISTILL_MODES), ("act_init", ACT_INITS), ("layout", LAYOUTS),
@@ -190,7 +193,7 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
         path = Path(path)
-        hint = "pass a preset (w8a8, w4a8, w4a4) or a JSON file written by Recipe.to_json()"
+        hint = "pass a preset (w8a8, w7a8, w4a8, w4a4) or a JSON file written by Recipe.to_json()"
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
@@ -205,12 +208,15 @@ class Recipe:
 
 W8A8 = Recipe(name="w8a8", weight_bits=8, act_bits=8)
 W4A8 = Recipe(name="w4a8", weight_bits=4, act_bits=8)
+# 7-bit weights: ONNX Runtime's fast u8s8 kernels are exact with them on x86 without VNNI too (AVX2 / AVX-512F: pairs
+# of u8 x s8 products stay within int16), where 8-bit weights need the slower u8u8 format (export --cpu portable)
+W7A8 = Recipe(name="w7a8", weight_bits=7, act_bits=8, first_last_bits=7)
 # simulation only (no runtime runs A4), so its settings serve accuracy alone (docs/notes/bench-notes.md, "W4A4"): no
 # 4-bit rounding of conv outputs (the ort layout's output Q is an 8-bit runtime's fusion), 8-bit inputs of the
 # 1x1 shortcut convs (the raw skip concatenation, few MACs), and distillation rates 10x / 100x the 8-bit ones
 W4A4 = Recipe(name="w4a4", weight_bits=4, act_bits=4, layout="trt", act8_layers=("*conv_shortcut",),
               lr_weight=1e-3, lr_quant=1e-3)
-PRESETS: dict[str, Recipe] = {r.name: r for r in (W8A8, W4A8, W4A4)}
+PRESETS: dict[str, Recipe] = {r.name: r for r in (W8A8, W7A8, W4A8, W4A4)}
 
 
 def resolve_recipe(name_or_path: str) -> Recipe:

@@ -3,7 +3,7 @@
 A quantized layer ``L`` stores its weight as integers plus its per-channel step sizes
 (``L.weight_quantizer.scale``), never as float:
 
-* 8-bit: ``L.weight_int8``, int8, the weight's shape;
+* 8-bit and 7-bit: ``L.weight_int8``, int8, the weight's shape;
 * 4-bit: ``L.weight_int4``, uint8 ``[ceil(n / 2)]``: the ``n`` integers of the flattened weight in
   two's complement, two per byte, the even index in the low nibble (ONNX's INT4 order); an odd
   ``n`` leaves the last high nibble 0.
@@ -25,8 +25,8 @@ from torch import nn
 
 from .quant.modules import quant_layers
 
-INT_KEYS = {8: "weight_int8", 4: "weight_int4"}
-INT_DTYPES = {8: torch.int8, 4: torch.uint8}
+INT_KEYS = {8: "weight_int8", 7: "weight_int8", 4: "weight_int4"}  # 7-bit integers are held in int8, like 8-bit ones
+INT_DTYPES = {8: torch.int8, 7: torch.int8, 4: torch.uint8}
 # safetensors header names of the dtypes dqdeploy writes or may meet
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -81,7 +81,7 @@ def stored_state(unet: nn.Module) -> dict[str, torch.Tensor]:
             if key in state:
                 state[key] = state[key].abs()
         del state[f"{name}.weight"]
-        state[int_key(name, bits)] = q if bits == 8 else pack_int4(q)
+        state[int_key(name, bits)] = pack_int4(q) if bits == 4 else q
     return state
 
 
@@ -106,7 +106,7 @@ def expected_header(state: Mapping[str, torch.Tensor], layer_bits: Mapping[str, 
     header = {k: (DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in state.items()}
     for name, bits in layer_bits.items():
         _, shape = header.pop(f"{name}.weight")
-        stored = shape if bits == 8 else (packed_size(math.prod(shape)),)
+        stored = (packed_size(math.prod(shape)),) if bits == 4 else shape
         header[int_key(name, bits)] = (DTYPE_NAMES[INT_DTYPES[bits]], stored)
     return header
 

@@ -25,7 +25,7 @@ MAX_CONFIG_BYTES = 1 << 16
 MAX_TIMESTEPS = 10_000
 MAX_LAYERS = 100_000
 LAYER_KINDS = ("conv", "linear")
-BITS = (4, 8)
+WEIGHT_BITS, ACT_BITS = (4, 7, 8), (4, 8)
 # a trained weight may lie beyond the clipping range: the clip search goes down to 0.3 of max-abs
 # and training can shrink the step further; 8-bit weights relabelled 4-bit exceed this by far
 WEIGHT_RANGE_SLACK = 2.0 / 0.3
@@ -147,8 +147,9 @@ def _check_layers(p: Problems, layers: Any, fields: set[str], recipe, ends: tupl
                          f"layer {name}: expected an object with keys {sorted(fields)}"):
             continue
         p.require(meta["kind"] in LAYER_KINDS, f"layer {name}: kind {meta['kind']!r} (expected conv or linear)")
-        for key in ("weight_bits", "act_bits"):
-            p.require(is_int(meta.get(key)) and meta.get(key) in BITS, f"layer {name}: {key}={meta.get(key)!r} (expected 4 or 8)")
+        for key, allowed in (("weight_bits", WEIGHT_BITS), ("act_bits", ACT_BITS)):
+            p.require(is_int(meta.get(key)) and meta.get(key) in allowed,
+                      f"layer {name}: {key}={meta.get(key)!r} (expected {', '.join(map(str, allowed[:-1]))} or {allowed[-1]})")
         for key in ("act_symmetric", "output_quant"):
             p.require(isinstance(meta.get(key, False), bool), f"layer {name}: {key} must be true or false")
         p.require(isinstance(meta.get("group"), str), f"layer {name}: group must be a string")

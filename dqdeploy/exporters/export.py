@@ -21,7 +21,7 @@ import torch
 from ..arguments import as_path, public
 from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
 from ..atomic import atomic_dir, check_target
-from ..cpu import cpu_info, exact_on
+from ..cpu import cpu_info, exact_on, s8_exact_anywhere
 from ..denoisers import spec_for, spec_of
 from ..errors import ExportError
 from ..folders import detect
@@ -138,6 +138,8 @@ def export_graph(
                                   int4_linear=int4_linear, int8_format=int8_format or "vnni")
             with stage(log, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
+            if int8_format == "vnni" and all(s8_exact_anywhere(t.w_int) for t in parts.layers.values()):
+                int8_format = "portable"  # every weight within [-64, 64] (w7a8, 4-bit layers): exact on every CPU as it is
         del parts
         graph = _finish_graph(graph, target, simplify)
         with stage(log, "write the graph"):
