@@ -15,10 +15,12 @@ import pytest
 from onnx import numpy_helper
 
 from dqdeploy import export, quantize
+from dqdeploy.artifact import read_manifest
 from dqdeploy.check import check_export
 from dqdeploy.cpu import EXACT_S8_MAX, cpu_info
 from dqdeploy.exporters.export import resolve_format
 from dqdeploy.exporters.spec import ONNX_FILE, read_spec
+from dqdeploy.quant.modules import quant_layers
 from dqdeploy.recipe import W8A8, CalibrationConfig
 from dqdeploy.runtimes.int8_probe import PROBES, probe
 from tests.helpers import tiny_unet, write_pipeline
@@ -91,3 +93,22 @@ def test_cpu_format_is_for_the_ort_target_only(artifact, tmp_path):
     with pytest.raises(ExportError, match="unknown --cpu"):
         export(artifact, tmp_path / "e", target="ort", cpu="avx9")  # type: ignore[arg-type]
     assert not (tmp_path / "e").exists()
+
+
+def test_w7a8_is_exact_everywhere_whatever_cpu_says(tmp_path):
+    """7-bit weights never leave [-64, 64]: the graph is portable even when exported with --cpu vnni, all int8 (the fast
+    u8s8 kernels), and it agrees with its simulation; the artifact round-trips its 7-bit integers."""
+    from dqdeploy import load_quantized
+    from dqdeploy.recipe import W7A8
+
+    write_pipeline(tiny_unet(), tmp_path / "pipe")
+    calib = CalibrationConfig(steps=4, samples=32, trajectories=8, batch_size=8)
+    q = quantize(tmp_path / "pipe", W7A8.replace(iters=5, batch_size=16, fallback="none"), calib, tmp_path / "q").path
+    sim = load_quantized(q)
+    assert all(m.weight_bits == 7 for m in read_manifest(q).layers.values())
+    assert all(int(layer.weight_quantizer.integers(layer.weight).abs().max()) <= 64 for layer in quant_layers(sim.unet).values())
+    out = export(q, tmp_path / "e", target="ort", cpu="vnni")
+    assert read_spec(out).int8_format == "portable"
+    weights = _weights(out)
+    assert weights and all(w.dtype == np.int8 and np.abs(w.astype(np.int64)).max() <= EXACT_S8_MAX for w in weights)
+    assert check_export(q, out).ok

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.errors import ModelLoadError, RecipeError
 from dqdeploy.quant.modules import QUANTIZABLE, quant_layers
 from dqdeploy.quant.timestep import TimestepTable
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.recipe import PRESETS, RECIPE_VERSION, W4A4, W4A8, W8A8, CalibrationConfig, Recipe, resolve_recipe
 from tests.helpers import random_calib, tiny_unet
 
@@ -206,3 +206,17 @@ def test_act8_layers_is_left_out_of_the_json_at_its_default():
     assert r.to_dict()["act8_layers"] == ("conv_*",) and Recipe.from_dict(json.loads(r.to_json())) == r
     with pytest.raises(RecipeError, match="act8_layers"):
         W8A8.replace(act8_layers="conv_*")
+
+
+def test_seven_bit_weights_are_a_recipe_and_a_preset():
+    import pytest as _pytest
+
+    from dqdeploy.errors import RecipeError
+    from dqdeploy.recipe import PRESETS, W7A8, Recipe
+
+    assert PRESETS["w7a8"] is W7A8 and W7A8.weight_bits == 7 and W7A8.weight_bits_for("conv_in") == 7
+    assert Recipe.from_dict(W7A8.to_dict()) == W7A8
+    with _pytest.raises(RecipeError, match="act_bits=7"):
+        Recipe(act_bits=7)
+    with _pytest.raises(RecipeError, match="expected 4, 7 or 8"):
+        Recipe(weight_bits=6)
