@@ -52,7 +52,7 @@ def test_json_round_trip(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"weight_bits": 3}, "weight_bits=3 (expected 4 or 8)"),
+    ({"weight_bits": 3}, "weight_bits=3 (expected 4, 7 or 8)"),
     ({"act_bits": 16}, "act_bits=16 (expected 4 or 8)"),
     ({"first_last_bits": 2}, "first_last_bits=2"),
     ({"scaling": "foo"}, "scaling='foo' (expected one of wd, smoothquant, none)"),
