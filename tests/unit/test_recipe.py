@@ -18,7 +18,7 @@ from tests.helpers import random_calib, tiny_unet
 
 
 def test_presets():
-    assert set(PRESETS) == {"w8a8", "w4a8", "w4a4"}
+    assert set(PRESETS) == {"w8a8", "w7a8", "w4a8", "w4a4"}
     assert (W8A8.weight_bits, W8A8.act_bits) == (8, 8)
     assert (W4A8.weight_bits, W4A8.act_bits) == (4, 8)
     assert (W4A4.weight_bits, W4A4.act_bits) == (4, 4)
