@@ -138,8 +138,12 @@ def export_graph(
                                   int4_linear=int4_linear, int8_format=int8_format or "vnni")
             with stage(log, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
-            if int8_format == "vnni" and all(s8_exact_anywhere(t.w_int) for t in parts.layers.values()):
+            wide = sum(not s8_exact_anywhere(t.w_int) for t in parts.layers.values())
+            if int8_format == "vnni" and not wide:
                 int8_format = "portable"  # every weight within [-64, 64] (w7a8, 4-bit layers): exact on every CPU as it is
+            elif int8_format == "portable" and wide and cpu_info().int8_class == "avx2":
+                log.warning("%d of %d layers have weights beyond [-64, 64] and run u8u8 kernels, about float speed on this "
+                            "CPU (no VNNI); quantize with --recipe w7a8 for exact int8 at full speed here", wide, len(parts.layers))
         del parts
         graph = _finish_graph(graph, target, simplify)
         with stage(log, "write the graph"):
