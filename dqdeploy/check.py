@@ -262,14 +262,20 @@ def check_export(
                    max(tolerance_floor, tolerance_ratio * qe))
         for feed, s, g, qe in zip(feeds, sim_outs, graph_outs, quant_errs)
     ]
-    result = CheckResult(runtime, spec.target, results, unchecked=[t for t in model.table.tolist() if t not in checked])
-    fmt, cpu = spec.weight_format, cpu_info()
-    if runtime == "ort" and fmt is not None and not cpu.exact(fmt) and inexact == "allow":
-        result.cause = f"the graph's int8 format {fmt!r} saturates ONNX Runtime's u8s8 kernels on this CPU ({cpu.model}, no VNNI)"
+    result = CheckResult(runtime, spec.target, results, unchecked=[t for t in model.table.tolist() if t not in checked],
+                         cause=_kernel_cause(spec, runtime, inexact))
     if per_layer:
         result.layers = _layer_agreement(model, feeds, graph_iters, layer_names, spec.layout)
         result.first_divergent = next((r.name for r in result.layers if r.mismatch > 0.01 or r.max_diff > 1), None)
     return result
+
+
+def _kernel_cause(spec, runtime: GraphRuntime, inexact: Inexact) -> str | None:
+    """Why the graph may disagree whatever its quality: it ran (``inexact="allow"``) on kernels that saturate here."""
+    fmt, cpu = spec.weight_format, cpu_info()
+    if runtime == "ort" and fmt is not None and not cpu.exact(fmt) and inexact == "allow":
+        return f"the graph's int8 format {fmt!r} saturates ONNX Runtime's u8s8 kernels on this CPU ({cpu.model}, no VNNI)"
+    return None
 
 
 @torch.no_grad()

@@ -78,14 +78,11 @@ def load_extractor(spec: str) -> Extractor:
 
 @torch.no_grad()
 def extract(extractor: Extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Features ``[N, D]`` of ``images`` batch by batch: one row per image, finite, not the same for every image."""
+    """Features ``[N, D]`` of ``images`` batch by batch: one row per image, finite."""
     feats = torch.cat([_features(extractor, images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)])
-    hint = "check that it expects images in [-1, 1] of this size and channel count"
     if not torch.isfinite(feats).all():
-        raise DQDeployError("the feature extractor returned non-finite features", hint=hint)
-    if feats.shape[0] > 1 and bool((feats == feats[:1]).all()):
-        raise DQDeployError(f"the feature extractor returned the same features for all {feats.shape[0]} images: a Frechet "
-                            "distance on them would be 0 whatever the images", hint=hint)
+        raise DQDeployError("the feature extractor returned non-finite features",
+                            hint="check that it expects images in [-1, 1] of this size and channel count")
     return feats
 
 
@@ -103,8 +100,13 @@ def _features(extractor: Extractor, batch: torch.Tensor) -> torch.Tensor:
 
 
 def check_extractor(extractor: Extractor, shape: tuple[int, ...]) -> None:
-    """Run ``extractor`` on two random images of ``shape`` [C, H, W] before any sampling: a broken one fails now."""
-    extract(extractor, torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    """Run ``extractor`` on two different random images of ``shape`` [C, H, W] before any sampling: a broken one, or
+    one that gives every image the same features (a Frechet distance of 0 whatever the images), fails now."""
+    feats = extract(extractor, torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    if bool((feats == feats[:1]).all()):
+        raise DQDeployError("the feature extractor returned the same features for two different images: a Frechet "
+                            "distance on them would be 0 whatever the images",
+                            hint="check that it expects images in [-1, 1] of this size and channel count")
 
 
 def _regular(path: Path) -> bool:

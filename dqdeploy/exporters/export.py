@@ -85,6 +85,7 @@ def export(
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
     if target == "trt":
+        require_tensorrt()  # fail fast, before anything else
         _check_request(source, "onnx", fp16, cpu)
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if triton_repo is not None:
