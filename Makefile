@@ -20,7 +20,7 @@ demo: install
 	dqdeploy export $(OUT)/digits-$(RECIPE) --target onnx --out $(OUT)/digits-$(RECIPE)-trt-onnx
 	dqdeploy lint $(OUT)/digits-$(RECIPE)-trt-onnx
 	dqdeploy check $(OUT)/digits-$(RECIPE) $(OUT)/digits-$(RECIPE)-ort
-	dqdeploy sample $(OUT)/digits-$(RECIPE)-ort --n 64 --out $(OUT)/digits-$(RECIPE)-ort.png
+	dqdeploy sample $(OUT)/digits-$(RECIPE)-ort --n 64 --out $(OUT)/digits-$(RECIPE)-ort.png --overwrite
 
 test: install lint
 	$(PY) -m pytest -q tests
