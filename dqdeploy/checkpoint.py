@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,16 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
+def _state_of_new_folder(folder: Path, wait_s: float = 5.0) -> dict[str, Any] | None:
+    """The state of ``folder``; a folder another run has just created (mkdir, then its state) is given
+    ``wait_s`` to receive its state, so a race between two runs ends in "in use", not "not a checkpoint"."""
+    deadline = time.monotonic() + wait_s
+    while ((state := _read_state(folder)) is None and time.monotonic() < deadline
+           and all(p.name.startswith(f".{STATE}.") for p in folder.iterdir())):
+        time.sleep(0.05)
+    return state
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> dict[str, Any]:
     """Write a safetensors file under a temporary name, rename it; its ``{sha256, size}``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -149,7 +160,7 @@ class RunCheckpoint:
         (a :func:`fingerprint`); a missing checkpoint with ``resume`` starts a new one."""
         folder = checkpoint_path(out_dir)
         if os.path.lexists(folder):
-            state = _read_state(folder) if folder.is_dir() and not folder.is_symlink() else None
+            state = _state_of_new_folder(folder) if folder.is_dir() and not folder.is_symlink() else None
             if state is None:
                 raise CheckpointError(f"{folder} exists and is not a dqdeploy checkpoint: dqdeploy keeps its "
                                       f"quantize checkpoint there and never touches what it did not write",

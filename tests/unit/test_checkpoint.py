@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dqdeploy.atomic import sweep_stale
-from dqdeploy.checkpoint import CheckpointError, RunCheckpoint, _process_start, checkpoint_path, fingerprint
+from dqdeploy.checkpoint import FORMAT, STATE, CheckpointError, RunCheckpoint, _process_start, checkpoint_path, fingerprint
 from dqdeploy.quant.distill import BlockReport
 from tests.helpers import random_calib, tiny_unet
 
@@ -45,6 +45,20 @@ def test_checkpoint_in_use_by_a_live_process_is_refused(tmp_path):
     ckpt._write_state()
     with pytest.raises(CheckpointError, match="in use by another dqdeploy run"):
         RunCheckpoint.open(tmp_path / "q", RUN, resume=True)
+
+
+def test_a_folder_another_run_has_just_created_is_in_use_not_foreign(tmp_path):
+    """Two runs racing: the loser finds the winner's folder before its state is written, and waits for it."""
+    import threading
+
+    folder = checkpoint_path(tmp_path / "q")
+    folder.mkdir(parents=True)
+    state = {"format": FORMAT, "pid": os.getppid(), "started": _process_start(os.getppid())}
+    writer = threading.Timer(0.5, lambda: (folder / STATE).write_text(json.dumps(state)))
+    writer.start()
+    with pytest.raises(CheckpointError, match="already exists and is in use by another dqdeploy run"):
+        RunCheckpoint.open(tmp_path / "q", RUN, resume=False)
+    writer.join()
 
 
 def test_a_recycled_pid_does_not_block_resume(tmp_path):
