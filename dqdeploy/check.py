@@ -37,6 +37,14 @@ from .vocab import GraphRuntime, Inexact, Layout
 # artifact not quantized with layout="ort", or FP16 activations -- get twice the simulation's
 # quantization error as their whole-network budget.
 EXTRA_ROUNDING_RATIO = 2.0
+# The verdict. Float sums run in another order in the graph than in PyTorch (and differ between CPUs'
+# kernels), so an activation on a rounding tie lands on the other integer now and then and the flip
+# cascades: a step of a correct graph may reach about 1x its tolerance (W4A8 digits, worst step 0.89x on
+# a VNNI CPU, 1.02x at one step of 50 under an emulated Haswell). A defect of the integer path
+# (saturating kernels, a wrong scale or zero point) moves every step. So a graph passes when no step is
+# beyond OUTLIER_RATIO x its tolerance and at most one step in OUTLIER_EVERY is beyond 1x.
+OUTLIER_RATIO = 2.0
+OUTLIER_EVERY = 10
 
 
 @dataclass
@@ -77,8 +85,25 @@ class CheckResult:
     cause: str | None = None  # a known reason for disagreement (integer kernels not exact on this CPU)
 
     @property
+    def outliers(self) -> list[StepResult]:
+        """Steps beyond their tolerance, the worst first."""
+        return sorted((s for s in self.steps if not s.ok), key=lambda s: s.rel_err / s.tolerance, reverse=True)
+
+    @property
     def ok(self) -> bool:
-        return all(s.ok for s in self.steps)
+        """No step beyond ``OUTLIER_RATIO`` x its tolerance, at most one in ``OUTLIER_EVERY`` beyond 1x."""
+        bad = self.outliers
+        return len(bad) <= len(self.steps) // OUTLIER_EVERY and all(s.rel_err <= OUTLIER_RATIO * s.tolerance for s in bad)
+
+    def verdict(self) -> str:
+        """One line: how many steps are beyond tolerance and what the rule allows."""
+        bad, allowed = self.outliers, len(self.steps) // OUTLIER_EVERY
+        if not bad:
+            return "every step within tolerance"
+        worst = bad[0]
+        return (f"{len(bad)} of {len(self.steps)} time steps out of tolerance (worst: t={worst.timestep:g}, rel err "
+                f"{worst.rel_err:.3e} = {worst.rel_err / worst.tolerance:.2f}x {worst.tolerance:.3e}); a correct graph "
+                f"may have up to {allowed} (rounding ties), none beyond {OUTLIER_RATIO:g}x")
 
     def table(self) -> str:
         lines = [f"{'timestep':>9} {'n':>3} {'rel err':>9} {'cosine':>9} {'quant err':>9} {'tolerance':>9}  ok"]
@@ -93,21 +118,19 @@ class CheckResult:
         lines.append(f"{len(self.steps)} of {total} calibrated time steps checked"
                      + (f" (not checked: {', '.join(f'{t:g}' for t in self.unchecked[:12])}"
                         f"{' ...' if len(self.unchecked) > 12 else ''})" if self.unchecked else ""))
+        lines.append(self.verdict())
         lines.append(f"{self.runtime} ({self.target}) vs PyTorch simulation: {'PASS' if self.ok else 'FAIL'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"runtime": self.runtime, "target": self.target, "ok": self.ok, "first_divergent": self.first_divergent,
-                "steps": [asdict(s) | {"ok": s.ok} for s in self.steps], "layers": [asdict(r) for r in self.layers],
+        return {"runtime": self.runtime, "target": self.target, "ok": self.ok, "verdict": self.verdict(),
+                "first_divergent": self.first_divergent, "steps": [asdict(s) | {"ok": s.ok} for s in self.steps], "layers": [asdict(r) for r in self.layers],
                 "unchecked": self.unchecked}
 
     def raise_if_failed(self) -> None:
         if not self.ok:
-            bad = [s for s in self.steps if not s.ok]
             raise CheckFailedError(
-                f"{len(bad)} of {len(self.steps)} time steps out of tolerance "
-                f"(worst: t={bad[0].timestep:g}, rel err {bad[0].rel_err:.3e} > {bad[0].tolerance:.3e})"
-                + (f"; likely cause: {self.cause}" if self.cause else ""),
+                self.verdict() + (f"; likely cause: {self.cause}" if self.cause else ""),
                 hint="re-export with --cpu portable" if self.cause else "run `dqdeploy check --per-layer` to find the first layer that diverges",
             )
 
