@@ -215,7 +215,7 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
 @click.option("--cfg", is_flag=True, help="trt: double the batch profile for classifier-free guidance.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="trt: timing cache file to reuse.")
 @click.option("--workspace-gb", type=float, help="trt: builder workspace limit.")
-@click.option("--triton-repo", type=click.Path(path_type=Path), help="trt: also write a Triton model repository here.")
+@click.option("--triton-repo", type=click.Path(path_type=Path), help="Also write a Triton model repository here (trt: the engine; other targets: the ONNX graph, for Triton's ONNX Runtime backend).")
 @click.option("--dynamic-resolution", "dyn_res", metavar="MIN:MAX",
               help="Dynamic latent height and width, each in MIN..MAX (latent pixels, like quantize --resolution; multiples of the model's step).")
 @click.option("--cpu", type=click.Choice(CPU_CHOICES), default="auto", show_default=True, help="ort: CPUs the int8 graph is exact on. vnni: fastest, x86 with VNNI/AMX and ARM64 only; portable: every CPU (x86 without VNNI too), slower; auto: this machine's.")
@@ -240,8 +240,8 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
     click.echo(f"wrote {Path(out_dir) / spec.onnx_file} ({target}{fmt})")
     if target == "trt":
         click.echo(f"wrote {Path(out_dir) / spec.engine_file}")
-        if triton_repo:
-            click.echo(f"wrote {Path(triton_repo) / 'unet'}")
+    if triton_repo:
+        click.echo(f"wrote {Path(triton_repo) / 'unet'}")
 
 
 @cli.command()

@@ -11,6 +11,8 @@ Batch profile: ``batch=(min, opt, max)`` counts denoiser calls' batch rows. Clas
 runs the UNet on ``[uncond; cond]``, i.e. twice the number of images: pass ``cfg=True`` to double
 the profile (``(1, 2, 8)`` images -> ``(2, 4, 16)`` rows).
 
+The build runs through Polygraphy's TensorRT loaders (``NetworkFromOnnxPath``, ``CreateConfig`` with one
+``Profile``, ``EngineBytesFromNetwork``), imported -- with ``tensorrt`` -- only once the gate has passed.
 The profile shapes are a pure function; ``engine.json`` is :mod:`.engine_spec`, Triton :mod:`.triton`.
 """
 
@@ -19,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -192,49 +195,64 @@ def _check_buildable(export_dir: Path, spec: ExportSpec, *, fp16: bool, overwrit
     return onnx_path, plan_path
 
 
-def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, shapes: dict[str, Any]) -> tuple[Any, Any]:
-    """A strongly typed network parsed from ``onnx_path`` whose inputs match the profile's, and its
-    parser (which owns the weights the network points at, so it must outlive the build)."""
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # always on in TensorRT 11
-    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  " + "\n  ".join(errors[:10]),
-                          hint="run `dqdeploy lint` on the folder; check the opset (20, or 21 with INT4)")
+@contextmanager
+def _polygraphy_step(what: str, onnx_path: Path, hint: str) -> Iterator[None]:
+    """Polygraphy's loaders log TensorRT's reasons, then raise ``PolygraphyException``: an
+    :class:`ExportError` naming the step and the graph instead."""
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        yield
+    except PolygraphyException as exc:
+        raise ExportError(f"{what} {onnx_path}: {exc} (TensorRT's log above says why)", hint=hint) from exc
+
+
+def _parse_network(trt: Any, onnx_path: Path, shapes: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(builder, network, parser)`` from Polygraphy's ``NetworkFromOnnxPath``: a *strongly typed*
+    network (types from the graph: the FP16 graph's float ops, its Q/DQ's INT8) whose inputs must be
+    the profile's. The parser owns the weights the network points at, so the tuple must outlive the build."""
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    # TensorRT 10: an opt-in flag; TensorRT 11 drops the flag (every network is strongly typed)
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    with _polygraphy_step("TensorRT's ONNX parser rejected", onnx_path,
+                          "run `dqdeploy lint` on the folder; check the opset (20, or 21 with INT4)"):
+        builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)()
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if sorted(names) != sorted(shapes):
         raise ExportError(f"the parsed network's inputs {names} differ from the export spec's {sorted(shapes)}",
                           hint="re-run `dqdeploy export`: the folder's graph and spec do not belong together")
-    return network, parser
+    return builder, network, parser
 
 
-def _builder_config(trt: Any, builder: Any, shapes: dict[str, Any], workspace_gb: float | None, cache_path: Path | None) -> Any:
-    """Builder config: workspace limit, the one optimization profile, the timing cache (loaded if present)."""
-    config = builder.create_builder_config()
-    if workspace_gb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    profile = builder.create_optimization_profile()
+def _builder_config(trt: Any, shapes: dict[str, Any], workspace_gb: float | None, cache_path: Path | None) -> Any:
+    """Polygraphy's ``CreateConfig``: the one optimization profile, the workspace limit, the timing cache
+    (loaded if the file exists). No precision flags: a strongly typed network refuses them (its FP16 and
+    INT8 come from the graph), so ``fp16``/``int8`` stay off; ``tf32`` stays on, TensorRT's default, which
+    Polygraphy would otherwise clear."""
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    profile = Profile()
     for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("timing cache %s does not match this TensorRT/GPU; starting a fresh one", cache_path)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    return config
+        profile.add(name, min=lo, opt=opt, max=hi)
+    pools = None if workspace_gb is None else {trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))}
+    cache = str(cache_path) if cache_path is not None and cache_path.is_file() else None
+    return CreateConfig(fp16=False, int8=False, tf32=True, profiles=[profile], memory_pool_limits=pools,
+                        load_timing_cache=cache)
 
 
-def _serialize(builder: Any, network: Any, config: Any, onnx_path: Path) -> tuple[bytes, float]:
-    """The serialized engine and the build time in seconds."""
+def _serialize(network: tuple[Any, Any, Any], config: Any, onnx_path: Path, cache_path: Path | None) -> tuple[bytes, float]:
+    """The serialized engine (Polygraphy's ``EngineBytesFromNetwork``; it merges the timing cache into
+    ``cache_path`` under a file lock) and the build time in seconds. The plan is written by the caller,
+    atomically, rather than by ``SaveEngine``."""
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+
     start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if serialized is None:
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)",
-                          hint="try a larger workspace_gb, or check the graph with `dqdeploy lint`")
-    return bytes(memoryview(serialized)), seconds
+    with _polygraphy_step("TensorRT could not build an engine from", onnx_path,
+                          "try a larger workspace_gb, or check the graph with `dqdeploy lint`"):
+        serialized = EngineBytesFromNetwork(network, config=config,
+                                            save_timing_cache=None if cache_path is None else str(cache_path))()
+    return bytes(memoryview(serialized)), time.perf_counter() - start
 
 
 def build_engine(
@@ -257,7 +275,8 @@ def build_engine(
     so an FP16 engine needs an FP16 export (``dqdeploy export --fp16``). ``batch`` is (min, opt, max)
     denoiser batch rows; ``cfg=True`` doubles it for classifier-free guidance. ``resolution``/``seq_len``
     are only needed where the graph has those dims dynamic. ``timing_cache`` is loaded if it exists
-    and saved after the build. Returns the plan's path.
+    and saved after the build, merged with what the file then holds (Polygraphy locks it through a
+    ``.lock`` file next to it, so concurrent builds may share one). Returns the plan's path.
     """
     trt = require_tensorrt()  # before anything expensive
     export_dir = Path(export_dir)
@@ -266,19 +285,15 @@ def build_engine(
     shapes = profile_shapes(spec, batch=batch, cfg=cfg, resolution=resolution, seq_len=seq_len)
     if lint:
         _lint(onnx_path)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network, _parser = _parse_network(trt, builder, logger, onnx_path, shapes)
+    network = _parse_network(trt, onnx_path, shapes)
     cache_path = None if timing_cache is None else Path(timing_cache)
-    config = _builder_config(trt, builder, shapes, workspace_gb, cache_path)
-    serialized, seconds = _serialize(builder, network, config, onnx_path)
-    if cache_path is not None:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    config = _builder_config(trt, shapes, workspace_gb, cache_path)
+    serialized, seconds = _serialize(network, config, onnx_path, cache_path)
     gpu, capability = gpu_description()
     info = engine_info(
         spec,
-        inputs=tensor_records(network.num_inputs, network.get_input),
-        outputs=tensor_records(network.num_outputs, network.get_output),
+        inputs=tensor_records(network[1].num_inputs, network[1].get_input),
+        outputs=tensor_records(network[1].num_outputs, network[1].get_output),
         profile=shapes, tensorrt_version=str(trt.__version__), gpu=gpu, compute_capability=capability,
         batch=_range(batch, "batch"), cfg=cfg, build_seconds=round(seconds, 2), workspace_gb=workspace_gb,
     )

@@ -76,9 +76,11 @@ def export(
     ``dynamic_resolution=(MIN, MAX)``: the latent height and width are dynamic, each a multiple of
     the model's step in ``[MIN, MAX]`` (:mod:`.dynamic`); ``trt`` profiles that range.
 
-    ``trt`` writes the FP16 TensorRT-layout graph, then builds ``unet/model.plan`` (``transformer/model.plan``) with the batch
-    profile ``batch`` (doubled by ``cfg``), and a Triton repository at ``triton_repo`` if given.
-    Returns ``out_dir``.
+    ``trt`` writes the FP16 TensorRT-layout graph (:func:`trt_graph`), then builds ``unet/model.plan``
+    (``transformer/model.plan``) with the batch profile ``batch`` (doubled by ``cfg``); it needs TensorRT
+    and a GPU, checked first. ``triton_repo``: also write a Triton model repository there
+    (:func:`~.triton.write_triton_repo`): a ``tensorrt_plan`` model of the engine for ``trt``, an
+    ``onnxruntime_onnx`` model of the graph for the other targets. Returns ``out_dir``.
     """
     source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
     dynamic_resolution = _resolution_range(dynamic_resolution)
@@ -93,15 +95,32 @@ def export(
     if timing_cache is not None:
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if target != "trt":
-        return export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
-                            simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu)
-    require_tensorrt()  # fail fast, before the export work
-    export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
-                 dynamic_resolution=dynamic_resolution)
-    build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
-    if triton_repo is not None:
+        export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
+                     simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu)
+    else:
+        require_tensorrt()  # fail fast, before the export work
+        trt_graph(source, out_dir, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
+                  dynamic_resolution=dynamic_resolution)
+        build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
+    if triton_repo is not None:  # the engine for trt; the ONNX graph (ONNX Runtime backend) for the other targets
         write_triton_repo(out_dir, triton_repo)
     return Path(out_dir)
+
+
+def trt_graph(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    int4_linear: bool = False,
+    simplify: bool = True,
+    overwrite: bool = False,
+    dynamic_resolution: tuple[int, int] | None = None,
+) -> Path:
+    """The graph step of ``--target trt``, which needs no TensorRT: the FP16 TensorRT-layout graph that
+    :func:`~.engine.build_engine` builds from (``export_graph(target="onnx", fp16=True)``, checked against
+    TensorRT's rules on the way). :func:`export` runs it, then the engine build."""
+    return export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify,
+                        overwrite=overwrite, dynamic_resolution=dynamic_resolution)
 
 
 def export_graph(

@@ -54,8 +54,7 @@ def float_exports(uncond_pipeline, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def w8a8(uncond_pipeline, tmp_path_factory) -> dict[str, Path]:
     """A w8a8 artifact and its TensorRT-layout exports (FP16 for the engine, FP32 for ONNX Runtime)."""
-    from dqdeploy import quantize
-    from dqdeploy import export
+    from dqdeploy import export, quantize
     from dqdeploy.recipe import W8A8, CalibrationConfig
 
     root = tmp_path_factory.mktemp("w8a8")

@@ -23,10 +23,10 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device (TensorRT needs an NVIDIA GPU)", allow_module_level=True)
 
 from dqdeploy.errors import RuntimeInputError  # noqa: E402
-from dqdeploy.exporters.lint import lint_path  # noqa: E402
-from dqdeploy.exporters.spec import ENGINE_FILE, ONNX_FILE  # noqa: E402
 from dqdeploy.exporters.engine import build_engine  # noqa: E402
 from dqdeploy.exporters.engine_spec import read_engine_info  # noqa: E402
+from dqdeploy.exporters.lint import lint_path  # noqa: E402
+from dqdeploy.exporters.spec import ENGINE_FILE, ONNX_FILE  # noqa: E402
 from dqdeploy.exporters.triton import triton_config, write_triton_repo  # noqa: E402
 from dqdeploy.runtimes import load_runtime  # noqa: E402
 from dqdeploy.runtimes.ort import OrtUNet  # noqa: E402
@@ -157,6 +157,12 @@ def test_triton_repo_from_a_real_engine(fp16_engine, tmp_path):
     assert text == triton_config(read_engine_info(fp16_engine))
     assert 'platform: "tensorrt_plan"' in text and "TYPE_FP16" in text and "TYPE_FP32" in text
     assert (model / "1" / "model.plan").read_bytes() == (fp16_engine / ENGINE_FILE).read_bytes()
+    # the engine's I/O (a strongly typed network: the graph's types) is the graph's own
+    import onnx
+
+    from tests.triton_config import config_io, graph_io, parse_pbtxt
+
+    assert config_io(parse_pbtxt(text)) == graph_io(onnx.load(str(fp16_engine / ONNX_FILE)))
 
 
 def test_cpp_example_if_it_builds(fp16_engine, tmp_path):

@@ -1,5 +1,6 @@
 """What of the TensorRT path can be checked without TensorRT: fail-fast messages, profile shapes,
-engine.json reading, the Triton config text and repository, the C++ example's build files."""
+the engine build's calls into Polygraphy's loaders (TensorRT faked), engine.json reading, the Triton
+config text and repository, the C++ example's build files."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import pytest
 import torch
 
 from dqdeploy.errors import ArtifactError, DQDeployError, ExportError, MissingDependencyError
-from dqdeploy.exporters.spec import ENGINE_FILE, ENGINE_SPEC_FILE, ExportSpec, TensorSpec
 from dqdeploy.exporters.engine import build_engine, profile_shapes
 from dqdeploy.exporters.engine_spec import read_engine_info
+from dqdeploy.exporters.spec import ENGINE_FILE, ENGINE_SPEC_FILE, ExportSpec, TensorSpec
 from dqdeploy.exporters.triton import triton_config, write_triton_repo
 from dqdeploy.trt_gate import require_tensorrt
 
@@ -190,6 +191,88 @@ def test_profile_of_a_dynamic_resolution_export_is_its_range():
     assert profile_shapes(dynamic, resolution=48)["sample"][2] == [8, 4, 48, 48]  # an explicit profile wins
 
 
+# -- the build's own code, with TensorRT and Polygraphy's TensorRT loaders faked ---------------------
+class _Tensor:
+    def __init__(self, name: str, shape: list[int], dtype: str) -> None:
+        self.name, self.shape, self.dtype = name, shape, types.SimpleNamespace(name=dtype)
+
+
+def _fake_build(monkeypatch, tmp_path: Path, *, parse_error: bool = False) -> tuple[Path, dict]:
+    """An export folder and fakes recording what build_engine hands Polygraphy. What TensorRT then
+    does with it (parse, build, run) is tests/gpu's; this checks dqdeploy's wiring and files."""
+    import polygraphy.backend.trt as ptrt
+    from polygraphy.exception import PolygraphyException
+
+    import dqdeploy.exporters.engine as engine
+
+    folder = tmp_path / "e"
+    (folder / "unet").mkdir(parents=True)
+    import dataclasses
+
+    from dqdeploy.integrity import file_record
+
+    (folder / "unet" / "model.onnx").write_bytes(b"graph")
+    record = {"unet/model.onnx": file_record(folder / "unet" / "model.onnx")}
+    full = dataclasses.replace(spec(), model_config={"in_channels": 4, "sample_size": 64}, files=record)
+    (folder / "dqdeploy_export.json").write_text(full.to_json())
+    seen: dict = {}
+    trt = types.SimpleNamespace(__version__="10.8.0", NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=2),
+                                MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
+    inputs = [_Tensor("sample", [-1, 4, 64, 64], "HALF"), _Tensor("timestep", [-1], "FLOAT"),
+              _Tensor("encoder_hidden_states", [-1, 77, 768], "HALF")]
+    network = types.SimpleNamespace(num_inputs=3, get_input=inputs.__getitem__, num_outputs=1,
+                                    get_output=lambda i: _Tensor("out_sample", [-1, 4, 64, 64], "HALF"))
+
+    def parse(path, strongly_typed):
+        seen["parse"] = (path, strongly_typed)
+        if parse_error:
+            raise PolygraphyException("In node 7 (Conv): unsupported")
+        return lambda: ("builder", network, "parser")
+
+    def create_config(**kw):
+        seen["config"] = kw
+        return "config"
+
+    def build(net, config, save_timing_cache):
+        seen["build"] = (net, config, save_timing_cache)
+        return lambda: b"serialized engine"
+
+    monkeypatch.setattr(engine, "require_tensorrt", lambda: trt)
+    monkeypatch.setattr(engine, "gpu_description", lambda: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(ptrt, "NetworkFromOnnxPath", parse)
+    monkeypatch.setattr(ptrt, "CreateConfig", create_config)
+    monkeypatch.setattr(ptrt, "EngineBytesFromNetwork", build)
+    return folder, seen
+
+
+def test_build_engine_hands_polygraphy_a_strongly_typed_network_and_one_profile(monkeypatch, tmp_path):
+    folder, seen = _fake_build(monkeypatch, tmp_path)
+    cache = tmp_path / "timing.cache"
+    plan = build_engine(folder, batch=(1, 2, 4), cfg=True, timing_cache=cache, workspace_gb=2, lint=False)
+    assert plan == folder / ENGINE_FILE and plan.read_bytes() == b"serialized engine"
+    assert seen["parse"] == (str(folder / "unet" / "model.onnx"), True)
+    config = seen["config"]
+    assert (config["fp16"], config["int8"], config["tf32"]) == (False, False, True)  # strongly typed: types from the graph
+    assert config["memory_pool_limits"] == {"workspace": 2 << 30} and config["load_timing_cache"] is None  # no file yet
+    (profile,) = config["profiles"]
+    assert {n: (list(s.min), list(s.opt), list(s.max)) for n, s in profile.items()} == profile_shapes(spec(), batch=(1, 2, 4), cfg=True)
+    assert seen["build"] == (("builder", seen["build"][0][1], "parser"), "config", str(cache))
+    info = read_engine_info(folder)
+    assert info["inputs"][0] == {"name": "sample", "shape": [-1, 4, 64, 64], "dtype": "float16"}
+    assert (info["gpu"], info["tensorrt_version"], info["batch"], info["cfg"]) == ("Fake GPU", "10.8.0", [1, 2, 4], True)
+    assert info["profile"]["timestep"] == {"min": [2], "opt": [4], "max": [8]}
+    cache.write_bytes(b"cache")
+    build_engine(folder, timing_cache=cache, overwrite=True, lint=False)
+    assert seen["config"]["load_timing_cache"] == str(cache) and seen["config"]["memory_pool_limits"] is None
+
+
+def test_polygraphy_errors_are_export_errors(monkeypatch, tmp_path):
+    folder, _ = _fake_build(monkeypatch, tmp_path, parse_error=True)
+    with pytest.raises(ExportError, match=r"TensorRT's ONNX parser rejected .*In node 7 \(Conv\)") as err:
+        build_engine(folder, lint=False)
+    assert "dqdeploy lint" in str(err.value.hint) and not (folder / ENGINE_FILE).exists()
+
+
 # -- engine.json and Triton -----------------------------------------------------------------------
 def _engine_folder(path: Path, info: dict = ENGINE_JSON) -> Path:
     (path / ENGINE_FILE).parent.mkdir(parents=True)
@@ -240,7 +323,8 @@ def test_cmake_find_logic():
                    "find_library(TensorRT_LIBRARY", "return()", "CUDA::cudart"):
         assert needle in text
     source = (CPP / "run_engine.cpp").read_text()
-    for call in ("createInferRuntime", "deserializeCudaEngine", "setInputShape", "setTensorAddress", "enqueueV3"):
+    for call in ("createInferRuntime", "deserializeCudaEngine", "createExecutionContext", "setInputShape", "setTensorAddress",
+                 "enqueueV3"):
         assert call in source
 
 
