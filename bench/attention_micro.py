@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, machine  # noqa: E402
+from bench.common import write_results  # noqa: E402
 
 HEADS = 8
 SHAPES = {  # name: (query tokens, key tokens, channels)
@@ -103,12 +103,10 @@ def main() -> None:
     args = ap.parse_args()
     rows = {name: {kind: cpu_ms(kind, *shape, args.repeats) for kind in ("float", "mha", "int8")} | {"shape": list(shape)}
             for name, shape in SHAPES.items()}
-    path = RESULTS / "ort_speed.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results["attention micro"] = {"command": " ".join(["python bench/attention_micro.py", *sys.argv[1:]]), "machine": machine(),
-                                  "batch": 2, "heads": HEADS, "cpu_ms": rows}
-    path.write_text(json.dumps(results, indent=2))
+    path = write_results("ort_speed", {"command": " ".join(["python bench/attention_micro.py", *sys.argv[1:]]),
+                                        "batch": 2, "heads": HEADS, "cpu_ms": rows}, label="attention micro")
     print(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

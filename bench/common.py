@@ -1,4 +1,10 @@
-"""Shared benchmark plumbing: one thread, timing medians, JSON results next to the scripts."""
+"""Shared benchmark plumbing: one thread, timing medians, JSON results next to the scripts.
+
+Every file in bench/results is written by :func:`write_results` (rows of the zoo harness are stamped by
+:func:`stamp`): each result carries its ``commit``, the ``code_hash`` of the dqdeploy/ code it measured,
+its ``date`` (UTC) and the ``machine`` (CPU model, int8 class and flags, versions). ``bench/report.py``
+refuses results without them and marks those measured on other code as stale.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from bench.provenance import code_hash, git_commit, utc_now  # noqa: E402, F401  (git_commit: re-exported)
+from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
@@ -57,12 +67,17 @@ def interleaved_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: 
 
 
 def machine() -> dict[str, str]:
-    import onnxruntime
-
+    """The CPU (model, int8 class and flags) and the versions a result was measured with."""
     from dqdeploy.cpu import cpu_info
 
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
     return {**cpu_info().as_dict(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": "1"}
+            "torch": torch.__version__, "onnxruntime": ort_version, "threads": "1"}
 
 
 def interleaved_wall_cpu(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -79,19 +94,27 @@ def interleaved_wall_cpu(runs: dict[str, Callable[[], object]], repeats: int) ->
     return wall, cpu
 
 
-def git_commit() -> str:
-    """The commit the measured code is at (``+dirty`` when the work tree differs from it)."""
-    root = Path(__file__).resolve().parents[1]
-    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    head = run("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+def provenance() -> dict[str, Any]:
+    """Where a result comes from: commit, hash of the dqdeploy/ code, date (UTC), machine."""
+    return {"commit": git_commit(), "code_hash": code_hash(), "date": utc_now(), "machine": machine()}
 
 
-def write_results(name: str, data: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
+def stamp(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with its provenance (machine fields the script recorded itself, e.g. a GPU, are kept)."""
+    prov = provenance()
+    return {**entry, **prov, "machine": {**(entry.get("machine") or {}), **prov["machine"]}}
+
+
+def write_results(name: str, data: dict[str, Any], label: str | None = None) -> Path:
+    """The one writer of ``bench/results/NAME.json``: ``data`` stamped with its provenance, as the whole file,
+    or with ``label`` as the entry ``label`` of a file holding one entry per label (others kept). Atomic."""
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2))
-    return path
+    if label is None:
+        out = stamp(data)
+    else:
+        out = json.loads(path.read_text()) if path.is_file() else {}
+        out[label] = stamp(data)
+    return atomic_write_bytes(path, (json.dumps(out, indent=2) + "\n").encode())
 
 
 def ort_session(path: str | Path):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, git_commit, machine  # noqa: E402
+from bench.common import write_results  # noqa: E402
 
 MODEL = ROOT / "dqdeploy" / "assets" / "digits-ddpm"
 DEMO = ["--scheduler", "ddim", "--calib-samples", "512", "--iters", "100", "--layout", "ort"]  # the Makefile's demo
@@ -77,16 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     probe = subprocess.run([shutil.which("qemu-x86_64") or "", "-cpu", args.cpu_model, sys.executable, "-c",
                             "import json; from dqdeploy.cpu import cpu_info; print(json.dumps(cpu_info().as_dict()))"],
                            env=ENV, capture_output=True, text=True, cwd=ROOT)
-    path = RESULTS / "cpu_emulation.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
     entry: dict = {"command": "python bench/cpu_emulation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "commit": git_commit(), "machine": machine(), "emulated_cpu": json.loads(probe.stdout.strip().splitlines()[-1]),
-                   "n": args.n, "recipes": {}}
-    data[args.label or f"{args.cpu_model.lower()}-emulated"] = entry
+                   "emulated_cpu": json.loads(probe.stdout.strip().splitlines()[-1]), "n": args.n, "recipes": {}}
+    label = args.label or f"{args.cpu_model.lower()}-emulated"
 
     def save() -> None:
-        RESULTS.mkdir(exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        write_results("cpu_emulation", entry, label=label)
 
     sample = ["--n", str(args.n), "--steps", "50", "--scheduler", "ddim", "--seed", "0"]
     for recipe in args.recipes.split(","):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: the tree under test wins
-from bench.common import machine, write_results  # noqa: E402
+from bench.common import write_results  # noqa: E402
 
 CONFIG = dict(
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256, 256),
@@ -117,7 +117,7 @@ def main() -> None:
         rows[name] = json.loads(out.strip().splitlines()[-1])
         print(name, {k: v for k, v in rows[name].items() if k != "per_block_s"}, flush=True)
     speedup = rows["before"]["distill_s"] / rows["after"]["distill_s"]
-    result = {"command": "python bench/distill_scale.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": "python bench/distill_scale.py " + " ".join(sys.argv[1:]),
               "model": {"class": "UNet2DConditionModel", **CONFIG, "tokens": TOKENS}, "recipe": "w8a8 (minmax init, no fallback)",
               "iters": args.iters, "calibration_samples": args.samples, "batch_size": args.batch_size,
               "before": rows["before"], "after": rows["after"], "distill_speedup": speedup}

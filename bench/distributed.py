@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import machine, write_results  # noqa: E402
+from bench.common import write_results  # noqa: E402
 
 
 def run(nproc: int, args: list[str], out: Path) -> dict:
@@ -105,7 +105,7 @@ def main() -> None:
     med = {n: statistics.median(r["wall_s"] for r in rows if r["nproc"] == n) for n in (1, 2)}
     write_results("distributed", {
         "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
-        "machine": {**machine(), "cpus": str(os.cpu_count())},
+        "machine": {"cpus": str(os.cpu_count())},
         "quantize_args": args[1:], "rows": rows, "median_wall_s": {str(k): v for k, v in med.items()},
         "speedup_2_vs_1": med[1] / med[2], "agreement": agreement,
     })

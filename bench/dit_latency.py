@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved_ms, machine, ort_session, write_results  # noqa: E402
+from bench.common import interleaved_ms, ort_session, write_results  # noqa: E402  (first: one thread before torch)
 
+# isort: split
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -55,7 +56,6 @@ def main() -> None:
     med = {n: float(np.median(v)) for n, v in times.items()}
     result = {
         "command": "python bench/dit_latency.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
         "model": f"zoo member {MODEL}: {zoo.get(MODEL).description}",
         "batch": args.batch,
         "repeats": args.repeats,

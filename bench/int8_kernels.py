@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, git_commit, interleaved_wall_cpu, machine  # noqa: E402
+from bench.common import interleaved_wall_cpu, write_results  # noqa: E402
 from dqdeploy.cpu import cpu_info  # noqa: E402
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, stored_weight  # noqa: E402
 from dqdeploy.runtimes.int8_probe import PROBES, probe  # noqa: E402
@@ -91,14 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     exactness = {op: {label: (lambda r: {"fused": r.fused, "mismatch": r.mismatch, "max_diff": r.max_diff})(
         probe(op, fmt, weight_range=wr)) for label, (fmt, wr) in FORMATS.items()} for op in PROBES}
     entry = {"command": "python bench/int8_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-             "commit": git_commit(), "machine": machine(), "exactness": exactness,
+             "exactness": exactness,
              "speed": None if args.exactness_only else speed(args.repeats)}
-    path = RESULTS / "int8_kernels.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[args.label or info.int8_class] = entry
-    RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path = write_results("int8_kernels", entry, label=args.label or info.int8_class)
     print(json.dumps(entry, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, interleaved_ms, machine, ort_session, write_results  # noqa: E402
+from bench.common import interleaved_ms, ort_session, write_results  # noqa: E402  (first: one thread before torch)
 
+# isort: split
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
@@ -73,8 +74,6 @@ def main() -> None:
     med = {n: float(np.median(v)) for n, v in times.items()}
     result = {
         "command": "python bench/latency.py " + " ".join(sys.argv[1:]),
-        "commit": git_commit(),
-        "machine": machine(),
         "load_average": os.getloadavg(),
         "model": "UNet2DModel block_out (64,128,128), layers_per_block 2, 32x32, attention at the lowest level",
         "batch": args.batch,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, write_results  # noqa: E402
+from bench.common import write_results  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -32,7 +32,6 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     """Inside the subprocess: calibrate, then distill with ``mode`` and measure its peak."""
     import torch
 
-    from dqdeploy.quantize_stage import example_forward, build_quantized
     from dqdeploy.eval.digits import digits_model_dir
     from dqdeploy.models import load_model, make_scheduler
     from dqdeploy.quant.blocks import partition
@@ -40,6 +39,7 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     from dqdeploy.quant.distill import block_targets, distill_blocks, distill_model, model_targets, open_store
     from dqdeploy.quant.timestep import TimestepTable
     from dqdeploy.quant.trajectories import collect
+    from dqdeploy.quantize_stage import build_quantized, example_forward
     from dqdeploy.recipe import PRESETS, CalibrationConfig
 
     torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def main() -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     ratio = rows[0]["distill_peak_above_baseline_mb"] / max(rows[1]["distill_peak_above_baseline_mb"], 1e-9)
-    result = {"command": "python bench/memory.py " + " ".join(sys.argv[1:]), "machine": machine(), "recipe": args.recipe,
+    result = {"command": "python bench/memory.py " + " ".join(sys.argv[1:]), "recipe": args.recipe,
               "iters": args.iters, "calibration_samples": args.samples, "rows": rows, "block_vs_model_peak_ratio": ratio}
     print(f"BKD / whole-model distillation peak: {ratio:.2f}x; wrote {write_results('memory', result)}")
 

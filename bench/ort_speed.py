@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, interleaved_wall_cpu, machine  # noqa: E402
+from bench.common import interleaved_wall_cpu, write_results  # noqa: E402
 from bench.scale_latency import feeds, session  # noqa: E402
 
 GRAPHS = ("fp32", "before", "after")
@@ -118,14 +118,12 @@ def main() -> None:
     if "--note" in argv:  # the note is stored on its own
         k = argv.index("--note")
         del argv[k:k + 2]
-    entry = {"command": "python bench/ort_speed.py " + " ".join(argv), "machine": machine(),
+    entry = {"command": "python bench/ort_speed.py " + " ".join(argv),
              "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
              "batch": 2, "tokens": 77, "rows": rows, "profile_1_thread": profiles, "note": args.note}
-    path = RESULTS / "ort_speed.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[args.label] = entry
-    path.write_text(json.dumps(results, indent=2))
+    path = write_results("ort_speed", entry, label=args.label)
     print(json.dumps(rows))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

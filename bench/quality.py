@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, machine, write_results  # noqa: E402
+from bench.common import write_results  # noqa: E402
 from dqdeploy import export  # noqa: E402
 from dqdeploy.artifact import save_quantized
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> None:
     model_dir = args.model or digits_model_dir()
     work = Path(tempfile.mkdtemp(prefix="dqdeploy-quality-"))
     rows: list[dict] = []
-    result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "commit": git_commit(), "machine": machine(),
+    result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]),
               "model": str(model_dir), "n": args.n, "steps": args.steps, "sampler": "ddim", "seed": args.noise_seed, "rows": rows}
 
     def evaluate(label: str, path: Path, runtime: str = "auto", **extra) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import CLI, machine, run_with_code, write_results  # noqa: E402
+from bench.common import CLI, run_with_code, write_results  # noqa: E402
 
 MODEL = ROOT / "dqdeploy" / "assets" / "digits-ddpm"
 PLAIN = ["--scheduler", "ddim", "--steps", "50"]
@@ -47,7 +47,7 @@ def main() -> None:
                 print(f"{time.strftime('%H:%M:%S')} {name} run {i}: {seconds[name][-1]:.1f} s", flush=True)
     med = {name: statistics.median(s) for name, s in seconds.items()}
     data = {"command": f"python bench/quantize_time.py --before {args.before} --recipe {args.recipe} --repeats {args.repeats}",
-            "machine": machine(), "model": str(MODEL.relative_to(ROOT)), "recipe": args.recipe,
+            "model": str(MODEL.relative_to(ROOT)), "recipe": args.recipe,
             "args": PLAIN, "old_defaults_args": OLD_DEFAULTS, "seconds": seconds, "median_s": med,
             "default_vs_before": med["default"] / med["before"],
             "default_vs_old_defaults": med["default"] / med["old-defaults"]}

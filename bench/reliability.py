@@ -10,25 +10,29 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results" / "reliability.json"
+sys.path.insert(0, str(ROOT))
+from bench.common import write_results  # noqa: E402
+
 COMMAND = "python bench/reliability.py"
 
 
 def main() -> int:
-    env = {**os.environ, "DQDEPLOY_RELIABILITY_OUT": str(OUT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-                           "tests/hostile"], cwd=ROOT, env=env)
-    data = json.loads(OUT.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "reliability.json"  # the corpus's own summary (tests/hostile/conftest.py)
+        env = {**os.environ, "DQDEPLOY_RELIABILITY_OUT": str(summary), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
+                               "tests/hostile"], cwd=ROOT, env=env)
+        data = json.loads(summary.read_text())
     data |= {"command": COMMAND, "wall_s": round(time.perf_counter() - start, 1), "pytest_exit": proc.returncode}
-    OUT.write_text(json.dumps(data, indent=2) + "\n")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import report
+    print("wrote", write_results("reliability", data))
+    from bench import report
 
     report.main()
     return proc.returncode

@@ -1,37 +1,81 @@
-"""Render BENCHMARKS.md from the JSON files in bench/results (run after any benchmark)."""
+"""Render BENCHMARKS.md from the JSON files in bench/results (run after any benchmark).
+
+Every stored result is judged by its provenance (``bench/provenance.py``; ``bench/common.py`` writes it):
+a result without its commit or its CPU (model, int8 flags) is refused -- not rendered, listed at the end
+under "Not shown" and warned about on stderr; one measured on other code than this tree's dqdeploy/
+(another code hash, or none recorded) is rendered and marked stale. The summary at the top quotes each
+section's headline figure with its command and CPU, from rendered results only.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+from bench.provenance import code_hash, verdict  # noqa: E402
+
+
+class Ledger:
+    """Judges results against the code hash of this tree: refused ones are kept aside, stale ones marked."""
+
+    def __init__(self, current_hash: str) -> None:
+        self.current = current_hash
+        self.refused: list[tuple[str, str, str]] = []  # (where, command, why)
+
+    def ok(self, entry: dict, where: str) -> bool:
+        """Whether ``entry`` may be rendered as a measurement (else it is recorded as refused)."""
+        state, why = verdict(entry, self.current)
+        if state == "refused":
+            self.refused.append((where, str(entry.get("command", "?")), why))
+            print(f"report: not rendering {where}: {why} (no provenance)", file=sys.stderr)
+            return False
+        return True
+
+    def stale(self, entry: dict) -> bool:
+        return verdict(entry, self.current)[0] == "stale"
+
+
+LEDGER = Ledger("")
 
 
 def _load(name: str) -> dict | None:
+    """A one-result file, if present and rendered."""
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    data = json.loads(path.read_text()) if path.is_file() else None
+    return data if data is not None and LEDGER.ok(data, path.name) else None
+
+
+def _load_keyed(name: str) -> dict | None:
+    """A file of one result per label: the labels whose result is rendered."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return None
+    kept = {label: e for label, e in json.loads(path.read_text()).items() if LEDGER.ok(e, f"{path.name} [{label}]")}
+    return kept or None
+
+
+def _glob(pattern: str) -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted(RESULTS.glob(pattern)):
+        data = json.loads(path.read_text())
+        if LEDGER.ok(data, path.name):
+            out.append((path, data))
+    return out
 
 
 def merged_quality() -> dict | None:
     """All ``quality*.json`` runs (parallel runs split the recipes) as one table, FP row first."""
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("quality*.json"))]
+    runs = [q for _, q in _glob("quality*.json")]
     if not runs:
         return None
     rows = [r for run in runs for r in run["rows"]]
     rows.sort(key=lambda r: r["model"] != "fp32")
-    return runs[0] | {"rows": rows, "command": " ; ".join(run["command"] for run in runs)}
-
-
-def precision_sections() -> list[str]:
-    """``bench/quality.py --out precision-*`` runs: recipes compared side by side on one calibration set and noise."""
-    out = []
-    for path in sorted(RESULTS.glob("precision-*.json")):
-        q = json.loads(path.read_text())
-        out += quality_section(q, f"Weight precision for CPUs without VNNI: {path.stem}") + [cpu_line(q.get("machine")), ""]
-    return out
+    return runs[0] | {"rows": rows, "command": " ; ".join(run["command"] for run in runs), "runs": runs}
 
 
 def quality_section(q: dict, title: str = "Image quality: digits-FID") -> list[str]:
@@ -48,6 +92,27 @@ def quality_section(q: dict, title: str = "Image quality: digits-FID") -> list[s
 
 def _ci(lo: float | None, hi: float | None, fmt: str = "{:.2f}") -> str:
     return f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else ""
+
+
+def zoo_rows(z: dict) -> dict:
+    """``z`` with only the rows, and runs, that carry their provenance (each row is stamped on its own)."""
+    refused = {k: verdict(r, LEDGER.current)[1] for k, r in z["rows"].items() if verdict(r, LEDGER.current)[0] == "refused"}
+    if refused:
+        runs = "; ".join(dict.fromkeys(r["command"] for r in z["runs"] if verdict(r, "")[0] == "refused"))
+        LEDGER.refused.append((f"zoo_quality.json ({len(refused)} of {len(z['rows'])} rows)", runs,
+                               "; ".join(sorted(set(refused.values())))))
+        print(f"report: not rendering {len(refused)} zoo_quality.json rows: no provenance", file=sys.stderr)
+    return z | {"rows": {k: r for k, r in z["rows"].items() if k not in refused},
+                "runs": [r for r in z["runs"] if verdict(r, "")[0] != "refused"]}
+
+
+def _load_zoo() -> dict | None:
+    """zoo_quality.json with the rows that carry their provenance (its rows are stamped one by one)."""
+    path = RESULTS / "zoo_quality.json"
+    if not path.is_file():
+        return None
+    z = zoo_rows(json.loads(path.read_text()))
+    return z if z["rows"] else None
 
 
 def zoo_quality_section(z: dict) -> list[str]:
@@ -81,7 +146,8 @@ def zoo_quality_section(z: dict) -> list[str]:
         acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else ""
         runs = {"sim": "simulation" if r["recipe"] != "fp32" else "torch", "onnx": "onnx graph, ORT",
                 "ort": "ort graph, ORT"}[r["flavour"]]
-        out.append(f"| {r['model']} | {r['recipe']} | {r['variant']} | {runs} | {r['seed']} | "
+        model = r["model"] + (f" (stale: {r['commit']})" if LEDGER.stale(r) else "")
+        out.append(f"| {model} | {r['recipe']} | {r['variant']} | {runs} | {r['seed']} | "
                    f"{r['digits_fid']:.2f} | {vs_fp} | {vs_sim} | {step} | {acc} |")
     out += ["", "**Noise** (FP vs FP with another noise seed, same model):", ""]
     for model in sorted({r["model"] for r in rows}):
@@ -106,7 +172,9 @@ def zoo_quality_section(z: dict) -> list[str]:
                      if far else " | ")
         out.append(f"| {recipe} | {variant} | {flavour} | {worst['vs_fp']:.3f}x{_ci(worst.get('fp_ratio_lo'), worst.get('fp_ratio_hi'), '{:.3f}')} "
                    f"| {worst['model']} | {sim_cells} | {len(members)}/{z.get('zoo_size', '?')} |")
-    return out + [""] + _ablation_table(z["rows"], order)
+    cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['int8_class']})" for r in rows})
+    return out + ["", f"Rows measured on: {', '.join(cpus)}; commits {', '.join(sorted({r['commit'] for r in rows}))}.", ""] + \
+        _ablation_table(z["rows"], order)
 
 
 def _ablation_table(rows: dict, order: dict[str, int]) -> list[str]:
@@ -233,9 +301,9 @@ def reliability_section(rel: dict) -> list[str]:
 
 def loss_section() -> list[str]:
     """Issue 7: where the quantization loss comes from (screens, group bounds) and the digits-FID that confirms it."""
-    screens = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("screen-*.json"))]
-    groups = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("groups-*.json"))]
-    fids = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("loss-fid-*.json"))]
+    screens = [d for _, d in _glob("screen-*.json")]
+    groups = [d for _, d in _glob("groups-*.json")]
+    fids = [d for _, d in _glob("loss-fid-*.json")]
     if not (screens or groups or fids):
         return []
     out = ["## Where the quantization loss comes from (screens, then digits-FID)", ""]
@@ -248,7 +316,7 @@ def loss_section() -> list[str]:
         for name, r in g["groups"].items():
             out.append(f"| {name} | {r['layers']} | {r['error_if_float']:.4f} | {r['gain'] / g['full']:+.0%} | "
                        f"{r['gain_weights_float'] / g['full']:+.0%} | {r['gain_acts_float'] / g['full']:+.0%} |")
-        out.append("")
+        out += ["", prov_line(g), ""]
     for sc in screens:
         out += [f"`{sc['command']}` — {sc['model']}: mean relative denoiser error vs FP on 16 held-out FP DDIM-50 "
                 "trajectories (all steps), and relative error of the final samples from the same noise.", "",
@@ -257,7 +325,7 @@ def loss_section() -> list[str]:
             qs = f"{r['quantize_s']:.0f}" if "quantize_s" in r else ""
             out.append(f"| {r['variant']} | {r['error']:.4f} | {r.get('image_error', float('nan')):.4f} | "
                        f"{', '.join(r.get('fallback', [])) or '-'} | {qs} |")
-        out.append("")
+        out += ["", prov_line(sc), ""]
     for q in fids:
         fp = next((r["digits_fid"] for r in q["rows"] if r["model"] == "fp32"), None)
         out += [f"`{q['command']}` — {q['model']}, {q['n']} samples, DDIM {q['steps']}, noise seed {q['seed']}.", "",
@@ -265,7 +333,7 @@ def loss_section() -> list[str]:
         for r in q["rows"]:
             ratio = f"{r['digits_fid'] / fp:.2f}x" if fp else ""
             out.append(f"| {r['model']} | {r['runtime']} | {r['digits_fid']:.3f} | {ratio} |")
-        out.append("")
+        out += ["", prov_line(q), ""]
     return out
 
 
@@ -294,7 +362,7 @@ def ort_speed_section(res: dict) -> list[str]:
                 out.append(f"| {g} | " + " | ".join(cells) + " |")
         if e.get("note"):
             out += ["", e["note"]]
-        out.append("")
+        out += ["", prov_line(e), ""]
     if micro:
         out += [f"One attention alone (`{micro['command']}`; batch {micro['batch']}, {micro['heads']} heads, one thread, "
                 "median CPU ms): the exporter's float form, ONNX Runtime's MultiHeadAttention, and int8 batched matmuls "
@@ -304,7 +372,7 @@ def ort_speed_section(res: dict) -> list[str]:
         for name, r in micro["cpu_ms"].items():
             n, m, c = r["shape"]
             out.append(f"| {name} | {n} x {m}, {c} | {r['float']:.1f} | {r['mha']:.1f} | {r['int8']:.1f} |")
-        out.append("")
+        out += ["", prov_line(micro), ""]
     return out
 
 
@@ -328,17 +396,25 @@ def scale_section(scale: dict) -> list[str]:
             out.append("")
         if entry.get("note"):
             out += [entry["note"], ""]
+        if entry.get("skipped"):
+            out += [f"Not measured by this run (`--skip`): {', '.join(entry['skipped'])}.", ""]
+        out += [prov_line(entry), ""]
     return out
 
 
-def cpu_line(machine: dict | None) -> str:
-    """The CPU a section was measured on, with its int8 class and flags (rows before they were recorded say so)."""
-    if not machine:
-        return "CPU: not recorded."
-    if "int8_class" not in machine:
-        return (f"CPU: {machine.get('cpu', '?')}; int8 flags not recorded (measured before they were; int8 figures hold "
-                "only for a CPU of the same class, see \"Int8 kernels per CPU\").")
+def cpu_line(machine: dict) -> str:
+    """The CPU a result was measured on, with its int8 class and flags (rendered results always have them)."""
     return f"CPU: {machine['cpu']}; int8 class **{machine['int8_class']}** ({machine.get('int8_flags') or 'no int8 flags'})."
+
+
+def prov_line(e: dict) -> str:
+    """Where a rendered result comes from, and whether it measured the code of this tree."""
+    state, why = verdict(e, LEDGER.current)
+    code = f", code `{e['code_hash'][:12]}`" if e.get("code_hash") else ""
+    line = f"Measured at commit `{e['commit']}`{code}, {e.get('date', 'date not recorded')}. {cpu_line(e['machine'])}"
+    if state == "stale":
+        line = f"**Stale (measured on {e['commit']})**: {why}; rerun its command to refresh. " + line
+    return line
 
 
 def int8_kernels_section(res: dict) -> list[str]:
@@ -348,8 +424,7 @@ def int8_kernels_section(res: dict) -> list[str]:
            "differ). Formats: full-range int8 weights (`--cpu vnni`), uint8 weights (`--cpu portable` for layers whose "
            "weights leave [-64, 64]), int8 within [-64, 64] (4-bit layers; `portable` keeps those int8).", ""]
     for label, e in res.items():
-        m = e["machine"]
-        out += [f"### {label}: `{e['command']}` (commit {e.get('commit', '?')})", "", cpu_line(m), "",
+        out += [f"### {label}: `{e['command']}`", "", prov_line(e), "",
                 "| op | " + " | ".join(next(iter(e["exactness"].values()))) + " |", "|---|" + "---:|" * 3]
         for op, cols in e["exactness"].items():
             out.append(f"| {op} ({next(iter(cols.values()))['fused'] or 'not fused'}) | "
@@ -371,7 +446,7 @@ def cpu_emulation_section(res: dict) -> list[str]:
     out = ["## `make demo` on a CPU without VNNI (emulated)", ""]
     for label, e in res.items():
         emu = e["emulated_cpu"]
-        out += [f"### {label}: `{e['command']}` (commit {e.get('commit', '?')})", "",
+        out += [f"### {label}: `{e['command']}`", "", prov_line(e), "",
                 f"Host {cpu_line(e['machine'])} Emulated (qemu-user): {emu['cpu']}, int8 class **{emu['int8_class']}** "
                 f"({emu['int8_flags'] or 'no int8 flags'}). The shipped digits model quantized as `make demo` does; graphs "
                 f"exported on the host; `dqdeploy check` and digits-FID ({e['n']} samples, DDIM 50, noise seed 0) under "
@@ -391,27 +466,185 @@ def cpu_emulation_section(res: dict) -> list[str]:
     return out
 
 
+Headline = tuple[str, dict]  # (figure, the result it comes from)
+
+
+def _cmd(command: str, limit: int = 0) -> str:
+    """A command as a table cell: in backticks, ``|`` escaped, cut at ``limit`` characters."""
+    if limit and len(command) > limit:
+        command = command[:limit] + "..."
+    return "`" + command.replace("|", "\\|") + "`"
+
+
+def _speedups(d: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}x" for k, v in d.items() if k != "fp32")
+
+
+def _int8_headlines(res: dict) -> list[Headline]:
+    out = []
+    for label, e in res.items():
+        if e.get("speed"):
+            out.append((f"{label}: int8 conv vs FP32 (CPU time): {_speedups(e['speed']['speedup_vs_fp32_cpu'])}", e))
+        formats = list(next(iter(e["exactness"].values())))
+        worst = ", ".join(f"{f} {max(op[f]['mismatch'] for op in e['exactness'].values()):.1%}" for f in formats)
+        out.append((f"{label}: outputs differing from exact integers, worst op: {worst}", e))
+    return out
+
+
+def _emulation_headlines(res: dict) -> list[Headline]:
+    out = []
+    for label, e in res.items():
+        for recipe, rows in e["recipes"].items():
+            cells = []
+            for name, r in rows.items():
+                if isinstance(r, dict) and "digits_fid" in r and r["digits_fid"] is not None:
+                    cells.append(f"{name} FID {r['digits_fid']:.2f}")
+                elif isinstance(r, dict) and name.startswith("check") and "(emulated)" in name:
+                    cells.append(f"{name} {({0: 'PASS', 1: 'FAIL', 2: 'REFUSED'}).get(r['exit'], r['exit'])}")
+            out.append((f"{label}, {recipe}: " + "; ".join(cells), e))
+    return out
+
+
+def _fid_ratios(q: dict, limit: int = 4) -> str:
+    fp = next((r["digits_fid"] for r in q["rows"] if r["model"] == "fp32"), None)
+    if not fp:
+        return "no FP row"
+    rows = [r for r in q["rows"] if r["model"] != "fp32"][:limit]
+    return "digits-FID vs FP: " + "; ".join(f"{r['model']} {r['digits_fid'] / fp:.2f}x" for r in rows)
+
+
+def _zoo_headlines(z: dict) -> list[Headline]:
+    rows = [r for r in z["rows"].values() if r["recipe"] != "fp32" and r["variant"] == "default"
+            and r["flavour"] == "sim" and r.get("vs_fp") is not None]
+    out = []
+    for recipe in sorted({r["recipe"] for r in rows}):
+        worst = max((r for r in rows if r["recipe"] == recipe), key=lambda r: r["vs_fp"])
+        out.append((f"{recipe} (simulation): worst digits-FID vs FP over the zoo {worst['vs_fp']:.2f}x ({worst['model']})", worst))
+    return out
+
+
+def _scale_headlines(scale: dict) -> list[Headline]:
+    out = []
+    for name, e in scale.items():
+        peak = max(e.get("stages", {}).items(), key=lambda kv: kv[1]["peak_rss_gb"], default=None)
+        lat = (e.get("latency") or [{}])[0]
+        text = f"{name}: highest stage peak RSS {peak[1]['peak_rss_gb']:.2f} GB ({peak[0]})" if peak else f"{name}: no stage"
+        out.append((text + (f"; int8 vs FP32, 1 thread: {lat['speedup']:.2f}x" if lat.get("speedup") else ""), e))
+    return out
+
+
+def _one(figure: Callable[[dict], str]) -> Callable[[dict], list[Headline]]:
+    return lambda d: [(figure(d), d)]
+
+
+def _flat(section: Callable[[dict], list[str]]) -> Callable[[dict], list[str]]:
+    """A one-result section followed by its provenance line."""
+    return lambda d: (lines + [prov_line(d), ""]) if (lines := section(d)) else []
+
+
+def _precision(d: dict) -> list[str]:
+    out = []
+    for path, q in d["files"]:
+        out += quality_section(q, f"Weight precision for CPUs without VNNI: {path.stem}") + [prov_line(q), ""]
+    return out
+
+
+def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], Callable[[dict], list[str]],
+                              Callable[[dict], list[Headline]]]]:
+    """Each section in BENCHMARKS.md's order: its title (as in the summary), the result files it reads, how they are
+    loaded (only results with provenance), how they are rendered, and their headline figures."""
+    speed = _one(lambda d: "vs FP32: " + _speedups(d["speedup_vs_fp32"]))
+    files = lambda pattern: (lambda: {"files": f} if (f := _glob(pattern)) else None)  # noqa: E731
+    return [
+        ("Int8 kernels per CPU", ("int8_kernels.json",), lambda: _load_keyed("int8_kernels"), int8_kernels_section,
+         _int8_headlines),
+        ("`make demo` on a CPU without VNNI", ("cpu_emulation.json",), lambda: _load_keyed("cpu_emulation"),
+         cpu_emulation_section, _emulation_headlines),
+        ("Image quality: digits-FID", ("quality",), merged_quality,
+         lambda d: quality_section(d) + [prov_line(q) for q in d["runs"]] + [""],
+         lambda d: [(_fid_ratios(d, 6), d["runs"][0] | {"command": d["command"]})]),
+        ("Weight precision for CPUs without VNNI", ("precision-",), files("precision-*.json"), _precision,
+         lambda d: [(f"{p.stem}: {_fid_ratios(q)}", q) for p, q in d["files"]]),
+        ("Zoo-wide image quality", ("zoo_quality",), _load_zoo, zoo_quality_section, _zoo_headlines),
+        ("ONNX Runtime CPU latency", ("latency.json",), lambda: _load("latency"), _flat(latency_section), speed),
+        ("ONNX Runtime CPU latency: digits diffusion transformer", ("latency_dit.json",), lambda: _load("latency_dit"),
+         _flat(dit_latency_section), speed),
+        ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
+         _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
+        ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"), _flat(distill_scale_section),
+         _one(lambda d: f"distillation {d['distill_speedup']:.2f}x faster")),
+        ("Artifact storage and load time", ("storage.json",), lambda: _load("storage"), _flat(storage_section),
+         _one(lambda d: f"W8A8 weights file {d['rows']['format2']['weights_file_bytes'] / d['model']['fp32_bytes']:.2f}x FP32")),
+        ("Quantize time", ("quantize_time_",), lambda: _load("quantize_time_w8a8"), _flat(quantize_time_section),
+         _one(lambda d: f"default / before {d['default_vs_before']:.2f}x")),
+        ("Reliability: the hostile-input corpus", ("reliability.json",), lambda: _load("reliability"), _flat(reliability_section),
+         _one(lambda d: f"{d['outcomes'].get('passed', 0)} of {d['cases']} cases pass")),
+        ("Stable Diffusion size", ("scale.json",), lambda: _load_keyed("scale"), scale_section, _scale_headlines),
+        ("ONNX Runtime CPU int8 speed: the `--target ort` layout", ("ort_speed.json",), lambda: _load_keyed("ort_speed"),
+         ort_speed_section,
+         lambda d: [(f"{label}: int8 vs FP32, 1 thread, after {e['rows'][0]['speedup_wall']['after']:.2f}x", e)
+                    for label, e in d.items() if label != "attention micro"]),
+        ("Where the quantization loss comes from", ("screen-", "groups-", "loss-fid-"), lambda: {}, lambda _: loss_section(),
+         lambda _: []),
+    ]
+
+
+def summary(sections: list) -> list[str]:
+    """One row per headline figure of a rendered result (its command, CPU, and whether it measured this code),
+    and one per section whose results were all refused."""
+    out = ["## Summary", "", "Each headline figure, the command that measured it and the CPU it ran on; details in the "
+           "section of the same name below. *Stale*: measured on other code than this tree's `dqdeploy/`.", "",
+           "| section | figure | command | CPU (int8 class) | code |", "|---|---|---|---|---|"]
+    for title, files, rows in sections:
+        for figure, e in rows:
+            state = f"stale ({e['commit']})" if LEDGER.stale(e) else f"current ({e['commit']})"
+            out.append(f"| {title} | {figure} | {_cmd(e['command'])} | {e['machine']['cpu']} ({e['machine']['int8_class']}) | {state} |")
+        if not rows:
+            refused = [r for r in LEDGER.refused if r[0].startswith(files)]
+            if refused:
+                out.append(f"| {title} | not shown: no provenance (see \"Not shown\") | {_cmd(refused[0][1], 120)} | | |")
+    return out + [""]
+
+
+def not_shown() -> list[str]:
+    if not LEDGER.refused:
+        return []
+    out = ["## Not shown: results without provenance", "",
+           "Stored in `bench/results` without the commit or the CPU (model and int8 flags) they were measured on, so not "
+           "rendered as measurements; rerun the command (every bench script now records both) to show them.", "",
+           "| result | command | missing |", "|---|---|---|"]
+    for where, command, why in LEDGER.refused:
+        out.append(f"| `{where}` | {_cmd(command, 160)} | {why} |")
+    return out + [""]
+
+
+def render(current_hash: str) -> list[str]:
+    """BENCHMARKS.md's lines, judged against ``current_hash`` (the code hash of the tree being described)."""
+    global LEDGER
+    LEDGER = Ledger(current_hash)
+    body: list[str] = []
+    heads = []
+    for title, files, load, section, headline in _sections():
+        data = load()
+        if data is None:
+            heads.append((title, files, []))
+            continue
+        body += section(data)
+        heads.append((title, files, headline(data)))
+    head = ["# Benchmarks", "", "Generated by `python bench/report.py` from `bench/results/*.json`, which only the bench scripts "
+            "write (`bench/common.py`: each result carries its commit, a sha256 of the `dqdeploy/` code it measured, the date "
+            "and the CPU). Results without that provenance are not shown as measurements (\"Not shown\", at the end); "
+            f"results measured on other code than this tree's (code `{current_hash[:12]}`) are marked stale. One thread "
+            "(`torch.set_num_threads(1)`, ORT `intra_op_num_threads=1`) on a shared machine: compare the ratios, measured side "
+            "by side in one run, not absolute times. Int8 results hold only for CPUs of the int8 class named. How these figures "
+            "were obtained, and what was tried: docs/notes/bench-notes.md.", ""]
+    return head + summary(heads) + body + not_shown()
+
+
 def main() -> None:
-    lines = ["# Benchmarks", "", "Generated by `python bench/report.py` from `bench/results/*.json`; every section names the "
-             "command that produced it. Machine: 2-core x86 CPU, one thread (`torch.set_num_threads(1)`, ORT "
-             "`intra_op_num_threads=1`). Absolute times on this shared machine are noise; compare the ratios, measured "
-             "side by side in one run. Every section names the CPU it ran on: int8 results hold only for CPUs of the same int8 "
-             "class. How these figures were obtained, and what was tried: docs/notes/bench-notes.md.", ""]
-    for data, section in ((_load("int8_kernels"), int8_kernels_section), (_load("cpu_emulation"), cpu_emulation_section),
-                          (merged_quality(), quality_section), (_load("zoo_quality"), zoo_quality_section),
-                          (_load("latency"), latency_section), (_load("latency_dit"), dit_latency_section),
-                          (_load("memory"), memory_section), (_load("distill_scale"), distill_scale_section),
-                          (_load("storage"), storage_section), (_load("quantize_time_w8a8"), quantize_time_section),
-                          (_load("reliability"), reliability_section), (_load("scale"), scale_section),
-                          (_load("ort_speed"), ort_speed_section)):
-        if data:
-            lines += section(data)
-            if section not in (int8_kernels_section, cpu_emulation_section):  # those name a CPU per entry
-                lines += [cpu_line(data.get("machine")), ""]
-    lines += precision_sections()
-    lines += loss_section()
+    lines = render(code_hash())
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
+    print(f"wrote {ROOT / 'BENCHMARKS.md'} ({len(lines)} lines)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ peak RSS (``os.wait4``'s ``ru_maxrss`` of that process) are recorded:
                 77 tokens, 1 and 2 threads, runs alternated (interleaved), medians; session RSS
 
 Calibration budget (the smallest the CLI allows for CFG): --steps 4 --trajectories 2 --calib-samples 8
---guidance 7.5. Results go to bench/results/scale.json under the config's name; BENCHMARKS.md via
-bench/report.py. Usage:
+--guidance 7.5. Results go to bench/results/scale.json under the config's name (one entry per config,
+every stage row from this code: rows measured on other code, by the hash of dqdeploy/, are dropped, and
+``skipped`` lists the stages this run did not measure); BENCHMARKS.md via bench/report.py. Usage:
 
   nice -n 10 python bench/scale.py --config sd15 --work /tmp/scale [--skip quantize] [--iters 2] [--artifact q-bkd]
                                   [--resolution 64]
@@ -31,9 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import RESULTS, machine  # noqa: E402
+from bench.common import RESULTS, code_hash, write_results  # noqa: E402
 from bench.scale_models import CONFIGS  # noqa: E402
-from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
 
 STAGES = ("folder", "quantize", "quantize-ptq", "export-ort", "export-onnx", "export-float", "load", "latency")
 CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guidance", "7.5", "--fallback", "none"]
@@ -87,27 +87,29 @@ def main() -> None:
                     help="what export and load read: the PTQ artifact (q) or the distilled one (q-bkd)")
     ap.add_argument("--resolution", type=int, help="calibration latent size (quantize --resolution; the config's sample_size "
                                                    "by default); the exported graphs take that size")
-    ap.add_argument("--results", type=Path, default=RESULTS / "scale.json")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     commands = stage_commands(args.config, args.work, args.iters, args.width, args.artifact, args.resolution)
-    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    entry = results.get(args.config, {}) | {"command": "python bench/scale.py " + " ".join(sys.argv[1:]),
-                                           "machine": machine(), "calibration": " ".join(CALIB + ([f"--resolution {args.resolution}"] if args.resolution else [])),
-                                           "iters": args.iters}
-    stages = entry.setdefault("stages", {})
+    path = RESULTS / "scale.json"
+    here = code_hash()
+    before = (json.loads(path.read_text()) if path.is_file() else {}).get(args.config, {})
+    # stage rows of an earlier run are kept only if they measured this same code (and so carry its hash)
+    stages = {n: r for n, r in before.get("stages", {}).items() if r.get("code_hash") == here}
+    entry = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+             "calibration": " ".join(CALIB + ([f"--resolution {args.resolution}"] if args.resolution else [])),
+             "iters": args.iters, "skipped": [n for n in STAGES if n in args.skip], "stages": stages}
+    if "latency" in stages and "latency" in before:
+        entry["latency"] = before["latency"]
     for name in STAGES:
         if name in args.skip:
             continue
         print(f"[scale] {name} ...", flush=True)
-        row = run_stage(commands[name], args.work / f"{name}.log")
+        row = run_stage(commands[name], args.work / f"{name}.log") | {"code_hash": here}
         if name == "latency" and row["exit"] == 0:
             entry["latency"] = json.loads((args.work / "latency.log").read_text().strip().splitlines()[-1])
         stages[name] = row
         print(f"[scale] {name}: {row}", flush=True)
-        results[args.config] = entry
-        args.results.parent.mkdir(exist_ok=True)
-        atomic_write_bytes(args.results, json.dumps(results, indent=2).encode())
+        write_results("scale", entry, label=args.config)
         if row["exit"] != 0:
             print(f"[scale] {name} failed: see {args.work / (name + '.log')}", flush=True)
             break

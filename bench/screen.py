@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from bench.common import machine, write_results  # noqa: E402
+from bench.common import write_results  # noqa: E402
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402
 from dqdeploy.inputs import DenoiserInputs  # noqa: E402
 from dqdeploy.models import load_model, make_scheduler  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> None:
         ref = outputs(loaded.unet, test, 64)
         ref_images = denoise(loaded.unet, sched, noise, args.steps)
     rows: list[dict] = []
-    result = {"command": "python bench/screen.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": "python bench/screen.py " + " ".join(sys.argv[1:]),
               "model": str(model_dir), "recipe": args.recipe, "metric": "mean relative denoiser error vs FP, held-out DDIM trajectories",
               "rows": rows}
     for spec in args.variants.split(","):

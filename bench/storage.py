@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import CLI, machine, run_with_code, write_results  # noqa: E402
+from bench.common import CLI, run_with_code, write_results  # noqa: E402
 
 CONFIG = dict(
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
@@ -116,7 +116,7 @@ def main() -> None:
                        "load_median_s": statistics.median(loads), **artifact_sizes(out)}
     old_loads = load_seconds(ROOT, work / "q-format1", args.repeats)  # a format-1 artifact read by the new code
     rows["format1_read_by_format2_code"] = {"load_s": old_loads, "load_median_s": statistics.median(old_loads)}
-    data = {"command": "python bench/storage.py --before " + str(args.before), "machine": machine(),
+    data = {"command": "python bench/storage.py --before " + str(args.before),
             "model": {"class": "UNet2DConditionModel", "config": CONFIG, "parameters": params, "fp32_bytes": 4 * params},
             "quantize_args": QUANTIZE, "rows": rows, "weight_scale_search": search}
     print(json.dumps(data, indent=1))

@@ -42,8 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-
 
 def bench_unet_dir(path: Path, size: int) -> Path:
     """A conv-heavy diffusers UNet2DModel with attention at the lowest level (random weights: latency
@@ -237,7 +235,6 @@ def main() -> None:
     ap.add_argument("--atol", type=float, default=0.05, help="Polygraphy median absolute-error threshold")
     args = ap.parse_args()
 
-    from dqdeploy.atomic import atomic_write_bytes
     from dqdeploy.exporters.engine_spec import read_engine_info
     from dqdeploy.trt_gate import require_tensorrt
 
@@ -269,9 +266,9 @@ def main() -> None:
         "per_step_vs_constant": med["int8-per-step"] / med["int8-constant"],
         "work": str(work),
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "trt_latency.json"
-    atomic_write_bytes(path, json.dumps(result, indent=2).encode())
+    from bench.common import write_results  # stamps commit, code hash, date and the host CPU next to the GPU
+
+    path = write_results("trt_latency", result)
     print(json.dumps({"median_engine_ms": med, "speedup_vs_fp16": result["speedup_vs_fp16"]}, indent=2))
     print(f"wrote {path}")
 

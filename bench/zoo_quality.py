@@ -21,7 +21,8 @@ denoiser error along FP trajectories (``dqdeploy.eval.compare.step_errors``: che
 it to screen variants before paying for FIDs).
 
 Rows are cached in ``bench/results/zoo_quality.json`` (written atomically after every row) together
-with the recipe hash they were made with: a re-run skips rows that are present and current, so runs
+with the recipe hash they were made with and their provenance (``bench.common.stamp``: commit, code hash,
+date, CPU; ``bench/report.py`` refuses rows without it and marks rows of other code stale): a re-run skips rows that are present and current, so runs
 can be resumed and extended across sessions. Quantized artifacts, exports and sample features are
 cached outside git under ``$DQDEPLOY_ZOO/bench`` (reused by later rows and by other scripts).
 
@@ -56,7 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import zoo  # noqa: E402
-from bench.common import RESULTS, machine  # noqa: E402
+from bench.common import RESULTS, stamp  # noqa: E402
 from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
 from dqdeploy.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
 
@@ -362,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = load_results()
     if not args.dry_run:
-        results = update_results(runs=[{"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                                        "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
+        results = update_results(runs=[stamp({"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                                              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})])
     for m, r, v, f, s in todo:
         key = row_key(m, r, v, f, s)
         cached = results["rows"].get(key)
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         if not zoo.get(m).available():
             print(f"skip     {key}: {m} is not trained yet (python scripts/train_zoo.py {m})", flush=True)
             continue
-        results = update_results(rows={key: run_row(m, r, v, f, s, args.n)})
+        results = update_results(rows={key: stamp(run_row(m, r, v, f, s, args.n))})  # each row: its commit, code, date, CPU
         row = results["rows"][key]
         print(f"done     {key}: digits-FID {row['digits_fid']:.2f}"
               + (f" vs FP {row['vs_fp']:.3f}" if row.get("vs_fp") else ""), flush=True)
