@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-model", default="Haswell", help="qemu -cpu model without VNNI")
     ap.add_argument("--steps-checked", type=int, default=50)
     ap.add_argument("--label", help="key in cpu_emulation.json (default: CPU-MODEL-emulated)")
+    ap.add_argument("--fid", choices=["all", "native", "none"], default="all",
+                    help="which digits-FIDs to sample (the emulated one takes about two hours per recipe)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dqdeploy-cpu-emulation")
     args = ap.parse_args(argv)
     if shutil.which("qemu-x86_64") is None:
@@ -100,19 +102,21 @@ def main(argv: list[str] | None = None) -> None:
                 code, text, _ = dq(["export", str(q), "--out", str(work / name), *flags])
                 assert code == 0, text[-2000:]
         checks = {"ort-portable": [], "onnx": [], "ort-vnni": [], "ort-vnni --inexact allow": ["--inexact", "allow"]}
-        for label, extra in checks.items():
-            graph = work / label.split()[0]
+        for check, extra in checks.items():
+            graph = work / check.split()[0]
             for where, emulate in (("emulated", args.cpu_model), ("native", None)):
                 if where == "native" and extra:
                     continue
-                rows[f"check {label} ({where})"] = check_row(*dq(["check", str(q), str(graph), "--steps", str(args.steps_checked),
+                rows[f"check {check} ({where})"] = check_row(*dq(["check", str(q), str(graph), "--steps", str(args.steps_checked),
                                                                   *extra], emulate))
                 save()
-        rows["fid simulation (native)"] = fid_row(*dq(["eval", str(q), *sample]))
-        rows["fid ort-portable (native)"] = fid_row(*dq(["eval", str(work / "ort-portable"), *sample]))
-        save()
-        rows["fid ort-portable (emulated)"] = fid_row(*dq(["eval", str(work / "ort-portable"), *sample], args.cpu_model))
-        save()
+        if args.fid != "none":
+            rows["fid simulation (native)"] = fid_row(*dq(["eval", str(q), *sample]))
+            rows["fid ort-portable (native)"] = fid_row(*dq(["eval", str(work / "ort-portable"), *sample]))
+            save()
+        if args.fid == "all":
+            rows["fid ort-portable (emulated)"] = fid_row(*dq(["eval", str(work / "ort-portable"), *sample], args.cpu_model))
+            save()
     print(json.dumps(entry, indent=2))
 
 
