@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,6 +33,7 @@ def test_float_layers_round_trip_exactly_through_disk(tmp_path):
     assert not list((tmp_path / "data").iterdir())
 
 
+@pytest.mark.slow
 def test_in_place_writes_what_a_copy_writes(tmp_path):
     fp = tiny_cond_unet()
     calib = random_calib(fp, n=16)

@@ -36,6 +36,7 @@ def tiny_zoo(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_rows_cached_resumable_with_ratios(tiny_zoo, capsys):
     args = ["--models", "tiny", "--recipes", "fp32,w8a8", "--variants", "fast", "--n", "12"]
     zq.main(args)

@@ -15,7 +15,7 @@ from dqdeploy.errors import DQDeployError
 from dqdeploy.models import load_model
 from dqdeploy.quant.trajectories import load_conditioning
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_registry_names_commands_and_cache_layout(tmp_path, monkeypatch):
@@ -35,6 +35,7 @@ def test_registry_names_commands_and_cache_layout(tmp_path, monkeypatch):
         zoo.get("nope")
 
 
+@pytest.mark.slow
 def test_training_script_conditional_early_stop_and_overrides(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
     args = ["--stage", "ddpm", "--conditional", "--iters", "8", "--stop-at", "2", "--batch-size", "4",
@@ -54,6 +55,7 @@ def test_training_script_conditional_early_stop_and_overrides(tmp_path):
     assert 0.0 <= summary["fid"]["class_accuracy"] <= 1.0 and summary["fid"]["guidance"] == 2.0
 
 
+@pytest.mark.slow
 def test_training_script_transformer_rectified_flow_with_class_prompts(tmp_path):
     """--transformer: an SD3Transformer2DModel pipeline with its flow-matching scheduler, and the fixed class
     prompts (2 tokens + pooled, null prompt) as a --cond file that the zoo's DiT member points at."""
