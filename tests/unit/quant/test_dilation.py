@@ -149,7 +149,7 @@ def test_build_quantized_shares_factors_exactly_among_layers_reading_one_tensor(
     unet = tiny_unet()
     calib = random_calib(unet)
     qmodel, metas = build_quantized(unet, W8A8, TimestepTable(calib.timesteps), calib)
-    layers = quant_layers(qmodel.unet)
+    layers = quant_layers(qmodel.denoiser)
     groups: dict[str, list[str]] = {}
     for name, meta in metas.items():
         groups.setdefault(meta.group, []).append(name)

@@ -1,5 +1,5 @@
 """The Temporal Parallel Quantizer (per-sample step rows, parallel gradients, attention layout), the
-per-channel weight quantizer, QuantLayer and the drop-in QuantizedUNet's explicit step binding."""
+per-channel weight quantizer, QuantLayer and the drop-in QuantizedDenoiser's explicit step binding."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_quantized_unet_binds_rows_per_call_and_releases_them(qmodel):
     t = torch.tensor([901.0, 301.0, 301.0, 601.0])
     with torch.no_grad():
         out = qmodel(x, t).sample
-        explicit = qmodel.run_rows(torch.tensor([0, 2, 2, 1]), qmodel.unet, x, t).sample
+        explicit = qmodel.run_rows(torch.tensor([0, 2, 2, 1]), qmodel.denoiser, x, t).sample
     assert torch.equal(out, explicit)
     with pytest.raises(RuntimeError, match="no time step is bound"):
         qmodel.step_index.value  # nothing stays bound after the call (no hidden state)
