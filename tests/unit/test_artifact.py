@@ -10,15 +10,26 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.artifact import load_calibration_inputs, load_quantized, save_quantized
-from dqdeploy.quantize_stage import quantize_denoiser
-from dqdeploy.artifact import CALIB_INPUTS, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, read_manifest, save_artifact, sha256
+from dqdeploy.artifact import (
+    CALIB_INPUTS,
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    Manifest,
+    load_calibration_inputs,
+    load_quantized,
+    read_manifest,
+    save_artifact,
+    save_quantized,
+    sha256,
+)
 from dqdeploy.atomic import atomic_dir, atomic_write_bytes
-from dqdeploy.integrity import seal
 from dqdeploy.errors import ArtifactError, DQDeployError
+from dqdeploy.integrity import seal
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.trajectories import collect, load_conditioning
-from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig, Recipe
+from dqdeploy.quantize_stage import quantize_denoiser
+from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_cond_file
 
 CALIB = CalibrationConfig(steps=5, samples=24, trajectories=4, batch_size=4)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.quant.dilation import dilation_factors, smoothquant_factors
 from dqdeploy.quant.modules import QuantLayer, quant_layers
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.recipe import W8A8
 from tests.helpers import random_calib, tiny_unet
 

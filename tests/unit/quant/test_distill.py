@@ -7,13 +7,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.quantize_stage import example_forward, build_quantized
 from dqdeploy.quant.blocks import partition
 from dqdeploy.quant.calibrate import init_activation_scales
 from dqdeploy.quant.distill import distill_model, model_targets
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.timestep import TimestepTable
 from dqdeploy.quant.trajectories import collect
+from dqdeploy.quantize_stage import build_quantized, example_forward
 from dqdeploy.recipe import W4A8, CalibrationConfig
 from tests.helpers import distill, random_calib, tiny_cond_unet, tiny_unet
 

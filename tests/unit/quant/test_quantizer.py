@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.quant.modules import QuantLayer
 from dqdeploy.quant.primitives import fake_quant
 from dqdeploy.quant.quantizer import ActQuantizer, WeightQuantizer
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.recipe import W8A8
 from tests.helpers import random_calib, tiny_unet
 
