@@ -70,7 +70,7 @@ def run_version(iters: int, samples: int, batch_size: int) -> dict:
     recipe = W8A8.replace(iters=iters, batch_size=batch_size, act_init="minmax", fallback="none")
     qmodel, _ = build_quantized(unet, recipe, TimestepTable(steps), calib)
     init_activation_scales(qmodel, calib, method="minmax", batch_size=batch_size)
-    blocks = partition(qmodel.unet, example_forward(qmodel, calib), ("ResnetBlock2D", "Transformer2DModel", "Downsample2D",
+    blocks = partition(qmodel.denoiser, example_forward(qmodel, calib), ("ResnetBlock2D", "Transformer2DModel", "Downsample2D",
                                                                      "Upsample2D", "TimestepEmbedding"))
     starts: list[float] = []
     train = distill._train

@@ -37,7 +37,7 @@ def main() -> None:
     weights = scheduler_weights(make_scheduler(manifest.calibration.get("scheduler", "ddim"), manifest.scheduler_config), manifest.timesteps)
 
     meter = ErrorMeter(model, inputs, 32, weights)
-    names = list(quant_layers(model.unet))
+    names = list(quant_layers(model.denoiser))
     full = meter.mean(None, None)
     result = {"command": "python bench/groups.py " + " ".join(sys.argv[1:]), "artifact": quant_dir,
               "recipe": manifest.recipe.to_dict(), "full": full, "groups": {}}

@@ -45,19 +45,19 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     torch.set_num_threads(1)
     loaded = load_model(digits_model_dir())
     cfg = CalibrationConfig(samples=samples)
-    calib = collect(loaded.unet, make_scheduler("ddim", loaded.scheduler_config), cfg)
+    calib = collect(loaded.denoiser, make_scheduler("ddim", loaded.scheduler_config), cfg)
     recipe = PRESETS[recipe_name].replace(iters=iters, distill=mode)
-    qmodel, _ = build_quantized(loaded.unet, recipe, TimestepTable(calib.timesteps), calib)
+    qmodel, _ = build_quantized(loaded.denoiser, recipe, TimestepTable(calib.timesteps), calib)
     init_activation_scales(qmodel, calib)
-    blocks = partition(qmodel.unet, example_forward(qmodel, calib))
+    blocks = partition(qmodel.denoiser, example_forward(qmodel, calib))
     baseline = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     start = time.perf_counter()
     if mode == "block":
         with open_store(None) as store:
-            reports = distill_blocks(qmodel, blocks, calib, recipe, block_targets(loaded.unet, blocks, calib, recipe, store))
+            reports = distill_blocks(qmodel, blocks, calib, recipe, block_targets(loaded.denoiser, blocks, calib, recipe, store))
     else:
-        reports = distill_model(qmodel, calib, recipe, model_targets(loaded.unet, calib, recipe))
+        reports = distill_model(qmodel, calib, recipe, model_targets(loaded.denoiser, calib, recipe))
     return {"mode": mode, "baseline_mb": baseline / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
             "distill_peak_above_baseline_mb": (_status_kb("VmHWM") - baseline) / 1024,
             "distill_s": time.perf_counter() - start, "final_loss_mean": sum(r.loss_after for r in reports) / len(reports)}

@@ -26,7 +26,7 @@ from dqdeploy.eval.fid import digits_fid  # noqa: E402
 from dqdeploy.generate import generate  # noqa: E402
 from dqdeploy.models import load_model, make_scheduler  # noqa: E402
 from dqdeploy.quant.trajectories import collect  # noqa: E402
-from dqdeploy.quantize_stage import quantize_unet  # noqa: E402
+from dqdeploy.quantize_stage import quantize_denoiser  # noqa: E402
 from dqdeploy.recipe import PRESETS, CalibrationConfig  # noqa: E402
 
 VARIANTS = {
@@ -76,13 +76,13 @@ def main() -> None:
     loaded = load_model(model_dir)
     calib_cfg = CalibrationConfig(scheduler="ddim", steps=args.steps, samples=args.calib_samples, seed=0)
     t0 = time.perf_counter()
-    calib = collect(loaded.unet, make_scheduler("ddim", loaded.scheduler_config), calib_cfg)
+    calib = collect(loaded.denoiser, make_scheduler("ddim", loaded.scheduler_config), calib_cfg)
     result["calibration_s"] = time.perf_counter() - t0
     for recipe_name in args.recipes.split(","):
         for variant in args.variants.split(","):
             recipe = PRESETS[recipe_name].replace(iters=args.iters, **(VARIANTS[variant] | json.loads(args.changes)))
             t0 = time.perf_counter()
-            res = quantize_unet(loaded.unet, recipe, calib, calib_cfg, loaded.scheduler_config)
+            res = quantize_denoiser(loaded.denoiser, recipe, calib, calib_cfg, loaded.scheduler_config)
             quant_s = time.perf_counter() - t0
             qdir = save_quantized(res, work / f"{recipe_name}-{variant.split()[0]}")
             evaluate(f"{recipe_name} {variant}", qdir, runtime="torch", recipe=recipe_name, variant=variant, quantize_s=quant_s)
@@ -98,7 +98,7 @@ def main() -> None:
                 # the CPU target: quantize with layout=ort (the simulation models the fused output rounding)
                 ort_recipe = recipe.replace(layout="ort")
                 t0 = time.perf_counter()
-                res = quantize_unet(loaded.unet, ort_recipe, calib, calib_cfg, loaded.scheduler_config)
+                res = quantize_denoiser(loaded.denoiser, ort_recipe, calib, calib_cfg, loaded.scheduler_config)
                 quant_s = time.perf_counter() - t0
                 qdir = save_quantized(res, work / f"{recipe_name}-layout-ort")
                 evaluate(f"{recipe_name} {variant}, layout=ort", qdir, runtime="torch", recipe=recipe_name,

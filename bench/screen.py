@@ -25,7 +25,7 @@ from dqdeploy.inputs import DenoiserInputs  # noqa: E402
 from dqdeploy.models import load_model, make_scheduler  # noqa: E402
 from dqdeploy.quant.sensitivity import outputs, relative_error  # noqa: E402
 from dqdeploy.quant.trajectories import collect  # noqa: E402
-from dqdeploy.quantize_stage import quantize_unet  # noqa: E402
+from dqdeploy.quantize_stage import quantize_denoiser  # noqa: E402
 from dqdeploy.recipe import PRESETS, CalibrationConfig  # noqa: E402
 from dqdeploy.sampling import denoise  # noqa: E402
 
@@ -74,17 +74,17 @@ def with_ort_rounding(res) -> object:
 
     from torch import nn
 
-    from dqdeploy.exporters.dequantize import dequantized_unet, layer_tensors
+    from dqdeploy.exporters.dequantize import dequantized_denoiser, layer_tensors
     from dqdeploy.exporters.measure import calibrate_output_scales, input_ranks
     from dqdeploy.quant.modules import quant_layers, quantizes_output
 
     model = copy.deepcopy(res.model)
     layers = layer_tensors(model, res.manifest)
     calib = DenoiserInputs.from_dict(res.calib_inputs)
-    ranks = input_ranks(dequantized_unet(model, res.manifest), list(layers), calib.slice(slice(0, 2)))
-    fused = {n: t for n, t in layers.items() if quantizes_output(n, ranks[n]) and quant_layers(model.unet)[n].output_scale is None}
+    ranks = input_ranks(dequantized_denoiser(model, res.manifest), list(layers), calib.slice(slice(0, 2)))
+    fused = {n: t for n, t in layers.items() if quantizes_output(n, ranks[n]) and quant_layers(model.denoiser)[n].output_scale is None}
     scales = calibrate_output_scales(model, fused, calib)
-    for name, layer in quant_layers(model.unet).items():
+    for name, layer in quant_layers(model.denoiser).items():
         if name in scales:
             layer.output_scale = nn.Parameter(torch.tensor(scales[name] / layers[name].ref_scale))
     return model
@@ -103,12 +103,12 @@ def main() -> None:
     loaded = load_model(model_dir)
     sched = make_scheduler("ddim", loaded.scheduler_config)
     calib_cfg = CalibrationConfig(scheduler="ddim", steps=args.steps, seed=0)
-    calib = collect(loaded.unet, sched, calib_cfg)
-    test = held_out(loaded.unet, sched, args.steps, args.trajectories, seed=12345)
+    calib = collect(loaded.denoiser, sched, calib_cfg)
+    test = held_out(loaded.denoiser, sched, args.steps, args.trajectories, seed=12345)
     noise = torch.randn(args.trajectories, *test.sample.shape[1:], generator=torch.Generator().manual_seed(777))
     with torch.no_grad():
-        ref = outputs(loaded.unet, test, 64)
-        ref_images = denoise(loaded.unet, sched, noise, args.steps)
+        ref = outputs(loaded.denoiser, test, 64)
+        ref_images = denoise(loaded.denoiser, sched, noise, args.steps)
     rows: list[dict] = []
     result = {"command": "python bench/screen.py " + " ".join(sys.argv[1:]),
               "model": str(model_dir), "recipe": args.recipe, "metric": "mean relative denoiser error vs FP, held-out DDIM trajectories",
@@ -120,7 +120,7 @@ def main() -> None:
             changes |= VARIANTS[part]
         recipe = PRESETS[args.recipe].replace(**changes)
         t0 = time.perf_counter()
-        res = quantize_unet(loaded.unet, recipe, calib, calib_cfg, loaded.scheduler_config)
+        res = quantize_denoiser(loaded.denoiser, recipe, calib, calib_cfg, loaded.scheduler_config)
         quant_s = time.perf_counter() - t0
         mean, per_step = error(res.model, test, ref)
         img = image_error(res.model, sched, noise, args.steps, ref_images)

@@ -225,8 +225,8 @@ def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
     conditioning = load_cond(fp, member.cond_file())
     cond, uncond = (None, None) if conditioning is None else (conditioning.for_batch(0, STEP_TRAJECTORIES),
                                                               conditioning.unconditional())
-    noise = torch.randn(STEP_TRAJECTORIES, *latent_shape(fp.unet), generator=torch.Generator().manual_seed(1234))
-    per_step = step_errors(fp.unet, test.unet, make_scheduler(member.scheduler, fp.scheduler_config), noise,
+    noise = torch.randn(STEP_TRAJECTORIES, *latent_shape(fp.denoiser), generator=torch.Generator().manual_seed(1234))
+    per_step = step_errors(fp.denoiser, test.denoiser, make_scheduler(member.scheduler, fp.scheduler_config), noise,
                            member.steps, cond=cond, uncond=uncond, guidance=member.guidance)
     return summarize_steps(per_step) | {"per_step_rel_err": [round(s["rel_err"], 6) for s in per_step]}
 

@@ -1,4 +1,4 @@
-"""dqdeploy: ship low-bit diffusion UNets with DilateQuant.
+"""dqdeploy: ship low-bit diffusion denoisers (UNets and diffusion transformers) with DilateQuant.
 
 The public verbs (imported on first use, so ``import dqdeploy`` stays light)::
 
@@ -6,8 +6,8 @@ The public verbs (imported on first use, so ``import dqdeploy`` stays light)::
 
     result = dqdeploy.quantize("model_dir", dqdeploy.W8A8, out_dir="q")  # diffusers folder -> artifact
     dqdeploy.export("q", "e", target="ort")                              # artifact -> export folder
-    unet = dqdeploy.load_quantized("q")                                  # the PyTorch simulation
-    unet = dqdeploy.load_runtime("e")                                    # the exported graph, drop-in
+    model = dqdeploy.load_quantized("q")                                 # the PyTorch simulation
+    model = dqdeploy.load_runtime("e")                                   # the exported graph, drop-in
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from .distributed import is_writer
 from .errors import ArtifactError, check_format
 from .folders import MANIFEST
 from .integrity import confined, file_sha256, read_json_object, seal, verify_file, verify_seal
-from .models import unet_class
+from .models import denoiser_class
 from .quant.distill import BlockReport
-from .quant.modules import QuantizedUNet, QuantLayer, replace_module
+from .quant.modules import QuantizedDenoiser, QuantLayer, replace_module
 from .quant.timestep import StepIndex, TimestepTable
 from .recipe import Recipe
 from .storage import Header, expected_header, file_header, simulation_state, stored_state
@@ -57,7 +57,7 @@ CALIB_INPUTS = "calibration_inputs.safetensors"  # a small seeded subset of (x_t
 class QuantizeResult:
     """What ``quantize`` produced: the simulated model, its metadata and the distillation record."""
 
-    model: QuantizedUNet
+    model: QuantizedDenoiser
     manifest: Manifest
     reports: list[BlockReport]
     calib_inputs: dict[str, torch.Tensor]
@@ -182,14 +182,14 @@ def verify_files(quant_dir: str | Path, manifest: Manifest, names: list[str] | N
 
 
 def install_quant_layers(
-    unet: nn.Module,
+    denoiser: nn.Module,
     layers: dict[str, LayerMeta],
     table: TimestepTable,
     dilations: dict[str, torch.Tensor | None] | None = None,
     weight_scales: Mapping[str, torch.Tensor] | None = None,
     replaced: Callable[[str, nn.Module], None] | None = None,
-) -> QuantizedUNet:
-    """Replace each layer named in ``layers`` of ``unet`` (in place) by a QuantLayer as its meta says,
+) -> QuantizedDenoiser:
+    """Replace each layer named in ``layers`` of ``denoiser`` (in place) by a QuantLayer as its meta says,
     handing each replaced layer to ``replaced`` (else it is freed at once).
 
     When quantizing (with the dilation vectors) each layer's weight-scale search runs here, with a
@@ -198,9 +198,9 @@ def install_quant_layers(
     modules: dict[str, nn.Conv2d | nn.Linear] = {}
     for name in layers:
         try:
-            modules[name] = cast(nn.Conv2d | nn.Linear, unet.get_submodule(name))
+            modules[name] = cast(nn.Conv2d | nn.Linear, denoiser.get_submodule(name))
         except AttributeError:
-            raise ArtifactError(f"manifest layer {name!r} does not exist in {type(unet).__name__}") from None
+            raise ArtifactError(f"manifest layer {name!r} does not exist in {type(denoiser).__name__}") from None
     bar = tqdm(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w", unit_scale=True,
                leave=False, disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
     for name, meta in layers.items():
@@ -210,12 +210,12 @@ def install_quant_layers(
             n_steps=table.n_rows, step_index=step_index, dilation=None if dilations is None else dilations[name],
             output_quant=meta.output_quant, weight_scale=None if weight_scales is None else weight_scales[name],
         )
-        replace_module(unet, name, q)
+        replace_module(denoiser, name, q)
         bar.update(layer.weight.numel())
         if replaced is not None:
             replaced(name, layer)
     bar.close()
-    return QuantizedUNet(unet, table, step_index)
+    return QuantizedDenoiser(denoiser, table, step_index)
 
 
 def timestep_table(manifest: Manifest) -> TimestepTable:
@@ -224,7 +224,7 @@ def timestep_table(manifest: Manifest) -> TimestepTable:
 
 
 @public
-def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
+def load_quantized(quant_dir: str | Path) -> QuantizedDenoiser:
     """Rebuild the simulated quantized model from an artifact (no calibration data needed).
 
     The layers are built straight from the stored integers and scales: nothing is searched or
@@ -236,7 +236,7 @@ def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
     verify_files(quant_dir, manifest, [WEIGHTS, CALIB_INPUTS])
     if CALIB_INPUTS in manifest.files:  # a resealed sample_size shows in the stored inputs' shape
         check_calibrated_size(manifest, _file_header(quant_dir / CALIB_INPUTS), quant_dir)
-    cls = unet_class({"_class_name": manifest.model_class}, quant_dir)
+    cls = denoiser_class({"_class_name": manifest.model_class}, quant_dir)
     skeleton = meta_model(cls, manifest.model_config, quant_dir)
     check_model_layers(skeleton, manifest, quant_dir)
     table = timestep_table(manifest)
@@ -248,19 +248,19 @@ def load_quantized(quant_dir: str | Path) -> QuantizedUNet:
     check_state(stored, manifest, quant_dir, shapes)
     state = simulation_state(stored, bits, shapes)
     if set(dict(skeleton.named_buffers())) - set(shapes):  # buffers computed at construction (PixArt's pos_embed)
-        unet = cls.from_config(manifest.model_config)
+        denoiser = cls.from_config(manifest.model_config)
         scales = {n: state[f"{n}.weight_quantizer.scale"] for n in manifest.layers}
-        model = install_quant_layers(unet, manifest.layers, table, weight_scales=scales)
+        model = install_quant_layers(denoiser, manifest.layers, table, weight_scales=scales)
     try:
-        model.unet.load_state_dict(state, strict=True, assign=True)
+        model.denoiser.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{quant_dir}: weights do not match the manifest ({str(exc)[:300]})") from None
     return model.eval()
 
 
-def _placeholder_scales(unet: nn.Module, layers: Mapping[str, LayerMeta]) -> dict[str, torch.Tensor]:
+def _placeholder_scales(denoiser: nn.Module, layers: Mapping[str, LayerMeta]) -> dict[str, torch.Tensor]:
     """Per layer an uninitialised weight-scale vector of the right size on the meta device."""
-    return {n: torch.empty(cast(torch.Tensor, unet.get_submodule(n).weight).shape[0], device="meta") for n in layers}
+    return {n: torch.empty(cast(torch.Tensor, denoiser.get_submodule(n).weight).shape[0], device="meta") for n in layers}
 
 
 def _file_header(path: Path) -> Header:
@@ -287,7 +287,7 @@ def save_quantized(
     extras = {"distill_report.json": json.dumps([asdict(r) for r in result.reports], indent=1).encode()}
     if result.reports:
         extras["distill_loss.png"] = _loss_plot(result.reports)
-    tensors = {WEIGHTS: stored_state(result.model.unet), CALIB_INPUTS: result.calib_inputs}
+    tensors = {WEIGHTS: stored_state(result.model.denoiser), CALIB_INPUTS: result.calib_inputs}
     return save_artifact(out_dir, result.manifest, tensors, extras, overwrite=overwrite, sources=sources)
 
 

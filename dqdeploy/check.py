@@ -1,7 +1,7 @@
 """Accuracy checks of an exported graph against the PyTorch simulation, with Polygraphy.
 
 Whole network, per time step: Polygraphy's Comparator runs the simulation (a Polygraphy runner
-around the QuantizedUNet) and the exported graph (``OnnxrtRunner`` / ``TrtRunner``) on the
+around the QuantizedDenoiser) and the exported graph (``OnnxrtRunner`` / ``TrtRunner``) on the
 artifact's calibration inputs, one iteration per calibrated step. Tolerances come from the
 quantization error itself: rounding ties flip a few integers and the flips cascade, so a deployed
 graph may differ from the simulation by up to ``tolerance_ratio`` x (simulation vs full precision).
@@ -29,7 +29,7 @@ from .exporters.dequantize import simulate_layer_input
 from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
 from .exporters.spec import read_spec
 from .inputs import OUTPUT, DenoiserInputs, forward_hooks
-from .quant.modules import QuantizedUNet, quant_layers, set_act_quant, set_weight_quant
+from .quant.modules import QuantizedDenoiser, quant_layers, set_act_quant, set_weight_quant
 from .trt_gate import require_tensorrt
 from .vocab import GraphRuntime, Inexact, Layout
 
@@ -135,13 +135,13 @@ class CheckResult:
             )
 
 
-def _run_feed(model: QuantizedUNet, feed) -> torch.Tensor:
+def _run_feed(model: QuantizedDenoiser, feed) -> torch.Tensor:
     """The simulation's whole output for one feed (graph input names are the model's keywords)."""
     return spec_of(model).inputs_from_dict(feed).call(model)
 
 
-def _simulation_runner(model: QuantizedUNet, inputs: list, output: str = OUTPUT, name: str = "pytorch-simulation"):
-    """A Polygraphy runner around the simulated UNet (Polygraphy's PytRunner assumes CUDA)."""
+def _simulation_runner(model: QuantizedDenoiser, inputs: list, output: str = OUTPUT, name: str = "pytorch-simulation"):
+    """A Polygraphy runner around the simulated denoiser (Polygraphy's PytRunner assumes CUDA)."""
     from polygraphy.backend.base import BaseRunner
 
     class SimulationRunner(BaseRunner):
@@ -193,7 +193,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def _quant_errors(model: QuantizedUNet, feeds: list[dict[str, np.ndarray]], sim_outs: list[np.ndarray]) -> list[float]:
+def _quant_errors(model: QuantizedDenoiser, feeds: list[dict[str, np.ndarray]], sim_outs: list[np.ndarray]) -> list[float]:
     """Per feed: the simulation's relative error against its own full-precision twin (the
     dilated float weights with every quantizer off; dilation itself is exact in float)."""
     set_act_quant(model, False)
@@ -270,7 +270,7 @@ def check_export(
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
     output = spec.outputs[0].name
     feeds, checked = _feeds(calib, samples, dtypes, steps)
-    layer_names = list(quant_layers(model.unet)) if per_layer else []
+    layer_names = list(quant_layers(model.denoiser)) if per_layer else []
     q_outputs = [input_q_name(n) for n in layer_names]
     from polygraphy.logger import G_LOGGER
 
@@ -302,9 +302,9 @@ def _kernel_cause(spec, runtime: GraphRuntime, inexact: Inexact) -> str | None:
 
 
 @torch.no_grad()
-def _layer_agreement(model: QuantizedUNet, feeds, graph_iters, names: list[str], layout: Layout | None) -> list[LayerResult]:
+def _layer_agreement(model: QuantizedDenoiser, feeds, graph_iters, names: list[str], layout: Layout | None) -> list[LayerResult]:
     """Integers at each layer input, simulation vs graph, in execution order."""
-    layers = quant_layers(model.unet)
+    layers = quant_layers(model.denoiser)
     offset = UINT8_ZERO_POINT if layout == "ort" else 0
     order: list[str] = []
     stats = {n: [0, 0, 0] for n in names}  # differing, total, max diff

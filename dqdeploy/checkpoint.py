@@ -283,10 +283,10 @@ class RunCheckpoint:
         return self._load(CALIBRATION, read)
 
     # -- calibrated model ---------------------------------------------------------------------
-    def save_calibrated(self, unet: nn.Module, metas: dict[str, LayerMeta], fallback: list[str]) -> None:
+    def save_calibrated(self, denoiser: nn.Module, metas: dict[str, LayerMeta], fallback: list[str]) -> None:
         """Keep the calibrated quantized model (before distillation), its layer metadata and fallback."""
         meta = {"layers": json.dumps({k: asdict(v) for k, v in metas.items()}), "fallback": json.dumps(fallback)}
-        self._record(CALIBRATED, _save_tensors(unet.state_dict(), self.folder / CALIBRATED, meta))
+        self._record(CALIBRATED, _save_tensors(denoiser.state_dict(), self.folder / CALIBRATED, meta))
 
     def calibrated(self) -> tuple[dict[str, torch.Tensor], dict[str, LayerMeta], list[str]] | None:
         """The saved calibrated state, layer metadata and fallback layers, or None."""

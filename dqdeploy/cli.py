@@ -35,15 +35,20 @@ def _setup(verbose: bool) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.version_option(package_name="dqdeploy")
 def cli(verbose: bool) -> None:
-    """Ship low-bit diffusion UNets with DilateQuant.
+    """Ship low-bit diffusion denoisers (UNets and diffusion transformers) with DilateQuant.
 
     \b
     1. dqdeploy quantize MODEL_DIR --recipe w8a8 --out Q     # Weight Dilation + per-step scales + BKD
-    2. dqdeploy export Q --target ort --out E                 # QDQ ONNX for ONNX Runtime (CPU)
-       dqdeploy export Q --target onnx --out E                # TensorRT-layout QDQ ONNX
-       dqdeploy export Q --target trt --out E                 # ... and a TensorRT engine (GPU)
+    2. dqdeploy export Q --target ort --out E                 # ort-layout int8 QDQ ONNX (ONNX Runtime, CPU)
+       dqdeploy export Q --target onnx --out E                # trt-layout int8 QDQ ONNX
+       dqdeploy export Q --target trt --out E                 # trt-layout ONNX in FP16 + TensorRT engine (GPU)
     3. dqdeploy check Q E                                     # simulation vs exported graph
     4. dqdeploy sample E --n 64 --out grid.png                # images through the deployed graph
+
+    \b
+    Words: a layout (trt | ort) is the int8 graph's conventions, i.e. the runtime it is shaped for;
+    a target (onnx | trt | ort | float) is what export writes: a layout, a precision, an engine or not;
+    a runtime (ort | trt) is what runs an export: ONNX Runtime runs both layouts, TensorRT the trt layout.
     """
     _setup(verbose)
 
@@ -53,7 +58,7 @@ def cli(verbose: bool) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--recipe", default="w8a8", show_default=True, help="Preset (w8a8; w7a8: 7-bit weights, fast exact int8 on CPUs without VNNI too; w4a8, w4a4) or a recipe .json file.")
 @click.option("--scheduler", help="Sampler of the calibration trajectories (ddim, ddpm, pndm, euler, dpm, flow or a diffusers class name; default: the model folder's own scheduler). Use the one you will deploy with.")
-@click.option("--scheduler-dir", type=click.Path(path_type=Path), help="Scheduler folder, when MODEL_DIR is a bare UNet folder.")
+@click.option("--scheduler-dir", type=click.Path(path_type=Path), help="Scheduler folder, when MODEL_DIR is a bare denoiser folder.")
 @click.option("--steps", default=50, show_default=True, type=POSITIVE, help="Sampling steps of the trajectories (one activation scale per step).")
 @click.option("--calib-samples", default=1024, show_default=True, type=POSITIVE, help="(x_t, t, cond) samples drawn at random across steps.")
 @click.option("--trajectories", default=64, show_default=True, type=POSITIVE, help="Full-precision sampling runs to draw them from.")
@@ -72,7 +77,7 @@ def cli(verbose: bool) -> None:
 @click.option("--no-distill", is_flag=True, help="Ablation: calibration only (post-training quantization).")
 @click.option("--distill", "distill_mode", type=click.Choice(["block", "model", "none"]),
               help="Block-wise (default), whole-model (an ablation: Adam over every weight at once, about 4x the model's memory), or none.")
-@click.option("--layout", type=click.Choice(LAYOUTS), help="Rounding the simulation models: 'ort' (default: also the output rounding of ONNX Runtime's fused QLinearConv; both exported graphs reproduce it exactly) or 'trt' (input Q/DQ only: exact for the TensorRT graph, the --target ort graph adds unmodelled output rounding).")
+@click.option("--layout", type=click.Choice(LAYOUTS), help="Layout whose rounding the simulation models: 'ort' (default: also the output rounding of ONNX Runtime's fused QLinearConv; both layouts' graphs reproduce it exactly) or 'trt' (input Q/DQ only: exact for the trt-layout graph, the ort-layout graph adds unmodelled output rounding).")
 @click.option("--fallback", help="Layers kept in float in both graphs: 'auto' (the most costly by sensitivity, within --fallback-budget of the MACs), 'none', or comma-separated module-name patterns. Recipe default otherwise.")
 @click.option("--fallback-budget", type=float, help="auto fallback: at most this fraction of the MACs stays in float.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
@@ -82,9 +87,9 @@ def cli(verbose: bool) -> None:
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters, batch_size,
              lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling, timestep_scales,
              no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle, resume, nproc) -> None:
-    """Quantize the UNet of a diffusers folder MODEL_DIR with DilateQuant.
+    """Quantize the denoiser (UNet or transformer) of a diffusers folder MODEL_DIR with DilateQuant.
 
-    MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare UNet folder plus
+    MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare denoiser folder plus
     --scheduler-dir. Writes OUT (manifest.json, model.safetensors, distillation report and plot).
     While it runs, OUT.checkpoint/ keeps what is finished (calibration, each distilled block); after
     an interruption (even kill -9) the same command with --resume continues from there and writes
@@ -176,7 +181,7 @@ def sample(path, out_png, overwrite, **kw) -> None:
 @click.option("--step-samples", default=8, show_default=True, help="With --fp: FP trajectories for the per-step denoiser error.")
 @click.option("--fid-ref", type=click.Path(path_type=Path), help="Folder of reference images for a Frechet distance.")
 @click.option("--fid-extractor", help="Features for the Frechet distance: digits, pixels, a TorchScript .pt file or module:function (default: digits for 1x16x16 models, else pixels).")
-@click.option("--scheduler-dir", type=click.Path(path_type=Path), help="With --fp: scheduler folder, when --fp is a bare UNet folder.")
+@click.option("--scheduler-dir", type=click.Path(path_type=Path), help="With --fp: scheduler folder, when --fp is a bare denoiser folder.")
 @click.option("--grid", type=click.Path(path_type=Path), help="Without --fp: save the samples as a PNG grid.")
 @OVERWRITE_FILES
 def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, overwrite, **kw) -> None:
@@ -207,22 +212,25 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Export folder to write.")
 @click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
-              help="onnx: TensorRT-layout QDQ graph; ort: fastest graph for ONNX Runtime on CPU; trt: onnx + TensorRT engine; float: unquantized graph (SOURCE may be a diffusers folder).")
-@click.option("--fp16", is_flag=True, help="FP16 graph (onnx/trt targets).")
+              help="What to write, by layout (trt: int8, zero point 0, input Q/DQ, for TensorRT; ort: uint8, zero point 128, "
+                   "fused output Q/DQ, for ONNX Runtime on CPU). onnx: the trt-layout int8 QDQ graph, FP32 (FP16 with --fp16); "
+                   "trt: the trt-layout graph in FP16 plus a TensorRT engine built from it on this GPU; ort: the ort-layout int8 "
+                   "QDQ graph, FP32; float: the unquantized graph (SOURCE may be a diffusers folder).")
+@click.option("--fp16", is_flag=True, help="FP16 graph (targets onnx and float; trt is always FP16).")
 @click.option("--int4-linear", is_flag=True, help="Pack 4-bit Linear weights as INT4 blocks (opset 21, weight-only).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--batch", default="1:2:8", show_default=True, help="trt: min:opt:max batch of the optimization profile.")
 @click.option("--cfg", is_flag=True, help="trt: double the batch profile for classifier-free guidance.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="trt: timing cache file to reuse.")
 @click.option("--workspace-gb", type=float, help="trt: builder workspace limit.")
-@click.option("--triton-repo", type=click.Path(path_type=Path), help="Also write a Triton model repository here (trt: the engine; other targets: the ONNX graph, for Triton's ONNX Runtime backend).")
+@click.option("--triton-repo", type=click.Path(path_type=Path), help="Also write a Triton model repository here (trt: the engine; other targets: the ONNX graph, for Triton's ONNX Runtime backend), its model named like the graph's folder: unet or transformer.")
 @click.option("--dynamic-resolution", "dyn_res", metavar="MIN:MAX",
               help="Dynamic latent height and width, each in MIN..MAX (latent pixels, like quantize --resolution; multiples of the model's step).")
 @click.option("--cpu", type=click.Choice(CPU_CHOICES), default="auto", show_default=True, help="ort: CPUs the int8 graph is exact on. vnni: fastest, x86 with VNNI/AMX and ARM64 only; portable: every CPU (x86 without VNNI too), slower; auto: this machine's.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo, dyn_res,
            cpu, overwrite) -> None:
-    """Export a quantized artifact SOURCE to ONNX (QDQ) and, for --target trt, a TensorRT engine."""
+    """Export a quantized artifact SOURCE to a QDQ ONNX graph of one layout and, for --target trt, a TensorRT engine."""
     from .exporters.dynamic import parse_range
     from .exporters.export import export as run_export
     from .exporters.spec import read_spec
@@ -241,13 +249,14 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
     if target == "trt":
         click.echo(f"wrote {Path(out_dir) / spec.engine_file}")
     if triton_repo:
-        click.echo(f"wrote {Path(triton_repo) / 'unet'}")
+        click.echo(f"wrote {Path(triton_repo) / Path(spec.onnx_file).parent.name}")
 
 
 @cli.command()
 @click.argument("quant_dir", type=click.Path(path_type=Path))
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--runtime", type=click.Choice(GRAPH_RUNTIMES), default="ort", show_default=True)
+@click.option("--runtime", type=click.Choice(GRAPH_RUNTIMES), default="ort", show_default=True,
+              help="What runs EXPORT_DIR: ort (ONNX Runtime, either layout) or trt (its TensorRT engine, trt layout).")
 @click.option("--per-layer", is_flag=True, help="Compare every quantized layer's input and output to find the first that diverges.")
 @click.option("--samples", default=4, show_default=True, type=POSITIVE, help="Inputs per checked time step.")
 @click.option("--steps", type=POSITIVE, help="Check at most this many time steps, spread over the trajectory (default: every calibrated step).")

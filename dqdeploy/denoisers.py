@@ -124,7 +124,7 @@ def spec_for(class_name: str | None, where: object = "the model") -> DenoiserSpe
 def spec_of(model: Any, fallback: str | None = None) -> DenoiserSpec:
     """The spec of a model object (a diffusers model, a quantized wrapper, or a runtime with ``spec``);
     other modules get the spec of class ``fallback`` when given (callables with its signature)."""
-    inner = getattr(model, "unet", model)
+    inner = getattr(model, "denoiser", model)
     name = getattr(getattr(model, "spec", None), "model_class", None) or type(inner).__name__
     return spec_for(fallback if name not in SPECS and fallback else name)
 

@@ -48,15 +48,15 @@ def generate_from(
             raise CalibrationError(f"{name}={value!r}: expected a whole number >= 1")
     steps = steps or (len(opened.timesteps) or 50)
     sched = make_scheduler(scheduler, opened.scheduler_config, steps)
-    spec = spec_of(opened.unet)
+    spec = spec_of(opened.denoiser)
     uncond = None if conditioning is None else conditioning.unconditional()
     gen = torch.Generator().manual_seed(seed)
     out = []
     for first in tqdm(range(0, n, batch_size), desc="generating", unit="batch"):
         b = min(batch_size, n - first)
-        noise = torch.randn(*latent_shape(spec, opened.unet.config, b, resolution), generator=gen)
+        noise = torch.randn(*latent_shape(spec, opened.denoiser.config, b, resolution), generator=gen)
         cond = None if conditioning is None else conditioning.for_batch(first, b)
-        out.append(denoise(opened.unet, sched, noise, steps, cond=cond, uncond=uncond, guidance=guidance, generator=gen))
+        out.append(denoise(opened.denoiser, sched, noise, steps, cond=cond, uncond=uncond, guidance=guidance, generator=gen))
     return torch.cat(out).clamp(-1, 1)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .denoisers import conditional, spec_for, spec_of
 from .denoisers import latent_shape as spec_latent_shape
+from .deprecation import deprecated_alias, renamed
 from .errors import ModelLoadError
 from .tensorfile import DTYPES, TensorFileError, read_tensors
 
@@ -39,19 +40,21 @@ SUPPORTED_SCHEDULERS = (
 
 @dataclass
 class LoadedModel:
-    """A denoiser (``unet``: a UNet or a diffusion transformer) with the scheduler config it came
+    """A denoiser (a UNet or a diffusion transformer) with the scheduler config it came
     with and (for full Stable Diffusion pipelines) the text stack."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     scheduler_config: dict[str, Any]
     model_dir: Path
     text_encoder: Any = None
     tokenizer: Any = None
     weight_files: dict[str, Path] = field(default_factory=dict)  # tensor name -> the safetensors file it was read from
 
+    unet = deprecated_alias("LoadedModel", "unet", "denoiser")
+
     @property
     def conditional(self) -> bool:
-        return conditional(spec_for(type(self.unet).__name__), self.unet.config)
+        return conditional(spec_for(type(self.denoiser).__name__), self.denoiser.config)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _unet_dir(model_dir: Path) -> Path:
+def _denoiser_dir(model_dir: Path) -> Path:
     for sub in ("unet", "transformer"):
         if (model_dir / sub / "config.json").is_file():
             return model_dir / sub
@@ -81,6 +84,11 @@ def _unet_dir(model_dir: Path) -> Path:
     )
 
 
+def denoiser_class_name(model_dir: str | Path) -> str | None:
+    """The diffusers class of a model folder's denoiser (its config's ``_class_name``), without loading it."""
+    return _read_json(_denoiser_dir(Path(model_dir)) / "config.json").get("_class_name")
+
+
 def portable_config(model: Any) -> dict[str, Any]:
     """A diffusers model's config without the machine-specific ``_name_or_path`` (a local path)."""
     config = json.loads(model.to_json_string())
@@ -88,29 +96,29 @@ def portable_config(model: Any) -> dict[str, Any]:
     return config
 
 
-def unet_class(config: dict[str, Any], where: Path) -> Any:
+def denoiser_class(config: dict[str, Any], where: Path) -> Any:
     """The diffusers class named by a denoiser config, refusing unsupported ones."""
     import diffusers
 
     return getattr(diffusers, spec_for(config.get("_class_name"), where).class_name)
 
 
-def load_unet(model_dir: str | Path, *, allow_pickle: bool = False) -> torch.nn.Module:
+def load_denoiser(model_dir: str | Path, *, allow_pickle: bool = False) -> torch.nn.Module:
     """Load the denoiser (UNet or transformer) of a pipeline folder or a bare folder, in FP32 eval mode.
 
     Weights are read from safetensors only; ``allow_pickle`` also accepts ``.bin`` (pickle) files,
     which can run code when loaded: only for folders you trust.
     """
-    return _load_unet(Path(model_dir), allow_pickle)[0]
+    return _load_denoiser(Path(model_dir), allow_pickle)[0]
 
 
-def _load_unet(model_dir: Path, allow_pickle: bool) -> tuple[torch.nn.Module, dict[str, Path]]:
+def _load_denoiser(model_dir: Path, allow_pickle: bool) -> tuple[torch.nn.Module, dict[str, Path]]:
     """The denoiser, and the file each tensor was read from (:func:`own_weights`)."""
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder {model_dir} does not exist", hint="check the path")
-    udir = _unet_dir(model_dir)
+    udir = _denoiser_dir(model_dir)
     config = _read_json(udir / "config.json")
-    cls = unet_class(config, udir)
+    cls = denoiser_class(config, udir)
     spec_for(config.get("_class_name"), udir).check_supported(config, udir)
     if not allow_pickle and not any(udir.glob("*.safetensors")):
         raise ModelLoadError(
@@ -118,13 +126,13 @@ def _load_unet(model_dir: Path, allow_pickle: bool) -> tuple[torch.nn.Module, di
             hint="convert the weights to safetensors, or pass --allow-pickle if you trust this folder",
         )
     try:
-        unet = cls.from_pretrained(str(udir), torch_dtype=torch.float32, low_cpu_mem_usage=False,
+        denoiser = cls.from_pretrained(str(udir), torch_dtype=torch.float32, low_cpu_mem_usage=False,
                                    use_safetensors=None if allow_pickle else True)
     except Exception as exc:  # diffusers raises OSError/ValueError/TypeError/KeyError for malformed folders
         raise ModelLoadError(f"could not load {cls.__name__} from {udir}: {type(exc).__name__}: {str(exc)[:400]}",
                              hint="check config.json (field types) and the weights, or re-save with save_pretrained") from None
-    files = own_weights(unet, udir)
-    return unet.eval(), files
+    files = own_weights(denoiser, udir)
+    return denoiser.eval(), files
 
 
 def own_weights(model: torch.nn.Module, folder: Path) -> dict[str, Path]:
@@ -174,11 +182,11 @@ def load_scheduler_config(model_dir: Path, scheduler_dir: str | Path | None = No
 
 
 def load_model(model_dir: str | Path, scheduler_dir: str | Path | None = None, *, allow_pickle: bool = False) -> LoadedModel:
-    """Load UNet, scheduler config and, when present, the text encoder and tokenizer
+    """Load the denoiser, scheduler config and, when present, the text encoder and tokenizer
     (safetensors only unless ``allow_pickle``)."""
     model_dir = Path(model_dir)
-    unet, files = _load_unet(model_dir, allow_pickle)
-    loaded = LoadedModel(unet, load_scheduler_config(model_dir, scheduler_dir), model_dir, weight_files=files)
+    denoiser, files = _load_denoiser(model_dir, allow_pickle)
+    loaded = LoadedModel(denoiser, load_scheduler_config(model_dir, scheduler_dir), model_dir, weight_files=files)
     if (model_dir / "text_encoder").is_dir() and (model_dir / "tokenizer").is_dir():
         loaded.text_encoder, loaded.tokenizer = _load_text_stack(model_dir, allow_pickle)
     return loaded
@@ -264,6 +272,10 @@ def encode_prompts(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Tenso
     return encode(prompts), encode([""])
 
 
-def latent_shape(unet: Any) -> tuple[int, ...]:
+def latent_shape(denoiser: Any) -> tuple[int, ...]:
     """The shape of one noise sample for a diffusers denoiser (``(C, H, W)``; Flux: ``(N, C)``)."""
-    return spec_latent_shape(spec_of(unet), unet.config, 1)[1:]
+    return spec_latent_shape(spec_of(denoiser), denoiser.config, 1)[1:]
+
+
+if not TYPE_CHECKING:  # old names, kept for one release (mypy sees only the new ones)
+    __getattr__ = renamed(__name__, {"load_unet": "load_denoiser", "unet_class": "denoiser_class"})

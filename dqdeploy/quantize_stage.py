@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .artifact import LayerMeta, Manifest, QuantizeResult, install_quant_layers,
 from .atomic import check_target, own_tempdir
 from .checkpoint import RunCheckpoint, fingerprint
 from .denoisers import conditioning_dims, spec_for
+from .deprecation import renamed
 from .errors import CalibrationError, DQDeployError, ModelLoadError, RecipeError
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
 from .quant.analysis import analyze_inputs
@@ -35,7 +36,7 @@ from .quant.dilation import dilation_factors, smoothquant_factors
 from .quant.distill import BlockReport, Targets, block_targets, distill_blocks, distill_model, model_targets, open_store
 from .quant.fallback import check_fallback, fallback_candidates, fallback_layers, keep_in_float
 from .quant.float_layers import FloatLayers
-from .quant.modules import QUANTIZABLE, QuantizedUNet, quant_layers, quantizes_output
+from .quant.modules import QUANTIZABLE, QuantizedDenoiser, quant_layers, quantizes_output
 from .quant.sensitivity import scheduler_weights
 from .quant.timestep import TimestepTable
 from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, calibration_subset, collect, load_conditioning
@@ -45,14 +46,14 @@ from .stages import stage
 log = logging.getLogger(__name__)
 
 
-def example_forward(unet: nn.Module, calib: CalibrationSet, n: int = 2) -> Callable[[], torch.Tensor]:
-    """One forward of ``unet`` on the first ``n`` calibration inputs (traced by analysis and partition)."""
+def example_forward(denoiser: nn.Module, calib: CalibrationSet, n: int = 2) -> Callable[[], torch.Tensor]:
+    """One forward of ``denoiser`` on the first ``n`` calibration inputs (traced by analysis and partition)."""
     inputs = calib.batch(torch.arange(min(n, len(calib))))
-    return lambda: inputs.call(unet)
+    return lambda: inputs.call(denoiser)
 
 
 def _dilations(
-    unet: nn.Module, names: list[str], info: dict, recipe: Recipe, calib: CalibrationSet
+    denoiser: nn.Module, names: list[str], info: dict, recipe: Recipe, calib: CalibrationSet
 ) -> dict[str, torch.Tensor | None]:
     """Per-layer ``s`` vectors: one per input-sharing group."""
     if recipe.scaling == "none":
@@ -60,11 +61,11 @@ def _dilations(
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(info[n].group, []).append(n)
-    absmax = input_channel_absmax(unet, [g[0] for g in groups.values()], calib) if recipe.scaling == "smoothquant" else {}
+    absmax = input_channel_absmax(denoiser, [g[0] for g in groups.values()], calib) if recipe.scaling == "smoothquant" else {}
     result: dict[str, torch.Tensor | None] = {}
     for members in tqdm(groups.values(), desc=f"dilation ({recipe.scaling})", unit="group", leave=False):
-        weights = [cast(torch.Tensor, unet.get_submodule(m).weight) for m in members]
-        if any(getattr(unet.get_submodule(m), "groups", 1) != 1 for m in members):
+        weights = [cast(torch.Tensor, denoiser.get_submodule(m).weight) for m in members]
+        if any(getattr(denoiser.get_submodule(m), "groups", 1) != 1 for m in members):
             s = None  # grouped convs mix channels per group: leave them undilated
         elif recipe.scaling == "wd":
             s = dilation_factors(weights)
@@ -75,39 +76,39 @@ def _dilations(
     return result
 
 
-def plan_layers(unet: nn.Module, recipe: Recipe, calib: CalibrationSet) -> tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None]]:
-    """What the conversion of the float ``unet`` will do, per layer the recipe selects and the
+def plan_layers(denoiser: nn.Module, recipe: Recipe, calib: CalibrationSet) -> tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None]]:
+    """What the conversion of the float ``denoiser`` will do, per layer the recipe selects and the
     model calls: its metadata and dilation vector (WD from the FP weights, SmoothQuant from the
     calibration activations). Nothing is changed."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
+    names = [n for n, m in denoiser.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
     if not names:
         raise ModelLoadError("the recipe selects no Conv2d/Linear layer", hint="check the recipe's include/exclude patterns")
-    info = analyze_inputs(unet, example_forward(unet, calib), names)
+    info = analyze_inputs(denoiser, example_forward(denoiser, calib), names)
     names = [n for n in names if n in info]  # layers never called keep FP weights
-    ends = spec_for(type(unet).__name__).ends
+    ends = spec_for(type(denoiser).__name__).ends
     metas = {
         name: LayerMeta(
-            "conv" if isinstance(unet.get_submodule(name), nn.Conv2d) else "linear",
+            "conv" if isinstance(denoiser.get_submodule(name), nn.Conv2d) else "linear",
             recipe.weight_bits_for(name, ends), recipe.act_bits_for(name, ends), recipe.act_symmetric, info[name].group, info[name].fold,
             recipe.layout == "ort" and quantizes_output(name, info[name].rank),  # output Q on the fused layers
         )
         for name in names
     }
-    return metas, _dilations(unet, names, info, recipe, calib)
+    return metas, _dilations(denoiser, names, info, recipe, calib)
 
 
 def build_quantized(
-    unet: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet
-) -> tuple[QuantizedUNet, dict[str, LayerMeta]]:
-    """A copy of ``unet`` with the recipe's Conv2d/Linear layers replaced by QuantLayers (weight
+    denoiser: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet
+) -> tuple[QuantizedDenoiser, dict[str, LayerMeta]]:
+    """A copy of ``denoiser`` with the recipe's Conv2d/Linear layers replaced by QuantLayers (weight
     scales searched, activation scales not yet calibrated)."""
-    model = copy.deepcopy(unet).eval()
+    model = copy.deepcopy(denoiser).eval()
     metas, dil = plan_layers(model, recipe, calib)
     return install_quant_layers(model, metas, table, dil), metas
 
 
 def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None) -> Conditioning | None:
-    name = type(loaded.unet).__name__
+    name = type(loaded.denoiser).__name__
     if not loaded.conditional:
         if cond_file or prompts:
             raise CalibrationError(f"{name} is unconditional: --cond/--prompts do not apply")
@@ -126,7 +127,7 @@ def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: li
                  "for SD3/Flux) or --prompts FILE.txt (Stable Diffusion folders)",
         )
     found = {COND_KEY: cond.cond, POOLED_KEY: cond.pooled}
-    for key, dim in conditioning_dims(spec_for(name), loaded.unet.config).items():
+    for key, dim in conditioning_dims(spec_for(name), loaded.denoiser.config).items():
         tensor = found[key]
         if tensor is None:
             raise CalibrationError(f"{name} takes {key} [P, {dim}], the conditioning file has none",
@@ -154,7 +155,7 @@ def quantize(
     resume: bool = False,
     micro_batches: int = 1,
 ) -> QuantizeResult:
-    """Quantize the UNet of a diffusers folder with DilateQuant; save to ``out_dir`` when given
+    """Quantize the denoiser (UNet or transformer) of a diffusers folder with DilateQuant; save to ``out_dir`` when given
     (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders only).
 
     With ``out_dir``, the run keeps a checkpoint in ``OUT.checkpoint/`` (calibration set,
@@ -217,7 +218,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
     """Load the model, collect (or restore) the calibration set, quantize."""
     with distributed.agreed("loading the model and conditioning"), stage(log, "load the model"):
         loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
-        check_fallback(recipe, loaded.unet)  # a pattern that fits no layer (or all) fails now, not after calibration
+        check_fallback(recipe, loaded.denoiser)  # a pattern that fits no layer (or all) fails now, not after calibration
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
         conditioning = _conditioning(loaded, cond_file, prompts)
@@ -226,16 +227,16 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
         log.info("calibration set restored from the checkpoint")
     else:
         with stage(log, "calibration trajectories"):
-            calib = collect(loaded.unet, scheduler, calibration, conditioning)
+            calib = collect(loaded.denoiser, scheduler, calibration, conditioning)
         if ckpt:
             ckpt.save_calibration(calib)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
-    return quantize_unet(loaded.unet, recipe, calib, calibration, scheduler_config, checkpoint=ckpt, micro_batches=micro_batches,
+    return quantize_denoiser(loaded.denoiser, recipe, calib, calibration, scheduler_config, checkpoint=ckpt, micro_batches=micro_batches,
                          in_place=True, sources=loaded.weight_files)  # the model loaded here is converted itself
 
 
-def quantize_unet(
-    unet: nn.Module,
+def quantize_denoiser(
+    denoiser: nn.Module,
     recipe: Recipe,
     calib: CalibrationSet,
     calibration: CalibrationConfig = CalibrationConfig(),
@@ -248,12 +249,12 @@ def quantize_unet(
 ) -> QuantizeResult:
     """The in-memory pipeline: dilation, per-step calibration, distillation. ``checkpoint``: saves each
     step's result and restores what an interrupted run finished; ``micro_batches``: slices of each
-    distillation batch per process (:mod:`dqdeploy.quant.distill`); ``in_place``: convert ``unet``
-    itself, holding the weights once (else a copy, ``unet`` unchanged), fallback layers read back from
+    distillation batch per process (:mod:`dqdeploy.quant.distill`); ``in_place``: convert ``denoiser``
+    itself, holding the weights once (else a copy, ``denoiser`` unchanged), fallback layers read back from
     ``sources`` (the file of each tensor, ``LoadedModel.weight_files``) or from the run's data folder."""
     calib.validate()
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
-    model = unet if in_place else copy.deepcopy(unet).eval()
+    model = denoiser if in_place else copy.deepcopy(denoiser).eval()
     saved = checkpoint.calibrated() if checkpoint else None
     with _workdir(checkpoint) as work, open_store(work) if recipe.distill == "block" else contextlib.nullcontext() as store:
         if saved is None:
@@ -272,7 +273,7 @@ def quantize_unet(
             qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration, scheduler_config)
             if checkpoint:
                 with stage(log, "checkpoint the calibrated model"):
-                    checkpoint.save_calibrated(qmodel.unet, metas, fallback)
+                    checkpoint.save_calibrated(qmodel.denoiser, metas, fallback)
         else:
             qmodel = _restored(model, metas, table, state)
             del state
@@ -285,8 +286,8 @@ def quantize_unet(
     manifest = Manifest(
         recipe=recipe,
         calibration=calibration.to_dict(),
-        model_class=type(unet).__name__,
-        model_config=portable_config(unet),
+        model_class=type(denoiser).__name__,
+        model_config=portable_config(denoiser),
         scheduler_config=json.loads(json.dumps(scheduler_config or {}, default=list)),
         timesteps=calib.timesteps,
         layers=metas,
@@ -297,19 +298,19 @@ def quantize_unet(
 
 
 @torch.no_grad()
-def _on_grid(qmodel: QuantizedUNet) -> QuantizedUNet:
+def _on_grid(qmodel: QuantizedDenoiser) -> QuantizedDenoiser:
     """``qmodel`` in eval mode with every weight clipped to its grid: what is stored stays inside
     each layer's bit width (validation.check_state)."""
-    for layer in quant_layers(qmodel.unet).values():
+    for layer in quant_layers(qmodel.denoiser).values():
         layer.weight.copy_(layer.weight_quantizer.clip_to_grid(layer.weight))
     return qmodel.eval()
 
 
-def _restored(model: nn.Module, metas: dict[str, LayerMeta], table: TimestepTable, state: dict[str, torch.Tensor]) -> QuantizedUNet:
+def _restored(model: nn.Module, metas: dict[str, LayerMeta], table: TimestepTable, state: dict[str, torch.Tensor]) -> QuantizedDenoiser:
     """The checkpoint's calibrated model: ``model`` converted with the stored scales (nothing searched), then its state."""
     scales = {n: state[f"{n}.weight_quantizer.scale"] for n in metas}
     qmodel = install_quant_layers(model, metas, table, weight_scales=scales)
-    qmodel.unet.load_state_dict(state, strict=True)
+    qmodel.denoiser.load_state_dict(state, strict=True)
     return qmodel
 
 
@@ -338,7 +339,7 @@ def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int,
 def _calibrated(
     model: nn.Module, plan: tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None], TimestepTable], floats: FloatLayers,
     recipe: Recipe, calib: CalibrationSet, calibration: CalibrationConfig, scheduler_config: dict | None,
-) -> tuple[QuantizedUNet, list[str], dict[str, LayerMeta]]:
+) -> tuple[QuantizedDenoiser, list[str], dict[str, LayerMeta]]:
     """Convert ``model`` as ``plan`` (metadata, dilations, step table) says, the replaced layers to
     ``floats``; calibrate the per-step scales, then put the fallback layers back in float. Returns the
     quantized model, the fallback layers and the remaining layers' metadata."""
@@ -356,3 +357,14 @@ def _calibrated(
         metas = keep_in_float(qmodel, floats, metas, fallback)
     floats.clear()
     return qmodel, fallback, metas
+
+
+def _quantize_unet(*args: Any, **kwargs: Any) -> QuantizeResult:
+    """The old ``quantize_unet``: :func:`quantize_denoiser`, its first argument also accepted as ``unet=``."""
+    if "unet" in kwargs:
+        args = (kwargs.pop("unet"), *args)
+    return quantize_denoiser(*args, **kwargs)
+
+
+if not TYPE_CHECKING:  # old names, kept for one release (mypy sees only the new ones)
+    __getattr__ = renamed(__name__, {"quantize_unet": "quantize_denoiser"}, shims={"quantize_unet": "_quantize_unet"})

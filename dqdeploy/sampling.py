@@ -72,7 +72,7 @@ def model_tokens(spec: DenoiserSpec, noise: torch.Tensor) -> int:
 
 @torch.no_grad()
 def denoise(
-    unet: Any,
+    denoiser: Any,
     scheduler: Any,
     noise: torch.Tensor,
     steps: int,
@@ -92,9 +92,9 @@ def denoise(
     ``callback(i, t, model_input)`` sees every model input and model timestep (before guidance
     duplication), which is what calibration records.
     """
-    spec = spec_of(unet)
+    spec = spec_of(denoiser)
     cond_kw, uncond_kw = as_cond(cond), as_cond(uncond)
-    embedded = GUIDANCE in spec.input_names(unet.config)
+    embedded = GUIDANCE in spec.input_names(denoiser.config)
     if embedded:
         cond_kw[GUIDANCE] = torch.full((noise.shape[0],), float(guidance))
     set_timesteps(scheduler, spec, steps, model_tokens(spec, noise))
@@ -112,10 +112,10 @@ def denoise(
             both = {k: torch.cat([uncond_kw[k].expand_as(v), v]) for k, v in cond_kw.items()}
             t_pair = torch.cat([t_model, t_model]) if t_model.dim() else t_model
             pair = DenoiserInputs(torch.cat([model_input, model_input]), t_pair, both, spec.sample, shared)
-            eps_u, eps_c = prediction(unet, spec, pair).chunk(2)
+            eps_u, eps_c = prediction(denoiser, spec, pair).chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
-            eps = prediction(unet, spec, DenoiserInputs(model_input, t_model, cond_kw, spec.sample, shared))
+            eps = prediction(denoiser, spec, DenoiserInputs(model_input, t_model, cond_kw, spec.sample, shared))
         x = scheduler.step(eps, t, x, return_dict=False, **step_kw)[0]
     return x
 

@@ -1,5 +1,5 @@
 """Open any model folder a user may point at -- a diffusers folder (full precision), a quantized
-artifact, or an export folder -- as a callable UNet plus its scheduler config."""
+artifact, or an export folder -- as a callable denoiser plus its scheduler config."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import load_quantized, read_manifest
+from .deprecation import deprecated_alias
 from .errors import ModelLoadError
 from .exporters.export import export
 from .exporters.spec import read_spec
@@ -20,14 +21,16 @@ from .vocab import GraphRuntime, Runtime
 
 @dataclass
 class OpenedModel:
-    """A drop-in UNet callable, the scheduler config it was made for, and what it is."""
+    """A drop-in denoiser callable, the scheduler config it was made for, and what it is."""
 
-    unet: Any
+    denoiser: Any
     scheduler_config: dict[str, Any]
     kind: FolderKind
     conditional: bool
     timesteps: list[float]
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed by close() or with this object
+
+    unet = deprecated_alias("OpenedModel", "unet", "denoiser")
 
     def close(self) -> None:
         """Remove the temporary export (if any) now; ``with open_model(...)`` does it on exit."""
@@ -55,7 +58,7 @@ def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str |
         if runtime not in ("auto", "torch"):
             raise ModelLoadError(f"--runtime {runtime} needs an export folder; {path} is a diffusers folder",
                                  hint="run `dqdeploy export` first, or use --runtime torch")
-        return OpenedModel(loaded.unet, loaded.scheduler_config, "fp", loaded.conditional, [])
+        return OpenedModel(loaded.denoiser, loaded.scheduler_config, "fp", loaded.conditional, [])
     if kind == "quantized" and runtime in ("ort", "trt"):
         scratch = tempfile.TemporaryDirectory(prefix="dqdeploy-export-")
         try:
@@ -77,5 +80,5 @@ def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str |
         return OpenedModel(model, manifest.scheduler_config, "quantized", conditional, manifest.timesteps)
     spec = read_spec(path)
     backend: GraphRuntime = "trt" if runtime == "trt" else "ort"  # auto/torch: ONNX Runtime
-    unet = load_runtime(path, backend, **runtime_kw)
-    return OpenedModel(unet, spec.scheduler_config or {}, "export", spec.conditional, spec.timesteps)
+    denoiser = load_runtime(path, backend, **runtime_kw)
+    return OpenedModel(denoiser, spec.scheduler_config or {}, "export", spec.conditional, spec.timesteps)

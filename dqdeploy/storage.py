@@ -65,12 +65,12 @@ def padding_nibble(packed: torch.Tensor, numel: int) -> int:
     return int(packed[-1]) >> 4 if numel % 2 and packed.numel() else 0
 
 
-def stored_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """``unet``'s state dict in the artifact's format: each quantized layer's float weight
+def stored_state(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """``denoiser``'s state dict in the artifact's format: each quantized layer's float weight
     replaced by its integers (``weight_quantizer.integers``), 4-bit ones packed; every step size stored
     positive (the quantizers use its magnitude; a negative weight step flips its integers instead)."""
-    state = dict(unet.state_dict())
-    for name, layer in quant_layers(unet).items():
+    state = dict(denoiser.state_dict())
+    for name, layer in quant_layers(denoiser).items():
         bits = layer.weight_quantizer.bits
         q = layer.weight_quantizer.integers(layer.weight)
         scale = state[f"{name}.weight_quantizer.scale"]

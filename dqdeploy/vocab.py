@@ -1,13 +1,20 @@
 """One name per idea, defined once: the literal types shared by the CLI, the API and the formats.
 
-* ``Layout``: which deployment the quantized graph (and the simulation) is shaped for --
-  ``trt`` (int8, zero point 0, input-only Q/DQ: TensorRT) or ``ort`` (uint8, zero point 128, output
-  Q/DQ so ONNX Runtime fuses QLinearConv / QLinearMatMul). A recipe field and a Q/DQ surgery option.
-* ``Target``: what ``export`` writes -- ``onnx`` (the TensorRT-layout QDQ graph), ``ort`` (the
-  ORT-layout QDQ graph), ``trt`` (``onnx`` in FP16 plus a TensorRT engine) or ``float``.
-* ``GraphTarget``: the targets that name an ONNX graph (what an export folder's spec records).
+The TensorRT-vs-ONNX-Runtime choice has one word, **layout**; target and runtime are said in terms of it.
+
+* ``Layout``: the conventions of the int8 graph, i.e. which runtime it is shaped for (the simulation
+  models the same rounding) -- ``trt`` (int8, zero point 0, input-only Q/DQ: TensorRT's explicit
+  quantization) or ``ort`` (uint8, zero point 128, output Q/DQ so ONNX Runtime fuses QLinearConv /
+  QLinearMatMul). A recipe field (``quantize --layout``) and a Q/DQ surgery option.
+* ``Target``: what ``export`` writes -- a layout, a precision, and an engine or not: ``onnx`` (the
+  ``trt``-layout int8 QDQ graph, FP32 or ``--fp16``), ``trt`` (that graph in FP16 plus a strongly typed
+  TensorRT engine built from it on this GPU), ``ort`` (the ``ort``-layout int8 QDQ graph, FP32) or
+  ``float`` (unquantized: no layout). The names are those of the formats (export specs record them).
+* ``GraphTarget``: the targets that name an ONNX graph (what an export folder's spec records: a
+  ``trt`` export records ``onnx``, its graph's target).
 * ``Runtime``: what runs a model when sampling (``torch``: the simulation); ``GraphRuntime``: what runs
-  an exported graph (ONNX Runtime or TensorRT).
+  an exported graph -- ``ort`` (ONNX Runtime: either layout; the ``trt`` layout's Q/DQ as float math)
+  or ``trt`` (TensorRT: the engine of a ``trt`` target, so the ``trt`` layout only).
 * ``Scaling``: the equivalent scaling before quantization (Weight Dilation, SmoothQuant, none).
 * ``Int8Format``: the integer format of an ORT-layout graph's weights -- ``vnni`` (int8 weights over
   the full range: exact where the CPU adds u8 x s8 products in 32 bits, i.e. x86 with VNNI/AMX and

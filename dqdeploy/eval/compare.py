@@ -45,12 +45,12 @@ def _summary(values: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return {k: float(torch.cat(v).mean()) for k, v in values.items()}
 
 
-class _PairedUNet:
-    """Drop-in UNet that returns the FP output and compares the quantized output on the same input."""
+class _PairedDenoiser:
+    """Drop-in denoiser that returns the FP output and compares the quantized output on the same input."""
 
     def __init__(self, fp: Any, test: Any) -> None:
         self.fp, self.test, self.config = fp, test, fp.config
-        self.unet = fp  # the model kind (dqdeploy.denoisers.spec_of) is the FP model's
+        self.denoiser = fp  # the model kind (dqdeploy.denoisers.spec_of) is the FP model's
         self.step = 0
         self.per_step: dict[int, dict[str, list[torch.Tensor]]] = {}
 
@@ -65,8 +65,8 @@ class _PairedUNet:
 
 @torch.no_grad()
 def step_errors(
-    fp_unet: Any,
-    test_unet: Any,
+    fp_denoiser: Any,
+    test_denoiser: Any,
     scheduler: Any,
     noise: torch.Tensor,
     steps: int,
@@ -75,9 +75,9 @@ def step_errors(
     uncond: torch.Tensor | Cond | None = None,
     guidance: float = 1.0,
 ) -> list[dict[str, float]]:
-    """Denoiser output error of ``test_unet`` vs ``fp_unet`` at every step of FP trajectories from
+    """Denoiser output error of ``test_denoiser`` vs ``fp_denoiser`` at every step of FP trajectories from
     ``noise``: one dict per step with ``step``, ``t`` and the batch means of ``rel_err``, ``snr_db``, ``cosine``."""
-    paired = _PairedUNet(fp_unet, test_unet)
+    paired = _PairedDenoiser(fp_denoiser, test_denoiser)
     times: list[float] = []
 
     def on_step(i: int, t: torch.Tensor, _x: torch.Tensor) -> None:

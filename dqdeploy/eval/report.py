@@ -1,5 +1,5 @@
 """``dqdeploy eval``: the quality report of a quantized artifact or exported folder against its
-full-precision model -- for any supported UNet, with no dataset-specific classifier needed.
+full-precision model -- for any supported denoiser, with no dataset-specific classifier needed.
 
 Sections of the JSON report:
 
@@ -54,7 +54,7 @@ class EvalConfig:
     step_samples: int = 8  # FP trajectories for the per-step errors
     fid_ref: str | Path | None = None  # folder of reference images
     fid_extractor: str | None = None  # see dqdeploy.eval.features.load_extractor
-    scheduler_dir: str | Path | None = None  # when --fp is a bare UNet folder
+    scheduler_dir: str | Path | None = None  # when --fp is a bare denoiser folder
 
     def __post_init__(self) -> None:
         if self.n < 2 or self.step_samples < 1 or self.batch_size < 1:
@@ -63,10 +63,10 @@ class EvalConfig:
 
 
 def _check_same_model(fp: OpenedModel, test: OpenedModel, fp_dir: Path, path: Path) -> None:
-    if latent_shape(fp.unet) != latent_shape(test.unet) or fp.conditional != test.conditional:
+    if latent_shape(fp.denoiser) != latent_shape(test.denoiser) or fp.conditional != test.conditional:
         raise DQDeployError(
-            f"{path} makes samples {latent_shape(test.unet)} (conditional: {test.conditional}) but the FP model "
-            f"{fp_dir} makes {latent_shape(fp.unet)} (conditional: {fp.conditional})",
+            f"{path} makes samples {latent_shape(test.denoiser)} (conditional: {test.conditional}) but the FP model "
+            f"{fp_dir} makes {latent_shape(fp.denoiser)} (conditional: {fp.conditional})",
             hint="pass with --fp the diffusers folder the artifact was quantized from")
 
 
@@ -135,7 +135,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
         raise DQDeployError(f"--fp must be a diffusers model folder; {fp_dir} is a {fp.kind} folder",
                             hint="pass the full-precision model the artifact was made from")
     _check_same_model(fp, test, fp_dir, path)
-    shape = latent_shape(fp.unet)
+    shape = latent_shape(fp.denoiser)
     if png is not None and len(shape) != 3:
         raise DQDeployError(f"--png shows latents as images; {fp_dir} makes packed latents {shape}",
                             hint="leave out --png for this model")
@@ -143,14 +143,14 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     fid = None if cfg.fid_ref is None and cfg.fid_extractor is None else fid_setup(cfg.fid_ref, cfg.fid_extractor, shape)
     steps = cfg.steps or (len(test.timesteps) or 50)
     # UNets: DDIM unless asked; transformers: their own (flow-matching) scheduler
-    scheduler = cfg.scheduler or (None if spec_of(fp.unet).is_transformer else "ddim")
+    scheduler = cfg.scheduler or (None if spec_of(fp.denoiser).is_transformer else "ddim")
     sample: dict[str, Any] = dict(n=cfg.n, steps=steps, scheduler=scheduler, seed=cfg.seed, batch_size=cfg.batch_size,
                   conditioning=conditioning, guidance=cfg.guidance)
 
     noise = torch.randn(cfg.step_samples, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     step_cond, uncond = ((None, None) if conditioning is None
                          else (conditioning.for_batch(0, cfg.step_samples), conditioning.unconditional()))
-    per_step = step_errors(fp.unet, test.unet, make_scheduler(scheduler, fp.scheduler_config), noise, steps,
+    per_step = step_errors(fp.denoiser, test.denoiser, make_scheduler(scheduler, fp.scheduler_config), noise, steps,
                            cond=step_cond, uncond=uncond, guidance=cfg.guidance)
     warnings = _source_warnings(summarize_steps(per_step), path, fp_dir)  # said before the sampling, not after
     fp_images = generate_from(fp, **sample)
@@ -191,7 +191,7 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
     from .fid import feature_stats, frechet_distance
 
     opened = open_model(path, runtime)
-    shape = latent_shape(opened.unet)
+    shape = latent_shape(opened.denoiser)
     digits = shape == DIGITS_SHAPE
     if grid and len(shape) != 3:
         raise DQDeployError(f"--grid shows latents as images; {path} makes packed latents {shape}",

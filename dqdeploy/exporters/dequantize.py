@@ -1,4 +1,4 @@
-"""From a quantized artifact to what the ONNX graph needs: a float UNet whose exported graph is the
+"""From a quantized artifact to what the ONNX graph needs: a float denoiser whose exported graph is the
 canvas for Q/DQ surgery (dequantized weights in place, ``1/s`` folded into affine norms where exact),
 and per layer the integer weights, scales and per-step tables.
 """
@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..artifact import Manifest
-from ..quant.modules import QuantizedUNet, QuantLayer, channel_view, quant_layers, replace_module
+from ..deprecation import renamed
+from ..quant.modules import QuantizedDenoiser, QuantLayer, channel_view, quant_layers, replace_module
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,9 @@ def tensors_of(name: str, layer: QuantLayer, fold: str = "mul") -> LayerTensors:
     )
 
 
-def layer_tensors(model: QuantizedUNet, manifest: Manifest) -> dict[str, LayerTensors]:
+def layer_tensors(model: QuantizedDenoiser, manifest: Manifest) -> dict[str, LayerTensors]:
     """Integer weights, scales and tables of every quantized layer."""
-    return {name: tensors_of(name, layer, manifest.layers[name].fold) for name, layer in quant_layers(model.unet).items()}
+    return {name: tensors_of(name, layer, manifest.layers[name].fold) for name, layer in quant_layers(model.denoiser).items()}
 
 
 def plain_layer(layer: QuantLayer) -> nn.Conv2d | nn.Linear:
@@ -88,26 +89,26 @@ def plain_layer(layer: QuantLayer) -> nn.Conv2d | nn.Linear:
     return inner
 
 
-def dequantized_unet(model: QuantizedUNet, manifest: Manifest, *, inplace: bool = False) -> nn.Module:
-    """A float diffusers UNet: each QuantLayer becomes a plain layer (dequantized weights) named like
+def dequantized_denoiser(model: QuantizedDenoiser, manifest: Manifest, *, inplace: bool = False) -> nn.Module:
+    """A float diffusers denoiser: each QuantLayer becomes a plain layer (dequantized weights) named like
     the original, and ``1/s`` is folded into the affine norm in front of it where that is exact.
 
-    ``inplace=True`` converts ``model``'s own UNet layer by layer (``model`` is consumed): no second
+    ``inplace=True`` converts ``model``'s own denoiser layer by layer (``model`` is consumed): no second
     copy of the weights is ever held, which is what bounds the export's memory."""
-    unet = (model.unet if inplace else copy.deepcopy(model.unet)).float().eval()
-    layers = quant_layers(unet)
+    denoiser = (model.denoiser if inplace else copy.deepcopy(model.denoiser)).float().eval()
+    layers = quant_layers(denoiser)
     folded: set[str] = set()
     for name, layer in layers.items():
         fold = manifest.layers[name].fold
         if fold.startswith("norm:") and fold not in folded:
-            norm: Any = unet.get_submodule(fold[5:])
+            norm: Any = denoiser.get_submodule(fold[5:])
             with torch.no_grad():
                 norm.weight.mul_(layer.input_scale)
                 norm.bias.mul_(layer.input_scale)
             folded.add(fold)
     for name in list(layers):
-        replace_module(unet, name, plain_layer(layers.pop(name)))  # the QuantLayer is freed here
-    return unet
+        replace_module(denoiser, name, plain_layer(layers.pop(name)))  # the QuantLayer is freed here
+    return denoiser
 
 
 def simulate_layer_input(layer: QuantLayer, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -116,3 +117,7 @@ def simulate_layer_input(layer: QuantLayer, x: torch.Tensor, rows: torch.Tensor)
     xs = x * channel_view(layer.input_scale, layer.kind, x.dim())
     scale = q.scale.detach().abs()[rows].view(-1, *([1] * (x.dim() - 1)))
     return torch.clamp(torch.round(xs / scale) + q.zero_point.detach()[rows].view_as(scale), q.qmin, q.qmax)
+
+
+if not TYPE_CHECKING:  # old names, kept for one release (mypy sees only the new ones)
+    __getattr__ = renamed(__name__, {"dequantized_unet": "dequantized_denoiser"})

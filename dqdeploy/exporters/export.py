@@ -1,7 +1,7 @@
 """The export stage (``dqdeploy.export``): a quantized artifact (or a diffusers folder, for ``float``)
 -> an export folder, for every target.
 
-Steps: rebuild the simulation -> float copy of the UNet (dequantized weights, ``1/s`` folded into
+Steps: rebuild the simulation -> float copy of the denoiser (dequantized weights, ``1/s`` folded into
 norms) -> float ONNX (torch dynamo exporter) -> [ort: calibrate output scales] -> Q/DQ surgery ->
 simplify -> checks -> write ``unet/model.onnx`` (``transformer/model.onnx``) + ``dqdeploy_export.json`` atomically -> [trt: build the
 engine, optionally a Triton repository].
@@ -23,23 +23,23 @@ from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_m
 from ..atomic import atomic_dir, check_target
 from ..cpu import cpu_info, exact_on, s8_exact_anywhere
 from ..denoisers import spec_for, spec_of
-from ..errors import ExportError
+from ..errors import DQDeployError, ExportError
 from ..folders import detect
 from ..inputs import DenoiserInputs
-from ..models import load_model, portable_config
+from ..models import denoiser_class_name, load_model, portable_config
 from ..paths import check_output_dir, check_output_file
-from ..quant.modules import QuantizedUNet, quantizes_output
+from ..quant.modules import QuantizedDenoiser, quantizes_output
 from ..recipe import Recipe
 from ..stages import release_memory, stage
 from ..trt_gate import require_tensorrt
 from ..vocab import CPU_CHOICES, GRAPH_TARGETS, TARGETS, CpuChoice, GraphTarget, Int8Format, Target, layout_of
-from .dequantize import LayerTensors, dequantized_unet, layer_tensors
+from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
 from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
-from .spec import ExportSpec
+from .spec import ExportSpec, model_folder
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def export(
         _check_request(source, "onnx", fp16, cpu)
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if triton_repo is not None:
-        check_output_dir(Path(triton_repo) / "unet", owned=is_triton_model, sources=[source, out_dir])
+        check_output_dir(Path(triton_repo) / _triton_model(source), owned=is_triton_model, sources=[source, out_dir])
     if timing_cache is not None:
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if target != "trt":
@@ -105,6 +105,16 @@ def export(
     if triton_repo is not None:  # the engine for trt; the ONNX graph (ONNX Runtime backend) for the other targets
         write_triton_repo(out_dir, triton_repo)
     return Path(out_dir)
+
+
+def _triton_model(source: Path) -> str:
+    """The Triton model :func:`write_triton_repo` will write for ``source``: the graph's folder (``unet`` or
+    ``transformer``). A source that cannot be read is reported by the export itself: ``unet`` here."""
+    try:
+        name = denoiser_class_name(source) if detect(source) == "fp" else read_manifest(source).model_class
+    except DQDeployError:
+        name = None
+    return model_folder(str(name))
 
 
 def trt_graph(
@@ -152,7 +162,7 @@ def export_graph(
         opset = 21 if int4_layers else 20
         graph = _float_graph(canvas, parts.example, scratch, opset, dynamic_resolution)
         del canvas
-        release_memory()  # the float UNet is not needed any more: its weights are in the scratch file
+        release_memory()  # the float denoiser is not needed any more: its weights are in the scratch file
         if target != "float":
             opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1,
                                   int4_linear=int4_linear, int8_format=int8_format or "vnni")
@@ -247,7 +257,7 @@ class _Parts:
 
 def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool
              ) -> tuple[torch.nn.Module, _Parts]:
-    """The float canvas (the simulation's own UNet, converted in place) and the surgery's inputs."""
+    """The float canvas (the simulation's own denoiser, converted in place) and the surgery's inputs."""
     with stage(log, "load the artifact"):
         model = load_quantized(source)
     release_memory()  # what loading allocated on the way (the state dict) leaves the process
@@ -255,9 +265,9 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
     example = calib.slice(slice(0, 2))
     with stage(log, "measure layers"):
         layers = layer_tensors(model, manifest)
-        ranks = input_ranks(model, list(layers), example, root=model.unet)
+        ranks = input_ranks(model, list(layers), example, root=model.denoiser)
         out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if target == "ort" else None
-    canvas = dequantized_unet(model, manifest, inplace=True)
+    canvas = dequantized_denoiser(model, manifest, inplace=True)
     del model
     if fp16:
         canvas, example = canvas.half(), example.half()
@@ -265,7 +275,7 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
 
 
 def _ort_output_scales(
-    model: QuantizedUNet, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int], calib: DenoiserInputs
+    model: QuantizedDenoiser, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int], calib: DenoiserInputs
 ) -> dict[str, float] | None:
     """Output Q scales (QLinear* fusion) where the compute is -- convs and token matmuls -- for an
     artifact whose simulation does not model this rounding (``quantize --layout ort`` makes it exact)."""
@@ -287,11 +297,11 @@ def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list
     return found
 
 
-def _float_graph(unet: torch.nn.Module, example: DenoiserInputs, scratch: Path, opset: int = 20,
+def _float_graph(denoiser: torch.nn.Module, example: DenoiserInputs, scratch: Path, opset: int = 20,
                  resolution_range: tuple[int, int] | None = None) -> Any:
     """The float ONNX graph, its large weights left in ``scratch`` (which must outlive it)."""
     with stage(log, "float ONNX export"):
-        return export_float_onnx(unet, scratch / "float.onnx", inputs=example, opset=opset, large_external=True,
+        return export_float_onnx(denoiser, scratch / "float.onnx", inputs=example, opset=opset, large_external=True,
                                  resolution_range=resolution_range)
 
 
@@ -334,17 +344,17 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
                dynamic_resolution: tuple[int, int] | None) -> Path:
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
         loaded = load_model(source)
-        example = transformer_example(loaded.unet) if spec_of(loaded.unet).is_transformer else example_inputs(loaded.unet)
-        unet = loaded.unet.half() if fp16 else loaded.unet
-        graph = _float_graph(unet, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
+        example = transformer_example(loaded.denoiser) if spec_of(loaded.denoiser).is_transformer else example_inputs(loaded.denoiser)
+        denoiser = loaded.denoiser.half() if fp16 else loaded.denoiser
+        graph = _float_graph(denoiser, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
         inputs, outputs = tensor_specs(graph)
         spec = ExportSpec(
-            target="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(unet).__name__,
-            model_config=portable_config(unet), inputs=inputs, outputs=outputs,
+            target="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(denoiser).__name__,
+            model_config=portable_config(denoiser), inputs=inputs, outputs=outputs,
             scheduler_config=loaded.scheduler_config, versions=versions(),
             resolution_range=None if dynamic_resolution is None else list(dynamic_resolution),
         )
-        del loaded, unet
+        del loaded, denoiser
         check_graph(graph)
         _write(graph, folder, spec)
     return Path(out_dir)

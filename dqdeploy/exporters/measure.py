@@ -6,17 +6,17 @@ from __future__ import annotations
 import torch
 
 from ..inputs import DenoiserInputs, forward_hooks
-from ..quant.modules import QuantizedUNet, quant_layers
+from ..quant.modules import QuantizedDenoiser, quant_layers
 from ..quant.primitives import search_tensor_scale
 from .dequantize import LayerTensors
 
 
 @torch.no_grad()
-def input_ranks(unet: torch.nn.Module, names: list[str], inputs: DenoiserInputs,
+def input_ranks(denoiser: torch.nn.Module, names: list[str], inputs: DenoiserInputs,
                 root: torch.nn.Module | None = None) -> dict[str, int]:
-    """Rank of each named layer's input activation, from one forward of ``unet``; the names are
-    submodules of ``root`` (default ``unet``; a QuantizedUNet's ``.unet``)."""
-    root = unet if root is None else root
+    """Rank of each named layer's input activation, from one forward of ``denoiser``; the names are
+    submodules of ``root`` (default ``denoiser``; a QuantizedDenoiser's ``.denoiser``)."""
+    root = denoiser if root is None else root
     ranks: dict[str, int] = {}
 
     def record(name: str):
@@ -26,19 +26,19 @@ def input_ranks(unet: torch.nn.Module, names: list[str], inputs: DenoiserInputs,
         return hook
 
     with forward_hooks((root.get_submodule(n), "pre", record(n)) for n in names):
-        inputs.call(unet)
+        inputs.call(denoiser)
     return ranks
 
 
 @torch.no_grad()
 def calibrate_output_scales(
-    model: QuantizedUNet, layers: dict[str, LayerTensors], calib: DenoiserInputs, qmax: int = 127, keep: int = 1 << 16
+    model: QuantizedDenoiser, layers: dict[str, LayerTensors], calib: DenoiserInputs, qmax: int = 127, keep: int = 1 << 16
 ) -> dict[str, float]:
     """Constant scales of the output Q (ort layout), one per layer: the clipping of the bias-free
     output in the rescaled (``s0``) domain that minimises the 8-bit rounding MSE over the artifact's
     calibration inputs."""
     values: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    modules = quant_layers(model.unet)
+    modules = quant_layers(model.denoiser)
     gen = torch.Generator().manual_seed(0)
 
     def make_hook(name: str):

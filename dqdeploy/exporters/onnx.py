@@ -35,9 +35,11 @@ class _DenoiserGraph(torch.nn.Module):
 
     Its parameter names are the graph's input names (the exporter keys dynamic axes by them)."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, denoiser: torch.nn.Module) -> None:
         super().__init__()
-        self.unet = unet  # the attribute name is the module-name prefix Q/DQ surgery looks for
+        # "unet" whatever the denoiser: the attribute name is the graph's node-name prefix, which Q/DQ surgery
+        # (SurgeryOptions.scope_prefix) and existing export folders' graphs use -- not a claim about the model
+        self.unet = denoiser
 
     def forward(self, sample=None, hidden_states=None, encoder_hidden_states=None, pooled_projections=None,
                 timestep=None, img_ids=None, txt_ids=None, guidance=None):  # noqa: D401
@@ -76,12 +78,12 @@ def drop_noop_squeezes(model: Any) -> int:
     return fixed
 
 
-def example_inputs(unet: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> DenoiserInputs:
+def example_inputs(denoiser: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> DenoiserInputs:
     """Build example inputs from a diffusers UNet's config (transformers: :func:`transformer_example`)."""
-    sample = torch.randn(*latent_shape(spec_of(unet), cast(Any, unet).config, batch))
+    sample = torch.randn(*latent_shape(spec_of(denoiser), cast(Any, denoiser).config, batch))
     timestep = torch.linspace(1.0, 900.0, batch)
     context = None
-    cross = getattr(unet.config, "cross_attention_dim", None)
+    cross = getattr(denoiser.config, "cross_attention_dim", None)
     if cross is not None:
         context = torch.randn(batch, seq_len, int(cross))
     return DenoiserInputs.create(sample, timestep, encoder_hidden_states=context)
@@ -101,20 +103,20 @@ def transformer_example(model: torch.nn.Module, batch: int = 2, seq_len: int = 8
     return DenoiserInputs(hidden, timestep, conditioning, spec.sample, shared_inputs(spec, hidden, values))
 
 
-def _dynamic_shapes(unet: torch.nn.Module, inputs: DenoiserInputs, names: list[str],
+def _dynamic_shapes(denoiser: torch.nn.Module, inputs: DenoiserInputs, names: list[str],
                     resolution_range: tuple[int, int] | None) -> dict[str, Any]:
     """torch.export dims per input: the batch (not for shared inputs), and the latent H/W on request."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic: dict[str, Any] = {name: (None if name in inputs.shared else {0: batch}) for name in names}
     if resolution_range is not None:
         size = (int(inputs.sample.shape[-2]), int(inputs.sample.shape[-1]))
-        spec = spec_of(unet, fallback="UNet2DConditionModel")
-        dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, unet).config, size, *resolution_range)
+        spec = spec_of(denoiser, fallback="UNet2DConditionModel")
+        dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, denoiser).config, size, *resolution_range)
     return dynamic
 
 
 def export_float_onnx(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     path: str | Path,
     *,
     inputs: DenoiserInputs | None = None,
@@ -122,7 +124,7 @@ def export_float_onnx(
     large_external: bool = False,
     resolution_range: tuple[int, int] | None = None,
 ) -> Any:
-    """Export ``unet`` (a diffusers UNet or diffusion transformer, or any module with one of their
+    """Export ``denoiser`` (a diffusers UNet or diffusion transformer, or any module with one of their
     call signatures) to a float ONNX model; the graph inputs are ``inputs``' names in the order of
     the model's :class:`~dqdeploy.denoisers.DenoiserSpec` (optimum's).
 
@@ -132,15 +134,15 @@ def export_float_onnx(
     file, which must outlive the model: :func:`~.external.write_graph` copies them from there).
     """
     require("onnx", "ort", "ONNX export")
-    inputs = inputs or example_inputs(unet)
-    spec = spec_of(unet, fallback="UNet2DConditionModel")  # other modules: the UNet call signature
+    inputs = inputs or example_inputs(denoiser)
+    spec = spec_of(denoiser, fallback="UNet2DConditionModel")  # other modules: the UNet call signature
     given = inputs.kwargs()
     feeds = {n: given[n] for n in spec.inputs if n in given} | given  # optimum's order first
-    dynamic = _dynamic_shapes(unet, inputs, list(feeds), resolution_range)
+    dynamic = _dynamic_shapes(denoiser, inputs, list(feeds), resolution_range)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
@@ -148,7 +150,7 @@ def export_float_onnx(
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _DenoiserGraph(unet),
+                _DenoiserGraph(denoiser),
                 (),
                 str(path),
                 kwargs=feeds,
@@ -162,11 +164,11 @@ def export_float_onnx(
             )
     except Exception as exc:  # the exporter raises many types; report them as one
         raise ExportError(
-            f"torch.onnx.export failed for {type(unet).__name__}: {exc}",
+            f"torch.onnx.export failed for {type(denoiser).__name__}: {exc}",
             hint="check that the model runs in eval mode on the example inputs",
         ) from exc
     finally:
-        unet.train(was_training)
+        denoiser.train(was_training)
         exporter_log.setLevel(level)
     model = load_graph(path, load_below=LOAD_BELOW if large_external else None)
     drop_noop_squeezes(model)

@@ -43,9 +43,15 @@ def onnx_file(model_class: str) -> str:
     return ONNX_FILE if spec is None else f"{spec.subfolder}/model.onnx"
 
 
+def model_folder(model_class: str) -> str:
+    """The denoiser's folder in an export folder, as in optimum's ONNX layout (``unet`` or ``transformer``);
+    also the name of its Triton model."""
+    return onnx_file(model_class).rsplit("/", 1)[0]
+
+
 def engine_files(model_class: str) -> tuple[str, str]:
     """The TensorRT engine and its ``engine.json`` next to the graph (``unet/`` or ``transformer/``)."""
-    folder = onnx_file(model_class).rsplit("/", 1)[0]
+    folder = model_folder(model_class)
     return f"{folder}/model.plan", f"{folder}/engine.json"
 
 
@@ -60,7 +66,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """Everything a runtime needs to know about an exported UNet, stored as JSON next to it."""
+    """Everything a runtime needs to know about an exported denoiser, stored as JSON next to it."""
 
     target: GraphTarget | Literal["unknown"]  # the export target that wrote the graph ("unknown": a bare ONNX file)
     precision: str  # "fp32" | "fp16"

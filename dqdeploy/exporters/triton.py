@@ -16,7 +16,7 @@ from typing import Any
 from ..atomic import atomic_dir
 from ..errors import ArtifactError, ExportError
 from .engine_spec import read_engine_info
-from .spec import SPEC_FILE, engine_files, read_spec
+from .spec import SPEC_FILE, engine_files, model_folder, read_spec
 
 PLATFORMS = {"tensorrt_plan": ("model.plan", "KIND_GPU"), "onnxruntime_onnx": ("model.onnx", "KIND_AUTO")}
 TRITON_TYPES = {
@@ -25,12 +25,13 @@ TRITON_TYPES = {
 }
 
 
-def triton_config(info: Mapping[str, Any], model_name: str = "unet", *, instances: int = 1,
+def triton_config(info: Mapping[str, Any], model_name: str | None = None, *, instances: int = 1,
                   platform: str = "tensorrt_plan") -> str:
     """``config.pbtxt`` text of a Triton model whose I/O ``info["inputs"]``/``info["outputs"]`` lists
     (``{name, shape, dtype}``; a dim that is not a positive int is dynamic, ``-1``): by default a
     ``tensorrt_plan`` (``info``: ``engine.json``) on GPUs, or an ``onnxruntime_onnx`` model, placed by
-    Triton (``KIND_AUTO``: GPUs where it has them).
+    Triton (``KIND_AUTO``: GPUs where it has them). ``model_name`` by default: the graph's folder for
+    ``info["model_class"]`` (``unet`` or ``transformer``, as in optimum's ONNX layout).
 
     ``max_batch_size: 0``: the batch is an explicit (dynamic, ``-1``) dim of every tensor, as in
     the graph; Triton checks request shapes against the engine's optimization profile.
@@ -43,6 +44,7 @@ def triton_config(info: Mapping[str, Any], model_name: str = "unet", *, instance
         dims = ", ".join(str(d if isinstance(d, int) and d > 0 else -1) for d in t["shape"])
         return f'  {{\n    name: "{t["name"]}"\n    data_type: {dtype}\n    dims: [ {dims} ]\n  }}'
 
+    model_name = model_folder(str(info.get("model_class"))) if model_name is None else model_name
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise ExportError(f"invalid Triton model name {model_name!r}", hint="use a plain folder name such as 'unet'")
     if instances < 1:
@@ -90,19 +92,21 @@ def _model_files(export_dir: Path) -> tuple[str, dict[str, Any], list[tuple[Path
 def write_triton_repo(
     engine_dir: str | Path,
     repo_dir: str | Path,
-    model_name: str = "unet",
+    model_name: str | None = None,
     *,
     instances: int = 1,
     overwrite: bool = False,
 ) -> Path:
     """Write ``<repo>/<model_name>/config.pbtxt`` and ``<repo>/<model_name>/1/`` from an export folder;
-    returns the model folder. Other models in the repo are kept.
+    returns the model folder. Other models in the repo are kept. ``model_name`` by default: the folder
+    the served files are in (``unet`` or ``transformer``, as in optimum's ONNX layout).
 
     A folder with a TensorRT engine gives a ``tensorrt_plan`` model (``1/model.plan``); one without gives
     an ``onnxruntime_onnx`` model (``1/model.onnx`` and its external weights file) of the folder's graph.
     """
     engine_dir = Path(engine_dir)
     platform, info, files = _model_files(engine_dir)
+    model_name = files[0][0].parent.name if model_name is None else model_name  # all in the graph's folder
     text = triton_config(info, model_name, instances=instances, platform=platform)
     target = Path(repo_dir) / model_name
     with atomic_dir(target, overwrite=overwrite, sources=[engine_dir], owned=is_triton_model) as tmp:

@@ -1,4 +1,4 @@
-"""One traced forward pass that tells, for every Conv2d/Linear layer of a UNet, which layers read the
+"""One traced forward pass that tells, for every Conv2d/Linear layer of a denoiser, which layers read the
 same input tensor (they share one dilation vector) and which module produced that input (whether
 ``1/s`` folds exactly into a preceding per-channel affine op or stays a per-channel Mul).
 """
@@ -52,7 +52,7 @@ class _Storages:
 
 
 @torch.no_grad()
-def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str]) -> dict[str, InputInfo]:
+def analyze_inputs(denoiser: nn.Module, run: Callable[[], object], names: list[str]) -> dict[str, InputInfo]:
     """Trace one forward (``run``) and describe the inputs of the layers ``names``."""
     producer: dict[int, str] = {}  # storage -> leaf module that wrote it
     consumers: dict[int, set[str]] = {}  # storage -> leaf modules that read it
@@ -60,7 +60,7 @@ def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str])
     storages = _Storages()  # a reused address must not merge unrelated layers into one group
     hooks: list[Hook] = []
     wanted = set(names)
-    for name, module in unet.named_modules():
+    for name, module in denoiser.named_modules():
         if list(module.children()):
             continue
 
@@ -88,15 +88,15 @@ def analyze_inputs(unet: nn.Module, run: Callable[[], object], names: list[str])
         src = producer.get(ptr)
         fold = "mul"
         if src is not None:
-            mod = unet.get_submodule(src)
+            mod = denoiser.get_submodule(src)
             affine = isinstance(mod, AFFINE_NORMS) and getattr(mod, "weight", None) is not None
             only_members = consumers.get(ptr, set()) <= set(members)
-            if affine and only_members and _is_quantizable_group(unet, members):
+            if affine and only_members and _is_quantizable_group(denoiser, members):
                 fold = f"norm:{src}"
         for name in members:
             info[name] = InputInfo(group=members[0], fold=fold, rank=len(key[1]))
     return info
 
 
-def _is_quantizable_group(unet: nn.Module, members: list[str]) -> bool:
-    return all(isinstance(unet.get_submodule(m), QUANTIZABLE) for m in members)
+def _is_quantizable_group(denoiser: nn.Module, members: list[str]) -> bool:
+    return all(isinstance(denoiser.get_submodule(m), QUANTIZABLE) for m in members)

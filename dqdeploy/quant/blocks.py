@@ -46,20 +46,20 @@ def _candidates(root: nn.Module, classes: Sequence[str], quantized: Collection[s
 
 
 @torch.no_grad()
-def partition(unet: nn.Module, run: Callable[[], object], classes: Sequence[str] = BLOCK_CLASSES,
+def partition(denoiser: nn.Module, run: Callable[[], object], classes: Sequence[str] = BLOCK_CLASSES,
               layers: Collection[str] | None = None) -> list[Block]:
-    """Blocks (modules of ``classes``) of ``unet`` in the order one forward (``run``) executes them.
-    ``layers``: the names of the layers quantized, or to be quantized when ``unet`` is still the
+    """Blocks (modules of ``classes``) of ``denoiser`` in the order one forward (``run``) executes them.
+    ``layers``: the names of the layers quantized, or to be quantized when ``denoiser`` is still the
     float model (by default its QuantLayers)."""
-    quantized = set(quant_layers(unet) if layers is None else layers)
-    names = _candidates(unet, classes, quantized)
+    quantized = set(quant_layers(denoiser) if layers is None else layers)
+    names = _candidates(denoiser, classes, quantized)
     order: list[str] = []
-    hooks: list[Hook] = [(unet.get_submodule(n), "pre", lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
+    hooks: list[Hook] = [(denoiser.get_submodule(n), "pre", lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
     with forward_hooks(hooks):
         run()
     order += [n for n in names if n not in order]  # never-called blocks go last
     blocks = []
     for name in order:
-        inside = [f"{name}.{n}" if n else name for n, _ in unet.get_submodule(name).named_modules()]
+        inside = [f"{name}.{n}" if n else name for n, _ in denoiser.get_submodule(name).named_modules()]
         blocks.append(Block(name, tuple(n for n in inside if n in quantized)))
     return blocks

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..inputs import Hook, PreHook, forward_hooks
-from .modules import QuantizedUNet, QuantLayer, quant_layers, set_act_quant
+from .modules import QuantizedDenoiser, QuantLayer, quant_layers, set_act_quant
 from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
 from .trajectories import CalibrationSet
 
@@ -64,7 +64,7 @@ def _combine(stats: dict[str, _StepStats], records: dict[str, list[tuple[int, to
 
 
 @torch.no_grad()
-def init_activation_scales(model: QuantizedUNet, calib: CalibrationSet, *, method: str = "mse", batch_size: int = 32) -> None:
+def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, method: str = "mse", batch_size: int = 32) -> None:
     """Set every activation quantizer's per-step scale (and zero point) from ``calib``."""
     layers = quant_layers(model)
     if not layers:
@@ -158,7 +158,7 @@ def run_with_hooks(model: nn.Module, hooks: list[Hook], calib: CalibrationSet, b
 
 
 @torch.no_grad()
-def init_output_scales(model: QuantizedUNet, calib: CalibrationSet, batch_size: int = 32, keep: int = 1 << 15) -> None:
+def init_output_scales(model: QuantizedDenoiser, calib: CalibrationSet, batch_size: int = 32, keep: int = 1 << 15) -> None:
     """Initialise each output quantizer's ``c`` (step ``c * s_t``) by MSE over the bias-free outputs
     normalised by their step's input scale, with every input quantizer calibrated and on. Each
     output contributes ``keep`` values drawn with one generator over the batches in order (under
@@ -201,7 +201,7 @@ def init_output_scales(model: QuantizedUNet, calib: CalibrationSet, batch_size: 
         layer.output_scale.data.fill_(search_tensor_scale(torch.cat([v for _, v in found]), layer.out_qmin, layer.out_qmax))
 
 
-def _sample_outputs(model: QuantizedUNet, calib: CalibrationSet, batch_size: int, gen: torch.Generator, state: dict) -> None:
+def _sample_outputs(model: QuantizedDenoiser, calib: CalibrationSet, batch_size: int, gen: torch.Generator, state: dict) -> None:
     """Run this rank's batches with the output hooks sampling from ``gen``; under torchrun, the draws
     of the other ranks' batches are made here too (sizes learnt from a first pass), in batch order."""
     sizes: dict[int, list[tuple[str, int]]] = {}

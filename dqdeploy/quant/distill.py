@@ -43,7 +43,7 @@ from ..recipe import Recipe
 from ..stages import rss_gb, trim_heap
 from .blocks import Block
 from .blockstore import BlockStore, contiguous
-from .modules import QuantizedUNet, QuantLayer, quant_layers
+from .modules import QuantizedDenoiser, QuantLayer, quant_layers
 from .propagate import FP, INPUTS, cache_outputs, capture_inputs, capture_targets, output_tensors
 from .trajectories import CalibrationSet
 
@@ -174,24 +174,24 @@ class Targets:
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
-def block_targets(fp_unet: nn.Module, blocks: list[Block], calib: CalibrationSet, recipe: Recipe, store: BlockStore,
+def block_targets(fp_denoiser: nn.Module, blocks: list[Block], calib: CalibrationSet, recipe: Recipe, store: BlockStore,
                   seed: int = 0, *, micro_batches: int = 1) -> Targets:
     """The FP outputs of every block, one FP forward per slice, into ``store``."""
     sl = _seeded_slices(len(calib), recipe.batch_size, seed, micro_batches)
     names = [b.name for b in blocks]
-    capture_targets(fp_unet, names, calib, sl.parts, store)
+    capture_targets(fp_denoiser, names, calib, sl.parts, store)
     return Targets(sl, store, names)
 
 
 @torch.no_grad()
-def model_targets(fp_unet: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *, micro_batches: int = 1) -> Targets:
+def model_targets(fp_denoiser: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *, micro_batches: int = 1) -> Targets:
     """The FP model's output on every slice (whole-model distillation)."""
     sl = _seeded_slices(len(calib), recipe.batch_size, seed, micro_batches)
-    return Targets(sl, outputs=[calib.batch(p).call(fp_unet) for p in sl.parts])
+    return Targets(sl, outputs=[calib.batch(p).call(fp_denoiser) for p in sl.parts])
 
 
 def distill_blocks(
-    qmodel: QuantizedUNet,
+    qmodel: QuantizedDenoiser,
     blocks: list[Block],
     calib: CalibrationSet,
     recipe: Recipe,
@@ -205,13 +205,13 @@ def distill_blocks(
     sl, store = targets.slices, targets.store
     assert store is not None, "block-wise distillation needs block targets (block_targets)"
     target_index = {name: i for i, name in enumerate(targets.blocks)}
-    blocks = [b for b in blocks if any(isinstance(qmodel.unet.get_submodule(n), QuantLayer) for n in b.layers)]
+    blocks = [b for b in blocks if any(isinstance(qmodel.denoiser.get_submodule(n), QuantLayer) for n in b.layers)]
     rows = [qmodel.table.index(calib.inputs.timestep[p], len(p)) for p in sl.parts]
     names = [b.name for b in blocks]
     reports = []
     with _requires_grad(qmodel.parameters(), False):  # only the block in training computes gradients (_train)
         for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
-            qblock = qmodel.unet.get_submodule(block.name)
+            qblock = qmodel.denoiser.get_submodule(block.name)
             n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
             report = checkpoint.restore(k, block.name, qblock) if checkpoint else None
             if report is not None:
@@ -241,14 +241,14 @@ def open_store(workdir: str | Path | None) -> Iterator[BlockStore]:
             store.clear()
 
 
-def _distill_block(qmodel: QuantizedUNet, qblock: nn.Module, block: Block, index: tuple[int, int], store: BlockStore,
+def _distill_block(qmodel: QuantizedDenoiser, qblock: nn.Module, block: Block, index: tuple[int, int], store: BlockStore,
                    rows: list[torch.Tensor], sl: Slices, n_parts: int, recipe: Recipe, seed: int) -> BlockReport:
     """Train block ``k`` on its stored inputs and FP targets (one entry per slice of ``sl``);
     ``index``: ``k`` and the index of its targets."""
     k, t = index
     if int(distributed.all_reduce(torch.tensor(n_parts), "max")) == 0:  # never called by the model's forward
         return BlockReport(block.name, 0.0, 0.0)
-    layers = [m for n in block.layers if isinstance(m := qmodel.unet.get_submodule(n), QuantLayer)]  # not the fallback ones
+    layers = [m for n in block.layers if isinstance(m := qmodel.denoiser.get_submodule(n), QuantLayer)]  # not the fallback ones
 
     def losses(i: int) -> Iterator[torch.Tensor]:
         for p in sl.groups[i]:
@@ -293,7 +293,7 @@ def rank_slices(order: torch.Tensor, batch: int, micro_batches: int = 1) -> Slic
     return sl
 
 
-def distill_model(qmodel: QuantizedUNet, calib: CalibrationSet, recipe: Recipe, targets: Targets, seed: int = 0) -> list[BlockReport]:
+def distill_model(qmodel: QuantizedDenoiser, calib: CalibrationSet, recipe: Recipe, targets: Targets, seed: int = 0) -> list[BlockReport]:
     """Whole-model distillation baseline: every quantized parameter against the FP output (``model_targets``)."""
     sl = targets.slices
 

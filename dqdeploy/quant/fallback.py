@@ -12,7 +12,7 @@ from .. import distributed
 from ..errors import RecipeError
 from ..recipe import Recipe
 from .float_layers import FloatLayers
-from .modules import QuantizedUNet, quant_layers, replace_module
+from .modules import QuantizedDenoiser, quant_layers, replace_module
 from .sensitivity import analyze, choose_fallback
 from .trajectories import CalibrationSet, calibration_subset
 
@@ -47,14 +47,14 @@ def check_fallback(recipe: Recipe, model) -> None:
 
 
 def fallback_layers(
-    qmodel: QuantizedUNet, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0, step_weights: dict[float, float] | None = None
+    qmodel: QuantizedDenoiser, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0, step_weights: dict[float, float] | None = None
 ) -> list[str]:
     """The layers ``recipe.fallback`` keeps in float: by sensitivity on a calibration subset
     (``auto``, needs calibrated scales; steps weighted by ``step_weights``), by module-name
     pattern, or none."""
     if recipe.fallback == "none":
         return []
-    names = list(quant_layers(qmodel.unet))
+    names = list(quant_layers(qmodel.denoiser))
     if recipe.fallback == "auto":
         subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)  # the analysis subset (named tensors, read with the model's spec)
         mine = [names[i] for i in distributed.shard(len(names))]  # ranks measure every world-th layer
@@ -74,14 +74,14 @@ def fallback_layers(
 
 
 def keep_in_float(
-    qmodel: QuantizedUNet, floats: FloatLayers, metas: dict[str, LayerMeta], names: list[str]
+    qmodel: QuantizedDenoiser, floats: FloatLayers, metas: dict[str, LayerMeta], names: list[str]
 ) -> dict[str, LayerMeta]:
     """Put the float layers ``names`` (kept by ``floats``) back into ``qmodel``; returns the remaining
     layers' metadata. A layer whose input is shared with a float layer can no longer fold ``1/s``
     into the norm."""
     groups = {metas[n].group for n in names}
     for name in names:
-        replace_module(qmodel.unet, name, floats.restore(name))
+        replace_module(qmodel.denoiser, name, floats.restore(name))
     return {
         n: dataclasses.replace(m, fold="mul") if m.group in groups and m.fold != "mul" else m
         for n, m in metas.items() if n not in names

@@ -1,4 +1,4 @@
-"""Quantized Conv2d / Linear layers and the drop-in quantized UNet.
+"""Quantized Conv2d / Linear layers and the drop-in quantized denoiser (a UNet or a diffusion transformer).
 
 A :class:`QuantLayer` computes ``layer(Qa(x * input_scale), Qw(W'))`` where ``W' = W * s`` is the
 dilated weight and ``input_scale = 1 / s`` (Weight Dilation, DilateQuant arXiv 2409.14307). ``Qa`` is the per-step
@@ -8,12 +8,13 @@ activation quantizer, ``Qw`` the per-channel weight quantizer.
 from __future__ import annotations
 
 import inspect
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deprecation import deprecated_alias, renamed
 from .primitives import fake_quant, qrange
 from .quantizer import ActQuantizer, WeightQuantizer
 from .timestep import StepIndex, TimestepTable
@@ -140,7 +141,7 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-class QuantizedUNet(nn.Module):
+class QuantizedDenoiser(nn.Module):
     """Drop-in for the diffusers denoiser it wraps (a UNet or a diffusion transformer): same call
     signature and return type.
 
@@ -148,40 +149,46 @@ class QuantizedUNet(nn.Module):
     quantizers for exactly that call.
     """
 
-    def __init__(self, unet: nn.Module, table: TimestepTable, step_index: StepIndex) -> None:
+    def __init__(self, denoiser: nn.Module, table: TimestepTable, step_index: StepIndex) -> None:
         super().__init__()
-        self.unet = unet
+        self.denoiser = denoiser
         self.table = table
         self.step_index = step_index
-        self._signature = inspect.signature(unet.forward)
+        self._signature = inspect.signature(denoiser.forward)
         self._sample_name = next(iter(self._signature.parameters))  # "sample" | "hidden_states"
+
+    unet = deprecated_alias("QuantizedDenoiser", "unet", "denoiser")
 
     @property
     def config(self):
-        return self.unet.config
+        return self.denoiser.config
 
     @property
     def dtype(self) -> torch.dtype:
-        return cast(torch.dtype, self.unet.dtype)
+        return cast(torch.dtype, self.denoiser.dtype)
 
     @property
     def device(self) -> torch.device:
-        return cast(torch.device, self.unet.device)
+        return cast(torch.device, self.denoiser.device)
 
     def forward(self, *args, **kwargs):
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         sample, timestep = bound.get(self._sample_name), bound.get("timestep")
         if sample is None or timestep is None:
-            raise TypeError(f"{type(self.unet).__name__} needs {self._sample_name} and timestep")
+            raise TypeError(f"{type(self.denoiser).__name__} needs {self._sample_name} and timestep")
         rows = self.table.index(timestep, sample.shape[0])
         with self.step_index.bound(rows):
-            return self.unet(*args, **kwargs)
+            return self.denoiser(*args, **kwargs)
 
     def cache_context(self, name: str):
         """The wrapped model's cache context (Flux pipelines open one around each call)."""
-        return cast(Any, self.unet).cache_context(name)
+        return cast(Any, self.denoiser).cache_context(name)
 
     def run_rows(self, rows: torch.Tensor, fn, *args, **kwargs):
         """Call ``fn`` with explicit step ``rows`` bound (block-wise training uses this)."""
         with self.step_index.bound(rows):
             return fn(*args, **kwargs)
+
+
+if not TYPE_CHECKING:  # old names, kept for one release (mypy sees only the new ones)
+    __getattr__ = renamed(__name__, {"QuantizedUNet": "QuantizedDenoiser"})

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError
 from ..inputs import Hook, forward_hooks
 from .blockstore import BlockStore
-from .modules import QuantizedUNet
+from .modules import QuantizedDenoiser
 from .trajectories import CalibrationSet
 
 FP, INPUTS, CACHED = "fp", "inputs", "cached"  # the kinds of values in the store
@@ -57,7 +57,7 @@ def _called_twice(name: str) -> CalibrationError:
 
 
 @torch.no_grad()
-def capture_targets(fp_unet: nn.Module, names: Sequence[str], calib: CalibrationSet, batches: Sequence[torch.Tensor],
+def capture_targets(fp_denoiser: nn.Module, names: Sequence[str], calib: CalibrationSet, batches: Sequence[torch.Tensor],
                     store: BlockStore) -> None:
     """One FP forward per batch; every block's output tensors go to the store (kind ``fp``)."""
     index = {name: k for k, name in enumerate(names)}
@@ -70,10 +70,10 @@ def capture_targets(fp_unet: nn.Module, names: Sequence[str], calib: Calibration
             store.put(FP, index[name], current, output_tensors(out))
         return hook
 
-    hooks: list[Hook] = [(fp_unet.get_submodule(n), "post", post(n)) for n in names]
+    hooks: list[Hook] = [(fp_denoiser.get_submodule(n), "post", post(n)) for n in names]
     with forward_hooks(hooks, with_kwargs=True):
         for current, idx in enumerate(tqdm(batches, desc="distillation targets", unit="batch", leave=False)):
-            calib.batch(idx).call(fp_unet)
+            calib.batch(idx).call(fp_denoiser)
 
 
 class _Replay:
@@ -111,11 +111,11 @@ class _Replay:
 
 
 @torch.no_grad()
-def capture_inputs(qmodel: QuantizedUNet, names: Sequence[str], k: int, calib: CalibrationSet,
+def capture_inputs(qmodel: QuantizedDenoiser, names: Sequence[str], k: int, calib: CalibrationSet,
                    batches: Sequence[torch.Tensor], store: BlockStore) -> int:
     """Store block ``k``'s ``(args, kwargs)`` per batch (kind ``inputs``), replaying the quantized
     model with blocks ``0 .. k-1`` answered from the cache. Returns the number of batches that reached it."""
-    modules = [qmodel.unet.get_submodule(n) for n in names[: k + 1]]
+    modules = [qmodel.denoiser.get_submodule(n) for n in names[: k + 1]]
     replay = _Replay(modules[:k], names, store)
 
     def pre(mod, args, kwargs):
@@ -133,7 +133,7 @@ def capture_inputs(qmodel: QuantizedUNet, names: Sequence[str], k: int, calib: C
 
 
 @torch.no_grad()
-def cache_outputs(qmodel: QuantizedUNet, block: nn.Module, k: int, rows: Sequence[torch.Tensor], store: BlockStore) -> None:
+def cache_outputs(qmodel: QuantizedDenoiser, block: nn.Module, k: int, rows: Sequence[torch.Tensor], store: BlockStore) -> None:
     """Run the (distilled) quantized block ``k`` once on each batch of its captured inputs and cache its output."""
     for i in store.batches(INPUTS, k):
         args, kwargs = store.get(INPUTS, k, i)

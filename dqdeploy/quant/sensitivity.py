@@ -1,4 +1,4 @@
-"""Where the quantization error comes from: per-layer and per-block sensitivity of a quantized UNet.
+"""Where the quantization error comes from: per-layer and per-block sensitivity of a quantized denoiser.
 
 Every measurement is the denoiser output error against full precision, ``||eps_q - eps_fp|| /
 ||eps_fp||`` per sample, averaged per calibrated time step, on a fixed set of denoiser inputs (the
@@ -29,7 +29,7 @@ import torch
 from ..denoisers import spec_of
 from ..inputs import DenoiserInputs, forward_hooks
 from .blocks import partition
-from .modules import QuantizedUNet, QuantLayer, quant_layers
+from .modules import QuantizedDenoiser, QuantLayer, quant_layers
 
 Inputs = DenoiserInputs | Mapping[str, torch.Tensor]  # or the named tensors of calibration_inputs.safetensors
 
@@ -91,10 +91,10 @@ class SensitivityReport:
 
 
 @contextlib.contextmanager
-def quantized_only(model: QuantizedUNet, weights: Iterable[str] | None, acts: Iterable[str] | None) -> Iterator[None]:
-    """Within the block, only the named layers (names inside ``model.unet``) quantize their weights /
+def quantized_only(model: QuantizedDenoiser, weights: Iterable[str] | None, acts: Iterable[str] | None) -> Iterator[None]:
+    """Within the block, only the named layers (names inside ``model.denoiser``) quantize their weights /
     activations (None: all)."""
-    layers = quant_layers(model.unet)
+    layers = quant_layers(model.denoiser)
     saved = {n: (m.quantize_weight, m.input_quantizer.enabled) for n, m in layers.items()}
     w = set(layers) if weights is None else set(weights)
     a = set(layers) if acts is None else set(acts)
@@ -151,7 +151,7 @@ def scheduler_weights(scheduler, schedule: list[float]) -> dict[float, float] | 
 class ErrorMeter:
     """Relative error vs the FP outputs, per time step and combined with the step weights."""
 
-    def __init__(self, model: QuantizedUNet, inputs: Inputs, batch: int, weights: dict[float, float] | None) -> None:
+    def __init__(self, model: QuantizedDenoiser, inputs: Inputs, batch: int, weights: dict[float, float] | None) -> None:
         inputs = as_inputs(inputs, model)
         self.model, self.inputs, self.batch = model, inputs, batch
         t = inputs.timestep.float()
@@ -173,7 +173,7 @@ class ErrorMeter:
 
 
 @torch.no_grad()
-def layer_macs(model: QuantizedUNet, inputs: Inputs) -> dict[str, int]:
+def layer_macs(model: QuantizedDenoiser, inputs: Inputs) -> dict[str, int]:
     """Multiply-accumulates per sample of every QuantLayer, from one traced forward."""
     result: dict[str, int] = {}
 
@@ -184,13 +184,13 @@ def layer_macs(model: QuantizedUNet, inputs: Inputs) -> dict[str, int]:
 
         return hook
 
-    with forward_hooks((m, "post", make_hook(n, m)) for n, m in quant_layers(model.unet).items()):
+    with forward_hooks((m, "post", make_hook(n, m)) for n, m in quant_layers(model.denoiser).items()):
         outputs(model, as_inputs(inputs, model).slice(0))
     return result
 
 
 def analyze(
-    model: QuantizedUNet,
+    model: QuantizedDenoiser,
     inputs: Inputs,
     *,
     step_weights: dict[float, float] | None = None,
@@ -204,7 +204,7 @@ def analyze(
     ``gain`` is measured (one pass per layer: what the fallback needs). ``only``: rows for these
     layers only (the others stay quantized as usual)."""
     model.eval()
-    layers = quant_layers(model.unet)
+    layers = quant_layers(model.denoiser)
     names = list(layers)
     meter = ErrorMeter(model, inputs, batch, step_weights)
     macs = layer_macs(model, inputs)
@@ -221,7 +221,7 @@ def analyze(
     block_rows = []
     if blocks and detail:
         first = as_inputs(inputs, model).slice(slice(0, 2))
-        for block in partition(model.unet, lambda: outputs(model, first)):
+        for block in partition(model.denoiser, lambda: outputs(model, first)):
             members = set(block.layers)
             others = [n for n in names if n not in members]
             alone, alone_steps = meter.per_step(members, members)

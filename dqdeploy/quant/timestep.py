@@ -2,7 +2,7 @@
 
 ``TimestepTable`` maps a diffusers ``timestep`` (scalar or [B]) to the row of the calibrated step
 nearest to it. ``StepIndex`` carries the per-sample row index of the current forward call from
-the quantized UNet to every activation quantizer: it is set explicitly around each call, never
+the quantized denoiser to every activation quantizer: it is set explicitly around each call, never
 counted or inferred.
 """
 
@@ -63,7 +63,7 @@ class StepIndex:
         if self._value is None:
             raise RuntimeError(
                 "activation quantizer called outside a quantized forward: no time step is bound "
-                "(call the QuantizedUNet, or bind rows with StepIndex.bound)"
+                "(call the QuantizedDenoiser, or bind rows with StepIndex.bound)"
             )
         return self._value
 

@@ -165,16 +165,16 @@ def _cat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
 
-def _model_calls(scheduler, spec, unet: torch.nn.Module, config: CalibrationConfig) -> int:
+def _model_calls(scheduler, spec, denoiser: torch.nn.Module, config: CalibrationConfig) -> int:
     """Model calls per trajectory: PNDM's warm-up calls the model more often than once per step."""
-    probe = torch.zeros(*latent_shape(spec, unet.config, 1, config.resolution))
+    probe = torch.zeros(*latent_shape(spec, denoiser.config, 1, config.resolution))
     set_timesteps(scheduler, spec, config.steps, model_tokens(spec, probe))
     return len(scheduler.timesteps)
 
 
 @torch.no_grad()
 def collect(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     scheduler,
     config: CalibrationConfig,
     conditioning: Conditioning | None = None,
@@ -187,14 +187,14 @@ def collect(
     every chunk's noise (and, through :func:`~dqdeploy.sampling.advance`, the sampler's own draws of
     the chunks it skips), so each chunk starts from the generator state of a one-process run and
     every rank holds exactly the set one process draws."""
-    spec = spec_of(unet)
+    spec = spec_of(denoiser)
     guidance = config.guidance if guidance is None else guidance
-    embedded = GUIDANCE in spec.input_names(unet.config)  # Flux: guidance is an input, not CFG
+    embedded = GUIDANCE in spec.input_names(denoiser.config)  # Flux: guidance is an input, not CFG
     uncond = None if conditioning is None else conditioning.unconditional()
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
     per_pair = 2 if cfg_on else 1
     gen = torch.Generator().manual_seed(config.seed)
-    calls = _model_calls(scheduler, spec, unet, config)
+    calls = _model_calls(scheduler, spec, denoiser, config)
     n_pairs = config.trajectories * calls
     wanted = min(n_pairs, -(-config.samples // per_pair))
     chosen = torch.zeros(n_pairs, dtype=torch.bool)
@@ -208,11 +208,11 @@ def collect(
                desc=f"calibration trajectories ({config.trajectories} x {calls} steps)", unit="traj-step")
     for c, first in enumerate(starts):
         n = min(config.batch_size, config.trajectories - first)
-        noise = torch.randn(*latent_shape(spec, unet.config, n, config.resolution), generator=gen)
+        noise = torch.randn(*latent_shape(spec, denoiser.config, n, config.resolution), generator=gen)
         if c not in mine:  # another rank's chunk: draw what it draws, run no model
             advance(scheduler, spec, noise, config.steps, gen)
             continue
-        local[c] = _chunk(unet, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n], uncond, cfg_on, gen,
+        local[c] = _chunk(denoiser, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n], uncond, cfg_on, gen,
                           tick=functools.partial(bar.update, n))
     bar.close()
     if distributed.active() and len(set(distributed.all_gather(hashlib.sha256(gen.get_state().numpy().tobytes()).hexdigest()))) > 1:
@@ -228,15 +228,15 @@ def collect(
     return calib
 
 
-def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float, first: int,
+def _chunk(denoiser, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float, first: int,
            noise: torch.Tensor, keep: torch.Tensor, uncond: dict[str, torch.Tensor] | None, cfg_on: bool,
            gen: torch.Generator, tick: Callable[[], object] = lambda: None) -> dict:
     """Trajectories ``first ..`` from ``noise`` (the sampler draws from ``gen``): the model inputs
     ``keep`` [n, calls] selects (under CFG with the unconditional input first); ``tick`` after every model call."""
-    spec = spec_of(unet)
+    spec = spec_of(denoiser)
     n = noise.shape[0]
     cond = {} if conditioning is None else conditioning.for_batch(first, n)
-    if GUIDANCE in spec.input_names(unet.config):
+    if GUIDANCE in spec.input_names(denoiser.config):
         cond[GUIDANCE] = torch.full((n,), float(guidance))
     xs, ts, rows, conds = [], [], [], []
     timesteps: list[float] = []
@@ -258,7 +258,7 @@ def _chunk(unet, scheduler, config: CalibrationConfig, conditioning: Conditionin
             rows.append(torch.full((sel.numel(),), i, dtype=torch.long))
             conds.append({k: v.clone() for k, v in context.items()})
 
-    denoise(unet, scheduler, noise, config.steps, cond=cond or None, uncond=uncond, guidance=guidance,
+    denoise(denoiser, scheduler, noise, config.steps, cond=cond or None, uncond=uncond, guidance=guidance,
             generator=gen, callback=record)
     empty = torch.zeros(0, *noise.shape[1:])
     return {"x": torch.cat(xs) if xs else empty, "t": torch.cat(ts) if ts else torch.zeros(0),

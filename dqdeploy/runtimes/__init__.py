@@ -1,4 +1,4 @@
-"""Runtimes that execute exported UNets as drop-in replacements for diffusers UNets."""
+"""Runtimes that execute exported denoisers as drop-in replacements for diffusers UNets and transformers."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from ..errors import DQDeployError
 from ..vocab import GRAPH_RUNTIMES, GraphRuntime
 
 if TYPE_CHECKING:
-    from .base import UNetRuntime
+    from .base import DenoiserRuntime
 
 
-def load_runtime(export_dir: str | Path, runtime: GraphRuntime = "ort", **kwargs: Any) -> "UNetRuntime":
-    """Open an export folder as a drop-in UNet: ``"ort"`` (:class:`~dqdeploy.runtimes.ort.OrtUNet`, keyword
-    arguments ``providers``, ``threads``, ``options``) or ``"trt"`` (:class:`~dqdeploy.runtimes.trt.TrtUNet`)."""
+def load_runtime(export_dir: str | Path, runtime: GraphRuntime = "ort", **kwargs: Any) -> "DenoiserRuntime":
+    """Open an export folder as a drop-in denoiser: ``"ort"`` (:class:`~dqdeploy.runtimes.ort.OrtDenoiser`, keyword
+    arguments ``providers``, ``threads``, ``options``) or ``"trt"`` (:class:`~dqdeploy.runtimes.trt.TrtDenoiser`)."""
     if runtime in ("ort", "trt"):
         import inspect
 
         from ..arguments import as_path
 
-        cls = getattr(import_module(f".{runtime}", __name__), "OrtUNet" if runtime == "ort" else "TrtUNet")
+        cls = getattr(import_module(f".{runtime}", __name__), "OrtDenoiser" if runtime == "ort" else "TrtDenoiser")
         path = as_path(export_dir, "export_dir", "load_runtime")
         try:
             inspect.signature(cls).bind(path, **kwargs)

@@ -1,6 +1,6 @@
 """The drop-in adaptor shared by every runtime: diffusers call signature -> backend -> output.
 
-A :class:`UNetRuntime` looks enough like a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` for
+A :class:`DenoiserRuntime` looks enough like a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` for
 ``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline`` and :func:`dqdeploy.sampling.denoise`:
 it has ``.config`` (the exported model's config), ``.dtype``, ``.device`` and
 ``__call__(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs)``. An exported
@@ -8,7 +8,7 @@ diffusion transformer (SD3, PixArt, Flux) takes its class's own call instead
 (:mod:`dqdeploy.runtimes.transformer`), as ``pipe.transformer`` of the matching pipeline.
 
 It is deliberately *not* a ``torch.nn.Module``: pipelines only read ``config``/``dtype`` from their
-``unet`` and skip non-modules in ``.to()`` / offloading, and a module would pretend to own
+``unet`` (``transformer``) and skip non-modules in ``.to()`` / offloading, and a module would pretend to own
 parameters it does not have. Inputs are validated against the export folder's
 :class:`~dqdeploy.exporters.spec.ExportSpec` before the backend sees them.
 """
@@ -19,12 +19,13 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..denoisers import spec_for
+from ..deprecation import renamed
 from ..errors import ArtifactError, RuntimeInputError
 from ..exporters.spec import ExportSpec, TensorSpec
 from ..inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
@@ -79,7 +80,7 @@ def frozen_config(model_config: Mapping[str, Any]) -> Mapping[str, Any]:
     return FrozenDict(dict(model_config))
 
 
-class UNetRuntime:
+class DenoiserRuntime:
     """Base of the ONNX Runtime and TensorRT drop-ins: validation, casting, output wrapping.
 
     Subclasses set ``self._device`` and implement :meth:`_run`, which receives validated tensors on
@@ -137,11 +138,11 @@ class UNetRuntime:
             return config[key]
         raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
 
-    def to(self, *args: Any, **kwargs: Any) -> "UNetRuntime":
+    def to(self, *args: Any, **kwargs: Any) -> "DenoiserRuntime":
         """No-op (the backend's device is fixed at load time); returns ``self`` like ``nn.Module.to``."""
         return self
 
-    def eval(self) -> "UNetRuntime":
+    def eval(self) -> "DenoiserRuntime":
         return self
 
     @contextlib.contextmanager
@@ -158,11 +159,11 @@ class UNetRuntime:
         dataclass (``UNet2DOutput``, ``UNet2DConditionOutput``, ``Transformer2DModelOutput``) or a 1-tuple."""
         if self.denoiser.is_transformer:
             return call_transformer(self, args, kwargs)
-        return self._call_unet(*args, **kwargs)
+        return self._call_denoiser(*args, **kwargs)
 
     forward = __call__
 
-    def _call_unet(
+    def _call_denoiser(
         self,
         sample: Any,
         timestep: Any,
@@ -324,3 +325,7 @@ class UNetRuntime:
     def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         """Execute the backend on validated inputs; return ``out_sample`` on :attr:`device`."""
         raise NotImplementedError
+
+
+if not TYPE_CHECKING:  # old names, kept for one release (mypy sees only the new ones)
+    __getattr__ = renamed(__name__, {"UNetRuntime": "DenoiserRuntime"})

@@ -1,4 +1,4 @@
-"""ONNX Runtime drop-in: an exported UNet on an ``onnxruntime.InferenceSession`` (CPU by default), guarded
+"""ONNX Runtime drop-in: an exported denoiser on an ``onnxruntime.InferenceSession`` (CPU by default), guarded
 against integer formats that are not exact on this CPU (:func:`exactness_entries`)."""
 
 from __future__ import annotations
@@ -6,16 +6,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..cpu import cpu_info, exact_on
+from ..deprecation import renamed
 from ..errors import ArtifactError, CpuFormatError, MissingDependencyError, RuntimeInputError, require
 from ..exporters.spec import SPEC_FILE, ExportSpec, TensorSpec, read_spec
 from ..vocab import INEXACT, Inexact
-from .base import CONTEXT, OUTPUT, SAMPLE, UNetRuntime
+from .base import CONTEXT, OUTPUT, SAMPLE, DenoiserRuntime
 
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -47,7 +48,7 @@ def resolve_source(source: str | Path) -> tuple[Path, ExportSpec | None]:
 def check_providers(providers: Sequence[Provider] | str) -> list[Provider]:
     """The requested execution providers (one name alone is a list of one), or :class:`MissingDependencyError`
     naming what is available."""
-    ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+    ort = require("onnxruntime", "ort", "running an exported denoiser on ONNX Runtime")
     if isinstance(providers, str):
         providers = [providers]
     if not isinstance(providers, Sequence) or not all(isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2
@@ -83,7 +84,7 @@ def session_options(threads: int = 1, options: Any = None, entries: Mapping[str,
     entries added on top of the defaults (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "4"}``).
     ``entries`` (:func:`exactness_entries`) are added in either case.
     """
-    ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+    ort = require("onnxruntime", "ort", "running an exported denoiser on ONNX Runtime")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise RuntimeInputError(f"threads={threads!r}: expected a whole number >= 0 (0: ONNX Runtime's default)", hint="e.g. threads=1")
     if isinstance(options, ort.SessionOptions):
@@ -140,7 +141,7 @@ def exactness_entries(spec: ExportSpec | None, inexact: Inexact = "refuse") -> d
 
 
 def _spec_from_session(session, path: Path) -> ExportSpec:
-    """A minimal spec for a bare ONNX file with the UNet I/O names (no calibrated steps, no recipe)."""
+    """A minimal spec for a bare ONNX file with the denoiser I/O names (no calibrated steps, no recipe)."""
     def tensor(v) -> TensorSpec:
         dims = [d if isinstance(d, int) else str(d or "?") for d in v.shape]
         return TensorSpec(v.name, dims, ORT_TYPES.get(v.type, v.type))
@@ -150,7 +151,7 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
     by_name = {t.name: t for t in inputs}
     if SAMPLE not in by_name or len(by_name[SAMPLE].shape) != 4:
         raise ArtifactError(f"{path}: expected an input 'sample' [B, C, H, W], found inputs {[t.name for t in inputs]}",
-                            hint="export with `dqdeploy export`, which writes optimum's UNet I/O names")
+                            hint="export with `dqdeploy export`, which writes optimum's I/O names")
     _, c, h, w = by_name[SAMPLE].shape
     config: dict[str, Any] = {"in_channels": c, "out_channels": outputs[0].shape[1] if len(outputs[0].shape) == 4 else c,
                               "sample_size": h if h == w else [h, w]}
@@ -173,10 +174,10 @@ def _static(shape) -> tuple:
     return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
 
 
-class OrtUNet(UNetRuntime):
-    """An exported UNet on ONNX Runtime, callable like the diffusers UNet it came from.
+class OrtDenoiser(DenoiserRuntime):
+    """An exported denoiser on ONNX Runtime, callable like the diffusers UNet or transformer it came from.
 
-    ``source``: an export folder, its ``unet/model.onnx``, or any ONNX file with the UNet I/O names.
+    ``source``: an export folder, its ``unet/model.onnx``, or any ONNX file with optimum's I/O names.
     """
 
     backend = "onnxruntime"
@@ -192,7 +193,7 @@ class OrtUNet(UNetRuntime):
     ) -> None:
         """``check_values``: refuse NaN/Inf/out-of-range inputs (False skips the pass over the inputs).
         ``inexact``: what to do when the graph's int8 format is not exact on this CPU (:func:`exactness_entries`)."""
-        ort = require("onnxruntime", "ort", "running an exported UNet on ONNX Runtime")
+        ort = require("onnxruntime", "ort", "running an exported denoiser on ONNX Runtime")
         path, spec = resolve_source(source)
         if not path.is_file():
             raise ArtifactError(f"{path} not found", hint="the export folder is incomplete; re-run `dqdeploy export`")
@@ -240,3 +241,7 @@ class OrtUNet(UNetRuntime):
                                     hint="smaller inputs (batch, resolution) need less memory; inputs must match "
                                          "`dqdeploy inspect EXPORT_DIR`") from None
         return torch.from_numpy(out)
+
+
+if not TYPE_CHECKING:  # old names, kept for one release (mypy sees only the new ones)
+    __getattr__ = renamed(__name__, {"OrtUNet": "OrtDenoiser"})

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..deprecation import renamed
 from ..errors import ArtifactError, DQDeployError, RuntimeInputError
 from ..exporters.engine_spec import read_engine_info
 from ..exporters.spec import read_spec
 from ..trt_gate import gpu_description, require_tensorrt
-from .base import OUTPUT, UNetRuntime
+from .base import OUTPUT, DenoiserRuntime
 
 TORCH_OF_TRT = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool, "UINT8": torch.uint8}
 
 
-class TrtUNet(UNetRuntime):
+class TrtDenoiser(DenoiserRuntime):
     """A TensorRT engine built by :func:`dqdeploy.exporters.engine.build_engine`, callable like a diffusers UNet.
 
     ``device``: the CUDA device index the engine runs on (default: the current one).
@@ -113,3 +115,7 @@ class TrtUNet(UNetRuntime):
             out = self.bind(feeds)
             self.enqueue()
         return out
+
+
+if not TYPE_CHECKING:  # old names, kept for one release (mypy sees only the new ones)
+    __getattr__ = renamed(__name__, {"TrtUNet": "TrtDenoiser"})

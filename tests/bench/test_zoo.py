@@ -46,8 +46,8 @@ def test_training_script_conditional_early_stop_and_overrides(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     model = tmp_path / "a" / "digits-ddpm"
     loaded = load_model(model)
-    assert type(loaded.unet).__name__ == "UNet2DConditionModel" and loaded.conditional
-    assert loaded.unet.config.norm_num_groups == 8 and list(loaded.unet.config.block_out_channels) == [16, 32, 32]
+    assert type(loaded.denoiser).__name__ == "UNet2DConditionModel" and loaded.conditional
+    assert loaded.denoiser.config.norm_num_groups == 8 and list(loaded.denoiser.config.block_out_channels) == [16, 32, 32]
     cond = load_conditioning(model / "class_cond.safetensors")
     assert tuple(cond.cond.shape) == (10, 1, 16) and tuple(cond.uncond.shape) == (1, 1, 16)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -67,10 +67,10 @@ def test_training_script_transformer_rectified_flow_with_class_prompts(tmp_path)
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = load_model(tmp_path / "a" / "digits-ddpm")
-    assert type(loaded.unet).__name__ == "SD3Transformer2DModel" and loaded.unet.config.num_layers == 1
+    assert type(loaded.denoiser).__name__ == "SD3Transformer2DModel" and loaded.denoiser.config.num_layers == 1
     assert loaded.scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     cond = load_conditioning(tmp_path / "a" / "digits-ddpm" / "class_cond.safetensors")
-    d, d2 = loaded.unet.config.joint_attention_dim, loaded.unet.config.pooled_projection_dim
+    d, d2 = loaded.denoiser.config.joint_attention_dim, loaded.denoiser.config.pooled_projection_dim
     assert tuple(cond.cond.shape) == (10, 2, d) and tuple(cond.pooled.shape) == (10, d2)
     assert tuple(cond.uncond.shape) == (1, 2, d) and tuple(cond.uncond_pooled.shape) == (1, d2)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

@@ -29,8 +29,8 @@ from dqdeploy.exporters.lint import lint_path  # noqa: E402
 from dqdeploy.exporters.spec import ENGINE_FILE, ONNX_FILE  # noqa: E402
 from dqdeploy.exporters.triton import triton_config, write_triton_repo  # noqa: E402
 from dqdeploy.runtimes import load_runtime  # noqa: E402
-from dqdeploy.runtimes.ort import OrtUNet  # noqa: E402
-from dqdeploy.runtimes.trt import TrtUNet  # noqa: E402
+from dqdeploy.runtimes.ort import OrtDenoiser  # noqa: E402
+from dqdeploy.runtimes.trt import TrtDenoiser  # noqa: E402
 
 FP16_REL = 1e-2  # relative L2 error of a whole FP16 forward against FP32
 
@@ -62,7 +62,7 @@ def test_engine_files_and_metadata(fp16_engine):
 
 @pytest.mark.parametrize("t", [torch.tensor(421), torch.tensor([5, 421, 999])])
 def test_fp16_engine_matches_onnxruntime(fp16_engine, float_exports, t):
-    engine, reference = TrtUNet(fp16_engine), OrtUNet(float_exports["fp32"])
+    engine, reference = TrtDenoiser(fp16_engine), OrtDenoiser(float_exports["fp32"])
     x = torch.randn(3, 1, 8, 8)
     out = engine(x, t).sample
     assert out.device.type == "cpu" and out.dtype == torch.float32  # follows the input
@@ -88,9 +88,9 @@ def test_ddim_pipeline_on_the_engine(fp16_engine, float_exports):
         pipe.set_progress_bar_config(disable=True)
         return pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
 
-    engine = TrtUNet(fp16_engine)
+    engine = TrtDenoiser(fp16_engine)
     assert engine.dtype == torch.float32 and engine.graph_dtype == torch.float16  # FP32 latents, FP16 graph
-    a, b = images(engine), images(OrtUNet(float_exports["fp32"]))
+    a, b = images(engine), images(OrtDenoiser(float_exports["fp32"]))
     assert a.shape == b.shape == (2, 8, 8, 1)
     assert np.abs(a - b).max() < 0.02
 
@@ -122,7 +122,7 @@ def test_conditional_engine_with_cfg_profile(cond_export, tmp_path):
     build_engine(folder, batch=(1, 1, 2), cfg=True)  # up to 2 images -> 4 UNet rows with guidance
     seq = {t["name"]: t for t in read_engine_info(folder)["inputs"]}["encoder_hidden_states"]["shape"][1]  # the float export's example context: 77 tokens
     assert read_engine_info(folder)["profile"]["encoder_hidden_states"]["max"] == [4, seq, 24]
-    engine = TrtUNet(folder)
+    engine = TrtDenoiser(folder)
     x, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, seq, 24)
     with torch.no_grad():
         ref = unet(x, torch.tensor(300), encoder_hidden_states=ctx).sample
@@ -143,7 +143,7 @@ def test_w8a8_engine_passes_the_per_step_check(w8a8, tmp_path):
     # (the FP32 graph at ~0), so the default ratio of 1.0 is too tight for any FP16 graph
     result = check_export(w8a8["q"], folder, runtime="trt", tolerance_ratio=2.0)
     assert result.ok, result.table()
-    engine, reference = TrtUNet(folder), OrtUNet(w8a8["fp32"])
+    engine, reference = TrtDenoiser(folder), OrtDenoiser(w8a8["fp32"])
     x = torch.randn(4, 1, 8, 8)
     t = torch.tensor(engine.spec.timesteps[:4])  # calibrated steps (6 in the fixture)
     # FP16 vs FP32 rounding flips a few integers and the flips cascade (ORT FP16 vs FP32 graphs of this

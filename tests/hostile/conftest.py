@@ -66,12 +66,12 @@ def pipe_dir(hostile_root) -> Path:
 def artifact(hostile_root) -> Path:
     """One tiny W8A8 artifact (post-training, random calibration inputs) for the whole session."""
     from dqdeploy.artifact import save_quantized
-    from dqdeploy.quantize_stage import quantize_unet
+    from dqdeploy.quantize_stage import quantize_denoiser
     from dqdeploy.recipe import W8A8
     from tests.helpers import random_calib
 
     unet = tiny_unet()
-    result = quantize_unet(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"), random_calib(unet, n=8),
+    result = quantize_denoiser(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"), random_calib(unet, n=8),
                            scheduler_config=dict(scheduler().config))
     return save_quantized(result, hostile_root / "q")
 

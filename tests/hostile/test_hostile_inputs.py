@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from dqdeploy.models import SCHEDULER_ALIASES, SUPPORTED_SCHEDULERS
-from tests.helpers import SEQ_LEN, CROSS_DIM
+from tests.helpers import CROSS_DIM, SEQ_LEN
 from tests.hostile.runner import has_fix, refused, run
 
 CLI = pytest.mark.hostile("cli", "refused")

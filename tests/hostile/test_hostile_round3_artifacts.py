@@ -53,14 +53,14 @@ def test_a_negative_learned_step_is_stored_positive_and_loads_the_same_model(tmp
     from dqdeploy import load_quantized
     from dqdeploy.artifact import save_quantized
     from dqdeploy.quant.modules import quant_layers
-    from dqdeploy.quantize_stage import quantize_unet
+    from dqdeploy.quantize_stage import quantize_denoiser
     from dqdeploy.recipe import W8A8
     from tests.helpers import random_calib, scheduler, tiny_unet
 
     unet = tiny_unet()
-    result = quantize_unet(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"), random_calib(unet, n=8),
+    result = quantize_denoiser(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"), random_calib(unet, n=8),
                            scheduler_config=dict(scheduler().config))
-    layer = quant_layers(result.model.unet)[LAYER]
+    layer = quant_layers(result.model.denoiser)[LAYER]
     with torch.no_grad():
         layer.weight_quantizer.scale[:3] *= -1
         layer.input_quantizer.scale[:] *= -1
@@ -69,7 +69,7 @@ def test_a_negative_learned_step_is_stored_positive_and_loads_the_same_model(tmp
     want = result.model(x, t).sample
     loaded = load_quantized(save_quantized(result, tmp_path / "q"))
     assert torch.equal(loaded(x, t).sample, want)
-    assert bool((quant_layers(loaded.unet)[LAYER].weight_quantizer.scale > 0).all())
+    assert bool((quant_layers(loaded.denoiser)[LAYER].weight_quantizer.scale > 0).all())
 
 
 @pytest.mark.hostile("artifacts", "refused")

@@ -9,10 +9,9 @@ import subprocess
 import onnx
 import pytest
 
-from dqdeploy import quantize
+from dqdeploy import export, quantize
 from dqdeploy.check import check_export
 from dqdeploy.errors import ArtifactError, ExportError
-from dqdeploy import export
 from dqdeploy.exporters.lint import lint_path
 from dqdeploy.exporters.spec import ONNX_FILE, read_spec
 from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig

@@ -12,7 +12,7 @@ import pytest
 from dqdeploy.artifact import save_quantized
 from dqdeploy.exporters.export import export
 from dqdeploy.exporters.spec import ONNX_FILE
-from dqdeploy.quantize_stage import quantize_unet
+from dqdeploy.quantize_stage import quantize_denoiser
 from dqdeploy.recipe import W8A8
 from tests.helpers import random_calib
 from tests.unit.test_sensitivity import FRAGILE, fragile_unet
@@ -22,7 +22,7 @@ from tests.unit.test_sensitivity import FRAGILE, fragile_unet
 def fallback_artifact(tmp_path_factory):
     unet = fragile_unet()
     recipe = W8A8.replace(scaling="none", distill="none", fallback="auto")
-    result = quantize_unet(unet, recipe, random_calib(unet, n=16))
+    result = quantize_denoiser(unet, recipe, random_calib(unet, n=16))
     assert FRAGILE in result.manifest.fallback
     return save_quantized(result, tmp_path_factory.mktemp("fallback") / "q"), result.manifest.fallback
 

@@ -106,7 +106,7 @@ def test_w7a8_is_exact_everywhere_whatever_cpu_says(tmp_path):
     q = quantize(tmp_path / "pipe", W7A8.replace(iters=5, batch_size=16, fallback="none"), calib, tmp_path / "q").path
     sim = load_quantized(q)
     assert all(m.weight_bits == 7 for m in read_manifest(q).layers.values())
-    assert all(int(layer.weight_quantizer.integers(layer.weight).abs().max()) <= 64 for layer in quant_layers(sim.unet).values())
+    assert all(int(layer.weight_quantizer.integers(layer.weight).abs().max()) <= 64 for layer in quant_layers(sim.denoiser).values())
     out = export(q, tmp_path / "e", target="ort", cpu="vnni")
     assert read_spec(out).int8_format == "portable"
     weights = _weights(out)

@@ -9,13 +9,12 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from dqdeploy import quantize
-from dqdeploy.artifact import load_calibration_inputs, load_quantized
-from dqdeploy.artifact import read_manifest
-from dqdeploy.models import load_unet
+from dqdeploy.artifact import load_calibration_inputs, load_quantized, read_manifest
+from dqdeploy.models import load_denoiser
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.quantizer import ActQuantizer
 from dqdeploy.quant.trajectories import load_conditioning
-from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig, Recipe
+from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
 
 CALIB = CalibrationConfig(steps=8, samples=48, trajectories=8, batch_size=8)
@@ -81,7 +80,7 @@ def test_unconditional_pipeline_folder(uncond, pipe_dir):
     assert ((images >= 0) & (images <= 1)).all()
     assert (images == sample(uncond.model)).all()  # the reloaded artifact is the model quantize built
     # W8A8 tracks the FP UNet at every calibrated step (a broken scale would be off by far more)
-    errors = _step_errors(loaded, load_unet(pipe_dir), load_calibration_inputs(path))
+    errors = _step_errors(loaded, load_denoiser(pipe_dir), load_calibration_inputs(path))
     assert len(errors) == CALIB.steps and max(errors) < 0.1, errors
 
 
@@ -111,12 +110,12 @@ def test_conditional_bare_unet_with_guidance(cond, cond_setup):
     inputs = load_calibration_inputs(cond.path)
     # under guidance the calibration set holds unconditional and conditional contexts alike
     assert any(torch.equal(c, uncond_emb[0]) for c in inputs["encoder_hidden_states"])
-    errors = _step_errors(loaded, load_unet(unet_dir), inputs)
+    errors = _step_errors(loaded, load_denoiser(unet_dir), inputs)
     assert max(errors) < 0.3, errors  # 4-bit weights on a random tiny model: coarse, but bounded
 
 
 def _property_checks(changes: dict, result, loaded) -> None:
-    layers = quant_layers(loaded.unet)
+    layers = quant_layers(loaded.denoiser)
     if changes.get("scaling") == "none":
         assert all(torch.equal(m.input_scale, torch.ones_like(m.input_scale)) for m in layers.values())
     if changes.get("scaling") in ("smoothquant", None):

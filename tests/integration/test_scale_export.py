@@ -7,7 +7,6 @@ likewise; Flux and PixArt refused with the reason."""
 from __future__ import annotations
 
 import json
-
 import subprocess
 import sys
 

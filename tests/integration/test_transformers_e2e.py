@@ -63,7 +63,7 @@ def test_quantize_reaches_every_linear_family_and_block(artifact):
     assert set(LAYERS[kind]) <= set(m.layers)
     assert all(m.layers[n].fold in ("mul",) or m.layers[n].fold.startswith("norm:") for n in LAYERS[kind])
     names = [b["name"] for b in m.blocks]
-    model = load_quantized(result.path).unet
+    model = load_quantized(result.path).denoiser
     assert any(type(model.get_submodule(n)).__name__ == BLOCKS[kind] for n in names), names
     assert len(m.timesteps) == STEPS
     assert m.scheduler_config["_class_name"] == type(transformer_scheduler(kind)).__name__  # the folder's own
@@ -172,6 +172,15 @@ def test_engine_profile_covers_every_transformer_input(artifact, exports, tmp_pa
         with pytest.raises(MissingDependencyError):
             export(result.path, tmp_path / "engine", target="trt")
         assert not (tmp_path / "engine").exists()
+
+
+def test_triton_model_is_named_transformer(artifact, exports, tmp_path):
+    """As in optimum's ONNX layout, the Triton model of a transformer export is ``transformer`` (a UNet's ``unet``)."""
+    from dqdeploy.exporters.triton import write_triton_repo
+
+    model = write_triton_repo(exports["ort"], tmp_path / "repo")
+    assert model == tmp_path / "repo" / "transformer" and (model / "1" / "model.onnx").is_file()
+    assert (model / "config.pbtxt").read_text().startswith('name: "transformer"')
 
 
 def test_ort_layout_fuses_every_layer_with_an_output_q(artifact, exports, tmp_path):

@@ -30,7 +30,7 @@ from dqdeploy.exporters.export import trt_graph
 from dqdeploy.exporters.lint import lint_path
 from dqdeploy.exporters.spec import ONNX_FILE, read_spec
 from dqdeploy.recipe import W8A8, CalibrationConfig
-from dqdeploy.runtimes.ort import OrtUNet
+from dqdeploy.runtimes.ort import OrtDenoiser
 from tests.helpers import tiny_cond_unet, tiny_unet, write_pipeline
 from tests.triton_config import config_io, graph_io, parse_pbtxt
 
@@ -99,7 +99,7 @@ def test_fp16_float_graph_on_ort_cpu_matches_pytorch(conditional, tmp_path):
     else:
         source = write_pipeline(unet, tmp_path / "pipe")
     out = export(source, tmp_path / "fp16", target="float", fp16=True)
-    ort = OrtUNet(out)
+    ort = OrtDenoiser(out)
     assert ort.dtype == torch.float32 and ort.graph_dtype == torch.float16
     x, t = torch.randn(3, unet.config.in_channels, 8, 8), torch.tensor([5, 421, 999])
     kw = {}

@@ -10,15 +10,26 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.artifact import load_calibration_inputs, load_quantized, save_quantized
-from dqdeploy.quantize_stage import quantize_unet
-from dqdeploy.artifact import CALIB_INPUTS, FORMAT_VERSION, MANIFEST, WEIGHTS, Manifest, read_manifest, save_artifact, sha256
+from dqdeploy.artifact import (
+    CALIB_INPUTS,
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    Manifest,
+    load_calibration_inputs,
+    load_quantized,
+    read_manifest,
+    save_artifact,
+    save_quantized,
+    sha256,
+)
 from dqdeploy.atomic import atomic_dir, atomic_write_bytes
-from dqdeploy.integrity import seal
 from dqdeploy.errors import ArtifactError, DQDeployError
+from dqdeploy.integrity import seal
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.trajectories import collect, load_conditioning
-from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig, Recipe
+from dqdeploy.quantize_stage import quantize_denoiser
+from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_cond_file
 
 CALIB = CalibrationConfig(steps=5, samples=24, trajectories=4, batch_size=4)
@@ -29,7 +40,7 @@ def uncond(tmp_path_factory):
     """(QuantizeResult, artifact folder) of a W8A8 unconditional UNet (trained a few iterations)."""
     unet = tiny_unet()
     calib = collect(unet, DDIMScheduler(num_train_timesteps=1000), CALIB)
-    result = quantize_unet(unet, W8A8.replace(iters=3, batch_size=8), calib, CALIB, {"num_train_timesteps": 1000})
+    result = quantize_denoiser(unet, W8A8.replace(iters=3, batch_size=8), calib, CALIB, {"num_train_timesteps": 1000})
     return result, save_quantized(result, tmp_path_factory.mktemp("art") / "q")
 
 
@@ -41,7 +52,7 @@ def cond(tmp_path_factory):
     conditioning = load_conditioning(write_cond_file(root / "cond.safetensors"))
     calib = collect(unet, DDIMScheduler(num_train_timesteps=1000), CALIB, conditioning)
     recipe = W4A8.replace(iters=3, batch_size=8, layout="ort", act_symmetric=False)
-    result = quantize_unet(unet, recipe, calib, CALIB)
+    result = quantize_denoiser(unet, recipe, calib, CALIB)
     return result, save_quantized(result, root / "q")
 
 
@@ -66,12 +77,12 @@ def test_save_load_reproduces_outputs_exactly(which, request):
         got = loaded(x, t, **kwargs).sample
     assert torch.equal(got, expected)
     assert loaded.table.tolist() == result.model.table.tolist()
-    assert set(quant_layers(loaded.unet)) == set(quant_layers(result.model.unet))
+    assert set(quant_layers(loaded.denoiser)) == set(quant_layers(result.model.denoiser))
     # every tensor (1/s, weight and per-step activation scales, biases, norms) comes back bit-exact;
     # a quantized layer's weight comes back as the fake-quantized weight (integers * scale)
-    saved, original = loaded.unet.state_dict(), result.model.unet.state_dict()
+    saved, original = loaded.denoiser.state_dict(), result.model.denoiser.state_dict()
     assert saved.keys() == original.keys()
-    layers = quant_layers(result.model.unet)
+    layers = quant_layers(result.model.denoiser)
     with torch.no_grad():
         for name, layer in layers.items():
             original[f"{name}.weight"] = layer.weight_quantizer(layer.weight)
@@ -85,7 +96,7 @@ def test_manifest_contents(uncond):
     assert m.recipe == W8A8.replace(iters=3, batch_size=8)
     assert m.model_class == "UNet2DModel" and m.model_config["block_out_channels"] == [16, 32]
     assert m.timesteps == result.model.table.tolist() and len(m.timesteps) == CALIB.steps
-    assert set(m.layers) == set(quant_layers(result.model.unet))
+    assert set(m.layers) == set(quant_layers(result.model.denoiser))
     assert {meta.kind for meta in m.layers.values()} == {"conv", "linear"}
     assert set(m.fallback).isdisjoint(m.layers)  # layers kept in float (fallback auto) are not quantized
     assert m.scheduler_config == {"num_train_timesteps": 1000}
@@ -220,7 +231,7 @@ def test_failure_inside_atomic_dir_leaves_nothing(tmp_path):
 def test_failed_save_leaves_no_artifact_and_keeps_the_old_one(uncond, tmp_path):
     result, good = uncond
     # the second tensor file cannot be written, after the first one has been
-    bad = {WEIGHTS: result.model.unet.state_dict(), "broken.safetensors": {"x": "not a tensor"}}
+    bad = {WEIGHTS: result.model.denoiser.state_dict(), "broken.safetensors": {"x": "not a tensor"}}
     with pytest.raises(AttributeError):
         save_artifact(tmp_path / "new", result.manifest, bad)
     assert not (tmp_path / "new").exists() and _leftovers(tmp_path) == []
@@ -247,14 +258,14 @@ def test_w4a4_artifact_from_before_8_bit_end_activations_still_loads(tmp_path):
     any other relabelled layer is still refused."""
     unet = tiny_unet()
     calib = collect(unet, DDIMScheduler(num_train_timesteps=1000), CALIB)
-    result = quantize_unet(unet, W4A4.replace(distill="none", fallback="none"), calib, CALIB, {"num_train_timesteps": 1000})
+    result = quantize_denoiser(unet, W4A4.replace(distill="none", fallback="none"), calib, CALIB, {"num_train_timesteps": 1000})
     q = save_quantized(result, tmp_path / "q")
     data = json.loads((q / MANIFEST).read_text())
     assert data["layers"]["conv_in"]["act_bits"] == 8
     data["layers"]["conv_in"]["act_bits"] = 4
     (q / MANIFEST).write_text(json.dumps(seal(data)))
     loaded = load_quantized(q)
-    assert dict(quant_layers(loaded.unet))["conv_in"].input_quantizer.qmax == 7
+    assert dict(quant_layers(loaded.denoiser))["conv_in"].input_quantizer.qmax == 7
     data["layers"]["down_blocks.0.resnets.0.conv1"]["act_bits"] = 8
     (q / MANIFEST).write_text(json.dumps(seal(data)))
     with pytest.raises(ArtifactError, match="activation quantizer contradicts the recipe"):

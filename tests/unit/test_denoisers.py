@@ -71,8 +71,8 @@ def test_conditioning_widths_and_learned_sigma():
 def test_transformer_pipeline_folders_load_with_their_own_scheduler(tmp_path, kind, cls, sched):
     folder = write_transformer_pipeline(kind, tmp_path / kind)
     loaded = load_model(folder)
-    assert type(loaded.unet).__name__ == cls and loaded.conditional
+    assert type(loaded.denoiser).__name__ == cls and loaded.conditional
     assert type(make_scheduler(None, loaded.scheduler_config)).__name__ == sched
     assert type(make_scheduler("flow", loaded.scheduler_config)).__name__ == "FlowMatchEulerDiscreteScheduler"
     bare = load_model(folder / "transformer", scheduler_dir=folder / "scheduler")  # a bare transformer folder
-    assert type(bare.unet).__name__ == cls
+    assert type(bare.denoiser).__name__ == cls

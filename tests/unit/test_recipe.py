@@ -141,17 +141,17 @@ def test_built_model_follows_the_selection():
     recipe = W8A8.replace(include=("down_blocks.*", "conv_in"), exclude=("*attentions*",))
     unet, model, metas = _build(recipe)
     expected = {n for n, m in unet.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)}
-    assert set(quant_layers(model.unet)) == set(metas) == expected
+    assert set(quant_layers(model.denoiser)) == set(metas) == expected
     assert "conv_in" in expected and "down_blocks.0.resnets.0.conv1" in expected
     # the rest keep their FP modules and weights
-    assert type(model.unet.get_submodule("conv_out")) is torch.nn.Conv2d
-    assert torch.equal(model.unet.get_submodule("down_blocks.1.attentions.0.to_q").weight,
+    assert type(model.denoiser.get_submodule("conv_out")) is torch.nn.Conv2d
+    assert torch.equal(model.denoiser.get_submodule("down_blocks.1.attentions.0.to_q").weight,
                        unet.get_submodule("down_blocks.1.attentions.0.to_q").weight)
 
 
 def test_built_w4a8_model_has_8_bit_first_and_last_layers():
     _, model, metas = _build(W4A8)
-    layers = quant_layers(model.unet)
+    layers = quant_layers(model.denoiser)
     bits = {n: layers[n].weight_quantizer.bits for n in layers}
     assert bits.pop("conv_in") == 8 and bits.pop("conv_out") == 8
     assert set(bits.values()) == {4}
@@ -192,7 +192,7 @@ def test_w4a4_keeps_8_bit_activations_at_the_ends_and_on_act8_layers():
     # 8-bit activations never drop: W4A8 is unchanged by its ends or by act8 patterns
     assert W4A8.replace(first_last_bits=4, act8_layers=("*",)).act_bits_for("conv_in") == 8
     _, model, metas = _build(r)
-    layers = quant_layers(model.unet)
+    layers = quant_layers(model.denoiser)
     assert layers["conv_in"].input_quantizer.bits == 8 and metas["conv_in"].act_bits == 8
     assert layers["down_blocks.0.resnets.0.conv1"].input_quantizer.bits == 4
     shortcuts = [n for n in layers if n.endswith("conv_shortcut")]

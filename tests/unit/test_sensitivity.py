@@ -8,7 +8,7 @@ import torch
 
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.sensitivity import analyze, choose_fallback, quantized_only
-from dqdeploy.quantize_stage import quantize_unet
+from dqdeploy.quantize_stage import quantize_denoiser
 from dqdeploy.recipe import W8A8
 from tests.helpers import random_calib, tiny_unet
 
@@ -30,7 +30,7 @@ def fragile_unet():
 def fragile_result():
     unet = fragile_unet()
     recipe = W8A8.replace(scaling="none", distill="none", fallback="none")  # Weight Dilation would shrink the outlier
-    return unet, quantize_unet(unet, recipe, random_calib(unet, n=16))
+    return unet, quantize_denoiser(unet, recipe, random_calib(unet, n=16))
 
 
 def test_finds_the_fragile_layer(fragile_result):
@@ -48,7 +48,7 @@ def test_finds_the_fragile_layer(fragile_result):
 
 def test_quantized_only_restores_state(fragile_result):
     _, result = fragile_result
-    layers = quant_layers(result.model.unet)
+    layers = quant_layers(result.model.denoiser)
     with quantized_only(result.model, [FRAGILE], ()):
         on = [n for n, m in layers.items() if m.quantize_weight or m.input_quantizer.enabled]
         assert on == [FRAGILE]
@@ -58,12 +58,12 @@ def test_quantized_only_restores_state(fragile_result):
 def test_fallback_keeps_the_fragile_layer_in_float(fragile_result):
     unet, _ = fragile_result
     recipe = W8A8.replace(scaling="none", distill="none", fallback="auto")
-    result = quantize_unet(unet, recipe, random_calib(unet, n=16))
+    result = quantize_denoiser(unet, recipe, random_calib(unet, n=16))
     assert FRAGILE in result.manifest.fallback
     assert FRAGILE not in result.manifest.layers
-    assert type(result.model.unet.get_submodule(FRAGILE)) is torch.nn.Conv2d
+    assert type(result.model.denoiser.get_submodule(FRAGILE)) is torch.nn.Conv2d
     report = analyze(result.model, result.calib_inputs, detail=False, blocks=False)
-    plain = quantize_unet(unet, recipe.replace(fallback="none"), random_calib(unet, n=16))
+    plain = quantize_denoiser(unet, recipe.replace(fallback="none"), random_calib(unet, n=16))
     assert report.full < 0.5 * analyze(plain.model, plain.calib_inputs, detail=False, blocks=False).full
 
 

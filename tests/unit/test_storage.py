@@ -18,7 +18,7 @@ from dqdeploy.errors import ArtifactError
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.primitives import CLIP_RATIOS, qrange, quant_error, search_weight_scale
 from dqdeploy.quant.trajectories import calibration_subset, collect
-from dqdeploy.quantize_stage import quantize_unet
+from dqdeploy.quantize_stage import quantize_denoiser
 from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
 from dqdeploy.storage import file_header, int_key, pack_int4, packed_size, unpack_int4, weight_bytes
 from tests.helpers import random_calib, tiny_unet
@@ -38,7 +38,7 @@ def odd_unet() -> UNet2DModel:
 
 def _artifact(unet, recipe, path):
     calib = collect(unet, DDIMScheduler(num_train_timesteps=1000), CALIB)
-    result = quantize_unet(unet, recipe.replace(iters=2, batch_size=8), calib, CALIB, {"num_train_timesteps": 1000})
+    result = quantize_denoiser(unet, recipe.replace(iters=2, batch_size=8), calib, CALIB, {"num_train_timesteps": 1000})
     return result, save_quantized(result, path)
 
 
@@ -81,7 +81,7 @@ def test_round_trip_outputs_are_bit_identical(which, request):
 
 def test_weights_are_stored_as_integers(w8, w4_odd):
     for (result, path), bits in ((w8, 8), (w4_odd, 4)):
-        layers = quant_layers(result.model.unet)
+        layers = quant_layers(result.model.denoiser)
         header = file_header(path / WEIGHTS)
         assert not any(f"{n}.weight" in header for n in layers)
         numels = [layers[n].weight.numel() for n in layers if layers[n].weight_quantizer.bits == bits]
@@ -93,9 +93,9 @@ def test_weights_are_stored_as_integers(w8, w4_odd):
 
 def test_w8a8_weights_file_is_about_a_quarter_of_fp32(w8):
     result, path = w8
-    fp32_bytes = sum(p.numel() * 4 for p in result.model.unet.parameters())
+    fp32_bytes = sum(p.numel() * 4 for p in result.model.denoiser.parameters())
     sizes = weight_bytes(file_header(path / WEIGHTS))
-    quantized = sum(m.weight.numel() for m in quant_layers(result.model.unet).values())
+    quantized = sum(m.weight.numel() for m in quant_layers(result.model.denoiser).values())
     assert sizes["int8"] == quantized  # one byte per weight
     # the rest: biases, norms, per-step tables, 1/s and the layers kept in float (a big share of a tiny model)
     assert sum(sizes.values()) < 0.35 * fp32_bytes, sizes
@@ -112,7 +112,7 @@ def _tampered(src, dst, change):
 
 
 def _packed_layer(result):
-    return next(n for n, m in quant_layers(result.model.unet).items() if m.weight_quantizer.bits == 4 and m.weight.numel() % 2)
+    return next(n for n, m in quant_layers(result.model.denoiser).items() if m.weight_quantizer.bits == 4 and m.weight.numel() % 2)
 
 
 def test_tampered_integer_tensors_are_refused(w4_odd, tmp_path):
@@ -140,15 +140,15 @@ def test_load_does_not_search_weight_scales(w4_odd, monkeypatch):
     result, path = w4_odd
     load_quantized(path)
     assert calls == []
-    fresh = quantize_unet(odd_unet(), W4A8.replace(distill="none", fallback="none"), random_calib(odd_unet()))
-    assert len(calls) == len(quant_layers(fresh.model.unet))  # the spy sees the quantize-time search
+    fresh = quantize_denoiser(odd_unet(), W4A8.replace(distill="none", fallback="none"), random_calib(odd_unet()))
+    assert len(calls) == len(quant_layers(fresh.model.denoiser))  # the spy sees the quantize-time search
 
 
 def test_format_1_artifacts_with_float_weights_are_still_read(w8, tmp_path):
     result, path = w8
     manifest = read_manifest(path)
     manifest.format_version = 1
-    old = save_artifact(tmp_path / "v1", manifest, {WEIGHTS: result.model.unet.state_dict(),
+    old = save_artifact(tmp_path / "v1", manifest, {WEIGHTS: result.model.denoiser.state_dict(),
                                                    CALIB_INPUTS: load_file(str(path / CALIB_INPUTS))})
     assert torch.equal(_outputs(load_quantized(old), result.model.config), _outputs(result.model, result.model.config))
     assert "format v1" in describe(old)

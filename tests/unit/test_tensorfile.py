@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dqdeploy.models import load_unet
+from dqdeploy.models import load_denoiser
 from dqdeploy.tensorfile import TensorFileError, read_tensors
 from tests.helpers import tiny_unet, write_pipeline
 
@@ -67,10 +67,10 @@ def test_truncated_and_non_json_headers_are_refused(tmp_path):
 
 
 def test_a_loaded_model_owns_its_weights(tmp_path):
-    """load_unet re-reads the weights: none of them lies in a mapping of the weights file."""
+    """load_denoiser re-reads the weights: none of them lies in a mapping of the weights file."""
     folder = write_pipeline(tiny_unet(), tmp_path / "model")
     weights = next((folder / "unet").glob("*.safetensors"))
-    unet = load_unet(folder)
+    unet = load_denoiser(folder)
     reference = tiny_unet()
     for name, t in unet.state_dict().items():
         assert torch.equal(t, reference.state_dict()[name]), name

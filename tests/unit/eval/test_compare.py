@@ -49,10 +49,10 @@ class _Perturbed(torch.nn.Module):
 
     def __init__(self, unet, eps: float, t_max: float) -> None:
         super().__init__()
-        self.unet, self.eps, self.t_max, self.config = unet, eps, t_max, unet.config
+        self.denoiser, self.eps, self.t_max, self.config = unet, eps, t_max, unet.config
 
     def forward(self, sample, timestep, return_dict=False, **kw):
-        out = self.unet(sample, timestep, return_dict=False, **kw)[0]
+        out = self.denoiser(sample, timestep, return_dict=False, **kw)[0]
         return (out * (1 + self.eps) if float(timestep) < self.t_max else out,)
 
 

@@ -109,10 +109,10 @@ def test_build_engine_fails_before_any_work(tmp_path):
 @no_tensorrt
 def test_trt_runtime_fails_fast(tmp_path):
     from dqdeploy.runtimes import load_runtime
-    from dqdeploy.runtimes.trt import TrtUNet
+    from dqdeploy.runtimes.trt import TrtDenoiser
 
     with pytest.raises(MissingDependencyError, match="running a TensorRT engine"):
-        TrtUNet(tmp_path)
+        TrtDenoiser(tmp_path)
     with pytest.raises(MissingDependencyError, match=r"dqdeploy\[trt\]"):
         load_runtime(tmp_path, "trt")
 
@@ -290,6 +290,12 @@ def test_triton_config_text():
     bad = {**ENGINE_JSON, "outputs": [{"name": "out_sample", "shape": [-1], "dtype": "int4"}]}
     with pytest.raises(ExportError, match="Triton cannot serve"):
         triton_config(bad)
+
+
+def test_triton_model_is_named_after_the_graphs_folder():
+    """As in optimum's ONNX layout: ``unet`` for a UNet, ``transformer`` for a diffusion transformer."""
+    assert triton_config(ENGINE_JSON).startswith('name: "unet"')
+    assert triton_config({**ENGINE_JSON, "model_class": "SD3Transformer2DModel"}).startswith('name: "transformer"')
 
 
 def test_write_triton_repo(tmp_path):

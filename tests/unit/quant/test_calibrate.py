@@ -7,7 +7,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.quantize_stage import build_quantized, quantize_unet
 from dqdeploy.errors import CalibrationError
 from dqdeploy.inputs import DenoiserInputs
 from dqdeploy.quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
@@ -15,6 +14,7 @@ from dqdeploy.quant.modules import quant_layers, set_act_quant
 from dqdeploy.quant.primitives import CLIP_RATIOS
 from dqdeploy.quant.timestep import TimestepTable
 from dqdeploy.quant.trajectories import CalibrationSet, collect
+from dqdeploy.quantize_stage import build_quantized, quantize_denoiser
 from dqdeploy.recipe import W8A8, CalibrationConfig
 from tests.helpers import tiny_unet
 
@@ -152,7 +152,7 @@ def test_nan_in_calibration_data_is_a_calibration_error(unet, calib):
     x[3, 0, 2, 2] = float("nan")
     bad = CalibrationSet(DenoiserInputs(x, calib.inputs.timestep), calib.rows, calib.timesteps)
     with pytest.raises(CalibrationError, match="non-finite"):
-        quantize_unet(unet, W8A8.replace(distill="none"), bad)
+        quantize_denoiser(unet, W8A8.replace(distill="none"), bad)
 
 
 def test_diverging_fp_model_is_reported_while_collecting():

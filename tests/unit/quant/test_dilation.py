@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.quant.dilation import dilation_factors, smoothquant_factors
 from dqdeploy.quant.modules import QuantLayer, quant_layers
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.recipe import W8A8
 from tests.helpers import random_calib, tiny_unet
 
@@ -149,7 +149,7 @@ def test_build_quantized_shares_factors_exactly_among_layers_reading_one_tensor(
     unet = tiny_unet()
     calib = random_calib(unet)
     qmodel, metas = build_quantized(unet, W8A8, TimestepTable(calib.timesteps), calib)
-    layers = quant_layers(qmodel.unet)
+    layers = quant_layers(qmodel.denoiser)
     groups: dict[str, list[str]] = {}
     for name, meta in metas.items():
         groups.setdefault(meta.group, []).append(name)

@@ -56,10 +56,10 @@ def _reference_distill(qmodel, fp, blocks, calib, recipe, seed=0):
     rows = [qmodel.table.index(calib.inputs.timestep[b], len(b)) for b in batches]
     reports = []
     for k, block in enumerate(blocks):
-        qblock = qmodel.unet.get_submodule(block.name)
+        qblock = qmodel.denoiser.get_submodule(block.name)
         inputs = _capture_from_start(qmodel, qblock, calib, batches, "inputs")
         targets = _capture_from_start(fp, fp.get_submodule(block.name), calib, batches, "output")
-        layers = [qmodel.unet.get_submodule(n) for n in block.layers]
+        layers = [qmodel.denoiser.get_submodule(n) for n in block.layers]
 
         def forward(i):
             args, kwargs = inputs[i]
@@ -84,7 +84,7 @@ def test_propagation_equals_running_from_the_start(make, tmp_path):
     fp = make()
     calib = random_calib(fp, n=8) if make is not tiny_pixart else _pixart_calib(fp)
     model = _calibrated(fp, calib)
-    blocks = partition(model.unet, example_forward(model, calib), spec_for(type(fp).__name__).blocks)
+    blocks = partition(model.denoiser, example_forward(model, calib), spec_for(type(fp).__name__).blocks)
     assert len(blocks) >= 4
     reference = copy.deepcopy(model)
     new_reports = distill(model, fp, blocks, calib, RECIPE, workdir=tmp_path / "work")
@@ -98,7 +98,7 @@ def test_propagation_equals_running_from_the_start(make, tmp_path):
     changed = 0
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, old_state[name], rtol=1e-5, atol=1e-6, msg=name)
-        changed += not torch.equal(tensor, fp.state_dict().get(name.removeprefix("unet."), tensor))
+        changed += not torch.equal(tensor, fp.state_dict().get(name.removeprefix("denoiser."), tensor))
     assert changed  # distillation moved the weights
 
 

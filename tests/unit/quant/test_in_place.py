@@ -11,7 +11,7 @@ from torch import nn
 
 from dqdeploy.quant.float_layers import FloatLayers
 from dqdeploy.quant.modules import QuantLayer, quant_layers
-from dqdeploy.quantize_stage import quantize_unet
+from dqdeploy.quantize_stage import quantize_denoiser
 from dqdeploy.recipe import W4A8
 from dqdeploy.storage import stored_state
 from tests.helpers import random_calib, tiny_cond_unet
@@ -38,14 +38,14 @@ def test_in_place_writes_what_a_copy_writes(tmp_path):
     fp = tiny_cond_unet()
     calib = random_calib(fp, n=16)
     recipe = W4A8.replace(iters=3, batch_size=8, fallback="auto", fallback_budget=0.2)
-    reference = quantize_unet(fp, recipe, calib)
+    reference = quantize_denoiser(fp, recipe, calib)
     assert not quant_layers(fp)  # the copy was converted, fp is untouched
     model = copy.deepcopy(fp)
-    result = quantize_unet(model, recipe, calib, in_place=True)
-    assert result.model.unet is model and quant_layers(model)
+    result = quantize_denoiser(model, recipe, calib, in_place=True)
+    assert result.model.denoiser is model and quant_layers(model)
     assert result.manifest.fallback and result.manifest.fallback == reference.manifest.fallback
     assert result.manifest.blocks == reference.manifest.blocks
-    ours, theirs = stored_state(result.model.unet), stored_state(reference.model.unet)
+    ours, theirs = stored_state(result.model.denoiser), stored_state(reference.model.denoiser)
     assert sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     for name in result.manifest.fallback:  # back from disk, bit for bit
@@ -57,7 +57,7 @@ def test_in_place_writes_what_a_copy_writes(tmp_path):
 def test_a_block_whose_layers_all_fall_back_is_not_distilled():
     fp = tiny_cond_unet()
     calib = random_calib(fp, n=8)
-    result = quantize_unet(fp, W4A8.replace(iters=2, batch_size=8, fallback="conv_in,time_embedding.*"), calib, in_place=True)
+    result = quantize_denoiser(fp, W4A8.replace(iters=2, batch_size=8, fallback="conv_in,time_embedding.*"), calib, in_place=True)
     names = [b["name"] for b in result.manifest.blocks]
     assert "conv_in" not in names and "time_embedding" not in names and "conv_out" in names
     assert not isinstance(fp.conv_in, QuantLayer) and isinstance(fp.conv_out, QuantLayer)

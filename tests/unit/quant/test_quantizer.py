@@ -1,5 +1,5 @@
 """The Temporal Parallel Quantizer (per-sample step rows, parallel gradients, attention layout), the
-per-channel weight quantizer, QuantLayer and the drop-in QuantizedUNet's explicit step binding."""
+per-channel weight quantizer, QuantLayer and the drop-in QuantizedDenoiser's explicit step binding."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.quant.modules import QuantLayer
 from dqdeploy.quant.primitives import fake_quant
 from dqdeploy.quant.quantizer import ActQuantizer, WeightQuantizer
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
+from dqdeploy.quantize_stage import build_quantized
 from dqdeploy.recipe import W8A8
 from tests.helpers import random_calib, tiny_unet
 
@@ -141,7 +141,7 @@ def test_quantized_unet_binds_rows_per_call_and_releases_them(qmodel):
     t = torch.tensor([901.0, 301.0, 301.0, 601.0])
     with torch.no_grad():
         out = qmodel(x, t).sample
-        explicit = qmodel.run_rows(torch.tensor([0, 2, 2, 1]), qmodel.unet, x, t).sample
+        explicit = qmodel.run_rows(torch.tensor([0, 2, 2, 1]), qmodel.denoiser, x, t).sample
     assert torch.equal(out, explicit)
     with pytest.raises(RuntimeError, match="no time step is bound"):
         qmodel.step_index.value  # nothing stays bound after the call (no hidden state)

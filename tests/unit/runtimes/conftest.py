@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import pytest
@@ -15,8 +16,10 @@ from dqdeploy.exporters.onnx import export_float_onnx
 from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
 from dqdeploy.inputs import DenoiserInputs
 from dqdeploy.integrity import file_record, seal
-
 from tests.helpers import CROSS_DIM, SEQ_LEN, tiny_cond_unet, tiny_unet  # noqa: F401  (re-exported to tests)
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
 CALIBRATED = [801.0, 601.0, 401.0, 201.0, 1.0]
 

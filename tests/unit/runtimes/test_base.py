@@ -14,7 +14,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from dqdeploy.errors import ArtifactError, RuntimeInputError
 from dqdeploy.exporters.spec import ExportSpec, TensorSpec
-from dqdeploy.runtimes.base import CalibratedStepWarning, UNetRuntime
+from dqdeploy.runtimes.base import CalibratedStepWarning, DenoiserRuntime
 
 
 def make_spec(conditional: bool = False, sample_dtype: str = "float32", timesteps=()) -> ExportSpec:
@@ -30,7 +30,7 @@ def make_spec(conditional: bool = False, sample_dtype: str = "float32", timestep
     )
 
 
-class Echo(UNetRuntime):
+class Echo(DenoiserRuntime):
     """out = sample + timestep (per sample) [+ mean of the context]; records what it was fed."""
 
     def _run(self, feeds):

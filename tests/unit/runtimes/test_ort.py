@@ -1,4 +1,4 @@
-"""OrtUNet on real exported tiny diffusers UNets: agreement with PyTorch, diffusers pipelines,
+"""OrtDenoiser on real exported tiny diffusers UNets: agreement with PyTorch, diffusers pipelines,
 input errors, provider checks, session settings."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE
 from dqdeploy.integrity import seal
 from dqdeploy.runtimes import load_runtime
 from dqdeploy.runtimes.base import CalibratedStepWarning
-from dqdeploy.runtimes.ort import OrtUNet, session_options
+from dqdeploy.runtimes.ort import OrtDenoiser, session_options
 from dqdeploy.sampling import denoise
 
 ATOL = 1e-4
@@ -34,7 +34,7 @@ def torch_out(unet, x, t, ctx=None):
 @pytest.mark.parametrize("t", [torch.tensor(421), 421, torch.tensor([5, 421, 999])])
 def test_matches_torch_unconditional(uncond, t):
     unet, folder = uncond
-    rt = OrtUNet(folder)
+    rt = OrtDenoiser(folder)
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(rt(x, t).sample, torch_out(unet, x, t), atol=ATOL, rtol=0)
 
@@ -42,7 +42,7 @@ def test_matches_torch_unconditional(uncond, t):
 @pytest.mark.parametrize("t", [torch.tensor(37.0), torch.tensor([37, 640])])
 def test_matches_torch_conditional(cond, t):
     unet, folder = cond
-    rt = OrtUNet(folder)
+    rt = OrtDenoiser(folder)
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, SEQ_LEN, CROSS_DIM)
     out = rt(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
     torch.testing.assert_close(out, torch_out(unet, x, t, ctx), atol=ATOL, rtol=0)
@@ -50,7 +50,7 @@ def test_matches_torch_conditional(cond, t):
 
 def test_batch_size_is_dynamic(uncond):
     unet, folder = uncond
-    rt = OrtUNet(folder)
+    rt = OrtDenoiser(folder)
     for b in (1, 5):
         x = torch.randn(b, 1, 8, 8)
         torch.testing.assert_close(rt(x, 300).sample, torch_out(unet, x, torch.tensor(300)), atol=ATOL, rtol=0)
@@ -64,7 +64,7 @@ def _ddim_images(unet, steps: int = 2) -> np.ndarray:
 
 def test_runs_inside_a_ddim_pipeline(uncond):
     unet, folder = uncond
-    rt = OrtUNet(folder)
+    rt = OrtDenoiser(folder)
     images = _ddim_images(rt)
     assert images.shape == (2, 8, 8, 1)
     np.testing.assert_allclose(images, _ddim_images(unet), atol=1e-4)
@@ -72,7 +72,7 @@ def test_runs_inside_a_ddim_pipeline(uncond):
 
 def test_denoise_with_classifier_free_guidance(cond):
     unet, folder = cond
-    rt = OrtUNet(folder)
+    rt = OrtDenoiser(folder)
     g = torch.Generator().manual_seed(1)
     noise, c, u = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, SEQ_LEN, CROSS_DIM, generator=g), torch.randn(1, SEQ_LEN, CROSS_DIM, generator=g)
     outs = [denoise(m, DDIMScheduler(num_train_timesteps=1000), noise, 2, cond=c, uncond=u, guidance=3.0) for m in (rt, unet)]
@@ -81,7 +81,7 @@ def test_denoise_with_classifier_free_guidance(cond):
 
 def test_calibrated_step_warning_in_pipeline(uncond_calibrated):
     _, folder = uncond_calibrated
-    rt = OrtUNet(folder)
+    rt = OrtDenoiser(folder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _ddim_images(rt, steps=3)  # DDIM steps 666, 333, 0: none calibrated
@@ -90,7 +90,7 @@ def test_calibrated_step_warning_in_pipeline(uncond_calibrated):
 
 
 def test_input_errors(uncond, cond):
-    rt_u, rt_c = OrtUNet(uncond[1]), OrtUNet(cond[1])
+    rt_u, rt_c = OrtDenoiser(uncond[1]), OrtDenoiser(cond[1])
     with pytest.raises(RuntimeInputError, match="expected channels 1"):
         rt_u(torch.randn(2, 3, 8, 8), 10)
     with pytest.raises(RuntimeInputError, match="expected height 8"):
@@ -103,11 +103,11 @@ def test_input_errors(uncond, cond):
 
 def test_onnx_file_paths(uncond, tmp_path):
     unet, folder = uncond
-    inside = OrtUNet(folder / ONNX_FILE)  # unet/model.onnx of an export folder: its spec is found
+    inside = OrtDenoiser(folder / ONNX_FILE)  # unet/model.onnx of an export folder: its spec is found
     assert inside.spec.model_class == "UNet2DModel"
     bare = tmp_path / "bare.onnx"
     shutil.copyfile(folder / ONNX_FILE, bare)
-    rt = OrtUNet(bare)  # any ONNX file with the UNet I/O names: config inferred from the graph
+    rt = OrtDenoiser(bare)  # any ONNX file with the UNet I/O names: config inferred from the graph
     assert rt.config.sample_size == 8 and rt.config.in_channels == 1 and rt.spec.timesteps == []
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(rt(x, 3).sample, torch_out(unet, x, torch.tensor(3)), atol=ATOL, rtol=0)
@@ -117,18 +117,18 @@ def test_onnx_file_paths(uncond, tmp_path):
 def test_gpu_provider_missing_is_an_error_not_a_fallback(uncond, provider):
     assert provider not in ort.get_available_providers()  # this suite runs on CPU-only onnxruntime
     with pytest.raises(MissingDependencyError) as err:
-        OrtUNet(uncond[1], providers=(provider, "CPUExecutionProvider"))
+        OrtDenoiser(uncond[1], providers=(provider, "CPUExecutionProvider"))
     msg = str(err.value)
     assert provider in msg and "CPUExecutionProvider" in msg and "pip install 'dqdeploy[gpu]'" in msg
 
 
 def test_unknown_provider(uncond):
     with pytest.raises(MissingDependencyError, match="NoSuchExecutionProvider"):
-        OrtUNet(uncond[1], providers=("NoSuchExecutionProvider",))
+        OrtDenoiser(uncond[1], providers=("NoSuchExecutionProvider",))
 
 
 def test_session_settings(uncond):
-    rt = OrtUNet(uncond[1], threads=1, options={"session.intra_op.allow_spinning": "0"})
+    rt = OrtDenoiser(uncond[1], threads=1, options={"session.intra_op.allow_spinning": "0"})
     assert rt.session.get_providers() == ["CPUExecutionProvider"]
     so = session_options(threads=1)
     assert so.intra_op_num_threads == 1 and so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -139,20 +139,20 @@ def test_session_settings(uncond):
 
 def test_folder_errors(uncond, tmp_path):
     with pytest.raises(ArtifactError, match="not a dqdeploy export folder"):
-        OrtUNet(tmp_path)
+        OrtDenoiser(tmp_path)
     with pytest.raises(ArtifactError, match="does not exist"):
-        OrtUNet(tmp_path / "missing.onnx")
+        OrtDenoiser(tmp_path / "missing.onnx")
     bad = tmp_path / "bad"
     shutil.copytree(uncond[1], bad)
     spec = json.loads((bad / SPEC_FILE).read_text())
     spec["inputs"][0]["dtype"] = "float16"
     (bad / SPEC_FILE).write_text(json.dumps(seal(spec)))  # even with a recomputed seal
     with pytest.raises(ArtifactError, match="does not match its dqdeploy_export.json"):
-        OrtUNet(bad)
+        OrtDenoiser(bad)
 
 
 def test_load_runtime(uncond):
-    assert isinstance(load_runtime(uncond[1], "ort"), OrtUNet)
+    assert isinstance(load_runtime(uncond[1], "ort"), OrtDenoiser)
     with pytest.raises(DQDeployError, match="unknown runtime 'tvm'"):
         load_runtime(uncond[1], "tvm")
 
