@@ -42,24 +42,28 @@ def _graph(kind: str, n: int, m: int, c: int):
     from onnx import numpy_helper as nh
 
     d = c // HEADS
-    const = [nh.from_array(np.asarray([2, -1, HEADS, d], np.int64), "s4"), nh.from_array(np.asarray([2, -1, c], np.int64), "s3"),
+    const = [nh.from_array(np.asarray([2, -1, HEADS, d], np.int64), "s4"),
+             nh.from_array(np.asarray([2, -1, c], np.int64), "s3"),
              nh.from_array(np.asarray(d ** -0.5, np.float32), "sc")]
     if kind == "mha":
         nodes = [h.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=HEADS)]
         const = []
     elif kind == "float":
         nodes = [h.make_node("Reshape", [x, "s4"], [x + "4"]) for x in "qkv"]
-        nodes += [h.make_node("Transpose", [x + "4"], [x + "t"], perm=[0, 2, 3, 1] if x == "k" else [0, 2, 1, 3]) for x in "qkv"]
+        nodes += [h.make_node("Transpose", [x + "4"], [x + "t"], perm=[0, 2, 3, 1] if x == "k" else [0, 2, 1, 3])
+                  for x in "qkv"]
         nodes += [h.make_node("MatMul", ["qt", "kt"], ["s"]), h.make_node("Mul", ["s", "sc"], ["ss"]),
                   h.make_node("Softmax", ["ss"], ["p"], axis=-1), h.make_node("MatMul", ["p", "vt"], ["a"]),
-                  h.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1, 3]), h.make_node("Reshape", ["at", "s3"], ["o"])]
+                  h.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1, 3]),
+                  h.make_node("Reshape", ["at", "s3"], ["o"])]
     else:
         scales = {"qs": (0.05, np.float32), "qz": (128, np.uint8), "ks": (0.05, np.float32), "kz": (0, np.int8),
                   "ss": (0.1, np.float32), "sz": (128, np.uint8), "ps": (1 / 255, np.float32), "pz": (0, np.uint8),
                   "os": (0.02, np.float32), "oz": (128, np.uint8)}
         const = [nh.from_array(np.asarray(v, t), name) for name, (v, t) in scales.items()]
         nodes = [h.make_node("QLinearMatMul", ["q", "qs", "qz", "k", "ks", "kz", "ss", "sz"], ["s8"]),
-                 h.make_node("DequantizeLinear", ["s8", "ss", "sz"], ["s"]), h.make_node("Softmax", ["s"], ["p"], axis=-1),
+                 h.make_node("DequantizeLinear", ["s8", "ss", "sz"], ["s"]),
+                 h.make_node("Softmax", ["s"], ["p"], axis=-1),
                  h.make_node("QuantizeLinear", ["p", "ps", "pz"], ["p8"]),
                  h.make_node("QLinearMatMul", ["p8", "ps", "pz", "v", "ks", "kz", "os", "oz"], ["o8"]),
                  h.make_node("DequantizeLinear", ["o8", "os", "oz"], ["o"])]
@@ -73,10 +77,12 @@ def _graph(kind: str, n: int, m: int, c: int):
 def _feeds(kind: str, n: int, m: int, c: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     if kind != "int8":
-        return {"q": rng.standard_normal((2, n, c), dtype=np.float32), "k": rng.standard_normal((2, m, c), dtype=np.float32),
+        return {"q": rng.standard_normal((2, n, c), dtype=np.float32),
+                "k": rng.standard_normal((2, m, c), dtype=np.float32),
                 "v": rng.standard_normal((2, m, c), dtype=np.float32)}
     d, bh = c // HEADS, 2 * HEADS
-    return {"q": rng.integers(0, 256, (bh, n, d), dtype=np.uint8), "k": rng.integers(-127, 128, (bh, d, m), dtype=np.int8),
+    return {"q": rng.integers(0, 256, (bh, n, d), dtype=np.uint8),
+            "k": rng.integers(-127, 128, (bh, d, m), dtype=np.int8),
             "v": rng.integers(-127, 128, (bh, m, d), dtype=np.int8)}
 
 
@@ -101,8 +107,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    rows = {name: {kind: cpu_ms(kind, *shape, args.repeats) for kind in ("float", "mha", "int8")} | {"shape": list(shape)}
-            for name, shape in SHAPES.items()}
+    rows = {name: {kind: cpu_ms(kind, *shape, args.repeats) for kind in ("float", "mha", "int8")}
+            | {"shape": list(shape)} for name, shape in SHAPES.items()}
     path = write_results("ort_speed", {"command": " ".join(["python bench/attention_micro.py", *sys.argv[1:]]),
                                         "batch": 2, "heads": HEADS, "cpu_ms": rows}, label="attention micro")
     print(json.dumps(rows, indent=1))

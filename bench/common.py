@@ -80,7 +80,8 @@ def machine() -> dict[str, str]:
             "torch": torch.__version__, "onnxruntime": ort_version, "threads": "1"}
 
 
-def interleaved_wall_cpu(runs: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def interleaved_wall_cpu(runs: dict[str, Callable[[], object]],
+                         repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and process CPU seconds of every ``runs[name]``, in interleaved rounds (call each once first to warm it):
     on a shared machine the CPU time of a one-thread run is the less noisy figure (preemption inflates wall time)."""
     wall: dict[str, list[float]] = {n: [] for n in runs}

@@ -2,7 +2,8 @@
 checked and sampled under ``qemu-x86_64 -cpu Haswell`` (AVX2 + FMA, no AVX-512, no VNNI: ONNX Runtime's u8s8
 kernel there is the saturating ``vpmaddubsw``) beside the same runs on this machine.
 
-  python bench/cpu_emulation.py [--recipes w8a8,w4a8] [--n 1000] [--cpu-model Haswell] [--steps-checked 50] [--label KEY]
+  python bench/cpu_emulation.py [--recipes w8a8,w4a8] [--n 1000] [--cpu-model Haswell] [--steps-checked 50] \
+[--label KEY]
 
 Per recipe: quantize the shipped digits model as ``make demo`` does (cached under ``$TMPDIR/dqdeploy-cpu-emulation``),
 export ``--target ort --cpu portable`` (what ``--cpu auto`` picks on such a CPU), ``--cpu vnni`` and ``--target onnx``
@@ -32,7 +33,8 @@ from bench.common import write_results  # noqa: E402
 
 MODEL = ROOT / "dqdeploy" / "assets" / "digits-ddpm"
 DEMO = ["--scheduler", "ddim", "--calib-samples", "512", "--iters", "100", "--layout", "ort"]  # the Makefile's demo
-VERDICTS = {0: "PASS", 1: "FAIL", 2: "REFUSED"}  # check's exit codes: agreement, out of tolerance, a user error (the guard)
+# check's exit codes: agreement, out of tolerance, a user error (the guard)
+VERDICTS = {0: "PASS", 1: "FAIL", 2: "REFUSED"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             code, text, sec = dq(["quantize", str(MODEL), "--recipe", recipe, "--out", str(q), *DEMO])
             assert code == 0, text[-2000:]
             rows["quantize_s"] = sec
-        graphs = {"ort-portable": ["--target", "ort", "--cpu", "portable"], "ort-vnni": ["--target", "ort", "--cpu", "vnni"],
-                  "onnx": ["--target", "onnx"]}
+        graphs = {"ort-portable": ["--target", "ort", "--cpu", "portable"],
+                  "ort-vnni": ["--target", "ort", "--cpu", "vnni"], "onnx": ["--target", "onnx"]}
         for name, flags in graphs.items():
             if not (work / name / "dqdeploy_export.json").is_file():
                 code, text, _ = dq(["export", str(q), "--out", str(work / name), *flags])
@@ -107,15 +109,16 @@ def main(argv: list[str] | None = None) -> None:
             for where, emulate in (("emulated", args.cpu_model), ("native", None)):
                 if where == "native" and extra:
                     continue
-                rows[f"check {check} ({where})"] = check_row(*dq(["check", str(q), str(graph), "--steps", str(args.steps_checked),
-                                                                  *extra], emulate))
+                rows[f"check {check} ({where})"] = check_row(*dq(["check", str(q), str(graph),
+                                                                  "--steps", str(args.steps_checked), *extra], emulate))
                 save()
         if args.fid != "none":
             rows["fid simulation (native)"] = fid_row(*dq(["eval", str(q), *sample]))
             rows["fid ort-portable (native)"] = fid_row(*dq(["eval", str(work / "ort-portable"), *sample]))
             save()
         if args.fid == "all":
-            rows["fid ort-portable (emulated)"] = fid_row(*dq(["eval", str(work / "ort-portable"), *sample], args.cpu_model))
+            rows["fid ort-portable (emulated)"] = fid_row(*dq(["eval", str(work / "ort-portable"), *sample],
+                                                              args.cpu_model))
             save()
     print(json.dumps(entry, indent=2))
 

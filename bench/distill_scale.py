@@ -65,13 +65,14 @@ def run_version(iters: int, samples: int, batch_size: int) -> dict:
     steps = [901.0, 601.0, 301.0, 1.0]
     rows = torch.arange(samples) % len(steps)
     inputs = DenoiserInputs.create(torch.randn(samples, 4, 32, 32, generator=g), torch.tensor(steps)[rows],
-                                   encoder_hidden_states=torch.randn(samples, TOKENS, CONFIG["cross_attention_dim"], generator=g))
+                                   encoder_hidden_states=torch.randn(samples, TOKENS, CONFIG["cross_attention_dim"],
+                                                                     generator=g))
     calib = CalibrationSet(inputs, rows, steps)
     recipe = W8A8.replace(iters=iters, batch_size=batch_size, act_init="minmax", fallback="none")
     qmodel, _ = build_quantized(unet, recipe, TimestepTable(steps), calib)
     init_activation_scales(qmodel, calib, method="minmax", batch_size=batch_size)
-    blocks = partition(qmodel.denoiser, example_forward(qmodel, calib), ("ResnetBlock2D", "Transformer2DModel", "Downsample2D",
-                                                                     "Upsample2D", "TimestepEmbedding"))
+    blocks = partition(qmodel.denoiser, example_forward(qmodel, calib),
+                       ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding"))
     starts: list[float] = []
     train = distill._train
 
@@ -84,7 +85,8 @@ def run_version(iters: int, samples: int, batch_size: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     start = time.perf_counter()
     with distill.open_store(None) as store:  # targets and distillation timed together, as before
-        reports = distill.distill_blocks(qmodel, blocks, calib, recipe, distill.block_targets(unet, blocks, calib, recipe, store))
+        reports = distill.distill_blocks(qmodel, blocks, calib, recipe,
+                                         distill.block_targets(unet, blocks, calib, recipe, store))
     end = time.perf_counter()
     per_block = [b - a for a, b in zip(starts, starts[1:] + [end])]
     return {"source": source, "parameters_m": sum(p.numel() for p in unet.parameters()) / 1e6, "blocks": len(blocks),
@@ -112,13 +114,15 @@ def main() -> None:
     rows = {}
     for name, tree in (("before", args.before), ("after", args.after)):
         env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve()), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-        out = subprocess.run([sys.executable, __file__, "--inner", "--iters", str(args.iters), "--samples", str(args.samples),
-                              "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True, env=env).stdout
+        out = subprocess.run([sys.executable, __file__, "--inner", "--iters", str(args.iters),
+                              "--samples", str(args.samples), "--batch-size", str(args.batch_size)],
+                             check=True, capture_output=True, text=True, env=env).stdout
         rows[name] = json.loads(out.strip().splitlines()[-1])
         print(name, {k: v for k, v in rows[name].items() if k != "per_block_s"}, flush=True)
     speedup = rows["before"]["distill_s"] / rows["after"]["distill_s"]
     result = {"command": "python bench/distill_scale.py " + " ".join(sys.argv[1:]),
-              "model": {"class": "UNet2DConditionModel", **CONFIG, "tokens": TOKENS}, "recipe": "w8a8 (minmax init, no fallback)",
+              "model": {"class": "UNet2DConditionModel", **CONFIG, "tokens": TOKENS},
+              "recipe": "w8a8 (minmax init, no fallback)",
               "iters": args.iters, "calibration_samples": args.samples, "batch_size": args.batch_size,
               "before": rows["before"], "after": rows["after"], "distill_speedup": speedup}
     print(f"distillation {speedup:.2f}x faster; wrote {write_results('distill_scale', result)}")

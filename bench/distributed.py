@@ -52,10 +52,12 @@ def compare(one: Path, two: Path) -> dict:
     ints = [k for k in a if k.endswith(("weight_int8", "weight_int4"))]
     deq = []
     for k in [k for k in ints if k.endswith("weight_int8")]:
-        s1, s2 = (t[k.replace("weight_int8", "weight_quantizer.scale")].reshape(-1, *[1] * (a[k].dim() - 1)) for t in (a, b))
+        s1, s2 = (t[k.replace("weight_int8", "weight_quantizer.scale")].reshape(-1, *[1] * (a[k].dim() - 1))
+                  for t in (a, b))
         deq.append(float((a[k].float() * s1 - b[k].float() * s2).abs().max()))
     return {"same_tensors": a.keys() == b.keys(),
-            "max_abs_float_tensor_diff": max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k not in ints),
+            "max_abs_float_tensor_diff": max(float((a[k].float() - b[k].float()).abs().max())
+                                             for k in a if k not in ints),
             "max_abs_dequantized_weight_diff": max(deq, default=0.0),
             "int_weights_differing": sum(int((a[k] != b[k]).sum()) for k in ints) / sum(a[k].numel() for k in ints),
             "first_block_curve_max_rel_diff": rel}
@@ -64,7 +66,8 @@ def compare(one: Path, two: Path) -> dict:
 def same_bytes(one: Path, two: Path) -> bool:
     """Whether two artifact folders hold the same files, byte for byte."""
     names = sorted(p.name for p in one.iterdir())
-    return names == sorted(p.name for p in two.iterdir()) and all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
+    return names == sorted(p.name for p in two.iterdir()) and all((one / n).read_bytes() == (two / n).read_bytes()
+                                                                  for n in names)
 
 
 def micro_reference(model: str, a: argparse.Namespace, out: Path) -> None:
@@ -72,7 +75,8 @@ def micro_reference(model: str, a: argparse.Namespace, out: Path) -> None:
     with the settings the command lines use."""
     code = ("from dqdeploy import quantize; from dqdeploy.recipe import W8A8, CalibrationConfig; "
             f"quantize({model!r}, W8A8.replace(iters={a.iters}, batch_size=32), CalibrationConfig(scheduler='ddim', "
-            f"steps={a.steps}, samples={a.samples}, trajectories={a.trajectories}, batch_size=32), {str(out)!r}, micro_batches=2)")
+            f"steps={a.steps}, samples={a.samples}, trajectories={a.trajectories}, batch_size=32), {str(out)!r}, "
+            "micro_batches=2)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -5,7 +5,8 @@ an SD3Transformer2DModel): one forward at batch 2 (one CFG pair), one thread, si
                 (an export of the FP folder fixes the text length at its example's 8 tokens, the
                 artifact's at the 2 of the class prompts)
   int8 (ort)    ``dqdeploy export Q --target ort``
-both of the zoo benchmark's W8A8 artifact Q (``bench/zoo_quality.py``: the README's plain ``dqdeploy quantize``, cached).
+both of the zoo benchmark's W8A8 artifact Q (``bench/zoo_quality.py``: the README's plain ``dqdeploy quantize``, \
+cached).
 
 Interleaved rounds, medians. The inputs are real ones: a noisy latent and the class prompts of the
 member's ``--cond`` file (digit 3 and the null prompt), at the middle time step.

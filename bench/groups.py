@@ -21,7 +21,8 @@ from dqdeploy.quant.sensitivity import ErrorMeter, scheduler_weights  # noqa: E4
 
 GROUPS = {
     "skip-concat readers (up-block conv_shortcut)": ["up_blocks.*.resnets.*.conv_shortcut"],
-    "skip-concat readers (up-block conv1 + conv_shortcut)": ["up_blocks.*.resnets.*.conv_shortcut", "up_blocks.*.resnets.*.conv1"],
+    "skip-concat readers (up-block conv1 + conv_shortcut)": ["up_blocks.*.resnets.*.conv_shortcut",
+                                                             "up_blocks.*.resnets.*.conv1"],
     "time-embedding MLP + time_emb_proj": ["time_embedding.*", "*time_emb_proj"],
     "attention projections": ["*attentions*"],
     "conv_in": ["conv_in"],
@@ -34,7 +35,8 @@ def main() -> None:
     quant_dir, name = sys.argv[1], sys.argv[2]
     manifest = read_manifest(quant_dir)
     model, inputs = load_quantized(quant_dir), load_calibration_inputs(quant_dir)
-    weights = scheduler_weights(make_scheduler(manifest.calibration.get("scheduler", "ddim"), manifest.scheduler_config), manifest.timesteps)
+    weights = scheduler_weights(make_scheduler(manifest.calibration.get("scheduler", "ddim"),
+                                               manifest.scheduler_config), manifest.timesteps)
 
     meter = ErrorMeter(model, inputs, 32, weights)
     names = list(quant_layers(model.denoiser))
@@ -45,7 +47,8 @@ def main() -> None:
         members = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
         others = [n for n in names if n not in members]
         result["groups"][group] = {
-            "layers": len(members), "error_if_float": meter.mean(others, others), "gain": full - meter.mean(others, others),
+            "layers": len(members), "error_if_float": meter.mean(others, others),
+            "gain": full - meter.mean(others, others),
             "gain_weights_float": full - meter.mean(others, None), "gain_acts_float": full - meter.mean(None, others),
         }
         print(group, result["groups"][group], flush=True)

@@ -30,7 +30,8 @@ from dqdeploy.cpu import cpu_info  # noqa: E402
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, stored_weight  # noqa: E402
 from dqdeploy.runtimes.int8_probe import PROBES, probe  # noqa: E402
 
-FORMATS = {"full-range int8 (vnni)": ("vnni", 127), "uint8 (portable)": ("portable", 127), "int8 in [-64, 64]": ("vnni", 64)}
+FORMATS = {"full-range int8 (vnni)": ("vnni", 127), "uint8 (portable)": ("portable", 127),
+           "int8 in [-64, 64]": ("vnni", 64)}
 
 
 def conv_session(fmt: str | None, weight_range: int = 127):

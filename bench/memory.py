@@ -55,12 +55,14 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     start = time.perf_counter()
     if mode == "block":
         with open_store(None) as store:
-            reports = distill_blocks(qmodel, blocks, calib, recipe, block_targets(loaded.denoiser, blocks, calib, recipe, store))
+            reports = distill_blocks(qmodel, blocks, calib, recipe,
+                                     block_targets(loaded.denoiser, blocks, calib, recipe, store))
     else:
         reports = distill_model(qmodel, calib, recipe, model_targets(loaded.denoiser, calib, recipe))
     return {"mode": mode, "baseline_mb": baseline / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
             "distill_peak_above_baseline_mb": (_status_kb("VmHWM") - baseline) / 1024,
-            "distill_s": time.perf_counter() - start, "final_loss_mean": sum(r.loss_after for r in reports) / len(reports)}
+            "distill_s": time.perf_counter() - start,
+            "final_loss_mean": sum(r.loss_after for r in reports) / len(reports)}
 
 
 def main() -> None:
@@ -75,13 +77,15 @@ def main() -> None:
         return
     rows = []
     for mode in ("block", "model"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--iters", str(args.iters), "--recipe", args.recipe,
-                              "--samples", str(args.samples)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--iters", str(args.iters),
+                              "--recipe", args.recipe, "--samples", str(args.samples)],
+                             check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     ratio = rows[0]["distill_peak_above_baseline_mb"] / max(rows[1]["distill_peak_above_baseline_mb"], 1e-9)
     result = {"command": "python bench/memory.py " + " ".join(sys.argv[1:]), "recipe": args.recipe,
-              "iters": args.iters, "calibration_samples": args.samples, "rows": rows, "block_vs_model_peak_ratio": ratio}
+              "iters": args.iters, "calibration_samples": args.samples, "rows": rows,
+              "block_vs_model_peak_ratio": ratio}
     print(f"BKD / whole-model distillation peak: {ratio:.2f}x; wrote {write_results('memory', result)}")
 
 

@@ -119,7 +119,8 @@ def main() -> None:
         k = argv.index("--note")
         del argv[k:k + 2]
     entry = {"command": "python bench/ort_speed.py " + " ".join(argv),
-             "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+             "loadavg_before": [round(v, 2) for v in load_before],
+             "loadavg_after": [round(v, 2) for v in os.getloadavg()],
              "batch": 2, "tokens": 77, "rows": rows, "profile_1_thread": profiles, "note": args.note}
     path = write_results("ort_speed", entry, label=args.label)
     print(json.dumps(rows))

@@ -28,7 +28,8 @@ def git_commit(root: Path = ROOT) -> str:
     """The commit the measured code is at (``+dirty`` when tracked code, outside bench/results and the
     Markdown files, differs from it)."""
     head = _git("rev-parse", "--short", "HEAD", root=root).strip() or "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!*.md", root=root).strip()
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!*.md",
+                 root=root).strip()
     return head + ("+dirty" if dirty else "")
 
 

@@ -47,11 +47,13 @@ def main() -> None:
     ap.add_argument("--recipes", default="w8a8,w4a8,w4a4")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
-    ap.add_argument("--out", default="quality", help="results name (bench/results/NAME.json); report.py merges quality*.json")
+    ap.add_argument("--out", default="quality",
+                    help="results name (bench/results/NAME.json); report.py merges quality*.json")
     ap.add_argument("--model", type=Path, help="diffusers folder (default: the shipped digits DDPM)")
     ap.add_argument("--skip-fp", action="store_true", help="leave the FP32 row to another run")
     ap.add_argument("--default-ort", action="store_true",
-                    help="deployed rows from the default artifact itself (--target ort and --target onnx), no extra layout=ort quantize")
+                    help="deployed rows from the default artifact itself (--target ort and --target onnx), "
+                         "no extra layout=ort quantize")
     ap.add_argument("--targets", default="ort,onnx", help="with --default-ort: the graphs to score")
     ap.add_argument("--noise-seed", type=int, default=0, help="seed of the sampling noise")
     ap.add_argument("--changes", default="{}", help="JSON recipe changes applied to every variant (e.g. old defaults)")
@@ -61,13 +63,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dqdeploy-quality-"))
     rows: list[dict] = []
     result = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]),
-              "model": str(model_dir), "n": args.n, "steps": args.steps, "sampler": "ddim", "seed": args.noise_seed, "rows": rows}
+              "model": str(model_dir), "n": args.n, "steps": args.steps, "sampler": "ddim", "seed": args.noise_seed,
+              "rows": rows}
 
     def evaluate(label: str, path: Path, runtime: str = "auto", **extra) -> None:
         start = time.perf_counter()
-        images = generate(path, n=args.n, steps=args.steps, scheduler="ddim", seed=args.noise_seed, batch_size=100, runtime=runtime)
+        images = generate(path, n=args.n, steps=args.steps, scheduler="ddim", seed=args.noise_seed, batch_size=100,
+                          runtime=runtime)
         fid = digits_fid(images)
-        rows.append({"model": label, "runtime": runtime, "digits_fid": fid, "sample_s": time.perf_counter() - start, **extra})
+        rows.append({"model": label, "runtime": runtime, "digits_fid": fid, "sample_s": time.perf_counter() - start,
+                     **extra})
         write_results(args.out, result)
         print(f"{label:40s} {runtime:6s} FID {fid:8.3f}", flush=True)
 
@@ -85,7 +90,8 @@ def main() -> None:
             res = quantize_denoiser(loaded.denoiser, recipe, calib, calib_cfg, loaded.scheduler_config)
             quant_s = time.perf_counter() - t0
             qdir = save_quantized(res, work / f"{recipe_name}-{variant.split()[0]}")
-            evaluate(f"{recipe_name} {variant}", qdir, runtime="torch", recipe=recipe_name, variant=variant, quantize_s=quant_s)
+            evaluate(f"{recipe_name} {variant}", qdir, runtime="torch", recipe=recipe_name, variant=variant,
+                     quantize_s=quant_s)
             if variant == "dilatequant" and recipe.deployable and not args.no_ort and args.default_ort:
                 for target in args.targets.split(","):
                     edir = export(qdir, work / f"{recipe_name}-{target}", target=target)

@@ -46,7 +46,8 @@ def main() -> None:
                 seconds[name].append(run_with_code(code, cmd))
                 print(f"{time.strftime('%H:%M:%S')} {name} run {i}: {seconds[name][-1]:.1f} s", flush=True)
     med = {name: statistics.median(s) for name, s in seconds.items()}
-    data = {"command": f"python bench/quantize_time.py --before {args.before} --recipe {args.recipe} --repeats {args.repeats}",
+    data = {"command": f"python bench/quantize_time.py --before {args.before} --recipe {args.recipe} "
+                       f"--repeats {args.repeats}",
             "model": str(MODEL.relative_to(ROOT)), "recipe": args.recipe,
             "args": PLAIN, "old_defaults_args": OLD_DEFAULTS, "seconds": seconds, "median_s": med,
             "default_vs_before": med["default"] / med["before"],

@@ -81,8 +81,9 @@ def merged_quality() -> dict | None:
 def quality_section(q: dict, title: str = "Image quality: digits-FID") -> list[str]:
     fp = next(r["digits_fid"] for r in q["rows"] if r["model"] == "fp32")
     out = [f"## {title}", "",
-           f"`{q['command']}` — {q['n']} samples, DDIM {q['steps']} steps, seed {q['seed']}, the same noise for every row; "
-           "one calibration set shared by all quantized rows. Lower is better; `vs FP` is the ratio to the FP32 FID.", "",
+           f"`{q['command']}` — {q['n']} samples, DDIM {q['steps']} steps, seed {q['seed']}, "
+           "the same noise for every row; one calibration set shared by all quantized rows. "
+           "Lower is better; `vs FP` is the ratio to the FP32 FID.", "",
            "| model | runs on | digits-FID | vs FP | quantize time (s) |", "|---|---|---:|---:|---:|"]
     for r in q["rows"]:
         qt = f"{r['quantize_s']:.0f}" if "quantize_s" in r else ""
@@ -96,7 +97,8 @@ def _ci(lo: float | None, hi: float | None, fmt: str = "{:.2f}") -> str:
 
 def zoo_rows(z: dict) -> dict:
     """``z`` with only the rows, and runs, that carry their provenance (each row is stamped on its own)."""
-    refused = {k: verdict(r, LEDGER.current)[1] for k, r in z["rows"].items() if verdict(r, LEDGER.current)[0] == "refused"}
+    refused = {k: verdict(r, LEDGER.current)[1] for k, r in z["rows"].items()
+               if verdict(r, LEDGER.current)[0] == "refused"}
     if refused:
         runs = "; ".join(dict.fromkeys(r["command"] for r in z["runs"] if verdict(r, "")[0] == "refused"))
         LEDGER.refused.append((f"zoo_quality.json ({len(refused)} of {len(z['rows'])} rows)", runs,
@@ -127,20 +129,24 @@ def zoo_quality_section(z: dict) -> list[str]:
     out = ["## Zoo-wide image quality: digits-FID on every zoo model", "",
            f"{commands} — {'/'.join(map(str, n))} samples per row, DDIM {z['steps']} steps"
            + "".join(f" ({s})" for s in samplers) + ", one noise seed per row "
-           "(the same noise for every model and recipe). Models: `bench/zoo.py` (trained by `python scripts/train_zoo.py`). "
+           "(the same noise for every model and recipe). "
+           "Models: `bench/zoo.py` (trained by `python scripts/train_zoo.py`). "
            "`vs FP` is the ratio to the FP row of the same model and seed; `[..]` is its paired 95% bootstrap "
-           "interval over samples (the FID difference on the same resampled indices, mapped to a ratio; the seed-to-seed "
-           "noise below is the other yardstick). `vs sim`: exported graph on ONNX "
+           "interval over samples (the FID difference on the same resampled indices, mapped to a ratio; "
+           "the seed-to-seed noise below is the other yardstick). `vs sim`: exported graph on ONNX "
            "Runtime vs its own simulation. `step err`: mean relative error of the denoiser output vs FP along FP "
            "trajectories (16 trajectories, every sampling step) / worst step.", ""]
     order = {"fp32": 0, "w8a8": 1, "w4a8": 2, "w4a4": 3}
     fl = {"sim": 0, "onnx": 1, "ort": 2}
     rows.sort(key=lambda r: (r["model"], order.get(r["recipe"], 9), r["variant"], fl[r["flavour"]], r["seed"]))
-    out += ["| model | recipe | variant | runs | seed | digits-FID | vs FP | vs sim | step err (mean / worst) | class acc |",
+    out += ["| model | recipe | variant | runs | seed | digits-FID | vs FP | vs sim "
+            "| step err (mean / worst) | class acc |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        vs_fp = "" if r.get("vs_fp") is None else f"{r['vs_fp']:.3f}x" + _ci(r.get("fp_ratio_lo"), r.get("fp_ratio_hi"), "{:.3f}")
-        vs_sim = "" if r.get("vs_sim") is None else f"{r['vs_sim']:.3f}x" + _ci(r.get("sim_ratio_lo"), r.get("sim_ratio_hi"), "{:.3f}")
+        vs_fp = ("" if r.get("vs_fp") is None
+                 else f"{r['vs_fp']:.3f}x" + _ci(r.get("fp_ratio_lo"), r.get("fp_ratio_hi"), "{:.3f}"))
+        vs_sim = ("" if r.get("vs_sim") is None
+                  else f"{r['vs_sim']:.3f}x" + _ci(r.get("sim_ratio_lo"), r.get("sim_ratio_hi"), "{:.3f}"))
         se = r.get("step_error")
         step = f"{se['mean_rel_err']:.4f} / {se['worst_rel_err']:.4f}" if se else ""
         acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else ""
@@ -164,16 +170,19 @@ def zoo_quality_section(z: dict) -> list[str]:
             groups.setdefault((r["recipe"], r["variant"], r["flavour"]), []).append(r)
     if not groups:
         return out[:-5] + ["", "**Worst case over the zoo**: no quantized row measured yet.", ""]
-    for (recipe, variant, flavour), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], fl[kv[0][2]])):
+    for (recipe, variant, flavour), members in sorted(
+            groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], fl[kv[0][2]])):
         worst = max(members, key=lambda r: r["vs_fp"])
         vs_sim = [r for r in members if r.get("vs_sim") is not None]
         far = max(vs_sim, key=lambda r: abs(r["vs_sim"] - 1)) if vs_sim else None
-        sim_cells = (f"{far['vs_sim']:.3f}x{_ci(far.get('sim_ratio_lo'), far.get('sim_ratio_hi'), '{:.3f}')} | {far['model']}"
-                     if far else " | ")
-        out.append(f"| {recipe} | {variant} | {flavour} | {worst['vs_fp']:.3f}x{_ci(worst.get('fp_ratio_lo'), worst.get('fp_ratio_hi'), '{:.3f}')} "
+        sim_cells = (f"{far['vs_sim']:.3f}x{_ci(far.get('sim_ratio_lo'), far.get('sim_ratio_hi'), '{:.3f}')}"
+                     f" | {far['model']}" if far else " | ")
+        out.append(f"| {recipe} | {variant} | {flavour} | "
+                   f"{worst['vs_fp']:.3f}x{_ci(worst.get('fp_ratio_lo'), worst.get('fp_ratio_hi'), '{:.3f}')} "
                    f"| {worst['model']} | {sim_cells} | {len(members)}/{z.get('zoo_size', '?')} |")
     cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['int8_class']})" for r in rows})
-    return out + ["", f"Rows measured on: {', '.join(cpus)}; commits {', '.join(sorted({r['commit'] for r in rows}))}.", ""] + \
+    return out + ["", f"Rows measured on: {', '.join(cpus)}; "
+                      f"commits {', '.join(sorted({r['commit'] for r in rows}))}.", ""] + \
         _ablation_table(z["rows"], order)
 
 
@@ -186,62 +195,78 @@ def _ablation_table(rows: dict, order: dict[str, int]) -> list[str]:
     pairs = []
     for r in rows.values():
         default = defaults.get(key(r))
-        if r["variant"] not in ("default", "legacy") and r["recipe"] != "fp32" and r.get("vs_default") is not None and default:
+        if (r["variant"] not in ("default", "legacy") and r["recipe"] != "fp32" and r.get("vs_default") is not None
+                and default):
             pairs.append((r, default))
     if not pairs:
         return []
-    out = ["**Ablations** (the default recipe with one part changed; `vs default`: FID ratio to the default recipe's row of "
-           "the same model and noise, paired 95% bootstrap interval; > 1 means the part helps; `calib-seed1` is the default "
-           "recipe calibrated with another seed, the quantizer's own run-to-run noise):", "",
+    out = ["**Ablations** (the default recipe with one part changed; `vs default`: FID ratio to the default "
+           "recipe's row of the same model and noise, paired 95% bootstrap interval; > 1 means the part helps; "
+           "`calib-seed1` is the default recipe calibrated with another seed, "
+           "the quantizer's own run-to-run noise):", "",
            "| recipe | ablation | model | runs | vs FP | default vs FP | vs default | step err (ablation / default) |",
            "|---|---|---|---|---:|---:|---:|---:|"]
-    pairs.sort(key=lambda p: (order.get(p[0]["recipe"], 9), p[0]["variant"], p[0]["model"], p[0]["flavour"], p[0]["seed"]))
+    pairs.sort(key=lambda p: (order.get(p[0]["recipe"], 9), p[0]["variant"], p[0]["model"], p[0]["flavour"],
+                              p[0]["seed"]))
     for r, d in pairs:
         se, de = r.get("step_error"), d.get("step_error")
         step = f"{se['mean_rel_err']:.4f} / {de['mean_rel_err']:.4f}" if se and de else ""
-        out.append(f"| {r['recipe']} | {r['variant']} | {r['model']} | {r['flavour']}, seed {r['seed']} | {r['vs_fp']:.3f}x | "
-                   f"{d['vs_fp']:.3f}x | {r['vs_default']:.3f}x{_ci(r.get('default_ratio_lo'), r.get('default_ratio_hi'), '{:.3f}')} | {step} |")
+        out.append(f"| {r['recipe']} | {r['variant']} | {r['model']} | {r['flavour']}, seed {r['seed']} | "
+                   f"{r['vs_fp']:.3f}x | {d['vs_fp']:.3f}x | "
+                   f"{r['vs_default']:.3f}x{_ci(r.get('default_ratio_lo'), r.get('default_ratio_hi'), '{:.3f}')} "
+                   f"| {step} |")
     return out + [""]
 
 
 def latency_section(lat: dict) -> list[str]:
     out = ["## ONNX Runtime CPU latency", "",
-           f"`{lat['command']}` — {lat['model']}, batch {lat['batch']}, one thread, {lat['repeats']} interleaved rounds; medians.", "",
+           f"`{lat['command']}` — {lat['model']}, batch {lat['batch']}, one thread, "
+           f"{lat['repeats']} interleaved rounds; medians.", "",
            "| graph | median (ms) | speed-up vs FP32 |", "|---|---:|---:|"]
     for name, ms in lat["median_ms"].items():
         out.append(f"| {name} | {ms:.1f} | {lat['speedup_vs_fp32'][name]:.2f}x |")
     out += ["", f"dqdeploy per-step vs ORT's own quantize_static: {lat['dq_per_step_vs_peer']:.2f}x "
-            f"(>1 means dqdeploy is faster); per-step scale overhead vs constant scales: {lat['per_step_overhead']:+.1%}.", ""]
+            "(>1 means dqdeploy is faster); "
+            f"per-step scale overhead vs constant scales: {lat['per_step_overhead']:+.1%}.", ""]
     return out
 
 
 def dit_latency_section(lat: dict) -> list[str]:
     out = ["## ONNX Runtime CPU latency: digits diffusion transformer", "",
-           f"`{lat['command']}` — {lat['model']}; batch {lat['batch']}, one thread, {lat['repeats']} interleaved rounds; "
+           f"`{lat['command']}` — {lat['model']}; batch {lat['batch']}, one thread, "
+           f"{lat['repeats']} interleaved rounds; "
            "medians.", "", "| graph | median (ms) | speed-up vs FP32 |", "|---|---:|---:|"]
-    out += [f"| {name} | {ms:.2f} | {lat['speedup_vs_fp32'][name]:.2f}x |" for name, ms in lat["median_ms"].items()]
+    out += [f"| {name} | {ms:.2f} | {lat['speedup_vs_fp32'][name]:.2f}x |"
+            for name, ms in lat["median_ms"].items()]
     return out + [""]
 
 
 def memory_section(mem: dict) -> list[str]:
     out = ["## Distillation memory", "", f"`{mem['command']}` — recipe {mem['recipe']}, {mem['iters']} iterations, "
-           f"{mem['calibration_samples']} calibration samples; peak RSS above the resident baseline during distillation.", "",
+           f"{mem['calibration_samples']} calibration samples; "
+           "peak RSS above the resident baseline during distillation.", "",
            "| mode | peak above baseline (MB) | time (s) | mean final loss |", "|---|---:|---:|---:|"]
     for r in mem["rows"]:
-        out.append(f"| {r['mode']} | {r['distill_peak_above_baseline_mb']:.0f} | {r['distill_s']:.0f} | {r['final_loss_mean']:.3e} |")
-    return out + ["", f"Block-wise / whole-model peak: {mem['block_vs_model_peak_ratio']:.2f}x (paper, GPU: 0.34x).", ""]
+        out.append(f"| {r['mode']} | {r['distill_peak_above_baseline_mb']:.0f} | {r['distill_s']:.0f} "
+                   f"| {r['final_loss_mean']:.3e} |")
+    return out + ["", f"Block-wise / whole-model peak: {mem['block_vs_model_peak_ratio']:.2f}x "
+                  "(paper, GPU: 0.34x).", ""]
 
 
 def distill_scale_section(d: dict) -> list[str]:
     m = d["model"]
     out = ["## Distillation time per block", "",
            f"`{d['command']}` — {m['class']} {'/'.join(map(str, m['block_out_channels']))} wide (SD-1.5 block layout, "
-           f"{d['before']['parameters_m']:.0f}M parameters, {d['before']['blocks']} blocks, {m['sample_size']}x{m['sample_size']} latent, "
-           f"{m['tokens']} tokens), {d['recipe']}, {d['iters']} iterations, {d['calibration_samples']} samples, batch {d['batch_size']}.", "",
-           "| code | distillation (s) | per block (s) | peak RSS above baseline (MB) | mean final block loss |", "|---|---:|---:|---:|---:|"]
+           f"{d['before']['parameters_m']:.0f}M parameters, {d['before']['blocks']} blocks, "
+           f"{m['sample_size']}x{m['sample_size']} latent, "
+           f"{m['tokens']} tokens), {d['recipe']}, {d['iters']} iterations, {d['calibration_samples']} samples, "
+           f"batch {d['batch_size']}.", "",
+           "| code | distillation (s) | per block (s) | peak RSS above baseline (MB) | mean final block loss |",
+           "|---|---:|---:|---:|---:|"]
     for name in ("before", "after"):
         r = d[name]
-        out.append(f"| {name} | {r['distill_s']:.0f} | {r['per_block_s_mean']:.2f} | {r['peak_above_baseline_mb']:.0f} | {r['loss_after_mean']:.4e} |")
+        out.append(f"| {name} | {r['distill_s']:.0f} | {r['per_block_s_mean']:.2f} | {r['peak_above_baseline_mb']:.0f} "
+                   f"| {r['loss_after_mean']:.4e} |")
     return out + ["", f"Propagation vs re-running the model per block: {d['distill_speedup']:.2f}x faster.", ""]
 
 
@@ -252,7 +277,8 @@ def quantize_time_section(qt: dict) -> list[str]:
            "| configuration | runs (s) | median (s) |", "|---|---|---:|"]
     for name, runs in qt["seconds"].items():
         out.append(f"| {name} | {', '.join(f'{s:.0f}' for s in runs)} | {qt['median_s'][name]:.0f} |")
-    return out + ["", f"Today's defaults / the code before issue 7: {qt['default_vs_before']:.2f}x; today's defaults / "
+    return out + ["", f"Today's defaults / the code before issue 7: {qt['default_vs_before']:.2f}x; "
+                  "today's defaults / "
                   f"today's code with `{' '.join(qt['old_defaults_args'])}`: {qt['default_vs_old_defaults']:.2f}x.", ""]
 
 
@@ -260,13 +286,15 @@ def storage_section(st: dict) -> list[str]:
     """Artifact size and load time, float weights (format 1) vs integer storage (format 2)."""
     m = st["model"]
     out = ["## Artifact storage and load time", "",
-           f"`{st['command']}` — {m['class']} ({m['parameters'] / 1e6:.0f}M parameters, FP32 {m['fp32_bytes'] / 1e6:.0f} MB; "
+           f"`{st['command']}` — {m['class']} ({m['parameters'] / 1e6:.0f}M parameters, "
+           f"FP32 {m['fp32_bytes'] / 1e6:.0f} MB; "
            f"reduced SD-1.5 layout, see `bench/storage.py`), W8A8; each load in a fresh process, medians of "
            f"{len(st['rows']['format2']['load_s'])}.", "",
            "| artifact | code | weights file (MB) | vs FP32 | load_quantized (s) |", "|---|---|---:|---:|---:|"]
     for label, name in (("format1", "format 1 (float weights)"), ("format2", "format 2 (integers + scales)")):
         r = st["rows"][label]
-        out.append(f"| {name} | {'before' if label == 'format1' else 'this tree'} | {r['weights_file_bytes'] / 1e6:.1f} | "
+        out.append(f"| {name} | {'before' if label == 'format1' else 'this tree'} | "
+                   f"{r['weights_file_bytes'] / 1e6:.1f} | "
                    f"{r['weights_file_bytes'] / m['fp32_bytes']:.2f}x | {r['load_median_s']:.1f} |")
     old = st["rows"]["format1_read_by_format2_code"]
     out.append(f"| format 1 (float weights) | this tree | {st['rows']['format1']['weights_file_bytes'] / 1e6:.1f} | | "
@@ -284,7 +312,8 @@ def reliability_section(rel: dict) -> list[str]:
               "runtime": "runtime calls", "interruption": "interruptions (real signals, real subprocesses)",
               "concurrency": "concurrent runs"}
     out = ["## Reliability: the hostile-input corpus", "",
-           f"`{rel['command']}` runs `tests/hostile` ({rel['cases']} cases, {rel['wall_s']:.0f} s wall on this machine). "
+           f"`{rel['command']}` runs `tests/hostile` ({rel['cases']} cases, "
+           f"{rel['wall_s']:.0f} s wall on this machine). "
            "Each case asserts the exit code, no traceback, an error naming the problem and the fix, and that "
            "nothing was deleted or left half-written.", "",
            "| category | cases | passed | failed |", "|---|---:|---:|---:|"]
@@ -320,7 +349,8 @@ def loss_section() -> list[str]:
     for sc in screens:
         out += [f"`{sc['command']}` — {sc['model']}: mean relative denoiser error vs FP on 16 held-out FP DDIM-50 "
                 "trajectories (all steps), and relative error of the final samples from the same noise.", "",
-                "| variant | denoiser error | final-sample error | kept in float | quantize (s) |", "|---|---:|---:|---|---:|"]
+                "| variant | denoiser error | final-sample error | kept in float | quantize (s) |",
+                "|---|---:|---:|---|---:|"]
         for r in sc["rows"]:
             qs = f"{r['quantize_s']:.0f}" if "quantize_s" in r else ""
             out.append(f"| {r['variant']} | {r['error']:.4f} | {r.get('image_error', float('nan')):.4f} | "
@@ -350,7 +380,8 @@ def ort_speed_section(res: dict) -> list[str]:
                 "CPU-time speed-up before / after |", "|---:|---:|---:|---:|---:|---:|---|"]
         for r in e["rows"]:
             w, sp, cs = r["wall_s"], r["speedup_wall"], r["speedup_cpu"]
-            out.append(f"| {r['threads']} | {w['fp32']:.3f} | {w['before']:.3f} | {w['after']:.3f} | {sp['before']:.2f}x | "
+            out.append(f"| {r['threads']} | {w['fp32']:.3f} | {w['before']:.3f} | {w['after']:.3f} | "
+                       f"{sp['before']:.2f}x | "
                        f"{sp['after']:.2f}x | {cs['before']:.2f}x / {cs['after']:.2f}x |")
         prof = e.get("profile_1_thread") or {}
         if prof:
@@ -358,14 +389,16 @@ def ort_speed_section(res: dict) -> list[str]:
             out += ["", "ORT profile, one thread, sum of each node's minimum over the runs (ms):", "",
                     "| group | " + " | ".join(prof) + " |", "|---|" + "---:|" * len(prof)]
             for g in groups + ["total"]:
-                cells = [f"{p['total_ms']:.1f}" if g == "total" else f"{p['groups_ms'][g]:.1f}" for p in prof.values()]
+                cells = [f"{p['total_ms']:.1f}" if g == "total" else f"{p['groups_ms'][g]:.1f}"
+                         for p in prof.values()]
                 out.append(f"| {g} | " + " | ".join(cells) + " |")
         if e.get("note"):
             out += ["", e["note"]]
         out += ["", prov_line(e), ""]
     if micro:
-        out += [f"One attention alone (`{micro['command']}`; batch {micro['batch']}, {micro['heads']} heads, one thread, "
-                "median CPU ms): the exporter's float form, ONNX Runtime's MultiHeadAttention, and int8 batched matmuls "
+        out += [f"One attention alone (`{micro['command']}`; batch {micro['batch']}, {micro['heads']} heads, "
+                "one thread, median CPU ms): the exporter's float form, ONNX Runtime's MultiHeadAttention, "
+                "and int8 batched matmuls "
                 "(QLinearMatMul, constant scales).", "",
                 "| attention | query x key tokens, channels | float | MultiHeadAttention | int8 QLinearMatMul |",
                 "|---|---|---:|---:|---:|"]
@@ -379,17 +412,20 @@ def ort_speed_section(res: dict) -> list[str]:
 def scale_section(scale: dict) -> list[str]:
     """bench/scale.py: seconds and peak RSS per stage, per model size, and the ORT latency table."""
     out = ["## Stable Diffusion size: time and peak memory per stage, int8 latency", "",
-           "`bench/scale.py` — random-weight UNet2DConditionModel configs built in code (`bench/scale_models.py`); each "
-           "stage is the user's command in a fresh process, peak RSS from `wait4`. Calibration: the budget shown; "
-           "latency: ORT CPU, batch 2 (CFG), 77 tokens, FP32 graph vs `--target ort` graph, runs interleaved, medians.", ""]
+           "`bench/scale.py` — random-weight UNet2DConditionModel configs built in code (`bench/scale_models.py`); "
+           "each stage is the user's command in a fresh process, peak RSS from `wait4`. Calibration: the budget shown; "
+           "latency: ORT CPU, batch 2 (CFG), 77 tokens, FP32 graph vs `--target ort` graph, runs interleaved, "
+           "medians.", ""]
     for name, entry in scale.items():
         out += [f"**{name}** (`{entry['command']}`; calibration `{entry['calibration']}`):", "",
                 "| stage | seconds | peak RSS (GB) | exit | command |", "|---|---:|---:|---:|---|"]
         for stage, r in entry.get("stages", {}).items():
-            out.append(f"| {stage} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} | {r['exit']} | `{r['command'][:90]}` |")
+            out.append(f"| {stage} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} | {r['exit']} "
+                       f"| `{r['command'][:90]}` |")
         out.append("")
         if entry.get("latency"):
-            out += ["| threads | FP32 (s) | int8 (s) | speed-up | session RSS FP32 / int8 (GB) |", "|---:|---:|---:|---:|---|"]
+            out += ["| threads | FP32 (s) | int8 (s) | speed-up | session RSS FP32 / int8 (GB) |",
+                    "|---:|---:|---:|---:|---|"]
             for r in entry["latency"]:
                 out.append(f"| {r['threads']} | {r['fp32_s']:.3f} | {r['int8_s']:.3f} | {r['speedup']:.2f}x | "
                            f"{r['fp32_session_gb']:.2f} / {r['int8_session_gb']:.2f} |")
@@ -404,14 +440,16 @@ def scale_section(scale: dict) -> list[str]:
 
 def cpu_line(machine: dict) -> str:
     """The CPU a result was measured on, with its int8 class and flags (rendered results always have them)."""
-    return f"CPU: {machine['cpu']}; int8 class **{machine['int8_class']}** ({machine.get('int8_flags') or 'no int8 flags'})."
+    return (f"CPU: {machine['cpu']}; int8 class **{machine['int8_class']}** "
+            f"({machine.get('int8_flags') or 'no int8 flags'}).")
 
 
 def prov_line(e: dict) -> str:
     """Where a rendered result comes from, and whether it measured the code of this tree."""
     state, why = verdict(e, LEDGER.current)
     code = f", code `{e['code_hash'][:12]}`" if e.get("code_hash") else ""
-    line = f"Measured at commit `{e['commit']}`{code}, {e.get('date', 'date not recorded')}. {cpu_line(e['machine'])}"
+    line = (f"Measured at commit `{e['commit']}`{code}, {e.get('date', 'date not recorded')}. "
+            f"{cpu_line(e['machine'])}")
     if state == "stale":
         line = f"**Stale (measured on {e['commit']})**: {why}; rerun its command to refresh. " + line
     return line
@@ -419,10 +457,11 @@ def prov_line(e: dict) -> str:
 
 def int8_kernels_section(res: dict) -> list[str]:
     out = ["## Int8 kernels per CPU: exactness and speed per weight format", "",
-           "Each op ONNX Runtime fuses the `--target ort` pattern into, with random full-range uint8 activations, against "
-           "exact integer arithmetic (share of outputs that differ; power-of-two scales, so only the integer GEMM can "
-           "differ). Formats: full-range int8 weights (`--cpu vnni`), uint8 weights (`--cpu portable` for layers whose "
-           "weights leave [-64, 64]), int8 within [-64, 64] (4-bit layers; `portable` keeps those int8).", ""]
+           "Each op ONNX Runtime fuses the `--target ort` pattern into, with random full-range uint8 activations, "
+           "against exact integer arithmetic (share of outputs that differ; power-of-two scales, so only the integer "
+           "GEMM can differ). Formats: full-range int8 weights (`--cpu vnni`), uint8 weights (`--cpu portable` for "
+           "layers whose weights leave [-64, 64]), int8 within [-64, 64] (4-bit layers; `portable` keeps those int8).",
+           ""]
     for label, e in res.items():
         out += [f"### {label}: `{e['command']}`", "", prov_line(e), "",
                 "| op | " + " | ".join(next(iter(e["exactness"].values()))) + " |", "|---|" + "---:|" * 3]
@@ -431,11 +470,13 @@ def int8_kernels_section(res: dict) -> list[str]:
                        + " | ".join(f"{c['mismatch']:.1%} (max {c['max_diff']:g})" for c in cols.values()) + " |")
         sp = e.get("speed")
         if sp:
-            out += ["", f"Speed, {sp['shape']}, one thread, {sp['repeats']} interleaved rounds, median CPU time (IQR):", "",
+            out += ["", f"Speed, {sp['shape']}, one thread, {sp['repeats']} interleaved rounds, "
+                    "median CPU time (IQR):", "",
                     "| graph | ms | vs FP32 |", "|---|---:|---:|"]
             for name, ms in sp["cpu_ms"].items():
                 lo, hi = sp["cpu_ms_iqr"][name]
-                out.append(f"| {name} | {ms:.2f} ({lo:.2f}-{hi:.2f}) | {sp['speedup_vs_fp32_cpu'].get(name, 1.0):.2f}x |")
+                out.append(f"| {name} | {ms:.2f} ({lo:.2f}-{hi:.2f}) "
+                           f"| {sp['speedup_vs_fp32_cpu'].get(name, 1.0):.2f}x |")
         else:
             out += ["", "No timing: an emulated CPU runs the emulated CPU's integer kernels, not at its speed."]
         out.append("")
@@ -447,20 +488,25 @@ def cpu_emulation_section(res: dict) -> list[str]:
     for label, e in res.items():
         emu = e["emulated_cpu"]
         out += [f"### {label}: `{e['command']}`", "", prov_line(e), "",
-                f"Host {cpu_line(e['machine'])} Emulated (qemu-user): {emu['cpu']}, int8 class **{emu['int8_class']}** "
-                f"({emu['int8_flags'] or 'no int8 flags'}). The shipped digits model quantized as `make demo` does; graphs "
-                f"exported on the host; `dqdeploy check` and digits-FID ({e['n']} samples, DDIM 50, noise seed 0) under "
+                f"Host {cpu_line(e['machine'])} Emulated (qemu-user): {emu['cpu']}, "
+                f"int8 class **{emu['int8_class']}** "
+                f"({emu['int8_flags'] or 'no int8 flags'}). The shipped digits model quantized as `make demo` does; "
+                f"graphs exported on the host; `dqdeploy check` and digits-FID ({e['n']} samples, DDIM 50, "
+                f"noise seed 0) under "
                 "the emulator and on the host.", "", "| recipe | run | result |", "|---|---|---|"]
         for recipe, rows in e["recipes"].items():
             for name, r in rows.items():
                 if not isinstance(r, dict):
                     continue
                 if "digits_fid" in r:
-                    res_text = f"digits-FID {r['digits_fid']:.2f}" if r["digits_fid"] is not None else f"error: {r['message']}"
+                    res_text = (f"digits-FID {r['digits_fid']:.2f}" if r["digits_fid"] is not None
+                                else f"error: {r['message']}")
                 else:
                     worst = r.get("worst_fail")
-                    res_text = {0: "PASS", 1: "FAIL", 2: "REFUSED"}.get(r["exit"], f"exit {r['exit']}") + (f" ({r['steps_checked']})" if r.get("steps_checked") else "") + (
-                        f", worst t={worst['t']:g}: rel err {worst['rel_err']:.2e} > {worst['tolerance']:.2e}" if worst else "")
+                    res_text = {0: "PASS", 1: "FAIL", 2: "REFUSED"}.get(r["exit"], f"exit {r['exit']}") + (
+                        f" ({r['steps_checked']})" if r.get("steps_checked") else "") + (
+                        f", worst t={worst['t']:g}: rel err {worst['rel_err']:.2e} > {worst['tolerance']:.2e}"
+                        if worst else "")
                 out.append(f"| {recipe} | {name} | {res_text} |")
         out.append("")
     return out
@@ -484,9 +530,11 @@ def _int8_headlines(res: dict) -> list[Headline]:
     out = []
     for label, e in res.items():
         if e.get("speed"):
-            out.append((f"{label}: int8 conv vs FP32 (CPU time): {_speedups(e['speed']['speedup_vs_fp32_cpu'])}", e))
+            out.append((f"{label}: int8 conv vs FP32 (CPU time): "
+                        f"{_speedups(e['speed']['speedup_vs_fp32_cpu'])}", e))
         formats = list(next(iter(e["exactness"].values())))
-        worst = ", ".join(f"{f} {max(op[f]['mismatch'] for op in e['exactness'].values()):.1%}" for f in formats)
+        worst = ", ".join(f"{f} {max(op[f]['mismatch'] for op in e['exactness'].values()):.1%}"
+                          for f in formats)
         out.append((f"{label}: outputs differing from exact integers, worst op: {worst}", e))
     return out
 
@@ -519,7 +567,8 @@ def _zoo_headlines(z: dict) -> list[Headline]:
     out = []
     for recipe in sorted({r["recipe"] for r in rows}):
         worst = max((r for r in rows if r["recipe"] == recipe), key=lambda r: r["vs_fp"])
-        out.append((f"{recipe} (simulation): worst digits-FID vs FP over the zoo {worst['vs_fp']:.2f}x ({worst['model']})", worst))
+        out.append((f"{recipe} (simulation): worst digits-FID vs FP over the zoo "
+                    f"{worst['vs_fp']:.2f}x ({worst['model']})", worst))
     return out
 
 
@@ -528,7 +577,8 @@ def _scale_headlines(scale: dict) -> list[Headline]:
     for name, e in scale.items():
         peak = max(e.get("stages", {}).items(), key=lambda kv: kv[1]["peak_rss_gb"], default=None)
         lat = (e.get("latency") or [{}])[0]
-        text = f"{name}: highest stage peak RSS {peak[1]['peak_rss_gb']:.2f} GB ({peak[0]})" if peak else f"{name}: no stage"
+        text = (f"{name}: highest stage peak RSS {peak[1]['peak_rss_gb']:.2f} GB ({peak[0]})" if peak
+                else f"{name}: no stage")
         out.append((text + (f"; int8 vs FP32, 1 thread: {lat['speedup']:.2f}x" if lat.get("speedup") else ""), e))
     return out
 
@@ -571,20 +621,25 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
          _flat(dit_latency_section), speed),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
-        ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"), _flat(distill_scale_section),
+        ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),
+         _flat(distill_scale_section),
          _one(lambda d: f"distillation {d['distill_speedup']:.2f}x faster")),
         ("Artifact storage and load time", ("storage.json",), lambda: _load("storage"), _flat(storage_section),
-         _one(lambda d: f"W8A8 weights file {d['rows']['format2']['weights_file_bytes'] / d['model']['fp32_bytes']:.2f}x FP32")),
+         _one(lambda d: "W8A8 weights file "
+              f"{d['rows']['format2']['weights_file_bytes'] / d['model']['fp32_bytes']:.2f}x FP32")),
         ("Quantize time", ("quantize_time_",), lambda: _load("quantize_time_w8a8"), _flat(quantize_time_section),
          _one(lambda d: f"default / before {d['default_vs_before']:.2f}x")),
-        ("Reliability: the hostile-input corpus", ("reliability.json",), lambda: _load("reliability"), _flat(reliability_section),
+        ("Reliability: the hostile-input corpus", ("reliability.json",), lambda: _load("reliability"),
+         _flat(reliability_section),
          _one(lambda d: f"{d['outcomes'].get('passed', 0)} of {d['cases']} cases pass")),
         ("Stable Diffusion size", ("scale.json",), lambda: _load_keyed("scale"), scale_section, _scale_headlines),
-        ("ONNX Runtime CPU int8 speed: the `--target ort` layout", ("ort_speed.json",), lambda: _load_keyed("ort_speed"),
+        ("ONNX Runtime CPU int8 speed: the `--target ort` layout", ("ort_speed.json",),
+         lambda: _load_keyed("ort_speed"),
          ort_speed_section,
          lambda d: [(f"{label}: int8 vs FP32, 1 thread, after {e['rows'][0]['speedup_wall']['after']:.2f}x", e)
                     for label, e in d.items() if label != "attention micro"]),
-        ("Where the quantization loss comes from", ("screen-", "groups-", "loss-fid-"), lambda: {}, lambda _: loss_section(),
+        ("Where the quantization loss comes from", ("screen-", "groups-", "loss-fid-"), lambda: {},
+         lambda _: loss_section(),
          lambda _: []),
     ]
 
@@ -592,17 +647,20 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
 def summary(sections: list) -> list[str]:
     """One row per headline figure of a rendered result (its command, CPU, and whether it measured this code),
     and one per section whose results were all refused."""
-    out = ["## Summary", "", "Each headline figure, the command that measured it and the CPU it ran on; details in the "
-           "section of the same name below. *Stale*: measured on other code than this tree's `dqdeploy/`.", "",
+    out = ["## Summary", "", "Each headline figure, the command that measured it and the CPU it ran on; "
+           "details in the section of the same name below. "
+           "*Stale*: measured on other code than this tree's `dqdeploy/`.", "",
            "| section | figure | command | CPU (int8 class) | code |", "|---|---|---|---|---|"]
     for title, files, rows in sections:
         for figure, e in rows:
             state = f"stale ({e['commit']})" if LEDGER.stale(e) else f"current ({e['commit']})"
-            out.append(f"| {title} | {figure} | {_cmd(e['command'])} | {e['machine']['cpu']} ({e['machine']['int8_class']}) | {state} |")
+            out.append(f"| {title} | {figure} | {_cmd(e['command'])} | "
+                       f"{e['machine']['cpu']} ({e['machine']['int8_class']}) | {state} |")
         if not rows:
             refused = [r for r in LEDGER.refused if r[0].startswith(files)]
             if refused:
-                out.append(f"| {title} | not shown: no provenance (see \"Not shown\") | {_cmd(refused[0][1], 120)} | | |")
+                out.append(f"| {title} | not shown: no provenance (see \"Not shown\") "
+                           f"| {_cmd(refused[0][1], 120)} | | |")
     return out + [""]
 
 
@@ -610,8 +668,9 @@ def not_shown() -> list[str]:
     if not LEDGER.refused:
         return []
     out = ["## Not shown: results without provenance", "",
-           "Stored in `bench/results` without the commit or the CPU (model and int8 flags) they were measured on, so not "
-           "rendered as measurements; rerun the command (every bench script now records both) to show them.", "",
+           "Stored in `bench/results` without the commit or the CPU (model and int8 flags) they were measured on, "
+           "so not rendered as measurements; rerun the command (every bench script now records both) "
+           "to show them.", "",
            "| result | command | missing |", "|---|---|---|"]
     for where, command, why in LEDGER.refused:
         out.append(f"| `{where}` | {_cmd(command, 160)} | {why} |")
@@ -631,12 +690,14 @@ def render(current_hash: str) -> list[str]:
             continue
         body += section(data)
         heads.append((title, files, headline(data)))
-    head = ["# Benchmarks", "", "Generated by `python bench/report.py` from `bench/results/*.json`, which only the bench scripts "
-            "write (`bench/common.py`: each result carries its commit, a sha256 of the `dqdeploy/` code it measured, the date "
+    head = ["# Benchmarks", "", "Generated by `python bench/report.py` from `bench/results/*.json`, "
+            "which only the bench scripts write (`bench/common.py`: each result carries its commit, "
+            "a sha256 of the `dqdeploy/` code it measured, the date "
             "and the CPU). Results without that provenance are not shown as measurements (\"Not shown\", at the end); "
-            f"results measured on other code than this tree's (code `{current_hash[:12]}`) are marked stale. One thread "
-            "(`torch.set_num_threads(1)`, ORT `intra_op_num_threads=1`) on a shared machine: compare the ratios, measured side "
-            "by side in one run, not absolute times. Int8 results hold only for CPUs of the int8 class named. How these figures "
+            f"results measured on other code than this tree's (code `{current_hash[:12]}`) are marked stale. "
+            "One thread (`torch.set_num_threads(1)`, ORT `intra_op_num_threads=1`) on a shared machine: "
+            "compare the ratios, measured side by side in one run, not absolute times. "
+            "Int8 results hold only for CPUs of the int8 class named. How these figures "
             "were obtained, and what was tried: docs/notes/bench-notes.md.", ""]
     return head + summary(heads) + body + not_shown()
 

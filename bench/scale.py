@@ -66,8 +66,8 @@ def stage_commands(config: str, work: Path, iters: int, width: int | None, artif
         "folder": py + [make],
         "quantize": dq("quantize", str(model), "--cond", str(cond), *calib, "--iters", str(iters), "--batch-size", "2",
                        "--out", str(work / "q-bkd"), "--overwrite"),
-        "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *calib, "--no-distill", "--out", str(work / "q"),
-                           "--overwrite"),
+        "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *calib, "--no-distill",
+                           "--out", str(work / "q"), "--overwrite"),
         "export-ort": dq("export", str(q), "--target", "ort", "--out", str(work / "e-ort"), "--overwrite"),
         "export-onnx": dq("export", str(q), "--target", "onnx", "--out", str(work / "e-onnx"), "--overwrite"),
         "export-float": dq("export", str(model), "--target", "float", "--out", str(work / "e-fp"), "--overwrite"),
@@ -85,8 +85,9 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=STAGES)
     ap.add_argument("--artifact", choices=("q", "q-bkd"), default="q",
                     help="what export and load read: the PTQ artifact (q) or the distilled one (q-bkd)")
-    ap.add_argument("--resolution", type=int, help="calibration latent size (quantize --resolution; the config's sample_size "
-                                                   "by default); the exported graphs take that size")
+    ap.add_argument("--resolution", type=int,
+                    help="calibration latent size (quantize --resolution; the config's sample_size "
+                         "by default); the exported graphs take that size")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     commands = stage_commands(args.config, args.work, args.iters, args.width, args.artifact, args.resolution)

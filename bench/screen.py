@@ -82,7 +82,8 @@ def with_ort_rounding(res) -> object:
     layers = layer_tensors(model, res.manifest)
     calib = DenoiserInputs.from_dict(res.calib_inputs)
     ranks = input_ranks(dequantized_denoiser(model, res.manifest), list(layers), calib.slice(slice(0, 2)))
-    fused = {n: t for n, t in layers.items() if quantizes_output(n, ranks[n]) and quant_layers(model.denoiser)[n].output_scale is None}
+    fused = {n: t for n, t in layers.items()
+             if quantizes_output(n, ranks[n]) and quant_layers(model.denoiser)[n].output_scale is None}
     scales = calibrate_output_scales(model, fused, calib)
     for name, layer in quant_layers(model.denoiser).items():
         if name in scales:
@@ -111,7 +112,8 @@ def main() -> None:
         ref_images = denoise(loaded.denoiser, sched, noise, args.steps)
     rows: list[dict] = []
     result = {"command": "python bench/screen.py " + " ".join(sys.argv[1:]),
-              "model": str(model_dir), "recipe": args.recipe, "metric": "mean relative denoiser error vs FP, held-out DDIM trajectories",
+              "model": str(model_dir), "recipe": args.recipe,
+              "metric": "mean relative denoiser error vs FP, held-out DDIM trajectories",
               "rows": rows}
     for spec in args.variants.split(","):
         name, _, extra = spec.partition("+")
@@ -124,9 +126,11 @@ def main() -> None:
         quant_s = time.perf_counter() - t0
         mean, per_step = error(res.model, test, ref)
         img = image_error(res.model, sched, noise, args.steps, ref_images)
-        rows.append({"variant": name, "recipe": recipe.to_dict(), "error": mean, "image_error": img, "per_step": per_step,
+        rows.append({"variant": name, "recipe": recipe.to_dict(), "error": mean, "image_error": img,
+                     "per_step": per_step,
                      "fallback": res.manifest.fallback, "quantize_s": quant_s})
-        print(f"{args.recipe} {name:22s} err {mean:.5f} image err {img:.4f} fallback={res.manifest.fallback}  {quant_s:.0f}s", flush=True)
+        print(f"{args.recipe} {name:22s} err {mean:.5f} image err {img:.4f} fallback={res.manifest.fallback}  "
+              f"{quant_s:.0f}s", flush=True)
         if extra == "ort" and recipe.layout != "ort":
             ort_model = with_ort_rounding(res)
             mean, per_step = error(ort_model, test, ref)

@@ -117,7 +117,8 @@ def main() -> None:
     old_loads = load_seconds(ROOT, work / "q-format1", args.repeats)  # a format-1 artifact read by the new code
     rows["format1_read_by_format2_code"] = {"load_s": old_loads, "load_median_s": statistics.median(old_loads)}
     data = {"command": "python bench/storage.py --before " + str(args.before),
-            "model": {"class": "UNet2DConditionModel", "config": CONFIG, "parameters": params, "fp32_bytes": 4 * params},
+            "model": {"class": "UNet2DConditionModel", "config": CONFIG, "parameters": params,
+                      "fp32_bytes": 4 * params},
             "quantize_args": QUANTIZE, "rows": rows, "weight_scale_search": search}
     print(json.dumps(data, indent=1))
     print("wrote", write_results("storage", data))

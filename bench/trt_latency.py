@@ -74,7 +74,8 @@ def make_folders(args, work: Path) -> dict[str, dict[str, Path]]:
 
     model = Path(args.model) if args.model else bench_unet_dir(work / "model", args.size)
     batch = f"1:{args.batch}:{args.batch}"
-    calib = ["--steps", str(args.steps), "--calib-samples", str(args.calib_samples), "--trajectories", str(args.trajectories)]
+    calib = ["--steps", str(args.steps), "--calib-samples", str(args.calib_samples),
+             "--trajectories", str(args.trajectories)]
     if not args.distill:
         calib.append("--no-distill")
     if args.cond:
@@ -143,7 +144,8 @@ def measure_latency(engine_dir: Path, batch: int, iters: int, warmup: int, cond_
     feeds = unet.prepare_inputs(inputs["sample"], t, inputs.get("encoder_hidden_states"))
     unet.bind(feeds)  # the bound tensors stay alive in `feeds` for the whole loop
     engine = cuda_latency(unet.enqueue, iters, warmup)
-    call = cuda_latency(lambda: unet(inputs["sample"], t, inputs.get("encoder_hidden_states"), return_dict=False), iters, warmup)
+    call = cuda_latency(lambda: unet(inputs["sample"], t, inputs.get("encoder_hidden_states"), return_dict=False),
+                        iters, warmup)
     return {"engine_ms": engine, "call_ms": call, "engine_bytes": (engine_dir / "unet" / "model.plan").stat().st_size}
 
 
@@ -251,14 +253,16 @@ def main() -> None:
             "latency": measure_latency(f["engine"], args.batch, args.iters, args.warmup, args.cond),
             "accuracy_vs_onnxruntime_fp32": measure_accuracy(f["engine"], f["reference"], args.batch, args.points,
                                                              args.cond, args.rtol, args.atol),
-            "build": {k: read_engine_info(f["engine"]).get(k) for k in ("build_seconds", "precision", "target", "batch")},
+            "build": {k: read_engine_info(f["engine"]).get(k)
+                      for k in ("build_seconds", "precision", "target", "batch")},
         }
     med = {n: e["latency"]["engine_ms"]["median"] for n, e in engines.items()}
     result = {
         "command": "python bench/trt_latency.py " + " ".join(sys.argv[1:]),
         "machine": {"gpu": torch.cuda.get_device_name(), "tensorrt": trt.__version__, "torch": torch.__version__,
                     "cuda": torch.version.cuda, "python": platform.python_version()},
-        "model": args.model or f"bench UNet2DModel (128,256,256), 4ch, {args.size}x{args.size}, attention at the lowest level",
+        "model": args.model or (f"bench UNet2DModel (128,256,256), 4ch, {args.size}x{args.size}, "
+                                "attention at the lowest level"),
         "batch": args.batch,
         "iters": args.iters,
         "engines": engines,

@@ -98,9 +98,10 @@ ZOO: dict[str, ZooModel] = dict([
             "null prompt 10% of the time), 1500 iterations, CFG scale 2", "--conditional", "--iters", "1500",
             "--fid-samples", "200",
             conditional=True, guidance=2.0),
-    _member("dit", "class-conditional SD3-style diffusion transformer (SD3Transformer2DModel, patch 2, 4 joint blocks of "
-            "width 96), rectified flow, fixed 2-token class prompt + pooled vector, null prompt 10%, 4000 iterations of batch 32, "
-            "flow-matching Euler 28 steps, CFG scale 2", "--transformer", "--iters", "4000", "--batch-size", "32", "--lr", "1e-3",
+    _member("dit", "class-conditional SD3-style diffusion transformer (SD3Transformer2DModel, patch 2, "
+            "4 joint blocks of width 96), rectified flow, fixed 2-token class prompt + pooled vector, null prompt 10%, "
+            "4000 iterations of batch 32, flow-matching Euler 28 steps, CFG scale 2",
+            "--transformer", "--iters", "4000", "--batch-size", "32", "--lr", "1e-3",
             "--sample-steps", "28", conditional=True, guidance=2.0, scheduler=None, steps=28),
     _member("narrow", "narrower (block_out (32, 48, 48)), 8 norm groups, attention head dim 16 (3 heads), "
             "1500 iterations", "--unet",

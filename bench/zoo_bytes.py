@@ -30,7 +30,8 @@ from dqdeploy import quantize
 calib = dataclasses.replace(calibration_for(model), samples=64, trajectories=16)
 quantize(zoo.ensure(model), recipe_for("w4a8", "default").replace(iters=20), calib, out,
          cond_file=zoo.get(model).cond_file(), overwrite=True)
-print(*(hashlib.sha256((out / f).read_bytes()).hexdigest() for f in ("model.safetensors", "calibration_inputs.safetensors")))
+print(*(hashlib.sha256((out / f).read_bytes()).hexdigest()
+        for f in ("model.safetensors", "calibration_inputs.safetensors")))
 """
 
 
@@ -41,11 +42,13 @@ def main() -> None:
     ap.add_argument("--models", default="shipped,early,seed1,narrow,cond,dit")
     args = ap.parse_args()
     for model in args.models.split(","):
-        digests = [subprocess.run([sys.executable, "-c", ONE, str(tree.resolve()), model, str(args.work / f"{i}-{model}")],
+        digests = [subprocess.run([sys.executable, "-c", ONE, str(tree.resolve()), model,
+                                   str(args.work / f"{i}-{model}")],
                                   capture_output=True, text=True, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"}
                                   ).stdout.split()
                    for i, tree in enumerate(args.trees)]
-        print(f"{model:8s} {'same' if digests[0] == digests[1] else 'DIFFERENT'} {digests[0][0][:16]} {digests[1][0][:16]}", flush=True)
+        print(f"{model:8s} {'same' if digests[0] == digests[1] else 'DIFFERENT'} {digests[0][0][:16]} "
+              f"{digests[1][0][:16]}", flush=True)
 
 
 if __name__ == "__main__":

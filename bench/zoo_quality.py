@@ -22,7 +22,8 @@ it to screen variants before paying for FIDs).
 
 Rows are cached in ``bench/results/zoo_quality.json`` (written atomically after every row) together
 with the recipe hash they were made with and their provenance (``bench.common.stamp``: commit, code hash,
-date, CPU; ``bench/report.py`` refuses rows without it and marks rows of other code stale): a re-run skips rows that are present and current, so runs
+date, CPU; ``bench/report.py`` refuses rows without it and marks rows of other code stale): a re-run skips rows \
+that are present and current, so runs
 can be resumed and extended across sessions. Quantized artifacts, exports and sample features are
 cached outside git under ``$DQDEPLOY_ZOO/bench`` (reused by later rows and by other scripts).
 
@@ -197,8 +198,10 @@ def rederive_intervals(results: dict[str, Any]) -> None:
             continue
         for k in [k for k in row if k.endswith(("_lo", "_hi"))]:
             del row[k]
-        row |= bootstrap_fid(torch.load(feats).numpy(), _reference_features(row["model"], row["recipe"], row["variant"],
-                                                                            row["flavour"], row["seed"]), seed=row["seed"])
+        row |= bootstrap_fid(torch.load(feats).numpy(),
+                             _reference_features(row["model"], row["recipe"], row["variant"], row["flavour"],
+                                                 row["seed"]),
+                             seed=row["seed"])
 
 
 def _reference_features(model: str, recipe: str, variant: str, flavour: str, seed: int) -> dict[str, np.ndarray]:
@@ -241,15 +244,16 @@ def run_row(model: str, recipe: str, variant: str, flavour: str, seed: int, n: i
     key = row_key(model, recipe, variant, flavour, seed)
     path, runtime = _source(model, recipe, variant, flavour)
     start = time.perf_counter()
-    images = generate(path, n=n, steps=member.steps, scheduler=member.scheduler, seed=seed, batch_size=100, runtime=runtime,
-                      cond_file=member.cond_file(), guidance=member.guidance)
+    images = generate(path, n=n, steps=member.steps, scheduler=member.scheduler, seed=seed, batch_size=100,
+                      runtime=runtime, cond_file=member.cond_file(), guidance=member.guidance)
     sample_s = time.perf_counter() - start
     feats = classifier_features(images)
     fpath = _features_path(key)
     fpath.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, fpath)
     row: dict[str, Any] = {"model": model, "recipe": recipe, "variant": variant, "flavour": flavour, "seed": seed,
-                           "n": n, "runtime": runtime, "sampler": member.scheduler or "folder", "steps": member.steps, "hash": recipe_hash(model, recipe, variant),
+                           "n": n, "runtime": runtime, "sampler": member.scheduler or "folder", "steps": member.steps,
+                           "hash": recipe_hash(model, recipe, variant),
                            "digits_fid": digits_fid(images), "sample_s": round(sample_s, 1),
                            "class_histogram": class_histogram(images)["counts"]}
     if member.conditional:
@@ -294,7 +298,8 @@ def locked_results() -> Iterator[dict[str, Any]]:
         save_results(results)
 
 
-def update_results(rows: dict[str, dict[str, Any]] | None = None, runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def update_results(rows: dict[str, dict[str, Any]] | None = None,
+                   runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Add ``rows`` and/or ``runs`` records (those not there yet) to the results file (:func:`locked_results`)."""
     with locked_results() as results:
         results["rows"] |= rows or {}
@@ -345,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dry-run", action="store_true", help="list the rows that would run")
     ap.add_argument("--merge", type=Path, metavar="RESULTS_JSON",
                     help="add the rows and runs of another results file (another checkout or machine), run nothing")
-    ap.add_argument("--rederive", action="store_true", help="recompute ratios and intervals of cached rows, run nothing")
+    ap.add_argument("--rederive", action="store_true",
+                    help="recompute ratios and intervals of cached rows, run nothing")
     args = ap.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     models = [zoo.get(m).name for m in split(args.models)]
@@ -363,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = load_results()
     if not args.dry_run:
-        results = update_results(runs=[stamp({"command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                                              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})])
+        results = update_results(runs=[stamp({
+            "command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})])
     for m, r, v, f, s in todo:
         key = row_key(m, r, v, f, s)
         cached = results["rows"].get(key)
@@ -377,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         if not zoo.get(m).available():
             print(f"skip     {key}: {m} is not trained yet (python scripts/train_zoo.py {m})", flush=True)
             continue
-        results = update_results(rows={key: stamp(run_row(m, r, v, f, s, args.n))})  # each row: its commit, code, date, CPU
+        # each row: its commit, code, date, CPU
+        results = update_results(rows={key: stamp(run_row(m, r, v, f, s, args.n))})
         row = results["rows"][key]
         print(f"done     {key}: digits-FID {row['digits_fid']:.2f}"
               + (f" vs FP {row['vs_fp']:.3f}" if row.get("vs_fp") else ""), flush=True)

@@ -60,7 +60,8 @@ def flow_loss(model: torch.nn.Module, prompts: dict[str, torch.Tensor], x0: torc
 
 
 def save_dit_pipeline(model: torch.nn.Module, prompts: dict[str, torch.Tensor], path: Path, cond_file: str) -> None:
-    """Write ``transformer/``, ``scheduler/`` (FlowMatchEulerDiscreteScheduler), ``model_index.json`` and the class prompts."""
+    """Write ``transformer/``, ``scheduler/`` (FlowMatchEulerDiscreteScheduler), ``model_index.json`` and the class
+    prompts."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
     from safetensors.torch import save_file

@@ -243,7 +243,8 @@ def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[flo
                "final_loss_mean_last_200": round(sum(tail) / len(tail), 5)}
     log.info("training: %d iterations in %.1f s (%.2f it/s), final loss %.4f", stop, seconds,
              metrics["it_per_s"], metrics["final_loss_mean_last_200"])
-    return ema["denoiser"], prompts if prompts is not None else ema["table"] if "table" in ema else None, losses, metrics
+    return (ema["denoiser"], prompts if prompts is not None else ema["table"] if "table" in ema else None, losses,
+            metrics)
 
 
 def ddim_sample(model_dir: Path, n: int, steps: int, seed: int, guidance: float = 1.0,
@@ -338,7 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=4000, help="DDPM iterations (~0.27 s each on one thread)")
-    ap.add_argument("--stop-at", type=int, help="stop after this many iterations of the --iters schedule (early checkpoint)")
+    ap.add_argument("--stop-at", type=int,
+                    help="stop after this many iterations of the --iters schedule (early checkpoint)")
     ap.add_argument("--unet", type=json.loads, default={}, help="JSON overrides of the UNet config")
     ap.add_argument("--conditional", action="store_true", help="class-conditional UNet2DConditionModel (CFG)")
     ap.add_argument("--transformer", action="store_true",
@@ -366,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"command": "python scripts/train_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    summary: dict = {"command": "python scripts/train_digits.py "
+                                + " ".join(argv if argv is not None else sys.argv[1:]),
                      "seed": args.seed, "threads": args.threads, "torch": torch.__version__}
     clf_dir, ddpm_dir = args.assets / CLASSIFIER_NAME, args.assets / DIGITS_MODEL_NAME
 
