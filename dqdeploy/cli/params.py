@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .vocab import RUNTIMES
+from ..vocab import RUNTIMES
 
 POSITIVE = click.IntRange(min=1)
 
@@ -28,7 +28,8 @@ class FiniteFloat(click.ParamType):
 
 
 RATE = FiniteFloat()
-OVERWRITE_FILES = click.option("--overwrite", is_flag=True, help="Replace output files that dqdeploy wrote earlier (never other files).")
+OVERWRITE_FILES = click.option("--overwrite", is_flag=True,
+                               help="Replace output files that dqdeploy wrote earlier (never other files).")
 
 
 def sample_options(f):
@@ -36,12 +37,15 @@ def sample_options(f):
     for opt in reversed([
         click.option("--n", default=64, show_default=True, type=POSITIVE, help="Number of images."),
         click.option("--steps", type=POSITIVE, help="Sampling steps (default: the calibrated count, else 50)."),
-        click.option("--scheduler", help="Sampler (default: the calibrated one, else the model folder's own, else ddim)."),
+        click.option("--scheduler",
+                     help="Sampler (default: the calibrated one, else the model folder's own, else ddim)."),
         click.option("--seed", default=0, show_default=True),
         click.option("--batch-size", default=64, show_default=True, type=POSITIVE),
         click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-                     help="torch simulation, ONNX Runtime or TensorRT (exports only; a quantized artifact is exported on the fly)."),
-        click.option("--cond", "cond_file", type=click.Path(path_type=Path), help="Conditional models: embeddings file (as for quantize)."),
+                     help="torch simulation, ONNX Runtime or TensorRT "
+                          "(exports only; a quantized artifact is exported on the fly)."),
+        click.option("--cond", "cond_file", type=click.Path(path_type=Path),
+                     help="Conditional models: embeddings file (as for quantize)."),
         click.option("--guidance", default=1.0, show_default=True, type=RATE),
     ]):
         f = opt(f)
@@ -53,7 +57,8 @@ def batch_profile(text: str) -> tuple[int, int, int]:
     try:
         lo, opt, hi = (int(v) for v in text.split(":"))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected MIN:OPT:MAX batch sizes, e.g. 1:2:8", param_hint="--batch") from None
+        raise click.BadParameter(f"{text!r}: expected MIN:OPT:MAX batch sizes, e.g. 1:2:8",
+                                 param_hint="--batch") from None
     if not 1 <= lo <= opt <= hi:
         raise click.BadParameter(f"{text!r}: expected 1 <= MIN <= OPT <= MAX", param_hint="--batch")
     return lo, opt, hi
@@ -64,14 +69,14 @@ def check_before_launch(nproc: int, out_dir: Path, overwrite: bool, sources: lis
     processes than cores, an unsafe ``--out``, a one-process checkpoint beside it, a bad collective timeout."""
     import os
 
-    from .checkpoint import refuse_with_checkpoint
-    from .distributed import DistributedError, collective_timeout
-    from .paths import check_output_dir
+    from ..checkpoint import refuse_with_checkpoint
+    from ..distributed import DistributedError, collective_timeout
+    from ..paths import check_output_dir
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if nproc > cores:
-        raise DistributedError(f"--nproc {nproc} asks for more processes than the {cores} CPU cores this process may use: "
-                               "each runs one thread, so the extra ones only slow the run down",
+        raise DistributedError(f"--nproc {nproc} asks for more processes than the {cores} CPU cores this process "
+                               "may use: each runs one thread, so the extra ones only slow the run down",
                                hint=f"--nproc {cores} or fewer here; use torchrun across machines for more")
     check_output_dir(out_dir, overwrite=overwrite, kind="quantized", sources=sources)
     refuse_with_checkpoint(out_dir)

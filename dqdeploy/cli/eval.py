@@ -1,0 +1,54 @@
+"""``dqdeploy eval``: quality of a quantized artifact or an export, against its full-precision model or not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import DQDeployError
+from .params import OVERWRITE_FILES, sample_options
+
+_PATH = click.Path(path_type=Path)
+
+
+@click.command(name="eval")
+@click.argument("path", type=_PATH)
+@sample_options
+@click.option("--fp", "fp_dir", type=_PATH,
+              help="The full-precision diffusers folder PATH was quantized from: enables the full quality report.")
+@click.option("--report", "report_path", type=_PATH, help="Write the report as JSON (atomically).")
+@click.option("--png", type=_PATH, help="With --fp: FP and quantized samples side by side.")
+@click.option("--step-samples", default=8, show_default=True,
+              help="With --fp: FP trajectories for the per-step denoiser error.")
+@click.option("--fid-ref", type=_PATH, help="Folder of reference images for a Frechet distance.")
+@click.option("--fid-extractor",
+              help="Features for the Frechet distance: digits, pixels, a TorchScript .pt file or module:function "
+                   "(default: digits for 1x16x16 models, else pixels).")
+@click.option("--scheduler-dir", type=_PATH, help="With --fp: scheduler folder, when --fp is a bare denoiser folder.")
+@click.option("--grid", type=_PATH, help="Without --fp: save the samples as a PNG grid.")
+@OVERWRITE_FILES
+def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, overwrite,
+             **kw) -> None:
+    """Quality of PATH. With --fp (any supported model): per-step denoiser error along FP trajectories,
+    PSNR/SSIM of samples from the same noise, FID if --fid-ref/--fid-extractor, a side-by-side PNG.
+    Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples."""
+    from ..eval.report import EvalConfig, quality_report, sample_quality, write_report
+    from ..paths import check_output_files
+
+    check_output_files({"--report": report_path, "--png": png, "--grid": grid}, overwrite=overwrite,  # before sampling
+                       sources=[path, fp_dir, fid_ref, scheduler_dir, kw["cond_file"]])
+    if fp_dir is not None:
+        cfg = EvalConfig(step_samples=step_samples, fid_ref=fid_ref, fid_extractor=fid_extractor,
+                         scheduler_dir=scheduler_dir, **kw)
+        report = quality_report(path, fp_dir, cfg, png=png)
+    else:
+        if png:
+            raise DQDeployError("--png shows FP and quantized samples side by side and needs --fp MODEL_DIR",
+                                hint="add --fp, or use --grid for a grid of PATH's samples")
+        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, **kw)
+    if report_path:
+        write_report(report, report_path)
+    summary = {k: v for k, v in report.items() if k not in ("per_step", "config")}
+    click.echo(json.dumps(summary, default=str))

@@ -1,0 +1,63 @@
+"""``dqdeploy export``: a quantized artifact to a QDQ ONNX graph of one layout (and a TensorRT engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..vocab import CPU_CHOICES, TARGETS
+from .params import batch_profile
+
+_PATH = click.Path(path_type=Path)
+
+
+@click.command()
+@click.argument("source", type=_PATH)
+@click.option("--out", "out_dir", required=True, type=_PATH, help="Export folder to write.")
+@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
+              help="What to write, by layout (trt: int8, zero point 0, input Q/DQ, for TensorRT; ort: uint8, "
+                   "zero point 128, fused output Q/DQ, for ONNX Runtime on CPU). onnx: the trt-layout int8 QDQ graph, "
+                   "FP32 (FP16 with --fp16); trt: the trt-layout graph in FP16 plus a TensorRT engine built from it "
+                   "on this GPU; ort: the ort-layout int8 QDQ graph, FP32; float: the unquantized graph (SOURCE may "
+                   "be a diffusers folder).")
+@click.option("--fp16", is_flag=True, help="FP16 graph (targets onnx and float; trt is always FP16).")
+@click.option("--int4-linear", is_flag=True, help="Pack 4-bit Linear weights as INT4 blocks (opset 21, weight-only).")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--batch", default="1:2:8", show_default=True, help="trt: min:opt:max batch of the optimization profile.")
+@click.option("--cfg", is_flag=True, help="trt: double the batch profile for classifier-free guidance.")
+@click.option("--timing-cache", type=_PATH, help="trt: timing cache file to reuse.")
+@click.option("--workspace-gb", type=float, help="trt: builder workspace limit.")
+@click.option("--triton-repo", type=_PATH,
+              help="Also write a Triton model repository here (trt: the engine; other targets: the ONNX graph, for "
+                   "Triton's ONNX Runtime backend), its model named like the graph's folder: unet or transformer.")
+@click.option("--dynamic-resolution", "dyn_res", metavar="MIN:MAX",
+              help="Dynamic latent height and width, each in MIN..MAX (latent pixels, like quantize --resolution; "
+                   "multiples of the model's step).")
+@click.option("--cpu", type=click.Choice(CPU_CHOICES), default="auto", show_default=True,
+              help="ort: CPUs the int8 graph is exact on. vnni: fastest, x86 with VNNI/AMX and ARM64 only; portable: "
+                   "every CPU (x86 without VNNI too), slower; auto: this machine's.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo,
+           dyn_res, cpu, overwrite) -> None:
+    """Export a quantized artifact SOURCE to a QDQ ONNX graph of one layout and, for --target trt, a TensorRT engine."""
+    from ..exporters.dynamic import parse_range
+    from ..exporters.export import export as run_export
+    from ..exporters.spec import read_spec
+
+    lo, opt, hi = batch_profile(batch)
+    try:
+        res_range = None if dyn_res is None else parse_range(dyn_res)
+    except ValueError:
+        raise click.BadParameter(f"{dyn_res!r}: expected MIN:MAX latent sizes with 1 <= MIN <= MAX, e.g. 32:96",
+                                 param_hint="--dynamic-resolution") from None
+    run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
+               overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
+               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu)
+    spec = read_spec(out_dir)
+    fmt = f"; int8 format {spec.int8_format}: `dqdeploy inspect` says where it is exact" if spec.int8_format else ""
+    click.echo(f"wrote {Path(out_dir) / spec.onnx_file} ({target}{fmt})")
+    if target == "trt":
+        click.echo(f"wrote {Path(out_dir) / spec.engine_file}")
+    if triton_repo:
+        click.echo(f"wrote {Path(triton_repo) / Path(spec.onnx_file).parent.name}")

@@ -1,0 +1,37 @@
+"""``dqdeploy lint``: an exported graph against TensorRT's explicit-quantization rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import DQDeployError
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+def lint(export_dir) -> None:
+    """Check an exported graph against TensorRT's explicit-quantization rules (no TensorRT needed)."""
+    from ..exporters.lint import lint_path
+    from ..exporters.spec import ONNX_FILE, SPEC_FILE, read_spec
+
+    path = onnx_path = Path(export_dir)
+    if path.is_dir() and (path / SPEC_FILE).is_file():
+        spec = read_spec(path)  # a missing, truncated or replaced graph is reported as corrupt
+        if spec.target != "onnx":
+            raise DQDeployError(
+                f"{path} is a {spec.target!r} export; lint checks TensorRT's rules, "
+                "which apply to TensorRT-layout graphs only",
+                hint="lint the --out folder of `dqdeploy export --target onnx` (or trt)")
+        onnx_path = path / spec.onnx_file
+    elif path.is_dir():
+        onnx_path = path / ONNX_FILE
+    if not onnx_path.is_file():
+        raise DQDeployError(f"{onnx_path} not found", hint="pass the --out folder of `dqdeploy export --target onnx`")
+    violations = lint_path(onnx_path)
+    for v in violations:
+        click.echo(f"{v.rule}: {v.node}: {v.message}")
+    if violations:
+        raise DQDeployError(f"{len(violations)} TensorRT rule violation(s) in {onnx_path}")
+    click.echo(f"{onnx_path}: passes every TensorRT rule check")

@@ -1,0 +1,32 @@
+"""``dqdeploy sample``: a PNG grid of images from a model folder, an artifact or an export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .params import OVERWRITE_FILES, sample_options
+
+
+def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, guidance):
+    from ..generate import generate
+
+    return generate(path, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
+                    runtime=runtime, cond_file=cond_file, guidance=guidance)
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@sample_options
+@click.option("--out", "out_png", required=True, type=click.Path(path_type=Path), help="PNG grid to write.")
+@OVERWRITE_FILES
+def sample(path, out_png, overwrite, **kw) -> None:
+    """Generate images from a diffusers folder, a quantized artifact or an export folder."""
+    from ..eval.grid import save_grid
+    from ..paths import check_output_files
+
+    check_output_files({"--out": out_png}, sources=[path, kw["cond_file"]], overwrite=overwrite)  # before sampling
+    images = _generate(path, **kw)
+    save_grid(images, out_png, scale=max(1, 64 // images.shape[-1]))  # small images are shown enlarged
+    click.echo(f"wrote {images.shape[0]} samples to {out_png}")
