@@ -108,7 +108,8 @@ def tiny_flux(seed: int = 0, guidance: bool = True):
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4),
+        joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4),
     ).eval()
 
 
@@ -141,7 +142,8 @@ def write_transformer_pipeline(kind: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_transformer_cond(path: Path, pooled: bool = True, uncond: bool = True, prompts: int = 3, seed: int = 0) -> Path:
+def write_transformer_cond(path: Path, pooled: bool = True, uncond: bool = True, prompts: int = 3,
+                           seed: int = 0) -> Path:
     """A conditioning file for the tiny transformers (sequence length SEQ_LEN)."""
     g = torch.Generator().manual_seed(seed)
     tensors = {"encoder_hidden_states": torch.randn(prompts, SEQ_LEN, TEXT_DIM, generator=g)}

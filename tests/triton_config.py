@@ -61,7 +61,8 @@ def _message(toks: list[str], i: int, end: str | None) -> tuple[dict[str, Any], 
         value, i = _value(toks, i)
         if name in fields:  # a repeated field written once per element
             prev = fields[name]
-            fields[name] = (prev if isinstance(prev, list) else [prev]) + (value if isinstance(value, list) else [value])
+            fields[name] = ((prev if isinstance(prev, list) else [prev])
+                            + (value if isinstance(value, list) else [value]))
         else:
             fields[name] = value
     return fields, i + 1

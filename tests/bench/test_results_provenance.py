@@ -19,7 +19,8 @@ CPU = {"cpu": "Test CPU", "arch": "x86_64", "int8_class": "vnni", "int8_flags": 
 
 def latency(speedup: float, **prov) -> dict:
     return {"command": f"python bench/latency.py --speedup {speedup}", "model": "m", "batch": 8, "repeats": 3,
-            "median_ms": {"fp32": 10.0, "dq-per-step": 10.0 / speedup}, "speedup_vs_fp32": {"fp32": 1.0, "dq-per-step": speedup},
+            "median_ms": {"fp32": 10.0, "dq-per-step": 10.0 / speedup},
+            "speedup_vs_fp32": {"fp32": 1.0, "dq-per-step": speedup},
             "dq_per_step_vs_peer": 1.1, "per_step_overhead": 0.01} | prov
 
 
@@ -55,7 +56,8 @@ def test_report_refuses_results_without_provenance_and_marks_stale_ones(results)
     prov = {"commit": "abc1234", "date": "2026-01-01T00:00:00Z", "machine": CPU}
     (results / "latency.json").write_text(json.dumps(latency(3.25, code_hash="c" * 64, **prov)))  # current
     (results / "latency_dit.json").write_text(json.dumps(  # no commit, CPU as a bare architecture: refused
-        {"command": "python bench/dit_latency.py", "model": "dit", "batch": 2, "repeats": 3, "machine": {"cpu": "x86_64"},
+        {"command": "python bench/dit_latency.py", "model": "dit", "batch": 2, "repeats": 3,
+         "machine": {"cpu": "x86_64"},
          "median_ms": {"fp32": 9.0, "int8": 1.0}, "speedup_vs_fp32": {"fp32": 1.0, "int8": 9.87}}))
     (results / "scale.json").write_text(json.dumps({  # a hand-run entry and a stale one
         "by-hand": {"command": "manual, under /usr/bin/time", "calibration": "", "stages": {}, **prov},

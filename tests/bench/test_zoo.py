@@ -47,7 +47,8 @@ def test_training_script_conditional_early_stop_and_overrides(tmp_path):
     model = tmp_path / "a" / "digits-ddpm"
     loaded = load_model(model)
     assert type(loaded.denoiser).__name__ == "UNet2DConditionModel" and loaded.conditional
-    assert loaded.denoiser.config.norm_num_groups == 8 and list(loaded.denoiser.config.block_out_channels) == [16, 32, 32]
+    assert (loaded.denoiser.config.norm_num_groups == 8
+            and list(loaded.denoiser.config.block_out_channels) == [16, 32, 32])
     cond = load_conditioning(model / "class_cond.safetensors")
     assert tuple(cond.cond.shape) == (10, 1, 16) and tuple(cond.uncond.shape) == (1, 1, 16)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -61,7 +62,8 @@ def test_training_script_transformer_rectified_flow_with_class_prompts(tmp_path)
     prompts (2 tokens + pooled, null prompt) as a --cond file that the zoo's DiT member points at."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
     args = ["--stage", "ddpm", "--transformer", "--iters", "3", "--batch-size", "4",
-            "--unet", '{"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "caption_projection_dim": 16}',
+            "--unet", '{"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, '
+                      '"caption_projection_dim": 16}',
             "--fid-samples", "10", "--sample-steps", "2", "--assets", str(tmp_path / "a"), "--out", str(tmp_path / "r")]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_digits.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600)

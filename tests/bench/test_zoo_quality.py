@@ -32,7 +32,8 @@ def tiny_zoo(tmp_path, monkeypatch):
     monkeypatch.setattr(zq, "STEP_TRAJECTORIES", 2)
     monkeypatch.setitem(zq.VARIANTS, "fast", {"iters": 1, "batch_size": 8})
     monkeypatch.setattr(zq, "calibration_for",
-                        lambda m, v="default": zq.CalibrationConfig(scheduler="ddim", steps=3, samples=16, trajectories=4, batch_size=4))
+                        lambda m, v="default": zq.CalibrationConfig(scheduler="ddim", steps=3, samples=16,
+                                                                    trajectories=4, batch_size=4))
     return tmp_path
 
 
@@ -74,12 +75,15 @@ def test_concurrent_harness_processes_keep_each_others_rows(tmp_path, monkeypatc
     zq.update_results(rows={zq.fp_key("m", 0): fp})
     merged = zq.update_results(rows={zq.row_key("m", "w8a8", "default", "sim", 0): q}, runs=[{"command": "b"}])
     assert stale["rows"] == {} and len(merged["rows"]) == 2 and [r["command"] for r in merged["runs"]] == ["a", "b"]
-    assert json.loads(zq.RESULTS_FILE.read_text()) == merged and merged["rows"][zq.row_key("m", "w8a8", "default", "sim", 0)]["vs_fp"] == 1.1
-    ablation = zq.update_results(rows={zq.row_key("m", "w8a8", "no-dilation", "sim", 0): q | {"variant": "no-dilation", "digits_fid": 13.2}})
+    assert (json.loads(zq.RESULTS_FILE.read_text()) == merged
+            and merged["rows"][zq.row_key("m", "w8a8", "default", "sim", 0)]["vs_fp"] == 1.1)
+    ablation = zq.update_results(rows={zq.row_key("m", "w8a8", "no-dilation", "sim", 0):
+                                       q | {"variant": "no-dilation", "digits_fid": 13.2}})
     assert ablation["rows"][zq.row_key("m", "w8a8", "no-dilation", "sim", 0)]["vs_default"] == pytest.approx(1.2)
     assert "vs_default" not in ablation["rows"][zq.row_key("m", "w8a8", "default", "sim", 0)]
     other = tmp_path / "other.json"  # rows measured in another checkout: --merge adds them once
-    other.write_text(json.dumps({"rows": {zq.fp_key("m", 1): fp | {"seed": 1}}, "runs": [{"command": "b"}, {"command": "c"}]}))
+    other.write_text(json.dumps({"rows": {zq.fp_key("m", 1): fp | {"seed": 1}},
+                                 "runs": [{"command": "b"}, {"command": "c"}]}))
     zq.main(["--merge", str(other)])
     zq.main(["--merge", str(other)])
     final = zq.load_results()
@@ -119,7 +123,8 @@ def test_transformer_member_uses_its_own_sampler_cfg_and_pooled_prompts(tmp_path
     monkeypatch.setitem(zq.VARIANTS, "fast", {"iters": 1, "batch_size": 8, "fallback": "none"})
     real = zq.calibration_for
     assert real("tinydit") == zq.CalibrationConfig(scheduler=None, steps=3, guidance=2.0)
-    monkeypatch.setattr(zq, "calibration_for", lambda m, v="default": dataclasses.replace(real(m, v), samples=16, trajectories=4))
+    monkeypatch.setattr(zq, "calibration_for",
+                        lambda m, v="default": dataclasses.replace(real(m, v), samples=16, trajectories=4))
     zq.main(["--models", "tinydit", "--recipes", "fp32,w8a8", "--variants", "fast", "--flavours", "sim",
              "--fp-seeds", "0", "--n", "10"])
     rows = json.loads(zq.RESULTS_FILE.read_text())["rows"]

@@ -86,7 +86,8 @@ def test_ddim_pipeline_on_the_engine(fp16_engine, float_exports):
     def images(unet):
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
         pipe.set_progress_bar_config(disable=True)
-        return pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        return pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
 
     engine = TrtDenoiser(fp16_engine)
     assert engine.dtype == torch.float32 and engine.graph_dtype == torch.float16  # FP32 latents, FP16 graph
@@ -120,7 +121,8 @@ def test_conditional_engine_with_cfg_profile(cond_export, tmp_path):
     folder = tmp_path / "cond"
     shutil.copytree(export, folder)
     build_engine(folder, batch=(1, 1, 2), cfg=True)  # up to 2 images -> 4 UNet rows with guidance
-    seq = {t["name"]: t for t in read_engine_info(folder)["inputs"]}["encoder_hidden_states"]["shape"][1]  # the float export's example context: 77 tokens
+    # the float export's example context: 77 tokens
+    seq = {t["name"]: t for t in read_engine_info(folder)["inputs"]}["encoder_hidden_states"]["shape"][1]
     assert read_engine_info(folder)["profile"]["encoder_hidden_states"]["max"] == [4, seq, 24]
     engine = TrtDenoiser(folder)
     x, ctx = torch.randn(4, 4, 8, 8), torch.randn(4, seq, 24)
@@ -177,7 +179,8 @@ def test_cpp_example_if_it_builds(fp16_engine, tmp_path):
     helper = [sys.executable, str(root / "examples/cpp/save_inputs.py")]
     subprocess.run([*helper, "save", str(fp16_engine), str(tmp_path / "in")], check=True)
     (tmp_path / "out").mkdir()
-    subprocess.run([str(build / "run_engine"), str(fp16_engine / ENGINE_FILE), str(tmp_path / "in"), str(tmp_path / "out")], check=True)
+    subprocess.run([str(build / "run_engine"), str(fp16_engine / ENGINE_FILE), str(tmp_path / "in"),
+                    str(tmp_path / "out")], check=True)
     run = subprocess.run([*helper, "compare", str(fp16_engine), str(tmp_path / "in"), str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr

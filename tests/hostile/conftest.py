@@ -45,7 +45,8 @@ def pytest_sessionfinish(session, exitstatus):
         "by_category": dict(sorted(by_cat.items())),
         "by_expected": dict(sorted(Counter(r["expected"] for r in _RESULTS).items())),
         "outcomes": dict(sorted(Counter(r["outcome"] for r in _RESULTS).items())),
-        "by_category_outcome": {c: dict(Counter(r["outcome"] for r in _RESULTS if r["category"] == c)) for c in sorted(by_cat)},
+        "by_category_outcome": {c: dict(Counter(r["outcome"] for r in _RESULTS if r["category"] == c))
+                                for c in sorted(by_cat)},
         "failed": [r["case"] for r in _RESULTS if r["outcome"] != "passed"],
     }
     Path(out).write_text(json.dumps(summary, indent=2) + "\n")
@@ -71,8 +72,8 @@ def artifact(hostile_root) -> Path:
     from tests.helpers import random_calib
 
     unet = tiny_unet()
-    result = quantize_denoiser(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"), random_calib(unet, n=8),
-                           scheduler_config=dict(scheduler().config))
+    result = quantize_denoiser(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"),
+                               random_calib(unet, n=8), scheduler_config=dict(scheduler().config))
     return save_quantized(result, hostile_root / "q")
 
 

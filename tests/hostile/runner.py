@@ -82,4 +82,5 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 def leftovers(folder: Path) -> list[str]:
     """Hidden temporary or old folders dqdeploy might leave next to outputs."""
-    return sorted(p.name for p in Path(folder).iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.name.startswith(".dqdeploy-probe"))
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if ".tmp-" in p.name or ".old-" in p.name or p.name.startswith(".dqdeploy-probe"))

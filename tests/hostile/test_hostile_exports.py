@@ -70,14 +70,16 @@ CASES = {
     "graph emptied": (lambda e: (e / GRAPH).write_bytes(b""), "truncated"),
     "graph replaced by another with the same inputs": (_other_graph, "sha256"),
     "spec is a JSON list": (lambda e: _write(e, []), "JSON list"),
-    "spec nested 100000 deep": (lambda e: (e / "dqdeploy_export.json").write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
+    "spec nested 100000 deep": (lambda e: (e / "dqdeploy_export.json").write_text("[" * 100000 + "]" * 100000),
+                                "nested too deeply"),
     "hand edit without the seal": (_unsealed, "integrity record"),
     "spec without inputs": (_edit(lambda d: d.pop("inputs")), "missing keys"),
     "spec with an extra key": (_edit(lambda d: d.update(extra=1)), "unknown keys"),
     "spec without sample_size": (_edit(lambda d: d["model_config"].pop("sample_size")), "sample_size"),
     "string timesteps": (_edit(lambda d: d.update(timesteps=["901"])), "finite numbers"),
     "NaN timesteps": (_edit(lambda d: d.update(timesteps=[float("nan")])), "finite numbers"),
-    "file name outside the folder": (_edit(lambda d: d["files"].update({"../../etc/passwd": {"sha256": "0" * 64, "size": 1}})),
+    "file name outside the folder": (_edit(lambda d: d["files"].update({"../../etc/passwd":
+                                                                         {"sha256": "0" * 64, "size": 1}})),
                                      "plain relative name"),
     "files record dropped": (_edit(lambda d: d.update(files={})), "files must list"),
     "shape that does not match the graph": (_wrong_shape, "does not match its dqdeploy_export.json"),
@@ -95,7 +97,8 @@ def test_tampered_export_is_refused_by_sample(case, export_dir, copy_of, tmp_pat
     assert not (tmp_path / "g.png").exists()
 
 
-@pytest.mark.parametrize("case", ["graph missing", "graph truncated", "graph emptied", "graph replaced by another with the same inputs"])
+@pytest.mark.parametrize("case", ["graph missing", "graph truncated", "graph emptied",
+                                  "graph replaced by another with the same inputs"])
 def test_inspect_reports_a_corrupt_export(case, export_dir, copy_of):
     tamper, needle = CASES[case]
     e = copy_of(export_dir)

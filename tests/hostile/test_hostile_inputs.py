@@ -30,13 +30,17 @@ def _edit_json(path: Path, change) -> None:
 MODEL_CASES = {
     "config.json is a JSON list": (lambda p: (p / "unet" / "config.json").write_text("[1, 2]"), "JSON list"),
     "config.json with a wrongly typed field": (
-        lambda p: _edit_json(p / "unet" / "config.json", lambda d: {**d, "block_out_channels": "wide"}), "could not load"),
-    "config.json is binary": (lambda p: (p / "unet" / "config.json").write_bytes(b"\xff\xfe\x00binary"), "not valid JSON"),
+        lambda p: _edit_json(p / "unet" / "config.json", lambda d: {**d, "block_out_channels": "wide"}),
+        "could not load"),
+    "config.json is binary": (lambda p: (p / "unet" / "config.json").write_bytes(b"\xff\xfe\x00binary"),
+                              "not valid JSON"),
     "unknown beta_schedule": (
-        lambda p: _edit_json(p / "scheduler" / "scheduler_config.json", lambda d: {**d, "beta_schedule": "wavy"}), "scheduler config"),
+        lambda p: _edit_json(p / "scheduler" / "scheduler_config.json", lambda d: {**d, "beta_schedule": "wavy"}),
+        "scheduler config"),
     "scheduler config is a list": (lambda p: (p / "scheduler" / "scheduler_config.json").write_text("[]"), "JSON list"),
     "pickled .bin weights only": (
-        lambda p: (p / "unet" / "diffusion_pytorch_model.safetensors").rename(p / "unet" / "diffusion_pytorch_model.bin"),
+        lambda p: (p / "unet" / "diffusion_pytorch_model.safetensors").rename(
+            p / "unet" / "diffusion_pytorch_model.bin"),
         "--allow-pickle"),
 }
 
@@ -69,9 +73,11 @@ BAD_NUMBERS = {
     "--batch-size 0": (["--batch-size", "0"], "--batch-size"),
     "--calib-samples -3": (["--calib-samples", "-3"], "--calib-samples"),
     "--scheduler unknown": (["--scheduler", "warp"], "unsupported scheduler"),
-    "--scheduler needing a missing package": (["--scheduler", "CosineDPMSolverMultistepScheduler"], "unsupported scheduler"),
+    "--scheduler needing a missing package": (["--scheduler", "CosineDPMSolverMultistepScheduler"],
+                                              "unsupported scheduler"),
     "--scheduler EDMEulerScheduler": (["--scheduler", "EDMEulerScheduler"], "unsupported scheduler"),
-    "--scheduler HeunDiscreteScheduler (second order)": (["--scheduler", "HeunDiscreteScheduler"], "unsupported scheduler"),
+    "--scheduler HeunDiscreteScheduler (second order)": (["--scheduler", "HeunDiscreteScheduler"],
+                                                         "unsupported scheduler"),
 }
 
 
@@ -125,8 +131,10 @@ COND = {
                                   "uncond_encoder_hidden_states": torch.randn(SEQ_LEN, CROSS_DIM)}, "rank 3"),
     "uncond of rank 4": (lambda: {"encoder_hidden_states": torch.randn(2, SEQ_LEN, CROSS_DIM),
                                   "uncond_encoder_hidden_states": torch.randn(1, 1, SEQ_LEN, CROSS_DIM)}, "rank 3"),
-    "boolean embeddings": (lambda: {"encoder_hidden_states": torch.ones(2, SEQ_LEN, CROSS_DIM, dtype=torch.bool)}, "floating-point"),
-    "integer token ids": (lambda: {"encoder_hidden_states": torch.ones(2, SEQ_LEN, CROSS_DIM, dtype=torch.int64)}, "floating-point"),
+    "boolean embeddings": (lambda: {"encoder_hidden_states": torch.ones(2, SEQ_LEN, CROSS_DIM, dtype=torch.bool)},
+                           "floating-point"),
+    "integer token ids": (lambda: {"encoder_hidden_states": torch.ones(2, SEQ_LEN, CROSS_DIM, dtype=torch.int64)},
+                          "floating-point"),
     "NaN embeddings": (lambda: {"encoder_hidden_states": torch.full((2, SEQ_LEN, CROSS_DIM), float("nan"))}, "NaN"),
 }
 
@@ -136,7 +144,8 @@ COND = {
 def test_hostile_conditioning_files(case, cond_dirs, tmp_path):
     make, needle = COND[case]
     unet_dir, sched_dir = cond_dirs
-    result = run("quantize", unet_dir, "--scheduler-dir", sched_dir, "--out", tmp_path / "q", "--cond", _cond(tmp_path, **make()))
+    result = run("quantize", unet_dir, "--scheduler-dir", sched_dir, "--out", tmp_path / "q",
+                 "--cond", _cond(tmp_path, **make()))
     refused(result, needle)
     has_fix(result)
 
@@ -158,8 +167,9 @@ def test_hostile_prompt_files(case, cond_dirs, tmp_path):
 
 
 SAMPLE_ARGS = {
-    "--n 0": ["--n", "0"], "--n -5": ["--n", "-5"], "--batch-size 0": ["--batch-size", "0"], "--steps 0": ["--steps", "0"],
-    "--steps 5000": ["--steps", "5000"], "--guidance nan": ["--guidance", "nan"], "--scheduler warp": ["--scheduler", "warp"],
+    "--n 0": ["--n", "0"], "--n -5": ["--n", "-5"], "--batch-size 0": ["--batch-size", "0"],
+    "--steps 0": ["--steps", "0"], "--steps 5000": ["--steps", "5000"], "--guidance nan": ["--guidance", "nan"],
+    "--scheduler warp": ["--scheduler", "warp"],
 }
 
 
@@ -187,7 +197,8 @@ def test_export_with_a_malformed_batch_profile(artifact, tmp_path):
 
 @pytest.mark.hostile("cli", "succeeds")
 @pytest.mark.parametrize("name", [a for a in SCHEDULER_ALIASES if a != "flow"]
-                         + [s for s in SUPPORTED_SCHEDULERS if s not in ("DPMSolverSDEScheduler", "FlowMatchEulerDiscreteScheduler")])
+                         + [s for s in SUPPORTED_SCHEDULERS
+                            if s not in ("DPMSolverSDEScheduler", "FlowMatchEulerDiscreteScheduler")])
 def test_every_scheduler_calibrates_and_samples(name, artifact):
     from dqdeploy.generate import generate
     from dqdeploy.models import make_scheduler

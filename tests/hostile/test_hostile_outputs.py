@@ -89,8 +89,8 @@ BAD_PARENTS = {
 def test_unwritable_out_folders_are_refused_before_any_work(command, where, pipe_dir, artifact, tmp_path):
     (tmp_path / "file.txt").write_text("x")
     source = pipe_dir if command == "quantize" else artifact
-    result = run(command, source, "--out", BAD_PARENTS[where](tmp_path), "--recipe" if command == "quantize" else "--target",
-                 "w8a8" if command == "quantize" else "ort")
+    result = run(command, source, "--out", BAD_PARENTS[where](tmp_path),
+                 "--recipe" if command == "quantize" else "--target", "w8a8" if command == "quantize" else "ort")
     refused(result, "cannot be")
     has_fix(result)
 

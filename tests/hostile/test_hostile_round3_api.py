@@ -34,7 +34,8 @@ def test_quantize_recipe_values(recipe, match, pipe_dir):
 
 
 @CASE
-@pytest.mark.parametrize("calibration, match", [("fast", "calibration must be"), ({"samplez": 4}, "samplez"), (7, "calibration must be")])
+@pytest.mark.parametrize("calibration, match", [("fast", "calibration must be"), ({"samplez": 4}, "samplez"),
+                                                (7, "calibration must be")])
 def test_quantize_calibration_values(calibration, match, pipe_dir):
     with pytest.raises(DQDeployError, match=match):
         dqdeploy.quantize(pipe_dir, dqdeploy.W8A8, calibration)
@@ -131,6 +132,7 @@ def test_fallback_patterns_are_refused_before_calibration(pattern, match, pipe_d
 def test_a_fallback_budget_without_auto_is_refused(pipe_dir, tmp_path):
     from tests.hostile.runner import run
 
-    result = run("quantize", pipe_dir, "--out", tmp_path / "q", "--fallback", "none", "--fallback-budget", "0.5", *SMALL)
+    result = run("quantize", pipe_dir, "--out", tmp_path / "q", "--fallback", "none", "--fallback-budget", "0.5",
+                 *SMALL)
     assert result.returncode == 2 and "--fallback-budget applies to --fallback auto" in result.stderr
     assert "Traceback" not in result.stderr

@@ -38,7 +38,8 @@ CASES = {
 def test_impossible_step_sizes_are_refused_despite_a_valid_seal(case, command, artifact, copy_of, tmp_path):
     q = copy_of(artifact)
     _retensor("model.safetensors", CASES[case])(q)
-    args = ["--out", tmp_path / "e", "--no-simplify"] if command == "export" else ["--n", "2", "--steps", "2", "--out", tmp_path / "x.png"]
+    args = (["--out", tmp_path / "e", "--no-simplify"] if command == "export"
+            else ["--n", "2", "--steps", "2", "--out", tmp_path / "x.png"])
     result = run(command, q, *args)
     refused(result, "step size", code=2)
     has_fix(result)
@@ -58,8 +59,8 @@ def test_a_negative_learned_step_is_stored_positive_and_loads_the_same_model(tmp
     from tests.helpers import random_calib, scheduler, tiny_unet
 
     unet = tiny_unet()
-    result = quantize_denoiser(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"), random_calib(unet, n=8),
-                           scheduler_config=dict(scheduler().config))
+    result = quantize_denoiser(unet, W8A8.replace(distill="none", act_init="minmax", fallback="none"),
+                               random_calib(unet, n=8), scheduler_config=dict(scheduler().config))
     layer = quant_layers(result.model.denoiser)[LAYER]
     with torch.no_grad():
         layer.weight_quantizer.scale[:3] *= -1

@@ -76,8 +76,10 @@ DAMAGE = {
     "flipped bit in a block": lambda c: _flip(c / "block-00001.safetensors", -3),
     "flipped bit in the calibration set": lambda c: _flip(c / "calibration.safetensors", -5),
     "flipped bit in the calibrated model": lambda c: _flip(c / "calibrated.safetensors", -7),
-    "block copied over another": lambda c: shutil.copyfile(c / "block-00000.safetensors", c / "block-00002.safetensors"),
-    "truncated block": lambda c: (c / "block-00001.safetensors").write_bytes((c / "block-00001.safetensors").read_bytes()[:40]),
+    "block copied over another": lambda c: shutil.copyfile(c / "block-00000.safetensors",
+                                                           c / "block-00002.safetensors"),
+    "truncated block": lambda c: (c / "block-00001.safetensors").write_bytes(
+        (c / "block-00001.safetensors").read_bytes()[:40]),
     "empty calibration set": lambda c: (c / "calibration.safetensors").write_bytes(b""),
     "missing block": lambda c: (c / "block-00002.safetensors").unlink(),
     "block symlinked to a system file": lambda c: ((c / "block-00001.safetensors").unlink(),

@@ -56,7 +56,8 @@ def test_analyze_overwrite_replaces_its_own_report_and_default_lands_next_to_the
     assert first.returncode == 0, first.stderr
     report = q.parent / "q-an-sensitivity"
     assert (report / "sensitivity.json").is_file() and json.loads((report / "sensitivity.json").read_text())["format"]
-    assert sorted(os.listdir(q)) == sorted(tree(artifact))  # nothing written into the artifact, not even a hidden folder
+    # nothing written into the artifact, not even a hidden folder
+    assert sorted(os.listdir(q)) == sorted(tree(artifact))
     refused(run("analyze", q, "--no-blocks"), "already exists")
     again = run("analyze", q, "--no-blocks", "--overwrite")
     assert again.returncode == 0, again.stderr
@@ -89,7 +90,8 @@ def _command(command: str, artifact: Path, export_dir: Path, option: str, path: 
     if command == "sample":
         return ["sample", export_dir, "--n", "2", "--steps", "2", "--out", path]
     if command == "eval":
-        return ["eval", artifact, "--n", "4", "--steps", "2", "--fid-ref", refs, "--fid-extractor", "pixels", option, path]
+        return ["eval", artifact, "--n", "4", "--steps", "2", "--fid-ref", refs, "--fid-extractor", "pixels",
+                option, path]
     return ["check", artifact, export_dir, "--steps", "1", "--samples", "1", "--report", path]
 
 

@@ -19,10 +19,12 @@ CASE = pytest.mark.hostile("processes", "refused")
 SMALL = ["--steps", "3", "--calib-samples", "8", "--trajectories", "2", "--iters", "1", "--fallback", "none"]
 
 
-def _quantize(pipe_dir: Path, tmp: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _quantize(pipe_dir: Path, tmp: Path, *args: str,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     scratch = tmp / "tmpdir"
     scratch.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(pipe_dir), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(pipe_dir), *args],
+                          capture_output=True, text=True,
                           env={**env(), "TMPDIR": str(scratch), **(extra_env or {})}, timeout=300)
 
 
@@ -51,7 +53,8 @@ def test_more_processes_than_cores_are_refused(pipe_dir, tmp_path):
 
 @CASE
 def test_a_bad_collective_timeout_is_refused_before_launch(pipe_dir, tmp_path):
-    _clean(_quantize(pipe_dir, tmp_path, "--out", str(tmp_path / "q"), "--nproc", "2", extra_env={"DQDEPLOY_DIST_TIMEOUT": "x"}),
+    _clean(_quantize(pipe_dir, tmp_path, "--out", str(tmp_path / "q"), "--nproc", "2",
+                     extra_env={"DQDEPLOY_DIST_TIMEOUT": "x"}),
            "DQDEPLOY_DIST_TIMEOUT")
 
 
@@ -66,9 +69,11 @@ def test_an_error_inside_the_ranks_is_said_once_with_its_exit_code(pipe_dir, tmp
 def test_sigterm_to_the_launcher_ends_cleanly(pipe_dir, tmp_path):
     scratch = tmp_path / "tmpdir"
     scratch.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "dqdeploy", "quantize", str(pipe_dir), "--out", str(tmp_path / "q"), "--nproc", "2",
-                             "--steps", "3", "--calib-samples", "16", "--trajectories", "4", "--iters", "400", "--fallback", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env(), "TMPDIR": str(scratch)})
+    proc = subprocess.Popen([sys.executable, "-m", "dqdeploy", "quantize", str(pipe_dir), "--out", str(tmp_path / "q"),
+                             "--nproc", "2", "--steps", "3", "--calib-samples", "16", "--trajectories", "4",
+                             "--iters", "400", "--fallback", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env(), "TMPDIR": str(scratch)})
     time.sleep(8)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

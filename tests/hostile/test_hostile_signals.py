@@ -10,7 +10,8 @@ import pytest
 
 from tests.hostile.runner import leftovers, spawn
 
-LONG_QUANTIZE = ["--steps", "50", "--trajectories", "256", "--calib-samples", "512", "--iters", "50", "--batch-size", "8"]
+LONG_QUANTIZE = ["--steps", "50", "--trajectories", "256", "--calib-samples", "512", "--iters", "50",
+                 "--batch-size", "8"]
 
 
 def _fast_quantize(folder: Path) -> list[str]:
