@@ -44,8 +44,8 @@ from tests.helpers import tiny_cond_unet, write_bare_unet, write_cond_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ITERS, BATCH = 3, 4
-ARGS = ["--steps", "4", "--trajectories", "6", "--calib-samples", "24", "--batch-size", str(BATCH), "--iters", str(ITERS),
-        "--guidance", "3", "--recipe", "w8a8", "--scheduler", "ddpm"]
+ARGS = ["--steps", "4", "--trajectories", "6", "--calib-samples", "24", "--batch-size", str(BATCH),
+        "--iters", str(ITERS), "--guidance", "3", "--recipe", "w8a8", "--scheduler", "ddpm"]
 CALIB = CalibrationConfig(steps=4, samples=24, trajectories=6, batch_size=BATCH, guidance=3.0, scheduler="ddpm")
 RECIPE = W8A8.replace(iters=ITERS, batch_size=BATCH)
 
@@ -59,19 +59,22 @@ def _env() -> dict[str, str]:
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     unet_dir, sched_dir = write_bare_unet(tiny_cond_unet(), root)
-    return root, ["--scheduler-dir", str(sched_dir), "--cond", str(write_cond_file(root / "cond.safetensors"))], unet_dir
+    return (root, ["--scheduler-dir", str(sched_dir), "--cond", str(write_cond_file(root / "cond.safetensors"))],
+            unet_dir)
 
 
 NATIVE_ABORT = "terminate called without an active exception"  # the teardown abort dqdeploy.cli.main now avoids (NOTES)
 
 
 def _two_processes(model, out: Path, *extra: str) -> None:
-    """``quantize --nproc 2``; one more launch if a rank died of the native teardown abort (docs/notes/bench-notes.md, "Many
-    processes"; avoided since by ``os._exit``, kept as a safety net), which says nothing about what these tests compare."""
+    """``quantize --nproc 2``; one more launch if a rank died of the native teardown abort
+    (docs/notes/bench-notes.md, "Many processes"; avoided since by ``os._exit``, kept as a safety net), which says
+    nothing about what these tests compare."""
     root, inputs, unet_dir = model
     for attempt in range(2):
-        proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, *ARGS, *extra, "--out", str(out),
-                               "--nproc", "2", "--overwrite"], capture_output=True, text=True, env=_env(), timeout=600)
+        proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, *ARGS, *extra,
+                               "--out", str(out), "--nproc", "2", "--overwrite"],
+                              capture_output=True, text=True, env=_env(), timeout=600)
         if proc.returncode == 0 or NATIVE_ABORT not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[:4000] + "\n...\n" + proc.stderr[-3000:]
@@ -106,7 +109,8 @@ def test_distillation_in_two_processes_is_gradient_accumulation_over_the_same_sl
     _one_process(model, one)  # the unsplit batch: within the bounds explained above
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert m1["fallback"] == m2["fallback"] and m1["timesteps"] == m2["timesteps"] and m1["layers"] == m2["layers"]
-    assert (one / "calibration_inputs.safetensors").read_bytes() == (two / "calibration_inputs.safetensors").read_bytes()
+    assert ((one / "calibration_inputs.safetensors").read_bytes()
+            == (two / "calibration_inputs.safetensors").read_bytes())
     assert m2["blocks"][0]["loss_before"] == pytest.approx(m1["blocks"][0]["loss_before"], rel=1e-4)
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -131,9 +135,11 @@ def _free_port() -> int:
 
 def test_resume_with_many_processes_is_refused_before_anything_starts(model, tmp_path):
     root, inputs, unet_dir = model
-    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs, "--out", str(tmp_path / "q"),
-                           "--nproc", "2", "--resume"], capture_output=True, text=True, env=_env(), timeout=120)
-    assert proc.returncode != 0 and "--resume continues one-process runs only" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "quantize", str(unet_dir), *inputs,
+                           "--out", str(tmp_path / "q"), "--nproc", "2", "--resume"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert (proc.returncode != 0 and "--resume continues one-process runs only" in proc.stderr
+            and "Traceback" not in proc.stderr)
     assert not list(tmp_path.iterdir())
 
 
@@ -146,7 +152,8 @@ def test_a_failing_rank_stops_every_rank(model):
     for node, cond in ((0, str(root / "cond.safetensors")), (1, str(root / "missing.safetensors"))):
         args = [a if a != str(root / "cond.safetensors") else cond for a in inputs]
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node),
              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dqdeploy-test",
              "-m", "dqdeploy", "quantize", str(unet_dir), *args, *ARGS, "--out", str(out)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(), "DQDEPLOY_DIST_TIMEOUT": "120"}))

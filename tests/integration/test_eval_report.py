@@ -75,5 +75,6 @@ def test_user_errors(uncond, tmp_path):
     assert_user_error(dqdeploy("eval", q, "--png", tmp_path / "x.png"), "--fp")
     assert_user_error(dqdeploy("eval", q, "--n", 4), "not a digits model", "--fp")
     assert_user_error(dqdeploy("eval", q, "--fp", q, "--n", 4), "diffusers model folder")
-    assert_user_error(dqdeploy("eval", q, "--fp", pipe, "--n", 4, "--fid-extractor", "nope"), "unknown feature extractor")
+    assert_user_error(dqdeploy("eval", q, "--fp", pipe, "--n", 4, "--fid-extractor", "nope"),
+                      "unknown feature extractor")
     assert not (tmp_path / "x.png").exists()

@@ -34,7 +34,8 @@ def cond_artifact(tmp_path_factory):
     unet_dir, sched_dir = write_bare_unet(tiny_cond_unet(), root)
     cond = write_cond_file(root / "cond.safetensors")
     calib = CalibrationConfig(steps=6, samples=48, trajectories=8, batch_size=8, guidance=3.0)
-    res = quantize(unet_dir, W4A8.replace(iters=10, batch_size=16), calib, root / "q", scheduler_dir=sched_dir, cond_file=cond)
+    res = quantize(unet_dir, W4A8.replace(iters=10, batch_size=16), calib, root / "q", scheduler_dir=sched_dir,
+                   cond_file=cond)
     return res.path
 
 

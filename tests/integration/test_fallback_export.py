@@ -43,7 +43,8 @@ def test_fallback_layer_has_no_qdq(fallback_artifact, target, tmp_path):
     float_convs = _float_weight_convs(model)  # every other conv reads DequantizeLinear(int8 weight)
     assert len(float_convs) == sum(1 for n in fallback if "conv" in n.rsplit(".", 1)[-1])
     for conv in float_convs:
-        assert conv.input[0] not in producer or producer[conv.input[0]].op_type not in ("DequantizeLinear", "QuantizeLinear")
+        assert (conv.input[0] not in producer
+                or producer[conv.input[0]].op_type not in ("DequantizeLinear", "QuantizeLinear"))
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10  # the rest stays quantized
 
 

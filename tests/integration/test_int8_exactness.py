@@ -37,15 +37,18 @@ def test_integer_ops_are_exact_here_in_the_formats_export_picks(op):
         assert result.exact, f"{result} on {cpu_info().as_dict()}: the {fmt} format is not exact on this CPU"
 
 
-@pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64", reason="needs qemu-user (apt-get install qemu-user) on x86-64")
+@pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
+                    reason="needs qemu-user (apt-get install qemu-user) on x86-64")
 def test_emulated_cpu_without_vnni():
     """On an emulated Haswell, the full-range int8 format saturates (the bug this guards against) while
     the portable format stays exact, and the CPU is classified as such."""
     code = ("import json; from dqdeploy.cpu import cpu_info; from dqdeploy.runtimes.int8_probe import PROBES, probe; "
             "print(json.dumps({'class': cpu_info().int8_class, 'flags': cpu_info().flags, "
-            "'probes': {op: [probe(op, 'portable').mismatch, probe(op, 'vnni').mismatch, probe(op, 'vnni', weight_range=64).mismatch] "
+            "'probes': {op: [probe(op, 'portable').mismatch, probe(op, 'vnni').mismatch, "
+            "probe(op, 'vnni', weight_range=64).mismatch] "
             "for op in PROBES}}))")
-    run = subprocess.run([QEMU, "-cpu", EMULATED, sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([QEMU, "-cpu", EMULATED, sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["class"] == "avx2" and "avx512_vnni" not in found["flags"]
@@ -106,7 +109,8 @@ def test_w7a8_is_exact_everywhere_whatever_cpu_says(tmp_path):
     q = quantize(tmp_path / "pipe", W7A8.replace(iters=5, batch_size=16, fallback="none"), calib, tmp_path / "q").path
     sim = load_quantized(q)
     assert all(m.weight_bits == 7 for m in read_manifest(q).layers.values())
-    assert all(int(layer.weight_quantizer.integers(layer.weight).abs().max()) <= 64 for layer in quant_layers(sim.denoiser).values())
+    assert all(int(layer.weight_quantizer.integers(layer.weight).abs().max()) <= 64
+               for layer in quant_layers(sim.denoiser).values())
     out = export(q, tmp_path / "e", target="ort", cpu="vnni")
     assert read_spec(out).int8_format == "portable"
     weights = _weights(out)

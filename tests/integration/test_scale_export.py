@@ -71,12 +71,14 @@ def test_float_export_with_weights_left_in_external_data(sd_artifact, tmp_path, 
     ext = export(sd_artifact, tmp_path / "ext", target="float")
     assert (ext / "unet" / ONNX_DATA_FILE).is_file()
     x = _feeds(16, 16)  # the simplifier folds in-memory and external weights in another order: float rounding only
-    torch.testing.assert_close(load_runtime(ext, "ort")(**x).sample, load_runtime(one, "ort")(**x).sample, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(load_runtime(ext, "ort")(**x).sample, load_runtime(one, "ort")(**x).sample,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_dynamic_resolution_runs_other_sizes(sd_artifact, tmp_path):
     out = tmp_path / "dyn"
-    cmd = [sys.executable, "-m", "dqdeploy.cli", "export", str(sd_artifact), "--out", str(out), "--dynamic-resolution", "16:32"]
+    cmd = [sys.executable, "-m", "dqdeploy.cli", "export", str(sd_artifact), "--out", str(out),
+           "--dynamic-resolution", "16:32"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     spec = read_spec(out)
@@ -99,7 +101,8 @@ def test_dynamic_resolution_runs_other_sizes(sd_artifact, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [((12, 32), "multiples of 8"), ((24, 32), "does not contain the calibration"),
-                                        ((8, 32), "at least 16"), ((16, 100000), "MAX above"), ((7, 9), "multiples of 8")])
+                                        ((8, 32), "at least 16"), ((16, 100000), "MAX above"),
+                                        ((7, 9), "multiples of 8")])
 def test_impossible_ranges_are_refused_with_a_hint_that_works(sd_artifact, tmp_path, bad, match):
     from dqdeploy.denoisers import spec_for
     from dqdeploy.exporters.dynamic import check_range
@@ -132,7 +135,8 @@ def test_sd3_dynamic_resolution(transformer_artifacts, tmp_path):
     runtime, sim = load_runtime(out, "ort"), load_quantized(q)
     inputs = load_calibration_inputs(q)  # the conditioning of real calibration rows
     for h, w in ((12, 16), (4, 6)):
-        x = {k: v[:2] for k, v in inputs.items()} | {"hidden_states": torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(h))}
+        x = {k: v[:2] for k, v in inputs.items()} | {
+            "hidden_states": torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(h))}
         got = runtime(**x).sample
         with torch.no_grad():
             want = sim(**x).sample

@@ -17,24 +17,25 @@ from dqdeploy.exporters.lint import lint_path
 from dqdeploy.exporters.spec import read_spec
 from dqdeploy.recipe import W8A8, CalibrationConfig
 from dqdeploy.runtimes import load_runtime
-from tests.helpers import POOLED_DIM, SEQ_LEN, TEXT_DIM, transformer_scheduler, write_transformer_cond, write_transformer_pipeline
+from tests.helpers import POOLED_DIM, SEQ_LEN, TEXT_DIM, transformer_scheduler, write_transformer_cond, write_transformer_pipeline  # noqa: E501
 
 KINDS = ("sd3", "pixart", "flux")
 STEPS = 4
 INPUTS = {
     "sd3": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
     "pixart": ["hidden_states", "encoder_hidden_states", "timestep"],
-    "flux": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance"],
+    "flux": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+             "guidance"],
 }
 BLOCKS = {"sd3": "JointTransformerBlock", "pixart": "BasicTransformerBlock", "flux": "FluxSingleTransformerBlock"}
 # one linear of each family Weight Dilation must reach: q/k/v, context projection, feed-forward, adaLN modulation
 LAYERS = {
     "sd3": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.ff.net.2",
             "transformer_blocks.0.norm1.linear", "context_embedder"],
-    "pixart": ["transformer_blocks.0.attn1.to_v", "transformer_blocks.0.attn2.to_k", "transformer_blocks.0.ff.net.0.proj",
-               "adaln_single.linear", "caption_projection.linear_1"],
-    "flux": ["transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.add_q_proj", "single_transformer_blocks.0.proj_mlp",
-             "single_transformer_blocks.0.norm.linear", "context_embedder"],
+    "pixart": ["transformer_blocks.0.attn1.to_v", "transformer_blocks.0.attn2.to_k",
+               "transformer_blocks.0.ff.net.0.proj", "adaln_single.linear", "caption_projection.linear_1"],
+    "flux": ["transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.add_q_proj",
+             "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.norm.linear", "context_embedder"],
 }
 
 
@@ -95,7 +96,8 @@ def test_export_both_layouts_lint_and_check(artifact, exports):
         assert {"QuantizeLinear", "DequantizeLinear", "ArgMin", "Gather"} <= ops  # per-step tables keyed on timestep
         if target == "onnx":
             assert lint_path(folder / "transformer" / "model.onnx") == []
-        if target == "ort" and kind != "flux":  # SD3's joint and PixArt's attention: ORT's kernel (Flux: rotary, left as is)
+        # SD3's joint and PixArt's attention: ORT's kernel (Flux: rotary, left as is)
+        if target == "ort" and kind != "flux":
             assert "MultiHeadAttention" in ops and "Softmax" not in ops
         check = check_export(result.path, folder, per_layer=True)
         assert check.ok, check.table()
@@ -107,18 +109,22 @@ def test_export_both_layouts_lint_and_check(artifact, exports):
 def _pipeline(kind: str, transformer):
     g = torch.Generator().manual_seed(0)
     emb, pooled = torch.randn(2, SEQ_LEN, TEXT_DIM, generator=g), torch.randn(2, POOLED_DIM, generator=g)
-    run = dict(output_type="latent", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), height=64, width=64)
+    run = dict(output_type="latent", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
+               height=64, width=64)
     sched = transformer_scheduler(kind)
     if kind == "sd3":
-        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None, tokenizer=None,
-                                        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None,
+                                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                        tokenizer_3=None)
         return pipe(prompt_embeds=emb[:1], pooled_prompt_embeds=pooled[:1], negative_prompt_embeds=emb[1:],
                     negative_pooled_prompt_embeds=pooled[1:], guidance_scale=3.0, **run).images
     if kind == "pixart":
-        pipe = PixArtAlphaPipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None, tokenizer=None)
+        pipe = PixArtAlphaPipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None,
+                                   tokenizer=None)
         mask = torch.ones(1, SEQ_LEN)
-        return pipe(prompt_embeds=emb[:1], prompt_attention_mask=mask, negative_prompt=None, negative_prompt_embeds=emb[1:],
-                    negative_prompt_attention_mask=mask, guidance_scale=3.0, use_resolution_binning=False, **run).images
+        return pipe(prompt_embeds=emb[:1], prompt_attention_mask=mask, negative_prompt=None,
+                    negative_prompt_embeds=emb[1:], negative_prompt_attention_mask=mask, guidance_scale=3.0,
+                    use_resolution_binning=False, **run).images
     pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=None, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None)
     return pipe(prompt_embeds=emb[:1], pooled_prompt_embeds=pooled[:1], guidance_scale=3.0, **run).images
@@ -138,7 +144,8 @@ def test_runtime_refuses_what_the_graph_cannot_honour(artifact, exports):
     kind, result = artifact
     rt = load_runtime(exports["ort"], "ort")
     inputs = {k: v if k in ("img_ids", "txt_ids") else v[:1] for k, v in result.calib_inputs.items()}
-    out = rt(**inputs, joint_attention_kwargs={}, return_dict=False)[0] if kind != "pixart" else rt(**inputs, return_dict=False)[0]
+    out = (rt(**inputs, joint_attention_kwargs={}, return_dict=False)[0] if kind != "pixart"
+           else rt(**inputs, return_dict=False)[0])
     assert out.shape[0] == 1
     with pytest.raises(RuntimeInputError, match="encoder_hidden_states"):
         rt(**{k: v for k, v in inputs.items() if k != "encoder_hidden_states"})

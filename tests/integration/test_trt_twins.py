@@ -132,7 +132,8 @@ def test_export_writes_a_triton_repo_matching_the_graph(w8a8, tmp_path):
 
     session = ort.InferenceSession(str(model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     np_types = {"TYPE_FP16": np.float16, "TYPE_FP32": np.float32}
-    feeds = {e["name"]: np.full([2 if d == -1 else d for d in e["dims"]], 0.5, np_types[e["data_type"]]) for e in config["input"]}
+    feeds = {e["name"]: np.full([2 if d == -1 else d for d in e["dims"]], 0.5, np_types[e["data_type"]])
+             for e in config["input"]}
     feeds["timestep"][:] = read_spec(out).timesteps[0]
     (result,) = session.run(None, feeds)
     assert list(result.shape) == [2, *config["output"][0]["dims"][1:]] and np.isfinite(result).all()

@@ -258,7 +258,8 @@ def test_w4a4_artifact_from_before_8_bit_end_activations_still_loads(tmp_path):
     any other relabelled layer is still refused."""
     unet = tiny_unet()
     calib = collect(unet, DDIMScheduler(num_train_timesteps=1000), CALIB)
-    result = quantize_denoiser(unet, W4A4.replace(distill="none", fallback="none"), calib, CALIB, {"num_train_timesteps": 1000})
+    result = quantize_denoiser(unet, W4A4.replace(distill="none", fallback="none"), calib, CALIB,
+                               {"num_train_timesteps": 1000})
     q = save_quantized(result, tmp_path / "q")
     data = json.loads((q / MANIFEST).read_text())
     assert data["layers"]["conv_in"]["act_bits"] == 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dqdeploy.atomic import sweep_stale
-from dqdeploy.checkpoint import FORMAT, STATE, CheckpointError, RunCheckpoint, _process_start, checkpoint_path, fingerprint
+from dqdeploy.checkpoint import FORMAT, STATE, CheckpointError, RunCheckpoint, _process_start, checkpoint_path, fingerprint  # noqa: E501
 from dqdeploy.quant.distill import BlockReport
 from tests.helpers import random_calib, tiny_unet
 
@@ -121,5 +121,6 @@ def test_a_user_error_before_distillation_leaves_no_checkpoint(tmp_path):
 
     unet_dir, sched = write_bare_unet(tiny_cond_unet(), tmp_path)
     with pytest.raises(CalibrationError, match="needs calibration conditioning"):
-        quantize(unet_dir, W8A8, CalibrationConfig(steps=2, trajectories=2, samples=4), tmp_path / "q", scheduler_dir=sched)
+        quantize(unet_dir, W8A8, CalibrationConfig(steps=2, trajectories=2, samples=4), tmp_path / "q",
+                 scheduler_dir=sched)
     assert not (tmp_path / "q").exists() and not checkpoint_path(tmp_path / "q").exists()

@@ -69,14 +69,16 @@ def test_exporter_never_emits_saturating_int8_for_the_portable_format(layout, fm
         assert stored.dtype == np.uint8 and zp == UINT8_ZERO_POINT  # u8u8: widening kernels, exact everywhere
     else:
         assert stored.dtype == np.int8 and zp == 0
-    if stored.dtype == np.int8 and (layout, fmt) == ("ort", "portable"):  # every int8 it emits is exact under AVX2's kernel
+    # every int8 it emits is exact under AVX2's kernel
+    if stored.dtype == np.int8 and (layout, fmt) == ("ort", "portable"):
         x = rng.integers(0, 256, size=(16, 48)).astype(np.uint8)
         assert np.array_equal(maddubs_sum(x, stored.T), exact(x, stored.T))
         assert np.array_equal(maddubs_sum(np.full_like(x, 255), stored.T), exact(np.full_like(x, 255), stored.T))
 
 
 def test_cpu_classes_and_formats():
-    assert [c.int8_class for c in (AVX2, AVX512_NO_VNNI, VNNI, AVX_VNNI, ARM, SSE)] == ["avx2", "avx2", "vnni", "vnni", "arm64", "sse"]
+    assert ([c.int8_class for c in (AVX2, AVX512_NO_VNNI, VNNI, AVX_VNNI, ARM, SSE)]
+            == ["avx2", "avx2", "vnni", "vnni", "arm64", "sse"])
     for c in (AVX2, AVX512_NO_VNNI, VNNI, AVX_VNNI, ARM, SSE):
         assert c.exact("portable")
         assert c.exact("vnni") == (c.int8_class != "avx2")
@@ -90,7 +92,8 @@ def test_this_machine_is_read_from_cpuid_and_agrees_with_the_kernel():
     found = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
     if info.source == "cpuid" and found:  # the CPUID instruction and the kernel agree on every flag we use
         kernel = set(found.group(1).split())
-        assert {f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in kernel} == set(info.flags) - {"asimddp", "i8mm"}
+        assert ({f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in kernel}
+                == set(info.flags) - {"asimddp", "i8mm"})
 
 
 def _spec(target: str, fmt: str | None) -> ExportSpec:

@@ -22,10 +22,12 @@ def test_registry_covers_unets_and_the_three_transformers():
 
 def test_graph_inputs_follow_optimum_and_the_config():
     sd3, pixart = tiny_sd3(), tiny_pixart()
-    assert spec_of(sd3).input_names(sd3.config) == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+    assert spec_of(sd3).input_names(sd3.config) == ["hidden_states", "encoder_hidden_states", "pooled_projections",
+                                                    "timestep"]
     assert spec_of(pixart).input_names(pixart.config) == ["hidden_states", "encoder_hidden_states", "timestep"]
     flux, schnell = tiny_flux(), tiny_flux(guidance=False)
-    full = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance"]
+    full = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+            "guidance"]
     assert spec_of(flux).input_names(flux.config) == full
     assert spec_of(schnell).input_names(schnell.config) == full[:-1]  # no guidance embedding, no input
     assert spec_of(flux).conditioning_names(flux.config) == ["encoder_hidden_states", "pooled_projections"]
@@ -61,7 +63,8 @@ def test_pixart_with_size_conditions_is_refused():
 
 def test_conditioning_widths_and_learned_sigma():
     sd3, pixart = tiny_sd3(), tiny_pixart()
-    assert conditioning_dims(spec_of(sd3), sd3.config) == {"encoder_hidden_states": TEXT_DIM, "pooled_projections": POOLED_DIM}
+    assert conditioning_dims(spec_of(sd3), sd3.config) == {"encoder_hidden_states": TEXT_DIM,
+                                                           "pooled_projections": POOLED_DIM}
     assert conditioning_dims(spec_of(pixart), pixart.config) == {"encoder_hidden_states": TEXT_DIM}
     assert spec_of(pixart).learned_sigma(pixart.config) and not spec_of(sd3).learned_sigma(sd3.config)
 

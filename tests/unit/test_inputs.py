@@ -71,7 +71,8 @@ def test_half_keeps_the_timestep_and_integer_inputs():
 def test_forward_hooks_are_removed_also_when_the_body_raises():
     layer = torch.nn.Linear(3, 3)
     seen = []
-    with forward_hooks([(layer, "pre", lambda m, a: seen.append("pre")), (layer, "post", lambda m, a, o: seen.append("post"))]):
+    with forward_hooks([(layer, "pre", lambda m, a: seen.append("pre")),
+                        (layer, "post", lambda m, a, o: seen.append("post"))]):
         layer(torch.randn(1, 3))
     assert seen == ["pre", "post"]
     with pytest.raises(RuntimeError, match="boom"):

@@ -112,7 +112,8 @@ def _tampered(src, dst, change):
 
 
 def _packed_layer(result):
-    return next(n for n, m in quant_layers(result.model.denoiser).items() if m.weight_quantizer.bits == 4 and m.weight.numel() % 2)
+    return next(n for n, m in quant_layers(result.model.denoiser).items()
+                if m.weight_quantizer.bits == 4 and m.weight.numel() % 2)
 
 
 def test_tampered_integer_tensors_are_refused(w4_odd, tmp_path):

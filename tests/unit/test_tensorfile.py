@@ -26,8 +26,10 @@ def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
 
 def test_reads_every_dtype_as_safetensors_does(tmp_path):
     tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
-               "i8": torch.randint(-128, 127, (7,), dtype=torch.int8), "u8": torch.randint(0, 255, (3,), dtype=torch.uint8),
-               "i64": torch.arange(4), "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+               "i8": torch.randint(-128, 127, (7,), dtype=torch.int8),
+               "u8": torch.randint(0, 255, (3,), dtype=torch.uint8),
+               "i64": torch.arange(4), "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 3),
+               "scalar": torch.tensor(2.5)}
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"kind": "test"})
     ours, theirs = read_tensors(path), load_file(str(path))

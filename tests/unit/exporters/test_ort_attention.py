@@ -27,23 +27,31 @@ def _attention_graph(variant: str = "exporter") -> onnx.ModelProto:
     if variant == "mask":
         inits.append(numpy_helper.from_array(np.full((1, 1, N, M), -0.5, np.float32), "mask"))
     q_perm = [0, 1, 2, 3] if variant == "perm" else [0, 2, 1, 3]
-    nodes = [helper.make_node("Reshape", ["q", "s4q"], ["q4"]), helper.make_node("Transpose", ["q4"], ["qt"], perm=q_perm),
+    nodes = [helper.make_node("Reshape", ["q", "s4q"], ["q4"]),
+             helper.make_node("Transpose", ["q4"], ["qt"], perm=q_perm),
              helper.make_node("Mul", ["qt", "half_scale"], ["qs"]),
              helper.make_node("Reshape", ["k", "s4k"], ["k4"]), helper.make_node("Reshape", ["v", "s4k"], ["v4"]),
              helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3])]
     if variant == "direct":
         nodes.append(helper.make_node("Transpose", ["k4"], ["kT"], perm=[0, 2, 3, 1]))
     else:
-        nodes += [helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["kt", "s3k"], ["k3"]),
-                  helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]), helper.make_node("Reshape", ["k3t", "s4kt"], ["kT"])]
-    nodes += [helper.make_node("Mul", ["kT", "half_scale"], ["ks"]), helper.make_node("MatMul", ["qs", "ks"], ["scores"])]
+        nodes += [helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["kt", "s3k"], ["k3"]),
+                  helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]),
+                  helper.make_node("Reshape", ["k3t", "s4kt"], ["kT"])]
+    nodes += [helper.make_node("Mul", ["kT", "half_scale"], ["ks"]),
+              helper.make_node("MatMul", ["qs", "ks"], ["scores"])]
     if variant == "mask":
         nodes.append(helper.make_node("Add", ["scores", "mask"], ["masked"]))
-    nodes += [helper.make_node("Softmax", ["masked" if variant == "mask" else "scores"], ["p"], axis=2 if variant == "axis" else -1),
-              helper.make_node("MatMul", ["p", "vt"], ["o4"]), helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]),
+    nodes += [helper.make_node("Softmax", ["masked" if variant == "mask" else "scores"], ["p"],
+                               axis=2 if variant == "axis" else -1),
+              helper.make_node("MatMul", ["p", "vt"], ["o4"]),
+              helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["ot", "s3"], ["o"])]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", t, c]) for n, t in (("q", N), ("k", M), ("v", M))]
-    graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", N, c])], inits)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", t, c])
+              for n, t in (("q", N), ("k", M), ("v", M))]
+    graph = helper.make_graph(nodes, "attention", inputs,
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", N, c])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
@@ -104,20 +112,25 @@ def _joint_graph(axis: int = 2) -> onnx.ModelProto:
                       helper.make_node("Transpose", [f"{x}_{part}4"], [f"{x}_{part}t"], perm=[0, 2, 1, 3])]
         nodes.append(helper.make_node("Concat", [f"{x}_imgt", f"{x}_txtt"], [f"{x}t"], axis=axis))
     nodes += [helper.make_node("Mul", ["qt", "half_scale"], ["qs"]), helper.make_node("Reshape", ["kt", "s3k"], ["k3"]),
-              helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]), helper.make_node("Reshape", ["k3t", "s4kt"], ["kT"]),
-              helper.make_node("Mul", ["kT", "half_scale"], ["ks"]), helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
+              helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]),
+              helper.make_node("Reshape", ["k3t", "s4kt"], ["kT"]),
+              helper.make_node("Mul", ["kT", "half_scale"], ["ks"]),
+              helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
               helper.make_node("Softmax", ["scores"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "vt"], ["o4"]),
-              helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["ot", "s3"], ["o"])]
+              helper.make_node("Transpose", ["o4"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "s3"], ["o"])]
     inputs = [helper.make_tensor_value_info(f"{x}_{part}", TensorProto.FLOAT, ["batch", t, c])
               for x in "qkv" for part, t in (("img", N), ("txt", T))]
-    graph = helper.make_graph(nodes, "joint", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", m, c])], inits)
+    graph = helper.make_graph(nodes, "joint", inputs,
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["batch", m, c])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
 def test_joint_attention_becomes_concatenations_and_one_node():
     model = _joint_graph()
     rng = np.random.default_rng(1)
-    feeds = {i.name: rng.standard_normal((B, N if i.name.endswith("img") else T, H * D), dtype=np.float32) for i in model.graph.input}
+    feeds = {i.name: rng.standard_normal((B, N if i.name.endswith("img") else T, H * D), dtype=np.float32)
+             for i in model.graph.input}
     want = _run(model, feeds)
     assert fuse_attention(model) == 1
     onnx.checker.check_model(model)

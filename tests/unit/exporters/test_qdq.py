@@ -39,7 +39,8 @@ def quant_layer(kind: str, seed: int = 0) -> tuple[QuantLayer, TimestepTable, St
     s = 1.0 + torch.rand(8) * 2.0  # a dilation vector, so the 1/s Mul is exercised
     index = StepIndex()
     table = TimestepTable(TIMESTEPS)
-    q = QuantLayer(base, weight_bits=8, act_bits=8, act_symmetric=True, n_steps=len(TIMESTEPS), step_index=index, dilation=s)
+    q = QuantLayer(base, weight_bits=8, act_bits=8, act_symmetric=True, n_steps=len(TIMESTEPS), step_index=index,
+                   dilation=s)
     with torch.no_grad():
         q.input_quantizer.scale.copy_(torch.tensor([0.05, 0.02, 0.011, 0.004]))
     return q, table, index
@@ -50,10 +51,12 @@ def exported(kind: str, target: str, tmp_path, out_scale: float | None = None):
     shape = (4, 8, 5, 5) if kind == "conv" else (4, 7, 8)
     # activations whose range follows their step's scale, as calibrated ones do (rows 0..3)
     x = torch.randn(*shape) * torch.tensor([0.05, 0.02, 0.011, 0.004]).view(-1, *([1] * (len(shape) - 1))) * 40
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(x, torch.tensor(TIMESTEPS)))
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx",
+                              inputs=DenoiserInputs(x, torch.tensor(TIMESTEPS)))
     tensors = {"layer": tensors_of("layer", layer)}
     scales = {"layer": out_scale} if out_scale else None
-    graph = insert_qdq(graph, tensors, TIMESTEPS, {"layer": x.dim()}, SurgeryOptions(layout=layout_of(target), scope_prefix="unet."), scales)
+    graph = insert_qdq(graph, tensors, TIMESTEPS, {"layer": x.dim()},
+                       SurgeryOptions(layout=layout_of(target), scope_prefix="unet."), scales)
     onnx.checker.check_model(graph)
     int_type = onnx.TensorProto.UINT8 if target == "ort" else onnx.TensorProto.INT8
     graph.graph.output.append(onnx.helper.make_tensor_value_info("dq/layer/input_q", int_type, None))
@@ -90,7 +93,8 @@ def test_ort_output_quantization_error_is_bounded(tmp_path):
     rows = table.index(t, 4)
     with index.bound(rows), torch.no_grad():
         ref = layer(x)
-        y = (ref - layer.bias.view(1, -1, 1, 1)) * torch.tensor(np.median(TIMESTEPS_SCALES) / TIMESTEPS_SCALES)[rows].view(-1, 1, 1, 1).float()
+        y = (ref - layer.bias.view(1, -1, 1, 1)) * torch.tensor(
+            np.median(TIMESTEPS_SCALES) / TIMESTEPS_SCALES)[rows].view(-1, 1, 1, 1).float()
     out_scale = float(y.abs().max()) / 127
     _, _, _, sess, _ = exported("conv", "ort", tmp_path / "q", out_scale=out_scale)
     out, _ = sess.run(None, {"sample": x.numpy(), "timestep": t.numpy()})
@@ -114,17 +118,22 @@ def test_timestep_maps_to_nearest_calibrated_row(tmp_path):
 def test_weights_are_int8_initializers_without_float_copy(tmp_path):
     layer, *_ = quant_layer("conv")
     x = torch.randn(2, 8, 5, 5)
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(x, torch.tensor([1.0, 2.0])))
-    graph = insert_qdq(graph, {"layer": tensors_of("layer", layer)}, TIMESTEPS, {"layer": 4}, SurgeryOptions(scope_prefix="unet."))
-    floats = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) == tuple(layer.weight.shape)]
-    ints = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and tuple(i.dims) == tuple(layer.weight.shape)]
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx",
+                              inputs=DenoiserInputs(x, torch.tensor([1.0, 2.0])))
+    graph = insert_qdq(graph, {"layer": tensors_of("layer", layer)}, TIMESTEPS, {"layer": 4},
+                       SurgeryOptions(scope_prefix="unet."))
+    floats = [i for i in graph.graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) == tuple(layer.weight.shape)]
+    ints = [i for i in graph.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and tuple(i.dims) == tuple(layer.weight.shape)]
     assert not floats and len(ints) == 1
 
 
 def test_asymmetric_and_4bit_activations_are_refused(tmp_path):
     layer, *_ = quant_layer("linear")
     tensors = tensors_of("layer", layer)
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(torch.randn(2, 3, 8), torch.tensor([1.0, 2.0])))
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx",
+                              inputs=DenoiserInputs(torch.randn(2, 3, 8), torch.tensor([1.0, 2.0])))
     bad_zp = tensors.__class__(**{**tensors.__dict__, "act_zero_point": np.full(4, 3.0)})
     with pytest.raises(ExportError, match="zero point"):
         insert_qdq(graph, {"layer": bad_zp}, TIMESTEPS, {"layer": 3}, SurgeryOptions(scope_prefix="unet."))
@@ -139,7 +148,8 @@ def test_int4_linear_is_weight_only_blocked(tmp_path):
     layer = QuantLayer(nn.Linear(128, 16), weight_bits=4, act_bits=8, act_symmetric=True, n_steps=len(TIMESTEPS),
                        step_index=index, dilation=1.0 + torch.rand(128))
     x = torch.randn(2, 5, 128)
-    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx", inputs=DenoiserInputs(x, torch.tensor([1.0, 2.0])), opset=21)
+    graph = export_float_onnx(OneLayer(_plain(layer)), tmp_path / "f.onnx",
+                              inputs=DenoiserInputs(x, torch.tensor([1.0, 2.0])), opset=21)
     graph = insert_qdq(graph, {"layer": tensors_of("layer", layer)}, TIMESTEPS, {"layer": 3},
                        SurgeryOptions(scope_prefix="unet.", int4_linear=True))
     onnx.checker.check_model(graph)

@@ -31,7 +31,8 @@ def _weight(ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
     return w, scale
 
 
-def conv_graph(*, weight: str = "qfloat", zp_dtype=np.int8, ties: bool = False, extras: bool = False) -> onnx.ModelProto:
+def conv_graph(*, weight: str = "qfloat", zp_dtype=np.int8, ties: bool = False,
+               extras: bool = False) -> onnx.ModelProto:
     """x -> Q -> DQ -> Conv(W) -> y, W as Identity(W_fp32) -> Q -> DQ ("qfloat") or int8 -> DQ ("int8").
 
     ``extras`` adds what a simplifier removes: Identity chains and a constant shape subgraph.
@@ -58,7 +59,8 @@ def conv_graph(*, weight: str = "qfloat", zp_dtype=np.int8, ties: bool = False, 
         conv_in = "x_dq_id"
     nodes.append(helper.make_node("Conv", [conv_in, "w_dq", "bias"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]))
     if extras:  # Reshape to a shape computed from constants: folded by a simplifier
-        inits += [_const("flat_a", np.array([1, C_OUT, 0], np.int64)), _const("flat_b", np.array([0, 0, HW * HW], np.int64))]
+        inits += [_const("flat_a", np.array([1, C_OUT, 0], np.int64)),
+                  _const("flat_b", np.array([0, 0, HW * HW], np.int64))]
         nodes += [helper.make_node("Add", ["flat_a", "flat_b"], ["flat_shape"], name="flat_shape"),
                   helper.make_node("Reshape", ["conv_out", "flat_shape"], ["flat"], name="flat"),
                   helper.make_node("Identity", ["flat"], ["y"], name="y_id")]
@@ -78,7 +80,8 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 def ops(model: onnx.ModelProto) -> Counter:
@@ -173,7 +176,8 @@ def test_simplify_works_on_external_data_without_loading_it(tmp_path):
     simplified = simplify(lazy)
     assert simplified is not lazy and len(simplified.graph.node) < len(lazy.graph.node)
     kept = {t.name for t in simplified.graph.initializer if t.data_location == TensorProto.EXTERNAL}
-    assert "w_int8" in kept and not {i.name for i in simplified.graph.input} & external  # weights are initializers again
+    # weights are initializers again
+    assert "w_int8" in kept and not {i.name for i in simplified.graph.input} & external
     onnx.save(simplified, str(tmp_path / "s.onnx"))  # refers to m.onnx.data in the same folder
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1

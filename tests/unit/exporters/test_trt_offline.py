@@ -216,7 +216,8 @@ def _fake_build(monkeypatch, tmp_path: Path, *, parse_error: bool = False) -> tu
     full = dataclasses.replace(spec(), model_config={"in_channels": 4, "sample_size": 64}, files=record)
     (folder / "dqdeploy_export.json").write_text(full.to_json())
     seen: dict = {}
-    trt = types.SimpleNamespace(__version__="10.8.0", NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=2),
+    trt = types.SimpleNamespace(__version__="10.8.0",
+                                NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=2),
                                 MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
     inputs = [_Tensor("sample", [-1, 4, 64, 64], "HALF"), _Tensor("timestep", [-1], "FLOAT"),
               _Tensor("encoder_hidden_states", [-1, 77, 768], "HALF")]
@@ -252,14 +253,17 @@ def test_build_engine_hands_polygraphy_a_strongly_typed_network_and_one_profile(
     assert plan == folder / ENGINE_FILE and plan.read_bytes() == b"serialized engine"
     assert seen["parse"] == (str(folder / "unet" / "model.onnx"), True)
     config = seen["config"]
-    assert (config["fp16"], config["int8"], config["tf32"]) == (False, False, True)  # strongly typed: types from the graph
+    # strongly typed: types from the graph
+    assert (config["fp16"], config["int8"], config["tf32"]) == (False, False, True)
     assert config["memory_pool_limits"] == {"workspace": 2 << 30} and config["load_timing_cache"] is None  # no file yet
     (profile,) = config["profiles"]
-    assert {n: (list(s.min), list(s.opt), list(s.max)) for n, s in profile.items()} == profile_shapes(spec(), batch=(1, 2, 4), cfg=True)
+    assert ({n: (list(s.min), list(s.opt), list(s.max)) for n, s in profile.items()}
+            == profile_shapes(spec(), batch=(1, 2, 4), cfg=True))
     assert seen["build"] == (("builder", seen["build"][0][1], "parser"), "config", str(cache))
     info = read_engine_info(folder)
     assert info["inputs"][0] == {"name": "sample", "shape": [-1, 4, 64, 64], "dtype": "float16"}
-    assert (info["gpu"], info["tensorrt_version"], info["batch"], info["cfg"]) == ("Fake GPU", "10.8.0", [1, 2, 4], True)
+    assert ((info["gpu"], info["tensorrt_version"], info["batch"], info["cfg"])
+            == ("Fake GPU", "10.8.0", [1, 2, 4], True))
     assert info["profile"]["timestep"] == {"min": [2], "opt": [4], "max": [8]}
     cache.write_bytes(b"cache")
     build_engine(folder, timing_cache=cache, overwrite=True, lint=False)
@@ -329,16 +333,18 @@ def test_cmake_find_logic():
                    "find_library(TensorRT_LIBRARY", "return()", "CUDA::cudart"):
         assert needle in text
     source = (CPP / "run_engine.cpp").read_text()
-    for call in ("createInferRuntime", "deserializeCudaEngine", "createExecutionContext", "setInputShape", "setTensorAddress",
-                 "enqueueV3"):
+    for call in ("createInferRuntime", "deserializeCudaEngine", "createExecutionContext", "setInputShape",
+                 "setTensorAddress", "enqueueV3"):
         assert call in source
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None, reason="cmake or a C++ compiler missing")
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
+                    reason="cmake or a C++ compiler missing")
 def test_cmake_configure_skips_without_tensorrt(tmp_path):
     if HAS_TRT:
         pytest.skip("tensorrt is installed: the configure step may find it")
-    run = subprocess.run(["cmake", "-S", str(CPP), "-B", str(tmp_path / "build"), "-DTensorRT_ROOT=" + str(tmp_path / "none")],
+    run = subprocess.run(["cmake", "-S", str(CPP), "-B", str(tmp_path / "build"),
+                          "-DTensorRT_ROOT=" + str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "skipping" in run.stderr + run.stdout

@@ -41,7 +41,8 @@ def _capture_from_start(model, module, calib, batches, want):
         seen.append([o.detach() for o in output_tensors(out)])
         raise _Stop
 
-    with forward_hooks([(module, "pre" if want == "inputs" else "post", pre if want == "inputs" else post)], with_kwargs=True):
+    with forward_hooks([(module, "pre" if want == "inputs" else "post", pre if want == "inputs" else post)],
+                       with_kwargs=True):
         for idx in batches:
             try:
                 calib.batch(idx).call(model)
@@ -66,7 +67,8 @@ def _reference_distill(qmodel, fp, blocks, calib, recipe, seed=0):
             return block_loss(qmodel.run_rows(rows[i], qblock, *args, **kwargs), targets[i])
 
         qblock.train()
-        reports.append(_train(block.name, lambda i: iter([forward(i)]), layers, len(inputs), recipe, recipe.iters, seed + k))
+        reports.append(_train(block.name, lambda i: iter([forward(i)]), layers, len(inputs), recipe, recipe.iters,
+                              seed + k))
         qblock.eval()
     return reports
 
@@ -77,7 +79,8 @@ def _calibrated(fp, calib):
     return model
 
 
-@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet, tiny_pixart], ids=["UNet2DModel", "UNet2DConditionModel", "PixArt"])
+@pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet, tiny_pixart],
+                         ids=["UNet2DModel", "UNet2DConditionModel", "PixArt"])
 def test_propagation_equals_running_from_the_start(make, tmp_path):
     from dqdeploy.denoisers import spec_for
 
@@ -110,7 +113,8 @@ def _pixart_calib(fp):
     steps = [901.0, 501.0, 1.0]
     rows = torch.arange(8) % len(steps)
     inputs = DenoiserInputs.create(torch.randn(8, 4, 8, 8, generator=g), torch.tensor(steps)[rows],
-                                   sample_name="hidden_states", encoder_hidden_states=torch.randn(8, 5, 16, generator=g))
+                                   sample_name="hidden_states",
+                                   encoder_hidden_states=torch.randn(8, 5, 16, generator=g))
     return CalibrationSet(inputs, rows, steps)
 
 

@@ -57,7 +57,8 @@ def test_in_place_writes_what_a_copy_writes(tmp_path):
 def test_a_block_whose_layers_all_fall_back_is_not_distilled():
     fp = tiny_cond_unet()
     calib = random_calib(fp, n=8)
-    result = quantize_denoiser(fp, W4A8.replace(iters=2, batch_size=8, fallback="conv_in,time_embedding.*"), calib, in_place=True)
+    result = quantize_denoiser(fp, W4A8.replace(iters=2, batch_size=8, fallback="conv_in,time_embedding.*"), calib,
+                               in_place=True)
     names = [b["name"] for b in result.manifest.blocks]
     assert "conv_in" not in names and "time_embedding" not in names and "conv_out" in names
     assert not isinstance(fp.conv_in, QuantLayer) and isinstance(fp.conv_out, QuantLayer)
@@ -71,7 +72,8 @@ def test_float_layers_loaded_from_a_file_are_read_back_from_it(tmp_path):
     conv, linear = nn.Conv2d(3, 5, 3), nn.Linear(4, 2)
     originals = {"a": copy.deepcopy(conv.state_dict()), "b": copy.deepcopy(linear.state_dict())}
     source = tmp_path / "model.safetensors"
-    save_file({"a.weight": conv.weight.detach(), "a.bias": conv.bias.detach(), "b.weight": linear.weight.detach()}, str(source))
+    save_file({"a.weight": conv.weight.detach(), "a.bias": conv.bias.detach(), "b.weight": linear.weight.detach()},
+              str(source))
     floats = FloatLayers(["a", "b"], tmp_path / "data", {"a.weight": source, "a.bias": source, "b.weight": source})
     floats.keep("a", conv)
     floats.keep("b", linear)  # b.bias was not read from the file

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from dqdeploy.errors import CalibrationError
 from dqdeploy.quant.trajectories import collect, load_conditioning
 from dqdeploy.recipe import CalibrationConfig
-from tests.helpers import POOLED_DIM, SEQ_LEN, TEXT_DIM, tiny_flux, tiny_sd3, transformer_scheduler, write_transformer_cond
+from tests.helpers import POOLED_DIM, SEQ_LEN, TEXT_DIM, tiny_flux, tiny_sd3, transformer_scheduler, write_transformer_cond  # noqa: E501
 
 CALIB = CalibrationConfig(steps=3, samples=12, trajectories=2, batch_size=2, guidance=2.0)
 
@@ -18,7 +18,8 @@ CALIB = CalibrationConfig(steps=3, samples=12, trajectories=2, batch_size=2, gui
 def test_pooled_conditioning_round_robin_and_unconditional_rows(tmp_path):
     cond = load_conditioning(write_transformer_cond(tmp_path / "c.safetensors", prompts=3))
     batch = cond.for_batch(2, 3)  # rows 2, 0, 1
-    assert batch["encoder_hidden_states"].shape == (3, SEQ_LEN, TEXT_DIM) and batch["pooled_projections"].shape == (3, POOLED_DIM)
+    assert (batch["encoder_hidden_states"].shape == (3, SEQ_LEN, TEXT_DIM)
+            and batch["pooled_projections"].shape == (3, POOLED_DIM))
     torch.testing.assert_close(batch["pooled_projections"][1], cond.pooled[0])
     uncond = cond.unconditional()
     assert uncond["pooled_projections"].shape == (1, POOLED_DIM)
@@ -28,7 +29,8 @@ def test_pooled_conditioning_round_robin_and_unconditional_rows(tmp_path):
 @pytest.mark.parametrize("tensors,needle", [
     ({"pooled_projections": torch.zeros(3, 2, POOLED_DIM)}, "pooled_projections must be \\[P, D2\\]"),
     ({"pooled_projections": torch.zeros(2, POOLED_DIM)}, "pooled_projections has 2 rows"),
-    ({"pooled_projections": torch.zeros(3, POOLED_DIM), "uncond_pooled_projections": torch.zeros(1, 5)}, "uncond_pooled_projections"),
+    ({"pooled_projections": torch.zeros(3, POOLED_DIM), "uncond_pooled_projections": torch.zeros(1, 5)},
+     "uncond_pooled_projections"),
 ])
 def test_malformed_pooled_conditioning_is_refused(tmp_path, tensors, needle):
     path = tmp_path / "bad.safetensors"
@@ -39,7 +41,8 @@ def test_malformed_pooled_conditioning_is_refused(tmp_path, tensors, needle):
 
 def test_cfg_without_the_unconditional_pooled_row_is_refused(tmp_path):
     path = tmp_path / "half.safetensors"
-    save_file({"encoder_hidden_states": torch.zeros(2, SEQ_LEN, TEXT_DIM), "pooled_projections": torch.zeros(2, POOLED_DIM),
+    save_file({"encoder_hidden_states": torch.zeros(2, SEQ_LEN, TEXT_DIM),
+               "pooled_projections": torch.zeros(2, POOLED_DIM),
                "uncond_encoder_hidden_states": torch.zeros(1, SEQ_LEN, TEXT_DIM)}, str(path))
     with pytest.raises(CalibrationError, match="uncond_pooled_projections"):
         load_conditioning(path).unconditional()
@@ -71,6 +74,7 @@ def test_flux_trajectories_carry_guidance_and_position_ids(tmp_path):
     assert inputs.sample.shape[1:] == (16, 16)  # packed tokens
     assert max(calib.timesteps) <= 1.0  # the transformer sees sigma
     assert torch.all(inputs.conditioning["guidance"] == 3.5)  # guidance is an input, not a CFG pair
-    assert len(calib) == 6 and inputs.shared["img_ids"].shape == (16, 3) and inputs.shared["txt_ids"].shape == (SEQ_LEN, 3)
+    assert (len(calib) == 6 and inputs.shared["img_ids"].shape == (16, 3)
+            and inputs.shared["txt_ids"].shape == (SEQ_LEN, 3))
     batch = calib.batch(torch.arange(2))  # slicing leaves the unbatched ids whole
     assert batch.shared["img_ids"] is inputs.shared["img_ids"] and batch.conditioning["guidance"].shape == (2,)

@@ -55,7 +55,8 @@ def _sequential(unet, scheduler, config: CalibrationConfig, conditioning: Condit
                 rows.append(torch.full((sel.numel(),), i, dtype=torch.long))
                 conds.append(context)
 
-        denoise(unet, scheduler, noise, config.steps, cond=cond, uncond=uncond, guidance=guidance, generator=gen, callback=record)
+        denoise(unet, scheduler, noise, config.steps, cond=cond, uncond=uncond, guidance=guidance, generator=gen,
+                callback=record)
     return torch.cat(xs), torch.cat(ts), torch.cat(rows), torch.cat([c["encoder_hidden_states"] for c in conds])
 
 
@@ -64,8 +65,10 @@ def test_one_process_collect_draws_what_the_sequential_loop_drew(kind):
     torch.set_num_threads(1)
     unet = tiny_cond_unet()
     g = torch.Generator().manual_seed(3)
-    conditioning = Conditioning(torch.randn(3, SEQ_LEN, CROSS_DIM, generator=g), torch.randn(1, SEQ_LEN, CROSS_DIM, generator=g))
-    config = CalibrationConfig(steps=3, samples=14, trajectories=5, batch_size=2, guidance=3.0, seed=7)  # 3 chunks, the last short
+    conditioning = Conditioning(torch.randn(3, SEQ_LEN, CROSS_DIM, generator=g),
+                                torch.randn(1, SEQ_LEN, CROSS_DIM, generator=g))
+    # 3 chunks, the last short
+    config = CalibrationConfig(steps=3, samples=14, trajectories=5, batch_size=2, guidance=3.0, seed=7)
     calib = collect(unet, SCHEDULERS[kind](), config, conditioning)
     x, t, rows, cond = _sequential(unet, SCHEDULERS[kind](), config, conditioning, 3.0)
     assert torch.equal(calib.inputs.sample, x) and torch.equal(calib.inputs.timestep, t)

@@ -59,7 +59,8 @@ def test_batch_size_is_dynamic(uncond):
 def _ddim_images(unet, steps: int = 2) -> np.ndarray:
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
-    return pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np").images
+    return pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
 
 
 def test_runs_inside_a_ddim_pipeline(uncond):
@@ -74,8 +75,10 @@ def test_denoise_with_classifier_free_guidance(cond):
     unet, folder = cond
     rt = OrtDenoiser(folder)
     g = torch.Generator().manual_seed(1)
-    noise, c, u = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, SEQ_LEN, CROSS_DIM, generator=g), torch.randn(1, SEQ_LEN, CROSS_DIM, generator=g)
-    outs = [denoise(m, DDIMScheduler(num_train_timesteps=1000), noise, 2, cond=c, uncond=u, guidance=3.0) for m in (rt, unet)]
+    noise, c, u = (torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, SEQ_LEN, CROSS_DIM, generator=g),
+                   torch.randn(1, SEQ_LEN, CROSS_DIM, generator=g))
+    outs = [denoise(m, DDIMScheduler(num_train_timesteps=1000), noise, 2, cond=c, uncond=u, guidance=3.0)
+            for m in (rt, unet)]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)
 
 
