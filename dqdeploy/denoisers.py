@@ -39,6 +39,10 @@ class DenoiserSpec:
     timestep_scale: float = 1.0  # model timestep = scheduler timestep * scale (Flux pipelines pass t / 1000)
     packed: bool = False  # latents are token sequences [B, N, C] (Flux), not images [B, C, H, W]
     ends: tuple[str, str] = ("conv_in", "conv_out")  # first and last layer (kept at first_last_bits by recipes)
+    conditioning: tuple[tuple[str, str], ...] = ()  # (input, config key of its last-axis width)
+    learns_sigma: bool = False  # the output may stack a variance prediction the scheduler does not take
+    unsupported: tuple[str, str, str] = ("", "", "")  # (config flag, why, hint): a configuration the graphs cannot carry
+    fixed_resolution: str = ""  # why a traced graph cannot take another height/width ("": it can)
 
     @property
     def is_transformer(self) -> bool:
@@ -66,17 +70,14 @@ class DenoiserSpec:
 
     def check_supported(self, config: Any, where: object = "the model") -> None:
         """Refuse configurations whose extra inputs the graphs do not carry."""
-        if self.class_name == "PixArtTransformer2DModel" and config.get("use_additional_conditions"):
-            raise ModelLoadError(
-                f"{where}: PixArt with resolution/aspect-ratio conditions (use_additional_conditions, the 1024px "
-                "models) is not supported: its added_cond_kwargs are not graph inputs yet",
-                hint="use a PixArt model without additional conditions (256/512px, PixArt-Sigma)",
-            )
+        flag, why, hint = self.unsupported
+        if flag and config.get(flag):
+            raise ModelLoadError(f"{where}: {why}", hint=hint)
 
     def learned_sigma(self, config: Any) -> bool:
         """True when the output stacks a variance prediction the scheduler does not take (PixArt)."""
         out = config.get("out_channels")
-        return self.class_name == "PixArtTransformer2DModel" and out is not None and out == 2 * config["in_channels"]
+        return self.learns_sigma and out is not None and out == 2 * config["in_channels"]
 
 
 _UNET_BLOCKS = ("ResnetBlock2D", "Attention", "Transformer2DModel", "Downsample2D", "Upsample2D", "TimestepEmbedding")
@@ -91,20 +92,31 @@ SPECS: dict[str, DenoiserSpec] = {
     s.class_name: s
     for s in (
         DenoiserSpec("UNet2DModel", "unet", SAMPLE, "out_sample", (SAMPLE, TIMESTEP), _UNET_BLOCKS),
-        DenoiserSpec("UNet2DConditionModel", "unet", SAMPLE, "out_sample", (SAMPLE, TIMESTEP, CONTEXT), _UNET_BLOCKS),
+        DenoiserSpec("UNet2DConditionModel", "unet", SAMPLE, "out_sample", (SAMPLE, TIMESTEP, CONTEXT), _UNET_BLOCKS,
+                     conditioning=((CONTEXT, "cross_attention_dim"),)),
         DenoiserSpec(
             "SD3Transformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, POOLED, TIMESTEP),
             ("JointTransformerBlock", *_EMBEDDERS), ends=_PATCH_ENDS,
+            conditioning=((CONTEXT, "joint_attention_dim"), (POOLED, "pooled_projection_dim")),
         ),
         DenoiserSpec(
             "PixArtTransformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, TIMESTEP),
             ("BasicTransformerBlock", *_EMBEDDERS), ends=_PATCH_ENDS,
+            conditioning=((CONTEXT, "caption_channels"),), learns_sigma=True,
+            unsupported=("use_additional_conditions",
+                         "PixArt with resolution/aspect-ratio conditions (use_additional_conditions, the 1024px "
+                         "models) is not supported: its added_cond_kwargs are not graph inputs yet",
+                         "use a PixArt model without additional conditions (256/512px, PixArt-Sigma)"),
+            fixed_resolution="PixArt's patch embedding recomputes its sin-cos position table in Python when the size "
+                             "differs from sample_size: a traced graph keeps the table of one size, so a dynamic "
+                             "height/width would be silently wrong",
         ),
         DenoiserSpec(
             "FluxTransformer2DModel", "transformer", HIDDEN, "out_hidden_states",
             (HIDDEN, CONTEXT, POOLED, TIMESTEP, IMG_IDS, TXT_IDS, GUIDANCE),
             ("FluxTransformerBlock", "FluxSingleTransformerBlock", *_EMBEDDERS),
             shared=(IMG_IDS, TXT_IDS), timestep_scale=1e-3, packed=True, ends=("x_embedder", "proj_out"),
+            conditioning=((CONTEXT, "joint_attention_dim"), (POOLED, "pooled_projection_dim")),
         ),
     )
 }
@@ -165,10 +177,5 @@ def flux_position_ids(tokens: int, text_tokens: int) -> dict[str, torch.Tensor]:
 
 def conditioning_dims(spec: DenoiserSpec, config: Any) -> dict[str, int]:
     """Last-axis width of each conditioning input the model takes (what a conditioning file must hold)."""
-    dims = {
-        "UNet2DConditionModel": {CONTEXT: config.get("cross_attention_dim")},
-        "SD3Transformer2DModel": {CONTEXT: config.get("joint_attention_dim"), POOLED: config.get("pooled_projection_dim")},
-        "PixArtTransformer2DModel": {CONTEXT: config.get("caption_channels")},
-        "FluxTransformer2DModel": {CONTEXT: config.get("joint_attention_dim"), POOLED: config.get("pooled_projection_dim")},
-    }.get(spec.class_name, {})
+    dims = {name: config.get(key) for name, key in spec.conditioning}
     return {k: int(v) for k, v in dims.items() if v is not None}

@@ -46,7 +46,3 @@ INT8_FORMATS: tuple[str, ...] = get_args(Int8Format)
 CPU_CHOICES: tuple[str, ...] = get_args(CpuChoice)
 INEXACT: tuple[str, ...] = get_args(Inexact)
 
-
-def layout_of(target: GraphTarget) -> Layout | None:
-    """The deployment layout of a graph target (``None`` for the float graph)."""
-    return {"onnx": "trt", "ort": "ort"}.get(target)  # type: ignore[return-value]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..vocab import CPU_CHOICES, TARGETS
+from ..exporters.targets import TARGET_SPECS, targets_help
+from ..vocab import CPU_CHOICES
 from .params import batch_profile
 
 _PATH = click.Path(path_type=Path)
@@ -15,12 +16,10 @@ _PATH = click.Path(path_type=Path)
 @click.command()
 @click.argument("source", type=_PATH)
 @click.option("--out", "out_dir", required=True, type=_PATH, help="Export folder to write.")
-@click.option("--target", type=click.Choice(TARGETS), default="ort", show_default=True,
+@click.option("--target", type=click.Choice(list(TARGET_SPECS)), default="ort", show_default=True,
               help="What to write, by layout (trt: int8, zero point 0, input Q/DQ, for TensorRT; ort: uint8, "
-                   "zero point 128, fused output Q/DQ, for ONNX Runtime on CPU). onnx: the trt-layout int8 QDQ graph, "
-                   "FP32 (FP16 with --fp16); trt: the trt-layout graph in FP16 plus a TensorRT engine built from it "
-                   "on this GPU; ort: the ort-layout int8 QDQ graph, FP32; float: the unquantized graph (SOURCE may "
-                   "be a diffusers folder).")
+                   "zero point 128, fused output Q/DQ, for ONNX Runtime on CPU). " + targets_help()
+                   + " (float: SOURCE may be a diffusers folder).")
 @click.option("--fp16", is_flag=True, help="FP16 graph (targets onnx and float; trt is always FP16).")
 @click.option("--int4-linear", is_flag=True, help="Pack 4-bit Linear weights as INT4 blocks (opset 21, weight-only).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")

@@ -45,11 +45,8 @@ def check_range(spec: DenoiserSpec, config: Any, size: tuple[int, int], lo: int,
         raise ExportError(f"{spec.class_name} takes packed token latents [B, (H/2)*(W/2), C] with position ids "
                           "(img_ids) made for one grid: a dynamic height/width is not supported",
                           hint="export once per resolution (quantize --resolution N, then export)")
-    if spec.class_name == "PixArtTransformer2DModel":
-        raise ExportError("PixArt's patch embedding recomputes its sin-cos position table in Python when the size "
-                          "differs from sample_size: a traced graph keeps the table of one size, so a dynamic "
-                          "height/width would be silently wrong",
-                          hint="export once per resolution (quantize --resolution N, then export)")
+    if spec.fixed_resolution:
+        raise ExportError(spec.fixed_resolution, hint="export once per resolution (quantize --resolution N, then export)")
     step = resolution_step(spec, config)
     where = "a UNet with %d down blocks" % len(config["block_out_channels"]) if not spec.is_transformer else \
         f"patch_size {step}"

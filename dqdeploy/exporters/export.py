@@ -32,7 +32,7 @@ from ..quant.modules import QuantizedDenoiser, quantizes_output
 from ..recipe import Recipe
 from ..stages import release_memory, stage
 from ..trt_gate import require_tensorrt
-from ..vocab import CPU_CHOICES, GRAPH_TARGETS, TARGETS, CpuChoice, GraphTarget, Int8Format, Target, layout_of
+from ..vocab import CPU_CHOICES, CpuChoice, GraphTarget, Int8Format, Target
 from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
@@ -40,6 +40,7 @@ from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
 from .spec import ExportSpec, model_folder
+from .targets import TargetSpec, layout_of, target_spec
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
@@ -84,21 +85,19 @@ def export(
     """
     source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
     dynamic_resolution = _resolution_range(dynamic_resolution)
-    if target not in TARGETS:
-        raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
-    if target == "trt":
+    spec = target_spec(target)
+    if spec.engine:
         require_tensorrt()  # fail fast, before anything else
-        _check_request(source, "onnx", fp16, cpu)
+        _check_request(source, spec.graph, fp16, cpu)
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if triton_repo is not None:
         check_output_dir(Path(triton_repo) / _triton_model(source), owned=is_triton_model, sources=[source, out_dir])
     if timing_cache is not None:
         check_output_file(timing_cache, "--timing-cache", sources=[source])
-    if target != "trt":
-        export_graph(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear,
+    if not spec.engine:
+        export_graph(source, out_dir, target=spec.graph, fp16=fp16, int4_linear=int4_linear,
                      simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu)
     else:
-        require_tensorrt()  # fail fast, before the export work
         trt_graph(source, out_dir, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
                   dynamic_resolution=dynamic_resolution)
         build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
@@ -146,14 +145,14 @@ def export_graph(
     cpu: CpuChoice = "auto",
 ) -> Path:
     """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``)."""
-    _check_request(source, target, fp16, cpu)
-    int8_format = resolve_format(cpu) if target == "ort" else None
+    spec = _check_request(source, target, fp16, cpu)
+    int8_format = resolve_format(cpu) if spec.cpu_format else None
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
     if detect(source) == "fp":
         return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
     manifest = read_manifest(source)
     recipe = manifest.recipe
-    if target != "float":
+    if spec.quantized:
         _check_deployable(recipe)
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
         scratch = folder / SCRATCH  # the float graph's weights: on the output's disk, swept if the run dies
@@ -163,8 +162,8 @@ def export_graph(
         graph = _float_graph(canvas, parts.example, scratch, opset, dynamic_resolution)
         del canvas
         release_memory()  # the float denoiser is not needed any more: its weights are in the scratch file
-        if target != "float":
-            opts = SurgeryOptions(layout="ort" if target == "ort" else "trt", float_type=FLOAT16 if fp16 else 1,
+        if spec.layout is not None:
+            opts = SurgeryOptions(layout=spec.layout, float_type=FLOAT16 if fp16 else 1,
                                   int4_linear=int4_linear, int8_format=int8_format or "vnni")
             with stage(log, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
@@ -217,23 +216,26 @@ def resolve_format(cpu: str) -> Int8Format:
     return fmt
 
 
-def _check_request(source: str | Path, target: str, fp16: bool, cpu: str = "auto") -> None:
-    """Target, precision, CPU format and source kind go together (errors say how to fix them)."""
-    if target not in GRAPH_TARGETS:
-        raise ExportError(f"unknown target {target!r} (expected {', '.join(TARGETS)})")
+def _check_request(source: str | Path, target: str, fp16: bool, cpu: str = "auto") -> TargetSpec:
+    """Target, precision, CPU format and source kind go together (errors say how to fix them); the
+    record of ``target``, a graph target."""
+    spec = target_spec(target)
+    if spec.engine:
+        raise ExportError(f"target {target!r} builds an engine; its graph step is target {spec.graph!r}")
     if cpu not in CPU_CHOICES:
         raise ExportError(f"unknown --cpu {cpu!r} (expected one of {', '.join(CPU_CHOICES)})")
-    if cpu != "auto" and target != "ort":
+    if cpu != "auto" and not spec.cpu_format:
         raise ExportError(f"--cpu {cpu} applies to --target ort (the int8 graph for ONNX Runtime on CPU); "
                           f"--target {target} has no CPU integer format", hint="drop --cpu, or export --target ort")
-    if fp16 and target == "ort":
+    if fp16 and spec.fp16 == "never":
         raise ExportError("--fp16 applies to the TensorRT layout (--target onnx/trt); ONNX Runtime on CPU runs the uint8 graph in FP32")
     kind = detect(source)
     if kind == "export":
         raise ExportError(f"{source} is already an export folder", hint="export from the quantized artifact (the --out of `dqdeploy quantize`)")
-    if kind == "fp" and target != "float":
+    if kind == "fp" and spec.quantized:
         raise ExportError(f"{source} is a full-precision diffusers folder: only --target float applies",
                           hint="run `dqdeploy quantize` first, then export the artifact")
+    return spec
 
 
 def _check_deployable(recipe: Recipe) -> None:
@@ -266,7 +268,7 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
     with stage(log, "measure layers"):
         layers = layer_tensors(model, manifest)
         ranks = input_ranks(model, list(layers), example, root=model.denoiser)
-        out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if target == "ort" else None
+        out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if layout_of(target) == "ort" else None
     canvas = dequantized_denoiser(model, manifest, inplace=True)
     del model
     if fp16:
@@ -312,7 +314,7 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
 
         with stage(log, "simplify"):
             graph = run_simplify(graph)
-    if target == "ort":  # ONNX Runtime's own attention kernel instead of the float score matrix
+    if layout_of(target) == "ort":  # ONNX Runtime's own attention kernel instead of the float score matrix
         from .ort_attention import fuse_attention
 
         with stage(log, "attention fusion"):

@@ -26,7 +26,8 @@ from ..folders import SPEC_FILE
 from ..inputs import CONTEXT
 from ..integrity import SEAL_KEY, read_json_object, seal, verify_file, verify_seal
 from ..recipe import Recipe
-from ..vocab import GRAPH_TARGETS, GraphTarget, Int8Format, Layout, layout_of
+from ..vocab import GraphTarget, Int8Format, Layout
+from .targets import layout_of
 
 ONNX_FILE = "unet/model.onnx"  # UNets; transformers: onnx_file()
 ONNX_DATA_FILE = "model.onnx_data"
@@ -96,7 +97,7 @@ class ExportSpec:
     @property
     def layout(self) -> Layout | None:
         """The deployment layout of the graph (``None``: float or unknown)."""
-        return layout_of(self.target) if self.target in GRAPH_TARGETS else None  # type: ignore[arg-type]
+        return layout_of(self.target)
 
     @property
     def weight_format(self) -> Int8Format | None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from dqdeploy.exporters.spec import ExportSpec, TensorSpec
+from dqdeploy.exporters.targets import layout_of
 from dqdeploy.recipe import W8A8, Recipe
-from dqdeploy.vocab import LAYOUTS, TARGETS, layout_of
+from dqdeploy.vocab import LAYOUTS, TARGETS
 
 
 def _spec(**changes) -> ExportSpec:
