@@ -105,4 +105,6 @@ def _fit(value, shape):
     want = [w if isinstance(w, int) and w > 0 else g for w, g in zip(shape, value.shape)]
     if want == list(value.shape):
         return value
-    return torch.zeros(want) if value.abs().max() == 0 else torch.randn(want, generator=torch.Generator().manual_seed(0))
+    if value.abs().max() == 0:  # Flux's txt_ids
+        return torch.zeros(want)
+    return torch.randn(want, generator=torch.Generator().manual_seed(0))
