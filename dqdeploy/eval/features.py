@@ -53,7 +53,8 @@ def load_extractor(spec: str) -> Extractor:
     if path.suffix in (".pt", ".ts", ".pth", ".jit"):
         if not path.is_file():
             raise DQDeployError(f"feature extractor file {path} not found",
-                                hint="pass a TorchScript file written by torch.jit.save, 'digits', 'pixels' or module:function")
+                                hint="pass a TorchScript file written by torch.jit.save, 'digits', 'pixels' or "
+                                     "module:function")
         try:
             module = torch.jit.load(str(path), map_location="cpu").eval()
         except (RuntimeError, ValueError) as exc:
@@ -94,8 +95,9 @@ def _features(extractor: Extractor, batch: torch.Tensor) -> torch.Tensor:
         raise DQDeployError(f"the feature extractor failed on images {tuple(batch.shape)}: {type(exc).__name__}: {exc}",
                             hint="it must map images [N, C, H, W] in [-1, 1] to features [N, ...]") from None
     if out.dim() < 1 or out.shape[0] != batch.shape[0]:
-        raise DQDeployError(f"the feature extractor returned {tuple(out.shape)} for {batch.shape[0]} images; expected one row "
-                            "of features per image", hint="it must map images [N, C, H, W] to features [N, ...]")
+        raise DQDeployError(f"the feature extractor returned {tuple(out.shape)} for {batch.shape[0]} images; "
+                            "expected one row of features per image",
+                            hint="it must map images [N, C, H, W] to features [N, ...]")
     return out.reshape(out.shape[0], -1)
 
 
@@ -125,12 +127,14 @@ def load_reference_images(folder: str | Path, channels: int, size: tuple[int, in
     if not folder.is_dir():
         raise DQDeployError(f"reference image folder {folder} does not exist",
                             hint="pass a folder of PNG/JPEG images of the training distribution")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _regular(p))  # no FIFOs, folders, loops
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and _regular(p))  # no FIFOs, folders, loops
     if len(files) < 2:
         raise DQDeployError(f"{folder} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); a Frechet "
                             "distance needs at least 2 (hundreds for a stable value)")
     if channels not in (1, 3):
-        raise DQDeployError(f"reference images can be compared with 1- or 3-channel samples, the model makes {channels}",
+        raise DQDeployError("reference images can be compared with 1- or 3-channel samples, "
+                            f"the model makes {channels}",
                             hint="pass --fid-extractor for a latent model and compare decoded images yourself")
     mode = "L" if channels == 1 else "RGB"
     out = []

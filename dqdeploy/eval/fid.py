@@ -47,7 +47,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``[D]`` and (unbiased) covariance ``[D, D]`` of features ``[N, D]``, float64."""
-    f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+    f = (features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor)
+         else np.asarray(features, np.float64))
     if f.ndim != 2 or f.shape[0] < 2:
         raise DQDeployError(f"feature statistics need features [N >= 2, D], found shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])

@@ -39,7 +39,8 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, *, padding: int = 
     """
     from PIL import Image
 
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0 or images.shape[1] not in (1, 3):
+    if (not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0
+            or images.shape[1] not in (1, 3)):
         raise DQDeployError(f"save_grid expects images [N, 1 or 3, H, W], found "
                             f"{getattr(images, 'shape', type(images).__name__)}")
     if scale < 1 or padding < 0 or (nrow is not None and nrow < 1):

@@ -91,7 +91,8 @@ def fid_setup(fid_ref: str | Path | None, fid_extractor: str | None, shape: tupl
     check_extractor(extractor, shape)
     if fid_ref is None:
         return FidSetup(spec, extractor, None, "fp samples")
-    return FidSetup(spec, extractor, extract(extractor, load_reference_images(fid_ref, shape[0], (shape[1], shape[2]))), str(fid_ref))
+    return FidSetup(spec, extractor, extract(extractor, load_reference_images(fid_ref, shape[0], (shape[1], shape[2]))),
+                    str(fid_ref))
 
 
 def _fid_section(setup: FidSetup | None, fp_images: torch.Tensor, test_images: torch.Tensor) -> dict[str, Any] | None:
@@ -117,8 +118,8 @@ def _source_warnings(summary: dict[str, float], path: Path, fp_dir: Path) -> lis
     if summary["mean_rel_err"] <= SOURCE_REL_ERR and summary["mean_cosine"] >= 0.5:
         return []
     text = (f"{path} and --fp {fp_dir} disagree far beyond any quantization error (mean per-step relative error "
-            f"{summary['mean_rel_err']:.3g}, cosine {summary['mean_cosine']:.3g}): --fp is probably not the folder it was "
-            "quantized from")
+            f"{summary['mean_rel_err']:.3g}, cosine {summary['mean_cosine']:.3g}): --fp is probably not the folder "
+            "it was quantized from")
     log.warning(text)
     return [text]
 
@@ -140,7 +141,8 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
         raise DQDeployError(f"--png shows latents as images; {fp_dir} makes packed latents {shape}",
                             hint="leave out --png for this model")
     conditioning = load_cond(test, cfg.cond_file)
-    fid = None if cfg.fid_ref is None and cfg.fid_extractor is None else fid_setup(cfg.fid_ref, cfg.fid_extractor, shape)
+    fid = (None if cfg.fid_ref is None and cfg.fid_extractor is None
+           else fid_setup(cfg.fid_ref, cfg.fid_extractor, shape))
     steps = cfg.steps or (len(test.timesteps) or 50)
     # UNets: DDIM unless asked; transformers: their own (flow-matching) scheduler
     scheduler = cfg.scheduler or (None if spec_of(fp.denoiser).is_transformer else "ddim")
@@ -157,7 +159,8 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     test_images = generate_from(test, **sample)
     report: dict[str, Any] = {
         "path": str(path), "fp": str(fp_dir), "kind": test.kind, "runtime": cfg.runtime,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()} | {"steps": steps, "scheduler": scheduler or fp.scheduler_config.get("_class_name")},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+                  | {"steps": steps, "scheduler": scheduler or fp.scheduler_config.get("_class_name")},
         "per_step_summary": summarize_steps(per_step),
         "per_step": per_step,
         "images": image_errors(fp_images, test_images),
@@ -198,9 +201,11 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
                             hint="leave out --grid for this model")
     if not digits and (fid_ref is None or len(shape) != 3):
         raise DQDeployError(
-            f"{path} is not a digits model (its samples are {'x'.join(map(str, shape))}), so there is nothing to score "
-            "it against" + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)"),
-            hint="pass --fp MODEL_DIR for the full report against the FP model, or --fid-ref FOLDER of reference images")
+            f"{path} is not a digits model (its samples are {'x'.join(map(str, shape))}), "
+            "so there is nothing to score it against"
+            + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)"),
+            hint="pass --fp MODEL_DIR for the full report against the FP model, "
+                 "or --fid-ref FOLDER of reference images")
     setup = None if fid_ref is None else fid_setup(fid_ref, fid_extractor, shape)  # before sampling
     images = generate_from(opened, conditioning=load_cond(opened, cond_file), **sample)
     report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
@@ -209,8 +214,10 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
 
         report["digits_fid"] = round(digits_fid(images), 4)
     if setup is not None and setup.reference is not None:
-        report["fid"] = {"extractor": setup.spec, "reference": setup.ref_name, "n_reference": int(setup.reference.shape[0]),
-                         "value": frechet_distance(*feature_stats(extract(setup.extractor, images)), *feature_stats(setup.reference))}
+        report["fid"] = {"extractor": setup.spec, "reference": setup.ref_name,
+                         "n_reference": int(setup.reference.shape[0]),
+                         "value": frechet_distance(*feature_stats(extract(setup.extractor, images)),
+                                                   *feature_stats(setup.reference))}
     if grid:
         from .grid import save_grid
 
@@ -221,4 +228,5 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     """Write the report as JSON, atomically (tagged as dqdeploy's, so ``--overwrite`` may replace it)."""
-    return atomic_write_bytes(Path(path), (json.dumps({"format": "dqdeploy-eval-report", **report}, indent=2) + "\n").encode())
+    return atomic_write_bytes(Path(path),
+                              (json.dumps({"format": "dqdeploy-eval-report", **report}, indent=2) + "\n").encode())

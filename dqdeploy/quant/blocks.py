@@ -30,7 +30,8 @@ class Block:
 
 def _candidates(root: nn.Module, classes: Sequence[str], quantized: Collection[str]) -> list[str]:
     found: list[str] = []
-    prefixes = {n.rsplit(".", i)[0] for n in quantized for i in range(n.count(".") + 1)}  # every module above a quantized layer
+    # every module above a quantized layer
+    prefixes = {n.rsplit(".", i)[0] for n in quantized for i in range(n.count(".") + 1)}
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
@@ -54,7 +55,8 @@ def partition(denoiser: nn.Module, run: Callable[[], object], classes: Sequence[
     quantized = set(quant_layers(denoiser) if layers is None else layers)
     names = _candidates(denoiser, classes, quantized)
     order: list[str] = []
-    hooks: list[Hook] = [(denoiser.get_submodule(n), "pre", lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
+    hooks: list[Hook] = [(denoiser.get_submodule(n), "pre",
+                          lambda m, a, n=n: order.append(n) if n not in order else None) for n in names]
     with forward_hooks(hooks):
         run()
     order += [n for n in names if n not in order]  # never-called blocks go last

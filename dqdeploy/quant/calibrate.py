@@ -47,7 +47,8 @@ class _StepStats:
         return lo, hi
 
 
-def _combine(stats: dict[str, _StepStats], records: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]], phase: str) -> None:
+def _combine(stats: dict[str, _StepStats], records: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]],
+             phase: str) -> None:
     """Every rank's statistics of one pass, combined as one process computes them."""
     if phase == "range":
         lo = distributed.all_reduce(torch.stack([st.lo for st in stats.values()]), "min")
@@ -64,7 +65,8 @@ def _combine(stats: dict[str, _StepStats], records: dict[str, list[tuple[int, to
 
 
 @torch.no_grad()
-def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, method: str = "mse", batch_size: int = 32) -> None:
+def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, method: str = "mse",
+                           batch_size: int = 32) -> None:
     """Set every activation quantizer's per-step scale (and zero point) from ``calib``."""
     layers = quant_layers(model)
     if not layers:
@@ -90,7 +92,8 @@ def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, m
             errs = []
             for c, ratio in enumerate(CLIP_RATIOS):
                 scale, zp = minmax_scale(ratio * lo[rows], ratio * hi[rows], q.qmin, q.qmax, q.symmetric)
-                xq = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], q.qmin, q.qmax) - zp[:, None]) * scale[:, None]
+                xq = (torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], q.qmin, q.qmax)
+                      - zp[:, None]) * scale[:, None]
                 if many:  # kept per sample, summed in the one-process order once every rank's are known
                     errs.append((xq - flat).pow(2).sum(1))
                 else:
@@ -113,7 +116,13 @@ def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, m
                     _combine(stats, records, p)
     finally:
         set_act_quant(model, True)
+    _set_input_scales(layers, stats, n_steps, method)
 
+
+@torch.no_grad()
+def _set_input_scales(layers: dict[str, QuantLayer], stats: dict[str, _StepStats], n_steps: int, method: str) -> None:
+    """Each input quantizer's per-step scale and zero point from its layer's range (clipped by the
+    MSE-best ratio with ``method="mse"``)."""
     for name, layer in layers.items():
         q = layer.input_quantizer
         lo, hi = stats[name].filled_range()
@@ -126,7 +135,8 @@ def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, m
 
 
 @torch.no_grad()
-def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationSet, batch_size: int = 32) -> dict[str, torch.Tensor]:
+def input_channel_absmax(model: nn.Module, names: list[str], calib: CalibrationSet,
+                         batch_size: int = 32) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of the inputs of the named Conv2d/Linear layers (SmoothQuant)."""
     result: dict[str, torch.Tensor] = {}
 
@@ -158,7 +168,8 @@ def run_with_hooks(model: nn.Module, hooks: list[Hook], calib: CalibrationSet, b
 
 
 @torch.no_grad()
-def init_output_scales(model: QuantizedDenoiser, calib: CalibrationSet, batch_size: int = 32, keep: int = 1 << 15) -> None:
+def init_output_scales(model: QuantizedDenoiser, calib: CalibrationSet, batch_size: int = 32,
+                       keep: int = 1 << 15) -> None:
     """Initialise each output quantizer's ``c`` (step ``c * s_t``) by MSE over the bias-free outputs
     normalised by their step's input scale, with every input quantizer calibrated and on. Each
     output contributes ``keep`` values drawn with one generator over the batches in order (under
@@ -198,10 +209,12 @@ def init_output_scales(model: QuantizedDenoiser, calib: CalibrationSet, batch_si
     for name, layer in layers.items():
         assert layer.output_scale is not None  # only output-quantized layers are in ``layers``
         found = sorted((v for part in distributed.all_gather(values[name]) for v in part), key=lambda v: v[0])
-        layer.output_scale.data.fill_(search_tensor_scale(torch.cat([v for _, v in found]), layer.out_qmin, layer.out_qmax))
+        layer.output_scale.data.fill_(search_tensor_scale(torch.cat([v for _, v in found]),
+                                                          layer.out_qmin, layer.out_qmax))
 
 
-def _sample_outputs(model: QuantizedDenoiser, calib: CalibrationSet, batch_size: int, gen: torch.Generator, state: dict) -> None:
+def _sample_outputs(model: QuantizedDenoiser, calib: CalibrationSet, batch_size: int, gen: torch.Generator,
+                    state: dict) -> None:
     """Run this rank's batches with the output hooks sampling from ``gen``; under torchrun, the draws
     of the other ranks' batches are made here too (sizes learnt from a first pass), in batch order."""
     sizes: dict[int, list[tuple[str, int]]] = {}

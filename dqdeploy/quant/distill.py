@@ -48,8 +48,8 @@ from .propagate import FP, INPUTS, cache_outputs, capture_inputs, capture_target
 from .trajectories import CalibrationSet
 
 log = logging.getLogger(__name__)
-__all__ = ["BlockCheckpoint", "BlockReport", "Targets", "block_loss", "block_targets", "distill_blocks", "distill_model",
-           "model_targets", "open_store", "output_tensors"]
+__all__ = ["BlockCheckpoint", "BlockReport", "Targets", "block_loss", "block_targets", "distill_blocks",
+           "distill_model", "model_targets", "open_store", "output_tensors"]
 
 
 @dataclass
@@ -134,7 +134,8 @@ def _train(
                 opt.zero_grad(set_to_none=True)
                 value = batch_loss(i, True)
                 if distributed.active():
-                    value = float(distributed.all_reduce(torch.tensor(value, dtype=torch.float64)))  # the global batch's loss
+                    # the global batch's loss
+                    value = float(distributed.all_reduce(torch.tensor(value, dtype=torch.float64)))
                 if not math.isfinite(value):
                     raise FloatingPointError(f"distillation loss of {name} became {value} at step {step}")
                 distributed.sum_gradients(params)
@@ -184,7 +185,8 @@ def block_targets(fp_denoiser: nn.Module, blocks: list[Block], calib: Calibratio
 
 
 @torch.no_grad()
-def model_targets(fp_denoiser: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *, micro_batches: int = 1) -> Targets:
+def model_targets(fp_denoiser: nn.Module, calib: CalibrationSet, recipe: Recipe, seed: int = 0, *,
+                  micro_batches: int = 1) -> Targets:
     """The FP model's output on every slice (whole-model distillation)."""
     sl = _seeded_slices(len(calib), recipe.batch_size, seed, micro_batches)
     return Targets(sl, outputs=[calib.batch(p).call(fp_denoiser) for p in sl.parts])
@@ -217,7 +219,8 @@ def distill_blocks(
             if report is not None:
                 log.info("block %s restored from the checkpoint", block.name)
             else:
-                report = _distill_block(qmodel, qblock, block, (k, target_index[block.name]), store, rows, sl, n_parts, recipe, seed)
+                report = _distill_block(qmodel, qblock, block, (k, target_index[block.name]), store, rows, sl, n_parts,
+                                        recipe, seed)
                 if checkpoint:
                     checkpoint.save(k, block.name, qblock, report)
             reports.append(report)
@@ -233,7 +236,8 @@ def distill_blocks(
 def open_store(workdir: str | Path | None) -> Iterator[BlockStore]:
     """A :class:`BlockStore` in ``workdir`` (a temporary folder when None), emptied at the end."""
     with contextlib.ExitStack() as stack:
-        root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dqdeploy-distill-"))) / "data"
+        root = (Path(workdir) if workdir is not None
+                else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dqdeploy-distill-"))) / "data")
         store = BlockStore(root)
         try:
             yield store
@@ -241,14 +245,16 @@ def open_store(workdir: str | Path | None) -> Iterator[BlockStore]:
             store.clear()
 
 
-def _distill_block(qmodel: QuantizedDenoiser, qblock: nn.Module, block: Block, index: tuple[int, int], store: BlockStore,
-                   rows: list[torch.Tensor], sl: Slices, n_parts: int, recipe: Recipe, seed: int) -> BlockReport:
+def _distill_block(qmodel: QuantizedDenoiser, qblock: nn.Module, block: Block, index: tuple[int, int],
+                   store: BlockStore, rows: list[torch.Tensor], sl: Slices, n_parts: int, recipe: Recipe,
+                   seed: int) -> BlockReport:
     """Train block ``k`` on its stored inputs and FP targets (one entry per slice of ``sl``);
     ``index``: ``k`` and the index of its targets."""
     k, t = index
     if int(distributed.all_reduce(torch.tensor(n_parts), "max")) == 0:  # never called by the model's forward
         return BlockReport(block.name, 0.0, 0.0)
-    layers = [m for n in block.layers if isinstance(m := qmodel.denoiser.get_submodule(n), QuantLayer)]  # not the fallback ones
+    layers = [m for n in block.layers
+              if isinstance(m := qmodel.denoiser.get_submodule(n), QuantLayer)]  # not the fallback ones
 
     def losses(i: int) -> Iterator[torch.Tensor]:
         for p in sl.groups[i]:
@@ -293,7 +299,8 @@ def rank_slices(order: torch.Tensor, batch: int, micro_batches: int = 1) -> Slic
     return sl
 
 
-def distill_model(qmodel: QuantizedDenoiser, calib: CalibrationSet, recipe: Recipe, targets: Targets, seed: int = 0) -> list[BlockReport]:
+def distill_model(qmodel: QuantizedDenoiser, calib: CalibrationSet, recipe: Recipe, targets: Targets,
+                  seed: int = 0) -> list[BlockReport]:
     """Whole-model distillation baseline: every quantized parameter against the FP output (``model_targets``)."""
     sl = targets.slices
 

@@ -34,8 +34,9 @@ def fallback_candidates(recipe: Recipe, planned: list[str]) -> list[str]:
         raise RecipeError(f"fallback patterns {recipe.fallback!r} match no quantized layer",
                           hint=f"use module names such as {', '.join(planned[:3])} (wildcards allowed), or auto / none")
     if len(chosen) == len(planned):
-        raise RecipeError(f"fallback patterns {recipe.fallback!r} match every one of the {len(planned)} quantized layers: "
-                          "nothing would be quantized", hint="name the layers to keep in float, e.g. conv_in,conv_out")
+        raise RecipeError(f"fallback patterns {recipe.fallback!r} match every one of the {len(planned)} quantized "
+                          "layers: nothing would be quantized",
+                          hint="name the layers to keep in float, e.g. conv_in,conv_out")
     return chosen
 
 
@@ -43,11 +44,13 @@ def check_fallback(recipe: Recipe, model) -> None:
     """:func:`fallback_candidates`' refusals on the layers of a freshly loaded ``model``: before any calibration."""
     from .modules import QUANTIZABLE
 
-    fallback_candidates(recipe, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)])
+    fallback_candidates(recipe, [n for n, m in model.named_modules()
+                                 if isinstance(m, QUANTIZABLE) and recipe.selects(n)])
 
 
 def fallback_layers(
-    qmodel: QuantizedDenoiser, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0, step_weights: dict[float, float] | None = None
+    qmodel: QuantizedDenoiser, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0,
+    step_weights: dict[float, float] | None = None
 ) -> list[str]:
     """The layers ``recipe.fallback`` keeps in float: by sensitivity on a calibration subset
     (``auto``, needs calibrated scales; steps weighted by ``step_weights``), by module-name
@@ -56,7 +59,8 @@ def fallback_layers(
         return []
     names = list(quant_layers(qmodel.denoiser))
     if recipe.fallback == "auto":
-        subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)  # the analysis subset (named tensors, read with the model's spec)
+        # the analysis subset (named tensors, read with the model's spec)
+        subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)
         mine = [names[i] for i in distributed.shard(len(names))]  # ranks measure every world-th layer
         report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine)
         rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}

@@ -26,7 +26,8 @@ class FloatLayers:
     """Replaced float layers by name; only those in ``names`` are kept. ``sources``: the file each
     tensor of the model was read from, by tensor name (``models.own_weights``)."""
 
-    def __init__(self, names: Collection[str], folder: Path | None = None, sources: Mapping[str, Path] | None = None) -> None:
+    def __init__(self, names: Collection[str], folder: Path | None = None,
+                 sources: Mapping[str, Path] | None = None) -> None:
         self.names = set(names)
         self.folder = folder
         self.sources = dict(sources or {})

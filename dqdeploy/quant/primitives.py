@@ -19,7 +19,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int,
+             qmax: int) -> torch.Tensor:
     """Integers ``clamp(round(x / scale) + zero_point, qmin, qmax)`` (float dtype, no gradient tricks)."""
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
@@ -51,7 +52,8 @@ def minmax_scale(
     return scale, torch.round(qmin - lo / scale)
 
 
-def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, p: float = 2.0) -> torch.Tensor:
+def quant_error(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                p: float = 2.0) -> torch.Tensor:
     """Sum over the last dim of ``|fake_quant(x) - x|^p``; ``x`` [..., N], ``scale`` [..., 1]."""
     with torch.no_grad():
         xq = (quantize(x, scale, zero_point, qmin, qmax) - zero_point) * scale

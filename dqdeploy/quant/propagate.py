@@ -52,13 +52,14 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def _called_twice(name: str) -> CalibrationError:
-    return CalibrationError(f"block {name} runs more than once in one forward; block-wise distillation caches one output per block",
+    return CalibrationError(f"block {name} runs more than once in one forward; "
+                            "block-wise distillation caches one output per block",
                             hint="distill with --distill model, or report the model class")
 
 
 @torch.no_grad()
-def capture_targets(fp_denoiser: nn.Module, names: Sequence[str], calib: CalibrationSet, batches: Sequence[torch.Tensor],
-                    store: BlockStore) -> None:
+def capture_targets(fp_denoiser: nn.Module, names: Sequence[str], calib: CalibrationSet,
+                    batches: Sequence[torch.Tensor], store: BlockStore) -> None:
     """One FP forward per batch; every block's output tensors go to the store (kind ``fp``)."""
     index = {name: k for k, name in enumerate(names)}
     current = 0
@@ -133,7 +134,8 @@ def capture_inputs(qmodel: QuantizedDenoiser, names: Sequence[str], k: int, cali
 
 
 @torch.no_grad()
-def cache_outputs(qmodel: QuantizedDenoiser, block: nn.Module, k: int, rows: Sequence[torch.Tensor], store: BlockStore) -> None:
+def cache_outputs(qmodel: QuantizedDenoiser, block: nn.Module, k: int, rows: Sequence[torch.Tensor],
+                  store: BlockStore) -> None:
     """Run the (distilled) quantized block ``k`` once on each batch of its captured inputs and cache its output."""
     for i in store.batches(INPUTS, k):
         args, kwargs = store.get(INPUTS, k, i)

@@ -76,14 +76,16 @@ class SensitivityReport:
         """Markdown tables: layers ranked by ``gain``, then blocks."""
         total = sum(r.macs for r in self.layers) or 1
         lines = [
-            f"full model: relative output error {self.full:.4f} (weighted over {len(self.timesteps)} time steps by their effect on the sample)",
+            f"full model: relative output error {self.full:.4f} (weighted over {len(self.timesteps)} time steps "
+            "by their effect on the sample)",
             "per step: " + ", ".join(f"t={t:g} {e:.4f}" for t, e in zip(self.timesteps, self.full_per_step)),
             "",
             "| layer | kind | MACs % | weight only | act only | alone | gain if float |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in self.ranked()[:top]:
-            lines.append(f"| {r.name} | {r.kind} | {100 * r.macs / total:.2f} | {r.weight:.4f} | {r.act:.4f} | {r.alone:.4f} | {r.gain:+.4f} |")
+            lines.append(f"| {r.name} | {r.kind} | {100 * r.macs / total:.2f} | {r.weight:.4f} | {r.act:.4f} "
+                         f"| {r.alone:.4f} | {r.gain:+.4f} |")
         lines += ["", "| block | MACs % | alone | gain if float |", "|---|---:|---:|---:|"]
         for r in sorted(self.blocks, key=lambda r: r.gain, reverse=True)[:top]:
             lines.append(f"| {r.name} | {100 * r.macs / total:.2f} | {r.alone:.4f} | {r.gain:+.4f} |")
@@ -91,7 +93,8 @@ class SensitivityReport:
 
 
 @contextlib.contextmanager
-def quantized_only(model: QuantizedDenoiser, weights: Iterable[str] | None, acts: Iterable[str] | None) -> Iterator[None]:
+def quantized_only(model: QuantizedDenoiser, weights: Iterable[str] | None,
+                   acts: Iterable[str] | None) -> Iterator[None]:
     """Within the block, only the named layers (names inside ``model.denoiser``) quantize their weights /
     activations (None: all)."""
     layers = quant_layers(model.denoiser)
@@ -121,7 +124,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return diff / ref.flatten(1).norm(dim=1).clamp(min=1e-12)
 
 
-def trajectory_weights(alphas_cumprod: torch.Tensor, schedule: list[float], final_alpha: float = 1.0) -> dict[float, float]:
+def trajectory_weights(alphas_cumprod: torch.Tensor, schedule: list[float],
+                       final_alpha: float = 1.0) -> dict[float, float]:
     """``|c_t|`` (see the module doc) for every step of ``schedule`` (timesteps in sampling order)."""
     weights = {}
     for k, t in enumerate(schedule):
@@ -151,7 +155,8 @@ def scheduler_weights(scheduler, schedule: list[float]) -> dict[float, float] | 
 class ErrorMeter:
     """Relative error vs the FP outputs, per time step and combined with the step weights."""
 
-    def __init__(self, model: QuantizedDenoiser, inputs: Inputs, batch: int, weights: dict[float, float] | None) -> None:
+    def __init__(self, model: QuantizedDenoiser, inputs: Inputs, batch: int,
+                 weights: dict[float, float] | None) -> None:
         inputs = as_inputs(inputs, model)
         self.model, self.inputs, self.batch = model, inputs, batch
         t = inputs.timestep.float()
@@ -180,7 +185,8 @@ def layer_macs(model: QuantizedDenoiser, inputs: Inputs) -> dict[str, int]:
     def make_hook(name: str, layer: QuantLayer):
         def hook(mod, args, out):
             per_out = layer.weight[0].numel()  # (in / groups) * kernel, or in_features
-            result[name] = int(out[0].numel() * per_out) if layer.kind == "conv" else int(out.numel() // out.shape[0] * per_out)
+            result[name] = (int(out[0].numel() * per_out) if layer.kind == "conv"
+                            else int(out.numel() // out.shape[0] * per_out))
 
         return hook
 

@@ -69,7 +69,8 @@ def _check_rows(path: Path, name: str, tensor: torch.Tensor | None, rank: int, w
         return
     dims = "[P, S, D]" if rank == 3 else "[P, D2]"
     if tensor.dim() != rank or (width is not None and tensor.shape[-1] != width) or tensor.numel() == 0:
-        raise CalibrationError(f"{path}: {name} must be {dims} (rank {rank}) with P, S, D >= 1, found shape {tuple(tensor.shape)}",
+        raise CalibrationError(f"{path}: {name} must be {dims} (rank {rank}) with P, S, D >= 1, "
+                               f"found shape {tuple(tensor.shape)}",
                                hint="save one row per prompt; the unconditional entries hold one row")
     if name.startswith("uncond") and tensor.shape[0] != 1:
         raise CalibrationError(f"{path}: {name} must hold one row, found shape {tuple(tensor.shape)}",
@@ -104,7 +105,8 @@ def load_conditioning(path: str | Path) -> Conditioning:
     _check_rows(path, COND_KEY, cond, 3)
     _check_rows(path, UNCOND_KEY, uncond, 3)
     if uncond is not None and uncond.shape[-2:] != cond.shape[-2:]:
-        raise CalibrationError(f"{path}: {UNCOND_KEY} {tuple(uncond.shape)} must match {COND_KEY} {tuple(cond.shape)} in [S, D]")
+        raise CalibrationError(f"{path}: {UNCOND_KEY} {tuple(uncond.shape)} must match "
+                               f"{COND_KEY} {tuple(cond.shape)} in [S, D]")
     _check_rows(path, POOLED_KEY, pooled, 2)
     _check_rows(path, UNCOND_POOLED_KEY, uncond_pooled, 2, None if pooled is None else pooled.shape[-1])
     if pooled is not None and pooled.shape[0] != cond.shape[0]:
@@ -149,7 +151,8 @@ class CalibrationSet:
 
     def validate(self) -> None:
         """Refuse non-finite inputs (the FP model diverged on its own trajectories)."""
-        named = {"x_t": self.inputs.sample, **{"cond" if k == CONTEXT else k: v for k, v in self.inputs.conditioning.items()}}
+        named = {"x_t": self.inputs.sample,
+                 **{"cond" if k == CONTEXT else k: v for k, v in self.inputs.conditioning.items()}}
         for name, tensor in named.items():
             if not torch.isfinite(tensor).all():
                 bad = int((~torch.isfinite(tensor)).sum())
@@ -204,7 +207,8 @@ def collect(
     starts = range(0, config.trajectories, config.batch_size)
     mine = set(distributed.shard(len(starts)))
     local: dict[int, dict] = {}
-    bar = tqdm(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine) * calls,  # per model call
+    # one tick per model call
+    bar = tqdm(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine) * calls,
                desc=f"calibration trajectories ({config.trajectories} x {calls} steps)", unit="traj-step")
     for c, first in enumerate(starts):
         n = min(config.batch_size, config.trajectories - first)
@@ -212,13 +216,16 @@ def collect(
         if c not in mine:  # another rank's chunk: draw what it draws, run no model
             advance(scheduler, spec, noise, config.steps, gen)
             continue
-        local[c] = _chunk(denoiser, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n], uncond, cfg_on, gen,
-                          tick=functools.partial(bar.update, n))
+        local[c] = _chunk(denoiser, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n],
+                          uncond, cfg_on, gen, tick=functools.partial(bar.update, n))
     bar.close()
-    if distributed.active() and len(set(distributed.all_gather(hashlib.sha256(gen.get_state().numpy().tobytes()).hexdigest()))) > 1:
-        raise CalibrationError(f"the sampler {type(scheduler).__name__} draws random numbers that depend on more than shapes: "
-                               "ranks that skipped a chunk of trajectories are out of step with the rank that ran it",
-                               hint="quantize with this scheduler in one process, or calibrate with a deterministic sampler")
+    if (distributed.active()
+            and len(set(distributed.all_gather(hashlib.sha256(gen.get_state().numpy().tobytes()).hexdigest()))) > 1):
+        raise CalibrationError(f"the sampler {type(scheduler).__name__} draws random numbers that depend on more than "
+                               "shapes: ranks that skipped a chunk of trajectories are out of step with the rank "
+                               "that ran it",
+                               hint="quantize with this scheduler in one process, or calibrate with a deterministic "
+                                    "sampler")
     chunks = {c: chunk for part in distributed.all_gather(local) for c, chunk in part.items()}
     ordered = [chunks[c] for c in range(len(starts))]
     inputs = DenoiserInputs(torch.cat([o["x"] for o in ordered]), torch.cat([o["t"] for o in ordered]),
@@ -228,8 +235,8 @@ def collect(
     return calib
 
 
-def _chunk(denoiser, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float, first: int,
-           noise: torch.Tensor, keep: torch.Tensor, uncond: dict[str, torch.Tensor] | None, cfg_on: bool,
+def _chunk(denoiser, scheduler, config: CalibrationConfig, conditioning: Conditioning | None, guidance: float,
+           first: int, noise: torch.Tensor, keep: torch.Tensor, uncond: dict[str, torch.Tensor] | None, cfg_on: bool,
            gen: torch.Generator, tick: Callable[[], object] = lambda: None) -> dict:
     """Trajectories ``first ..`` from ``noise`` (the sampler draws from ``gen``): the model inputs
     ``keep`` [n, calls] selects (under CFG with the unconditional input first); ``tick`` after every model call."""
@@ -271,16 +278,20 @@ def read_prompts(path: Path) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CalibrationError(f"--prompts file {path} not found", hint="pass a text file, one prompt per line") from None
+        raise CalibrationError(f"--prompts file {path} not found",
+                               hint="pass a text file, one prompt per line") from None
     except IsADirectoryError:
-        raise CalibrationError(f"--prompts {path} is a folder", hint="pass a text file, one prompt per line") from None
+        raise CalibrationError(f"--prompts {path} is a folder",
+                               hint="pass a text file, one prompt per line") from None
     except UnicodeDecodeError:
-        raise CalibrationError(f"--prompts file {path} is not UTF-8 text", hint="pass a text file, one prompt per line") from None
+        raise CalibrationError(f"--prompts file {path} is not UTF-8 text",
+                               hint="pass a text file, one prompt per line") from None
     except OSError as exc:
         raise CalibrationError(f"--prompts file {path} cannot be read: {exc.strerror or exc}") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts or "\x00" in text:
-        raise CalibrationError(f"--prompts file {path} holds no prompts" if not prompts else f"--prompts file {path} is binary",
+        raise CalibrationError(f"--prompts file {path} holds no prompts" if not prompts
+                               else f"--prompts file {path} is binary",
                                hint="pass a text file, one prompt per line")
     return prompts
 
