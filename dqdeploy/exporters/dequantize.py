@@ -65,7 +65,8 @@ def tensors_of(name: str, layer: QuantLayer, fold: str = "mul") -> LayerTensors:
 
 def layer_tensors(model: QuantizedDenoiser, manifest: Manifest) -> dict[str, LayerTensors]:
     """Integer weights, scales and tables of every quantized layer."""
-    return {name: tensors_of(name, layer, manifest.layers[name].fold) for name, layer in quant_layers(model.denoiser).items()}
+    return {name: tensors_of(name, layer, manifest.layers[name].fold)
+            for name, layer in quant_layers(model.denoiser).items()}
 
 
 def plain_layer(layer: QuantLayer) -> nn.Conv2d | nn.Linear:

@@ -46,7 +46,8 @@ def check_range(spec: DenoiserSpec, config: Any, size: tuple[int, int], lo: int,
                           "(img_ids) made for one grid: a dynamic height/width is not supported",
                           hint="export once per resolution (quantize --resolution N, then export)")
     if spec.fixed_resolution:
-        raise ExportError(spec.fixed_resolution, hint="export once per resolution (quantize --resolution N, then export)")
+        raise ExportError(spec.fixed_resolution,
+                          hint="export once per resolution (quantize --resolution N, then export)")
     step = resolution_step(spec, config)
     where = "a UNet with %d down blocks" % len(config["block_out_channels"]) if not spec.is_transformer else \
         f"patch_size {step}"
@@ -58,11 +59,12 @@ def check_range(spec: DenoiserSpec, config: Any, size: tuple[int, int], lo: int,
         raise ExportError(f"--dynamic-resolution {lo}:{hi}: both ends must be multiples of {step} ({where}) and "
                           f"MIN at least {2 * step}", hint=hint)
     if hi > MAX_LATENT:
-        raise ExportError(f"--dynamic-resolution {lo}:{hi}: MAX above {MAX_LATENT} latent pixels ({8 * MAX_LATENT} image pixels "
-                          "for an 8x VAE) is beyond what a denoiser can run in memory", hint=hint)
+        raise ExportError(f"--dynamic-resolution {lo}:{hi}: MAX above {MAX_LATENT} latent pixels "
+                          f"({8 * MAX_LATENT} image pixels for an 8x VAE) is beyond what a denoiser can run in memory",
+                          hint=hint)
     if not all(lo <= s <= hi for s in size):
-        raise ExportError(f"--dynamic-resolution {lo}:{hi} does not contain the calibration resolution {size[0]}x{size[1]} "
-                          "(the graph is traced there)", hint=hint)
+        raise ExportError(f"--dynamic-resolution {lo}:{hi} does not contain the calibration resolution "
+                          f"{size[0]}x{size[1]} (the graph is traced there)", hint=hint)
     max_embed = config.get("pos_embed_max_size")
     if spec.is_transformer and max_embed and hi > max_embed * step:
         raise ExportError(f"--dynamic-resolution {lo}:{hi}: the model's position embedding covers at most "

@@ -58,7 +58,8 @@ def _resolution(resolution: Resolution | None) -> tuple[Range, Range] | None:
         return _range(res[0], "resolution height"), _range(res[1], "resolution width")
     if len(res) == 3 and all(len(tuple(v)) == 2 for v in res):
         return _range([v[0] for v in res], "resolution height"), _range([v[1] for v in res], "resolution width")
-    raise ExportError(f"resolution must be an int, (h, w) or ((h, w), (h, w), (h, w)) for min/opt/max, found {resolution!r}")
+    raise ExportError("resolution must be an int, (h, w) or ((h, w), (h, w), (h, w)) for min/opt/max, "
+                      f"found {resolution!r}")
 
 
 def _export_range(spec: ExportSpec) -> Resolution | None:
@@ -78,7 +79,8 @@ def _latent_ranges(spec: ExportSpec, sample: list[int | str], resolution: Resolu
     if spec_for(spec.model_class).packed:
         if hw is not None:
             raise ExportError(f"{spec.model_class} graphs take packed latents of a fixed token count: resolution "
-                              "cannot be chosen at build time", hint="leave resolution unset, or re-export at that resolution")
+                              "cannot be chosen at build time",
+                              hint="leave resolution unset, or re-export at that resolution")
         return ranges
     for axis, label in ((2, "height"), (3, "width")):
         dim = sample[axis]
@@ -241,7 +243,8 @@ def _builder_config(trt: Any, shapes: dict[str, Any], workspace_gb: float | None
                         load_timing_cache=cache)
 
 
-def _serialize(network: tuple[Any, Any, Any], config: Any, onnx_path: Path, cache_path: Path | None) -> tuple[bytes, float]:
+def _serialize(network: tuple[Any, Any, Any], config: Any, onnx_path: Path,
+               cache_path: Path | None) -> tuple[bytes, float]:
     """The serialized engine (Polygraphy's ``EngineBytesFromNetwork``; it merges the timing cache into
     ``cache_path`` under a file lock) and the build time in seconds. The plan is written by the caller,
     atomically, rather than by ``SaveEngine``."""

@@ -78,10 +78,12 @@ def engine_info(
 def read_engine_info(export_dir: str | Path) -> dict[str, Any]:
     """Read ``unet/engine.json`` (``transformer/engine.json``) with clear errors."""
     export_dir = Path(export_dir)
-    path = export_dir / (read_spec(export_dir).engine_spec_file if (export_dir / SPEC_FILE).is_file() else ENGINE_SPEC_FILE)
+    path = export_dir / (read_spec(export_dir).engine_spec_file if (export_dir / SPEC_FILE).is_file()
+                         else ENGINE_SPEC_FILE)
     if not path.is_file():
         raise ArtifactError(f"{path} not found: {export_dir} holds no TensorRT engine",
-                            hint="build one with `dqdeploy export QUANT_DIR --target trt --out DIR` (or build_engine(DIR))")
+                            hint="build one with `dqdeploy export QUANT_DIR --target trt --out DIR` "
+                                 "(or build_engine(DIR))")
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -90,7 +92,8 @@ def read_engine_info(export_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: format {info.get('format')!r} v{info.get('format_version')}, expected "
                             f"{ENGINE_FORMAT!r} v{ENGINE_FORMAT_VERSION}", hint="rebuild the engine with this dqdeploy")
     for key in ("inputs", "outputs"):
-        if not isinstance(info.get(key), list) or not all("name" in t and "shape" in t and "dtype" in t for t in info[key]):
+        if not isinstance(info.get(key), list) or not all("name" in t and "shape" in t and "dtype" in t
+                                                          for t in info[key]):
             raise ArtifactError(f"{path}: '{key}' must be a list of {{name, shape, dtype}}")
     return info
 

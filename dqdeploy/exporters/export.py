@@ -3,8 +3,8 @@
 
 Steps: rebuild the simulation -> float copy of the denoiser (dequantized weights, ``1/s`` folded into
 norms) -> float ONNX (torch dynamo exporter) -> [ort: calibrate output scales] -> Q/DQ surgery ->
-simplify -> checks -> write ``unet/model.onnx`` (``transformer/model.onnx``) + ``dqdeploy_export.json`` atomically -> [trt: build the
-engine, optionally a Triton repository].
+simplify -> checks -> write ``unet/model.onnx`` (``transformer/model.onnx``) + ``dqdeploy_export.json``
+atomically -> [trt: build the engine, optionally a Triton repository].
 """
 
 from __future__ import annotations
@@ -169,10 +169,12 @@ def export_graph(
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
             wide = sum(not s8_exact_anywhere(t.w_int) for t in parts.layers.values())
             if int8_format == "vnni" and not wide:
-                int8_format = "portable"  # every weight within [-64, 64] (w7a8, 4-bit layers): exact on every CPU as it is
+                # every weight within [-64, 64] (w7a8, 4-bit layers): exact on every CPU as it is
+                int8_format = "portable"
             elif int8_format == "portable" and wide and cpu_info().int8_class == "avx2":
-                log.warning("%d of %d layers have weights beyond [-64, 64] and run u8u8 kernels, about float speed on this "
-                            "CPU (no VNNI); quantize with --recipe w7a8 for exact int8 at full speed here", wide, len(parts.layers))
+                log.warning("%d of %d layers have weights beyond [-64, 64] and run u8u8 kernels, about float speed "
+                            "on this CPU (no VNNI); quantize with --recipe w7a8 for exact int8 at full speed here",
+                            wide, len(parts.layers))
         del parts
         graph = _finish_graph(graph, target, simplify)
         with stage(log, "write the graph"):
@@ -201,8 +203,8 @@ def _resolution_range(value: Any) -> tuple[int, int] | None:
             raise ValueError
         return parse_range(f"{lo}:{hi}")
     except (ValueError, TypeError):
-        raise ExportError(f"dynamic_resolution={value!r}: expected (MIN, MAX) or 'MIN:MAX' latent sizes with 1 <= MIN <= MAX",
-                          hint="e.g. dynamic_resolution=(32, 96)") from None
+        raise ExportError(f"dynamic_resolution={value!r}: expected (MIN, MAX) or 'MIN:MAX' latent sizes "
+                          "with 1 <= MIN <= MAX", hint="e.g. dynamic_resolution=(32, 96)") from None
 
 
 def resolve_format(cpu: str) -> Int8Format:
@@ -211,8 +213,8 @@ def resolve_format(cpu: str) -> Int8Format:
         return cpu  # type: ignore[return-value]
     info = cpu_info()
     fmt: Int8Format = "vnni" if info.exact("vnni") else "portable"
-    log.info("--cpu auto: %s (%s, int8 class %s): int8 format %s, exact on %s", info.model, " ".join(info.flags) or "no int8 flags",
-             info.int8_class, fmt, exact_on(fmt))
+    log.info("--cpu auto: %s (%s, int8 class %s): int8 format %s, exact on %s",
+             info.model, " ".join(info.flags) or "no int8 flags", info.int8_class, fmt, exact_on(fmt))
     return fmt
 
 
@@ -228,10 +230,12 @@ def _check_request(source: str | Path, target: str, fp16: bool, cpu: str = "auto
         raise ExportError(f"--cpu {cpu} applies to --target ort (the int8 graph for ONNX Runtime on CPU); "
                           f"--target {target} has no CPU integer format", hint="drop --cpu, or export --target ort")
     if fp16 and spec.fp16 == "never":
-        raise ExportError("--fp16 applies to the TensorRT layout (--target onnx/trt); ONNX Runtime on CPU runs the uint8 graph in FP32")
+        raise ExportError("--fp16 applies to the TensorRT layout (--target onnx/trt); "
+                          "ONNX Runtime on CPU runs the uint8 graph in FP32")
     kind = detect(source)
     if kind == "export":
-        raise ExportError(f"{source} is already an export folder", hint="export from the quantized artifact (the --out of `dqdeploy quantize`)")
+        raise ExportError(f"{source} is already an export folder",
+                          hint="export from the quantized artifact (the --out of `dqdeploy quantize`)")
     if kind == "fp" and spec.quantized:
         raise ExportError(f"{source} is a full-precision diffusers folder: only --target float applies",
                           hint="run `dqdeploy quantize` first, then export the artifact")
@@ -242,7 +246,8 @@ def _check_deployable(recipe: Recipe) -> None:
     if not recipe.deployable:
         raise ExportError(
             f"recipe {recipe.name} has {recipe.act_bits}-bit {'symmetric' if recipe.act_symmetric else 'asymmetric'} "
-            "activations: simulation-only, no runtime runs them (TensorRT and ONNX Runtime need symmetric 8-bit activations)",
+            "activations: simulation-only, no runtime runs them "
+            "(TensorRT and ONNX Runtime need symmetric 8-bit activations)",
             hint="quantize with w8a8 or w4a8 to deploy; see docs/SUPPORT_MATRIX.md",
         )
 
@@ -277,7 +282,8 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
 
 
 def _ort_output_scales(
-    model: QuantizedDenoiser, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int], calib: DenoiserInputs
+    model: QuantizedDenoiser, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int],
+    calib: DenoiserInputs
 ) -> dict[str, float] | None:
     """Output Q scales (QLinear* fusion) where the compute is -- convs and token matmuls -- for an
     artifact whose simulation does not model this rounding (``quantize --layout ort`` makes it exact)."""
@@ -295,7 +301,8 @@ def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list
     found = [n for n, t in layers.items() if t.kind == "linear" and t.weight_bits == 4 and ranks[n] > 2
              and any(t.w_int.shape[1] % b == 0 for b in blocks)]
     if not found:
-        log.warning("--int4-linear: no 4-bit Linear layer has a reduction size divisible by %s; exporting INT8 weights", blocks)
+        log.warning("--int4-linear: no 4-bit Linear layer has a reduction size divisible by %s; "
+                    "exporting INT8 weights", blocks)
     return found
 
 
@@ -308,7 +315,8 @@ def _float_graph(denoiser: torch.nn.Module, example: DenoiserInputs, scratch: Pa
 
 
 def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
-    """Simplify (keeping Q/DQ), for the ORT layout fuse attention, onnx.checker, and for the TensorRT layout its static rule check."""
+    """Simplify (keeping Q/DQ), for the ORT layout fuse attention, onnx.checker, and for the TensorRT
+    layout its static rule check."""
     if simplify:
         from .simplify import simplify as run_simplify
 
@@ -346,7 +354,8 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
                dynamic_resolution: tuple[int, int] | None) -> Path:
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
         loaded = load_model(source)
-        example = transformer_example(loaded.denoiser) if spec_of(loaded.denoiser).is_transformer else example_inputs(loaded.denoiser)
+        example = (transformer_example(loaded.denoiser) if spec_of(loaded.denoiser).is_transformer
+                   else example_inputs(loaded.denoiser))
         denoiser = loaded.denoiser.half() if fp16 else loaded.denoiser
         graph = _float_graph(denoiser, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
         inputs, outputs = tensor_specs(graph)

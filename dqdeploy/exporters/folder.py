@@ -37,7 +37,8 @@ def versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    return {"dqdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {"dqdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
 
 
 def check_graph(graph: Any) -> None:
@@ -54,9 +55,10 @@ def check_graph(graph: Any) -> None:
 def write_export(model: Any, folder: Path, spec: ExportSpec, *, base_dir: str | Path | None = None,
                  external_threshold: int | None = None) -> None:
     """Write ``unet/model.onnx`` or ``transformer/model.onnx`` (external ``model.onnx_data`` when the
-    weights reach ``external_threshold`` bytes, default :data:`EXTERNAL_DATA_THRESHOLD`) and the spec into ``folder`` (an open atomic folder);
-    the spec records the sha256 and size of every graph file. Tensors of ``model`` still in external
-    data are streamed from ``base_dir`` (:func:`~.external.write_graph`)."""
+    weights reach ``external_threshold`` bytes, default :data:`EXTERNAL_DATA_THRESHOLD`) and the spec
+    into ``folder`` (an open atomic folder); the spec records the sha256 and size of every graph file.
+    Tensors of ``model`` still in external data are streamed from ``base_dir``
+    (:func:`~.external.write_graph`)."""
     path = folder / spec.onnx_file
     path.parent.mkdir(parents=True)
     threshold = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold

@@ -125,7 +125,8 @@ class GraphIndex:
             if a.name in ("value_float", "value_int", "value_floats", "value_ints"):
                 from onnx import helper
 
-                value = getattr(a, {"value_float": "f", "value_int": "i", "value_floats": "floats", "value_ints": "ints"}[a.name])
+                value = getattr(a, {"value_float": "f", "value_int": "i", "value_floats": "floats",
+                                    "value_ints": "ints"}[a.name])
                 dtype = FLOAT if "float" in a.name else 7
                 dims = [] if a.name in ("value_float", "value_int") else [len(value)]
                 vals = [value] if not dims else list(value)
@@ -157,7 +158,8 @@ class GraphIndex:
             for node in self.graph.node:  # ONNX graphs are topologically sorted
                 if node.op_type in ("Constant",):
                     value = True
-                elif node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
+                elif node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                                      "Multinomial"):
                     value = False
                 else:
                     value = all(known.get(i, False) for i in node.input if i)

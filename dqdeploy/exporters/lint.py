@@ -1,9 +1,9 @@
 """Static TensorRT rule check for QDQ ONNX graphs; runs without TensorRT.
 
-TensorRT's explicit quantization (its developer guide, "Explicit Quantization") accepts only part of what ONNX allows: build-time
-constant scales, zero-points equal to zero in int8 (int4 for weights), per-tensor activations,
-per-channel or blocked weights, INT4 only behind MatMul/Gemm, opset 13..20 (21 with INT4). Each rule
-is one function registered in :data:`RULES`; adding a rule touches nothing else.
+TensorRT's explicit quantization (its developer guide, "Explicit Quantization") accepts only part of
+what ONNX allows: build-time constant scales, zero-points equal to zero in int8 (int4 for weights),
+per-tensor activations, per-channel or blocked weights, INT4 only behind MatMul/Gemm, opset 13..20
+(21 with INT4). Each rule is one function registered in :data:`RULES`; adding a rule touches nothing else.
 
 Only the main graph is checked (subgraphs of If/Loop and model-local functions are not).
 """
@@ -177,7 +177,8 @@ def _zero_point(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
             dtype = node_attr(n, "output_dtype", 0) or None  # absent zero point: TensorRT reads int8
         if dtype is not None and dtype not in allowed:
             yield Violation("qdq-zero-point", ix.label(n),
-                            f"found {type_name(dtype)} quantized data ({'zero point ' + repr(zp) if zp else 'no zero point'}); "
+                            f"found {type_name(dtype)} quantized data "
+                            f"({'zero point ' + repr(zp) if zp else 'no zero point'}); "
                             f"expected {expected} with zero point 0 (TensorRT is symmetric signed); "
                             "fix: map to int8 (q_int8 = q_uint8 - 128, zero point 0)")
             continue

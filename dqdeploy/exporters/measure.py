@@ -32,7 +32,8 @@ def input_ranks(denoiser: torch.nn.Module, names: list[str], inputs: DenoiserInp
 
 @torch.no_grad()
 def calibrate_output_scales(
-    model: QuantizedDenoiser, layers: dict[str, LayerTensors], calib: DenoiserInputs, qmax: int = 127, keep: int = 1 << 16
+    model: QuantizedDenoiser, layers: dict[str, LayerTensors], calib: DenoiserInputs, qmax: int = 127,
+    keep: int = 1 << 16
 ) -> dict[str, float]:
     """Constant scales of the output Q (ort layout), one per layer: the clipping of the bias-free
     output in the rescaled (``s0``) domain that minimises the 8-bit rounding MSE over the artifact's
@@ -45,7 +46,8 @@ def calibrate_output_scales(
         layer, tensors = modules[name], layers[name]
 
         def hook(mod, args, out):
-            y = out if layer.bias is None else out - (layer.bias.view(1, -1, 1, 1) if layer.kind == "conv" else layer.bias)
+            y = out if layer.bias is None else out - (layer.bias.view(1, -1, 1, 1) if layer.kind == "conv"
+                                                      else layer.bias)
             rows = layer.input_quantizer.rows_for(y)
             ratio = torch.as_tensor(tensors.ref_scale / tensors.act_scale, dtype=y.dtype)[rows]
             flat = (y * ratio.view(-1, *([1] * (y.dim() - 1)))).flatten()

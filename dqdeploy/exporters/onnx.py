@@ -4,8 +4,8 @@ UNets: inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for condi
 ``encoder_hidden_states`` [B, S, D]; output ``out_sample``. Diffusion transformers: ``hidden_states``,
 ``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``,
 ``txt_ids`` (no batch axis), ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.denoisers`).
-The batch axis is dynamic (the latent height and width too with ``resolution_range``). Q/DQ nodes are added afterwards by graph surgery
-(:mod:`dqdeploy.exporters.qdq`), never by the exporter.
+The batch axis is dynamic (the latent height and width too with ``resolution_range``). Q/DQ nodes are
+added afterwards by graph surgery (:mod:`dqdeploy.exporters.qdq`), never by the exporter.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def _dynamic_shapes(denoiser: torch.nn.Module, inputs: DenoiserInputs, names: li
     if resolution_range is not None:
         size = (int(inputs.sample.shape[-2]), int(inputs.sample.shape[-1]))
         spec = spec_of(denoiser, fallback="UNet2DConditionModel")
-        dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, denoiser).config, size, *resolution_range)
+        dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, denoiser).config, size,
+                                                               *resolution_range)
     return dynamic
 
 

@@ -202,7 +202,8 @@ def fuse_attention(model) -> int:
                 inputs.append(parts[0])
                 continue
             joined = f"{m.merged.name}/{role}_joint"
-            before.setdefault(m.merged.output[0], []).append(helper.make_node("Concat", list(parts), [joined], name=joined, axis=1))
+            before.setdefault(m.merged.output[0], []).append(
+                helper.make_node("Concat", list(parts), [joined], name=joined, axis=1))
             inputs.append(joined)
         node = helper.make_node("MultiHeadAttention", inputs, list(m.merged.output),
                                 name=m.merged.name + "/MultiHeadAttention", domain=MS_DOMAIN,

@@ -69,7 +69,8 @@ class _Graph:
         self.g = model.graph
         index = GraphIndex(model)
         self.inits, self.consumers = index.inits, index.consumers
-        self._names: set[str] = {n.name for n in self.g.node} | set(self.inits) | {o for n in self.g.node for o in n.output}
+        self._names: set[str] = ({n.name for n in self.g.node} | set(self.inits)
+                                 | {o for n in self.g.node for o in n.output})
         self.new_nodes: dict[int | None, list] = {}  # id(anchor node) -> nodes to insert before it; None: at the end
 
     def name(self, base: str) -> str:
@@ -175,7 +176,8 @@ def _weight_edge(gr: _Graph, node, layer: LayerTensors, opts: SurgeryOptions) ->
         # blocked INT4 along the reduction axis (0 for W^T [K, N]); every block of a column shares the scale
         blocks = w_int.shape[0] // block
         scale = np.repeat(layer.w_scale[None, :], blocks, axis=0).astype(ftype)
-        q = onnx.helper.make_tensor(gr.name(prefix + "_int4"), onnx.TensorProto.INT4, w_int.shape, w_int.flatten().tolist())
+        q = onnx.helper.make_tensor(gr.name(prefix + "_int4"), onnx.TensorProto.INT4, w_int.shape,
+                                    w_int.flatten().tolist())
         gr.g.initializer.append(q)
         zp = onnx.helper.make_tensor(gr.name(prefix + "_zp"), onnx.TensorProto.INT4, scale.shape, [0] * scale.size)
         gr.g.initializer.append(zp)
@@ -185,7 +187,8 @@ def _weight_edge(gr: _Graph, node, layer: LayerTensors, opts: SurgeryOptions) ->
         w_stored, w_zp = stored_weight(w_int, opts)
         q = gr.const(prefix + ("_uint8" if w_stored.dtype == np.uint8 else "_int8"), w_stored)
         zp = gr.const(prefix + "_zp", np.full(layer.w_scale.shape, w_zp, w_stored.dtype))
-        dq = gr.node("DequantizeLinear", [q, gr.const(prefix + "_scale", layer.w_scale.astype(ftype)), zp], prefix + "_dq", node, axis=axis)
+        dq = gr.node("DequantizeLinear", [q, gr.const(prefix + "_scale", layer.w_scale.astype(ftype)), zp],
+                     prefix + "_dq", node, axis=axis)
     node.input[1] = dq
 
 
@@ -230,14 +233,16 @@ def _input_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: i
     x = node.input[0]
     if per_step and ort:
         if not np.all(layer.in_factor == 1):
-            x = gr.node("Mul", [x, gr.const(prefix + "/in_factor", layer.in_factor.reshape(fshape).astype(ftype))], prefix + "/input_scaled", node)
+            x = gr.node("Mul", [x, gr.const(prefix + "/in_factor", layer.in_factor.reshape(fshape).astype(ftype))],
+                        prefix + "/input_scaled", node)
         scale = _per_sample(gr, layer.act_scale.astype(ftype), rows, prefix + "/step_scale", node)
         zps = _per_sample(gr, np.full(layer.act_scale.size, zp0, zp_dtype), rows, prefix + "/step_zp", node)
         xq = gr.node("QuantizeLinear", [x, scale, zps], input_q_name(layer.name), node, axis=0)
     else:
         factor: str | None
         if per_step:
-            f_in = (layer.in_factor[None, :] * (s0 / layer.act_scale)[:, None]).reshape((-1,) + fshape[1:]).astype(ftype)
+            f_in = ((layer.in_factor[None, :] * (s0 / layer.act_scale)[:, None])
+                    .reshape((-1,) + fshape[1:]).astype(ftype))
             factor = _per_sample(gr, f_in, rows, prefix + "/in_factor", node)
         else:
             f_const = (layer.in_factor * (s0 / layer.act_scale[0])).reshape(fshape).astype(ftype)
@@ -253,11 +258,13 @@ def _weight_only_input(gr: _Graph, node, layer: LayerTensors, rank: int, opts: S
     if np.all(layer.in_factor == 1):
         return
     shape = (1,) + _factor_shape(layer.kind, rank, layer.in_factor.size)
-    factor = gr.const(layer_prefix(layer.name) + "/in_factor", layer.in_factor.reshape(shape).astype(_np_float(opts.float_type)))
+    factor = gr.const(layer_prefix(layer.name) + "/in_factor",
+                      layer.in_factor.reshape(shape).astype(_np_float(opts.float_type)))
     node.input[0] = gr.node("Mul", [node.input[0], factor], layer_prefix(layer.name) + "/input_scaled", node)
 
 
-def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions, out_scale: float | None) -> None:
+def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: int, opts: SurgeryOptions,
+                 out_scale: float | None) -> None:
     """node (bias removed) -> [Q(out) -> DQ] -> rescale by ``s_t / s0`` -> + bias -> consumers.
 
     With an output Q (ORT layout) the rescale rides on the output DQ's per-sample scale (axis 0);
@@ -298,9 +305,11 @@ def _output_side(gr: _Graph, node, layer: LayerTensors, rows: str | None, rank: 
             y = gr.node("DequantizeLinear", [yq, oscale, ozp], prefix + "/out_dq", anchor)
     if not rescaled and per_step:
         f_out = step_ratio.reshape((-1,) + (1,) * (rank - 1)).astype(ftype)
-        y = gr.node("Mul", [y, _per_sample(gr, f_out, rows, prefix + "/out_factor", anchor)], prefix + "/rescaled", anchor)
+        y = gr.node("Mul", [y, _per_sample(gr, f_out, rows, prefix + "/out_factor", anchor)],
+                    prefix + "/rescaled", anchor)
     elif not rescaled and step_ratio[0] != 1.0:
-        y = gr.node("Mul", [y, gr.const(prefix + "/out_factor", np.asarray(step_ratio[0], ftype))], prefix + "/rescaled", anchor)
+        y = gr.node("Mul", [y, gr.const(prefix + "/out_factor", np.asarray(step_ratio[0], ftype))],
+                    prefix + "/rescaled", anchor)
     if bias_name is not None:
         bias = gr.onnx.numpy_helper.to_array(gr.inits[bias_name]).astype(ftype)
         bshape = (1, -1, 1, 1) if node.op_type == "Conv" else (-1,)

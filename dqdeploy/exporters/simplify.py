@@ -78,7 +78,8 @@ def qdq_structure(model) -> QDQStructure:
         t = ix.constant(n.input[0])
         if t is not None and t.data_type in QUANT_TYPES:
             weights[_digest(t)] += 1
-    consts = [t for t in ix.inits.values()] + [a.t for n in ix.nodes("Constant") for a in n.attribute if a.name == "value"]
+    consts = [t for t in ix.inits.values()] + [a.t for n in ix.nodes("Constant") for a in n.attribute
+                                               if a.name == "value"]
     int_constants = frozenset(_digest(t) for t in consts if t.data_type in QUANT_TYPES)
     float_weights = 0
     for node in ix.nodes(*COMPUTE_OPS):

@@ -137,7 +137,8 @@ class ExportSpec:
         except TypeError as exc:
             raise ArtifactError(f"malformed {SPEC_FILE}: {exc}") from exc
         except RecipeError as exc:
-            raise ArtifactError(f"{SPEC_FILE}: the recipe is invalid ({exc})", hint="re-run `dqdeploy export`") from None
+            raise ArtifactError(f"{SPEC_FILE}: the recipe is invalid ({exc})",
+                                hint="re-run `dqdeploy export`") from None
 
 
 def read_spec(export_dir: str | Path, *, verify: bool = True) -> ExportSpec:
@@ -154,7 +155,8 @@ def read_spec(export_dir: str | Path, *, verify: bool = True) -> ExportSpec:
 
     data = read_json_object(path, "export spec", "re-run `dqdeploy export`")
     check_format(data, FORMAT, FORMAT_VERSION, "export", "dqdeploy export")
-    check_spec({LEGACY_KEYS.get(k, k): v for k, v in data.items()}, path, {f.name for f in fields(ExportSpec)} | {SEAL_KEY})
+    check_spec({LEGACY_KEYS.get(k, k): v for k, v in data.items()}, path,
+               {f.name for f in fields(ExportSpec)} | {SEAL_KEY})
     verify_seal(data, path, "dqdeploy export")
     spec = ExportSpec.from_dict(data)
     if verify:

@@ -27,7 +27,8 @@ def load_runtime(export_dir: str | Path, runtime: GraphRuntime = "ort", **kwargs
             inspect.signature(cls).bind(path, **kwargs)
         except TypeError as exc:
             raise DQDeployError(f"dqdeploy.load_runtime(..., {runtime!r}): {exc}",
-                                hint=f"keyword arguments of {cls.__name__}: {', '.join(list(inspect.signature(cls).parameters)[1:])}") from None
+                                hint=f"keyword arguments of {cls.__name__}: "
+                                     f"{', '.join(list(inspect.signature(cls).parameters)[1:])}") from None
         return cls(path, **kwargs)
     raise DQDeployError(f"unknown runtime {runtime!r} (expected one of {', '.join(GRAPH_RUNTIMES)})",
                         hint="use 'ort' (ONNX Runtime, CPU by default) or 'trt' (TensorRT engine, NVIDIA GPU)")

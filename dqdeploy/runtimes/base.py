@@ -31,7 +31,8 @@ from ..exporters.spec import ExportSpec, TensorSpec
 from ..inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
 from .transformer import as_tensor, call_transformer
 
-DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",), CONTEXT: ("batch", "sequence", "hidden size")}
+DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",),
+              CONTEXT: ("batch", "sequence", "hidden size")}
 TIMESTEP_ATOL = 1e-3
 # inputs beyond this magnitude are not latents or embeddings: a quantized graph would clip them to a
 # finite but meaningless output (the simulation returns NaN/Inf), so they are refused
@@ -54,7 +55,8 @@ class CalibratedStepWarning(UserWarning):
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a numpy dtype name as stored in an :class:`ExportSpec`."""
     if name not in TORCH_DTYPES:
-        raise ArtifactError(f"unsupported tensor dtype {name!r} in the export spec (expected one of {', '.join(TORCH_DTYPES)})")
+        raise ArtifactError(f"unsupported tensor dtype {name!r} in the export spec "
+                            f"(expected one of {', '.join(TORCH_DTYPES)})")
     return TORCH_DTYPES[name]
 
 
@@ -66,7 +68,8 @@ def _check_values(name: str, value: torch.Tensor) -> None:
     peak = float(v.abs().amax()) if v.numel() else 0.0  # one pass: NaN and Inf both reach the peak
     if not math.isfinite(peak):
         raise RuntimeInputError(f"{name}: holds {int((~torch.isfinite(v)).sum())} NaN/Inf value(s)",
-                                hint="check the scheduler and the previous step's output (runtime check_values=False skips this check)")
+                                hint="check the scheduler and the previous step's output "
+                                     "(runtime check_values=False skips this check)")
     limit = 1e6 if name == TIMESTEP else MAX_ABS_INPUT
     if peak > limit:
         raise RuntimeInputError(f"{name}: magnitude {peak:.3g} exceeds {limit:g}, far outside what a UNet is given",
@@ -104,8 +107,8 @@ class DenoiserRuntime:
         missing = [n for n in (self.denoiser.sample, TIMESTEP) if n not in self._inputs]
         if missing or not spec.outputs:
             raise ArtifactError(
-                f"{source or 'the export'}: expected inputs {self.denoiser.sample} and timestep and one output, found inputs "
-                f"{sorted(self._inputs)} and outputs {[t.name for t in spec.outputs]}",
+                f"{source or 'the export'}: expected inputs {self.denoiser.sample} and timestep and one output, "
+                f"found inputs {sorted(self._inputs)} and outputs {[t.name for t in spec.outputs]}",
                 hint="export with `dqdeploy export`, which writes optimum's I/O names",
             )
 
@@ -151,7 +154,8 @@ class DenoiserRuntime:
         yield
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.source!r}, {self.spec.model_class}, {self.spec.target}/{self.spec.precision})"
+        return (f"{type(self).__name__}({self.source!r}, {self.spec.model_class}, "
+                f"{self.spec.target}/{self.spec.precision})")
 
     # -- the call -----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any):
@@ -203,7 +207,8 @@ class DenoiserRuntime:
             )
         batch = sample.shape[0]
         if batch == 0 or sample.numel() == 0:
-            raise RuntimeInputError(f"sample: empty batch (shape {tuple(sample.shape)})", hint="pass at least one latent")
+            raise RuntimeInputError(f"sample: empty batch (shape {tuple(sample.shape)})",
+                                    hint="pass at least one latent")
         t = self._timestep(timestep, batch)
         feeds = {SAMPLE: sample, TIMESTEP: t}
         if self.conditional:
@@ -216,7 +221,8 @@ class DenoiserRuntime:
                 )
             context = as_tensor(CONTEXT, context)
             if not context.is_floating_point():
-                raise RuntimeInputError(f"encoder_hidden_states: expected a floating-point tensor, found {context.dtype}")
+                raise RuntimeInputError("encoder_hidden_states: expected a floating-point tensor, "
+                                        f"found {context.dtype}")
             feeds[CONTEXT] = context
         elif context is not None:
             raise RuntimeInputError(
@@ -242,7 +248,8 @@ class DenoiserRuntime:
         if t.dim() == 1 and t.shape[0] in (1, batch):
             return t.expand(batch)
         raise RuntimeInputError(
-            f"timestep: expected a scalar or a tensor of shape [{batch}] (one step per sample), found shape {tuple(t.shape)}",
+            f"timestep: expected a scalar or a tensor of shape [{batch}] (one step per sample), "
+            f"found shape {tuple(t.shape)}",
             hint="pass one timestep for the whole batch, or one per sample",
         )
 
@@ -260,7 +267,8 @@ class DenoiserRuntime:
                 label = labels[axis] if axis < len(labels) else f"dim {axis}"
                 if isinstance(want, int) and want > 0 and want != got:
                     raise RuntimeInputError(
-                        f"{name}: expected {label} {want} (shape {spec.shape}), found {got} (shape {tuple(value.shape)})",
+                        f"{name}: expected {label} {want} (shape {spec.shape}), "
+                        f"found {got} (shape {tuple(value.shape)})",
                         hint=self._shape_hint(name, axis),
                     )
                 if isinstance(want, str) and want and name == self.denoiser.sample and axis >= 2:
@@ -279,7 +287,8 @@ class DenoiserRuntime:
 
         bounds = self.spec.resolution_range
         if bounds and not bounds[0] <= got <= bounds[1]:
-            raise RuntimeInputError(f"{name}: {label} {got} is outside the range {bounds[0]}..{bounds[1]} the graph was exported for",
+            raise RuntimeInputError(f"{name}: {label} {got} is outside the range {bounds[0]}..{bounds[1]} "
+                                    "the graph was exported for",
                                     hint=f"re-export with --dynamic-resolution covering {got}")
         step = resolution_step(self.denoiser, self.spec.model_config) if bounds else 1
         if got % step:

@@ -63,12 +63,14 @@ def _graph(op: str, w_int: np.ndarray, fmt: Int8Format, k: int, x_shape: tuple[i
     nodes = [helper.make_node("DequantizeLinear", ["X", "x_scale", "zp"], ["x"]),
              helper.make_node("DequantizeLinear", ["W", "w_scale", "w_zp"], ["w"], axis=axis)]
     compute = {"conv": helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
-               "gemm": helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)}.get(op, helper.make_node("MatMul", ["x", "w"], ["y"]))
+               "gemm": helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)}.get(
+        op, helper.make_node("MatMul", ["x", "w"], ["y"]))
     nodes.append(compute)
     if out_q:
         nodes.append(helper.make_node("QuantizeLinear", ["y", "y_scale", "zp"], ["Y"]))
     out_type = TensorProto.UINT8 if out_q else TensorProto.FLOAT
-    graph = helper.make_graph(nodes, f"probe_{op}", [helper.make_tensor_value_info("X", TensorProto.UINT8, list(x_shape))],
+    graph = helper.make_graph(nodes, f"probe_{op}",
+                              [helper.make_tensor_value_info("X", TensorProto.UINT8, list(x_shape))],
                               [helper.make_tensor_value_info("Y" if out_q else "y", out_type, None)], inits)
     return onnx, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
@@ -116,6 +118,7 @@ def probe(op: str, fmt: Int8Format = "vnni", *, weight_range: int = 127, seed: i
     got = session.run(None, {"X": x})[0].astype(np.float64)
     want = _exact(op, x, w_int, k, out_q)
     stored = stored_weight(w_int, SurgeryOptions(layout="ort", int8_format=fmt))[0]
-    weights = "uint8" if stored.dtype == np.uint8 else ("int8 in [-64, 64]" if weight_range <= 64 else "full-range int8")
+    weights = ("uint8" if stored.dtype == np.uint8
+               else ("int8 in [-64, 64]" if weight_range <= 64 else "full-range int8"))
     return ProbeResult(op, fused_op if fused_op in ran else "", weights, float(np.mean(got != want)),
                        float(np.abs(got - want).max()))

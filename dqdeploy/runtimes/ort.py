@@ -21,12 +21,13 @@ from .base import CONTEXT, OUTPUT, SAMPLE, DenoiserRuntime
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 ORT_TYPES = {
-    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(bfloat16)": "bfloat16",
-    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 Provider = str | tuple[str, dict[str, Any]]
-QDQ_AS_FLOAT = {"session.disable_quant_qdq": "1"}
-CONFIG_PREFIXES = ("session.", "optimization.", "mlas.", "ep.", "kernel.")  # namespaces of ORT's session config keys  # ORT runs Q/DQ as float conversions: no integer kernels
+QDQ_AS_FLOAT = {"session.disable_quant_qdq": "1"}  # ORT runs Q/DQ as float conversions: no integer kernels
+CONFIG_PREFIXES = ("session.", "optimization.", "mlas.", "ep.", "kernel.")  # namespaces of ORT's session config keys
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +39,8 @@ def resolve_source(source: str | Path) -> tuple[Path, ExportSpec | None]:
         spec = read_spec(path)
         return path / spec.onnx_file, spec
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist", hint="pass an export folder (the --out of `dqdeploy export`) or an .onnx file")
+        raise ArtifactError(f"{path} does not exist",
+                            hint="pass an export folder (the --out of `dqdeploy export`) or an .onnx file")
     folder = path.parent.parent
     if path.parent.name in ("unet", "transformer") and (folder / SPEC_FILE).is_file():
         return path, read_spec(folder)
@@ -52,7 +54,8 @@ def check_providers(providers: Sequence[Provider] | str) -> list[Provider]:
     if isinstance(providers, str):
         providers = [providers]
     if not isinstance(providers, Sequence) or not all(isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2
-                                                                             and isinstance(p[0], str) and isinstance(p[1], dict))
+                                                                             and isinstance(p[0], str)
+                                                                             and isinstance(p[1], dict))
                                                       for p in providers):
         raise ArtifactError(f"providers={providers!r}: expected provider names or (name, options) pairs",
                             hint=f"e.g. providers=('{CPU}',)")
@@ -63,8 +66,8 @@ def check_providers(providers: Sequence[Provider] | str) -> list[Provider]:
     missing = [n for n in names if n not in available]
     if missing:
         if any(n in GPU_PROVIDERS for n in missing):
-            hint = ("pip uninstall -y onnxruntime && pip install 'dqdeploy[gpu]' (onnxruntime-gpu; the two packages cannot "
-                    "share an environment) on a machine with an NVIDIA GPU and CUDA")
+            hint = ("pip uninstall -y onnxruntime && pip install 'dqdeploy[gpu]' (onnxruntime-gpu; "
+                    "the two packages cannot share an environment) on a machine with an NVIDIA GPU and CUDA")
             if "TensorrtExecutionProvider" in missing:
                 hint += "; TensorrtExecutionProvider also needs TensorRT's libraries"
         else:
@@ -86,7 +89,8 @@ def session_options(threads: int = 1, options: Any = None, entries: Mapping[str,
     """
     ort = require("onnxruntime", "ort", "running an exported denoiser on ONNX Runtime")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise RuntimeInputError(f"threads={threads!r}: expected a whole number >= 0 (0: ONNX Runtime's default)", hint="e.g. threads=1")
+        raise RuntimeInputError(f"threads={threads!r}: expected a whole number >= 0 (0: ONNX Runtime's default)",
+                                hint="e.g. threads=1")
     if isinstance(options, ort.SessionOptions):
         for key, value in dict(entries or {}).items():
             options.add_session_config_entry(key, value)
@@ -97,7 +101,8 @@ def session_options(threads: int = 1, options: Any = None, entries: Mapping[str,
     unknown = [k for k in (options or {}) if not (isinstance(k, str) and k.startswith(CONFIG_PREFIXES))]
     if unknown:  # ONNX Runtime accepts any key silently: a typo would change nothing, unnoticed
         raise RuntimeInputError(f"unknown session config entries {unknown}: ONNX Runtime's keys start with "
-                                f"{', '.join(CONFIG_PREFIXES)}", hint="see onnxruntime_session_options_config_keys.h for the keys")
+                                f"{', '.join(CONFIG_PREFIXES)}",
+                                hint="see onnxruntime_session_options_config_keys.h for the keys")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(threads)
@@ -136,8 +141,9 @@ def exactness_entries(spec: ExportSpec | None, inexact: Inexact = "refuse") -> d
     if inexact == "allow":
         log.warning("%s; running it anyway (inexact='allow')", what)
         return {}
-    raise CpuFormatError(what, hint="re-export for this CPU: `dqdeploy export QUANT_DIR --target ort --cpu portable` (exact on "
-                                    "every CPU); or run it exactly at float speed: --inexact float (Python: inexact='float')")
+    raise CpuFormatError(what, hint="re-export for this CPU: `dqdeploy export QUANT_DIR --target ort --cpu portable` "
+                                    "(exact on every CPU); or run it exactly at float speed: --inexact float "
+                                    "(Python: inexact='float')")
 
 
 def _spec_from_session(session, path: Path) -> ExportSpec:
@@ -153,7 +159,8 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
         raise ArtifactError(f"{path}: expected an input 'sample' [B, C, H, W], found inputs {[t.name for t in inputs]}",
                             hint="export with `dqdeploy export`, which writes optimum's I/O names")
     _, c, h, w = by_name[SAMPLE].shape
-    config: dict[str, Any] = {"in_channels": c, "out_channels": outputs[0].shape[1] if len(outputs[0].shape) == 4 else c,
+    config: dict[str, Any] = {"in_channels": c,
+                              "out_channels": outputs[0].shape[1] if len(outputs[0].shape) == 4 else c,
                               "sample_size": h if h == w else [h, w]}
     if CONTEXT in by_name:
         config["cross_attention_dim"] = by_name[CONTEXT].shape[-1]
@@ -210,8 +217,10 @@ class OrtDenoiser(DenoiserRuntime):
         dropped = [_name(p) for p in requested if _name(p) not in active]
         if dropped:  # ORT falls back to CPU silently when a provider fails to initialise (missing CUDA libraries)
             raise MissingDependencyError(
-                f"ONNX Runtime could not initialise {', '.join(dropped)} (the session runs on {', '.join(active)} only)",
-                hint="install the CUDA/cuDNN versions this onnxruntime-gpu was built for; ONNX Runtime's log says which library is missing",
+                f"ONNX Runtime could not initialise {', '.join(dropped)} "
+                f"(the session runs on {', '.join(active)} only)",
+                hint="install the CUDA/cuDNN versions this onnxruntime-gpu was built for; "
+                     "ONNX Runtime's log says which library is missing",
             )
         spec = spec or _spec_from_session(self.session, path)
         super().__init__(spec, str(source))
@@ -237,7 +246,8 @@ class OrtDenoiser(DenoiserRuntime):
             (out,) = self.session.run([self._output], arrays)
         except Exception as exc:  # ORT's own error types (allocation failures, kernels refusing a shape)
             shapes = {n: tuple(a.shape) for n, a in arrays.items()}
-            raise RuntimeInputError(f"ONNX Runtime could not run the graph on inputs {shapes}: {str(exc).splitlines()[0][:300]}",
+            raise RuntimeInputError(f"ONNX Runtime could not run the graph on inputs {shapes}: "
+                                    f"{str(exc).splitlines()[0][:300]}",
                                     hint="smaller inputs (batch, resolution) need less memory; inputs must match "
                                          "`dqdeploy inspect EXPORT_DIR`") from None
         return torch.from_numpy(out)

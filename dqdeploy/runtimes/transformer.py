@@ -61,7 +61,8 @@ def bind_call(spec: DenoiserSpec, names: list[str], args: tuple, kwargs: dict) -
     try:
         bound = _signature(spec.class_name).bind(None, *args, **kwargs)
     except TypeError as exc:
-        raise RuntimeInputError(f"{spec.class_name} call: {exc}", hint="call it as the diffusers model is called") from None
+        raise RuntimeInputError(f"{spec.class_name} call: {exc}",
+                                hint="call it as the diffusers model is called") from None
     values = dict(bound.arguments)
     values.pop(next(iter(values)))  # self
     return_dict = bool(values.pop("return_dict", True))
@@ -84,7 +85,8 @@ def prepare_transformer_inputs(runtime: Any, feeds: dict[str, Any]) -> dict[str,
     names = list(runtime._inputs)
     missing = [n for n in names if n not in feeds]
     if missing:
-        raise RuntimeInputError(f"{spec.class_name}: missing {', '.join(missing)} (the graph's inputs: {', '.join(names)})",
+        raise RuntimeInputError(f"{spec.class_name}: missing {', '.join(missing)} "
+                                f"(the graph's inputs: {', '.join(names)})",
                                 hint="pass every input the pipeline passes to its transformer")
     tensors = {n: as_tensor(n, v) for n, v in feeds.items()}
     sample = tensors[spec.sample]
@@ -93,7 +95,8 @@ def prepare_transformer_inputs(runtime: Any, feeds: dict[str, Any]) -> dict[str,
     batch = sample.shape[0]
     for name in ("timestep", "guidance"):
         if name in tensors:
-            tensors[name] = runtime._timestep(tensors[name], batch) if name == "timestep" else _per_sample(name, tensors[name], batch)
+            tensors[name] = (runtime._timestep(tensors[name], batch) if name == "timestep"
+                             else _per_sample(name, tensors[name], batch))
     for name in spec.shared:
         if name in tensors and tensors[name].dim() == 3:  # the deprecated batched form: one row serves all
             tensors[name] = tensors[name][0]
@@ -106,7 +109,8 @@ def _per_sample(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
         return value.reshape(1).expand(batch)
     if value.dim() == 1 and value.shape[0] == batch:
         return value
-    raise RuntimeInputError(f"{name}: expected a scalar or a tensor of shape [{batch}], found shape {tuple(value.shape)}")
+    raise RuntimeInputError(f"{name}: expected a scalar or a tensor of shape [{batch}], "
+                            f"found shape {tuple(value.shape)}")
 
 
 def call_transformer(runtime: Any, args: tuple, kwargs: dict):

@@ -61,7 +61,8 @@ class TrtDenoiser(DenoiserRuntime):
         self._engine_inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in self._engine_inputs]
         if sorted(self._engine_inputs) != sorted(self._inputs) or not outputs:
-            raise ArtifactError(f"{plan}: engine inputs {self._engine_inputs} do not match the export spec's {sorted(self._inputs)}",
+            raise ArtifactError(f"{plan}: engine inputs {self._engine_inputs} do not match "
+                                f"the export spec's {sorted(self._inputs)}",
                                 hint=f"rebuild it: build_engine('{export_dir}', overwrite=True)")
         self._output = OUTPUT if OUTPUT in outputs else outputs[0]
         self._dtypes = {n: self._torch_dtype(n) for n in self._engine_inputs}  # the engine's types win
@@ -84,7 +85,8 @@ class TrtDenoiser(DenoiserRuntime):
                 cfg = " (classifier-free guidance doubles the batch: build with cfg=True)" if shape[0] > hi[0] else ""
                 raise RuntimeInputError(
                     f"{name}: shape {shape} is outside the engine's optimization profile {tuple(lo)}..{tuple(hi)}{cfg}",
-                    hint="rebuild the engine with a wider profile: build_engine(DIR, batch=(min, opt, max), overwrite=True)",
+                    hint="rebuild the engine with a wider profile: "
+                         "build_engine(DIR, batch=(min, opt, max), overwrite=True)",
                 )
 
     def bind(self, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
