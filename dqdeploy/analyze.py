@@ -25,7 +25,8 @@ def write_report(report: SensitivityReport, out_dir: str | Path, *, top: int = 2
     """Write the report folder atomically; returns its path."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite, kind="sensitivity") as tmp:
-        (tmp / "sensitivity.json").write_text(json.dumps({"format": "dqdeploy-sensitivity", **report.to_dict()}, indent=1))
+        (tmp / "sensitivity.json").write_text(json.dumps({"format": "dqdeploy-sensitivity", **report.to_dict()},
+                                                         indent=1))
         (tmp / "sensitivity.md").write_text(report.table() + "\n")
         (tmp / "sensitivity.png").write_bytes(plot(report, top=top))
     return out_dir

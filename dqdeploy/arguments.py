@@ -51,8 +51,9 @@ def as_recipe(value: Any) -> Any:
         return resolve_recipe(str(value))
     if isinstance(value, dict):
         return Recipe.from_dict(value)
-    raise RecipeError(f"recipe must be a Recipe, a preset name (w8a8, w7a8, w4a8, w4a4), a recipe .json path or a dict; "
-                      f"found {type(value).__name__}", hint="e.g. dqdeploy.W8A8 or dqdeploy.W8A8.replace(iters=100)")
+    raise RecipeError("recipe must be a Recipe, a preset name (w8a8, w7a8, w4a8, w4a4), a recipe .json path or a dict; "
+                      f"found {type(value).__name__}",
+                      hint="e.g. dqdeploy.W8A8 or dqdeploy.W8A8.replace(iters=100)")
 
 
 def as_calibration(value: Any) -> Any:
@@ -65,6 +66,7 @@ def as_calibration(value: Any) -> Any:
         try:
             return CalibrationConfig(**value)
         except TypeError as exc:
-            raise RecipeError(f"calibration: {exc}", hint=f"fields: {', '.join(inspect.signature(CalibrationConfig).parameters)}") from None
+            raise RecipeError(f"calibration: {exc}",
+                              hint=f"fields: {', '.join(inspect.signature(CalibrationConfig).parameters)}") from None
     raise RecipeError(f"calibration must be a CalibrationConfig or a dict of its fields; found {type(value).__name__}",
                       hint="e.g. dqdeploy.CalibrationConfig(samples=512)")

@@ -35,16 +35,16 @@ from .quant.modules import QuantizedDenoiser, QuantLayer, replace_module
 from .quant.timestep import StepIndex, TimestepTable
 from .recipe import Recipe
 from .storage import Header, expected_header, file_header, simulation_state, stored_state
-from .tensorfile import read_tensors
-from .validation import (
+from .tensor_checks import (
     check_calibrated_size,
     check_calibration_inputs,
     check_header,
-    check_manifest,
     check_model_layers,
     check_state,
     meta_model,
 )
+from .tensorfile import read_tensors
+from .validation import check_manifest
 
 FORMAT = "dqdeploy-quantized"
 FORMAT_VERSION = 2  # 2: integer weights (storage.py); 1: float weights, still read
@@ -167,7 +167,8 @@ def load_state(quant_dir: str | Path, manifest: Manifest, fname: str = WEIGHTS) 
         raise ArtifactError(f"{MANIFEST} lists no {fname}", hint="re-run `dqdeploy quantize` with this version")
     verify_files(quant_dir, manifest, [fname])
     try:
-        return read_tensors(confined(quant_dir, fname, "artifact"))  # read, not mapped: the float weights built from it replace it
+        # read, not mapped: the float weights built from it replace it
+        return read_tensors(confined(quant_dir, fname, "artifact"))
     except Exception as exc:  # OSError, TensorFileError (a malformed header), RecursionError (JSON nesting)
         raise ArtifactError(f"{quant_dir / fname} is not a readable safetensors file ({str(exc)[:200]})",
                             hint="re-run `dqdeploy quantize` to recreate the artifact") from None
@@ -240,7 +241,8 @@ def load_quantized(quant_dir: str | Path) -> QuantizedDenoiser:
     skeleton = meta_model(cls, manifest.model_config, quant_dir)
     check_model_layers(skeleton, manifest, quant_dir)
     table = timestep_table(manifest)
-    model = install_quant_layers(skeleton, manifest.layers, table, weight_scales=_placeholder_scales(skeleton, manifest.layers))
+    model = install_quant_layers(skeleton, manifest.layers, table,
+                                 weight_scales=_placeholder_scales(skeleton, manifest.layers))
     bits = {n: m.weight_bits for n, m in manifest.layers.items()} if manifest.format_version >= 2 else {}
     shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
     check_header(expected_header(skeleton.state_dict(), bits), _file_header(quant_dir / WEIGHTS), quant_dir)
@@ -260,7 +262,8 @@ def load_quantized(quant_dir: str | Path) -> QuantizedDenoiser:
 
 def _placeholder_scales(denoiser: nn.Module, layers: Mapping[str, LayerMeta]) -> dict[str, torch.Tensor]:
     """Per layer an uninitialised weight-scale vector of the right size on the meta device."""
-    return {n: torch.empty(cast(torch.Tensor, denoiser.get_submodule(n).weight).shape[0], device="meta") for n in layers}
+    return {n: torch.empty(cast(torch.Tensor, denoiser.get_submodule(n).weight).shape[0], device="meta")
+            for n in layers}
 
 
 def _file_header(path: Path) -> Header:

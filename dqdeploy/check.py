@@ -27,7 +27,7 @@ from .denoisers import spec_for, spec_of
 from .errors import ArtifactError, CheckFailedError, require
 from .exporters.dequantize import simulate_layer_input
 from .exporters.qdq import UINT8_ZERO_POINT, input_q_name
-from .exporters.spec import read_spec
+from .exporters.spec import ExportSpec, read_spec
 from .inputs import OUTPUT, DenoiserInputs, forward_hooks
 from .quant.modules import QuantizedDenoiser, quant_layers, set_act_quant, set_weight_quant
 from .trt_gate import require_tensorrt
@@ -93,7 +93,8 @@ class CheckResult:
     def ok(self) -> bool:
         """No step beyond ``OUTLIER_RATIO`` x its tolerance, at most one in ``OUTLIER_EVERY`` beyond 1x."""
         bad = self.outliers
-        return len(bad) <= len(self.steps) // OUTLIER_EVERY and all(s.rel_err <= OUTLIER_RATIO * s.tolerance for s in bad)
+        return (len(bad) <= len(self.steps) // OUTLIER_EVERY
+                and all(s.rel_err <= OUTLIER_RATIO * s.tolerance for s in bad))
 
     def verdict(self) -> str:
         """One line: how many steps are beyond tolerance and what the rule allows."""
@@ -108,7 +109,8 @@ class CheckResult:
     def table(self) -> str:
         lines = [f"{'timestep':>9} {'n':>3} {'rel err':>9} {'cosine':>9} {'quant err':>9} {'tolerance':>9}  ok"]
         for s in self.steps:
-            lines.append(f"{s.timestep:9.4g} {s.samples:3d} {s.rel_err:9.2e} {s.cosine:9.6f} {s.quant_err:9.2e} {s.tolerance:9.2e}  {'yes' if s.ok else 'NO'}")
+            lines.append(f"{s.timestep:9.4g} {s.samples:3d} {s.rel_err:9.2e} {s.cosine:9.6f} {s.quant_err:9.2e} "
+                         f"{s.tolerance:9.2e}  {'yes' if s.ok else 'NO'}")
         if self.layers:
             worst = max(self.layers, key=lambda r: r.mismatch)
             lines.append(f"per layer: {len(self.layers)} layer inputs compared; worst {worst.name} "
@@ -124,14 +126,15 @@ class CheckResult:
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, "target": self.target, "ok": self.ok, "verdict": self.verdict(),
-                "first_divergent": self.first_divergent, "steps": [asdict(s) | {"ok": s.ok} for s in self.steps], "layers": [asdict(r) for r in self.layers],
-                "unchecked": self.unchecked}
+                "first_divergent": self.first_divergent, "steps": [asdict(s) | {"ok": s.ok} for s in self.steps],
+                "layers": [asdict(r) for r in self.layers], "unchecked": self.unchecked}
 
     def raise_if_failed(self) -> None:
         if not self.ok:
             raise CheckFailedError(
                 self.verdict() + (f"; likely cause: {self.cause}" if self.cause else ""),
-                hint="re-export with --cpu portable" if self.cause else "run `dqdeploy check --per-layer` to find the first layer that diverges",
+                hint="re-export with --cpu portable" if self.cause
+                else "run `dqdeploy check --per-layer` to find the first layer that diverges",
             )
 
 
@@ -193,7 +196,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def _quant_errors(model: QuantizedDenoiser, feeds: list[dict[str, np.ndarray]], sim_outs: list[np.ndarray]) -> list[float]:
+def _quant_errors(model: QuantizedDenoiser, feeds: list[dict[str, np.ndarray]],
+                  sim_outs: list[np.ndarray]) -> list[float]:
     """Per feed: the simulation's relative error against its own full-precision twin (the
     dilated float weights with every quantizer off; dilation itself is exact in float)."""
     set_act_quant(model, False)
@@ -215,7 +219,8 @@ def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[s
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        return TrtRunner(EngineFromBytes(BytesFromPath(str(export_dir / read_spec(export_dir).engine_file))), name="tensorrt")
+        return TrtRunner(EngineFromBytes(BytesFromPath(str(export_dir / read_spec(export_dir).engine_file))),
+                         name="tensorrt")
     ort = require("onnxruntime", "ort", "checking with ONNX Runtime")
     from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -262,9 +267,7 @@ def check_export(
             hint=f"check the export against the artifact it came from, or re-run `dqdeploy export {quant_dir}`",
         )
     if tolerance_ratio is None:
-        unmodelled = spec.layout == "ort" and (spec.recipe is None or spec.recipe.layout != "ort")
-        # FP16 graphs round every activation to 11 bits on top of the quantization
-        tolerance_ratio = EXTRA_ROUNDING_RATIO if unmodelled or spec.precision == "fp16" else 1.0
+        tolerance_ratio = _default_tolerance_ratio(spec)
     model = load_quantized(quant_dir)
     calib = spec_for(spec.model_class).inputs_from_dict(load_calibration_inputs(quant_dir))
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
@@ -275,7 +278,8 @@ def check_export(
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    runners = [_simulation_runner(model, spec.inputs, output), _graph_runner(Path(export_dir), runtime, q_outputs, output, inexact)]
+    runners = [_simulation_runner(model, spec.inputs, output),
+               _graph_runner(Path(export_dir), runtime, q_outputs, output, inexact)]
     (_, sim_iters), (_, graph_iters) = Comparator.run(runners, data_loader=feeds)
     sim_outs = [np.asarray(it[output], np.float32) for it in sim_iters]
     graph_outs = [np.asarray(it[output], np.float32) for it in graph_iters]
@@ -293,16 +297,25 @@ def check_export(
     return result
 
 
+def _default_tolerance_ratio(spec: ExportSpec) -> float:
+    """The tolerance ratio ``check_export`` uses when none is given (see its docstring)."""
+    unmodelled = spec.layout == "ort" and (spec.recipe is None or spec.recipe.layout != "ort")
+    # FP16 graphs round every activation to 11 bits on top of the quantization
+    return EXTRA_ROUNDING_RATIO if unmodelled or spec.precision == "fp16" else 1.0
+
+
 def _kernel_cause(spec, runtime: GraphRuntime, inexact: Inexact) -> str | None:
     """Why the graph may disagree whatever its quality: it ran (``inexact="allow"``) on kernels that saturate here."""
     fmt, cpu = spec.weight_format, cpu_info()
     if runtime == "ort" and fmt is not None and not cpu.exact(fmt) and inexact == "allow":
-        return f"the graph's int8 format {fmt!r} saturates ONNX Runtime's u8s8 kernels on this CPU ({cpu.model}, no VNNI)"
+        return (f"the graph's int8 format {fmt!r} saturates ONNX Runtime's u8s8 kernels "
+                f"on this CPU ({cpu.model}, no VNNI)")
     return None
 
 
 @torch.no_grad()
-def _layer_agreement(model: QuantizedDenoiser, feeds, graph_iters, names: list[str], layout: Layout | None) -> list[LayerResult]:
+def _layer_agreement(model: QuantizedDenoiser, feeds, graph_iters, names: list[str],
+                     layout: Layout | None) -> list[LayerResult]:
     """Integers at each layer input, simulation vs graph, in execution order."""
     layers = quant_layers(model.denoiser)
     offset = UINT8_ZERO_POINT if layout == "ort" else 0
@@ -316,7 +329,8 @@ def _layer_agreement(model: QuantizedDenoiser, feeds, graph_iters, names: list[s
             def hook(mod, args):
                 if name not in order:
                     order.append(name)
-                sim_ints[name] = simulate_layer_input(layers[name], args[0], layers[name].input_quantizer.rows_for(args[0])).numpy()
+                sim_ints[name] = simulate_layer_input(layers[name], args[0],
+                                                      layers[name].input_quantizer.rows_for(args[0])).numpy()
 
             return hook
 

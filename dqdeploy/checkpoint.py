@@ -56,9 +56,11 @@ DATA = "data"
 FORMAT = "dqdeploy-checkpoint"
 FORMAT_VERSION = 2  # 2: sha256 and size of every file in "files"; 1 recorded none (not resumable: unverifiable)
 _WRITER_TEMP = r"\.tmp[A-Za-z0-9]{6}$"  # safetensors' save_file writes .tmpXXXXXX, then renames it
-_TEMP = re.compile(rf"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$|{_WRITER_TEMP}")  # ours, atomic_write_bytes's, safetensors'
+# ours, atomic_write_bytes's, safetensors'
+_TEMP = re.compile(rf"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$|{_WRITER_TEMP}")
 _BLOCK = re.compile(r"block-\d{5}\.safetensors$")
-_OWN_DATA = re.compile(rf"(fp|inputs|cached)-\d{{5}}-\d{{6}}\.safetensors$|float-\d{{5}}\.safetensors$|{_WRITER_TEMP}")  # blockstore, float_layers
+_OWN_DATA = re.compile(rf"(fp|inputs|cached)-\d{{5}}-\d{{6}}\.safetensors$|float-\d{{5}}\.safetensors$"
+                       rf"|{_WRITER_TEMP}")  # blockstore, float_layers
 
 
 class CheckpointError(DQDeployError):
@@ -76,8 +78,9 @@ def refuse_with_checkpoint(out_dir: str | Path) -> None:
     one-process run (they would neither use nor remove it)."""
     folder = checkpoint_path(out_dir)
     if os.path.lexists(folder):
-        raise CheckpointError(f"{folder} holds the checkpoint of an interrupted one-process run; --nproc runs keep none "
-                              "and would ignore it", hint=f"resume it with one process (--resume, no --nproc), or delete {folder}")
+        raise CheckpointError(f"{folder} holds the checkpoint of an interrupted one-process run; --nproc runs keep "
+                              "none and would ignore it",
+                              hint=f"resume it with one process (--resume, no --nproc), or delete {folder}")
 
 
 def _hash_tree(path: Path, h: Any) -> None:
@@ -113,7 +116,8 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
 
 def _state_of_new_folder(folder: Path, wait_s: float = 5.0) -> dict[str, Any] | None:
     """The state of ``folder``; a folder another run has just created (mkdir, then its state) is given
-    ``wait_s`` to receive its state, so a race between two runs ends in "in use", not "not a checkpoint"."""
+    ``wait_s`` to receive its state, so a race between two runs ends in "in use", not "not a
+    checkpoint"."""
     deadline = time.monotonic() + wait_s
     while ((state := _read_state(folder)) is None and time.monotonic() < deadline
            and all(p.name.startswith(f".{STATE}.") for p in folder.iterdir())):
@@ -131,7 +135,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 
 def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc), so a recycled pid is not taken for a writer."""
+    """When process ``pid`` started (clock ticks since boot, /proc), so a recycled pid is not taken for
+    a writer."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
@@ -139,7 +144,8 @@ def _process_start(pid: int) -> str | None:
 
 
 def _writer_alive(state: dict[str, Any]) -> int | None:
-    """The pid of the live process that wrote ``state`` (None: it is gone, or the pid now names another process)."""
+    """The pid of the live process that wrote ``state`` (None: it is gone, or the pid now names another
+    process)."""
     pid, started = state.get("pid"), state.get("started")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid == os.getpid() or not pid_alive(pid):
         return None
@@ -167,7 +173,8 @@ class RunCheckpoint:
                                       hint="move that folder away or choose another --out")
             pid = _writer_alive(state)
             if pid is not None:
-                raise CheckpointError(f"checkpoint {folder} already exists and is in use by another dqdeploy run (pid {pid})",
+                raise CheckpointError(f"checkpoint {folder} already exists and is in use by another dqdeploy run "
+                                      f"(pid {pid})",
                                       hint="run one writer per output folder; wait for that run or stop it")
             blocks = state.get("blocks")
             if not resume:
@@ -192,8 +199,9 @@ class RunCheckpoint:
     @staticmethod
     def _check_same_run(folder: Path, state: dict[str, Any], run: dict[str, str]) -> None:
         if state.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{folder} is a checkpoint format version {state.get('format_version')}, this dqdeploy "
-                                  f"reads version {FORMAT_VERSION}", hint=f"delete {folder} and run again without --resume")
+            raise CheckpointError(f"{folder} is a checkpoint format version {state.get('format_version')}, "
+                                  f"this dqdeploy reads version {FORMAT_VERSION}",
+                                  hint=f"delete {folder} and run again without --resume")
         problems = _schema_problems(state)
         if problems:
             raise CheckpointError(f"--resume refused: {folder / STATE} is damaged ({'; '.join(problems[:3])})",
@@ -201,9 +209,10 @@ class RunCheckpoint:
         saved = state["fingerprint"]
         differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
         if differ:
-            raise CheckpointError(f"--resume refused: {folder} is the checkpoint of another run (different {', '.join(differ)})",
-                                  hint=f"resume with the same model, inputs and settings as that run, or delete {folder} "
-                                       "and run again without --resume")
+            raise CheckpointError(f"--resume refused: {folder} is the checkpoint of another run "
+                                  f"(different {', '.join(differ)})",
+                                  hint=f"resume with the same model, inputs and settings as that run, "
+                                       f"or delete {folder} and run again without --resume")
 
     def _write_state(self) -> None:
         atomic_write_bytes(self.folder / STATE, json.dumps(self.state, indent=1).encode())
@@ -213,34 +222,39 @@ class RunCheckpoint:
         self._write_state()
 
     def verify(self) -> None:
-        """Every file the state records is there, a regular file (no symlink), with its recorded size and sha256;
-        ``data/`` is not a symlink. Raises :class:`CheckpointError` naming the first damaged file."""
+        """Every file the state records is there, a regular file (no symlink), with its recorded size and
+        sha256; ``data/`` is not a symlink. Raises :class:`CheckpointError` naming the first damaged file."""
         damaged = f"--resume refused: the checkpoint {self.folder} is damaged"
         hint = f"delete {self.folder} and run again without --resume (the same command starts over)"
         if self.data_dir.is_symlink():
-            raise CheckpointError(f"{damaged}: {self.data_dir} is a symlink (dqdeploy writes only into its own folder)", hint=hint)
+            raise CheckpointError(f"{damaged}: {self.data_dir} is a symlink (dqdeploy writes only into its own folder)",
+                                  hint=hint)
         for name, rec in self.state["files"].items():
             path = self.folder / name
             if path.is_symlink() or not path.is_file():
-                raise CheckpointError(f"{damaged}: {name} is {'a symlink' if path.is_symlink() else 'missing'}", hint=hint)
+                raise CheckpointError(f"{damaged}: {name} is {'a symlink' if path.is_symlink() else 'missing'}",
+                                      hint=hint)
             if file_record(path) != rec:
                 raise CheckpointError(f"{damaged}: {name} differs from what was written (size or sha256)", hint=hint)
         for b in self.state["blocks"]:
             if self._block_file(b["index"]).name not in self.state["files"]:
-                raise CheckpointError(f"{damaged}: block {b['index']} is recorded as finished but its file was never recorded",
-                                      hint=hint)
+                raise CheckpointError(f"{damaged}: block {b['index']} is recorded as finished "
+                                      "but its file was never recorded", hint=hint)
 
     def _load(self, name: str, read):
-        """``read(path)`` of a verified file, with a damaged file (truncated, no metadata) as :class:`CheckpointError`."""
+        """``read(path)`` of a verified file, with a damaged file (truncated, no metadata) as
+        :class:`CheckpointError`."""
         try:
             return read(self.folder / name)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"--resume refused: {self.folder / name} cannot be read ({type(exc).__name__}: {exc})",
+            raise CheckpointError(f"--resume refused: {self.folder / name} cannot be read "
+                                  f"({type(exc).__name__}: {exc})",
                                   hint=f"delete {self.folder} and run again without --resume") from None
         except Exception as exc:  # safetensors' own error type
             if type(exc).__name__ != "SafetensorError":
                 raise
-            raise CheckpointError(f"--resume refused: {self.folder / name} is not a readable safetensors file ({exc})",
+            raise CheckpointError(f"--resume refused: {self.folder / name} is not a readable safetensors file "
+                                  f"({exc})",
                                   hint=f"delete {self.folder} and run again without --resume") from None
 
     @property
@@ -265,7 +279,8 @@ class RunCheckpoint:
         """Keep the calibration set."""
         meta = {"timesteps": json.dumps(calib.timesteps), "sample_name": calib.inputs.sample_name,
                 "shared": json.dumps(list(calib.inputs.shared))}
-        self._record(CALIBRATION, _save_tensors({**calib.inputs.to_dict(), "__rows__": calib.rows}, self.folder / CALIBRATION, meta))
+        self._record(CALIBRATION, _save_tensors({**calib.inputs.to_dict(), "__rows__": calib.rows},
+                                                self.folder / CALIBRATION, meta))
 
     def calibration(self) -> CalibrationSet | None:
         """The saved calibration set, or None."""
@@ -297,7 +312,8 @@ class RunCheckpoint:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata()
             metas = {k: LayerMeta(**v) for k, v in json.loads(meta["layers"]).items()}
-            return read_tensors(path), metas, json.loads(meta["fallback"])  # read, not mapped: loaded into the model, then freed
+            # read, not mapped: loaded into the model, then freed
+            return read_tensors(path), metas, json.loads(meta["fallback"])
 
         return self._load(CALIBRATED, read)
 
@@ -317,13 +333,15 @@ class RunCheckpoint:
         try:
             block.load_state_dict(state, strict=True)
         except RuntimeError as exc:  # another block's file: names or shapes differ
-            raise CheckpointError(f"--resume refused: {self._block_file(index)} does not hold block {name} ({str(exc)[:200]})",
+            raise CheckpointError(f"--resume refused: {self._block_file(index)} does not hold block {name} "
+                                  f"({str(exc)[:200]})",
                                   hint=f"delete {self.folder} and run again without --resume") from None
         return BlockReport(**{k: v for k, v in done[index].items() if k != "index"})
 
     def save(self, index: int, name: str, block: nn.Module, report: BlockReport) -> None:
         """Record block ``index`` as finished: its parameters (and their hash), then its report."""
-        self.state["files"][self._block_file(index).name] = _save_tensors(block.state_dict(), self._block_file(index), {"name": name})
+        self.state["files"][self._block_file(index).name] = _save_tensors(block.state_dict(), self._block_file(index),
+                                                                          {"name": name})
         self.state["blocks"] = [b for b in self.state["blocks"] if b["index"] != index]
         self.state["blocks"].append({"index": index, **dataclasses.asdict(report)})
         self._write_state()
@@ -361,7 +379,8 @@ def _schema_problems(state: dict[str, Any]) -> list[str]:
         problems.append("fingerprint must map names to sha256 strings")
     files = state.get("files")
     if not (isinstance(files, dict) and all(isinstance(k, str) and "/" not in k and k not in ("", ".", "..")
-                                            and isinstance(v, dict) and set(v) == {"sha256", "size"} for k, v in files.items())):
+                                            and isinstance(v, dict) and set(v) == {"sha256", "size"}
+                                            for k, v in files.items())):
         problems.append("files must map file names in the folder to {sha256, size}")
     blocks = state.get("blocks")
     fields = {f.name for f in dataclasses.fields(BlockReport)} | {"index"}
@@ -369,9 +388,12 @@ def _schema_problems(state: dict[str, Any]) -> list[str]:
         problems.append("blocks must be a list")
     else:
         for b in blocks:
-            ok = isinstance(b, dict) and set(b) == fields and isinstance(b.get("index"), int) and isinstance(b.get("name"), str)
-            numbers = [b["loss_before"], b["loss_after"], *(b["curve"] if isinstance(b["curve"], list) else [None])] if ok else []
-            if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+            ok = (isinstance(b, dict) and set(b) == fields and isinstance(b.get("index"), int)
+                  and isinstance(b.get("name"), str))
+            numbers = ([b["loss_before"], b["loss_after"], *(b["curve"] if isinstance(b["curve"], list) else [None])]
+                       if ok else [])
+            if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                 for v in numbers):
                 problems.append(f"block record {str(b)[:80]} is not {{index, name, finite losses}}")
                 break
     return problems

@@ -75,7 +75,8 @@ def exact_on(fmt: Int8Format) -> str:
     """Which CPUs a graph of format ``fmt`` is exact on, in words."""
     if fmt == "portable":
         return "every CPU (x86-64 with or without VNNI, ARM64)"
-    return "x86-64 with VNNI or AMX (Zen 4+, Cascade Lake+, Alder Lake+) and ARM64; NOT x86 without VNNI (AVX2 / AVX-512F only)"
+    return ("x86-64 with VNNI or AMX (Zen 4+, Cascade Lake+, Alder Lake+) and ARM64; "
+            "NOT x86 without VNNI (AVX2 / AVX-512F only)")
 
 
 def _cpuid_raw() -> tuple[dict[str, int], dict[str, int], str] | None:

@@ -41,7 +41,8 @@ class DenoiserSpec:
     ends: tuple[str, str] = ("conv_in", "conv_out")  # first and last layer (kept at first_last_bits by recipes)
     conditioning: tuple[tuple[str, str], ...] = ()  # (input, config key of its last-axis width)
     learns_sigma: bool = False  # the output may stack a variance prediction the scheduler does not take
-    unsupported: tuple[str, str, str] = ("", "", "")  # (config flag, why, hint): a configuration the graphs cannot carry
+    # (config flag, why, hint): a configuration the graphs cannot carry
+    unsupported: tuple[str, str, str] = ("", "", "")
     fixed_resolution: str = ""  # why a traced graph cannot take another height/width ("": it can)
 
     @property
@@ -57,7 +58,8 @@ class DenoiserSpec:
 
     def conditioning_names(self, config: Any) -> list[str]:
         """Per-sample conditioning inputs read from a conditioning file (``guidance`` is a scale, not a file entry)."""
-        return [n for n in self.input_names(config) if n not in (self.sample, TIMESTEP, GUIDANCE) and n not in self.shared]
+        return [n for n in self.input_names(config)
+                if n not in (self.sample, TIMESTEP, GUIDANCE) and n not in self.shared]
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the model is called with for scheduler timestep ``t`` (float)."""

@@ -1,7 +1,8 @@
 """Old public names kept for one release: a module's ``__getattr__`` that answers each old name with
 the object under its new name and a ``DeprecationWarning``.
 
-The ``*UNet*`` names renamed ``*Denoiser*`` (the same objects run diffusion transformers too) resolve to the very same classes and functions, so ``isinstance`` and subclassing keep working::
+The ``*UNet*`` names renamed ``*Denoiser*`` (the same objects run diffusion transformers too) resolve to the
+very same classes and functions, so ``isinstance`` and subclassing keep working::
 
     from dqdeploy.quant.modules import QuantizedUNet   # DeprecationWarning; QuantizedUNet is QuantizedDenoiser
 """

@@ -61,7 +61,8 @@ def _weights_line(path: Path, version: int) -> str:
 
     sizes = weight_bytes(file_header(path / WEIGHTS))
     if version < 2:
-        return f"  weights          {WEIGHTS} {_mb(sum(sizes.values()))}, float (format v1; re-quantize for integer storage)"
+        return (f"  weights          {WEIGHTS} {_mb(sum(sizes.values()))}, "
+                "float (format v1; re-quantize for integer storage)")
     fp32 = 4 * sizes["int8"] + 8 * sizes["int4"] + sizes["float"]  # float tensors as stored (float32)
     return (f"  weights          {WEIGHTS} {_mb(sum(sizes.values()))}: 8-bit integers {_mb(sizes['int8'])}, "
             f"4-bit packed {_mb(sizes['int4'])}, float {_mb(sizes['float'])} (about {_mb(fp32)} as float32)")

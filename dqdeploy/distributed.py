@@ -3,9 +3,10 @@ rank-0-only writing, the few collectives the quantize stage needs, and teardown.
 
 Every helper is a no-op in a single process (no process group), so library code calls them
 unconditionally. Collectives run on CPU tensors over gloo; for work on CUDA the group is NCCL (one
-GPU per local rank) and tensors travel through the current device. A failure on one rank reaches the others: :func:`agree` shares
-errors at the points every rank reaches, a dead peer breaks the next collective (gloo reports it at
-once), and every collective has a timeout (``DQDEPLOY_DIST_TIMEOUT`` seconds, default 1800).
+GPU per local rank) and tensors travel through the current device. A failure on one rank reaches the
+others: :func:`agree` shares errors at the points every rank reaches, a dead peer breaks the next
+collective (gloo reports it at once), and every collective has a timeout (``DQDEPLOY_DIST_TIMEOUT``
+seconds, default 1800).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def collective_timeout() -> datetime.timedelta:
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise DistributedError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds", hint=f"unset {TIMEOUT_ENV} or set e.g. 3600")
+        raise DistributedError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds",
+                               hint=f"unset {TIMEOUT_ENV} or set e.g. 3600")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -84,7 +86,8 @@ def session(device: str | torch.device = "cpu") -> Iterator[None]:
         return
     missing = [k for k in _WORLD_ENV if k not in os.environ]
     if missing or not dist.is_available():
-        raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing) or 'torch.distributed'} is missing",
+        raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but "
+                               f"{', '.join(missing) or 'torch.distributed'} is missing",
                                hint="start many processes with torchrun (or `dqdeploy quantize ... --nproc N`)")
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
@@ -97,7 +100,8 @@ def session(device: str | torch.device = "cpu") -> Iterator[None]:
         dist.init_process_group(backend, timeout=collective_timeout())
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"cannot join the process group ({backend}): {exc}",
-                               hint="check torchrun's --rdzv-endpoint / --master-addr and that every node can reach it") from None
+                               hint="check torchrun's --rdzv-endpoint / --master-addr "
+                                    "and that every node can reach it") from None
     try:
         yield
     finally:
@@ -111,7 +115,8 @@ def _collective(what: str):
         try:
             yield
         except (RuntimeError, dist.DistBackendError) as exc:
-            raise DistributedError(f"rank {rank()}: {what} failed, another rank probably stopped ({str(exc).splitlines()[0]})",
+            raise DistributedError(f"rank {rank()}: {what} failed, "
+                                   f"another rank probably stopped ({str(exc).splitlines()[0]})",
                                    hint="read the first error printed by the other ranks") from None
     return guard()
 
@@ -162,7 +167,8 @@ def agree(error: BaseException | None, stage: str) -> None:
     failed = [(r, msg) for r, msg in enumerate(found) if msg is not None]
     if failed:
         r, msg = failed[0]
-        raise DistributedError(f"rank {r} failed while {stage}: {msg}", hint="fix the error reported by that rank and re-run every rank")
+        raise DistributedError(f"rank {r} failed while {stage}: {msg}",
+                               hint="fix the error reported by that rank and re-run every rank")
 
 
 @contextlib.contextmanager

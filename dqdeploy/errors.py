@@ -82,8 +82,8 @@ def as_user_error(exc: BaseException) -> DQDeployError | None:
         return None
     where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
     return DiskFullError(f"writing failed: {os.strerror(code)}{where}",
-                         hint="free space on that disk, or write the output (--out) and temporary files (TMPDIR) to a disk "
-                              "with room: quantize keeps about the model's size there while it runs")
+                         hint="free space on that disk, or write the output (--out) and temporary files (TMPDIR) "
+                              "to a disk with room: quantize keeps about the model's size there while it runs")
 
 
 def check_format(data: dict, fmt: str, version: int | tuple[int, ...], what: str, command: str) -> None:
@@ -98,7 +98,8 @@ def check_format(data: dict, fmt: str, version: int | tuple[int, ...], what: str
     found = data.get("format_version")
     if isinstance(found, bool) or found not in versions:
         raise ArtifactError(
-            f"{what} format version {found} is not supported (this dqdeploy reads version {', '.join(map(str, versions))})",
+            f"{what} format version {found} is not supported "
+            f"(this dqdeploy reads version {', '.join(map(str, versions))})",
             hint=f"re-run `{command}` with this version of dqdeploy",
         )
 

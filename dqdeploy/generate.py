@@ -56,7 +56,8 @@ def generate_from(
         b = min(batch_size, n - first)
         noise = torch.randn(*latent_shape(spec, opened.denoiser.config, b, resolution), generator=gen)
         cond = None if conditioning is None else conditioning.for_batch(first, b)
-        out.append(denoise(opened.denoiser, sched, noise, steps, cond=cond, uncond=uncond, guidance=guidance, generator=gen))
+        out.append(denoise(opened.denoiser, sched, noise, steps, cond=cond, uncond=uncond, guidance=guidance,
+                           generator=gen))
     return torch.cat(out).clamp(-1, 1)
 
 

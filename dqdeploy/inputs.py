@@ -95,7 +95,8 @@ class DenoiserInputs:
         return self.kwargs()
 
     @classmethod
-    def from_dict(cls, tensors: Mapping[str, Any], sample_name: str = SAMPLE, shared: Iterable[str] = ()) -> DenoiserInputs:
+    def from_dict(cls, tensors: Mapping[str, Any], sample_name: str = SAMPLE,
+                  shared: Iterable[str] = ()) -> DenoiserInputs:
         """From named tensors (numpy arrays are converted; floating arrays become float32); the names in
         ``shared`` have no batch axis."""
         def tensor(v: Any) -> torch.Tensor:

@@ -29,7 +29,8 @@ def read_json_object(path: Path, what: str, hint: str) -> dict[str, Any]:
             raise ArtifactError(f"{path} is {size} bytes, more than any {what} ({MAX_METADATA_BYTES} bytes)", hint=hint)
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({str(exc)[:200]}): the {what} is corrupted", hint=hint) from None
+        raise ArtifactError(f"{path} is not valid JSON ({str(exc)[:200]}): the {what} is corrupted",
+                            hint=hint) from None
     except RecursionError:
         raise ArtifactError(f"{path} is nested too deeply to be a {what}", hint=hint) from None
     except OSError as exc:
@@ -111,15 +112,18 @@ def check_digest(value: Any, what: str) -> str:
     return value
 
 
-def verify_file(folder: Path, name: str, digest: str, size: int | None, what: str, command: str, *, nested: bool = False) -> Path:
+def verify_file(folder: Path, name: str, digest: str, size: int | None, what: str, command: str, *,
+                nested: bool = False) -> Path:
     """Check one recorded file: present, inside the folder, of the recorded size and sha256."""
     path = confined(folder, name, what, nested=nested)
     if not path.is_file():
         raise ArtifactError(f"{path} is missing from the {what}", hint=f"re-run `{command}`")
     if size is not None and path.stat().st_size != size:
-        raise ArtifactError(f"{path} is {path.stat().st_size} bytes, the {what} recorded {size}: the file is truncated or was replaced",
+        raise ArtifactError(f"{path} is {path.stat().st_size} bytes, the {what} recorded {size}: "
+                            "the file is truncated or was replaced",
                             hint=f"re-run `{command}`")
     if file_sha256(path) != digest:
-        raise ArtifactError(f"{path} does not match the sha256 recorded in the {what}: the file is corrupted or was modified",
+        raise ArtifactError(f"{path} does not match the sha256 recorded in the {what}: "
+                            "the file is corrupted or was modified",
                             hint=f"re-run `{command}`")
     return path

@@ -130,7 +130,8 @@ def _load_denoiser(model_dir: Path, allow_pickle: bool) -> tuple[torch.nn.Module
                                    use_safetensors=None if allow_pickle else True)
     except Exception as exc:  # diffusers raises OSError/ValueError/TypeError/KeyError for malformed folders
         raise ModelLoadError(f"could not load {cls.__name__} from {udir}: {type(exc).__name__}: {str(exc)[:400]}",
-                             hint="check config.json (field types) and the weights, or re-save with save_pretrained") from None
+                             hint="check config.json (field types) and the weights, "
+                                  "or re-save with save_pretrained") from None
     files = own_weights(denoiser, udir)
     return denoiser.eval(), files
 
@@ -181,7 +182,8 @@ def load_scheduler_config(model_dir: Path, scheduler_dir: str | Path | None = No
     )
 
 
-def load_model(model_dir: str | Path, scheduler_dir: str | Path | None = None, *, allow_pickle: bool = False) -> LoadedModel:
+def load_model(model_dir: str | Path, scheduler_dir: str | Path | None = None, *,
+               allow_pickle: bool = False) -> LoadedModel:
     """Load the denoiser, scheduler config and, when present, the text encoder and tokenizer
     (safetensors only unless ``allow_pickle``)."""
     model_dir = Path(model_dir)

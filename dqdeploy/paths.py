@@ -156,7 +156,8 @@ def check_output_dir(
         if not replaceable(target, kind, owned):
             found = own_kind(target)
             expected = WRITERS.get(kind or "", "dqdeploy")
-            described = "a folder dqdeploy did not write" if found is None else f"a {found} folder (written by `{WRITERS[found]}`)"
+            described = ("a folder dqdeploy did not write" if found is None
+                         else f"a {found} folder (written by `{WRITERS[found]}`)")
             raise OutputPathError(
                 f"--overwrite refused: {target} is {described}; only a folder written by `{expected}` may be replaced",
                 hint="choose another --out (dqdeploy never deletes what it did not write)",
@@ -212,10 +213,12 @@ def check_output_files(outputs: Mapping[str, str | Path | None], *, sources: Ite
             raise OutputPathError(f"{option} {path} is a folder", hint="name a file, e.g. out.png")
         for src in sources:
             if src is not None and _is_within(path, _resolved(src)):
-                raise OutputPathError(f"{option} {path} lies inside the input {src}: dqdeploy never writes into its inputs",
+                raise OutputPathError(f"{option} {path} lies inside the input {src}: "
+                                      "dqdeploy never writes into its inputs",
                                       hint="write the file somewhere else")
         if os.path.lexists(path) and not overwrite:
-            raise OutputPathError(f"{option} {path} already exists", hint="choose another file name or pass --overwrite")
+            raise OutputPathError(f"{option} {path} already exists",
+                                  hint="choose another file name or pass --overwrite")
         if os.path.lexists(path) and not own_file(path):
             raise OutputPathError(f"--overwrite refused: {option} {path} is a file dqdeploy did not write",
                                   hint="choose another file name (dqdeploy never replaces what it did not write)")

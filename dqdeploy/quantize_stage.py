@@ -11,13 +11,12 @@ import copy
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .arguments import as_calibration, as_path, as_recipe, public
@@ -26,85 +25,23 @@ from .atomic import check_target, own_tempdir
 from .checkpoint import RunCheckpoint, fingerprint
 from .denoisers import conditioning_dims, spec_for
 from .deprecation import renamed
-from .errors import CalibrationError, DQDeployError, ModelLoadError, RecipeError
+from .errors import CalibrationError, DQDeployError, RecipeError
+from .layer_plan import build_quantized, example_forward, plan_layers  # noqa: F401  (build_quantized re-exported)
 from .models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
-from .quant.analysis import analyze_inputs
 from .quant.blocks import Block, partition
 from .quant.blockstore import BlockStore
-from .quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
-from .quant.dilation import dilation_factors, smoothquant_factors
+from .quant.calibrate import init_activation_scales, init_output_scales
 from .quant.distill import BlockReport, Targets, block_targets, distill_blocks, distill_model, model_targets, open_store
 from .quant.fallback import check_fallback, fallback_candidates, fallback_layers, keep_in_float
 from .quant.float_layers import FloatLayers
-from .quant.modules import QUANTIZABLE, QuantizedDenoiser, quant_layers, quantizes_output
+from .quant.modules import QuantizedDenoiser, quant_layers
 from .quant.sensitivity import scheduler_weights
 from .quant.timestep import TimestepTable
-from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, calibration_subset, collect, load_conditioning
+from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, calibration_subset, collect, load_conditioning  # noqa: E501
 from .recipe import CalibrationConfig, Recipe
 from .stages import stage
 
 log = logging.getLogger(__name__)
-
-
-def example_forward(denoiser: nn.Module, calib: CalibrationSet, n: int = 2) -> Callable[[], torch.Tensor]:
-    """One forward of ``denoiser`` on the first ``n`` calibration inputs (traced by analysis and partition)."""
-    inputs = calib.batch(torch.arange(min(n, len(calib))))
-    return lambda: inputs.call(denoiser)
-
-
-def _dilations(
-    denoiser: nn.Module, names: list[str], info: dict, recipe: Recipe, calib: CalibrationSet
-) -> dict[str, torch.Tensor | None]:
-    """Per-layer ``s`` vectors: one per input-sharing group."""
-    if recipe.scaling == "none":
-        return {n: None for n in names}
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        groups.setdefault(info[n].group, []).append(n)
-    absmax = input_channel_absmax(denoiser, [g[0] for g in groups.values()], calib) if recipe.scaling == "smoothquant" else {}
-    result: dict[str, torch.Tensor | None] = {}
-    for members in tqdm(groups.values(), desc=f"dilation ({recipe.scaling})", unit="group", leave=False):
-        weights = [cast(torch.Tensor, denoiser.get_submodule(m).weight) for m in members]
-        if any(getattr(denoiser.get_submodule(m), "groups", 1) != 1 for m in members):
-            s = None  # grouped convs mix channels per group: leave them undilated
-        elif recipe.scaling == "wd":
-            s = dilation_factors(weights)
-        else:
-            s = smoothquant_factors(absmax[members[0]], weights, recipe.smoothquant_alpha)
-        for m in members:
-            result[m] = s
-    return result
-
-
-def plan_layers(denoiser: nn.Module, recipe: Recipe, calib: CalibrationSet) -> tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None]]:
-    """What the conversion of the float ``denoiser`` will do, per layer the recipe selects and the
-    model calls: its metadata and dilation vector (WD from the FP weights, SmoothQuant from the
-    calibration activations). Nothing is changed."""
-    names = [n for n, m in denoiser.named_modules() if isinstance(m, QUANTIZABLE) and recipe.selects(n)]
-    if not names:
-        raise ModelLoadError("the recipe selects no Conv2d/Linear layer", hint="check the recipe's include/exclude patterns")
-    info = analyze_inputs(denoiser, example_forward(denoiser, calib), names)
-    names = [n for n in names if n in info]  # layers never called keep FP weights
-    ends = spec_for(type(denoiser).__name__).ends
-    metas = {
-        name: LayerMeta(
-            "conv" if isinstance(denoiser.get_submodule(name), nn.Conv2d) else "linear",
-            recipe.weight_bits_for(name, ends), recipe.act_bits_for(name, ends), recipe.act_symmetric, info[name].group, info[name].fold,
-            recipe.layout == "ort" and quantizes_output(name, info[name].rank),  # output Q on the fused layers
-        )
-        for name in names
-    }
-    return metas, _dilations(denoiser, names, info, recipe, calib)
-
-
-def build_quantized(
-    denoiser: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet
-) -> tuple[QuantizedDenoiser, dict[str, LayerMeta]]:
-    """A copy of ``denoiser`` with the recipe's Conv2d/Linear layers replaced by QuantLayers (weight
-    scales searched, activation scales not yet calibrated)."""
-    model = copy.deepcopy(denoiser).eval()
-    metas, dil = plan_layers(model, recipe, calib)
-    return install_quant_layers(model, metas, table, dil), metas
 
 
 def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None) -> Conditioning | None:
@@ -117,7 +54,8 @@ def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: li
         cond = load_conditioning(cond_file)
     elif prompts:
         if spec_for(name).is_transformer:
-            raise CalibrationError(f"--prompts encodes CLIP prompts for Stable Diffusion UNets; {name} needs its own text encoders",
+            raise CalibrationError(f"--prompts encodes CLIP prompts for Stable Diffusion UNets; "
+                                   f"{name} needs its own text encoders",
                                    hint="pass precomputed embeddings with --cond FILE.safetensors")
         cond = Conditioning(*encode_prompts(loaded, prompts))
     else:
@@ -155,8 +93,9 @@ def quantize(
     resume: bool = False,
     micro_batches: int = 1,
 ) -> QuantizeResult:
-    """Quantize the denoiser (UNet or transformer) of a diffusers folder with DilateQuant; save to ``out_dir`` when given
-    (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders only).
+    """Quantize the denoiser (UNet or transformer) of a diffusers folder with DilateQuant; save to
+    ``out_dir`` when given (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders
+    only).
 
     With ``out_dir``, the run keeps a checkpoint in ``OUT.checkpoint/`` (calibration set,
     calibrated model, each distilled block), deleted after the artifact is saved; ``resume``
@@ -165,7 +104,8 @@ def quantize(
     checkpoint (``resume`` is refused). ``micro_batches``: slices of each distillation batch per
     process, gradients accumulated (the same step in less memory; float results differ slightly,
     see :mod:`dqdeploy.quant.distill`)."""
-    model_dir, recipe, calibration = as_path(model_dir, "model_dir", "quantize"), as_recipe(recipe), as_calibration(calibration)
+    model_dir, recipe, calibration = (as_path(model_dir, "model_dir", "quantize"), as_recipe(recipe),
+                                      as_calibration(calibration))
     out_dir = None if out_dir is None else as_path(out_dir, "out_dir", "quantize")
     sources = [s for s in (model_dir, scheduler_dir) if s is not None]
     with distributed.session():
@@ -174,8 +114,8 @@ def quantize(
             **({"micro_batches": micro_batches} if micro_batches != 1 else {})}
         ckpt = _start(out_dir, sources, run, overwrite=overwrite, resume=resume, micro_batches=micro_batches)
         try:
-            result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle, ckpt,
-                                      micro_batches)
+            result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle,
+                                      ckpt, micro_batches)
         except BaseException as exc:
             if ckpt is None:
                 raise
@@ -183,7 +123,8 @@ def quantize(
             if ckpt.is_empty() or isinstance(exc, DQDeployError) and not ckpt.state["blocks"]:
                 ckpt.remove()
             else:
-                log.warning("the finished work is kept in %s: the same command with --resume continues from it", ckpt.folder)
+                log.warning("the finished work is kept in %s: the same command with --resume continues from it",
+                            ckpt.folder)
             raise
         with distributed.agreed("writing the artifact"):
             if out_dir is not None and distributed.is_writer():  # rank 0 writes, atomically
@@ -201,10 +142,12 @@ def _start(out_dir: str | Path | None, sources: list, run: tuple[dict, dict], *,
     ckpt = None
     with distributed.agreed("checking the output folder"):
         if micro_batches < 1:
-            raise RecipeError(f"micro_batches={micro_batches} (expected a whole number >= 1)", hint="pass micro_batches=1 (no split)")
+            raise RecipeError(f"micro_batches={micro_batches} (expected a whole number >= 1)",
+                              hint="pass micro_batches=1 (no split)")
         if resume and distributed.active():
-            raise distributed.DistributedError("--resume continues one-process runs only: many-process runs keep no checkpoint",
-                                               hint="resume without --nproc / torchrun, or start afresh without --resume")
+            raise distributed.DistributedError(
+                "--resume continues one-process runs only: many-process runs keep no checkpoint",
+                hint="resume without --nproc / torchrun, or start afresh without --resume")
         if out_dir is not None and distributed.is_writer():
             check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
         if out_dir is not None and not distributed.active():
@@ -212,13 +155,14 @@ def _start(out_dir: str | Path | None, sources: list, run: tuple[dict, dict], *,
     return ckpt
 
 
-def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: CalibrationConfig, scheduler_dir: str | Path | None,
-                     cond_file: str | Path | None, prompts: list[str] | None, allow_pickle: bool,
-                     ckpt: RunCheckpoint | None, micro_batches: int = 1) -> QuantizeResult:
+def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: CalibrationConfig,
+                     scheduler_dir: str | Path | None, cond_file: str | Path | None, prompts: list[str] | None,
+                     allow_pickle: bool, ckpt: RunCheckpoint | None, micro_batches: int = 1) -> QuantizeResult:
     """Load the model, collect (or restore) the calibration set, quantize."""
     with distributed.agreed("loading the model and conditioning"), stage(log, "load the model"):
         loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
-        check_fallback(recipe, loaded.denoiser)  # a pattern that fits no layer (or all) fails now, not after calibration
+        # a pattern that fits no layer (or all) fails now, not after calibration
+        check_fallback(recipe, loaded.denoiser)
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
         conditioning = _conditioning(loaded, cond_file, prompts)
@@ -231,8 +175,9 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
         if ckpt:
             ckpt.save_calibration(calib)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
-    return quantize_denoiser(loaded.denoiser, recipe, calib, calibration, scheduler_config, checkpoint=ckpt, micro_batches=micro_batches,
-                         in_place=True, sources=loaded.weight_files)  # the model loaded here is converted itself
+    # the model loaded here is converted itself
+    return quantize_denoiser(loaded.denoiser, recipe, calib, calibration, scheduler_config, checkpoint=ckpt,
+                             micro_batches=micro_batches, in_place=True, sources=loaded.weight_files)
 
 
 def quantize_denoiser(
@@ -256,7 +201,8 @@ def quantize_denoiser(
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
     model = denoiser if in_place else copy.deepcopy(denoiser).eval()
     saved = checkpoint.calibrated() if checkpoint else None
-    with _workdir(checkpoint) as work, open_store(work) if recipe.distill == "block" else contextlib.nullcontext() as store:
+    with (_workdir(checkpoint) as work,
+          open_store(work) if recipe.distill == "block" else contextlib.nullcontext() as store):
         if saved is None:
             with stage(log, "input analysis and dilation"):
                 metas, dilations = plan_layers(model, recipe, calib)
@@ -269,20 +215,17 @@ def quantize_denoiser(
         with stage(log, "distillation targets"):
             blocks, targets = _targets(model, recipe, calib, calibration.seed, micro_batches, planned, store)
         if saved is None:
-            floats = FloatLayers(fallback_candidates(recipe, planned), work if in_place else None, sources if in_place else None)
-            qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration, scheduler_config)
+            floats = FloatLayers(fallback_candidates(recipe, planned), work if in_place else None,
+                                 sources if in_place else None)
+            qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration,
+                                                  scheduler_config)
             if checkpoint:
                 with stage(log, "checkpoint the calibrated model"):
                     checkpoint.save_calibrated(qmodel.denoiser, metas, fallback)
         else:
             qmodel = _restored(model, metas, table, state)
             del state
-        reports: list[BlockReport] = []
-        if targets is not None and recipe.distill == "block":
-            with stage(log, "block-wise distillation"):
-                reports = distill_blocks(qmodel, blocks, calib, recipe, targets, seed=calibration.seed, checkpoint=checkpoint)
-        elif targets is not None:
-            reports = distill_model(qmodel, calib, recipe, targets, seed=calibration.seed)
+        reports = _distill(qmodel, blocks, calib, recipe, targets, calibration.seed, checkpoint)
     manifest = Manifest(
         recipe=recipe,
         calibration=calibration.to_dict(),
@@ -297,6 +240,17 @@ def quantize_denoiser(
     return QuantizeResult(_on_grid(qmodel), manifest, reports, calibration_subset(calib, seed=calibration.seed))
 
 
+def _distill(qmodel: QuantizedDenoiser, blocks: list[Block], calib: CalibrationSet, recipe: Recipe,
+             targets: Targets | None, seed: int, checkpoint: RunCheckpoint | None) -> list[BlockReport]:
+    """Distil ``qmodel`` towards the FP ``targets`` as the recipe says (none: nothing to do)."""
+    if targets is not None and recipe.distill == "block":
+        with stage(log, "block-wise distillation"):
+            return distill_blocks(qmodel, blocks, calib, recipe, targets, seed=seed, checkpoint=checkpoint)
+    if targets is not None:
+        return distill_model(qmodel, calib, recipe, targets, seed=seed)
+    return []
+
+
 @torch.no_grad()
 def _on_grid(qmodel: QuantizedDenoiser) -> QuantizedDenoiser:
     """``qmodel`` in eval mode with every weight clipped to its grid: what is stored stays inside
@@ -306,8 +260,10 @@ def _on_grid(qmodel: QuantizedDenoiser) -> QuantizedDenoiser:
     return qmodel.eval()
 
 
-def _restored(model: nn.Module, metas: dict[str, LayerMeta], table: TimestepTable, state: dict[str, torch.Tensor]) -> QuantizedDenoiser:
-    """The checkpoint's calibrated model: ``model`` converted with the stored scales (nothing searched), then its state."""
+def _restored(model: nn.Module, metas: dict[str, LayerMeta], table: TimestepTable,
+              state: dict[str, torch.Tensor]) -> QuantizedDenoiser:
+    """The checkpoint's calibrated model: ``model`` converted with the stored scales (nothing
+    searched), then its state."""
     scales = {n: state[f"{n}.weight_quantizer.scale"] for n in metas}
     qmodel = install_quant_layers(model, metas, table, weight_scales=scales)
     qmodel.denoiser.load_state_dict(state, strict=True)
@@ -324,8 +280,8 @@ def _workdir(checkpoint: RunCheckpoint | None) -> Iterator[Path]:
         yield tmp / "data"
 
 
-def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int, micro_batches: int, planned: list[str],
-             store: BlockStore | None) -> tuple[list[Block], Targets | None]:
+def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int, micro_batches: int,
+             planned: list[str], store: BlockStore | None) -> tuple[list[Block], Targets | None]:
     """The distillation blocks and FP targets, from the float ``model`` before it is converted."""
     if recipe.distill == "block":
         assert store is not None
@@ -337,8 +293,9 @@ def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int,
 
 
 def _calibrated(
-    model: nn.Module, plan: tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None], TimestepTable], floats: FloatLayers,
-    recipe: Recipe, calib: CalibrationSet, calibration: CalibrationConfig, scheduler_config: dict | None,
+    model: nn.Module, plan: tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None], TimestepTable],
+    floats: FloatLayers, recipe: Recipe, calib: CalibrationSet, calibration: CalibrationConfig,
+    scheduler_config: dict | None,
 ) -> tuple[QuantizedDenoiser, list[str], dict[str, LayerMeta]]:
     """Convert ``model`` as ``plan`` (metadata, dilations, step table) says, the replaced layers to
     ``floats``; calibrate the per-step scales, then put the fallback layers back in float. Returns the

@@ -23,8 +23,8 @@ ActInit = Literal["mse", "minmax"]
 TIMESTEP_SCALES = ("per-step", "collapsed")
 DISTILL_MODES = ("block", "model", "none")
 ACT_INITS = ("mse", "minmax")
-LEGACY_KEYS = {"dilation": "scaling"}
-LATER_KEYS: dict[str, Any] = {"act8_layers": ()}  # fields added after version 1, omitted from to_dict at their default  # recipe JSON and manifests written before the rename
+LEGACY_KEYS = {"dilation": "scaling"}  # recipe JSON and manifests written before the rename
+LATER_KEYS: dict[str, Any] = {"act8_layers": ()}  # fields added after version 1, omitted from to_dict at their default
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class Recipe:
     distill: DistillMode = "block"  # "block" (BKD) | "model" (whole-model distillation) | "none" (PTQ)
     # deployment layout the simulation reproduces exactly: "trt" (input Q/DQ only) or "ort" (convs
     # and token matmuls also quantize their output, as ONNX Runtime's fused QLinearConv does)
-    layout: Layout = "ort"  # the default artifact is exact for both graphs (the TensorRT one carries the output Q/DQ too)
+    # the default artifact is exact for both graphs (the TensorRT one carries the output Q/DQ too)
+    layout: Layout = "ort"
     iters: int = 300  # per block (or total, for distill="model")
     batch_size: int = 32
     lr_weight: float = 1e-5
@@ -110,7 +111,8 @@ class Recipe:
                 problems.append(f"{attr}={value!r} (expected {expected})")
             elif kind == (int, float) and not math.isfinite(float(value)):
                 problems.append(f"{attr}={value!r} (expected a finite number)")
-        if self.first_last_bits is not None and (isinstance(self.first_last_bits, bool) or not isinstance(self.first_last_bits, int)):
+        if self.first_last_bits is not None and (isinstance(self.first_last_bits, bool)
+                                                 or not isinstance(self.first_last_bits, int)):
             problems.append(f"first_last_bits={self.first_last_bits!r} (expected an integer or null)")
         for attr in ("first_last", "include", "exclude", "act8_layers"):
             value = getattr(self, attr)
@@ -136,7 +138,8 @@ class Recipe:
 
     def weight_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
         """Weight bits of layer ``module_name`` (``first_last_bits`` at the ends, see :meth:`is_end`)."""
-        return self.first_last_bits if self.first_last_bits is not None and self.is_end(module_name, ends) else self.weight_bits
+        return (self.first_last_bits if self.first_last_bits is not None and self.is_end(module_name, ends)
+                else self.weight_bits)
 
     def act_bits_for(self, module_name: str, ends: tuple[str, str] = ("conv_in", "conv_out")) -> int:
         """Input-activation bits of layer ``module_name``: the first and last layer (see
@@ -250,7 +253,8 @@ class CalibrationConfig:
             raise RecipeError(f"resolution={self.resolution}: the latent size must be an even number >= 2")
         counts = (self.steps, self.samples, self.trajectories, self.batch_size, self.seed)
         if any(isinstance(v, bool) or not isinstance(v, int) for v in counts):
-            raise RecipeError(f"calibration steps, samples, trajectories, batch_size and seed must be integers (found {self})")
+            raise RecipeError("calibration steps, samples, trajectories, batch_size and seed must be integers "
+                              f"(found {self})")
         if self.steps < 1 or self.samples < 1 or self.trajectories < 1 or self.batch_size < 1:
             raise RecipeError(
                 f"calibration needs steps, samples, trajectories, batch_size >= 1 (found {self})"

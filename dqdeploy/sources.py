@@ -28,7 +28,8 @@ class OpenedModel:
     kind: FolderKind
     conditional: bool
     timesteps: list[float]
-    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed by close() or with this object
+    # removed by close() or with this object
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     unet = deprecated_alias("OpenedModel", "unet", "denoiser")
 
@@ -45,7 +46,8 @@ class OpenedModel:
         self.close()
 
 
-def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str | Path | None = None, **runtime_kw: Any) -> OpenedModel:
+def open_model(path: str | Path, runtime: Runtime = "auto", scheduler_dir: str | Path | None = None,
+               **runtime_kw: Any) -> OpenedModel:
     """Open ``path`` for sampling. ``runtime``: torch | ort | trt | auto (torch, or ort for exports).
 
     A quantized artifact with ``runtime="ort"``/``"trt"`` is exported to a temporary folder first,

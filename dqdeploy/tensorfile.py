@@ -53,7 +53,8 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
 def _check_entry(path: str | Path, name: str, entry: object, data_size: int) -> None:
     ok = isinstance(entry, dict) and entry.get("dtype") in DTYPES and isinstance(entry.get("shape"), list) \
         and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 \
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in [*entry["shape"], *entry["data_offsets"]])
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                for d in [*entry["shape"], *entry["data_offsets"]])
     if not ok:
         raise TensorFileError(f"{path}: malformed header entry for {name!r}")
     assert isinstance(entry, dict)
@@ -64,7 +65,8 @@ def _check_entry(path: str | Path, name: str, entry: object, data_size: int) -> 
                               f"in {data_size} bytes")
 
 
-def read_tensors(path: str | Path, wanted: Callable[[str, dict], bool] = lambda name, entry: True) -> dict[str, torch.Tensor]:
+def read_tensors(path: str | Path,
+                 wanted: Callable[[str, dict], bool] = lambda name, entry: True) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file for which ``wanted(name, header_entry)`` holds, each in
     freshly allocated memory (the file is read, not mapped)."""
     entries, base = read_header(path)

@@ -11,7 +11,8 @@ from typing import Any
 from .errors import MissingDependencyError, require
 
 MIN_TRT_MAJOR = 10
-TRT_HINT = "pip install 'dqdeploy[trt]' on a machine with an NVIDIA GPU (TensorRT builds and runs engines only on NVIDIA GPUs)"
+TRT_HINT = ("pip install 'dqdeploy[trt]' on a machine with an NVIDIA GPU "
+            "(TensorRT builds and runs engines only on NVIDIA GPUs)")
 
 
 def require_tensorrt(purpose: str = "building a TensorRT engine") -> Any:

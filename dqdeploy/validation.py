@@ -1,8 +1,7 @@
-"""Schema and consistency checks of what dqdeploy reads back, before anything is allocated:
-quantized-artifact manifests (types, sizes, names, bit widths, finite time steps, the recipe they
-claim) and their tensors (the weights file's header against the model the config describes: names,
-dtypes, shapes and packed sizes; finite values, integer ranges against the bit widths), and export
-specs (I/O, shapes, time steps).
+"""Schema checks of what dqdeploy reads back, before anything is allocated: quantized-artifact
+manifests (types, sizes, names, bit widths, finite time steps, the recipe they claim) and export
+specs (I/O, shapes, time steps). The checks of an artifact's tensors against its manifest are in
+:mod:`dqdeploy.tensor_checks`.
 
 Every problem found is collected and reported in one :class:`~dqdeploy.errors.ArtifactError`.
 """
@@ -12,11 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .errors import ArtifactError, DQDeployError
 
@@ -26,12 +22,6 @@ MAX_TIMESTEPS = 10_000
 MAX_LAYERS = 100_000
 LAYER_KINDS = ("conv", "linear")
 WEIGHT_BITS, ACT_BITS = (4, 7, 8), (4, 8)
-# a trained weight may lie beyond the clipping range: the clip search goes down to 0.3 of max-abs
-# and training can shrink the step further; 8-bit weights relabelled 4-bit exceed this by far
-WEIGHT_RANGE_SLACK = 2.0 / 0.3
-# step sizes a quantizer can produce: not denormal or zero, and no weight beyond MAX_WEIGHT nor activation grid
-# beyond MAX_ACTIVATION (the runtimes refuse inputs above 1e4; trained diffusion weights stay far below 1e3)
-MIN_STEP, MAX_WEIGHT, MAX_ACTIVATION = 1e-20, 1e4, 1e7
 
 
 class Problems:
@@ -99,7 +89,8 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
     from .recipe import CalibrationConfig, Recipe
 
     p = Problems(where, "dqdeploy quantize", "manifest")
-    missing = sorted({"recipe", "calibration", "model_class", "model_config", "timesteps", "layers", "files"} - set(data))
+    missing = sorted({"recipe", "calibration", "model_class", "model_config", "timesteps", "layers", "files"}
+                     - set(data))
     extra = sorted(set(data) - allowed_keys)
     p.require(not missing, f"missing keys {missing}")
     p.require(not extra, f"unknown keys {extra}")
@@ -116,7 +107,8 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
             CalibrationConfig(**data["calibration"])
     except (DQDeployError, TypeError) as exc:
         p.add(f"calibration: {str(exc).splitlines()[0]}")
-    p.require(data["model_class"] in SUPPORTED_UNETS, f"model_class {data['model_class']!r} is not one of {SUPPORTED_UNETS}")
+    p.require(data["model_class"] in SUPPORTED_UNETS,
+              f"model_class {data['model_class']!r} is not one of {SUPPORTED_UNETS}")
     check_config(p, "model_config", data["model_config"])
     check_config(p, "scheduler_config", data.get("scheduler_config", {}))
     check_timesteps(p, data["timesteps"])
@@ -127,7 +119,8 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
     if p.require(isinstance(blocks, list), "blocks must be a list"):
         for b in blocks:
             ok = isinstance(b, dict) and isinstance(b.get("name"), str) and all(
-                isinstance(b.get(k), (int, float)) and not isinstance(b.get(k), bool) for k in ("loss_before", "loss_after"))
+                isinstance(b.get(k), (int, float)) and not isinstance(b.get(k), bool)
+                for k in ("loss_before", "loss_after"))
             if not p.require(ok, f"blocks entry {str(b)[:80]} is not {{name, loss_before, loss_after}}"):
                 break
     p.require(isinstance(data.get("dqdeploy_version", ""), str), "dqdeploy_version must be a string")
@@ -143,18 +136,21 @@ def _check_layers(p: Problems, layers: Any, fields: set[str], recipe, ends: tupl
             return
         if not p.require(bool(MODULE_NAME.match(name)), f"layer name {name!r} is not a module name"):
             continue
-        if not p.require(isinstance(meta, dict) and set(meta) <= fields and {"kind", "weight_bits", "act_bits"} <= set(meta),
+        if not p.require(isinstance(meta, dict) and set(meta) <= fields
+                         and {"kind", "weight_bits", "act_bits"} <= set(meta),
                          f"layer {name}: expected an object with keys {sorted(fields)}"):
             continue
         p.require(meta["kind"] in LAYER_KINDS, f"layer {name}: kind {meta['kind']!r} (expected conv or linear)")
         for key, allowed in (("weight_bits", WEIGHT_BITS), ("act_bits", ACT_BITS)):
             p.require(is_int(meta.get(key)) and meta.get(key) in allowed,
-                      f"layer {name}: {key}={meta.get(key)!r} (expected {', '.join(map(str, allowed[:-1]))} or {allowed[-1]})")
+                      f"layer {name}: {key}={meta.get(key)!r} "
+                      f"(expected {', '.join(map(str, allowed[:-1]))} or {allowed[-1]})")
         for key in ("act_symmetric", "output_quant"):
             p.require(isinstance(meta.get(key, False), bool), f"layer {name}: {key} must be true or false")
         p.require(isinstance(meta.get("group"), str), f"layer {name}: group must be a string")
         fold = meta.get("fold")
-        p.require(fold == "mul" or (isinstance(fold, str) and fold.startswith("norm:") and bool(MODULE_NAME.match(fold[5:]))),
+        p.require(fold == "mul"
+                  or (isinstance(fold, str) and fold.startswith("norm:") and bool(MODULE_NAME.match(fold[5:]))),
                   f"layer {name}: fold {fold!r} (expected 'mul' or 'norm:<module>')")
         if recipe is not None:
             bits = recipe.weight_bits_for(name, *(ends,) if ends else ())
@@ -180,154 +176,6 @@ def _check_files(p: Problems, files: Any) -> None:
             check_digest(digest, f"files[{name!r}]")
         except ArtifactError as exc:
             p.add(str(exc).splitlines()[0])
-
-
-# -- the model a manifest describes ------------------------------------------------------------
-
-
-def meta_model(cls: Any, config: dict[str, Any], where: Path) -> torch.nn.Module:
-    """The model of ``config`` on the meta device: its structure and sizes, nothing allocated."""
-    try:
-        with torch.device("meta"):
-            return cls.from_config(config)
-    except Exception as exc:  # diffusers raises many types for impossible configs
-        raise ArtifactError(f"{where}: model_config does not describe a {cls.__name__}: {type(exc).__name__}: {str(exc)[:200]}",
-                            hint="re-run `dqdeploy quantize`") from None
-
-
-def check_model_layers(model: torch.nn.Module, manifest, where: Path) -> None:
-    """Every manifest layer and fold target exists in ``model`` (built on the meta device) with the
-    right type."""
-    p = Problems(where, "dqdeploy quantize", "artifact (the manifest and the model it describes disagree)")
-    modules = dict(model.named_modules())
-    for name, meta in manifest.layers.items():
-        layer = modules.get(name)
-        kind = {torch.nn.Conv2d: "conv", torch.nn.Linear: "linear"}.get(type(layer))
-        if not p.require(layer is not None, f"layer {name!r} does not exist in {manifest.model_class}"):
-            continue
-        p.require(kind == meta.kind, f"layer {name}: manifest kind {meta.kind!r}, the model has {type(layer).__name__}")
-        if meta.fold != "mul":
-            target = modules.get(meta.fold[5:])
-            p.require(isinstance(target, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and getattr(target, "weight", None) is not None,
-                      f"layer {name}: fold target {meta.fold[5:]!r} is not an affine norm of the model")
-    p.raise_if_any()
-
-
-def check_header(expected: Mapping[str, tuple[str, tuple[int, ...]]], found: Mapping[str, tuple[str, tuple[int, ...]]],
-                 where: Path) -> None:
-    """Before loading: the weights file holds exactly the tensors of the model the manifest
-    describes, with their dtypes and shapes (integer weights: int8 for 8-bit layers, uint8 packed
-    two per byte for 4-bit ones, so the sizes follow from the bit widths)."""
-    p = Problems(where, "dqdeploy quantize", "artifact (the manifest and the weights file disagree)")
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    for key in missing:
-        layer, _, stored = key.rpartition(".")
-        other = f"{layer}.weight_int{'8' if stored == 'weight_int4' else '4'}"
-        if stored.startswith("weight_int") and other in found:
-            p.add(f"layer {layer}: the manifest says {stored[10:]}-bit weights ({key}), the file holds {other}")
-    if not p.items:
-        p.require(not missing, f"{len(missing)} tensors missing ({', '.join(missing[:4])})")
-        p.require(not extra, f"{len(extra)} unexpected tensors ({', '.join(extra[:4])})")
-    for key in sorted(set(expected) & set(found)):
-        (want_dtype, want_shape), (dtype, shape) = expected[key], found[key]
-        p.require(dtype == want_dtype, f"tensor {key} is {dtype}, expected {want_dtype}")
-        p.require(shape == want_shape, f"tensor {key} has shape {list(shape)}, expected {list(want_shape)}")
-        if len(p.items) > 20:
-            break
-    p.raise_if_any()
-
-
-def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """The loaded tensors: finite, non-zero finite scales, weights inside their bit width's range
-    (integer weights by their dtype, plus the unused nibble of packed 4-bit ones; float weights of
-    format version 1 by their ratio to the scale). ``shapes``: the model's, ``<layer>.weight`` included."""
-    from .quant.primitives import qrange
-    from .storage import INT_KEYS, padding_nibble
-
-    p = Problems(where, "dqdeploy quantize", "artifact (impossible tensor values)")
-    for key, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            p.add(f"tensor {key} holds NaN or Inf")
-    p.raise_if_any()
-    for name, meta in manifest.layers.items():
-        scale, act = state.get(f"{name}.weight_quantizer.scale"), state.get(f"{name}.input_quantizer.scale")
-        weight, packed = state.get(f"{name}.weight"), state.get(f"{name}.{INT_KEYS[4]}")
-        if scale is None or act is None:
-            continue  # the header check reports missing tensors
-        # steps are stored positive (storage.stored_state) and within what a weight or an activation can need
-        out = state.get(f"{name}.output_scale")
-        if not p.require(bool((scale > 0).all()) and bool((act > 0).all()) and (out is None or bool((out > 0).all())),
-                         f"layer {name}: a step size is zero or negative (dqdeploy stores them positive)"):
-            continue
-        qmax_w, qmax_a = qrange(meta.weight_bits, True)[1], qrange(meta.act_bits, True)[1]
-        if not p.require(MIN_STEP <= float(scale.min()) and float(scale.max()) * qmax_w <= MAX_WEIGHT
-                         and MIN_STEP <= float(act.min()) and float(act.max()) * qmax_a <= MAX_ACTIVATION,
-                         f"layer {name}: step sizes outside what any model needs (weight steps {float(scale.min()):.3g}.."
-                         f"{float(scale.max()):.3g}, activation steps {float(act.min()):.3g}..{float(act.max()):.3g})"):
-            continue
-        if packed is not None:
-            p.require(padding_nibble(packed, math.prod(shapes[f"{name}.weight"])) == 0,
-                      f"layer {name}: the unused nibble of the packed 4-bit weights is not 0")
-        if weight is None or scale.numel() != weight.shape[0]:
-            continue
-        qmax = qmax_w
-        ratio = float((weight.float().reshape(weight.shape[0], -1).abs().amax(1) / scale.float().abs()).max())
-        p.require(ratio <= (qmax + 1) * WEIGHT_RANGE_SLACK,
-                  f"layer {name}: weights reach {ratio:.0f} steps, impossible for {meta.weight_bits}-bit weights "
-                  f"(at most {qmax}); the bit width or the scales were changed")
-        if len(p.items) > 20:
-            break
-    p.raise_if_any()
-
-
-def check_calibrated_size(manifest, header: Mapping[str, tuple[str, tuple[int, ...]]], where: Path) -> None:
-    """A UNet's stored calibration inputs (safetensors header: name -> (dtype, shape)) have the latent size the manifest
-    says it was calibrated at (``calibration.resolution``, else ``model_config.sample_size``)."""
-    sample = header.get("sample")
-    cfg = manifest.model_config
-    size = manifest.calibration.get("resolution") or cfg.get("sample_size")
-    hw = (size, size) if is_int(size) else tuple(size) if isinstance(size, list) else None
-    if sample is None or hw is None or len(sample[1]) != 4:
-        return
-    p = Problems(where, "dqdeploy quantize", "artifact")
-    p.require(tuple(sample[1][2:]) == hw, f"the calibration inputs are {sample[1][2]}x{sample[1][3]} latents, but the manifest "
-                                          f"says the model was calibrated at {hw[0]}x{hw[1]} (sample_size or resolution was changed)")
-    p.raise_if_any()
-
-
-def check_calibration_inputs(calib: Mapping[str, torch.Tensor], manifest, where: Path) -> None:
-    """The artifact's calibration inputs match the model: [N, C, H, W] samples (H = W = the
-    calibrated resolution, else the config's sample_size), [N] finite time steps, [N, S, D] conditioning for conditional models, N >= 1."""
-    p = Problems(where, "dqdeploy quantize", "calibration inputs")
-    cfg = manifest.model_config
-    size = manifest.calibration.get("resolution") or cfg.get("sample_size")  # `quantize --resolution` wins
-    hw = (size, size) if is_int(size) else tuple(size) if isinstance(size, list) else None
-    sample, t = calib.get("sample", calib.get("hidden_states")), calib.get("timestep")
-    if sample is None or t is None:
-        p.add("the model input and timestep are required")
-        p.raise_if_any()
-        return
-    if "sample" not in calib:  # transformers: token or latent layouts differ per family; check the batch only
-        n = sample.shape[0] if sample.dim() else 0
-        p.require(n >= 1, "the model input is empty")  # Flux's position ids have no batch axis
-        for key, value in calib.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                p.add(f"{key} holds NaN or Inf")
-        p.raise_if_any()
-        return
-    n = sample.shape[0] if sample.dim() == 4 else -1
-    p.require(n >= 1 and tuple(sample.shape[1:]) == (cfg.get("in_channels"), *(hw or ())),
-              f"sample has shape {tuple(sample.shape)}, expected [N>=1, {cfg.get('in_channels')}, {hw}]")
-    p.require(t.dim() == 1 and t.shape[0] == n and bool(torch.isfinite(t).all()), f"timestep has shape {tuple(t.shape)}, expected [{n}] finite")
-    cond = calib.get("encoder_hidden_states")
-    dim = cfg.get("cross_attention_dim")
-    if dim is not None:
-        p.require(cond is not None and cond.dim() == 3 and cond.shape[0] == n and cond.shape[2] == dim,
-                  f"encoder_hidden_states must be [{n}, S, {dim}], found {None if cond is None else tuple(cond.shape)}")
-    for key, value in calib.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            p.add(f"{key} holds NaN or Inf")
-    p.raise_if_any()
 
 
 # -- export specs ---------------------------------------------------------------------------------
@@ -358,7 +206,8 @@ def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> Non
         check_config(p, "scheduler_config", data["scheduler_config"])
     check_timesteps(p, data.get("timesteps", []), allow_empty=data["target"] == "float")
     rr = data.get("resolution_range")
-    p.require(rr is None or (isinstance(rr, list) and len(rr) == 2 and all(is_int(v) and v > 0 for v in rr) and rr[0] <= rr[1]),
+    p.require(rr is None or (isinstance(rr, list) and len(rr) == 2 and all(is_int(v) and v > 0 for v in rr)
+                             and rr[0] <= rr[1]),
               f"resolution_range {rr!r} (expected [MIN, MAX] latent pixels)")
     fmt = data.get("int8_format")
     p.require(fmt is None or (fmt in INT8_FORMATS and data["target"] == "ort"),
@@ -380,7 +229,8 @@ def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> Non
         for name, rec in files.items():
             try:
                 check_file_name(name, "export spec", nested=True)
-                ok = isinstance(rec, dict) and set(rec) == {"sha256", "size"} and is_int(rec["size"]) and rec["size"] >= 0
+                ok = (isinstance(rec, dict) and set(rec) == {"sha256", "size"} and is_int(rec["size"])
+                      and rec["size"] >= 0)
                 p.require(ok, f"files[{name!r}] must be {{sha256, size}}")
                 if ok:
                     check_digest(rec["sha256"], f"files[{name!r}]")
