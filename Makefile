@@ -32,7 +32,7 @@ test-fast: install lint  # unit tests not marked `slow` + one end-to-end path; t
 	$(PY) -m pytest -q -m "not slow" tests/unit '$(FAST_E2E)'
 
 lint:  # static checks of the package (configured in pyproject.toml); `make test` runs them first
-	$(PY) -m ruff check dqdeploy
+	$(PY) -m ruff check dqdeploy tests bench scripts examples
 	$(PY) -m mypy
 
 bench-quality: install

@@ -37,7 +37,15 @@ from .quant.float_layers import FloatLayers
 from .quant.modules import QuantizedDenoiser, quant_layers
 from .quant.sensitivity import scheduler_weights
 from .quant.timestep import TimestepTable
-from .quant.trajectories import COND_KEY, POOLED_KEY, CalibrationSet, Conditioning, calibration_subset, collect, load_conditioning  # noqa: E501
+from .quant.trajectories import (
+    COND_KEY,
+    POOLED_KEY,
+    CalibrationSet,
+    Conditioning,
+    calibration_subset,
+    collect,
+    load_conditioning,
+)
 from .recipe import CalibrationConfig, Recipe
 from .stages import stage
 

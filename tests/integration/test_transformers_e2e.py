@@ -17,7 +17,14 @@ from dqdeploy.exporters.lint import lint_path
 from dqdeploy.exporters.spec import read_spec
 from dqdeploy.recipe import W8A8, CalibrationConfig
 from dqdeploy.runtimes import load_runtime
-from tests.helpers import POOLED_DIM, SEQ_LEN, TEXT_DIM, transformer_scheduler, write_transformer_cond, write_transformer_pipeline  # noqa: E501
+from tests.helpers import (
+    POOLED_DIM,
+    SEQ_LEN,
+    TEXT_DIM,
+    transformer_scheduler,
+    write_transformer_cond,
+    write_transformer_pipeline,
+)
 
 KINDS = ("sd3", "pixart", "flux")
 STEPS = 4

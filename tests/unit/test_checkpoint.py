@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from dqdeploy.atomic import sweep_stale
-from dqdeploy.checkpoint import FORMAT, STATE, CheckpointError, RunCheckpoint, _process_start, checkpoint_path, fingerprint  # noqa: E501
+from dqdeploy.checkpoint import (
+    FORMAT,
+    STATE,
+    CheckpointError,
+    RunCheckpoint,
+    _process_start,
+    checkpoint_path,
+    fingerprint,
+)
 from dqdeploy.quant.distill import BlockReport
 from tests.helpers import random_calib, tiny_unet
 

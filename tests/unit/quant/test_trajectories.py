@@ -10,7 +10,15 @@ from safetensors.torch import save_file
 from dqdeploy.errors import CalibrationError
 from dqdeploy.quant.trajectories import collect, load_conditioning
 from dqdeploy.recipe import CalibrationConfig
-from tests.helpers import POOLED_DIM, SEQ_LEN, TEXT_DIM, tiny_flux, tiny_sd3, transformer_scheduler, write_transformer_cond  # noqa: E501
+from tests.helpers import (
+    POOLED_DIM,
+    SEQ_LEN,
+    TEXT_DIM,
+    tiny_flux,
+    tiny_sd3,
+    transformer_scheduler,
+    write_transformer_cond,
+)
 
 CALIB = CalibrationConfig(steps=3, samples=12, trajectories=2, batch_size=2, guidance=2.0)
 
