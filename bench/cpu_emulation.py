@@ -50,10 +50,12 @@ def dq(args: list[str], emulate: str | None = None, timeout: int = 7200) -> tupl
 
 
 def check_row(code: int, text: str, seconds: float) -> dict:
-    worst = re.search(r"worst: t=([\d.]+), rel err ([\d.e+-]+) > ([\d.e+-]+)", text)
+    worst = re.search(r"worst: t=([\d.]+), rel err ([\d.e+-]+) = [\d.]+x ([\d.e+-]+)", text)
     passed = re.search(r"(\d+) of (\d+) calibrated time steps checked", text)
+    out = re.search(r"(\d+) of \d+ time steps out of tolerance", text)
     return {"exit": code, "verdict": VERDICTS.get(code, f"exit {code}"),
             "steps_checked": passed.group(0) if passed else None,
+            "steps_out_of_tolerance": int(out.group(1)) if out else (0 if passed else None),
             "worst_fail": None if worst is None else {"t": float(worst.group(1)), "rel_err": float(worst.group(2)),
                                                       "tolerance": float(worst.group(3))},
             "message": text.strip().splitlines()[-1][:300] if text.strip() else "", "seconds": seconds}

@@ -502,9 +502,10 @@ def cpu_emulation_section(res: dict) -> list[str]:
                     res_text = (f"digits-FID {r['digits_fid']:.2f}" if r["digits_fid"] is not None
                                 else f"error: {r['message']}")
                 else:
-                    worst = r.get("worst_fail")
+                    worst, out_of = r.get("worst_fail"), r.get("steps_out_of_tolerance")
                     res_text = {0: "PASS", 1: "FAIL", 2: "REFUSED"}.get(r["exit"], f"exit {r['exit']}") + (
                         f" ({r['steps_checked']})" if r.get("steps_checked") else "") + (
+                        f", {out_of} out of tolerance" if out_of else "") + (
                         f", worst t={worst['t']:g}: rel err {worst['rel_err']:.2e} > {worst['tolerance']:.2e}"
                         if worst else "")
                 out.append(f"| {recipe} | {name} | {res_text} |")
