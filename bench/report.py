@@ -646,13 +646,15 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
 
 
 def summary(sections: list) -> list[str]:
-    """One row per headline figure of a rendered result (its command, CPU, and whether it measured this code),
-    and one per section whose results were all refused."""
+    """One row per headline figure of a rendered result (its command, CPU, and whether it measured this code; a
+    section with current results quotes only those), and one per section whose results were all refused."""
     out = ["## Summary", "", "Each headline figure, the command that measured it and the CPU it ran on; "
            "details in the section of the same name below. "
            "*Stale*: measured on other code than this tree's `dqdeploy/`.", "",
            "| section | figure | command | CPU (int8 class) | code |", "|---|---|---|---|---|"]
     for title, files, rows in sections:
+        if any(not LEDGER.stale(e) for _, e in rows):  # a section re-measured on this code: its stale rows only below
+            rows = [(figure, e) for figure, e in rows if not LEDGER.stale(e)]
         for figure, e in rows:
             state = f"stale ({e['commit']})" if LEDGER.stale(e) else f"current ({e['commit']})"
             out.append(f"| {title} | {figure} | {_cmd(e['command'])} | "
