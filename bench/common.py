@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.provenance import code_hash, git_commit, utc_now  # noqa: E402, F401  (git_commit: re-exported)
-from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
+from dqdeploy.io.atomic import atomic_write_bytes  # noqa: E402
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
@@ -68,7 +68,7 @@ def interleaved_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: 
 
 def machine() -> dict[str, str]:
     """The CPU (model, int8 class and flags) and the versions a result was measured with."""
-    from dqdeploy.cpu import cpu_info
+    from dqdeploy.system.cpu import cpu_info
 
     try:
         import onnxruntime

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("qemu-x86_64") is None:
         sys.exit("needs qemu-user: apt-get install qemu-user")
     probe = subprocess.run([shutil.which("qemu-x86_64") or "", "-cpu", args.cpu_model, sys.executable, "-c",
-                            "import json; from dqdeploy.cpu import cpu_info; print(json.dumps(cpu_info().as_dict()))"],
+                            "import json; from dqdeploy.system.cpu import cpu_info; "
+                            "print(json.dumps(cpu_info().as_dict()))"],
                            env=ENV, capture_output=True, text=True, cwd=ROOT)
     entry: dict = {"command": "python bench/cpu_emulation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "emulated_cpu": json.loads(probe.stdout.strip().splitlines()[-1]), "n": args.n, "recipes": {}}

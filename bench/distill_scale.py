@@ -48,14 +48,14 @@ def run_version(iters: int, samples: int, batch_size: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from dqdeploy.inputs import DenoiserInputs
+    from dqdeploy.core.inputs import DenoiserInputs
+    from dqdeploy.core.recipe import W8A8
     from dqdeploy.quant import distill
     from dqdeploy.quant.blocks import partition
     from dqdeploy.quant.calibrate import init_activation_scales
     from dqdeploy.quant.timestep import TimestepTable
     from dqdeploy.quant.trajectories import CalibrationSet
-    from dqdeploy.quantize_stage import build_quantized, example_forward
-    from dqdeploy.recipe import W8A8
+    from dqdeploy.stages.quantize import build_quantized, example_forward
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -73,7 +73,7 @@ def same_bytes(one: Path, two: Path) -> bool:
 def micro_reference(model: str, a: argparse.Namespace, out: Path) -> None:
     """One process, each distillation batch in 2 slices (what two processes compute), through the API
     with the settings the command lines use."""
-    code = ("from dqdeploy import quantize; from dqdeploy.recipe import W8A8, CalibrationConfig; "
+    code = ("from dqdeploy import quantize; from dqdeploy.core.recipe import W8A8, CalibrationConfig; "
             f"quantize({model!r}, W8A8.replace(iters={a.iters}, batch_size=32), CalibrationConfig(scheduler='ddim', "
             f"steps={a.steps}, samples={a.samples}, trajectories={a.trajectories}, batch_size=32), {str(out)!r}, "
             "micro_batches=2)")

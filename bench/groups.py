@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_results  # noqa: E402
-from dqdeploy.artifact import load_calibration_inputs, load_quantized, read_manifest  # noqa: E402
-from dqdeploy.models import make_scheduler  # noqa: E402
+from dqdeploy.io.artifact import load_calibration_inputs, load_quantized, read_manifest  # noqa: E402
+from dqdeploy.io.models import make_scheduler  # noqa: E402
 from dqdeploy.quant.modules import quant_layers  # noqa: E402
 from dqdeploy.quant.sensitivity import ErrorMeter, scheduler_weights  # noqa: E402
 

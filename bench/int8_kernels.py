@@ -2,7 +2,7 @@
 
   python bench/int8_kernels.py [--repeats 15] [--exactness-only] [--label NAME]
 
-Exactness: every probe of :mod:`dqdeploy.runtimes.int8_probe` (QLinearConv, QLinearMatMul, QGemm,
+Exactness: every probe of :mod:`dqdeploy.verify.int8_probe` (QLinearConv, QLinearMatMul, QGemm,
 MatMulIntegerToFloat -- the ops the ORT-layout graph fuses into) with full-range int8 weights (the ``vnni``
 format), uint8 weights (``portable``) and int8 weights within [-64, 64], against exact integer arithmetic.
 Speed: one conv 320->320, 3x3, 32x32, batch 2 (an SD-1.5 mid-resolution conv), one thread: FP32 ``Conv``
@@ -26,9 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import interleaved_wall_cpu, write_results  # noqa: E402
-from dqdeploy.cpu import cpu_info  # noqa: E402
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, stored_weight  # noqa: E402
-from dqdeploy.runtimes.int8_probe import PROBES, probe  # noqa: E402
+from dqdeploy.system.cpu import cpu_info  # noqa: E402
+from dqdeploy.verify.int8_probe import PROBES, probe  # noqa: E402
 
 FORMATS = {"full-range int8 (vnni)": ("vnni", 127), "uint8 (portable)": ("portable", 127),
            "int8 in [-64, 64]": ("vnni", 64)}

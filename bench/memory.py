@@ -32,15 +32,15 @@ def run_mode(mode: str, iters: int, recipe_name: str, samples: int) -> dict:
     """Inside the subprocess: calibrate, then distill with ``mode`` and measure its peak."""
     import torch
 
+    from dqdeploy.core.recipe import PRESETS, CalibrationConfig
     from dqdeploy.eval.digits import digits_model_dir
-    from dqdeploy.models import load_model, make_scheduler
+    from dqdeploy.io.models import load_model, make_scheduler
     from dqdeploy.quant.blocks import partition
     from dqdeploy.quant.calibrate import init_activation_scales
     from dqdeploy.quant.distill import block_targets, distill_blocks, distill_model, model_targets, open_store
     from dqdeploy.quant.timestep import TimestepTable
     from dqdeploy.quant.trajectories import collect
-    from dqdeploy.quantize_stage import build_quantized, example_forward
-    from dqdeploy.recipe import PRESETS, CalibrationConfig
+    from dqdeploy.stages.quantize import build_quantized, example_forward
 
     torch.set_num_threads(1)
     loaded = load_model(digits_model_dir())

@@ -46,7 +46,7 @@ def _group(node: str, op: str) -> str:
 def interleaved(folders: dict[str, Path], threads: int, repeats: int) -> dict:
     """Median wall and CPU seconds per graph, runs alternated."""
     sessions = {name: session(path, threads)[0] for name, path in folders.items()}
-    from dqdeploy.exporters.spec import read_spec
+    from dqdeploy.runtimes.spec import read_spec
 
     x = feeds(read_spec(folders["fp32"]))
     for s in sessions.values():
@@ -65,7 +65,7 @@ def profile(folder: Path, runs: int) -> dict:
     """Per-node minimum kernel time over ``runs - 1`` profiled runs, summed by op type and by group (ms)."""
     import onnxruntime as ort
 
-    from dqdeploy.exporters.spec import read_spec
+    from dqdeploy.runtimes.spec import read_spec
 
     spec = read_spec(folder)
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,14 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_results  # noqa: E402
 from dqdeploy import export  # noqa: E402
-from dqdeploy.artifact import save_quantized
+from dqdeploy.core.recipe import PRESETS, CalibrationConfig  # noqa: E402
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402
 from dqdeploy.eval.fid import digits_fid  # noqa: E402
-from dqdeploy.generate import generate  # noqa: E402
-from dqdeploy.models import load_model, make_scheduler  # noqa: E402
+from dqdeploy.io.artifact import save_quantized
+from dqdeploy.io.models import load_model, make_scheduler  # noqa: E402
 from dqdeploy.quant.trajectories import collect  # noqa: E402
-from dqdeploy.quantize_stage import quantize_denoiser  # noqa: E402
-from dqdeploy.recipe import PRESETS, CalibrationConfig  # noqa: E402
+from dqdeploy.stages.generate import generate  # noqa: E402
+from dqdeploy.stages.quantize import quantize_denoiser  # noqa: E402
 
 VARIANTS = {
     "dilatequant": {},

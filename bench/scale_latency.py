@@ -27,7 +27,7 @@ def rss_gb() -> float:
 def session(folder: Path, threads: int):
     import onnxruntime as ort
 
-    from dqdeploy.exporters.spec import read_spec
+    from dqdeploy.runtimes.spec import read_spec
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

@@ -20,14 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import write_results  # noqa: E402
+from dqdeploy.core.inputs import DenoiserInputs  # noqa: E402
+from dqdeploy.core.recipe import PRESETS, CalibrationConfig  # noqa: E402
+from dqdeploy.core.sampling import denoise  # noqa: E402
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402
-from dqdeploy.inputs import DenoiserInputs  # noqa: E402
-from dqdeploy.models import load_model, make_scheduler  # noqa: E402
+from dqdeploy.io.models import load_model, make_scheduler  # noqa: E402
 from dqdeploy.quant.sensitivity import outputs, relative_error  # noqa: E402
 from dqdeploy.quant.trajectories import collect  # noqa: E402
-from dqdeploy.quantize_stage import quantize_denoiser  # noqa: E402
-from dqdeploy.recipe import PRESETS, CalibrationConfig  # noqa: E402
-from dqdeploy.sampling import denoise  # noqa: E402
+from dqdeploy.stages.quantize import quantize_denoiser  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "default": {},

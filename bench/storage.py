@@ -57,7 +57,7 @@ def make_model(work: Path) -> tuple[Path, Path, Path, int]:
 
 def load_seconds(code: Path, artifact: Path, repeats: int) -> list[float]:
     """``load_quantized`` wall time inside fresh processes (imports excluded)."""
-    script = ("import time, torch; torch.set_num_threads(1); from dqdeploy.artifact import load_quantized; "
+    script = ("import time, torch; torch.set_num_threads(1); from dqdeploy.io.artifact import load_quantized; "
               f"s = time.perf_counter(); load_quantized({str(artifact)!r}); print(time.perf_counter() - s)")
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return [float(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True,
@@ -86,7 +86,7 @@ def search_seconds(code: Path, unet_dir: Path) -> tuple[float, str]:
 
 
 def artifact_sizes(path: Path) -> dict:
-    from dqdeploy.storage import file_header, weight_bytes
+    from dqdeploy.io.storage import file_header, weight_bytes
 
     return {"format_version": json.loads((path / "manifest.json").read_text())["format_version"],
             "weights_file_bytes": (path / "model.safetensors").stat().st_size,

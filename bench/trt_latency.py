@@ -204,7 +204,7 @@ def measure_accuracy(engine_dir: Path, reference_dir: Path, batch: int, points: 
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from dqdeploy.exporters.spec import ENGINE_FILE, ONNX_FILE, read_spec
+    from dqdeploy.runtimes.spec import ENGINE_FILE, ONNX_FILE, read_spec
 
     spec, ref_spec = read_spec(engine_dir), read_spec(reference_dir)
     inputs = example_inputs(spec, batch, seed=1, cond_file=cond_file)
@@ -237,8 +237,8 @@ def main() -> None:
     ap.add_argument("--atol", type=float, default=0.05, help="Polygraphy median absolute-error threshold")
     args = ap.parse_args()
 
-    from dqdeploy.exporters.engine_spec import read_engine_info
-    from dqdeploy.trt_gate import require_tensorrt
+    from dqdeploy.runtimes.engine_spec import read_engine_info
+    from dqdeploy.system.trt_gate import require_tensorrt
 
     trt = require_tensorrt("the TensorRT latency benchmark")
     torch.set_num_threads(1)
@@ -278,7 +278,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dqdeploy.errors import DQDeployError
+    from dqdeploy.core.errors import DQDeployError
 
     try:
         main()

@@ -117,7 +117,7 @@ def names() -> list[str]:
 
 def get(name: str) -> ZooModel:
     """The zoo member called ``name``."""
-    from dqdeploy.errors import DQDeployError
+    from dqdeploy.core.errors import DQDeployError
 
     if name not in ZOO:
         raise DQDeployError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}",
@@ -127,7 +127,7 @@ def get(name: str) -> ZooModel:
 
 def train(name: str, nice: int = 10) -> Path:
     """Train ``name`` now (blocking; log in ZOO_ROOT/NAME/train.log) and return its folder."""
-    from dqdeploy.errors import DQDeployError
+    from dqdeploy.core.errors import DQDeployError
 
     model = get(name)
     log = zoo_root() / name / "train.log"

@@ -59,8 +59,8 @@ import torch  # noqa: E402
 
 from bench import zoo  # noqa: E402
 from bench.common import RESULTS, stamp  # noqa: E402
-from dqdeploy.atomic import atomic_write_bytes  # noqa: E402
-from dqdeploy.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
+from dqdeploy.core.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
+from dqdeploy.io.atomic import atomic_write_bytes  # noqa: E402
 
 RESULTS_FILE = RESULTS / "zoo_quality.json"
 STEPS = 50
@@ -113,7 +113,7 @@ def recipe_hash(model: str, recipe: str, variant: str) -> str:
 
 def artifact(model: str, recipe: str, variant: str = "default") -> Path:
     """The quantized artifact of (model, recipe, variant), quantized now if not cached."""
-    from dqdeploy.quantize_stage import quantize
+    from dqdeploy.stages.quantize import quantize
 
     out = cache_root() / model / f"{recipe}-{variant}-{recipe_hash(model, recipe, variant)}" / "q"
     if not (out / "manifest.json").is_file():
@@ -219,9 +219,9 @@ def _reference_features(model: str, recipe: str, variant: str, flavour: str, see
 
 def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
     from dqdeploy.eval.compare import step_errors, summarize_steps
-    from dqdeploy.generate import load_cond
-    from dqdeploy.models import latent_shape, make_scheduler
-    from dqdeploy.sources import open_model
+    from dqdeploy.io.models import latent_shape, make_scheduler
+    from dqdeploy.stages.generate import load_cond
+    from dqdeploy.stages.sources import open_model
 
     member = zoo.get(model)
     fp, test = open_model(zoo.ensure(model), "torch"), open_model(path, runtime)
@@ -238,7 +238,7 @@ def run_row(model: str, recipe: str, variant: str, flavour: str, seed: int, n: i
     """Measure one row (see the module docstring); FP features of the same seed must exist for the ratio."""
     from dqdeploy.eval.digits import classifier_accuracy
     from dqdeploy.eval.fid import class_histogram, classifier_features, digits_fid
-    from dqdeploy.generate import generate
+    from dqdeploy.stages.generate import generate
 
     member = zoo.get(model)
     key = row_key(model, recipe, variant, flavour, seed)

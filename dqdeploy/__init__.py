@@ -15,14 +15,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .core.deprecation import install_moved_modules
+from .core.version import __version__
+
+install_moved_modules()  # dqdeploy.artifact etc. still import, as their new modules, for one release
 
 if TYPE_CHECKING:
-    from .artifact import load_quantized
+    from .core.recipe import PRESETS, W4A4, W4A8, W7A8, W8A8, CalibrationConfig, Recipe
     from .exporters.export import export
-    from .quantize_stage import quantize
-    from .recipe import PRESETS, W4A4, W4A8, W7A8, W8A8, CalibrationConfig, Recipe
+    from .io.artifact import load_quantized
     from .runtimes import load_runtime
+    from .stages.quantize import quantize
 
 __all__ = [
     "quantize", "export", "load_quantized", "load_runtime",
@@ -30,11 +33,11 @@ __all__ = [
 ]
 
 _WHERE = {
-    "quantize": ".quantize_stage",
+    "quantize": ".stages.quantize",
     "export": ".exporters.export",
-    "load_quantized": ".artifact",
+    "load_quantized": ".io.artifact",
     "load_runtime": ".runtimes",
-    **{name: ".recipe" for name in ("Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W7A8", "W4A8", "W4A4")},
+    **{name: ".core.recipe" for name in ("Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W7A8", "W4A8", "W4A4")},
 }
 
 

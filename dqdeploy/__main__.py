@@ -11,7 +11,7 @@ import os
 import sys
 
 from .cli import main
-from .launch import launched, write_exit_status
+from .system.launch import launched, write_exit_status
 
 if not launched():
     main()

@@ -46,7 +46,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from dqdeploy.atomic import atomic_dir, atomic_write_bytes  # noqa: E402
 from dqdeploy.eval.digits import (  # noqa: E402
     ASSETS_DIR,
     CLASSIFIER_NAME,
@@ -61,6 +60,7 @@ from dqdeploy.eval.digits import (  # noqa: E402
 )
 from dqdeploy.eval.fid import class_histogram, classifier_features, digits_fid, feature_stats, frechet_distance  # noqa: E402
 from dqdeploy.eval.grid import save_grid  # noqa: E402
+from dqdeploy.io.atomic import atomic_dir, atomic_write_bytes  # noqa: E402
 
 log = logging.getLogger("train_digits")
 
@@ -249,10 +249,10 @@ def train_unet(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[flo
 
 def ddim_sample(model_dir: Path, n: int, steps: int, seed: int, guidance: float = 1.0,
                 scheduler: str | None = "ddim") -> torch.Tensor:
-    """Deterministic DDIM (eta 0) samples in [-1, 1] of a saved pipeline folder (``dqdeploy.generate``:
+    """Deterministic DDIM (eta 0) samples in [-1, 1] of a saved pipeline folder (``dqdeploy.stages.generate``:
     noise drawn batch by batch from one seeded generator; conditional: sample i is digit i % 10);
     ``scheduler=None``: the folder's own sampler (the DiT's flow-matching Euler)."""
-    from dqdeploy.generate import generate
+    from dqdeploy.stages.generate import generate
 
     cond = model_dir / CLASS_COND_FILE
     return generate(model_dir, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=100, runtime="torch",

@@ -59,7 +59,7 @@ def write_cond_file(path: Path, prompts: int = 3, uncond: bool = True, seed: int
 def random_calib(unet: torch.nn.Module, n: int = 8, timesteps=(901.0, 601.0, 301.0, 1.0), seed: int = 0):
     """A CalibrationSet of random UNet inputs spread over ``timesteps`` (no sampling run): enough for
     building a quantized model or checking wiring; use ``collect`` where real activations matter."""
-    from dqdeploy.inputs import DenoiserInputs
+    from dqdeploy.core.inputs import DenoiserInputs
     from dqdeploy.quant.trajectories import CalibrationSet
 
     g = torch.Generator().manual_seed(seed)

@@ -16,9 +16,9 @@ import sys
 
 import click
 
-from ..errors import as_user_error
-from ..interrupts import Terminated, install_signal_handlers
-from ..launch import local_peer, under_launcher
+from ..core.errors import as_user_error
+from ..system.interrupts import Terminated, install_signal_handlers
+from ..system.launch import local_peer, under_launcher
 from .analyze import analyze
 from .check import check
 from .eval import eval_cmd

@@ -24,8 +24,8 @@ def analyze(quant_dir, out_dir, top, no_blocks, overwrite) -> None:
     weights, so the float reference holds the dequantized weights: weight-only errors read 0 for
     them (format-1 artifacts kept the float weights).
     """
-    from ..analyze import analyze_artifact, write_report
-    from ..atomic import check_target
+    from ..io.atomic import check_target
+    from ..verify.analyze import analyze_artifact, write_report
 
     source = Path(os.path.abspath(quant_dir))  # `analyze .` inside the artifact: the report goes next to it
     out_dir = out_dir or source.with_name(source.name + "-sensitivity")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..vocab import GRAPH_RUNTIMES, INEXACT
+from ..core.vocab import GRAPH_RUNTIMES, INEXACT
 from .params import OVERWRITE_FILES, POSITIVE
 
 
@@ -31,9 +31,9 @@ def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report, ine
 
     Exits 1 when any step is outside tolerance.
     """
-    from ..atomic import atomic_write_bytes
-    from ..check import check_export
-    from ..paths import check_output_files
+    from ..io.atomic import atomic_write_bytes
+    from ..io.paths import check_output_files
+    from ..verify.check import check_export
 
     check_output_files({"--report": report}, sources=[quant_dir, export_dir], overwrite=overwrite)
     result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples, steps=steps,

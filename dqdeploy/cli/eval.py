@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import DQDeployError
+from ..core.errors import DQDeployError
 from .params import OVERWRITE_FILES, sample_options
 
 _PATH = click.Path(path_type=Path)
@@ -35,7 +35,7 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
     PSNR/SSIM of samples from the same noise, FID if --fid-ref/--fid-extractor, a side-by-side PNG.
     Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples."""
     from ..eval.report import EvalConfig, quality_report, sample_quality, write_report
-    from ..paths import check_output_files
+    from ..io.paths import check_output_files
 
     check_output_files({"--report": report_path, "--png": png, "--grid": grid}, overwrite=overwrite,  # before sampling
                        sources=[path, fp_dir, fid_ref, scheduler_dir, kw["cond_file"]])

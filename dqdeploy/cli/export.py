@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..exporters.targets import TARGET_SPECS, targets_help
-from ..vocab import CPU_CHOICES
+from ..core.vocab import CPU_CHOICES
+from ..runtimes.targets import TARGET_SPECS, targets_help
 from .params import batch_profile
 
 _PATH = click.Path(path_type=Path)
@@ -40,9 +40,9 @@ _PATH = click.Path(path_type=Path)
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo,
            dyn_res, cpu, overwrite) -> None:
     """Export a quantized artifact SOURCE to a QDQ ONNX graph of one layout and, for --target trt, a TensorRT engine."""
-    from ..exporters.dynamic import parse_range
     from ..exporters.export import export as run_export
-    from ..exporters.spec import read_spec
+    from ..runtimes.dynamic import parse_range
+    from ..runtimes.spec import read_spec
 
     lo, opt, hi = batch_profile(batch)
     try:

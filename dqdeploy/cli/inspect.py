@@ -12,6 +12,6 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the raw metadata.")
 def inspect(path, as_json) -> None:
     """Describe a quantized artifact or an export folder."""
-    from ..describe import describe
+    from ..verify.inspect import describe
 
     click.echo(describe(path, as_json=as_json))

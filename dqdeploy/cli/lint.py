@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import DQDeployError
+from ..core.errors import DQDeployError
 
 
 @click.command()
@@ -14,7 +14,7 @@ from ..errors import DQDeployError
 def lint(export_dir) -> None:
     """Check an exported graph against TensorRT's explicit-quantization rules (no TensorRT needed)."""
     from ..exporters.lint import lint_path
-    from ..exporters.spec import ONNX_FILE, SPEC_FILE, read_spec
+    from ..runtimes.spec import ONNX_FILE, SPEC_FILE, read_spec
 
     path = onnx_path = Path(export_dir)
     if path.is_dir() and (path / SPEC_FILE).is_file():

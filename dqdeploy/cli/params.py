@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..vocab import RUNTIMES
+from ..core.vocab import RUNTIMES
 
 POSITIVE = click.IntRange(min=1)
 
@@ -69,9 +69,9 @@ def check_before_launch(nproc: int, out_dir: Path, overwrite: bool, sources: lis
     processes than cores, an unsafe ``--out``, a one-process checkpoint beside it, a bad collective timeout."""
     import os
 
-    from ..checkpoint import refuse_with_checkpoint
-    from ..distributed import DistributedError, collective_timeout
-    from ..paths import check_output_dir
+    from ..io.checkpoint import refuse_with_checkpoint
+    from ..io.paths import check_output_dir
+    from ..system.distributed import DistributedError, collective_timeout
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if nproc > cores:

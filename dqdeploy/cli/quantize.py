@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..vocab import LAYOUTS, SCALINGS
+from ..core.vocab import LAYOUTS, SCALINGS
 from .params import POSITIVE, RATE, check_before_launch
 
 _PATH = click.Path(path_type=Path)
@@ -88,14 +88,14 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     Many processes: --nproc N here, or `torchrun --nproc-per-node N -m dqdeploy quantize ...`.
     """
     if nproc > 1:
-        from ..distributed import launch_many
+        from ..system.distributed import launch_many
 
         check_before_launch(nproc, out_dir, overwrite, [model_dir, scheduler_dir, cond_file, prompts_file])
 
         sys.exit(launch_many(nproc, resume, sys.argv[1:]))
+    from ..core.recipe import CalibrationConfig, resolve_recipe
     from ..quant.trajectories import read_prompts
-    from ..quantize_stage import quantize as run_quantize
-    from ..recipe import CalibrationConfig, resolve_recipe
+    from ..stages.quantize import quantize as run_quantize
 
     r = resolve_recipe(recipe)
     changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
@@ -119,7 +119,7 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     prompts = read_prompts(prompts_file) if prompts_file else None
     result = run_quantize(model_dir, r, calib, out_dir, scheduler_dir=scheduler_dir, cond_file=cond_file,
                           prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle, resume=resume)
-    from ..distributed import is_writer
+    from ..system.distributed import is_writer
 
     if not is_writer():  # rank 0 reports
         return

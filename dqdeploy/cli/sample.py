@@ -10,7 +10,7 @@ from .params import OVERWRITE_FILES, sample_options
 
 
 def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, guidance):
-    from ..generate import generate
+    from ..stages.generate import generate
 
     return generate(path, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
                     runtime=runtime, cond_file=cond_file, guidance=guidance)
@@ -24,7 +24,7 @@ def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, g
 def sample(path, out_png, overwrite, **kw) -> None:
     """Generate images from a diffusers folder, a quantized artifact or an export folder."""
     from ..eval.grid import save_grid
-    from ..paths import check_output_files
+    from ..io.paths import check_output_files
 
     check_output_files({"--out": out_png}, sources=[path, kw["cond_file"]], overwrite=overwrite)  # before sampling
     images = _generate(path, **kw)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import DQDeployError
-from ..sampling import Cond, denoise
+from ..core.errors import DQDeployError
+from ..core.sampling import Cond, denoise
 
 
 def _flat_pair(ref: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ class _PairedDenoiser:
 
     def __init__(self, fp: Any, test: Any) -> None:
         self.fp, self.test, self.config = fp, test, fp.config
-        self.denoiser = fp  # the model kind (dqdeploy.denoisers.spec_of) is the FP model's
+        self.denoiser = fp  # the model kind (dqdeploy.core.denoisers.spec_of) is the FP model's
         self.step = 0
         self.per_step: dict[int, dict[str, list[torch.Tensor]]] = {}
 

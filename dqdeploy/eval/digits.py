@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import DQDeployError, ModelLoadError
+from ..core.errors import DQDeployError, ModelLoadError
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 DIGITS_MODEL_NAME = "digits-ddpm"

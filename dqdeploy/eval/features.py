@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DQDeployError
+from ..core.errors import DQDeployError
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from ..errors import DQDeployError
+from ..core.errors import DQDeployError
 from .digits import DigitsClassifier, load_classifier, load_digits_images
 
 _REFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write_bytes
-from ..errors import DQDeployError
+from ..core.errors import DQDeployError
+from ..io.atomic import atomic_write_bytes
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *, padding: int = 2,

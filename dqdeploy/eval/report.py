@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write_bytes
-from ..denoisers import spec_of
-from ..errors import DQDeployError
-from ..generate import generate_from, load_cond
-from ..models import latent_shape, make_scheduler
-from ..sources import OpenedModel, open_model
-from ..vocab import Runtime
+from ..core.denoisers import spec_of
+from ..core.errors import DQDeployError
+from ..core.vocab import Runtime
+from ..io.atomic import atomic_write_bytes
+from ..io.models import latent_shape, make_scheduler
+from ..stages.generate import generate_from, load_cond
+from ..stages.sources import OpenedModel, open_model
 from .compare import image_errors, step_errors, summarize_steps
 from .features import check_extractor, extract, load_extractor, load_reference_images
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifact import Manifest
-from ..deprecation import renamed
+from ..core.deprecation import renamed
+from ..io.artifact import Manifest
 from ..quant.modules import QuantizedDenoiser, QuantLayer, channel_view, quant_layers, replace_module
 
 

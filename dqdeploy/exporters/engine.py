@@ -1,4 +1,4 @@
-"""TensorRT engines from exported QDQ ONNX graphs (needs TensorRT and a GPU; see :mod:`dqdeploy.trt_gate`).
+"""TensorRT engines from exported QDQ ONNX graphs (needs TensorRT and a GPU; see :mod:`dqdeploy.system.trt_gate`).
 
 ``build_engine(export_dir)`` parses ``unet/model.onnx`` (a transformer's ``transformer/model.onnx``)
 into a *strongly typed* network (types come from the graph: build from an FP16 export with explicit
@@ -26,13 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from ..atomic import atomic_write_bytes
-from ..denoisers import spec_for
-from ..errors import ArtifactError, DQDeployError, ExportError, LintError, require
-from ..inputs import CONTEXT
-from ..trt_gate import gpu_description, require_tensorrt
-from .engine_spec import engine_info, tensor_records
-from .spec import ExportSpec, read_spec
+from ..core.denoisers import spec_for
+from ..core.errors import ArtifactError, DQDeployError, ExportError, LintError, require
+from ..core.inputs import CONTEXT
+from ..io.atomic import atomic_write_bytes
+from ..runtimes.engine_spec import engine_info, tensor_records
+from ..runtimes.spec import ExportSpec, read_spec
+from ..system.trt_gate import gpu_description, require_tensorrt
 
 log = logging.getLogger(__name__)
 

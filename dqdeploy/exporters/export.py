@@ -18,29 +18,29 @@ from typing import Any
 
 import torch
 
-from ..arguments import as_path, public
-from ..artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
-from ..atomic import atomic_dir, check_target
-from ..cpu import cpu_info, exact_on, s8_exact_anywhere
-from ..denoisers import spec_for, spec_of
-from ..errors import DQDeployError, ExportError
-from ..folders import detect
-from ..inputs import DenoiserInputs
-from ..models import denoiser_class_name, load_model, portable_config
-from ..paths import check_output_dir, check_output_file
+from ..core.arguments import as_path, public
+from ..core.denoisers import spec_for, spec_of
+from ..core.errors import DQDeployError, ExportError
+from ..core.inputs import DenoiserInputs
+from ..core.recipe import Recipe
+from ..core.vocab import CPU_CHOICES, CpuChoice, GraphTarget, Int8Format, Target
+from ..io.artifact import Manifest, load_calibration_inputs, load_quantized, read_manifest
+from ..io.atomic import atomic_dir, check_target
+from ..io.folders import detect
+from ..io.models import denoiser_class_name, load_model, portable_config
+from ..io.paths import check_output_dir, check_output_file
 from ..quant.modules import QuantizedDenoiser, quantizes_output
-from ..recipe import Recipe
-from ..stages import release_memory, stage
-from ..trt_gate import require_tensorrt
-from ..vocab import CPU_CHOICES, CpuChoice, GraphTarget, Int8Format, Target
+from ..runtimes.spec import ExportSpec, model_folder
+from ..runtimes.targets import TargetSpec, layout_of, target_spec
+from ..system.cpu import cpu_info, exact_on, s8_exact_anywhere
+from ..system.progress import release_memory, stage
+from ..system.trt_gate import require_tensorrt
 from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
 from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx, transformer_example
 from .qdq import SurgeryOptions, insert_qdq
-from .spec import ExportSpec, model_folder
-from .targets import TargetSpec, layout_of, target_spec
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def export(
     fastest, exact on x86 with VNNI/AMX and ARM64, wrong on x86 without VNNI), ``portable`` (exact on every
     CPU; the layers whose weights leave [-64, 64] multiply u8 x u8, slower) or ``auto`` (this machine's:
     ``portable`` where it lacks VNNI, else ``vnni``). Recorded in the spec; runtimes refuse a graph that is
-    not exact on their CPU (:mod:`dqdeploy.cpu`).
+    not exact on their CPU (:mod:`dqdeploy.system.cpu`).
 
     ``dynamic_resolution=(MIN, MAX)``: the latent height and width are dynamic, each a multiple of
     the model's step in ``[MIN, MAX]`` (:mod:`.dynamic`); ``trt`` profiles that range.
@@ -191,7 +191,7 @@ def _write(graph: Any, folder: Path, spec: ExportSpec) -> None:
 
 def _resolution_range(value: Any) -> tuple[int, int] | None:
     """``dynamic_resolution`` as ``(MIN, MAX)``: a pair of ints or a ``"MIN:MAX"`` string."""
-    from .dynamic import parse_range
+    from ..runtimes.dynamic import parse_range
 
     if value is None:
         return None

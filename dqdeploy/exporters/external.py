@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import require
+from ..core.errors import require
 
 log = logging.getLogger(__name__)
 

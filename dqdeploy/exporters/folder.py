@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..atomic import atomic_dir
-from ..errors import ExportError
-from ..integrity import file_record
+from ..core.errors import ExportError
+from ..core.version import __version__
+from ..io.atomic import atomic_dir
+from ..io.integrity import file_record
+from ..runtimes.spec import ONNX_DATA_FILE, SPEC_FILE, ExportSpec, TensorSpec
 from .external import write_graph
 from .graph_index import skeleton
 from .onnx import EXTERNAL_DATA_THRESHOLD
-from .spec import ONNX_DATA_FILE, SPEC_FILE, ExportSpec, TensorSpec
 
 
 def tensor_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LintError, require
+from ..core.errors import LintError, require
 from .graph_index import (
     CASTS,
     COMPUTE_OPS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inputs import DenoiserInputs, forward_hooks
+from ..core.inputs import DenoiserInputs, forward_hooks
 from ..quant.modules import QuantizedDenoiser, quant_layers
 from ..quant.primitives import search_tensor_scale
 from .dequantize import LayerTensors

@@ -3,7 +3,7 @@
 UNets: inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for conditional UNets,
 ``encoder_hidden_states`` [B, S, D]; output ``out_sample``. Diffusion transformers: ``hidden_states``,
 ``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``,
-``txt_ids`` (no batch axis), ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.denoisers`).
+``txt_ids`` (no batch axis), ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.core.denoisers`).
 The batch axis is dynamic (the latent height and width too with ``resolution_range``). Q/DQ nodes are
 added afterwards by graph surgery (:mod:`dqdeploy.exporters.qdq`), never by the exporter.
 """
@@ -17,11 +17,11 @@ from typing import Any, cast
 
 import torch
 
-from ..denoisers import GUIDANCE, POOLED, conditioning_dims, latent_shape, spec_of
-from ..errors import ExportError, require
-from ..inputs import CONTEXT, DenoiserInputs
-from ..sampling import shared_inputs
-from .dynamic import sample_axes
+from ..core.denoisers import GUIDANCE, POOLED, conditioning_dims, latent_shape, spec_of
+from ..core.errors import ExportError, require
+from ..core.inputs import CONTEXT, DenoiserInputs
+from ..core.sampling import shared_inputs
+from ..runtimes.dynamic import sample_axes
 from .external import LOAD_BELOW, is_external, load_graph
 from .graph_index import skeleton
 
@@ -127,7 +127,7 @@ def export_float_onnx(
 ) -> Any:
     """Export ``denoiser`` (a diffusers UNet or diffusion transformer, or any module with one of their
     call signatures) to a float ONNX model; the graph inputs are ``inputs``' names in the order of
-    the model's :class:`~dqdeploy.denoisers.DenoiserSpec` (optimum's).
+    the model's :class:`~dqdeploy.core.denoisers.DenoiserSpec` (optimum's).
 
     ``resolution_range`` = (MIN, MAX) makes the latent height and width dynamic (:mod:`.dynamic`).
     Returns the model read back from ``path``: every tensor in memory, or with ``large_external``

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CalibrationError, ExportError, require
+from ..core.errors import CalibrationError, ExportError, require
 from .onnx import EXTERNAL_DATA_THRESHOLD
 
 log = logging.getLogger(__name__)

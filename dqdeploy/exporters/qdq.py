@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cpu import s8_exact_anywhere
-from ..errors import ExportError
-from ..inputs import TIMESTEP
-from ..vocab import LAYOUTS, Int8Format, Layout
+from ..core.errors import ExportError
+from ..core.inputs import TIMESTEP
+from ..core.vocab import LAYOUTS, Int8Format, Layout
+from ..system.cpu import s8_exact_anywhere
 from .dequantize import LayerTensors
 from .graph_index import GraphIndex, delete_where
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import require
+from ..core.errors import require
 from .graph_index import COMPUTE_OPS, FLOAT_TYPES, GraphIndex, delete_where, skeleton
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_dir
-from ..errors import ArtifactError, ExportError
-from .engine_spec import read_engine_info
-from .spec import SPEC_FILE, engine_files, model_folder, read_spec
+from ..core.errors import ArtifactError, ExportError
+from ..io.atomic import atomic_dir
+from ..runtimes.engine_spec import read_engine_info
+from ..runtimes.spec import SPEC_FILE, engine_files, model_folder, read_spec
 
 PLATFORMS = {"tensorrt_plan": ("model.plan", "KIND_GPU"), "onnxruntime_onnx": ("model.onnx", "KIND_AUTO")}
 TRITON_TYPES = {

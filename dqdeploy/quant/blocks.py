@@ -1,5 +1,5 @@
 """Block partition of a denoiser for block-wise distillation: every module of the block classes of
-its :class:`~dqdeploy.denoisers.DenoiserSpec` (UNets: each ResnetBlock2D, attention / transformer
+its :class:`~dqdeploy.core.denoisers.DenoiserSpec` (UNets: each ResnetBlock2D, attention / transformer
 block, down/up-sampler and time embedding; diffusion transformers: each transformer block and
 embedder), plus every quantized layer outside them (conv_in, conv_out, proj_out, ...). Blocks come
 in execution order.
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..denoisers import SPECS
-from ..inputs import Hook, forward_hooks
+from ..core.denoisers import SPECS
+from ..core.inputs import Hook, forward_hooks
 from .modules import quant_layers
 
 BLOCK_CLASSES = SPECS["UNet2DModel"].blocks

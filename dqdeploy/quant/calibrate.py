@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..inputs import Hook, PreHook, forward_hooks
+from ..core.inputs import Hook, PreHook, forward_hooks
+from ..system import distributed
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers, set_act_quant
 from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
 from .trajectories import CalibrationSet

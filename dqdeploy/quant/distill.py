@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..recipe import Recipe
-from ..stages import rss_gb, trim_heap
+from ..core.recipe import Recipe
+from ..system import distributed
+from ..system.progress import rss_gb, trim_heap
 from .blocks import Block
 from .blockstore import BlockStore, contiguous
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers

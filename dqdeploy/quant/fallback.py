@@ -1,23 +1,18 @@
 """Fallback: the quantized layers kept in float, chosen by sensitivity (``auto``) or by name pattern,
-and put back from the :class:`~dqdeploy.quant.float_layers.FloatLayers` the conversion kept."""
+(put back by :func:`dqdeploy.stages.layer_plan.keep_in_float`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import logging
-from typing import TYPE_CHECKING
 
-from .. import distributed
-from ..errors import RecipeError
-from ..recipe import Recipe
-from .float_layers import FloatLayers
-from .modules import QuantizedDenoiser, quant_layers, replace_module
+from ..core.errors import RecipeError
+from ..core.recipe import Recipe
+from ..system import distributed
+from .modules import QuantizedDenoiser, quant_layers
 from .sensitivity import analyze, choose_fallback
 from .trajectories import CalibrationSet, calibration_subset
-
-if TYPE_CHECKING:  # the artifact module builds on quant/, not the reverse
-    from ..artifact import LayerMeta
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +70,3 @@ def fallback_layers(
             hint=f"use module names such as {', '.join(names[:3])} (wildcards allowed), or auto / none",
         )
     return chosen
-
-
-def keep_in_float(
-    qmodel: QuantizedDenoiser, floats: FloatLayers, metas: dict[str, LayerMeta], names: list[str]
-) -> dict[str, LayerMeta]:
-    """Put the float layers ``names`` (kept by ``floats``) back into ``qmodel``; returns the remaining
-    layers' metadata. A layer whose input is shared with a float layer can no longer fold ``1/s``
-    into the norm."""
-    groups = {metas[n].group for n in names}
-    for name in names:
-        replace_module(qmodel.denoiser, name, floats.restore(name))
-    return {
-        n: dataclasses.replace(m, fold="mul") if m.group in groups and m.fold != "mul" else m
-        for n, m in metas.items() if n not in names
-    }

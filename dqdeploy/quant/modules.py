@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..deprecation import deprecated_alias, renamed
+from ..core.deprecation import deprecated_alias, renamed
 from .primitives import fake_quant, qrange
 from .quantizer import ActQuantizer, WeightQuantizer
 from .timestep import StepIndex, TimestepTable

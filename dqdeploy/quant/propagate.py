@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationError
-from ..inputs import Hook, forward_hooks
+from ..core.errors import CalibrationError
+from ..core.inputs import Hook, forward_hooks
 from .blockstore import BlockStore
 from .modules import QuantizedDenoiser
 from .trajectories import CalibrationSet

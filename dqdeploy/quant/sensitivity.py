@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..denoisers import spec_of
-from ..inputs import DenoiserInputs, forward_hooks
+from ..core.denoisers import spec_of
+from ..core.inputs import DenoiserInputs, forward_hooks
 from .blocks import partition
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..denoisers import GUIDANCE, latent_shape, spec_of
-from ..errors import CalibrationError
-from ..inputs import CONTEXT, DenoiserInputs
-from ..recipe import CalibrationConfig
-from ..sampling import advance, denoise, model_tokens, set_timesteps, shared_inputs
+from ..core.denoisers import GUIDANCE, latent_shape, spec_of
+from ..core.errors import CalibrationError
+from ..core.inputs import CONTEXT, DenoiserInputs
+from ..core.recipe import CalibrationConfig
+from ..core.sampling import advance, denoise, model_tokens, set_timesteps, shared_inputs
+from ..system import distributed
 
 COND_KEY = CONTEXT
 UNCOND_KEY = "uncond_encoder_hidden_states"
@@ -187,7 +187,7 @@ def collect(
 
     Trajectories run in chunks of ``config.batch_size`` from one seeded generator. Under torchrun each
     rank runs every ``world``-th chunk and the chunks are gathered in order; every rank still draws
-    every chunk's noise (and, through :func:`~dqdeploy.sampling.advance`, the sampler's own draws of
+    every chunk's noise (and, through :func:`~dqdeploy.core.sampling.advance`, the sampler's own draws of
     the chunks it skips), so each chunk starts from the generator state of a one-process run and
     every rank holds exactly the set one process draws."""
     spec = spec_of(denoiser)

@@ -6,8 +6,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DQDeployError
-from ..vocab import GRAPH_RUNTIMES, GraphRuntime
+from ..core.errors import DQDeployError
+from ..core.vocab import GRAPH_RUNTIMES, GraphRuntime
 
 if TYPE_CHECKING:
     from .base import DenoiserRuntime
@@ -19,7 +19,7 @@ def load_runtime(export_dir: str | Path, runtime: GraphRuntime = "ort", **kwargs
     if runtime in ("ort", "trt"):
         import inspect
 
-        from ..arguments import as_path
+        from ..core.arguments import as_path
 
         cls = getattr(import_module(f".{runtime}", __name__), "OrtDenoiser" if runtime == "ort" else "TrtDenoiser")
         path = as_path(export_dir, "export_dir", "load_runtime")

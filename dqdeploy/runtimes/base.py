@@ -1,7 +1,7 @@
 """The drop-in adaptor shared by every runtime: diffusers call signature -> backend -> output.
 
 A :class:`DenoiserRuntime` looks enough like a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` for
-``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline`` and :func:`dqdeploy.sampling.denoise`:
+``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline`` and :func:`dqdeploy.core.sampling.denoise`:
 it has ``.config`` (the exported model's config), ``.dtype``, ``.device`` and
 ``__call__(sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs)``. An exported
 diffusion transformer (SD3, PixArt, Flux) takes its class's own call instead
@@ -10,7 +10,7 @@ diffusion transformer (SD3, PixArt, Flux) takes its class's own call instead
 It is deliberately *not* a ``torch.nn.Module``: pipelines only read ``config``/``dtype`` from their
 ``unet`` (``transformer``) and skip non-modules in ``.to()`` / offloading, and a module would pretend to own
 parameters it does not have. Inputs are validated against the export folder's
-:class:`~dqdeploy.exporters.spec.ExportSpec` before the backend sees them.
+:class:`~dqdeploy.runtimes.spec.ExportSpec` before the backend sees them.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..denoisers import spec_for
-from ..deprecation import renamed
-from ..errors import ArtifactError, RuntimeInputError
-from ..exporters.spec import ExportSpec, TensorSpec
-from ..inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
+from ..core.denoisers import spec_for
+from ..core.deprecation import renamed
+from ..core.errors import ArtifactError, RuntimeInputError
+from ..core.inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
+from .spec import ExportSpec, TensorSpec
 from .transformer import as_tensor, call_transformer
 
 DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",),
@@ -283,7 +283,7 @@ class DenoiserRuntime:
 
     def _check_resolution(self, name: str, label: str, got: int) -> None:
         """A dynamic-resolution graph takes the latent sizes its export asked for (``--dynamic-resolution``)."""
-        from ..exporters.dynamic import resolution_step
+        from .dynamic import resolution_step
 
         bounds = self.spec.resolution_range
         if bounds and not bounds[0] <= got <= bounds[1]:

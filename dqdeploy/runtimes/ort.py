@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..cpu import cpu_info, exact_on
-from ..deprecation import renamed
-from ..errors import ArtifactError, CpuFormatError, MissingDependencyError, RuntimeInputError, require
-from ..exporters.spec import SPEC_FILE, ExportSpec, TensorSpec, read_spec
-from ..vocab import INEXACT, Inexact
+from ..core.deprecation import renamed
+from ..core.errors import ArtifactError, CpuFormatError, MissingDependencyError, RuntimeInputError, require
+from ..core.vocab import INEXACT, Inexact
+from ..system.cpu import cpu_info, exact_on
 from .base import CONTEXT, OUTPUT, SAMPLE, DenoiserRuntime
+from .spec import SPEC_FILE, ExportSpec, TensorSpec, read_spec
 
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -119,7 +119,7 @@ def exactness_entries(spec: ExportSpec | None, inexact: Inexact = "refuse") -> d
 
     The TensorRT-layout graph (int8 weights over their full range, int8 activations) is TensorRT's: ONNX
     Runtime runs its Q/DQ as float math, exact on every CPU. An ORT-layout graph runs on ORT's integer
-    kernels when its format is exact on this CPU (:mod:`dqdeploy.cpu`); otherwise ``inexact`` decides:
+    kernels when its format is exact on this CPU (:mod:`dqdeploy.system.cpu`); otherwise ``inexact`` decides:
     ``refuse`` (the default), ``float`` (Q/DQ as float math: exact, at float speed) or ``allow`` (the
     saturating kernels, with a warning).
     """

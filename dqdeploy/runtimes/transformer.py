@@ -6,7 +6,7 @@ return_dict=False)``. The arguments are bound against the diffusers class's own 
 signature, so positional and keyword calls are read exactly as the model would read them; the graph
 inputs (named like those keywords) are fed, arguments that change nothing are accepted (``None``,
 empty attention kwargs, PixArt's ``added_cond_kwargs`` without size conditions, an all-ones text
-attention mask), and anything else raises :class:`~dqdeploy.errors.RuntimeInputError`.
+attention mask), and anything else raises :class:`~dqdeploy.core.errors.RuntimeInputError`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..denoisers import DenoiserSpec
-from ..errors import RuntimeInputError
+from ..core.denoisers import DenoiserSpec
+from ..core.errors import RuntimeInputError
 
 ATTENTION_KWARGS = ("joint_attention_kwargs", "cross_attention_kwargs", "attention_kwargs")
 

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..deprecation import renamed
-from ..errors import ArtifactError, DQDeployError, RuntimeInputError
-from ..exporters.engine_spec import read_engine_info
-from ..exporters.spec import read_spec
-from ..trt_gate import gpu_description, require_tensorrt
+from ..core.deprecation import renamed
+from ..core.errors import ArtifactError, DQDeployError, RuntimeInputError
+from ..system.trt_gate import gpu_description, require_tensorrt
 from .base import OUTPUT, DenoiserRuntime
+from .engine_spec import read_engine_info
+from .spec import read_spec
 
 TORCH_OF_TRT = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "INT8": torch.int8, "BOOL": torch.bool, "UINT8": torch.uint8}

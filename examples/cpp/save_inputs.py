@@ -71,7 +71,7 @@ def make_inputs(export_dir: Path, batch: int, timestep: float, seed: int) -> dic
 def compare(export_dir: Path, in_dir: Path, out_dir: Path, onnx_source: Path | None = None) -> dict[str, float]:
     """Error of ``out_dir/out_sample.bin`` against ONNX Runtime on the same inputs."""
     from dqdeploy import load_runtime
-    from dqdeploy.inputs import DenoiserInputs
+    from dqdeploy.core.inputs import DenoiserInputs
 
     inputs = DenoiserInputs.from_dict({k: v.astype(np.float32) for k, v in read_tensors(in_dir).items()})
     reference = inputs.call(load_runtime(onnx_source or export_dir, "ort")).numpy()

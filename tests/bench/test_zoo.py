@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from bench import zoo
-from dqdeploy.errors import DQDeployError
-from dqdeploy.models import load_model
+from dqdeploy.core.errors import DQDeployError
+from dqdeploy.io.models import load_model
 from dqdeploy.quant.trajectories import load_conditioning
 
 ROOT = Path(__file__).resolve().parents[2]

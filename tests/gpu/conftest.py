@@ -55,7 +55,7 @@ def float_exports(uncond_pipeline, tmp_path_factory) -> dict[str, Path]:
 def w8a8(uncond_pipeline, tmp_path_factory) -> dict[str, Path]:
     """A w8a8 artifact and its TensorRT-layout exports (FP16 for the engine, FP32 for ONNX Runtime)."""
     from dqdeploy import export, quantize
-    from dqdeploy.recipe import W8A8, CalibrationConfig
+    from dqdeploy.core.recipe import W8A8, CalibrationConfig
 
     root = tmp_path_factory.mktemp("w8a8")
     calib = CalibrationConfig(steps=6, samples=48, trajectories=8, batch_size=8)

@@ -22,14 +22,14 @@ trt = pytest.importorskip("tensorrt")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device (TensorRT needs an NVIDIA GPU)", allow_module_level=True)
 
-from dqdeploy.errors import RuntimeInputError  # noqa: E402
+from dqdeploy.core.errors import RuntimeInputError  # noqa: E402
 from dqdeploy.exporters.engine import build_engine  # noqa: E402
-from dqdeploy.exporters.engine_spec import read_engine_info  # noqa: E402
 from dqdeploy.exporters.lint import lint_path  # noqa: E402
-from dqdeploy.exporters.spec import ENGINE_FILE, ONNX_FILE  # noqa: E402
 from dqdeploy.exporters.triton import triton_config, write_triton_repo  # noqa: E402
 from dqdeploy.runtimes import load_runtime  # noqa: E402
+from dqdeploy.runtimes.engine_spec import read_engine_info  # noqa: E402
 from dqdeploy.runtimes.ort import OrtDenoiser  # noqa: E402
+from dqdeploy.runtimes.spec import ENGINE_FILE, ONNX_FILE  # noqa: E402
 from dqdeploy.runtimes.trt import TrtDenoiser  # noqa: E402
 
 FP16_REL = 1e-2  # relative L2 error of a whole FP16 forward against FP32
@@ -97,7 +97,7 @@ def test_ddim_pipeline_on_the_engine(fp16_engine, float_exports):
 
 
 def test_rebuild_needs_overwrite_and_reuses_the_timing_cache(fp16_engine):
-    from dqdeploy.errors import DQDeployError
+    from dqdeploy.core.errors import DQDeployError
 
     with pytest.raises(DQDeployError, match="already exists"):
         build_engine(fp16_engine)
@@ -107,7 +107,7 @@ def test_rebuild_needs_overwrite_and_reuses_the_timing_cache(fp16_engine):
 
 
 def test_fp32_graph_is_refused_for_fp16(float_exports, tmp_path):
-    from dqdeploy.errors import ExportError
+    from dqdeploy.core.errors import ExportError
 
     folder = tmp_path / "e"
     shutil.copytree(float_exports["fp32"], folder)
@@ -134,7 +134,7 @@ def test_conditional_engine_with_cfg_profile(cond_export, tmp_path):
 
 
 def test_w8a8_engine_passes_the_per_step_check(w8a8, tmp_path):
-    from dqdeploy.check import check_export
+    from dqdeploy.verify.check import check_export
 
     folder = tmp_path / "w8a8"
     shutil.copytree(w8a8["fp16"], folder)
@@ -192,9 +192,9 @@ def test_transformer_engine_passes_the_per_step_check_and_runs_in_its_pipeline(k
     """A w8a8 diffusion transformer: FP16 TensorRT-layout export -> engine (profile over every transformer
     input, Flux's position ids fixed) -> the per-step check against the simulation -> drop-in call."""
     from dqdeploy import export, quantize
-    from dqdeploy.artifact import load_calibration_inputs
-    from dqdeploy.check import check_export
-    from dqdeploy.recipe import W8A8, CalibrationConfig
+    from dqdeploy.core.recipe import W8A8, CalibrationConfig
+    from dqdeploy.io.artifact import load_calibration_inputs
+    from dqdeploy.verify.check import check_export
     from tests.helpers import write_transformer_cond, write_transformer_pipeline
 
     folder = write_transformer_pipeline(kind, tmp_path / "pipe")

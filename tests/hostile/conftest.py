@@ -66,9 +66,9 @@ def pipe_dir(hostile_root) -> Path:
 @pytest.fixture(scope="session")
 def artifact(hostile_root) -> Path:
     """One tiny W8A8 artifact (post-training, random calibration inputs) for the whole session."""
-    from dqdeploy.artifact import save_quantized
-    from dqdeploy.quantize_stage import quantize_denoiser
-    from dqdeploy.recipe import W8A8
+    from dqdeploy.core.recipe import W8A8
+    from dqdeploy.io.artifact import save_quantized
+    from dqdeploy.stages.quantize import quantize_denoiser
     from tests.helpers import random_calib
 
     unet = tiny_unet()

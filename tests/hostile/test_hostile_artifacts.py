@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dqdeploy.integrity import file_sha256, seal
+from dqdeploy.io.integrity import file_sha256, seal
 from tests.hostile.runner import has_fix, refused, run
 
 pytestmark = pytest.mark.hostile("artifact", "refused")

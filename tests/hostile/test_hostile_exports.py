@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from dqdeploy.errors import ArtifactError
-from dqdeploy.integrity import seal
+from dqdeploy.core.errors import ArtifactError
+from dqdeploy.io.integrity import seal
 from dqdeploy.runtimes import load_runtime
 from tests.hostile.runner import has_fix, refused, run
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dqdeploy.models import SCHEDULER_ALIASES, SUPPORTED_SCHEDULERS
+from dqdeploy.io.models import SCHEDULER_ALIASES, SUPPORTED_SCHEDULERS
 from tests.helpers import CROSS_DIM, SEQ_LEN
 from tests.hostile.runner import has_fix, refused, run
 
@@ -200,10 +200,10 @@ def test_export_with_a_malformed_batch_profile(artifact, tmp_path):
                          + [s for s in SUPPORTED_SCHEDULERS
                             if s not in ("DPMSolverSDEScheduler", "FlowMatchEulerDiscreteScheduler")])
 def test_every_scheduler_calibrates_and_samples(name, artifact):
-    from dqdeploy.generate import generate
-    from dqdeploy.models import make_scheduler
+    from dqdeploy.core.recipe import CalibrationConfig
+    from dqdeploy.io.models import make_scheduler
     from dqdeploy.quant.trajectories import collect
-    from dqdeploy.recipe import CalibrationConfig
+    from dqdeploy.stages.generate import generate
     from tests.helpers import scheduler, tiny_unet
 
     calib = collect(tiny_unet(), make_scheduler(name, dict(scheduler().config), 4),
@@ -226,8 +226,8 @@ def test_a_scheduler_whose_package_is_missing_names_the_install(pipe_dir, tmp_pa
 @CLI
 @pytest.mark.parametrize("kw", [{"n": 0}, {"batch_size": 0}, {"steps": 0}, {"n": 2.5}])
 def test_generate_api_refuses_impossible_counts(kw, artifact):
-    from dqdeploy.errors import DQDeployError
-    from dqdeploy.generate import generate
+    from dqdeploy.core.errors import DQDeployError
+    from dqdeploy.stages.generate import generate
 
     with pytest.raises(DQDeployError, match="expected a whole number"):
         generate(artifact, **kw)

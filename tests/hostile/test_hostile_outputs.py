@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dqdeploy.atomic import PARTIAL_MARKER, atomic_dir, sweep_stale
-from dqdeploy.errors import DQDeployError
+from dqdeploy.core.errors import DQDeployError
+from dqdeploy.io.atomic import PARTIAL_MARKER, atomic_dir, sweep_stale
 from tests.hostile.runner import has_fix, leftovers, refused, run, tree
 
 CLI = pytest.mark.hostile("cli", "refused")
@@ -122,7 +122,7 @@ def test_overwrite_replaces_a_previous_export_without_leftovers(export_dir, copy
     import onnx
 
     from dqdeploy.exporters.folder import save_export
-    from dqdeploy.exporters.spec import ONNX_FILE, read_spec
+    from dqdeploy.runtimes.spec import ONNX_FILE, read_spec
 
     old = copy_of(export_dir, "e")
     (old / "unet" / "stale.txt").write_text("from an older export")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import dqdeploy
-from dqdeploy.errors import DQDeployError
+from dqdeploy.core.errors import DQDeployError
 
 CASE = pytest.mark.hostile("api", "refused")
 
@@ -71,7 +71,7 @@ def test_export_dynamic_resolution_forms(value, artifact, tmp_path):
 
 @pytest.mark.hostile("api", "succeeds")
 def test_presets_by_name_dicts_and_a_range_string_are_accepted(pipe_dir, tmp_path):
-    from dqdeploy.arguments import as_recipe
+    from dqdeploy.core.arguments import as_recipe
     from dqdeploy.exporters.export import _resolution_range
 
     assert as_recipe("w4a8") is dqdeploy.W4A8 and as_recipe("W8A8") is dqdeploy.W8A8
@@ -120,7 +120,7 @@ SMALL = ["--steps", "2", "--calib-samples", "8", "--trajectories", "2", "--iters
 @CASE
 @pytest.mark.parametrize("pattern, match", [("*", "match every one"), ("nope.*", "match no quantized layer")])
 def test_fallback_patterns_are_refused_before_calibration(pattern, match, pipe_dir, tmp_path, monkeypatch):
-    import dqdeploy.quantize_stage as stage
+    import dqdeploy.stages.quantize as stage
     from tests.hostile.runner import refused, run
 
     monkeypatch.setattr(stage, "collect", lambda *a, **k: pytest.fail("calibrated before the patterns were checked"))

@@ -52,10 +52,10 @@ def test_a_negative_learned_step_is_stored_positive_and_loads_the_same_model(tmp
     import torch
 
     from dqdeploy import load_quantized
-    from dqdeploy.artifact import save_quantized
+    from dqdeploy.core.recipe import W8A8
+    from dqdeploy.io.artifact import save_quantized
     from dqdeploy.quant.modules import quant_layers
-    from dqdeploy.quantize_stage import quantize_denoiser
-    from dqdeploy.recipe import W8A8
+    from dqdeploy.stages.quantize import quantize_denoiser
     from tests.helpers import random_calib, scheduler, tiny_unet
 
     unet = tiny_unet()

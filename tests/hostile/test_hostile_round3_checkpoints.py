@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dqdeploy import checkpoint as checkpoint_module
+from dqdeploy.io import checkpoint as checkpoint_module
 from tests.hostile.runner import has_fix, refused, run, tree
 
 RUN = ["--recipe", "w8a8", "--steps", "3", "--trajectories", "4", "--calib-samples", "16", "--iters", "2",

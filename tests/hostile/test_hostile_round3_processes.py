@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dqdeploy.atomic import PARTIAL_MARKER, own_tempdir
+from dqdeploy.io.atomic import PARTIAL_MARKER, own_tempdir
 from tests.hostile.runner import env
 
 CASE = pytest.mark.hostile("processes", "refused")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqdeploy.errors import RuntimeInputError
+from dqdeploy.core.errors import RuntimeInputError
 from dqdeploy.runtimes import load_runtime
 
 pytestmark = pytest.mark.hostile("runtime", "refused")

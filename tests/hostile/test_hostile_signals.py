@@ -114,6 +114,6 @@ def test_two_overwriting_runs_leave_one_complete_folder(pipe_dir, tmp_path):
     # both normally succeed; a run that loses the instant between the two renames says so (exit 2)
     assert 0 in [code for code, _ in results] and all(code in (0, 2) for code, _ in results), results
     assert all("Traceback" not in err for _, err in results), results
-    from dqdeploy.artifact import load_quantized
+    from dqdeploy.io.artifact import load_quantized
 
     assert load_quantized(out) is not None and leftovers(tmp_path) == []

@@ -12,14 +12,14 @@ import torch
 from diffusers import DDIMScheduler
 
 from dqdeploy import export, load_quantized, quantize
-from dqdeploy.artifact import load_calibration_inputs
-from dqdeploy.denoisers import SPECS
-from dqdeploy.errors import MissingDependencyError
-from dqdeploy.exporters.spec import read_spec
-from dqdeploy.exporters.targets import TARGET_SPECS
-from dqdeploy.models import load_model
-from dqdeploy.recipe import W8A8, CalibrationConfig
+from dqdeploy.core.denoisers import SPECS
+from dqdeploy.core.errors import MissingDependencyError
+from dqdeploy.core.recipe import W8A8, CalibrationConfig
+from dqdeploy.io.artifact import load_calibration_inputs
+from dqdeploy.io.models import load_model
 from dqdeploy.runtimes import load_runtime
+from dqdeploy.runtimes.spec import read_spec
+from dqdeploy.runtimes.targets import TARGET_SPECS
 from tests.helpers import (
     tiny_cond_unet,
     tiny_unet,

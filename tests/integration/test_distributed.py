@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from dqdeploy import quantize
-from dqdeploy.recipe import W8A8, CalibrationConfig
+from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, write_bare_unet, write_cond_file
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,10 +9,10 @@ import json
 import pytest
 from PIL import Image
 
+from dqdeploy.core.recipe import W4A8, W8A8, CalibrationConfig
 from dqdeploy.eval.report import EvalConfig, quality_report
 from dqdeploy.exporters.export import export
-from dqdeploy.quantize_stage import quantize
-from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
+from dqdeploy.stages.quantize import quantize
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
 from tests.integration.test_cli_errors import assert_user_error, dqdeploy
 

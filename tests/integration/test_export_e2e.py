@@ -10,11 +10,11 @@ import onnx
 import pytest
 
 from dqdeploy import export, quantize
-from dqdeploy.check import check_export
-from dqdeploy.errors import ArtifactError, ExportError
+from dqdeploy.core.errors import ArtifactError, ExportError
+from dqdeploy.core.recipe import W4A4, W4A8, W8A8, CalibrationConfig
 from dqdeploy.exporters.lint import lint_path
-from dqdeploy.exporters.spec import ONNX_FILE, read_spec
-from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
+from dqdeploy.runtimes.spec import ONNX_FILE, read_spec
+from dqdeploy.verify.check import check_export
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
 
 SIMPLIFY = True

@@ -9,11 +9,11 @@ import sys
 import onnx
 import pytest
 
-from dqdeploy.artifact import save_quantized
+from dqdeploy.core.recipe import W8A8
 from dqdeploy.exporters.export import export
-from dqdeploy.exporters.spec import ONNX_FILE
-from dqdeploy.quantize_stage import quantize_denoiser
-from dqdeploy.recipe import W8A8
+from dqdeploy.io.artifact import save_quantized
+from dqdeploy.runtimes.spec import ONNX_FILE
+from dqdeploy.stages.quantize import quantize_denoiser
 from tests.helpers import random_calib
 from tests.unit.test_sensitivity import FRAGILE, fragile_unet
 

@@ -15,14 +15,14 @@ import pytest
 from onnx import numpy_helper
 
 from dqdeploy import export, quantize
-from dqdeploy.artifact import read_manifest
-from dqdeploy.check import check_export
-from dqdeploy.cpu import EXACT_S8_MAX, cpu_info
+from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.exporters.export import resolve_format
-from dqdeploy.exporters.spec import ONNX_FILE, read_spec
+from dqdeploy.io.artifact import read_manifest
 from dqdeploy.quant.modules import quant_layers
-from dqdeploy.recipe import W8A8, CalibrationConfig
-from dqdeploy.runtimes.int8_probe import PROBES, probe
+from dqdeploy.runtimes.spec import ONNX_FILE, read_spec
+from dqdeploy.system.cpu import EXACT_S8_MAX, cpu_info
+from dqdeploy.verify.check import check_export
+from dqdeploy.verify.int8_probe import PROBES, probe
 from tests.helpers import tiny_unet, write_pipeline
 
 QEMU = shutil.which("qemu-x86_64")
@@ -42,7 +42,8 @@ def test_integer_ops_are_exact_here_in_the_formats_export_picks(op):
 def test_emulated_cpu_without_vnni():
     """On an emulated Haswell, the full-range int8 format saturates (the bug this guards against) while
     the portable format stays exact, and the CPU is classified as such."""
-    code = ("import json; from dqdeploy.cpu import cpu_info; from dqdeploy.runtimes.int8_probe import PROBES, probe; "
+    code = ("import json; from dqdeploy.system.cpu import cpu_info; "
+            "from dqdeploy.verify.int8_probe import PROBES, probe; "
             "print(json.dumps({'class': cpu_info().int8_class, 'flags': cpu_info().flags, "
             "'probes': {op: [probe(op, 'portable').mismatch, probe(op, 'vnni').mismatch, "
             "probe(op, 'vnni', weight_range=64).mismatch] "
@@ -89,7 +90,7 @@ def test_export_records_and_emits_its_format(artifact, cpu, tmp_path):
 
 
 def test_cpu_format_is_for_the_ort_target_only(artifact, tmp_path):
-    from dqdeploy.errors import ExportError
+    from dqdeploy.core.errors import ExportError
 
     with pytest.raises(ExportError, match="--cpu portable applies to --target ort"):
         export(artifact, tmp_path / "e", target="onnx", cpu="portable")
@@ -102,7 +103,7 @@ def test_w7a8_is_exact_everywhere_whatever_cpu_says(tmp_path):
     """7-bit weights never leave [-64, 64]: the graph is portable even when exported with --cpu vnni, all int8 (the fast
     u8s8 kernels), and it agrees with its simulation; the artifact round-trips its 7-bit integers."""
     from dqdeploy import load_quantized
-    from dqdeploy.recipe import W7A8
+    from dqdeploy.core.recipe import W7A8
 
     write_pipeline(tiny_unet(), tmp_path / "pipe")
     calib = CalibrationConfig(steps=4, samples=32, trajectories=8, batch_size=8)

@@ -9,12 +9,12 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
 from dqdeploy import quantize
-from dqdeploy.artifact import load_calibration_inputs, load_quantized, read_manifest
-from dqdeploy.models import load_denoiser
+from dqdeploy.core.recipe import W4A8, W8A8, CalibrationConfig
+from dqdeploy.io.artifact import load_calibration_inputs, load_quantized, read_manifest
+from dqdeploy.io.models import load_denoiser
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.quantizer import ActQuantizer
 from dqdeploy.quant.trajectories import load_conditioning
-from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
 from tests.helpers import tiny_cond_unet, tiny_unet, write_bare_unet, write_cond_file, write_pipeline
 
 CALIB = CalibrationConfig(steps=8, samples=48, trajectories=8, batch_size=8)

@@ -16,14 +16,14 @@ import torch
 
 from bench.scale_models import reduced, write_folder
 from dqdeploy import export, load_quantized, quantize
-from dqdeploy.artifact import load_calibration_inputs
-from dqdeploy.check import check_export
-from dqdeploy.errors import ExportError, RuntimeInputError
+from dqdeploy.core.errors import ExportError, RuntimeInputError
+from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.exporters import folder as folder_mod
 from dqdeploy.exporters import onnx as onnx_mod
-from dqdeploy.exporters.spec import ONNX_DATA_FILE, ONNX_FILE, read_spec
-from dqdeploy.recipe import W8A8, CalibrationConfig
+from dqdeploy.io.artifact import load_calibration_inputs
 from dqdeploy.runtimes import load_runtime
+from dqdeploy.runtimes.spec import ONNX_DATA_FILE, ONNX_FILE, read_spec
+from dqdeploy.verify.check import check_export
 from tests.helpers import write_transformer_cond, write_transformer_pipeline
 
 PTQ = W8A8.replace(distill="none", fallback="none")
@@ -104,8 +104,8 @@ def test_dynamic_resolution_runs_other_sizes(sd_artifact, tmp_path):
                                         ((8, 32), "at least 16"), ((16, 100000), "MAX above"),
                                         ((7, 9), "multiples of 8")])
 def test_impossible_ranges_are_refused_with_a_hint_that_works(sd_artifact, tmp_path, bad, match):
-    from dqdeploy.denoisers import spec_for
-    from dqdeploy.exporters.dynamic import check_range
+    from dqdeploy.core.denoisers import spec_for
+    from dqdeploy.runtimes.dynamic import check_range
 
     with pytest.raises(ExportError, match=match) as err:
         export(sd_artifact, tmp_path / "e", target="ort", dynamic_resolution=bad)

@@ -11,12 +11,12 @@ import torch
 from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 
 from dqdeploy import export, load_quantized, quantize
-from dqdeploy.check import check_export
-from dqdeploy.errors import ExportError, MissingDependencyError, RuntimeInputError
+from dqdeploy.core.errors import ExportError, MissingDependencyError, RuntimeInputError
+from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.exporters.lint import lint_path
-from dqdeploy.exporters.spec import read_spec
-from dqdeploy.recipe import W8A8, CalibrationConfig
 from dqdeploy.runtimes import load_runtime
+from dqdeploy.runtimes.spec import read_spec
+from dqdeploy.verify.check import check_export
 from tests.helpers import (
     POOLED_DIM,
     SEQ_LEN,
@@ -218,7 +218,7 @@ def test_sensitivity_analysis_and_auto_fallback_cover_transformers(artifact, tmp
     """`dqdeploy analyze` (and the default fallback `auto`, which ran while quantizing) read the artifact's
     calibration inputs with the model's own input names (Flux's position ids without a batch axis);
     flow-matching steps are weighted by their step size |sigma_next - sigma|."""
-    from dqdeploy.analyze import analyze_artifact
+    from dqdeploy.verify.analyze import analyze_artifact
 
     kind, result = artifact
     assert isinstance(result.manifest.fallback, list)  # auto ran (no longer UNet-only)

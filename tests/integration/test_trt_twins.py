@@ -22,15 +22,15 @@ from click.testing import CliRunner
 from diffusers import DDIMScheduler
 
 from dqdeploy import export, quantize
-from dqdeploy.check import check_export
 from dqdeploy.cli import cli
-from dqdeploy.errors import MissingDependencyError, RuntimeInputError
+from dqdeploy.core.errors import MissingDependencyError, RuntimeInputError
+from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.exporters.engine import profile_shapes
 from dqdeploy.exporters.export import trt_graph
 from dqdeploy.exporters.lint import lint_path
-from dqdeploy.exporters.spec import ONNX_FILE, read_spec
-from dqdeploy.recipe import W8A8, CalibrationConfig
 from dqdeploy.runtimes.ort import OrtDenoiser
+from dqdeploy.runtimes.spec import ONNX_FILE, read_spec
+from dqdeploy.verify.check import check_export
 from tests.helpers import tiny_cond_unet, tiny_unet, write_pipeline
 from tests.triton_config import config_io, graph_io, parse_pbtxt
 

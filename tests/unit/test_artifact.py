@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.artifact import (
+from dqdeploy.core.errors import ArtifactError, DQDeployError
+from dqdeploy.core.recipe import W4A4, W4A8, W8A8, CalibrationConfig
+from dqdeploy.io.artifact import (
     CALIB_INPUTS,
     FORMAT_VERSION,
     MANIFEST,
@@ -23,13 +25,11 @@ from dqdeploy.artifact import (
     save_quantized,
     sha256,
 )
-from dqdeploy.atomic import atomic_dir, atomic_write_bytes
-from dqdeploy.errors import ArtifactError, DQDeployError
-from dqdeploy.integrity import seal
+from dqdeploy.io.atomic import atomic_dir, atomic_write_bytes
+from dqdeploy.io.integrity import seal
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.trajectories import collect, load_conditioning
-from dqdeploy.quantize_stage import quantize_denoiser
-from dqdeploy.recipe import W4A4, W4A8, W8A8, CalibrationConfig
+from dqdeploy.stages.quantize import quantize_denoiser
 from tests.helpers import tiny_cond_unet, tiny_unet, write_cond_file
 
 CALIB = CalibrationConfig(steps=5, samples=24, trajectories=4, batch_size=4)

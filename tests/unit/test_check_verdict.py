@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dqdeploy.check import OUTLIER_EVERY, OUTLIER_RATIO, CheckResult, StepResult
-from dqdeploy.errors import CheckFailedError
+from dqdeploy.core.errors import CheckFailedError
+from dqdeploy.verify.check import OUTLIER_EVERY, OUTLIER_RATIO, CheckResult, StepResult
 
 
 def _result(ratios: list[float]) -> CheckResult:

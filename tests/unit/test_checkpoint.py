@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from dqdeploy.atomic import sweep_stale
-from dqdeploy.checkpoint import (
+from dqdeploy.io.atomic import sweep_stale
+from dqdeploy.io.checkpoint import (
     FORMAT,
     STATE,
     CheckpointError,
@@ -122,9 +122,9 @@ def test_fingerprint_follows_file_content(tmp_path):
 
 
 def test_a_user_error_before_distillation_leaves_no_checkpoint(tmp_path):
-    from dqdeploy.errors import CalibrationError
-    from dqdeploy.quantize_stage import quantize
-    from dqdeploy.recipe import W8A8, CalibrationConfig
+    from dqdeploy.core.errors import CalibrationError
+    from dqdeploy.core.recipe import W8A8, CalibrationConfig
+    from dqdeploy.stages.quantize import quantize
     from tests.helpers import tiny_cond_unet, write_bare_unet
 
     unet_dir, sched = write_bare_unet(tiny_cond_unet(), tmp_path)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dqdeploy.cpu import EXACT_S8_MAX, CpuInfo, cpu_info, maddubs_sum, pair_bound, s8_exact_anywhere
-from dqdeploy.errors import CpuFormatError
+from dqdeploy.core.errors import CpuFormatError
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, stored_weight
-from dqdeploy.exporters.spec import ExportSpec
 from dqdeploy.runtimes import ort as ort_runtime
+from dqdeploy.runtimes.spec import ExportSpec
+from dqdeploy.system.cpu import EXACT_S8_MAX, CpuInfo, cpu_info, maddubs_sum, pair_bound, s8_exact_anywhere
 
 AVX2 = CpuInfo("Haswell-like", "x86_64", ("avx2",), "test")
 AVX512_NO_VNNI = CpuInfo("Skylake-X-like", "x86_64", ("avx2", "avx512f"), "test")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dqdeploy.denoisers import SPECS, conditioning_dims, flux_position_ids, latent_shape, spec_for, spec_of
-from dqdeploy.errors import ModelLoadError
-from dqdeploy.models import load_model, make_scheduler
+from dqdeploy.core.denoisers import SPECS, conditioning_dims, flux_position_ids, latent_shape, spec_for, spec_of
+from dqdeploy.core.errors import ModelLoadError
+from dqdeploy.io.models import load_model, make_scheduler
 from tests.helpers import POOLED_DIM, TEXT_DIM, tiny_flux, tiny_pixart, tiny_sd3, tiny_unet, write_transformer_pipeline
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,10 +15,10 @@ import pytest
 import torch
 
 import dqdeploy
-from dqdeploy.models import LoadedModel
+from dqdeploy.io.models import LoadedModel
 from dqdeploy.quant.modules import QuantizedDenoiser
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
-from dqdeploy.sources import OpenedModel
+from dqdeploy.stages.sources import OpenedModel
 
 RENAMED = [
     ("dqdeploy.quant.modules", "QuantizedUNet", "QuantizedDenoiser"),
@@ -23,8 +26,8 @@ RENAMED = [
     ("dqdeploy.runtimes.ort", "OrtUNet", "OrtDenoiser"),
     ("dqdeploy.runtimes.trt", "TrtUNet", "TrtDenoiser"),
     ("dqdeploy.exporters.dequantize", "dequantized_unet", "dequantized_denoiser"),
-    ("dqdeploy.models", "load_unet", "load_denoiser"),
-    ("dqdeploy.models", "unet_class", "denoiser_class"),
+    ("dqdeploy.io.models", "load_unet", "load_denoiser"),
+    ("dqdeploy.io.models", "unet_class", "denoiser_class"),
 ]
 
 
@@ -41,7 +44,7 @@ def test_old_names_import_and_warn(module, old, new):
 
 
 def test_quantize_unet_still_takes_its_unet_keyword(monkeypatch):
-    import dqdeploy.quantize_stage as stage
+    import dqdeploy.stages.quantize as stage
 
     seen = []
     monkeypatch.setattr(stage, "quantize_denoiser", lambda *args, **kwargs: seen.append((args, kwargs)) or "result")
@@ -67,7 +70,7 @@ def test_new_names_do_not_warn():
         warnings.simplefilter("error")
         for module, _, new in RENAMED:
             getattr(importlib.import_module(module), new)
-        importlib.import_module("dqdeploy.quantize_stage").quantize_denoiser
+        importlib.import_module("dqdeploy.stages.quantize").quantize_denoiser
 
 
 def test_no_class_is_named_after_unets():
@@ -76,3 +79,23 @@ def test_no_class_is_named_after_unets():
              for path in package.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.ClassDef) and "unet" in node.name.lower()]
     assert found == []
+
+
+def test_moved_modules_import_under_their_old_path_and_warn():
+    from dqdeploy.core.deprecation import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.util.find_spec(new) is not None, new
+        parts = old.split(".")
+        assert not Path(dqdeploy.__file__).parent.joinpath(*parts[1:]).with_suffix(".py").exists(), old
+    code = ("import warnings, sys; warnings.simplefilter('error', DeprecationWarning)\n"
+            "import dqdeploy.io.artifact as new\n"
+            "try:\n    import dqdeploy.artifact\nexcept DeprecationWarning as w:\n    print('warned:', w)\n"
+            "warnings.simplefilter('ignore')\n"
+            "from dqdeploy import artifact as old\n"
+            "from dqdeploy.quantize_stage import quantize\n"
+            "import dqdeploy.stages.quantize as q\n"
+            "print(old is new, new.__spec__.name, quantize is q.quantize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "warned: dqdeploy.artifact is deprecated" in out and "import dqdeploy.io.artifact" in out
+    assert out.strip().endswith("True dqdeploy.io.artifact True")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqdeploy.inputs import CONTEXT, DenoiserInputs, cat, forward_hooks
+from dqdeploy.core.inputs import CONTEXT, DenoiserInputs, cat, forward_hooks
 from tests.helpers import SEQ_LEN, tiny_cond_unet, tiny_unet
 
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from dqdeploy.interrupts import Terminated, deferred, on_signal
+from dqdeploy.system.interrupts import Terminated, deferred, on_signal
 
 
 def test_a_signal_inside_deferred_is_raised_after_it():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dqdeploy.launch import torchrun_command, without_option
+from dqdeploy.system.launch import torchrun_command, without_option
 
 
 def test_without_option_drops_both_spellings_only():

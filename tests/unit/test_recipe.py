@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from dqdeploy.errors import ModelLoadError, RecipeError
+from dqdeploy.core.errors import ModelLoadError, RecipeError
+from dqdeploy.core.recipe import PRESETS, RECIPE_VERSION, W4A4, W4A8, W8A8, CalibrationConfig, Recipe, resolve_recipe
 from dqdeploy.quant.modules import QUANTIZABLE, quant_layers
 from dqdeploy.quant.timestep import TimestepTable
-from dqdeploy.quantize_stage import build_quantized
-from dqdeploy.recipe import PRESETS, RECIPE_VERSION, W4A4, W4A8, W8A8, CalibrationConfig, Recipe, resolve_recipe
+from dqdeploy.stages.quantize import build_quantized
 from tests.helpers import random_calib, tiny_unet
 
 
@@ -172,8 +172,8 @@ def test_a_recipe_that_selects_nothing_is_a_model_load_error():
 def test_first_last_names_stand_for_each_model_kinds_own_ends():
     """conv_in / conv_out mean a transformer's patch embedding and proj_out (Flux: x_embedder), kept at 8 bits
     by W4A8; the same names inside a UNet (its transformer blocks' proj_out) stay at 4 bits."""
-    from dqdeploy.denoisers import SPECS
-    from dqdeploy.recipe import W4A8
+    from dqdeploy.core.denoisers import SPECS
+    from dqdeploy.core.recipe import W4A8
 
     sd3, flux, unet = (SPECS[c].ends for c in ("SD3Transformer2DModel", "FluxTransformer2DModel", "UNet2DModel"))
     assert W4A8.weight_bits_for("pos_embed.proj", sd3) == W4A8.weight_bits_for("proj_out", sd3) == 8
@@ -211,8 +211,8 @@ def test_act8_layers_is_left_out_of_the_json_at_its_default():
 def test_seven_bit_weights_are_a_recipe_and_a_preset():
     import pytest as _pytest
 
-    from dqdeploy.errors import RecipeError
-    from dqdeploy.recipe import PRESETS, W7A8, Recipe
+    from dqdeploy.core.errors import RecipeError
+    from dqdeploy.core.recipe import PRESETS, W7A8, Recipe
 
     assert PRESETS["w7a8"] is W7A8 and W7A8.weight_bits == 7 and W7A8.weight_bits_for("conv_in") == 7
     assert Recipe.from_dict(W7A8.to_dict()) == W7A8

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dqdeploy.core.recipe import W8A8
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.sensitivity import analyze, choose_fallback, quantized_only
-from dqdeploy.quantize_stage import quantize_denoiser
-from dqdeploy.recipe import W8A8
+from dqdeploy.stages.quantize import quantize_denoiser
 from tests.helpers import random_calib, tiny_unet
 
 FRAGILE = "up_blocks.1.resnets.0.conv2"

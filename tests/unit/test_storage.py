@@ -12,15 +12,15 @@ from diffusers import DDIMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 import dqdeploy.quant.quantizer as quantizer_module
-from dqdeploy.artifact import CALIB_INPUTS, WEIGHTS, load_quantized, read_manifest, save_artifact, save_quantized
-from dqdeploy.describe import describe
-from dqdeploy.errors import ArtifactError
+from dqdeploy.core.errors import ArtifactError
+from dqdeploy.core.recipe import W4A8, W8A8, CalibrationConfig
+from dqdeploy.io.artifact import CALIB_INPUTS, WEIGHTS, load_quantized, read_manifest, save_artifact, save_quantized
+from dqdeploy.io.storage import file_header, int_key, pack_int4, packed_size, unpack_int4, weight_bytes
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.primitives import CLIP_RATIOS, qrange, quant_error, search_weight_scale
 from dqdeploy.quant.trajectories import calibration_subset, collect
-from dqdeploy.quantize_stage import quantize_denoiser
-from dqdeploy.recipe import W4A8, W8A8, CalibrationConfig
-from dqdeploy.storage import file_header, int_key, pack_int4, packed_size, unpack_int4, weight_bytes
+from dqdeploy.stages.quantize import quantize_denoiser
+from dqdeploy.verify.inspect import describe
 from tests.helpers import random_calib, tiny_unet
 
 CALIB = CalibrationConfig(steps=4, samples=16, trajectories=4, batch_size=4)

@@ -1,4 +1,5 @@
-"""The package's shape: public verbs, no import cycle (function-level imports included), size limits."""
+"""The package's shape: public verbs, layers whose imports only go down, no import cycle (function-level imports
+included), size limits."""
 
 from __future__ import annotations
 
@@ -77,8 +78,44 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycle_inside_the_package():
     modules = _modules()
     graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
-    assert graph["dqdeploy.sources"]  # the parser sees imports (a broken parser would pass trivially)
+    assert graph["dqdeploy.stages.sources"]  # the parser sees imports (a broken parser would pass trivially)
     assert _cycles(graph) == []
+
+
+# bottom to top: a module may import its own layer and the layers before it (ARCHITECTURE.md draws them)
+LAYERS = ["core", "system", "quant", "io", "runtimes", "exporters", "stages", "verify", "eval", "cli"]
+MAX_TOP_LEVEL_MODULES = 6
+
+
+def _layer(module: str) -> int:
+    """Index of ``module``'s layer; the package's own top-level modules sit above every layer."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] not in LAYERS:
+        return len(LAYERS)
+    return LAYERS.index(parts[1])
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if _layer(t) > _layer(m))
+
+
+def test_imports_only_go_down_the_layers():
+    modules = _modules()
+    top = [n for n in modules if n.count(".") == 1 and _layer(n) == len(LAYERS)]
+    assert sorted(top) == ["dqdeploy.__main__"]  # every other module sits in a layer
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    assert _upward(graph) == []
+
+
+def test_layer_check_finds_an_upward_import():
+    assert _upward({"dqdeploy.core.errors": {"dqdeploy.io.paths"}, "dqdeploy.cli": {"dqdeploy.core.errors"}}) == [
+        "dqdeploy.core.errors -> dqdeploy.io.paths"]
+
+
+def test_few_modules_at_the_top_level():
+    top = [p.name for p in PACKAGE.glob("*.py")]
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(LAYERS)
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -19,8 +19,8 @@ def test_every_target_and_family_has_a_row():
     sys.path.insert(0, str(ROOT / "scripts"))
     from support_tables import tables
 
-    from dqdeploy.denoisers import SPECS
-    from dqdeploy.exporters.targets import TARGET_SPECS
+    from dqdeploy.core.denoisers import SPECS
+    from dqdeploy.runtimes.targets import TARGET_SPECS
 
     text = tables()
     assert all(f"| `{t}` |" in text for t in TARGET_SPECS) and all(f"| `{c}` |" in text for c in SPECS)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dqdeploy.models import load_denoiser
-from dqdeploy.tensorfile import TensorFileError, read_tensors
+from dqdeploy.io.models import load_denoiser
+from dqdeploy.io.tensorfile import TensorFileError, read_tensors
 from tests.helpers import tiny_unet, write_pipeline
 
 

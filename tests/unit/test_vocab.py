@@ -1,13 +1,13 @@
-"""One word per idea: the literals in dqdeploy.vocab, and reading files written with the old words."""
+"""One word per idea: the literals in dqdeploy.core.vocab, and reading files written with the old words."""
 
 from __future__ import annotations
 
 import json
 
-from dqdeploy.exporters.spec import ExportSpec, TensorSpec
-from dqdeploy.exporters.targets import layout_of
-from dqdeploy.recipe import W8A8, Recipe
-from dqdeploy.vocab import LAYOUTS, TARGETS
+from dqdeploy.core.recipe import W8A8, Recipe
+from dqdeploy.core.vocab import LAYOUTS, TARGETS
+from dqdeploy.runtimes.spec import ExportSpec, TensorSpec
+from dqdeploy.runtimes.targets import layout_of
 
 
 def _spec(**changes) -> ExportSpec:

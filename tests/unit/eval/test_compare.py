@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dqdeploy.errors import DQDeployError
+from dqdeploy.core.errors import DQDeployError
 from dqdeploy.eval.compare import image_errors, psnr, ssim, step_errors, summarize_steps, tensor_errors
-from dqdeploy.models import make_scheduler
+from dqdeploy.io.models import make_scheduler
 from tests.helpers import scheduler, tiny_unet
 
 

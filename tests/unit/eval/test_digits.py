@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dqdeploy.errors import DQDeployError, ModelLoadError
+from dqdeploy.core.errors import DQDeployError, ModelLoadError
 from dqdeploy.eval import digits as digits_mod
 from dqdeploy.eval.digits import (
     DigitsClassifier,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dqdeploy.errors import DQDeployError
+from dqdeploy.core.errors import DQDeployError
 from dqdeploy.eval.features import extract, load_extractor, load_reference_images, pixel_features
 
 

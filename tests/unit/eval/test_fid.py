@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from dqdeploy.errors import DQDeployError
+from dqdeploy.core.errors import DQDeployError
 from dqdeploy.eval.digits import load_classifier, load_digits_images
 from dqdeploy.eval.fid import class_histogram, classifier_features, digits_fid, feature_stats, frechet_distance
 

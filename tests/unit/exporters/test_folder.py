@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dqdeploy.errors import ExportError
+from dqdeploy.core.errors import ExportError
 from dqdeploy.exporters.external import load_graph
 from dqdeploy.exporters.folder import check_graph
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dqdeploy.errors import LintError
+from dqdeploy.core.errors import LintError
 from dqdeploy.exporters.lint import RULES, Violation, check_trt, lint_path, lint_trt
 
 C_IN, C_OUT, HW = 4, 8, 6

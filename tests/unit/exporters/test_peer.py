@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DModel
 from onnx import TensorProto, numpy_helper
 
-from dqdeploy.errors import CalibrationError, ExportError
+from dqdeploy.core.errors import CalibrationError, ExportError
 from dqdeploy.exporters.onnx import example_inputs, export_float_onnx
 from dqdeploy.exporters.ort_baseline import quantize_with_ort
 

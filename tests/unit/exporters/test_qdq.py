@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.errors import ExportError
+from dqdeploy.core.errors import ExportError
+from dqdeploy.core.inputs import DenoiserInputs
 from dqdeploy.exporters.dequantize import simulate_layer_input, tensors_of
 from dqdeploy.exporters.onnx import export_float_onnx
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, insert_qdq
-from dqdeploy.exporters.targets import layout_of
-from dqdeploy.inputs import DenoiserInputs
 from dqdeploy.quant.modules import QuantLayer
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
+from dqdeploy.runtimes.targets import layout_of
 
 TIMESTEPS = [901.0, 601.0, 301.0, 1.0]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dqdeploy.errors import ExportError
-from dqdeploy.exporters.targets import TARGET_SPECS, layout_of, target_spec, targets_help
-from dqdeploy.vocab import TARGETS
+from dqdeploy.core.errors import ExportError
+from dqdeploy.core.vocab import TARGETS
+from dqdeploy.runtimes.targets import TARGET_SPECS, layout_of, target_spec, targets_help
 
 
 def test_one_record_per_target_literal():

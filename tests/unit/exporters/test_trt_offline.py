@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from dqdeploy.errors import ArtifactError, DQDeployError, ExportError, MissingDependencyError
+from dqdeploy.core.errors import ArtifactError, DQDeployError, ExportError, MissingDependencyError
 from dqdeploy.exporters.engine import build_engine, profile_shapes
-from dqdeploy.exporters.engine_spec import read_engine_info
-from dqdeploy.exporters.spec import ENGINE_FILE, ENGINE_SPEC_FILE, ExportSpec, TensorSpec
 from dqdeploy.exporters.triton import triton_config, write_triton_repo
-from dqdeploy.trt_gate import require_tensorrt
+from dqdeploy.runtimes.engine_spec import read_engine_info
+from dqdeploy.runtimes.spec import ENGINE_FILE, ENGINE_SPEC_FILE, ExportSpec, TensorSpec
+from dqdeploy.system.trt_gate import require_tensorrt
 
 ROOT = Path(__file__).resolve().parents[3]
 CPP = ROOT / "examples" / "cpp"
@@ -209,7 +209,7 @@ def _fake_build(monkeypatch, tmp_path: Path, *, parse_error: bool = False) -> tu
     (folder / "unet").mkdir(parents=True)
     import dataclasses
 
-    from dqdeploy.integrity import file_record
+    from dqdeploy.io.integrity import file_record
 
     (folder / "unet" / "model.onnx").write_bytes(b"graph")
     record = {"unet/model.onnx": file_record(folder / "unet" / "model.onnx")}

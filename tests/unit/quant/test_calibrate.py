@@ -7,15 +7,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dqdeploy.errors import CalibrationError
-from dqdeploy.inputs import DenoiserInputs
+from dqdeploy.core.errors import CalibrationError
+from dqdeploy.core.inputs import DenoiserInputs
+from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.quant.calibrate import init_activation_scales, init_output_scales, input_channel_absmax
 from dqdeploy.quant.modules import quant_layers, set_act_quant
 from dqdeploy.quant.primitives import CLIP_RATIOS
 from dqdeploy.quant.timestep import TimestepTable
 from dqdeploy.quant.trajectories import CalibrationSet, collect
-from dqdeploy.quantize_stage import build_quantized, quantize_denoiser
-from dqdeploy.recipe import W8A8, CalibrationConfig
+from dqdeploy.stages.quantize import build_quantized, quantize_denoiser
 from tests.helpers import tiny_unet
 
 STEPS = 5

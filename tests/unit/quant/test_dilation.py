@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from dqdeploy.core.recipe import W8A8
 from dqdeploy.quant.dilation import dilation_factors, smoothquant_factors
 from dqdeploy.quant.modules import QuantLayer, quant_layers
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
-from dqdeploy.quantize_stage import build_quantized
-from dqdeploy.recipe import W8A8
+from dqdeploy.stages.quantize import build_quantized
 from tests.helpers import random_calib, tiny_unet
 
 

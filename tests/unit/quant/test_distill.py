@@ -7,14 +7,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from dqdeploy.core.recipe import W4A8, CalibrationConfig
 from dqdeploy.quant.blocks import partition
 from dqdeploy.quant.calibrate import init_activation_scales
 from dqdeploy.quant.distill import distill_model, model_targets
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.timestep import TimestepTable
 from dqdeploy.quant.trajectories import collect
-from dqdeploy.quantize_stage import build_quantized, example_forward
-from dqdeploy.recipe import W4A8, CalibrationConfig
+from dqdeploy.stages.quantize import build_quantized, example_forward
 from tests.helpers import distill, random_calib, tiny_cond_unet, tiny_unet
 
 RECIPE = W4A8.replace(iters=30, batch_size=16, lr_weight=1e-4)

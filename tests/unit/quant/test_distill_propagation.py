@@ -11,14 +11,14 @@ import copy
 import pytest
 import torch
 
-from dqdeploy.inputs import forward_hooks
+from dqdeploy.core.inputs import forward_hooks
+from dqdeploy.core.recipe import W4A8
 from dqdeploy.quant.blocks import partition
 from dqdeploy.quant.blockstore import BlockStore, flatten, unflatten
 from dqdeploy.quant.calibrate import init_activation_scales
 from dqdeploy.quant.distill import _train, block_loss, output_tensors
 from dqdeploy.quant.timestep import TimestepTable
-from dqdeploy.quantize_stage import build_quantized, example_forward
-from dqdeploy.recipe import W4A8
+from dqdeploy.stages.quantize import build_quantized, example_forward
 from tests.helpers import distill, random_calib, tiny_cond_unet, tiny_pixart, tiny_unet
 
 RECIPE = W4A8.replace(iters=4, batch_size=3, lr_weight=1e-4)
@@ -82,7 +82,7 @@ def _calibrated(fp, calib):
 @pytest.mark.parametrize("make", [tiny_unet, tiny_cond_unet, tiny_pixart],
                          ids=["UNet2DModel", "UNet2DConditionModel", "PixArt"])
 def test_propagation_equals_running_from_the_start(make, tmp_path):
-    from dqdeploy.denoisers import spec_for
+    from dqdeploy.core.denoisers import spec_for
 
     fp = make()
     calib = random_calib(fp, n=8) if make is not tiny_pixart else _pixart_calib(fp)
@@ -106,7 +106,7 @@ def test_propagation_equals_running_from_the_start(make, tmp_path):
 
 
 def _pixart_calib(fp):
-    from dqdeploy.inputs import DenoiserInputs
+    from dqdeploy.core.inputs import DenoiserInputs
     from dqdeploy.quant.trajectories import CalibrationSet
 
     g = torch.Generator().manual_seed(0)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dqdeploy.quant.float_layers import FloatLayers
+from dqdeploy.core.recipe import W4A8
+from dqdeploy.io.float_layers import FloatLayers
+from dqdeploy.io.storage import stored_state
 from dqdeploy.quant.modules import QuantLayer, quant_layers
-from dqdeploy.quantize_stage import quantize_denoiser
-from dqdeploy.recipe import W4A8
-from dqdeploy.storage import stored_state
+from dqdeploy.stages.quantize import quantize_denoiser
 from tests.helpers import random_calib, tiny_cond_unet
 
 

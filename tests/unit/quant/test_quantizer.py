@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from dqdeploy.core.recipe import W8A8
 from dqdeploy.quant.modules import QuantLayer
 from dqdeploy.quant.primitives import fake_quant
 from dqdeploy.quant.quantizer import ActQuantizer, WeightQuantizer
 from dqdeploy.quant.timestep import StepIndex, TimestepTable
-from dqdeploy.quantize_stage import build_quantized
-from dqdeploy.recipe import W8A8
+from dqdeploy.stages.quantize import build_quantized
 from tests.helpers import random_calib, tiny_unet
 
 SCALES = torch.tensor([0.01, 0.02, 0.04, 0.08, 0.16])

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dqdeploy.errors import CalibrationError
+from dqdeploy.core.errors import CalibrationError
+from dqdeploy.core.recipe import CalibrationConfig
 from dqdeploy.quant.trajectories import collect, load_conditioning
-from dqdeploy.recipe import CalibrationConfig
 from tests.helpers import (
     POOLED_DIM,
     SEQ_LEN,

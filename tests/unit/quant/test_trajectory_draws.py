@@ -14,10 +14,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, UNet2DModel
 
-from dqdeploy.denoisers import latent_shape, spec_of
+from dqdeploy.core.denoisers import latent_shape, spec_of
+from dqdeploy.core.recipe import CalibrationConfig
+from dqdeploy.core.sampling import advance, denoise
 from dqdeploy.quant.trajectories import Conditioning, collect
-from dqdeploy.recipe import CalibrationConfig
-from dqdeploy.sampling import advance, denoise
 from tests.helpers import CROSS_DIM, SEQ_LEN, tiny_cond_unet
 
 SCHEDULERS = {

@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 
+from dqdeploy.core.inputs import DenoiserInputs
 from dqdeploy.exporters.onnx import export_float_onnx
-from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
-from dqdeploy.inputs import DenoiserInputs
-from dqdeploy.integrity import file_record, seal
+from dqdeploy.io.integrity import file_record, seal
+from dqdeploy.runtimes.spec import ONNX_FILE, SPEC_FILE, ExportSpec, TensorSpec
 from tests.helpers import CROSS_DIM, SEQ_LEN, tiny_cond_unet, tiny_unet  # noqa: F401  (re-exported to tests)
 
 if TYPE_CHECKING:

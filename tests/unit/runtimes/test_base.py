@@ -12,9 +12,9 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from dqdeploy.errors import ArtifactError, RuntimeInputError
-from dqdeploy.exporters.spec import ExportSpec, TensorSpec
+from dqdeploy.core.errors import ArtifactError, RuntimeInputError
 from dqdeploy.runtimes.base import CalibratedStepWarning, DenoiserRuntime
+from dqdeploy.runtimes.spec import ExportSpec, TensorSpec
 
 
 def make_spec(conditional: bool = False, sample_dtype: str = "float32", timesteps=()) -> ExportSpec:

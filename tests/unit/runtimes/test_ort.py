@@ -13,13 +13,13 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
-from dqdeploy.errors import ArtifactError, DQDeployError, MissingDependencyError, RuntimeInputError
-from dqdeploy.exporters.spec import ONNX_FILE, SPEC_FILE
-from dqdeploy.integrity import seal
+from dqdeploy.core.errors import ArtifactError, DQDeployError, MissingDependencyError, RuntimeInputError
+from dqdeploy.core.sampling import denoise
+from dqdeploy.io.integrity import seal
 from dqdeploy.runtimes import load_runtime
 from dqdeploy.runtimes.base import CalibratedStepWarning
 from dqdeploy.runtimes.ort import OrtDenoiser, session_options
-from dqdeploy.sampling import denoise
+from dqdeploy.runtimes.spec import ONNX_FILE, SPEC_FILE
 
 ATOL = 1e-4
 CROSS_DIM, SEQ_LEN = 24, 5  # the conditional fixture's context (conftest.tiny_cond_unet)

@@ -1,0 +1,98 @@
+"""What `dqdeploy inspect` prints: a short description of an artifact or an export folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.errors import DQDeployError
+
+
+def describe(path: Path, *, as_json: bool = False) -> str:
+    """Describe the quantized artifact or export folder at ``path`` (its raw metadata with ``as_json``)."""
+    from ..stages.sources import detect
+
+    kind = detect(path)
+    if kind == "quantized":
+        return _describe_artifact(path, as_json)
+    if kind == "export":
+        return _describe_export(path, as_json)
+    raise DQDeployError(f"{path} is neither a quantized artifact nor an export folder",
+                        hint="inspect takes the --out folder of `dqdeploy quantize` or `dqdeploy export`")
+
+
+def _describe_artifact(path: Path, as_json: bool) -> str:
+    from ..io.artifact import read_manifest, verify_files
+
+    m = read_manifest(path)
+    verify_files(path, m)  # a corrupted artifact must not be described as if it were sound
+    if as_json:
+        return m.to_json()
+    r, c = m.recipe, m.calibration
+    bits: dict[int, int] = {}
+    for meta in m.layers.values():
+        bits[meta.weight_bits] = bits.get(meta.weight_bits, 0) + 1
+    folds = sum(1 for meta in m.layers.values() if meta.fold != "mul")
+    lines = [
+        f"quantized artifact  {path}",
+        f"  model            {m.model_class} (dqdeploy {m.dqdeploy_version}, format v{m.format_version})",
+        f"  recipe           {r.name}: W{r.weight_bits}A{r.act_bits} "
+        f"{'symmetric' if r.act_symmetric else 'asymmetric'} activations, scaling={r.scaling}, "
+        f"timestep scales={r.timestep_scales}, distill={r.distill}, layout={r.layout}",
+        f"  calibration      {c['scheduler']} x {c['steps']} steps, {c['samples']} samples, seed {c['seed']}",
+        f"  layers           {len(m.layers)} ({', '.join(f'{v} at {k}-bit' for k, v in sorted(bits.items()))}); "
+        f"1/s folds into a norm for {folds}",
+        f"  fallback         {', '.join(m.fallback) if m.fallback else 'none'} "
+        f"(recipe fallback={r.fallback}; kept in float in both graphs)",
+    ]
+    lines.append(_weights_line(path, m.format_version))
+    if m.blocks:
+        worst = max(m.blocks, key=lambda b: b["loss_after"])
+        lines.append(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
+    return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _weights_line(path: Path, version: int) -> str:
+    from ..io.artifact import WEIGHTS
+    from ..io.storage import file_header, weight_bytes
+
+    sizes = weight_bytes(file_header(path / WEIGHTS))
+    if version < 2:
+        return (f"  weights          {WEIGHTS} {_mb(sum(sizes.values()))}, "
+                "float (format v1; re-quantize for integer storage)")
+    fp32 = 4 * sizes["int8"] + 8 * sizes["int4"] + sizes["float"]  # float tensors as stored (float32)
+    return (f"  weights          {WEIGHTS} {_mb(sum(sizes.values()))}: 8-bit integers {_mb(sizes['int8'])}, "
+            f"4-bit packed {_mb(sizes['int4'])}, float {_mb(sizes['float'])} (about {_mb(fp32)} as float32)")
+
+
+def _describe_export(path: Path, as_json: bool) -> str:
+    from ..runtimes.spec import read_spec
+
+    spec = read_spec(path)
+    if as_json:
+        return spec.to_json()
+    lines = [
+        f"export folder  {path}",
+        f"  target       {spec.target} ({spec.precision}, opset {spec.opset}), model {spec.model_class}",
+        *(f"  {t.name:<22} {t.dtype} {t.shape}" for t in spec.inputs + spec.outputs),
+        f"  timesteps    {len(spec.timesteps)} calibrated",
+    ]
+    return "\n".join(lines + _int8_lines(spec))
+
+
+def _int8_lines(spec) -> list[str]:
+    """Which CPUs the graph's integer kernels are exact on, and whether this one is among them."""
+    from ..system.cpu import cpu_info, exact_on
+
+    fmt = spec.weight_format
+    if fmt is None:
+        return ["  int8 kernels none on ONNX Runtime (" + ("float graph)" if spec.layout is None else
+                                                          "TensorRT layout: ONNX Runtime runs its Q/DQ as float math)")]
+    info = cpu_info()
+    verdict = "exact" if info.exact(fmt) else "NOT exact (re-export with --cpu portable)"
+    recorded = "" if spec.int8_format else " (exported before the format was recorded)"
+    return [f"  int8 format  {fmt}{recorded}: exact on {exact_on(fmt)}",
+            f"  this CPU     {info.model} ({' '.join(info.flags) or 'no int8 flags'}; {info.int8_class}): {verdict}"]
