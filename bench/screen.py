@@ -21,11 +21,12 @@ import torch  # noqa: E402
 
 from bench.common import write_results  # noqa: E402
 from dqdeploy.core.inputs import DenoiserInputs  # noqa: E402
+from dqdeploy.core.metrics import relative_error  # noqa: E402
 from dqdeploy.core.recipe import PRESETS, CalibrationConfig  # noqa: E402
 from dqdeploy.core.sampling import denoise  # noqa: E402
 from dqdeploy.eval.digits import digits_model_dir  # noqa: E402
 from dqdeploy.io.models import load_model, make_scheduler  # noqa: E402
-from dqdeploy.quant.sensitivity import outputs, relative_error  # noqa: E402
+from dqdeploy.quant.sensitivity import outputs  # noqa: E402
 from dqdeploy.quant.trajectories import collect  # noqa: E402
 from dqdeploy.stages.quantize import quantize_denoiser  # noqa: E402
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import DQDeployError
+from ..core.metrics import relative_error
 from ..core.sampling import Cond, denoise
 
 
@@ -33,9 +34,8 @@ def _flat_pair(ref: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, tor
 def tensor_errors(ref: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample ``rel_err``, ``snr_db`` and ``cosine`` of ``test`` against ``ref`` ([N, ...] each)."""
     r, q = _flat_pair(ref, test)
-    err = (q - r).norm(dim=1)
-    norm = r.norm(dim=1).clamp_min(1e-30)
-    rel = err / norm
+    err, norm = (q - r).norm(dim=1), r.norm(dim=1).clamp_min(1e-30)
+    rel = relative_error(q, r, eps=1e-30)
     snr = 20.0 * torch.log10(norm / err.clamp_min(1e-30))
     cos = F.cosine_similarity(r, q, dim=1, eps=1e-30)
     return {"rel_err": rel.float(), "snr_db": snr.float(), "cosine": cos.float()}

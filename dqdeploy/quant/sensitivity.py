@@ -28,6 +28,7 @@ import torch
 
 from ..core.denoisers import spec_of
 from ..core.inputs import DenoiserInputs, forward_hooks
+from ..core.metrics import relative_error
 from .blocks import partition
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers
 
@@ -116,12 +117,6 @@ def outputs(model: torch.nn.Module, inputs: Inputs, batch: int = 32) -> torch.Te
     """The model's output for every input sample (batched)."""
     inputs = as_inputs(inputs, model)
     return torch.cat([inputs.slice(idx).call(model) for idx in torch.arange(len(inputs)).split(batch)])
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``||out - ref|| / ||ref||``."""
-    diff = (out - ref).flatten(1).norm(dim=1)
-    return diff / ref.flatten(1).norm(dim=1).clamp(min=1e-12)
 
 
 def trajectory_weights(alphas_cumprod: torch.Tensor, schedule: list[float],

@@ -24,6 +24,7 @@ import torch
 from ..core.denoisers import spec_for, spec_of
 from ..core.errors import ArtifactError, CheckFailedError, require
 from ..core.inputs import OUTPUT, DenoiserInputs, forward_hooks
+from ..core.metrics import relative_error
 from ..core.vocab import GraphRuntime, Inexact, Layout
 from ..exporters.dequantize import simulate_layer_input
 from ..exporters.qdq import UINT8_ZERO_POINT, input_q_name
@@ -187,7 +188,9 @@ def _feeds(calib: DenoiserInputs, samples: int, input_dtypes: dict[str, np.dtype
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+    """Relative error of the whole batch (one vector), in float64."""
+    out, ref = (torch.from_numpy(x).double().reshape(1, -1) for x in (a, b))
+    return float(relative_error(out, ref))
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
