@@ -178,7 +178,10 @@ def export_graph(
         del parts
         graph = _finish_graph(graph, target, simplify)
         with stage(log, "write the graph"):
-            _write(graph, folder, _spec(graph, manifest, target, fp16, opset, dynamic_resolution, int8_format))
+            _write(graph, folder, _spec(
+                graph, target, fp16, opset, dynamic_resolution, model_class=manifest.model_class,
+                model_config=manifest.model_config, timesteps=manifest.timesteps, recipe=manifest.recipe,
+                scheduler_config=manifest.scheduler_config, source=manifest.integrity, int8_format=int8_format))
     return Path(out_dir)
 
 
@@ -338,16 +341,13 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
     return graph
 
 
-def _spec(graph: Any, manifest: Manifest, target: GraphTarget, fp16: bool, opset: int,
-          resolution_range: tuple[int, int] | None, int8_format: Int8Format | None) -> ExportSpec:
+def _spec(graph: Any, target: GraphTarget, fp16: bool, opset: int, resolution_range: tuple[int, int] | None,
+          **fields: Any) -> ExportSpec:
+    """The spec of ``graph`` (its I/O read from the graph); ``fields``: what the source adds (model, recipe...)."""
     inputs, outputs = tensor_specs(graph)
-    return ExportSpec(
-        target=target, precision="fp16" if fp16 else "fp32", opset=opset, model_class=manifest.model_class,
-        model_config=manifest.model_config, inputs=inputs, outputs=outputs, timesteps=manifest.timesteps,
-        recipe=manifest.recipe, scheduler_config=manifest.scheduler_config, versions=versions(),
-        source=manifest.integrity, resolution_range=None if resolution_range is None else list(resolution_range),
-        int8_format=int8_format,
-    )
+    return ExportSpec(target=target, precision="fp16" if fp16 else "fp32", opset=opset, inputs=inputs,
+                      outputs=outputs, versions=versions(),
+                      resolution_range=None if resolution_range is None else list(resolution_range), **fields)
 
 
 def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite: bool,
@@ -358,13 +358,8 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
                    else example_inputs(loaded.denoiser))
         denoiser = loaded.denoiser.half() if fp16 else loaded.denoiser
         graph = _float_graph(denoiser, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
-        inputs, outputs = tensor_specs(graph)
-        spec = ExportSpec(
-            target="float", precision="fp16" if fp16 else "fp32", opset=20, model_class=type(denoiser).__name__,
-            model_config=portable_config(denoiser), inputs=inputs, outputs=outputs,
-            scheduler_config=loaded.scheduler_config, versions=versions(),
-            resolution_range=None if dynamic_resolution is None else list(dynamic_resolution),
-        )
+        spec = _spec(graph, "float", fp16, 20, dynamic_resolution, model_class=type(denoiser).__name__,
+                     model_config=portable_config(denoiser), scheduler_config=loaded.scheduler_config)
         del loaded, denoiser
         check_graph(graph)
         _write(graph, folder, spec)
