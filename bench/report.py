@@ -241,6 +241,20 @@ def dit_latency_section(lat: dict) -> list[str]:
     return out + [""]
 
 
+def transformer_width_section(res: dict) -> list[str]:
+    m = res["model"]
+    out = ["## ONNX Runtime CPU latency: a transformer at PixArt-Sigma's width", "",
+           f"`{res['command']}` — {m['class']}, hidden {m['hidden']} ({m['heads']} heads), {m['blocks']} blocks "
+           f"({m['parameters'] / 1e6:.0f}M parameters), {m['image_tokens']} image + {m['text_tokens']} text tokens, "
+           f"batch {m['batch']}, one thread; interleaved rounds, medians. Profile: share of one call's kernel time "
+           "per op type (ONNX Runtime's profiler).", "",
+           "| graph | median (ms) | speed-up vs FP32 | where the time goes |", "|---|---:|---:|---|"]
+    for name, row in res["rows"].items():
+        top = ", ".join(f"{op} {p['share']:.0%}" for op, p in list(res["profile_ms"][name].items())[:5])
+        out.append(f"| {name} | {row['median_ms']:.1f} | {row['speedup']:.2f}x | {top} |")
+    return out + [""]
+
+
 def memory_section(mem: dict) -> list[str]:
     out = ["## Distillation memory", "", f"`{mem['command']}` — recipe {mem['recipe']}, {mem['iters']} iterations, "
            f"{mem['calibration_samples']} calibration samples; "
@@ -620,6 +634,10 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
         ("ONNX Runtime CPU latency", ("latency.json",), lambda: _load("latency"), _flat(latency_section), speed),
         ("ONNX Runtime CPU latency: digits diffusion transformer", ("latency_dit.json",), lambda: _load("latency_dit"),
          _flat(dit_latency_section), speed),
+        ("ONNX Runtime CPU latency: a transformer at PixArt-Sigma's width", ("transformer_width.json",),
+         lambda: _load("transformer_width"), _flat(transformer_width_section),
+         _one(lambda d: "vs FP32: " + ", ".join(f"{k} {r['speedup']:.2f}x" for k, r in d["rows"].items()
+                                                 if k != "fp32"))),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
         ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),
