@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import zoo  # noqa: E402
 from bench.common import write_results  # noqa: E402
 from dqdeploy.io.artifact import load_calibration_inputs, load_quantized, read_manifest  # noqa: E402
 from dqdeploy.io.models import make_scheduler  # noqa: E402
@@ -33,6 +34,7 @@ GROUPS = {
 
 def main() -> None:
     quant_dir, name = sys.argv[1], sys.argv[2]
+    zoo.refuse_held_out(quant_dir, "group ablations")
     manifest = read_manifest(quant_dir)
     model, inputs = load_quantized(quant_dir), load_calibration_inputs(quant_dir)
     weights = scheduler_weights(make_scheduler(manifest.calibration.get("scheduler", "ddim"),

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
+from bench import zoo  # noqa: E402
 from bench.common import write_results  # noqa: E402
 from dqdeploy.core.inputs import DenoiserInputs  # noqa: E402
 from dqdeploy.core.metrics import relative_error  # noqa: E402
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model_dir = args.model or digits_model_dir()
+    zoo.refuse_held_out(model_dir, "screening recipe variants")
     loaded = load_model(model_dir)
     sched = make_scheduler("ddim", loaded.scheduler_config)
     calib_cfg = CalibrationConfig(scheduler="ddim", steps=args.steps, seed=0)

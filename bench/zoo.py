@@ -33,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "train_digits.py"
+ALT_TRAIN_SCRIPT = ROOT / "scripts" / "train_digits_alt.py"  # the held-out members' independently written trainer
+GROUPS = ("tuning", "held-out")
 MODEL_SUBDIR = "digits-ddpm"
 CLASS_COND_FILE = "class_cond.safetensors"  # written by scripts/train_digits.py --conditional
 
@@ -55,6 +57,8 @@ class ZooModel:
     scheduler: str | None = "ddim"  # its sampler (None: the folder's own, e.g. the DiT's flow-matching Euler)
     steps: int = 50  # sampling (and calibration) steps
     shipped: bool = False
+    group: str = "tuning"  # "held-out": only ever evaluated with the defaults, never used to choose them
+    alt_trainer: bool = False  # trained by scripts/train_digits_alt.py instead of scripts/train_digits.py
     notes: dict = field(default_factory=dict, compare=False)
 
     def folder(self) -> Path:
@@ -80,6 +84,9 @@ class ZooModel:
         if self.shipped:
             return [sys.executable, str(TRAIN_SCRIPT), "--stage", "ddpm"]
         base = zoo_root() / self.name
+        if self.alt_trainer:
+            return [sys.executable, str(ALT_TRAIN_SCRIPT), "--seed", str(self.seed), "--out", str(base),
+                    *self.train_args]
         return [sys.executable, str(TRAIN_SCRIPT), "--stage", "ddpm", "--seed", str(self.seed),
                 "--assets", str(base), "--out", str(base / "run"), *self.train_args]
 
@@ -107,12 +114,23 @@ ZOO: dict[str, ZooModel] = dict([
             "1500 iterations", "--unet",
             '{"block_out_channels": [32, 48, 48], "norm_num_groups": 8, "attention_head_dim": 16}', "--iters", "1500",
             "--fid-samples", "200"),
+    # held-out: trained by another script with another schedule, target, optimizer and attention layout;
+    # evaluated only with the defaults (bench/zoo_quality.py refuses ablations on them)
+    _member("heldout-vpred", "held-out: scripts/train_digits_alt.py, v-prediction, scaled_linear betas, Adam with "
+            "constant LR after warm-up, no EMA, attention at 8x8 and 4x4 with head dim 8, 80 epochs (3040 "
+            "iterations of batch 48)", "--prediction-type", "v_prediction", "--beta-schedule", "scaled_linear",
+            "--optimizer", "adam", "--lr", "3e-4", "--lr-schedule", "constant_with_warmup", "--ema-max-decay", "0",
+            "--epochs", "80", seed=5, group="held-out", alt_trainer=True),
+    _member("heldout-large", "held-out: scripts/train_digits_alt.py, 3.8M parameters (block_out (48, 96, 96), "
+            "head dim 16), epsilon, linear betas, AdamW + cosine LR, EMA (diffusers EMAModel), 50 epochs",
+            "--config", '{"block_out_channels": [48, 96, 96], "attention_head_dim": 16}', "--epochs", "50",
+            seed=7, group="held-out", alt_trainer=True),
 ])
 
 
-def names() -> list[str]:
-    """Zoo member names in benchmark order."""
-    return list(ZOO)
+def names(group: str | None = None) -> list[str]:
+    """Zoo member names in benchmark order (only those of ``group``: "tuning" or "held-out", when given)."""
+    return [n for n, m in ZOO.items() if group is None or m.group == group]
 
 
 def get(name: str) -> ZooModel:
@@ -123,6 +141,26 @@ def get(name: str) -> ZooModel:
         raise DQDeployError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}",
                             hint="pick one of those names (bench/zoo.py defines them)")
     return ZOO[name]
+
+
+def refuse_held_out(what: str | Path, purpose: str) -> None:
+    """Raise ``DQDeployError`` if ``what`` -- a member name, or a path inside a member's folder or inside its
+    benchmark cache -- belongs to a held-out member: those are only ever evaluated with the defaults, never
+    used for ``purpose`` (an ablation, a screen, a tuning sweep), so that a default is judged on models it was
+    not chosen on."""
+    from dqdeploy.core.errors import DQDeployError
+
+    name = str(what)
+    if name not in ZOO:
+        parts = Path(what).expanduser().resolve().parts
+        root = zoo_root().expanduser().resolve().parts
+        rest = parts[len(root):] if parts[:len(root)] == root else ()
+        rest = rest[1:] if rest[:1] == ("bench",) else rest
+        name = rest[0] if rest else ""
+    if name in ZOO and ZOO[name].group == "held-out":
+        raise DQDeployError(f"{what}: zoo member {name!r} is held out; it is not used for {purpose}",
+                            hint=f"use a tuning member ({', '.join(names('tuning'))}); held-out members are "
+                                 "evaluated with the defaults only (bench/zoo_quality.py --variants default)")
 
 
 def train(name: str, nice: int = 10) -> Path:

@@ -99,6 +99,8 @@ def calibration_for(model: str, variant: str = "default") -> CalibrationConfig:
     """The plain path's calibration (defaults) with the zoo member's sampler, steps (DDIM 50 for the
     UNets, the folder's flow-matching Euler for the DiT) and CFG scale; ``CALIBRATION_VARIANTS[variant]`` applied."""
     member = zoo.get(model)
+    if variant != "default":
+        zoo.refuse_held_out(model, f"variant {variant!r}")
     return CalibrationConfig(scheduler=member.scheduler, steps=member.steps, guidance=member.guidance,
                              **CALIBRATION_VARIANTS.get(variant, {}))
 
@@ -327,6 +329,9 @@ def plan(models: list[str], recipes: list[str], variants: list[str], flavours: l
     """Rows to measure, model by model: FP rows first (other rows' ratios need them)."""
     todo = []
     for m in models:
+        for v in variants:
+            if v != "default":
+                zoo.refuse_held_out(m, f"variant {v!r}")
         todo += [(m, "fp32", "default", "sim", s) for s in fp_seeds]
         for r in recipes:
             if r == "fp32":

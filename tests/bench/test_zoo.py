@@ -80,3 +80,39 @@ def test_training_script_transformer_rectified_flow_with_class_prompts(tmp_path)
     assert 0.0 <= summary["fid"]["class_accuracy"] <= 1.0
     dit = zoo.get("dit")
     assert dit.scheduler is None and dit.conditional and "--transformer" in dit.train_command()
+
+
+def test_held_out_members_are_only_evaluated_with_the_defaults(tmp_path, monkeypatch):
+    from bench import zoo_quality as zq
+
+    monkeypatch.setenv("DQDEPLOY_ZOO", str(tmp_path))
+    held = zoo.names("held-out")
+    assert held and set(held).isdisjoint(zoo.names("tuning"))
+    assert all(zoo.get(n).alt_trainer and "train_digits_alt.py" in zoo.get(n).train_command()[1] for n in held)
+    for what in (held[0], tmp_path / held[0] / "digits-ddpm", tmp_path / "bench" / held[0] / "w8a8-x" / "q"):
+        with pytest.raises(DQDeployError, match="held out"):
+            zoo.refuse_held_out(what, "an ablation")
+    zoo.refuse_held_out("seed1", "an ablation")  # tuning members and paths outside the zoo are fine
+    zoo.refuse_held_out(tmp_path / "seed1" / "digits-ddpm", "an ablation")
+    zoo.refuse_held_out(tmp_path.parent / "elsewhere", "an ablation")
+    with pytest.raises(DQDeployError, match="held out"):
+        zq.plan([held[0]], ["w8a8"], ["default", "no-distill"], ["sim"], [0], [0])
+    with pytest.raises(DQDeployError, match="held out"):
+        zq.calibration_for(held[0], "calib-seed1")
+    rows = zq.plan([held[0]], ["fp32", "w8a8"], ["default"], ["sim", "ort"], [0], [0])
+    assert {r[2] for r in rows} == {"default"} and len(rows) == 3
+
+
+def test_alt_trainer_trains_a_v_prediction_pipeline(tmp_path):
+    out = tmp_path / "m"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_digits_alt.py"), "--out", str(out),
+                           "--epochs", "1", "--batch-size", "256", "--warmup", "2", "--prediction-type",
+                           "v_prediction", "--beta-schedule", "scaled_linear", "--ema-max-decay", "0",
+                           "--config", '{"block_out_channels": [16, 16, 16], "norm_num_groups": 8}'],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((out / "digits-ddpm" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["beta_schedule"] == "scaled_linear"
+    assert load_model(out / "digits-ddpm").denoiser.config.block_out_channels == [16, 16, 16]
+    assert (out / "run" / "samples.png").is_file()
+    assert json.loads((out / "run" / "summary.json").read_text())["iterations"] == 8
