@@ -55,3 +55,39 @@ def test_a_budget_that_runs_out_says_what_was_scored(pipe_dir, tmp_path):
     assert "Traceback" not in err and "kept in float" not in out
     assert dqdeploy.load_quantized(tmp_path / "q") is not None  # the artifact loads; its recipe records the budget
     assert '"fallback_time": 1e-09' in (tmp_path / "q" / "manifest.json").read_text()
+
+
+def _blocks_done(ckpt) -> int:
+    import json
+
+    try:
+        return len(json.loads((ckpt / "checkpoint.json").read_text())["blocks"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.hostile("interruption", "resumed")
+def test_resume_keeps_the_fallback_the_budgeted_search_chose(pipe_dir, tmp_path):
+    """kill -9 after the calibrated model is checkpointed: --resume with the same --fallback-time keeps the layers
+    that search chose (no second search); another --fallback-time is another run, refused."""
+    import json
+    import signal
+    import time
+
+    args = ["--out", tmp_path / "q", "--recipe", "w4a8", "--steps", "3", "--trajectories", "4", "--calib-samples",
+            "16", "--iters", "25", "--batch-size", "4", "--fallback-time", "3600"]
+    ckpt = tmp_path / "q.checkpoint"
+    proc = spawn("quantize", pipe_dir, *args)
+    start = time.monotonic()
+    while not _blocks_done(ckpt):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - start < 300, "distillation never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    refused(run("quantize", pipe_dir, *args[:-1], "3000", "--resume"), "another run", "recipe", code=2)
+    resumed = spawn("quantize", pipe_dir, *args, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "sensitivity (leave one out)" not in err  # the fallback came from the checkpoint
+    assert json.loads((tmp_path / "q" / "manifest.json").read_text())["recipe"]["fallback_time"] == 3600
