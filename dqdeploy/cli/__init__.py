@@ -37,6 +37,7 @@ def _setup(verbose: bool) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dqdeploy.progress").setLevel(logging.INFO)  # progress of long loops, shown without -v too
     for noisy in ("diffusers", "torch.onnx", "onnxscript", "onnx_ir"):  # onnx_ir logs every initializer it deduplicates
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -27,7 +27,23 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+class PositiveFloat(click.ParamType):
+    """A finite number > 0 (seconds): zero, negatives, NaN and Inf are refused."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"{value!r} is not a finite number > 0", param, ctx)
+        return number
+
+
 RATE = FiniteFloat()
+SECONDS = PositiveFloat()
 OVERWRITE_FILES = click.option("--overwrite", is_flag=True,
                                help="Replace output files that dqdeploy wrote earlier (never other files).")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.vocab import LAYOUTS, SCALINGS
-from .params import POSITIVE, RATE, check_before_launch
+from .params import POSITIVE, RATE, SECONDS, check_before_launch
 
 _PATH = click.Path(path_type=Path)
 
@@ -66,6 +66,9 @@ _PATH = click.Path(path_type=Path)
                    "Recipe default otherwise.")
 @click.option("--fallback-budget", type=float,
               help="auto fallback: at most this fraction of the MACs stays in float.")
+@click.option("--fallback-time", type=SECONDS,
+              help="auto fallback: stop the sensitivity search after this many seconds; the layers not scored by "
+                   "then stay quantized (default: no limit).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also load pickled .bin weights (they can run code: trusted folders only).")
@@ -76,8 +79,8 @@ _PATH = click.Path(path_type=Path)
               help="Processes on this machine (runs the command under torchrun; the same work shared, see README).")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters,
              batch_size, lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling,
-             timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, overwrite, allow_pickle,
-             resume, nproc) -> None:
+             timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, fallback_time, overwrite,
+             allow_pickle, resume, nproc) -> None:
     """Quantize the denoiser (UNet or transformer) of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare denoiser folder plus
@@ -99,12 +102,13 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
 
     r = resolve_recipe(recipe)
     changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
-                                     fallback=fallback, fallback_budget=fallback_budget,
+                                     fallback=fallback, fallback_budget=fallback_budget, fallback_time=fallback_time,
                                      timestep_scales=timestep_scales, layout=layout).items()
                if v is not None}
-    if fallback_budget is not None and (fallback or r.fallback) != "auto":
-        raise click.UsageError("--fallback-budget applies to --fallback auto; "
-                               f"this run's fallback is {fallback or r.fallback!r}")
+    for option, value in (("--fallback-budget", fallback_budget), ("--fallback-time", fallback_time)):
+        if value is not None and (fallback or r.fallback) != "auto":
+            raise click.UsageError(f"{option} applies to --fallback auto; "
+                                   f"this run's fallback is {fallback or r.fallback!r}")
     if no_dilation and scaling not in (None, "none"):
         raise click.UsageError("--no-dilation contradicts --scaling " + scaling)
     if no_dilation or scaling:

@@ -24,7 +24,8 @@ TIMESTEP_SCALES = ("per-step", "collapsed")
 DISTILL_MODES = ("block", "model", "none")
 ACT_INITS = ("mse", "minmax")
 LEGACY_KEYS = {"dilation": "scaling"}  # recipe JSON and manifests written before the rename
-LATER_KEYS: dict[str, Any] = {"act8_layers": ()}  # fields added after version 1, omitted from to_dict at their default
+# fields added after version 1, omitted from to_dict at their default
+LATER_KEYS: dict[str, Any] = {"act8_layers": (), "fallback_time": None}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Recipe:
     # fallback_budget of the MACs), "none", or comma-separated module-name patterns
     fallback: str = "auto"
     fallback_budget: float = 0.05
+    # "auto": seconds after which the sensitivity search stops, the layers not scored stay quantized (None: no limit)
+    fallback_time: float | None = None
     # layers whose input activations keep 8 bits (wildcard module names): mixed precision for act_bits=4
     act8_layers: tuple[str, ...] = ()
     version: int = RECIPE_VERSION
@@ -85,6 +88,8 @@ class Recipe:
             problems.append("learning rates must be >= 0")
         if not 0.0 <= self.fallback_budget <= 1.0:
             problems.append(f"fallback_budget={self.fallback_budget} (expected a MAC fraction 0..1)")
+        if self.fallback_time is not None and self.fallback_time <= 0:
+            problems.append(f"fallback_time={self.fallback_time} (expected seconds > 0, or null for no limit)")
         if not self.fallback.strip():
             problems.append("fallback is empty (expected auto, none or module-name patterns)")
         if not self.include:
@@ -111,6 +116,10 @@ class Recipe:
                 problems.append(f"{attr}={value!r} (expected {expected})")
             elif kind == (int, float) and not math.isfinite(float(value)):
                 problems.append(f"{attr}={value!r} (expected a finite number)")
+        if self.fallback_time is not None and (isinstance(self.fallback_time, bool)
+                                               or not isinstance(self.fallback_time, (int, float))
+                                               or not math.isfinite(self.fallback_time)):
+            problems.append(f"fallback_time={self.fallback_time!r} (expected a finite number of seconds or null)")
         if self.first_last_bits is not None and (isinstance(self.first_last_bits, bool)
                                                  or not isinstance(self.first_last_bits, int)):
             problems.append(f"first_last_bits={self.first_last_bits!r} (expected an integer or null)")

@@ -98,7 +98,10 @@ class Manifest:
 
     def to_json(self) -> str:
         """The manifest as JSON text, sealed."""
-        return json.dumps(seal(asdict(self)), indent=2)
+        data = asdict(self)
+        if self.recipe.fallback_time is None:  # a later recipe field: left out at its default, as before it existed
+            del data["recipe"]["fallback_time"]
+        return json.dumps(seal(data), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: Path) -> "Manifest":

@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import time
+from collections.abc import Callable
 
 from ..core.errors import RecipeError
 from ..core.recipe import Recipe
 from ..system import distributed
 from .modules import QuantizedDenoiser, quant_layers
-from .sensitivity import analyze, choose_fallback
+from .sensitivity import analyze, choose_fallback, layer_macs
 from .trajectories import CalibrationSet, calibration_subset
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,11 @@ def check_fallback(recipe: Recipe, model) -> None:
 
 def fallback_layers(
     qmodel: QuantizedDenoiser, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0,
-    step_weights: dict[float, float] | None = None
+    step_weights: dict[float, float] | None = None, clock: Callable[[], float] = time.monotonic
 ) -> list[str]:
     """The layers ``recipe.fallback`` keeps in float: by sensitivity on a calibration subset
-    (``auto``, needs calibrated scales; steps weighted by ``step_weights``), by module-name
-    pattern, or none."""
+    (``auto``, needs calibrated scales; steps weighted by ``step_weights``; within ``recipe.fallback_time``
+    seconds on ``clock`` when set), by module-name pattern, or none."""
     if recipe.fallback == "none":
         return []
     names = list(quant_layers(qmodel.denoiser))
@@ -57,10 +59,17 @@ def fallback_layers(
         # the analysis subset (named tensors, read with the model's spec)
         subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)
         mine = [names[i] for i in distributed.shard(len(names))]  # ranks measure every world-th layer
-        report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine)
+        report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine,
+                         time_budget=recipe.fallback_time, clock=clock)
         rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}
         report = dataclasses.replace(report, layers=[rows[n] for n in names if n in rows])
-        chosen = choose_fallback(report, recipe.fallback_budget)
+        total = None
+        if len(rows) < len(names):  # the time budget ran out: the MAC budget is still a share of every layer
+            total = sum(layer_macs(qmodel, subset).values())
+            log.warning("fallback auto: the time budget (fallback_time, --fallback-time) of %g s ran out after "
+                        "scoring %d of %d layers; the %d layers not scored stay quantized (fallback chose among the "
+                        "scored ones only)", recipe.fallback_time, len(rows), len(names), len(names) - len(rows))
+        chosen = choose_fallback(report, recipe.fallback_budget, total_macs=total)
         log.info("fallback auto: %s", ", ".join(chosen) or "no layer")
         return chosen
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in recipe.fallback_patterns)]

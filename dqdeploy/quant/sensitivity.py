@@ -21,7 +21,9 @@ Per block (ResnetBlock2D, attention, ...): ``alone`` and ``gain`` with the whole
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,9 +31,11 @@ import torch
 from ..core.denoisers import spec_of
 from ..core.inputs import DenoiserInputs, forward_hooks
 from ..core.metrics import relative_error
+from ..system.progress import progress
 from .blocks import partition
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers
 
+log = logging.getLogger(__name__)
 Inputs = DenoiserInputs | Mapping[str, torch.Tensor]  # or the named tensors of calibration_inputs.safetensors
 
 
@@ -199,19 +203,30 @@ def analyze(
     blocks: bool = True,
     batch: int = 32,
     only: Sequence[str] | None = None,
+    time_budget: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> SensitivityReport:
     """Measure per-layer (and per-block) sensitivity of ``model`` on ``inputs``, steps combined with
     ``step_weights`` (timestep -> weight; None: equal). Without ``detail`` only each layer's
     ``gain`` is measured (one pass per layer: what the fallback needs). ``only``: rows for these
-    layers only (the others stay quantized as usual)."""
+    layers only (the others stay quantized as usual). ``time_budget``: seconds from the start (read on
+    ``clock``, once at the start and once before each layer) after which no further layer is measured: the
+    report then holds the rows of the layers measured so far, in model order, and no blocks."""
     model.eval()
+    start = clock()
     layers = quant_layers(model.denoiser)
     names = list(layers)
     meter = ErrorMeter(model, inputs, batch, step_weights)
     macs = layer_macs(model, inputs)
     full, full_steps = meter.per_step(None, None)
-    rows = []
-    for name in names if only is None else [n for n in names if n in set(only)]:
+    todo = names if only is None else [n for n in names if n in set(only)]
+    rows: list[Row] = []
+    for name in progress(todo, len(todo), "sensitivity (layers)" if detail else "sensitivity (leave one out)",
+                         unit="layer"):
+        if time_budget is not None and clock() - start >= time_budget:
+            log.info("sensitivity: the time budget of %g s ran out after %d of %d layers", time_budget, len(rows),
+                     len(todo))
+            return SensitivityReport(meter.steps, meter.weights.tolist(), full, full_steps, rows, [])
         others = [n for n in names if n != name]
         row = Row(name=name, kind=layers[name].kind, macs=macs.get(name, 0),
                   gain=full - meter.mean(others, others))
@@ -219,25 +234,35 @@ def analyze(
             row.alone, row.alone_per_step = meter.per_step([name], [name])
             row.weight, row.act = meter.mean([name], ()), meter.mean((), [name])
         rows.append(row)
-    block_rows = []
-    if blocks and detail:
-        first = as_inputs(inputs, model).slice(slice(0, 2))
-        for block in partition(model.denoiser, lambda: outputs(model, first)):
-            members = set(block.layers)
-            others = [n for n in names if n not in members]
-            alone, alone_steps = meter.per_step(members, members)
-            block_rows.append(Row(
-                name=block.name, kind="block", macs=sum(macs.get(n, 0) for n in members),
-                alone=alone, gain=full - meter.mean(others, others), alone_per_step=alone_steps,
-            ))
+    block_rows = _block_rows(model, inputs, meter, macs, full) if blocks and detail else []
     return SensitivityReport(meter.steps, meter.weights.tolist(), full, full_steps, rows, block_rows)
 
 
-def choose_fallback(report: SensitivityReport, budget: float = 0.05, min_share: float = 0.02) -> list[str]:
+def _block_rows(model: QuantizedDenoiser, inputs: Inputs, meter: ErrorMeter, macs: dict[str, int],
+                full: float) -> list[Row]:
+    """``alone`` and ``gain`` of every block (its layers switched together)."""
+    names = list(quant_layers(model.denoiser))
+    first = as_inputs(inputs, model).slice(slice(0, 2))
+    found = partition(model.denoiser, lambda: outputs(model, first))
+    block_rows = []
+    for block in progress(found, len(found), "sensitivity (blocks)", unit="block"):
+        members = set(block.layers)
+        others = [n for n in names if n not in members]
+        alone, alone_steps = meter.per_step(members, members)
+        block_rows.append(Row(
+            name=block.name, kind="block", macs=sum(macs.get(n, 0) for n in members),
+            alone=alone, gain=full - meter.mean(others, others), alone_per_step=alone_steps,
+        ))
+    return block_rows
+
+
+def choose_fallback(report: SensitivityReport, budget: float = 0.05, min_share: float = 0.02, *,
+                    total_macs: int | None = None) -> list[str]:
     """Layers to keep in float: most costly first (by ``gain``), while their MACs stay within
     ``budget`` of the total and each still saves at least ``min_share`` of the error that remains
-    once the layers chosen before it are in float (gains are treated as additive)."""
-    total = sum(r.macs for r in report.layers) or 1
+    once the layers chosen before it are in float (gains are treated as additive). ``total_macs``: the
+    MACs of every layer, where the report holds only some (a search cut short); else the report's sum."""
+    total = total_macs or sum(r.macs for r in report.layers) or 1
     chosen: list[str] = []
     used, remaining = 0, report.full
     for r in report.ranked():

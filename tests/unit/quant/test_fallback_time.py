@@ -1,0 +1,157 @@
+"""The automatic fallback's time budget (``Recipe.fallback_time``, ``quantize --fallback-time``) and the progress of
+its sensitivity search. Time comes from an injected clock that advances one second per reading (read once at the
+start and once before each layer), so a budget of ``k + 0.5`` s scores exactly ``k`` layers: no real waiting."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import time
+
+import pytest
+
+from dqdeploy.core.errors import RecipeError
+from dqdeploy.core.recipe import W8A8, Recipe
+from dqdeploy.quant.fallback import fallback_layers
+from dqdeploy.quant.modules import quant_layers
+from dqdeploy.quant.sensitivity import analyze, choose_fallback, layer_macs
+from dqdeploy.quant.trajectories import calibration_subset
+from dqdeploy.stages.quantize import quantize_denoiser
+from dqdeploy.system.progress import progress
+from tests.helpers import random_calib, tiny_unet
+
+
+def ticking():
+    """A clock that reads 0, 1, 2, ... seconds."""
+    return itertools.count().__next__
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    unet = tiny_unet()
+    calib = random_calib(unet, n=16)
+    result = quantize_denoiser(unet, W8A8.replace(distill="none", fallback="none"), calib)
+    return result.model, calib
+
+
+@pytest.fixture
+def lines(monkeypatch):
+    """Not a terminal (so the progress lines are logged); the ``dqdeploy.progress`` records it logs."""
+    monkeypatch.setattr("dqdeploy.system.progress.sys.stderr", io.StringIO())
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("dqdeploy.progress")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_analyze_stops_after_k_layers(calibrated, k):
+    qmodel, calib = calibrated
+    names = list(quant_layers(qmodel.denoiser))
+    report = analyze(qmodel, calib.inputs, detail=False, blocks=False, time_budget=k + 0.5, clock=ticking())
+    assert [r.name for r in report.layers] == names[:k]
+    full = analyze(qmodel, calib.inputs, detail=False, blocks=False)
+    assert [r.gain for r in report.layers] == [r.gain for r in full.layers[:k]]  # the same rows, measured alike
+
+
+def test_a_budget_that_is_not_reached_changes_nothing(calibrated):
+    qmodel, calib = calibrated
+    names = list(quant_layers(qmodel.denoiser))
+    report = analyze(qmodel, calib.inputs, detail=False, blocks=False, time_budget=len(names) + 10, clock=ticking())
+    assert report == analyze(qmodel, calib.inputs, detail=False, blocks=False)
+
+
+def test_fallback_chooses_among_the_scored_layers_and_says_so(calibrated, caplog):
+    qmodel, calib = calibrated
+    names = list(quant_layers(qmodel.denoiser))
+    k = 4
+    recipe = W8A8.replace(fallback="auto", fallback_budget=0.5, fallback_time=k + 0.5)
+    with caplog.at_level(logging.WARNING, logger="dqdeploy.quant.fallback"):
+        chosen = fallback_layers(qmodel, recipe, calib, clock=ticking())
+    assert chosen and set(chosen) <= set(names[:k])
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert f"scoring {k} of {len(names)} layers" in warning[0]
+    assert f"the {len(names) - k} layers not scored stay quantized" in warning[0]
+    assert fallback_layers(qmodel, recipe, calib, clock=ticking()) == chosen  # deterministic
+    # the same choice as choose_fallback over that measured set, the MAC budget a share of every layer's MACs
+    subset = calibration_subset(calib, steps=8, per_step=8, seed=0)
+    report = analyze(qmodel, subset, detail=False, blocks=False, only=names[:k])
+    assert chosen == choose_fallback(report, 0.5, total_macs=sum(layer_macs(qmodel, subset).values()))
+
+
+def test_without_a_budget_no_warning(calibrated, caplog):
+    qmodel, calib = calibrated
+    with caplog.at_level(logging.WARNING, logger="dqdeploy.quant.fallback"):
+        fallback_layers(qmodel, W8A8.replace(fallback="auto"), calib, clock=ticking())
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_the_mac_budget_is_a_share_of_every_layer(calibrated):
+    qmodel, calib = calibrated
+    report = analyze(qmodel, calib.inputs, detail=False, blocks=False)
+    top = report.ranked()[0]
+    part = type(report)(report.timesteps, report.step_weights, report.full, report.full_per_step, [top], [])
+    assert choose_fallback(part, 0.5) == []  # alone, the layer is 100% of the MACs the report holds
+    assert choose_fallback(part, 0.5, total_macs=top.macs * 2) == [top.name]  # half of every layer's MACs
+    assert choose_fallback(part, 0.5, total_macs=top.macs * 2 - 1) == []
+
+
+def test_the_search_reports_progress(calibrated, lines):
+    qmodel, calib = calibrated
+    n = len(quant_layers(qmodel.denoiser))
+    fallback_layers(qmodel, W8A8.replace(fallback="auto"), calib)
+    assert lines[0] == f"sensitivity (leave one out): 0/{n} layer"
+    assert lines[-1].startswith(f"sensitivity (leave one out): {n}/{n} layer, ")
+    assert "elapsed, about 0s left" in lines[-1]
+
+
+def test_progress_logs_at_least_every_interval(lines):
+    clock = ticking()  # 1 s per item (one reading at the start, one after each item)
+    assert list(progress(range(200), 200, "search", unit="layer", every=60.0, clock=clock)) == list(range(200))
+    assert lines[0] == "search: 0/200 layer"
+    assert lines[1] == "search: 60/200 layer, 1m00s elapsed, about 2m20s left"
+    assert [line.split(",")[0] for line in lines[1:]] == [f"search: {d}/200 layer" for d in (60, 120, 180, 200)]
+
+
+def test_a_long_item_is_no_silence(lines):
+    """One item longer than ``every``: the heartbeat line comes while it runs (the item waits for it)."""
+
+    def items():
+        yield 0
+        deadline = time.monotonic() + 60
+        while not any("still running" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield 1
+
+    assert list(progress(items(), 2, "search", unit="layer", every=0.2)) == [0, 1]
+    beats = [line for line in lines if line.endswith("the next one still running")]
+    assert beats and all(line.startswith("search: 1/2 layer, ") for line in beats)
+    assert lines[-1].startswith("search: 2/2 layer, ")
+
+
+def test_progress_on_a_terminal_is_a_bar(capsys, lines):
+    assert list(progress(range(3), 3, "search", unit="layer", terminal=True)) == [0, 1, 2]
+    assert not lines  # the bar shows it
+    err = capsys.readouterr().err
+    assert "search" in err and "layer" in err
+
+
+@pytest.mark.parametrize("value", [0, -1, 0.0, float("nan"), float("inf"), "60", True])
+def test_recipe_refuses_a_bad_fallback_time(value):
+    with pytest.raises(RecipeError, match="fallback_time"):
+        W8A8.replace(fallback_time=value)
+
+
+def test_fallback_time_is_left_out_of_the_json_at_its_default():
+    assert "fallback_time" not in W8A8.to_dict()
+    r = W8A8.replace(fallback_time=90)
+    assert r.to_dict()["fallback_time"] == 90 and Recipe.from_dict(json.loads(r.to_json())) == r
