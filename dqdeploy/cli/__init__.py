@@ -25,6 +25,7 @@ from .eval import eval_cmd
 from .export import export
 from .inspect import inspect
 from .lint import lint
+from .lora import lora
 from .quantize import quantize
 from .sample import sample
 
@@ -55,6 +56,7 @@ def cli(verbose: bool) -> None:
        dqdeploy export Q --target trt --out E                 # trt-layout ONNX in FP16 + TensorRT engine (GPU)
     3. dqdeploy check Q E                                     # simulation vs exported graph
     4. dqdeploy sample E --n 64 --out grid.png                # images through the deployed graph
+       dqdeploy lora Q style.safetensors --out Q2              # a LoRA folded in, no re-quantizing
 
     \b
     Words: a layout (trt | ort) is the int8 graph's conventions, i.e. the runtime it is shaped for;
@@ -64,7 +66,7 @@ def cli(verbose: bool) -> None:
     _setup(verbose)
 
 
-for _command in (quantize, inspect, sample, eval_cmd, export, check, analyze, lint):  # the order cli.py defined them
+for _command in (quantize, inspect, sample, eval_cmd, export, check, analyze, lint, lora):
     cli.add_command(_command)
 
 

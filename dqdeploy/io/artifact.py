@@ -90,6 +90,7 @@ class Manifest:
     layers: dict[str, LayerMeta]
     blocks: list[dict[str, Any]] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)  # layers the recipe selected but kept in float
+    lora: list[dict[str, Any]] = field(default_factory=list)  # LoRA files folded in: file, sha256, scale, layers
     files: dict[str, str] = field(default_factory=dict)
     dqdeploy_version: str = __version__
     format: str = FORMAT
@@ -101,6 +102,8 @@ class Manifest:
         data = asdict(self)
         if self.recipe.fallback_time is None:  # a later recipe field: left out at its default, as before it existed
             del data["recipe"]["fallback_time"]
+        if not self.lora:  # likewise
+            del data["lora"]
         return json.dumps(seal(data), indent=2)
 
     @classmethod
@@ -228,8 +231,10 @@ def timestep_table(manifest: Manifest) -> TimestepTable:
 
 
 @public
-def load_quantized(quant_dir: str | Path) -> QuantizedDenoiser:
-    """Rebuild the simulated quantized model from an artifact (no calibration data needed).
+def load_quantized(quant_dir: str | Path, lora: Any = None) -> QuantizedDenoiser:
+    """Rebuild the simulated quantized model from an artifact (no calibration data needed); ``lora``: LoRA
+    files to run beside it as float branches (``FILE``, ``(FILE, scale)`` or a list of them; the model's
+    ``lora_branches.remove()`` takes them off again, bit for bit).
 
     The layers are built straight from the stored integers and scales: nothing is searched or
     recomputed. The model the manifest describes is first built on the meta device and the weights
@@ -260,6 +265,10 @@ def load_quantized(quant_dir: str | Path) -> QuantizedDenoiser:
         model.denoiser.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{quant_dir}: weights do not match the manifest ({str(exc)[:300]})") from None
+    if lora is not None:
+        from .lora import apply_lora
+
+        model.lora_branches = apply_lora(model, lora)
     return model.eval()
 
 

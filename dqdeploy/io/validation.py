@@ -17,6 +17,7 @@ from typing import Any
 from ..core.errors import ArtifactError, DQDeployError
 
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\Z")
+SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 MAX_CONFIG_BYTES = 1 << 16
 MAX_TIMESTEPS = 10_000
 MAX_LAYERS = 100_000
@@ -124,7 +125,21 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
             if not p.require(ok, f"blocks entry {str(b)[:80]} is not {{name, loss_before, loss_after}}"):
                 break
     p.require(isinstance(data.get("dqdeploy_version", ""), str), "dqdeploy_version must be a string")
+    _check_lora(p, data.get("lora", []))
     p.raise_if_any()
+
+
+def _check_lora(p: Problems, entries: Any) -> None:
+    """``lora``: the LoRA files folded into the weights (``dqdeploy lora``)."""
+    if not p.require(isinstance(entries, list), "lora must be a list"):
+        return
+    for e in entries:
+        ok = (isinstance(e, dict) and set(e) == {"file", "sha256", "scale", "layers"} and isinstance(e["file"], str)
+              and isinstance(e["sha256"], str) and bool(SHA256.match(e["sha256"]))
+              and isinstance(e["scale"], (int, float)) and not isinstance(e["scale"], bool)
+              and math.isfinite(e["scale"]) and isinstance(e["layers"], int) and e["layers"] > 0)
+        if not p.require(ok, f"lora entry {str(e)[:80]} is not {{file, sha256, scale, layers}}"):
+            return
 
 
 def _check_layers(p: Problems, layers: Any, fields: set[str], recipe, ends: tuple[str, str] | None) -> None:

@@ -149,6 +149,8 @@ class QuantizedDenoiser(nn.Module):
     quantizers for exactly that call.
     """
 
+    lora_branches: Any = None  # the LoRA branches load_quantized(..., lora=) added (dqdeploy.quant.lora)
+
     def __init__(self, denoiser: nn.Module, table: TimestepTable, step_index: StepIndex) -> None:
         super().__init__()
         self.denoiser = denoiser

@@ -1,0 +1,214 @@
+"""LoRA on a quantized artifact without quantizing again: the float branch beside the quantized layers (swap on
+and off bit for bit), the fold into a new artifact (`dqdeploy lora`), the file formats and their refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dqdeploy import W8A8, CalibrationConfig, export, load_quantized, quantize
+from dqdeploy.core.errors import DQDeployError
+from dqdeploy.io.artifact import load_calibration_inputs
+from dqdeploy.io.lora import LoraError, read_lora
+from dqdeploy.io.models import load_model
+from dqdeploy.verify.check import check_export
+from tests.helpers import (
+    tiny_cond_unet,
+    write_bare_unet,
+    write_cond_file,
+    write_transformer_cond,
+    write_transformer_pipeline,
+)
+
+PTQ = W8A8.replace(distill="none", fallback="none")
+CALIB = CalibrationConfig(steps=4, samples=32, trajectories=8, batch_size=8, guidance=3.0)
+UNET_LAYERS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+               "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+               "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"]
+
+
+def random_lora(model: torch.nn.Module, layers: list[str], path, *, prefix: str = "unet", rank: int = 2,
+                seed: int = 0, size: float = 0.5, alpha: float | None = None):
+    """A peft-format LoRA file for ``layers`` of ``model`` whose update is a sizeable change of each layer."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in layers:
+        out_f, in_f = model.get_submodule(name).weight.shape
+        tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+        tensors[f"{prefix}.{name}.lora_B.weight"] = size * torch.randn(out_f, rank, generator=g)
+        if alpha is not None:
+            tensors[f"{prefix}.{name}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def unet_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    unet_dir, sched_dir = write_bare_unet(tiny_cond_unet(), root)
+    cond = write_cond_file(root / "cond.safetensors")
+    q = quantize(unet_dir, PTQ, CALIB, root / "q", scheduler_dir=sched_dir, cond_file=cond).path
+    fp = load_model(unet_dir, scheduler_dir=sched_dir).denoiser
+    lora = random_lora(fp, UNET_LAYERS, root / "style.safetensors")
+    other = random_lora(fp, UNET_LAYERS[:2], root / "other.safetensors", seed=1)
+    return {"root": root, "q": q, "fp": fp, "lora": lora, "other": other, "inputs": load_calibration_inputs(q)}
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _merged(fp, lora_path, scale=1.0):
+    """The float model with the LoRA merged into its weights: the reference a quantized LoRA should match."""
+    import copy
+
+    merged = copy.deepcopy(fp)
+    with torch.no_grad():
+        for name, layer in read_lora(lora_path, fp).layers.items():
+            merged.get_submodule(name).weight += layer.delta(scale)
+    return merged
+
+
+def test_branch_follows_the_float_model_with_the_lora(unet_case):
+    fp, inputs = unet_case["fp"], unet_case["inputs"]
+    base_err = _rel(_run(load_quantized(unet_case["q"]), inputs), _run(fp, inputs))
+    ref = _run(_merged(fp, unet_case["lora"], 0.8), inputs)
+    assert _rel(ref, _run(fp, inputs)) > 2 * base_err  # the LoRA changes the output beyond quantization
+    with_lora = load_quantized(unet_case["q"], lora=[(unet_case["lora"], 0.8)])
+    assert _rel(_run(with_lora, inputs), ref) < 1.5 * base_err + 1e-3
+
+
+def test_branches_swap_on_and_off_bit_for_bit(unet_case):
+    inputs = unet_case["inputs"]
+    model = load_quantized(unet_case["q"])
+    plain = _run(model, inputs)
+    from dqdeploy.io.lora import apply_lora
+
+    branches = apply_lora(model, unet_case["lora"])
+    styled = _run(model, inputs)
+    branches.remove()
+    assert torch.equal(_run(model, inputs), plain)
+    other = apply_lora(model, [(unet_case["other"], 1.0)])
+    assert not torch.equal(_run(model, inputs), styled) and not torch.equal(_run(model, inputs), plain)
+    other.remove()
+    again = apply_lora(model, unet_case["lora"])
+    assert torch.equal(_run(model, inputs), styled)
+    again.remove()
+
+
+def test_fold_writes_a_plain_artifact_that_exports_and_checks(unet_case, tmp_path):
+    q, lora = unet_case["q"], unet_case["lora"]
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "lora", str(q), str(lora), "--scale", "0.8",
+                           "--out", str(tmp_path / "q2")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "q2" / "manifest.json").read_text())
+    assert manifest["lora"] == [{"file": "style.safetensors", "sha256": read_lora(lora, unet_case["fp"]).sha256,
+                                 "scale": 0.8, "layers": len(UNET_LAYERS)}]
+    before, after = load_file(str(q / "model.safetensors")), load_file(str(tmp_path / "q2" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and {k.rsplit(".", 2)[0] if "weight_quantizer" in k else k.rsplit(".", 1)[0] for k in changed} \
+        <= set(UNET_LAYERS)  # only the adapted layers' integers and weight step sizes
+    inputs = unet_case["inputs"]
+    branch = _run(load_quantized(q, lora=[(lora, 0.8)]), inputs)
+    folded = _run(load_quantized(tmp_path / "q2"), inputs)
+    ref = _run(_merged(unet_case["fp"], lora, 0.8), inputs)
+    assert _rel(folded, ref) < 2 * _rel(branch, ref) + 1e-3  # folding costs no more than the branch, give or take
+    out = export(tmp_path / "q2", tmp_path / "e", target="ort")
+    assert check_export(tmp_path / "q2", out).ok
+
+
+def test_formats_read_the_same_adapter(unet_case, tmp_path):
+    fp = unet_case["fp"]
+    peft = read_lora(random_lora(fp, UNET_LAYERS[:1], tmp_path / "a.safetensors", alpha=1.0), fp)
+    layer = UNET_LAYERS[0]
+    raw = load_file(str(tmp_path / "a.safetensors"))
+    down, up = raw[f"unet.{layer}.lora_A.weight"], raw[f"unet.{layer}.lora_B.weight"]
+    attn, proj = layer.rsplit(".", 1)
+    old = {f"unet.{attn}.processor.{proj}_lora.down.weight": down, f"unet.{attn}.processor.{proj}_lora.up.weight": up,
+           f"unet.{attn}.processor.{proj}_lora.down.weight.alpha": torch.tensor(1.0)}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    kohya_name = "lora_unet_" + layer.replace(".", "_")
+    save_file({f"{kohya_name}.lora_down.weight": down, f"{kohya_name}.lora_up.weight": up,
+               f"{kohya_name}.alpha": torch.tensor(1.0)}, str(tmp_path / "kohya.safetensors"))
+    for path in (tmp_path / "old.safetensors", tmp_path / "kohya.safetensors"):
+        other = read_lora(path, fp)
+        assert set(other.layers) == {layer}
+        assert torch.allclose(other.layers[layer].delta(), peft.layers[layer].delta())
+    assert peft.layers[layer].alpha_scale == 0.5  # alpha 1 over rank 2
+
+
+def _save(path, tensors):
+    save_file(tensors, str(path))
+    return path
+
+
+BAD_FILES = {
+    "pickle": (lambda p: p.with_suffix(".bin").write_bytes(b"pickle") and p.with_suffix(".bin"), "safetensors"),
+    "missing": (lambda p: p.with_suffix(".missing.safetensors"), "no such file"),
+    "conv": (lambda p: _save(p, {"unet.conv_in.lora_A.weight": torch.ones(2, 4, 3, 3),
+                                 "unet.conv_in.lora_B.weight": torch.ones(16, 2, 1, 1)}), "not a Linear"),
+    "foreign layer": (lambda p: _save(p, {"unet.not.a.layer.lora_A.weight": torch.ones(2, 4),
+                                          "unet.not.a.layer.lora_B.weight": torch.ones(4, 2)}),
+                      "not a layer of this model"),
+    "unknown keys": (lambda p: _save(p, {"unet.x.weird": torch.ones(1)}), "no known LoRA format"),
+    "text encoder only": (lambda p: _save(p, {"text_encoder.x.lora_A.weight": torch.ones(1, 1)}),
+                          "no layer of the denoiser"),
+    "half": (lambda p: _save(p, {f"unet.{UNET_LAYERS[0]}.lora_A.weight": torch.ones(2, 16)}), "no up"),
+    "nan": (lambda p: _save(p, {f"unet.{UNET_LAYERS[0]}.lora_A.weight": torch.full((2, 16), float("nan")),
+                                f"unet.{UNET_LAYERS[0]}.lora_B.weight": torch.ones(16, 2)}), "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_lora_files_are_refused(unet_case, tmp_path, case):
+    make, match = BAD_FILES[case]
+    path = make(tmp_path / "l.safetensors")
+    with pytest.raises(LoraError, match=match):
+        read_lora(path, unet_case["fp"])
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "lora", str(unet_case["q"]), str(path), "--out",
+                           str(tmp_path / "q2")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "error:" in proc.stderr
+    assert not (tmp_path / "q2").exists()
+
+
+def test_a_lora_of_another_shape_and_bad_arguments_are_refused(unet_case, tmp_path):
+    fp = unet_case["fp"]
+    path = tmp_path / "s.safetensors"
+    save_file({f"unet.{UNET_LAYERS[0]}.lora_A.weight": torch.ones(2, 7),
+               f"unet.{UNET_LAYERS[0]}.lora_B.weight": torch.ones(16, 2)}, str(path))
+    with pytest.raises(LoraError, match="do not make"):
+        read_lora(path, fp)
+    with pytest.raises(DQDeployError, match="expected FILE"):
+        load_quantized(unet_case["q"], lora=[(unet_case["lora"], "strong")])
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "lora", str(unet_case["q"]), str(unet_case["lora"]),
+                           "--out", str(unet_case["q"])], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr  # never over its own input
+    assert (unet_case["q"] / "manifest.json").is_file()
+
+
+def test_transformer_branch_follows_the_float_model(tmp_path):
+    folder = write_transformer_pipeline("sd3", tmp_path / "sd3")
+    cond = write_transformer_cond(tmp_path / "cond.safetensors")
+    q = quantize(folder, PTQ, CalibrationConfig(steps=4, samples=16, trajectories=4, batch_size=4, guidance=2.0),
+                 tmp_path / "q", cond_file=cond).path
+    fp = load_model(folder).denoiser
+    layers = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+              "transformer_blocks.1.ff.net.2"]
+    layers = [n for n in layers if isinstance(getattr(fp.get_submodule(n), "weight", None), torch.Tensor)]
+    lora = random_lora(fp, layers, tmp_path / "l.safetensors", prefix="transformer", size=2.0)
+    inputs = load_calibration_inputs(q)
+    base_err = _rel(_run(load_quantized(q), inputs), _run(fp, inputs))
+    ref = _run(_merged(fp, lora), inputs)
+    assert _rel(ref, _run(fp, inputs)) > 2 * base_err
+    assert _rel(_run(load_quantized(q, lora=lora), inputs), ref) < 1.5 * base_err + 1e-3
