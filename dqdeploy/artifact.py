@@ -20,7 +20,6 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import __version__
 from .arguments import as_path, public
@@ -30,6 +29,7 @@ from .errors import ArtifactError, check_format
 from .folders import MANIFEST
 from .integrity import confined, file_sha256, read_json_object, seal, verify_file, verify_seal
 from .models import denoiser_class
+from .progress import progress
 from .quant.distill import BlockReport
 from .quant.modules import QuantizedDenoiser, QuantLayer, replace_module
 from .quant.timestep import StepIndex, TimestepTable
@@ -202,8 +202,9 @@ def install_quant_layers(
             modules[name] = cast(nn.Conv2d | nn.Linear, denoiser.get_submodule(name))
         except AttributeError:
             raise ArtifactError(f"manifest layer {name!r} does not exist in {type(denoiser).__name__}") from None
-    bar = tqdm(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w", unit_scale=True,
-               leave=False, disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
+    bar = progress(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w",
+                   unit_scale=True, leave=False,
+                   disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
     for name, meta in layers.items():
         layer = modules.pop(name)  # the replaced layer is freed as soon as its QuantLayer is in place
         q = QuantLayer(
