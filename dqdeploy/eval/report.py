@@ -149,7 +149,6 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     steps = sampler.steps
     sample: dict[str, Any] = dict(n=cfg.n, sampler=sampler, seed=cfg.seed, batch_size=cfg.batch_size,
                                   conditioning=conditioning, guidance=cfg.guidance)
-
     noise = torch.randn(cfg.step_samples, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     step_cond, uncond = ((None, None) if conditioning is None
                          else (conditioning.for_batch(0, cfg.step_samples), conditioning.unconditional()))
