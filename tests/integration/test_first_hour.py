@@ -143,3 +143,21 @@ def test_progress_bars_stay_out_of_a_log_file(tmp_path):
     text = log.read_text()
     assert "\r" not in text and "\x1b[" not in text, repr(text[:500])
     assert "sampling with DDPMScheduler, 4 steps (the calibrated sampler and step count)" in text
+
+
+def test_quantize_of_a_loaded_pipeline_or_unet_says_to_pass_the_folder():
+    """``dqdeploy.quantize(pipe)`` / ``dqdeploy.quantize(pipe.unet)``, the recipe forgotten too: the folder is
+    what is asked for, and how to get one."""
+    from diffusers import DDPMPipeline
+
+    import dqdeploy
+    from dqdeploy.errors import DQDeployError
+    from tests.helpers import scheduler
+
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=scheduler())
+    with pytest.raises(DQDeployError, match="model_dir must be a path, found DDPMPipeline") as err:
+        dqdeploy.quantize(pipe)
+    assert "pipe.save_pretrained(DIR)" in str(err.value)
+    with pytest.raises(DQDeployError, match="model_dir must be a path, found UNet2DModel") as err:
+        dqdeploy.quantize(model_dir=pipe.unet)
+    assert "scheduler_dir" in str(err.value)
