@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from .interrupts import Terminated
+from .progress import PROGRESS_ENV, on_terminal
 
 EXIT_FILE_ENV = "DQDEPLOY_EXIT_FILE"
 TRACEBACK = b"Traceback (most recent call last):"
@@ -99,7 +100,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     scratch = tempfile.mkdtemp(prefix="dqdeploy-torchrun-")
     exit_file = Path(scratch) / "exit-status"
     try:
-        env = {**os.environ, EXIT_FILE_ENV: str(exit_file), "TMPDIR": scratch}
+        # the workers' stderr is a pipe to this process: they draw progress bars where this one would
+        env = {**os.environ, EXIT_FILE_ENV: str(exit_file), "TMPDIR": scratch,
+               PROGRESS_ENV: "1" if on_terminal() else "0"}
         proc = subprocess.Popen(torchrun_command(nproc, argv, scratch), stderr=subprocess.PIPE, env=env)
         assert proc.stderr is not None
         forward = threading.Thread(target=_forward, args=(proc.stderr, sys.stderr.buffer), daemon=True)

@@ -8,14 +8,18 @@ with its seconds instead).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
-from tqdm.auto import tqdm
+PROGRESS_ENV = "DQDEPLOY_PROGRESS"  # "1"/"0": set by the --nproc launcher, whose workers' stderr is a pipe
 
 
 def on_terminal() -> bool:
-    """Whether progress can be redrawn in place: stderr is a terminal, or this is a notebook kernel."""
+    """Whether progress can be redrawn in place: stderr is a terminal (under ``--nproc``: the launcher's),
+    or this is a notebook kernel."""
+    if os.environ.get(PROGRESS_ENV) in ("0", "1"):
+        return os.environ[PROGRESS_ENV] == "1"
     if "ipykernel" in sys.modules:
         return True
     try:
@@ -27,6 +31,8 @@ def on_terminal() -> bool:
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
     """``tqdm(iterable, **kwargs)``, disabled when :func:`on_terminal` is false; ``disable=True`` and the
     ``TQDM_DISABLE`` environment variable still turn it off on a terminal."""
+    from tqdm.auto import tqdm  # imported when a bar is made: the launcher imports this module too
+
     if kwargs.pop("disable", False) or not on_terminal():
         kwargs["disable"] = True  # else left out, so that tqdm's TQDM_* environment defaults apply
     return tqdm(iterable, **kwargs)
