@@ -108,7 +108,7 @@ def test_inspect_names_each_timestep_once(sd):
 
 def test_guidance_without_unconditional_rows_is_refused_by_every_command(sd, tmp_path):
     pipe, _cond, no_uncond, q = sd
-    needles = ("--guidance 3", "uncond_encoder_hidden_states", "--guidance 1")
+    needles = ("--guidance 3", "no_uncond.safetensors has no 'uncond_encoder_hidden_states'", "--guidance 1")
     assert_user_error(dqdeploy("sample", q, "--cond", no_uncond, "--guidance", 3, "--vae", pipe, "--n", 1,
                                "--out", tmp_path / "s.png"), *needles)
     assert_user_error(dqdeploy("eval", q, "--fp", pipe, "--cond", no_uncond, "--guidance", 3, "--n", 2), *needles)
