@@ -149,11 +149,10 @@ def generate(
     ``vae`` or the ``vae/`` beside a diffusers folder (:func:`dqdeploy.eval.vae.image_decoder`, refused
     before sampling where there is none)."""
     with open_model(path, runtime, scheduler_dir=scheduler_dir) as opened:  # removes a temporary export
-        decode = None
+        conditioning, decode = load_cond(opened, cond_file, guidance), None
         if images or vae is not None:
             from .eval.vae import image_decoder
 
             decode = image_decoder(path, opened.kind, opened.denoiser, vae)
         return generate_from(opened, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                             conditioning=load_cond(opened, cond_file, guidance), guidance=guidance,
-                             resolution=resolution, decode=decode)
+                             conditioning=conditioning, guidance=guidance, resolution=resolution, decode=decode)
