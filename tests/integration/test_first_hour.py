@@ -63,6 +63,16 @@ def test_the_calibrated_sampler_and_step_count_are_the_defaults(sd):
     assert asked.describe() == "sampling with DDIMScheduler, 7 steps (--scheduler, --steps)"
 
 
+def test_an_export_keeps_the_calibrated_defaults(sd, tmp_path):
+    """An export records the scheduler and the timesteps, not the step count: it is found from the timesteps."""
+    from dqdeploy.exporters.export import export
+
+    exported = export(sd[3], tmp_path / "e", target="ort", simplify=False)
+    with open_model(exported) as opened:
+        sampler = choose_sampler(opened)
+    assert sampler.describe() == "sampling with PNDMScheduler, 4 steps (the calibrated sampler and step count)"
+
+
 def test_sample_says_and_uses_the_calibrated_sampler_and_decodes_with_the_vae(sd, tmp_path):
     pipe, cond, _no_uncond, q = sd
     png = tmp_path / "grid.png"
