@@ -9,24 +9,31 @@ import click
 from .params import OVERWRITE_FILES, sample_options
 
 
-def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, guidance):
+def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, guidance, vae):
     from ..stages.generate import generate
 
     return generate(path, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,
-                    runtime=runtime, cond_file=cond_file, guidance=guidance)
+                    runtime=runtime, cond_file=cond_file, guidance=guidance, images=True, vae=vae)
 
 
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @sample_options
 @click.option("--out", "out_png", required=True, type=click.Path(path_type=Path), help="PNG grid to write.")
+@click.option("--vae", type=click.Path(path_type=Path),
+              help="Latent models (e.g. Stable Diffusion's 4 channels): the AutoencoderKL folder that decodes the "
+                   "samples for the PNG, or the diffusers pipeline folder holding it in vae/ (default: the vae/ "
+                   "beside PATH's denoiser; artifacts and exports keep none).")
 @OVERWRITE_FILES
 def sample(path, out_png, overwrite, **kw) -> None:
-    """Generate images from a diffusers folder, a quantized artifact or an export folder."""
+    """Generate images from a diffusers folder, a quantized artifact or an export folder.
+
+    Latent models' samples are decoded by their VAE (--vae) before the PNG is written."""
     from ..eval.grid import save_grid
     from ..io.paths import check_output_files
 
-    check_output_files({"--out": out_png}, sources=[path, kw["cond_file"]], overwrite=overwrite)  # before sampling
+    check_output_files({"--out": out_png}, sources=[path, kw["cond_file"], kw["vae"]],  # before sampling
+                       overwrite=overwrite)
     images = _generate(path, **kw)
     save_grid(images, out_png, scale=max(1, 64 // images.shape[-1]))  # small images are shown enlarged
     click.echo(f"wrote {images.shape[0]} samples to {out_png}")

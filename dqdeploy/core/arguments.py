@@ -19,8 +19,13 @@ def public(fn: F) -> F:
     """A public verb: a call that does not fit its signature (unknown or missing arguments) is a user error."""
     sig = inspect.signature(fn)
 
+    first = next(iter(sig.parameters))  # the folder each verb reads
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = args[0] if args else kwargs.get(first)
+        if hasattr(given, "save_pretrained"):  # a loaded pipeline or model: said before any missing argument
+            as_path(given, first, fn.__name__)
         try:
             sig.bind(*args, **kwargs)
         except TypeError as exc:
@@ -36,8 +41,12 @@ def as_path(value: Any, name: str, verb: str) -> Path:
         return Path(value)
     found = type(value).__name__
     hint = "pass a folder path (str or pathlib.Path)"
-    if hasattr(value, "save_pretrained"):
-        hint = f"save it first (obj.save_pretrained(DIR)) and pass DIR; dqdeploy.{verb} reads diffusers folders"
+    if hasattr(value, "components"):  # a diffusers pipeline
+        hint = f"save it first (pipe.save_pretrained(DIR)) and pass DIR; dqdeploy.{verb} reads diffusers folders"
+    elif hasattr(value, "save_pretrained"):  # a denoiser (pipe.unet, pipe.transformer) or another component
+        hint = (f"save the pipeline it belongs to (pipe.save_pretrained(DIR)) and pass DIR, or save it "
+                f"(model.save_pretrained(DIR)) and pass DIR with scheduler_dir=(pipe.scheduler.save_pretrained's "
+                f"folder); dqdeploy.{verb} reads diffusers folders")
     raise DQDeployError(f"dqdeploy.{verb}(): {name} must be a path, found {found} {str(value)[:60]!r}", hint=hint)
 
 

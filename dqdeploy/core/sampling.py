@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .denoisers import CONTEXT, GUIDANCE, DenoiserSpec, flux_position_ids, spec_of
 from .inputs import DenoiserInputs
+from .terminal import bar as progress_bar
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, model timestep, model_input)
 Cond = Mapping[str, torch.Tensor]
@@ -102,7 +102,7 @@ def denoise(
     step_kw = {"generator": generator} if _accepts(scheduler.step, "generator") else {}  # PNDM, LMS, ... take none
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     use_cfg = bool(cond_kw) and bool(uncond_kw) and guidance != 1.0 and not embedded
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
+    for i, t in enumerate(progress_bar(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
         model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         # transformers get one timestep per sample (as their pipelines pass it); UNets the scheduler's own
         t_model = spec.model_timestep(t).expand(x.shape[0]) if spec.is_transformer else t

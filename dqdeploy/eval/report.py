@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from ..core.denoisers import spec_of
 from ..core.errors import DQDeployError
+from ..core.terminal import say
 from ..core.vocab import Runtime
 from ..io.atomic import atomic_write_bytes
-from ..io.models import latent_shape, make_scheduler
-from ..stages.generate import generate_from, load_cond
+from ..io.models import latent_shape
+from ..stages.generate import choose_sampler, generate_from, load_cond
 from ..stages.sources import OpenedModel, open_model
 from .compare import image_errors, step_errors, summarize_steps
 from .features import check_extractor, extract, load_extractor, load_reference_images
@@ -45,7 +45,7 @@ class EvalConfig:
 
     n: int = 64  # samples per model for the image metrics (and FID)
     steps: int | None = None  # default: the calibrated step count, else 50
-    scheduler: str | None = None  # default: ddim for UNets, the model's own for transformers
+    scheduler: str | None = None  # default: the calibrated one (generate.choose_sampler)
     seed: int = 0
     batch_size: int = 64
     runtime: Runtime = "auto"  # of the evaluated model: torch (simulation) | ort | trt | auto
@@ -140,19 +140,19 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     if png is not None and len(shape) != 3:
         raise DQDeployError(f"--png shows latents as images; {fp_dir} makes packed latents {shape}",
                             hint="leave out --png for this model")
-    conditioning = load_cond(test, cfg.cond_file)
+    conditioning = load_cond(test, cfg.cond_file, cfg.guidance)
     fid = (None if cfg.fid_ref is None and cfg.fid_extractor is None
            else fid_setup(cfg.fid_ref, cfg.fid_extractor, shape))
-    steps = cfg.steps or (len(test.timesteps) or 50)
-    # UNets: DDIM unless asked; transformers: their own (flow-matching) scheduler
-    scheduler = cfg.scheduler or (None if spec_of(fp.denoiser).is_transformer else "ddim")
-    sample: dict[str, Any] = dict(n=cfg.n, steps=steps, scheduler=scheduler, seed=cfg.seed, batch_size=cfg.batch_size,
-                  conditioning=conditioning, guidance=cfg.guidance)
-
+    # the calibrated sampler and step count unless asked (an export without a scheduler: the FP folder's)
+    sampler = choose_sampler(test, cfg.scheduler, cfg.steps, fallback_config=fp.scheduler_config)
+    say(sampler.describe())
+    steps = sampler.steps
+    sample: dict[str, Any] = dict(n=cfg.n, sampler=sampler, seed=cfg.seed, batch_size=cfg.batch_size,
+                                  conditioning=conditioning, guidance=cfg.guidance)
     noise = torch.randn(cfg.step_samples, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     step_cond, uncond = ((None, None) if conditioning is None
                          else (conditioning.for_batch(0, cfg.step_samples), conditioning.unconditional()))
-    per_step = step_errors(fp.denoiser, test.denoiser, make_scheduler(scheduler, fp.scheduler_config), noise, steps,
+    per_step = step_errors(fp.denoiser, test.denoiser, sampler.make(), noise, steps,
                            cond=step_cond, uncond=uncond, guidance=cfg.guidance)
     warnings = _source_warnings(summarize_steps(per_step), path, fp_dir)  # said before the sampling, not after
     fp_images = generate_from(fp, **sample)
@@ -160,7 +160,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     report: dict[str, Any] = {
         "path": str(path), "fp": str(fp_dir), "kind": test.kind, "runtime": cfg.runtime,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-                  | {"steps": steps, "scheduler": scheduler or fp.scheduler_config.get("_class_name")},
+                  | {"steps": steps, "scheduler": type(sampler.make()).__name__},
         "per_step_summary": summarize_steps(per_step),
         "per_step": per_step,
         "images": image_errors(fp_images, test_images),
@@ -207,7 +207,7 @@ def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_e
             hint="pass --fp MODEL_DIR for the full report against the FP model, "
                  "or --fid-ref FOLDER of reference images")
     setup = None if fid_ref is None else fid_setup(fid_ref, fid_extractor, shape)  # before sampling
-    images = generate_from(opened, conditioning=load_cond(opened, cond_file), **sample)
+    images = generate_from(opened, conditioning=load_cond(opened, cond_file, sample.get("guidance", 1.0)), **sample)
     report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
     if digits and fid_ref is None and fid_extractor in (None, "digits"):
         from .fid import digits_fid

@@ -20,11 +20,11 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.arguments import as_path, public
 from ..core.errors import ArtifactError, check_format
 from ..core.recipe import Recipe
+from ..core.terminal import bar as progress_bar
 from ..core.version import __version__
 from ..quant.distill import BlockReport
 from ..quant.modules import QuantizedDenoiser, QuantLayer, replace_module
@@ -208,8 +208,9 @@ def install_quant_layers(
             modules[name] = cast(nn.Conv2d | nn.Linear, denoiser.get_submodule(name))
         except AttributeError:
             raise ArtifactError(f"manifest layer {name!r} does not exist in {type(denoiser).__name__}") from None
-    bar = tqdm(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w", unit_scale=True,
-               leave=False, disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
+    bar = progress_bar(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w",
+                   unit_scale=True, leave=False,
+                   disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
     for name, meta in layers.items():
         layer = modules.pop(name)  # the replaced layer is freed as soon as its QuantLayer is in place
         q = QuantLayer(

@@ -19,9 +19,9 @@ from typing import cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.inputs import Hook, PreHook, forward_hooks
+from ..core.terminal import bar
 from ..system import distributed
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers, set_act_quant
 from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
@@ -108,7 +108,7 @@ def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, m
         with forward_hooks((layer, "pre", make_hook(name, layer)) for name, layer in layers.items()):
             for p in ["range", "mse"] if method == "mse" else ["range"]:
                 phase["name"] = p
-                for b, batch in tqdm(calib.local_batches(batch_size), total=len(calib.batch_indices(batch_size)),
+                for b, batch in bar(calib.local_batches(batch_size), total=len(calib.batch_indices(batch_size)),
                                      desc=f"calibrate ({p})", leave=False):
                     phase["batch"] = b
                     batch.call(model)
@@ -225,7 +225,7 @@ def _sample_outputs(model: QuantizedDenoiser, calib: CalibrationSet, batch_size:
         state["sizes"] = None
         sizes = {b: seq for part in distributed.all_gather(sizes) for b, seq in part.items()}
     mine = set(calib.batch_indices(batch_size))
-    for b in tqdm(range(-(-len(calib) // batch_size)), desc="calibrate (outputs)", leave=False):
+    for b in bar(range(-(-len(calib) // batch_size)), desc="calibrate (outputs)", leave=False):
         if b in mine:
             state["batch"] = b
             calib.batch(torch.arange(b * batch_size, min((b + 1) * batch_size, len(calib)))).call(model)

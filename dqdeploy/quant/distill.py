@@ -36,9 +36,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.recipe import Recipe
+from ..core.terminal import bar as progress_bar
 from ..system import distributed
 from ..system.progress import rss_gb, trim_heap
 from .blocks import Block
@@ -126,7 +126,7 @@ def _train(
         params = [p for g in groups for p in g["params"]]
         opt = torch.optim.Adam(groups)
         gen = torch.Generator().manual_seed(seed)
-        bar = tqdm(range(iters), desc=f"distill {name}", leave=False)
+        bar = progress_bar(range(iters), desc=f"distill {name}", leave=False)
         running = before
         with _requires_grad(params, True):
             for step in bar:
@@ -212,7 +212,7 @@ def distill_blocks(
     names = [b.name for b in blocks]
     reports = []
     with _requires_grad(qmodel.parameters(), False):  # only the block in training computes gradients (_train)
-        for k, block in enumerate(tqdm(blocks, desc="block-wise distillation", unit="block")):
+        for k, block in enumerate(progress_bar(blocks, desc="block-wise distillation", unit="block")):
             qblock = qmodel.denoiser.get_submodule(block.name)
             n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
             report = checkpoint.restore(k, block.name, qblock) if checkpoint else None

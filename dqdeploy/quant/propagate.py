@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.errors import CalibrationError
 from ..core.inputs import Hook, forward_hooks
+from ..core.terminal import bar
 from .blockstore import BlockStore
 from .modules import QuantizedDenoiser
 from .trajectories import CalibrationSet
@@ -73,7 +73,7 @@ def capture_targets(fp_denoiser: nn.Module, names: Sequence[str], calib: Calibra
 
     hooks: list[Hook] = [(fp_denoiser.get_submodule(n), "post", post(n)) for n in names]
     with forward_hooks(hooks, with_kwargs=True):
-        for current, idx in enumerate(tqdm(batches, desc="distillation targets", unit="batch", leave=False)):
+        for current, idx in enumerate(bar(batches, desc="distillation targets", unit="batch", leave=False)):
             calib.batch(idx).call(fp_denoiser)
 
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.denoisers import GUIDANCE, latent_shape, spec_of
 from ..core.errors import CalibrationError
 from ..core.inputs import CONTEXT, DenoiserInputs
 from ..core.recipe import CalibrationConfig
 from ..core.sampling import advance, denoise, model_tokens, set_timesteps, shared_inputs
+from ..core.terminal import bar as progress_bar
 from ..system import distributed
 
 COND_KEY = CONTEXT
@@ -119,6 +119,21 @@ def load_conditioning(path: str | Path) -> Conditioning:
     return Conditioning(cond.float(), first(uncond), None if pooled is None else pooled.float(), first(uncond_pooled))
 
 
+def check_guidance(conditioning: Conditioning | None, guidance: float, denoiser, source: str | Path | None = None
+                   ) -> None:
+    """Refuse classifier-free guidance (``guidance != 1``) without unconditional embeddings, which would
+    otherwise be ignored in silence; Flux's guidance is an input of the model and needs none."""
+    if conditioning is None or guidance == 1.0 or conditioning.uncond is not None:
+        return
+    if GUIDANCE in spec_of(denoiser).input_names(denoiser.config):
+        return
+    raise CalibrationError(
+        f"--guidance {guidance:g} asks for classifier-free guidance, which needs the unconditional (empty prompt) "
+        f"embeddings; {source or 'the conditioning'} has no {UNCOND_KEY!r}",
+        hint=f"add {UNCOND_KEY!r} [1, S, D] (SD3: and {UNCOND_POOLED_KEY!r} [1, D2]) to the --cond file, "
+             "or use --guidance 1 (no guidance)")
+
+
 @dataclass
 class CalibrationSet:
     """Denoiser inputs recorded on FP trajectories (``inputs``: N rows), ``rows`` [N] (index of each
@@ -175,6 +190,11 @@ def _model_calls(scheduler, spec, denoiser: torch.nn.Module, config: Calibration
     return len(scheduler.timesteps)
 
 
+def _steps_text(trajectories: int, steps: int, calls: int) -> str:
+    """``64 x 4 sampler steps``, and the denoiser calls per trajectory where the sampler makes more (PNDM)."""
+    return f"{trajectories} x {steps} sampler steps" + ("" if calls == steps else f", {calls} denoiser calls each")
+
+
 @torch.no_grad()
 def collect(
     denoiser: torch.nn.Module,
@@ -193,6 +213,7 @@ def collect(
     spec = spec_of(denoiser)
     guidance = config.guidance if guidance is None else guidance
     embedded = GUIDANCE in spec.input_names(denoiser.config)  # Flux: guidance is an input, not CFG
+    check_guidance(conditioning, guidance, denoiser)
     uncond = None if conditioning is None else conditioning.unconditional()
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
     per_pair = 2 if cfg_on else 1
@@ -208,8 +229,9 @@ def collect(
     mine = set(distributed.shard(len(starts)))
     local: dict[int, dict] = {}
     # one tick per model call
-    bar = tqdm(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine) * calls,
-               desc=f"calibration trajectories ({config.trajectories} x {calls} steps)", unit="traj-step")
+    bar = progress_bar(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine) * calls,
+                   desc=f"calibration trajectories ({_steps_text(config.trajectories, config.steps, calls)})",
+                   unit="traj-step")
     for c, first in enumerate(starts):
         n = min(config.batch_size, config.trajectories - first)
         noise = torch.randn(*latent_shape(spec, denoiser.config, n, config.resolution), generator=gen)

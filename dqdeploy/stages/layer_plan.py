@@ -11,11 +11,11 @@ from typing import cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..core.denoisers import spec_for
 from ..core.errors import ModelLoadError
 from ..core.recipe import Recipe
+from ..core.terminal import bar
 from ..io.artifact import LayerMeta, install_quant_layers
 from ..io.float_layers import FloatLayers
 from ..quant.calibrate import input_channel_absmax
@@ -44,7 +44,7 @@ def _dilations(
     absmax = (input_channel_absmax(denoiser, [g[0] for g in groups.values()], calib)
               if recipe.scaling == "smoothquant" else {})
     result: dict[str, torch.Tensor | None] = {}
-    for members in tqdm(groups.values(), desc=f"dilation ({recipe.scaling})", unit="group", leave=False):
+    for members in bar(groups.values(), desc=f"dilation ({recipe.scaling})", unit="group", leave=False):
         weights = [cast(torch.Tensor, denoiser.get_submodule(m).weight) for m in members]
         if any(getattr(denoiser.get_submodule(m), "groups", 1) != 1 for m in members):
             s = None  # grouped convs mix channels per group: leave them undilated

@@ -50,6 +50,7 @@ from ..quant.trajectories import (
     CalibrationSet,
     Conditioning,
     calibration_subset,
+    check_guidance,
     collect,
     load_conditioning,
 )
@@ -182,6 +183,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
         conditioning = _conditioning(loaded, cond_file, prompts)
+        check_guidance(conditioning, calibration.guidance, loaded.denoiser, cond_file)
     calib = ckpt.calibration() if ckpt else None
     if calib is not None:
         log.info("calibration set restored from the checkpoint")

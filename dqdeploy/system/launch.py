@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
+from ..core.terminal import PROGRESS_ENV, on_terminal
 from .interrupts import Terminated
 
 EXIT_FILE_ENV = "DQDEPLOY_EXIT_FILE"
@@ -99,7 +100,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     scratch = tempfile.mkdtemp(prefix="dqdeploy-torchrun-")
     exit_file = Path(scratch) / "exit-status"
     try:
-        env = {**os.environ, EXIT_FILE_ENV: str(exit_file), "TMPDIR": scratch}
+        # the workers' stderr is a pipe to this process: they draw progress bars where this one would
+        env = {**os.environ, EXIT_FILE_ENV: str(exit_file), "TMPDIR": scratch,
+               PROGRESS_ENV: "1" if on_terminal() else "0"}
         proc = subprocess.Popen(torchrun_command(nproc, argv, scratch), stderr=subprocess.PIPE, env=env)
         assert proc.stderr is not None
         forward = threading.Thread(target=_forward, args=(proc.stderr, sys.stderr.buffer), daemon=True)

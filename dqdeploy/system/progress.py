@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+from ..core.terminal import bar, on_terminal
 
 T = TypeVar("T")
 PROGRESS = logging.getLogger("dqdeploy.progress")  # the CLI shows its lines without -v
@@ -56,17 +56,17 @@ def progress(items: Iterable[T], total: int, desc: str, *, unit: str = "it", log
     from .distributed import is_writer
 
     writer = is_writer()
-    lines = writer and not (sys.stderr.isatty() if terminal is None else terminal)
+    lines = writer and not (on_terminal() if terminal is None else terminal)
     start = last = clock()
     state = {"done": 0, "line": time.monotonic()}
     if lines:
         log.info("%s: 0/%d %s", desc, total, unit)
-    bar = tqdm(items, total=total, desc=desc, unit=unit, leave=False, disable=not writer)
+    shown = bar(items, total=total, desc=desc, unit=unit, leave=False, disable=not writer)
     beat = (_heartbeat(log, f"{desc}: %d/{total} {unit}, %s elapsed, the next one still running", every, state)
             if lines else contextlib.nullcontext())
     with beat:
         try:
-            for done, item in enumerate(bar, 1):
+            for done, item in enumerate(shown, 1):
                 yield item
                 now, state["done"] = clock(), done
                 if lines and (now - last >= every or done == total):
@@ -74,7 +74,7 @@ def progress(items: Iterable[T], total: int, desc: str, *, unit: str = "it", log
                     log.info("%s: %d/%d %s, %s elapsed, about %s left", desc, done, total, unit,
                              _duration(elapsed), _duration(elapsed / done * (total - done)))
         finally:
-            bar.close()
+            shown.close()
 
 
 @contextlib.contextmanager

@@ -38,7 +38,10 @@ def _describe_artifact(path: Path, as_json: bool) -> str:
         f"  recipe           {r.name}: W{r.weight_bits}A{r.act_bits} "
         f"{'symmetric' if r.act_symmetric else 'asymmetric'} activations, scaling={r.scaling}, "
         f"timestep scales={r.timestep_scales}, distill={r.distill}, layout={r.layout}",
-        f"  calibration      {c['scheduler']} x {c['steps']} steps, {c['samples']} samples, seed {c['seed']}",
+        f"  calibration      {c['scheduler']} x {c['steps']} steps"
+        + ("" if len(m.timesteps) == c["steps"] else f" ({len(m.timesteps)} denoiser calls)")
+        + f", {c['samples']} samples, seed {c['seed']}",
+        f"  timesteps        {timesteps_text(m.timesteps)}",
         f"  layers           {len(m.layers)} ({', '.join(f'{v} at {k}-bit' for k, v in sorted(bits.items()))}); "
         f"1/s folds into a norm for {folds}",
         f"  fallback         {', '.join(m.fallback) if m.fallback else 'none'} "
@@ -49,6 +52,21 @@ def _describe_artifact(path: Path, as_json: bool) -> str:
         worst = max(m.blocks, key=lambda b: b["loss_after"])
         lines.append(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
     return "\n".join(lines)
+
+
+def timesteps_text(timesteps: list[float], shown: int = 6) -> str:
+    """The calibrated timesteps, each value once (PNDM calls the denoiser twice at one timestep: the
+    manifest keeps a row per call), the repeated ones named."""
+    unique = list(dict.fromkeys(timesteps))  # sampling order
+    if not unique:
+        return "none recorded"
+    values = ", ".join(f"{t:g}" for t in unique[:shown]) + (", ..." if len(unique) > shown else "")
+    text = f"{len(unique)} calibrated ({values})"
+    repeated = [t for t in unique if timesteps.count(t) > 1]
+    if repeated:
+        text += (f"; {len(timesteps)} denoiser calls: the sampler calls it more than once at "
+                 + ", ".join(f"{t:g}" for t in repeated))
+    return text
 
 
 def _mb(n: int) -> str:
@@ -78,7 +96,7 @@ def _describe_export(path: Path, as_json: bool) -> str:
         f"export folder  {path}",
         f"  target       {spec.target} ({spec.precision}, opset {spec.opset}), model {spec.model_class}",
         *(f"  {t.name:<22} {t.dtype} {t.shape}" for t in spec.inputs + spec.outputs),
-        f"  timesteps    {len(spec.timesteps)} calibrated",
+        f"  timesteps    {timesteps_text(spec.timesteps)}",
     ]
     return "\n".join(lines + _int8_lines(spec))
 

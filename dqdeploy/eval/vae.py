@@ -1,0 +1,92 @@
+"""Latents to images for a PNG: the pipeline's AutoencoderKL decodes a latent denoiser's samples.
+
+A denoiser whose samples have 1 or 3 channels makes images itself. Any other (Stable Diffusion's 4
+latent channels, SD3's 16) needs the VAE of the pipeline it came from: ``--vae DIR`` (that pipeline
+folder or its ``vae/``), else the ``vae/`` beside the denoiser of a diffusers folder. Everything is
+found, loaded and checked before any sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DQDeployError, ModelLoadError
+from ..folders import FolderKind
+from ..models import latent_shape
+
+IMAGE_CHANNELS = (1, 3)
+VAE_CLASS = "AutoencoderKL"
+VAE_HINT = ("pass --vae DIR: the vae/ folder (AutoencoderKL) of the diffusers pipeline the model was quantized from, "
+            "or that pipeline folder")
+
+
+def find_vae(path: Path, kind: FolderKind) -> Path | None:
+    """The ``vae/`` beside the denoiser of a diffusers folder: ``PATH/vae`` (a pipeline folder) or
+    ``PATH/../vae`` (PATH is the pipeline's ``unet/``); None for artifacts and exports (they keep no VAE)."""
+    if kind != "fp":
+        return None
+    return next((c for c in (path / "vae", path.parent / "vae") if (c / "config.json").is_file()), None)
+
+
+class VaeDecoder:
+    """``latents -> images`` in [-1, 1]: ``vae.decode(latents / scaling_factor + shift_factor)``, as diffusers'
+    pipelines decode (the factors from the VAE's config)."""
+
+    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+        from diffusers import AutoencoderKL
+
+        try:
+            self.vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False,
+                                                     torch_dtype=torch.float32).eval()
+        except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError for incomplete folders
+            raise ModelLoadError(f"cannot load the VAE in {folder}: {type(exc).__name__}: {str(exc)[:300]}",
+                                 hint="point --vae at a diffusers AutoencoderKL folder with safetensors weights"
+                                 ) from None
+        self.folder = folder
+        self.channels = int(config.get("latent_channels", 4))
+        self.scaling = float(config.get("scaling_factor") or 1.0)
+        self.shift = float(config.get("shift_factor") or 0.0)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.float() / self.scaling + self.shift).sample
+
+
+def _vae_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder} is not a VAE folder: its config.json cannot be read "
+                             f"({type(exc).__name__}: {exc})", hint=VAE_HINT) from None
+    if not isinstance(config, dict) or config.get("_class_name", VAE_CLASS) != VAE_CLASS:
+        found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
+        raise ModelLoadError(f"{folder} holds a {found}, expected an {VAE_CLASS}", hint=VAE_HINT)
+    return config
+
+
+def image_decoder(path: str | Path, kind: FolderKind, denoiser: Any, vae: str | Path | None = None
+                  ) -> VaeDecoder | None:
+    """What turns ``denoiser``'s samples into images: None where they are images (1 or 3 channels, no
+    ``vae`` given), else the VAE of ``vae`` (a VAE folder or a pipeline folder with ``vae/``) or beside
+    ``path``; refused (before any sampling) where there is none, or its latent channels differ."""
+    shape = latent_shape(denoiser)
+    if len(shape) != 3:
+        raise DQDeployError(f"{path} makes packed latents {tuple(shape)} (Flux): decoding them to a PNG is not "
+                            "supported", hint="run the model in its diffusers pipeline to decode its latents")
+    if vae is None and shape[0] in IMAGE_CHANNELS:
+        return None
+    folder = None if vae is None else Path(vae) / "vae" if (Path(vae) / "vae" / "config.json").is_file() else Path(vae)
+    folder = folder or find_vae(Path(path), kind)
+    if folder is None:
+        raise DQDeployError(f"{path} makes {shape[0]}-channel latents ({'x'.join(map(str, shape))}), not images: "
+                            "a PNG needs the VAE that decodes them, and none was given or found beside the model",
+                            hint=VAE_HINT)
+    config = _vae_config(folder)
+    if int(config.get("latent_channels", 4)) != shape[0]:
+        raise ModelLoadError(f"the VAE in {folder} decodes {config.get('latent_channels', 4)}-channel latents, {path} "
+                             f"makes {shape[0]}-channel ones", hint=VAE_HINT)
+    return VaeDecoder(folder, config)
