@@ -28,12 +28,12 @@ def on_terminal() -> bool:
         return False
 
 
-def bar(iterable: Any = None, **kwargs: Any) -> Any:
-    """``tqdm(iterable, **kwargs)``, disabled when :func:`on_terminal` is false; ``disable=True`` and the
-    ``TQDM_DISABLE`` environment variable still turn it off on a terminal."""
+def bar(iterable: Any = None, *, terminal: bool | None = None, **kwargs: Any) -> Any:
+    """``tqdm(iterable, **kwargs)``, disabled unless stderr is a terminal (:func:`on_terminal`, or ``terminal`` when
+    given); ``disable=True`` and the ``TQDM_DISABLE`` environment variable still turn it off on a terminal."""
     from tqdm.auto import tqdm  # imported when a bar is made: the launcher imports this module too
 
-    if kwargs.pop("disable", False) or not on_terminal():
+    if kwargs.pop("disable", False) or not (on_terminal() if terminal is None else terminal):
         kwargs["disable"] = True  # else left out, so that tqdm's TQDM_* environment defaults apply
     return tqdm(iterable, **kwargs)
 

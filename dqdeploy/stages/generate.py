@@ -146,12 +146,12 @@ def generate(
     """``n`` samples (clamped to [-1, 1]) with the same noise for every model given the same seed.
 
     ``images`` (or a ``vae`` folder): images rather than the model's raw samples, latents decoded by
-    ``vae`` or the ``vae/`` beside a diffusers folder (:func:`dqdeploy.eval.vae.image_decoder`, refused
+    ``vae`` or the ``vae/`` beside a diffusers folder (:func:`dqdeploy.stages.vae.image_decoder`, refused
     before sampling where there is none)."""
     with open_model(path, runtime, scheduler_dir=scheduler_dir) as opened:  # removes a temporary export
         conditioning, decode = load_cond(opened, cond_file, guidance), None
         if images or vae is not None:
-            from .eval.vae import image_decoder
+            from .vae import image_decoder
 
             decode = image_decoder(path, opened.kind, opened.denoiser, vae)
         return generate_from(opened, n=n, steps=steps, scheduler=scheduler, seed=seed, batch_size=batch_size,

@@ -56,12 +56,13 @@ def progress(items: Iterable[T], total: int, desc: str, *, unit: str = "it", log
     from .distributed import is_writer
 
     writer = is_writer()
-    lines = writer and not (on_terminal() if terminal is None else terminal)
+    on_term = on_terminal() if terminal is None else terminal
+    lines = writer and not on_term
     start = last = clock()
     state = {"done": 0, "line": time.monotonic()}
     if lines:
         log.info("%s: 0/%d %s", desc, total, unit)
-    shown = bar(items, total=total, desc=desc, unit=unit, leave=False, disable=not writer)
+    shown = bar(items, terminal=on_term, total=total, desc=desc, unit=unit, leave=False, disable=not writer)
     beat = (_heartbeat(log, f"{desc}: %d/{total} {unit}, %s elapsed, the next one still running", every, state)
             if lines else contextlib.nullcontext())
     with beat:

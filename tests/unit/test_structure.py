@@ -112,6 +112,21 @@ def test_layer_check_finds_an_upward_import():
         "dqdeploy.core.errors -> dqdeploy.io.paths"]
 
 
+def test_every_import_of_the_package_resolves():
+    """Function-level imports too: a module moved without its importers fixed fails here, not at run time."""
+    modules = _modules()
+    missing = []
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dqdeploy")):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                if target not in modules:
+                    missing.append(f"{name}:{node.lineno} imports {target}")
+    assert missing == []
+
+
 def test_few_modules_at_the_top_level():
     top = [p.name for p in PACKAGE.glob("*.py")]
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..errors import DQDeployError, ModelLoadError
-from ..folders import FolderKind
-from ..models import latent_shape
+from ..core.errors import DQDeployError, ModelLoadError
+from ..io.folders import FolderKind
+from ..io.models import latent_shape
 
 IMAGE_CHANNELS = (1, 3)
 VAE_CLASS = "AutoencoderKL"
