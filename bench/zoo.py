@@ -122,8 +122,10 @@ ZOO: dict[str, ZooModel] = dict([
             "--optimizer", "adam", "--lr", "3e-4", "--lr-schedule", "constant_with_warmup", "--ema-max-decay", "0",
             "--epochs", "80", seed=5, group="held-out", alt_trainer=True),
     _member("heldout-large", "held-out: scripts/train_digits_alt.py, 3.8M parameters (block_out (48, 96, 96), "
-            "head dim 16), epsilon, linear betas, AdamW + cosine LR, EMA (diffusers EMAModel), 50 epochs",
-            "--config", '{"block_out_channels": [48, 96, 96], "attention_head_dim": 16}', "--epochs", "50",
+            "16 norm groups, head dim 16), epsilon, linear betas, AdamW + cosine LR, EMA (diffusers EMAModel), "
+            "50 epochs",
+            "--config", '{"block_out_channels": [48, 96, 96], "attention_head_dim": 16, "norm_num_groups": 16}',
+            "--epochs", "50",
             seed=7, group="held-out", alt_trainer=True),
 ])
 
