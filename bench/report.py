@@ -264,6 +264,19 @@ def transformer_width_section(res: dict) -> list[str]:
     return out + [""]
 
 
+def lora_quality_section(res: dict) -> list[str]:
+    out = ["## LoRA on a quantized artifact: digits-FID", "",
+           f"`{res['command']}` — the shipped digits model with {res['lora']['what']} ({res['lora']['layers']} "
+           f"layers), {res['n']} samples, DDIM 50, the same noise for every row. `vs fp + lora`: digits-FID ratio to "
+           "the float model with the same LoRA merged (a 0-4 model scores worse than the base model against all "
+           "digits, so LoRA rows compare with that row); `0-4`: share of samples the classifier reads as 0-4.", "",
+           "| row | digits-FID | vs fp + lora | 0-4 |", "|---|---:|---:|---:|"]
+    for name, r in res["rows"].items():
+        out.append(f"| {name} | {r['digits_fid']:.2f} | {r['vs_fp_lora']:.3f}x | {r['share_0_to_4']:.1%} |")
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in res["fold_seconds"].items())
+    return out + ["", f"`dqdeploy lora` (fold, including loading and saving the artifact): {secs}.", ""]
+
+
 def memory_section(mem: dict) -> list[str]:
     out = ["## Distillation memory", "", f"`{mem['command']}` — recipe {mem['recipe']}, {mem['iters']} iterations, "
            f"{mem['calibration_samples']} calibration samples; "
@@ -650,6 +663,10 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
          lambda: _load("transformer_width"), _flat(transformer_width_section),
          _one(lambda d: "vs FP32: " + ", ".join(f"{k} {r['speedup']:.2f}x" for k, r in d["rows"].items()
                                                  if k != "fp32"))),
+        ("LoRA on a quantized artifact", ("lora_quality.json",), lambda: _load("lora_quality"),
+         _flat(lora_quality_section),
+         lambda d: [(f"{k}: {r['vs_fp_lora']:.3f}x the digits-FID of fp + lora", d) for k, r in d["rows"].items()
+                    if k.endswith(("branch", "fold, ort"))]),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
         ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),
