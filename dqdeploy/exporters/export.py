@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..core.arguments import as_path, public
-from ..core.denoisers import spec_for, spec_of
+from ..core.denoisers import spec_for
 from ..core.errors import DQDeployError, ExportError
 from ..core.inputs import DenoiserInputs
 from ..core.recipe import Recipe
@@ -39,7 +39,7 @@ from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
 from .measure import calibrate_output_scales, input_ranks
-from .onnx import example_inputs, export_float_onnx, transformer_example
+from .onnx import example_inputs, export_float_onnx
 from .qdq import SurgeryOptions, insert_qdq
 from .triton import is_triton_model, write_triton_repo
 
@@ -354,8 +354,7 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
                dynamic_resolution: tuple[int, int] | None) -> Path:
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
         loaded = load_model(source)
-        example = (transformer_example(loaded.denoiser) if spec_of(loaded.denoiser).is_transformer
-                   else example_inputs(loaded.denoiser))
+        example = example_inputs(loaded.denoiser)
         denoiser = loaded.denoiser.half() if fp16 else loaded.denoiser
         graph = _float_graph(denoiser, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
         spec = _spec(graph, "float", fp16, 20, dynamic_resolution, model_class=type(denoiser).__name__,

@@ -78,29 +78,23 @@ def drop_noop_squeezes(model: Any) -> int:
     return fixed
 
 
-def example_inputs(denoiser: torch.nn.Module, batch: int = 2, seq_len: int = 77) -> DenoiserInputs:
-    """Build example inputs from a diffusers UNet's config (transformers: :func:`transformer_example`)."""
-    sample = torch.randn(*latent_shape(spec_of(denoiser), cast(Any, denoiser).config, batch))
-    timestep = torch.linspace(1.0, 900.0, batch)
-    context = None
-    cross = getattr(denoiser.config, "cross_attention_dim", None)
-    if cross is not None:
-        context = torch.randn(batch, seq_len, int(cross))
-    return DenoiserInputs.create(sample, timestep, encoder_hidden_states=context)
-
-
-def transformer_example(model: torch.nn.Module, batch: int = 2, seq_len: int = 8, size: int = 8) -> DenoiserInputs:
-    """Random inputs for a diffusion transformer (latent ``size`` x ``size`` where the config has no
-    sample_size, ``seq_len`` text tokens)."""
-    spec, cfg = spec_of(model), cast(Any, model).config
+def example_inputs(denoiser: torch.nn.Module, batch: int = 2, seq_len: int | None = None, size: int = 8
+                   ) -> DenoiserInputs:
+    """Random inputs for any diffusers denoiser, from its config and spec: the latent (``size`` x ``size`` where the
+    config has no sample_size), the timestep in the model's scale, and the spec's conditioning inputs with
+    ``seq_len`` text tokens (default: 77 for UNets, CLIP's length; 8 for transformers)."""
+    spec, cfg = spec_of(denoiser), cast(Any, denoiser).config
+    seq_len = seq_len or (8 if spec.is_transformer else 77)
     dims = conditioning_dims(spec, cfg)
-    hidden = torch.randn(*latent_shape(spec, cfg, batch, cfg.get("sample_size") or size))
-    values = {CONTEXT: torch.randn(batch, seq_len, dims[CONTEXT]), GUIDANCE: torch.full((batch,), 3.5)}
+    sample = torch.randn(*latent_shape(spec, cfg, batch, cfg.get("sample_size") or size))
+    values = {GUIDANCE: torch.full((batch,), 3.5)}
+    if CONTEXT in dims:
+        values[CONTEXT] = torch.randn(batch, seq_len, dims[CONTEXT])
     if POOLED in dims:
         values[POOLED] = torch.randn(batch, dims[POOLED])
     conditioning = {n: values[n] for n in spec.input_names(cfg) if n in values}
     timestep = torch.linspace(1.0, 900.0, batch) * spec.timestep_scale
-    return DenoiserInputs(hidden, timestep, conditioning, spec.sample, shared_inputs(spec, hidden, values))
+    return DenoiserInputs(sample, timestep, conditioning, spec.sample, shared_inputs(spec, sample, values))
 
 
 def _dynamic_shapes(denoiser: torch.nn.Module, inputs: DenoiserInputs, names: list[str],
