@@ -116,11 +116,11 @@ ZOO: dict[str, ZooModel] = dict([
             "--fid-samples", "200"),
     # held-out: trained by another script with another schedule, target, optimizer and attention layout;
     # evaluated only with the defaults (bench/zoo_quality.py refuses ablations on them)
-    _member("heldout-vpred", "held-out: scripts/train_digits_alt.py, v-prediction, scaled_linear betas, Adam with "
-            "constant LR after warm-up, no EMA, attention at 8x8 and 4x4 with head dim 8, 80 epochs (3040 "
-            "iterations of batch 48)", "--prediction-type", "v_prediction", "--beta-schedule", "scaled_linear",
-            "--optimizer", "adam", "--lr", "3e-4", "--lr-schedule", "constant_with_warmup", "--ema-max-decay", "0",
-            "--epochs", "80", seed=5, group="held-out", alt_trainer=True),
+    _member("heldout-vpred", "held-out: scripts/train_digits_alt.py, v-prediction, linear betas, Adam with constant "
+            "LR after warm-up, EMA 0.999 (diffusers EMAModel), attention at 8x8 and 4x4 with head dim 8, 80 epochs "
+            "(3040 iterations of batch 48)", "--prediction-type", "v_prediction", "--beta-schedule", "linear",
+            "--optimizer", "adam", "--lr", "3e-4", "--lr-schedule", "constant_with_warmup", "--ema-max-decay",
+            "0.999", "--epochs", "80", seed=5, group="held-out", alt_trainer=True),
     _member("heldout-large", "held-out: scripts/train_digits_alt.py, 3.8M parameters (block_out (48, 96, 96), "
             "16 norm groups, head dim 16), epsilon, linear betas, AdamW + cosine LR, EMA (diffusers EMAModel), "
             "50 epochs",
