@@ -25,8 +25,10 @@ from .params import OVERWRITE_FILES, POSITIVE
 @click.option("--inexact", type=click.Choice(INEXACT), default="refuse", show_default=True,
               help="A graph whose int8 format is not exact on this CPU: refuse, run its Q/DQ as float math "
                    "(exact, slow), or allow the wrong kernels.")
+@click.option("--lora", type=click.Path(path_type=Path),
+              help="An export with LoRA slots: check it with this LoRA file (a float branch on both sides).")
 @OVERWRITE_FILES
-def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report, inexact, overwrite) -> None:
+def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report, inexact, lora, overwrite) -> None:
     """Compare the PyTorch simulation with the exported graph (Polygraphy) at every calibrated time step.
 
     Exits 1 when any step is outside tolerance.
@@ -35,9 +37,9 @@ def check(quant_dir, export_dir, runtime, per_layer, samples, steps, report, ine
     from ..io.paths import check_output_files
     from ..verify.check import check_export
 
-    check_output_files({"--report": report}, sources=[quant_dir, export_dir], overwrite=overwrite)
+    check_output_files({"--report": report}, sources=[quant_dir, export_dir, lora], overwrite=overwrite)
     result = check_export(quant_dir, export_dir, runtime=runtime, per_layer=per_layer, samples=samples, steps=steps,
-                          inexact=inexact)
+                          inexact=inexact, lora=lora)
     click.echo(result.table())
     if report:
         body = json.dumps({"format": "dqdeploy-check-report", **result.to_dict()}, indent=2)

@@ -36,9 +36,12 @@ _PATH = click.Path(path_type=Path)
 @click.option("--cpu", type=click.Choice(CPU_CHOICES), default="auto", show_default=True,
               help="ort: CPUs the int8 graph is exact on. vnni: fastest, x86 with VNNI/AMX and ARM64 only; portable: "
                    "every CPU (x86 without VNNI too), slower; auto: this machine's.")
+@click.option("--lora-slots", type=str, metavar="LORA_FILE|attention",
+              help="Float LoRA branches whose matrices are graph inputs, on the layers of LORA_FILE (or on every "
+                   "attention projection): load_runtime(E, lora=FILE) swaps adapters without re-exporting.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo,
-           dyn_res, cpu, overwrite) -> None:
+           dyn_res, cpu, lora_slots, overwrite) -> None:
     """Export a quantized artifact SOURCE to a QDQ ONNX graph of one layout and, for --target trt, a TensorRT engine."""
     from ..exporters.export import export as run_export
     from ..runtimes.dynamic import parse_range
@@ -52,7 +55,7 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
                                  param_hint="--dynamic-resolution") from None
     run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
                overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
-               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu)
+               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu, lora_slots=lora_slots)
     spec = read_spec(out_dir)
     fmt = f"; int8 format {spec.int8_format}: `dqdeploy inspect` says where it is exact" if spec.int8_format else ""
     click.echo(f"wrote {Path(out_dir) / spec.onnx_file} ({target}{fmt})")

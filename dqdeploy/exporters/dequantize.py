@@ -37,6 +37,7 @@ class LayerTensors:
     weight_bits: int
     act_bits: int
     out_c: float | None = None  # output quantizer step factor c (step c * s_t), layout "ort"
+    dilation: np.ndarray | None = None  # s [C]: the graph's input of the layer times s * in_factor is its float input
 
     @property
     def ref_scale(self) -> float:
@@ -60,6 +61,7 @@ def tensors_of(name: str, layer: QuantLayer, fold: str = "mul") -> LayerTensors:
         weight_bits=meta_bits[0],
         act_bits=meta_bits[1],
         out_c=None if layer.output_scale is None else float(layer.output_scale.detach().abs()),
+        dilation=(1.0 / inv_s).numpy(),
     )
 
 

@@ -38,6 +38,7 @@ from ..system.trt_gate import require_tensorrt
 from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
+from .lora_slots import add_lora_slots, plan_slots
 from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx
 from .qdq import SurgeryOptions, insert_qdq
@@ -65,8 +66,13 @@ def export(
     triton_repo: str | Path | None = None,
     dynamic_resolution: tuple[int, int] | None = None,
     cpu: CpuChoice = "auto",
+    lora_slots: str | Path | None = None,
 ) -> Path:
     """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``).
+
+    ``lora_slots`` (a quantized artifact only): a LoRA file whose layers, or ``"attention"`` for every attention
+    projection, get a float LoRA branch whose matrices are graph inputs (:mod:`.lora_slots`), so that
+    ``load_runtime(E, lora=...)`` swaps adapters without re-exporting.
 
     ``cpu`` (``ort`` only): the CPUs the int8 graph must be exact on -- ``vnni`` (full-range int8 weights:
     fastest, exact on x86 with VNNI/AMX and ARM64, wrong on x86 without VNNI), ``portable`` (exact on every
@@ -86,6 +92,9 @@ def export(
     source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
     dynamic_resolution = _resolution_range(dynamic_resolution)
     spec = target_spec(target)
+    if spec.engine and lora_slots is not None:
+        raise ExportError("LoRA slots are for ONNX Runtime graphs (targets ort, onnx, float): no TensorRT engine "
+                          "with slots is built yet", hint="fold the LoRA into the artifact (`dqdeploy lora`) for trt")
     if spec.engine:
         require_tensorrt()  # fail fast, before anything else
         _check_request(source, spec.graph, fp16, cpu)
@@ -95,11 +104,11 @@ def export(
     if timing_cache is not None:
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if not spec.engine:
-        export_graph(source, out_dir, target=spec.graph, fp16=fp16, int4_linear=int4_linear,
-                     simplify=simplify, overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu)
+        export_graph(source, out_dir, target=spec.graph, fp16=fp16, int4_linear=int4_linear, simplify=simplify,
+                     overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu, lora_slots=lora_slots)
     else:
         trt_graph(source, out_dir, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
-                  dynamic_resolution=dynamic_resolution)
+                  dynamic_resolution=dynamic_resolution, lora_slots=lora_slots)
         build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
     if triton_repo is not None:  # the engine for trt; the ONNX graph (ONNX Runtime backend) for the other targets
         write_triton_repo(out_dir, triton_repo)
@@ -124,12 +133,13 @@ def trt_graph(
     simplify: bool = True,
     overwrite: bool = False,
     dynamic_resolution: tuple[int, int] | None = None,
+    lora_slots: str | Path | None = None,
 ) -> Path:
     """The graph step of ``--target trt``, which needs no TensorRT: the FP16 TensorRT-layout graph that
     :func:`~.engine.build_engine` builds from (``export_graph(target="onnx", fp16=True)``, checked against
     TensorRT's rules on the way). :func:`export` runs it, then the engine build."""
     return export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify,
-                        overwrite=overwrite, dynamic_resolution=dynamic_resolution)
+                        overwrite=overwrite, dynamic_resolution=dynamic_resolution, lora_slots=lora_slots)
 
 
 def export_graph(
@@ -143,11 +153,14 @@ def export_graph(
     overwrite: bool = False,
     dynamic_resolution: tuple[int, int] | None = None,
     cpu: CpuChoice = "auto",
+    lora_slots: str | Path | None = None,
 ) -> Path:
     """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``)."""
     spec = _check_request(source, target, fp16, cpu)
     int8_format = resolve_format(cpu) if spec.cpu_format else None
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
+    if lora_slots is not None and detect(source) != "quantized":
+        raise ExportError("--lora-slots needs a quantized artifact", hint="quantize the model first")
     if detect(source) == "fp":
         return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
     manifest = read_manifest(source)
@@ -159,8 +172,11 @@ def export_graph(
         canvas, parts = _prepare(source, manifest, recipe, target, fp16)
         int4_layers = _int4_layers(parts.layers, parts.ranks) if int4_linear else []
         opset = 21 if int4_layers else 20
+        slots = None if lora_slots is None else plan_slots(canvas, parts.layers, lora_slots)
         graph = _float_graph(canvas, parts.example, scratch, opset, dynamic_resolution)
         del canvas
+        entries = [] if slots is None else add_lora_slots(graph, slots, SurgeryOptions().scope_prefix,
+                                                          FLOAT16 if fp16 else 1)
         release_memory()  # the float denoiser is not needed any more: its weights are in the scratch file
         if spec.layout is not None:
             opts = SurgeryOptions(layout=spec.layout, float_type=FLOAT16 if fp16 else 1,
@@ -181,7 +197,8 @@ def export_graph(
             _write(graph, folder, _spec(
                 graph, target, fp16, opset, dynamic_resolution, model_class=manifest.model_class,
                 model_config=manifest.model_config, timesteps=manifest.timesteps, recipe=manifest.recipe,
-                scheduler_config=manifest.scheduler_config, source=manifest.integrity, int8_format=int8_format))
+                scheduler_config=manifest.scheduler_config, source=manifest.integrity, int8_format=int8_format,
+                lora_slots=entries))
     return Path(out_dir)
 
 

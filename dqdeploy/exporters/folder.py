@@ -13,14 +13,14 @@ from ..core.errors import ExportError
 from ..core.version import __version__
 from ..io.atomic import atomic_dir
 from ..io.integrity import file_record
-from ..runtimes.spec import ONNX_DATA_FILE, SPEC_FILE, ExportSpec, TensorSpec
+from ..runtimes.spec import LORA_PREFIX, ONNX_DATA_FILE, SPEC_FILE, ExportSpec, TensorSpec
 from .external import write_graph
 from .graph_index import skeleton
 from .onnx import EXTERNAL_DATA_THRESHOLD
 
 
 def tensor_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Graph inputs (initializers excluded) and outputs of an onnx.ModelProto as TensorSpecs."""
+    """Graph inputs (initializers and LoRA slots excluded) and outputs of an onnx.ModelProto as TensorSpecs."""
     from onnx import helper
 
     def spec(v) -> TensorSpec:
@@ -29,7 +29,8 @@ def tensor_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return TensorSpec(v.name, dims, helper.tensor_dtype_to_np_dtype(t.elem_type).name)
 
     inits = {i.name for i in model.graph.initializer}
-    return [spec(v) for v in model.graph.input if v.name not in inits], [spec(v) for v in model.graph.output]
+    return ([spec(v) for v in model.graph.input if v.name not in inits and not v.name.startswith(LORA_PREFIX)],
+            [spec(v) for v in model.graph.output])
 
 
 def versions() -> dict[str, str]:

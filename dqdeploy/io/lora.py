@@ -111,9 +111,10 @@ def _group(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, dict[s
     return grouped, others
 
 
-def read_lora(path: str | Path, denoiser: nn.Module) -> LoraAdapter:
+def read_lora(path: str | Path, denoiser: nn.Module, slots_of: str | None = None) -> LoraAdapter:
     """The adapter of ``denoiser`` (a diffusers UNet or transformer, quantized or not) in the LoRA file
-    ``path``: every layer checked against the model (present, a Linear, matching shapes)."""
+    ``path``: every layer checked against the model (present, a Linear, matching shapes). ``slots_of``: ``denoiser``
+    stands for the LoRA slots of that export (its layers are the slots only)."""
     path = Path(path)
     model_class = type(denoiser).__name__
     grouped, others = _group(_raw_state(path, model_class), path)
@@ -124,6 +125,11 @@ def read_lora(path: str | Path, denoiser: nn.Module) -> LoraAdapter:
         raise LoraError(f"{path}: no layer of the denoiser in this LoRA file",
                         hint="the keys must start with 'unet.' or 'transformer.' (diffusers/peft format)")
     modules = dict(denoiser.named_modules())
+    if slots_of is not None:
+        missing = sorted(set(grouped) - set(modules))
+        if missing:
+            raise LoraError(f"{path}: {len(missing)} layer(s) have no LoRA slot in {slots_of} (first: {missing[0]})",
+                            hint="export with `--lora-slots` naming this LoRA file (or `attention`)")
     layers = {name: _checked(path, name, parts, modules.get(name)) for name, parts in sorted(grouped.items())}
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoraAdapter(path, digest, layers)

@@ -196,6 +196,19 @@ def _check_files(p: Problems, files: Any) -> None:
 # -- export specs ---------------------------------------------------------------------------------
 
 
+def _check_slots(p: Problems, slots: Any) -> None:
+    """``lora_slots`` of an export spec: the graph inputs of each adapted layer's branch."""
+    if not p.require(isinstance(slots, list) and len(slots) <= MAX_LAYERS, "lora_slots must be a list"):
+        return
+    for slot in slots:
+        ok = (isinstance(slot, dict) and set(slot) == {"layer", "down", "up", "in", "out"}
+              and all(isinstance(slot[k], str) for k in ("layer", "down", "up"))
+              and bool(MODULE_NAME.match(slot["layer"]))
+              and all(is_int(slot[k]) and slot[k] > 0 for k in ("in", "out")))
+        if not p.require(ok, f"lora_slots entry {str(slot)[:80]} is not {{layer, down, up, in, out}}"):
+            return
+
+
 def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> None:
     """Schema of an export spec dict (after its format and seal were checked)."""
     from ..core.denoisers import SUPPORTED as SUPPORTED_UNETS
@@ -227,6 +240,7 @@ def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> Non
     fmt = data.get("int8_format")
     p.require(fmt is None or (fmt in INT8_FORMATS and data["target"] == "ort"),
               f"int8_format {fmt!r} (expected one of {INT8_FORMATS}, on an ort-target graph only)")
+    _check_slots(p, data.get("lora_slots", []))
     for key in ("inputs", "outputs"):
         tensors = data[key]
         if not p.require(isinstance(tensors, list) and 0 < len(tensors) <= 8, f"{key} must be a non-empty list"):

@@ -16,7 +16,7 @@ from ..core.errors import ArtifactError, CpuFormatError, MissingDependencyError,
 from ..core.vocab import INEXACT, Inexact
 from ..system.cpu import cpu_info, exact_on
 from .base import CONTEXT, OUTPUT, SAMPLE, DenoiserRuntime
-from .spec import SPEC_FILE, ExportSpec, TensorSpec, read_spec
+from .spec import LORA_PREFIX, SPEC_FILE, ExportSpec, TensorSpec, read_spec
 
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -172,6 +172,22 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
     )
 
 
+class _LayerShapes(torch.nn.Module):
+    """What :func:`~dqdeploy.io.lora.read_lora` checks a LoRA file against, built from an export's slots: one Linear
+    (on the meta device) per slot."""
+
+    def __init__(self, spec: ExportSpec) -> None:
+        super().__init__()
+        for slot in spec.lora_slots:
+            parent = self
+            *path, leaf = slot["layer"].split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, torch.nn.Linear(slot["in"], slot["out"], bias=False, device="meta"))
+
+
 def _name(provider: Provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
@@ -197,9 +213,11 @@ class OrtDenoiser(DenoiserRuntime):
         options: Any = None,
         check_values: bool = True,
         inexact: Inexact = "refuse",
+        lora: Any = None,
     ) -> None:
         """``check_values``: refuse NaN/Inf/out-of-range inputs (False skips the pass over the inputs).
-        ``inexact``: what to do when the graph's int8 format is not exact on this CPU (:func:`exactness_entries`)."""
+        ``inexact``: what to do when the graph's int8 format is not exact on this CPU (:func:`exactness_entries`).
+        ``lora``: adapters for an export with LoRA slots (``FILE``, ``(FILE, scale)`` or a list; :meth:`set_lora`)."""
         ort = require("onnxruntime", "ort", "running an exported denoiser on ONNX Runtime")
         path, spec = resolve_source(source)
         if not path.is_file():
@@ -225,11 +243,31 @@ class OrtDenoiser(DenoiserRuntime):
         spec = spec or _spec_from_session(self.session, path)
         super().__init__(spec, str(source))
         self.check_values = check_values
+        self._lora_feeds: dict[str, np.ndarray] = {}
         self._check_session(path)
         self.onnx_path = path
+        self.set_lora(lora)
+
+    def set_lora(self, lora: Any = None) -> None:
+        """Run the export's LoRA slots with ``lora`` (``FILE``, ``(FILE, scale)`` or a list of them; ``None``: no
+        adapter, the graph computes what it computes without slots). No re-export, no new session."""
+        from ..io.lora import lora_list, read_lora
+        from .lora_feeds import lora_feeds, require_slots
+
+        if lora is not None:
+            require_slots(self.spec)
+        if not self.spec.lora_slots:
+            return
+
+        skeleton = _LayerShapes(self.spec)
+        adapters = [] if lora is None else [(read_lora(path, skeleton, slots_of=str(self.source)).layers, scale)
+                                            for path, scale in lora_list(lora)]
+        dtype = np.float16 if self.spec.precision == "fp16" else np.float32
+        self._lora_feeds = lora_feeds(self.spec, adapters, dtype)
 
     def _check_session(self, path: Path) -> None:
-        got = {v.name: (ORT_TYPES.get(v.type, v.type), _static(v.shape)) for v in self.session.get_inputs()}
+        got = {v.name: (ORT_TYPES.get(v.type, v.type), _static(v.shape)) for v in self.session.get_inputs()
+               if not v.name.startswith(LORA_PREFIX)}
         want = {t.name: (t.dtype, _static(t.shape)) for t in self.spec.inputs}
         if got != want:
             raise ArtifactError(
@@ -241,7 +279,7 @@ class OrtDenoiser(DenoiserRuntime):
         self._output = OUTPUT if OUTPUT in outputs else outputs[0]
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        arrays: Mapping[str, np.ndarray] = {n: t.numpy() for n, t in feeds.items()}
+        arrays: Mapping[str, np.ndarray] = {**{n: t.numpy() for n, t in feeds.items()}, **self._lora_feeds}
         try:
             (out,) = self.session.run([self._output], arrays)
         except Exception as exc:  # ORT's own error types (allocation failures, kernels refusing a shape)

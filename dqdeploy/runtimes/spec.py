@@ -38,6 +38,15 @@ FORMAT_VERSION = 1
 LEGACY_KEYS = {"flavour": "target"}  # specs written before the rename
 
 
+LORA_PREFIX = "lora/"  # graph inputs of the LoRA slots: lora/<layer>/down [in, r] and lora/<layer>/up [r, out]
+
+
+def lora_inputs(layer: str) -> tuple[str, str]:
+    """The graph inputs of ``layer``'s LoRA slot: ``down`` [in, r] (A transposed) and ``up`` [r, out] (B transposed,
+    times the adapter's scale)."""
+    return f"{LORA_PREFIX}{layer}/down", f"{LORA_PREFIX}{layer}/up"
+
+
 def onnx_file(model_class: str) -> str:
     """The graph's path inside an export folder: ``unet/model.onnx`` or ``transformer/model.onnx``."""
     spec = SPECS.get(model_class)
@@ -83,6 +92,8 @@ class ExportSpec:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {sha256, size}
     source: str = ""  # integrity seal of the artifact manifest it was exported from ("" for float exports)
     resolution_range: list[int] | None = None  # [MIN, MAX] latent height/width of a dynamic-resolution graph
+    # LoRA slots: per adapted Linear, {layer, down, up, in, out}: the graph inputs of its float branch
+    lora_slots: list[dict[str, Any]] = field(default_factory=list)
     # ORT layout: the integer format of the weights, which decides the CPUs its int8 kernels are exact on
     # (:mod:`dqdeploy.system.cpu`); None for other targets, and for ORT graphs exported before it was recorded (int8)
     int8_format: Int8Format | None = None
@@ -121,7 +132,10 @@ class ExportSpec:
 
     def to_json(self) -> str:
         """The spec as JSON text, sealed (``integrity``: sha256 of the canonical body)."""
-        return json.dumps(seal(asdict(self)), indent=2, sort_keys=True)
+        data = asdict(self)
+        if not self.lora_slots:  # a later field: left out when empty, as before it existed
+            del data["lora_slots"]
+        return json.dumps(seal(data), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExportSpec":

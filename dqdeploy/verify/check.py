@@ -30,7 +30,7 @@ from ..exporters.dequantize import simulate_layer_input
 from ..exporters.qdq import UINT8_ZERO_POINT, input_q_name
 from ..io.artifact import load_calibration_inputs, load_quantized, manifest_seal
 from ..quant.modules import QuantizedDenoiser, quant_layers, set_act_quant, set_weight_quant
-from ..runtimes.spec import ExportSpec, read_spec
+from ..runtimes.spec import LORA_PREFIX, ExportSpec, TensorSpec, read_spec
 from ..system.cpu import cpu_info
 from ..system.trt_gate import require_tensorrt
 
@@ -140,8 +140,27 @@ class CheckResult:
 
 
 def _run_feed(model: QuantizedDenoiser, feed) -> torch.Tensor:
-    """The simulation's whole output for one feed (graph input names are the model's keywords)."""
-    return spec_of(model).inputs_from_dict(feed).call(model)
+    """The simulation's whole output for one feed (graph input names are the model's keywords; the LoRA slots'
+    inputs are the graph's only: the simulation carries its branches itself)."""
+    return spec_of(model).inputs_from_dict({k: v for k, v in feed.items() if not k.startswith(LORA_PREFIX)}).call(model)
+
+
+def _lora(model: QuantizedDenoiser, spec: ExportSpec, lora: Any) -> tuple[dict[str, np.ndarray], list[TensorSpec]]:
+    """``lora`` as branches on the simulation and as the graph's slot inputs (zeros without an adapter)."""
+    if not spec.lora_slots:
+        if lora is not None:
+            raise ArtifactError("this export has no LoRA slots to check an adapter with",
+                                hint="export with `--lora-slots LORA_FILE`")
+        return {}, []
+    from ..io.lora import apply_lora, lora_list, read_lora
+    from ..runtimes.lora_feeds import lora_feeds
+
+    adapters = [(read_lora(path, model.denoiser).layers, scale) for path, scale in lora_list(lora)] if lora else []
+    if lora is not None:
+        model.lora_branches = apply_lora(model, lora)
+    dtype = np.float16 if spec.precision == "fp16" else np.float32
+    extra = lora_feeds(spec, adapters, dtype)
+    return extra, [TensorSpec(name, [-1, -1], np.dtype(dtype).name) for name in extra]
 
 
 def _simulation_runner(model: QuantizedDenoiser, inputs: list, output: str = OUTPUT, name: str = "pytorch-simulation"):
@@ -250,6 +269,7 @@ def check_export(
     tolerance_ratio: float | None = None,
     tolerance_floor: float = 1e-3,
     inexact: Inexact = "refuse",
+    lora: Any = None,
 ) -> CheckResult:
     """Compare the simulation of ``quant_dir`` with the graph in ``export_dir`` at every calibrated
     time step the artifact stores inputs for (``steps``: at most that many, spread over the
@@ -258,7 +278,8 @@ def check_export(
     ``tolerance_ratio`` (default 1; 2 for FP16 graphs and for an ORT-layout graph made from an
     artifact whose simulation does not model the output rounding, i.e. not quantized with
     ``layout="ort"``) times the simulation's own quantization error. ``inexact``: as for the ORT runtime, when
-    the graph's int8 format is not exact on this CPU (:func:`dqdeploy.runtimes.ort.exactness_entries`).
+    the graph's int8 format is not exact on this CPU (:func:`dqdeploy.runtimes.ort.exactness_entries`). ``lora``:
+    adapters (``FILE``, ``(FILE, scale)`` or a list) for an export with LoRA slots, on both sides.
     """
     from polygraphy.comparator import Comparator
 
@@ -276,12 +297,14 @@ def check_export(
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
     output = spec.outputs[0].name
     feeds, checked = _feeds(calib, samples, dtypes, steps)
+    extra, slot_specs = _lora(model, spec, lora)
+    feeds = [{**f, **extra} for f in feeds]
     layer_names = list(quant_layers(model.denoiser)) if per_layer else []
     q_outputs = [input_q_name(n) for n in layer_names]
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    runners = [_simulation_runner(model, spec.inputs, output),
+    runners = [_simulation_runner(model, spec.inputs + slot_specs, output),
                _graph_runner(Path(export_dir), runtime, q_outputs, output, inexact)]
     (_, sim_iters), (_, graph_iters) = Comparator.run(runners, data_loader=feeds)
     sim_outs = [np.asarray(it[output], np.float32) for it in sim_iters]

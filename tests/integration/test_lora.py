@@ -212,3 +212,54 @@ def test_transformer_branch_follows_the_float_model(tmp_path):
     ref = _run(_merged(fp, lora), inputs)
     assert _rel(ref, _run(fp, inputs)) > 2 * base_err
     assert _rel(_run(load_quantized(q, lora=lora), inputs), ref) < 1.5 * base_err + 1e-3
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_graph_slots_swap_adapters_without_re_export(unet_case, tmp_path, target):
+    from dqdeploy import load_runtime
+    from dqdeploy.exporters.lint import lint_path
+    from dqdeploy.runtimes.spec import read_spec
+
+    q, lora, other = unet_case["q"], unet_case["lora"], unet_case["other"]
+    plain = load_runtime(export(q, tmp_path / "plain", target=target))
+    e = export(q, tmp_path / "slots", target=target, lora_slots=lora)
+    spec = read_spec(e)
+    assert [s["layer"] for s in spec.lora_slots] == sorted(UNET_LAYERS)
+    assert not any(t.name.startswith("lora/") for t in spec.inputs)  # the denoiser's own inputs are unchanged
+    if target == "onnx":
+        assert lint_path(e / "unet" / "model.onnx") == []  # the float branch keeps TensorRT's rules
+    inputs = {k: v[:4] for k, v in unet_case["inputs"].items()}
+    runtime = load_runtime(e)
+    without = _run(runtime, inputs)
+    assert torch.allclose(without, _run(plain, inputs), atol=1e-5)  # empty slots add nothing
+    runtime.set_lora([(lora, 0.8)])
+    styled = _run(runtime, inputs)
+    branch = _run(load_quantized(q, lora=[(lora, 0.8)]), inputs)
+    graph_err = _rel(without, _run(load_quantized(q), inputs))  # the graph vs its simulation, without a LoRA
+    assert _rel(styled, without) > 2 * graph_err and _rel(styled, branch) < 2 * graph_err + 1e-3
+    runtime.set_lora(other)
+    assert not torch.equal(_run(runtime, inputs), styled)
+    runtime.set_lora([(lora, 0.8)])
+    assert torch.equal(_run(runtime, inputs), styled)  # swapping back restores the outputs bit for bit
+    runtime.set_lora(None)
+    assert torch.equal(_run(runtime, inputs), without)
+    assert check_export(q, e, lora=[(lora, 0.8)]).ok
+    assert check_export(q, e).ok
+
+
+def test_slot_refusals(unet_case, tmp_path):
+    from dqdeploy import load_runtime
+    from dqdeploy.core.errors import ExportError
+
+    q, fp = unet_case["q"], unet_case["fp"]
+    e = export(q, tmp_path / "e", target="ort", lora_slots=random_lora(fp, UNET_LAYERS[:1], tmp_path / "one.safetensors"))
+    with pytest.raises(LoraError, match="no LoRA slot"):
+        load_runtime(e, lora=unet_case["lora"])  # adapts layers the export has no slot for
+    with pytest.raises(DQDeployError, match="no LoRA slots"):
+        load_runtime(export(q, tmp_path / "plain", target="ort"), lora=unet_case["lora"])
+    with pytest.raises(ExportError, match="TensorRT engine"):
+        export(q, tmp_path / "t", target="trt", lora_slots=unet_case["lora"])
+    assert not (tmp_path / "t").exists()
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "export", str(q), "--out", str(tmp_path / "x"),
+                           "--lora-slots", str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
