@@ -10,6 +10,8 @@ Rows (DDIM 50, ``--n`` samples, the same noise for every row):
   RECIPE branch      ``load_quantized(Q, lora=...)``: the LoRA as a float branch beside the quantized layers
   RECIPE fold        ``dqdeploy lora Q FILE --out Q2``: folded, the touched layers' weight step sizes searched again
   RECIPE fold, ort   Q2 exported with ``--target ort`` and run on ONNX Runtime
+  RECIPE slots, ort  Q exported once with ``--lora-slots FILE`` (the branch in the graph), the adapter fed at run time
+                     (``load_runtime(E, lora=...)``); also the seconds ``set_lora`` takes to swap it in
 
 Each row: digits-FID (against all real digits: a 0-4 model scores worse than the base model, so compare LoRA rows
 with ``fp + lora``), its ratio to ``fp + lora``, and the share of samples the digits classifier reads as 0-4 (what the
@@ -83,7 +85,7 @@ def main() -> None:
     lora, work = lora_file(), Path(tempfile.mkdtemp(prefix="dqdeploy-lora-"))
     rows = {"fp": row(generate(digits_model_dir(), n=args.n, **SAMPLING)),
             "fp + lora": row(generate(merged_fp(lora, work), n=args.n, **SAMPLING))}
-    fold_seconds = {}
+    fold_seconds, swap_seconds = {}, {}
     for recipe in args.recipes.split(","):
         q = quantize(digits_model_dir(), PRESETS[recipe], CalibrationConfig(scheduler="ddim", steps=50, samples=512),
                      work / f"q-{recipe}").path
@@ -98,13 +100,22 @@ def main() -> None:
         rows[f"{recipe} fold"] = row(generate(work / f"q-{recipe}-lora", n=args.n, **SAMPLING))
         export(work / f"q-{recipe}-lora", work / f"e-{recipe}-lora", target="ort")
         rows[f"{recipe} fold, ort"] = row(generate(work / f"e-{recipe}-lora", n=args.n, **SAMPLING))
+        export(q, work / f"e-{recipe}-slots", target="ort", lora_slots=lora)
+        with open_model(work / f"e-{recipe}-slots") as opened:
+            swaps = []
+            for adapter in (None, lora) * 3:
+                start = time.perf_counter()
+                opened.denoiser.set_lora(adapter)
+                swaps.append(time.perf_counter() - start)
+            swap_seconds[recipe] = sorted(swaps)[len(swaps) // 2]
+            rows[f"{recipe} slots, ort"] = row(generate_from(opened, n=args.n, **SAMPLING))
     ref = rows["fp + lora"]["digits_fid"]
     for name, r in rows.items():
         r["vs_fp_lora"] = r["digits_fid"] / ref
     entry = {"command": "python bench/lora_quality.py " + " ".join(sys.argv[1:]), "n": args.n,
              "lora": {"file": lora.name, "layers": len(read_lora(lora, load_model(digits_model_dir()).denoiser).layers),
                       "what": "rank-4 LoRA of the attention projections, trained on the digits 0-4"},
-             "rows": rows, "fold_seconds": fold_seconds}
+             "rows": rows, "fold_seconds": fold_seconds, "swap_seconds": swap_seconds}
     path = write_results("lora_quality", entry)
     for name, r in rows.items():
         print(f"{name:>16}: digits-FID {r['digits_fid']:7.2f}  vs fp+lora {r['vs_fp_lora']:.3f}x  "

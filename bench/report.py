@@ -274,7 +274,9 @@ def lora_quality_section(res: dict) -> list[str]:
     for name, r in res["rows"].items():
         out.append(f"| {name} | {r['digits_fid']:.2f} | {r['vs_fp_lora']:.3f}x | {r['share_0_to_4']:.1%} |")
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in res["fold_seconds"].items())
-    return out + ["", f"`dqdeploy lora` (fold, including loading and saving the artifact): {secs}.", ""]
+    swaps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.get("swap_seconds", {}).items())
+    return out + ["", f"`dqdeploy lora` (fold, including loading and saving the artifact): {secs}. Swapping the "
+                      f"adapter on a loaded runtime with LoRA slots (`set_lora`, median of 6): {swaps}.", ""]
 
 
 def memory_section(mem: dict) -> list[str]:
@@ -666,7 +668,7 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
         ("LoRA on a quantized artifact", ("lora_quality.json",), lambda: _load("lora_quality"),
          _flat(lora_quality_section),
          lambda d: [(f"{k}: {r['vs_fp_lora']:.3f}x the digits-FID of fp + lora", d) for k, r in d["rows"].items()
-                    if k.endswith(("branch", "fold, ort"))]),
+                    if k.endswith(("branch", "fold, ort", "slots, ort"))]),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
         ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),
