@@ -1,0 +1,48 @@
+"""The inputs of LoRA slots: adapters stack their ranks so that their branches add up exactly; an unused slot adds
+nothing; an adapter for a layer without a slot is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dqdeploy.core.errors import DQDeployError
+from dqdeploy.quant.lora import LoraLayer
+from dqdeploy.runtimes.lora_feeds import lora_feeds
+from dqdeploy.runtimes.spec import ExportSpec, TensorSpec, lora_inputs
+
+
+def _spec(slots: dict[str, tuple[int, int]]) -> ExportSpec:
+    entries = [{"layer": n, "down": lora_inputs(n)[0], "up": lora_inputs(n)[1], "in": i, "out": o}
+               for n, (i, o) in slots.items()]
+    return ExportSpec(target="ort", precision="fp32", opset=20, model_class="UNet2DModel", model_config={},
+                      inputs=[TensorSpec("sample", [1, 1, 8, 8], "float32")], outputs=[], lora_slots=entries)
+
+
+def _layer(seed: int, rank: int, i: int = 6, o: int = 5, alpha_scale: float = 1.0) -> LoraLayer:
+    g = torch.Generator().manual_seed(seed)
+    return LoraLayer(torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g), alpha_scale)
+
+
+def test_stacked_ranks_add_the_branches_and_unused_slots_are_zero():
+    spec = _spec({"a": (6, 5), "b": (3, 2)})
+    one, two = _layer(0, 2, alpha_scale=0.5), _layer(1, 4)
+    feeds = lora_feeds(spec, [({"a": one}, 0.8), ({"a": two}, -1.5)])
+    down, up = feeds[lora_inputs("a")[0]], feeds[lora_inputs("a")[1]]
+    assert down.shape == (6, 6) and up.shape == (6, 5)  # ranks 2 + 4
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    want = one.branch(torch.from_numpy(x), 0.8) + two.branch(torch.from_numpy(x), -1.5)
+    assert np.allclose(x @ down @ up, want.numpy(), atol=1e-5)
+    zeros = (feeds[lora_inputs("b")[0]], feeds[lora_inputs("b")[1]])
+    assert zeros[0].shape == (3, 1) and zeros[1].shape == (1, 2) and not zeros[0].any() and not zeros[1].any()
+    assert all(v.dtype == np.float32 for v in feeds.values())
+    assert lora_feeds(spec, [({"a": one}, 1.0)], np.float16)[lora_inputs("a")[0]].dtype == np.float16
+
+
+def test_an_adapter_needs_a_slot_for_every_layer():
+    with pytest.raises(DQDeployError, match="no LoRA slot"):
+        lora_feeds(_spec({"a": (6, 5)}), [({"c": _layer(0, 2)}, 1.0)])
+    with pytest.raises(DQDeployError, match="no LoRA slots"):
+        lora_feeds(_spec({}), [({"a": _layer(0, 2)}, 1.0)])
+    assert lora_feeds(_spec({}), []) == {}
