@@ -252,7 +252,8 @@ def test_slot_refusals(unet_case, tmp_path):
     from dqdeploy.core.errors import ExportError
 
     q, fp = unet_case["q"], unet_case["fp"]
-    e = export(q, tmp_path / "e", target="ort", lora_slots=random_lora(fp, UNET_LAYERS[:1], tmp_path / "one.safetensors"))
+    one = random_lora(fp, UNET_LAYERS[:1], tmp_path / "one.safetensors")
+    e = export(q, tmp_path / "e", target="ort", lora_slots=one)
     with pytest.raises(LoraError, match="no LoRA slot"):
         load_runtime(e, lora=unet_case["lora"])  # adapts layers the export has no slot for
     with pytest.raises(DQDeployError, match="no LoRA slots"):
