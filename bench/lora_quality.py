@@ -10,6 +10,7 @@ Rows (DDIM 50, ``--n`` samples, the same noise for every row):
   RECIPE branch      ``load_quantized(Q, lora=...)``: the LoRA as a float branch beside the quantized layers
   RECIPE fold        ``dqdeploy lora Q FILE --out Q2``: folded, the touched layers' weight step sizes searched again
   RECIPE fold, ort   Q2 exported with ``--target ort`` and run on ONNX Runtime
+  RECIPE again       the float model with the LoRA merged, quantized from scratch (what the LoRA saves)
   RECIPE slots, ort  Q exported once with ``--lora-slots FILE`` (the branch in the graph), the adapter fed at run time
                      (``load_runtime(E, lora=...)``); also the seconds ``set_lora`` takes to swap it in
 
@@ -83,12 +84,13 @@ def main() -> None:
     ap.add_argument("--recipes", default="w8a8,w4a8")
     args = ap.parse_args()
     lora, work = lora_file(), Path(tempfile.mkdtemp(prefix="dqdeploy-lora-"))
+    fp_lora = merged_fp(lora, work)
     rows = {"fp": row(generate(digits_model_dir(), n=args.n, **SAMPLING)),
-            "fp + lora": row(generate(merged_fp(lora, work), n=args.n, **SAMPLING))}
+            "fp + lora": row(generate(fp_lora, n=args.n, **SAMPLING))}
+    calibration = CalibrationConfig(scheduler="ddim", steps=50, samples=512)
     fold_seconds, swap_seconds = {}, {}
     for recipe in args.recipes.split(","):
-        q = quantize(digits_model_dir(), PRESETS[recipe], CalibrationConfig(scheduler="ddim", steps=50, samples=512),
-                     work / f"q-{recipe}").path
+        q = quantize(digits_model_dir(), PRESETS[recipe], calibration, work / f"q-{recipe}").path
         rows[recipe] = row(generate(q, n=args.n, **SAMPLING))
         with open_model(q) as opened:
             branches = apply_lora(opened.denoiser, lora)
@@ -100,6 +102,8 @@ def main() -> None:
         rows[f"{recipe} fold"] = row(generate(work / f"q-{recipe}-lora", n=args.n, **SAMPLING))
         export(work / f"q-{recipe}-lora", work / f"e-{recipe}-lora", target="ort")
         rows[f"{recipe} fold, ort"] = row(generate(work / f"e-{recipe}-lora", n=args.n, **SAMPLING))
+        again = quantize(fp_lora, PRESETS[recipe], calibration, work / f"q-{recipe}-again").path
+        rows[f"{recipe} again"] = row(generate(again, n=args.n, **SAMPLING))
         export(q, work / f"e-{recipe}-slots", target="ort", lora_slots=lora)
         with open_model(work / f"e-{recipe}-slots") as opened:
             swaps = []
