@@ -70,9 +70,8 @@ def export(
 ) -> Path:
     """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``).
 
-    ``lora_slots`` (a quantized artifact only): a LoRA file whose layers, or ``"attention"`` for every attention
-    projection, get a float LoRA branch whose matrices are graph inputs (:mod:`.lora_slots`), so that
-    ``load_runtime(E, lora=...)`` swaps adapters without re-exporting.
+    ``lora_slots``: a LoRA file whose layers (or ``"attention"``: every attention projection) get a float branch whose
+    matrices are graph inputs (:mod:`.lora_slots`): ``load_runtime(E, lora=...)`` swaps adapters, no re-export.
 
     ``cpu`` (``ort`` only): the CPUs the int8 graph must be exact on -- ``vnni`` (full-range int8 weights:
     fastest, exact on x86 with VNNI/AMX and ARM64, wrong on x86 without VNNI), ``portable`` (exact on every
@@ -92,10 +91,8 @@ def export(
     source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
     dynamic_resolution = _resolution_range(dynamic_resolution)
     spec = target_spec(target)
-    if spec.engine and lora_slots is not None:
-        raise ExportError("LoRA slots are for ONNX Runtime graphs (targets ort, onnx, float): no TensorRT engine "
-                          "with slots is built yet", hint="fold the LoRA into the artifact (`dqdeploy lora`) for trt")
     if spec.engine:
+        _refuse_slots(lora_slots)
         require_tensorrt()  # fail fast, before anything else
         _check_request(source, spec.graph, fp16, cpu)
     check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
@@ -113,6 +110,12 @@ def export(
     if triton_repo is not None:  # the engine for trt; the ONNX graph (ONNX Runtime backend) for the other targets
         write_triton_repo(out_dir, triton_repo)
     return Path(out_dir)
+
+
+def _refuse_slots(lora_slots: str | Path | None) -> None:
+    if lora_slots is not None:
+        raise ExportError("LoRA slots are for ONNX Runtime graphs (targets ort, onnx, float): no TensorRT engine "
+                          "with slots is built yet", hint="fold the LoRA into the artifact (`dqdeploy lora`) for trt")
 
 
 def _triton_model(source: Path) -> str:

@@ -145,13 +145,15 @@ def _run_feed(model: QuantizedDenoiser, feed) -> torch.Tensor:
     return spec_of(model).inputs_from_dict({k: v for k, v in feed.items() if not k.startswith(LORA_PREFIX)}).call(model)
 
 
-def _lora(model: QuantizedDenoiser, spec: ExportSpec, lora: Any) -> tuple[dict[str, np.ndarray], list[TensorSpec]]:
-    """``lora`` as branches on the simulation and as the graph's slot inputs (zeros without an adapter)."""
+def _with_lora(model: QuantizedDenoiser, spec: ExportSpec, lora: Any, feeds: list[dict[str, np.ndarray]]
+               ) -> tuple[list[dict[str, np.ndarray]], list[TensorSpec]]:
+    """``lora`` as branches on the simulation and as the graph's slot inputs (zeros without an adapter), added to
+    every feed; and the slot inputs' specs."""
     if not spec.lora_slots:
         if lora is not None:
             raise ArtifactError("this export has no LoRA slots to check an adapter with",
                                 hint="export with `--lora-slots LORA_FILE`")
-        return {}, []
+        return feeds, []
     from ..io.lora import apply_lora, lora_list, read_lora
     from ..runtimes.lora_feeds import lora_feeds
 
@@ -160,7 +162,7 @@ def _lora(model: QuantizedDenoiser, spec: ExportSpec, lora: Any) -> tuple[dict[s
         model.lora_branches = apply_lora(model, lora)
     dtype = np.float16 if spec.precision == "fp16" else np.float32
     extra = lora_feeds(spec, adapters, dtype)
-    return extra, [TensorSpec(name, [-1, -1], np.dtype(dtype).name) for name in extra]
+    return [{**f, **extra} for f in feeds], [TensorSpec(name, [-1, -1], np.dtype(dtype).name) for name in extra]
 
 
 def _simulation_runner(model: QuantizedDenoiser, inputs: list, output: str = OUTPUT, name: str = "pytorch-simulation"):
@@ -271,16 +273,14 @@ def check_export(
     inexact: Inexact = "refuse",
     lora: Any = None,
 ) -> CheckResult:
-    """Compare the simulation of ``quant_dir`` with the graph in ``export_dir`` at every calibrated
-    time step the artifact stores inputs for (``steps``: at most that many, spread over the
-    trajectory), ``samples`` inputs each.
+    """Compare the simulation of ``quant_dir`` with the graph in ``export_dir`` at every calibrated time step the
+    artifact stores inputs for (``steps``: at most that many, spread over the trajectory), ``samples`` inputs each.
 
-    ``tolerance_ratio`` (default 1; 2 for FP16 graphs and for an ORT-layout graph made from an
-    artifact whose simulation does not model the output rounding, i.e. not quantized with
-    ``layout="ort"``) times the simulation's own quantization error. ``inexact``: as for the ORT runtime, when
-    the graph's int8 format is not exact on this CPU (:func:`dqdeploy.runtimes.ort.exactness_entries`). ``lora``:
-    adapters (``FILE``, ``(FILE, scale)`` or a list) for an export with LoRA slots, on both sides.
-    """
+    ``tolerance_ratio`` (default 1; 2 for FP16 graphs and for an ORT-layout graph made from an artifact whose
+    simulation does not model the output rounding, i.e. not quantized with ``layout="ort"``) times the simulation's
+    own quantization error. ``inexact``: as for the ORT runtime, when the graph's int8 format is not exact on this
+    CPU (:func:`dqdeploy.runtimes.ort.exactness_entries`). ``lora``: adapters (``FILE``, ``(FILE, scale)`` or a
+    list) for an export with LoRA slots, on both sides."""
     from polygraphy.comparator import Comparator
 
     spec = read_spec(export_dir)
@@ -297,8 +297,7 @@ def check_export(
     dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
     output = spec.outputs[0].name
     feeds, checked = _feeds(calib, samples, dtypes, steps)
-    extra, slot_specs = _lora(model, spec, lora)
-    feeds = [{**f, **extra} for f in feeds]
+    feeds, slot_specs = _with_lora(model, spec, lora, feeds)
     layer_names = list(quant_layers(model.denoiser)) if per_layer else []
     q_outputs = [input_q_name(n) for n in layer_names]
     from polygraphy.logger import G_LOGGER
