@@ -610,8 +610,15 @@ def _zoo_headlines(z: dict) -> list[Headline]:
             if members:
                 worst = max(members, key=lambda r: r["vs_fp"])
                 out.append((f"{recipe} (simulation): worst digits-FID vs FP, {group} members "
-                            f"{worst['vs_fp']:.2f}x ({worst['model']})", worst))
+                            f"{worst['vs_fp']:.2f}x ({worst['model']})", worst | {"command": _zoo_command(z, worst)}))
     return out
+
+
+def _zoo_command(z: dict, row: dict) -> str:
+    """The harness command that measured ``row`` (rows are stamped one by one; the runs keep the commands): the last
+    run naming its model, else the last run."""
+    commands = [r["command"] for r in z["runs"]]
+    return next((c for c in reversed(commands) if row["model"] in c), commands[-1] if commands else "")
 
 
 def _scale_headlines(scale: dict) -> list[Headline]:

@@ -193,6 +193,12 @@ class RunCheckpoint:
                                       hint="run one writer per output folder") from None
             ckpt = cls(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": run,
                                 "pid": os.getpid(), "started": _process_start(os.getpid()), "blocks": [], "files": {}})
+            try:
+                ckpt._write_state()
+            except BaseException:  # interrupted (a signal) or failed between mkdir and the state: leave nothing
+                ckpt.remove()
+                raise
+            return ckpt
         ckpt._write_state()
         return ckpt
 

@@ -129,8 +129,9 @@ def quantize(
         run = {"model": model_dir, "scheduler_dir": scheduler_dir, "conditioning": cond_file}, {
             "prompts": prompts, "recipe": recipe.to_dict(), "calibration": calibration.to_dict(),
             **({"micro_batches": micro_batches} if micro_batches != 1 else {})}
-        ckpt = _start(out_dir, sources, run, overwrite=overwrite, resume=resume, micro_batches=micro_batches)
-        try:
+        ckpt = None
+        try:  # from the checkpoint's creation on: a signal right after it leaves nothing behind either
+            ckpt = _start(out_dir, sources, run, overwrite=overwrite, resume=resume, micro_batches=micro_batches)
             result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle,
                                       ckpt, micro_batches)
         except BaseException as exc:
@@ -157,19 +158,30 @@ def _start(out_dir: str | Path | None, sources: list, run: tuple[dict, dict], *,
     """The checks before any work, on every rank (an error on one is raised on all): the arguments,
     the output folder; then the checkpoint of a one-process run (``run``: its fingerprint's inputs)."""
     ckpt = None
-    with distributed.agreed("checking the output folder"):
-        if micro_batches < 1:
-            raise RecipeError(f"micro_batches={micro_batches} (expected a whole number >= 1)",
-                              hint="pass micro_batches=1 (no split)")
-        if resume and distributed.active():
-            raise distributed.DistributedError(
-                "--resume continues one-process runs only: many-process runs keep no checkpoint",
-                hint="resume without --nproc / torchrun, or start afresh without --resume")
-        if out_dir is not None and distributed.is_writer():
-            check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
-        if out_dir is not None and not distributed.active():
-            ckpt = RunCheckpoint.open(out_dir, fingerprint(*run), resume=resume)
+    try:
+        with distributed.agreed("checking the output folder"):
+            _check_start(out_dir, sources, overwrite=overwrite, resume=resume, micro_batches=micro_batches)
+            if out_dir is not None and not distributed.active():
+                ckpt = RunCheckpoint.open(out_dir, fingerprint(*run), resume=resume)
+    except BaseException:  # a signal after the checkpoint was made: an empty one is not left behind
+        if ckpt is not None and ckpt.is_empty():
+            ckpt.remove()
+        raise
     return ckpt
+
+
+def _check_start(out_dir: str | Path | None, sources: list, *, overwrite: bool, resume: bool,
+                 micro_batches: int) -> None:
+    """The arguments and the output folder, before any work."""
+    if micro_batches < 1:
+        raise RecipeError(f"micro_batches={micro_batches} (expected a whole number >= 1)",
+                          hint="pass micro_batches=1 (no split)")
+    if resume and distributed.active():
+        raise distributed.DistributedError(
+            "--resume continues one-process runs only: many-process runs keep no checkpoint",
+            hint="resume without --nproc / torchrun, or start afresh without --resume")
+    if out_dir is not None and distributed.is_writer():
+        check_target(out_dir, overwrite=overwrite, kind="quantized", sources=sources)  # before calibration
 
 
 def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: CalibrationConfig,

@@ -83,3 +83,19 @@ def test_results_without_code_hash_are_stale_and_without_commit_refused():
     assert provenance.verdict(old, "x")[0] == "stale"
     assert provenance.verdict(old | {"commit": ""}, "x")[0] == "refused"
     assert provenance.verdict(old | {"machine": {"cpu": "x86_64"}}, "x")[0] == "refused"
+
+
+def test_zoo_rows_are_summarised_with_their_run_command_and_group(results):
+    prov = {"commit": "abc1234", "date": "2026-01-01T00:00:00Z", "machine": CPU, "code_hash": "c" * 64}
+    base = {"recipe": "fp32", "variant": "default", "flavour": "sim", "seed": 0, "n": 100, "steps": 50,
+            "digits_fid": 10.0, "vs_fp": 1.0} | prov
+    rows = {"heldout-vpred|fp32|default|sim|seed0": base | {"model": "heldout-vpred"},
+            "heldout-vpred|w8a8|default|sim|seed0": base | {"model": "heldout-vpred", "recipe": "w8a8",
+                                                             "digits_fid": 10.3, "vs_fp": 1.03}}
+    runs = [{"command": "python bench/zoo_quality.py --models heldout-vpred"} | prov]
+    (results / "zoo_quality.json").write_text(json.dumps({"rows": rows, "runs": runs, "steps": 50}))
+    text = "\n".join(report.render("c" * 64))
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    assert "w8a8 (simulation): worst digits-FID vs FP, held-out members 1.03x (heldout-vpred)" in summary
+    assert "zoo_quality.py --models heldout-vpred" in summary
+    assert "| held-out | w8a8 | default | sim | 1.030x" in text and "heldout-vpred (held-out)" in text

@@ -132,3 +132,36 @@ def test_a_user_error_before_distillation_leaves_no_checkpoint(tmp_path):
         quantize(unet_dir, W8A8, CalibrationConfig(steps=2, trajectories=2, samples=4), tmp_path / "q",
                  scheduler_dir=sched)
     assert not (tmp_path / "q").exists() and not checkpoint_path(tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("where", ["writing the first state", "right after the checkpoint is made"])
+def test_a_signal_as_the_checkpoint_is_made_leaves_nothing(tmp_path, monkeypatch, where):
+    """SIGTERM lands wherever it lands: while the new checkpoint's first state is written, or just after the
+    checkpoint exists but before the run holds it (what the hostile signal test hit on a loaded machine)."""
+    from dqdeploy.core.recipe import W8A8, CalibrationConfig
+    from dqdeploy.stages import quantize as stage
+    from dqdeploy.system.interrupts import Terminated
+    from tests.helpers import write_pipeline
+
+    write_pipeline(tiny_unet(), tmp_path / "pipe")
+    if where == "writing the first state":
+        real = RunCheckpoint._write_state
+
+        def write_then_signal(self):
+            real(self)
+            raise Terminated()
+
+        monkeypatch.setattr(RunCheckpoint, "_write_state", write_then_signal)
+    else:
+        real_open = RunCheckpoint.open.__func__
+
+        def open_then_signal(cls, *args, **kwargs):
+            ckpt = real_open(cls, *args, **kwargs)
+            assert ckpt.folder.is_dir()
+            monkeypatch.setattr(stage.distributed, "agree", lambda *a, **k: (_ for _ in ()).throw(Terminated()))
+            return ckpt
+
+        monkeypatch.setattr(RunCheckpoint, "open", classmethod(open_then_signal))
+    with pytest.raises(Terminated):
+        stage.quantize(tmp_path / "pipe", W8A8, CalibrationConfig(steps=2, trajectories=2, samples=4), tmp_path / "q")
+    assert not checkpoint_path(tmp_path / "q").exists() and not (tmp_path / "q").exists()
