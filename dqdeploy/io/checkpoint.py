@@ -1,24 +1,21 @@
 """The checkpoint of a ``quantize`` run: ``OUT.checkpoint/`` next to the output folder ``OUT``.
 
-It holds what an interrupted run (Ctrl-C, kill -9, a crashed machine) has finished, so that
-``dqdeploy quantize ... --resume`` continues from there and writes the same artifact as an
-uninterrupted run:
+It holds what an interrupted run (Ctrl-C, kill -9, a crashed machine) has finished, so that ``dqdeploy quantize
+... --resume`` continues from there and writes the same artifact as an uninterrupted run:
 
-* ``checkpoint.json``: format tag, the run's fingerprint (sha256 of the model folder's files, the
-  scheduler folder and conditioning, recipe, calibration settings, dqdeploy version), the writer's
-  pid, and the report of every finished block; rewritten atomically after each step;
+* ``checkpoint.json``: format tag, the run's fingerprint (sha256 of the model folder's files, the scheduler folder
+  and conditioning, recipe, calibration settings, dqdeploy version), the writer's pid, and the report of every
+  finished block; rewritten atomically after each step;
 * ``calibration.safetensors``: the calibration set (FP trajectories);
-* ``calibrated.safetensors``: the quantized model after per-step calibration and fallback, with
-  its layer metadata;
+* ``calibrated.safetensors``: the quantized model after per-step calibration and fallback, with its layer metadata;
 * ``block-NNNNN.safetensors``: the parameters of each distilled block;
 * ``data/``: distillation shards and the float layers fallback may put back (rebuilt on resume).
 
-Every file is written under a temporary name and renamed, and its sha256 and size go into
-``checkpoint.json``; a resume verifies them (and the state's schema) before using a file, so a damaged,
-swapped or symlinked file is refused, never resumed from. The folder is recognised by its
-``checkpoint.json``; dqdeploy never writes into, resumes from or deletes a folder without it, and
-when a run succeeds it deletes only the files it wrote there. Its name never matches the
-``.NAME.tmp-*`` / ``.NAME.old-*`` patterns :func:`dqdeploy.io.atomic.sweep_stale` removes.
+Every file is written under a temporary name and renamed, and its sha256 and size go into ``checkpoint.json``; a
+resume verifies them (and the state's schema) before using a file, so a damaged, swapped or symlinked file is
+refused, never resumed from. The folder is recognised by its ``checkpoint.json``; dqdeploy never writes into,
+resumes from or deletes a folder without it, and when a run succeeds it deletes only the files it wrote there. Its
+name never matches the ``.NAME.tmp-*`` / ``.NAME.old-*`` patterns :func:`dqdeploy.io.atomic.sweep_stale` removes.
 """
 
 from __future__ import annotations
@@ -56,8 +53,7 @@ DATA = "data"
 FORMAT = "dqdeploy-checkpoint"
 FORMAT_VERSION = 2  # 2: sha256 and size of every file in "files"; 1 recorded none (not resumable: unverifiable)
 _WRITER_TEMP = r"\.tmp[A-Za-z0-9]{6}$"  # safetensors' save_file writes .tmpXXXXXX, then renames it
-# ours, atomic_write_bytes's, safetensors'
-_TEMP = re.compile(rf"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$|{_WRITER_TEMP}")
+_TEMP = re.compile(rf"\..+\.tmp-\d+$|\.checkpoint\.json\.\w+$|{_WRITER_TEMP}")  # ours, atomic_write_bytes', safetensors
 _BLOCK = re.compile(r"block-\d{5}\.safetensors$")
 _OWN_DATA = re.compile(rf"(fp|inputs|cached)-\d{{5}}-\d{{6}}\.safetensors$|float-\d{{5}}\.safetensors$"
                        rf"|{_WRITER_TEMP}")  # blockstore, float_layers
@@ -193,13 +189,12 @@ class RunCheckpoint:
                                       hint="run one writer per output folder") from None
             ckpt = cls(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": run,
                                 "pid": os.getpid(), "started": _process_start(os.getpid()), "blocks": [], "files": {}})
-            try:
-                ckpt._write_state()
-            except BaseException:  # interrupted (a signal) or failed between mkdir and the state: leave nothing
+        try:
+            ckpt._write_state()
+        except BaseException:  # a signal while the state is written: a checkpoint of no work is not left behind
+            if ckpt.is_empty():
                 ckpt.remove()
-                raise
-            return ckpt
-        ckpt._write_state()
+            raise
         return ckpt
 
     @staticmethod
