@@ -8,6 +8,7 @@ with its seconds instead).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -39,5 +40,6 @@ def bar(iterable: Any = None, *, terminal: bool | None = None, **kwargs: Any) ->
 
 
 def say(line: str) -> None:
-    """Write one line of information to stderr (shown without ``-v``; stdout stays for results)."""
-    print(line, file=sys.stderr, flush=True)
+    """One line of information on the ``dqdeploy.progress`` logger (the CLI shows it without ``-v``; stdout stays
+    for results)."""
+    logging.getLogger("dqdeploy.progress").info(line)
