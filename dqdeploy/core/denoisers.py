@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError
-from .inputs import CONTEXT, SAMPLE, TIMESTEP, DenoiserInputs
+from .vocab import CONTEXT, SAMPLE, TIMESTEP
+
+if TYPE_CHECKING:  # torch is imported where it is used: the export contract (runtimes/spec.py) reads this module
+    import torch
+
+    from .inputs import DenoiserInputs
 
 HIDDEN = "hidden_states"
 POOLED = "pooled_projections"
@@ -63,11 +66,15 @@ class DenoiserSpec:
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the model is called with for scheduler timestep ``t`` (float)."""
+        import torch
+
         t = torch.as_tensor(t, dtype=torch.float32)
         return t * self.timestep_scale if self.timestep_scale != 1.0 else t
 
     def inputs_from_dict(self, tensors: Mapping[str, Any]) -> DenoiserInputs:
         """:class:`DenoiserInputs` from graph-named tensors (an artifact's calibration inputs, a feed)."""
+        from .inputs import DenoiserInputs
+
         return DenoiserInputs.from_dict(tensors, self.sample, self.shared)
 
     def check_supported(self, config: Any, where: object = "the model") -> None:
@@ -168,6 +175,8 @@ def latent_shape(spec: DenoiserSpec, config: Any, batch: int, size: int | None =
 
 def flux_position_ids(tokens: int, text_tokens: int) -> dict[str, torch.Tensor]:
     """Flux's ``img_ids`` [N, 3] (row, column of each 2x2 patch on a square grid) and ``txt_ids`` [S, 3] (zeros)."""
+    import torch
+
     side = int(round(tokens ** 0.5))
     if side * side != tokens:
         raise ModelLoadError(f"Flux latents with {tokens} tokens are not a square grid", hint="use a square resolution")

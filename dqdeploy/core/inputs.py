@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .vocab import CONTEXT, SAMPLE, TIMESTEP
+
 Hook = tuple[nn.Module, Literal["pre", "post"], Callable[..., Any]]  # (module, kind, function)
 PreHook = Callable[[nn.Module, tuple], None]
 
-SAMPLE = "sample"
-TIMESTEP = "timestep"
-CONTEXT = "encoder_hidden_states"
 OUTPUT = "out_sample"  # the exported graph's output name
 
 

@@ -46,3 +46,8 @@ INT8_FORMATS: tuple[str, ...] = get_args(Int8Format)
 CPU_CHOICES: tuple[str, ...] = get_args(CpuChoice)
 INEXACT: tuple[str, ...] = get_args(Inexact)
 
+# the denoiser graph's input names shared by every family (optimum's; :mod:`dqdeploy.core.inputs` uses them too)
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+CONTEXT = "encoder_hidden_states"
+

@@ -22,9 +22,8 @@ from typing import Any, Literal
 
 from ..core.denoisers import SPECS
 from ..core.errors import ArtifactError, RecipeError, check_format
-from ..core.inputs import CONTEXT
 from ..core.recipe import Recipe
-from ..core.vocab import GraphTarget, Int8Format, Layout
+from ..core.vocab import CONTEXT, GraphTarget, Int8Format, Layout
 from ..io.folders import SPEC_FILE
 from ..io.integrity import SEAL_KEY, read_json_object, seal, verify_file, verify_seal
 from .targets import layout_of

@@ -249,7 +249,7 @@ def _graph_runner(export_dir: Path, runtime: GraphRuntime, extra_outputs: list[s
     from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from ..runtimes.ort import CPU, exactness_entries, session_options
+    from ..runtimes.session import CPU, exactness_entries, session_options
 
     spec = read_spec(export_dir)
     options = session_options(1, None, exactness_entries(spec, inexact))  # the runtime's own session, on this CPU
@@ -279,7 +279,7 @@ def check_export(
     ``tolerance_ratio`` (default 1; 2 for FP16 graphs and for an ORT-layout graph made from an artifact whose
     simulation does not model the output rounding, i.e. not quantized with ``layout="ort"``) times the simulation's
     own quantization error. ``inexact``: as for the ORT runtime, when the graph's int8 format is not exact on this
-    CPU (:func:`dqdeploy.runtimes.ort.exactness_entries`). ``lora``: adapters (``FILE``, ``(FILE, scale)`` or a
+    CPU (:func:`dqdeploy.runtimes.session.exactness_entries`). ``lora``: adapters (``FILE``, ``(FILE, scale)`` or a
     list) for an export with LoRA slots, on both sides."""
     from polygraphy.comparator import Comparator
 

@@ -12,7 +12,7 @@ import pytest
 
 from dqdeploy.core.errors import CpuFormatError
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, stored_weight
-from dqdeploy.runtimes import ort as ort_runtime
+from dqdeploy.runtimes import session as session_runtime
 from dqdeploy.runtimes.spec import ExportSpec
 from dqdeploy.system.cpu import EXACT_S8_MAX, CpuInfo, cpu_info, maddubs_sum, pair_bound, s8_exact_anywhere
 
@@ -103,17 +103,17 @@ def _spec(target: str, fmt: str | None) -> ExportSpec:
 
 @pytest.mark.parametrize("cpu", [AVX2, VNNI, ARM])
 def test_runtime_guard(monkeypatch, cpu):
-    monkeypatch.setattr(ort_runtime, "cpu_info", lambda: cpu)
-    entries = ort_runtime.exactness_entries
+    monkeypatch.setattr(session_runtime, "cpu_info", lambda: cpu)
+    entries = session_runtime.exactness_entries
     assert entries(_spec("ort", "portable")) == {}
-    assert entries(_spec("onnx", None)) == ort_runtime.QDQ_AS_FLOAT  # TensorRT layout: float math on every CPU
+    assert entries(_spec("onnx", None)) == session_runtime.QDQ_AS_FLOAT  # TensorRT layout: float math on every CPU
     assert entries(_spec("float", None)) == {} and entries(None) == {}
     for fmt in ("vnni", None):  # None: an ort graph exported before the format was recorded (full-range int8)
         if cpu is AVX2:
             with pytest.raises(CpuFormatError, match="no VNNI") as err:
                 entries(_spec("ort", fmt))
             assert "--cpu portable" in str(err.value) and "Haswell-like" in str(err.value)
-            assert entries(_spec("ort", fmt), "float") == ort_runtime.QDQ_AS_FLOAT
+            assert entries(_spec("ort", fmt), "float") == session_runtime.QDQ_AS_FLOAT
             assert entries(_spec("ort", fmt), "allow") == {}
         else:
             assert entries(_spec("ort", fmt)) == {}

@@ -18,7 +18,8 @@ from dqdeploy.core.sampling import denoise
 from dqdeploy.io.integrity import seal
 from dqdeploy.runtimes import load_runtime
 from dqdeploy.runtimes.base import CalibratedStepWarning
-from dqdeploy.runtimes.ort import OrtDenoiser, session_options
+from dqdeploy.runtimes.ort import OrtDenoiser
+from dqdeploy.runtimes.session import session_options
 from dqdeploy.runtimes.spec import ONNX_FILE, SPEC_FILE
 
 ATOL = 1e-4
