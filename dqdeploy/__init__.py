@@ -8,6 +8,7 @@ The public verbs (imported on first use, so ``import dqdeploy`` stays light)::
     dqdeploy.export("q", "e", target="ort")                              # artifact -> export folder
     model = dqdeploy.load_quantized("q")                                 # the PyTorch simulation
     model = dqdeploy.load_runtime("e")                                   # the exported graph, drop-in
+    pipe = dqdeploy.load_pipeline("e")       # export --pipeline MODEL_DIR: prompt to image, ONNX Runtime, no torch
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ if TYPE_CHECKING:
     from .exporters.export import export
     from .io.artifact import load_quantized
     from .runtimes import load_runtime
+    from .runtimes.pipeline import load_pipeline
     from .stages.quantize import quantize
 
 __all__ = [
-    "quantize", "export", "load_quantized", "load_runtime",
+    "quantize", "export", "load_quantized", "load_runtime", "load_pipeline",
     "Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W7A8", "W4A8", "W4A4", "__version__",
 ]
 
@@ -37,6 +39,7 @@ _WHERE = {
     "export": ".exporters.export",
     "load_quantized": ".io.artifact",
     "load_runtime": ".runtimes",
+    "load_pipeline": ".runtimes.pipeline",
     **{name: ".core.recipe" for name in ("Recipe", "CalibrationConfig", "PRESETS", "W8A8", "W7A8", "W4A8", "W4A4")},
 }
 

@@ -163,3 +163,68 @@ def distill(qmodel, fp, blocks, calib, recipe, workdir=None):
 
     with open_store(workdir) as store:
         return distill_blocks(qmodel, blocks, calib, recipe, block_targets(fp, blocks, calib, recipe, store))
+
+
+# -- a whole Stable-Diffusion-like pipeline (text encoder, tokenizer, VAE) --------------------------------------
+TOKENS = 8  # the tiny tokenizer's model_max_length and the text encoder's positions
+
+
+def tiny_vae(seed: int = 0):
+    """4 latent channels, one downsampling: 8x8 latents decode to 16x16 RGB images."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=8, sample_size=16, layers_per_block=1).eval()
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 bytes (the byte-level BPE alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def tiny_tokenizer(path: Path):
+    """A CLIPTokenizer over the 256 byte symbols (alone and word-final) and a few merges, ``TOKENS`` long."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = ["h e", "l l", "ll o</w>", "he llo</w>", "c a", "ca t</w>"]
+    for merge in merges:
+        vocab["".join(merge.split())] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"), model_max_length=TOKENS)
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0):
+    """A two-layer CLIPTextModel of width CROSS_DIM (the tiny conditional UNet's cross-attention width)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=CROSS_DIM, intermediate_size=2 * CROSS_DIM,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKENS,
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return CLIPTextModel(config).eval()
+
+
+def write_sd_pipeline(path: Path, scheduler=None, seed: int = 0) -> Path:
+    """A StableDiffusionPipeline folder of tiny parts (unet/, vae/, text_encoder/, tokenizer/, scheduler/; PNDM as
+    Stable Diffusion ships it unless ``scheduler`` is given)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = tiny_tokenizer(path.parent / f".{path.name}-vocab")
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(len(tokenizer), seed), tokenizer=tokenizer,
+        unet=tiny_cond_unet(seed), scheduler=scheduler or PNDMScheduler(num_train_timesteps=1000, skip_prk_steps=True,
+                                                                       steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return path

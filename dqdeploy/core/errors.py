@@ -40,6 +40,11 @@ class ExportError(DQDeployError):
     """The ONNX export or graph surgery could not be done."""
 
 
+class PipelineError(DQDeployError):
+    """A diffusers pipeline folder (to export beside a denoiser) or an exported pipeline folder (to run) lacks a
+    component, holds one dqdeploy cannot export or run, or does not match the denoiser."""
+
+
 class LintError(DQDeployError):
     """An exported graph breaks a rule of the target runtime."""
 

@@ -41,6 +41,7 @@ from .folder import check_graph, tensor_specs, versions, write_export
 from .lora_slots import add_lora_slots, plan_slots
 from .measure import calibrate_output_scales, input_ranks
 from .onnx import example_inputs, export_float_onnx
+from .pipeline import PipelinePlan, plan_for, write_pipeline
 from .qdq import SurgeryOptions, insert_qdq
 from .triton import is_triton_model, write_triton_repo
 
@@ -67,8 +68,12 @@ def export(
     dynamic_resolution: tuple[int, int] | None = None,
     cpu: CpuChoice = "auto",
     lora_slots: str | Path | None = None,
+    pipeline: str | Path | None = None,
 ) -> Path:
     """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``).
+
+    ``pipeline``: a diffusers pipeline folder (the one quantized) whose other components are written beside the
+    denoiser, in float, in optimum's ONNX layout (:mod:`.pipeline`): :func:`dqdeploy.load_pipeline` runs it.
 
     ``lora_slots``: a LoRA file whose layers (or ``"attention"``: every attention projection) get a float branch whose
     matrices are graph inputs (:mod:`.lora_slots`): ``load_runtime(E, lora=...)`` swaps adapters, no re-export.
@@ -102,10 +107,11 @@ def export(
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if not spec.engine:
         export_graph(source, out_dir, target=spec.graph, fp16=fp16, int4_linear=int4_linear, simplify=simplify,
-                     overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu, lora_slots=lora_slots)
+                     overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu, lora_slots=lora_slots,
+                     pipeline=pipeline)
     else:
         trt_graph(source, out_dir, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
-                  dynamic_resolution=dynamic_resolution, lora_slots=lora_slots)
+                  dynamic_resolution=dynamic_resolution, lora_slots=lora_slots, pipeline=pipeline)
         build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
     if triton_repo is not None:  # the engine for trt; the ONNX graph (ONNX Runtime backend) for the other targets
         write_triton_repo(out_dir, triton_repo)
@@ -137,12 +143,14 @@ def trt_graph(
     overwrite: bool = False,
     dynamic_resolution: tuple[int, int] | None = None,
     lora_slots: str | Path | None = None,
+    pipeline: str | Path | None = None,
 ) -> Path:
     """The graph step of ``--target trt``, which needs no TensorRT: the FP16 TensorRT-layout graph that
     :func:`~.engine.build_engine` builds from (``export_graph(target="onnx", fp16=True)``, checked against
     TensorRT's rules on the way). :func:`export` runs it, then the engine build."""
     return export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify,
-                        overwrite=overwrite, dynamic_resolution=dynamic_resolution, lora_slots=lora_slots)
+                        overwrite=overwrite, dynamic_resolution=dynamic_resolution, lora_slots=lora_slots,
+                        pipeline=pipeline)
 
 
 def export_graph(
@@ -157,20 +165,24 @@ def export_graph(
     dynamic_resolution: tuple[int, int] | None = None,
     cpu: CpuChoice = "auto",
     lora_slots: str | Path | None = None,
+    pipeline: str | Path | None = None,
 ) -> Path:
-    """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``)."""
+    """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``); with
+    ``pipeline``, beside the rest of that diffusers pipeline (:mod:`.pipeline`)."""
     spec = _check_request(source, target, fp16, cpu)
     int8_format = resolve_format(cpu) if spec.cpu_format else None
-    check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
+    sources = [source] if pipeline is None else [source, pipeline]
+    check_target(out_dir, overwrite=overwrite, kind="export", sources=sources)  # before any work
     if lora_slots is not None and detect(source) != "quantized":
         raise ExportError("--lora-slots needs a quantized artifact", hint="quantize the model first")
+    plan = None if pipeline is None else plan_for(source, pipeline)
     if detect(source) == "fp":
-        return _export_fp(source, out_dir, fp16=fp16, overwrite=overwrite, dynamic_resolution=dynamic_resolution)
+        return _export_fp(source, out_dir, fp16, overwrite, dynamic_resolution, plan)
     manifest = read_manifest(source)
     recipe = manifest.recipe
     if spec.quantized:
         _check_deployable(recipe)
-    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as folder:
         scratch = folder / SCRATCH  # the float graph's weights: on the output's disk, swept if the run dies
         canvas, parts = _prepare(source, manifest, recipe, target, fp16)
         int4_layers = _int4_layers(parts.layers, parts.ranks) if int4_linear else []
@@ -201,14 +213,15 @@ def export_graph(
                 graph, target, fp16, opset, dynamic_resolution, model_class=manifest.model_class,
                 model_config=manifest.model_config, timesteps=manifest.timesteps, recipe=manifest.recipe,
                 scheduler_config=manifest.scheduler_config, source=manifest.integrity, int8_format=int8_format,
-                lora_slots=entries))
+                lora_slots=entries), plan)
     return Path(out_dir)
 
 
-def _write(graph: Any, folder: Path, spec: ExportSpec) -> None:
-    """Write the export into ``folder`` (atomic_dir's own temporary folder), then remove the float
-    graph's scratch weights there: the only folder export ever deletes, and one it created."""
-    write_export(graph, folder, spec, base_dir=folder / SCRATCH)
+def _write(graph: Any, folder: Path, spec: ExportSpec, plan: PipelinePlan | None = None) -> None:
+    """Write the export (and the pipeline of ``plan``) into ``folder`` (atomic_dir's own temporary folder), then
+    remove the graphs' scratch files there: the only folder export ever deletes, and one it created."""
+    extra = [] if plan is None else write_pipeline(plan, folder, folder / SCRATCH, spec.model_config)
+    write_export(graph, folder, spec, base_dir=folder / SCRATCH, extra_files=extra)
     shutil.rmtree(folder / SCRATCH)
 
 
@@ -370,9 +383,10 @@ def _spec(graph: Any, target: GraphTarget, fp16: bool, opset: int, resolution_ra
                       resolution_range=None if resolution_range is None else list(resolution_range), **fields)
 
 
-def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite: bool,
-               dynamic_resolution: tuple[int, int] | None) -> Path:
-    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=[source]) as folder:
+def _export_fp(source: str | Path, out_dir: str | Path, fp16: bool, overwrite: bool,
+               dynamic_resolution: tuple[int, int] | None, plan: PipelinePlan | None) -> Path:
+    sources = [source] if plan is None else [source, plan.model_dir]
+    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as folder:
         loaded = load_model(source)
         example = example_inputs(loaded.denoiser)
         denoiser = loaded.denoiser.half() if fp16 else loaded.denoiser
@@ -381,5 +395,5 @@ def _export_fp(source: str | Path, out_dir: str | Path, *, fp16: bool, overwrite
                      model_config=portable_config(denoiser), scheduler_config=loaded.scheduler_config)
         del loaded, denoiser
         check_graph(graph)
-        _write(graph, folder, spec)
+        _write(graph, folder, spec, plan)
     return Path(out_dir)

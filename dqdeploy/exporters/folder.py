@@ -54,17 +54,19 @@ def check_graph(graph: Any) -> None:
 
 
 def write_export(model: Any, folder: Path, spec: ExportSpec, *, base_dir: str | Path | None = None,
-                 external_threshold: int | None = None) -> None:
+                 external_threshold: int | None = None, extra_files: Iterable[str] = ()) -> None:
     """Write ``unet/model.onnx`` or ``transformer/model.onnx`` (external ``model.onnx_data`` when the
     weights reach ``external_threshold`` bytes, default :data:`EXTERNAL_DATA_THRESHOLD`) and the spec
-    into ``folder`` (an open atomic folder); the spec records the sha256 and size of every graph file.
+    into ``folder`` (an open atomic folder); the spec records the sha256 and size of every file of the graph's
+    folder and of ``extra_files`` (paths in ``folder``: a pipeline's other components).
     Tensors of ``model`` still in external data are streamed from ``base_dir``
     (:func:`~.external.write_graph`)."""
     path = folder / spec.onnx_file
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     threshold = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     write_graph(model, path, base_dir=base_dir, data_file=ONNX_DATA_FILE, threshold=threshold)
     files = {p.relative_to(folder).as_posix(): file_record(p) for p in sorted(path.parent.iterdir()) if p.is_file()}
+    files |= {name: file_record(folder / name) for name in extra_files}
     (folder / SPEC_FILE).write_text(dataclasses.replace(spec, files=files).to_json())
 
 

@@ -110,6 +110,33 @@ def _dynamic_shapes(denoiser: torch.nn.Module, inputs: DenoiserInputs, names: li
     return dynamic
 
 
+def export_module(module: torch.nn.Module, path: str | Path, *, inputs: dict[str, Any], outputs: list[str],
+                  dynamic: dict[str, Any], opset: int = 20, what: str = "the model", hint: str | None = None) -> None:
+    """``torch.onnx.export`` (dynamo) of ``module`` called with ``inputs`` as keywords (the graph's input names, in
+    order) to ``path``, its weights as external data beside it; ``dynamic``: torch.export dims per input. The
+    exporter's noise is silenced and its many exception types become one :class:`ExportError`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = {m: m.training for m in module.modules()}  # restored as found (a wrapper's flag is not the model's)
+    module.eval()
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (), str(path), kwargs=inputs, input_names=list(inputs), output_names=outputs,
+                              dynamic_shapes=dynamic, opset_version=opset, dynamo=True, external_data=True,
+                              verbose=False)
+    except Exception as exc:  # the exporter raises many types; report them as one
+        raise ExportError(f"torch.onnx.export failed for {what}: {exc}",
+                          hint=hint or "check that the model runs in eval mode on the example inputs") from exc
+    finally:
+        for m, training in was_training.items():
+            m.training = training
+        exporter_log.setLevel(level)
+
+
 def export_float_onnx(
     denoiser: torch.nn.Module,
     path: str | Path,
@@ -134,37 +161,8 @@ def export_float_onnx(
     given = inputs.kwargs()
     feeds = {n: given[n] for n in spec.inputs if n in given} | given  # optimum's order first
     dynamic = _dynamic_shapes(denoiser, inputs, list(feeds), resolution_range)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = denoiser.training
-    denoiser.eval()
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar noise
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _DenoiserGraph(denoiser),
-                (),
-                str(path),
-                kwargs=feeds,
-                input_names=list(feeds),
-                output_names=[spec.output],
-                dynamic_shapes=dynamic,
-                opset_version=opset,
-                dynamo=True,
-                external_data=True,
-                verbose=False,
-            )
-    except Exception as exc:  # the exporter raises many types; report them as one
-        raise ExportError(
-            f"torch.onnx.export failed for {type(denoiser).__name__}: {exc}",
-            hint="check that the model runs in eval mode on the example inputs",
-        ) from exc
-    finally:
-        denoiser.train(was_training)
-        exporter_log.setLevel(level)
+    export_module(_DenoiserGraph(denoiser), path, inputs=feeds, outputs=[spec.output], dynamic=dynamic, opset=opset,
+                  what=type(denoiser).__name__, hint="check that the model runs in eval mode on the example inputs")
     model = load_graph(path, load_below=LOAD_BELOW if large_external else None)
     drop_noop_squeezes(model)
     return model

@@ -71,6 +71,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A diffusers JSON file (a component's config, model_index.json) as a dict, or :class:`ModelLoadError`."""
+    return _read_json(path)
+
+
 def _denoiser_dir(model_dir: Path) -> Path:
     for sub in ("unet", "transformer"):
         if (model_dir / sub / "config.json").is_file():
@@ -84,9 +89,14 @@ def _denoiser_dir(model_dir: Path) -> Path:
     )
 
 
+def denoiser_config(model_dir: str | Path) -> dict[str, Any]:
+    """The config of a model folder's denoiser (pipeline or bare folder), without loading it."""
+    return _read_json(_denoiser_dir(Path(model_dir)) / "config.json")
+
+
 def denoiser_class_name(model_dir: str | Path) -> str | None:
     """The diffusers class of a model folder's denoiser (its config's ``_class_name``), without loading it."""
-    return _read_json(_denoiser_dir(Path(model_dir)) / "config.json").get("_class_name")
+    return denoiser_config(model_dir).get("_class_name")
 
 
 def portable_config(model: Any) -> dict[str, Any]:

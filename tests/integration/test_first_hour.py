@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler
+from diffusers import PNDMScheduler
 from PIL import Image
 
 from dqdeploy.core.errors import CalibrationError
@@ -20,19 +20,11 @@ from dqdeploy.stages.generate import choose_sampler
 from dqdeploy.stages.quantize import quantize
 from dqdeploy.stages.sources import open_model
 from dqdeploy.verify.inspect import describe
-from tests.helpers import tiny_cond_unet, tiny_flux, tiny_unet, write_cond_file, write_pipeline
+from tests.helpers import tiny_cond_unet, tiny_flux, tiny_unet, tiny_vae, write_cond_file, write_pipeline
 from tests.integration.test_cli_errors import FAST, ROOT, assert_user_error, dqdeploy
 
 CALIB = CalibrationConfig(steps=4, samples=16, trajectories=2, batch_size=2)
 RECIPE = W8A8.replace(distill="none", fallback="none")
-
-
-def tiny_vae() -> AutoencoderKL:
-    """4 latent channels, one downsampling: 8x8 latents decode to 16x16 RGB images."""
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         norm_num_groups=8, sample_size=16, layers_per_block=1).eval()
 
 
 @pytest.fixture(scope="module")

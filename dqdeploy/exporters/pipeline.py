@@ -1,0 +1,259 @@
+"""The rest of a diffusers pipeline beside an exported denoiser, in optimum's ONNX layout (``dqdeploy export Q
+--pipeline MODEL_DIR``), every graph in float (FP32)::
+
+    OUT/model_index.json                 the pipeline's, the components not exported set to null
+    OUT/scheduler/, OUT/tokenizer*/      copied (a tokenizer.json written where the folder has only vocab and merges)
+    OUT/text_encoder*/model.onnx         input_ids -> last_hidden_state, pooler_output (CLIPTextModel)
+    OUT/vae_decoder/model.onnx           latent_sample -> sample
+    OUT/vae_encoder/model.onnx           sample -> latent_parameters (mean and log-variance: optimum's current name)
+    OUT/<graph folder>/config.json       the component's config; unet/ or transformer/config.json the denoiser's
+
+:func:`plan_pipeline` checks the folder before any work; :func:`write_pipeline` writes into the export's open atomic
+folder, so the pipeline and the denoiser appear together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.denoisers import spec_for
+from ..core.errors import PipelineError, require
+from ..io.artifact import read_manifest
+from ..io.folders import detect
+from ..io.models import denoiser_config, read_config
+from ..runtimes.spec import ONNX_DATA_FILE
+from ..system.progress import stage
+from .external import load_graph, write_graph
+from .folder import check_graph
+from .onnx import EXTERNAL_DATA_THRESHOLD, export_module
+
+log = logging.getLogger(__name__)
+
+INDEX = "model_index.json"
+TEXT_OUTPUTS = {"CLIPTextModel": ("last_hidden_state", "pooler_output")}  # text encoder class -> graph outputs
+VAE_CLASSES = ("AutoencoderKL",)
+NOT_EXPORTED = ("safety_checker", "feature_extractor", "image_encoder")  # left out: null in the written index
+LAYOUT_HINT = ("pass the folder DiffusionPipeline.save_pretrained wrote (model_index.json, unet/ or transformer/, "
+               "vae/, text_encoder/, tokenizer/, scheduler/)")
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """A checked pipeline folder: its index and the components to write, by their model_index.json names."""
+
+    model_dir: Path
+    index: dict[str, Any]
+    denoiser: str  # "unet" | "transformer"
+    components: dict[str, str]  # name -> class name, denoiser excluded
+
+
+def _entries(index: dict[str, Any]) -> dict[str, str]:
+    """``name -> class`` of the components model_index.json lists (``[library, class]``, not null)."""
+    return {k: v[1] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, str) for x in v)}
+
+
+def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[str, Any]) -> PipelinePlan:
+    """Check ``model_dir`` as the pipeline of an exported ``model_class`` denoiser before any work: a pipeline
+    folder, its denoiser's config equal to the export's where both set a value, a VAE, a scheduler, and every text
+    encoder and tokenizer present and of a class dqdeploy exports. Every problem is a :class:`PipelineError`."""
+    model_dir = Path(model_dir)
+    if not (model_dir / INDEX).is_file():
+        raise PipelineError(f"--pipeline {model_dir}: expected a diffusers pipeline folder, found "
+                            + ("no model_index.json in it" if model_dir.is_dir() else "no such folder"),
+                            hint=LAYOUT_HINT)
+    index = read_config(model_dir / INDEX)
+    entries = _entries(index)
+    denoiser = spec_for(model_class).subfolder
+    _check_denoiser(model_dir, denoiser, model_class, model_config)
+    for name in ("vae", "scheduler"):
+        if name not in entries or not (model_dir / name).is_dir():
+            raise PipelineError(f"--pipeline {model_dir}: expected a {name}/ component, found "
+                                + (f"no {name}/ folder" if name in entries else f"no {name!r} in {INDEX}"),
+                                hint=f"a text-to-image pipeline needs its {name}; {LAYOUT_HINT}")
+    components: dict[str, str] = {}
+    for name, cls in entries.items():
+        if name == denoiser or name in NOT_EXPORTED:
+            continue
+        kind = _kind(name)
+        supported = {"vae": VAE_CLASSES, "text_encoder": tuple(TEXT_OUTPUTS)}.get(kind or "")
+        if kind is None or (supported is not None and cls not in supported):
+            raise PipelineError(f"--pipeline {model_dir}: component {name!r} ({cls}) is not one dqdeploy exports "
+                                f"(text encoders: {', '.join(TEXT_OUTPUTS)}; VAE: {', '.join(VAE_CLASSES)})",
+                                hint="export a Stable-Diffusion-style pipeline, or export the denoiser alone "
+                                     "(without --pipeline)")
+        if not (model_dir / name).is_dir() or (kind in ("vae", "text_encoder")
+                                              and not (model_dir / name / "config.json").is_file()):
+            raise PipelineError(f"--pipeline {model_dir}: {INDEX} lists {name!r} ({cls}), but {name}/ "
+                                + ("has no config.json" if (model_dir / name).is_dir() else "is missing"),
+                                hint=f"restore {name}/ from the pipeline's save_pretrained")
+        components[name] = cls
+    return PipelinePlan(model_dir, index, denoiser, components)
+
+
+def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
+    """:func:`plan_pipeline` for the denoiser of ``source`` (a quantized artifact or a diffusers folder)."""
+    if detect(source) == "fp":
+        config = denoiser_config(source)
+        return plan_pipeline(pipeline, str(config.get("_class_name")), config)
+    manifest = read_manifest(source)
+    return plan_pipeline(pipeline, manifest.model_class, manifest.model_config)
+
+
+def _kind(name: str) -> str | None:
+    for kind in ("text_encoder", "tokenizer", "scheduler", "vae"):
+        if name == kind or (kind in ("text_encoder", "tokenizer") and name.startswith(kind + "_")):
+            return kind
+    return None
+
+
+def _check_denoiser(model_dir: Path, folder: str, model_class: str, model_config: dict[str, Any]) -> None:
+    path = model_dir / folder / "config.json"
+    if not path.is_file():
+        raise PipelineError(f"--pipeline {model_dir}: expected the denoiser's {folder}/config.json, found none",
+                            hint="pass the pipeline folder the artifact was quantized from")
+    found = read_config(path)
+    if found.get("_class_name") != model_class:
+        raise PipelineError(f"--pipeline {model_dir}: its denoiser is a {found.get('_class_name')}, the exported one "
+                            f"a {model_class}", hint="pass the pipeline folder the artifact was quantized from")
+    differ = sorted(k for k in found.keys() & model_config.keys() if not k.startswith("_")
+                    and found[k] != model_config[k])
+    if differ:
+        shown = "; ".join(f"{k}: {found[k]!r} there, {model_config[k]!r} exported" for k in differ[:4])
+        raise PipelineError(f"--pipeline {model_dir}: {path.relative_to(model_dir)} does not match the exported "
+                            f"denoiser ({shown})", hint="pass the pipeline folder the artifact was quantized from")
+
+
+def write_pipeline(plan: PipelinePlan, folder: Path, scratch: Path, model_config: dict[str, Any]) -> list[str]:
+    """Write the pipeline's components into ``folder`` (the export's open atomic folder; graphs pass through
+    ``scratch``) and the denoiser's ``config.json``; returns the files written, relative to ``folder``."""
+    for name, cls in plan.components.items():
+        kind = _kind(name)
+        with stage(log, f"pipeline component {name} ({cls})"):
+            if kind in ("scheduler", "tokenizer"):
+                _copy_files(plan.model_dir / name, folder / name)
+                if kind == "tokenizer":
+                    _ensure_tokenizer_json(plan.model_dir / name, folder / name, cls)
+            elif kind == "text_encoder":
+                _export_text_encoder(plan.model_dir / name, cls, folder / name, scratch)
+            else:
+                _export_vae(plan.model_dir / name, cls, folder, scratch)
+    (folder / plan.denoiser).mkdir(parents=True, exist_ok=True)
+    (folder / plan.denoiser / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
+    written = set(plan.components) | {plan.denoiser}
+    index = {k: (v if k.startswith("_") or k in written or not isinstance(v, list) else [None, None])
+             for k, v in plan.index.items()}
+    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    names = [INDEX, *(n for n in ("vae_decoder", "vae_encoder", *plan.components) if (folder / n).is_dir())]
+    return sorted({p.relative_to(folder).as_posix() for n in names
+                   for p in ([folder / n] if (folder / n).is_file() else (folder / n).rglob("*")) if p.is_file()})
+
+
+def _copy_files(src: Path, dest: Path) -> None:
+    """The regular files of ``src`` (not its subfolders), copied into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.iterdir()):
+        if path.is_file():
+            shutil.copyfile(path, dest / path.name)
+
+
+def _ensure_tokenizer_json(src: Path, dest: Path, cls: str) -> None:
+    """A fast tokenizer's ``tokenizer.json`` in ``dest`` (what the runtime reads, with the ``tokenizers`` package
+    alone), converted by transformers where the folder holds only vocab and merges files."""
+    if (dest / "tokenizer.json").is_file():
+        return
+    transformers = require("transformers", "sd", "converting a pipeline's tokenizer")
+    try:
+        tokenizer = getattr(transformers, cls).from_pretrained(str(src))
+        tokenizer.backend_tokenizer.save(str(dest / "tokenizer.json"))
+    except Exception as exc:  # transformers raises many types for tokenizer folders it cannot read
+        raise PipelineError(f"{src}: the {cls} tokenizer cannot be converted to a tokenizer.json "
+                            f"({type(exc).__name__}: {str(exc)[:200]})",
+                            hint="save the tokenizer with a recent transformers (it writes tokenizer.json)") from None
+
+
+class _TextEncoderGraph(torch.nn.Module):
+    """``input_ids`` -> the text encoder's outputs named in ``outputs``, in that order."""
+
+    def __init__(self, encoder: torch.nn.Module, outputs: tuple[str, ...]) -> None:
+        super().__init__()
+        self.encoder, self.outputs = encoder, outputs
+
+    def forward(self, input_ids):  # noqa: D102
+        out = self.encoder(input_ids=input_ids, return_dict=True)
+        return tuple(out[name] for name in self.outputs)
+
+
+def _export_text_encoder(src: Path, cls: str, dest: Path, scratch: Path) -> None:
+    transformers = require("transformers", "sd", "exporting a pipeline's text encoder")
+    try:
+        encoder = getattr(transformers, cls).from_pretrained(str(src), use_safetensors=True).float().eval()
+    except Exception as exc:  # transformers raises OSError/ValueError/... for folders it cannot load
+        raise PipelineError(f"could not load the {cls} text encoder of {src}: {type(exc).__name__}: {str(exc)[:300]}",
+                            hint="its weights must be safetensors; restore the folder from save_pretrained") from None
+    length = int(encoder.config.max_position_embeddings)
+    ids = torch.randint(0, int(encoder.config.vocab_size), (2, length), generator=torch.Generator().manual_seed(0))
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 1: torch.export.Dim("sequence", min=1, max=length)}
+    _export_graph(_TextEncoderGraph(encoder, TEXT_OUTPUTS[cls]), dest, scratch, {"input_ids": ids},
+                  list(TEXT_OUTPUTS[cls]), {"input_ids": dims}, f"the text encoder {src.name} ({cls})")
+    shutil.copyfile(src / "config.json", dest / "config.json")
+
+
+class _VaeDecoder(torch.nn.Module):
+    """AutoencoderKL's decoder: ``latent_sample`` (scaled back by the pipeline) -> ``sample`` (the image)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):  # noqa: D102
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class _VaeEncoder(_VaeDecoder):
+    """AutoencoderKL's encoder: ``sample`` (an image) -> ``latent_parameters`` (mean and log-variance)."""
+
+    def forward(self, sample):  # noqa: D102
+        return self.vae.encode(sample).latent_dist.parameters
+
+
+def _export_vae(src: Path, cls: str, folder: Path, scratch: Path) -> None:
+    import diffusers
+
+    try:
+        vae = getattr(diffusers, cls).from_pretrained(str(src), use_safetensors=True, torch_dtype=torch.float32).eval()
+    except Exception as exc:  # diffusers raises OSError/ValueError/... for folders it cannot load
+        raise PipelineError(f"could not load the {cls} of {src}: {type(exc).__name__}: {str(exc)[:300]}",
+                            hint="its weights must be safetensors; restore the folder from save_pretrained") from None
+    cfg = vae.config
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    height, width = torch.export.Dim("height", min=1, max=1024), torch.export.Dim("width", min=1, max=1024)
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, cfg.latent_channels, 8, 8, generator=gen)
+    image = torch.randn(2, cfg.in_channels, 8 * factor, 8 * factor, generator=gen)
+    _export_graph(_VaeDecoder(vae), folder / "vae_decoder", scratch, {"latent_sample": latent}, ["sample"],
+                  {"latent_sample": {0: batch, 2: height, 3: width}}, f"the VAE decoder ({cls})")
+    _export_graph(_VaeEncoder(vae), folder / "vae_encoder", scratch, {"sample": image}, ["latent_parameters"],
+                  {"sample": {0: batch, 2: height * factor, 3: width * factor}}, f"the VAE encoder ({cls})")
+    for part in ("vae_decoder", "vae_encoder"):
+        shutil.copyfile(src / "config.json", folder / part / "config.json")
+
+
+def _export_graph(module: torch.nn.Module, dest: Path, scratch: Path, inputs: dict[str, torch.Tensor],
+                  outputs: list[str], dynamic: dict[str, Any], what: str) -> None:
+    """``module`` -> ``dest/model.onnx`` (+ ``model.onnx_data`` over 2 GB), through a scratch file."""
+    tmp = scratch / dest.name / "model.onnx"
+    export_module(module, tmp, inputs=inputs, outputs=outputs, dynamic=dynamic, what=what)
+    graph = load_graph(tmp)
+    check_graph(graph)
+    dest.mkdir(parents=True, exist_ok=True)
+    write_graph(graph, dest / "model.onnx", base_dir=tmp.parent, data_file=ONNX_DATA_FILE,
+                threshold=EXTERNAL_DATA_THRESHOLD)

@@ -1,0 +1,203 @@
+"""Prompt to image on ONNX Runtime without PyTorch: an export folder written with ``--pipeline`` (optimum's ONNX
+layout) run as Stable Diffusion's text-to-image loop -- the tokenizer (the ``tokenizers`` package), the text
+encoder, the quantized UNet and the VAE decoder as ONNX Runtime sessions, the sampler in numpy
+(:mod:`.schedulers`), classifier-free guidance as diffusers does it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import PipelineError, RuntimeInputError, require
+from ..core.vocab import CONTEXT, SAMPLE, TIMESTEP, Inexact
+from ..io.integrity import read_json_object
+from .schedulers import NumpyScheduler, numpy_scheduler
+from .session import CPU, Provider, open_session
+from .spec import ExportSpec, read_spec
+
+PARTS = ("text_encoder/model.onnx", "tokenizer/tokenizer.json", "vae_decoder/model.onnx", "vae_decoder/config.json",
+         "scheduler/scheduler_config.json", "model_index.json")
+EXPORT_HINT = "export with the pipeline: `dqdeploy export QUANT_DIR --out OUT --target ort --pipeline MODEL_DIR`"
+
+
+@dataclass
+class PipelineOutput:
+    """What a call returns: ``images`` (PIL images, or a float array [N, H, W, 3] in [0, 1] for ``output_type="np"``)
+    and the seconds each stage took."""
+
+    images: Any
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Tokenizer:
+    """A pipeline's tokenizer folder (``tokenizer.json`` + ``tokenizer_config.json``) on the ``tokenizers`` package:
+    ids padded and truncated to the model's length, as diffusers' pipelines ask for them."""
+
+    def __init__(self, folder: Path) -> None:
+        tokenizers = require("tokenizers", "sd", "tokenizing prompts without PyTorch")
+        config = _json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.length = int(config.get("model_max_length") or 77)
+        pad = config.get("pad_token") or config.get("eos_token") or "<|endoftext|>"
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad_id = self.tokenizer.token_to_id(str(pad))
+        if pad_id is None:
+            raise PipelineError(f"{folder}: the padding token {pad!r} is not in the tokenizer's vocabulary",
+                                hint="re-export the pipeline from its original folder")
+        self.tokenizer.enable_truncation(self.length)
+        self.tokenizer.enable_padding(length=self.length, pad_id=pad_id, pad_token=str(pad))
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Token ids [N, length] (int64)."""
+        return np.array([e.ids for e in self.tokenizer.encode_batch(texts)], dtype=np.int64)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, "pipeline config", EXPORT_HINT)
+
+
+class OrtPipeline:
+    """A text-to-image pipeline from an export folder with ``--pipeline``: ``pipe("a cat").images[0]``.
+
+    ``providers``/``threads``/``options``/``inexact``: as :class:`~.ort.OrtDenoiser` (every session gets them)."""
+
+    def __init__(self, export_dir: str | Path, providers: Sequence[Provider] | str = (CPU,), threads: int = 1,
+                 options: Any = None, inexact: Inexact = "refuse") -> None:
+        self.folder = Path(export_dir)
+        self.spec: ExportSpec = read_spec(self.folder)  # verifies every recorded file, the pipeline's too
+        missing = [p for p in PARTS if not (self.folder / p).is_file()]
+        if missing:
+            raise PipelineError(f"{self.folder} holds no whole pipeline: expected {', '.join(PARTS)}, found "
+                                f"{', '.join(missing)} missing", hint=EXPORT_HINT)
+        if self.spec.model_class != "UNet2DConditionModel" or not self.spec.conditional:
+            raise PipelineError(f"{self.folder}: the pipeline without PyTorch runs Stable-Diffusion-style UNets "
+                                f"(UNet2DConditionModel), found a {self.spec.model_class}",
+                                hint="run other families through diffusers with pipe.transformer = load_runtime(...)")
+        self.tokenizer = Tokenizer(self.folder / "tokenizer")
+        self.scheduler_config = _json(self.folder / "scheduler" / "scheduler_config.json")
+        numpy_scheduler(self.scheduler_config)  # refused now, not at the first call
+        self.vae_config = _json(self.folder / "vae_decoder" / "config.json")
+        session = dict(providers=providers, threads=threads, options=options)
+        self.text_encoder = open_session(self.folder / "text_encoder/model.onnx", None, **session)
+        self.unet = open_session(self.folder / self.spec.onnx_file, self.spec, inexact=inexact, **session)
+        self.vae_decoder = open_session(self.folder / "vae_decoder/model.onnx", None, **session)
+        config = self.spec.model_config
+        self.vae_scale = 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
+        self.latent_channels, self.sample_size = int(config["in_channels"]), config.get("sample_size") or 64
+
+    @property
+    def default_steps(self) -> int:
+        """The calibrated step count of the quantized UNet (the one whose sampler calls it once per calibrated
+        timestep), else 50."""
+        calls = len(self.spec.timesteps)
+        if not calls:
+            return 50
+        scheduler = numpy_scheduler(self.scheduler_config)
+        return next((s for s in range(1, calls + 1) if scheduler.calls(s) == calls), calls)
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """Text embeddings [N, S, D] of ``prompts`` (the text encoder's ``last_hidden_state``)."""
+        (hidden,) = self.text_encoder.run(["last_hidden_state"], {"input_ids": self.tokenizer(prompts)})
+        return hidden.astype(np.float32)
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 num_inference_steps: int | None = None, guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, seed: int | None = None, latents: np.ndarray | None = None,
+                 output_type: str = "pil") -> PipelineOutput:
+        """Images for ``prompt`` (diffusers' ``StableDiffusionPipeline`` arguments; ``seed`` or ``latents`` [N, C,
+        h, w] for the initial noise). Default steps: the calibrated count (:attr:`default_steps`)."""
+        prompts = _texts(prompt, "prompt")
+        negatives = _texts(negative_prompt if negative_prompt is not None else "", "negative_prompt", len(prompts))
+        steps = self.default_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise RuntimeInputError(f"num_inference_steps={steps!r}: expected a whole number >= 1")
+        if output_type not in ("pil", "np"):
+            raise RuntimeInputError(f"output_type={output_type!r} (expected 'pil' or 'np')")
+        guided = float(guidance_scale) > 1.0
+        clock = time.perf_counter()
+        context = self.encode(prompts)
+        if guided:
+            context = np.concatenate([self.encode(negatives), context])
+        timings = {"text encoder": time.perf_counter() - clock}
+        scheduler = numpy_scheduler(self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        x = self._noise(len(prompts), height, width, seed, latents) * np.float32(scheduler.init_noise_sigma)
+        clock = time.perf_counter()
+        for t in scheduler.timesteps:
+            x = scheduler.step(self._guided(scheduler, x, float(t), context, float(guidance_scale), guided), t, x)
+        timings["denoiser"], clock = time.perf_counter() - clock, time.perf_counter()
+        image = self.decode(x)
+        timings["vae decoder"] = time.perf_counter() - clock
+        return PipelineOutput(image if output_type == "np" else to_pil(image), timings)
+
+    def _guided(self, scheduler: NumpyScheduler, x: np.ndarray, t: float, context: np.ndarray, scale: float,
+                guided: bool) -> np.ndarray:
+        """The guided noise prediction at ``t`` (unconditional and conditional rows in one batch)."""
+        batch = np.concatenate([x, x]) if guided else x
+        batch = scheduler.scale_model_input(batch, t)
+        feeds = {SAMPLE: batch.astype(np.float32), TIMESTEP: np.full(len(batch), t, np.float32), CONTEXT: context}
+        (noise,) = self.unet.run(None, feeds)
+        if not guided:
+            return noise
+        uncond, cond = np.split(noise, 2)
+        return uncond + np.float32(scale) * (cond - uncond)
+
+    def _noise(self, n: int, height: int | None, width: int | None, seed: int | None,
+               latents: np.ndarray | None) -> np.ndarray:
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.ndim != 4 or latents.shape[:2] != (n, self.latent_channels):
+                raise RuntimeInputError(f"latents of shape {latents.shape}: expected [{n}, {self.latent_channels}, "
+                                        "h, w] (one per prompt)")
+            return latents
+        size = self.sample_size if isinstance(self.sample_size, list) else [self.sample_size] * 2
+        h, w = (height or size[0] * self.vae_scale), (width or size[1] * self.vae_scale)
+        if h % self.vae_scale or w % self.vae_scale:
+            raise RuntimeInputError(f"height={h}, width={w}: expected multiples of {self.vae_scale} (the VAE's scale)")
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((n, self.latent_channels, h // self.vae_scale, w // self.vae_scale), np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Images [N, H, W, 3] in [0, 1] from latents (scaled back by the VAE's ``scaling_factor``)."""
+        scaled = latents / np.float32(self.vae_config.get("scaling_factor", 0.18215))
+        (image,) = self.vae_decoder.run(["sample"], {"latent_sample": scaled.astype(np.float32)})
+        return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+
+def _texts(value: Any, name: str, count: int | None = None) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise RuntimeInputError(f"{name}={value!r}: expected a string or a non-empty list of strings")
+    if count is not None and len(texts) == 1:
+        texts = list(texts) * count
+    if count is not None and len(texts) != count:
+        raise RuntimeInputError(f"{len(texts)} negative prompts for {count} prompts",
+                                hint="give one, or one per prompt")
+    return list(texts)
+
+
+def to_pil(images: np.ndarray) -> list[Any]:
+    """PIL images of [N, H, W, 3] arrays in [0, 1] (rounded as diffusers rounds them)."""
+    from PIL import Image
+
+    return [Image.fromarray(img) for img in (images * 255).round().astype(np.uint8)]
+
+
+def load_pipeline(export_dir: str | Path, **kwargs: Any) -> OrtPipeline:
+    """Open an export folder written with ``--pipeline`` as a prompt-to-image pipeline on ONNX Runtime, without
+    PyTorch (keyword arguments: ``providers``, ``threads``, ``options``, ``inexact``; see :class:`OrtPipeline`)."""
+    import inspect
+
+    try:
+        inspect.signature(OrtPipeline).bind(export_dir, **kwargs)
+    except TypeError as exc:
+        raise PipelineError(f"dqdeploy.load_pipeline: {exc}", hint="keyword arguments: providers, threads, options, "
+                                                                    "inexact") from None
+    return OrtPipeline(export_dir, **kwargs)
+
