@@ -39,9 +39,13 @@ _PATH = click.Path(path_type=Path)
 @click.option("--lora-slots", type=str, metavar="LORA_FILE|attention",
               help="Float LoRA branches whose matrices are graph inputs, on the layers of LORA_FILE (or on every "
                    "attention projection): load_runtime(E, lora=FILE) swaps adapters without re-exporting.")
+@click.option("--pipeline", "pipeline", type=_PATH, metavar="MODEL_DIR",
+              help="Also write the rest of this diffusers pipeline (the one quantized) beside the denoiser, in float, "
+                   "in optimum's ONNX layout: text encoder, VAE decoder/encoder, tokenizer, scheduler, "
+                   "model_index.json (dqdeploy.load_pipeline runs it without PyTorch).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo,
-           dyn_res, cpu, lora_slots, overwrite) -> None:
+           dyn_res, cpu, lora_slots, pipeline, overwrite) -> None:
     """Export a quantized artifact SOURCE to a QDQ ONNX graph of one layout and, for --target trt, a TensorRT engine."""
     from ..exporters.export import export as run_export
     from ..runtimes.dynamic import parse_range
@@ -55,7 +59,7 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
                                  param_hint="--dynamic-resolution") from None
     run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
                overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
-               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu, lora_slots=lora_slots)
+               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu, lora_slots=lora_slots, pipeline=pipeline)
     spec = read_spec(out_dir)
     fmt = f"; int8 format {spec.int8_format}: `dqdeploy inspect` says where it is exact" if spec.int8_format else ""
     click.echo(f"wrote {Path(out_dir) / spec.onnx_file} ({target}{fmt})")
@@ -63,3 +67,6 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
         click.echo(f"wrote {Path(out_dir) / spec.engine_file}")
     if triton_repo:
         click.echo(f"wrote {Path(triton_repo) / Path(spec.onnx_file).parent.name}")
+    if pipeline:
+        parts = sorted({name.split("/")[0] for name in spec.files if "/" in name} - {Path(spec.onnx_file).parent.name})
+        click.echo(f"wrote the pipeline beside it: {', '.join(parts)}, model_index.json")

@@ -29,7 +29,6 @@ from ..io.atomic import atomic_dir, check_target
 from ..io.folders import detect
 from ..io.models import denoiser_class_name, load_model, portable_config
 from ..io.paths import check_output_dir, check_output_file
-from ..quant.modules import QuantizedDenoiser, quantizes_output
 from ..runtimes.spec import ExportSpec, model_folder
 from ..runtimes.targets import TargetSpec, layout_of, target_spec
 from ..system.cpu import cpu_info, exact_on, s8_exact_anywhere
@@ -39,7 +38,7 @@ from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
 from .lora_slots import add_lora_slots, plan_slots
-from .measure import calibrate_output_scales, input_ranks
+from .measure import input_ranks, ort_output_scales
 from .onnx import example_inputs, export_float_onnx
 from .pipeline import PipelinePlan, plan_for, write_pipeline
 from .qdq import SurgeryOptions, insert_qdq
@@ -70,10 +69,8 @@ def export(
     lora_slots: str | Path | None = None,
     pipeline: str | Path | None = None,
 ) -> Path:
-    """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``).
-
-    ``pipeline``: a diffusers pipeline folder (the one quantized) whose other components are written beside the
-    denoiser, in float, in optimum's ONNX layout (:mod:`.pipeline`): :func:`dqdeploy.load_pipeline` runs it.
+    """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``); ``pipeline``: a
+    diffusers pipeline folder whose other parts are written beside the denoiser (:mod:`.pipeline`).
 
     ``lora_slots``: a LoRA file whose layers (or ``"attention"``: every attention projection) get a float branch whose
     matrices are graph inputs (:mod:`.lora_slots`): ``load_runtime(E, lora=...)`` swaps adapters, no re-export.
@@ -100,11 +97,7 @@ def export(
         _refuse_slots(lora_slots)
         require_tensorrt()  # fail fast, before anything else
         _check_request(source, spec.graph, fp16, cpu)
-    check_target(out_dir, overwrite=overwrite, kind="export", sources=[source])  # before any work
-    if triton_repo is not None:
-        check_output_dir(Path(triton_repo) / _triton_model(source), owned=is_triton_model, sources=[source, out_dir])
-    if timing_cache is not None:
-        check_output_file(timing_cache, "--timing-cache", sources=[source])
+    _check_outputs(source, out_dir, overwrite, triton_repo, timing_cache, pipeline)  # before any work
     if not spec.engine:
         export_graph(source, out_dir, target=spec.graph, fp16=fp16, int4_linear=int4_linear, simplify=simplify,
                      overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu, lora_slots=lora_slots,
@@ -116,6 +109,20 @@ def export(
     if triton_repo is not None:  # the engine for trt; the ONNX graph (ONNX Runtime backend) for the other targets
         write_triton_repo(out_dir, triton_repo)
     return Path(out_dir)
+
+
+def _check_outputs(source: Path, out_dir: Path, overwrite: bool, triton_repo: str | Path | None,
+                   timing_cache: str | Path | None, pipeline: str | Path | None) -> None:
+    """Refuse outputs that may not be written (the inputs, ``source`` and ``pipeline``, are never replaced)."""
+    check_target(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline))
+    if triton_repo is not None:
+        check_output_dir(Path(triton_repo) / _triton_model(source), owned=is_triton_model, sources=[source, out_dir])
+    if timing_cache is not None:
+        check_output_file(timing_cache, "--timing-cache", sources=[source])
+
+
+def _sources(source: str | Path, pipeline: str | Path | None) -> list[str | Path]:
+    return [source] if pipeline is None else [source, pipeline]
 
 
 def _refuse_slots(lora_slots: str | Path | None) -> None:
@@ -167,12 +174,10 @@ def export_graph(
     lora_slots: str | Path | None = None,
     pipeline: str | Path | None = None,
 ) -> Path:
-    """Export the ONNX graph of a quantized artifact (``onnx``/``ort``) or any model folder (``float``); with
-    ``pipeline``, beside the rest of that diffusers pipeline (:mod:`.pipeline`)."""
+    """The ONNX graph of an artifact (``onnx``/``ort``) or any model folder (``float``) [, and ``pipeline``'s parts]."""
     spec = _check_request(source, target, fp16, cpu)
     int8_format = resolve_format(cpu) if spec.cpu_format else None
-    sources = [source] if pipeline is None else [source, pipeline]
-    check_target(out_dir, overwrite=overwrite, kind="export", sources=sources)  # before any work
+    check_target(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline))  # before any work
     if lora_slots is not None and detect(source) != "quantized":
         raise ExportError("--lora-slots needs a quantized artifact", hint="quantize the model first")
     plan = None if pipeline is None else plan_for(source, pipeline)
@@ -182,7 +187,7 @@ def export_graph(
     recipe = manifest.recipe
     if spec.quantized:
         _check_deployable(recipe)
-    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as folder:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline)) as folder:
         scratch = folder / SCRATCH  # the float graph's weights: on the output's disk, swept if the run dies
         canvas, parts = _prepare(source, manifest, recipe, target, fp16)
         int4_layers = _int4_layers(parts.layers, parts.ranks) if int4_linear else []
@@ -309,26 +314,12 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
     with stage(log, "measure layers"):
         layers = layer_tensors(model, manifest)
         ranks = input_ranks(model, list(layers), example, root=model.denoiser)
-        out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if layout_of(target) == "ort" else None
+        out_scales = ort_output_scales(model, recipe, layers, ranks, calib) if layout_of(target) == "ort" else None
     canvas = dequantized_denoiser(model, manifest, inplace=True)
     del model
     if fp16:
         canvas, example = canvas.half(), example.half()
     return canvas, _Parts(example, layers, ranks, out_scales)
-
-
-def _ort_output_scales(
-    model: QuantizedDenoiser, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int],
-    calib: DenoiserInputs
-) -> dict[str, float] | None:
-    """Output Q scales (QLinear* fusion) where the compute is -- convs and token matmuls -- for an
-    artifact whose simulation does not model this rounding (``quantize --layout ort`` makes it exact)."""
-    if recipe.layout == "ort":
-        return None
-    log.warning("recipe layout %r: the ort graph adds output rounding the simulation lacks "
-                "(quantize with --layout ort for an exact match)", recipe.layout)
-    fused = {n: t for n, t in layers.items() if quantizes_output(n, ranks[n])}
-    return calibrate_output_scales(model, fused, calib)
 
 
 def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list[str]:
@@ -385,7 +376,7 @@ def _spec(graph: Any, target: GraphTarget, fp16: bool, opset: int, resolution_ra
 
 def _export_fp(source: str | Path, out_dir: str | Path, fp16: bool, overwrite: bool,
                dynamic_resolution: tuple[int, int] | None, plan: PipelinePlan | None) -> Path:
-    sources = [source] if plan is None else [source, plan.model_dir]
+    sources = _sources(source, None if plan is None else plan.model_dir)
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as folder:
         loaded = load_model(source)
         example = example_inputs(loaded.denoiser)

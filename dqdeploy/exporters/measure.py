@@ -3,12 +3,17 @@ output-Q scales of the ORT layout when the artifact was not quantized for it."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..core.inputs import DenoiserInputs, forward_hooks
-from ..quant.modules import QuantizedDenoiser, quant_layers
+from ..core.recipe import Recipe
+from ..quant.modules import QuantizedDenoiser, quant_layers, quantizes_output
 from ..quant.primitives import search_tensor_scale
 from .dequantize import LayerTensors
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -60,3 +65,17 @@ def calibrate_output_scales(
         for idx in torch.arange(len(calib)).split(16):
             calib.slice(idx).call(model)
     return {name: search_tensor_scale(torch.cat(chunks), -qmax - 1, qmax) for name, chunks in values.items()}
+
+
+def ort_output_scales(
+    model: QuantizedDenoiser, recipe: Recipe, layers: dict[str, LayerTensors], ranks: dict[str, int],
+    calib: DenoiserInputs
+) -> dict[str, float] | None:
+    """Output Q scales (QLinear* fusion) where the compute is -- convs and token matmuls -- for an
+    artifact whose simulation does not model this rounding (``quantize --layout ort`` makes it exact)."""
+    if recipe.layout == "ort":
+        return None
+    log.warning("recipe layout %r: the ort graph adds output rounding the simulation lacks "
+                "(quantize with --layout ort for an exact match)", recipe.layout)
+    fused = {n: t for n, t in layers.items() if quantizes_output(n, ranks[n])}
+    return calibrate_output_scales(model, fused, calib)
