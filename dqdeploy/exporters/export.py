@@ -379,7 +379,7 @@ def _export_fp(source: str | Path, out_dir: str | Path, fp16: bool, overwrite: b
     sources = _sources(source, None if plan is None else plan.model_dir)
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as folder:
         loaded = load_model(source)
-        example = example_inputs(loaded.denoiser)
+        example = example_inputs(loaded.denoiser, seq_len=None if plan is None else plan.text_length)
         denoiser = loaded.denoiser.half() if fp16 else loaded.denoiser
         graph = _float_graph(denoiser, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
         spec = _spec(graph, "float", fp16, 20, dynamic_resolution, model_class=type(denoiser).__name__,

@@ -25,7 +25,8 @@ import torch
 
 from ..core.denoisers import spec_for
 from ..core.errors import PipelineError, require
-from ..io.artifact import read_manifest
+from ..core.vocab import CONTEXT
+from ..io.artifact import load_calibration_inputs, read_manifest
 from ..io.folders import detect
 from ..io.models import denoiser_config, read_config
 from ..runtimes.spec import ONNX_DATA_FILE
@@ -52,6 +53,15 @@ class PipelinePlan:
     index: dict[str, Any]
     denoiser: str  # "unet" | "transformer"
     components: dict[str, str]  # name -> class name, denoiser excluded
+    text_length: int | None = None  # the text encoder's tokens: the denoiser's conditioning length
+
+    def check_length(self, found: int, where: str) -> None:
+        """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoder makes another count."""
+        if self.text_length is not None and found != self.text_length:
+            raise PipelineError(f"{where} has {found}-token conditioning; {self.model_dir}'s text encoder makes "
+                                f"{self.text_length} tokens, so the exported pipeline could not run it",
+                                hint="quantize with --prompts (encoded by the folder's own text encoder), or with a "
+                                     f"--cond file of {self.text_length}-token embeddings")
 
 
 def _entries(index: dict[str, Any]) -> dict[str, str]:
@@ -95,7 +105,9 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
                                 + ("has no config.json" if (model_dir / name).is_dir() else "is missing"),
                                 hint=f"restore {name}/ from the pipeline's save_pretrained")
         components[name] = cls
-    return PipelinePlan(model_dir, index, denoiser, components)
+    length = read_config(model_dir / "text_encoder/config.json").get("max_position_embeddings") \
+        if "text_encoder" in components else None
+    return PipelinePlan(model_dir, index, denoiser, components, length if isinstance(length, int) else None)
 
 
 def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
@@ -104,7 +116,11 @@ def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
         config = denoiser_config(source)
         return plan_pipeline(pipeline, str(config.get("_class_name")), config)
     manifest = read_manifest(source)
-    return plan_pipeline(pipeline, manifest.model_class, manifest.model_config)
+    plan = plan_pipeline(pipeline, manifest.model_class, manifest.model_config)
+    context = load_calibration_inputs(source).get(CONTEXT)
+    if context is not None:
+        plan.check_length(int(context.shape[1]), f"the artifact {source} (its calibration inputs)")
+    return plan
 
 
 def _kind(name: str) -> str | None:
