@@ -157,6 +157,7 @@ def write_pipeline(plan: PipelinePlan, folder: Path, scratch: Path, model_config
                 _copy_files(plan.model_dir / name, folder / name)
                 if kind == "tokenizer":
                     _ensure_tokenizer_json(plan.model_dir / name, folder / name, cls)
+                    _ensure_vocab_files(folder / name)
             elif kind == "text_encoder":
                 _export_text_encoder(plan.model_dir / name, cls, folder / name, scratch)
             else:
@@ -193,6 +194,19 @@ def _ensure_tokenizer_json(src: Path, dest: Path, cls: str) -> None:
         raise PipelineError(f"{src}: the {cls} tokenizer cannot be converted to a tokenizer.json "
                             f"({type(exc).__name__}: {str(exc)[:200]})",
                             hint="save the tokenizer with a recent transformers (it writes tokenizer.json)") from None
+
+
+def _ensure_vocab_files(dest: Path) -> None:
+    """``vocab.json`` + ``merges.txt`` from a BPE ``tokenizer.json`` where the folder lacks them (transformers 5 saves
+    only the former; transformers 4's slow ``CLIPTokenizer``, which optimum's pipelines load, reads only the latter)."""
+    if (dest / "vocab.json").is_file() or (dest / "merges.txt").is_file():
+        return
+    model = json.loads((dest / "tokenizer.json").read_text()).get("model", {})
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        return
+    merges = [" ".join(m) if isinstance(m, list) else str(m) for m in model.get("merges", [])]
+    (dest / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
 
 
 class _TextEncoderGraph(torch.nn.Module):

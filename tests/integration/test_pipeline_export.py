@@ -21,6 +21,7 @@ from dqdeploy.core.errors import ArtifactError, PipelineError, RuntimeInputError
 from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.exporters.export import export
 from dqdeploy.io.paths import OutputPathError
+from dqdeploy.runtimes.pipeline import Tokenizer
 from dqdeploy.runtimes.spec import read_spec
 from dqdeploy.stages.quantize import quantize
 from tests.helpers import write_cond_file, write_sd_pipeline
@@ -59,7 +60,8 @@ def test_the_export_is_optimum_s_layout_and_sealed(sd):
     pipe, _q, e = sd
     files = {p.relative_to(e).as_posix() for p in e.rglob("*") if p.is_file()}
     assert files == {"dqdeploy_export.json", "model_index.json", "scheduler/scheduler_config.json",
-                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "text_encoder/config.json",
+                     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+                     "tokenizer/merges.txt", "text_encoder/config.json",
                      "text_encoder/model.onnx", "unet/config.json", "unet/model.onnx", "vae_decoder/config.json",
                      "vae_decoder/model.onnx", "vae_encoder/config.json", "vae_encoder/model.onnx"}
     assert set(read_spec(e).files) == files - {"dqdeploy_export.json"}  # every file sealed in the spec
@@ -79,6 +81,34 @@ def test_the_export_is_optimum_s_layout_and_sealed(sd):
     assert unet_config["_class_name"] == "UNet2DConditionModel"
     assert unet_config["cross_attention_dim"] == json.loads((pipe / "unet/config.json").read_text())[
         "cross_attention_dim"]
+
+
+def test_both_tokenizer_formats_give_the_ids_diffusers_pipelines_use(sd):
+    from transformers import CLIPTokenizer
+
+    e = sd[2]
+    vocab_merges = CLIPTokenizer(vocab=str(e / "tokenizer/vocab.json"), merges=str(e / "tokenizer/merges.txt"),
+                                 model_max_length=8)  # what transformers 4's slow tokenizer (optimum) reads
+    texts = [*PROMPTS, "", "a much longer prompt than eight tokens"]
+    expected = CLIPTokenizer.from_pretrained(str(sd[0] / "tokenizer"))(texts, padding="max_length", max_length=8,
+                                                                     truncation=True).input_ids
+    assert vocab_merges(texts, padding="max_length", max_length=8, truncation=True).input_ids == expected
+    assert Tokenizer(e / "tokenizer")(texts).tolist() == expected
+
+
+def test_optimum_loads_the_export(sd):
+    """optimum's ORTStableDiffusionPipeline lives in optimum-onnx, which needs transformers < 4.58, hence
+    huggingface-hub < 1.0, while diffusers 0.42 needs huggingface-hub >= 1.32: it cannot be installed beside the
+    project's pins (optimum 1.17, which pip resolves instead, fails to import with transformers 5). Measured in a
+    separate environment (optimum 2.1.0 + optimum-onnx 0.1.0, diffusers 0.35.2, transformers 4.57.6): it loads this
+    layout and its images equal load_pipeline's to 2.4e-7."""
+    optimum = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx cannot be installed beside diffusers "
+                                                                "0.42 (huggingface-hub < 1.0 vs >= 1.32)")
+    pipe = optimum.ORTStableDiffusionPipeline.from_pretrained(str(sd[2]))
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    images = pipe(PROMPTS, latents=torch.from_numpy(latents), num_inference_steps=4, output_type="np").images
+    ours = dqdeploy.load_pipeline(sd[2])(PROMPTS, latents=latents, output_type="np").images
+    assert np.abs(images - ours).max() < 1e-5
 
 
 def test_prompt_to_image_without_torch_matches_the_torch_pipeline(sd, tmp_path):
