@@ -201,12 +201,12 @@ def _ensure_vocab_files(dest: Path) -> None:
     only the former; transformers 4's slow ``CLIPTokenizer``, which optimum's pipelines load, reads only the latter)."""
     if (dest / "vocab.json").is_file() or (dest / "merges.txt").is_file():
         return
-    model = json.loads((dest / "tokenizer.json").read_text()).get("model", {})
+    model = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         return
     merges = [" ".join(m) if isinstance(m, list) else str(m) for m in model.get("merges", [])]
-    (dest / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
-    (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
+    (dest / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
 
 
 class _TextEncoderGraph(torch.nn.Module):
