@@ -68,5 +68,4 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
     if triton_repo:
         click.echo(f"wrote {Path(triton_repo) / Path(spec.onnx_file).parent.name}")
     if pipeline:
-        parts = sorted({name.split("/")[0] for name in spec.files if "/" in name} - {Path(spec.onnx_file).parent.name})
-        click.echo(f"wrote the pipeline beside it: {', '.join(parts)}, model_index.json")
+        click.echo(f"wrote the pipeline beside it: {', '.join(spec.pipeline_parts)}, model_index.json")

@@ -120,6 +120,11 @@ class ExportSpec:
         return onnx_file(self.model_class)
 
     @property
+    def pipeline_parts(self) -> list[str]:
+        """The folders of the pipeline components exported beside the graph (``--pipeline``); [] for a denoiser."""
+        return sorted({name.split("/")[0] for name in self.files if "/" in name} - {self.onnx_file.split("/")[0]})
+
+    @property
     def engine_file(self) -> str:
         """The TensorRT engine's path inside the export folder."""
         return engine_files(self.model_class)[0]

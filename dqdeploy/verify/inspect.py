@@ -98,6 +98,9 @@ def _describe_export(path: Path, as_json: bool) -> str:
         *(f"  {t.name:<22} {t.dtype} {t.shape}" for t in spec.inputs + spec.outputs),
         f"  timesteps    {timesteps_text(spec.timesteps)}",
     ]
+    if spec.pipeline_parts:  # exported with --pipeline
+        lines.append(f"  pipeline     {', '.join(spec.pipeline_parts)} "
+                     "(float; dqdeploy.load_pipeline runs it prompt to image)")
     return "\n".join(lines + _int8_lines(spec))
 
 

@@ -24,6 +24,7 @@ from dqdeploy.io.paths import OutputPathError
 from dqdeploy.runtimes.pipeline import Tokenizer
 from dqdeploy.runtimes.spec import read_spec
 from dqdeploy.stages.quantize import quantize
+from dqdeploy.verify.inspect import describe
 from tests.helpers import write_cond_file, write_sd_pipeline
 from tests.integration.test_cli_errors import ROOT, assert_user_error
 from tests.integration.test_cli_errors import dqdeploy as cli
@@ -65,6 +66,7 @@ def test_the_export_is_optimum_s_layout_and_sealed(sd):
                      "text_encoder/model.onnx", "unet/config.json", "unet/model.onnx", "vae_decoder/config.json",
                      "vae_decoder/model.onnx", "vae_encoder/config.json", "vae_encoder/model.onnx"}
     assert set(read_spec(e).files) == files - {"dqdeploy_export.json"}  # every file sealed in the spec
+    assert "pipeline     scheduler, text_encoder, tokenizer, vae_decoder, vae_encoder (float;" in describe(e)
     io = {}
     for part in ("text_encoder", "vae_decoder", "vae_encoder", "unet"):
         graph = onnx.load(str(e / part / "model.onnx"), load_external_data=False).graph
