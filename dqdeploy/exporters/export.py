@@ -91,6 +91,7 @@ def export(
     ``onnxruntime_onnx`` model of the graph for the other targets. Returns ``out_dir``.
     """
     source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
+    pipeline = None if pipeline is None else as_path(pipeline, "pipeline", "export")
     dynamic_resolution = _resolution_range(dynamic_resolution)
     spec = target_spec(target)
     if spec.engine:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 INDEX = "model_index.json"
 TEXT_OUTPUTS = {"CLIPTextModel": ("last_hidden_state", "pooler_output")}  # text encoder class -> graph outputs
 VAE_CLASSES = ("AutoencoderKL",)
+CONFIG_FILES = {"vae": "config.json", "text_encoder": "config.json", "scheduler": "scheduler_config.json"}
 NOT_EXPORTED = ("safety_checker", "feature_extractor", "image_encoder")  # left out: null in the written index
 LAYOUT_HINT = ("pass the folder DiffusionPipeline.save_pretrained wrote (model_index.json, unet/ or transformer/, "
                "vae/, text_encoder/, tokenizer/, scheduler/)")
@@ -99,10 +100,10 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
                                 f"(text encoders: {', '.join(TEXT_OUTPUTS)}; VAE: {', '.join(VAE_CLASSES)})",
                                 hint="export a Stable-Diffusion-style pipeline, or export the denoiser alone "
                                      "(without --pipeline)")
-        if not (model_dir / name).is_dir() or (kind in ("vae", "text_encoder")
-                                              and not (model_dir / name / "config.json").is_file()):
+        needed = CONFIG_FILES.get(kind)
+        if not (model_dir / name).is_dir() or (needed and not (model_dir / name / needed).is_file()):
             raise PipelineError(f"--pipeline {model_dir}: {INDEX} lists {name!r} ({cls}), but {name}/ "
-                                + ("has no config.json" if (model_dir / name).is_dir() else "is missing"),
+                                + (f"has no {needed}" if (model_dir / name).is_dir() else "is missing"),
                                 hint=f"restore {name}/ from the pipeline's save_pretrained")
         components[name] = cls
     length = read_config(model_dir / "text_encoder/config.json").get("max_position_embeddings") \

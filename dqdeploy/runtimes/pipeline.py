@@ -194,6 +194,9 @@ def load_pipeline(export_dir: str | Path, **kwargs: Any) -> OrtPipeline:
     PyTorch (keyword arguments: ``providers``, ``threads``, ``options``, ``inexact``; see :class:`OrtPipeline`)."""
     import inspect
 
+    from ..core.arguments import as_path
+
+    export_dir = as_path(export_dir, "export_dir", "load_pipeline")
     try:
         inspect.signature(OrtPipeline).bind(export_dir, **kwargs)
     except TypeError as exc:

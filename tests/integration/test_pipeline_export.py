@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import dqdeploy
-from dqdeploy.core.errors import ArtifactError, PipelineError, RuntimeInputError
+from dqdeploy.core.errors import ArtifactError, DQDeployError, PipelineError, RuntimeInputError
 from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.exporters.export import export
 from dqdeploy.io.paths import OutputPathError
@@ -157,12 +157,15 @@ def test_hostile_pipeline_folders_are_refused_before_any_work(sd, tmp_path):
     pipe, q, _e = sd
     no_vae = shutil.copytree(pipe, tmp_path / "no_vae")
     shutil.rmtree(no_vae / "vae")
+    no_schedule = shutil.copytree(pipe, tmp_path / "no_schedule")
+    (no_schedule / "scheduler/scheduler_config.json").unlink()
     other = shutil.copytree(pipe, tmp_path / "other")
     config = json.loads((other / "unet/config.json").read_text())
     (other / "unet/config.json").write_text(json.dumps({**config, "layers_per_block": 2}))
     cases = [(pipe / "unet", "expected a diffusers pipeline folder, found no model_index.json in it"),
              (tmp_path / "nowhere", "found no such folder"),
              (no_vae, "expected a vae/ component, found no vae/ folder"),
+             (no_schedule, "lists 'scheduler' (PNDMScheduler), but scheduler/ has no scheduler_config.json"),
              (other, "does not match the exported denoiser (layers_per_block: 2 there, 1 exported)")]
     for folder, needle in cases:
         with pytest.raises(PipelineError, match="pass ") as err:
@@ -175,6 +178,10 @@ def test_hostile_pipeline_folders_are_refused_before_any_work(sd, tmp_path):
         export(short, tmp_path / "out", target="ort", pipeline=pipe)
     proc = cli("export", q, "--out", tmp_path / "out", "--pipeline", no_vae)
     assert_user_error(proc, "expected a vae/ component")
+    with pytest.raises(DQDeployError, match="pipeline must be a path, found int"):
+        dqdeploy.export(q, tmp_path / "out", pipeline=3)
+    with pytest.raises(DQDeployError, match="keyword arguments: providers"):
+        dqdeploy.load_pipeline(tmp_path, thread=2)
     with pytest.raises(OutputPathError, match="already exists"):  # an existing --out without --overwrite
         export(q, other, target="ort", pipeline=pipe)
     with pytest.raises(OutputPathError, match="never replaces its inputs"):  # nor the pipeline folder, ever
@@ -196,3 +203,19 @@ def test_load_pipeline_refuses_what_it_cannot_run(sd, tmp_path):
         pipe(["a", 3])
     with pytest.raises(RuntimeInputError, match=r"expected \[2, 4, h, w\]"):
         pipe(PROMPTS, latents=np.zeros((1, 4, 8, 8), np.float32))
+
+
+def test_a_tokenizer_folder_of_vocab_and_merges_gets_its_tokenizer_json(tmp_path):
+    """Stable Diffusion 1.x folders hold vocab.json + merges.txt only: the export adds the tokenizer.json the
+    runtime reads, and it tokenizes as transformers does."""
+    from dqdeploy.exporters.pipeline import _ensure_tokenizer_json
+    from tests.helpers import tiny_tokenizer
+
+    reference = tiny_tokenizer(tmp_path / "src")
+    (tmp_path / "src/tokenizer_config.json").write_text(json.dumps({"model_max_length": 8,
+                                                                     "pad_token": "<|endoftext|>"}))
+    dest = shutil.copytree(tmp_path / "src", tmp_path / "dest")
+    _ensure_tokenizer_json(tmp_path / "src", dest, "CLIPTokenizer")
+    texts = [*PROMPTS, "", "a much longer prompt than eight tokens"]
+    expected = reference(texts, padding="max_length", max_length=8, truncation=True).input_ids
+    assert Tokenizer(dest)(texts).tolist() == expected
