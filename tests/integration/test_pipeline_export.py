@@ -54,7 +54,11 @@ def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdpipe")
     pipe = write_sd_pipeline(root / "pipe")
     q = quantize(pipe, RECIPE, CALIB, root / "q", prompts=PROMPTS).path
-    return pipe, q, export(q, root / "e", target="ort", pipeline=pipe)
+    proc = cli("export", q, "--target", "ort", "--out", root / "e", "--pipeline", pipe)  # the README's command
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote the pipeline beside it: scheduler, text_encoder, tokenizer, vae_decoder, vae_encoder, " \
+           "model_index.json" in proc.stdout
+    return pipe, q, root / "e"
 
 
 def test_the_export_is_optimum_s_layout_and_sealed(sd):
