@@ -35,6 +35,7 @@ from ..runtimes.targets import TargetSpec, layout_of, target_spec
 from ..system.cpu import cpu_info, exact_on, s8_exact_anywhere
 from ..system.progress import release_memory, stage
 from ..system.trt_gate import require_tensorrt
+from .attention_qdq import AttentionTensors, attention_tensors, insert_attention_qdq
 from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
@@ -186,6 +187,7 @@ def export_graph(
                                   int4_linear=int4_linear, int8_format=int8_format or "vnni")
             with stage(log, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
+                graph = insert_attention_qdq(graph, parts.attentions, manifest.timesteps, opts)
             wide = sum(not s8_exact_anywhere(t.w_int) for t in parts.layers.values())
             if int8_format == "vnni" and not wide:
                 # every weight within [-64, 64] (w7a8, 4-bit layers): exact on every CPU as it is
@@ -194,8 +196,9 @@ def export_graph(
                 log.warning("%d of %d layers have weights beyond [-64, 64] and run u8u8 kernels, about float speed "
                             "on this CPU (no VNNI); quantize with --recipe w7a8 for exact int8 at full speed here",
                             wide, len(parts.layers))
+        int8_attention = bool(parts.attentions) and spec.layout is not None
         del parts
-        graph = _finish_graph(graph, target, simplify)
+        graph = _finish_graph(graph, target, simplify, int8_attention)
         with stage(log, "write the graph"):
             _write(graph, folder, _spec(
                 graph, target, fp16, opset, dynamic_resolution, model_class=manifest.model_class,
@@ -283,6 +286,7 @@ class _Parts:
     layers: dict[str, LayerTensors]
     ranks: dict[str, int]
     out_scales: dict[str, float] | None
+    attentions: dict[str, AttentionTensors]
 
 
 def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool
@@ -297,11 +301,12 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
         layers = layer_tensors(model, manifest)
         ranks = input_ranks(model, list(layers), example, root=model.denoiser)
         out_scales = _ort_output_scales(model, recipe, layers, ranks, calib) if layout_of(target) == "ort" else None
+        attentions = attention_tensors(model)
     canvas = dequantized_denoiser(model, manifest, inplace=True)
     del model
     if fp16:
         canvas, example = canvas.half(), example.half()
-    return canvas, _Parts(example, layers, ranks, out_scales)
+    return canvas, _Parts(example, layers, ranks, out_scales, attentions)
 
 
 def _ort_output_scales(
@@ -337,9 +342,9 @@ def _float_graph(denoiser: torch.nn.Module, example: DenoiserInputs, scratch: Pa
                                  resolution_range=resolution_range)
 
 
-def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
-    """Simplify (keeping Q/DQ), for the ORT layout fuse attention, onnx.checker, and for the TensorRT
-    layout its static rule check."""
+def _finish_graph(graph: Any, target: GraphTarget, simplify: bool, int8_attention: bool = False) -> Any:
+    """Simplify (keeping Q/DQ), for the ORT layout fuse the float attentions, onnx.checker, and for the TensorRT
+    layout its static rule check (Q/DQ in front of attention matmuls allowed with ``int8_attention``)."""
     if simplify:
         from .simplify import simplify as run_simplify
 
@@ -354,7 +359,7 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
     if layout_of(target) == "trt":  # the graph TensorRT builds from must pass its rules, checked statically
         from .lint import lint_trt
 
-        violations = lint_trt(graph)
+        violations = lint_trt(graph, allow_attention_qdq=int8_attention)
         if violations:
             raise ExportError(f"the TensorRT-layout graph breaks {len(violations)} TensorRT rule(s): "
                               + "; ".join(str(v) for v in violations[:5]))
