@@ -197,6 +197,11 @@ def export_graph(
                             "on this CPU (no VNNI); quantize with --recipe w7a8 for exact int8 at full speed here",
                             wide, len(parts.layers))
         int8_attention = bool(parts.attentions) and spec.layout is not None
+        if int8_attention and spec.layout == "ort":
+            log.warning("int8 attention on ONNX Runtime CPU: each attention's products run as MatMulIntegerToFloat "
+                        "with the float score matrix in memory (ORT has no fused int8 attention kernel), slower "
+                        "than float attention at long token counts (BENCHMARKS.md, attention micro); the graph "
+                        "reproduces the simulation, for speed quantize with --attention float")
         del parts
         graph = _finish_graph(graph, target, simplify, int8_attention)
         with stage(log, "write the graph"):
