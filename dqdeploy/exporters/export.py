@@ -197,11 +197,6 @@ def export_graph(
                             "on this CPU (no VNNI); quantize with --recipe w7a8 for exact int8 at full speed here",
                             wide, len(parts.layers))
         int8_attention = bool(parts.attentions) and spec.layout is not None
-        if int8_attention and spec.layout == "ort":
-            log.warning("int8 attention on ONNX Runtime CPU: each attention's products run as MatMulIntegerToFloat "
-                        "with the float score matrix in memory (ORT has no fused int8 attention kernel), slower "
-                        "than float attention at long token counts (BENCHMARKS.md, attention micro); the graph "
-                        "reproduces the simulation, for speed quantize with --attention float")
         del parts
         graph = _finish_graph(graph, target, simplify, int8_attention)
         with stage(log, "write the graph"):
@@ -355,6 +350,11 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool, int8_attentio
 
         with stage(log, "simplify"):
             graph = run_simplify(graph)
+    if layout_of(target) == "ort" and int8_attention:
+        log.warning("int8 attention on ONNX Runtime CPU: each attention's products run as MatMulIntegerToFloat "
+                    "with the float score matrix in memory (ORT has no fused int8 attention kernel), slower "
+                    "than float attention at long token counts (BENCHMARKS.md, attention micro); the graph "
+                    "reproduces the simulation, for speed quantize with --attention float")
     if layout_of(target) == "ort":  # ONNX Runtime's own attention kernel instead of the float score matrix
         from .ort_attention import fuse_attention
 
