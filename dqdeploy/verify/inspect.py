@@ -107,6 +107,9 @@ def _describe_export(path: Path, as_json: bool) -> str:
         *(f"  {t.name:<22} {t.dtype} {t.shape}" for t in spec.inputs + spec.outputs),
         f"  timesteps    {timesteps_text(spec.timesteps)}",
     ]
+    if spec.recipe is not None and spec.layout is not None:
+        lines.append("  attention    " + ("int8: Q/DQ in front of both batched matmuls of every quantized attention"
+                                          if spec.recipe.attention == "int8" else "float"))
     return "\n".join(lines + _int8_lines(spec))
 
 

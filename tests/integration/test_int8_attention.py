@@ -20,6 +20,7 @@ from dqdeploy.quant.attention import attention_quants, is_attention
 from dqdeploy.quant.modules import set_act_quant
 from dqdeploy.runtimes.spec import read_spec
 from dqdeploy.verify.check import check_export
+from dqdeploy.verify.inspect import describe
 from tests.helpers import tiny_unet, write_pipeline, write_transformer_cond, write_transformer_pipeline
 
 KINDS = ("unet", "sd3", "pixart", "flux")
@@ -87,6 +88,7 @@ def test_exports_pass_lint_and_check_per_step_and_per_quantizer(artifact):
         if target == "onnx":
             assert lint_path(graph, allow_attention_qdq=True) == []
             assert {v.rule for v in lint_path(graph)} == {"attention-unquantized"}  # float attention expected
+        assert "attention    int8: Q/DQ in front of both batched matmuls" in describe(folder)
         check = check_export(result.path, folder, per_layer=True)
         assert check.ok, check.table()
         roles = [r for r in check.layers if " " in r.name]
