@@ -67,6 +67,7 @@ def find_attention_nodes(model, names: list[str], prefix: str) -> dict[str, tupl
             continue
         name = wanted.get(_scope(node) or "")
         if name is not None and name not in found:
+            _check_split(ix, node, name)
             found[name] = (node, users[0])
     missing = sorted(set(names) - set(found))
     if missing:
@@ -74,6 +75,22 @@ def find_attention_nodes(model, names: list[str], prefix: str) -> dict[str, tupl
                           f"graph (first: {missing[0]})",
                           hint="export with torch.onnx.export(dynamo=True) from torch >= 2.5")
     return found
+
+
+def _check_split(ix: GraphIndex, scores, name: str) -> None:
+    """The simulation quantizes ``q * r`` and ``k * r`` with ``r = sqrt(scale)``: the graph's score MatMul must read
+    both through a Mul by the same constant (the exporter's split of the score scale)."""
+    factors: list[float | None] = []
+    for x in scores.input:
+        mul = ix.producer.get(x)
+        consts = [] if mul is None or mul.op_type != "Mul" else [c for c in map(ix.const_array, mul.input)
+                                                                   if c is not None and c.size == 1]
+        factors.append(float(consts[0].reshape(())) if consts else None)
+    a, b = factors
+    if a is None or b is None or not np.isclose(a, b, rtol=1e-6):
+        raise ExportError(f"attention {name}: the exported score MatMul reads q and k^T scaled by {factors}, not by "
+                          "one constant sqrt(scale) each as the simulation quantizes them",
+                          hint="export with the torch version dqdeploy pins (its ONNX exporter splits the scale)")
 
 
 def _quantized_input(gr: _Graph, node, slot: int, steps: np.ndarray, rows: str | None, role: str, name: str,
