@@ -198,3 +198,27 @@ def test_distillation_trains_the_attention_steps():
                                  for q in quant.quantizers().values()])
     assert torch.equal(steps["frozen"], steps["calibrated"])
     assert not torch.allclose(steps["distilled"], steps["calibrated"])
+
+
+def test_a_score_scale_split_other_than_the_simulations_is_refused(tmp_path):
+    """The simulation quantizes q * sqrt(scale) and k * sqrt(scale): a graph scaling them otherwise is refused."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from dqdeploy.core.errors import ExportError
+    from dqdeploy.exporters.attention_qdq import AttentionTensors, find_attention_nodes, insert_attention_qdq
+    from dqdeploy.exporters.graph_index import GraphIndex
+    from dqdeploy.exporters.onnx import example_inputs, export_float_onnx
+
+    unet = tiny_unet()
+    graph = export_float_onnx(unet, tmp_path / "f.onnx", inputs=example_inputs(unet))
+    name = "mid_block.attentions.0"
+    steps = AttentionTensors(name, *(np.full(1, 0.05, np.float32) for _ in range(3)))
+    scores, _ = find_attention_nodes(graph, [name], "unet.")[name]
+    ix = GraphIndex(graph)
+    mul = ix.producer[scores.input[1]]
+    slot = next(k for k, i in enumerate(mul.input) if ix.const_array(i) is not None)
+    graph.graph.initializer.append(numpy_helper.from_array(ix.const_array(mul.input[slot]) * 2, "k_scale_doubled"))
+    mul.input[slot] = "k_scale_doubled"  # (the exporter shares one constant between q and k)
+    with pytest.raises(ExportError, match="sqrt"):
+        insert_attention_qdq(graph, {name: steps}, [500.0])
