@@ -3,7 +3,11 @@
 * ``float``: what the exporter writes (heads split by Reshape/Transpose, MatMul, Softmax, MatMul, heads merged);
 * ``mha``: ``com.microsoft.MultiHeadAttention`` (what the ``--target ort`` layout now writes);
 * ``int8``: int8 batched matmuls, ``QLinearMatMul(u8 q, s8 k^T) -> DQ -> Softmax -> Q(1/255) ->
-  QLinearMatMul(u8 p, s8 v) -> DQ`` with constant scales (the best case for int8 attention: no per-step scales).
+  QLinearMatMul(u8 p, s8 v) -> DQ`` with constant scales on inputs already quantized (a best case);
+* ``int8 vnni`` / ``int8 portable``: what ``quantize --attention int8`` exports for ONNX Runtime
+  (``exporters/attention_qdq.py``): the float graph's heads with ``Q -> DQ`` on q, k^T (u8 x s8, or u8 x u8 for
+  ``portable``), the softmax output (1/127) and v, which ONNX Runtime fuses into ``MatMulIntegerToFloat``, and
+  the per-step rescale ``Mul`` after each product.
 
   python bench/attention_micro.py [--repeats 5]
 
@@ -27,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import write_results  # noqa: E402
 
 HEADS = 8
+KINDS = ("float", "mha", "int8", "int8 vnni", "int8 portable")
 SHAPES = {  # name: (query tokens, key tokens, channels)
     "SD-1.5 level 1 self (64x64 latent)": (4096, 4096, 320),
     "SD-1.5 level 1 cross": (4096, 77, 320),
@@ -48,12 +53,26 @@ def _graph(kind: str, n: int, m: int, c: int):
     if kind == "mha":
         nodes = [h.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=HEADS)]
         const = []
-    elif kind == "float":
+    elif kind in ("float", "int8 vnni", "int8 portable"):
         nodes = [h.make_node("Reshape", [x, "s4"], [x + "4"]) for x in "qkv"]
         nodes += [h.make_node("Transpose", [x + "4"], [x + "t"], perm=[0, 2, 3, 1] if x == "k" else [0, 2, 1, 3])
                   for x in "qkv"]
-        nodes += [h.make_node("MatMul", ["qt", "kt"], ["s"]), h.make_node("Mul", ["s", "sc"], ["ss"]),
-                  h.make_node("Softmax", ["ss"], ["p"], axis=-1), h.make_node("MatMul", ["p", "vt"], ["a"]),
+        qk, pv = ["qt", "kt"], ["p", "vt"]
+        if kind != "float":  # the exporter's Q/DQ in front of both products (attention_qdq.py)
+            unsigned_k = kind == "int8 portable"
+            grid = {"qt": (0.05, np.uint8(128)), "kt": (0.05, np.uint8(128) if unsigned_k else np.int8(0)),
+                    "p": (1 / 127, np.uint8(0)), "vt": (0.05, np.int8(0))}
+            for x, (scale, zp) in grid.items():
+                const += [nh.from_array(np.asarray(scale, np.float32), x + "_s"),
+                          nh.from_array(np.asarray(zp), x + "_z")]
+                nodes += [h.make_node("QuantizeLinear", [x, x + "_s", x + "_z"], [x + "_q"]),
+                          h.make_node("DequantizeLinear", [x + "_q", x + "_s", x + "_z"], [x + "_dq"])]
+            qk, pv = ["qt_dq", "kt_dq"], ["p_dq", "vt_dq"]
+            const.append(nh.from_array(np.asarray(1.01, np.float32), "step"))
+        nodes += [h.make_node("MatMul", qk, ["s"]), h.make_node("Mul", ["s", "sc"], ["ss"]),
+                  h.make_node("Softmax", ["ss"], ["p"], axis=-1), h.make_node("MatMul", pv, ["a0"]),
+                  h.make_node("Mul" if kind != "float" else "Identity", ["a0", "step"] if kind != "float" else ["a0"],
+                              ["a"]),
                   h.make_node("Transpose", ["a"], ["at"], perm=[0, 2, 1, 3]),
                   h.make_node("Reshape", ["at", "s3"], ["o"])]
     else:
@@ -107,10 +126,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    rows = {name: {kind: cpu_ms(kind, *shape, args.repeats) for kind in ("float", "mha", "int8")}
+    rows = {name: {kind: cpu_ms(kind, *shape, args.repeats) for kind in KINDS}
             | {"shape": list(shape)} for name, shape in SHAPES.items()}
     path = write_results("ort_speed", {"command": " ".join(["python bench/attention_micro.py", *sys.argv[1:]]),
-                                        "batch": 2, "heads": HEADS, "cpu_ms": rows}, label="attention micro")
+                                        "batch": 2, "heads": HEADS, "cpu_ms": rows},
+                          label="attention micro")
     print(json.dumps(rows, indent=1))
     print(f"wrote {path}")
 

@@ -9,6 +9,9 @@ no distillation, no fallback -- speed does not depend on the scales' quality), e
   fp32            ``--target float`` of the artifact (its dequantized weights, no Q/DQ)
   int8 vnni       ``--target ort --cpu vnni``      (exact on CPUs with VNNI)
   int8 portable   ``--target ort --cpu portable``  (exact on every CPU)
+  ... + int8 attention   the same from an artifact quantized with ``--attention int8`` (both batched matmuls of
+                  every attention on integer kernels, ``MatMulIntegerToFloat``, instead of the float
+                  ``MultiHeadAttention``)
 
 Latency: one forward at batch 2 (one CFG pair), one thread, interleaved rounds, medians; on a CPU without
 VNNI the vnni row is not run (it would not be exact there). Profile: ONNX Runtime's own profiler on one
@@ -38,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 TEXT_TOKENS, CAPTION_CHANNELS = 120, 4096
+ATTENTION = ("float", "int8")  # quantize --attention: both artifacts of the same model and calibration
 
 
 def pixart_sigma_width(blocks: int, sample_size: int) -> dict:
@@ -114,13 +118,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dqdeploy-width-"))
     cond = write_folder(pixart_sigma_width(args.blocks, sample_size), work / "model")
     calib = CalibrationConfig(steps=4, samples=8, trajectories=2, batch_size=2, guidance=4.5)
-    quantize(work / "model", W8A8.replace(distill="none", fallback="none"), calib, work / "q", cond_file=cond)
-    export(work / "q", work / "fp32", target="float")  # the artifact's text length (the FP folder's is 8)
+    ptq = W8A8.replace(distill="none", fallback="none")
+    for attention in ATTENTION:
+        quantize(work / "model", ptq.replace(attention=attention), calib, work / f"q-{attention}", cond_file=cond)
+    export(work / "q-float", work / "fp32", target="float")  # the artifact's text length (the FP folder's is 8)
     graphs = {"fp32": work / "fp32/transformer/model.onnx"}
     formats = ["portable"] if machine()["int8_class"] == "avx2" else ["vnni", "portable"]
     for fmt in formats:
-        export(work / "q", work / fmt, target="ort", cpu=fmt)
-        graphs[f"int8 {fmt}"] = work / fmt / "transformer/model.onnx"
+        for attention in ATTENTION:
+            name = f"int8 {fmt}" + (" + int8 attention" if attention == "int8" else "")
+            export(work / f"q-{attention}", work / name, target="ort", cpu=fmt)
+            graphs[name] = work / name / "transformer/model.onnx"
     sessions = {name: ort_session(path) for name, path in graphs.items()}
     feed = feeds(sessions["fp32"], sample_size)
     times = interleaved_ms({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}, args.repeats)
@@ -136,7 +144,7 @@ def main() -> None:
     path = write_results("transformer_width", entry)
     for name, row in rows.items():
         top = ", ".join(f"{op} {p['share']:.0%}" for op, p in list(profiles[name].items())[:6])
-        print(f"{name:>14}: {row['median_ms']:8.1f} ms  {row['speedup']:.2f}x FP32   [{top}]")
+        print(f"{name:>32}: {row['median_ms']:8.1f} ms  {row['speedup']:.2f}x FP32   [{top}]")
     print(f"wrote {path}")
 
 

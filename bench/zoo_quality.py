@@ -77,6 +77,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # are now 8-bit, Recipe.act_bits_for)
     "legacy": {"layout": "ort", "act8_layers": (), "lr_weight": 1e-5, "lr_quant": 1e-4},
     "calib-seed1": {},  # the default recipe calibrated with another seed: the quantizer's own run-to-run noise
+    "int8-attention": {"attention": "int8"},  # issue 22: both batched matmuls of every attention quantized
 }
 CALIBRATION_VARIANTS: dict[str, dict[str, Any]] = {"calib-seed1": {"seed": 1}}  # CalibrationConfig field overrides
 BOOTSTRAP = 200

@@ -69,6 +69,10 @@ _PATH = click.Path(path_type=Path)
 @click.option("--fallback-time", type=SECONDS,
               help="auto fallback: stop the sensitivity search after this many seconds; the layers not scored by "
                    "then stay quantized (default: no limit).")
+@click.option("--attention", type=click.Choice(["float", "int8"]),
+              help="Attention's two batched matmuls (q k^T, softmax x v): 'float' (default) or 'int8' (quantized "
+                   "inputs: q, k, v with per-step scales, the softmax output on a fixed 8-bit grid; the paper's "
+                   "setting; see docs/SUPPORT_MATRIX.md for its measured cost and speed).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also load pickled .bin weights (they can run code: trusted folders only).")
@@ -79,8 +83,8 @@ _PATH = click.Path(path_type=Path)
               help="Processes on this machine (runs the command under torchrun; the same work shared, see README).")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters,
              batch_size, lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling,
-             timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, fallback_time, overwrite,
-             allow_pickle, resume, nproc) -> None:
+             timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, fallback_time, attention,
+             overwrite, allow_pickle, resume, nproc) -> None:
     """Quantize the denoiser (UNet or transformer) of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare denoiser folder plus
@@ -103,7 +107,7 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     r = resolve_recipe(recipe)
     changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
                                      fallback=fallback, fallback_budget=fallback_budget, fallback_time=fallback_time,
-                                     timestep_scales=timestep_scales, layout=layout).items()
+                                     timestep_scales=timestep_scales, layout=layout, attention=attention).items()
                if v is not None}
     for option, value in (("--fallback-budget", fallback_budget), ("--fallback-time", fallback_time)):
         if value is not None and (fallback or r.fallback) != "auto":

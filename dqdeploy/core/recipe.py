@@ -20,12 +20,14 @@ UNET_ENDS = ("conv_in", "conv_out")  # a UNet's first and last layer
 TimestepScales = Literal["per-step", "collapsed"]
 DistillMode = Literal["block", "model", "none"]
 ActInit = Literal["mse", "minmax"]
+AttentionMode = Literal["float", "int8"]
 TIMESTEP_SCALES = ("per-step", "collapsed")
 DISTILL_MODES = ("block", "model", "none")
 ACT_INITS = ("mse", "minmax")
+ATTENTION_MODES = ("float", "int8")
 LEGACY_KEYS = {"dilation": "scaling"}  # recipe JSON and manifests written before the rename
 # fields added after version 1, omitted from to_dict at their default
-LATER_KEYS: dict[str, Any] = {"act8_layers": (), "fallback_time": None}
+LATER_KEYS: dict[str, Any] = {"act8_layers": (), "fallback_time": None, "attention": "float"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class Recipe:
     fallback_time: float | None = None
     # layers whose input activations keep 8 bits (wildcard module names): mixed precision for act_bits=4
     act8_layers: tuple[str, ...] = ()
+    # "int8": both batched matmuls of every attention the recipe selects take quantized inputs -- q, k, v with
+    # per-step scales at act_bits, the softmax output on a fixed 8-bit grid (dqdeploy.quant.attention)
+    attention: AttentionMode = "float"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -76,7 +81,7 @@ class Recipe:
             problems.append(f"first_last_bits={self.first_last_bits} (expected 4, 7, 8 or null)")
         for attr, allowed in (
             ("scaling", SCALINGS), ("timestep_scales", TIMESTEP_SCALES),
-            ("distill", DISTILL_MODES), ("act_init", ACT_INITS), ("layout", LAYOUTS),
+            ("distill", DISTILL_MODES), ("act_init", ACT_INITS), ("layout", LAYOUTS), ("attention", ATTENTION_MODES),
         ):
             if getattr(self, attr) not in allowed:
                 problems.append(f"{attr}={getattr(self, attr)!r} (expected one of {', '.join(allowed)})")

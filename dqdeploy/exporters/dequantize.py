@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.deprecation import renamed
 from ..io.artifact import Manifest
+from ..quant.attention import remove_attention_quant
 from ..quant.modules import QuantizedDenoiser, QuantLayer, channel_view, quant_layers, replace_module
 
 
@@ -53,7 +54,7 @@ def tensors_of(name: str, layer: QuantLayer, fold: str = "mul") -> LayerTensors:
         name=name,
         kind=layer.kind,
         w_int=layer.weight_quantizer.integers(layer.weight).numpy(),
-        w_scale=layer.weight_quantizer.scale.detach().float().numpy().copy(),
+        w_scale=layer.weight_quantizer.scale.detach().abs().float().numpy().copy(),
         bias=None if layer.bias is None else layer.bias.detach().float().numpy().copy(),
         act_scale=layer.input_quantizer.scale.detach().abs().float().numpy().copy(),
         act_zero_point=torch.round(layer.input_quantizer.zero_point.detach()).float().numpy().copy(),
@@ -99,6 +100,7 @@ def dequantized_denoiser(model: QuantizedDenoiser, manifest: Manifest, *, inplac
     ``inplace=True`` converts ``model``'s own denoiser layer by layer (``model`` is consumed): no second
     copy of the weights is ever held, which is what bounds the export's memory."""
     denoiser = (model.denoiser if inplace else copy.deepcopy(model.denoiser)).float().eval()
+    remove_attention_quant(denoiser)  # float attention: its Q/DQ are added to the graph (attention_qdq)
     layers = quant_layers(denoiser)
     folded: set[str] = set()
     for name, layer in layers.items():

@@ -34,6 +34,7 @@ from ..runtimes.targets import TargetSpec, layout_of, target_spec
 from ..system.cpu import cpu_info, exact_on, s8_exact_anywhere
 from ..system.progress import release_memory, stage
 from ..system.trt_gate import require_tensorrt
+from .attention_qdq import AttentionTensors, attention_tensors, insert_attention_qdq
 from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
 from .engine import build_engine
 from .folder import check_graph, tensor_specs, versions, write_export
@@ -41,7 +42,7 @@ from .lora_slots import add_lora_slots, plan_slots
 from .measure import input_ranks, ort_output_scales
 from .onnx import example_inputs, export_float_onnx
 from .pipeline import PipelinePlan, plan_for, write_pipeline
-from .qdq import SurgeryOptions, insert_qdq
+from .qdq import SurgeryOptions, insert_qdq, int4_linear_layers
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
@@ -112,14 +113,19 @@ def export(
     return Path(out_dir)
 
 
-def _check_outputs(source: Path, out_dir: Path, overwrite: bool, triton_repo: str | Path | None,
-                   timing_cache: str | Path | None, pipeline: str | Path | None) -> None:
-    """Refuse outputs that may not be written (the inputs, ``source`` and ``pipeline``, are never replaced)."""
+def _check_outputs(source: str | Path, out_dir: str | Path, overwrite: bool, triton_repo: str | Path | None = None,
+                   timing_cache: str | Path | None = None, pipeline: str | Path | None = None,
+                   lora_slots: str | Path | None = None) -> PipelinePlan | None:
+    """Before any work, refuse outputs that may not be written (the inputs, ``source`` and ``pipeline``, are never
+    replaced) and options that do not fit ``source``; returns the checked pipeline folder (None without one)."""
     check_target(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline))
     if triton_repo is not None:
         check_output_dir(Path(triton_repo) / _triton_model(source), owned=is_triton_model, sources=[source, out_dir])
     if timing_cache is not None:
         check_output_file(timing_cache, "--timing-cache", sources=[source])
+    if lora_slots is not None and detect(source) != "quantized":
+        raise ExportError("--lora-slots needs a quantized artifact", hint="quantize the model first")
+    return None if pipeline is None else plan_for(source, pipeline)
 
 
 def _sources(source: str | Path, pipeline: str | Path | None) -> list[str | Path]:
@@ -132,7 +138,7 @@ def _refuse_slots(lora_slots: str | Path | None) -> None:
                           "with slots is built yet", hint="fold the LoRA into the artifact (`dqdeploy lora`) for trt")
 
 
-def _triton_model(source: Path) -> str:
+def _triton_model(source: str | Path) -> str:
     """The Triton model :func:`write_triton_repo` will write for ``source``: the graph's folder (``unet`` or
     ``transformer``). A source that cannot be read is reported by the export itself: ``unet`` here."""
     try:
@@ -178,10 +184,7 @@ def export_graph(
     """The ONNX graph of an artifact (``onnx``/``ort``) or any model folder (``float``) [, and ``pipeline``'s parts]."""
     spec = _check_request(source, target, fp16, cpu)
     int8_format = resolve_format(cpu) if spec.cpu_format else None
-    check_target(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline))  # before any work
-    if lora_slots is not None and detect(source) != "quantized":
-        raise ExportError("--lora-slots needs a quantized artifact", hint="quantize the model first")
-    plan = None if pipeline is None else plan_for(source, pipeline)
+    plan = _check_outputs(source, out_dir, overwrite, pipeline=pipeline, lora_slots=lora_slots)  # before any work
     if detect(source) == "fp":
         return _export_fp(source, out_dir, fp16, overwrite, dynamic_resolution, plan)
     manifest = read_manifest(source)
@@ -191,7 +194,7 @@ def export_graph(
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline)) as folder:
         scratch = folder / SCRATCH  # the float graph's weights: on the output's disk, swept if the run dies
         canvas, parts = _prepare(source, manifest, recipe, target, fp16)
-        int4_layers = _int4_layers(parts.layers, parts.ranks) if int4_linear else []
+        int4_layers = int4_linear_layers(parts.layers, parts.ranks) if int4_linear else []
         opset = 21 if int4_layers else 20
         slots = None if lora_slots is None else plan_slots(canvas, parts.layers, lora_slots)
         graph = _float_graph(canvas, parts.example, scratch, opset, dynamic_resolution)
@@ -204,6 +207,7 @@ def export_graph(
                                   int4_linear=int4_linear, int8_format=int8_format or "vnni")
             with stage(log, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
+                graph = insert_attention_qdq(graph, parts.attentions, manifest.timesteps, opts)
             wide = sum(not s8_exact_anywhere(t.w_int) for t in parts.layers.values())
             if int8_format == "vnni" and not wide:
                 # every weight within [-64, 64] (w7a8, 4-bit layers): exact on every CPU as it is
@@ -212,8 +216,9 @@ def export_graph(
                 log.warning("%d of %d layers have weights beyond [-64, 64] and run u8u8 kernels, about float speed "
                             "on this CPU (no VNNI); quantize with --recipe w7a8 for exact int8 at full speed here",
                             wide, len(parts.layers))
+        int8_attention = bool(parts.attentions) and spec.layout is not None
         del parts
-        graph = _finish_graph(graph, target, simplify)
+        graph = _finish_graph(graph, target, simplify, int8_attention)
         with stage(log, "write the graph"):
             _write(graph, folder, _spec(
                 graph, target, fp16, opset, dynamic_resolution, model_class=manifest.model_class,
@@ -302,6 +307,7 @@ class _Parts:
     layers: dict[str, LayerTensors]
     ranks: dict[str, int]
     out_scales: dict[str, float] | None
+    attentions: dict[str, AttentionTensors]
 
 
 def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool
@@ -316,22 +322,12 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
         layers = layer_tensors(model, manifest)
         ranks = input_ranks(model, list(layers), example, root=model.denoiser)
         out_scales = ort_output_scales(model, recipe, layers, ranks, calib) if layout_of(target) == "ort" else None
+        attentions = attention_tensors(model)
     canvas = dequantized_denoiser(model, manifest, inplace=True)
     del model
     if fp16:
         canvas, example = canvas.half(), example.half()
-    return canvas, _Parts(example, layers, ranks, out_scales)
-
-
-def _int4_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list[str]:
-    """4-bit token Linears whose reduction size fits one of TensorRT's INT4 block sizes."""
-    blocks = SurgeryOptions().int4_blocks
-    found = [n for n, t in layers.items() if t.kind == "linear" and t.weight_bits == 4 and ranks[n] > 2
-             and any(t.w_int.shape[1] % b == 0 for b in blocks)]
-    if not found:
-        log.warning("--int4-linear: no 4-bit Linear layer has a reduction size divisible by %s; "
-                    "exporting INT8 weights", blocks)
-    return found
+    return canvas, _Parts(example, layers, ranks, out_scales, attentions)
 
 
 def _float_graph(denoiser: torch.nn.Module, example: DenoiserInputs, scratch: Path, opset: int = 20,
@@ -342,14 +338,19 @@ def _float_graph(denoiser: torch.nn.Module, example: DenoiserInputs, scratch: Pa
                                  resolution_range=resolution_range)
 
 
-def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
-    """Simplify (keeping Q/DQ), for the ORT layout fuse attention, onnx.checker, and for the TensorRT
-    layout its static rule check."""
+def _finish_graph(graph: Any, target: GraphTarget, simplify: bool, int8_attention: bool = False) -> Any:
+    """Simplify (keeping Q/DQ), for the ORT layout fuse the float attentions, onnx.checker, and for the TensorRT
+    layout its static rule check (Q/DQ in front of attention matmuls allowed with ``int8_attention``)."""
     if simplify:
         from .simplify import simplify as run_simplify
 
         with stage(log, "simplify"):
             graph = run_simplify(graph)
+    if layout_of(target) == "ort" and int8_attention:
+        log.warning("int8 attention on ONNX Runtime CPU: each attention's products run as MatMulIntegerToFloat "
+                    "with the float score matrix in memory (ORT has no fused int8 attention kernel), slower "
+                    "than float attention at long token counts (BENCHMARKS.md, attention micro); the graph "
+                    "reproduces the simulation, for speed quantize with --attention float")
     if layout_of(target) == "ort":  # ONNX Runtime's own attention kernel instead of the float score matrix
         from .ort_attention import fuse_attention
 
@@ -359,7 +360,7 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool) -> Any:
     if layout_of(target) == "trt":  # the graph TensorRT builds from must pass its rules, checked statically
         from .lint import lint_trt
 
-        violations = lint_trt(graph)
+        violations = lint_trt(graph, allow_attention_qdq=int8_attention)
         if violations:
             raise ExportError(f"the TensorRT-layout graph breaks {len(violations)} TensorRT rule(s): "
                               + "; ".join(str(v) for v in violations[:5]))

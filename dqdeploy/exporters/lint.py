@@ -57,9 +57,6 @@ class LintOptions:
     allow_attention_qdq: bool = False
 
 
-# ---------------------------------------------------------------------------------------------
-# helpers shared by rules
-# ---------------------------------------------------------------------------------------------
 def _is_weight_dq(ix: GraphIndex, node) -> bool:
     """A DequantizeLinear whose input 0 is an integer constant (initializer / Constant)."""
     t = ix.constant(node.input[0])
@@ -94,15 +91,11 @@ def _same_constant(ix: GraphIndex, a: str, b: str) -> bool | None:
 
 def _expected_weight_axis(ix: GraphIndex, node, slot: int, rank: int) -> int | None:
     """The output-channel axis TensorRT expects for a per-channel weight feeding ``node`` at ``slot``."""
-    if node.op_type == "Conv" and slot == 1:
-        return 0
-    if node.op_type == "ConvTranspose" and slot == 1:
-        return 1
-    if node.op_type == "Gemm" and slot == 1:
+    if slot != 1:
+        return None
+    if node.op_type == "Gemm":
         return 0 if node_attr(node, "transB", 0) else 1
-    if node.op_type == "MatMul" and slot == 1:
-        return rank - 1
-    return None
+    return {"Conv": 0, "ConvTranspose": 1, "MatMul": rank - 1}.get(node.op_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +116,8 @@ def rule(rule_id: str) -> Callable[[Rule], Rule]:
 
 
 def _has_int4(ix: GraphIndex) -> bool:
-    if any(t.data_type in INT4_TYPES for t in ix.inits.values()):
-        return True
-    return any(ix.elem_type(n.input[0]) in INT4_TYPES for n in ix.nodes("DequantizeLinear"))
+    return (any(t.data_type in INT4_TYPES for t in ix.inits.values())
+            or any(ix.elem_type(n.input[0]) in INT4_TYPES for n in ix.nodes("DequantizeLinear")))
 
 
 @rule("opset")
@@ -311,23 +303,36 @@ def _no_int4_conv(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
                                 "as an int8 initializer (lossless) and run it on INT8 kernels")
 
 
-@rule("attention-unquantized")
-def _attention(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
-    """Attention batched matmuls (both inputs activations) carry no DQ unless allowed."""
-    if opts.allow_attention_qdq:
-        return
+def _attention_inputs(ix: GraphIndex) -> Iterator[tuple[object, list[object | None]]]:
+    """Each attention batched matmul (both inputs activations) with the DequantizeLinear feeding each input, if any."""
     for node in ix.nodes("MatMul"):
         a, b = node_input(node, 0), node_input(node, 1)
-        if ix.is_constant_derived(a) or ix.is_constant_derived(b):
-            continue
-        for slot, name in enumerate((a, b)):
-            src = ix.source(name, DATA_MOVES)
-            if src is not None and src.op_type == "DequantizeLinear":
-                yield Violation("attention-unquantized", ix.label(node),
-                                f"found DequantizeLinear '{ix.label(src)}' on input {slot} of an attention batched "
-                                "matmul (both inputs are activations); expected no Q/DQ there: it disables "
-                                "TensorRT's fused FP16 attention kernel; fix: remove the Q/DQ pair, or pass "
-                                "allow_attention_qdq=True if INT8 attention is intended")
+        if not (ix.is_constant_derived(a) or ix.is_constant_derived(b)):
+            yield node, [s if (s := ix.source(n, DATA_MOVES)) is not None and s.op_type == "DequantizeLinear"
+                         else None for n in (a, b)]
+
+
+@rule("attention-unquantized")
+def _attention(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
+    """Attention batched matmuls carry no DQ unless allowed (INT8 attention: ``quantize --attention int8``)."""
+    for node, dqs in ([] if opts.allow_attention_qdq else _attention_inputs(ix)):
+        for slot, src in [(k, d) for k, d in enumerate(dqs) if d is not None]:
+            yield Violation("attention-unquantized", ix.label(node),
+                            f"found DequantizeLinear '{ix.label(src)}' on input {slot} of an attention batched "
+                            "matmul (both inputs are activations); expected no Q/DQ there: it disables "
+                            "TensorRT's fused FP16 attention kernel; fix: remove the Q/DQ pair, or pass "
+                            "allow_attention_qdq=True if INT8 attention is intended")
+
+
+@rule("attention-partial")
+def _attention_partial(ix: GraphIndex, opts: LintOptions) -> Iterator[Violation]:
+    """With INT8 attention, a DQ on one input of an attention matmul only (TensorRT's INT8 MHA needs both)."""
+    for node, dqs in (_attention_inputs(ix) if opts.allow_attention_qdq else []):
+        if (dqs[0] is None) != (dqs[1] is None):
+            yield Violation("attention-partial", ix.label(node),
+                            f"found DequantizeLinear on input {0 if dqs[0] is not None else 1} of an attention "
+                            "batched matmul only; expected Q/DQ on both inputs (q and k^T, softmax output and v) "
+                            "or on neither; fix: quantize both inputs (quantize --attention int8), or remove it")
 
 
 @rule("qdq-pairing")

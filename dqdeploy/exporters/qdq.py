@@ -362,3 +362,14 @@ def insert_qdq(
         _output_side(gr, node, layer, rows, ranks[name], opts, scale)
     gr.finish()
     return model
+
+
+def int4_linear_layers(layers: dict[str, LayerTensors], ranks: dict[str, int]) -> list[str]:
+    """4-bit token Linears whose reduction size fits one of TensorRT's INT4 block sizes."""
+    blocks = SurgeryOptions().int4_blocks
+    found = [n for n, t in layers.items() if t.kind == "linear" and t.weight_bits == 4 and ranks[n] > 2
+             and any(t.w_int.shape[1] % b == 0 for b in blocks)]
+    if not found:
+        log.warning("--int4-linear: no 4-bit Linear layer has a reduction size divisible by %s; "
+                    "exporting INT8 weights", blocks)
+    return found

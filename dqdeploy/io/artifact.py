@@ -26,6 +26,7 @@ from ..core.errors import ArtifactError, check_format
 from ..core.recipe import Recipe
 from ..core.terminal import bar as progress_bar
 from ..core.version import __version__
+from ..quant.attention import install_attention_quant
 from ..quant.distill import BlockReport
 from ..quant.modules import QuantizedDenoiser, QuantLayer, replace_module
 from ..quant.timestep import StepIndex, TimestepTable
@@ -91,6 +92,7 @@ class Manifest:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)  # layers the recipe selected but kept in float
     lora: list[dict[str, Any]] = field(default_factory=list)  # LoRA files folded in: file, sha256, scale, layers
+    attention: list[str] = field(default_factory=list)  # attention modules with quantized matmul inputs
     files: dict[str, str] = field(default_factory=dict)
     dqdeploy_version: str = __version__
     format: str = FORMAT
@@ -104,6 +106,10 @@ class Manifest:
             del data["recipe"]["fallback_time"]
         if not self.lora:  # likewise
             del data["lora"]
+        if not self.attention:  # likewise
+            del data["attention"]
+        if self.recipe.attention == "float":
+            del data["recipe"]["attention"]
         return json.dumps(seal(data), indent=2)
 
     @classmethod
@@ -250,8 +256,7 @@ def load_quantized(quant_dir: str | Path, lora: Any = None) -> QuantizedDenoiser
     skeleton = meta_model(cls, manifest.model_config, quant_dir)
     check_model_layers(skeleton, manifest, quant_dir)
     table = timestep_table(manifest)
-    model = install_quant_layers(skeleton, manifest.layers, table,
-                                 weight_scales=_placeholder_scales(skeleton, manifest.layers))
+    model = _installed(skeleton, manifest, table, _placeholder_scales(skeleton, manifest.layers))
     bits = {n: m.weight_bits for n, m in manifest.layers.items()} if manifest.format_version >= 2 else {}
     shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
     check_header(expected_header(skeleton.state_dict(), bits), _file_header(quant_dir / WEIGHTS), quant_dir)
@@ -261,7 +266,7 @@ def load_quantized(quant_dir: str | Path, lora: Any = None) -> QuantizedDenoiser
     if set(dict(skeleton.named_buffers())) - set(shapes):  # buffers computed at construction (PixArt's pos_embed)
         denoiser = cls.from_config(manifest.model_config)
         scales = {n: state[f"{n}.weight_quantizer.scale"] for n in manifest.layers}
-        model = install_quant_layers(denoiser, manifest.layers, table, weight_scales=scales)
+        model = _installed(denoiser, manifest, table, scales)
     try:
         model.denoiser.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -271,6 +276,15 @@ def load_quantized(quant_dir: str | Path, lora: Any = None) -> QuantizedDenoiser
 
         model.lora_branches = apply_lora(model, lora)
     return model.eval()
+
+
+def _installed(denoiser: nn.Module, manifest: Manifest, table: TimestepTable,
+               weight_scales: Mapping[str, torch.Tensor]) -> QuantizedDenoiser:
+    """``denoiser`` with the manifest's quantized layers and attentions in place (their tensors still to load)."""
+    model = install_quant_layers(denoiser, manifest.layers, table, weight_scales=weight_scales)
+    install_attention_quant(model.denoiser, manifest.attention, table.n_rows, manifest.recipe.act_bits,
+                            model.step_index)
+    return model
 
 
 def _placeholder_scales(denoiser: nn.Module, layers: Mapping[str, LayerMeta]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..quant.attention import attention_scale_keys
 from ..quant.modules import quant_layers
 
 INT_KEYS = {8: "weight_int8", 7: "weight_int8", 4: "weight_int4"}  # 7-bit integers are held in int8, like 8-bit ones
@@ -68,20 +69,19 @@ def padding_nibble(packed: torch.Tensor, numel: int) -> int:
 def stored_state(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     """``denoiser``'s state dict in the artifact's format: each quantized layer's float weight
     replaced by its integers (``weight_quantizer.integers``), 4-bit ones packed; every step size stored
-    positive (the quantizers use its magnitude; a negative weight step flips its integers instead)."""
+    positive (the quantizers use its magnitude)."""
     state = dict(denoiser.state_dict())
     for name, layer in quant_layers(denoiser).items():
         bits = layer.weight_quantizer.bits
         q = layer.weight_quantizer.integers(layer.weight)
-        scale = state[f"{name}.weight_quantizer.scale"]
-        if bool((scale < 0).any()):  # a learned step that crossed zero: the same weight as (-q) * |s|
-            q = torch.where((scale < 0).view(-1, *([1] * (q.dim() - 1))), -q, q)
-            state[f"{name}.weight_quantizer.scale"] = scale.abs()
-        for key in (f"{name}.input_quantizer.scale", f"{name}.output_scale"):  # the quantizers use |scale|
+        for key in (f"{name}.weight_quantizer.scale", f"{name}.input_quantizer.scale",
+                    f"{name}.output_scale"):  # the quantizers use |scale|
             if key in state:
                 state[key] = state[key].abs()
         del state[f"{name}.weight"]
         state[int_key(name, bits)] = pack_int4(q) if bits == 4 else q
+    for key in attention_scale_keys(state):
+        state[key] = state[key].abs()
     return state
 
 

@@ -38,8 +38,10 @@ def meta_model(cls: Any, config: dict[str, Any], where: Path) -> torch.nn.Module
 
 
 def check_model_layers(model: torch.nn.Module, manifest, where: Path) -> None:
-    """Every manifest layer and fold target exists in ``model`` (built on the meta device) with the
-    right type."""
+    """Every manifest layer, fold target and quantized attention exists in ``model`` (built on the meta device)
+    with the right type."""
+    from ..quant.attention import is_attention
+
     p = Problems(where, "dqdeploy quantize", "artifact (the manifest and the model it describes disagree)")
     modules = dict(model.named_modules())
     for name, meta in manifest.layers.items():
@@ -53,6 +55,9 @@ def check_model_layers(model: torch.nn.Module, manifest, where: Path) -> None:
             p.require(isinstance(target, (torch.nn.GroupNorm, torch.nn.LayerNorm))
                       and getattr(target, "weight", None) is not None,
                       f"layer {name}: fold target {meta.fold[5:]!r} is not an affine norm of the model")
+    for name in manifest.attention:
+        p.require(name in modules and is_attention(modules[name]),
+                  f"quantized attention {name!r} is not an attention module of {manifest.model_class}")
     p.raise_if_any()
 
 
@@ -86,6 +91,7 @@ def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path,
     (integer weights by their dtype, plus the unused nibble of packed 4-bit ones; float weights of
     format version 1 by their ratio to the scale). ``shapes``: the model's, ``<layer>.weight``
     included."""
+    from ..quant.attention import attention_scale_keys
     from ..quant.primitives import qrange
     from .storage import INT_KEYS, padding_nibble
 
@@ -124,6 +130,12 @@ def check_state(state: Mapping[str, torch.Tensor], manifest, where: Path,
                   f"(at most {qmax}); the bit width or the scales were changed")
         if len(p.items) > 20:
             break
+    for key in attention_scale_keys(state):
+        step = state[key]
+        p.require(bool((step > 0).all()) and MIN_STEP <= float(step.min())
+                  and float(step.max()) * 127 <= MAX_ACTIVATION,
+                  f"{key}: attention step sizes outside what any model needs "
+                  f"({float(step.min()):.3g}..{float(step.max()):.3g}; dqdeploy stores them positive)")
     p.raise_if_any()
 
 

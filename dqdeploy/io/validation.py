@@ -126,7 +126,19 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
                 break
     p.require(isinstance(data.get("dqdeploy_version", ""), str), "dqdeploy_version must be a string")
     _check_lora(p, data.get("lora", []))
+    _check_attention(p, data.get("attention", []), recipe)
     p.raise_if_any()
+
+
+def _check_attention(p: Problems, names: Any, recipe) -> None:
+    """``attention``: the attention modules with quantized matmul inputs (recipe ``attention="int8"``)."""
+    if not p.require(isinstance(names, list) and len(names) <= MAX_LAYERS
+                     and all(isinstance(n, str) and MODULE_NAME.match(n) for n in names),
+                     "attention must be a list of module names"):
+        return
+    if recipe is not None:
+        p.require(bool(names) == (recipe.attention == "int8"),
+                  f"recipe attention {recipe.attention!r} but {len(names)} quantized attention modules listed")
 
 
 def _check_lora(p: Problems, entries: Any) -> None:

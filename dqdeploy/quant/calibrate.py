@@ -1,7 +1,7 @@
 """Initialisation of the per-time-step activation step sizes (TPQ) from calibration data.
 
-Two passes over the calibration set with forward hooks on every QuantLayer (activation
-quantizers off, weights quantized): the first finds each step's range, the second scores clipping
+Two passes over the calibration set with forward hooks on every activation quantizer (quantizers
+off, weights quantized): the first finds each step's range, the second scores clipping
 ratios of that range by quantization MSE, per step. Steps without calibration samples take the
 range of all steps.
 
@@ -23,8 +23,9 @@ from torch import nn
 from ..core.inputs import Hook, PreHook, forward_hooks
 from ..core.terminal import bar
 from ..system import distributed
-from .modules import QuantizedDenoiser, QuantLayer, quant_layers, set_act_quant
+from .modules import QuantizedDenoiser, QuantLayer, act_quantizers, quant_layers, set_act_quant
 from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
+from .quantizer import ActQuantizer
 from .trajectories import CalibrationSet
 
 
@@ -67,21 +68,20 @@ def _combine(stats: dict[str, _StepStats], records: dict[str, list[tuple[int, to
 @torch.no_grad()
 def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, method: str = "mse",
                            batch_size: int = 32) -> None:
-    """Set every activation quantizer's per-step scale (and zero point) from ``calib``."""
-    layers = quant_layers(model)
-    if not layers:
+    """Set every activation quantizer's per-step scale (and zero point) from ``calib``: each QuantLayer's
+    input quantizer and, with quantized attention, each attention's query, key and value quantizers."""
+    quantizers = act_quantizers(model)
+    if not quantizers:
         return
     n_steps = model.table.n_rows
-    stats = {name: _StepStats(n_steps, len(CLIP_RATIOS)) for name in layers}
+    stats = {name: _StepStats(n_steps, len(CLIP_RATIOS)) for name in quantizers}
     phase: dict = {"name": "range", "batch": 0}
     many = distributed.active()
-    records: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    records: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {name: [] for name in quantizers}
 
-    def make_hook(name: str, layer: QuantLayer) -> PreHook:
-        q = layer.input_quantizer
-
+    def make_hook(name: str, q: ActQuantizer) -> PreHook:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = layer.dilated_input(args[0])
+            x = args[0]  # what the quantizer rounds (a QuantLayer's dilated input)
             rows = q.rows_for(x)
             flat = x.detach().reshape(x.shape[0], -1).float()
             st = stats[name]
@@ -105,7 +105,7 @@ def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, m
 
     set_act_quant(model, False)
     try:
-        with forward_hooks((layer, "pre", make_hook(name, layer)) for name, layer in layers.items()):
+        with forward_hooks((q, "pre", make_hook(name, q)) for name, q in quantizers.items()):
             for p in ["range", "mse"] if method == "mse" else ["range"]:
                 phase["name"] = p
                 for b, batch in bar(calib.local_batches(batch_size), total=len(calib.batch_indices(batch_size)),
@@ -116,15 +116,15 @@ def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, m
                     _combine(stats, records, p)
     finally:
         set_act_quant(model, True)
-    _set_input_scales(layers, stats, n_steps, method)
+    _set_input_scales(quantizers, stats, n_steps, method)
 
 
 @torch.no_grad()
-def _set_input_scales(layers: dict[str, QuantLayer], stats: dict[str, _StepStats], n_steps: int, method: str) -> None:
-    """Each input quantizer's per-step scale and zero point from its layer's range (clipped by the
+def _set_input_scales(quantizers: dict[str, ActQuantizer], stats: dict[str, _StepStats], n_steps: int,
+                      method: str) -> None:
+    """Each quantizer's per-step scale and zero point from the range of its input (clipped by the
     MSE-best ratio with ``method="mse"``)."""
-    for name, layer in layers.items():
-        q = layer.input_quantizer
+    for name, q in quantizers.items():
         lo, hi = stats[name].filled_range()
         ratio = torch.ones(n_steps)
         if method == "mse":

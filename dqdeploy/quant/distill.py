@@ -27,7 +27,7 @@ import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +41,12 @@ from ..core.recipe import Recipe
 from ..core.terminal import bar as progress_bar
 from ..system import distributed
 from ..system.progress import rss_gb, trim_heap
+from .attention import attention_quantizers
 from .blocks import Block
 from .blockstore import BlockStore, contiguous
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers
 from .propagate import FP, INPUTS, cache_outputs, capture_inputs, capture_targets, output_tensors
+from .quantizer import ActQuantizer
 from .trajectories import CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,9 @@ class BlockCheckpoint(Protocol):
         """Record block ``index`` as finished (its parameters and report)."""
 
 
-def _param_groups(layers: list[QuantLayer], recipe: Recipe) -> list[dict]:
+def _param_groups(layers: list[QuantLayer], recipe: Recipe, attention: Sequence[ActQuantizer] = ()) -> list[dict]:
+    """Adam's groups: weights and biases at ``lr_weight``; every step size (weights, inputs, outputs and the
+    ``attention`` quantizers of quantized attention) at ``lr_quant``."""
     weights, quant = [], []
     for layer in layers:
         weights.append(layer.weight)
@@ -89,6 +93,8 @@ def _param_groups(layers: list[QuantLayer], recipe: Recipe) -> list[dict]:
             quant.append(layer.output_scale)
         if isinstance(layer.input_quantizer.zero_point, nn.Parameter):
             quant.append(layer.input_quantizer.zero_point)
+    for q in attention:
+        quant.append(q.scale)
     return [{"params": weights, "lr": recipe.lr_weight}, {"params": quant, "lr": recipe.lr_quant}]
 
 
@@ -100,6 +106,7 @@ def _train(
     recipe: Recipe,
     iters: int,
     seed: int,
+    attention: Sequence[ActQuantizer] = (),
 ) -> BlockReport:
     """Adam on randomly drawn global batches ``i``: ``losses(i)`` yields the share-weighted loss of
     each of this rank's slices of batch ``i`` (ranks draw the same ``i`` and sum their gradients)."""
@@ -122,7 +129,7 @@ def _train(
     before = mean_loss()
     curve: list[float] = []
     if iters > 0 and layers:
-        groups = _param_groups(layers, recipe)
+        groups = _param_groups(layers, recipe, attention)
         params = [p for g in groups for p in g["params"]]
         opt = torch.optim.Adam(groups)
         gen = torch.Generator().manual_seed(seed)
@@ -264,7 +271,8 @@ def _distill_block(qmodel: QuantizedDenoiser, qblock: nn.Module, block: Block, i
 
     qblock.train()
     try:
-        return _train(block.name, losses, layers, len(sl.groups), recipe, recipe.iters, seed + k)
+        return _train(block.name, losses, layers, len(sl.groups), recipe, recipe.iters, seed + k,
+                      attention_quantizers(qblock))
     finally:
         qblock.eval()
 
@@ -310,4 +318,5 @@ def distill_model(qmodel: QuantizedDenoiser, calib: CalibrationSet, recipe: Reci
 
     layers = list(quant_layers(qmodel).values())
     with _requires_grad(qmodel.parameters(), False):
-        return [_train("model", losses, layers, len(sl.groups), recipe, recipe.iters, seed)]
+        return [_train("model", losses, layers, len(sl.groups), recipe, recipe.iters, seed,
+                       attention_quantizers(qmodel))]

@@ -122,10 +122,16 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
 
 
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    """Every per-step activation quantizer in ``model`` by qualified name: each QuantLayer's
+    ``<layer>.input_quantizer`` and, with quantized attention, ``<attention>.act_quant.query|key|value``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
 def set_act_quant(model: nn.Module, enabled: bool) -> None:
     """Switch every activation quantizer on or off (calibration runs them off)."""
-    for layer in quant_layers(model).values():
-        layer.input_quantizer.enabled = enabled
+    for q in act_quantizers(model).values():
+        q.enabled = enabled
 
 
 def set_weight_quant(model: nn.Module, enabled: bool) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import fake_quant, qrange, quantize, search_weight_scale
+from .primitives import fake_quant, qrange, quantize, round_ste, search_weight_scale
 from .timestep import StepIndex
 
 
@@ -22,7 +22,9 @@ class WeightQuantizer(nn.Module):
         self.scale = nn.Parameter(search_weight_scale(weight, bits) if scale is None else scale.detach())
 
     def _shaped_scale(self, w: torch.Tensor) -> torch.Tensor:
-        return self.scale.view(-1, *([1] * (w.dim() - 1)))
+        """The step per output channel: the magnitude of ``scale`` (a learned step that crosses zero keeps
+        its grid, so the integers stay within the bit width and the stored weight is the simulated one)."""
+        return self.scale.abs().view(-1, *([1] * (w.dim() - 1)))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quant(w, self._shaped_scale(w), 0.0, self.qmin, self.qmax)
@@ -79,12 +81,19 @@ class ActQuantizer(nn.Module):
             rows = rows.repeat_interleave(x.shape[0] // rows.numel())
         return rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, integer_form: bool = False):
+        """The fake-quantized ``x``; with ``integer_form``, ``(q, step)`` instead, ``q * step`` being that value:
+        ``q`` integer-valued (zero point removed, gradients as LSQ's), ``step`` per sample, shaped to broadcast
+        against ``x`` (``(x, 1)`` when disabled). A matmul of two such ``q`` is exact in float32 while its sums
+        stay below 2**24, as an integer kernel computes it. Forward hooks see ``x`` either way."""
         if not self.enabled:
-            return x
+            return (x, torch.ones((), dtype=x.dtype, device=x.device)) if integer_form else x
         rows = self.rows_for(x)
         shape = (-1,) + (1,) * (x.dim() - 1)
         scale = self.scale.abs()[rows].view(shape)  # abs keeps a learned scale positive
+        if integer_form:
+            zero_point = round_ste(self.zero_point[rows].view(shape))
+            return torch.clamp(round_ste(x / scale) + zero_point, self.qmin, self.qmax) - zero_point, scale
         zero_point = self.zero_point[rows].view(shape)
         return fake_quant(x, scale, zero_point, self.qmin, self.qmax)
 

@@ -139,6 +139,8 @@ class ExportSpec:
         data = asdict(self)
         if not self.lora_slots:  # a later field: left out when empty, as before it existed
             del data["lora_slots"]
+        if isinstance(data.get("recipe"), dict) and data["recipe"].get("attention") == "float":  # likewise
+            del data["recipe"]["attention"]
         return json.dumps(seal(data), indent=2, sort_keys=True)
 
     @classmethod

@@ -18,6 +18,7 @@ from ..core.recipe import Recipe
 from ..core.terminal import bar
 from ..io.artifact import LayerMeta, install_quant_layers
 from ..io.float_layers import FloatLayers
+from ..quant.attention import install_attention_quant, sdpa_attentions
 from ..quant.calibrate import input_channel_absmax
 from ..quant.dilation import dilation_factors, smoothquant_factors
 from ..quant.input_sharing import analyze_inputs
@@ -81,14 +82,30 @@ def plan_layers(denoiser: nn.Module, recipe: Recipe,
     return metas, _dilations(denoiser, names, info, recipe, calib)
 
 
+def plan_attention(denoiser: nn.Module, recipe: Recipe, calib: CalibrationSet) -> list[str]:
+    """The attention modules the recipe quantizes (``attention="int8"``): those it selects whose forward
+    calls scaled dot-product attention; none for float attention."""
+    if recipe.attention == "float":
+        return []
+    names = sdpa_attentions(denoiser, example_forward(denoiser, calib), recipe.selects)
+    if not names:
+        raise ModelLoadError(f"--attention int8: no attention of {type(denoiser).__name__} that the recipe selects "
+                             "calls scaled_dot_product_attention",
+                             hint="quantize with --attention float, or check the recipe's include/exclude patterns")
+    return names
+
+
 def build_quantized(
     denoiser: nn.Module, recipe: Recipe, table: TimestepTable, calib: CalibrationSet
 ) -> tuple[QuantizedDenoiser, dict[str, LayerMeta]]:
     """A copy of ``denoiser`` with the recipe's Conv2d/Linear layers replaced by QuantLayers (weight
-    scales searched, activation scales not yet calibrated)."""
+    scales searched, activation scales not yet calibrated), and its attention quantized if the recipe says so."""
     model = copy.deepcopy(denoiser).eval()
     metas, dil = plan_layers(model, recipe, calib)
-    return install_quant_layers(model, metas, table, dil), metas
+    attention = plan_attention(model, recipe, calib)
+    qmodel = install_quant_layers(model, metas, table, dil)
+    install_attention_quant(qmodel.denoiser, attention, table.n_rows, recipe.act_bits, qmodel.step_index)
+    return qmodel, metas
 
 
 def keep_in_float(

@@ -28,6 +28,7 @@ from ..io.atomic import check_target, own_tempdir
 from ..io.checkpoint import RunCheckpoint, fingerprint
 from ..io.float_layers import FloatLayers
 from ..io.models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
+from ..quant.attention import attention_in_state, install_attention_quant
 from ..quant.blocks import Block, partition
 from ..quant.blockstore import BlockStore
 from ..quant.calibrate import init_activation_scales, init_output_scales
@@ -56,7 +57,7 @@ from ..quant.trajectories import (
 )
 from ..system import distributed
 from ..system.progress import stage
-from .layer_plan import build_quantized, example_forward, keep_in_float, plan_layers  # noqa: F401  (build_quantized re-exported)
+from .layer_plan import build_quantized, example_forward, keep_in_float, plan_attention, plan_layers  # noqa: F401  (build_quantized re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -236,24 +237,25 @@ def quantize_denoiser(
         if saved is None:
             with stage(log, "input analysis and dilation"):
                 metas, dilations = plan_layers(model, recipe, calib)
+                attention = plan_attention(model, recipe, calib)
             fallback: list[str] = []
             planned = list(metas)
         else:
             log.info("calibrated model restored from the checkpoint")
-            state, metas, fallback = saved
+            (state, metas, fallback), attention = saved, attention_in_state(saved[0])
             planned = [*metas, *fallback]
         with stage(log, "distillation targets"):
             blocks, targets = _targets(model, recipe, calib, calibration.seed, micro_batches, planned, store)
         if saved is None:
             floats = FloatLayers(fallback_candidates(recipe, planned), work if in_place else None,
                                  sources if in_place else None)
-            qmodel, fallback, metas = _calibrated(model, (metas, dilations, table), floats, recipe, calib, calibration,
-                                                  scheduler_config)
+            qmodel, fallback, metas = _calibrated(model, (metas, dilations, table, attention), floats, recipe, calib,
+                                                  calibration, scheduler_config)
             if checkpoint:
                 with stage(log, "checkpoint the calibrated model"):
                     checkpoint.save_calibrated(qmodel.denoiser, metas, fallback)
         else:
-            qmodel = _restored(model, metas, table, state)
+            qmodel = _restored(model, metas, table, state, (attention, recipe.act_bits))
             del state
         reports = _distill(qmodel, blocks, calib, recipe, targets, calibration.seed, checkpoint)
     manifest = Manifest(
@@ -266,6 +268,7 @@ def quantize_denoiser(
         layers=metas,
         blocks=[{"name": r.name, "loss_before": r.loss_before, "loss_after": r.loss_after} for r in reports],
         fallback=fallback,
+        attention=attention,
     )
     return QuantizeResult(_on_grid(qmodel), manifest, reports, calibration_subset(calib, seed=calibration.seed))
 
@@ -291,11 +294,12 @@ def _on_grid(qmodel: QuantizedDenoiser) -> QuantizedDenoiser:
 
 
 def _restored(model: nn.Module, metas: dict[str, LayerMeta], table: TimestepTable,
-              state: dict[str, torch.Tensor]) -> QuantizedDenoiser:
+              state: dict[str, torch.Tensor], attention: tuple[list[str], int]) -> QuantizedDenoiser:
     """The checkpoint's calibrated model: ``model`` converted with the stored scales (nothing
-    searched), then its state."""
+    searched), its ``attention`` (names, bits) quantized, then its state."""
     scales = {n: state[f"{n}.weight_quantizer.scale"] for n in metas}
     qmodel = install_quant_layers(model, metas, table, weight_scales=scales)
+    install_attention_quant(qmodel.denoiser, attention[0], table.n_rows, attention[1], qmodel.step_index)
     qmodel.denoiser.load_state_dict(state, strict=True)
     return qmodel
 
@@ -323,16 +327,17 @@ def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int,
 
 
 def _calibrated(
-    model: nn.Module, plan: tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None], TimestepTable],
+    model: nn.Module, plan: tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None], TimestepTable, list[str]],
     floats: FloatLayers, recipe: Recipe, calib: CalibrationSet, calibration: CalibrationConfig,
     scheduler_config: dict | None,
 ) -> tuple[QuantizedDenoiser, list[str], dict[str, LayerMeta]]:
-    """Convert ``model`` as ``plan`` (metadata, dilations, step table) says, the replaced layers to
+    """Convert ``model`` as ``plan`` (metadata, dilations, step table, attentions) says, the replaced layers to
     ``floats``; calibrate the per-step scales, then put the fallback layers back in float. Returns the
     quantized model, the fallback layers and the remaining layers' metadata."""
-    metas, dilations, table = plan
+    metas, dilations, table, attention = plan
     with stage(log, "quantized layers (weight scales)"):
         qmodel = install_quant_layers(model, metas, table, dilations, replaced=floats.keep)
+        install_attention_quant(qmodel.denoiser, attention, table.n_rows, recipe.act_bits, qmodel.step_index)
     with stage(log, "activation scales"):
         init_activation_scales(qmodel, calib, method=recipe.act_init, batch_size=recipe.batch_size)
         init_output_scales(qmodel, calib, batch_size=recipe.batch_size)

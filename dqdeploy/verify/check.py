@@ -25,11 +25,14 @@ from ..core.denoisers import spec_for, spec_of
 from ..core.errors import ArtifactError, CheckFailedError, require
 from ..core.inputs import OUTPUT, DenoiserInputs, forward_hooks
 from ..core.metrics import relative_error
-from ..core.vocab import GraphRuntime, Inexact, Layout
-from ..exporters.dequantize import simulate_layer_input
+from ..core.vocab import GraphRuntime, Inexact
+from ..exporters.attention_qdq import attention_q_name
 from ..exporters.qdq import UINT8_ZERO_POINT, input_q_name
 from ..io.artifact import load_calibration_inputs, load_quantized, manifest_seal
+from ..quant.attention import attention_quants
 from ..quant.modules import QuantizedDenoiser, quant_layers, set_act_quant, set_weight_quant
+from ..quant.primitives import quantize
+from ..quant.quantizer import ActQuantizer
 from ..runtimes.spec import LORA_PREFIX, ExportSpec, TensorSpec, read_spec
 from ..system.cpu import cpu_info
 from ..system.trt_gate import require_tensorrt
@@ -298,8 +301,8 @@ def check_export(
     output = spec.outputs[0].name
     feeds, checked = _feeds(calib, samples, dtypes, steps)
     feeds, slot_specs = _with_lora(model, spec, lora, feeds)
-    layer_names = list(quant_layers(model.denoiser)) if per_layer else []
-    q_outputs = [input_q_name(n) for n in layer_names]
+    points = quantized_inputs(model) if per_layer else {}
+    q_outputs = [graph_name for _, graph_name in points.values()]
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
@@ -317,7 +320,7 @@ def check_export(
     result = CheckResult(runtime, spec.target, results, unchecked=[t for t in model.table.tolist() if t not in checked],
                          cause=_kernel_cause(spec, runtime, inexact))
     if per_layer:
-        result.layers = _layer_agreement(model, feeds, graph_iters, layer_names, spec.layout)
+        result.layers = _layer_agreement(model, feeds, graph_iters, points)
         result.first_divergent = next((r.name for r in result.layers if r.mismatch > 0.01 or r.max_diff > 1), None)
     return result
 
@@ -338,32 +341,49 @@ def _kernel_cause(spec, runtime: GraphRuntime, inexact: Inexact) -> str | None:
     return None
 
 
+def quantized_inputs(model: QuantizedDenoiser) -> dict[str, tuple[ActQuantizer, str]]:
+    """Every per-step quantizer the graph reproduces, by display name: each layer's input (``<layer>``) and, with
+    quantized attention, ``<attention> query|key|value``; with the graph tensor holding its integers."""
+    points = {n: (layer.input_quantizer, input_q_name(n)) for n, layer in quant_layers(model.denoiser).items()}
+    for name, quant in attention_quants(model.denoiser).items():
+        for role, q in quant.quantizers().items():
+            points[f"{name} {role}"] = (q, attention_q_name(name, role))
+    return points
+
+
 @torch.no_grad()
-def _layer_agreement(model: QuantizedDenoiser, feeds, graph_iters, names: list[str],
-                     layout: Layout | None) -> list[LayerResult]:
-    """Integers at each layer input, simulation vs graph, in execution order."""
-    layers = quant_layers(model.denoiser)
-    offset = UINT8_ZERO_POINT if layout == "ort" else 0
+def _layer_agreement(model: QuantizedDenoiser, feeds, graph_iters,
+                     points: dict[str, tuple[ActQuantizer, str]]) -> list[LayerResult]:
+    """Integers at each quantized input, simulation vs graph, in execution order (a graph's uint8 integers
+    carry zero point 128; the key of an attention is compared transposed, as the graph holds k^T)."""
     order: list[str] = []
-    stats = {n: [0, 0, 0] for n in names}  # differing, total, max diff
+    stats = {n: [0, 0, 0] for n in points}  # differing, total, max diff
 
     for feed, graph in zip(feeds, graph_iters):
         sim_ints: dict[str, np.ndarray] = {}
 
-        def make_hook(name: str):
+        def make_hook(name: str, q: ActQuantizer):
             def hook(mod, args):
                 if name not in order:
                     order.append(name)
-                sim_ints[name] = simulate_layer_input(layers[name], args[0],
-                                                      layers[name].input_quantizer.rows_for(args[0])).numpy()
+                x = args[0]
+                rows = q.rows_for(x)
+                shape = (-1,) + (1,) * (x.dim() - 1)
+                zp = q.zero_point.detach()[rows].view(shape)
+                sim_ints[name] = (quantize(x, q.scale.detach().abs()[rows].view(shape), zp, q.qmin, q.qmax)
+                                  - zp).numpy()
 
             return hook
 
-        with forward_hooks((layers[n], "pre", make_hook(n)) for n in names):
+        with forward_hooks((q, "pre", make_hook(n, q)) for n, (q, _) in points.items()):
             _run_feed(model, feed)
-        for n in names:
-            g = np.asarray(graph[input_q_name(n)]).astype(np.int32) - offset
-            s = sim_ints[n].astype(np.int32).reshape(g.shape) if sim_ints[n].size == g.size else None
+        for n, (_, graph_name) in points.items():
+            found = np.asarray(graph[graph_name])
+            g = found.astype(np.int32) - (UINT8_ZERO_POINT if found.dtype == np.uint8 else 0)
+            sim = sim_ints[n]
+            if sim.ndim == g.ndim and sim.shape != g.shape and sim.swapaxes(-1, -2).shape == g.shape:
+                sim = sim.swapaxes(-1, -2)
+            s = sim.astype(np.int32).reshape(g.shape) if sim.size == g.size else None
             if s is None:
                 stats[n][0] += g.size
                 stats[n][1] += g.size

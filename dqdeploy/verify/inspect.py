@@ -46,12 +46,21 @@ def _describe_artifact(path: Path, as_json: bool) -> str:
         f"1/s folds into a norm for {folds}",
         f"  fallback         {', '.join(m.fallback) if m.fallback else 'none'} "
         f"(recipe fallback={r.fallback}; kept in float in both graphs)",
+        f"  attention        {_attention_text(m.attention)}",
     ]
     lines.append(_weights_line(path, m.format_version))
     if m.blocks:
         worst = max(m.blocks, key=lambda b: b["loss_after"])
         lines.append(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
     return "\n".join(lines)
+
+
+def _attention_text(names: list[str]) -> str:
+    """Which attention matmuls run on integers."""
+    if not names:
+        return "float (q k^T and softmax x v in float; quantize --attention int8 to quantize them)"
+    return (f"int8: both batched matmuls of {len(names)} attention modules on integers "
+            "(q, k, v per step; softmax output on the grid k/127)")
 
 
 def timesteps_text(timesteps: list[float], shown: int = 6) -> str:
@@ -98,6 +107,9 @@ def _describe_export(path: Path, as_json: bool) -> str:
         *(f"  {t.name:<22} {t.dtype} {t.shape}" for t in spec.inputs + spec.outputs),
         f"  timesteps    {timesteps_text(spec.timesteps)}",
     ]
+    if spec.recipe is not None and spec.layout is not None:
+        lines.append("  attention    " + ("int8: Q/DQ in front of both batched matmuls of every quantized attention"
+                                          if spec.recipe.attention == "int8" else "float"))
     if spec.pipeline_parts:  # exported with --pipeline
         lines.append(f"  pipeline     {', '.join(spec.pipeline_parts)} "
                      "(float; dqdeploy.load_pipeline runs it prompt to image)")

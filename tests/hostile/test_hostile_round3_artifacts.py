@@ -48,7 +48,9 @@ def test_impossible_step_sizes_are_refused_despite_a_valid_seal(case, command, a
 
 @pytest.mark.hostile("artifacts", "succeeds")
 def test_a_negative_learned_step_is_stored_positive_and_loads_the_same_model(tmp_path):
-    """A step size that crossed zero in training: saved as (-q) * |s| (the same weight), loaded bit for bit."""
+    """A step size that crossed zero in training: the quantizers use its magnitude, saved as q * |s| (the same
+    weight), loaded bit for bit -- also when the step is so small that the channel clips at both ends (-128 once
+    came back as +128 wrapped to -128: the sign of every clipped weight of the channel flipped)."""
     import torch
 
     from dqdeploy import load_quantized
@@ -64,6 +66,7 @@ def test_a_negative_learned_step_is_stored_positive_and_loads_the_same_model(tmp
     layer = quant_layers(result.model.denoiser)[LAYER]
     with torch.no_grad():
         layer.weight_quantizer.scale[:3] *= -1
+        layer.weight_quantizer.scale[3] = -layer.weight[3].abs().max() / 400
         layer.input_quantizer.scale[:] *= -1
     x = torch.randn(2, 1, 8, 8)
     t = torch.tensor([601.0, 601.0])

@@ -32,9 +32,12 @@ def _artifact_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.hostile("interruption", "resumed")
-def test_kill_9_during_distillation_then_resume_equals_an_uninterrupted_run(pipe_dir, tmp_path):
+@pytest.mark.parametrize("attention", ["float", "int8"])
+def test_kill_9_during_distillation_then_resume_equals_an_uninterrupted_run(pipe_dir, tmp_path, attention):
+    """(With --attention int8 the checkpoint's calibrated model carries the attention quantizers: restored too.)"""
+    args = [*RUN, "--attention", attention]
     out, ckpt = tmp_path / "q", tmp_path / "q.checkpoint"
-    proc = spawn("quantize", pipe_dir, "--out", out, *RUN)
+    proc = spawn("quantize", pipe_dir, "--out", out, *args)
     start = time.monotonic()
     while _blocks_done(ckpt) < 3:
         assert proc.poll() is None, proc.communicate()
@@ -47,22 +50,24 @@ def test_kill_9_during_distillation_then_resume_equals_an_uninterrupted_run(pipe
     assert 3 <= done < BLOCKS and not out.exists()
 
     before = tree(ckpt)
-    refused(run("quantize", pipe_dir, "--out", out, *RUN), "interrupted run", "--resume", code=2)
-    other = [a if a != "25" else "26" for a in RUN]
+    refused(run("quantize", pipe_dir, "--out", out, *args), "interrupted run", "--resume", code=2)
+    other = [a if a != "25" else "26" for a in args]
     refused(run("quantize", pipe_dir, "--out", out, *other, "--resume"), "another run", "recipe", code=2)
     assert tree(ckpt) == before  # refusals touch nothing
 
-    resumed = spawn("-v", "quantize", pipe_dir, "--out", out, *RUN, "--resume")
+    resumed = spawn("-v", "quantize", pipe_dir, "--out", out, *args, "--resume")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert "calibration set restored" in err and err.count("restored from the checkpoint") == done + 2, err
     assert not ckpt.exists()  # removed once the artifact is written
 
-    fresh = spawn("quantize", pipe_dir, "--out", tmp_path / "fresh", *RUN)
+    fresh = spawn("quantize", pipe_dir, "--out", tmp_path / "fresh", *args)
     _, err = fresh.communicate(timeout=600)
     assert fresh.returncode == 0, err
     got, want = _artifact_tensors(out), _artifact_tensors(tmp_path / "fresh")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
-    blocks = [json.loads((f / "manifest.json").read_text())["blocks"] for f in (out, tmp_path / "fresh")]
-    assert blocks[0] == blocks[1] and len(blocks[0]) == BLOCKS
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in (out, tmp_path / "fresh")]
+    assert manifests[0]["blocks"] == manifests[1]["blocks"] and len(manifests[0]["blocks"]) == BLOCKS
+    assert manifests[0].get("attention") == manifests[1].get("attention")
+    assert bool(manifests[0].get("attention")) == (attention == "int8")

@@ -25,7 +25,7 @@ def build(
     act_scale: str = "init",  # "init" | "constant" | "gather" | "per_channel"
     act_zp=np.int8(0),
     weight: str = "int8",  # "int8" | "qfloat" | "int4"
-    attention_qdq: bool = False,
+    attention_qdq: str | bool = False,  # False | "left" (q only) | "both"
     dangling_q: bool = False,
 ) -> onnx.ModelProto:
     """input -> Q -> DQ -> Conv(int8 W -> DQ per channel) -> attention-like MatMul(a, a^T) -> output."""
@@ -85,13 +85,17 @@ def build(
     inits.append(_const("tokens_shape", np.array([1, C_OUT, HW * HW], np.int64)))
     nodes.append(helper.make_node("Reshape", ["y", "tokens_shape"], ["tokens"], name="tokens"))
     nodes.append(helper.make_node("Transpose", ["tokens"], ["tokens_t"], name="tokens_t", perm=[0, 2, 1]))
-    left = "tokens"
+    left, right = "tokens", "tokens_t"
     if attention_qdq:
         inits += [_const("s_t", np.array(0.1, fnp)), _const("zp_t", np.int8(0))]
         nodes.append(helper.make_node("QuantizeLinear", ["tokens", "s_t", "zp_t"], ["tokens_q"], name="tokens_q"))
         nodes.append(helper.make_node("DequantizeLinear", ["tokens_q", "s_t", "zp_t"], ["tokens_dq"], name="tokens_dq"))
         left = "tokens_dq"
-    nodes.append(helper.make_node("MatMul", [left, "tokens_t"], ["scores"], name="qk_matmul"))
+    if attention_qdq == "both":
+        nodes.append(helper.make_node("QuantizeLinear", ["tokens_t", "s_t", "zp_t"], ["keys_q"], name="keys_q"))
+        nodes.append(helper.make_node("DequantizeLinear", ["keys_q", "s_t", "zp_t"], ["keys_dq"], name="keys_dq"))
+        right = "keys_dq"
+    nodes.append(helper.make_node("MatMul", [left, right], ["scores"], name="qk_matmul"))
     if dangling_q:
         inits += [_const("s_y", np.array(0.1, fnp)), _const("zp_y", np.int8(0))]
         nodes.append(helper.make_node("QuantizeLinear", ["y", "s_y", "zp_y"], ["y_q"], name="dangling_q"))
@@ -130,7 +134,8 @@ CASES = {
     "activation-per-tensor": dict(act_scale="per_channel"),
     "int8-weights": dict(weight="qfloat"),
     "no-int4-conv": dict(weight="int4", opset=21),
-    "attention-unquantized": dict(attention_qdq=True),
+    "attention-unquantized": dict(attention_qdq="both"),
+    "attention-partial": dict(attention_qdq="left", allow_attention_qdq=True),
     "opset": dict(opset=22),
     "qdq-pairing": dict(dangling_q=True),
 }
@@ -142,7 +147,9 @@ def test_every_rule_has_a_case():
 
 @pytest.mark.parametrize("rule_id", sorted(CASES))
 def test_broken_graph_trips_only_its_rule(rule_id):
-    violations = lint_trt(build(**CASES[rule_id]))
+    case = dict(CASES[rule_id])
+    allow = case.pop("allow_attention_qdq", False)
+    violations = lint_trt(build(**case), allow_attention_qdq=allow)
     assert violations, f"{rule_id} not caught"
     assert rules_of(violations) == {rule_id}, [str(v) for v in violations]
     for v in violations:
@@ -165,8 +172,9 @@ def test_opset_rules():
 
 
 def test_allow_attention_qdq():
-    model = build(attention_qdq=True)
-    assert lint_trt(model, allow_attention_qdq=True) == []
+    """INT8 attention (quantize --attention int8): Q/DQ on both inputs pass; on one input only they do not."""
+    assert lint_trt(build(attention_qdq="both"), allow_attention_qdq=True) == []
+    assert rules_of(lint_trt(build(attention_qdq="left"), allow_attention_qdq=True)) == {"attention-partial"}
 
 
 def test_check_trt_lists_all_violations():
