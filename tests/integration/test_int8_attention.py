@@ -11,8 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 
 from dqdeploy import export, load_quantized, quantize
+from dqdeploy.cli import cli
 from dqdeploy.core.errors import ArtifactError, ModelLoadError, RecipeError
 from dqdeploy.core.recipe import W8A8, CalibrationConfig, Recipe
 from dqdeploy.exporters.lint import lint_path
@@ -88,6 +90,8 @@ def test_exports_pass_lint_and_check_per_step_and_per_quantizer(artifact):
         if target == "onnx":
             assert lint_path(graph, allow_attention_qdq=True) == []
             assert {v.rule for v in lint_path(graph)} == {"attention-unquantized"}  # float attention expected
+            linted = CliRunner().invoke(cli, ["lint", str(folder)])  # reads the export's recipe
+            assert linted.exit_code == 0 and "passes every TensorRT rule check" in linted.output, linted.output
         assert "attention    int8: Q/DQ in front of both batched matmuls" in describe(folder)
         check = check_export(result.path, folder, per_layer=True)
         assert check.ok, check.table()
@@ -114,16 +118,12 @@ def test_onnx_runtime_runs_attention_on_integer_kernels(artifact, tmp_path):
 
 
 def test_cli_quantize_attention_and_inspect(tmp_path):
-    from click.testing import CliRunner
-
-    from dqdeploy.cli import cli as main
-
     folder = write_pipeline(tiny_unet(), tmp_path / "pipe")
     args = ["quantize", str(folder), "--out", str(tmp_path / "q"), "--steps", "2", "--calib-samples", "8",
             "--trajectories", "2", "--iters", "0", "--fallback", "none", "--attention", "int8"]
-    done = CliRunner().invoke(main, args)
+    done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0, done.output
-    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "q")])
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "q")])
     assert shown.exit_code == 0 and "attention        int8: both batched matmuls" in shown.output, shown.output
 
 
