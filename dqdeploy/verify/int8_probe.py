@@ -122,3 +122,49 @@ def probe(op: str, fmt: Int8Format = "vnni", *, weight_range: int = 127, seed: i
                else ("int8 in [-64, 64]" if weight_range <= 64 else "full-range int8"))
     return ProbeResult(op, fused_op if fused_op in ran else "", weights, float(np.mean(got != want)),
                        float(np.abs(got - want).max()))
+
+
+# quantized attention's two products (exporters/attention_qdq.py), both operands activations -> MatMulIntegerToFloat:
+# "scores": q (uint8, zero point 128) x k^T (int8, or uint8 with zero point 128 in the portable format);
+# "mix": the softmax output (uint8 in [0, 127], zero point 0) x v (int8)
+ATTENTION_PROBES = ("scores", "mix")
+
+
+def probe_attention(product: str, fmt: Int8Format = "vnni", *, seed: int = 0) -> ProbeResult:
+    """Run one of quantized attention's products (:data:`ATTENTION_PROBES`) as the ORT-layout graph writes it, on
+    random integers over the full range the format allows, against exact integer arithmetic; one thread."""
+    ort = require("onnxruntime", "ort", "probing ONNX Runtime's integer kernels")
+    onnx = require("onnx", "ort", "probing ONNX Runtime's integer kernels")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    unsigned_b = product == "scores" and fmt == "portable"
+    a_zp, a_max = (UINT8_ZERO_POINT, 255) if product == "scores" else (0, 127)
+    b_zp = UINT8_ZERO_POINT if unsigned_b else 0
+    a = rng.integers(0, a_max + 1, size=(2, 4, 16, 64)).astype(np.uint8)
+    b = (rng.integers(0, 256, size=(2, 4, 64, 16)).astype(np.uint8) if unsigned_b
+         else rng.integers(-128, 128, size=(2, 4, 64, 16)).astype(np.int8))
+    b_type = TensorProto.UINT8 if unsigned_b else TensorProto.INT8
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(a_zp, np.uint8), "a_zp"),
+             numpy_helper.from_array(np.array(b_zp, b.dtype), "b_zp")]
+    nodes = [helper.make_node("DequantizeLinear", ["A", "one", "a_zp"], ["a"]),
+             helper.make_node("DequantizeLinear", ["B", "one", "b_zp"], ["b"]),
+             helper.make_node("MatMul", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, f"probe_attention_{product}",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, list(a.shape)),
+                               helper.make_tensor_value_info("B", b_type, list(b.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ran = {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+    got = session.run(None, {"A": a, "B": b})[0].astype(np.float64)
+    want = ((a.astype(np.int64) - a_zp) @ (b.astype(np.int64) - b_zp)).astype(np.float64)
+    return ProbeResult(f"attention {product}", "MatMulIntegerToFloat" if "MatMulIntegerToFloat" in ran else "",
+                       "uint8" if unsigned_b else "full-range int8", float(np.mean(got != want)),
+                       float(np.abs(got - want).max()))

@@ -22,7 +22,7 @@ from dqdeploy.quant.modules import quant_layers
 from dqdeploy.runtimes.spec import ONNX_FILE, read_spec
 from dqdeploy.system.cpu import EXACT_S8_MAX, cpu_info
 from dqdeploy.verify.check import check_export
-from dqdeploy.verify.int8_probe import PROBES, probe
+from dqdeploy.verify.int8_probe import ATTENTION_PROBES, PROBES, probe, probe_attention
 from tests.helpers import tiny_unet, write_pipeline
 
 QEMU = shutil.which("qemu-x86_64")
@@ -35,6 +35,31 @@ def test_integer_ops_are_exact_here_in_the_formats_export_picks(op):
         result = probe(op, fmt)
         assert result.fused == PROBES[op][0], f"ORT did not fuse the {op} pattern into {PROBES[op][0]}"
         assert result.exact, f"{result} on {cpu_info().as_dict()}: the {fmt} format is not exact on this CPU"
+
+
+@pytest.mark.parametrize("product", ATTENTION_PROBES)
+def test_attention_products_are_exact_here_in_the_formats_export_picks(product):
+    """Quantized attention's q x k^T and softmax x v (both operands activations) as ORT runs them."""
+    for fmt in sorted({resolve_format("auto"), "portable"}):
+        result = probe_attention(product, fmt)
+        assert result.fused == "MatMulIntegerToFloat", result
+        assert result.exact, f"{result} on {cpu_info().as_dict()}: the {fmt} format is not exact on this CPU"
+
+
+@pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
+                    reason="needs qemu-user (apt-get install qemu-user) on x86-64")
+def test_emulated_cpu_without_vnni_runs_quantized_attention_exactly_in_the_portable_format():
+    """Without VNNI, q (uint8) x k^T (full-range int8) saturates; the portable format's uint8 k does not, and the
+    softmax output's grid [0, 127] keeps p x v exact with any int8 v in both formats."""
+    code = ("import json; from dqdeploy.verify.int8_probe import ATTENTION_PROBES, probe_attention; "
+            "print(json.dumps({p: [probe_attention(p, f).mismatch for f in ('vnni', 'portable')] "
+            "for p in ATTENTION_PROBES}))")
+    run = subprocess.run([QEMU, "-cpu", EMULATED, sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["scores"][1] == 0.0 and found["scores"][0] > 0.1, found  # the emulation saturates: can fail
+    assert found["mix"] == [0.0, 0.0], found
 
 
 @pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
