@@ -91,6 +91,9 @@ class Manifest:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)  # layers the recipe selected but kept in float
     lora: list[dict[str, Any]] = field(default_factory=list)  # LoRA files folded in: file, sha256, scale, layers
+    # per-step denoiser error vs FP on held trajectories, and the zoo reference it was compared with
+    # (stages/quality.py); absent in artifacts made before it existed or with the check off
+    quality: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
     dqdeploy_version: str = __version__
     format: str = FORMAT
@@ -104,6 +107,8 @@ class Manifest:
             del data["recipe"]["fallback_time"]
         if not self.lora:  # likewise
             del data["lora"]
+        if self.quality is None:  # likewise
+            del data["quality"]
         return json.dumps(seal(data), indent=2)
 
     @classmethod
