@@ -683,7 +683,7 @@ def quality_reference_section(d: dict) -> list[str]:
     for label, e in sorted(d.items()):
         f = e["figure"]
         out.append(f"| {e['model']} | {e['recipe']} | {f['mean_rel_err']:.4f} | {f['worst_rel_err']:.4f} | "
-                   f"{f['seconds']:.1f} | {e.get('quantize_s') or ''} | {e['commit']} |")
+                   f"{sum(e['check_s'].values()):.1f} | {e.get('quantize_s') or ''} | {e['commit']} |")
     commands = sorted({f"`{e['command']}`" for e in d.values()})
     return out + ["", "Commands: " + "; ".join(commands), "", *sorted({prov_line(e) for e in d.values()}), ""]
 

@@ -10,7 +10,6 @@ with the FP model at the end, so converting the model in place costs nothing her
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ class HeldSet:
 
     calls: list[tuple[int, float, dict[str, Any], torch.Tensor]]
     trajectories: int
-    seconds: float = 0.0  # time spent recording them
 
     @property
     def inputs(self) -> int:
@@ -51,7 +49,6 @@ def collect_held(denoiser: torch.nn.Module, scheduler: Any, calibration: Calibra
                  conditioning: Conditioning | None = None, trajectories: int = HELD_TRAJECTORIES) -> HeldSet:
     """Record the FP ``denoiser``'s calls on ``trajectories`` held trajectories (see the module docstring); the
     prompts are the ones the calibration would use next (rows ``calibration.trajectories ..``, round-robin)."""
-    start = time.perf_counter()
     spec = spec_of(denoiser)
     gen = torch.Generator().manual_seed(calibration.seed + HELD_SEED)
     noise = torch.randn(*latent_shape(spec, denoiser.config, trajectories, calibration.resolution), generator=gen)
@@ -64,13 +61,13 @@ def collect_held(denoiser: torch.nn.Module, scheduler: Any, calibration: Calibra
 
     observe_denoise(denoiser, scheduler, noise, calibration.steps, record, cond=cond, uncond=uncond,
                     guidance=calibration.guidance, generator=gen)
-    return HeldSet(calls, trajectories, time.perf_counter() - start)
+    return HeldSet(calls, trajectories)
 
 
 @torch.no_grad()
 def held_quality(model: Any, held: HeldSet) -> dict[str, Any]:
-    """The per-step denoiser error of ``model`` (any denoiser callable) on ``held``: the manifest's ``quality``."""
-    start = time.perf_counter()
+    """The per-step denoiser error of ``model`` (any denoiser callable) on ``held``: the manifest's ``quality``
+    (deterministic: no timings, so that a resumed or many-process run writes the same artifact)."""
     errors = StepErrors()
     for step, t, inputs, ref in held.calls:
         errors.add(step, t, ref, output_of(model, inputs))
@@ -79,23 +76,28 @@ def held_quality(model: Any, held: HeldSet) -> dict[str, Any]:
     return {"metric": METRIC, "trajectories": held.trajectories, "inputs": held.inputs, "steps": len(per_step),
             "mean_rel_err": round(summary["mean_rel_err"], 6), "mean_snr_db": round(summary["mean_snr_db"], 3),
             "mean_cosine": round(summary["mean_cosine"], 6), "worst_step": int(summary["worst_step"]),
-            "worst_rel_err": round(summary["worst_rel_err"], 6),
-            "seconds": round(held.seconds + time.perf_counter() - start, 2)}
+            "worst_rel_err": round(summary["worst_rel_err"], 6)}
+
+
+def held_for(artifact: str | Path, model_dir: str | Path, cond_file: str | Path | None = None,
+             trajectories: int = HELD_TRAJECTORIES) -> HeldSet:
+    """The held set ``quantize`` recorded for ``artifact``, recorded again from the FP folder ``model_dir`` it was
+    quantized from (the calibration settings read from its manifest)."""
+    from ..io.artifact import read_manifest
+    from ..io.models import load_model, make_scheduler
+    from ..quant.trajectories import load_conditioning
+
+    calibration = CalibrationConfig(**read_manifest(artifact).calibration)
+    loaded = load_model(model_dir)
+    scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
+    conditioning = load_conditioning(cond_file) if cond_file is not None else None
+    return collect_held(loaded.denoiser, scheduler, calibration, conditioning, trajectories)
 
 
 def artifact_quality(artifact: str | Path, model_dir: str | Path, cond_file: str | Path | None = None,
                      trajectories: int = HELD_TRAJECTORIES) -> dict[str, Any]:
     """The figure ``quantize`` records, measured afresh for an existing ``artifact`` against the FP folder
-    ``model_dir`` it was quantized from (its calibration settings read from the manifest)."""
-    from ..io.artifact import load_quantized, read_manifest
-    from ..io.models import load_model, make_scheduler
-    from ..quant.trajectories import load_conditioning
+    ``model_dir`` it was quantized from."""
+    from ..io.artifact import load_quantized
 
-    manifest = read_manifest(artifact)
-    calibration = CalibrationConfig(**manifest.calibration)
-    loaded = load_model(model_dir)
-    scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
-    conditioning = load_conditioning(cond_file) if cond_file is not None else None
-    held = collect_held(loaded.denoiser, scheduler, calibration, conditioning, trajectories)
-    del loaded
-    return held_quality(load_quantized(artifact), held)
+    return held_quality(load_quantized(artifact), held_for(artifact, model_dir, cond_file, trajectories))
