@@ -677,8 +677,10 @@ def quality_reference_section(d: dict) -> list[str]:
     out = ["## Quality check reference levels", "",
            "`dqdeploy quantize` ends with the per-step denoiser error vs full precision on 4 held trajectories "
            "(the figure of `dqdeploy eval --fp`) and warns above twice the worst tuning member at the recipe "
-           "(`dqdeploy/assets/quality_reference.json`, written by `bench/quality_reference.py`).", "",
-           "| member | recipe | mean rel. error | worst step | check s | quantize s | commit |",
+           "(`dqdeploy/assets/quality_reference.json`, written by `bench/quality_reference.py`). `check s`: the "
+           "check's time (recording the FP calls, with loading the FP folder, and the quantized model answering them); "
+           "`quantize s`: the whole quantize of the member's cached default artifact, when it was made.", "",
+           "| member | recipe | mean rel. error | worst-step error | check s | quantize s | commit |",
            "|---|---|---:|---:|---:|---:|---|"]
     for label, e in sorted(d.items()):
         f = e["figure"]
