@@ -15,6 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CODE = "dqdeploy"  # the code a result measures: every tracked file under it (sources and the shipped assets)
 PROVENANCE_KEYS = ("commit", "code_hash", "date", "machine")
+# measured data shipped in the package, written by a bench script: not the code a result measures (else writing it
+# would make that script's own results, and every other, stale)
+MEASURED_DATA = ("dqdeploy/assets/quality_reference.json",)
 
 
 def _git(*args: str, root: Path = ROOT) -> str:
@@ -29,18 +32,18 @@ def git_commit(root: Path = ROOT) -> str:
     Markdown files, differs from it)."""
     head = _git("rev-parse", "--short", "HEAD", root=root).strip() or "unknown"
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!*.md",
-                 root=root).strip()
+                 *(f":!{f}" for f in MEASURED_DATA), root=root).strip()
     return head + ("+dirty" if dirty else "")
 
 
 def code_files(root: Path = ROOT) -> list[str]:
     """The files :func:`code_hash` covers, relative to ``root``, in a fixed order: git's tracked files under
-    dqdeploy/ (every file under it, caches aside, where ``root`` is not a git work tree)."""
+    dqdeploy/ (every file under it, caches aside, where ``root`` is not a git work tree), ``MEASURED_DATA`` aside."""
     listed = _git("ls-files", "-z", "--", CODE, root=root)
     if listed:
-        return sorted(f for f in listed.split("\0") if f)
-    return sorted(p.relative_to(root).as_posix() for p in (root / CODE).rglob("*")
-                  if p.is_file() and "__pycache__" not in p.parts)
+        return sorted(f for f in listed.split("\0") if f and f not in MEASURED_DATA)
+    return sorted(rel for rel in (p.relative_to(root).as_posix() for p in (root / CODE).rglob("*")
+                                  if p.is_file() and "__pycache__" not in p.parts) if rel not in MEASURED_DATA)
 
 
 def code_hash(root: Path = ROOT) -> str:

@@ -157,6 +157,7 @@ def zoo_quality_section(z: dict) -> list[str]:
             + (f" (stale: {r['commit']})" if LEDGER.stale(r) else "")
         out.append(f"| {model} | {r['recipe']} | {r['variant']} | {runs} | {r['seed']} | "
                    f"{r['digits_fid']:.2f} | {vs_fp} | {vs_sim} | {step} | {acc} |")
+    out += _guidance_one_table(rows)
     out += ["", "**Noise** (FP vs FP with another noise seed, same model):", ""]
     for model in sorted({r["model"] for r in rows}):
         fps = sorted((r for r in rows if r["model"] == model and r["recipe"] == "fp32"), key=lambda r: r["seed"])
@@ -652,6 +653,47 @@ def _precision(d: dict) -> list[str]:
     return out
 
 
+def _guidance_one_table(rows: list[dict]) -> list[str]:
+    """Conditional members scored where quantization differences show (issue 19 part 3): FID at guidance 1 and
+    per-class FID, beside the class accuracy at the deployment guidance."""
+    cond = [r for r in rows if "g1" in r]
+    if not cond:
+        return []
+    out = ["", "**Conditional members where differences show**: digits-FID of the same noise sampled at guidance 1 "
+           "(no guidance, so no loss of diversity hides the quantization error; `vs FP` paired to the FP row at "
+           "guidance 1, 95% bootstrap interval), per-class FID (samples asked for digit c against the real c's, "
+           "mean over classes) and class accuracy, at guidance 1 and at the member's deployment guidance:", "",
+           "| model | recipe | runs | seed | n | FID at g1 | vs FP at g1 | per-class FID at g1 | class acc at g1 "
+           "| per-class FID at deployment g | class acc at deployment g |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in cond:
+        g1 = r["g1"]
+        vs = "" if g1.get("vs_fp") is None else f"{g1['vs_fp']:.3f}x" + _ci(g1.get("fp_ratio_lo"),
+                                                                              g1.get("fp_ratio_hi"), "{:.3f}")
+        pc = lambda d: f"{d['per_class_fid']:.2f}" if "per_class_fid" in d else ""  # noqa: E731
+        out.append(f"| {r['model']} | {r['recipe']} | {r['flavour']} | {r['seed']} | {r['n']} | {g1['digits_fid']:.2f} "
+                   f"| {vs} | {pc(g1)} | {g1['class_accuracy']:.3f} | {pc(r)} | {r.get('class_accuracy', 0):.3f} |")
+    return out
+
+
+def quality_reference_section(d: dict) -> list[str]:
+    """The levels `dqdeploy quantize`'s closing quality check compares with (bench/quality_reference.py)."""
+    out = ["## Quality check reference levels", "",
+           "`dqdeploy quantize` ends with the per-step denoiser error vs full precision on 4 held trajectories "
+           "(the figure of `dqdeploy eval --fp`) and warns above twice the worst tuning member at the recipe "
+           "(`dqdeploy/assets/quality_reference.json`, written by `bench/quality_reference.py`). `check s`: the "
+           "check's time (recording the FP calls, with loading the FP folder, and the quantized model answering them); "
+           "`quantize s`: the whole quantize of the member's cached default artifact, when it was made.", "",
+           "| member | recipe | mean rel. error | worst-step error | check s | quantize s | commit |",
+           "|---|---|---:|---:|---:|---:|---|"]
+    for label, e in sorted(d.items()):
+        f = e["figure"]
+        out.append(f"| {e['model']} | {e['recipe']} | {f['mean_rel_err']:.4f} | {f['worst_rel_err']:.4f} | "
+                   f"{sum(e['check_s'].values()):.1f} | {e.get('quantize_s') or ''} | {e['commit']} |")
+    commands = sorted({f"`{e['command']}`" for e in d.values()})
+    return out + ["", "Commands: " + "; ".join(commands), "", *sorted({prov_line(e) for e in d.values()}), ""]
+
+
 def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], Callable[[dict], list[str]],
                               Callable[[dict], list[Headline]]]]:
     """Each section in BENCHMARKS.md's order: its title (as in the summary), the result files it reads, how they are
@@ -669,6 +711,9 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
         ("Weight precision for CPUs without VNNI", ("precision-",), files("precision-*.json"), _precision,
          lambda d: [(f"{p.stem}: {_fid_ratios(q)}", q) for p, q in d["files"]]),
         ("Zoo-wide image quality", ("zoo_quality",), _load_zoo, zoo_quality_section, _zoo_headlines),
+        ("Quality check reference levels", ("quality_reference.json",), lambda: _load_keyed("quality_reference"),
+         quality_reference_section,
+         lambda d: [(f"{e['model']} {e['recipe']}: {e['figure']['mean_rel_err']:.4f}", e) for e in d.values()]),
         ("ONNX Runtime CPU latency", ("latency.json",), lambda: _load("latency"), _flat(latency_section), speed),
         ("ONNX Runtime CPU latency: digits diffusion transformer", ("latency_dit.json",), lambda: _load("latency_dit"),
          _flat(dit_latency_section), speed),

@@ -61,6 +61,7 @@ from bench import zoo  # noqa: E402
 from bench.common import RESULTS, stamp  # noqa: E402
 from dqdeploy.core.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
 from dqdeploy.io.atomic import atomic_write_bytes  # noqa: E402
+from dqdeploy.stages.generate import generate  # noqa: E402
 
 RESULTS_FILE = RESULTS / "zoo_quality.json"
 STEPS = 50
@@ -201,22 +202,26 @@ def rederive_intervals(results: dict[str, Any]) -> None:
             continue
         for k in [k for k in row if k.endswith(("_lo", "_hi"))]:
             del row[k]
-        row |= bootstrap_fid(torch.load(feats).numpy(),
-                             _reference_features(row["model"], row["recipe"], row["variant"], row["flavour"],
-                                                 row["seed"]),
-                             seed=row["seed"])
+        ident = (row["model"], row["recipe"], row["variant"], row["flavour"], row["seed"])
+        row |= bootstrap_fid(torch.load(feats).numpy(), _reference_features(*ident), seed=row["seed"])
+        g1 = _features_path(key + G1)
+        if "g1" in row and g1.is_file():
+            row["g1"] = {k: v for k, v in row["g1"].items() if not k.endswith(("_lo", "_hi"))}
+            row["g1"] |= bootstrap_fid(torch.load(g1).numpy(), _reference_features(*ident, G1), seed=row["seed"])
 
 
-def _reference_features(model: str, recipe: str, variant: str, flavour: str, seed: int) -> dict[str, np.ndarray]:
+def _reference_features(model: str, recipe: str, variant: str, flavour: str, seed: int,
+                        suffix: str = "") -> dict[str, np.ndarray]:
     """The rows a row is compared with, on the same noise (those measured so far): ``fp`` (the FP row), ``sim``
-    (for an exported graph, its simulation) and ``default`` (for an ablation, the default recipe's row)."""
+    (for an exported graph, its simulation) and ``default`` (for an ablation, the default recipe's row);
+    ``suffix``: their features of another sampling (``G1``: guidance 1)."""
     refs = {}
     if recipe != "fp32":
-        refs["fp"] = _features_path(fp_key(model, seed))
+        refs["fp"] = _features_path(fp_key(model, seed) + suffix)
         if flavour != "sim":
-            refs["sim"] = _features_path(row_key(model, recipe, variant, "sim", seed))
+            refs["sim"] = _features_path(row_key(model, recipe, variant, "sim", seed) + suffix)
         if variant != "default":
-            refs["default"] = _features_path(row_key(model, recipe, "default", flavour, seed))
+            refs["default"] = _features_path(row_key(model, recipe, "default", flavour, seed) + suffix)
     return {k: torch.load(f).numpy() for k, f in refs.items() if f.is_file()}
 
 
@@ -237,30 +242,65 @@ def _step_error_summary(model: str, path: Path, runtime: str) -> dict[str, Any]:
     return summarize_steps(per_step) | {"per_step_rel_err": [round(s["rel_err"], 6) for s in per_step]}
 
 
+G1 = "|g1"  # features key suffix of a conditional member's samples at guidance 1
+
+
+def _sample(model: str, path: Path, runtime: str, seed: int, n: int, guidance: float) -> torch.Tensor:
+    member = zoo.get(model)
+    return generate(path, n=n, steps=member.steps, scheduler=member.scheduler, seed=seed, batch_size=100,
+                    runtime=runtime, cond_file=member.cond_file(), guidance=guidance)
+
+
+def _save_features(images: torch.Tensor, key: str) -> torch.Tensor:
+    from dqdeploy.eval.fid import classifier_features
+
+    feats = classifier_features(images)
+    fpath = _features_path(key)
+    fpath.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, fpath)
+    return feats
+
+
+def guidance_one(model: str, recipe: str, variant: str, flavour: str, seed: int, n: int) -> dict[str, Any]:
+    """A conditional member's scores where quantization differences show (issue 19 part 3): the digits-FID of
+    samples at guidance 1 (no guidance: no loss of diversity to hide them), with its paired ratio intervals to the
+    same rows at guidance 1, their class accuracy and per-class FID (also of the deployment-guidance samples: the
+    row's own ``per_class_fid``)."""
+    from dqdeploy.eval.digits import classifier_accuracy
+    from dqdeploy.eval.fid import digits_fid, per_class_fid
+
+    path, runtime = _source(model, recipe, variant, flavour)
+    images = _sample(model, path, runtime, seed, n, guidance=1.0)
+    feats = _save_features(images, row_key(model, recipe, variant, flavour, seed) + G1)
+    labels = torch.arange(n) % 10
+    return {"guidance": 1.0, "digits_fid": digits_fid(images), "class_accuracy": classifier_accuracy(_clf(), images,
+                                                                                                    labels),
+            **({"per_class_fid": per_class_fid(feats, labels)} if n >= 20 else {}),
+            **bootstrap_fid(feats.numpy(), _reference_features(model, recipe, variant, flavour, seed, G1), seed=seed)}
+
+
 def run_row(model: str, recipe: str, variant: str, flavour: str, seed: int, n: int) -> dict[str, Any]:
     """Measure one row (see the module docstring); FP features of the same seed must exist for the ratio."""
     from dqdeploy.eval.digits import classifier_accuracy
-    from dqdeploy.eval.fid import class_histogram, classifier_features, digits_fid
-    from dqdeploy.stages.generate import generate
+    from dqdeploy.eval.fid import class_histogram, digits_fid, per_class_fid
 
     member = zoo.get(model)
     key = row_key(model, recipe, variant, flavour, seed)
     path, runtime = _source(model, recipe, variant, flavour)
     start = time.perf_counter()
-    images = generate(path, n=n, steps=member.steps, scheduler=member.scheduler, seed=seed, batch_size=100,
-                      runtime=runtime, cond_file=member.cond_file(), guidance=member.guidance)
+    images = _sample(model, path, runtime, seed, n, member.guidance)
     sample_s = time.perf_counter() - start
-    feats = classifier_features(images)
-    fpath = _features_path(key)
-    fpath.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(feats, fpath)
+    feats = _save_features(images, key)
     row: dict[str, Any] = {"model": model, "recipe": recipe, "variant": variant, "flavour": flavour, "seed": seed,
                            "n": n, "runtime": runtime, "sampler": member.scheduler or "folder", "steps": member.steps,
                            "hash": recipe_hash(model, recipe, variant),
                            "digits_fid": digits_fid(images), "sample_s": round(sample_s, 1),
                            "class_histogram": class_histogram(images)["counts"]}
-    if member.conditional:
+    if member.conditional:  # sample i asked for digit i % 10
         row["class_accuracy"] = classifier_accuracy(_clf(), images, torch.arange(n) % 10)
+        if n >= 20:  # two samples of every class at least
+            row["per_class_fid"] = per_class_fid(feats, torch.arange(n) % 10)
+        row["g1"] = guidance_one(model, recipe, variant, flavour, seed, n)
     row |= bootstrap_fid(feats.numpy(), _reference_features(model, recipe, variant, flavour, seed), seed=seed)
     if recipe != "fp32":
         qs = artifact(model, recipe, variant).parent / "quantize_s.txt"
@@ -317,6 +357,8 @@ def derive(results: dict[str, Any]) -> None:
     for row in rows.values():
         fp = rows.get(fp_key(row["model"], row["seed"]))
         row["vs_fp"] = row["digits_fid"] / fp["digits_fid"] if fp else None
+        if "g1" in row:
+            row["g1"]["vs_fp"] = row["g1"]["digits_fid"] / fp["g1"]["digits_fid"] if fp and "g1" in fp else None
         if row["flavour"] != "sim":
             sim = rows.get(row_key(row["model"], row["recipe"], row["variant"], "sim", row["seed"]))
             row["vs_sim"] = row["digits_fid"] / sim["digits_fid"] if sim else None
@@ -381,7 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     for m, r, v, f, s in todo:
         key = row_key(m, r, v, f, s)
         cached = results["rows"].get(key)
-        if cached and cached.get("hash") == recipe_hash(m, r, v) and cached["n"] >= args.n and not args.redo:
+        # a conditional member's row is complete with its guidance-1 scores (issue 19 part 3)
+        complete = cached and ("g1" in cached or not zoo.get(m).conditional)
+        if complete and cached.get("hash") == recipe_hash(m, r, v) and cached["n"] >= args.n and not args.redo:
             print(f"cached   {key}", flush=True)
             continue
         if args.dry_run:

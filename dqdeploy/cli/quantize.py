@@ -73,6 +73,9 @@ _PATH = click.Path(path_type=Path)
               help="Attention's two batched matmuls (q k^T, softmax x v): 'float' (default) or 'int8' (quantized "
                    "inputs: q, k, v with per-step scales, the softmax output on a fixed 8-bit grid; the paper's "
                    "setting; see docs/SUPPORT_MATRIX.md for its measured cost and speed).")
+@click.option("--no-quality-check", is_flag=True,
+              help="Skip the closing quality check (the per-step denoiser error vs full precision on a few held "
+                   "trajectories, recorded in the manifest and compared with the development zoo's level).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an artifact dqdeploy wrote.")
 @click.option("--allow-pickle", is_flag=True,
               help="Also load pickled .bin weights (they can run code: trusted folders only).")
@@ -84,7 +87,7 @@ _PATH = click.Path(path_type=Path)
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters,
              batch_size, lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling,
              timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, fallback_time, attention,
-             overwrite, allow_pickle, resume, nproc) -> None:
+             no_quality_check, overwrite, allow_pickle, resume, nproc) -> None:
     """Quantize the denoiser (UNet or transformer) of a diffusers folder MODEL_DIR with DilateQuant.
 
     MODEL_DIR is a pipeline folder (model_index.json, unet/, scheduler/) or a bare denoiser folder plus
@@ -126,16 +129,25 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
                               seed=seed, guidance=guidance, batch_size=r.batch_size, resolution=resolution)
     prompts = read_prompts(prompts_file) if prompts_file else None
     result = run_quantize(model_dir, r, calib, out_dir, scheduler_dir=scheduler_dir, cond_file=cond_file,
-                          prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle, resume=resume)
+                          prompts=prompts, overwrite=overwrite, allow_pickle=allow_pickle, resume=resume,
+                          quality_check=not no_quality_check)
     from ..system.distributed import is_writer
 
-    if not is_writer():  # rank 0 reports
-        return
+    if is_writer():  # rank 0 reports
+        _report(result, r.name, r.fallback, out_dir)
+
+
+def _report(result, recipe: str, fallback: str, out_dir: Path) -> None:
+    """What the run made: layers, fallback, distillation losses, the closing quality check."""
     click.echo(f"quantized {len(result.manifest.layers)} layers of {result.manifest.model_class} "
-               f"with recipe {r.name} -> {out_dir}")
+               f"with recipe {recipe} -> {out_dir}")
     if result.manifest.fallback:
-        click.echo(f"kept in float (fallback {r.fallback}): {', '.join(result.manifest.fallback)}")
+        click.echo(f"kept in float (fallback {fallback}): {', '.join(result.manifest.fallback)}")
     if result.reports:
         before = sum(b.loss_before for b in result.reports) / len(result.reports)
         after = sum(b.loss_after for b in result.reports) / len(result.reports)
         click.echo(f"mean block MSE vs full precision: {before:.3e} before distillation, {after:.3e} after")
+    if result.manifest.quality:
+        from ..stages.quality_risk import quality_text
+
+        click.echo(quality_text(result.manifest.quality))

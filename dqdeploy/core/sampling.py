@@ -19,7 +19,14 @@ from .inputs import DenoiserInputs
 from .terminal import bar as progress_bar
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, model timestep, model_input)
+StepObserver = Callable[[int, float, dict[str, Any], torch.Tensor], None]  # (step, model timestep, call, output)
 Cond = Mapping[str, torch.Tensor]
+
+
+def output_of(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """``model(**inputs, return_dict=False)``'s output tensor (a tuple's first element)."""
+    out = model(**inputs, return_dict=False)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def prediction(model: Any, spec: DenoiserSpec, inputs: DenoiserInputs) -> torch.Tensor:
@@ -118,6 +125,34 @@ def denoise(
             eps = prediction(denoiser, spec, DenoiserInputs(model_input, t_model, cond_kw, spec.sample, shared))
         x = scheduler.step(eps, t, x, return_dict=False, **step_kw)[0]
     return x
+
+
+class _Observed:
+    """Drop-in denoiser that calls ``inner`` and shows every call (its step, keywords and output) to ``observe``."""
+
+    def __init__(self, inner: Any, observe: StepObserver) -> None:
+        self.inner, self.observe, self.config = inner, observe, inner.config
+        self.denoiser = getattr(inner, "denoiser", inner)  # the model kind (denoisers.spec_of) is the inner model's
+        self.spec = getattr(inner, "spec", None)
+        self.step, self.t = 0, 0.0
+
+    def __call__(self, return_dict: bool = False, **inputs: Any) -> tuple[torch.Tensor]:
+        out = output_of(self.inner, inputs)
+        self.observe(self.step, self.t, inputs, out)
+        return (out,)
+
+
+@torch.no_grad()
+def observe_denoise(denoiser: Any, scheduler: Any, noise: torch.Tensor, steps: int, observe: StepObserver,
+                    **kwargs: Any) -> torch.Tensor:
+    """:func:`denoise` (``kwargs``: its keywords but ``callback``) with every denoiser call -- under classifier-free
+    guidance the [uncond; cond] pair -- shown to ``observe(step, model timestep, keywords, output)``."""
+    observed = _Observed(denoiser, observe)
+
+    def on_step(i: int, t: torch.Tensor, _x: torch.Tensor) -> None:
+        observed.step, observed.t = i, float(t)
+
+    return denoise(observed, scheduler, noise, steps, callback=on_step, **kwargs)
 
 
 def advance(scheduler: Any, spec: DenoiserSpec, noise: torch.Tensor, steps: int, generator: torch.Generator) -> None:

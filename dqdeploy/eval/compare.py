@@ -19,48 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import DQDeployError
-from ..core.metrics import relative_error
-from ..core.sampling import Cond, denoise
+from ..core.metrics import StepErrors, flat_pair, summarize_steps, tensor_errors
+from ..core.sampling import Cond, observe_denoise, output_of
 
-
-def _flat_pair(ref: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if ref.shape != test.shape or ref.ndim < 1 or ref.shape[0] == 0:
-        raise DQDeployError(f"comparison needs two non-empty batches of one shape, found {tuple(ref.shape)} "
-                            f"and {tuple(test.shape)}")
-    n = ref.shape[0]
-    return ref.detach().double().reshape(n, -1), test.detach().double().reshape(n, -1)
-
-
-def tensor_errors(ref: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample ``rel_err``, ``snr_db`` and ``cosine`` of ``test`` against ``ref`` ([N, ...] each)."""
-    r, q = _flat_pair(ref, test)
-    err, norm = (q - r).norm(dim=1), r.norm(dim=1).clamp_min(1e-30)
-    rel = relative_error(q, r, eps=1e-30)
-    snr = 20.0 * torch.log10(norm / err.clamp_min(1e-30))
-    cos = F.cosine_similarity(r, q, dim=1, eps=1e-30)
-    return {"rel_err": rel.float(), "snr_db": snr.float(), "cosine": cos.float()}
-
-
-def _summary(values: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    return {k: float(torch.cat(v).mean()) for k, v in values.items()}
-
-
-class _PairedDenoiser:
-    """Drop-in denoiser that returns the FP output and compares the quantized output on the same input."""
-
-    def __init__(self, fp: Any, test: Any) -> None:
-        self.fp, self.test, self.config = fp, test, fp.config
-        self.denoiser = fp  # the model kind (dqdeploy.core.denoisers.spec_of) is the FP model's
-        self.step = 0
-        self.per_step: dict[int, dict[str, list[torch.Tensor]]] = {}
-
-    def __call__(self, return_dict: bool = False, **inputs: Any):
-        ref = self.fp(**inputs, return_dict=False)[0]
-        test = self.test(**inputs, return_dict=False)[0]
-        bucket = self.per_step.setdefault(self.step, {"rel_err": [], "snr_db": [], "cosine": []})
-        for k, v in tensor_errors(ref, test).items():
-            bucket[k].append(v)
-        return (ref,)
+__all__ = ["tensor_errors", "step_errors", "summarize_steps", "psnr", "ssim", "image_errors"]
 
 
 @torch.no_grad()
@@ -77,30 +39,18 @@ def step_errors(
 ) -> list[dict[str, float]]:
     """Denoiser output error of ``test_denoiser`` vs ``fp_denoiser`` at every step of FP trajectories from
     ``noise``: one dict per step with ``step``, ``t`` and the batch means of ``rel_err``, ``snr_db``, ``cosine``."""
-    paired = _PairedDenoiser(fp_denoiser, test_denoiser)
-    times: list[float] = []
+    errors = StepErrors()
 
-    def on_step(i: int, t: torch.Tensor, _x: torch.Tensor) -> None:
-        paired.step = i
-        times.append(float(t))
+    def compare(step: int, t: float, inputs: dict[str, Any], ref: torch.Tensor) -> None:
+        errors.add(step, t, ref, output_of(test_denoiser, inputs))
 
-    denoise(paired, scheduler, noise, steps, cond=cond, uncond=uncond, guidance=guidance, callback=on_step)
-    return [{"step": i, "t": times[i], **_summary(paired.per_step[i])} for i in sorted(paired.per_step)]
-
-
-def summarize_steps(per_step: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over steps of each metric, and the worst step (largest relative error)."""
-    if not per_step:
-        raise DQDeployError("no per-step errors to summarise (zero sampling steps?)")
-    keys = ("rel_err", "snr_db", "cosine")
-    out = {f"mean_{k}": sum(s[k] for s in per_step) / len(per_step) for k in keys}
-    worst = max(per_step, key=lambda s: s["rel_err"])
-    return out | {"worst_step": worst["step"], "worst_t": worst["t"], "worst_rel_err": worst["rel_err"]}
+    observe_denoise(fp_denoiser, scheduler, noise, steps, compare, cond=cond, uncond=uncond, guidance=guidance)
+    return errors.per_step()
 
 
 def psnr(ref: torch.Tensor, test: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     """Per-image PSNR in dB of ``test`` vs ``ref`` ([N, C, H, W], values spanning ``data_range``)."""
-    r, q = _flat_pair(ref, test)
+    r, q = flat_pair(ref, test)
     mse = ((q - r) ** 2).mean(dim=1).clamp_min(1e-20)
     return (10.0 * torch.log10(data_range ** 2 / mse)).float()
 

@@ -15,9 +15,10 @@ import torch
 from scipy import linalg
 
 from ..core.errors import DQDeployError
-from .digits import DigitsClassifier, load_classifier, load_digits_images
+from .digits import DigitsClassifier, load_classifier, load_digits_images, load_digits_labels
 
 _REFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CLASS_REFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _default: DigitsClassifier | None = None
 
 
@@ -86,6 +87,30 @@ def reference_stats(classifier: DigitsClassifier | None = None) -> tuple[np.ndar
         real = load_digits_images(clf.config.image_size)
         _REFERENCE[clf] = feature_stats(classifier_features(real, clf))
     return _REFERENCE[clf]
+
+
+def class_reference_stats(classifier: DigitsClassifier | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per digit class, the feature mean and covariance of the real digits of that class (cached per classifier)."""
+    clf = _classifier(classifier)
+    if clf not in _CLASS_REFERENCE:
+        feats = classifier_features(load_digits_images(clf.config.image_size), clf)
+        labels = load_digits_labels()
+        _CLASS_REFERENCE[clf] = {int(c): feature_stats(feats[labels == c]) for c in labels.unique()}
+    return _CLASS_REFERENCE[clf]
+
+
+def per_class_fid(features: torch.Tensor, labels: torch.Tensor, classifier: DigitsClassifier | None = None) -> float:
+    """Mean over the asked-for classes of the Frechet distance between the features ``[N, D]`` of the samples asked
+    for class ``c`` (``labels`` [N]) and the real digits of class ``c``: quality within each class, which a
+    guidance scale's loss of diversity across classes does not hide."""
+    if features.shape[0] != labels.shape[0]:
+        raise DQDeployError(f"{features.shape[0]} feature rows but {labels.shape[0]} labels")
+    if int(labels.bincount().max()) < 2 or int(labels.bincount()[labels.unique()].min()) < 2:
+        raise DQDeployError("per-class FID needs at least two samples of every class asked for",
+                            hint="sample at least 20 images (sample i asks for digit i % 10)")
+    real = class_reference_stats(classifier)
+    scores = [frechet_distance(*feature_stats(features[labels == c]), *real[int(c)]) for c in labels.unique()]
+    return float(np.mean(scores))
 
 
 def digits_fid(images: torch.Tensor, classifier: DigitsClassifier | None = None) -> float:

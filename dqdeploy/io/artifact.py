@@ -93,6 +93,9 @@ class Manifest:
     fallback: list[str] = field(default_factory=list)  # layers the recipe selected but kept in float
     lora: list[dict[str, Any]] = field(default_factory=list)  # LoRA files folded in: file, sha256, scale, layers
     attention: list[str] = field(default_factory=list)  # attention modules with quantized matmul inputs
+    # per-step denoiser error vs FP on held trajectories, and the zoo reference it was compared with
+    # (stages/quality.py); absent in artifacts made before it existed or with the check off
+    quality: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
     dqdeploy_version: str = __version__
     format: str = FORMAT
@@ -110,6 +113,8 @@ class Manifest:
             del data["attention"]
         if self.recipe.attention == "float":
             del data["recipe"]["attention"]
+        if self.quality is None:  # likewise
+            del data["quality"]
         return json.dumps(seal(data), indent=2)
 
     @classmethod

@@ -127,6 +127,7 @@ def check_manifest(data: dict[str, Any], where: Path, allowed_keys: set[str], la
     p.require(isinstance(data.get("dqdeploy_version", ""), str), "dqdeploy_version must be a string")
     _check_lora(p, data.get("lora", []))
     _check_attention(p, data.get("attention", []), recipe)
+    _check_quality(p, data.get("quality"))
     p.raise_if_any()
 
 
@@ -152,6 +153,19 @@ def _check_lora(p: Problems, entries: Any) -> None:
               and math.isfinite(e["scale"]) and isinstance(e["layers"], int) and e["layers"] > 0)
         if not p.require(ok, f"lora entry {str(e)[:80]} is not {{file, sha256, scale, layers}}"):
             return
+
+
+QUALITY_NUMBERS = ("mean_rel_err", "worst_rel_err", "mean_snr_db", "mean_cosine")
+
+
+def _check_quality(p: Problems, quality: Any) -> None:
+    """``quality`` (optional): the quantize stage's per-step denoiser error, a small object of finite figures."""
+    if quality is None or not p.require(isinstance(quality, dict), "quality must be a JSON object"):
+        return
+    p.require(_json_size(quality) <= MAX_CONFIG_BYTES, f"quality is larger than {MAX_CONFIG_BYTES} bytes")
+    bad = [k for k in QUALITY_NUMBERS if not is_number(quality.get(k))]
+    p.require(not bad, f"quality must hold finite numbers {list(QUALITY_NUMBERS)}; {bad} are not")
+    p.require(isinstance(quality.get("at_risk", False), bool), "quality.at_risk must be true or false")
 
 
 def _check_layers(p: Problems, layers: Any, fields: set[str], recipe, ends: tuple[str, str] | None) -> None:

@@ -39,7 +39,8 @@ def fold_lora_artifact(quant_dir: str | Path, lora_file: str | Path, out_dir: st
     log.info("folded %s into %d layers (%d weight step sizes searched again)", lora_file.name, len(adapter.layers),
              len(searched))
     entry = {"file": lora_file.name, "sha256": adapter.sha256, "scale": float(scale), "layers": len(adapter.layers)}
-    new = dataclasses.replace(manifest, lora=[*manifest.lora, entry], integrity="")
+    # the source's quality figure measured the model without this LoRA, against an FP model without it: not kept
+    new = dataclasses.replace(manifest, lora=[*manifest.lora, entry], quality=None, integrity="")
     tensors = {WEIGHTS: stored_state(model.denoiser), CALIB_INPUTS: load_state(quant_dir, manifest, CALIB_INPUTS)}
     extras = {name: (quant_dir / name).read_bytes() for name in EXTRAS if (quant_dir / name).is_file()}
     return save_artifact(out_dir, new, tensors, extras, overwrite=overwrite, sources=[quant_dir, lora_file])

@@ -58,6 +58,8 @@ from ..quant.trajectories import (
 from ..system import distributed
 from ..system.progress import stage
 from .layer_plan import build_quantized, example_forward, keep_in_float, plan_attention, plan_layers  # noqa: F401  (build_quantized re-exported)
+from .quality import HeldSet, collect_held, held_quality
+from .quality_risk import assess, load_reference, warn_if_at_risk
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ def quantize(
     allow_pickle: bool = False,
     resume: bool = False,
     micro_batches: int = 1,
+    quality_check: bool = True,
 ) -> QuantizeResult:
     """Quantize the denoiser (UNet or transformer) of a diffusers folder with DilateQuant; save to
     ``out_dir`` when given (``allow_pickle``: also load pickled ``.bin`` weights, for trusted folders
@@ -121,7 +124,7 @@ def quantize(
     this with the same arguments; the work is shared, rank 0 writes ``out_dir``, and there is no
     checkpoint (``resume`` is refused). ``micro_batches``: slices of each distillation batch per
     process, gradients accumulated (the same step in less memory; float results differ slightly,
-    see :mod:`dqdeploy.quant.distill`)."""
+    see :mod:`dqdeploy.quant.distill`). ``quality_check``: the closing check of :mod:`dqdeploy.stages.quality`."""
     model_dir, recipe, calibration = (as_path(model_dir, "model_dir", "quantize"), as_recipe(recipe),
                                       as_calibration(calibration))
     out_dir = None if out_dir is None else as_path(out_dir, "out_dir", "quantize")
@@ -134,7 +137,7 @@ def quantize(
         try:  # from the checkpoint's creation on: a signal right after it leaves nothing behind either
             ckpt = _start(out_dir, sources, run, overwrite=overwrite, resume=resume, micro_batches=micro_batches)
             result = _quantize_loaded(model_dir, recipe, calibration, scheduler_dir, cond_file, prompts, allow_pickle,
-                                      ckpt, micro_batches)
+                                      ckpt, micro_batches, quality_check)
         except BaseException as exc:
             if ckpt is None:
                 raise
@@ -151,6 +154,8 @@ def quantize(
                     result.path = save_quantized(result, out_dir, overwrite=overwrite, sources=sources)
     if ckpt and not ckpt.remove():
         log.warning("kept %s: it holds files dqdeploy did not write", ckpt.folder)
+    if distributed.is_writer():
+        warn_if_at_risk(result.manifest.quality)
     return result
 
 
@@ -187,7 +192,8 @@ def _check_start(out_dir: str | Path | None, sources: list, *, overwrite: bool, 
 
 def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: CalibrationConfig,
                      scheduler_dir: str | Path | None, cond_file: str | Path | None, prompts: list[str] | None,
-                     allow_pickle: bool, ckpt: RunCheckpoint | None, micro_batches: int = 1) -> QuantizeResult:
+                     allow_pickle: bool, ckpt: RunCheckpoint | None, micro_batches: int = 1,
+                     quality_check: bool = True) -> QuantizeResult:
     """Load the model, collect (or restore) the calibration set, quantize."""
     with distributed.agreed("loading the model and conditioning"), stage(log, "load the model"):
         loaded = load_model(model_dir, scheduler_dir, allow_pickle=allow_pickle)
@@ -205,10 +211,15 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
             calib = collect(loaded.denoiser, scheduler, calibration, conditioning)
         if ckpt:
             ckpt.save_calibration(calib)
+    held = None
+    if quality_check:  # recorded now, while the model is still FP (it is converted in place)
+        with stage(log, "held trajectories for the quality check"):
+            held = collect_held(loaded.denoiser, make_scheduler(calibration.scheduler, loaded.scheduler_config),
+                                calibration, conditioning)
     scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # `sample` defaults to it
     # the model loaded here is converted itself
     return quantize_denoiser(loaded.denoiser, recipe, calib, calibration, scheduler_config, checkpoint=ckpt,
-                             micro_batches=micro_batches, in_place=True, sources=loaded.weight_files)
+                             micro_batches=micro_batches, in_place=True, sources=loaded.weight_files, held=held)
 
 
 def quantize_denoiser(
@@ -222,12 +233,14 @@ def quantize_denoiser(
     micro_batches: int = 1,
     in_place: bool = False,
     sources: Mapping[str, Path] | None = None,
+    held: HeldSet | None = None,
 ) -> QuantizeResult:
     """The in-memory pipeline: dilation, per-step calibration, distillation. ``checkpoint``: saves each
     step's result and restores what an interrupted run finished; ``micro_batches``: slices of each
     distillation batch per process (:mod:`dqdeploy.quant.distill`); ``in_place``: convert ``denoiser``
     itself, holding the weights once (else a copy, ``denoiser`` unchanged), fallback layers read back from
-    ``sources`` (the file of each tensor, ``LoadedModel.weight_files``) or from the run's data folder."""
+    ``sources`` (the file of each tensor, ``LoadedModel.weight_files``) or from the run's data folder; ``held``: FP
+    calls the result is measured on (:func:`dqdeploy.stages.quality.collect_held`), the manifest's ``quality``."""
     calib.validate()
     table = TimestepTable(calib.timesteps, collapsed=recipe.timestep_scales == "collapsed")
     model = denoiser if in_place else copy.deepcopy(denoiser).eval()
@@ -258,19 +271,17 @@ def quantize_denoiser(
             qmodel = _restored(model, metas, table, state, (attention, recipe.act_bits))
             del state
         reports = _distill(qmodel, blocks, calib, recipe, targets, calibration.seed, checkpoint)
+    qmodel = _on_grid(qmodel)
     manifest = Manifest(
         recipe=recipe,
         calibration=calibration.to_dict(),
-        model_class=type(denoiser).__name__,
-        model_config=portable_config(denoiser),
+        model_class=type(denoiser).__name__, model_config=portable_config(denoiser),
         scheduler_config=json.loads(json.dumps(scheduler_config or {}, default=list)),
-        timesteps=calib.timesteps,
-        layers=metas,
+        timesteps=calib.timesteps, layers=metas,
         blocks=[{"name": r.name, "loss_before": r.loss_before, "loss_after": r.loss_after} for r in reports],
-        fallback=fallback,
-        attention=attention,
+        fallback=fallback, quality=_closing_check(qmodel, held, recipe, calibration), attention=attention,
     )
-    return QuantizeResult(_on_grid(qmodel), manifest, reports, calibration_subset(calib, seed=calibration.seed))
+    return QuantizeResult(qmodel, manifest, reports, calibration_subset(calib, seed=calibration.seed))
 
 
 def _distill(qmodel: QuantizedDenoiser, blocks: list[Block], calib: CalibrationSet, recipe: Recipe,
@@ -282,6 +293,15 @@ def _distill(qmodel: QuantizedDenoiser, blocks: list[Block], calib: CalibrationS
     if targets is not None:
         return distill_model(qmodel, calib, recipe, targets, seed=seed)
     return []
+
+
+def _closing_check(qmodel: QuantizedDenoiser, held: HeldSet | None, recipe: Recipe,
+                   calibration: CalibrationConfig) -> dict[str, Any] | None:
+    """The per-step denoiser error of ``qmodel`` on ``held``, compared with the zoo's level (None without ``held``)."""
+    if held is None:
+        return None
+    with stage(log, "quality check on held trajectories"):
+        return assess(held_quality(qmodel, held), recipe, calibration, load_reference())
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ def _describe_artifact(path: Path, as_json: bool) -> str:
     if m.blocks:
         worst = max(m.blocks, key=lambda b: b["loss_after"])
         lines.append(f"  distillation     {len(m.blocks)} blocks; worst {worst['name']} MSE {worst['loss_after']:.3e}")
+    lines.append(_quality_line(m.quality))
     return "\n".join(lines)
 
 
@@ -61,6 +62,16 @@ def _attention_text(names: list[str]) -> str:
         return "float (q k^T and softmax x v in float; quantize --attention int8 to quantize them)"
     return (f"int8: both batched matmuls of {len(names)} attention modules on integers "
             "(q, k, v per step; softmax output on the grid k/127)")
+
+
+def _quality_line(quality: dict | None) -> str:
+    """The quantize stage's closing quality check, as the manifest records it."""
+    if not quality:
+        return "  quality          not recorded (quantized before the check existed, or with --no-quality-check)"
+    from ..stages.quality_risk import quality_text
+
+    verdict = " -- AT RISK: try " + quality["next_step"] if quality.get("at_risk") else ""
+    return f"  quality          {quality_text(quality)}{verdict}"
 
 
 def timesteps_text(timesteps: list[float], shown: int = 6) -> str:

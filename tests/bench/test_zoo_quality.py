@@ -126,10 +126,16 @@ def test_transformer_member_uses_its_own_sampler_cfg_and_pooled_prompts(tmp_path
     monkeypatch.setattr(zq, "calibration_for",
                         lambda m, v="default": dataclasses.replace(real(m, v), samples=16, trajectories=4))
     zq.main(["--models", "tinydit", "--recipes", "fp32,w8a8", "--variants", "fast", "--flavours", "sim",
-             "--fp-seeds", "0", "--n", "10"])
+             "--fp-seeds", "0", "--n", "20"])
     rows = json.loads(zq.RESULTS_FILE.read_text())["rows"]
-    q = rows["tinydit|w8a8|fast|sim|seed0"]
+    q, fp = rows["tinydit|w8a8|fast|sim|seed0"], rows["tinydit|fp32|default|sim|seed0"]
     assert q["sampler"] == "folder" and q["steps"] == 3 and 0.0 <= q["class_accuracy"] <= 1.0
+    # scored where quantization differences show: FID at guidance 1 (paired to FP at guidance 1), per-class FID
+    g1 = q["g1"]
+    assert g1["guidance"] == 1.0 and g1["digits_fid"] != q["digits_fid"] and 0.0 <= g1["class_accuracy"] <= 1.0
+    assert g1["vs_fp"] == pytest.approx(g1["digits_fid"] / fp["g1"]["digits_fid"])
+    assert g1["fp_ratio_lo"] <= g1["fp_ratio_hi"] and "fp_ratio_lo" not in fp["g1"]
+    assert q["per_class_fid"] > 0 and g1["per_class_fid"] > 0
     assert len(q["step_error"]["per_step_rel_err"]) == 3 and q["step_error"]["mean_rel_err"] > 0
     manifest = json.loads((zq.artifact("tinydit", "w8a8", "fast") / "manifest.json").read_text())
     assert "FlowMatchEuler" in json.dumps(manifest["scheduler_config"])

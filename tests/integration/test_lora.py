@@ -115,6 +115,7 @@ def test_fold_writes_a_plain_artifact_that_exports_and_checks(unet_case, tmp_pat
     manifest = json.loads((tmp_path / "q2" / "manifest.json").read_text())
     assert manifest["lora"] == [{"file": "style.safetensors", "sha256": read_lora(lora, unet_case["fp"]).sha256,
                                  "scale": 0.8, "layers": len(UNET_LAYERS)}]
+    assert "quality" in json.loads((q / "manifest.json").read_text()) and "quality" not in manifest  # not its figure
     before, after = load_file(str(q / "model.safetensors")), load_file(str(tmp_path / "q2" / "model.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and {k.rsplit(".", 2)[0] if "weight_quantizer" in k else k.rsplit(".", 1)[0] for k in changed} \

@@ -6,8 +6,15 @@ import torch
 from scipy import linalg
 
 from dqdeploy.core.errors import DQDeployError
-from dqdeploy.eval.digits import load_classifier, load_digits_images
-from dqdeploy.eval.fid import class_histogram, classifier_features, digits_fid, feature_stats, frechet_distance
+from dqdeploy.eval.digits import load_classifier, load_digits_images, load_digits_labels
+from dqdeploy.eval.fid import (
+    class_histogram,
+    classifier_features,
+    digits_fid,
+    feature_stats,
+    frechet_distance,
+    per_class_fid,
+)
 
 
 def test_identical_gaussians_have_zero_distance():
@@ -78,3 +85,14 @@ def test_explicit_classifier_and_histogram():
     assert hist["mean_confidence"] > 0.9
     with pytest.raises(DQDeployError):
         digits_fid(torch.zeros(4, 1, 8, 8), clf)
+
+
+def test_per_class_fid_sees_samples_of_the_wrong_class():
+    real, labels = load_digits_images(), load_digits_labels()
+    feats = classifier_features(real)
+    right = per_class_fid(feats, labels)
+    assert right == pytest.approx(0.0, abs=1e-6)  # the real digits of each class against themselves
+    wrong = per_class_fid(feats, (labels + 1) % 10)  # every sample asked for the next digit
+    assert wrong > 10 * max(right, 1e-3)
+    with pytest.raises(DQDeployError, match="two samples"):
+        per_class_fid(feats[:10], torch.arange(10))
