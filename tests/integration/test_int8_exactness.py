@@ -46,6 +46,14 @@ def test_attention_products_are_exact_here_in_the_formats_export_picks(product):
         assert result.exact, f"{result} on {cpu_info().as_dict()}: the {fmt} format is not exact on this CPU"
 
 
+def _emulated(code: str) -> dict:
+    """The JSON ``code`` prints as its last line, run by this Python on the emulated CPU."""
+    run = subprocess.run([QEMU, "-cpu", EMULATED, sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64",
                     reason="needs qemu-user (apt-get install qemu-user) on x86-64")
 def test_emulated_cpu_without_vnni_runs_quantized_attention_exactly_in_the_portable_format():
@@ -54,10 +62,7 @@ def test_emulated_cpu_without_vnni_runs_quantized_attention_exactly_in_the_porta
     code = ("import json; from dqdeploy.verify.int8_probe import ATTENTION_PROBES, probe_attention; "
             "print(json.dumps({p: [probe_attention(p, f).mismatch for f in ('vnni', 'portable')] "
             "for p in ATTENTION_PROBES}))")
-    run = subprocess.run([QEMU, "-cpu", EMULATED, sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    found = _emulated(code)
     assert found["scores"][1] == 0.0 and found["scores"][0] > 0.1, found  # the emulation saturates: can fail
     assert found["mix"] == [0.0, 0.0], found
 
@@ -73,10 +78,7 @@ def test_emulated_cpu_without_vnni():
             "'probes': {op: [probe(op, 'portable').mismatch, probe(op, 'vnni').mismatch, "
             "probe(op, 'vnni', weight_range=64).mismatch] "
             "for op in PROBES}}))")
-    run = subprocess.run([QEMU, "-cpu", EMULATED, sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    found = _emulated(code)
     assert found["class"] == "avx2" and "avx512_vnni" not in found["flags"]
     for op, (portable, full_range, seven_bit) in found["probes"].items():
         assert portable == 0.0 and seven_bit == 0.0, (op, found)
