@@ -149,6 +149,7 @@ def test_int8_attention_without_any_attention_is_refused(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("artifact", ["unet"], indirect=True)  # one model is enough
 def test_tampered_attention_steps_and_names_are_refused(artifact, tmp_path):
     import shutil
 
@@ -157,8 +158,6 @@ def test_tampered_attention_steps_and_names_are_refused(artifact, tmp_path):
     from dqdeploy.io.integrity import seal
 
     kind, result, _ = artifact
-    if kind != "unet":
-        pytest.skip("one model is enough")
     bad = tmp_path / "bad"
     shutil.copytree(result.path, bad)
     state = load_file(str(bad / "model.safetensors"))
