@@ -441,13 +441,13 @@ def ort_speed_section(res: dict) -> list[str]:
                 "and -- where measured -- what `quantize --attention int8` exports (Q/DQ in front of both "
                 "products, run as MatMulIntegerToFloat; vnni: u8 x s8, portable: u8 x u8).", ""]
         ours = [k for k in ("int8 vnni", "int8 portable") if k in next(iter(micro["cpu_ms"].values()))]
-        out += ["| attention | query x key tokens, channels | float | MultiHeadAttention | int8 QLinearMatMul | "
-                + "".join(f"{k} (exported) | " for k in ours),
+        out += ["| attention | query x key tokens, channels | float | MultiHeadAttention | int8 QLinearMatMul |"
+                + "".join(f" {k} (exported) |" for k in ours),
                 "|---|---|---:|---:|---:|" + "---:|" * len(ours)]
         for name, r in micro["cpu_ms"].items():
             n, m, c = r["shape"]
-            out.append(f"| {name} | {n} x {m}, {c} | {r['float']:.1f} | {r['mha']:.1f} | {r['int8']:.1f} | "
-                       + "".join(f"{r[k]:.1f} | " for k in ours))
+            out.append(f"| {name} | {n} x {m}, {c} | {r['float']:.1f} | {r['mha']:.1f} | {r['int8']:.1f} |"
+                       + "".join(f" {r[k]:.1f} |" for k in ours))
         out += ["", prov_line(micro), ""]
     return out
 
