@@ -280,6 +280,42 @@ def lora_quality_section(res: dict) -> list[str]:
                       f"adapter on a loaded runtime with LoRA slots (`set_lora`, median of 6): {swaps}.", ""]
 
 
+def fallback_search_section(d: dict) -> list[str]:
+    """Leave-one-out on every layer vs the first-order screen and leave-one-out on its top candidates."""
+    out = ["## Fallback search", ""]
+    for label, e in d.items():
+        if label == "sd15":
+            continue
+        out += [f"`{e['command']}` — zoo member `{label}`, {e['layers']} quantized layers, W8A8 calibrated as "
+                f"`quantize` does by default, no distillation; the search's subset ({e['subset_samples']} samples). "
+                f"Leave-one-out on every layer {e['exhaustive_s']} s, the screen {e['screen_s']} s; rank agreement "
+                f"(Spearman) of every layer's gain and the screen's estimate: {e['spearman']:.2f}. The exhaustive "
+                f"search keeps {len(e['exhaustive_fallback'])} layers in float; the screen ranks them "
+                f"{', '.join(map(str, e['screen_rank_of_exhaustive_fallback']))} (0 = first).", "",
+                "| layer (top 10 by leave-one-out gain) | gain | screen estimate | screen rank |",
+                "|---|---:|---:|---:|"]
+        out += [f"| {r['layer']} | {r['gain']:.5f} | {r['estimate']:.5f} | {r['screen_rank']} |"
+                for r in e["top10"]]
+        out += ["", "Per candidate count, what fallback keeps in float and the error of the result on held-out FP "
+                "trajectories (relative denoiser error, and relative error of final images from the same noise; "
+                "lower is better):", "",
+                "| candidates | float layers | held-out denoiser error | image error | quantize (s) |",
+                "|---:|---:|---:|---:|---:|"]
+        out += [f"| {v['candidates']} | {len(v['fallback'])} | {v['heldout_error']:.5f} | {v['image_error']:.4f} "
+                f"| {v['quantize_s']:.0f} |" for v in e["variants"]]
+        out += ["", prov_line(e), ""]
+    if "sd15" in d:
+        e = d["sd15"]
+        out += [f"`{e['command']}` — Stable Diffusion 1.5 size ({e['layers']} quantized layers, random weights, "
+                f"64x64 latent, CFG pairs), the search's subset {e['subset_samples']} samples: the screen "
+                f"{e['screen_s']:.0f} s (peak RSS {e['peak_rss_gb_before_screen']:.1f} GB before, "
+                f"{e['peak_rss_gb_after_screen']:.1f} GB after), leave-one-out {e['leave_one_out_s_per_layer']:.1f} s "
+                f"per layer plus {e['search_overhead_s']:.0f} s once; so the whole search: every layer about "
+                f"{e['projected_exhaustive_s'] / 60:.0f} min, screen + {e['candidates']} candidates about "
+                f"{e['projected_screened_s'] / 60:.0f} min (projected from the measured parts).", "", prov_line(e), ""]
+    return out
+
+
 def memory_section(mem: dict) -> list[str]:
     out = ["## Distillation memory", "", f"`{mem['command']}` — recipe {mem['recipe']}, {mem['iters']} iterations, "
            f"{mem['calibration_samples']} calibration samples; "
@@ -725,6 +761,11 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
          _flat(lora_quality_section),
          lambda d: [(f"{k}: {r['vs_fp_lora']:.3f}x the digits-FID of fp + lora", d) for k, r in d["rows"].items()
                     if k.endswith(("branch", "fold, ort", "slots, ort"))]),
+        ("Fallback search", ("fallback_search.json",), lambda: _load_keyed("fallback_search"), fallback_search_section,
+         lambda d: [(f"{k}: Spearman {e['spearman']:.2f}, screen {e['screen_s']:.0f} s vs every layer "
+                     f"{e['exhaustive_s']:.0f} s" if k != "sd15" else
+                     f"SD-1.5: screened search ~{e['projected_screened_s'] / 60:.0f} min vs every layer "
+                     f"~{e['projected_exhaustive_s'] / 60:.0f} min", e) for k, e in d.items()]),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
         ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),

@@ -69,6 +69,9 @@ _PATH = click.Path(path_type=Path)
 @click.option("--fallback-time", type=SECONDS,
               help="auto fallback: stop the sensitivity search after this many seconds; the layers not scored by "
                    "then stay quantized (default: no limit).")
+@click.option("--fallback-candidates", type=POSITIVE,
+              help="auto fallback: score only the N layers a first-order screen ranks highest (default: every layer "
+                   "of a model with at most 128 quantized layers, else 32).")
 @click.option("--attention", type=click.Choice(["float", "int8"]),
               help="Attention's two batched matmuls (q k^T, softmax x v): 'float' (default) or 'int8' (quantized "
                    "inputs: q, k, v with per-step scales, the softmax output on a fixed 8-bit grid; the paper's "
@@ -86,7 +89,8 @@ _PATH = click.Path(path_type=Path)
               help="Processes on this machine (runs the command under torchrun; the same work shared, see README).")
 def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters,
              batch_size, lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling,
-             timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, fallback_time, attention,
+             timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, fallback_time,
+             fallback_candidates, attention,
              no_quality_check, overwrite, allow_pickle, resume, nproc) -> None:
     """Quantize the denoiser (UNet or transformer) of a diffusers folder MODEL_DIR with DilateQuant.
 
@@ -110,9 +114,11 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
     r = resolve_recipe(recipe)
     changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
                                      fallback=fallback, fallback_budget=fallback_budget, fallback_time=fallback_time,
+                                     fallback_candidates=fallback_candidates,
                                      timestep_scales=timestep_scales, layout=layout, attention=attention).items()
                if v is not None}
-    for option, value in (("--fallback-budget", fallback_budget), ("--fallback-time", fallback_time)):
+    for option, value in (("--fallback-budget", fallback_budget), ("--fallback-time", fallback_time),
+                          ("--fallback-candidates", fallback_candidates)):
         if value is not None and (fallback or r.fallback) != "auto":
             raise click.UsageError(f"{option} applies to --fallback auto; "
                                    f"this run's fallback is {fallback or r.fallback!r}")

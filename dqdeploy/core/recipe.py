@@ -27,7 +27,8 @@ ACT_INITS = ("mse", "minmax")
 ATTENTION_MODES = ("float", "int8")
 LEGACY_KEYS = {"dilation": "scaling"}  # recipe JSON and manifests written before the rename
 # fields added after version 1, omitted from to_dict at their default
-LATER_KEYS: dict[str, Any] = {"act8_layers": (), "fallback_time": None, "attention": "float"}
+LATER_KEYS: dict[str, Any] = {"act8_layers": (), "fallback_time": None, "attention": "float",
+                              "fallback_candidates": None}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class Recipe:
     fallback_budget: float = 0.05
     # "auto": seconds after which the sensitivity search stops, the layers not scored stay quantized (None: no limit)
     fallback_time: float | None = None
+    # "auto": how many layers the leave-one-out search scores, those a first-order screen ranks highest (None: every
+    # layer of a model with at most 128 quantized layers, else 32; dqdeploy.quant.fallback)
+    fallback_candidates: int | None = None
     # layers whose input activations keep 8 bits (wildcard module names): mixed precision for act_bits=4
     act8_layers: tuple[str, ...] = ()
     # "int8": both batched matmuls of every attention the recipe selects take quantized inputs -- q, k, v with
@@ -95,6 +99,8 @@ class Recipe:
             problems.append(f"fallback_budget={self.fallback_budget} (expected a MAC fraction 0..1)")
         if self.fallback_time is not None and self.fallback_time <= 0:
             problems.append(f"fallback_time={self.fallback_time} (expected seconds > 0, or null for no limit)")
+        if self.fallback_candidates is not None and self.fallback_candidates < 1:
+            problems.append(f"fallback_candidates={self.fallback_candidates} (expected a count >= 1, or null)")
         if not self.fallback.strip():
             problems.append("fallback is empty (expected auto, none or module-name patterns)")
         if not self.include:
@@ -125,6 +131,9 @@ class Recipe:
                                                or not isinstance(self.fallback_time, (int, float))
                                                or not math.isfinite(self.fallback_time)):
             problems.append(f"fallback_time={self.fallback_time!r} (expected a finite number of seconds or null)")
+        if self.fallback_candidates is not None and (isinstance(self.fallback_candidates, bool)
+                                                     or not isinstance(self.fallback_candidates, int)):
+            problems.append(f"fallback_candidates={self.fallback_candidates!r} (expected an integer or null)")
         if self.first_last_bits is not None and (isinstance(self.first_last_bits, bool)
                                                  or not isinstance(self.first_last_bits, int)):
             problems.append(f"first_last_bits={self.first_last_bits!r} (expected an integer or null)")

@@ -107,6 +107,8 @@ class Manifest:
         data = asdict(self)
         if self.recipe.fallback_time is None:  # a later recipe field: left out at its default, as before it existed
             del data["recipe"]["fallback_time"]
+        if self.recipe.fallback_candidates is None:  # likewise
+            del data["recipe"]["fallback_candidates"]
         if not self.lora:  # likewise
             del data["lora"]
         if not self.attention:  # likewise

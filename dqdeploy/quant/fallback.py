@@ -13,10 +13,12 @@ from ..core.errors import RecipeError
 from ..core.recipe import Recipe
 from ..system import distributed
 from .modules import QuantizedDenoiser, quant_layers
-from .sensitivity import analyze, choose_fallback, layer_macs
+from .sensitivity import analyze, choose_fallback, layer_macs, screen
 from .trajectories import CalibrationSet, calibration_subset
 
 log = logging.getLogger(__name__)
+EXHAUSTIVE_UP_TO = 128  # auto: leave-one-out scores every layer of a model with at most this many quantized layers
+SCREENED = 32  # else only the layers the first-order screen ranks highest (recipe.fallback_candidates overrides)
 
 
 def fallback_candidates(recipe: Recipe, planned: list[str]) -> list[str]:
@@ -58,17 +60,22 @@ def fallback_layers(
     if recipe.fallback == "auto":
         # the analysis subset (named tensors, read with the model's spec)
         subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)
-        mine = [names[i] for i in distributed.shard(len(names))]  # ranks measure every world-th layer
+        start = clock()
+        order = search_order(qmodel, recipe, subset, names, step_weights)
+        mine = [order[i] for i in distributed.shard(len(order))]  # ranks measure every world-th layer
+        budget = None if recipe.fallback_time is None else recipe.fallback_time - (clock() - start)  # screen included
         report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine,
-                         time_budget=recipe.fallback_time, clock=clock)
+                         time_budget=budget, clock=clock)
         rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}
         report = dataclasses.replace(report, layers=[rows[n] for n in names if n in rows])
         total = None
-        if len(rows) < len(names):  # the time budget ran out: the MAC budget is still a share of every layer
+        if len(rows) < len(names):  # screened or cut short: the MAC budget is still a share of every layer
             total = sum(layer_macs(qmodel, subset).values())
+        if len(rows) < len(order):
             log.warning("fallback auto: the time budget (fallback_time, --fallback-time) of %g s ran out after "
-                        "scoring %d of %d layers; the %d layers not scored stay quantized (fallback chose among the "
-                        "scored ones only)", recipe.fallback_time, len(rows), len(names), len(names) - len(rows))
+                        "scoring %d of %d candidate layers; the %d layers not scored stay quantized (fallback chose "
+                        "among the scored ones only)", recipe.fallback_time, len(rows), len(order),
+                        len(order) - len(rows))
         chosen = choose_fallback(report, recipe.fallback_budget, total_macs=total)
         log.info("fallback auto: %s", ", ".join(chosen) or "no layer")
         return chosen
@@ -79,3 +86,31 @@ def fallback_layers(
             hint=f"use module names such as {', '.join(names[:3])} (wildcards allowed), or auto / none",
         )
     return chosen
+
+
+def candidate_count(recipe: Recipe, n_layers: int) -> int:
+    """How many layers the leave-one-out search scores: ``recipe.fallback_candidates``, else every layer up to
+    :data:`EXHAUSTIVE_UP_TO` layers and :data:`SCREENED` above (never more than there are)."""
+    n = recipe.fallback_candidates
+    if n is None:
+        n = n_layers if n_layers <= EXHAUSTIVE_UP_TO else SCREENED
+    return min(n, n_layers)
+
+
+def search_order(qmodel: QuantizedDenoiser, recipe: Recipe, subset, names: list[str],
+                 step_weights: dict[float, float] | None) -> list[str]:
+    """The layers the leave-one-out search scores, in the order it scores them: all of ``names`` in model order
+    when it scores every layer without a time budget; else ranked by :func:`~.sensitivity.screen` (most
+    promising first, so a time budget cuts the least promising), the first :func:`candidate_count`. Under
+    torchrun rank 0 screens and every rank takes its order."""
+    count = candidate_count(recipe, len(names))
+    if count == len(names) and recipe.fallback_time is None:
+        return names
+    ranked = None
+    if distributed.rank() == 0:
+        start = time.monotonic()
+        estimate = screen(qmodel, subset, step_weights=step_weights)
+        ranked = sorted(names, key=lambda n: -estimate[n])  # stable: ties keep model order
+        log.info("fallback auto: a first-order screen ranked %d layers in %.0f s; leave-one-out scores the first %d",
+                 len(names), time.monotonic() - start, count)
+    return distributed.broadcast(ranked)[:count]

@@ -44,6 +44,29 @@ def test_the_api_refuses_a_bad_fallback_time(value, pipe_dir, no_calibration):
         dqdeploy.quantize(pipe_dir, {"fallback_time": value})
 
 
+@CASE
+@pytest.mark.parametrize("value, match", [("0", "0 is not in the range"), ("-3", "not in the range"),
+                                          ("2.5", "not a valid integer"), ("all", "not a valid integer")])
+def test_a_bad_fallback_candidates_is_refused(value, match, pipe_dir, tmp_path, no_calibration):
+    result = run("quantize", pipe_dir, "--out", tmp_path / "q", "--fallback-candidates", value, *SMALL)
+    refused(result, "--fallback-candidates", match, code=2)
+    assert not (tmp_path / "q").exists()
+
+
+@CASE
+def test_fallback_candidates_without_auto_is_refused(pipe_dir, tmp_path, no_calibration):
+    result = run("quantize", pipe_dir, "--out", tmp_path / "q", "--fallback", "none", "--fallback-candidates", "4",
+                 *SMALL)
+    refused(result, "--fallback-candidates applies to --fallback auto", code=2)
+
+
+@CASE
+@pytest.mark.parametrize("value", [0, -1, "8", 2.5, True])
+def test_the_api_refuses_bad_fallback_candidates(value, pipe_dir, no_calibration):
+    with pytest.raises(DQDeployError, match="fallback_candidates"):
+        dqdeploy.quantize(pipe_dir, {"fallback_candidates": value})
+
+
 @pytest.mark.hostile("api", "handled")
 def test_a_budget_that_runs_out_says_what_was_scored(pipe_dir, tmp_path):
     """A budget far below one forward pass: deterministically no layer scored, none kept in float."""

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dqdeploy.core.inputs import forward_hooks
+from dqdeploy.core.metrics import relative_error
 from dqdeploy.core.recipe import W8A8
 from dqdeploy.quant.modules import quant_layers
-from dqdeploy.quant.sensitivity import analyze, choose_fallback, quantized_only
+from dqdeploy.quant.sensitivity import ErrorMeter, analyze, as_inputs, choose_fallback, quantized_only, screen
 from dqdeploy.stages.quantize import quantize_denoiser
 from tests.helpers import random_calib, tiny_unet
 
@@ -75,3 +77,40 @@ def test_choose_fallback_respects_budget(fragile_result):
         chosen = choose_fallback(report, budget)
         assert sum(r.macs for r in report.layers if r.name in chosen) <= budget * total
     assert choose_fallback(report, 0.0) == []
+
+
+def test_the_screen_ranks_the_fragile_layer_first(fragile_result):
+    _, result = fragile_result
+    model = result.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    estimate = screen(model, result.calib_inputs)
+    assert set(estimate) == set(quant_layers(model.denoiser))
+    assert max(estimate, key=estimate.__getitem__) == FRAGILE
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # restored
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated on the model
+
+
+@pytest.mark.parametrize("name", [FRAGILE, "conv_in", "down_blocks.0.resnets.0.time_emb_proj"])
+def test_the_screen_is_the_derivative_of_the_error(fragile_result, name):
+    """The screen's estimate for a layer is ``dM/da`` at ``a = 1`` where the layer outputs ``y_fp + a (y - y_fp)``:
+    computed here by autograd through a scalar ``a``, one layer at a time, on the same step weights and batches."""
+    _, result = fragile_result
+    model, inputs = result.model, as_inputs(result.calib_inputs, result.model)
+    weights = {float(t): 1.0 + i for i, t in enumerate(sorted(inputs.timestep.float().unique().tolist()))}
+    estimate = screen(model, inputs, step_weights=weights, batch=3)[name]
+    layer = quant_layers(model.denoiser)[name]
+    meter = ErrorMeter(model, inputs, 32, weights)
+    a = torch.ones((), dtype=torch.float64, requires_grad=True)
+
+    def mix(mod, args, out):
+        with quantized_only(model, [n for n in quant_layers(model.denoiser) if n != name],
+                            [n for n in quant_layers(model.denoiser) if n != name]), torch.no_grad():
+            fp = mod.forward(*args)  # the layer with its own quantizers off (no hooks)
+        return fp + a.float() * (out.detach() - fp)
+
+    per_sample = meter.weights[meter.step_of] / torch.bincount(meter.step_of)[meter.step_of]
+    with forward_hooks([(layer, "post", mix)]), torch.enable_grad():
+        err = relative_error(inputs.call(model), meter.ref)
+    (derivative,) = torch.autograd.grad((err * per_sample).sum(), a)
+    assert estimate == pytest.approx(float(derivative), rel=1e-4, abs=1e-9)
+    assert abs(estimate) > 1e-7

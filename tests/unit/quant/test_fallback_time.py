@@ -14,7 +14,7 @@ import pytest
 
 from dqdeploy.core.errors import RecipeError
 from dqdeploy.core.recipe import W8A8, Recipe
-from dqdeploy.quant.fallback import fallback_layers
+from dqdeploy.quant.fallback import candidate_count, fallback_layers, search_order
 from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.sensitivity import analyze, choose_fallback, layer_macs
 from dqdeploy.quant.trajectories import calibration_subset
@@ -70,21 +70,26 @@ def test_a_budget_that_is_not_reached_changes_nothing(calibrated):
 
 
 def test_fallback_chooses_among_the_scored_layers_and_says_so(calibrated, caplog):
+    """Under a budget the search scores the layers in the screen's order (most promising first); the screen's
+    time counts against the budget (one more clock reading: k - 1 layers scored)."""
     qmodel, calib = calibrated
     names = list(quant_layers(qmodel.denoiser))
     k = 4
     recipe = W8A8.replace(fallback="auto", fallback_budget=0.5, fallback_time=k + 0.5)
     with caplog.at_level(logging.WARNING, logger="dqdeploy.quant.fallback"):
         chosen = fallback_layers(qmodel, recipe, calib, clock=ticking())
-    assert chosen and set(chosen) <= set(names[:k])
+    subset = calibration_subset(calib, steps=8, per_step=8, seed=0)
+    scored = search_order(qmodel, recipe, subset, names, None)[:k - 1]
+    assert scored != names[:k - 1]  # not model order
+    assert chosen and set(chosen) <= set(scored)
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1
-    assert f"scoring {k} of {len(names)} layers" in warning[0]
-    assert f"the {len(names) - k} layers not scored stay quantized" in warning[0]
+    assert f"scoring {k - 1} of {len(names)} candidate layers" in warning[0]
+    assert f"the {len(names) - k + 1} layers not scored stay quantized" in warning[0]
     assert fallback_layers(qmodel, recipe, calib, clock=ticking()) == chosen  # deterministic
     # the same choice as choose_fallback over that measured set, the MAC budget a share of every layer's MACs
-    subset = calibration_subset(calib, steps=8, per_step=8, seed=0)
-    report = analyze(qmodel, subset, detail=False, blocks=False, only=names[:k])
+    report = analyze(qmodel, subset, detail=False, blocks=False, only=scored)
+    report.layers.sort(key=lambda r: names.index(r.name))
     assert chosen == choose_fallback(report, 0.5, total_macs=sum(layer_macs(qmodel, subset).values()))
 
 
@@ -155,3 +160,24 @@ def test_fallback_time_is_left_out_of_the_json_at_its_default():
     assert "fallback_time" not in W8A8.to_dict()
     r = W8A8.replace(fallback_time=90)
     assert r.to_dict()["fallback_time"] == 90 and Recipe.from_dict(json.loads(r.to_json())) == r
+
+
+@pytest.mark.parametrize("layers, candidates, expected", [(93, None, 93), (128, None, 128), (129, None, 32),
+                                                          (282, None, 32), (282, 10, 10), (20, 50, 20)])
+def test_how_many_layers_the_search_scores(layers, candidates, expected):
+    assert candidate_count(W8A8.replace(fallback_candidates=candidates), layers) == expected
+
+
+def test_a_screened_search_chooses_among_the_screens_top_layers(calibrated):
+    qmodel, calib = calibrated
+    names = list(quant_layers(qmodel.denoiser))
+    recipe = W8A8.replace(fallback="auto", fallback_budget=0.5, fallback_candidates=4)
+    subset = calibration_subset(calib, steps=8, per_step=8, seed=0)
+    top = search_order(qmodel, recipe, subset, names, None)
+    assert len(top) == 4 and top != names[:4]
+    chosen = fallback_layers(qmodel, recipe, calib)
+    assert chosen and set(chosen) <= set(top)
+    # every layer a candidate (no budget): the exhaustive search, in model order, the screen not run
+    assert search_order(qmodel, recipe.replace(fallback_candidates=len(names)), subset, names, None) == names
+    assert fallback_layers(qmodel, recipe.replace(fallback_candidates=len(names)), calib) == \
+        fallback_layers(qmodel, recipe.replace(fallback_candidates=None), calib)
