@@ -156,7 +156,7 @@ def sd15_row(work: Path, candidates: int) -> dict:
     names = list(quant_layers(base.denoiser))
     rss0 = peak_rss_gb()
     start = time.perf_counter()
-    estimate = screen(base, subset, step_weights=weights)
+    estimate = screen(base, subset, step_weights=weights, batch=2)  # quantize's batch for it: --batch-size 2
     screen_s = time.perf_counter() - start
     rss_screen = peak_rss_gb()
     probe = sorted(names, key=lambda n: -estimate[n])[:2]

@@ -109,7 +109,7 @@ def search_order(qmodel: QuantizedDenoiser, recipe: Recipe, subset, names: list[
     ranked = None
     if distributed.rank() == 0:
         start = time.monotonic()
-        estimate = screen(qmodel, subset, step_weights=step_weights)
+        estimate = screen(qmodel, subset, step_weights=step_weights, batch=recipe.batch_size)  # a backward's batch
         ranked = sorted(names, key=lambda n: -estimate[n])  # stable: ties keep model order
         log.info("fallback auto: a first-order screen ranked %d layers in %.0f s; leave-one-out scores the first %d",
                  len(names), time.monotonic() - start, count)
