@@ -128,8 +128,10 @@ def transformer_scheduler(kind: str):
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtAlphaPipeline", "flux": "FluxPipeline"}
 
 
-def write_transformer_pipeline(kind: str, path: Path, seed: int = 0) -> Path:
-    """A pipeline folder (model_index.json, transformer/, scheduler/) of a tiny transformer ``kind``."""
+def write_transformer_pipeline(kind: str, path: Path, seed: int = 0, text: bool = False) -> Path:
+    """A pipeline folder (model_index.json, transformer/, scheduler/) of a tiny transformer ``kind``; with ``text``,
+    also its family's tiny text encoders and tokenizers (SD3: two CLIPs with projections and T5; PixArt: T5; Flux:
+    CLIP and T5), sized for the transformer (TEXT_DIM, POOLED_DIM)."""
     import json
 
     model = {"sd3": tiny_sd3, "pixart": tiny_pixart, "flux": tiny_flux}[kind](seed)
@@ -138,8 +140,59 @@ def write_transformer_pipeline(kind: str, path: Path, seed: int = 0) -> Path:
     sched.save_pretrained(str(path / "scheduler"))
     index = {"_class_name": PIPELINES[kind], "transformer": ["diffusers", type(model).__name__],
              "scheduler": ["diffusers", type(sched).__name__]}
+    if text:
+        for name, part in _text_stack(kind, path, seed).items():
+            part.save_pretrained(str(path / name))
+            index[name] = ["transformers", type(part).__name__]
     (path / "model_index.json").write_text(json.dumps(index))
     return path
+
+
+def _text_stack(kind: str, path: Path, seed: int) -> dict:
+    """The text encoders and tokenizers of a tiny ``kind`` pipeline, by folder name."""
+    clip_tokenizer = tiny_tokenizer(path.parent / f".{path.name}-vocab")
+    t5 = {"text_encoder": tiny_t5(TEXT_DIM, seed), "tokenizer": tiny_t5_tokenizer(path.parent / f".{path.name}-t5")}
+    if kind == "pixart":
+        return t5
+    if kind == "flux":  # CLIP's pooled output is the pooled projection; T5 the sequence
+        return {"text_encoder": tiny_text_encoder(len(clip_tokenizer), seed, width=POOLED_DIM),
+                "tokenizer": clip_tokenizer, "text_encoder_2": t5["text_encoder"], "tokenizer_2": t5["tokenizer"]}
+    half = TEXT_DIM // 2  # SD3: the two CLIPs' sequences side by side, padded to T5's width; pooled side by side
+    return {"text_encoder": tiny_text_encoder(len(clip_tokenizer), seed, width=half, projection=POOLED_DIM // 2),
+            "tokenizer": clip_tokenizer,
+            "text_encoder_2": tiny_text_encoder(len(clip_tokenizer), seed + 1, width=half,
+                                                projection=POOLED_DIM - POOLED_DIM // 2),
+            "tokenizer_2": clip_tokenizer, "text_encoder_3": t5["text_encoder"], "tokenizer_3": t5["tokenizer"]}
+
+
+def tiny_t5(width: int, seed: int = 0):
+    """A two-layer T5EncoderModel of ``width`` over the tiny T5 vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(T5_PIECES) + 3, d_model=width, d_kv=4, d_ff=2 * width, num_layers=2,
+                      num_heads=2, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config).eval()
+
+
+T5_PIECES = ["\u2581a", "\u2581cat", "\u2581dog", "\u2581hello", "\u2581the", *"abcdefghijklmnopqrstuvwxyz\u2581"]
+
+
+def tiny_t5_tokenizer(path: Path):
+    """A T5TokenizerFast (Unigram, sentencepiece-style) over a few words and the letters, built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0 if len(p) > 1 else -2.0) for p in T5_PIECES]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return T5TokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", extra_ids=0)
 
 
 def write_transformer_cond(path: Path, pooled: bool = True, uncond: bool = True, prompts: int = 3,
@@ -204,15 +257,17 @@ def tiny_tokenizer(path: Path):
     return CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"), model_max_length=TOKENS)
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0):
-    """A two-layer CLIPTextModel of width CROSS_DIM (the tiny conditional UNet's cross-attention width)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(vocab_size: int, seed: int = 0, width: int = CROSS_DIM, projection: int | None = None):
+    """A two-layer CLIPTextModel of ``width`` (default: the tiny conditional UNet's cross-attention width); with
+    ``projection``, a CLIPTextModelWithProjection (SD3's pooled text embeddings)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=CROSS_DIM, intermediate_size=2 * CROSS_DIM,
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TOKENS,
-                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-    return CLIPTextModel(config).eval()
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                            projection_dim=projection or width)
+    return (CLIPTextModel if projection is None else CLIPTextModelWithProjection)(config).eval()
 
 
 def write_sd_pipeline(path: Path, scheduler=None, seed: int = 0) -> Path:

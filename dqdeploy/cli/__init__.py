@@ -26,6 +26,7 @@ from .export import export
 from .inspect import inspect
 from .lint import lint
 from .lora import lora
+from .prompts import encode_prompts
 from .quantize import quantize
 from .sample import sample
 
@@ -66,7 +67,7 @@ def cli(verbose: bool) -> None:
     _setup(verbose)
 
 
-for _command in (quantize, inspect, sample, eval_cmd, export, check, analyze, lint, lora):
+for _command in (quantize, inspect, sample, eval_cmd, export, check, analyze, lint, lora, encode_prompts):
     cli.add_command(_command)
 
 

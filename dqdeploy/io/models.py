@@ -46,8 +46,6 @@ class LoadedModel:
     denoiser: torch.nn.Module
     scheduler_config: dict[str, Any]
     model_dir: Path
-    text_encoder: Any = None
-    tokenizer: Any = None
     weight_files: dict[str, Path] = field(default_factory=dict)  # tensor name -> the safetensors file it was read from
 
     unet = deprecated_alias("LoadedModel", "unet", "denoiser")
@@ -194,28 +192,12 @@ def load_scheduler_config(model_dir: Path, scheduler_dir: str | Path | None = No
 
 def load_model(model_dir: str | Path, scheduler_dir: str | Path | None = None, *,
                allow_pickle: bool = False) -> LoadedModel:
-    """Load the denoiser, scheduler config and, when present, the text encoder and tokenizer
-    (safetensors only unless ``allow_pickle``)."""
+    """Load the denoiser and scheduler config (safetensors only unless ``allow_pickle``; text encoders are loaded
+    only to encode prompts: :mod:`dqdeploy.io.prompts`)."""
     model_dir = Path(model_dir)
     denoiser, files = _load_denoiser(model_dir, allow_pickle)
     loaded = LoadedModel(denoiser, load_scheduler_config(model_dir, scheduler_dir), model_dir, weight_files=files)
-    if (model_dir / "text_encoder").is_dir() and (model_dir / "tokenizer").is_dir():
-        loaded.text_encoder, loaded.tokenizer = _load_text_stack(model_dir, allow_pickle)
     return loaded
-
-
-def _load_text_stack(model_dir: Path, allow_pickle: bool = False) -> tuple[Any, Any]:
-    from ..core.errors import require
-
-    transformers = require("transformers", "sd", "encoding prompts of a Stable Diffusion pipeline")
-    try:
-        encoder = transformers.CLIPTextModel.from_pretrained(
-            str(model_dir / "text_encoder"), use_safetensors=None if allow_pickle else True).eval()
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the text encoder of {model_dir}: {type(exc).__name__}: {str(exc)[:300]}",
-                             hint="safetensors weights are required unless --allow-pickle") from None
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
-    return encoder, tokenizer
 
 
 def make_scheduler(name: str | None, config: dict[str, Any], steps: int | None = None) -> Any:
@@ -268,22 +250,6 @@ def check_steps(scheduler: Any, steps: int) -> None:
 
 
 @torch.no_grad()
-def encode_prompts(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP text embeddings [N, S, D] of ``prompts`` and of the empty prompt [1, S, D]."""
-    if loaded.text_encoder is None:
-        raise ModelLoadError(
-            f"{loaded.model_dir} has no text_encoder/ and tokenizer/, so --prompts cannot be encoded",
-            hint="pass precomputed embeddings with --cond FILE.safetensors instead",
-        )
-    tok = loaded.tokenizer
-
-    def encode(texts: list[str]) -> torch.Tensor:
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return loaded.text_encoder(ids.input_ids)[0].float()
-
-    return encode(prompts), encode([""])
-
-
 def latent_shape(denoiser: Any) -> tuple[int, ...]:
     """The shape of one noise sample for a diffusers denoiser (``(C, H, W)``; Flux: ``(N, C)``)."""
     return spec_latent_shape(spec_of(denoiser), denoiser.config, 1)[1:]

@@ -178,11 +178,15 @@ def check_output_file(path: str | Path, what: str = "output file", sources: Iter
 
 
 def own_file(path: str | Path) -> bool:
-    """Whether the existing file ``path`` is one dqdeploy wrote: a JSON report tagged ``dqdeploy-...`` or a PNG with
-    dqdeploy's text chunk."""
+    """Whether the existing file ``path`` is one dqdeploy wrote: a JSON report tagged ``dqdeploy-...``, a PNG with
+    dqdeploy's text chunk, or a safetensors file whose metadata says ``format: dqdeploy-...``."""
     path = Path(path)
     try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_METADATA_BYTES:
+        if path.is_symlink() or not path.is_file():
+            return False
+        if path.suffix == ".safetensors":
+            return _safetensors_format(path).startswith(OWN_REPORT_PREFIX)
+        if path.stat().st_size > MAX_METADATA_BYTES:
             return False
         data = path.read_bytes()
     except OSError:
@@ -194,6 +198,20 @@ def own_file(path: str | Path) -> bool:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return False
     return isinstance(doc, dict) and str(doc.get("format", "")).startswith(OWN_REPORT_PREFIX)
+
+
+def _safetensors_format(path: Path) -> str:
+    """The ``format`` entry of a safetensors file's ``__metadata__`` (its header only is read), or ""."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= MAX_METADATA_BYTES:
+                return ""
+            header = json.loads(fh.read(size))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return ""
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return str(meta.get("format", "")) if isinstance(meta, dict) else ""
 
 
 def check_output_files(outputs: Mapping[str, str | Path | None], *, sources: Iterable[str | Path | None] = (),

@@ -29,6 +29,9 @@ COND_KEY = CONTEXT
 UNCOND_KEY = "uncond_encoder_hidden_states"
 POOLED_KEY = "pooled_projections"
 UNCOND_POOLED_KEY = "uncond_pooled_projections"
+# what diffusers' encode_prompt calls the same tensors (accepted in a --cond file)
+ALIASES = {"prompt_embeds": COND_KEY, "negative_prompt_embeds": UNCOND_KEY, "pooled_prompt_embeds": POOLED_KEY,
+           "negative_pooled_prompt_embeds": UNCOND_POOLED_KEY}
 
 
 @dataclass
@@ -82,10 +85,33 @@ def _check_rows(path: Path, name: str, tensor: torch.Tensor | None, rank: int, w
         raise CalibrationError(f"{path}: {name} holds NaN or Inf values", hint="recompute the embeddings")
 
 
+def _renamed(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with diffusers' ``encode_prompt`` names (``prompt_embeds``, ``negative_prompt_embeds``,
+    ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``) renamed to this file's; the negative rows, one per
+    prompt in diffusers, must all be one negative prompt's, and one row of it is kept."""
+    out = dict(tensors)
+    for alias, name in ALIASES.items():
+        if alias not in tensors:
+            continue
+        if name in tensors:
+            raise CalibrationError(f"{path} has both {alias!r} and {name!r}", hint="keep one of the two names")
+        value = out.pop(alias)
+        if name.startswith("uncond") and value.dim() >= 1 and value.shape[0] > 1:
+            if not torch.equal(value, value[:1].expand_as(value)):
+                raise CalibrationError(f"{path}: the {value.shape[0]} rows of {alias} differ; dqdeploy guides with "
+                                       "one negative prompt",
+                                       hint=f"save one negative prompt's embeddings as {alias} [1, ...]")
+            value = value[:1]
+        out[name] = value
+    return out
+
+
 def load_conditioning(path: str | Path) -> Conditioning:
     """Read ``--cond FILE.safetensors``: ``encoder_hidden_states`` [P, S, D] (required),
     ``pooled_projections`` [P, D2] (SD3 and Flux), and optionally ``uncond_encoder_hidden_states``
-    [1, S, D] / ``uncond_pooled_projections`` [1, D2] (enable classifier-free guidance)."""
+    [1, S, D] / ``uncond_pooled_projections`` [1, D2] (enable classifier-free guidance). diffusers'
+    ``encode_prompt`` names are accepted for the same tensors (``prompt_embeds``, ``negative_prompt_embeds``,
+    ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -95,6 +121,14 @@ def load_conditioning(path: str | Path) -> Conditioning:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise CalibrationError(f"{path} is not a readable safetensors file: {exc}") from None
+    return conditioning_from(tensors, path)
+
+
+def conditioning_from(tensors: dict[str, torch.Tensor], path: str | Path) -> Conditioning:
+    """:class:`Conditioning` from named tensors (a ``--cond`` file's, or :func:`dqdeploy.io.prompts.encode`'s),
+    checked; ``path`` names their source in errors."""
+    path = Path(path)
+    tensors = _renamed(path, tensors)
     if COND_KEY not in tensors:
         raise CalibrationError(
             f"{path} has keys {sorted(tensors)}; expected {COND_KEY!r} [P, S, D]",

@@ -27,7 +27,7 @@ from ..io.artifact import LayerMeta, Manifest, QuantizeResult, install_quant_lay
 from ..io.atomic import check_target, own_tempdir
 from ..io.checkpoint import RunCheckpoint, fingerprint
 from ..io.float_layers import FloatLayers
-from ..io.models import LoadedModel, encode_prompts, load_model, make_scheduler, portable_config
+from ..io.models import LoadedModel, load_model, make_scheduler, portable_config
 from ..quant.attention import attention_in_state, install_attention_quant
 from ..quant.blocks import Block, partition
 from ..quant.blockstore import BlockStore
@@ -53,6 +53,7 @@ from ..quant.trajectories import (
     calibration_subset,
     check_guidance,
     collect,
+    conditioning_from,
     load_conditioning,
 )
 from ..system import distributed
@@ -64,7 +65,8 @@ from .quality_risk import assess, load_reference, warn_if_at_risk
 log = logging.getLogger(__name__)
 
 
-def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None) -> Conditioning | None:
+def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: list[str] | None,
+                  allow_pickle: bool = False) -> Conditioning | None:
     name = type(loaded.denoiser).__name__
     if not loaded.conditional:
         if cond_file or prompts:
@@ -73,11 +75,9 @@ def _conditioning(loaded: LoadedModel, cond_file: str | Path | None, prompts: li
     if cond_file:
         cond = load_conditioning(cond_file)
     elif prompts:
-        if spec_for(name).is_transformer:
-            raise CalibrationError(f"--prompts encodes CLIP prompts for Stable Diffusion UNets; "
-                                   f"{name} needs its own text encoders",
-                                   hint="pass precomputed embeddings with --cond FILE.safetensors")
-        cond = Conditioning(*encode_prompts(loaded, prompts))
+        from ..io.prompts import encode
+
+        cond = conditioning_from(encode(loaded.model_dir, prompts, allow_pickle=allow_pickle), loaded.model_dir)
     else:
         raise CalibrationError(
             f"{name} is conditional and needs calibration conditioning",
@@ -201,7 +201,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
         check_fallback(recipe, loaded.denoiser)
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
-        conditioning = _conditioning(loaded, cond_file, prompts)
+        conditioning = _conditioning(loaded, cond_file, prompts, allow_pickle)
         check_guidance(conditioning, calibration.guidance, loaded.denoiser, cond_file)
     calib = ckpt.calibration() if ckpt else None
     if calib is not None:
