@@ -102,15 +102,12 @@ def search_order(qmodel: QuantizedDenoiser, recipe: Recipe, subset, names: list[
     """The layers the leave-one-out search scores, in the order it scores them: all of ``names`` in model order
     when it scores every layer without a time budget; else ranked by :func:`~.sensitivity.screen` (most
     promising first, so a time budget cuts the least promising), the first :func:`candidate_count`. Under
-    torchrun rank 0 screens and every rank takes its order."""
+    torchrun the ranks share the screen's batches and get the same order."""
     count = candidate_count(recipe, len(names))
     if count == len(names) and recipe.fallback_time is None:
         return names
-    ranked = None
-    if distributed.rank() == 0:
-        start = time.monotonic()
-        estimate = screen(qmodel, subset, step_weights=step_weights, batch=recipe.batch_size)  # a backward's batch
-        ranked = sorted(names, key=lambda n: -estimate[n])  # stable: ties keep model order
-        log.info("fallback auto: a first-order screen ranked %d layers in %.0f s; leave-one-out scores the first %d",
-                 len(names), time.monotonic() - start, count)
-    return distributed.broadcast(ranked)[:count]
+    start = time.monotonic()
+    estimate = screen(qmodel, subset, step_weights=step_weights, batch=recipe.batch_size)  # a backward's batch
+    log.info("fallback auto: a first-order screen ranked %d layers in %.0f s; leave-one-out scores the first %d",
+             len(names), time.monotonic() - start, count)
+    return sorted(names, key=lambda n: -estimate[n])[:count]  # stable: ties keep model order

@@ -31,6 +31,7 @@ import torch
 from ..core.denoisers import spec_of
 from ..core.inputs import DenoiserInputs, forward_hooks
 from ..core.metrics import relative_error
+from ..system import distributed
 from ..system.progress import progress
 from .blocks import partition
 from .modules import QuantizedDenoiser, QuantLayer, quant_layers
@@ -200,7 +201,8 @@ def screen(model: QuantizedDenoiser, inputs: Inputs, *, step_weights: dict[float
     per batch, instead of one forward pass per layer: ``gain_i ~ <dM/dy_i, y_i - y_i^fp>``, where ``M`` is the
     step-weighted relative output error of the fully quantized model, ``y_i`` layer ``i``'s output and ``y_i^fp``
     its output with its own quantizers off on the same input (what leave-one-out switches). Costs about four
-    forward passes of ``inputs`` whatever the number of layers. ``only``: score these layers only."""
+    forward passes of ``inputs`` whatever the number of layers; under torchrun the ranks share the batches.
+    ``only``: score these layers only."""
     model.eval()
     inputs = as_inputs(inputs, model)
     meter = ErrorMeter(model, inputs, batch, step_weights)
@@ -229,15 +231,16 @@ def screen(model: QuantizedDenoiser, inputs: Inputs, *, step_weights: dict[float
         for p in trainable:
             p.requires_grad_(False)
         with forward_hooks((m, "post", make_hook(n, m)) for n, m in layers.items()):
-            for idx in progress(torch.arange(len(inputs)).split(batch), -(-len(inputs) // batch),
-                                "sensitivity (screen)", unit="batch"):
+            batches = list(torch.arange(len(inputs)).split(batch))[distributed.rank()::distributed.world()]
+            for idx in progress(batches, len(batches), "sensitivity (screen)", unit="batch"):
                 with quantized_only(model, None, None), torch.enable_grad():
                     err = relative_error(inputs.slice(idx).call(model), meter.ref[idx])
                     (err * weight[idx]).sum().backward()
     finally:
         for p in trainable:
             p.requires_grad_(True)
-    return {n: float(v) for n, v in sums.items()}
+    parts = distributed.all_gather({n: float(v) for n, v in sums.items()})  # under torchrun: each rank's batches
+    return {n: sum(part[n] for part in parts) for n in sums}  # summed in rank order: the same on every rank
 
 
 def _accumulate(total: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor) -> None:

@@ -100,6 +100,15 @@ def test_two_processes_write_the_one_process_artifact_without_distillation(model
     _same_bytes(tmp_path / "one", tmp_path / "two")
 
 
+def test_a_screened_fallback_search_in_two_processes_chooses_as_one(model, tmp_path):
+    """The first-order screen shares its batches between the ranks (sums gathered in rank order) and leave-one-out
+    its candidates: the same float layers, the same artifact."""
+    _two_processes(model, tmp_path / "two", "--no-distill", "--fallback-candidates", "6", "--fallback-budget", "0.5")
+    _one_process(model, tmp_path / "one", RECIPE.replace(distill="none", fallback_candidates=6, fallback_budget=0.5))
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["fallback"]
+    _same_bytes(tmp_path / "one", tmp_path / "two")
+
+
 def test_distillation_in_two_processes_is_gradient_accumulation_over_the_same_slices(model, tmp_path):
     two, micro, one = tmp_path / "two", tmp_path / "micro", tmp_path / "one"
     _two_processes(model, two)
