@@ -5,8 +5,13 @@ Sections of the JSON report:
 
 * ``per_step``: denoiser output error (relative error, SNR, cosine) at every sampling step along real
   FP trajectories (:func:`dqdeploy.eval.compare.step_errors`), plus its summary.
-* ``images``: PSNR / SSIM / relative error of the quantized samples against the FP samples drawn from
-  the same noise (and the same prompts).
+* ``images``: PSNR / SSIM / relative error of the quantized images against the FP images drawn from
+  the same noise (and the same prompts), with ``space`` saying what was compared: the samples themselves
+  (1 or 3 channels), or latents decoded by the pipeline's VAE (``vae/`` beside the FP folder, or
+  ``EvalConfig.vae``) -- both models' final latents through the same decoder.
+* ``latents``: latent models only, the same measures on the final latents (data range: the FP latents'
+  range); the only figures where no VAE is found.
+* ``verdict``: one line a person reads (:mod:`dqdeploy.eval.verdict`: a level with its thresholds).
 * ``fid``: when a feature extractor or reference images are given, the Frechet distance of FP and
   quantized samples to the reference (a folder of images, else the FP samples themselves).
 * ``digits``: the digits-FID of both, for 1x16x16 models (the digits family).
@@ -32,8 +37,10 @@ from ..io.atomic import atomic_write_bytes
 from ..io.models import latent_shape
 from ..stages.generate import choose_sampler, generate_from, load_cond
 from ..stages.sources import OpenedModel, open_model
+from ..stages.vae import IMAGE_CHANNELS, VaeDecoder, image_decoder
 from .compare import image_errors, step_errors, summarize_steps
 from .features import check_extractor, extract, load_extractor, load_reference_images
+from .verdict import verdict
 
 DIGITS_SHAPE = (1, 16, 16)
 log = logging.getLogger(__name__)
@@ -55,6 +62,7 @@ class EvalConfig:
     fid_ref: str | Path | None = None  # folder of reference images
     fid_extractor: str | None = None  # see dqdeploy.eval.features.load_extractor
     scheduler_dir: str | Path | None = None  # when --fp is a bare denoiser folder
+    vae: str | Path | None = None  # latent models: the VAE folder (default: the vae/ beside the FP folder)
 
     def __post_init__(self) -> None:
         if self.n < 2 or self.step_samples < 1 or self.batch_size < 1:
@@ -124,6 +132,28 @@ def _source_warnings(summary: dict[str, float], path: Path, fp_dir: Path) -> lis
     return [text]
 
 
+def _decoder(fp_dir: Path, fp: OpenedModel, shape: tuple[int, ...], vae: str | Path | None) -> VaeDecoder | None:
+    """The VAE that turns both models' latents into images: ``vae``, else the ``vae/`` beside ``fp_dir``; None for
+    models that make images, and for latent models without a VAE (their figures stay on latents, with a warning)."""
+    if len(shape) != 3:
+        return None  # packed latents (Flux): not decoded here
+    return image_decoder(fp_dir, fp.kind, fp.denoiser, vae, required=False)
+
+
+def _images(opened: OpenedModel, sample: dict[str, Any], decoder: VaeDecoder | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, final latents)`` of one model: the images clamped to [-1, 1] (decoded where ``decoder``), the
+    latents as the sampler left them (not clamped)."""
+    latents: list[torch.Tensor] = []
+
+    def decode(batch: torch.Tensor) -> torch.Tensor:
+        latents.append(batch)
+        return batch if decoder is None else decoder(batch)
+
+    images = generate_from(opened, decode=decode, **sample)
+    return images, torch.cat(latents)
+
+
 def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalConfig(),
                    png: str | Path | None = None) -> dict[str, Any]:
     """Compare the model at ``path`` (artifact or export folder, run by ``cfg.runtime``) with the FP
@@ -140,9 +170,11 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     if png is not None and len(shape) != 3:
         raise DQDeployError(f"--png shows latents as images; {fp_dir} makes packed latents {shape}",
                             hint="leave out --png for this model")
+    decoder = _decoder(fp_dir, fp, shape, cfg.vae)  # loaded and checked before any sampling
+    image_shape = shape if decoder is None else decoder.image_shape(shape)
     conditioning = load_cond(test, cfg.cond_file, cfg.guidance)
     fid = (None if cfg.fid_ref is None and cfg.fid_extractor is None
-           else fid_setup(cfg.fid_ref, cfg.fid_extractor, shape))
+           else fid_setup(cfg.fid_ref, cfg.fid_extractor, image_shape))
     # the calibrated sampler and step count unless asked (an export without a scheduler: the FP folder's)
     sampler = choose_sampler(test, cfg.scheduler, cfg.steps, fallback_config=fp.scheduler_config)
     say(sampler.describe())
@@ -155,21 +187,35 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     per_step = step_errors(fp.denoiser, test.denoiser, sampler.make(), noise, steps,
                            cond=step_cond, uncond=uncond, guidance=cfg.guidance)
     warnings = _source_warnings(summarize_steps(per_step), path, fp_dir)  # said before the sampling, not after
-    fp_images = generate_from(fp, **sample)
-    test_images = generate_from(test, **sample)
+    (fp_images, fp_latents), (test_images, test_latents) = (_images(m, sample, decoder) for m in (fp, test))
     report: dict[str, Any] = {
         "path": str(path), "fp": str(fp_dir), "kind": test.kind, "runtime": cfg.runtime,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
                   | {"steps": steps, "scheduler": type(sampler.make()).__name__},
         "per_step_summary": summarize_steps(per_step),
         "per_step": per_step,
-        "images": image_errors(fp_images, test_images),
     }
+    space = "samples" if shape[0] in IMAGE_CHANNELS and decoder is None else None
+    if decoder is not None:
+        space = f"VAE-decoded images ({decoder.folder})"
+        report["vae"] = str(decoder.folder)
+    if space is not None:
+        report["images"] = image_errors(fp_images, test_images) | {"space": space}
+    if shape[0] not in IMAGE_CHANNELS:  # latent models: the latent figures too, labelled as such
+        data_range = float(fp_latents.max() - fp_latents.min()) or 1.0
+        report["latents"] = image_errors(fp_latents, test_latents, data_range) | {
+            "space": "final latents (not images)", "data_range": data_range}
+        if decoder is None and len(shape) == 3:
+            warnings.append(f"{fp_dir} has no vae/ beside its denoiser: PSNR/SSIM are on latents, not images "
+                            "(pass --vae DIR for image-space figures)")
+            log.warning(warnings[-1])
+    report["verdict"] = verdict(report.get("images"), "VAE-decoded images" if decoder else "the samples",
+                                report["per_step_summary"])
     if warnings:
         report["warnings"] = warnings
     if fid is not None:
         report["fid"] = _fid_section(fid, fp_images, test_images)
-    if shape == DIGITS_SHAPE:
+    if image_shape == DIGITS_SHAPE:
         from .fid import digits_fid
 
         report["digits"] = {"fp": digits_fid(fp_images), "quantized": digits_fid(test_images)}
@@ -177,8 +223,8 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     if png is not None:
         from .grid import save_side_by_side
 
-        k, (c, h, w) = min(cfg.n, 64), shape
-        shown = slice(0, 1) if c < 3 else slice(0, 3)  # latent models: the first channel(s) as an image
+        k, (c, h, w) = min(cfg.n, 64), tuple(fp_images.shape[1:])
+        shown = slice(0, 1) if c < 3 else slice(0, 3)  # latents without a VAE: the first channel(s) as an image
         save_side_by_side({"FP": fp_images[:k, shown], f"{test.kind} ({cfg.runtime})": test_images[:k, shown]}, png,
                           scale=max(1, 64 // max(h, w)))
         report["png"] = str(png)
