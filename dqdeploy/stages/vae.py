@@ -19,6 +19,7 @@ from ..io.folders import FolderKind
 from ..io.models import latent_shape
 
 IMAGE_CHANNELS = (1, 3)
+DECODE_CHUNK = 4  # latents decoded at once: SD's VAE makes 128-channel 512x512 activations, 134 MB each per image
 VAE_CLASS = "AutoencoderKL"
 VAE_HINT = ("pass --vae DIR: the vae/ folder (AutoencoderKL) of the diffusers pipeline the model was quantized from, "
             "or that pipeline folder")
@@ -59,7 +60,8 @@ class VaeDecoder:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.float() / self.scaling + self.shift).sample
+        return torch.cat([self.vae.decode(chunk.float() / self.scaling + self.shift).sample
+                          for chunk in latents.split(DECODE_CHUNK)])
 
     def image_shape(self, latent: tuple[int, ...]) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images decoded from latents ``latent`` = ``(c, h, w)`` (one 2x upsampling per

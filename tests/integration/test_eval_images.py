@@ -104,3 +104,16 @@ def test_verdict_thresholds():
     assert level(CLOSE_PSNR_DB + 10, CLOSE_SSIM - 0.01) == "visible"
     assert level(VISIBLE_PSNR_DB, VISIBLE_SSIM) == "visible"
     assert level(VISIBLE_PSNR_DB - 0.1, 0.99) == "far" and level(40.0, VISIBLE_SSIM - 0.01) == "far"
+
+
+def test_latents_are_decoded_a_few_at_a_time_with_the_same_result(sd):  # noqa: F811
+    import torch
+
+    from dqdeploy.stages.vae import DECODE_CHUNK, image_decoder
+    from tests.helpers import tiny_cond_unet
+
+    decoder = image_decoder(sd[0], "fp", tiny_cond_unet())
+    assert decoder is not None and decoder.image_shape((4, 8, 8)) == (3, 16, 16)
+    latents = torch.randn(DECODE_CHUNK + 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([decoder(x[None]) for x in latents])
+    assert torch.allclose(decoder(latents), alone, atol=1e-5) and alone.shape == (DECODE_CHUNK + 1, 3, 16, 16)
