@@ -35,7 +35,8 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
     """Quality of PATH. With --fp (any supported model): per-step denoiser error along FP trajectories,
     PSNR/SSIM of images from the same noise (latent models: both models' latents decoded by the pipeline's VAE,
     the latent figures beside them), FID if --fid-ref/--fid-extractor, a side-by-side PNG, and a one-line
-    verdict on stderr. Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples."""
+    verdict on stderr. Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples (latent
+    models: decoded by --vae)."""
     from ..eval.report import EvalConfig, quality_report, sample_quality, write_report
     from ..io.paths import check_output_files
 
@@ -46,11 +47,10 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
                          scheduler_dir=scheduler_dir, vae=vae, **kw)
         report = quality_report(path, fp_dir, cfg, png=png)
     else:
-        for option, value in (("--png", png), ("--vae", vae)):
-            if value:
-                raise DQDeployError(f"{option} compares FP and quantized images and needs --fp MODEL_DIR",
-                                    hint="add --fp, or use --grid for a grid of PATH's samples")
-        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, **kw)
+        if png:
+            raise DQDeployError("--png shows FP and quantized samples side by side and needs --fp MODEL_DIR",
+                                hint="add --fp, or use --grid for a grid of PATH's samples")
+        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, vae=vae, **kw)
     if report_path:
         write_report(report, report_path)
     if "verdict" in report:

@@ -132,12 +132,12 @@ def _source_warnings(summary: dict[str, float], path: Path, fp_dir: Path) -> lis
     return [text]
 
 
-def _decoder(fp_dir: Path, fp: OpenedModel, shape: tuple[int, ...], vae: str | Path | None) -> VaeDecoder | None:
-    """The VAE that turns both models' latents into images: ``vae``, else the ``vae/`` beside ``fp_dir``; None for
-    models that make images, and for latent models without a VAE (their figures stay on latents, with a warning)."""
+def _decoder(path: Path, opened: OpenedModel, shape: tuple[int, ...], vae: str | Path | None) -> VaeDecoder | None:
+    """The VAE that turns latents into images: ``vae``, else the ``vae/`` beside the diffusers folder ``path``; None
+    for models that make images, and for latent models without a VAE (their figures stay on latents)."""
     if len(shape) != 3:
         return None  # packed latents (Flux): not decoded here
-    return image_decoder(fp_dir, fp.kind, fp.denoiser, vae, required=False)
+    return image_decoder(path, opened.kind, opened.denoiser, vae, required=False)
 
 
 def _images(opened: OpenedModel, sample: dict[str, Any], decoder: VaeDecoder | None
@@ -234,27 +234,35 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
 
 def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_extractor: str | None = None,
                    grid: str | Path | None = None, runtime: Runtime = "auto", cond_file: str | Path | None = None,
-                   **sample: Any) -> dict[str, Any]:
+                   vae: str | Path | None = None, **sample: Any) -> dict[str, Any]:
     """Quality of one model's own samples, no FP model needed: the digits-FID for 1x16x16 models,
-    and/or the Frechet distance to ``fid_ref`` images (features by ``fid_extractor``)."""
+    and/or the Frechet distance to ``fid_ref`` images (features by ``fid_extractor``). A latent model's samples are
+    decoded by ``vae`` (or the ``vae/`` beside a diffusers folder) first, so they compare with reference images."""
     from .fid import feature_stats, frechet_distance
 
     opened = open_model(path, runtime)
     shape = latent_shape(opened.denoiser)
-    digits = shape == DIGITS_SHAPE
     if grid and len(shape) != 3:
         raise DQDeployError(f"--grid shows latents as images; {path} makes packed latents {shape}",
                             hint="leave out --grid for this model")
-    if not digits and (fid_ref is None or len(shape) != 3):
+    decoder = _decoder(Path(path), opened, shape, vae)
+    shape = shape if decoder is None else decoder.image_shape(shape)
+    digits = shape == DIGITS_SHAPE
+    if not digits and (fid_ref is None or len(shape) != 3 or shape[0] not in IMAGE_CHANNELS):
         raise DQDeployError(
             f"{path} is not a digits model (its samples are {'x'.join(map(str, shape))}), "
             "so there is nothing to score it against"
-            + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)"),
+            + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)")
+            + (" (latents: pass --vae DIR to compare decoded images)" if len(shape) == 3
+               and shape[0] not in IMAGE_CHANNELS else ""),
             hint="pass --fp MODEL_DIR for the full report against the FP model, "
                  "or --fid-ref FOLDER of reference images")
     setup = None if fid_ref is None else fid_setup(fid_ref, fid_extractor, shape)  # before sampling
-    images = generate_from(opened, conditioning=load_cond(opened, cond_file, sample.get("guidance", 1.0)), **sample)
+    images = generate_from(opened, conditioning=load_cond(opened, cond_file, sample.get("guidance", 1.0)),
+                           decode=decoder, **sample)
     report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
+    if decoder is not None:
+        report["vae"] = str(decoder.folder)
     if digits and fid_ref is None and fid_extractor in (None, "digits"):
         from .fid import digits_fid
 

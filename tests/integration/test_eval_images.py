@@ -95,7 +95,26 @@ def test_a_bad_vae_is_refused_before_sampling(sd, tmp_path):  # noqa: F811
     (broken / "config.json").write_text(json.dumps({**config, "latent_channels": 16}))
     assert_user_error(dqdeploy("eval", q, *args, "--vae", broken), "decodes 16-channel latents")
     assert "sampling with" not in proc.stderr and not png.exists()
-    assert_user_error(dqdeploy("eval", q, "--vae", pipe, "--n", 2), "--vae", "needs --fp")
+    assert_user_error(dqdeploy("eval", q, "--n", 2, "--fid-ref", tmp_path), "samples are 4x8x8", "pass --vae DIR")
+
+
+def test_without_fp_the_decoded_samples_meet_the_reference_images(sd, tmp_path):  # noqa: F811
+    """`eval Q --vae PIPE --fid-ref FOLDER --grid G`: the Frechet distance and the grid of decoded RGB images."""
+    import numpy as np
+
+    pipe, cond, _no_uncond, q = sd
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(refs / f"{i}.png")
+    grid = tmp_path / "grid.png"
+    proc = dqdeploy("eval", q, "--cond", cond, "--n", 4, "--batch-size", 4, "--vae", pipe, "--fid-ref", refs,
+                    "--fid-extractor", "pixels", "--grid", grid)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["vae"] == str(pipe / "vae") and out["fid"]["n_reference"] == 4 and out["fid"]["value"] > 0
+    with Image.open(grid) as img:  # 2 x 2 decoded 16x16 RGB images, 4x enlarged, 2 px padding
+        assert img.mode == "RGB" and img.size == (2 * (16 * 4 + 2) + 2,) * 2
 
 
 def test_verdict_thresholds():
