@@ -154,6 +154,33 @@ def _images(opened: OpenedModel, sample: dict[str, Any], decoder: VaeDecoder | N
     return images, torch.cat(latents)
 
 
+def _image_figures(shape: tuple[int, ...], decoder: VaeDecoder | None, fp: tuple[torch.Tensor, torch.Tensor],
+                   test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """``images`` (samples that are images, or latents decoded by ``decoder``) and, for latent models, ``latents``:
+    PSNR / SSIM / relative error of the quantized model's vs the FP model's, each labelled with what it compares.
+    ``fp`` and ``test``: (images, final latents)."""
+    out: dict[str, Any] = {}
+    if decoder is not None:
+        out["vae"] = str(decoder.folder)
+        out["images"] = image_errors(fp[0], test[0]) | {"space": f"VAE-decoded images ({decoder.folder})"}
+    elif shape[0] in IMAGE_CHANNELS:
+        out["images"] = image_errors(fp[0], test[0]) | {"space": "samples"}
+    if shape[0] not in IMAGE_CHANNELS:  # latent models: the latent figures too, labelled as such
+        data_range = float(fp[1].max() - fp[1].min()) or 1.0
+        out["latents"] = image_errors(fp[1], test[1], data_range) | {"space": "final latents (not images)",
+                                                                     "data_range": data_range}
+    return out
+
+
+def _side_by_side(png: str | Path, panels: dict[str, torch.Tensor], limit: int = 64) -> Path:
+    """At most ``limit`` images of each panel side by side (latents without a VAE: their first channel(s))."""
+    from .grid import save_side_by_side
+
+    c, h, w = next(iter(panels.values())).shape[1:]
+    shown = slice(0, 1) if c < 3 else slice(0, 3)
+    return save_side_by_side({k: v[:limit, shown] for k, v in panels.items()}, png, scale=max(1, 64 // max(h, w)))
+
+
 def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalConfig(),
                    png: str | Path | None = None) -> dict[str, Any]:
     """Compare the model at ``path`` (artifact or export folder, run by ``cfg.runtime``) with the FP
@@ -178,37 +205,27 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     # the calibrated sampler and step count unless asked (an export without a scheduler: the FP folder's)
     sampler = choose_sampler(test, cfg.scheduler, cfg.steps, fallback_config=fp.scheduler_config)
     say(sampler.describe())
-    steps = sampler.steps
     sample: dict[str, Any] = dict(n=cfg.n, sampler=sampler, seed=cfg.seed, batch_size=cfg.batch_size,
                                   conditioning=conditioning, guidance=cfg.guidance)
     noise = torch.randn(cfg.step_samples, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     step_cond, uncond = ((None, None) if conditioning is None
                          else (conditioning.for_batch(0, cfg.step_samples), conditioning.unconditional()))
-    per_step = step_errors(fp.denoiser, test.denoiser, sampler.make(), noise, steps,
+    per_step = step_errors(fp.denoiser, test.denoiser, sampler.make(), noise, sampler.steps,
                            cond=step_cond, uncond=uncond, guidance=cfg.guidance)
     warnings = _source_warnings(summarize_steps(per_step), path, fp_dir)  # said before the sampling, not after
     (fp_images, fp_latents), (test_images, test_latents) = (_images(m, sample, decoder) for m in (fp, test))
     report: dict[str, Any] = {
         "path": str(path), "fp": str(fp_dir), "kind": test.kind, "runtime": cfg.runtime,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-                  | {"steps": steps, "scheduler": type(sampler.make()).__name__},
+                  | {"steps": sampler.steps, "scheduler": type(sampler.make()).__name__},
         "per_step_summary": summarize_steps(per_step),
         "per_step": per_step,
     }
-    space = "samples" if shape[0] in IMAGE_CHANNELS and decoder is None else None
-    if decoder is not None:
-        space = f"VAE-decoded images ({decoder.folder})"
-        report["vae"] = str(decoder.folder)
-    if space is not None:
-        report["images"] = image_errors(fp_images, test_images) | {"space": space}
-    if shape[0] not in IMAGE_CHANNELS:  # latent models: the latent figures too, labelled as such
-        data_range = float(fp_latents.max() - fp_latents.min()) or 1.0
-        report["latents"] = image_errors(fp_latents, test_latents, data_range) | {
-            "space": "final latents (not images)", "data_range": data_range}
-        if decoder is None and len(shape) == 3:
-            warnings.append(f"{fp_dir} has no vae/ beside its denoiser: PSNR/SSIM are on latents, not images "
-                            "(pass --vae DIR for image-space figures)")
-            log.warning(warnings[-1])
+    report |= _image_figures(shape, decoder, (fp_images, fp_latents), (test_images, test_latents))
+    if shape[0] not in IMAGE_CHANNELS and decoder is None and len(shape) == 3:
+        warnings.append(f"{fp_dir} has no vae/ beside its denoiser: PSNR/SSIM are on latents, not images "
+                        "(pass --vae DIR for image-space figures)")
+        log.warning(warnings[-1])
     report["verdict"] = verdict(report.get("images"), "VAE-decoded images" if decoder else "the samples",
                                 report["per_step_summary"])
     if warnings:
@@ -221,13 +238,7 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
         report["digits"] = {"fp": digits_fid(fp_images), "quantized": digits_fid(test_images)}
         report["digits"]["ratio"] = report["digits"]["quantized"] / max(report["digits"]["fp"], 1e-12)
     if png is not None:
-        from .grid import save_side_by_side
-
-        k, (c, h, w) = min(cfg.n, 64), tuple(fp_images.shape[1:])
-        shown = slice(0, 1) if c < 3 else slice(0, 3)  # latents without a VAE: the first channel(s) as an image
-        save_side_by_side({"FP": fp_images[:k, shown], f"{test.kind} ({cfg.runtime})": test_images[:k, shown]}, png,
-                          scale=max(1, 64 // max(h, w)))
-        report["png"] = str(png)
+        report["png"] = str(_side_by_side(png, {"FP": fp_images, f"{test.kind} ({cfg.runtime})": test_images}))
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
 
