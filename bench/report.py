@@ -357,6 +357,21 @@ def quantize_time_section(qt: dict) -> list[str]:
                   f"today's code with `{' '.join(qt['old_defaults_args'])}`: {qt['default_vs_old_defaults']:.2f}x.", ""]
 
 
+def quick_preset_section(d: dict) -> list[str]:
+    """``quantize --preset quick`` and what follows it on the shipped digits model: times, memory, the verdict."""
+    out = ["## A first try: `quantize --preset quick`", "", f"`{d['command']}` — on `{d['model']}` "
+           f"({d['scheduler']}), each command a fresh one-thread process; CPU = user + system seconds (the machine "
+           "is shared: wall time includes the others' load).", "",
+           "| command | wall (s) | CPU (s) | peak RSS (MB) |", "|---|---|---|---|"]
+    for name, runs in d["rows"].items():
+        wall, cpu = (", ".join(f"{r[k]:.1f}" for r in runs) for k in ("wall_s", "cpu_s"))
+        out.append(f"| `{d['commands'][name]}` | {wall} | {cpu} | {max(r['peak_rss_mb'] for r in runs):.0f} |")
+    q = d["quality"]
+    return out + ["", f"`eval` of the last run: {q['verdict']['text']}; digits-FID {q['digits']['quantized']:.1f} vs "
+                  f"FP {q['digits']['fp']:.1f} ({q['digits']['ratio']:.2f}x; both at the preset's 10 steps). "
+                  f"quantize's closing check: mean per-step relative error {q['manifest']['mean_rel_err']:.4f}.", ""]
+
+
 def storage_section(st: dict) -> list[str]:
     """Artifact size and load time, float weights (format 1) vs integer storage (format 2)."""
     m = st["model"]
@@ -776,6 +791,11 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
               f"{d['rows']['format2']['weights_file_bytes'] / d['model']['fp32_bytes']:.2f}x FP32")),
         ("Quantize time", ("quantize_time_",), lambda: _load("quantize_time_w8a8"), _flat(quantize_time_section),
          _one(lambda d: f"default / before {d['default_vs_before']:.2f}x")),
+        ("A first try: `quantize --preset quick`", ("quick_preset.json",), lambda: _load("quick_preset"),
+         _flat(quick_preset_section),
+         _one(lambda d: "quantize --preset quick "
+              f"{min(r['wall_s'] for r in d['rows']['quantize']):.0f} s wall, "
+              f"{min(r['cpu_s'] for r in d['rows']['quantize']):.0f} s CPU")),
         ("Reliability: the hostile-input corpus", ("reliability.json",), lambda: _load("reliability"),
          _flat(reliability_section),
          _one(lambda d: f"{d['outcomes'].get('passed', 0)} of {d['cases']} cases pass")),

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import DQDeployError
-from .params import OVERWRITE_FILES, sample_options
+from .params import OVERWRITE_FILES, VAE_OPTION, sample_options
 
 _PATH = click.Path(path_type=Path)
 
@@ -28,27 +28,32 @@ _PATH = click.Path(path_type=Path)
                    "(default: digits for 1x16x16 models, else pixels).")
 @click.option("--scheduler-dir", type=_PATH, help="With --fp: scheduler folder, when --fp is a bare denoiser folder.")
 @click.option("--grid", type=_PATH, help="Without --fp: save the samples as a PNG grid.")
+@VAE_OPTION
 @OVERWRITE_FILES
-def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, overwrite,
-             **kw) -> None:
+def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, vae,
+             overwrite, **kw) -> None:
     """Quality of PATH. With --fp (any supported model): per-step denoiser error along FP trajectories,
-    PSNR/SSIM of samples from the same noise, FID if --fid-ref/--fid-extractor, a side-by-side PNG.
-    Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples."""
+    PSNR/SSIM of images from the same noise (latent models: both models' latents decoded by the pipeline's VAE,
+    the latent figures beside them), FID if --fid-ref/--fid-extractor, a side-by-side PNG, and a one-line
+    verdict on stderr. Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples (latent
+    models: decoded by --vae)."""
     from ..eval.report import EvalConfig, quality_report, sample_quality, write_report
     from ..io.paths import check_output_files
 
     check_output_files({"--report": report_path, "--png": png, "--grid": grid}, overwrite=overwrite,  # before sampling
-                       sources=[path, fp_dir, fid_ref, scheduler_dir, kw["cond_file"]])
+                       sources=[path, fp_dir, fid_ref, scheduler_dir, kw["cond_file"], vae])
     if fp_dir is not None:
         cfg = EvalConfig(step_samples=step_samples, fid_ref=fid_ref, fid_extractor=fid_extractor,
-                         scheduler_dir=scheduler_dir, **kw)
+                         scheduler_dir=scheduler_dir, vae=vae, **kw)
         report = quality_report(path, fp_dir, cfg, png=png)
     else:
         if png:
             raise DQDeployError("--png shows FP and quantized samples side by side and needs --fp MODEL_DIR",
                                 hint="add --fp, or use --grid for a grid of PATH's samples")
-        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, **kw)
+        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, vae=vae, **kw)
     if report_path:
         write_report(report, report_path)
+    if "verdict" in report:
+        click.echo(report["verdict"]["text"], err=True)
     summary = {k: v for k, v in report.items() if k not in ("per_step", "config")}
     click.echo(json.dumps(summary, default=str))

@@ -48,6 +48,13 @@ OVERWRITE_FILES = click.option("--overwrite", is_flag=True,
                                help="Replace output files that dqdeploy wrote earlier (never other files).")
 
 
+VAE_OPTION = click.option(
+    "--vae", type=click.Path(path_type=Path),
+    help="Latent models (e.g. Stable Diffusion's 4 channels): the AutoencoderKL folder that decodes the samples to "
+         "images, or the diffusers pipeline folder holding it in vae/ (default: the vae/ beside the diffusers "
+         "folder's denoiser; artifacts and exports keep none).")
+
+
 def sample_options(f):
     """The options every sampling command takes (sample, eval)."""
     for opt in reversed([

@@ -4,18 +4,47 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ..core.vocab import LAYOUTS, SCALINGS
 from .params import POSITIVE, RATE, SECONDS, check_before_launch
 
 _PATH = click.Path(path_type=Path)
+# --preset: run settings for a purpose, keyed by this command's parameter names; options on the command line win.
+# quick: a first try of a new model in about a minute at tiny size (few steps and samples, no distillation, no
+# sensitivity search); default: the defaults shown by --help.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "quick": {"steps": 10, "calib_samples": 128, "trajectories": 8, "distill_mode": "none", "fallback": "none"},
+}
+# options that ask for what a preset value turns off: given, the preset leaves that value alone
+IMPLIED_BY = {"distill_mode": ("no_distill", "iters", "lr_weight", "lr_quant"),
+              "fallback": ("fallback_budget", "fallback_time")}
+_FLAGS = {"steps": "--steps", "calib_samples": "--calib-samples", "trajectories": "--trajectories",
+          "distill_mode": "--distill", "fallback": "--fallback"}
+
+
+def _preset_help() -> str:
+    quick = " ".join(f"{_FLAGS[k]} {v}" for k, v in PRESETS["quick"].items())
+    return (f"quick: try dqdeploy on a new model in about a minute at tiny size ({quick}); default: the defaults "
+            "shown here. Options given on the command line win; the artifact records the values used.")
+
+
+def preset_values(ctx: click.Context, preset: str) -> dict[str, Any]:
+    """The values ``--preset`` sets in this run: those of its table whose option (or one in ``IMPLIED_BY``) is not
+    on the command line."""
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    return {k: v for k, v in PRESETS[preset].items() if k not in given and not given & set(IMPLIED_BY.get(k, ()))}
 
 
 @click.command()
 @click.argument("model_dir", type=_PATH)
 @click.option("--out", "out_dir", required=True, type=_PATH, help="Artifact folder to write.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+              help=_preset_help())
 @click.option("--recipe", default="w8a8", show_default=True,
               help="Preset (w8a8; w7a8: 7-bit weights, fast exact int8 on CPUs without VNNI too; w4a8, w4a4) "
                    "or a recipe .json file.")
@@ -87,7 +116,7 @@ _PATH = click.Path(path_type=Path)
                    "finished blocks are not redone.")
 @click.option("--nproc", default=1, show_default=True, type=POSITIVE,
               help="Processes on this machine (runs the command under torchrun; the same work shared, see README).")
-def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters,
+def quantize(model_dir, out_dir, preset, recipe, scheduler, scheduler_dir, steps, calib_samples, trajectories, iters,
              batch_size, lr_weight, lr_quant, seed, cond_file, resolution, prompts_file, guidance, no_dilation, scaling,
              timestep_scales, no_distill, distill_mode, layout, fallback, fallback_budget, fallback_time,
              fallback_candidates, attention,
@@ -108,9 +137,16 @@ def quantize(model_dir, out_dir, recipe, scheduler, scheduler_dir, steps, calib_
 
         sys.exit(launch_many(nproc, resume, sys.argv[1:]))
     from ..core.recipe import CalibrationConfig, resolve_recipe
+    from ..core.terminal import say
     from ..quant.trajectories import read_prompts
     from ..stages.quantize import quantize as run_quantize
 
+    chosen = preset_values(click.get_current_context(), preset)
+    if chosen:
+        say(f"--preset {preset}: " + " ".join(f"{_FLAGS[k]} {v}" for k, v in chosen.items()))
+    steps, calib_samples, trajectories = (chosen.get(k, v) for k, v in (
+        ("steps", steps), ("calib_samples", calib_samples), ("trajectories", trajectories)))
+    distill_mode, fallback = chosen.get("distill_mode", distill_mode), chosen.get("fallback", fallback)
     r = resolve_recipe(recipe)
     changes = {k: v for k, v in dict(iters=iters, batch_size=batch_size, lr_weight=lr_weight, lr_quant=lr_quant,
                                      fallback=fallback, fallback_budget=fallback_budget, fallback_time=fallback_time,

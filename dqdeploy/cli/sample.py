@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .params import OVERWRITE_FILES, sample_options
+from .params import OVERWRITE_FILES, VAE_OPTION, sample_options
 
 
 def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, guidance, vae):
@@ -20,10 +20,7 @@ def _generate(path, n, steps, scheduler, seed, batch_size, runtime, cond_file, g
 @click.argument("path", type=click.Path(path_type=Path))
 @sample_options
 @click.option("--out", "out_png", required=True, type=click.Path(path_type=Path), help="PNG grid to write.")
-@click.option("--vae", type=click.Path(path_type=Path),
-              help="Latent models (e.g. Stable Diffusion's 4 channels): the AutoencoderKL folder that decodes the "
-                   "samples for the PNG, or the diffusers pipeline folder holding it in vae/ (default: the vae/ "
-                   "beside PATH's denoiser; artifacts and exports keep none).")
+@VAE_OPTION
 @OVERWRITE_FILES
 def sample(path, out_png, overwrite, **kw) -> None:
     """Generate images from a diffusers folder, a quantized artifact or an export folder.

@@ -49,9 +49,10 @@ def step_errors(
 
 
 def psnr(ref: torch.Tensor, test: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-image PSNR in dB of ``test`` vs ``ref`` ([N, C, H, W], values spanning ``data_range``)."""
+    """Per-image PSNR in dB of ``test`` vs ``ref`` ([N, C, H, W], values spanning ``data_range``); infinite for
+    an image equal to its reference."""
     r, q = flat_pair(ref, test)
-    mse = ((q - r) ** 2).mean(dim=1).clamp_min(1e-20)
+    mse = ((q - r) ** 2).mean(dim=1)
     return (10.0 * torch.log10(data_range ** 2 / mse)).float()
 
 
@@ -88,9 +89,11 @@ def ssim(ref: torch.Tensor, test: torch.Tensor, data_range: float = 2.0, window:
 
 
 def image_errors(ref: torch.Tensor, test: torch.Tensor, data_range: float = 2.0) -> dict[str, float]:
-    """Mean PSNR / SSIM / relative error of quantized vs FP samples (same noise, same order)."""
+    """Mean PSNR / SSIM / relative error of quantized vs FP samples (same noise, same order); the PSNR is the mean
+    over the images that differ (infinite where none does), NaN where an image holds NaN."""
     p = psnr(ref, test, data_range)
     finite = p[torch.isfinite(p)]
-    return {"psnr_db": float(finite.mean()) if finite.numel() else math.inf,
+    mean_psnr = math.nan if bool(p.isnan().any()) else float(finite.mean()) if finite.numel() else math.inf
+    return {"psnr_db": mean_psnr,
             "ssim": float(ssim(ref, test, data_range).mean()),
             "rel_err": float(tensor_errors(ref, test)["rel_err"].mean()), "n": int(ref.shape[0])}

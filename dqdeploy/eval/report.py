@@ -5,8 +5,13 @@ Sections of the JSON report:
 
 * ``per_step``: denoiser output error (relative error, SNR, cosine) at every sampling step along real
   FP trajectories (:func:`dqdeploy.eval.compare.step_errors`), plus its summary.
-* ``images``: PSNR / SSIM / relative error of the quantized samples against the FP samples drawn from
-  the same noise (and the same prompts).
+* ``images``: PSNR / SSIM / relative error of the quantized images against the FP images drawn from
+  the same noise (and the same prompts), with ``space`` saying what was compared: the samples themselves
+  (1 or 3 channels), or latents decoded by the pipeline's VAE (``vae/`` beside the FP folder, or
+  ``EvalConfig.vae``) -- both models' final latents through the same decoder.
+* ``latents``: latent models only, the same measures on the final latents (data range: the FP latents'
+  range); the only figures where no VAE is found.
+* ``verdict``: one line a person reads (:mod:`dqdeploy.eval.verdict`: a level with its thresholds).
 * ``fid``: when a feature extractor or reference images are given, the Frechet distance of FP and
   quantized samples to the reference (a folder of images, else the FP samples themselves).
 * ``digits``: the digits-FID of both, for 1x16x16 models (the digits family).
@@ -32,8 +37,10 @@ from ..io.atomic import atomic_write_bytes
 from ..io.models import latent_shape
 from ..stages.generate import choose_sampler, generate_from, load_cond
 from ..stages.sources import OpenedModel, open_model
+from ..stages.vae import IMAGE_CHANNELS, VaeDecoder, image_decoder
 from .compare import image_errors, step_errors, summarize_steps
 from .features import check_extractor, extract, load_extractor, load_reference_images
+from .verdict import verdict
 
 DIGITS_SHAPE = (1, 16, 16)
 log = logging.getLogger(__name__)
@@ -55,6 +62,7 @@ class EvalConfig:
     fid_ref: str | Path | None = None  # folder of reference images
     fid_extractor: str | None = None  # see dqdeploy.eval.features.load_extractor
     scheduler_dir: str | Path | None = None  # when --fp is a bare denoiser folder
+    vae: str | Path | None = None  # latent models: the VAE folder (default: the vae/ beside the FP folder)
 
     def __post_init__(self) -> None:
         if self.n < 2 or self.step_samples < 1 or self.batch_size < 1:
@@ -124,6 +132,55 @@ def _source_warnings(summary: dict[str, float], path: Path, fp_dir: Path) -> lis
     return [text]
 
 
+def _decoder(path: Path, opened: OpenedModel, shape: tuple[int, ...], vae: str | Path | None) -> VaeDecoder | None:
+    """The VAE that turns latents into images: ``vae``, else the ``vae/`` beside the diffusers folder ``path``; None
+    for models that make images, and for latent models without a VAE (their figures stay on latents)."""
+    if len(shape) != 3:
+        return None  # packed latents (Flux): not decoded here
+    return image_decoder(path, opened.kind, opened.denoiser, vae, required=False)
+
+
+def _images(opened: OpenedModel, sample: dict[str, Any], decoder: VaeDecoder | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, final latents)`` of one model: the images clamped to [-1, 1] (decoded where ``decoder``), the
+    latents as the sampler left them (not clamped)."""
+    latents: list[torch.Tensor] = []
+
+    def decode(batch: torch.Tensor) -> torch.Tensor:
+        latents.append(batch)
+        return batch if decoder is None else decoder(batch)
+
+    images = generate_from(opened, decode=decode, **sample)
+    return images, torch.cat(latents)
+
+
+def _image_figures(shape: tuple[int, ...], decoder: VaeDecoder | None, fp: tuple[torch.Tensor, torch.Tensor],
+                   test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """``images`` (samples that are images, or latents decoded by ``decoder``) and, for latent models, ``latents``:
+    PSNR / SSIM / relative error of the quantized model's vs the FP model's, each labelled with what it compares.
+    ``fp`` and ``test``: (images, final latents)."""
+    out: dict[str, Any] = {}
+    if decoder is not None:
+        out["vae"] = str(decoder.folder)
+        out["images"] = image_errors(fp[0], test[0]) | {"space": f"VAE-decoded images ({decoder.folder})"}
+    elif shape[0] in IMAGE_CHANNELS:
+        out["images"] = image_errors(fp[0], test[0]) | {"space": "samples"}
+    if shape[0] not in IMAGE_CHANNELS:  # latent models: the latent figures too, labelled as such
+        data_range = float(fp[1].max() - fp[1].min()) or 1.0
+        out["latents"] = image_errors(fp[1], test[1], data_range) | {"space": "final latents (not images)",
+                                                                     "data_range": data_range}
+    return out
+
+
+def _side_by_side(png: str | Path, panels: dict[str, torch.Tensor], limit: int = 64) -> Path:
+    """At most ``limit`` images of each panel side by side (latents without a VAE: their first channel(s))."""
+    from .grid import save_side_by_side
+
+    c, h, w = next(iter(panels.values())).shape[1:]
+    shown = slice(0, 1) if c < 3 else slice(0, 3)
+    return save_side_by_side({k: v[:limit, shown] for k, v in panels.items()}, png, scale=max(1, 64 // max(h, w)))
+
+
 def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalConfig(),
                    png: str | Path | None = None) -> dict[str, Any]:
     """Compare the model at ``path`` (artifact or export folder, run by ``cfg.runtime``) with the FP
@@ -140,75 +197,83 @@ def quality_report(path: str | Path, fp_dir: str | Path, cfg: EvalConfig = EvalC
     if png is not None and len(shape) != 3:
         raise DQDeployError(f"--png shows latents as images; {fp_dir} makes packed latents {shape}",
                             hint="leave out --png for this model")
+    decoder = _decoder(fp_dir, fp, shape, cfg.vae)  # loaded and checked before any sampling
+    image_shape = shape if decoder is None else decoder.image_shape(shape)
     conditioning = load_cond(test, cfg.cond_file, cfg.guidance)
     fid = (None if cfg.fid_ref is None and cfg.fid_extractor is None
-           else fid_setup(cfg.fid_ref, cfg.fid_extractor, shape))
+           else fid_setup(cfg.fid_ref, cfg.fid_extractor, image_shape))
     # the calibrated sampler and step count unless asked (an export without a scheduler: the FP folder's)
     sampler = choose_sampler(test, cfg.scheduler, cfg.steps, fallback_config=fp.scheduler_config)
     say(sampler.describe())
-    steps = sampler.steps
     sample: dict[str, Any] = dict(n=cfg.n, sampler=sampler, seed=cfg.seed, batch_size=cfg.batch_size,
                                   conditioning=conditioning, guidance=cfg.guidance)
     noise = torch.randn(cfg.step_samples, *shape, generator=torch.Generator().manual_seed(cfg.seed))
     step_cond, uncond = ((None, None) if conditioning is None
                          else (conditioning.for_batch(0, cfg.step_samples), conditioning.unconditional()))
-    per_step = step_errors(fp.denoiser, test.denoiser, sampler.make(), noise, steps,
+    per_step = step_errors(fp.denoiser, test.denoiser, sampler.make(), noise, sampler.steps,
                            cond=step_cond, uncond=uncond, guidance=cfg.guidance)
     warnings = _source_warnings(summarize_steps(per_step), path, fp_dir)  # said before the sampling, not after
-    fp_images = generate_from(fp, **sample)
-    test_images = generate_from(test, **sample)
+    (fp_images, fp_latents), (test_images, test_latents) = (_images(m, sample, decoder) for m in (fp, test))
     report: dict[str, Any] = {
         "path": str(path), "fp": str(fp_dir), "kind": test.kind, "runtime": cfg.runtime,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-                  | {"steps": steps, "scheduler": type(sampler.make()).__name__},
+                  | {"steps": sampler.steps, "scheduler": type(sampler.make()).__name__},
         "per_step_summary": summarize_steps(per_step),
         "per_step": per_step,
-        "images": image_errors(fp_images, test_images),
     }
+    report |= _image_figures(shape, decoder, (fp_images, fp_latents), (test_images, test_latents))
+    if shape[0] not in IMAGE_CHANNELS and decoder is None and len(shape) == 3:
+        warnings.append(f"{fp_dir} has no vae/ beside its denoiser: PSNR/SSIM are on latents, not images "
+                        "(pass --vae DIR for image-space figures)")
+        log.warning(warnings[-1])
+    report["verdict"] = verdict(report.get("images"), "VAE-decoded images" if decoder else "the samples",
+                                report["per_step_summary"])
     if warnings:
         report["warnings"] = warnings
     if fid is not None:
         report["fid"] = _fid_section(fid, fp_images, test_images)
-    if shape == DIGITS_SHAPE:
+    if image_shape == DIGITS_SHAPE:
         from .fid import digits_fid
 
         report["digits"] = {"fp": digits_fid(fp_images), "quantized": digits_fid(test_images)}
         report["digits"]["ratio"] = report["digits"]["quantized"] / max(report["digits"]["fp"], 1e-12)
     if png is not None:
-        from .grid import save_side_by_side
-
-        k, (c, h, w) = min(cfg.n, 64), shape
-        shown = slice(0, 1) if c < 3 else slice(0, 3)  # latent models: the first channel(s) as an image
-        save_side_by_side({"FP": fp_images[:k, shown], f"{test.kind} ({cfg.runtime})": test_images[:k, shown]}, png,
-                          scale=max(1, 64 // max(h, w)))
-        report["png"] = str(png)
+        report["png"] = str(_side_by_side(png, {"FP": fp_images, f"{test.kind} ({cfg.runtime})": test_images}))
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
 
 
 def sample_quality(path: str | Path, *, fid_ref: str | Path | None = None, fid_extractor: str | None = None,
                    grid: str | Path | None = None, runtime: Runtime = "auto", cond_file: str | Path | None = None,
-                   **sample: Any) -> dict[str, Any]:
+                   vae: str | Path | None = None, **sample: Any) -> dict[str, Any]:
     """Quality of one model's own samples, no FP model needed: the digits-FID for 1x16x16 models,
-    and/or the Frechet distance to ``fid_ref`` images (features by ``fid_extractor``)."""
+    and/or the Frechet distance to ``fid_ref`` images (features by ``fid_extractor``). A latent model's samples are
+    decoded by ``vae`` (or the ``vae/`` beside a diffusers folder) first, so they compare with reference images."""
     from .fid import feature_stats, frechet_distance
 
     opened = open_model(path, runtime)
     shape = latent_shape(opened.denoiser)
-    digits = shape == DIGITS_SHAPE
     if grid and len(shape) != 3:
         raise DQDeployError(f"--grid shows latents as images; {path} makes packed latents {shape}",
                             hint="leave out --grid for this model")
-    if not digits and (fid_ref is None or len(shape) != 3):
+    decoder = _decoder(Path(path), opened, shape, vae)
+    shape = shape if decoder is None else decoder.image_shape(shape)
+    digits = shape == DIGITS_SHAPE
+    if not digits and (fid_ref is None or len(shape) != 3 or shape[0] not in IMAGE_CHANNELS):
         raise DQDeployError(
             f"{path} is not a digits model (its samples are {'x'.join(map(str, shape))}), "
             "so there is nothing to score it against"
-            + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)"),
+            + ("" if len(shape) == 3 else " (packed latents cannot be compared with reference images)")
+            + (" (latents: pass --vae DIR to compare decoded images)" if len(shape) == 3
+               and shape[0] not in IMAGE_CHANNELS else ""),
             hint="pass --fp MODEL_DIR for the full report against the FP model, "
                  "or --fid-ref FOLDER of reference images")
     setup = None if fid_ref is None else fid_setup(fid_ref, fid_extractor, shape)  # before sampling
-    images = generate_from(opened, conditioning=load_cond(opened, cond_file, sample.get("guidance", 1.0)), **sample)
+    images = generate_from(opened, conditioning=load_cond(opened, cond_file, sample.get("guidance", 1.0)),
+                           decode=decoder, **sample)
     report: dict[str, Any] = {"path": str(path), "kind": opened.kind, "runtime": runtime, "n": int(images.shape[0])}
+    if decoder is not None:
+        report["vae"] = str(decoder.folder)
     if digits and fid_ref is None and fid_extractor in (None, "digits"):
         from .fid import digits_fid
 

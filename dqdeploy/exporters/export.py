@@ -32,7 +32,7 @@ from ..io.paths import check_output_dir, check_output_file
 from ..runtimes.spec import ExportSpec, model_folder
 from ..runtimes.targets import TargetSpec, layout_of, target_spec
 from ..system.cpu import cpu_info, exact_on, s8_exact_anywhere
-from ..system.progress import release_memory, stage
+from ..system.progress import PROGRESS, release_memory, stage
 from ..system.trt_gate import require_tensorrt
 from .attention_qdq import AttentionTensors, attention_tensors, insert_attention_qdq
 from .dequantize import LayerTensors, dequantized_denoiser, layer_tensors
@@ -205,7 +205,7 @@ def export_graph(
         if spec.layout is not None:
             opts = SurgeryOptions(layout=spec.layout, float_type=FLOAT16 if fp16 else 1,
                                   int4_linear=int4_linear, int8_format=int8_format or "vnni")
-            with stage(log, "Q/DQ surgery"):
+            with stage(PROGRESS, "Q/DQ surgery"):
                 graph = insert_qdq(graph, parts.layers, manifest.timesteps, parts.ranks, opts, parts.out_scales)
                 graph = insert_attention_qdq(graph, parts.attentions, manifest.timesteps, opts)
             wide = sum(not s8_exact_anywhere(t.w_int) for t in parts.layers.values())
@@ -219,7 +219,7 @@ def export_graph(
         int8_attention = bool(parts.attentions) and spec.layout is not None
         del parts
         graph = _finish_graph(graph, target, simplify, int8_attention)
-        with stage(log, "write the graph"):
+        with stage(PROGRESS, "write the graph"):
             _write(graph, folder, _spec(
                 graph, target, fp16, opset, dynamic_resolution, model_class=manifest.model_class,
                 model_config=manifest.model_config, timesteps=manifest.timesteps, recipe=manifest.recipe,
@@ -313,12 +313,12 @@ class _Parts:
 def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: GraphTarget, fp16: bool
              ) -> tuple[torch.nn.Module, _Parts]:
     """The float canvas (the simulation's own denoiser, converted in place) and the surgery's inputs."""
-    with stage(log, "load the artifact"):
+    with stage(PROGRESS, "load the artifact"):
         model = load_quantized(source)
     release_memory()  # what loading allocated on the way (the state dict) leaves the process
     calib = spec_for(manifest.model_class).inputs_from_dict(load_calibration_inputs(source))
     example = calib.slice(slice(0, 2))
-    with stage(log, "measure layers"):
+    with stage(PROGRESS, "measure layers"):
         layers = layer_tensors(model, manifest)
         ranks = input_ranks(model, list(layers), example, root=model.denoiser)
         out_scales = ort_output_scales(model, recipe, layers, ranks, calib) if layout_of(target) == "ort" else None
@@ -333,7 +333,7 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
 def _float_graph(denoiser: torch.nn.Module, example: DenoiserInputs, scratch: Path, opset: int = 20,
                  resolution_range: tuple[int, int] | None = None) -> Any:
     """The float ONNX graph, its large weights left in ``scratch`` (which must outlive it)."""
-    with stage(log, "float ONNX export"):
+    with stage(PROGRESS, "float ONNX export"):
         return export_float_onnx(denoiser, scratch / "float.onnx", inputs=example, opset=opset, large_external=True,
                                  resolution_range=resolution_range)
 
@@ -344,7 +344,7 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool, int8_attentio
     if simplify:
         from .simplify import simplify as run_simplify
 
-        with stage(log, "simplify"):
+        with stage(PROGRESS, "simplify"):
             graph = run_simplify(graph)
     if layout_of(target) == "ort" and int8_attention:
         log.warning("int8 attention on ONNX Runtime CPU: each attention's products run as MatMulIntegerToFloat "
@@ -354,7 +354,7 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool, int8_attentio
     if layout_of(target) == "ort":  # ONNX Runtime's own attention kernel instead of the float score matrix
         from .ort_attention import fuse_attention
 
-        with stage(log, "attention fusion"):
+        with stage(PROGRESS, "attention fusion"):
             fuse_attention(graph)
     check_graph(graph)
     if layout_of(target) == "trt":  # the graph TensorRT builds from must pass its rules, checked statically

@@ -30,7 +30,7 @@ from ..io.artifact import load_calibration_inputs, read_manifest
 from ..io.folders import detect
 from ..io.models import denoiser_config, read_config
 from ..runtimes.spec import ONNX_DATA_FILE
-from ..system.progress import stage
+from ..system.progress import PROGRESS, stage
 from .external import load_graph, write_graph
 from .folder import check_graph
 from .onnx import EXTERNAL_DATA_THRESHOLD, export_module
@@ -153,7 +153,7 @@ def write_pipeline(plan: PipelinePlan, folder: Path, scratch: Path, model_config
     ``scratch``) and the denoiser's ``config.json``; returns the files written, relative to ``folder``."""
     for name, cls in plan.components.items():
         kind = _kind(name)
-        with stage(log, f"pipeline component {name} ({cls})"):
+        with stage(PROGRESS, f"pipeline component {name} ({cls})"):
             if kind in ("scheduler", "tokenizer"):
                 _copy_files(plan.model_dir / name, folder / name)
                 if kind == "tokenizer":

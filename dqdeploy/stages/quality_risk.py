@@ -63,7 +63,7 @@ def next_steps(recipe: Recipe, calibration: CalibrationConfig) -> str:
     if recipe.distill != "none":
         steps.append(f"a larger distillation budget (--iters {recipe.iters * 4}; now {recipe.iters})")
     else:
-        steps.append("block-wise distillation (leave out --no-distill / --distill none)")
+        steps.append("block-wise distillation (--distill block)")
     if recipe.fallback == "auto":
         steps.append(f"a larger fallback budget (--fallback-budget {min(1.0, recipe.fallback_budget * 2):g}; "
                      f"now {recipe.fallback_budget:g})")

@@ -19,6 +19,7 @@ from ..io.folders import FolderKind
 from ..io.models import latent_shape
 
 IMAGE_CHANNELS = (1, 3)
+DECODE_CHUNK = 4  # latents decoded at once: SD's VAE makes 128-channel 512x512 activations, 134 MB each per image
 VAE_CLASS = "AutoencoderKL"
 VAE_HINT = ("pass --vae DIR: the vae/ folder (AutoencoderKL) of the diffusers pipeline the model was quantized from, "
             "or that pipeline folder")
@@ -39,13 +40,19 @@ class VaeDecoder:
     def __init__(self, folder: Path, config: dict[str, Any]) -> None:
         from diffusers import AutoencoderKL
 
+        hint = "point --vae at a diffusers AutoencoderKL folder with safetensors weights"
         try:
-            self.vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False,
-                                                     torch_dtype=torch.float32).eval()
+            vae, info = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False,
+                                                      torch_dtype=torch.float32, output_loading_info=True)
         except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError for incomplete folders
             raise ModelLoadError(f"cannot load the VAE in {folder}: {type(exc).__name__}: {str(exc)[:300]}",
-                                 hint="point --vae at a diffusers AutoencoderKL folder with safetensors weights"
-                                 ) from None
+                                 hint=hint) from None
+        missing = sorted(info.get("missing_keys") or []) + [str(m[0]) for m in info.get("mismatched_keys") or []]
+        if missing:  # diffusers would leave them at their random initial values, with a log line only
+            raise ModelLoadError(f"cannot load the VAE in {folder}: its weights file lacks {len(missing)} of the "
+                                 f"model's tensors or holds them in other shapes (e.g. {', '.join(missing[:3])})",
+                                 hint=hint)
+        self.vae = vae.eval()
         self.folder = folder
         self.channels = int(config.get("latent_channels", 4))
         self.scaling = float(config.get("scaling_factor") or 1.0)
@@ -53,7 +60,14 @@ class VaeDecoder:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.float() / self.scaling + self.shift).sample
+        return torch.cat([self.vae.decode(chunk.float() / self.scaling + self.shift).sample
+                          for chunk in latents.split(DECODE_CHUNK)])
+
+    def image_shape(self, latent: tuple[int, ...]) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images decoded from latents ``latent`` = ``(c, h, w)`` (one 2x upsampling per
+        decoder block but the last, as AutoencoderKL builds its decoder)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.vae.config.out_channels), int(latent[1]) * factor, int(latent[2]) * factor
 
 
 def _vae_config(folder: Path) -> dict[str, Any]:
@@ -68,11 +82,12 @@ def _vae_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def image_decoder(path: str | Path, kind: FolderKind, denoiser: Any, vae: str | Path | None = None
-                  ) -> VaeDecoder | None:
+def image_decoder(path: str | Path, kind: FolderKind, denoiser: Any, vae: str | Path | None = None,
+                  required: bool = True) -> VaeDecoder | None:
     """What turns ``denoiser``'s samples into images: None where they are images (1 or 3 channels, no
     ``vae`` given), else the VAE of ``vae`` (a VAE folder or a pipeline folder with ``vae/``) or beside
-    ``path``; refused (before any sampling) where there is none, or its latent channels differ."""
+    ``path``; refused (before any sampling) where there is none (``required=False``: None then), or where
+    its latent channels differ."""
     shape = latent_shape(denoiser)
     if len(shape) != 3:
         raise DQDeployError(f"{path} makes packed latents {tuple(shape)} (Flux): decoding them to a PNG is not "
@@ -81,6 +96,8 @@ def image_decoder(path: str | Path, kind: FolderKind, denoiser: Any, vae: str | 
         return None
     folder = None if vae is None else Path(vae) / "vae" if (Path(vae) / "vae" / "config.json").is_file() else Path(vae)
     folder = folder or find_vae(Path(path), kind)
+    if folder is None and not required:
+        return None
     if folder is None:
         raise DQDeployError(f"{path} makes {shape[0]}-channel latents ({'x'.join(map(str, shape))}), not images: "
                             "a PNG needs the VAE that decodes them, and none was given or found beside the model",

@@ -130,14 +130,16 @@ def test_guidance_check_spares_flux_and_guidance_one():
 
 
 def test_progress_bars_stay_out_of_a_log_file(tmp_path):
-    """stderr redirected to a file: no carriage-return redraws or cursor escapes of progress bars."""
+    """stderr redirected to a file: no carriage-return redraws or cursor escapes of progress bars; export's steps
+    logged as they start and end."""
     pipe = write_pipeline(tiny_unet(), tmp_path / "pipe")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     log = tmp_path / "log.txt"
-    for args in (["quantize", pipe, "--out", tmp_path / "q", *FAST], ["sample", tmp_path / "q", "--n", 2,
-                                                                        "--out", tmp_path / "s.png"]):
+    for args in (["quantize", pipe, "--out", tmp_path / "q", *FAST],
+                 ["sample", tmp_path / "q", "--n", 2, "--out", tmp_path / "s.png"],
+                 ["export", tmp_path / "q", "--target", "ort", "--out", tmp_path / "e"]):
         with open(log, "ab") as err:
             proc = subprocess.run([sys.executable, "-m", "dqdeploy.cli", *map(str, args)], stdout=subprocess.PIPE,
                                   stderr=err, env=env, cwd=ROOT, timeout=300)
@@ -145,6 +147,8 @@ def test_progress_bars_stay_out_of_a_log_file(tmp_path):
     text = log.read_text()
     assert "\r" not in text and "\x1b[" not in text, repr(text[:500])
     assert "sampling with DDPMScheduler, 4 steps (the calibrated sampler and step count)" in text
+    for step in ("load the artifact", "float ONNX export", "Q/DQ surgery", "write the graph"):  # export's steps, no -v
+        assert f"dqdeploy.progress: {step} ...\n" in text and f"dqdeploy.progress: {step}: " in text, text[-3000:]
 
 
 def test_quantize_of_a_loaded_pipeline_or_unet_says_to_pass_the_folder():

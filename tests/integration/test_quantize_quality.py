@@ -99,7 +99,7 @@ def test_the_verdict_names_the_next_step(result, tmp_path):
     verdict = assess(q, W8A8, CALIB, low)
     assert verdict["at_risk"] and "--calib-samples" in verdict["next_step"] and "--iters 1200" in verdict["next_step"]
     assert "--recipe w8a8" not in verdict["next_step"] and "--recipe w8a8" in next_steps(W4A8, CALIB)
-    assert "distillation (leave out --no-distill" in next_steps(W8A8.replace(distill="none"), CALIB)
+    assert "block-wise distillation (--distill block)" in next_steps(W8A8.replace(distill="none"), CALIB)
     high = load_reference(_reference(tmp_path / "high.json", q["mean_rel_err"] * 10))
     assert not assess(q, W8A8, CALIB, high)["at_risk"]
     assert assess(q, W4A8, CALIB, high) == q | {"reference": None, "at_risk": False}  # no level for w4a8

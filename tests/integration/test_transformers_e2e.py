@@ -247,4 +247,4 @@ def test_eval_report_against_the_fp_transformer(artifact):
     report = quality_report(result.path, root / "pipe", cfg)
     assert report["config"]["scheduler"] == type(transformer_scheduler(kind)).__name__
     assert len(report["per_step"]) == STEPS and report["per_step_summary"]["mean_rel_err"] > 0
-    assert report["images"]["psnr_db"] > 0
+    assert "images" not in report and report["latents"]["psnr_db"] > 0  # no VAE in this folder: latent figures

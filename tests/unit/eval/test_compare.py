@@ -28,6 +28,10 @@ def test_psnr_ssim_identical_and_degraded():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
     assert ssim(x, x).tolist() == pytest.approx([1.0] * 4)
+    assert torch.isinf(psnr(x, x)).all() and math.isinf(image_errors(x, x)["psnr_db"])  # identical: no error at all
+    broken = x.clone()
+    broken[1, 0, 0, 0] = float("nan")
+    assert math.isnan(image_errors(x, broken)["psnr_db"])  # never counted as identical
     noisy = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     worse = (x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     assert (ssim(x, noisy) > ssim(x, worse)).all()
