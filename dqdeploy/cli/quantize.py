@@ -22,7 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # options that ask for what a preset value turns off: given, the preset leaves that value alone
 IMPLIED_BY = {"distill_mode": ("no_distill", "iters", "lr_weight", "lr_quant"),
-              "fallback": ("fallback_budget", "fallback_time")}
+              "fallback": ("fallback_budget", "fallback_time", "fallback_candidates")}
 _FLAGS = {"steps": "--steps", "calib_samples": "--calib-samples", "trajectories": "--trajectories",
           "distill_mode": "--distill", "fallback": "--fallback"}
 
