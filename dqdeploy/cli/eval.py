@@ -37,23 +37,33 @@ def eval_cmd(path, fp_dir, report_path, png, step_samples, fid_ref, fid_extracto
     the latent figures beside them), FID if --fid-ref/--fid-extractor, a side-by-side PNG, and a one-line
     verdict on stderr. Without --fp: digits-FID (digits models) or FID against --fid-ref of PATH's samples (latent
     models: decoded by --vae)."""
-    from ..eval.report import EvalConfig, quality_report, sample_quality, write_report
+    from ..eval.report import write_report
     from ..io.paths import check_output_files
+    from ..io.prompts import prompts_file_as_cond, text_folder
 
     check_output_files({"--report": report_path, "--png": png, "--grid": grid}, overwrite=overwrite,  # before sampling
-                       sources=[path, fp_dir, fid_ref, scheduler_dir, kw["cond_file"], vae])
-    if fp_dir is not None:
-        cfg = EvalConfig(step_samples=step_samples, fid_ref=fid_ref, fid_extractor=fid_extractor,
-                         scheduler_dir=scheduler_dir, vae=vae, **kw)
-        report = quality_report(path, fp_dir, cfg, png=png)
-    else:
-        if png:
-            raise DQDeployError("--png shows FP and quantized samples side by side and needs --fp MODEL_DIR",
-                                hint="add --fp, or use --grid for a grid of PATH's samples")
-        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, vae=vae, **kw)
+                       sources=[path, fp_dir, fid_ref, scheduler_dir, kw["cond_file"], vae, kw["prompts_file"]])
+    if png and fp_dir is None:
+        raise DQDeployError("--png shows FP and quantized samples side by side and needs --fp MODEL_DIR",
+                            hint="add --fp, or use --grid for a grid of PATH's samples")
+    with prompts_file_as_cond(kw.pop("prompts_file"), kw.pop("cond_file"), text_folder(fp_dir, path, vae)) as cond:
+        report = _report(path, fp_dir, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, vae,
+                         cond_file=cond, **kw)
     if report_path:
         write_report(report, report_path)
     if "verdict" in report:
         click.echo(report["verdict"]["text"], err=True)
     summary = {k: v for k, v in report.items() if k not in ("per_step", "config")}
     click.echo(json.dumps(summary, default=str))
+
+
+def _report(path, fp_dir, png, step_samples, fid_ref, fid_extractor, scheduler_dir, grid, vae, **kw) -> dict:
+    from ..eval.report import EvalConfig, quality_report, sample_quality
+
+    if fp_dir is not None:
+        cfg = EvalConfig(step_samples=step_samples, fid_ref=fid_ref, fid_extractor=fid_extractor,
+                         scheduler_dir=scheduler_dir, vae=vae, **kw)
+        report = quality_report(path, fp_dir, cfg, png=png)
+    else:
+        report = sample_quality(path, fid_ref=fid_ref, fid_extractor=fid_extractor, grid=grid, vae=vae, **kw)
+    return report

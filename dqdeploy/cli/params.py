@@ -69,6 +69,9 @@ def sample_options(f):
                           "(exports only; a quantized artifact is exported on the fly)."),
         click.option("--cond", "cond_file", type=click.Path(path_type=Path),
                      help="Conditional models: embeddings file (as for quantize)."),
+        click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+                     help="Conditional models, instead of --cond: a text file, one prompt per line, encoded by the "
+                          "text encoders of the pipeline folder (eval: --fp; sample: PATH or --vae)."),
         click.option("--guidance", default=1.0, show_default=True, type=RATE),
     ]):
         f = opt(f)

@@ -28,9 +28,12 @@ def sample(path, out_png, overwrite, **kw) -> None:
     Latent models' samples are decoded by their VAE (--vae) before the PNG is written."""
     from ..eval.grid import save_grid
     from ..io.paths import check_output_files
+    from ..io.prompts import prompts_file_as_cond, text_folder
 
-    check_output_files({"--out": out_png}, sources=[path, kw["cond_file"], kw["vae"]],  # before sampling
-                       overwrite=overwrite)
-    images = _generate(path, **kw)
+    check_output_files({"--out": out_png}, sources=[path, kw["cond_file"], kw["vae"], kw["prompts_file"]],
+                       overwrite=overwrite)  # before sampling
+    prompts = kw.pop("prompts_file")
+    with prompts_file_as_cond(prompts, kw.pop("cond_file"), text_folder(path, kw["vae"])) as cond_file:
+        images = _generate(path, cond_file=cond_file, **kw)
     save_grid(images, out_png, scale=max(1, 64 // images.shape[-1]))  # small images are shown enlarged
     click.echo(f"wrote {images.shape[0]} samples to {out_png}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,30 @@ def write_conditioning(tensors: dict[str, torch.Tensor], path: str | Path) -> Pa
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": CONDITIONING_FORMAT})
     return atomic_write_bytes(Path(path), data)
+
+
+def text_folder(*candidates: str | Path | None) -> Path | None:
+    """The first of ``candidates`` that is a pipeline folder (``model_index.json``), else None."""
+    return next((Path(c) for c in candidates if c is not None and (Path(c) / "model_index.json").is_file()), None)
+
+
+@contextmanager
+def prompts_file_as_cond(prompts_file: str | Path | None, cond_file: str | Path | None,
+                         folder: str | Path | None) -> Iterator[Path | None]:
+    """The ``--cond`` file a sampling command uses: ``cond_file``, or ``prompts_file`` encoded by the text encoders of
+    the pipeline ``folder`` into a temporary file (removed on exit)."""
+    from ..quant.trajectories import read_prompts
+    from .atomic import own_tempdir
+
+    if prompts_file is None:
+        yield None if cond_file is None else Path(cond_file)
+        return
+    if cond_file is not None:
+        raise ModelLoadError("--prompts and --cond both give the conditioning", hint="pass one of the two")
+    if folder is None:
+        raise ModelLoadError("--prompts needs a pipeline folder whose text encoders encode them",
+                             hint="sample: PATH or --vae naming the pipeline folder (model_index.json); eval: --fp "
+                                  "MODEL_DIR; or encode them once: dqdeploy encode-prompts MODEL_DIR FILE --out C")
+    prompts = read_prompts(Path(prompts_file))
+    with own_tempdir("dqdeploy-prompts") as tmp:
+        yield write_conditioning(encode(folder, prompts), tmp / "cond.safetensors")

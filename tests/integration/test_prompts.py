@@ -137,3 +137,24 @@ def test_bad_folders_and_outputs_are_refused(folders, tmp_path):
     assert foreign.read_bytes() == before
     refused(run("encode-prompts", folders["sd"], tmp_path / "none.txt", "--out", tmp_path / "c.safetensors"),
             "not found")
+
+
+def test_sample_and_eval_take_prompts(folders, tmp_path):
+    """--prompts on the sampling commands: encoded by the pipeline folder's text encoders (sample: PATH; eval: --fp),
+    the same images as --cond with encode-prompts' file."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\nhello dog\n")
+    sd = folders["sd"]
+    args = ["--n", "2", "--steps", "2", "--guidance", "3"]
+    by_prompts = run("sample", sd, *args, "--prompts", prompts, "--out", tmp_path / "a.png")
+    assert by_prompts.returncode == 0, by_prompts.stderr
+    assert run("encode-prompts", sd, prompts, "--out", tmp_path / "c.safetensors").returncode == 0
+    by_cond = run("sample", sd, *args, "--cond", tmp_path / "c.safetensors", "--out", tmp_path / "b.png")
+    assert by_cond.returncode == 0, by_cond.stderr
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    evaluated = run("eval", sd, "--fp", sd, *args, "--prompts", prompts, "--step-samples", "2")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["verdict"]["level"] == "identical"
+    refused(run("sample", sd, *args, "--prompts", prompts, "--cond", tmp_path / "c.safetensors", "--out",
+                tmp_path / "c.png"), "--prompts and --cond")
+    assert not list(tmp_path.glob("c.png"))
