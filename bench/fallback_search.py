@@ -72,8 +72,8 @@ def calibrated(model_dir: Path, cond_file: Path | None, guidance: float, config)
     calib = collect(loaded.denoiser, sched, config, cond, guidance=guidance)
     weights = scheduler_weights(make_scheduler(config.scheduler, loaded.scheduler_config), calib.timesteps)
 
-    def run(recipe):
-        return quantize_denoiser(loaded.denoiser, recipe, calib, config, loaded.scheduler_config)
+    def run(recipe, in_place: bool = False):
+        return quantize_denoiser(loaded.denoiser, recipe, calib, config, loaded.scheduler_config, in_place=in_place)
 
     return loaded, sched, calib, weights, run
 
@@ -83,7 +83,7 @@ def member_rows(name: str, candidates: list[int]) -> dict:
     from dqdeploy.core.recipe import W8A8 as w8a8
     from dqdeploy.core.recipe import CalibrationConfig
     from dqdeploy.core.sampling import denoise
-    from dqdeploy.quant.fallback import fallback_layers
+    from dqdeploy.quant.fallback import SCREEN_BATCH, fallback_layers
     from dqdeploy.quant.modules import quant_layers
     from dqdeploy.quant.sensitivity import analyze, outputs, screen
     from dqdeploy.quant.trajectories import calibration_subset
@@ -101,7 +101,7 @@ def member_rows(name: str, candidates: list[int]) -> dict:
     report = analyze(base, subset, step_weights=weights, detail=False, blocks=False)
     loo_s = time.perf_counter() - start
     start = time.perf_counter()
-    estimate = screen(base, subset, step_weights=weights)
+    estimate = screen(base, subset, step_weights=weights, batch=SCREEN_BATCH)  # as fallback runs it
     screen_s = time.perf_counter() - start
     names = list(quant_layers(base.denoiser))
     gains = {r.name: r.gain for r in report.layers}
@@ -139,6 +139,7 @@ def sd15_row(work: Path, candidates: int) -> dict:
     from bench.scale_models import CONFIGS, write_folder
     from dqdeploy.core.recipe import W8A8 as w8a8
     from dqdeploy.core.recipe import CalibrationConfig
+    from dqdeploy.quant.fallback import SCREEN_BATCH
     from dqdeploy.quant.modules import quant_layers
     from dqdeploy.quant.sensitivity import analyze, screen
     from dqdeploy.quant.trajectories import calibration_subset
@@ -150,13 +151,14 @@ def sd15_row(work: Path, candidates: int) -> dict:
     config = CalibrationConfig(scheduler="ddim", steps=4, samples=8, trajectories=2, seed=0, batch_size=2)
     start = time.perf_counter()
     _, _, calib, weights, run = calibrated(folder, cond, 7.5, config)
-    base = run(w8a8.replace(fallback="none", distill="none", act_init="minmax", batch_size=2)).model
+    # converted in place, as quantize holds an SD-size model once
+    base = run(w8a8.replace(fallback="none", distill="none", act_init="minmax", batch_size=2), in_place=True).model
     calibrate_s = time.perf_counter() - start
     subset = calibration_subset(calib, steps=8, per_step=8, seed=0)
     names = list(quant_layers(base.denoiser))
     rss0 = peak_rss_gb()
     start = time.perf_counter()
-    estimate = screen(base, subset, step_weights=weights, batch=2)  # quantize's batch for it: --batch-size 2
+    estimate = screen(base, subset, step_weights=weights, batch=SCREEN_BATCH)
     screen_s = time.perf_counter() - start
     rss_screen = peak_rss_gb()
     probe = sorted(names, key=lambda n: -estimate[n])[:2]

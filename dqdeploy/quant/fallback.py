@@ -19,6 +19,7 @@ from .trajectories import CalibrationSet, calibration_subset
 log = logging.getLogger(__name__)
 EXHAUSTIVE_UP_TO = 128  # auto: leave-one-out scores every layer of a model with at most this many quantized layers
 SCREENED = 32  # else only the layers the first-order screen ranks highest (recipe.fallback_candidates overrides)
+SCREEN_BATCH = 1  # samples per backward pass of the whole model: its activations are the screen's memory peak
 
 
 def fallback_candidates(recipe: Recipe, planned: list[str]) -> list[str]:
@@ -107,7 +108,7 @@ def search_order(qmodel: QuantizedDenoiser, recipe: Recipe, subset, names: list[
     if count == len(names) and recipe.fallback_time is None:
         return names
     start = time.monotonic()
-    estimate = screen(qmodel, subset, step_weights=step_weights, batch=recipe.batch_size)  # a backward's batch
+    estimate = screen(qmodel, subset, step_weights=step_weights, batch=SCREEN_BATCH)
     log.info("fallback auto: a first-order screen ranked %d layers in %.0f s; leave-one-out scores the first %d",
              len(names), time.monotonic() - start, count)
     return sorted(names, key=lambda n: -estimate[n])[:count]  # stable: ties keep model order

@@ -196,7 +196,7 @@ def layer_macs(model: QuantizedDenoiser, inputs: Inputs) -> dict[str, int]:
 
 
 def screen(model: QuantizedDenoiser, inputs: Inputs, *, step_weights: dict[float, float] | None = None,
-           batch: int = 4, only: Sequence[str] | None = None) -> dict[str, float]:
+           batch: int = 1, only: Sequence[str] | None = None) -> dict[str, float]:
     """First-order estimate of every layer's ``gain`` (see :func:`analyze`) from one forward and one backward pass
     per batch, instead of one forward pass per layer: ``gain_i ~ <dM/dy_i, y_i - y_i^fp>``, where ``M`` is the
     step-weighted relative output error of the fully quantized model, ``y_i`` layer ``i``'s output and ``y_i^fp``
