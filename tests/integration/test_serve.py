@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dqdeploy.core.errors import RuntimeInputError
 from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.exporters.export import export
 from dqdeploy.stages.quantize import quantize
@@ -136,6 +137,10 @@ def test_pipeline_batches_concurrent_prompts_and_each_gets_its_own_image(sd_expo
     pipe = dqdeploy.load_pipeline(sd_export)  # the library's image for the same request
     library = pipe("hello cat", seed=2, guidance_scale=3.0, output_type="np").images[0]
     assert np.abs((library * 255).round() - pixels(alone[1][2])).max() <= 1
+    with pytest.raises(RuntimeInputError, match="mixes scales above 1"):
+        pipe(["a", "b"], seed=[1, 2], guidance_scale=[1.0, 7.5])
+    with pytest.raises(RuntimeInputError, match="1 seeds for 2 prompts"):
+        pipe(["a", "b"], seed=[1])
 
 
 def test_a_batch_mixes_guided_and_unguided_requests_into_separate_calls(sd_export):
@@ -156,7 +161,7 @@ def test_a_batch_mixes_guided_and_unguided_requests_into_separate_calls(sd_expor
 HOSTILE_SD = [
     (b"not json", 400, "not JSON"), (b"[1, 2]", 400, "JSON list"), (b"\xff\xfe{}", 400, "not JSON"),
     (b'{"seed": 0}', 422, "no 'prompt'"), (b'{"prompt": 7}', 422, "expected a string"),
-    (json.dumps({"prompt": ["a cat"] * 1000}).encode(), 422, "one prompt per request"),
+    (json.dumps({"prompt": ["a cat"] * 1000}).encode(), 422, "found a JSON list"),
     (json.dumps({"prompt": ["a cat"] * 10_000}).encode(), 413, "at most 65536"),
     (b'{"prompt": "a", "steps": 100000}', 422, "steps=100000"), (b'{"prompt": "a", "steps": 0}', 422, "steps=0"),
     (b'{"prompt": "a", "steps": "4"}', 422, 'steps="4"'), (b'{"prompt": "a", "seed": -1}', 422, "seed=-1"),
