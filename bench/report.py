@@ -290,9 +290,9 @@ def serve_load_section(results: dict) -> list[str]:
 def _serve_load_entry(res: dict) -> list[str]:
     st, rss = res["settings"], res["rss"]
     out = [f"`{res['command']}` — {res['model']}; server `{res['serve_command']}` (ONNX Runtime, one thread), "
-           f"{st['warmup']} warm-up requests, then each level's clients send one request per image (a new seed "
-           "each) over keep-alive connections; latency as the clients see it. Batch sizes: requests per model call "
-           "(the server's /metrics). Export: " + ("; ".join(f"`{c}`" for c in res["export_commands"])
+           f"{st['warmup']} warm-up requests at each level, then each level's clients send one request per image "
+           "(a new seed each) over keep-alive connections; latency as the clients see it. Batch sizes: requests per "
+           "model call (the server's /metrics). Export: " + ("; ".join(f"`{c}`" for c in res["export_commands"])
                                                     or "the folder given with --export") + ".", "",
            "| clients | requests | requests/s | p50 (ms) | p99 (ms) | errors | mean batch |",
            "|---:|---:|---:|---:|---:|---:|---:|"]
