@@ -39,7 +39,7 @@ def make_app(model: ServedModel, settings: Settings) -> Any:
     require("starlette", "serve", "`dqdeploy serve`")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -58,6 +58,9 @@ def make_app(model: ServedModel, settings: Settings) -> Any:
             result = await batcher.submit(job)
         except RequestError as error:
             return refuse(error)
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer
+            metrics.client_errors += 1
+            return Response(status_code=400)
         except Exception as exc:  # a failed batch: the server stays up, the client gets the reason
             metrics.server_errors += 1
             log.error("a batch failed: %s: %s", type(exc).__name__, exc)
