@@ -15,6 +15,7 @@ import argparse
 import http.client
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def main() -> None:
         finally:
             proc.terminate()
             _, err = proc.communicate(timeout=120)
-    result |= {"command": "python bench/serve_load.py " + " ".join(sys.argv[1:]), "export_commands": built,
+    result |= {"command": shlex.join(["python", "bench/serve_load.py", *sys.argv[1:]]), "export_commands": built,
                "serve_command": " ".join(serve_command).replace(str(export), "E"),
                "server_exit": proc.returncode, "server_traceback": "Traceback" in err}
     print(json.dumps({k: v for k, v in result.items() if k != "rss_series"}, indent=1))
