@@ -299,11 +299,16 @@ def _serve_load_entry(res: dict) -> list[str]:
     for lv in res["levels"]:
         out.append(f"| {lv['clients']} | {lv['requests']} | {lv['requests_per_s']:.1f} | {lv['p50_ms']:.0f} "
                    f"| {lv['p99_ms']:.0f} | {lv['errors']} | {lv['mean_batch']:.2f} |")
-    series = ", ".join(f"{n}: {mb:.0f}" for n, mb in res["rss_series"])
+    series = ", ".join(f"{n}: {mb:.1f}" for n, mb in res["rss_series"])
     return out + ["", f"{res['total_requests']} requests, {res['errors']} failed. Server RSS (MB) start / middle / "
                       f"end: {rss['start_mb']:.1f} / {rss['middle_mb']:.1f} / {rss['end_mb']:.1f} (growth "
                       f"{rss['growth_mb']:+.1f} MB; after N requests: {series}). SIGTERM at the end: exit "
                       f"{res['server_exit']}{', with a traceback' if res['server_traceback'] else ''}.", ""]
+
+
+def _serve_level(lv: dict) -> str:
+    clients = f"{lv['clients']} client" + ("s" if lv["clients"] > 1 else "")
+    return f"{clients} {lv['requests_per_s']:.1f} req/s (p99 {lv['p99_ms']:.0f} ms)"
 
 
 def memory_section(mem: dict) -> list[str]:
@@ -753,10 +758,9 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
                     if k.endswith(("branch", "fold, ort", "slots, ort"))]),
         ("`dqdeploy serve`: load test on localhost", ("serve_load.json",), lambda: _load_keyed("serve_load"),
          serve_load_section,
-         lambda d: [(f"{label}: " + ", ".join(f"{lv['clients']} clients {lv['requests_per_s']:.1f} req/s (p99 "
-                                              f"{lv['p99_ms']:.0f} ms)" for lv in e["levels"])
-                     + f"; {e['errors']} errors in {e['total_requests']}; RSS {e['rss']['start_mb']:.0f} -> "
-                     f"{e['rss']['end_mb']:.0f} MB", e) for label, e in d.items()]),
+         lambda d: [(f"{label}: " + ", ".join(_serve_level(lv) for lv in e["levels"])
+                     + f"; {e['errors']} errors in {e['total_requests']}; RSS {e['rss']['start_mb']:.1f} -> "
+                     f"{e['rss']['end_mb']:.1f} MB", e) for label, e in d.items()]),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
         ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),
