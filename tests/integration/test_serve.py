@@ -215,6 +215,25 @@ def test_denoiser_export_serves_seeds_batched_and_alone_alike(noise_export):
     assert code == 0 and "Traceback" not in err, err
 
 
+def test_a_ddpm_calibrated_export_needs_a_numpy_sampler_named(tmp_path):
+    from dqdeploy.core.errors import PipelineError
+    from dqdeploy.runtimes.sampler import OrtSampler
+
+    calib = CalibrationConfig(steps=4, samples=8, trajectories=2, batch_size=4)  # the folder's own DDPMScheduler
+    q = quantize(write_pipeline(tiny_unet(), tmp_path / "pipe"), RECIPE, calib, tmp_path / "q").path
+    e = export(q, tmp_path / "e", target="ort")
+    with pytest.raises(PipelineError, match="DDPMScheduler") as refused:
+        OrtSampler(e)
+    assert "dqdeploy serve --scheduler" in str(refused.value)
+    proc = subprocess.run([sys.executable, "-m", "dqdeploy", "serve", str(e)], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--scheduler" in proc.stderr, proc.stderr
+    sampler = OrtSampler(e, "DDIMScheduler")  # the recorded config read as DDIM: the calibrated step count
+    images = sampler([0, 1], sampler.default_steps)
+    assert sampler.default_steps == 4 and images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    assert np.array_equal(images[1], sampler([1])[0])
+
+
 def test_serve_without_its_extra_says_how_to_install_it(noise_export):
     code = "import sys; sys.modules['uvicorn'] = None; from dqdeploy.cli import main; main()"
     proc = subprocess.run([sys.executable, "-c", code, "serve", str(noise_export)], env=ENV, capture_output=True,
