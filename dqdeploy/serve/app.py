@@ -74,10 +74,7 @@ def make_app(model: ServedModel, settings: Settings) -> Any:
         return Response(result.png, media_type="image/png", headers=headers)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "kind": model.kind, "conditional": model.rules.conditional,
-                             "default_steps": model.rules.default_steps, "max_steps": model.rules.max_steps,
-                             "max_batch": settings.max_batch, "fields": list(model.rules.fields),
-                             "torch_imported": "torch" in sys.modules})
+        return JSONResponse(_health(model, settings))
 
     async def metrics_route(request: Request) -> Response:
         return JSONResponse(metrics.snapshot(batcher.waiting))
@@ -97,6 +94,14 @@ def make_app(model: ServedModel, settings: Settings) -> Any:
     routes = [Route("/generate", generate, methods=["POST"]), Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics_route, methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+def _health(model: ServedModel, settings: Settings) -> dict[str, Any]:
+    """The JSON of ``/health``: what is served and whether torch was imported (it never is)."""
+    return {"status": "ok", "kind": model.kind, "conditional": model.rules.conditional,
+            "default_steps": model.rules.default_steps, "max_steps": model.rules.max_steps,
+            "max_batch": settings.max_batch, "fields": list(model.rules.fields),
+            "torch_imported": "torch" in sys.modules}
 
 
 async def _body(request: Any) -> bytes:
