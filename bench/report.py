@@ -316,6 +316,37 @@ def fallback_search_section(d: dict) -> list[str]:
     return out
 
 
+def serve_load_section(results: dict) -> list[str]:
+    out = ["## `dqdeploy serve`: load test on localhost", ""]
+    for res in results.values():
+        out += _serve_load_entry(res) + [prov_line(res), ""]
+    return out
+
+
+def _serve_load_entry(res: dict) -> list[str]:
+    st, rss = res["settings"], res["rss"]
+    out = [f"`{res['command']}` — {res['model']}; server `{res['serve_command']}` (ONNX Runtime, one thread), "
+           f"{st['warmup']} warm-up requests at each level, then each level's clients send one request per image "
+           "(a new seed each) over keep-alive connections; latency as the clients see it. Batch sizes: requests per "
+           "model call (the server's /metrics). Export: " + ("; ".join(f"`{c}`" for c in res["export_commands"])
+                                                    or "the folder given with --export") + ".", "",
+           "| clients | requests | requests/s | p50 (ms) | p99 (ms) | errors | mean batch |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+    for lv in res["levels"]:
+        out.append(f"| {lv['clients']} | {lv['requests']} | {lv['requests_per_s']:.1f} | {lv['p50_ms']:.0f} "
+                   f"| {lv['p99_ms']:.0f} | {lv['errors']} | {lv['mean_batch']:.2f} |")
+    series = ", ".join(f"{n}: {mb:.1f}" for n, mb in res["rss_series"])
+    return out + ["", f"{res['total_requests']} requests, {res['errors']} failed. Server RSS (MB) start / middle / "
+                      f"end: {rss['start_mb']:.1f} / {rss['middle_mb']:.1f} / {rss['end_mb']:.1f} (growth "
+                      f"{rss['growth_mb']:+.1f} MB; after N requests: {series}). SIGTERM at the end: exit "
+                      f"{res['server_exit']}{', with a traceback' if res['server_traceback'] else ''}.", ""]
+
+
+def _serve_level(lv: dict) -> str:
+    clients = f"{lv['clients']} client" + ("s" if lv["clients"] > 1 else "")
+    return f"{clients} {lv['requests_per_s']:.1f} req/s (p99 {lv['p99_ms']:.0f} ms)"
+
+
 def memory_section(mem: dict) -> list[str]:
     out = ["## Distillation memory", "", f"`{mem['command']}` — recipe {mem['recipe']}, {mem['iters']} iterations, "
            f"{mem['calibration_samples']} calibration samples; "
@@ -781,6 +812,11 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
                      f"{e['exhaustive_s']:.0f} s" if k != "sd15" else
                      f"SD-1.5: screened search ~{e['projected_screened_s'] / 60:.0f} min vs every layer "
                      f"~{e['projected_exhaustive_s'] / 60:.0f} min", e) for k, e in d.items()]),
+        ("`dqdeploy serve`: load test on localhost", ("serve_load.json",), lambda: _load_keyed("serve_load"),
+         serve_load_section,
+         lambda d: [(f"{label}: " + ", ".join(_serve_level(lv) for lv in e["levels"])
+                     + f"; {e['errors']} errors in {e['total_requests']}; RSS {e['rss']['start_mb']:.1f} -> "
+                     f"{e['rss']['end_mb']:.1f} MB", e) for label, e in d.items()]),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
         ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),

@@ -29,6 +29,7 @@ from .lora import lora
 from .prompts import encode_prompts
 from .quantize import quantize
 from .sample import sample
+from .serve import serve
 
 __all__ = ["cli", "main"]
 
@@ -58,6 +59,7 @@ def cli(verbose: bool) -> None:
     3. dqdeploy check Q E                                     # simulation vs exported graph
     4. dqdeploy sample E --n 64 --out grid.png                # images through the deployed graph
        dqdeploy lora Q style.safetensors --out Q2              # a LoRA folded in, no re-quantizing
+    5. dqdeploy serve E --port 8000                           # HTTP: POST /generate -> PNG, batched
 
     \b
     Words: a layout (trt | ort) is the int8 graph's conventions, i.e. the runtime it is shaped for;
@@ -67,7 +69,7 @@ def cli(verbose: bool) -> None:
     _setup(verbose)
 
 
-for _command in (quantize, inspect, sample, eval_cmd, export, check, analyze, lint, lora, encode_prompts):
+for _command in (quantize, inspect, sample, eval_cmd, export, check, analyze, lint, lora, encode_prompts, serve):
     cli.add_command(_command)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..core.errors import PipelineError, RuntimeInputError, require
 from ..core.vocab import CONTEXT, SAMPLE, TIMESTEP, Inexact
 from ..io.integrity import read_json_object
-from .schedulers import NumpyScheduler, numpy_scheduler
+from .schedulers import NumpyScheduler, calibrated_steps, numpy_scheduler
 from .session import CPU, Provider, open_session
 from .spec import ExportSpec, read_spec
 
@@ -95,11 +95,7 @@ class OrtPipeline:
     def default_steps(self) -> int:
         """The calibrated step count of the quantized UNet (the one whose sampler calls it once per calibrated
         timestep), else 50."""
-        calls = len(self.spec.timesteps)
-        if not calls:
-            return 50
-        scheduler = numpy_scheduler(self.scheduler_config)
-        return next((s for s in range(1, calls + 1) if scheduler.calls(s) == calls), calls)
+        return calibrated_steps(self.scheduler_config, len(self.spec.timesteps))
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         """Text embeddings [N, S, D] of ``prompts`` (the text encoder's ``last_hidden_state``)."""
@@ -107,11 +103,14 @@ class OrtPipeline:
         return hidden.astype(np.float32)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 num_inference_steps: int | None = None, guidance_scale: float = 7.5, height: int | None = None,
-                 width: int | None = None, seed: int | None = None, latents: np.ndarray | None = None,
-                 output_type: str = "pil") -> PipelineOutput:
+                 num_inference_steps: int | None = None, guidance_scale: float | Sequence[float] = 7.5,
+                 height: int | None = None, width: int | None = None, seed: int | Sequence[int] | None = None,
+                 latents: np.ndarray | None = None, output_type: str = "pil") -> PipelineOutput:
         """Images for ``prompt`` (diffusers' ``StableDiffusionPipeline`` arguments; ``seed`` or ``latents`` [N, C,
-        h, w] for the initial noise). Default steps: the calibrated count (:attr:`default_steps`)."""
+        h, w] for the initial noise). Default steps: the calibrated count (:attr:`default_steps`).
+
+        A list of seeds and one of guidance scales give each prompt its own: image ``i`` is then the image prompt
+        ``i`` gets alone with ``seed[i]`` and ``guidance_scale[i]`` (scales all above 1, or all at most 1)."""
         prompts = _texts(prompt, "prompt")
         negatives = _texts(negative_prompt if negative_prompt is not None else "", "negative_prompt", len(prompts))
         steps = self.default_steps if num_inference_steps is None else num_inference_steps
@@ -119,7 +118,8 @@ class OrtPipeline:
             raise RuntimeInputError(f"num_inference_steps={steps!r}: expected a whole number >= 1")
         if output_type not in ("pil", "np"):
             raise RuntimeInputError(f"output_type={output_type!r} (expected 'pil' or 'np')")
-        guided = float(guidance_scale) > 1.0
+        scales = _scales(guidance_scale, len(prompts))
+        guided = bool(scales[0] > 1.0)
         clock = time.perf_counter()
         context = self.encode(prompts)
         if guided:
@@ -130,13 +130,13 @@ class OrtPipeline:
         x = self._noise(len(prompts), height, width, seed, latents) * np.float32(scheduler.init_noise_sigma)
         clock = time.perf_counter()
         for t in scheduler.timesteps:
-            x = scheduler.step(self._guided(scheduler, x, float(t), context, float(guidance_scale), guided), t, x)
+            x = scheduler.step(self._guided(scheduler, x, float(t), context, scales, guided), t, x)
         timings["denoiser"], clock = time.perf_counter() - clock, time.perf_counter()
         image = self.decode(x)
         timings["vae decoder"] = time.perf_counter() - clock
         return PipelineOutput(image if output_type == "np" else to_pil(image), timings)
 
-    def _guided(self, scheduler: NumpyScheduler, x: np.ndarray, t: float, context: np.ndarray, scale: float,
+    def _guided(self, scheduler: NumpyScheduler, x: np.ndarray, t: float, context: np.ndarray, scales: np.ndarray,
                 guided: bool) -> np.ndarray:
         """The guided noise prediction at ``t`` (unconditional and conditional rows in one batch)."""
         batch = np.concatenate([x, x]) if guided else x
@@ -146,9 +146,9 @@ class OrtPipeline:
         if not guided:
             return noise
         uncond, cond = np.split(noise, 2)
-        return uncond + np.float32(scale) * (cond - uncond)
+        return uncond + scales.reshape(-1, 1, 1, 1) * (cond - uncond)
 
-    def _noise(self, n: int, height: int | None, width: int | None, seed: int | None,
+    def _noise(self, n: int, height: int | None, width: int | None, seed: int | Sequence[int] | None,
                latents: np.ndarray | None) -> np.ndarray:
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
@@ -160,8 +160,12 @@ class OrtPipeline:
         h, w = (height or size[0] * self.vae_scale), (width or size[1] * self.vae_scale)
         if h % self.vae_scale or w % self.vae_scale:
             raise RuntimeInputError(f"height={h}, width={w}: expected multiples of {self.vae_scale} (the VAE's scale)")
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal((n, self.latent_channels, h // self.vae_scale, w // self.vae_scale), np.float32)
+        shape = (self.latent_channels, h // self.vae_scale, w // self.vae_scale)
+        if isinstance(seed, Sequence):
+            if len(seed) != n:
+                raise RuntimeInputError(f"{len(seed)} seeds for {n} prompts", hint="give one seed, or one per prompt")
+            return np.concatenate([np.random.default_rng(s).standard_normal((1, *shape), np.float32) for s in seed])
+        return np.random.default_rng(seed).standard_normal((n, *shape), np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Images [N, H, W, 3] in [0, 1] from latents (scaled back by the VAE's ``scaling_factor``)."""
@@ -180,6 +184,20 @@ def _texts(value: Any, name: str, count: int | None = None) -> list[str]:
         raise RuntimeInputError(f"{len(texts)} negative prompts for {count} prompts",
                                 hint="give one, or one per prompt")
     return list(texts)
+
+
+def _scales(value: Any, count: int) -> np.ndarray:
+    """Per-prompt guidance scales [N] (float32) of one scale or one per prompt."""
+    try:
+        scales = np.asarray([value] * count if np.ndim(value) == 0 else value, dtype=np.float32)
+    except (TypeError, ValueError):
+        scales = np.zeros(0, np.float32)
+    if scales.shape != (count,) or not np.isfinite(scales).all():
+        raise RuntimeInputError(f"guidance_scale={value!r}: expected a finite number, or one per prompt ({count})")
+    if len(set((scales > 1.0).tolist())) > 1:
+        raise RuntimeInputError(f"guidance_scale={value!r} mixes scales above 1 (guided) and at most 1 (unguided)",
+                                hint="call the pipeline once per kind")
+    return scales
 
 
 def to_pil(images: np.ndarray) -> list[Any]:

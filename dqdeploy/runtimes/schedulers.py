@@ -212,3 +212,12 @@ def numpy_scheduler(config: dict[str, Any]) -> NumpyScheduler:
         raise PipelineError(f"scheduler {name!r}: the pipeline without PyTorch samples with {', '.join(SCHEDULERS)}",
                             hint=HINT)
     return SCHEDULERS[name](config)
+
+
+def calibrated_steps(config: dict[str, Any], calls: int) -> int:
+    """The step count whose sampler (``config``'s) calls the denoiser ``calls`` times, once per calibrated timestep
+    (PNDM calls it once more than its steps); 50 where nothing was calibrated (``calls`` 0)."""
+    if not calls:
+        return 50
+    scheduler = numpy_scheduler(config)
+    return next((s for s in range(1, calls + 1) if scheduler.calls(s) == calls), calls)

@@ -83,7 +83,7 @@ def test_no_import_cycle_inside_the_package():
 
 
 # bottom to top: a module may import its own layer and the layers before it (ARCHITECTURE.md draws them)
-LAYERS = ["core", "system", "quant", "io", "runtimes", "exporters", "stages", "verify", "eval", "cli"]
+LAYERS = ["core", "system", "quant", "io", "runtimes", "exporters", "stages", "verify", "eval", "serve", "cli"]
 MAX_TOP_LEVEL_MODULES = 6
 
 
