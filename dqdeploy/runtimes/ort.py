@@ -65,7 +65,7 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
 
 class _LayerShapes(torch.nn.Module):
     """What :func:`~dqdeploy.io.lora.read_lora` checks a LoRA file against, built from an export's slots: one Linear
-    (on the meta device) per slot."""
+    or Conv2d (on the meta device) per slot."""
 
     def __init__(self, spec: ExportSpec) -> None:
         super().__init__()
@@ -76,7 +76,18 @@ class _LayerShapes(torch.nn.Module):
                 if not hasattr(parent, part):
                     parent.add_module(part, torch.nn.Module())
                 parent = getattr(parent, part)
-            parent.add_module(leaf, torch.nn.Linear(slot["in"], slot["out"], bias=False, device="meta"))
+            conv = slot.get("conv")
+            parent.add_module(leaf, torch.nn.Linear(slot["in"], slot["out"], bias=False, device="meta") if conv is None
+                              else _meta_conv(slot["in"], slot["out"], conv))
+
+
+def _meta_conv(c_in: int, c_out: int, conv: dict[str, list[int]]) -> torch.nn.Conv2d:
+    """A conv slot's layer on the meta device, with the geometry the export recorded."""
+    def pair(key: str) -> tuple[int, int]:
+        return int(conv[key][0]), int(conv[key][1])
+
+    return torch.nn.Conv2d(c_in, c_out, kernel_size=pair("kernel"), stride=pair("stride"), padding=pair("padding"),
+                           dilation=pair("dilation"), bias=False, device="meta")
 
 
 def _static(shape) -> tuple:
