@@ -274,10 +274,15 @@ def lora_quality_section(res: dict) -> list[str]:
            "| row | digits-FID | vs fp + lora | 0-4 |", "|---|---:|---:|---:|"]
     for name, r in res["rows"].items():
         out.append(f"| {name} | {r['digits_fid']:.2f} | {r['vs_fp_lora']:.3f}x | {r['share_0_to_4']:.1%} |")
-    secs = ", ".join(f"{k} {v:.1f} s" for k, v in res["fold_seconds"].items())
-    swaps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.get("swap_seconds", {}).items())
-    return out + ["", f"`dqdeploy lora` (fold, including loading and saving the artifact): {secs}. Swapping the "
-                      f"adapter on a loaded runtime with LoRA slots (`set_lora`, median of 6): {swaps}.", ""]
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in res["fold_seconds"].items()) or "not reached"
+    swaps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.get("swap_seconds", {}).items()) or "not reached"
+    noise = ", ".join(f"{r['vs_fp_lora']:.3f}x" for k, r in res["rows"].items() if k.startswith("fp + lora, seed"))
+    return out + ["", *([f"The FID's noise: fp + lora with other noise seeds reads {noise} of itself; read the "
+                         "ratios against that.", ""] if noise else []),
+                  *(["**Partial run**: stopped before its last rows (the script writes each row as it is measured).",
+                     ""] if res.get("complete") is False else []),
+                  f"`dqdeploy lora` (fold, including loading and saving the artifact): {secs}. Swapping the "
+                  f"adapter on a loaded runtime with LoRA slots (`set_lora`, median of 6): {swaps}.", ""]
 
 
 def memory_section(mem: dict) -> list[str]:
