@@ -285,6 +285,20 @@ def lora_quality_section(res: dict) -> list[str]:
                   f"adapter on a loaded runtime with LoRA slots (`set_lora`, median of 6): {swaps}.", ""]
 
 
+def lora_overhead_section(res: dict) -> list[str]:
+    stages = ", ".join(f"{k} {r['seconds']:.0f} s / {r['peak_rss_gb']:.1f} GB" for k, r in res["stages"].items())
+    out = [f"## LoRA branch latency ({res['config']} UNet)", "",
+           f"`{res['command']}` — {res['config']} UNet config with random weights, W8A8 PTQ ({res['calibration']}), "
+           f"exported `--target ort` without slots and with `--lora-slots attention` ({res['slots']} slots); "
+           f"ONNX Runtime CPU, batch {res['batch']}, {res['latent']}x{res['latent']} latent, {res['tokens']} tokens, "
+           f"{res['threads']} thread, the configurations in turn, {res['repeats']} repeats, medians. `overhead`: vs "
+           "the export without slots.", "",
+           "| configuration | median (s) | overhead |", "|---|---:|---:|"]
+    for name, r in res["rows"].items():
+        out.append(f"| {name} | {r['median_s']:.3f} | {r['overhead']:+.1%} |")
+    return out + ["", f"Stages (wall time / peak RSS, each in its own process): {stages}.", ""]
+
+
 def memory_section(mem: dict) -> list[str]:
     out = ["## Distillation memory", "", f"`{mem['command']}` — recipe {mem['recipe']}, {mem['iters']} iterations, "
            f"{mem['calibration_samples']} calibration samples; "
@@ -730,6 +744,9 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
          _flat(lora_quality_section),
          lambda d: [(f"{k}: {r['vs_fp_lora']:.3f}x the digits-FID of fp + lora", d) for k, r in d["rows"].items()
                     if k.endswith(("branch", "fold, ort", "slots, ort"))]),
+        ("LoRA branch latency", ("lora_overhead.json",), lambda: _load("lora_overhead"),
+         _flat(lora_overhead_section),
+         _one(lambda d: f"rank-16 branch {d['rows']['rank 16']['overhead']:+.1%} over no slots")),
         ("Distillation memory", ("memory.json",), lambda: _load("memory"), _flat(memory_section),
          _one(lambda d: f"block-wise / whole-model peak {d['block_vs_model_peak_ratio']:.2f}x")),
         ("Distillation time per block", ("distill_scale.json",), lambda: _load("distill_scale"),

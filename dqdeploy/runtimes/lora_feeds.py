@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..core.errors import DQDeployError
 from ..quant.lora import LoraLayer
@@ -20,6 +21,48 @@ def require_slots(spec: ExportSpec) -> None:
         raise DQDeployError("this export has no LoRA slots",
                             hint="export with `dqdeploy export Q --lora-slots LORA_FILE` (or `attention`), or fold "
                                  "the LoRA into the artifact (`dqdeploy lora`) and export that")
+
+
+class SlotLayers(torch.nn.Module):
+    """What :func:`~dqdeploy.io.lora.read_lora` checks a LoRA file against, built from an export's slots: one Linear
+    or Conv2d (on the meta device) per slot."""
+
+    def __init__(self, spec: ExportSpec) -> None:
+        super().__init__()
+        for slot in spec.lora_slots:
+            parent = self
+            *path, leaf = slot["layer"].split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            conv = slot.get("conv")
+            parent.add_module(leaf, torch.nn.Linear(slot["in"], slot["out"], bias=False, device="meta") if conv is None
+                              else _meta_conv(slot["in"], slot["out"], conv))
+
+
+def _meta_conv(c_in: int, c_out: int, conv: dict[str, list[int]]) -> torch.nn.Conv2d:
+    """A conv slot's layer on the meta device, with the geometry the export recorded."""
+    def pair(key: str) -> tuple[int, int]:
+        return int(conv[key][0]), int(conv[key][1])
+
+    return torch.nn.Conv2d(c_in, c_out, kernel_size=pair("kernel"), stride=pair("stride"), padding=pair("padding"),
+                           dilation=pair("dilation"), bias=False, device="meta")
+
+
+def adapter_feeds(spec: ExportSpec, lora: Any, source: str) -> dict[str, np.ndarray]:
+    """What a runtime feeds its LoRA slots for ``lora`` (``FILE``, ``(FILE, scale)``, a list of them, or None: rank-1
+    zeros), each file checked against the slots (:class:`SlotLayers`); ``{}`` for an export without slots."""
+    from ..io.lora import lora_list, read_lora
+
+    if lora is not None:
+        require_slots(spec)
+    if not spec.lora_slots:
+        return {}
+    skeleton = SlotLayers(spec)
+    adapters = [] if lora is None else [(read_lora(path, skeleton, slots_of=source).layers, scale)
+                                        for path, scale in lora_list(lora)]
+    return lora_feeds(spec, adapters, np.float16 if spec.precision == "fp16" else np.float32)
 
 
 def lora_feeds(spec: ExportSpec, adapters: Sequence[tuple[dict[str, LoraLayer], float]], dtype: Any = np.float32

@@ -3,8 +3,8 @@ and off bit for bit), the fold into a new artifact (`dqdeploy lora`), the file f
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 import subprocess
 import sys
 
@@ -19,6 +19,7 @@ from dqdeploy.io.lora import LoraError, read_lora
 from dqdeploy.io.models import load_model
 from dqdeploy.verify.check import check_export
 from tests.helpers import (
+    random_lora,
     tiny_cond_unet,
     write_bare_unet,
     write_cond_file,
@@ -37,23 +38,6 @@ UNET_LAYERS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
 CONV_LAYERS = ["conv_in", "down_blocks.0.downsamplers.0.conv", "down_blocks.1.resnets.0.conv_shortcut",
                "up_blocks.1.attentions.0.proj_in", "mid_block.resnets.0.conv2"]
 MIXED_LAYERS = CONV_LAYERS + UNET_LAYERS[:2]
-
-
-def random_lora(model: torch.nn.Module, layers: list[str], path, *, prefix: str = "unet", rank: int = 2,
-                seed: int = 0, size: float = 0.5, alpha: float | None = None):
-    """A peft-format LoRA file for ``layers`` of ``model`` whose update is a sizeable change of each layer (a conv's:
-    ``lora_A`` [r, in, kh, kw], ``lora_B`` [out, r, 1, 1])."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name in layers:
-        out_f, in_f, *kernel = model.get_submodule(name).weight.shape
-        fan_in = in_f * math.prod(kernel)
-        tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, in_f, *kernel, generator=g) / fan_in ** 0.5
-        tensors[f"{prefix}.{name}.lora_B.weight"] = size * torch.randn(out_f, rank, *[1] * len(kernel), generator=g)
-        if alpha is not None:
-            tensors[f"{prefix}.{name}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +280,7 @@ def test_graph_slots_swap_adapters_without_re_export(unet_case, tmp_path, target
     assert not any(t.name.startswith("lora/") for t in spec.inputs)  # the denoiser's own inputs are unchanged
     if target == "onnx":
         assert lint_path(e / "unet" / "model.onnx") == []  # the float branch keeps TensorRT's rules
+        _profile_covers_the_slots(e, spec)
     inputs = {k: v[:4] for k, v in unet_case["inputs"].items()}
     runtime = load_runtime(e)
     without = _run(runtime, inputs)
@@ -321,9 +306,30 @@ def test_graph_slots_swap_adapters_without_re_export(unet_case, tmp_path, target
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def _profile_covers_the_slots(e, spec):
+    """The TensorRT engine's profile (checkable without TensorRT): every slot input of the graph, its fixed dims as the
+    graph's, its rank dim over (1, 16, 64)."""
+    import onnx
+
+    from dqdeploy.exporters.engine import profile_shapes
+
+    profile = profile_shapes(spec, batch=(1, 2, 4))
+    graph = onnx.load(str(e / "unet" / "model.onnx"), load_external_data=False).graph
+    slot_inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+                   for i in graph.input if i.name.startswith("lora/")}
+    assert set(slot_inputs) == {n for s in spec.lora_slots for n in (s["down"], s["up"])} <= set(profile)
+    for name, dims in slot_inputs.items():
+        lo, opt, hi = profile[name]
+        assert [isinstance(d, str) for d in dims].count(True) == 1, name  # the rank only
+        for axis, d in enumerate(dims):
+            assert (lo[axis], opt[axis], hi[axis]) == ((1, 16, 64) if isinstance(d, str) else (d, d, d)), name
+
+
 def test_slot_refusals(unet_case, tmp_path):
     from dqdeploy import load_runtime
     from dqdeploy.core.errors import ExportError
+    from dqdeploy.exporters.engine import profile_shapes
+    from dqdeploy.runtimes.spec import read_spec
 
     q, fp = unet_case["q"], unet_case["fp"]
     one = random_lora(fp, UNET_LAYERS[:1], tmp_path / "one.safetensors")
@@ -332,9 +338,12 @@ def test_slot_refusals(unet_case, tmp_path):
         load_runtime(e, lora=unet_case["lora"])  # adapts layers the export has no slot for
     with pytest.raises(DQDeployError, match="no LoRA slots"):
         load_runtime(export(q, tmp_path / "plain", target="ort"), lora=unet_case["lora"])
-    with pytest.raises(ExportError, match="TensorRT engine"):
-        export(q, tmp_path / "t", target="trt", lora_slots=unet_case["lora"])
-    assert not (tmp_path / "t").exists()
+    if importlib.util.find_spec("tensorrt") is None:  # the engine with slots needs TensorRT, checked first
+        with pytest.raises(DQDeployError, match="TensorRT"):
+            export(q, tmp_path / "t", target="trt", lora_slots=unet_case["lora"])
+        assert not (tmp_path / "t").exists()
+    with pytest.raises(ExportError, match="lora_rank"):
+        profile_shapes(read_spec(e), lora_rank=(0, 16, 64))
     proc = subprocess.run([sys.executable, "-m", "dqdeploy", "export", str(q), "--out", str(tmp_path / "x"),
                            "--lora-slots", str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
