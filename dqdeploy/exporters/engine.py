@@ -31,7 +31,7 @@ from ..core.errors import ArtifactError, DQDeployError, ExportError, LintError, 
 from ..core.inputs import CONTEXT
 from ..io.atomic import atomic_write_bytes
 from ..runtimes.engine_spec import engine_info, tensor_records
-from ..runtimes.spec import ExportSpec, read_spec
+from ..runtimes.spec import ExportSpec, read_spec, slot_input_shapes
 from ..system.trt_gate import gpu_description, require_tensorrt
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,7 @@ def slot_shapes(spec: ExportSpec, lora_rank: int | Sequence[int] = LORA_RANK
     r = _range(lora_rank, "lora_rank")
     shapes = {}
     for slot in spec.lora_slots:
-        conv = slot.get("conv")
-        down: list[int | None] = [slot["in"], None] if conv is None else [None, slot["in"], *conv["kernel"]]
-        up: list[int | None] = [None, slot["out"]] if conv is None else [slot["out"], None, 1, 1]
-        for name, dims in ((slot["down"], down), (slot["up"], up)):
+        for name, dims in slot_input_shapes(slot).items():
             shapes[name] = cast(tuple[list[int], list[int], list[int]],
                                 tuple([r[k] if d is None else d for d in dims] for k in range(3)))
     return shapes

@@ -28,7 +28,7 @@ from torch import nn
 from ..core.errors import ExportError
 from ..io.lora import read_lora
 from ..quant.lora import ConvGeometry
-from ..runtimes.spec import lora_inputs
+from ..runtimes.spec import lora_inputs, slot_input_shapes
 from .dequantize import LayerTensors
 from .qdq import _Graph, find_compute_nodes
 
@@ -112,12 +112,12 @@ def add_lora_slots(model: Any, slots: list[Slot], scope_prefix: str, elem_type: 
                               f"{'Conv2d' if slot.conv is not None else 'Linear'}",
                               hint="export with slots for other layers only")
         down, up = lora_inputs(slot.layer)
+        entry = {"layer": slot.layer, "down": down, "up": up, "in": slot.in_features, "out": slot.out_features,
+                 **({} if slot.conv is None else {"conv": slot.conv})}
         rank = f"lora_rank_{i}"
-        down_shape: list[int | str] = [slot.in_features, rank] if slot.conv is None else \
-            [rank, slot.in_features, *slot.conv["kernel"]]
-        up_shape: list[int | str] = [rank, slot.out_features] if slot.conv is None else [slot.out_features, rank, 1, 1]
-        model.graph.input.extend([onnx.helper.make_tensor_value_info(down, elem_type, down_shape),
-                                  onnx.helper.make_tensor_value_info(up, elem_type, up_shape)])
+        model.graph.input.extend([onnx.helper.make_tensor_value_info(name, elem_type, [rank if d is None else d
+                                                                                       for d in dims])
+                                  for name, dims in slot_input_shapes(entry).items()])
         y = _output_of(gr, node)
         consumers = gr.consumers.get(y, [])
         anchor = consumers[0] if consumers else None
@@ -137,8 +137,7 @@ def add_lora_slots(model: Any, slots: list[Slot], scope_prefix: str, elem_type: 
         _rename_output(producers[y], y, base)
         gr.new_nodes.setdefault(None if anchor is None else id(anchor), []).append(
             onnx.helper.make_node("Add", [base, branch], [y], name=gr.name(prefix + "/Add")))
-        entries.append({"layer": slot.layer, "down": down, "up": up, "in": slot.in_features,
-                        "out": slot.out_features, **({} if slot.conv is None else {"conv": slot.conv})})
+        entries.append(entry)
     gr.finish()
     return entries
 

@@ -46,6 +46,16 @@ def lora_inputs(layer: str) -> tuple[str, str]:
     return f"{LORA_PREFIX}{layer}/down", f"{LORA_PREFIX}{layer}/up"
 
 
+def slot_input_shapes(slot: dict[str, Any]) -> dict[str, list[int | None]]:
+    """The shapes of a LoRA slot's graph inputs (an export spec's ``lora_slots`` entry), ``None`` at the rank dim:
+    a Linear's ``down`` [in, r] and ``up`` [r, out], a convolution's ``down`` [r, in, kh, kw] and ``up``
+    [out, r, 1, 1]."""
+    conv = slot.get("conv")
+    if conv is None:
+        return {slot["down"]: [slot["in"], None], slot["up"]: [None, slot["out"]]}
+    return {slot["down"]: [None, slot["in"], *conv["kernel"]], slot["up"]: [slot["out"], None, 1, 1]}
+
+
 def onnx_file(model_class: str) -> str:
     """The graph's path inside an export folder: ``unet/model.onnx`` or ``transformer/model.onnx``."""
     spec = SPECS.get(model_class)

@@ -300,10 +300,17 @@ def test_graph_slots_swap_adapters_without_re_export(unet_case, tmp_path, target
     assert torch.equal(_run(runtime, inputs), without)
     assert check_export(q, e, lora=[(lora, 0.8)]).ok
     assert check_export(q, e).ok
-    if adapter == "conv" and target == "ort":  # the CLI's --lora too
+    if adapter == "conv" and target == "ort":  # the CLI's --lora too; a Triton model serves the slots' inputs
         proc = subprocess.run([sys.executable, "-m", "dqdeploy", "check", str(q), str(e), "--lora", str(lora)],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        from dqdeploy.exporters.triton import write_triton_repo
+
+        config = (write_triton_repo(e, tmp_path / "repo") / "config.pbtxt").read_text()
+        slot = next(s for s in spec.lora_slots if "conv" in s)
+        (kh, kw), c_in = slot["conv"]["kernel"], slot["in"]
+        assert f'name: "{slot["down"]}"\n    data_type: TYPE_FP32\n    dims: [ -1, {c_in}, {kh}, {kw} ]' in config
+        assert config.count('name: "lora/') == 2 * len(layers)
 
 
 def _profile_covers_the_slots(e, spec):
