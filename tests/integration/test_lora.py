@@ -332,6 +332,26 @@ def _profile_covers_the_slots(e, spec):
             assert (lo[axis], opt[axis], hi[axis]) == ((1, 16, 64) if isinstance(d, str) else (d, d, d)), name
 
 
+def test_the_trt_graph_with_conv_slots_keeps_tensorrt_rules(unet_case, tmp_path):
+    """The graph step of ``export --target trt --lora-slots`` (FP16 TensorRT layout, no TensorRT needed): lint-clean,
+    and the engine profile covers its slot inputs; ONNX Runtime runs its FP16 float branches."""
+    from dqdeploy import load_runtime
+    from dqdeploy.exporters.export import trt_graph
+    from dqdeploy.exporters.lint import lint_path
+    from dqdeploy.runtimes.spec import read_spec
+
+    lora = unet_case["adapters"]["conv"][0]
+    e = trt_graph(unet_case["q"], tmp_path / "trt", lora_slots=lora)
+    spec = read_spec(e)
+    assert spec.precision == "fp16" and len(spec.lora_slots) == len(MIXED_LAYERS)
+    assert lint_path(e / "unet" / "model.onnx") == []
+    _profile_covers_the_slots(e, spec)
+    runtime, inputs = load_runtime(e), {k: v[:2] for k, v in unet_case["inputs"].items()}
+    without = _run(runtime, inputs)
+    runtime.set_lora(lora)
+    assert torch.isfinite(_run(runtime, inputs)).all() and not torch.equal(_run(runtime, inputs), without)
+
+
 def test_slot_refusals(unet_case, tmp_path):
     from dqdeploy import load_runtime
     from dqdeploy.core.errors import ExportError
