@@ -13,11 +13,14 @@ Rows (DDIM 50, ``--n`` samples, the same noise for every row):
   RECIPE again       the float model with the LoRA merged, quantized from scratch (what the LoRA saves)
   RECIPE slots, ort  Q exported once with ``--lora-slots FILE`` (the branch in the graph), the adapter fed at run time
                      (``load_runtime(E, lora=...)``); also the seconds ``set_lora`` takes to swap it in
+  fp + lora, seed S  the reference again with the noise of each further ``--seeds`` entry: how far the FID moves with
+                     the noise alone (read the ratios against it)
 
 Each row: digits-FID (against all real digits: a 0-4 model scores worse than the base model, so compare LoRA rows
 with ``fp + lora``), its ratio to ``fp + lora``, and the share of samples the digits classifier reads as 0-4 (what the
 LoRA teaches). Also the seconds ``dqdeploy lora`` takes to fold. Usage: python bench/lora_quality.py [--n 1000]
-[--recipes w8a8,w4a8]; writes bench/results/lora_quality.json.
+[--recipes w8a8,w4a8] [--seeds 0,1] (the first seed's noise for every row); writes bench/results/lora_quality.json
+after every row (``complete``: false until the last).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from dqdeploy.stages.lora import fold_lora_artifact  # noqa: E402
 from dqdeploy.stages.sources import open_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLING = dict(steps=50, scheduler="ddim", seed=0, batch_size=250)
+SAMPLING = dict(steps=50, scheduler="ddim", batch_size=250)
 
 
 def lora_file() -> Path:
@@ -82,28 +85,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--recipes", default="w8a8,w4a8")
+    ap.add_argument("--seeds", default="0", help="noise seeds: the first for every row, the others for fp + lora")
     args = ap.parse_args()
+    seed, *more_seeds = (int(s) for s in args.seeds.split(","))
+    sampling = {**SAMPLING, "seed": seed}
     lora, work = lora_file(), Path(tempfile.mkdtemp(prefix="dqdeploy-lora-"))
     fp_lora = merged_fp(lora, work)
-    rows = {"fp": row(generate(digits_model_dir(), n=args.n, **SAMPLING)),
-            "fp + lora": row(generate(fp_lora, n=args.n, **SAMPLING))}
+    entry = {"command": "python bench/lora_quality.py " + " ".join(sys.argv[1:]), "n": args.n, "seed": seed,
+             "lora": {"file": lora.name, "layers": len(read_lora(lora, load_model(digits_model_dir()).denoiser).layers),
+                      "what": "rank-4 LoRA of the attention projections, trained on the digits 0-4"},
+             "rows": {}, "fold_seconds": {}, "swap_seconds": {}, "complete": False}
+
+    def add(name: str, images: torch.Tensor) -> None:
+        """One row, written at once (a run stopped early keeps its rows, marked incomplete)."""
+        rows = entry["rows"]
+        rows[name] = row(images)
+        ref = rows.get("fp + lora", {}).get("digits_fid")
+        for r in rows.values():
+            r["vs_fp_lora"] = None if ref is None else r["digits_fid"] / ref
+        write_results("lora_quality", entry)
+        print(f"{name:>18}: digits-FID {rows[name]['digits_fid']:7.2f}  0-4 {rows[name]['share_0_to_4']:.1%}",
+              flush=True)
+
+    add("fp + lora", generate(fp_lora, n=args.n, **sampling))
+    add("fp", generate(digits_model_dir(), n=args.n, **sampling))
+    for other in more_seeds:
+        add(f"fp + lora, seed {other}", generate(fp_lora, n=args.n, **{**SAMPLING, "seed": other}))
     calibration = CalibrationConfig(scheduler="ddim", steps=50, samples=512)
-    fold_seconds, swap_seconds = {}, {}
-    for recipe in args.recipes.split(","):
+    for recipe in args.recipes.split(","):  # cheapest rows first; quantizing from scratch again last
         q = quantize(digits_model_dir(), PRESETS[recipe], calibration, work / f"q-{recipe}").path
-        rows[recipe] = row(generate(q, n=args.n, **SAMPLING))
+        add(recipe, generate(q, n=args.n, **sampling))
         with open_model(q) as opened:
             branches = apply_lora(opened.denoiser, lora)
-            rows[f"{recipe} branch"] = row(generate_from(opened, n=args.n, **SAMPLING))
+            images = generate_from(opened, n=args.n, **sampling)
             branches.remove()
-        start = time.perf_counter()
-        fold_lora_artifact(q, lora, work / f"q-{recipe}-lora")
-        fold_seconds[recipe] = time.perf_counter() - start
-        rows[f"{recipe} fold"] = row(generate(work / f"q-{recipe}-lora", n=args.n, **SAMPLING))
-        export(work / f"q-{recipe}-lora", work / f"e-{recipe}-lora", target="ort")
-        rows[f"{recipe} fold, ort"] = row(generate(work / f"e-{recipe}-lora", n=args.n, **SAMPLING))
-        again = quantize(fp_lora, PRESETS[recipe], calibration, work / f"q-{recipe}-again").path
-        rows[f"{recipe} again"] = row(generate(again, n=args.n, **SAMPLING))
+        add(f"{recipe} branch", images)
         export(q, work / f"e-{recipe}-slots", target="ort", lora_slots=lora)
         with open_model(work / f"e-{recipe}-slots") as opened:
             swaps = []
@@ -111,20 +127,19 @@ def main() -> None:
                 start = time.perf_counter()
                 opened.denoiser.set_lora(adapter)
                 swaps.append(time.perf_counter() - start)
-            swap_seconds[recipe] = sorted(swaps)[len(swaps) // 2]
-            rows[f"{recipe} slots, ort"] = row(generate_from(opened, n=args.n, **SAMPLING))
-    ref = rows["fp + lora"]["digits_fid"]
-    for name, r in rows.items():
-        r["vs_fp_lora"] = r["digits_fid"] / ref
-    entry = {"command": "python bench/lora_quality.py " + " ".join(sys.argv[1:]), "n": args.n,
-             "lora": {"file": lora.name, "layers": len(read_lora(lora, load_model(digits_model_dir()).denoiser).layers),
-                      "what": "rank-4 LoRA of the attention projections, trained on the digits 0-4"},
-             "rows": rows, "fold_seconds": fold_seconds, "swap_seconds": swap_seconds}
-    path = write_results("lora_quality", entry)
-    for name, r in rows.items():
-        print(f"{name:>16}: digits-FID {r['digits_fid']:7.2f}  vs fp+lora {r['vs_fp_lora']:.3f}x  "
-              f"0-4 {r['share_0_to_4']:.1%}")
-    print(f"wrote {path}")
+            entry["swap_seconds"][recipe] = sorted(swaps)[len(swaps) // 2]
+            images = generate_from(opened, n=args.n, **sampling)
+        add(f"{recipe} slots, ort", images)
+        start = time.perf_counter()
+        fold_lora_artifact(q, lora, work / f"q-{recipe}-lora")
+        entry["fold_seconds"][recipe] = time.perf_counter() - start
+        add(f"{recipe} fold", generate(work / f"q-{recipe}-lora", n=args.n, **sampling))
+        export(work / f"q-{recipe}-lora", work / f"e-{recipe}-lora", target="ort")
+        add(f"{recipe} fold, ort", generate(work / f"e-{recipe}-lora", n=args.n, **sampling))
+        again = quantize(fp_lora, PRESETS[recipe], calibration, work / f"q-{recipe}-again").path
+        add(f"{recipe} again", generate(again, n=args.n, **sampling))
+    entry["complete"] = True
+    print(f"wrote {write_results('lora_quality', entry)}")
 
 
 if __name__ == "__main__":

@@ -274,10 +274,29 @@ def lora_quality_section(res: dict) -> list[str]:
            "| row | digits-FID | vs fp + lora | 0-4 |", "|---|---:|---:|---:|"]
     for name, r in res["rows"].items():
         out.append(f"| {name} | {r['digits_fid']:.2f} | {r['vs_fp_lora']:.3f}x | {r['share_0_to_4']:.1%} |")
-    secs = ", ".join(f"{k} {v:.1f} s" for k, v in res["fold_seconds"].items())
-    swaps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.get("swap_seconds", {}).items())
-    return out + ["", f"`dqdeploy lora` (fold, including loading and saving the artifact): {secs}. Swapping the "
-                      f"adapter on a loaded runtime with LoRA slots (`set_lora`, median of 6): {swaps}.", ""]
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in res["fold_seconds"].items()) or "not reached"
+    swaps = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.get("swap_seconds", {}).items()) or "not reached"
+    noise = ", ".join(f"{r['vs_fp_lora']:.3f}x" for k, r in res["rows"].items() if k.startswith("fp + lora, seed"))
+    return out + ["", *([f"The FID's noise: fp + lora with other noise seeds reads {noise} of itself; read the "
+                         "ratios against that.", ""] if noise else []),
+                  *(["**Partial run**: stopped before its last rows (the script writes each row as it is measured).",
+                     ""] if res.get("complete") is False else []),
+                  f"`dqdeploy lora` (fold, including loading and saving the artifact): {secs}. Swapping the "
+                  f"adapter on a loaded runtime with LoRA slots (`set_lora`, median of 6): {swaps}.", ""]
+
+
+def lora_overhead_section(res: dict) -> list[str]:
+    stages = ", ".join(f"{k} {r['seconds']:.0f} s / {r['peak_rss_gb']:.1f} GB" for k, r in res["stages"].items())
+    out = [f"## LoRA branch latency ({res['config']} UNet)", "",
+           f"`{res['command']}` — {res['config']} UNet config with random weights, W8A8 PTQ ({res['calibration']}), "
+           f"exported `--target ort` without slots and with `--lora-slots attention` ({res['slots']} slots); "
+           f"ONNX Runtime CPU, batch {res['batch']}, {res['latent']}x{res['latent']} latent, {res['tokens']} tokens, "
+           f"{res['threads']} thread, the configurations in turn, {res['repeats']} repeats, medians. `overhead`: vs "
+           "the export without slots.", "",
+           "| configuration | median (s) | overhead |", "|---|---:|---:|"]
+    for name, r in res["rows"].items():
+        out.append(f"| {name} | {r['median_s']:.3f} | {r['overhead']:+.1%} |")
+    return out + ["", f"Stages (wall time / peak RSS, each in its own process): {stages}.", ""]
 
 
 def fallback_search_section(d: dict) -> list[str]:
@@ -807,6 +826,9 @@ def _sections() -> list[tuple[str, tuple[str, ...], Callable[[], dict | None], C
          _flat(lora_quality_section),
          lambda d: [(f"{k}: {r['vs_fp_lora']:.3f}x the digits-FID of fp + lora", d) for k, r in d["rows"].items()
                     if k.endswith(("branch", "fold, ort", "slots, ort"))]),
+        ("LoRA branch latency", ("lora_overhead.json",), lambda: _load("lora_overhead"),
+         _flat(lora_overhead_section),
+         _one(lambda d: f"rank-16 branch {d['rows']['rank 16']['overhead']:+.1%} over no slots")),
         ("Fallback search", ("fallback_search.json",), lambda: _load_keyed("fallback_search"), fallback_search_section,
          lambda d: [(f"{k}: Spearman {e['spearman']:.2f}, screen {e['screen_s']:.0f} s vs every layer "
                      f"{e['exhaustive_s']:.0f} s" if k != "sd15" else

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -282,4 +283,21 @@ def write_sd_pipeline(path: Path, scheduler=None, seed: int = 0) -> Path:
                                                                        steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def random_lora(model: torch.nn.Module, layers: list[str], path, *, prefix: str = "unet", rank: int = 2,
+                seed: int = 0, size: float = 0.5, alpha: float | None = None):
+    """A peft-format LoRA file for ``layers`` of ``model`` whose update is a sizeable change of each layer (a conv's:
+    ``lora_A`` [r, in, kh, kw], ``lora_B`` [out, r, 1, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in layers:
+        out_f, in_f, *kernel = model.get_submodule(name).weight.shape
+        fan_in = in_f * math.prod(kernel)
+        tensors[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, in_f, *kernel, generator=g) / fan_in ** 0.5
+        tensors[f"{prefix}.{name}.lora_B.weight"] = size * torch.randn(out_f, rank, *[1] * len(kernel), generator=g)
+        if alpha is not None:
+            tensors[f"{prefix}.{name}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
     return path

@@ -31,12 +31,13 @@ from ..core.errors import ArtifactError, DQDeployError, ExportError, LintError, 
 from ..core.inputs import CONTEXT
 from ..io.atomic import atomic_write_bytes
 from ..runtimes.engine_spec import engine_info, tensor_records
-from ..runtimes.spec import ExportSpec, read_spec
+from ..runtimes.spec import ExportSpec, read_spec, slot_input_shapes
 from ..system.trt_gate import gpu_description, require_tensorrt
 
 log = logging.getLogger(__name__)
 
 Range = tuple[int, int, int]
+LORA_RANK: Range = (1, 16, 64)  # the rank dims of LoRA slots: min, opt, max
 Resolution = int | tuple[int, int] | tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
@@ -103,6 +104,7 @@ def profile_shapes(
     cfg: bool = False,
     resolution: Resolution | None = None,
     seq_len: int | Sequence[int] | None = None,
+    lora_rank: int | Sequence[int] = LORA_RANK,
 ) -> dict[str, tuple[list[int], list[int], list[int]]]:
     """``{input: (min, opt, max)}`` for the engine's optimization profile, from the export spec.
 
@@ -110,6 +112,8 @@ def profile_shapes(
     ``hidden_states``; ``resolution``, default: the export's ``--dynamic-resolution``) and the sequence
     length of ``encoder_hidden_states`` (``seq_len``). A fixed dim stays fixed; asking for another value
     there is an error (re-export instead). Inputs without a batch axis (Flux's position ids) must be fixed.
+    An export with LoRA slots adds each slot's ``down``/``up`` inputs, their rank dim over ``lora_rank`` (the
+    ranks of the adapters fed at once, added up; a slot without an adapter takes rank 1).
     """
     b = _range(batch, "batch")
     if cfg:
@@ -149,6 +153,19 @@ def profile_shapes(
             opt.append(r[1])
             hi.append(r[2])
         shapes[t.name] = (lo, opt, hi)
+    return shapes | slot_shapes(spec, lora_rank)
+
+
+def slot_shapes(spec: ExportSpec, lora_rank: int | Sequence[int] = LORA_RANK
+                ) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """The profile of the LoRA slots' inputs (:mod:`.lora_slots`): a Linear's ``down`` [in, r] and ``up`` [r, out],
+    a convolution's ``down`` [r, in, kh, kw] and ``up`` [out, r, 1, 1], ``r`` over ``lora_rank`` (min, opt, max)."""
+    r = _range(lora_rank, "lora_rank")
+    shapes = {}
+    for slot in spec.lora_slots:
+        for name, dims in slot_input_shapes(slot).items():
+            shapes[name] = cast(tuple[list[int], list[int], list[int]],
+                                tuple([r[k] if d is None else d for d in dims] for k in range(3)))
     return shapes
 
 
@@ -266,6 +283,7 @@ def build_engine(
     cfg: bool = False,
     resolution: Resolution | None = None,
     seq_len: int | Sequence[int] | None = None,
+    lora_rank: int | Sequence[int] = LORA_RANK,
     timing_cache: str | Path | None = None,
     workspace_gb: float | None = None,
     overwrite: bool = False,
@@ -277,15 +295,16 @@ def build_engine(
     ``fp16`` states the graph's precision: a strongly typed network takes its types from the graph,
     so an FP16 engine needs an FP16 export (``dqdeploy export --fp16``). ``batch`` is (min, opt, max)
     denoiser batch rows; ``cfg=True`` doubles it for classifier-free guidance. ``resolution``/``seq_len``
-    are only needed where the graph has those dims dynamic. ``timing_cache`` is loaded if it exists
-    and saved after the build, merged with what the file then holds (Polygraphy locks it through a
-    ``.lock`` file next to it, so concurrent builds may share one). Returns the plan's path.
+    are only needed where the graph has those dims dynamic; ``lora_rank``: the (min, opt, max) rank of the LoRA
+    slots' inputs (an export with ``--lora-slots``; adapters fed at once add their ranks). ``timing_cache``
+    is loaded if it exists and saved after the build, merged with what the file then holds (Polygraphy locks it
+    through a ``.lock`` file next to it, so concurrent builds may share one). Returns the plan's path.
     """
     trt = require_tensorrt()  # before anything expensive
     export_dir = Path(export_dir)
     spec = read_spec(export_dir)
     onnx_path, plan_path = _check_buildable(export_dir, spec, fp16=fp16, overwrite=overwrite)
-    shapes = profile_shapes(spec, batch=batch, cfg=cfg, resolution=resolution, seq_len=seq_len)
+    shapes = profile_shapes(spec, batch=batch, cfg=cfg, resolution=resolution, seq_len=seq_len, lora_rank=lora_rank)
     if lint:
         _lint(onnx_path)
     network = _parse_network(trt, onnx_path, shapes)

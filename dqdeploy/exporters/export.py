@@ -96,7 +96,6 @@ def export(
     dynamic_resolution = _resolution_range(dynamic_resolution)
     spec = target_spec(target)
     if spec.engine:
-        _refuse_slots(lora_slots)
         require_tensorrt()  # fail fast, before anything else
         _check_request(source, spec.graph, fp16, cpu)
     _check_outputs(source, out_dir, overwrite, triton_repo, timing_cache, pipeline)  # before any work
@@ -130,12 +129,6 @@ def _check_outputs(source: str | Path, out_dir: str | Path, overwrite: bool, tri
 
 def _sources(source: str | Path, pipeline: str | Path | None) -> list[str | Path]:
     return [source] if pipeline is None else [source, pipeline]
-
-
-def _refuse_slots(lora_slots: str | Path | None) -> None:
-    if lora_slots is not None:
-        raise ExportError("LoRA slots are for ONNX Runtime graphs (targets ort, onnx, float): no TensorRT engine "
-                          "with slots is built yet", hint="fold the LoRA into the artifact (`dqdeploy lora`) for trt")
 
 
 def _triton_model(source: str | Path) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from ..core.errors import ArtifactError, ExportError
 from ..io.atomic import atomic_dir
 from ..runtimes.engine_spec import read_engine_info
-from ..runtimes.spec import SPEC_FILE, engine_files, model_folder, read_spec
+from ..runtimes.spec import SPEC_FILE, engine_files, model_folder, read_spec, slot_input_shapes
 
 PLATFORMS = {"tensorrt_plan": ("model.plan", "KIND_GPU"), "onnxruntime_onnx": ("model.onnx", "KIND_AUTO")}
 TRITON_TYPES = {
@@ -86,6 +86,9 @@ def _model_files(export_dir: Path) -> tuple[str, dict[str, Any], list[tuple[Path
                             hint="re-run `dqdeploy export`")
     io = {key: [{"name": t.name, "shape": t.shape, "dtype": t.dtype} for t in tensors]
           for key, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs))}
+    slot_dtype = "float16" if spec.precision == "fp16" else "float32"
+    io["inputs"] += [{"name": name, "shape": [-1 if d is None else d for d in dims], "dtype": slot_dtype}
+                     for slot in spec.lora_slots for name, dims in slot_input_shapes(slot).items()]
     return "onnxruntime_onnx", io, [(f, "model.onnx" if f == graph else f.name) for f in files]
 
 

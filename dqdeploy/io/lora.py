@@ -10,7 +10,8 @@ Formats (safetensors only: no pickles), as diffusers and peft write them:
   (Stable Diffusion and SDXL UNets).
 
 Each layer's update is ``scale * alpha / r * (up @ down)``; layers of a text encoder are not the denoiser's and
-are left out (reported). Only Linear layers take an adapter for now: a LoRA on a convolution is refused.
+are left out (reported). Linear layers and plain convolutions (LoCon: ``down`` [r, in, kh, kw] with the conv's kernel,
+``up`` [out, r, 1, 1]) take an adapter; grouped convolutions and other layers are refused.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Union
+from typing import Union, cast
 
 import torch
 from torch import nn
 
 from ..core.errors import DQDeployError
-from ..quant.lora import LoraBranches, LoraLayer, attach_lora
+from ..quant.lora import ConvGeometry, LoraBranches, LoraLayer, attach_lora
 from .tensorfile import read_tensors
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,8 @@ def _group(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, dict[s
 
 def read_lora(path: str | Path, denoiser: nn.Module, slots_of: str | None = None) -> LoraAdapter:
     """The adapter of ``denoiser`` (a diffusers UNet or transformer, quantized or not) in the LoRA file
-    ``path``: every layer checked against the model (present, a Linear, matching shapes). ``slots_of``: ``denoiser``
-    stands for the LoRA slots of that export (its layers are the slots only)."""
+    ``path``: every layer checked against the model (present, a Linear or a plain Conv2d, matching shapes).
+    ``slots_of``: ``denoiser`` stands for the LoRA slots of that export (its layers are the slots only)."""
     path = Path(path)
     model_class = type(denoiser).__name__
     grouped, others = _group(_raw_state(path, model_class), path)
@@ -135,6 +136,29 @@ def read_lora(path: str | Path, denoiser: nn.Module, slots_of: str | None = None
     return LoraAdapter(path, digest, layers)
 
 
+def _geometry(path: Path, name: str, module: nn.Module) -> ConvGeometry | None:
+    """A Conv2d's geometry (its ``down`` convolution takes it); None for a Linear; a LoraError for anything else."""
+    weight = getattr(module, "weight", None)
+    kind = getattr(module, "kind", "linear" if isinstance(module, nn.Linear) else
+                   "conv" if isinstance(module, nn.Conv2d) else "other")
+    if kind == "linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return None
+    if kind != "conv" or not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise LoraError(f"{path}: layer {name} is a {type(module).__name__}, not a Linear or Conv2d",
+                        hint="dqdeploy adapts Linear layers and 2-d convolutions only")
+    args = getattr(module, "conv_args", None) or {k: getattr(module, k) for k in ("stride", "padding", "dilation",
+                                                                                  "groups")}
+    pairs = {k: tuple(args[k]) if isinstance(args[k], (tuple, list)) else args[k] for k in ("stride", "padding",
+                                                                                             "dilation")}
+    if args["groups"] != 1 or not all(isinstance(v, tuple) and len(v) == 2 for v in pairs.values()) \
+            or getattr(module, "padding_mode", "zeros") != "zeros":
+        raise LoraError(f"{path}: layer {name} is a convolution with groups={args['groups']}, padding="
+                        f"{args['padding']!r}, padding_mode={getattr(module, 'padding_mode', 'zeros')!r}; a LoRA is "
+                        "supported on plain convolutions only (groups=1, numeric zero padding)",
+                        hint="use an adapter without this layer (grouped / depthwise convolutions are not adapted)")
+    return ConvGeometry(pairs["stride"], pairs["padding"], pairs["dilation"])
+
+
 def _checked(path: Path, name: str, parts: dict[str, torch.Tensor], module: nn.Module | None) -> LoraLayer:
     if "down" not in parts or "up" not in parts:
         raise LoraError(f"{path}: layer {name} has no {'down (lora_A)' if 'down' not in parts else 'up (lora_B)'} "
@@ -142,22 +166,26 @@ def _checked(path: Path, name: str, parts: dict[str, torch.Tensor], module: nn.M
     if module is None:
         raise LoraError(f"{path}: layer {name} is not a layer of this model",
                         hint="the LoRA was trained for another model (check the base model it was made for)")
-    weight = getattr(module, "weight", None)
-    kind = getattr(module, "kind", "linear" if isinstance(module, nn.Linear) else "other")
-    if kind != "linear" or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise LoraError(f"{path}: layer {name} is a {type(module).__name__}, not a Linear",
-                        hint="LoRA on convolutions (LoCon) is not supported yet; use an adapter of the "
-                             "attention / feed-forward Linears")
+    conv = _geometry(path, name, module)
+    weight = cast(torch.Tensor, module.weight)
     down, up = parts["down"].float(), parts["up"].float()
-    if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1] or tuple(weight.shape) != (up.shape[0],
-                                                                                                   down.shape[1]):
-        raise LoraError(f"{path}: layer {name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not make a "
-                        f"[{weight.shape[0]}, {weight.shape[1]}] update", hint="the LoRA was made for another model")
+    if conv is not None and weight.shape[2:] == (1, 1) and down.dim() == 2:  # a 1x1 conv's LoRA stored as matrices
+        down = down[:, :, None, None]
+    if conv is not None and up.dim() == 4 and up.shape[2:] == (1, 1):
+        up = up[:, :, 0, 0]
+    want_down = (down.shape[0], *weight.shape[1:])
+    if down.dim() != weight.dim() or up.dim() != 2 or tuple(down.shape) != want_down \
+            or tuple(up.shape) != (weight.shape[0], down.shape[0]):
+        kind = "conv" if conv is not None else "Linear"
+        raise LoraError(f"{path}: layer {name}: down {tuple(parts['down'].shape)} and up {tuple(parts['up'].shape)} "
+                        f"do not make an update of this {kind}'s {list(weight.shape)} weight"
+                        + (" (expected down [r, in, kh, kw] with the conv's kernel and up [out, r, 1, 1])"
+                           if conv is not None else ""), hint="the LoRA was made for another model")
     rank = down.shape[0]
     alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
     if not torch.isfinite(down).all() or not torch.isfinite(up).all() or not alpha == alpha:
         raise LoraError(f"{path}: layer {name} holds NaN or Inf", hint="the LoRA file is damaged")
-    return LoraLayer(down.contiguous(), up.contiguous(), alpha / rank)
+    return LoraLayer(down.contiguous(), up.contiguous(), alpha / rank, conv)
 
 
 LoraSpec = Union[str, PathLike, tuple[Union[str, PathLike], float], Sequence[tuple[Union[str, PathLike], float]]]

@@ -227,12 +227,20 @@ def _check_slots(p: Problems, slots: Any) -> None:
     if not p.require(isinstance(slots, list) and len(slots) <= MAX_LAYERS, "lora_slots must be a list"):
         return
     for slot in slots:
-        ok = (isinstance(slot, dict) and set(slot) == {"layer", "down", "up", "in", "out"}
+        ok = (isinstance(slot, dict) and set(slot) - {"conv"} == {"layer", "down", "up", "in", "out"}
               and all(isinstance(slot[k], str) for k in ("layer", "down", "up"))
               and bool(MODULE_NAME.match(slot["layer"]))
-              and all(is_int(slot[k]) and slot[k] > 0 for k in ("in", "out")))
-        if not p.require(ok, f"lora_slots entry {str(slot)[:80]} is not {{layer, down, up, in, out}}"):
+              and all(is_int(slot[k]) and slot[k] > 0 for k in ("in", "out"))
+              and ("conv" not in slot or _conv_geometry_ok(slot["conv"])))
+        if not p.require(ok, f"lora_slots entry {str(slot)[:80]} is not {{layer, down, up, in, out[, conv]}}"):
             return
+
+
+def _conv_geometry_ok(conv: Any) -> bool:
+    """A conv slot's ``{kernel, stride, padding, dilation}``: pairs of ints (padding >= 0, the others >= 1)."""
+    return (isinstance(conv, dict) and set(conv) == {"kernel", "stride", "padding", "dilation"}
+            and all(isinstance(v, list) and len(v) == 2
+                    and all(is_int(x) and x >= (0 if k == "padding" else 1) for x in v) for k, v in conv.items()))
 
 
 def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> None:

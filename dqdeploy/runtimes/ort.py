@@ -63,22 +63,6 @@ def _spec_from_session(session, path: Path) -> ExportSpec:
     )
 
 
-class _LayerShapes(torch.nn.Module):
-    """What :func:`~dqdeploy.io.lora.read_lora` checks a LoRA file against, built from an export's slots: one Linear
-    (on the meta device) per slot."""
-
-    def __init__(self, spec: ExportSpec) -> None:
-        super().__init__()
-        for slot in spec.lora_slots:
-            parent = self
-            *path, leaf = slot["layer"].split(".")
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, torch.nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, torch.nn.Linear(slot["in"], slot["out"], bias=False, device="meta"))
-
-
 def _static(shape) -> tuple:
     """A shape with symbolic dims (names, None) as None: what must match between graph and spec."""
     return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
@@ -120,19 +104,9 @@ class OrtDenoiser(DenoiserRuntime):
     def set_lora(self, lora: Any = None) -> None:
         """Run the export's LoRA slots with ``lora`` (``FILE``, ``(FILE, scale)`` or a list of them; ``None``: no
         adapter, the graph computes what it computes without slots). No re-export, no new session."""
-        from ..io.lora import lora_list, read_lora
-        from .lora_feeds import lora_feeds, require_slots
+        from .lora_feeds import adapter_feeds
 
-        if lora is not None:
-            require_slots(self.spec)
-        if not self.spec.lora_slots:
-            return
-
-        skeleton = _LayerShapes(self.spec)
-        adapters = [] if lora is None else [(read_lora(path, skeleton, slots_of=str(self.source)).layers, scale)
-                                            for path, scale in lora_list(lora)]
-        dtype = np.float16 if self.spec.precision == "fp16" else np.float32
-        self._lora_feeds = lora_feeds(self.spec, adapters, dtype)
+        self._lora_feeds = adapter_feeds(self.spec, lora, str(self.source))
 
     def _check_session(self, path: Path) -> None:
         got = {v.name: (ORT_TYPES.get(v.type, v.type), _static(v.shape)) for v in self.session.get_inputs()

@@ -37,13 +37,23 @@ FORMAT_VERSION = 1
 LEGACY_KEYS = {"flavour": "target"}  # specs written before the rename
 
 
-LORA_PREFIX = "lora/"  # graph inputs of the LoRA slots: lora/<layer>/down [in, r] and lora/<layer>/up [r, out]
+LORA_PREFIX = "lora/"  # graph inputs of the LoRA slots: lora/<layer>/down and lora/<layer>/up (exporters/lora_slots)
 
 
 def lora_inputs(layer: str) -> tuple[str, str]:
-    """The graph inputs of ``layer``'s LoRA slot: ``down`` [in, r] (A transposed) and ``up`` [r, out] (B transposed,
-    times the adapter's scale)."""
+    """The graph inputs of ``layer``'s LoRA slot: a Linear's ``down`` [in, r] (A transposed) and ``up`` [r, out] (B
+    transposed, times the adapter's scale); a convolution's ``down`` [r, in, kh, kw] and ``up`` [out, r, 1, 1]."""
     return f"{LORA_PREFIX}{layer}/down", f"{LORA_PREFIX}{layer}/up"
+
+
+def slot_input_shapes(slot: dict[str, Any]) -> dict[str, list[int | None]]:
+    """The shapes of a LoRA slot's graph inputs (an export spec's ``lora_slots`` entry), ``None`` at the rank dim:
+    a Linear's ``down`` [in, r] and ``up`` [r, out], a convolution's ``down`` [r, in, kh, kw] and ``up``
+    [out, r, 1, 1]."""
+    conv = slot.get("conv")
+    if conv is None:
+        return {slot["down"]: [slot["in"], None], slot["up"]: [None, slot["out"]]}
+    return {slot["down"]: [None, slot["in"], *conv["kernel"]], slot["up"]: [slot["out"], None, 1, 1]}
 
 
 def onnx_file(model_class: str) -> str:
@@ -91,7 +101,7 @@ class ExportSpec:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative path -> {sha256, size}
     source: str = ""  # integrity seal of the artifact manifest it was exported from ("" for float exports)
     resolution_range: list[int] | None = None  # [MIN, MAX] latent height/width of a dynamic-resolution graph
-    # LoRA slots: per adapted Linear, {layer, down, up, in, out}: the graph inputs of its float branch
+    # LoRA slots: per adapted Linear or Conv2d, {layer, down, up, in, out[, conv]}: the inputs of its float branch
     lora_slots: list[dict[str, Any]] = field(default_factory=list)
     # ORT layout: the integer format of the weights, which decides the CPUs its int8 kernels are exact on
     # (:mod:`dqdeploy.system.cpu`); None for other targets, and for ORT graphs exported before it was recorded (int8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,7 +32,8 @@ class TrtDenoiser(DenoiserRuntime):
 
     backend = "tensorrt"
 
-    def __init__(self, export_dir: str | Path, device: int | None = None) -> None:
+    def __init__(self, export_dir: str | Path, device: int | None = None, lora: Any = None) -> None:
+        """``lora``: adapters for an engine with LoRA slots (``FILE``, ``(FILE, scale)``, a list; :meth:`set_lora`)."""
         trt = require_tensorrt("running a TensorRT engine")
         export_dir = Path(export_dir)
         spec = read_spec(export_dir)
@@ -60,14 +61,33 @@ class TrtDenoiser(DenoiserRuntime):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._engine_inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in self._engine_inputs]
-        if sorted(self._engine_inputs) != sorted(self._inputs) or not outputs:
+        slot_inputs = [n for s in spec.lora_slots for n in (s["down"], s["up"])]
+        if sorted(self._engine_inputs) != sorted([*self._inputs, *slot_inputs]) or not outputs:
             raise ArtifactError(f"{plan}: engine inputs {self._engine_inputs} do not match "
-                                f"the export spec's {sorted(self._inputs)}",
+                                f"the export spec's {sorted([*self._inputs, *slot_inputs])}",
                                 hint=f"rebuild it: build_engine('{export_dir}', overwrite=True)")
         self._output = OUTPUT if OUTPUT in outputs else outputs[0]
         self._dtypes = {n: self._torch_dtype(n) for n in self._engine_inputs}  # the engine's types win
         self._out_dtype = self._torch_dtype(self._output)
         self._profile = {n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)] for n in self._engine_inputs}
+        self._lora_feeds: dict[str, torch.Tensor] = {}
+        self.set_lora(lora)
+
+    def set_lora(self, lora: Any = None) -> None:
+        """Run the engine's LoRA slots with ``lora`` (``FILE``, ``(FILE, scale)`` or a list of them; ``None``: no
+        adapter). No rebuild: the adapters' ranks must be within the engine's profile (``build_engine(lora_rank=)``)."""
+        from .lora_feeds import adapter_feeds
+
+        arrays = adapter_feeds(self.spec, lora, str(self.source))
+        for name, array in arrays.items():
+            lo, _, hi = self._profile[name]
+            if any(s < a or s > b for s, a, b in zip(array.shape, lo, hi)):
+                raise RuntimeInputError(
+                    f"{name}: the adapters' shape {tuple(array.shape)} (their ranks added up) is outside the engine's "
+                    f"profile {tuple(lo)}..{tuple(hi)}",
+                    hint="use fewer or lower-rank adapters, or rebuild with build_engine(DIR, lora_rank=(min, opt, "
+                         "max), overwrite=True)")
+        self._lora_feeds = {n: torch.from_numpy(a).to(self._device, self._dtypes[n]) for n, a in arrays.items()}
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         dtype = self.engine.get_tensor_dtype(name)
@@ -114,7 +134,7 @@ class TrtDenoiser(DenoiserRuntime):
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.cuda.device(self._device):
-            out = self.bind(feeds)
+            out = self.bind({**feeds, **self._lora_feeds})
             self.enqueue()
         return out
 

@@ -165,7 +165,8 @@ def _with_lora(model: QuantizedDenoiser, spec: ExportSpec, lora: Any, feeds: lis
         model.lora_branches = apply_lora(model, lora)
     dtype = np.float16 if spec.precision == "fp16" else np.float32
     extra = lora_feeds(spec, adapters, dtype)
-    return [{**f, **extra} for f in feeds], [TensorSpec(name, [-1, -1], np.dtype(dtype).name) for name in extra]
+    return [{**f, **extra} for f in feeds], [TensorSpec(name, [-1] * a.ndim, np.dtype(dtype).name)
+                                            for name, a in extra.items()]
 
 
 def _simulation_runner(model: QuantizedDenoiser, inputs: list, output: str = OUTPUT, name: str = "pytorch-simulation"):
