@@ -112,6 +112,12 @@ def test_export_records_and_emits_its_format(artifact, cpu, tmp_path):
         assert any(w.dtype == np.uint8 for w in weights)  # W8A8 weights reach 127: those layers go u8u8
     else:
         assert all(w.dtype == np.int8 for w in weights)
+    if not cpu_info().exact(spec.int8_format):  # e.g. the vnni format on an AVX2-only CPU: the guard refuses
+        from dqdeploy.core.errors import CpuFormatError
+
+        with pytest.raises(CpuFormatError, match="has no VNNI"):
+            check_export(artifact, out, per_layer=True)
+        return
     result = check_export(artifact, out, per_layer=True)
     assert result.ok, result.table()
 
