@@ -153,11 +153,8 @@ def quantize(model_dir, out_dir, preset, recipe, scheduler, scheduler_dir, steps
                                      fallback_candidates=fallback_candidates,
                                      timestep_scales=timestep_scales, layout=layout, attention=attention).items()
                if v is not None}
-    for option, value in (("--fallback-budget", fallback_budget), ("--fallback-time", fallback_time),
-                          ("--fallback-candidates", fallback_candidates)):
-        if value is not None and (fallback or r.fallback) != "auto":
-            raise click.UsageError(f"{option} applies to --fallback auto; "
-                                   f"this run's fallback is {fallback or r.fallback!r}")
+    _auto_only(fallback or r.fallback, {"--fallback-budget": fallback_budget, "--fallback-time": fallback_time,
+                                        "--fallback-candidates": fallback_candidates})
     if no_dilation and scaling not in (None, "none"):
         raise click.UsageError("--no-dilation contradicts --scaling " + scaling)
     if no_dilation or scaling:
@@ -177,6 +174,13 @@ def quantize(model_dir, out_dir, preset, recipe, scheduler, scheduler_dir, steps
 
     if is_writer():  # rank 0 reports
         _report(result, r.name, r.fallback, out_dir)
+
+
+def _auto_only(fallback: str, options: dict[str, object]) -> None:
+    """Refuse the options given (not None) that apply to ``--fallback auto`` only, when the fallback is another."""
+    for option, value in options.items():
+        if value is not None and fallback != "auto":
+            raise click.UsageError(f"{option} applies to --fallback auto; this run's fallback is {fallback!r}")
 
 
 def _report(result, recipe: str, fallback: str, out_dir: Path) -> None:

@@ -73,6 +73,12 @@ def test_peer_graph_is_uint8_qdq(peer):
 
 
 def test_peer_output_close_to_float(peer):
+    """ONNX Runtime's own quantize_static (S8 weights over their full range) is exact only where u8s8 does not
+    saturate; on a CPU without VNNI its graph is wrong by design (dqdeploy's portable format exists for that)."""
+    from dqdeploy.system.cpu import cpu_info
+
+    if not cpu_info().exact("vnni"):
+        pytest.skip(f"{cpu_info().model} has no VNNI: the peer's full-range int8 weights saturate u8s8 here")
     float_path, out = peer
     assert _max_rel_error(float_path, str(out)) < REL_BOUND
 

@@ -13,6 +13,7 @@ from torch import nn
 from dqdeploy.core.errors import ExportError
 from dqdeploy.core.inputs import DenoiserInputs
 from dqdeploy.exporters.dequantize import simulate_layer_input, tensors_of
+from dqdeploy.exporters.export import resolve_format
 from dqdeploy.exporters.onnx import export_float_onnx
 from dqdeploy.exporters.qdq import UINT8_ZERO_POINT, SurgeryOptions, insert_qdq
 from dqdeploy.quant.modules import QuantLayer
@@ -56,7 +57,8 @@ def exported(kind: str, target: str, tmp_path, out_scale: float | None = None):
     tensors = {"layer": tensors_of("layer", layer)}
     scales = {"layer": out_scale} if out_scale else None
     graph = insert_qdq(graph, tensors, TIMESTEPS, {"layer": x.dim()},
-                       SurgeryOptions(layout=layout_of(target), scope_prefix="unet."), scales)
+                       SurgeryOptions(layout=layout_of(target), scope_prefix="unet.",
+                                      int8_format=resolve_format("auto")), scales)  # exact on this CPU
     onnx.checker.check_model(graph)
     int_type = onnx.TensorProto.UINT8 if target == "ort" else onnx.TensorProto.INT8
     graph.graph.output.append(onnx.helper.make_tensor_value_info("dq/layer/input_q", int_type, None))
