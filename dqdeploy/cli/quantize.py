@@ -100,7 +100,7 @@ def preset_values(ctx: click.Context, preset: str) -> dict[str, Any]:
                    "then stay quantized (default: no limit).")
 @click.option("--fallback-candidates", type=POSITIVE,
               help="auto fallback: score only the N layers a first-order screen ranks highest (default: every layer "
-                   "of a model with at most 128 quantized layers, else 32).")
+                   "of a model with at most 192 quantized layers, else 32).")
 @click.option("--attention", type=click.Choice(["float", "int8"]),
               help="Attention's two batched matmuls (q k^T, softmax x v): 'float' (default) or 'int8' (quantized "
                    "inputs: q, k, v with per-step scales, the softmax output on a fixed 8-bit grid; the paper's "

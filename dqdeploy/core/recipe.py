@@ -64,7 +64,7 @@ class Recipe:
     # "auto": seconds after which the sensitivity search stops, the layers not scored stay quantized (None: no limit)
     fallback_time: float | None = None
     # "auto": how many layers the leave-one-out search scores, those a first-order screen ranks highest (None: every
-    # layer of a model with at most 128 quantized layers, else 32; dqdeploy.quant.fallback)
+    # layer of a model with at most 192 quantized layers, else 32; dqdeploy.quant.fallback)
     fallback_candidates: int | None = None
     # layers whose input activations keep 8 bits (wildcard module names): mixed precision for act_bits=4
     act8_layers: tuple[str, ...] = ()

@@ -17,7 +17,8 @@ from .sensitivity import analyze, choose_fallback, layer_macs, screen
 from .trajectories import CalibrationSet, calibration_subset
 
 log = logging.getLogger(__name__)
-EXHAUSTIVE_UP_TO = 128  # auto: leave-one-out scores every layer of a model with at most this many quantized layers
+EXHAUSTIVE_UP_TO = 192  # auto: leave-one-out scores every layer of a model with at most this many quantized layers
+# (every zoo member: the largest, cond, has 141; SD-1.5 has 282)
 SCREENED = 32  # else only the layers the first-order screen ranks highest (recipe.fallback_candidates overrides)
 SCREEN_BATCH = 1  # samples per backward pass of the whole model: its activations are the screen's memory peak
 

@@ -162,7 +162,7 @@ def test_fallback_time_is_left_out_of_the_json_at_its_default():
     assert r.to_dict()["fallback_time"] == 90 and Recipe.from_dict(json.loads(r.to_json())) == r
 
 
-@pytest.mark.parametrize("layers, candidates, expected", [(93, None, 93), (128, None, 128), (129, None, 32),
+@pytest.mark.parametrize("layers, candidates, expected", [(93, None, 93), (192, None, 192), (193, None, 32),
                                                           (282, None, 32), (282, 10, 10), (20, 50, 20)])
 def test_how_many_layers_the_search_scores(layers, candidates, expected):
     assert candidate_count(W8A8.replace(fallback_candidates=candidates), layers) == expected
