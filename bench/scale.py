@@ -1,11 +1,14 @@
 """Time and peak memory of every stage at Stable Diffusion size, and ORT int8 vs FP32 latency.
 
-Each stage is the user's own command (``dqdeploy ...``, ``-v``) in a fresh process; its wall time and
-peak RSS (``os.wait4``'s ``ru_maxrss`` of that process) are recorded:
+Each stage is the user's own command (``dqdeploy ...``, ``-v``) in a fresh process; its wall time,
+peak RSS (``os.wait4``'s ``ru_maxrss`` of that process) and longest silence (the most seconds between two
+lines of its output, progress lines included) are recorded:
 
   folder        the random-weight pipeline folder (``bench/scale_models.py``)
-  quantize      W8A8 with block-wise distillation at a small budget (--iters, --batch-size 2)
-  quantize-ptq  W8A8 --no-distill (the artifact later stages read; --artifact q-bkd: the distilled one)
+  quantize      the README's default: W8A8, fallback auto, block-wise distillation at a small budget
+                (--iters, --batch-size 2)
+  quantize-ptq  W8A8 --no-distill --fallback none (the artifact later stages read; --artifact q-bkd: the
+                default one)
   export-ort    --target ort          export-onnx   --target onnx        export-float  --target float
   load          dqdeploy.load_quantized of the artifact
   latency       ONNX Runtime CPU, FP32 graph vs the --target ort graph: batch 2 (CFG), the config's latent,
@@ -36,19 +39,30 @@ from bench.common import RESULTS, code_hash, write_results  # noqa: E402
 from bench.scale_models import CONFIGS  # noqa: E402
 
 STAGES = ("folder", "quantize", "quantize-ptq", "export-ort", "export-onnx", "export-float", "load", "latency")
-CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guidance", "7.5", "--fallback", "none"]
+CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guidance", "7.5"]
 
 
 def run_stage(argv: list[str], log: Path) -> dict:
-    """Run ``argv`` to completion; its wall seconds, peak RSS (GB) and exit status."""
+    """Run ``argv`` to completion, its output to ``log`` line by line (each stamped with the seconds since the
+    start); its wall seconds, peak RSS (GB), longest silence (seconds without an output line) and exit status."""
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
+    start = last = time.perf_counter()
+    silence = 0.0
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # progress bars end their updates with \r: those count as lines too
+            now = time.perf_counter()
+            silence, last = max(silence, now - last), now
+            for part in line.decode(errors="replace").replace("\r", "\n").splitlines():
+                out.write(f"[{now - start:8.1f}s] {part}\n")
+            out.flush()
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
-            "exit": proc.returncode, "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
+    end = time.perf_counter()
+    return {"seconds": round(end - start, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+            "longest_silence_s": round(max(silence, end - last), 1), "exit": proc.returncode,
+            "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
 
 
 def dq(*args: str) -> list[str]:
@@ -66,7 +80,7 @@ def stage_commands(config: str, work: Path, iters: int, width: int | None, artif
         "folder": py + [make],
         "quantize": dq("quantize", str(model), "--cond", str(cond), *calib, "--iters", str(iters), "--batch-size", "2",
                        "--out", str(work / "q-bkd"), "--overwrite"),
-        "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *calib, "--no-distill",
+        "quantize-ptq": dq("quantize", str(model), "--cond", str(cond), *calib, "--no-distill", "--fallback", "none",
                            "--out", str(work / "q"), "--overwrite"),
         "export-ort": dq("export", str(q), "--target", "ort", "--out", str(work / "e-ort"), "--overwrite"),
         "export-onnx": dq("export", str(q), "--target", "onnx", "--out", str(work / "e-onnx"), "--overwrite"),

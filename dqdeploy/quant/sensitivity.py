@@ -202,15 +202,21 @@ def screen(model: QuantizedDenoiser, inputs: Inputs, *, step_weights: dict[float
     step-weighted relative output error of the fully quantized model, ``y_i`` layer ``i``'s output and ``y_i^fp``
     its output with its own quantizers off on the same input (what leave-one-out switches). Costs about four
     forward passes of ``inputs`` whatever the number of layers; under torchrun the ranks share the batches.
-    ``only``: score these layers only."""
+    ``only``: score these layers only. The backward pass keeps the model's activations at block boundaries only
+    (diffusers' gradient checkpointing, where the model has it: each block is run again during the backward
+    pass), so its memory is one block's activations, not the whole model's."""
     model.eval()
     inputs = as_inputs(inputs, model)
     meter = ErrorMeter(model, inputs, batch, step_weights)
     layers = {n: m for n, m in quant_layers(model.denoiser).items() if only is None or n in set(only)}
     sums = {n: torch.zeros((), dtype=torch.float64) for n in layers}
 
+    backward = False  # while the backward pass recomputes a checkpointed block: its outputs get no gradient
+
     def make_hook(name: str, layer: QuantLayer):
         def hook(mod, args, out):
+            if backward:
+                return out.detach().requires_grad_() if not out.requires_grad else None  # as in the forward pass
             saved = layer.quantize_weight, layer.input_quantizer.enabled
             try:
                 layer.quantize_weight, layer.input_quantizer.enabled = False, False
@@ -230,17 +236,38 @@ def screen(model: QuantizedDenoiser, inputs: Inputs, *, step_weights: dict[float
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with forward_hooks((m, "post", make_hook(n, m)) for n, m in layers.items()):
+        with forward_hooks((m, "post", make_hook(n, m)) for n, m in layers.items()), \
+                checkpointed(model.denoiser):
             batches = list(torch.arange(len(inputs)).split(batch))[distributed.rank()::distributed.world()]
             for idx in progress(batches, len(batches), "sensitivity (screen)", unit="batch"):
+                part = inputs.slice(idx)
                 with quantized_only(model, None, None), torch.enable_grad():
-                    err = relative_error(inputs.slice(idx).call(model), meter.ref[idx])
-                    (err * weight[idx]).sum().backward()
+                    err = relative_error(part.call(model), meter.ref[idx])
+                    backward = True  # recomputed blocks quantize at the same steps as the forward pass:
+                    with model.step_index.bound(model.table.index(part.timestep, len(idx))):
+                        (err * weight[idx]).sum().backward()
+                    backward = False
     finally:
         for p in trainable:
             p.requires_grad_(True)
     parts = distributed.all_gather({n: float(v) for n, v in sums.items()})  # under torchrun: each rank's batches
     return {n: sum(part[n] for part in parts) for n in sums}  # summed in rank order: the same on every rank
+
+
+@contextlib.contextmanager
+def checkpointed(denoiser: torch.nn.Module) -> Iterator[None]:
+    """diffusers' gradient checkpointing on for the ``with`` body (a model without it is left as it is), then
+    every block's own setting back."""
+    blocks = {m: m.gradient_checkpointing for m in denoiser.modules() if hasattr(m, "gradient_checkpointing")}
+    if not blocks or not getattr(denoiser, "_supports_gradient_checkpointing", False):
+        yield
+        return
+    denoiser.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        for m, on in blocks.items():
+            m.gradient_checkpointing = on
 
 
 def _accumulate(total: torch.Tensor, grad: torch.Tensor, delta: torch.Tensor) -> None:
