@@ -10,7 +10,11 @@ kept). Then every row of that file makes ``dqdeploy/assets/quality_reference.jso
 the worst of them and ``warn_above = FAR_ABOVE * worst``, with the command, commit and CPU. Held-out members are
 refused (``zoo.refuse_held_out``): the warning must not be tuned on them.
 
-Usage: python bench/quality_reference.py [--models shipped,seed1,...] [--recipes w8a8,w4a8] [--rebuild-only]
+Entries: ``w8a8``, ``w4a8`` (the defaults, distilled) and ``w8a8-ptq``, ``w4a8-ptq`` (``--preset quick``: no
+distillation, the quick budget): quantize compares a run with the entry of its bit widths and whether it distils.
+
+Usage: python bench/quality_reference.py [--models shipped,seed1,...] [--recipes w8a8,w4a8,w8a8-ptq,w4a8-ptq]
+                                        [--rebuild-only]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def measure(model: str, recipe: str) -> dict[str, Any]:
 
     zoo.refuse_held_out(model, "the quality check's reference levels")
     member = zoo.get(model)
-    q = zq.artifact(model, recipe)
+    q = zq.artifact(*artifact_of(recipe, model))
     fp_dir, quantized = zoo.ensure(model), load_quantized(q)
     start = time.perf_counter()
     held = held_for(q, fp_dir, member.cond_file())
@@ -55,6 +59,15 @@ def measure(model: str, recipe: str) -> dict[str, Any]:
             "check_s": {"record_fp_calls_with_load": round(record_s, 2),
                         "quantized_answers": round(time.perf_counter() - start, 2)},
             "quantize_s": float(qs.read_text()) if qs.is_file() else None}
+
+
+def artifact_of(recipe: str, model: str) -> tuple[str, str, str]:
+    """(model, preset, zoo_quality variant) of a reference entry: ``w8a8`` the defaults, ``w8a8-ptq`` the quick
+    preset's budget without distillation (what ``quality_risk.recipe_key`` names a run without distillation)."""
+    preset, _, ptq = recipe.partition("-")
+    if ptq not in ("", "ptq"):
+        raise SystemExit(f"unknown reference entry {recipe!r}: a preset (w8a8) or a preset with -ptq (w8a8-ptq)")
+    return model, preset, "quick" if ptq else "default"
 
 
 def levels(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -83,7 +96,7 @@ def write_reference(command: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(zoo.names("tuning")), help="tuning members (held-out: refused)")
-    ap.add_argument("--recipes", default="w8a8,w4a8")
+    ap.add_argument("--recipes", default="w8a8,w4a8,w8a8-ptq,w4a8-ptq")
     ap.add_argument("--rebuild-only", action="store_true", help="rewrite the package's file from the results only")
     args = ap.parse_args(argv)
     command = "python bench/quality_reference.py " + " ".join(sys.argv[1:] if argv is None else argv)

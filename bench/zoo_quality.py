@@ -60,12 +60,14 @@ import torch  # noqa: E402
 from bench import zoo  # noqa: E402
 from bench.common import RESULTS, stamp  # noqa: E402
 from dqdeploy.core.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
+from dqdeploy.cli.quantize import PRESETS as CLI_PRESETS  # noqa: E402
 from dqdeploy.io.atomic import atomic_write_bytes  # noqa: E402
 from dqdeploy.stages.generate import generate  # noqa: E402
 
 RESULTS_FILE = RESULTS / "zoo_quality.json"
 STEPS = 50
 FLAVOURS = ("sim", "onnx", "ort")
+QUICK = CLI_PRESETS["quick"]
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "no-dilation": {"scaling": "none"},
@@ -81,6 +83,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int8-attention": {"attention": "int8"},  # issue 22: both batched matmuls of every attention quantized
 }
 CALIBRATION_VARIANTS: dict[str, dict[str, Any]] = {"calib-seed1": {"seed": 1}}  # CalibrationConfig field overrides
+# `quantize --preset quick` (its table, keyed by the CLI's parameter names): recipe and calibration overrides
+VARIANTS["quick"] = {"distill": QUICK["distill_mode"], "fallback": QUICK["fallback"]}
+CALIBRATION_VARIANTS["quick"] = {"steps": QUICK["steps"], "samples": QUICK["calib_samples"],
+                                 "trajectories": QUICK["trajectories"]}
 BOOTSTRAP = 200
 STEP_TRAJECTORIES = 16
 
@@ -103,8 +109,8 @@ def calibration_for(model: str, variant: str = "default") -> CalibrationConfig:
     member = zoo.get(model)
     if variant != "default":
         zoo.refuse_held_out(model, f"variant {variant!r}")
-    return CalibrationConfig(scheduler=member.scheduler, steps=member.steps, guidance=member.guidance,
-                             **CALIBRATION_VARIANTS.get(variant, {}))
+    return CalibrationConfig(**{"scheduler": member.scheduler, "steps": member.steps, "guidance": member.guidance,
+                                **CALIBRATION_VARIANTS.get(variant, {})})
 
 
 def recipe_hash(model: str, recipe: str, variant: str) -> str:

@@ -24,13 +24,12 @@ from torch import nn
 from ..core.arguments import as_path, public
 from ..core.errors import ArtifactError, check_format
 from ..core.recipe import Recipe
-from ..core.terminal import bar as progress_bar
 from ..core.version import __version__
 from ..quant.attention import install_attention_quant
 from ..quant.distill import BlockReport
 from ..quant.modules import QuantizedDenoiser, QuantLayer, replace_module
 from ..quant.timestep import StepIndex, TimestepTable
-from ..system.distributed import is_writer
+from ..system.progress import Progress
 from .atomic import atomic_dir
 from .folders import MANIFEST
 from .integrity import confined, file_sha256, read_json_object, seal, verify_file, verify_seal
@@ -221,21 +220,18 @@ def install_quant_layers(
             modules[name] = cast(nn.Conv2d | nn.Linear, denoiser.get_submodule(name))
         except AttributeError:
             raise ArtifactError(f"manifest layer {name!r} does not exist in {type(denoiser).__name__}") from None
-    bar = progress_bar(total=sum(m.weight.numel() for m in modules.values()), desc="weight scales", unit="w",
-                   unit_scale=True, leave=False,
-                   disable=weight_scales is not None or not is_writer())  # rank 0 alone shows progress
-    for name, meta in layers.items():
-        layer = modules.pop(name)  # the replaced layer is freed as soon as its QuantLayer is in place
-        q = QuantLayer(
-            layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
-            n_steps=table.n_rows, step_index=step_index, dilation=None if dilations is None else dilations[name],
-            output_quant=meta.output_quant, weight_scale=None if weight_scales is None else weight_scales[name],
-        )
-        replace_module(denoiser, name, q)
-        bar.update(layer.weight.numel())
-        if replaced is not None:
-            replaced(name, layer)
-    bar.close()
+    with Progress(len(layers), "weight scales", unit="layer", enabled=weight_scales is None) as bar:
+        for name, meta in layers.items():
+            layer = modules.pop(name)  # the replaced layer is freed as soon as its QuantLayer is in place
+            q = QuantLayer(
+                layer, weight_bits=meta.weight_bits, act_bits=meta.act_bits, act_symmetric=meta.act_symmetric,
+                n_steps=table.n_rows, step_index=step_index, dilation=None if dilations is None else dilations[name],
+                output_quant=meta.output_quant, weight_scale=None if weight_scales is None else weight_scales[name],
+            )
+            replace_module(denoiser, name, q)
+            bar.update()
+            if replaced is not None:
+                replaced(name, layer)
     return QuantizedDenoiser(denoiser, table, step_index)
 
 

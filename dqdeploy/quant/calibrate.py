@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..core.inputs import Hook, PreHook, forward_hooks
-from ..core.terminal import bar
 from ..system import distributed
+from ..system.progress import progress
 from .modules import QuantizedDenoiser, QuantLayer, act_quantizers, quant_layers, set_act_quant
 from .primitives import CLIP_RATIOS, minmax_scale, search_tensor_scale
 from .quantizer import ActQuantizer
@@ -108,8 +108,8 @@ def init_activation_scales(model: QuantizedDenoiser, calib: CalibrationSet, *, m
         with forward_hooks((q, "pre", make_hook(name, q)) for name, q in quantizers.items()):
             for p in ["range", "mse"] if method == "mse" else ["range"]:
                 phase["name"] = p
-                for b, batch in bar(calib.local_batches(batch_size), total=len(calib.batch_indices(batch_size)),
-                                     desc=f"calibrate ({p})", leave=False):
+                for b, batch in progress(calib.local_batches(batch_size), len(calib.batch_indices(batch_size)),
+                                         f"activation scales ({p})", unit="batch"):
                     phase["batch"] = b
                     batch.call(model)
                 if many:
@@ -163,7 +163,8 @@ def run_with_hooks(model: nn.Module, hooks: list[Hook], calib: CalibrationSet, b
     """Run ``model`` over this rank's calibration batches (all of them in one process) with ``hooks``
     registered (removed afterwards, also on error)."""
     with forward_hooks(hooks):
-        for _, batch in calib.local_batches(batch_size):
+        for _, batch in progress(calib.local_batches(batch_size), len(calib.batch_indices(batch_size)),
+                                 "calibration inputs", unit="batch"):
             batch.call(model)
 
 
@@ -225,7 +226,8 @@ def _sample_outputs(model: QuantizedDenoiser, calib: CalibrationSet, batch_size:
         state["sizes"] = None
         sizes = {b: seq for part in distributed.all_gather(sizes) for b, seq in part.items()}
     mine = set(calib.batch_indices(batch_size))
-    for b in bar(range(-(-len(calib) // batch_size)), desc="calibrate (outputs)", leave=False):
+    n_batches = -(-len(calib) // batch_size)
+    for b in progress(range(n_batches), n_batches, "output scales", unit="batch"):
         if b in mine:
             state["batch"] = b
             calib.batch(torch.arange(b * batch_size, min((b + 1) * batch_size, len(calib)))).call(model)

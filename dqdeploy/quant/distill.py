@@ -40,7 +40,7 @@ from torch import nn
 from ..core.recipe import Recipe
 from ..core.terminal import bar as progress_bar
 from ..system import distributed
-from ..system.progress import rss_gb, trim_heap
+from ..system.progress import progress, rss_gb, trim_heap
 from .attention import attention_quantizers
 from .blocks import Block
 from .blockstore import BlockStore, contiguous
@@ -219,7 +219,7 @@ def distill_blocks(
     names = [b.name for b in blocks]
     reports = []
     with _requires_grad(qmodel.parameters(), False):  # only the block in training computes gradients (_train)
-        for k, block in enumerate(progress_bar(blocks, desc="block-wise distillation", unit="block")):
+        for k, block in enumerate(progress(blocks, len(blocks), "block-wise distillation", unit="block")):
             qblock = qmodel.denoiser.get_submodule(block.name)
             n_parts = capture_inputs(qmodel, names, k, calib, sl.parts, store)
             report = checkpoint.restore(k, block.name, qblock) if checkpoint else None

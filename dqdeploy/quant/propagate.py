@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.errors import CalibrationError
 from ..core.inputs import Hook, forward_hooks
-from ..core.terminal import bar
+from ..system.progress import progress
 from .blockstore import BlockStore
 from .modules import QuantizedDenoiser
 from .trajectories import CalibrationSet
@@ -73,7 +73,7 @@ def capture_targets(fp_denoiser: nn.Module, names: Sequence[str], calib: Calibra
 
     hooks: list[Hook] = [(fp_denoiser.get_submodule(n), "post", post(n)) for n in names]
     with forward_hooks(hooks, with_kwargs=True):
-        for current, idx in enumerate(bar(batches, desc="distillation targets", unit="batch", leave=False)):
+        for current, idx in enumerate(progress(batches, len(batches), "distillation targets", unit="batch")):
             calib.batch(idx).call(fp_denoiser)
 
 

@@ -22,8 +22,8 @@ from ..core.errors import CalibrationError
 from ..core.inputs import CONTEXT, DenoiserInputs
 from ..core.recipe import CalibrationConfig
 from ..core.sampling import advance, denoise, model_tokens, set_timesteps, shared_inputs
-from ..core.terminal import bar as progress_bar
 from ..system import distributed
+from ..system.progress import Progress
 
 COND_KEY = CONTEXT
 UNCOND_KEY = "uncond_encoder_hidden_states"
@@ -263,18 +263,17 @@ def collect(
     mine = set(distributed.shard(len(starts)))
     local: dict[int, dict] = {}
     # one tick per model call
-    bar = progress_bar(total=sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine) * calls,
-                   desc=f"calibration trajectories ({_steps_text(config.trajectories, config.steps, calls)})",
-                   unit="traj-step")
-    for c, first in enumerate(starts):
-        n = min(config.batch_size, config.trajectories - first)
-        noise = torch.randn(*latent_shape(spec, denoiser.config, n, config.resolution), generator=gen)
-        if c not in mine:  # another rank's chunk: draw what it draws, run no model
-            advance(scheduler, spec, noise, config.steps, gen)
-            continue
-        local[c] = _chunk(denoiser, scheduler, config, conditioning, guidance, first, noise, chosen[first : first + n],
-                          uncond, cfg_on, gen, tick=functools.partial(bar.update, n))
-    bar.close()
+    with Progress(sum(min(config.batch_size, config.trajectories - starts[c]) for c in mine) * calls,
+                  f"calibration trajectories ({_steps_text(config.trajectories, config.steps, calls)})",
+                  unit="traj-step") as bar:
+        for c, first in enumerate(starts):
+            n = min(config.batch_size, config.trajectories - first)
+            noise = torch.randn(*latent_shape(spec, denoiser.config, n, config.resolution), generator=gen)
+            if c not in mine:  # another rank's chunk: draw what it draws, run no model
+                advance(scheduler, spec, noise, config.steps, gen)
+                continue
+            local[c] = _chunk(denoiser, scheduler, config, conditioning, guidance, first, noise,
+                              chosen[first : first + n], uncond, cfg_on, gen, tick=functools.partial(bar.update, n))
     if (distributed.active()
             and len(set(distributed.all_gather(hashlib.sha256(gen.get_state().numpy().tobytes()).hexdigest()))) > 1):
         raise CalibrationError(f"the sampler {type(scheduler).__name__} draws random numbers that depend on more than "

@@ -4,7 +4,8 @@ the development zoo's tuning members reach at the same recipe.
 The reference levels are data, written by ``bench/quality_reference.py`` into ``dqdeploy/assets/
 quality_reference.json`` (with the command, commit and CPU that measured them); ``$DQDEPLOY_QUALITY_REFERENCE``
 names another file of that format. A recipe is looked up by its bit widths (``w4a8``); the warning fires above the
-file's ``warn_above`` for it (the worst member times the file's ``far_above`` factor).
+file's ``warn_above`` for it (the worst member times the file's ``far_above`` factor). Runs without distillation
+are compared with the zoo's level at ``--preset quick``'s budget (``w8a8-ptq``), distilled runs with the defaults'.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def load_reference(path: Path | None = None) -> dict[str, Any] | None:
 
 
 def recipe_key(recipe: Recipe) -> str:
-    """The reference entry a recipe is compared with: its bit widths (``w8a8``, ``w4a8``)."""
-    return f"w{recipe.weight_bits}a{recipe.act_bits}"
+    """The reference entry a recipe is compared with: its bit widths (``w8a8``, ``w4a8``), ``-ptq`` without
+    distillation (``w8a8-ptq``: measured at ``--preset quick``'s budget, so a run without distillation is compared
+    with runs like it, not with distilled ones)."""
+    return f"w{recipe.weight_bits}a{recipe.act_bits}" + ("-ptq" if recipe.distill == "none" else "")
 
 
 def next_steps(recipe: Recipe, calibration: CalibrationConfig) -> str:

@@ -46,36 +46,60 @@ def stage(log: logging.Logger, name: str) -> Iterator[None]:
              "" if now is None else f", now {now:.2f} GB")
 
 
+class Progress:
+    """A count of done units out of ``total`` under a tqdm bar (count, elapsed, estimated time left); where stderr is
+    not a terminal (a log file, a pipe) also lines on ``log``: at the start, after an update once ``every`` seconds
+    (on ``clock``) have passed since the last line (done / ``total``, elapsed, estimated time left), at the end, and
+    while one unit runs longer than ``every`` seconds, one every ``every`` seconds. Under torchrun rank 0 alone
+    reports; ``enabled=False`` shows nothing. Use it as a context manager, calling :meth:`update` after each unit (or
+    :func:`progress` over items)."""
+
+    def __init__(self, total: int, desc: str, *, unit: str = "it", log: logging.Logger = PROGRESS,
+                 every: float = 60.0, terminal: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic, enabled: bool = True) -> None:
+        from .distributed import is_writer
+
+        writer = enabled and is_writer()
+        on_term = on_terminal() if terminal is None else terminal
+        self.total, self.desc, self.unit, self.log, self.every, self.clock = total, desc, unit, log, every, clock
+        self.lines = writer and not on_term
+        self.start = self.last = clock()
+        self.state = {"done": 0, "line": time.monotonic()}
+        self.shown = bar(terminal=on_term, total=total, desc=desc, unit=unit, leave=False, disable=not writer)
+        self.beat = (_heartbeat(log, f"{desc}: %d/{total} {unit}, %s elapsed, the next one still running", every,
+                                self.state) if self.lines else contextlib.nullcontext())
+
+    def __enter__(self) -> Progress:
+        if self.lines:
+            self.log.info("%s: 0/%d %s", self.desc, self.total, self.unit)
+        self.beat.__enter__()
+        return self
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more units done."""
+        self.shown.update(n)
+        done = self.state["done"] = self.state["done"] + n
+        now = self.clock()
+        if self.lines and (now - self.last >= self.every or done == self.total):
+            self.last, elapsed, self.state["line"] = now, now - self.start, time.monotonic()
+            self.log.info("%s: %d/%d %s, %s elapsed, about %s left", self.desc, done, self.total, self.unit,
+                          _duration(elapsed), _duration(elapsed / done * max(self.total - done, 0)))
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.beat.__exit__(None, None, None)
+        finally:
+            self.shown.close()
+
+
 def progress(items: Iterable[T], total: int, desc: str, *, unit: str = "it", log: logging.Logger = PROGRESS,
              every: float = 60.0, terminal: bool | None = None,
              clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
-    """``items`` under a tqdm bar (count, elapsed, estimated time left); where stderr is not a terminal (a log
-    file, a pipe) also lines on ``log``: at the start, after an item once ``every`` seconds (on ``clock``) have
-    passed since the last line (done / ``total``, elapsed, estimated time left), at the end, and while one item runs
-    longer than ``every`` seconds, one every ``every`` seconds. Under torchrun rank 0 alone reports."""
-    from .distributed import is_writer
-
-    writer = is_writer()
-    on_term = on_terminal() if terminal is None else terminal
-    lines = writer and not on_term
-    start = last = clock()
-    state = {"done": 0, "line": time.monotonic()}
-    if lines:
-        log.info("%s: 0/%d %s", desc, total, unit)
-    shown = bar(items, terminal=on_term, total=total, desc=desc, unit=unit, leave=False, disable=not writer)
-    beat = (_heartbeat(log, f"{desc}: %d/{total} {unit}, %s elapsed, the next one still running", every, state)
-            if lines else contextlib.nullcontext())
-    with beat:
-        try:
-            for done, item in enumerate(shown, 1):
-                yield item
-                now, state["done"] = clock(), done
-                if lines and (now - last >= every or done == total):
-                    last, elapsed, state["line"] = now, now - start, time.monotonic()
-                    log.info("%s: %d/%d %s, %s elapsed, about %s left", desc, done, total, unit,
-                             _duration(elapsed), _duration(elapsed / done * (total - done)))
-        finally:
-            shown.close()
+    """``items`` under a :class:`Progress` of ``total`` units, one per item."""
+    with Progress(total, desc, unit=unit, log=log, every=every, terminal=terminal, clock=clock) as shown:
+        for item in items:
+            yield item
+            shown.update()
 
 
 @contextlib.contextmanager

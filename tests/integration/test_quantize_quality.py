@@ -103,6 +103,8 @@ def test_the_verdict_names_the_next_step(result, tmp_path):
     high = load_reference(_reference(tmp_path / "high.json", q["mean_rel_err"] * 10))
     assert not assess(q, W8A8, CALIB, high)["at_risk"]
     assert assess(q, W4A8, CALIB, high) == q | {"reference": None, "at_risk": False}  # no level for w4a8
+    # a run without distillation is compared with the zoo's level without it (w8a8-ptq), not with distilled runs
+    assert assess(q, W8A8.replace(distill="none"), CALIB, high) == q | {"reference": None, "at_risk": False}
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ArtifactError, match="quality reference"):
         load_reference(tmp_path / "broken.json")
