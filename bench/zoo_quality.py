@@ -59,8 +59,8 @@ import torch  # noqa: E402
 
 from bench import zoo  # noqa: E402
 from bench.common import RESULTS, stamp  # noqa: E402
-from dqdeploy.core.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
 from dqdeploy.cli.quantize import PRESETS as CLI_PRESETS  # noqa: E402
+from dqdeploy.core.recipe import PRESETS, CalibrationConfig, Recipe  # noqa: E402
 from dqdeploy.io.atomic import atomic_write_bytes  # noqa: E402
 from dqdeploy.stages.generate import generate  # noqa: E402
 

@@ -19,7 +19,7 @@ from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.sensitivity import analyze, choose_fallback, layer_macs
 from dqdeploy.quant.trajectories import calibration_subset
 from dqdeploy.stages.quantize import quantize_denoiser
-from dqdeploy.system.progress import progress
+from dqdeploy.system.progress import Progress, progress
 from tests.helpers import random_calib, tiny_unet
 
 
@@ -125,6 +125,20 @@ def test_progress_logs_at_least_every_interval(lines):
     assert lines[0] == "search: 0/200 layer"
     assert lines[1] == "search: 60/200 layer, 1m00s elapsed, about 2m20s left"
     assert [line.split(",")[0] for line in lines[1:]] == [f"search: {d}/200 layer" for d in (60, 120, 180, 200)]
+
+
+def test_a_counter_reports_units_of_any_size_and_can_be_off(lines):
+    """``Progress`` counted by hand (a calibration chunk ticks once per trajectory in it): the same lines as
+    ``progress``; ``enabled=False`` (loading an artifact: nothing searched) shows nothing."""
+    with Progress(10, "trajectories", unit="traj-step", clock=ticking()) as shown:
+        for _ in range(5):
+            shown.update(2)
+    assert lines[0] == "trajectories: 0/10 traj-step"
+    assert lines[-1].startswith("trajectories: 10/10 traj-step, ") and len(lines) == 2
+    lines.clear()
+    with Progress(3, "weight scales", unit="layer", enabled=False) as shown:
+        shown.update(3)
+    assert not lines
 
 
 def test_a_long_item_is_no_silence(lines):
