@@ -44,7 +44,8 @@ CALIB = ["--steps", "4", "--trajectories", "2", "--calib-samples", "8", "--guida
 
 def run_stage(argv: list[str], log: Path) -> dict:
     """Run ``argv`` to completion, its output to ``log`` line by line (each stamped with the seconds since the
-    start); its wall seconds, peak RSS (GB), longest silence (seconds without an output line) and exit status."""
+    start); its wall seconds, CPU seconds (what it used on a shared machine), peak RSS (GB), longest silence (seconds
+    without an output line) and exit status."""
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = last = time.perf_counter()
     silence = 0.0
@@ -60,7 +61,8 @@ def run_stage(argv: list[str], log: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     end = time.perf_counter()
-    return {"seconds": round(end - start, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+    return {"seconds": round(end - start, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
             "longest_silence_s": round(max(silence, end - last), 1), "exit": proc.returncode,
             "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
 
