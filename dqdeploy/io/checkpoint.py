@@ -4,8 +4,9 @@ It holds what an interrupted run (Ctrl-C, kill -9, a crashed machine) has finish
 ... --resume`` continues from there and writes the same artifact as an uninterrupted run:
 
 * ``checkpoint.json``: format tag, the run's fingerprint (sha256 of the model folder's files, the scheduler folder
-  and conditioning, recipe, calibration settings, dqdeploy version), the writer's pid, and the report of every
-  finished block; rewritten atomically after each step;
+  and conditioning, recipe, calibration settings, dqdeploy version), the writer's pid, the fallback search's
+  progress (the layers it scores, each scored layer's gain) and the report of every finished block; rewritten
+  atomically after each step;
 * ``calibration.safetensors``: the calibration set (FP trajectories);
 * ``calibrated.safetensors``: the quantized model after per-step calibration and fallback, with its layer metadata;
 * ``block-NNNNN.safetensors``: the parameters of each distilled block;
@@ -318,6 +319,17 @@ class RunCheckpoint:
 
         return self._load(CALIBRATED, read)
 
+    # -- the fallback search (quant.fallback.SearchProgress) -------------------------------------------
+    def save_search(self, order: list[str], gains: dict[str, float]) -> None:
+        """The fallback search so far: the layers it scores in order, and each scored layer's gain."""
+        self.state["search"] = {"order": list(order), "gains": dict(gains)}
+        self._write_state()
+
+    def search(self) -> tuple[list[str], dict[str, float]] | None:
+        """The saved fallback search (order, gains; checked with the state's schema on resume), or None."""
+        saved = self.state.get("search")
+        return None if saved is None else (saved["order"], saved["gains"])
+
     # -- distilled blocks (distill.BlockCheckpoint) ----------------------------------------------
     def _block_file(self, index: int) -> Path:
         return self.folder / f"block-{index:05d}.safetensors"
@@ -372,7 +384,7 @@ def _schema_problems(state: dict[str, Any]) -> list[str]:
     import math
 
     problems = []
-    allowed = {"format", "format_version", "fingerprint", "pid", "started", "blocks", "files"}
+    allowed = {"format", "format_version", "fingerprint", "pid", "started", "blocks", "files", "search"}
     if set(state) - allowed:
         problems.append(f"unknown keys {sorted(set(state) - allowed)}")
     fp = state.get("fingerprint")
@@ -383,6 +395,12 @@ def _schema_problems(state: dict[str, Any]) -> list[str]:
                                             and isinstance(v, dict) and set(v) == {"sha256", "size"}
                                             for k, v in files.items())):
         problems.append("files must map file names in the folder to {sha256, size}")
+    search = state.get("search", {"order": [], "gains": {}})
+    order, gains = (search.get("order"), search.get("gains")) if isinstance(search, dict) else (None, None)
+    if not (isinstance(search, dict) and set(search) == {"order", "gains"} and isinstance(order, list)
+            and all(isinstance(n, str) for n in order) and isinstance(gains, dict)
+            and all(n in order and isinstance(g, float) and math.isfinite(g) for n, g in gains.items())):
+        problems.append("search must hold the fallback search's layer order and a finite gain per scored layer")
     blocks = state.get("blocks")
     fields = {f.name for f in dataclasses.fields(BlockReport)} | {"index"}
     if not isinstance(blocks, list):

@@ -8,12 +8,13 @@ import fnmatch
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ..core.errors import RecipeError
 from ..core.recipe import Recipe
 from ..system import distributed
 from .modules import QuantizedDenoiser, quant_layers
-from .sensitivity import analyze, choose_fallback, layer_macs, screen
+from .sensitivity import Row, analyze, choose_fallback, layer_macs, screen
 from .trajectories import CalibrationSet, calibration_subset
 
 log = logging.getLogger(__name__)
@@ -49,30 +50,57 @@ def check_fallback(recipe: Recipe, model) -> None:
                                  if isinstance(m, QUANTIZABLE) and recipe.selects(n)])
 
 
+@dataclass
+class SearchProgress:
+    """What a fallback search has finished -- the layers it scores, in order (None: not yet ranked), and the gain
+    of each scored layer -- and ``save``, called with both after each step (a run's checkpoint keeps them, so
+    that ``--resume`` goes on from there). One process only: under torchrun every rank searches afresh."""
+
+    order: list[str] | None = None
+    gains: dict[str, float] = field(default_factory=dict)
+    save: Callable[[list[str], dict[str, float]], None] = lambda order, gains: None
+
+    def add(self, row: Row) -> None:
+        assert self.order is not None
+        self.gains[row.name] = row.gain
+        self.save(self.order, self.gains)
+
+
 def fallback_layers(
     qmodel: QuantizedDenoiser, recipe: Recipe, calib: CalibrationSet, *, seed: int = 0,
-    step_weights: dict[float, float] | None = None, clock: Callable[[], float] = time.monotonic
+    step_weights: dict[float, float] | None = None, clock: Callable[[], float] = time.monotonic,
+    done: SearchProgress | None = None,
 ) -> list[str]:
     """The layers ``recipe.fallback`` keeps in float: by sensitivity on a calibration subset
     (``auto``, needs calibrated scales; steps weighted by ``step_weights``; within ``recipe.fallback_time``
-    seconds on ``clock`` when set), by module-name pattern, or none."""
+    seconds on ``clock`` when set; ``done``: a search interrupted before, continued), by module-name pattern, or
+    none."""
     if recipe.fallback == "none":
         return []
     names = list(quant_layers(qmodel.denoiser))
     if recipe.fallback == "auto":
         # the analysis subset (named tensors, read with the model's spec)
         subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)
+        done = SearchProgress() if done is None or distributed.active() else done
         start = clock()
-        order = search_order(qmodel, recipe, subset, names, step_weights)
-        mine = [order[i] for i in distributed.shard(len(order))]  # ranks measure every world-th layer
+        if done.order is None:
+            done.order = search_order(qmodel, recipe, subset, names, step_weights)
+            done.save(done.order, done.gains)
+        elif done.gains:
+            log.info("fallback auto: %d of %d layers scored before, restored from the checkpoint", len(done.gains),
+                     len(done.order))
+        order = done.order
+        mine = [order[i] for i in distributed.shard(len(order)) if order[i] not in done.gains]  # every world-th
         budget = None if recipe.fallback_time is None else recipe.fallback_time - (clock() - start)  # screen included
         report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine,
-                         time_budget=budget, clock=clock)
+                         time_budget=budget, clock=clock, on_row=done.add)
+        macs, layers = layer_macs(qmodel, subset), quant_layers(qmodel.denoiser)
         rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}
+        rows |= {n: Row(n, layers[n].kind, macs.get(n, 0), g) for n, g in done.gains.items() if n not in rows}
         report = dataclasses.replace(report, layers=[rows[n] for n in names if n in rows])
         total = None
         if len(rows) < len(names):  # screened or cut short: the MAC budget is still a share of every layer
-            total = sum(layer_macs(qmodel, subset).values())
+            total = sum(macs.values())
         if len(rows) < len(order):
             log.warning("fallback auto: the time budget (fallback_time, --fallback-time) of %g s ran out after "
                         "scoring %d of %d candidate layers; the %d layers not scored stay quantized (fallback chose "

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -262,7 +263,7 @@ def checkpointed(denoiser: torch.nn.Module) -> Iterator[None]:
     if not blocks or not getattr(denoiser, "_supports_gradient_checkpointing", False):
         yield
         return
-    denoiser.enable_gradient_checkpointing()
+    cast(Any, denoiser).enable_gradient_checkpointing()  # a diffusers ModelMixin
     try:
         yield
     finally:
@@ -286,13 +287,15 @@ def analyze(
     only: Sequence[str] | None = None,
     time_budget: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_row: Callable[[Row], None] = lambda row: None,
 ) -> SensitivityReport:
     """Measure per-layer (and per-block) sensitivity of ``model`` on ``inputs``, steps combined with
     ``step_weights`` (timestep -> weight; None: equal). Without ``detail`` only each layer's
     ``gain`` is measured (one pass per layer: what the fallback needs). ``only``: rows for these
     layers only, measured in that order (the others stay quantized as usual). ``time_budget``: seconds from the
     start (read on ``clock``, once at the start and once before each layer) after which no further layer is
-    measured: the report then holds the rows of the layers measured so far, in the order measured, and no blocks."""
+    measured: the report then holds the rows of the layers measured so far, in the order measured, and no blocks.
+    ``on_row``: called with each layer's row as soon as it is measured (a search saving its progress)."""
     model.eval()
     start = clock()
     layers = quant_layers(model.denoiser)
@@ -315,6 +318,7 @@ def analyze(
             row.alone, row.alone_per_step = meter.per_step([name], [name])
             row.weight, row.act = meter.mean([name], ()), meter.mean((), [name])
         rows.append(row)
+        on_row(row)
     block_rows = _block_rows(model, inputs, meter, macs, full) if blocks and detail else []
     return SensitivityReport(meter.steps, meter.weights.tolist(), full, full_steps, rows, block_rows)
 

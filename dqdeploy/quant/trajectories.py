@@ -217,7 +217,7 @@ def _cat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
 
-def _model_calls(scheduler, spec, denoiser: torch.nn.Module, config: CalibrationConfig) -> int:
+def model_calls(scheduler, spec, denoiser: torch.nn.Module, config: CalibrationConfig) -> int:
     """Model calls per trajectory: PNDM's warm-up calls the model more often than once per step."""
     probe = torch.zeros(*latent_shape(spec, denoiser.config, 1, config.resolution))
     set_timesteps(scheduler, spec, config.steps, model_tokens(spec, probe))
@@ -252,7 +252,7 @@ def collect(
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
     per_pair = 2 if cfg_on else 1
     gen = torch.Generator().manual_seed(config.seed)
-    calls = _model_calls(scheduler, spec, denoiser, config)
+    calls = model_calls(scheduler, spec, denoiser, config)
     n_pairs = config.trajectories * calls
     wanted = min(n_pairs, -(-config.samples // per_pair))
     chosen = torch.zeros(n_pairs, dtype=torch.bool)

@@ -20,7 +20,8 @@ from ..core.denoisers import latent_shape, spec_of
 from ..core.metrics import StepErrors, summarize_steps
 from ..core.recipe import CalibrationConfig
 from ..core.sampling import observe_denoise, output_of
-from ..quant.trajectories import Conditioning
+from ..quant.trajectories import Conditioning, model_calls
+from ..system.progress import Progress, progress
 
 HELD_TRAJECTORIES = 4
 HELD_SEED = 7919  # added to the calibration seed: noise the calibration trajectories never drew
@@ -56,11 +57,15 @@ def collect_held(denoiser: torch.nn.Module, scheduler: Any, calibration: Calibra
     uncond = None if conditioning is None else conditioning.unconditional()
     calls: list[tuple[int, float, dict[str, Any], torch.Tensor]] = []
 
-    def record(step: int, t: float, inputs: dict[str, Any], out: torch.Tensor) -> None:
-        calls.append((step, t, {k: _copy(v) for k, v in inputs.items()}, out.detach().clone()))
+    with Progress(model_calls(scheduler, spec, denoiser, calibration), f"held trajectories ({trajectories}, for the "
+                  "quality check)", unit="step") as shown:
 
-    observe_denoise(denoiser, scheduler, noise, calibration.steps, record, cond=cond, uncond=uncond,
-                    guidance=calibration.guidance, generator=gen)
+        def record(step: int, t: float, inputs: dict[str, Any], out: torch.Tensor) -> None:
+            calls.append((step, t, {k: _copy(v) for k, v in inputs.items()}, out.detach().clone()))
+            shown.update()
+
+        observe_denoise(denoiser, scheduler, noise, calibration.steps, record, cond=cond, uncond=uncond,
+                        guidance=calibration.guidance, generator=gen)
     return HeldSet(calls, trajectories)
 
 
@@ -69,7 +74,7 @@ def held_quality(model: Any, held: HeldSet) -> dict[str, Any]:
     """The per-step denoiser error of ``model`` (any denoiser callable) on ``held``: the manifest's ``quality``
     (deterministic: no timings, so that a resumed or many-process run writes the same artifact)."""
     errors = StepErrors()
-    for step, t, inputs, ref in held.calls:
+    for step, t, inputs, ref in progress(held.calls, len(held.calls), "quality check", unit="step"):
         errors.add(step, t, ref, output_of(model, inputs))
     per_step = errors.per_step()
     summary = summarize_steps(per_step)

@@ -41,7 +41,7 @@ from ..quant.distill import (
     model_targets,
     open_store,
 )
-from ..quant.fallback import check_fallback, fallback_candidates, fallback_layers
+from ..quant.fallback import SearchProgress, check_fallback, fallback_candidates, fallback_layers
 from ..quant.modules import QuantizedDenoiser, quant_layers
 from ..quant.sensitivity import scheduler_weights
 from ..quant.timestep import TimestepTable
@@ -263,7 +263,7 @@ def quantize_denoiser(
             floats = FloatLayers(fallback_candidates(recipe, planned), work if in_place else None,
                                  sources if in_place else None)
             qmodel, fallback, metas = _calibrated(model, (metas, dilations, table, attention), floats, recipe, calib,
-                                                  calibration, scheduler_config)
+                                                  calibration, scheduler_config, _search_progress(checkpoint))
             if checkpoint:
                 with stage(log, "checkpoint the calibrated model"):
                     checkpoint.save_calibrated(qmodel.denoiser, metas, fallback)
@@ -346,14 +346,23 @@ def _targets(model: nn.Module, recipe: Recipe, calib: CalibrationSet, seed: int,
     return [], None
 
 
+def _search_progress(checkpoint: RunCheckpoint | None) -> SearchProgress | None:
+    """The fallback search's progress kept in ``checkpoint`` (restored from it on ``--resume``), or None."""
+    if checkpoint is None:
+        return None
+    order, gains = checkpoint.search() or (None, {})
+    return SearchProgress(order, gains, checkpoint.save_search)
+
+
 def _calibrated(
     model: nn.Module, plan: tuple[dict[str, LayerMeta], dict[str, torch.Tensor | None], TimestepTable, list[str]],
     floats: FloatLayers, recipe: Recipe, calib: CalibrationSet, calibration: CalibrationConfig,
-    scheduler_config: dict | None,
+    scheduler_config: dict | None, search: SearchProgress | None = None,
 ) -> tuple[QuantizedDenoiser, list[str], dict[str, LayerMeta]]:
     """Convert ``model`` as ``plan`` (metadata, dilations, step table, attentions) says, the replaced layers to
-    ``floats``; calibrate the per-step scales, then put the fallback layers back in float. Returns the
-    quantized model, the fallback layers and the remaining layers' metadata."""
+    ``floats``; calibrate the per-step scales, then put the fallback layers back in float (``search``: the fallback
+    search's progress, saved and restored). Returns the quantized model, the fallback layers and the remaining
+    layers' metadata."""
     metas, dilations, table, attention = plan
     with stage(log, "quantized layers (weight scales)"):
         qmodel = install_quant_layers(model, metas, table, dilations, replaced=floats.keep)
@@ -365,7 +374,7 @@ def _calibrated(
     if scheduler_config and recipe.fallback == "auto":
         weights = scheduler_weights(make_scheduler(calibration.scheduler, scheduler_config), calib.timesteps)
     with stage(log, "fallback layers"):
-        fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights)
+        fallback = fallback_layers(qmodel, recipe, calib, seed=calibration.seed, step_weights=weights, done=search)
         metas = keep_in_float(qmodel, floats, metas, fallback)
     floats.clear()
     return qmodel, fallback, metas

@@ -111,6 +111,9 @@ STATE_DAMAGE = {
     "files outside the folder": lambda s: s["files"].update({"../x": {"sha256": "0" * 64, "size": 1}}),
     "files record mangled": lambda s: s["files"].update({"calibration.safetensors": "abc"}),
     "block recorded without its file": lambda s: s["files"].pop("block-00002.safetensors"),
+    "search gain of a layer not searched": lambda s: s.update(search={"order": ["conv_in"], "gains": {"x": 0.1}}),
+    "search gain not a number": lambda s: s.update(search={"order": ["conv_in"], "gains": {"conv_in": "0.1"}}),
+    "search order not a list": lambda s: s.update(search={"order": "conv_in", "gains": {}}),
 }
 
 

@@ -71,3 +71,44 @@ def test_kill_9_during_distillation_then_resume_equals_an_uninterrupted_run(pipe
     assert manifests[0]["blocks"] == manifests[1]["blocks"] and len(manifests[0]["blocks"]) == BLOCKS
     assert manifests[0].get("attention") == manifests[1].get("attention")
     assert bool(manifests[0].get("attention")) == (attention == "int8")
+
+
+def _layers_scored(ckpt: Path) -> int:
+    try:
+        return len(json.loads((ckpt / "checkpoint.json").read_text())["search"]["gains"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.hostile("interruption", "resumed")
+def test_kill_9_during_the_fallback_search_then_resume_scores_only_the_rest(pipe_dir, tmp_path):
+    """The fallback search keeps each scored layer's gain in the checkpoint: a resumed run scores only the layers
+    left and chooses what an uninterrupted run chooses (the same artifact)."""
+    args = ["--recipe", "w8a8", "--steps", "3", "--trajectories", "4", "--calib-samples", "16", "--no-distill",
+            "--fallback", "auto", "--no-quality-check"]
+    out, ckpt = tmp_path / "q", tmp_path / "q.checkpoint"
+    proc = spawn("quantize", pipe_dir, "--out", out, *args)
+    start = time.monotonic()
+    while _layers_scored(ckpt) < 5:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - start < 300, "the search never scored 5 layers"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    scored = _layers_scored(ckpt)
+    state = json.loads((ckpt / "checkpoint.json").read_text())
+    assert 5 <= scored < len(state["search"]["order"]) and not out.exists()
+
+    resumed = spawn("-v", "quantize", pipe_dir, "--out", out, *args, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"{scored} of {len(state['search']['order'])} layers scored before, restored" in err, err
+    assert f"sensitivity (leave one out): 0/{len(state['search']['order']) - scored} layer" in err, err
+
+    fresh = spawn("quantize", pipe_dir, "--out", tmp_path / "fresh", *args)
+    _, err = fresh.communicate(timeout=600)
+    assert fresh.returncode == 0, err
+    got, want = _artifact_tensors(out), _artifact_tensors(tmp_path / "fresh")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in (out, tmp_path / "fresh")]
+    assert manifests[0]["fallback"] == manifests[1]["fallback"]

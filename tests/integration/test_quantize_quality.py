@@ -123,8 +123,9 @@ def test_cli_prints_the_figure_and_warns_when_far_above_the_reference(pipe_dir, 
     assert proc.returncode == 0, proc.stderr
     assert "per-step denoiser error vs full precision: mean relative error" in proc.stdout
     assert "quality at risk" in proc.stderr and "--iters 12" in proc.stderr and "--fallback-budget" in proc.stderr
-    for phase in ("calibration trajectories", "weight scales", "activation scales (mse)", "output scales",
-                  "distillation targets", "block-wise distillation"):  # stderr is a pipe: lines, not bars
+    for phase in ("calibration trajectories", "held trajectories", "weight scales", "activation scales (mse)",
+                  "output scales", "distillation targets", "block-wise distillation",
+                  "quality check"):  # stderr is a pipe: lines, not bars
         assert any(phase in line and "about 0s left" in line for line in proc.stderr.splitlines()), phase
     assert read_manifest(tmp_path / "q").quality["at_risk"] is True
     shown = _cli("inspect", tmp_path / "q")
