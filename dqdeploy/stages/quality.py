@@ -1,7 +1,9 @@
 """The quality figure ``quantize`` ends with: the per-step denoiser error of the quantized model against the FP
 model (the figure ``dqdeploy eval --fp`` computes: :class:`dqdeploy.core.metrics.StepErrors`), on a small held set.
 
-The held set is ``HELD_TRAJECTORIES`` FP sampling trajectories drawn like the calibration's (same sampler, steps,
+The held set is ``HELD_TRAJECTORIES`` FP sampling trajectories (no more than the calibration's own: at Stable
+Diffusion size and the smallest budget, 2, the check must not cost more than the calibration) drawn like the
+calibration's (same sampler, steps,
 guidance and conditioning) from noise the calibration never drew (seed ``calibration.seed + HELD_SEED``): every
 denoiser input of them with the FP output, recorded while the FP model is still in memory. After distillation the
 quantized model answers the same inputs; the errors are averaged per step, then over steps. Nothing is recomputed
@@ -46,10 +48,17 @@ def _copy(value: Any) -> Any:
 
 
 @torch.no_grad()
+def held_count(calibration: CalibrationConfig) -> int:
+    """Held trajectories of a run: ``HELD_TRAJECTORIES``, no more than the calibration draws."""
+    return min(HELD_TRAJECTORIES, calibration.trajectories)
+
+
 def collect_held(denoiser: torch.nn.Module, scheduler: Any, calibration: CalibrationConfig,
-                 conditioning: Conditioning | None = None, trajectories: int = HELD_TRAJECTORIES) -> HeldSet:
-    """Record the FP ``denoiser``'s calls on ``trajectories`` held trajectories (see the module docstring); the
-    prompts are the ones the calibration would use next (rows ``calibration.trajectories ..``, round-robin)."""
+                 conditioning: Conditioning | None = None, trajectories: int | None = None) -> HeldSet:
+    """Record the FP ``denoiser``'s calls on ``trajectories`` held trajectories (None: :func:`held_count`; see the
+    module docstring); the prompts are the ones the calibration would use next (rows ``calibration.trajectories ..``,
+    round-robin)."""
+    trajectories = held_count(calibration) if trajectories is None else trajectories
     spec = spec_of(denoiser)
     gen = torch.Generator().manual_seed(calibration.seed + HELD_SEED)
     noise = torch.randn(*latent_shape(spec, denoiser.config, trajectories, calibration.resolution), generator=gen)
@@ -85,7 +94,7 @@ def held_quality(model: Any, held: HeldSet) -> dict[str, Any]:
 
 
 def held_for(artifact: str | Path, model_dir: str | Path, cond_file: str | Path | None = None,
-             trajectories: int = HELD_TRAJECTORIES) -> HeldSet:
+             trajectories: int | None = None) -> HeldSet:
     """The held set ``quantize`` recorded for ``artifact``, recorded again from the FP folder ``model_dir`` it was
     quantized from (the calibration settings read from its manifest)."""
     from ..io.artifact import read_manifest
@@ -100,7 +109,7 @@ def held_for(artifact: str | Path, model_dir: str | Path, cond_file: str | Path 
 
 
 def artifact_quality(artifact: str | Path, model_dir: str | Path, cond_file: str | Path | None = None,
-                     trajectories: int = HELD_TRAJECTORIES) -> dict[str, Any]:
+                     trajectories: int | None = None) -> dict[str, Any]:
     """The figure ``quantize`` records, measured afresh for an existing ``artifact`` against the FP folder
     ``model_dir`` it was quantized from."""
     from ..io.artifact import load_quantized

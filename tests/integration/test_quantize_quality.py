@@ -4,6 +4,7 @@ when it is far above the zoo's level at the recipe. Artifacts without the figure
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from dqdeploy.io.artifact import load_quantized, read_manifest
 from dqdeploy.io.folders import MANIFEST
 from dqdeploy.io.integrity import seal
 from dqdeploy.io.models import load_model, make_scheduler
-from dqdeploy.stages.quality import HELD_SEED, HELD_TRAJECTORIES, artifact_quality
+from dqdeploy.stages.quality import HELD_SEED, HELD_TRAJECTORIES, artifact_quality, held_count
 from dqdeploy.stages.quality_risk import REFERENCE_ENV, REFERENCE_FORMAT, assess, load_reference, next_steps
 from dqdeploy.verify.inspect import describe
 from tests.helpers import tiny_unet, write_pipeline
@@ -54,6 +55,8 @@ def test_the_figure_is_recorded_and_is_eval_fp_s_figure(result, pipe_dir):
     assert q is not None and read_manifest(result.path).quality == q
     assert q["trajectories"] == HELD_TRAJECTORIES and q["inputs"] == HELD_TRAJECTORIES * CALIB.steps
     assert q["steps"] == CALIB.steps and 0 < q["mean_rel_err"] < 0.2 and q["worst_rel_err"] >= q["mean_rel_err"]
+    # never more held trajectories than the calibration's (SD size at the smallest budget: 2)
+    assert held_count(dataclasses.replace(CALIB, trajectories=2)) == 2 and held_count(CALIB) == HELD_TRAJECTORIES
     # the figure `eval --fp` computes (step_errors along FP trajectories), on the held trajectories' noise
     loaded = load_model(pipe_dir)
     noise = torch.randn(HELD_TRAJECTORIES, 1, 8, 8, generator=torch.Generator().manual_seed(CALIB.seed + HELD_SEED))
