@@ -36,11 +36,17 @@ def peak_rss_gb() -> float:
 
 
 @contextlib.contextmanager
-def stage(log: logging.Logger, name: str) -> Iterator[None]:
-    """Log ``name`` on ``log`` when it starts and, when it ends, its seconds and the peak RSS so far."""
+def stage(log: logging.Logger, name: str, *, every: float = 60.0) -> Iterator[None]:
+    """Log ``name`` on ``log`` when it starts and, when it ends, its seconds and the peak RSS so far; where stderr is
+    not a terminal, a line on :data:`PROGRESS` whenever ``every`` seconds pass with no other progress line (a step
+    without its own progress is no silence)."""
+    from .distributed import is_writer
+
     start = time.perf_counter()
     log.info("%s ...", name)
-    yield
+    with _heartbeat(lambda elapsed: PROGRESS.info("%s: still running, %s elapsed", name, _duration(elapsed)),
+                    every, enabled=is_writer() and not on_terminal()):
+        yield
     now = rss_gb()
     log.info("%s: %.1f s (peak RSS so far %.2f GB%s)", name, time.perf_counter() - start, peak_rss_gb(),
              "" if now is None else f", now {now:.2f} GB")
@@ -64,13 +70,15 @@ class Progress:
         self.total, self.desc, self.unit, self.log, self.every, self.clock = total, desc, unit, log, every, clock
         self.lines = writer and not on_term
         self.start = self.last = clock()
-        self.state = {"done": 0, "line": time.monotonic()}
+        self.done = 0
         self.shown = bar(terminal=on_term, total=total, desc=desc, unit=unit, leave=False, disable=not writer)
-        self.beat = (_heartbeat(log, f"{desc}: %d/{total} {unit}, %s elapsed, the next one still running", every,
-                                self.state) if self.lines else contextlib.nullcontext())
+        self.beat = _heartbeat(lambda elapsed: log.info("%s: %d/%d %s, %s elapsed, the next one still running", desc,
+                                                        self.done, total, unit, _duration(elapsed)),
+                               every, enabled=self.lines)
 
     def __enter__(self) -> Progress:
         if self.lines:
+            _LAST_LINE[0] = time.monotonic()
             self.log.info("%s: 0/%d %s", self.desc, self.total, self.unit)
         self.beat.__enter__()
         return self
@@ -78,10 +86,11 @@ class Progress:
     def update(self, n: int = 1) -> None:
         """``n`` more units done."""
         self.shown.update(n)
-        done = self.state["done"] = self.state["done"] + n
+        done = self.done = self.done + n
         now = self.clock()
         if self.lines and (now - self.last >= self.every or done == self.total):
-            self.last, elapsed, self.state["line"] = now, now - self.start, time.monotonic()
+            self.last, elapsed = now, now - self.start
+            _LAST_LINE[0] = time.monotonic()
             self.log.info("%s: %d/%d %s, %s elapsed, about %s left", self.desc, done, self.total, self.unit,
                           _duration(elapsed), _duration(elapsed / done * max(self.total - done, 0)))
 
@@ -102,18 +111,27 @@ def progress(items: Iterable[T], total: int, desc: str, *, unit: str = "it", log
             shown.update()
 
 
+_LAST_LINE = [time.monotonic()]  # when the last progress line was written (time.monotonic)
+_BEATING: list[object] = []  # the open heartbeats, innermost last: only the innermost writes
+
+
 @contextlib.contextmanager
-def _heartbeat(log: logging.Logger, line: str, every: float, state: dict[str, float]) -> Iterator[None]:
-    """A thread that logs ``line % (state["done"], elapsed)`` whenever ``every`` seconds passed since
-    ``state["line"]`` (the last line, ``time.monotonic``): an item that takes long is no silence."""
-    stop, start = threading.Event(), time.monotonic()
+def _heartbeat(line: Callable[[float], None], every: float, *, enabled: bool = True) -> Iterator[None]:
+    """A thread that calls ``line(seconds since the start)`` whenever ``every`` seconds passed with no progress line
+    (:data:`_LAST_LINE`), while this is the innermost open heartbeat: a long item or step is no silence."""
+    if not enabled:
+        yield
+        return
+    stop, start, token = threading.Event(), time.monotonic(), object()
 
     def beat() -> None:
         while not stop.wait(min(every / 4, 5.0)):
-            if time.monotonic() - state["line"] >= every:
-                state["line"] = time.monotonic()
-                log.info(line, state["done"], _duration(state["line"] - start))
+            if _BEATING[-1:] == [token] and time.monotonic() - _LAST_LINE[0] >= every:
+                _LAST_LINE[0] = time.monotonic()
+                line(_LAST_LINE[0] - start)
 
+    _LAST_LINE[0] = start
+    _BEATING.append(token)
     thread = threading.Thread(target=beat, name="dqdeploy-progress", daemon=True)
     thread.start()
     try:
@@ -121,6 +139,7 @@ def _heartbeat(log: logging.Logger, line: str, every: float, state: dict[str, fl
     finally:
         stop.set()
         thread.join()
+        _BEATING.remove(token)
 
 
 def _duration(seconds: float) -> str:

@@ -19,7 +19,7 @@ from dqdeploy.quant.modules import quant_layers
 from dqdeploy.quant.sensitivity import analyze, choose_fallback, layer_macs
 from dqdeploy.quant.trajectories import calibration_subset
 from dqdeploy.stages.quantize import quantize_denoiser
-from dqdeploy.system.progress import Progress, progress
+from dqdeploy.system.progress import Progress, progress, stage
 from tests.helpers import random_calib, tiny_unet
 
 
@@ -139,6 +139,27 @@ def test_a_counter_reports_units_of_any_size_and_can_be_off(lines):
     with Progress(3, "weight scales", unit="layer", enabled=False) as shown:
         shown.update(3)
     assert not lines
+
+
+def _wait_for(lines, text):
+    deadline = time.monotonic() + 60
+    while not any(text in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_step_without_its_own_progress_is_no_silence(lines):
+    """A quantize step with no progress of its own (one traced forward of a large model) still writes a line
+    whenever ``every`` seconds pass; inside it, a ``Progress`` alone writes (the innermost heartbeat)."""
+    with stage(logging.getLogger("dqdeploy.test"), "input analysis", every=0.2):
+        _wait_for(lines, "still running")
+    assert lines and all(line.startswith("input analysis: still running, ") for line in lines)
+    lines.clear()
+    with stage(logging.getLogger("dqdeploy.test"), "calibration", every=0.2):
+        with Progress(2, "trajectories", unit="traj-step", every=0.2) as shown:
+            _wait_for(lines, "the next one still running")
+            shown.update(2)
+    assert lines[0] == "trajectories: 0/2 traj-step" and lines[-1].startswith("trajectories: 2/2 traj-step, ")
+    assert not any(line.startswith("calibration: still running") for line in lines)
 
 
 def test_a_long_item_is_no_silence(lines):
