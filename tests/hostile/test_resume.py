@@ -26,6 +26,18 @@ def _blocks_done(ckpt: Path) -> int:
         return 0
 
 
+def _kill_9_when(proc, ready, never: str) -> None:
+    """kill -9 ``proc`` as soon as ``ready()`` (within 300 s, else fail with ``never``)."""
+    start = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - start < 300, never
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def _artifact_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {f"{name}/{k}": v for name in ("model.safetensors", "calibration_inputs.safetensors")
             for k, v in load_file(str(folder / name)).items()}
@@ -37,15 +49,8 @@ def test_kill_9_during_distillation_then_resume_equals_an_uninterrupted_run(pipe
     """(With --attention int8 the checkpoint's calibrated model carries the attention quantizers: restored too.)"""
     args = [*RUN, "--attention", attention]
     out, ckpt = tmp_path / "q", tmp_path / "q.checkpoint"
-    proc = spawn("quantize", pipe_dir, "--out", out, *args)
-    start = time.monotonic()
-    while _blocks_done(ckpt) < 3:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - start < 300, "distillation never reached block 3"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    _kill_9_when(spawn("quantize", pipe_dir, "--out", out, *args), lambda: _blocks_done(ckpt) >= 3,
+                 "distillation never reached block 3")
     done = _blocks_done(ckpt)
     assert 3 <= done < BLOCKS and not out.exists()
 
@@ -87,14 +92,8 @@ def test_kill_9_during_the_fallback_search_then_resume_scores_only_the_rest(pipe
     args = ["--recipe", "w8a8", "--steps", "3", "--trajectories", "4", "--calib-samples", "16", "--no-distill",
             "--fallback", "auto", "--no-quality-check"]
     out, ckpt = tmp_path / "q", tmp_path / "q.checkpoint"
-    proc = spawn("quantize", pipe_dir, "--out", out, *args)
-    start = time.monotonic()
-    while _layers_scored(ckpt) < 5:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - start < 300, "the search never scored 5 layers"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    _kill_9_when(spawn("quantize", pipe_dir, "--out", out, *args), lambda: _layers_scored(ckpt) >= 5,
+                 "the search never scored 5 layers")
     scored = _layers_scored(ckpt)
     state = json.loads((ckpt / "checkpoint.json").read_text())
     assert 5 <= scored < len(state["search"]["order"]) and not out.exists()
