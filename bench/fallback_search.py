@@ -17,7 +17,9 @@ how the ranges were found): the screen's time and peak memory, and leave-one-out
 search with and without the screen. Results: bench/results/fallback_search.json (one entry per member / "sd15");
 BENCHMARKS.md via bench/report.py.
 
-Usage: python bench/fallback_search.py --models shipped [--candidates 8,16,32] [--sd15 /tmp/fs-sd15]
+Candidate count 0: no leave-one-out, the screen's estimates choose (the default above 192 layers).
+
+Usage: python bench/fallback_search.py --models shipped [--candidates 0,8,16,32] [--sd15 /tmp/fs-sd15]
 """
 
 from __future__ import annotations
@@ -118,10 +120,11 @@ def member_rows(name: str, candidates: list[int]) -> dict:
         res = run(recipe)
         seconds = time.perf_counter() - start
         mean, _ = error(res.model, test, ref)
-        variants.append({"candidates": count or len(names), "fallback": res.manifest.fallback,
+        variants.append({"candidates": len(names) if count is None else count, "fallback": res.manifest.fallback,
                          "quantize_s": round(seconds, 1), "heldout_error": mean,
                          "image_error": image_error(res.model, sched, noise, 50, ref_images)})
-        print(f"{name}: {count or 'all'} candidates -> {len(res.manifest.fallback)} float layers, held-out error "
+        print(f"{name}: {'all' if count is None else count} candidates -> {len(res.manifest.fallback)} float "
+              f"layers, held-out error "
               f"{mean:.5f}, image error {variants[-1]['image_error']:.4f} ({seconds:.0f} s)", flush=True)
     top = sorted(names, key=lambda n: -gains[n])
     return {
@@ -183,7 +186,7 @@ def sd15_row(work: Path, candidates: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="", help="comma-separated tuning members of the zoo")
-    ap.add_argument("--candidates", default="8,16,32", help="candidate counts compared with every layer")
+    ap.add_argument("--candidates", default="0,8,16,32", help="candidate counts compared with every layer")
     ap.add_argument("--sd15", type=Path, help="work folder for the SD-1.5-size timing")
     args = ap.parse_args()
     command = "python bench/fallback_search.py " + " ".join(sys.argv[1:])

@@ -98,9 +98,10 @@ def preset_values(ctx: click.Context, preset: str) -> dict[str, Any]:
 @click.option("--fallback-time", type=SECONDS,
               help="auto fallback: stop the sensitivity search after this many seconds; the layers not scored by "
                    "then stay quantized (default: no limit).")
-@click.option("--fallback-candidates", type=POSITIVE,
-              help="auto fallback: score only the N layers a first-order screen ranks highest (default: every layer "
-                   "of a model with at most 192 quantized layers, else 32).")
+@click.option("--fallback-candidates", type=click.IntRange(min=0),
+              help="auto fallback: score by leave-one-out only the N layers a first-order screen ranks highest; 0: "
+                   "the screen's estimates choose (default: every layer of a model with at most 192 quantized layers, "
+                   "else 0 -- at SD-1.5 size each scored layer costs minutes).")
 @click.option("--attention", type=click.Choice(["float", "int8"]),
               help="Attention's two batched matmuls (q k^T, softmax x v): 'float' (default) or 'int8' (quantized "
                    "inputs: q, k, v with per-step scales, the softmax output on a fixed 8-bit grid; the paper's "

@@ -99,8 +99,9 @@ class Recipe:
             problems.append(f"fallback_budget={self.fallback_budget} (expected a MAC fraction 0..1)")
         if self.fallback_time is not None and self.fallback_time <= 0:
             problems.append(f"fallback_time={self.fallback_time} (expected seconds > 0, or null for no limit)")
-        if self.fallback_candidates is not None and self.fallback_candidates < 1:
-            problems.append(f"fallback_candidates={self.fallback_candidates} (expected a count >= 1, or null)")
+        if self.fallback_candidates is not None and self.fallback_candidates < 0:
+            problems.append(f"fallback_candidates={self.fallback_candidates} (expected a count >= 0 -- 0: the "
+                            "first-order screen alone chooses --, or null)")
         if not self.fallback.strip():
             problems.append("fallback is empty (expected auto, none or module-name patterns)")
         if not self.include:

@@ -20,7 +20,9 @@ from .trajectories import CalibrationSet, calibration_subset
 log = logging.getLogger(__name__)
 EXHAUSTIVE_UP_TO = 192  # auto: leave-one-out scores every layer of a model with at most this many quantized layers
 # (every zoo member: the largest, cond, has 141; SD-1.5 has 282)
-SCREENED = 32  # else only the layers the first-order screen ranks highest (recipe.fallback_candidates overrides)
+SCREENED = 0  # else the first-order screen's estimates choose; leave-one-out on that many of the layers it ranks
+# highest (recipe.fallback_candidates overrides): at SD-1.5 size each scored layer costs a quantized forward pass
+# of the whole subset (8 samples, ~4 min on one core), 32 of them over two hours
 SCREEN_BATCH = 1  # samples per backward pass of the whole model: its activations are the screen's memory peak
 
 
@@ -83,7 +85,10 @@ def fallback_layers(
         subset = calibration_subset(calib, steps=8, per_step=8, seed=seed)
         done = SearchProgress() if done is None or distributed.active() else done
         start = clock()
-        if done.order is None:
+        if done.order is None and candidate_count(recipe, len(names)) == 0:  # the screen's estimates choose
+            done.order, done.gains = names, screen_gains(qmodel, subset, names, step_weights)
+            done.save(done.order, done.gains)
+        elif done.order is None:
             done.order = search_order(qmodel, recipe, subset, names, step_weights)
             done.save(done.order, done.gains)
         elif done.gains:
@@ -120,11 +125,24 @@ def fallback_layers(
 
 def candidate_count(recipe: Recipe, n_layers: int) -> int:
     """How many layers the leave-one-out search scores: ``recipe.fallback_candidates``, else every layer up to
-    :data:`EXHAUSTIVE_UP_TO` layers and :data:`SCREENED` above (never more than there are)."""
+    :data:`EXHAUSTIVE_UP_TO` layers and :data:`SCREENED` above (never more than there are); 0: none, the screen's
+    estimates choose."""
     n = recipe.fallback_candidates
     if n is None:
         n = n_layers if n_layers <= EXHAUSTIVE_UP_TO else SCREENED
     return min(n, n_layers)
+
+
+def screen_gains(qmodel: QuantizedDenoiser, subset, names: list[str],
+                 step_weights: dict[float, float] | None) -> dict[str, float]:
+    """Every layer's gain as :func:`~.sensitivity.screen` estimates it (what fallback chooses by with no
+    leave-one-out candidates)."""
+    start = time.monotonic()
+    estimate = screen(qmodel, subset, step_weights=step_weights, batch=SCREEN_BATCH)
+    log.info("fallback auto: a first-order screen estimated the gains of %d layers in %.0f s; they choose (no "
+             "leave-one-out: --fallback-candidates N scores the N most promising)", len(names),
+             time.monotonic() - start)
+    return {n: float(estimate[n]) for n in names}
 
 
 def search_order(qmodel: QuantizedDenoiser, recipe: Recipe, subset, names: list[str],

@@ -14,9 +14,9 @@ import pytest
 
 from dqdeploy.core.errors import RecipeError
 from dqdeploy.core.recipe import W8A8, Recipe
-from dqdeploy.quant.fallback import candidate_count, fallback_layers, search_order
+from dqdeploy.quant.fallback import SearchProgress, candidate_count, fallback_layers, search_order
 from dqdeploy.quant.modules import quant_layers
-from dqdeploy.quant.sensitivity import analyze, choose_fallback, layer_macs
+from dqdeploy.quant.sensitivity import analyze, choose_fallback, layer_macs, screen
 from dqdeploy.quant.trajectories import calibration_subset
 from dqdeploy.stages.quantize import quantize_denoiser
 from dqdeploy.system.progress import Progress, progress, stage
@@ -197,10 +197,23 @@ def test_fallback_time_is_left_out_of_the_json_at_its_default():
     assert r.to_dict()["fallback_time"] == 90 and Recipe.from_dict(json.loads(r.to_json())) == r
 
 
-@pytest.mark.parametrize("layers, candidates, expected", [(93, None, 93), (192, None, 192), (193, None, 32),
-                                                          (282, None, 32), (282, 10, 10), (20, 50, 20)])
+@pytest.mark.parametrize("layers, candidates, expected", [(93, None, 93), (192, None, 192), (193, None, 0),
+                                                          (282, None, 0), (282, 10, 10), (20, 50, 20), (93, 0, 0)])
 def test_how_many_layers_the_search_scores(layers, candidates, expected):
     assert candidate_count(W8A8.replace(fallback_candidates=candidates), layers) == expected
+
+
+def test_with_no_candidates_the_screens_estimates_choose(calibrated, lines):
+    """``fallback_candidates=0`` (the default above 192 layers): no leave-one-out; the screen's estimates are the
+    gains fallback chooses by (kept as the search's progress, so a resumed run does not screen again)."""
+    qmodel, calib = calibrated
+    done = SearchProgress()
+    chosen = fallback_layers(qmodel, W8A8.replace(fallback="auto", fallback_candidates=0, fallback_budget=0.5), calib,
+                             done=done)
+    estimate = screen(qmodel, calibration_subset(calib, steps=8, per_step=8, seed=0))
+    assert done.gains == {n: float(v) for n, v in estimate.items()} and done.order == list(estimate)
+    assert chosen and chosen[0] == max(estimate, key=estimate.__getitem__)
+    assert not any(line.startswith("sensitivity (leave one out): 1/") for line in lines)  # nothing scored
 
 
 def test_a_screened_search_chooses_among_the_screens_top_layers(calibrated):
