@@ -562,11 +562,18 @@ def scale_section(scale: dict) -> list[str]:
            "medians.", ""]
     for name, entry in scale.items():
         out += [f"**{name}** (`{entry['command']}`; calibration `{entry['calibration']}`):", "",
-                "| stage | seconds | peak RSS (GB) | exit | command |", "|---|---:|---:|---:|---|"]
+                "| stage | seconds | CPU seconds | peak RSS (GB) | longest silence (s) | exit | command |",
+                "|---|---:|---:|---:|---:|---:|---|"]
         for stage, r in entry.get("stages", {}).items():
-            out.append(f"| {stage} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} | {r['exit']} "
+            cpu, quiet = r.get("cpu_seconds"), r.get("longest_silence_s")  # (rows of earlier runs lack them)
+            out.append(f"| {stage} | {r['seconds']:.0f} | {'' if cpu is None else f'{cpu:.0f}'} | "
+                       f"{r['peak_rss_gb']:.2f} | {'' if quiet is None else f'{quiet:.0f}'} | {r['exit']} "
                        f"| `{r['command'][:90]}` |")
         out.append("")
+        for stage, r in entry.get("stages", {}).items():
+            if r.get("phases"):
+                out += [f"{stage}, its steps (seconds / peak RSS so far, GB): " + ", ".join(
+                    f"{k} {v['seconds']:.0f} / {v['peak_rss_gb']:.1f}" for k, v in r["phases"].items()), ""]
         if entry.get("latency"):
             out += ["| threads | FP32 (s) | int8 (s) | speed-up | session RSS FP32 / int8 (GB) |",
                     "|---:|---:|---:|---:|---|"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,6 +66,15 @@ def run_stage(argv: list[str], log: Path) -> dict:
             "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
             "longest_silence_s": round(max(silence, end - last), 1), "exit": proc.returncode,
             "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
+
+
+PHASE = re.compile(r"INFO dqdeploy\.stages\.\w+: (?P<name>.+): (?P<s>[\d.]+) s \(peak RSS so far (?P<gb>[\d.]+) GB")
+
+
+def phases(log: Path) -> dict[str, dict[str, float]]:
+    """The seconds and peak RSS so far of every step a ``-v`` quantize or export logged (``system.progress.stage``)."""
+    found = (PHASE.search(line) for line in log.read_text(errors="replace").splitlines())
+    return {m["name"]: {"seconds": float(m["s"]), "peak_rss_gb": float(m["gb"])} for m in found if m}
 
 
 def dq(*args: str) -> list[str]:
@@ -122,6 +132,7 @@ def main() -> None:
             continue
         print(f"[scale] {name} ...", flush=True)
         row = run_stage(commands[name], args.work / f"{name}.log") | {"code_hash": here}
+        row["phases"] = phases(args.work / f"{name}.log")
         if name == "latency" and row["exit"] == 0:
             entry["latency"] = json.loads((args.work / "latency.log").read_text().strip().splitlines()[-1])
         stages[name] = row
