@@ -5,7 +5,8 @@
     OUT/scheduler/, OUT/tokenizer*/      copied (a tokenizer.json written where the folder has only vocab and merges)
     OUT/text_encoder*/model.onnx         input_ids -> last_hidden_state, pooler_output (CLIPTextModel);
                                          text_embeds, last_hidden_state, hidden_states.0..N
-                                         (CLIPTextModelWithProjection, SD3); last_hidden_state (T5EncoderModel)
+                                         (CLIPTextModelWithProjection, SD3); last_hidden_state (T5EncoderModel:
+                                         SD3, Flux)
     OUT/vae_decoder/model.onnx           latent_sample -> sample
     OUT/vae_encoder/model.onnx           sample -> latent_parameters (mean and log-variance: optimum's current name)
     OUT/<graph folder>/config.json       the component's config; unet/ or transformer/config.json the denoiser's
@@ -32,7 +33,7 @@ from ..io.artifact import load_calibration_inputs, read_manifest
 from ..io.folders import detect
 from ..io.models import denoiser_config, read_config
 from ..runtimes.spec import ONNX_DATA_FILE
-from ..runtimes.text import FAMILIES, T5_DEFAULT_LENGTH, family_parts, supported_pipelines
+from ..runtimes.text import FAMILIES, family_parts, supported_pipelines
 from ..system.progress import PROGRESS, stage
 from .external import load_graph, write_graph
 from .folder import check_graph
@@ -62,19 +63,20 @@ class PipelinePlan:
     index: dict[str, Any]
     denoiser: str  # "unet" | "transformer"
     components: dict[str, str]  # name -> class name, denoiser excluded
-    clip_length: int | None = None  # the (first) CLIP text encoder's tokens
-    t5: bool = False  # T5's tokens follow CLIP's (SD3): any longer conditioning runs
+    clip_length: int | None = None  # CLIP's tokens at the start of the conditioning (0: CLIP pools only, Flux)
+    t5_length: int | None = None  # T5's default tokens after them (None: no T5); any T5 length runs
 
     @property
     def text_length(self) -> int | None:
-        """The conditioning length the pipeline's text encoders make (SD3: with diffusers' default T5 length)."""
-        return None if self.clip_length is None else self.clip_length + (T5_DEFAULT_LENGTH if self.t5 else 0)
+        """The conditioning length the pipeline's text encoders make (with diffusers' default T5 length)."""
+        return None if self.clip_length is None else self.clip_length + (self.t5_length or 0)
 
     def check_length(self, found: int, where: str) -> None:
         """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoders cannot make them."""
-        if self.clip_length is None or (found > self.clip_length if self.t5 else found == self.clip_length):
+        t5 = self.t5_length is not None
+        if self.clip_length is None or (found > self.clip_length if t5 else found == self.clip_length):
             return
-        makes = (f"text encoders make {self.clip_length} CLIP tokens followed by T5's" if self.t5
+        makes = (f"text encoders make {self.clip_length} CLIP tokens followed by T5's" if t5
                  else f"text encoder makes {self.clip_length} tokens")
         raise PipelineError(f"{where} has {found}-token conditioning; {self.model_dir}'s {makes}, so the exported "
                             "pipeline could not run it",
@@ -116,7 +118,7 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
         if kind is None or (supported is not None and cls not in supported):
             raise PipelineError(f"--pipeline {model_dir}: component {name!r} ({cls}) is not one dqdeploy exports "
                                 f"(text encoders: {', '.join(TEXT_OUTPUTS)}; VAE: {', '.join(VAE_CLASSES)})",
-                                hint="export a Stable Diffusion or SD3 pipeline, or export the denoiser alone "
+                                hint="export a Stable Diffusion, SD3 or Flux pipeline, or export the denoiser alone "
                                      "(without --pipeline)")
         needed = CONFIG_FILES.get(kind)
         if not (model_dir / name).is_dir() or (needed and not (model_dir / name / needed).is_file()):
@@ -126,8 +128,9 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
         components[name] = cls
     length = read_config(model_dir / "text_encoder/config.json").get("max_position_embeddings") \
         if "text_encoder" in components else None
-    return PipelinePlan(model_dir, index, denoiser, components, length if isinstance(length, int) else None,
-                        "text_encoder_3" in components)
+    family = FAMILIES[model_class]
+    clip = (length if isinstance(length, int) else None) if family.clip_in_context else 0
+    return PipelinePlan(model_dir, index, denoiser, components, clip, family.t5_length)
 
 
 def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:

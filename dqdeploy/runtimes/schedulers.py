@@ -244,7 +244,16 @@ class FlowMatchEuler(NumpyScheduler):
 
     def set_timesteps(self, steps: int, tokens: int | None = None) -> None:  # noqa: D102
         n = self.train_steps
-        sigmas = np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n
+        self._shifted(np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n, tokens)
+
+    def set_sigmas(self, sigmas: np.ndarray, tokens: int | None = None) -> None:
+        """Prepare the steps of the given unshifted ``sigmas`` (``set_timesteps(sigmas=...)``, as Flux pipelines
+        call it: float32 from the start)."""
+        self._shifted(np.asarray(sigmas).astype(np.float32), tokens)
+
+    def _shifted(self, sigmas: np.ndarray, tokens: int | None) -> None:
+        """The schedule of ``sigmas`` shifted (in their own precision, as diffusers shifts them)."""
+        n = self.train_steps
         if self.config.get("use_dynamic_shifting", False):
             mu = self.mu(tokens)
             factor = math.exp(mu) if self.config.get("time_shift_type", "exponential") == "exponential" else mu
@@ -253,7 +262,7 @@ class FlowMatchEuler(NumpyScheduler):
             shift = float(self.config.get("shift", 1.0))
             sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
         shifted = sigmas.astype(np.float32)
-        self.steps, self.index = steps, 0
+        self.steps, self.index = len(shifted), 0
         self.timesteps = shifted * np.float32(n)
         self.sigmas = np.concatenate([shifted, np.zeros(1, np.float32)])
 

@@ -6,6 +6,8 @@ a ``--pipeline`` export (optimum's layout), assembled per pipeline family exactl
 - SD3 (``SD3Transformer2DModel``): the penultimate hidden states of both CLIPs (``hidden_states[-2]``) side by side
   on the feature axis, zero-padded to T5's width, then T5's ``last_hidden_state`` after them on the token axis;
   ``pooled_projections`` is both CLIPs' projected ``text_embeds`` side by side.
+- Flux (``FluxTransformer2DModel``): T5's ``last_hidden_state`` is ``encoder_hidden_states``, CLIP's
+  ``pooler_output`` is ``pooled_projections``.
 
 Nothing here imports torch.
 """
@@ -26,6 +28,7 @@ from .session import open_session
 
 EXPORT_HINT = "export with the pipeline: `dqdeploy export QUANT_DIR --out OUT --target ort --pipeline MODEL_DIR`"
 T5_DEFAULT_LENGTH = 256  # diffusers' max_sequence_length of SD3 (a graph with a fixed text length sets its own)
+FLUX_T5_LENGTH = 512  # ... and of Flux
 HIDDEN = re.compile(r"hidden_states\.(\d+)$")  # optimum's names of a text encoder's per-layer outputs
 
 
@@ -86,6 +89,10 @@ class PromptEncoder:
 
     parts: tuple[str, ...] = ()  # the files of the export it reads
     guidance = 7.5  # the guidance scale the family's diffusers pipeline defaults to
+    cfg = True  # classifier-free guidance with a negative prompt (Flux: the scale is the graph's guidance input)
+    clip_in_context = True  # CLIP's tokens are (the start of) encoder_hidden_states
+    t5_length: int | None = None  # T5's default tokens after them (None: no T5)
+    sample_size = 64  # the latent size where the denoiser's config has none (diffusers' default_sample_size)
 
     def __init__(self, folder: Path, session: dict[str, Any], context_length: int | str | None = None) -> None:
         """Open the encoders of the export ``folder`` (``session``: :func:`~.session.open_session`'s options) for a
@@ -114,6 +121,7 @@ class Sd3Prompts(PromptEncoder):
     parts = tuple(f"{kind}{suffix}/{file}" for suffix in ("", "_2", "_3")
                   for kind, file in (("text_encoder", "model.onnx"), ("tokenizer", "tokenizer.json")))
     guidance = 7.0
+    t5_length = T5_DEFAULT_LENGTH
 
     def __init__(self, folder: Path, session: dict[str, Any], context_length: int | str | None = None) -> None:
         self.clips = [TextEncoder(folder, f"tokenizer{s}", f"text_encoder{s}", session) for s in ("", "_2")]
@@ -138,9 +146,27 @@ class Sd3Prompts(PromptEncoder):
         return {CONTEXT: np.concatenate([clip, t5], axis=1), POOLED: pooled}
 
 
-FAMILIES: dict[str, type[PromptEncoder]] = {"UNet2DConditionModel": ClipPrompts,
-                                                     "SD3Transformer2DModel": Sd3Prompts}
-PIPELINES = {"UNet2DConditionModel": "StableDiffusionPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline"}
+class FluxPrompts(PromptEncoder):
+    """Flux: CLIP's ``pooler_output`` -> ``pooled_projections``, T5's ``last_hidden_state`` (the graph's text length,
+    :data:`FLUX_T5_LENGTH` for a dynamic one) -> ``encoder_hidden_states``, as ``FluxPipeline.encode_prompt``."""
+
+    parts = tuple(f"{kind}{suffix}/{file}" for suffix in ("", "_2")
+                  for kind, file in (("text_encoder", "model.onnx"), ("tokenizer", "tokenizer.json")))
+    guidance, cfg, clip_in_context, t5_length, sample_size = 3.5, False, False, FLUX_T5_LENGTH, 128
+
+    def __init__(self, folder: Path, session: dict[str, Any], context_length: int | str | None = None) -> None:
+        self.clip = TextEncoder(folder, "tokenizer", "text_encoder", session)
+        length = context_length if isinstance(context_length, int) else FLUX_T5_LENGTH
+        self.t5 = TextEncoder(folder, "tokenizer_2", "text_encoder_2", session, length)
+
+    def __call__(self, prompts: list[str]) -> dict[str, np.ndarray]:  # noqa: D102
+        return {CONTEXT: self.t5(prompts)["last_hidden_state"], POOLED: self.clip(prompts)["pooler_output"]}
+
+
+FAMILIES: dict[str, type[PromptEncoder]] = {"UNet2DConditionModel": ClipPrompts, "SD3Transformer2DModel": Sd3Prompts,
+                                            "FluxTransformer2DModel": FluxPrompts}
+PIPELINES = {"UNet2DConditionModel": "StableDiffusionPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline",
+             "FluxTransformer2DModel": "FluxPipeline"}
 
 
 def supported_pipelines() -> str:

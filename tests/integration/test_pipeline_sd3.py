@@ -102,9 +102,9 @@ def test_each_text_encoder_graph_equals_its_torch_module(sd3):
             np.testing.assert_allclose(value, ref.numpy(), atol=1e-5, rtol=1e-5, err_msg=f"{part} {name}")
 
 
-def test_prompt_to_image_without_torch_matches_diffusers(sd3, tmp_path):
-    pipe, q, e = sd3
-    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+def run_without_torch(e, latents: np.ndarray, tmp_path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """load_pipeline(e) in a fresh process: the images of PROMPTS from ``latents`` and the embeddings it made
+    (``negative_*``: the empty prompt's); asserts that torch was never imported."""
     np.save(tmp_path / "latents.npy", latents)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -113,9 +113,15 @@ def test_prompt_to_image_without_torch_matches_diffusers(sd3, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.splitlines()[-1])
-    assert report["torch"] is False  # tokenizers, three text encoders, transformer, sampler and VAE: no PyTorch
+    assert report["torch"] is False  # tokenizers, text encoders, denoiser, sampler and VAE: no PyTorch
     assert report["steps"] == STEPS and report["pil"] == ["RGB", 16, 16]  # calibrated steps; 8x8 latents -> 16x16
-    images, mine = np.load(tmp_path / "o.npy"), dict(np.load(tmp_path / "embeddings.npz"))
+    return np.load(tmp_path / "o.npy"), dict(np.load(tmp_path / "embeddings.npz"))
+
+
+def test_prompt_to_image_without_torch_matches_diffusers(sd3, tmp_path):
+    pipe, q, e = sd3
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    images, mine = run_without_torch(e, latents, tmp_path)
 
     ref = _reference(pipe)
     with torch.no_grad():  # diffusers' encode_prompt: CLIP-L|CLIP-G penultimate states padded, then T5; pooled
@@ -155,11 +161,12 @@ def test_a_float_export_of_the_folder_runs_the_fp_pipeline(sd3, tmp_path):
 
 
 def test_families_without_a_pipeline_runtime_are_refused_naming_those_with_one(tmp_path):
-    flux = write_transformer_pipeline("flux", tmp_path / "flux", text=True, vae=True)
+    pixart = write_transformer_pipeline("pixart", tmp_path / "pixart", text=True, vae=True)
     with pytest.raises(PipelineError, match="fix: ") as err:
-        export(flux, tmp_path / "out", target="float", pipeline=flux)
-    assert ("its denoiser is a FluxTransformer2DModel; pipelines export for StableDiffusionPipeline "
-            "(UNet2DConditionModel), StableDiffusion3Pipeline (SD3Transformer2DModel)") in str(err.value)
+        export(pixart, tmp_path / "out", target="float", pipeline=pixart)
+    assert ("its denoiser is a PixArtTransformer2DModel; pipelines export for StableDiffusionPipeline "
+            "(UNet2DConditionModel), StableDiffusion3Pipeline (SD3Transformer2DModel), FluxPipeline "
+            "(FluxTransformer2DModel)") in str(err.value)
     assert not (tmp_path / "out").exists()
     with pytest.raises(PipelineError, match="runs StableDiffusionPipeline .* found a PixArtTransformer2DModel"):
         family_parts("PixArtTransformer2DModel")
@@ -176,7 +183,7 @@ def test_an_sd3_folder_without_t5_is_refused_before_any_work(sd3, tmp_path):
 
 def test_sd3_conditioning_lengths_the_pipeline_can_make(tmp_path):
     """CLIP's 8 tokens, then any T5 length: 9 or 264 tokens run, 8 (no T5) or 5 do not."""
-    plan = PipelinePlan(tmp_path, {}, "transformer", {}, clip_length=TOKENS, t5=True)
+    plan = PipelinePlan(tmp_path, {}, "transformer", {}, clip_length=TOKENS, t5_length=256)
     assert plan.text_length == TOKENS + 256  # diffusers' default max_sequence_length
     for found in (TOKENS + 1, TOKENS + 256):
         plan.check_length(found, "q")

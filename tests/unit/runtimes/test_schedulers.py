@@ -96,6 +96,20 @@ def test_flow_matching_follows_diffusers(ref, tokens, steps):
         np.testing.assert_allclose(x, x_ref.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("steps", [2, 28])
+def test_flow_matching_with_flux_sigmas_follows_diffusers(steps):
+    """Flux pipelines pass sigmas = linspace(1, 1/steps) and mu from the packed latent's tokens."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                    max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    ref.set_timesteps(sigmas=sigmas, mu=calculate_shift(16, 256, 4096, 0.5, 1.15))
+    mine = numpy_scheduler(_config(ref))
+    mine.set_sigmas(sigmas, tokens=16)
+    assert np.array_equal(ref.timesteps.numpy(), mine.timesteps) and np.array_equal(ref.sigmas.numpy(), mine.sigmas)
+
+
 @pytest.mark.parametrize("config, needle", [
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "stochastic_sampling": True}, "stochastic_sampling=False"),
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": True}, "use_karras_sigmas=False"),
