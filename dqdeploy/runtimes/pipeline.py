@@ -107,7 +107,8 @@ class OrtPipeline:
             raise RuntimeInputError(f"num_inference_steps={steps!r}: expected a whole number >= 1")
         if output_type not in ("pil", "np"):
             raise RuntimeInputError(f"output_type={output_type!r} (expected 'pil' or 'np')")
-        scales = _scales(self.prompt_encoder.guidance if guidance_scale is None else guidance_scale, len(prompts))
+        scales = _scales(self.prompt_encoder.guidance if guidance_scale is None else guidance_scale, len(prompts),
+                         self.prompt_encoder.cfg)
         guided = bool(scales[0] > 1.0) and self.prompt_encoder.cfg
         clock = time.perf_counter()
         context = self.encode(prompts)
@@ -234,15 +235,16 @@ def _texts(value: Any, name: str, count: int | None = None) -> list[str]:
     return list(texts)
 
 
-def _scales(value: Any, count: int) -> np.ndarray:
-    """Per-prompt guidance scales [N] (float32) of one scale or one per prompt."""
+def _scales(value: Any, count: int, cfg: bool = True) -> np.ndarray:
+    """Per-prompt guidance scales [N] (float32) of one scale or one per prompt; with classifier-free guidance
+    (``cfg``) all above 1 (guided) or all at most 1."""
     try:
         scales = np.asarray([value] * count if np.ndim(value) == 0 else value, dtype=np.float32)
     except (TypeError, ValueError):
         scales = np.zeros(0, np.float32)
     if scales.shape != (count,) or not np.isfinite(scales).all():
         raise RuntimeInputError(f"guidance_scale={value!r}: expected a finite number, or one per prompt ({count})")
-    if len(set((scales > 1.0).tolist())) > 1:
+    if cfg and len(set((scales > 1.0).tolist())) > 1:
         raise RuntimeInputError(f"guidance_scale={value!r} mixes scales above 1 (guided) and at most 1 (unguided)",
                                 hint="call the pipeline once per kind")
     return scales

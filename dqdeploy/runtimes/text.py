@@ -152,7 +152,8 @@ class FluxPrompts(PromptEncoder):
 
     parts = tuple(f"{kind}{suffix}/{file}" for suffix in ("", "_2")
                   for kind, file in (("text_encoder", "model.onnx"), ("tokenizer", "tokenizer.json")))
-    guidance, cfg, clip_in_context, t5_length, sample_size = 3.5, False, False, FLUX_T5_LENGTH, 128
+    guidance, cfg = 3.5, False  # guidance-distilled: the scale is the transformer's guidance input
+    clip_in_context, t5_length, sample_size = False, FLUX_T5_LENGTH, 128
 
     def __init__(self, folder: Path, session: dict[str, Any], context_length: int | str | None = None) -> None:
         self.clip = TextEncoder(folder, "tokenizer", "text_encoder", session)

@@ -112,3 +112,9 @@ def test_a_float_export_of_the_folder_runs_the_fp_pipeline(flux, tmp_path):
     assert np.abs(expected - images).max() < 1e-4
     with pytest.raises(RuntimeInputError, match="guidance-distilled .* takes no negative prompt"):
         dqdeploy.load_pipeline(e)("a cat", "a dog")
+    # each prompt its own guidance embedding (no CFG rows): the same image as alone
+    both = dqdeploy.load_pipeline(e)(["a cat", "a cat"], latents=np.concatenate([latents, latents]),
+                                     num_inference_steps=2, guidance_scale=[5.0, 1.0], output_type="np").images
+    alone = dqdeploy.load_pipeline(e)("a cat", latents=latents, num_inference_steps=2, guidance_scale=1.0,
+                                      output_type="np").images
+    assert np.abs(both[0] - images[0]).max() < 1e-5 and np.abs(both[1] - alone[0]).max() < 1e-5
