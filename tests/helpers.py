@@ -129,10 +129,11 @@ def transformer_scheduler(kind: str):
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtAlphaPipeline", "flux": "FluxPipeline"}
 
 
-def write_transformer_pipeline(kind: str, path: Path, seed: int = 0, text: bool = False) -> Path:
+def write_transformer_pipeline(kind: str, path: Path, seed: int = 0, text: bool = False, vae: bool = False) -> Path:
     """A pipeline folder (model_index.json, transformer/, scheduler/) of a tiny transformer ``kind``; with ``text``,
     also its family's tiny text encoders and tokenizers (SD3: two CLIPs with projections and T5; PixArt: T5; Flux:
-    CLIP and T5), sized for the transformer (TEXT_DIM, POOLED_DIM)."""
+    CLIP and T5), sized for the transformer (TEXT_DIM, POOLED_DIM); with ``vae``, a tiny AutoencoderKL of the
+    transformer's latent channels (SD3 and Flux: with their VAE's shift and scaling factors)."""
     import json
 
     model = {"sd3": tiny_sd3, "pixart": tiny_pixart, "flux": tiny_flux}[kind](seed)
@@ -141,10 +142,15 @@ def write_transformer_pipeline(kind: str, path: Path, seed: int = 0, text: bool 
     sched.save_pretrained(str(path / "scheduler"))
     index = {"_class_name": PIPELINES[kind], "transformer": ["diffusers", type(model).__name__],
              "scheduler": ["diffusers", type(sched).__name__]}
-    if text:
-        for name, part in _text_stack(kind, path, seed).items():
-            part.save_pretrained(str(path / name))
-            index[name] = ["transformers", type(part).__name__]
+    parts = _text_stack(kind, path, seed) if text else {}
+    if vae:
+        factors = {"sd3": {"shift_factor": 0.0609, "scaling_factor": 1.5305},
+                   "flux": {"shift_factor": 0.1159, "scaling_factor": 0.3611}}.get(kind, {})
+        parts["vae"] = tiny_vae(seed, latent_channels=model.config.in_channels // (4 if kind == "flux" else 1),
+                                **factors)
+    for name, part in parts.items():
+        part.save_pretrained(str(path / name))
+        index[name] = ["diffusers" if name == "vae" else "transformers", type(part).__name__]
     (path / "model_index.json").write_text(json.dumps(index))
     return path
 
@@ -223,14 +229,15 @@ def distill(qmodel, fp, blocks, calib, recipe, workdir=None):
 TOKENS = 8  # the tiny tokenizer's model_max_length and the text encoder's positions
 
 
-def tiny_vae(seed: int = 0):
-    """4 latent channels, one downsampling: 8x8 latents decode to 16x16 RGB images."""
+def tiny_vae(seed: int = 0, **config):
+    """4 latent channels, one downsampling: 8x8 latents decode to 16x16 RGB images (``config``: other values)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         norm_num_groups=8, sample_size=16, layers_per_block=1).eval()
+    return AutoencoderKL(**{**dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                   latent_channels=4, norm_num_groups=8, sample_size=16, layers_per_block=1),
+                            **config}).eval()
 
 
 def _byte_chars() -> list[str]:

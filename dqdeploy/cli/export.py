@@ -40,9 +40,9 @@ _PATH = click.Path(path_type=Path)
               help="Float LoRA branches whose matrices are graph inputs, on the layers of LORA_FILE (or on every "
                    "attention projection): load_runtime(E, lora=FILE) swaps adapters without re-exporting.")
 @click.option("--pipeline", "pipeline", type=_PATH, metavar="MODEL_DIR",
-              help="Also write the rest of this diffusers pipeline (the one quantized) beside the denoiser, in float, "
-                   "in optimum's ONNX layout: text encoder, VAE decoder/encoder, tokenizer, scheduler, "
-                   "model_index.json (dqdeploy.load_pipeline runs it without PyTorch).")
+              help="Also write the rest of this diffusers pipeline (the one quantized; Stable Diffusion, SD3, Flux) "
+                   "beside the denoiser, in float, in optimum's ONNX layout: text encoders, VAE decoder/encoder, "
+                   "tokenizers, scheduler, model_index.json (dqdeploy.load_pipeline runs it without PyTorch).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo,
            dyn_res, cpu, lora_slots, pipeline, overwrite) -> None:

@@ -3,7 +3,10 @@
 
     OUT/model_index.json                 the pipeline's, the components not exported set to null
     OUT/scheduler/, OUT/tokenizer*/      copied (a tokenizer.json written where the folder has only vocab and merges)
-    OUT/text_encoder*/model.onnx         input_ids -> last_hidden_state, pooler_output (CLIPTextModel)
+    OUT/text_encoder*/model.onnx         input_ids -> last_hidden_state, pooler_output (CLIPTextModel);
+                                         text_embeds, last_hidden_state, hidden_states.0..N
+                                         (CLIPTextModelWithProjection, SD3); last_hidden_state (T5EncoderModel:
+                                         SD3, Flux)
     OUT/vae_decoder/model.onnx           latent_sample -> sample
     OUT/vae_encoder/model.onnx           sample -> latent_parameters (mean and log-variance: optimum's current name)
     OUT/<graph folder>/config.json       the component's config; unet/ or transformer/config.json the denoiser's
@@ -30,6 +33,7 @@ from ..io.artifact import load_calibration_inputs, read_manifest
 from ..io.folders import detect
 from ..io.models import denoiser_config, read_config
 from ..runtimes.spec import ONNX_DATA_FILE
+from ..runtimes.text import FAMILIES, family_parts, supported_pipelines
 from ..system.progress import PROGRESS, stage
 from .external import load_graph, write_graph
 from .folder import check_graph
@@ -38,7 +42,12 @@ from .onnx import EXTERNAL_DATA_THRESHOLD, export_module
 log = logging.getLogger(__name__)
 
 INDEX = "model_index.json"
-TEXT_OUTPUTS = {"CLIPTextModel": ("last_hidden_state", "pooler_output")}  # text encoder class -> graph outputs
+# text encoder class -> graph outputs, optimum's names (SD3's CLIPs add every layer's hidden_states.<i>)
+TEXT_OUTPUTS = {"CLIPTextModel": ("last_hidden_state", "pooler_output"),
+                "CLIPTextModelWithProjection": ("text_embeds", "last_hidden_state"),
+                "T5EncoderModel": ("last_hidden_state",)}
+ALL_HIDDEN_STATES = ("CLIPTextModelWithProjection",)
+T5_MAX_LENGTH = 4096  # the text length range of encoders without position embeddings (T5's are relative)
 VAE_CLASSES = ("AutoencoderKL",)
 CONFIG_FILES = {"vae": "config.json", "text_encoder": "config.json", "scheduler": "scheduler_config.json"}
 NOT_EXPORTED = ("safety_checker", "feature_extractor", "image_encoder")  # left out: null in the written index
@@ -54,15 +63,25 @@ class PipelinePlan:
     index: dict[str, Any]
     denoiser: str  # "unet" | "transformer"
     components: dict[str, str]  # name -> class name, denoiser excluded
-    text_length: int | None = None  # the text encoder's tokens: the denoiser's conditioning length
+    clip_length: int | None = None  # CLIP's tokens at the start of the conditioning (0: CLIP pools only, Flux)
+    t5_length: int | None = None  # T5's default tokens after them (None: no T5); any T5 length runs
+
+    @property
+    def text_length(self) -> int | None:
+        """The conditioning length the pipeline's text encoders make (with diffusers' default T5 length)."""
+        return None if self.clip_length is None else self.clip_length + (self.t5_length or 0)
 
     def check_length(self, found: int, where: str) -> None:
-        """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoder makes another count."""
-        if self.text_length is not None and found != self.text_length:
-            raise PipelineError(f"{where} has {found}-token conditioning; {self.model_dir}'s text encoder makes "
-                                f"{self.text_length} tokens, so the exported pipeline could not run it",
-                                hint="quantize with --prompts (encoded by the folder's own text encoder), or with a "
-                                     f"--cond file of {self.text_length}-token embeddings")
+        """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoders cannot make them."""
+        t5 = self.t5_length is not None
+        if self.clip_length is None or (found > self.clip_length if t5 else found == self.clip_length):
+            return
+        makes = (f"text encoders make {self.clip_length} CLIP tokens followed by T5's" if t5
+                 else f"text encoder makes {self.clip_length} tokens")
+        raise PipelineError(f"{where} has {found}-token conditioning; {self.model_dir}'s {makes}, so the exported "
+                            "pipeline could not run it",
+                            hint="quantize with --prompts (encoded by the folder's own text encoders), or with a "
+                                 f"--cond file of {self.text_length}-token embeddings")
 
 
 def _entries(index: dict[str, Any]) -> dict[str, str]:
@@ -83,6 +102,7 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
     index = read_config(model_dir / INDEX)
     entries = _entries(index)
     denoiser = spec_for(model_class).subfolder
+    _check_family(model_dir, model_class, entries)
     _check_denoiser(model_dir, denoiser, model_class, model_config)
     for name in ("vae", "scheduler"):
         if name not in entries or not (model_dir / name).is_dir():
@@ -98,7 +118,7 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
         if kind is None or (supported is not None and cls not in supported):
             raise PipelineError(f"--pipeline {model_dir}: component {name!r} ({cls}) is not one dqdeploy exports "
                                 f"(text encoders: {', '.join(TEXT_OUTPUTS)}; VAE: {', '.join(VAE_CLASSES)})",
-                                hint="export a Stable-Diffusion-style pipeline, or export the denoiser alone "
+                                hint="export a Stable Diffusion, SD3 or Flux pipeline, or export the denoiser alone "
                                      "(without --pipeline)")
         needed = CONFIG_FILES.get(kind)
         if not (model_dir / name).is_dir() or (needed and not (model_dir / name / needed).is_file()):
@@ -108,7 +128,9 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
         components[name] = cls
     length = read_config(model_dir / "text_encoder/config.json").get("max_position_embeddings") \
         if "text_encoder" in components else None
-    return PipelinePlan(model_dir, index, denoiser, components, length if isinstance(length, int) else None)
+    family = FAMILIES[model_class]
+    clip = (length if isinstance(length, int) else None) if family.clip_in_context else 0
+    return PipelinePlan(model_dir, index, denoiser, components, clip, family.t5_length)
 
 
 def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
@@ -129,6 +151,22 @@ def _kind(name: str) -> str | None:
         if name == kind or (kind in ("text_encoder", "tokenizer") and name.startswith(kind + "_")):
             return kind
     return None
+
+
+def _check_family(model_dir: Path, model_class: str, entries: dict[str, str]) -> None:
+    """Refuse a family whose pipeline :mod:`dqdeploy.runtimes.pipeline` does not run (naming those it runs), and a
+    folder without the text encoders and tokenizers its family's runtime reads."""
+    if model_class not in FAMILIES:
+        raise PipelineError(f"--pipeline {model_dir}: its denoiser is a {model_class}; pipelines export for "
+                            f"{supported_pipelines()}",
+                            hint="export the denoiser alone (without --pipeline) and run it inside its diffusers "
+                                 "pipeline with pipe.transformer = dqdeploy.load_runtime(EXPORT_DIR)")
+    missing = sorted({part.split("/")[0] for part in family_parts(model_class)} - set(entries))
+    if missing:
+        raise PipelineError(f"--pipeline {model_dir}: a {model_class} pipeline runs with {', '.join(missing)}, "
+                            f"found none in {INDEX}",
+                            hint="pass the folder with all its text encoders and tokenizers (SD3 without T5 is not "
+                                 "supported)")
 
 
 def _check_denoiser(model_dir: Path, folder: str, model_class: str, model_config: dict[str, Any]) -> None:
@@ -210,16 +248,26 @@ def _ensure_vocab_files(dest: Path) -> None:
     (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
 
 
+def text_outputs(cls: str, layers: int) -> tuple[str, ...]:
+    """The graph outputs of a ``cls`` text encoder of ``layers`` layers: :data:`TEXT_OUTPUTS`, then for
+    :data:`ALL_HIDDEN_STATES` classes optimum's ``hidden_states.0`` (the embeddings) .. ``hidden_states.<layers>``."""
+    hidden = tuple(f"hidden_states.{i}" for i in range(layers + 1)) if cls in ALL_HIDDEN_STATES else ()
+    return TEXT_OUTPUTS[cls] + hidden
+
+
 class _TextEncoderGraph(torch.nn.Module):
-    """``input_ids`` -> the text encoder's outputs named in ``outputs``, in that order."""
+    """``input_ids`` -> the text encoder's outputs named in ``outputs``, in that order (``hidden_states.<i>``: the
+    i-th entry of ``hidden_states``)."""
 
     def __init__(self, encoder: torch.nn.Module, outputs: tuple[str, ...]) -> None:
         super().__init__()
         self.encoder, self.outputs = encoder, outputs
+        self.hidden = any(name.startswith("hidden_states.") for name in outputs)
 
     def forward(self, input_ids):  # noqa: D102
-        out = self.encoder(input_ids=input_ids, return_dict=True)
-        return tuple(out[name] for name in self.outputs)
+        out = self.encoder(input_ids=input_ids, output_hidden_states=self.hidden, return_dict=True)
+        return tuple(out.hidden_states[int(name.split(".")[1])] if name.startswith("hidden_states.") else out[name]
+                     for name in self.outputs)
 
 
 def _export_text_encoder(src: Path, cls: str, dest: Path, scratch: Path) -> None:
@@ -229,11 +277,14 @@ def _export_text_encoder(src: Path, cls: str, dest: Path, scratch: Path) -> None
     except Exception as exc:  # transformers raises OSError/ValueError/... for folders it cannot load
         raise PipelineError(f"could not load the {cls} text encoder of {src}: {type(exc).__name__}: {str(exc)[:300]}",
                             hint="its weights must be safetensors; restore the folder from save_pretrained") from None
-    length = int(encoder.config.max_position_embeddings)
-    ids = torch.randint(0, int(encoder.config.vocab_size), (2, length), generator=torch.Generator().manual_seed(0))
+    config = encoder.config
+    length = int(getattr(config, "max_position_embeddings", None) or T5_MAX_LENGTH)
+    example = length if length < T5_MAX_LENGTH else 16  # encoders without a position table: a short example
+    ids = torch.randint(0, int(config.vocab_size), (2, example), generator=torch.Generator().manual_seed(0))
     dims = {0: torch.export.Dim("batch", min=1, max=4096), 1: torch.export.Dim("sequence", min=1, max=length)}
-    _export_graph(_TextEncoderGraph(encoder, TEXT_OUTPUTS[cls]), dest, scratch, {"input_ids": ids},
-                  list(TEXT_OUTPUTS[cls]), {"input_ids": dims}, f"the text encoder {src.name} ({cls})")
+    outputs = text_outputs(cls, int(getattr(config, "num_hidden_layers", 0)))
+    _export_graph(_TextEncoderGraph(encoder, outputs), dest, scratch, {"input_ids": ids}, list(outputs),
+                  {"input_ids": dims}, f"the text encoder {src.name} ({cls})")
     shutil.copyfile(src / "config.json", dest / "config.json")
 
 

@@ -1,7 +1,8 @@
 """Samplers in numpy, for running an exported pipeline without PyTorch: diffusers' ``DDIMScheduler``,
-``PNDMScheduler`` (PLMS, ``skip_prk_steps`` as Stable Diffusion ships it) and ``EulerDiscreteScheduler``, read
-from the same ``scheduler_config.json`` and computing the same updates (float32 samples; the schedule in float64,
-so values agree with diffusers' to float32 rounding). Options they do not implement are refused, never ignored.
+``PNDMScheduler`` (PLMS, ``skip_prk_steps`` as Stable Diffusion ships it), ``EulerDiscreteScheduler`` and
+``FlowMatchEulerDiscreteScheduler`` (SD3, Flux), read from the same ``scheduler_config.json`` and computing the same
+updates (float32 samples; the schedule in float64, so values agree with diffusers' to float32 rounding). Options they
+do not implement are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import numpy as np
 
 from ..core.errors import PipelineError
 
-HINT = ("edit scheduler/scheduler_config.json of the export to DDIMScheduler, PNDMScheduler (skip_prk_steps) or "
-        "EulerDiscreteScheduler with default options, or sample with diffusers' pipeline instead")
+HINT = ("edit scheduler/scheduler_config.json of the export to DDIMScheduler, PNDMScheduler (skip_prk_steps), "
+        "EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler with default options, or sample with diffusers' "
+        "pipeline instead")
 
 
 def _alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
@@ -65,18 +67,13 @@ class NumpyScheduler:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = dict(config)
-        self.prediction = config.get("prediction_type", "epsilon")
-        if self.prediction not in ("epsilon", "v_prediction"):
-            raise PipelineError(f"prediction_type {self.prediction!r} (the numpy samplers take epsilon or "
-                                "v_prediction)", hint=HINT)
-        _refuse(config, rescale_betas_zero_snr=False, thresholding=False)
         self.train_steps = int(config.get("num_train_timesteps", 1000))
-        self.alphas_cumprod = _alphas_cumprod(config)
         self.timesteps = np.zeros(0)
         self.steps = 0
 
-    def set_timesteps(self, steps: int) -> None:
-        """Prepare ``steps`` sampling steps (``self.timesteps``: the denoiser calls' timesteps, in order)."""
+    def set_timesteps(self, steps: int, tokens: int | None = None) -> None:
+        """Prepare ``steps`` sampling steps (``self.timesteps``: the denoiser calls' timesteps, in order);
+        ``tokens``: the denoiser's image tokens, which only resolution-dependent (dynamic) shifting reads."""
         raise NotImplementedError
 
     def calls(self, steps: int) -> int:
@@ -91,6 +88,19 @@ class NumpyScheduler:
         """The sample one step later."""
         raise NotImplementedError
 
+
+class DiscreteScheduler(NumpyScheduler):
+    """The noise-prediction samplers over a table of ``alphas_cumprod`` (epsilon or v prediction)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.prediction = config.get("prediction_type", "epsilon")
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise PipelineError(f"prediction_type {self.prediction!r} (the numpy samplers take epsilon or "
+                                "v_prediction)", hint=HINT)
+        _refuse(config, rescale_betas_zero_snr=False, thresholding=False)
+        self.alphas_cumprod = _alphas_cumprod(config)
+
     def _prev_alpha(self, prev: int) -> float:
         return float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha
 
@@ -100,10 +110,10 @@ class NumpyScheduler:
         return 1.0 if self.config.get("set_alpha_to_one", False) else float(self.alphas_cumprod[0])
 
 
-class DDIM(NumpyScheduler):
+class DDIM(DiscreteScheduler):
     """``DDIMScheduler`` with ``eta = 0`` (deterministic)."""
 
-    def set_timesteps(self, steps: int) -> None:  # noqa: D102
+    def set_timesteps(self, steps: int, tokens: int | None = None) -> None:  # noqa: D102
         self.steps, self.timesteps = steps, np.round(_spaced(self.config, steps, "leading")).astype(np.int64)
 
     @property
@@ -124,7 +134,7 @@ class DDIM(NumpyScheduler):
         return (a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps).astype(np.float32)
 
 
-class PNDM(NumpyScheduler):
+class PNDM(DiscreteScheduler):
     """``PNDMScheduler`` with ``skip_prk_steps`` (PLMS: linear multistep, one more denoiser call than steps)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -133,7 +143,7 @@ class PNDM(NumpyScheduler):
         self.ets: list[np.ndarray] = []
         self.counter, self.cur_sample = 0, np.zeros(0, np.float32)
 
-    def set_timesteps(self, steps: int) -> None:  # noqa: D102
+    def set_timesteps(self, steps: int, tokens: int | None = None) -> None:  # noqa: D102
         base = np.round(_spaced(self.config, steps, "leading"))[::-1].astype(np.int64)
         self.steps, self.timesteps = steps, np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].copy()
         self.ets, self.counter = [], 0
@@ -167,7 +177,7 @@ class PNDM(NumpyScheduler):
         return ((a_prev / a) ** 0.5 * sample - (a_prev - a) * model_output / denom).astype(np.float32)
 
 
-class EulerDiscrete(NumpyScheduler):
+class EulerDiscrete(DiscreteScheduler):
     """``EulerDiscreteScheduler`` without churn (deterministic), linear sigma interpolation."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -176,7 +186,7 @@ class EulerDiscrete(NumpyScheduler):
                 use_beta_sigmas=False, timestep_type="discrete", final_sigmas_type="zero")
         self.sigmas, self.index = np.zeros(1), 0
 
-    def set_timesteps(self, steps: int) -> None:  # noqa: D102
+    def set_timesteps(self, steps: int, tokens: int | None = None) -> None:  # noqa: D102
         timesteps = _spaced(self.config, steps, "linspace")
         table = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         sigmas = np.interp(timesteps, np.arange(len(table)), table)
@@ -202,7 +212,69 @@ class EulerDiscrete(NumpyScheduler):
         return (sample + (sample - x0) / sigma * (after - sigma)).astype(np.float32)
 
 
-SCHEDULERS = {"DDIMScheduler": DDIM, "PNDMScheduler": PNDM, "EulerDiscreteScheduler": EulerDiscrete}
+class FlowMatchEuler(NumpyScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` (SD3, Flux): Euler steps of the predicted velocity over sigmas shifted by
+    ``shift``, or by ``mu`` from the image tokens with ``use_dynamic_shifting``; deterministic."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        _refuse(config, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False,
+                use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False)
+        if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+            raise PipelineError(f"time_shift_type {config.get('time_shift_type')!r} (expected exponential or "
+                                "linear)", hint=HINT)
+        n, shift = self.train_steps, float(config.get("shift", 1.0))
+        table = np.linspace(1, n, n, dtype=np.float32)[::-1] / np.float32(n)  # diffusers' float32 training sigmas
+        if not config.get("use_dynamic_shifting", False):
+            table = np.float32(shift) * table / (np.float32(1) + np.float32(shift - 1) * table)
+        self.sigma_max, self.sigma_min = float(table[0]), float(table[-1])
+        self.sigmas, self.index = np.zeros(1, np.float32), 0
+
+    def mu(self, tokens: int | None) -> float:
+        """The dynamic shift of ``tokens`` image tokens: linear between (base_image_seq_len, base_shift) and
+        (max_image_seq_len, max_shift), as diffusers' pipelines compute it."""
+        if tokens is None:
+            raise PipelineError("FlowMatchEulerDiscreteScheduler with use_dynamic_shifting needs the image's token "
+                                "count", hint="pass tokens= to set_timesteps")
+        c = self.config
+        lo, hi = int(c.get("base_image_seq_len", 256)), int(c.get("max_image_seq_len", 4096))
+        base, top = float(c.get("base_shift", 0.5)), float(c.get("max_shift", 1.15))
+        slope = (top - base) / (hi - lo)
+        return tokens * slope + (base - slope * lo)
+
+    def set_timesteps(self, steps: int, tokens: int | None = None) -> None:  # noqa: D102
+        n = self.train_steps
+        self._shifted(np.linspace(self.sigma_max * n, self.sigma_min * n, steps) / n, tokens)
+
+    def set_sigmas(self, sigmas: np.ndarray, tokens: int | None = None) -> None:
+        """Prepare the steps of the given unshifted ``sigmas`` (``set_timesteps(sigmas=...)``, as Flux pipelines
+        call it: float32 from the start)."""
+        self._shifted(np.asarray(sigmas).astype(np.float32), tokens)
+
+    def _shifted(self, sigmas: np.ndarray, tokens: int | None) -> None:
+        """The schedule of ``sigmas`` shifted (in their own precision, as diffusers shifts them)."""
+        n = self.train_steps
+        if self.config.get("use_dynamic_shifting", False):
+            mu = self.mu(tokens)
+            factor = math.exp(mu) if self.config.get("time_shift_type", "exponential") == "exponential" else mu
+            sigmas = factor / (factor + (1 / sigmas - 1))
+        else:
+            shift = float(self.config.get("shift", 1.0))
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        shifted = sigmas.astype(np.float32)
+        self.steps, self.index = len(shifted), 0
+        self.timesteps = shifted * np.float32(n)
+        self.sigmas = np.concatenate([shifted, np.zeros(1, np.float32)])
+
+    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray) -> np.ndarray:  # noqa: D102
+        dt = self.sigmas[self.index + 1] - self.sigmas[self.index]
+        self.index += 1
+        return (sample.astype(np.float32) + dt * model_output).astype(np.float32)
+
+
+SCHEDULERS: dict[str, type[NumpyScheduler]] = {
+    "DDIMScheduler": DDIM, "PNDMScheduler": PNDM, "EulerDiscreteScheduler": EulerDiscrete,
+    "FlowMatchEulerDiscreteScheduler": FlowMatchEuler}
 
 
 def numpy_scheduler(config: dict[str, Any]) -> NumpyScheduler:
