@@ -18,6 +18,7 @@ from ..core.terminal import bar, on_terminal
 
 T = TypeVar("T")
 PROGRESS = logging.getLogger("dqdeploy.progress")  # the CLI shows its lines without -v
+EVERY = 50.0  # seconds between progress lines at most (+ the heartbeat's 1 s tick): no step silent for a minute
 
 
 def rss_gb() -> float | None:
@@ -36,7 +37,7 @@ def peak_rss_gb() -> float:
 
 
 @contextlib.contextmanager
-def stage(log: logging.Logger, name: str, *, every: float = 60.0) -> Iterator[None]:
+def stage(log: logging.Logger, name: str, *, every: float = EVERY) -> Iterator[None]:
     """Log ``name`` on ``log`` when it starts and, when it ends, its seconds and the peak RSS so far; where stderr is
     not a terminal, a line on :data:`PROGRESS` whenever ``every`` seconds pass with no other progress line (a step
     without its own progress is no silence)."""
@@ -61,7 +62,7 @@ class Progress:
     :func:`progress` over items)."""
 
     def __init__(self, total: int, desc: str, *, unit: str = "it", log: logging.Logger = PROGRESS,
-                 every: float = 60.0, terminal: bool | None = None,
+                 every: float = EVERY, terminal: bool | None = None,
                  clock: Callable[[], float] = time.monotonic, enabled: bool = True) -> None:
         from .distributed import is_writer
 
@@ -102,7 +103,7 @@ class Progress:
 
 
 def progress(items: Iterable[T], total: int, desc: str, *, unit: str = "it", log: logging.Logger = PROGRESS,
-             every: float = 60.0, terminal: bool | None = None,
+             every: float = EVERY, terminal: bool | None = None,
              clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
     """``items`` under a :class:`Progress` of ``total`` units, one per item."""
     with Progress(total, desc, unit=unit, log=log, every=every, terminal=terminal, clock=clock) as shown:
@@ -125,7 +126,7 @@ def _heartbeat(line: Callable[[float], None], every: float, *, enabled: bool = T
     stop, start, token = threading.Event(), time.monotonic(), object()
 
     def beat() -> None:
-        while not stop.wait(min(every / 4, 5.0)):
+        while not stop.wait(min(every / 4, 1.0)):
             if _BEATING[-1:] == [token] and time.monotonic() - _LAST_LINE[0] >= every:
                 _LAST_LINE[0] = time.monotonic()
                 line(_LAST_LINE[0] - start)
