@@ -2,8 +2,9 @@
 
 UNets: inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for conditional UNets,
 ``encoder_hidden_states`` [B, S, D]; output ``out_sample``. Diffusion transformers: ``hidden_states``,
-``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``,
-``txt_ids`` (no batch axis), ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.core.denoisers`).
+``encoder_hidden_states``, [PixArt: ``encoder_attention_mask`` [B, S] where the calibration data has it,]
+``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``, ``txt_ids`` (no batch axis), ``guidance``] ->
+``out_hidden_states`` (:mod:`dqdeploy.core.denoisers`).
 The batch axis is dynamic (the latent height and width too with ``resolution_range``). Q/DQ nodes are
 added afterwards by graph surgery (:mod:`dqdeploy.exporters.qdq`), never by the exporter.
 """
@@ -42,11 +43,21 @@ class _DenoiserGraph(torch.nn.Module):
         self.unet = denoiser
 
     def forward(self, sample=None, hidden_states=None, encoder_hidden_states=None, pooled_projections=None,
-                timestep=None, img_ids=None, txt_ids=None, guidance=None):  # noqa: D401
+                timestep=None, img_ids=None, txt_ids=None, guidance=None, encoder_attention_mask=None):  # noqa: D401
         given = dict(sample=sample, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                      pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
-                     guidance=guidance)
+                     guidance=guidance, encoder_attention_mask=encoder_attention_mask)
+        if encoder_attention_mask is not None:
+            _same_batch(hidden_states, encoder_hidden_states, encoder_attention_mask)
         return self.unet(**{k: v for k, v in given.items() if v is not None}, return_dict=False)[0]
+
+
+def _same_batch(first: torch.Tensor, *others: torch.Tensor) -> None:
+    """Tell the tracer that the inputs share one batch size. The exporter traces size-obliviously, each input with
+    its own batch symbol; PixArt reshapes the text with ``view(batch, -1, width)`` and its attention views the mask
+    with ``-1``, so without this the mask's broadcast axis is an unknown quotient and the trace fails."""
+    for other in others:
+        torch._check(other.shape[0] == first.shape[0])
 
 
 def drop_noop_squeezes(model: Any) -> int:

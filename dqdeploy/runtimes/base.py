@@ -28,11 +28,12 @@ from ..core.denoisers import spec_for
 from ..core.deprecation import renamed
 from ..core.errors import ArtifactError, RuntimeInputError
 from ..core.inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
+from ..core.vocab import TEXT_MASK
 from .spec import ExportSpec, TensorSpec
 from .transformer import as_tensor, call_transformer
 
 DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",),
-              CONTEXT: ("batch", "sequence", "hidden size")}
+              CONTEXT: ("batch", "sequence", "hidden size"), TEXT_MASK: ("batch", "sequence")}
 TIMESTEP_ATOL = 1e-3
 # inputs beyond this magnitude are not latents or embeddings: a quantized graph would clip them to a
 # finite but meaningless output (the simulation returns NaN/Inf), so they are refused

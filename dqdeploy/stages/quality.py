@@ -20,7 +20,7 @@ from ..core.denoisers import latent_shape, spec_of
 from ..core.metrics import StepErrors, summarize_steps
 from ..core.recipe import CalibrationConfig
 from ..core.sampling import observe_denoise, output_of
-from ..quant.trajectories import Conditioning
+from ..quant.conditioning import Conditioning
 
 HELD_TRAJECTORIES = 4
 HELD_SEED = 7919  # added to the calibration seed: noise the calibration trajectories never drew
@@ -85,7 +85,7 @@ def held_for(artifact: str | Path, model_dir: str | Path, cond_file: str | Path 
     quantized from (the calibration settings read from its manifest)."""
     from ..io.artifact import read_manifest
     from ..io.models import load_model, make_scheduler
-    from ..quant.trajectories import load_conditioning
+    from ..quant.conditioning import load_conditioning
 
     calibration = CalibrationConfig(**read_manifest(artifact).calibration)
     loaded = load_model(model_dir)
