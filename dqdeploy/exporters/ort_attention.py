@@ -5,7 +5,8 @@ The exporter writes attention as heads split by Reshape/Transpose, ``MatMul(q * 
 (``batch * heads * N * N`` floats) written to memory and read back twice. Its CPU MultiHeadAttention
 kernel computes the same product tile by tile (no score matrix, no head transposes). The rewrite is
 float-exact up to summation order: the Q/DQ nodes around it are not touched. Only the exact
-pattern is rewritten (every Reshape/Transpose checked against the head count and head size); anything
+pattern is rewritten (every Reshape/Transpose checked against the head count and head size; a token count that is
+dynamic, as with ``--dynamic-text-length``, read from the keys' own shape); anything
 else (masks, rotary embeddings, normalised q/k) is left as it is. SD3's joint attention (image and text
 heads concatenated along the tokens before one attention) becomes a Concat of the 3D parts per input.
 """
@@ -62,6 +63,51 @@ def _shape_const(ix: GraphIndex, node) -> list[int] | None:
     return None if shape is None or shape.ndim != 1 else [int(s) for s in shape]
 
 
+# a Reshape target entry: a constant, axis ``i`` of tensor ``x``'s shape at run time, or None (computed otherwise)
+Dim = int | tuple[str, int] | None
+
+
+def _shape_entries(ix: GraphIndex, node) -> list[Dim] | None:
+    """The target shape of a Reshape node: constant, or (a dynamic text length) a ``Concat`` of constants, slices
+    of ``Shape(x)`` (each entry ``(x, axis)``, or the axis's size where shape inference knows it) and other values of
+    a known length (entries None: only places the pattern does not check may hold them); None for anything else."""
+    const = _shape_const(ix, node)
+    if const is not None or node is None or len(node.input) < 2:
+        return None if const is None else list(const)
+    cat = _op(ix, node.input[1], "Concat")
+    if cat is None or _attr(cat, "axis", None) != 0:
+        return None
+    entries: list[Dim] = []
+    for piece in cat.input:
+        values = ix.const_array(piece)
+        part: list[Dim] | None = [int(v) for v in values.reshape(-1)] if values is not None else _shape_slice(ix, piece)
+        length = ix.shape(piece)
+        if part is None and length is not None and len(length) == 1 and isinstance(length[0], int):
+            part = [None] * length[0]
+        if part is None:
+            return None
+        entries += part
+    return entries
+
+
+def _shape_slice(ix: GraphIndex, name: str) -> list[Dim] | None:
+    """``Shape(x)[a:b]`` (a ``Slice`` of a ``Shape``, or a ``Shape`` with start/end) as ``[(x, a), ...]``, each entry
+    the axis's static size where it is known."""
+    sliced = _op(ix, name, "Slice")
+    shape = _op(ix, sliced.input[0] if sliced is not None else name, "Shape")
+    dims = None if shape is None else ix.shape(shape.input[0])
+    if dims is None:
+        return None
+    axes = list(range(len(dims)))[_attr(shape, "start", 0):_attr(shape, "end", None)]
+    if sliced is not None:
+        bounds = [ix.const_array(i) for i in sliced.input[1:]]
+        values = [int(b.reshape(())) for b in bounds if b is not None and b.size == 1]
+        if len(values) != len(bounds) or len(values) not in (2, 3) or values[2:] not in ([], [0]):
+            return None  # starts, ends[, axes = 0]; steps other than 1 are not a shape slice
+        axes = axes[values[0]:values[1]]
+    return [dims[a] if isinstance(dims[a], int) and dims[a] > 0 else (shape.input[0], a) for a in axes]
+
+
 def _scaled(ix: GraphIndex, name: str) -> tuple[str, float]:
     """``name`` = Mul(x, scalar constant) -> (x, scalar); otherwise (name, 1.0)."""
     node = _op(ix, name, "Mul")
@@ -93,13 +139,16 @@ def _one_split(ix: GraphIndex, name: str, perm: list[int]) -> tuple[str, int, in
     if t is None or _attr(t, "perm", []) != perm:
         return None
     r = _op(ix, t.input[0], "Reshape")
-    shape = _shape_const(ix, r)
-    if r is None or shape is None or len(shape) != 4 or min(shape[2:]) <= 0:
+    shape = _shape_entries(ix, r)
+    if r is None or shape is None or len(shape) != 4:
+        return None
+    heads, dim = shape[2], shape[3]
+    if not (isinstance(heads, int) and isinstance(dim, int) and heads > 0 and dim > 0):
         return None
     src_shape = ix.shape(r.input[0])
-    if src_shape is None or len(src_shape) != 3 or src_shape[2] not in (None, shape[2] * shape[3]):
+    if src_shape is None or len(src_shape) != 3 or src_shape[2] not in (None, heads * dim):
         return None
-    return r.input[0], shape[2], shape[3]
+    return r.input[0], heads, dim
 
 
 def _tokens(ix: GraphIndex, parts: tuple[str, ...]) -> int | None:
@@ -115,14 +164,14 @@ def _keys_transposed(ix: GraphIndex, name: str) -> tuple[tuple[str, ...], int, i
     if direct is not None:
         return direct
     outer = _op(ix, name, "Reshape")
-    outer_shape = _shape_const(ix, outer)
+    outer_shape = _shape_entries(ix, outer)
     if outer is None or outer_shape is None or len(outer_shape) != 4:
         return None
     t = _op(ix, outer.input[0], "Transpose")
     if t is None or _attr(t, "perm", []) != [0, 2, 1]:
         return None
     inner = _op(ix, t.input[0], "Reshape")
-    inner_shape = _shape_const(ix, inner)
+    inner_shape = _shape_entries(ix, inner)
     if inner is None or inner_shape is None or len(inner_shape) != 3:
         return None
     split = _split_heads(ix, inner.input[0])
@@ -130,8 +179,10 @@ def _keys_transposed(ix: GraphIndex, name: str) -> tuple[tuple[str, ...], int, i
         return None
     src, heads, dim = split
     tokens = _tokens(ix, src)
-    if inner_shape[2] != dim or outer_shape[1:3] != [heads, dim] or inner_shape[1] != outer_shape[3] \
-            or inner_shape[1] <= 0 or tokens not in (None, inner_shape[1]):
+    # the token count: constant, or (a dynamic text length) read from the split keys' own shape [B, H, N, d]
+    n = inner_shape[1]
+    if inner_shape[2] != dim or outer_shape[1:3] != [heads, dim] or n != outer_shape[3] \
+            or not (isinstance(n, int) and n > 0 or n == (inner.input[0], 2)) or tokens not in (None, n):
         return None
     return split
 
@@ -162,7 +213,7 @@ def match_attention(ix: GraphIndex, softmax) -> Attention | None:
     if merge is None or _attr(merge, "perm", []) != HEADS_PERM:
         return None
     merged = _single_user(ix, merge.output[0], "Reshape")
-    shape = _shape_const(ix, merged)
+    shape = _shape_entries(ix, merged)
     if merged is None or shape is None or len(shape) != 3 or shape[2] != heads * dim:
         return None
     return Attention(q[0], k[0], v[0], heads, a * b * post, merged)
