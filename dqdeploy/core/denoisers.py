@@ -49,6 +49,16 @@ class DenoiserSpec:
     fixed_resolution: str = ""  # why a traced graph cannot take another height/width ("": it can)
     # inputs of ``inputs`` the graph takes only when the calibration data has them (PixArt's text mask)
     optional: tuple[str, ...] = ()
+    text_prefix: int = 0  # text tokens before the T5 sequence, whose length is the pipeline's max_sequence_length
+
+    def text_length_call(self, tokens: int) -> str:
+        """How a diffusers pipeline call gets ``tokens`` text tokens (for error hints)."""
+        if not self.is_transformer:
+            return "the text encoder's token count (its tokenizer's model_max_length)"
+        if tokens <= self.text_prefix:
+            return f"at least {self.text_prefix + 1} tokens ({self.text_prefix} before T5's)"
+        return f"max_sequence_length={tokens - self.text_prefix}" + (
+            f" ({self.text_prefix} CLIP tokens + {tokens - self.text_prefix} T5 tokens)" if self.text_prefix else "")
 
     @property
     def is_transformer(self) -> bool:
@@ -109,7 +119,7 @@ SPECS: dict[str, DenoiserSpec] = {
         DenoiserSpec(
             "SD3Transformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, POOLED, TIMESTEP),
             ("JointTransformerBlock", *_EMBEDDERS), ends=_PATCH_ENDS,
-            conditioning=((CONTEXT, "joint_attention_dim"), (POOLED, "pooled_projection_dim")),
+            conditioning=((CONTEXT, "joint_attention_dim"), (POOLED, "pooled_projection_dim")), text_prefix=77,
         ),
         DenoiserSpec(
             "PixArtTransformer2DModel", "transformer", HIDDEN, "out_hidden_states",
