@@ -47,6 +47,7 @@ from .qdq import SurgeryOptions, insert_qdq, int4_linear_layers
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
+TEXT = "dynamic_text_length"
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16 (FLOAT is 1)
 SCRATCH = ".float-graph"  # inside the atomic output folder; removed before it is renamed into place
 
@@ -96,12 +97,12 @@ def export(
     source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
     pipeline = None if pipeline is None else as_path(pipeline, "pipeline", "export")
     dynamic = {"dynamic_resolution": _resolution_range(dynamic_resolution),
-               "dynamic_text_length": range_arg(dynamic_text_length, "dynamic_text_length", "text tokens", "(64, 333)")}
+               TEXT: range_arg(dynamic_text_length, TEXT, "text tokens", "(64, 333)")}
     spec = target_spec(target)
     if spec.engine:
         require_tensorrt()  # fail fast, before anything else
         _check_request(source, spec.graph, fp16, cpu)
-    _check_outputs(source, out_dir, overwrite, triton_repo, timing_cache, pipeline)  # before any work
+    _check_outputs(source, out_dir, overwrite, triton_repo, timing_cache, pipeline, text_range=dynamic[TEXT])
     if not spec.engine:
         export_graph(source, out_dir, target=spec.graph, fp16=fp16, int4_linear=int4_linear, simplify=simplify,
                      overwrite=overwrite, cpu=cpu, lora_slots=lora_slots, pipeline=pipeline, **dynamic)
@@ -116,7 +117,8 @@ def export(
 
 def _check_outputs(source: str | Path, out_dir: str | Path, overwrite: bool, triton_repo: str | Path | None = None,
                    timing_cache: str | Path | None = None, pipeline: str | Path | None = None,
-                   lora_slots: str | Path | None = None) -> PipelinePlan | None:
+                   lora_slots: str | Path | None = None, text_range: tuple[int, int] | None = None
+                   ) -> PipelinePlan | None:
     """Before any work, refuse outputs that may not be written (the inputs, ``source`` and ``pipeline``, are never
     replaced) and options that do not fit ``source``; returns the checked pipeline folder (None without one)."""
     check_target(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline))
@@ -126,7 +128,7 @@ def _check_outputs(source: str | Path, out_dir: str | Path, overwrite: bool, tri
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if lora_slots is not None and detect(source) != "quantized":
         raise ExportError("--lora-slots needs a quantized artifact", hint="quantize the model first")
-    return None if pipeline is None else plan_for(source, pipeline)
+    return None if pipeline is None else plan_for(source, pipeline, text_range)
 
 
 def _sources(source: str | Path, pipeline: str | Path | None) -> list[str | Path]:
@@ -180,17 +182,17 @@ def export_graph(
     """The ONNX graph of an artifact (``onnx``/``ort``) or any model folder (``float``) [, and ``pipeline``'s parts]."""
     spec = _check_request(source, target, fp16, cpu)
     int8_format = resolve_format(cpu) if spec.cpu_format else None
-    plan = _check_outputs(source, out_dir, overwrite, pipeline=pipeline, lora_slots=lora_slots)  # before any work
     dynamic = DynamicAxes(dynamic_resolution, dynamic_text_length)
+    plan = _check_outputs(source, out_dir, overwrite, pipeline=pipeline, lora_slots=lora_slots,
+                          text_range=dynamic.text_length)  # before any work
     if detect(source) == "fp":
         return _export_fp(source, out_dir, fp16, overwrite, dynamic, plan)
     manifest = read_manifest(source)
-    recipe = manifest.recipe
     if spec.quantized:
-        _check_deployable(recipe)
+        _check_deployable(manifest.recipe)
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline)) as folder:
         scratch = folder / SCRATCH  # the float graph's weights: on the output's disk, swept if the run dies
-        canvas, parts = _prepare(source, manifest, recipe, target, fp16)
+        canvas, parts = _prepare(source, manifest, manifest.recipe, target, fp16)
         int4_layers = int4_linear_layers(parts.layers, parts.ranks) if int4_linear else []
         opset = 21 if int4_layers else 20
         slots = None if lora_slots is None else plan_slots(canvas, parts.layers, lora_slots)

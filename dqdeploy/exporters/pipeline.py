@@ -56,13 +56,17 @@ class PipelinePlan:
     components: dict[str, str]  # name -> class name, denoiser excluded
     text_length: int | None = None  # the text encoder's tokens: the denoiser's conditioning length
 
-    def check_length(self, found: int, where: str) -> None:
-        """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoder makes another count."""
-        if self.text_length is not None and found != self.text_length:
-            raise PipelineError(f"{where} has {found}-token conditioning; {self.model_dir}'s text encoder makes "
-                                f"{self.text_length} tokens, so the exported pipeline could not run it",
-                                hint="quantize with --prompts (encoded by the folder's own text encoder), or with a "
-                                     f"--cond file of {self.text_length}-token embeddings")
+    def check_length(self, found: int, where: str, text_range: tuple[int, int] | None = None) -> None:
+        """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoder makes another count (one
+        outside ``text_range``, the graph's ``--dynamic-text-length``, where given)."""
+        wanted = self.text_length
+        if wanted is None or found == wanted or (text_range is not None and text_range[0] <= wanted <= text_range[1]):
+            return
+        raise PipelineError(f"{where} has {found}-token conditioning; {self.model_dir}'s text encoder makes "
+                            f"{wanted} tokens, so the exported pipeline could not run it",
+                            hint=f"export with --dynamic-text-length {min(found, wanted)}:{max(found, wanted)}, or "
+                                 "quantize with --prompts (encoded by the folder's own text encoder), or with a "
+                                 f"--cond file of {wanted}-token embeddings")
 
 
 def _entries(index: dict[str, Any]) -> dict[str, str]:
@@ -111,8 +115,9 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
     return PipelinePlan(model_dir, index, denoiser, components, length if isinstance(length, int) else None)
 
 
-def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
-    """:func:`plan_pipeline` for the denoiser of ``source`` (a quantized artifact or a diffusers folder)."""
+def plan_for(source: str | Path, pipeline: str | Path, text_range: tuple[int, int] | None = None) -> PipelinePlan:
+    """:func:`plan_pipeline` for the denoiser of ``source`` (a quantized artifact or a diffusers folder);
+    ``text_range``: the text lengths the graph will take besides its calibration's (``--dynamic-text-length``)."""
     if detect(source) == "fp":
         config = denoiser_config(source)
         return plan_pipeline(pipeline, str(config.get("_class_name")), config)
@@ -120,7 +125,7 @@ def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
     plan = plan_pipeline(pipeline, manifest.model_class, manifest.model_config)
     context = load_calibration_inputs(source).get(CONTEXT)
     if context is not None:
-        plan.check_length(int(context.shape[1]), f"the artifact {source} (its calibration inputs)")
+        plan.check_length(int(context.shape[1]), f"the artifact {source} (its calibration inputs)", text_range)
     return plan
 
 
