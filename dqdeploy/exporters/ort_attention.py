@@ -7,7 +7,8 @@ kernel computes the same product tile by tile (no score matrix, no head transpos
 float-exact up to summation order: the Q/DQ nodes around it are not touched. Only the exact
 pattern is rewritten (every Reshape/Transpose checked against the head count and head size; a token count that is
 dynamic, as with ``--dynamic-text-length``, read from the keys' own shape); anything
-else (masks, rotary embeddings, normalised q/k) is left as it is. SD3's joint attention (image and text
+else (masks other than diffusers' bias of a 0/1 key padding mask -- PixArt's text mask, fed to the kernel as
+its key padding mask --, rotary embeddings, normalised q/k) is left as it is. SD3's joint attention (image and text
 heads concatenated along the tokens before one attention) becomes a Concat of the 3D parts per input.
 """
 
@@ -24,6 +25,7 @@ from .graph_index import GraphIndex, delete_where
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+MASK_FILTER = -10000.0  # diffusers adds it to the scores where a text mask is 0 (MultiHeadAttention: mask_filter_value)
 HEADS_PERM = [0, 2, 1, 3]  # [B, N, H, d] <-> [B, H, N, d]
 
 
@@ -39,6 +41,7 @@ class Attention:
     heads: int
     scale: float
     merged: Any  # the Reshape node writing [B, N, H*d]; becomes the MultiHeadAttention node
+    mask: str | None = None  # a 0/1 key padding mask [B, N_k] (PixArt's text mask), whose 0s add MASK_FILTER
 
 
 def _attr(node, name: str, default):
@@ -194,11 +197,50 @@ def _single_user(ix: GraphIndex, name: str, op: str):
     return users[0]
 
 
+def _padding_mask(ix: GraphIndex, name: str) -> str | None:
+    """``name`` = diffusers' score bias of a key mask ``M`` [B, N_k]: ``Unsqueeze((1 - M) * -10000, [1, 2])``,
+    perhaps expanded over the heads and viewed as [B, H, 1, N_k] again -> ``M``; None for any other tensor."""
+    view = _op(ix, name, "Reshape")
+    if view is not None:  # a dynamic text length leaves diffusers' view(batch, heads, -1, N_k) of [B, H, 1, N_k]
+        target, src = _shape_entries(ix, view), ix.shape(view.input[0])
+        if target is None or src is None or len(target) != 4 or len(src) != 4 or src[2] != 1 \
+                or target[2] not in (1, -1) or target[1] != src[1]:
+            return None
+        name = view.input[0]
+    expand = _op(ix, name, "Expand")
+    unsq = _op(ix, expand.input[0] if expand is not None else name, "Unsqueeze")
+    axes = None if unsq is None or len(unsq.input) < 2 else ix.const_array(unsq.input[1])
+    mul = None if axes is None or sorted(int(a) for a in axes.reshape(-1)) != [1, 2] else _op(ix, unsq.input[0], "Mul")
+    if mul is None:
+        return None
+    for i in (0, 1):
+        factor, sub = ix.const_array(mul.input[1 - i]), _op(ix, mul.input[i], "Sub")
+        one = None if sub is None else ix.const_array(sub.input[0])
+        if factor is not None and factor.size == 1 and float(factor.reshape(())) == MASK_FILTER \
+                and one is not None and one.size == 1 and float(one.reshape(())) == 1.0:
+            src = ix.shape(sub.input[1])
+            return sub.input[1] if src is not None and len(src) == 2 else None
+    return None
+
+
+def _masked_logits(ix: GraphIndex, name: str) -> tuple[str, str | None] | None:
+    """Softmax's input -> (the scaled scores, the key padding mask added to them or None); None for another bias."""
+    add = _op(ix, name, "Add")
+    if add is None:
+        return name, None
+    for i in (0, 1):
+        mask = _padding_mask(ix, add.input[1 - i])
+        if mask is not None:
+            return add.input[i], mask
+    return None
+
+
 def match_attention(ix: GraphIndex, softmax) -> Attention | None:
     """The attention around ``softmax`` if it is exactly the exporter's pattern, else None."""
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+    logits = _masked_logits(ix, softmax.input[0])
+    if _attr(softmax, "axis", -1) not in (-1, 3) or logits is None:
         return None
-    scores, post = _scaled(ix, softmax.input[0])
+    scores, post = _scaled(ix, logits[0])
     qk = _op(ix, scores, "MatMul")
     pv = _single_user(ix, softmax.output[0], "MatMul")
     if qk is None or pv is None or pv.input[0] != softmax.output[0]:
@@ -216,7 +258,7 @@ def match_attention(ix: GraphIndex, softmax) -> Attention | None:
     shape = _shape_entries(ix, merged)
     if merged is None or shape is None or len(shape) != 3 or shape[2] != heads * dim:
         return None
-    return Attention(q[0], k[0], v[0], heads, a * b * post, merged)
+    return Attention(q[0], k[0], v[0], heads, a * b * post, merged, logits[1])
 
 
 def _prune(model) -> int:
@@ -236,6 +278,19 @@ def _prune(model) -> int:
     return removed
 
 
+def _int32_mask(m: Attention, casts: dict[str, str], before: dict[str, list]) -> str:
+    """The int32 copy of ``m``'s key padding mask the kernel takes, made once: a Cast in front of the first
+    attention that reads it (``casts``: the copies made so far; ``before``: the nodes to insert)."""
+    from onnx import TensorProto, helper
+
+    assert m.mask is not None
+    if m.mask not in casts:
+        casts[m.mask] = f"{m.mask}/int32"
+        before.setdefault(m.merged.output[0], []).insert(
+            0, helper.make_node("Cast", [m.mask], [casts[m.mask]], name=casts[m.mask], to=TensorProto.INT32))
+    return casts[m.mask]
+
+
 def fuse_attention(model) -> int:
     """Rewrite every matched attention of ``model`` (an onnx.ModelProto, changed in place) into one
     ``com.microsoft.MultiHeadAttention`` node (after a Concat of the parts of q, k and v where the
@@ -245,7 +300,8 @@ def fuse_attention(model) -> int:
     ix = GraphIndex(model)
     softmaxes = list(ix.nodes("Softmax"))
     found = [m for m in (match_attention(ix, s) for s in softmaxes) if m is not None]
-    before: dict[str, list] = {}  # the output of an attention -> the Concat nodes that go in front of it
+    before: dict[str, list] = {}  # the output of an attention -> the Concat (Cast) nodes that go in front of it
+    casts: dict[str, str] = {}  # a key padding mask -> its int32 copy
     for m in found:
         inputs = []
         for role, parts in (("q", m.q), ("k", m.k), ("v", m.v)):
@@ -256,9 +312,12 @@ def fuse_attention(model) -> int:
             before.setdefault(m.merged.output[0], []).append(
                 helper.make_node("Concat", list(parts), [joined], name=joined, axis=1))
             inputs.append(joined)
+        masked: dict[str, Any] = {} if m.mask is None else {"mask_filter_value": MASK_FILTER}
+        if m.mask is not None:
+            inputs += ["", _int32_mask(m, casts, before)]  # no bias, then the key padding mask
         node = helper.make_node("MultiHeadAttention", inputs, list(m.merged.output),
                                 name=m.merged.name + "/MultiHeadAttention", domain=MS_DOMAIN,
-                                num_heads=m.heads, scale=m.scale)
+                                num_heads=m.heads, scale=m.scale, **masked)
         m.merged.CopyFrom(node)
     if before:  # topological order: each Concat right before the attention that reads it
         nodes = [new for n in model.graph.node for new in [*before.get(n.output[0] if n.output else "", []), n]]

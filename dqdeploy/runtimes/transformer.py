@@ -111,6 +111,8 @@ def prepare_transformer_inputs(runtime: Any, feeds: dict[str, Any]) -> dict[str,
     for name in spec.shared:
         if name in tensors and tensors[name].dim() == 3:  # the deprecated batched form: one row serves all
             tensors[name] = tensors[name][0]
+    if TEXT_MASK in tensors:
+        _check_mask(tensors[TEXT_MASK])
     runtime._check_shapes(tensors)
     return {n: v.to(device=runtime.device, dtype=runtime._dtypes[n]).contiguous() for n, v in tensors.items()}
 
@@ -122,6 +124,14 @@ def _unmasked_default(names: list[str], feeds: dict[str, Any]) -> dict[str, Any]
     if TEXT_MASK not in names or TEXT_MASK in feeds or not isinstance(context, torch.Tensor) or context.dim() != 3:
         return feeds
     return {**feeds, TEXT_MASK: torch.ones(context.shape[:2], dtype=torch.float32)}
+
+
+def _check_mask(mask: torch.Tensor) -> None:
+    """A text mask holds 0 (padding) and 1 (token) only: the graph's attention reads it as a key padding mask."""
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise RuntimeInputError(f"{TEXT_MASK}: expected 0 (padding) and 1 (text token) only, found other values "
+                                f"(shape {tuple(mask.shape)}, dtype {mask.dtype})",
+                                hint="pass the tokenizer's attention_mask, as the PixArt pipelines do")
 
 
 def _per_sample(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:

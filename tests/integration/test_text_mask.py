@@ -6,13 +6,14 @@ in diffusers' names carry the mask too, and a mask where it cannot apply is refu
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from safetensors.torch import save_file
 
 from dqdeploy import export, load_quantized, load_runtime, quantize
-from dqdeploy.core.errors import CalibrationError
+from dqdeploy.core.errors import CalibrationError, RuntimeInputError
 from dqdeploy.core.recipe import W8A8, CalibrationConfig
 from dqdeploy.quant.conditioning import check_text_mask, load_conditioning
 from dqdeploy.runtimes.spec import read_spec
@@ -59,6 +60,8 @@ def test_calibration_and_graph_carry_the_mask_and_pass_lint_and_check(pixart):
     mask = result.calib_inputs[MASK]
     assert mask.shape == result.calib_inputs["encoder_hidden_states"].shape[:2]
     assert bool((mask == 0).any()) and bool((mask[:, 0] == 1).all())  # T5's padding is masked, the tokens are not
+    graph = onnx.load(str(exports["ort"] / "transformer" / "model.onnx"))  # every attention ORT's own kernel, the
+    assert sum(n.op_type == "MultiHeadAttention" for n in graph.graph.node) == 4  # masked cross-attentions too
     for target, folder in exports.items():
         spec = read_spec(folder)
         assert [t.name for t in spec.inputs] == ["hidden_states", "encoder_hidden_states", MASK, "timestep"]
@@ -90,6 +93,8 @@ def test_the_mask_changes_the_output(pixart):
     assert _rel(unmasked_rt, masked_rt) > REL_TOL  # measured: 0.13 (runtime vs simulation: 1e-7)
     no_mask = {k: v for k, v in inputs.items() if k != MASK}  # as the model reads None: every token attended to
     assert torch.equal(rt(**no_mask, return_dict=False)[0], unmasked_rt)
+    with pytest.raises(RuntimeInputError, match="0 \\(padding\\) and 1"):
+        rt(**dict(inputs, **{MASK: inputs[MASK] * 0.5}))
 
 
 def test_diffusers_mask_names_read_as_the_mask_and_bad_masks_are_refused(tmp_path):
