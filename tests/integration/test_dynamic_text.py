@@ -76,6 +76,7 @@ def test_sd3_export_runs_two_text_lengths_as_the_simulation(sd3):
     assert next(t for t in spec.inputs if t.name == "encoder_hidden_states").shape == ["batch", "sequence", TEXT_DIM]
     assert _fused(dynamic) == _fused(static) == 2  # the joint attention still ONNX Runtime's kernel
     assert "text_length_range" not in (static / "dqdeploy_export.json").read_text()  # as before the option existed
+    assert "dynamic      text 3..12 tokens" in run("inspect", dynamic).stdout
     simulation, runtime = load_quantized(result.path), load_runtime(dynamic, "ort")
     for tokens in (SEQ_LEN, 9):
         assert _rel(_generate(runtime, tokens), _generate(simulation, tokens)) < REL_TOL, tokens
