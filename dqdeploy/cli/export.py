@@ -33,6 +33,9 @@ _PATH = click.Path(path_type=Path)
 @click.option("--dynamic-resolution", "dyn_res", metavar="MIN:MAX",
               help="Dynamic latent height and width, each in MIN..MAX (latent pixels, like quantize --resolution; "
                    "multiples of the model's step).")
+@click.option("--dynamic-text-length", "dyn_text", metavar="MIN:MAX",
+              help="Dynamic text length: encoder_hidden_states (and PixArt's text mask) take MIN..MAX tokens, not only "
+                   "the calibration conditioning's count.")
 @click.option("--cpu", type=click.Choice(CPU_CHOICES), default="auto", show_default=True,
               help="ort: CPUs the int8 graph is exact on. vnni: fastest, x86 with VNNI/AMX and ARM64 only; portable: "
                    "every CPU (x86 without VNNI too), slower; auto: this machine's.")
@@ -45,21 +48,18 @@ _PATH = click.Path(path_type=Path)
                    "tokenizers, scheduler, model_index.json (dqdeploy.load_pipeline runs it without PyTorch).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, timing_cache, workspace_gb, triton_repo,
-           dyn_res, cpu, lora_slots, pipeline, overwrite) -> None:
+           dyn_res, dyn_text, cpu, lora_slots, pipeline, overwrite) -> None:
     """Export a quantized artifact SOURCE to a QDQ ONNX graph of one layout and, for --target trt, a TensorRT engine."""
     from ..exporters.export import export as run_export
-    from ..runtimes.dynamic import parse_range
     from ..runtimes.spec import read_spec
 
     lo, opt, hi = batch_profile(batch)
-    try:
-        res_range = None if dyn_res is None else parse_range(dyn_res)
-    except ValueError:
-        raise click.BadParameter(f"{dyn_res!r}: expected MIN:MAX latent sizes with 1 <= MIN <= MAX, e.g. 32:96",
-                                 param_hint="--dynamic-resolution") from None
+    res_range = _range_option(dyn_res, "--dynamic-resolution", "latent sizes", "32:96")
+    text_range = _range_option(dyn_text, "--dynamic-text-length", "text tokens", "64:333")
     run_export(source, out_dir, target=target, fp16=fp16, int4_linear=int4_linear, simplify=not no_simplify,
                overwrite=overwrite, batch=(lo, opt, hi), cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb,
-               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu, lora_slots=lora_slots, pipeline=pipeline)
+               triton_repo=triton_repo, dynamic_resolution=res_range, cpu=cpu, lora_slots=lora_slots, pipeline=pipeline,
+               dynamic_text_length=text_range)
     spec = read_spec(out_dir)
     fmt = f"; int8 format {spec.int8_format}: `dqdeploy inspect` says where it is exact" if spec.int8_format else ""
     click.echo(f"wrote {Path(out_dir) / spec.onnx_file} ({target}{fmt})")
@@ -69,3 +69,14 @@ def export(source, out_dir, target, fp16, int4_linear, no_simplify, batch, cfg, 
         click.echo(f"wrote {Path(triton_repo) / Path(spec.onnx_file).parent.name}")
     if pipeline:
         click.echo(f"wrote the pipeline beside it: {', '.join(spec.pipeline_parts)}, model_index.json")
+
+
+def _range_option(text: str | None, option: str, unit: str, example: str) -> tuple[int, int] | None:
+    """A ``MIN:MAX`` option's value (None when not given), or click's usage error."""
+    from ..runtimes.dynamic import parse_range
+
+    try:
+        return None if text is None else parse_range(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected MIN:MAX {unit} with 1 <= MIN <= MAX, e.g. {example}",
+                                 param_hint=option) from None

@@ -40,7 +40,7 @@ def encode_prompts(model_dir, prompts_file, out_file, negative_prompt, max_seque
     """
     from ..io.paths import check_output_files
     from ..io.prompts import encode, write_conditioning
-    from ..quant.trajectories import read_prompts
+    from ..quant.conditioning import read_prompts
 
     check_output_files({"--out": out_file}, sources=[model_dir, prompts_file], overwrite=overwrite)
     tensors = encode(model_dir, read_prompts(prompts_file), negative_prompt=negative_prompt,

@@ -139,7 +139,7 @@ def quantize(model_dir, out_dir, preset, recipe, scheduler, scheduler_dir, steps
         sys.exit(launch_many(nproc, resume, sys.argv[1:]))
     from ..core.recipe import CalibrationConfig, resolve_recipe
     from ..core.terminal import say
-    from ..quant.trajectories import read_prompts
+    from ..quant.conditioning import read_prompts
     from ..stages.quantize import quantize as run_quantize
 
     chosen = preset_values(click.get_current_context(), preset)

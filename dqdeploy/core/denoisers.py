@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelLoadError
-from .vocab import CONTEXT, SAMPLE, TIMESTEP
+from .vocab import CONTEXT, SAMPLE, TEXT_MASK, TIMESTEP
 
 if TYPE_CHECKING:  # torch is imported where it is used: the export contract (runtimes/spec.py) reads this module
     import torch
@@ -47,14 +47,27 @@ class DenoiserSpec:
     # (config flag, why, hint): a configuration the graphs cannot carry
     unsupported: tuple[str, str, str] = ("", "", "")
     fixed_resolution: str = ""  # why a traced graph cannot take another height/width ("": it can)
+    # inputs of ``inputs`` the graph takes only when the calibration data has them (PixArt's text mask)
+    optional: tuple[str, ...] = ()
+    text_prefix: int = 0  # text tokens before the T5 sequence, whose length is the pipeline's max_sequence_length
+
+    def text_length_call(self, tokens: int) -> str:
+        """How a diffusers pipeline call gets ``tokens`` text tokens (for error hints)."""
+        if not self.is_transformer:
+            return "the text encoder's token count (its tokenizer's model_max_length)"
+        if tokens <= self.text_prefix:
+            return f"at least {self.text_prefix + 1} tokens ({self.text_prefix} before T5's)"
+        return f"max_sequence_length={tokens - self.text_prefix}" + (
+            f" ({self.text_prefix} CLIP tokens + {tokens - self.text_prefix} T5 tokens)" if self.text_prefix else "")
 
     @property
     def is_transformer(self) -> bool:
         return self.sample == HIDDEN
 
     def input_names(self, config: Any) -> list[str]:
-        """The graph inputs of a model with ``config`` (Flux's ``guidance`` only with guidance embeds)."""
-        names = [n for n in self.inputs if n != GUIDANCE or config.get("guidance_embeds")]
+        """The graph inputs a model with ``config`` always takes (Flux's ``guidance`` only with guidance embeds; the
+        ``optional`` ones, present only where the data has them, left out)."""
+        names = [n for n in self.inputs if (n != GUIDANCE or config.get("guidance_embeds")) and n not in self.optional]
         if CONTEXT in names and not conditional(self, config):
             names.remove(CONTEXT)
         return names
@@ -106,10 +119,11 @@ SPECS: dict[str, DenoiserSpec] = {
         DenoiserSpec(
             "SD3Transformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, POOLED, TIMESTEP),
             ("JointTransformerBlock", *_EMBEDDERS), ends=_PATCH_ENDS,
-            conditioning=((CONTEXT, "joint_attention_dim"), (POOLED, "pooled_projection_dim")),
+            conditioning=((CONTEXT, "joint_attention_dim"), (POOLED, "pooled_projection_dim")), text_prefix=77,
         ),
         DenoiserSpec(
-            "PixArtTransformer2DModel", "transformer", HIDDEN, "out_hidden_states", (HIDDEN, CONTEXT, TIMESTEP),
+            "PixArtTransformer2DModel", "transformer", HIDDEN, "out_hidden_states",
+            (HIDDEN, CONTEXT, TEXT_MASK, TIMESTEP),
             ("BasicTransformerBlock", *_EMBEDDERS), ends=_PATCH_ENDS,
             conditioning=((CONTEXT, "caption_channels"),), learns_sigma=True,
             unsupported=("use_additional_conditions",
@@ -119,6 +133,7 @@ SPECS: dict[str, DenoiserSpec] = {
             fixed_resolution="PixArt's patch embedding recomputes its sin-cos position table in Python when the size "
                              "differs from sample_size: a traced graph keeps the table of one size, so a dynamic "
                              "height/width would be silently wrong",
+            optional=(TEXT_MASK,),
         ),
         DenoiserSpec(
             "FluxTransformer2DModel", "transformer", HIDDEN, "out_hidden_states",

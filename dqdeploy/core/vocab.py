@@ -50,4 +50,5 @@ INEXACT: tuple[str, ...] = get_args(Inexact)
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 CONTEXT = "encoder_hidden_states"
+TEXT_MASK = "encoder_attention_mask"  # PixArt: 1 for the text tokens, 0 for padding [B, S]
 

@@ -110,7 +110,8 @@ def profile_shapes(
 
     Symbolic dims: the batch (``cfg`` doubles it), H/W of the image latent (``sample`` or
     ``hidden_states``; ``resolution``, default: the export's ``--dynamic-resolution``) and the sequence
-    length of ``encoder_hidden_states`` (``seq_len``). A fixed dim stays fixed; asking for another value
+    length of ``encoder_hidden_states`` (``seq_len``, default: the export's ``--dynamic-text-length``, opt its MAX).
+    A fixed dim stays fixed; asking for another value
     there is an error (re-export instead). Inputs without a batch axis (Flux's position ids) must be fixed.
     An export with LoRA slots adds each slot's ``down``/``up`` inputs, their rank dim over ``lora_rank`` (the
     ranks of the adapters fed at once, added up; a slot without an adapter takes rank 1).
@@ -129,6 +130,8 @@ def profile_shapes(
     if CONTEXT in inputs:
         ctx = inputs[CONTEXT].shape
         if len(ctx) == 3 and isinstance(ctx[1], str):
+            if seq_len is None and spec.text_length_range:  # a --dynamic-text-length export: its range
+                seq_len = (spec.text_length_range[0], spec.text_length_range[1], spec.text_length_range[1])
             if seq_len is None:
                 raise ExportError(f"the graph's encoder_hidden_states sequence length is dynamic ({ctx[1]!r})",
                                   hint="pass seq_len=77 (or (min, opt, max))")

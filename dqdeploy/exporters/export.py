@@ -29,6 +29,7 @@ from ..io.atomic import atomic_dir, check_target
 from ..io.folders import detect
 from ..io.models import denoiser_class_name, load_model, portable_config
 from ..io.paths import check_output_dir, check_output_file
+from ..runtimes.dynamic import DynamicAxes, range_arg
 from ..runtimes.spec import ExportSpec, model_folder
 from ..runtimes.targets import TargetSpec, layout_of, target_spec
 from ..system.cpu import cpu_info, exact_on, s8_exact_anywhere
@@ -46,6 +47,7 @@ from .qdq import SurgeryOptions, insert_qdq, int4_linear_layers
 from .triton import is_triton_model, write_triton_repo
 
 log = logging.getLogger(__name__)
+TEXT = "dynamic_text_length"
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16 (FLOAT is 1)
 SCRATCH = ".float-graph"  # inside the atomic output folder; removed before it is renamed into place
 
@@ -68,7 +70,7 @@ def export(
     dynamic_resolution: tuple[int, int] | None = None,
     cpu: CpuChoice = "auto",
     lora_slots: str | Path | None = None,
-    pipeline: str | Path | None = None,
+    pipeline: str | Path | None = None, dynamic_text_length: tuple[int, int] | None = None,
 ) -> Path:
     """Export ``source`` to ``out_dir`` for ``target`` (``onnx``, ``ort``, ``trt`` or ``float``); ``pipeline``: a
     diffusers pipeline folder whose other parts are written beside the denoiser (:mod:`.pipeline`).
@@ -82,8 +84,9 @@ def export(
     ``portable`` where it lacks VNNI, else ``vnni``). Recorded in the spec; runtimes refuse a graph that is
     not exact on their CPU (:mod:`dqdeploy.system.cpu`).
 
-    ``dynamic_resolution=(MIN, MAX)``: the latent height and width are dynamic, each a multiple of
-    the model's step in ``[MIN, MAX]`` (:mod:`.dynamic`); ``trt`` profiles that range.
+    ``dynamic_resolution=(MIN, MAX)``: dynamic latent height and width, multiples of the model's step in [MIN, MAX];
+    ``dynamic_text_length=(MIN, MAX)``: dynamic text tokens (by default only the calibration conditioning's count);
+    :mod:`.dynamic`. ``trt`` profiles both ranges.
 
     ``trt`` writes the FP16 TensorRT-layout graph (:func:`trt_graph`), then builds ``unet/model.plan``
     (``transformer/model.plan``) with the batch profile ``batch`` (doubled by ``cfg``); it needs TensorRT
@@ -93,19 +96,19 @@ def export(
     """
     source, out_dir = as_path(source, "source", "export"), as_path(out_dir, "out_dir", "export")
     pipeline = None if pipeline is None else as_path(pipeline, "pipeline", "export")
-    dynamic_resolution = _resolution_range(dynamic_resolution)
+    dynamic = {"dynamic_resolution": _resolution_range(dynamic_resolution),
+               TEXT: range_arg(dynamic_text_length, TEXT, "text tokens", "(64, 333)")}
     spec = target_spec(target)
     if spec.engine:
         require_tensorrt()  # fail fast, before anything else
         _check_request(source, spec.graph, fp16, cpu)
-    _check_outputs(source, out_dir, overwrite, triton_repo, timing_cache, pipeline)  # before any work
+    _check_outputs(source, out_dir, overwrite, triton_repo, timing_cache, pipeline, text_range=dynamic[TEXT])
     if not spec.engine:
         export_graph(source, out_dir, target=spec.graph, fp16=fp16, int4_linear=int4_linear, simplify=simplify,
-                     overwrite=overwrite, dynamic_resolution=dynamic_resolution, cpu=cpu, lora_slots=lora_slots,
-                     pipeline=pipeline)
+                     overwrite=overwrite, cpu=cpu, lora_slots=lora_slots, pipeline=pipeline, **dynamic)
     else:
         trt_graph(source, out_dir, int4_linear=int4_linear, simplify=simplify, overwrite=overwrite,
-                  dynamic_resolution=dynamic_resolution, lora_slots=lora_slots, pipeline=pipeline)
+                  lora_slots=lora_slots, pipeline=pipeline, **dynamic)
         build_engine(out_dir, batch=batch, cfg=cfg, timing_cache=timing_cache, workspace_gb=workspace_gb)
     if triton_repo is not None:  # the engine for trt; the ONNX graph (ONNX Runtime backend) for the other targets
         write_triton_repo(out_dir, triton_repo)
@@ -114,7 +117,8 @@ def export(
 
 def _check_outputs(source: str | Path, out_dir: str | Path, overwrite: bool, triton_repo: str | Path | None = None,
                    timing_cache: str | Path | None = None, pipeline: str | Path | None = None,
-                   lora_slots: str | Path | None = None) -> PipelinePlan | None:
+                   lora_slots: str | Path | None = None, text_range: tuple[int, int] | None = None
+                   ) -> PipelinePlan | None:
     """Before any work, refuse outputs that may not be written (the inputs, ``source`` and ``pipeline``, are never
     replaced) and options that do not fit ``source``; returns the checked pipeline folder (None without one)."""
     check_target(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline))
@@ -124,7 +128,7 @@ def _check_outputs(source: str | Path, out_dir: str | Path, overwrite: bool, tri
         check_output_file(timing_cache, "--timing-cache", sources=[source])
     if lora_slots is not None and detect(source) != "quantized":
         raise ExportError("--lora-slots needs a quantized artifact", hint="quantize the model first")
-    return None if pipeline is None else plan_for(source, pipeline)
+    return None if pipeline is None else plan_for(source, pipeline, text_range)
 
 
 def _sources(source: str | Path, pipeline: str | Path | None) -> list[str | Path]:
@@ -151,13 +155,14 @@ def trt_graph(
     dynamic_resolution: tuple[int, int] | None = None,
     lora_slots: str | Path | None = None,
     pipeline: str | Path | None = None,
+    dynamic_text_length: tuple[int, int] | None = None,
 ) -> Path:
     """The graph step of ``--target trt``, which needs no TensorRT: the FP16 TensorRT-layout graph that
     :func:`~.engine.build_engine` builds from (``export_graph(target="onnx", fp16=True)``, checked against
     TensorRT's rules on the way). :func:`export` runs it, then the engine build."""
     return export_graph(source, out_dir, target="onnx", fp16=True, int4_linear=int4_linear, simplify=simplify,
                         overwrite=overwrite, dynamic_resolution=dynamic_resolution, lora_slots=lora_slots,
-                        pipeline=pipeline)
+                        pipeline=pipeline, dynamic_text_length=dynamic_text_length)
 
 
 def export_graph(
@@ -172,25 +177,26 @@ def export_graph(
     dynamic_resolution: tuple[int, int] | None = None,
     cpu: CpuChoice = "auto",
     lora_slots: str | Path | None = None,
-    pipeline: str | Path | None = None,
+    pipeline: str | Path | None = None, dynamic_text_length: tuple[int, int] | None = None,
 ) -> Path:
     """The ONNX graph of an artifact (``onnx``/``ort``) or any model folder (``float``) [, and ``pipeline``'s parts]."""
     spec = _check_request(source, target, fp16, cpu)
     int8_format = resolve_format(cpu) if spec.cpu_format else None
-    plan = _check_outputs(source, out_dir, overwrite, pipeline=pipeline, lora_slots=lora_slots)  # before any work
+    dynamic = DynamicAxes(dynamic_resolution, dynamic_text_length)
+    plan = _check_outputs(source, out_dir, overwrite, pipeline=pipeline, lora_slots=lora_slots,
+                          text_range=dynamic.text_length)  # before any work
     if detect(source) == "fp":
-        return _export_fp(source, out_dir, fp16, overwrite, dynamic_resolution, plan)
+        return _export_fp(source, out_dir, fp16, overwrite, dynamic, plan)
     manifest = read_manifest(source)
-    recipe = manifest.recipe
     if spec.quantized:
-        _check_deployable(recipe)
+        _check_deployable(manifest.recipe)
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=_sources(source, pipeline)) as folder:
         scratch = folder / SCRATCH  # the float graph's weights: on the output's disk, swept if the run dies
-        canvas, parts = _prepare(source, manifest, recipe, target, fp16)
+        canvas, parts = _prepare(source, manifest, manifest.recipe, target, fp16)
         int4_layers = int4_linear_layers(parts.layers, parts.ranks) if int4_linear else []
         opset = 21 if int4_layers else 20
         slots = None if lora_slots is None else plan_slots(canvas, parts.layers, lora_slots)
-        graph = _float_graph(canvas, parts.example, scratch, opset, dynamic_resolution)
+        graph = _float_graph(canvas, parts.example, scratch, opset, dynamic)
         del canvas
         entries = [] if slots is None else add_lora_slots(graph, slots, SurgeryOptions().scope_prefix,
                                                           FLOAT16 if fp16 else 1)
@@ -214,7 +220,7 @@ def export_graph(
         graph = _finish_graph(graph, target, simplify, int8_attention)
         with stage(PROGRESS, "write the graph"):
             _write(graph, folder, _spec(
-                graph, target, fp16, opset, dynamic_resolution, model_class=manifest.model_class,
+                graph, target, fp16, opset, dynamic, model_class=manifest.model_class,
                 model_config=manifest.model_config, timesteps=manifest.timesteps, recipe=manifest.recipe,
                 scheduler_config=manifest.scheduler_config, source=manifest.integrity, int8_format=int8_format,
                 lora_slots=entries), plan)
@@ -231,20 +237,7 @@ def _write(graph: Any, folder: Path, spec: ExportSpec, plan: PipelinePlan | None
 
 def _resolution_range(value: Any) -> tuple[int, int] | None:
     """``dynamic_resolution`` as ``(MIN, MAX)``: a pair of ints or a ``"MIN:MAX"`` string."""
-    from ..runtimes.dynamic import parse_range
-
-    if value is None:
-        return None
-    try:
-        if isinstance(value, str):
-            return parse_range(value)
-        lo, hi = value
-        if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
-            raise ValueError
-        return parse_range(f"{lo}:{hi}")
-    except (ValueError, TypeError):
-        raise ExportError(f"dynamic_resolution={value!r}: expected (MIN, MAX) or 'MIN:MAX' latent sizes "
-                          "with 1 <= MIN <= MAX", hint="e.g. dynamic_resolution=(32, 96)") from None
+    return range_arg(value, "dynamic_resolution", "latent sizes", "(32, 96)")
 
 
 def resolve_format(cpu: str) -> Int8Format:
@@ -324,11 +317,11 @@ def _prepare(source: str | Path, manifest: Manifest, recipe: Recipe, target: Gra
 
 
 def _float_graph(denoiser: torch.nn.Module, example: DenoiserInputs, scratch: Path, opset: int = 20,
-                 resolution_range: tuple[int, int] | None = None) -> Any:
+                 dynamic: DynamicAxes = DynamicAxes()) -> Any:
     """The float ONNX graph, its large weights left in ``scratch`` (which must outlive it)."""
     with stage(PROGRESS, "float ONNX export"):
         return export_float_onnx(denoiser, scratch / "float.onnx", inputs=example, opset=opset, large_external=True,
-                                 resolution_range=resolution_range)
+                                 resolution_range=dynamic.resolution, text_length_range=dynamic.text_length)
 
 
 def _finish_graph(graph: Any, target: GraphTarget, simplify: bool, int8_attention: bool = False) -> Any:
@@ -360,24 +353,27 @@ def _finish_graph(graph: Any, target: GraphTarget, simplify: bool, int8_attentio
     return graph
 
 
-def _spec(graph: Any, target: GraphTarget, fp16: bool, opset: int, resolution_range: tuple[int, int] | None,
-          **fields: Any) -> ExportSpec:
+def _spec(graph: Any, target: GraphTarget, fp16: bool, opset: int, dynamic: DynamicAxes, **fields: Any) -> ExportSpec:
     """The spec of ``graph`` (its I/O read from the graph); ``fields``: what the source adds (model, recipe...)."""
     inputs, outputs = tensor_specs(graph)
+
+    def listed(value: tuple[int, int] | None) -> list[int] | None:
+        return None if value is None else list(value)
+
     return ExportSpec(target=target, precision="fp16" if fp16 else "fp32", opset=opset, inputs=inputs,
-                      outputs=outputs, versions=versions(),
-                      resolution_range=None if resolution_range is None else list(resolution_range), **fields)
+                      outputs=outputs, versions=versions(), resolution_range=listed(dynamic.resolution),
+                      text_length_range=listed(dynamic.text_length), **fields)
 
 
-def _export_fp(source: str | Path, out_dir: str | Path, fp16: bool, overwrite: bool,
-               dynamic_resolution: tuple[int, int] | None, plan: PipelinePlan | None) -> Path:
+def _export_fp(source: str | Path, out_dir: str | Path, fp16: bool, overwrite: bool, dynamic: DynamicAxes,
+               plan: PipelinePlan | None) -> Path:
     sources = _sources(source, None if plan is None else plan.model_dir)
     with atomic_dir(out_dir, overwrite=overwrite, kind="export", sources=sources) as folder:
         loaded = load_model(source)
         example = example_inputs(loaded.denoiser, seq_len=None if plan is None else plan.text_length)
         denoiser = loaded.denoiser.half() if fp16 else loaded.denoiser
-        graph = _float_graph(denoiser, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic_resolution)
-        spec = _spec(graph, "float", fp16, 20, dynamic_resolution, model_class=type(denoiser).__name__,
+        graph = _float_graph(denoiser, example.half() if fp16 else example, folder / SCRATCH, 20, dynamic)
+        spec = _spec(graph, "float", fp16, 20, dynamic, model_class=type(denoiser).__name__,
                      model_config=portable_config(denoiser), scheduler_config=loaded.scheduler_config)
         del loaded, denoiser
         check_graph(graph)

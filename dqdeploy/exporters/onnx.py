@@ -2,9 +2,11 @@
 
 UNets: inputs ``sample`` [B, C, H, W], ``timestep`` [B] (float32) and, for conditional UNets,
 ``encoder_hidden_states`` [B, S, D]; output ``out_sample``. Diffusion transformers: ``hidden_states``,
-``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``,
-``txt_ids`` (no batch axis), ``guidance``] -> ``out_hidden_states`` (:mod:`dqdeploy.core.denoisers`).
-The batch axis is dynamic (the latent height and width too with ``resolution_range``). Q/DQ nodes are
+``encoder_hidden_states``, [PixArt: ``encoder_attention_mask`` [B, S] where the calibration data has it,]
+``pooled_projections`` (SD3, Flux), ``timestep`` [, ``img_ids``, ``txt_ids`` (no batch axis), ``guidance``] ->
+``out_hidden_states`` (:mod:`dqdeploy.core.denoisers`).
+The batch axis is dynamic (the latent height and width too with ``resolution_range``, the text length with
+``text_length_range``). Q/DQ nodes are
 added afterwards by graph surgery (:mod:`dqdeploy.exporters.qdq`), never by the exporter.
 """
 
@@ -21,7 +23,7 @@ from ..core.denoisers import GUIDANCE, POOLED, conditioning_dims, latent_shape, 
 from ..core.errors import ExportError, require
 from ..core.inputs import CONTEXT, DenoiserInputs
 from ..core.sampling import shared_inputs
-from ..runtimes.dynamic import sample_axes
+from ..runtimes.dynamic import sample_axes, text_axes
 from .external import LOAD_BELOW, is_external, load_graph
 from .graph_index import skeleton
 
@@ -42,11 +44,21 @@ class _DenoiserGraph(torch.nn.Module):
         self.unet = denoiser
 
     def forward(self, sample=None, hidden_states=None, encoder_hidden_states=None, pooled_projections=None,
-                timestep=None, img_ids=None, txt_ids=None, guidance=None):  # noqa: D401
+                timestep=None, img_ids=None, txt_ids=None, guidance=None, encoder_attention_mask=None):  # noqa: D401
         given = dict(sample=sample, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                      pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
-                     guidance=guidance)
+                     guidance=guidance, encoder_attention_mask=encoder_attention_mask)
+        if encoder_attention_mask is not None:
+            _same_batch(hidden_states, encoder_hidden_states, encoder_attention_mask)
         return self.unet(**{k: v for k, v in given.items() if v is not None}, return_dict=False)[0]
+
+
+def _same_batch(first: torch.Tensor, *others: torch.Tensor) -> None:
+    """Tell the tracer that the inputs share one batch size. The exporter traces size-obliviously, each input with
+    its own batch symbol; PixArt reshapes the text with ``view(batch, -1, width)`` and its attention views the mask
+    with ``-1``, so without this the mask's broadcast axis is an unknown quotient and the trace fails."""
+    for other in others:
+        torch._check(other.shape[0] == first.shape[0])
 
 
 def drop_noop_squeezes(model: Any) -> int:
@@ -98,15 +110,21 @@ def example_inputs(denoiser: torch.nn.Module, batch: int = 2, seq_len: int | Non
 
 
 def _dynamic_shapes(denoiser: torch.nn.Module, inputs: DenoiserInputs, names: list[str],
-                    resolution_range: tuple[int, int] | None) -> dict[str, Any]:
-    """torch.export dims per input: the batch (not for shared inputs), and the latent H/W on request."""
+                    resolution_range: tuple[int, int] | None, text_length_range: tuple[int, int] | None = None
+                    ) -> dict[str, Any]:
+    """torch.export dims per input: the batch (not for shared inputs), the latent H/W and the text length on
+    request."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic: dict[str, Any] = {name: (None if name in inputs.shared else {0: batch}) for name in names}
+    spec = spec_of(denoiser, fallback="UNet2DConditionModel")
     if resolution_range is not None:
         size = (int(inputs.sample.shape[-2]), int(inputs.sample.shape[-1]))
-        spec = spec_of(denoiser, fallback="UNet2DConditionModel")
         dynamic[inputs.sample_name] = {0: batch} | sample_axes(spec, cast(Any, denoiser).config, size,
                                                                *resolution_range)
+    if text_length_range is not None:
+        length = int(inputs.context.shape[1]) if inputs.context is not None else 0
+        for name, axes in text_axes(spec, names, length, *text_length_range).items():
+            dynamic[name] = {0: batch} | axes
     return dynamic
 
 
@@ -145,12 +163,14 @@ def export_float_onnx(
     opset: int = 20,
     large_external: bool = False,
     resolution_range: tuple[int, int] | None = None,
+    text_length_range: tuple[int, int] | None = None,
 ) -> Any:
     """Export ``denoiser`` (a diffusers UNet or diffusion transformer, or any module with one of their
     call signatures) to a float ONNX model; the graph inputs are ``inputs``' names in the order of
     the model's :class:`~dqdeploy.core.denoisers.DenoiserSpec` (optimum's).
 
-    ``resolution_range`` = (MIN, MAX) makes the latent height and width dynamic (:mod:`.dynamic`).
+    ``resolution_range`` = (MIN, MAX) makes the latent height and width dynamic, ``text_length_range`` the text
+    tokens (:mod:`.dynamic`).
     Returns the model read back from ``path``: every tensor in memory, or with ``large_external``
     only those under :data:`~.external.LOAD_BELOW` bytes (the weights then stay in ``path``'s data
     file, which must outlive the model: :func:`~.external.write_graph` copies them from there).
@@ -160,7 +180,7 @@ def export_float_onnx(
     spec = spec_of(denoiser, fallback="UNet2DConditionModel")  # other modules: the UNet call signature
     given = inputs.kwargs()
     feeds = {n: given[n] for n in spec.inputs if n in given} | given  # optimum's order first
-    dynamic = _dynamic_shapes(denoiser, inputs, list(feeds), resolution_range)
+    dynamic = _dynamic_shapes(denoiser, inputs, list(feeds), resolution_range, text_length_range)
     export_module(_DenoiserGraph(denoiser), path, inputs=feeds, outputs=[spec.output], dynamic=dynamic, opset=opset,
                   what=type(denoiser).__name__, hint="check that the model runs in eval mode on the example inputs")
     model = load_graph(path, load_below=LOAD_BELOW if large_external else None)

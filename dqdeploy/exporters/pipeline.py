@@ -71,17 +71,22 @@ class PipelinePlan:
         """The conditioning length the pipeline's text encoders make (with diffusers' default T5 length)."""
         return None if self.clip_length is None else self.clip_length + (self.t5_length or 0)
 
-    def check_length(self, found: int, where: str) -> None:
-        """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoders cannot make them."""
-        t5 = self.t5_length is not None
-        if self.clip_length is None or (found > self.clip_length if t5 else found == self.clip_length):
+    def check_length(self, found: int, where: str, text_range: tuple[int, int] | None = None) -> None:
+        """Refuse a denoiser whose conditioning has ``found`` tokens where the text encoders cannot make them (with
+        ``text_range``, the graph's ``--dynamic-text-length``: where they make no count in it)."""
+        if self.clip_length is None:
             return
-        makes = (f"text encoders make {self.clip_length} CLIP tokens followed by T5's" if t5
-                 else f"text encoder makes {self.clip_length} tokens")
+        clip, t5 = self.clip_length, self.t5_length is not None
+        lo, hi = (found, found) if text_range is None else text_range
+        if (hi > clip) if t5 else (lo <= clip <= hi):  # T5 makes any length after CLIP's tokens
+            return
+        makes = (f"text encoders make {clip} CLIP tokens followed by T5's" if t5
+                 else f"text encoder makes {clip} tokens")
+        dynamic = "" if t5 else f"export with --dynamic-text-length {min(found, clip)}:{max(found, clip)}, or "
         raise PipelineError(f"{where} has {found}-token conditioning; {self.model_dir}'s {makes}, so the exported "
                             "pipeline could not run it",
-                            hint="quantize with --prompts (encoded by the folder's own text encoders), or with a "
-                                 f"--cond file of {self.text_length}-token embeddings")
+                            hint=f"{dynamic}quantize with --prompts (encoded by the folder's own text encoders), or "
+                                 f"with a --cond file of {self.text_length}-token embeddings")
 
 
 def _entries(index: dict[str, Any]) -> dict[str, str]:
@@ -133,8 +138,9 @@ def plan_pipeline(model_dir: str | Path, model_class: str, model_config: dict[st
     return PipelinePlan(model_dir, index, denoiser, components, clip, family.t5_length)
 
 
-def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
-    """:func:`plan_pipeline` for the denoiser of ``source`` (a quantized artifact or a diffusers folder)."""
+def plan_for(source: str | Path, pipeline: str | Path, text_range: tuple[int, int] | None = None) -> PipelinePlan:
+    """:func:`plan_pipeline` for the denoiser of ``source`` (a quantized artifact or a diffusers folder);
+    ``text_range``: the text lengths the graph will take besides its calibration's (``--dynamic-text-length``)."""
     if detect(source) == "fp":
         config = denoiser_config(source)
         return plan_pipeline(pipeline, str(config.get("_class_name")), config)
@@ -142,7 +148,7 @@ def plan_for(source: str | Path, pipeline: str | Path) -> PipelinePlan:
     plan = plan_pipeline(pipeline, manifest.model_class, manifest.model_config)
     context = load_calibration_inputs(source).get(CONTEXT)
     if context is not None:
-        plan.check_length(int(context.shape[1]), f"the artifact {source} (its calibration inputs)")
+        plan.check_length(int(context.shape[1]), f"the artifact {source} (its calibration inputs)", text_range)
     return plan
 
 

@@ -4,8 +4,10 @@ The folder's pipeline class (``model_index.json``) is loaded without its denoise
 ``encode_prompt`` encodes the prompts, so every family gets exactly what its diffusers pipeline would feed the
 denoiser: Stable Diffusion (CLIP), SD3 (two CLIPs and T5), PixArt (T5) and Flux (CLIP and T5). The result uses
 the names of a ``--cond`` file (:mod:`dqdeploy.quant.trajectories`): ``encoder_hidden_states`` [P, S, D],
-``pooled_projections`` [P, D2] (SD3, Flux) and, for families with classifier-free guidance, the negative prompt's
-``uncond_encoder_hidden_states`` [1, S, D] / ``uncond_pooled_projections`` [1, D2].
+``pooled_projections`` [P, D2] (SD3, Flux), PixArt's text attention mask ``encoder_attention_mask`` [P, S] (its
+pipeline masks T5's padding) and, for families with classifier-free guidance, the negative prompt's
+``uncond_encoder_hidden_states`` [1, S, D] / ``uncond_pooled_projections`` [1, D2] / ``uncond_encoder_attention_mask``
+[1, S].
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 import torch
 
 from ..core.errors import ModelLoadError, require
-from ..quant.trajectories import COND_KEY as COND
-from ..quant.trajectories import POOLED_KEY as POOLED
-from ..quant.trajectories import UNCOND_KEY as UNCOND
-from ..quant.trajectories import UNCOND_POOLED_KEY as UNCOND_POOLED
+from ..quant.conditioning import COND_KEY as COND
+from ..quant.conditioning import MASK_KEY as MASK
+from ..quant.conditioning import POOLED_KEY as POOLED
+from ..quant.conditioning import UNCOND_KEY as UNCOND
+from ..quant.conditioning import UNCOND_MASK_KEY as UNCOND_MASK
+from ..quant.conditioning import UNCOND_POOLED_KEY as UNCOND_POOLED
 
 CONDITIONING_FORMAT = "dqdeploy-conditioning"  # the metadata of the files write_conditioning writes
 
@@ -43,9 +47,9 @@ def _sd3(pipe, prompts: list[str], negative: str, length: int | None) -> dict[st
 
 def _pixart(pipe, prompts: list[str], negative: str, length: int | None) -> dict[str, torch.Tensor]:
     extra = {} if length is None else {"max_sequence_length": length}
-    cond, _, uncond, _ = pipe.encode_prompt(prompts, True, negative_prompt=negative, device=torch.device("cpu"),
-                                            clean_caption=False, **extra)
-    return {COND: cond, UNCOND: uncond[:1]}
+    cond, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, True, negative_prompt=negative,
+                                                         device=torch.device("cpu"), clean_caption=False, **extra)
+    return {COND: cond, UNCOND: uncond[:1], MASK: mask, UNCOND_MASK: uncond_mask[:1]}  # the T5 padding mask too
 
 
 def _flux(pipe, prompts: list[str], negative: str, length: int | None) -> dict[str, torch.Tensor]:
@@ -135,7 +139,7 @@ def prompts_file_as_cond(prompts_file: str | Path | None, cond_file: str | Path 
                          folder: str | Path | None) -> Iterator[Path | None]:
     """The ``--cond`` file a sampling command uses: ``cond_file``, or ``prompts_file`` encoded by the text encoders of
     the pipeline ``folder`` into a temporary file (removed on exit)."""
-    from ..quant.trajectories import read_prompts
+    from ..quant.conditioning import read_prompts
     from .atomic import own_tempdir
 
     if prompts_file is None:

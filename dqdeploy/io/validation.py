@@ -267,10 +267,11 @@ def check_spec(data: dict[str, Any], where: Path, allowed_keys: set[str]) -> Non
     if data.get("scheduler_config") is not None:
         check_config(p, "scheduler_config", data["scheduler_config"])
     check_timesteps(p, data.get("timesteps", []), allow_empty=data["target"] == "float")
-    rr = data.get("resolution_range")
-    p.require(rr is None or (isinstance(rr, list) and len(rr) == 2 and all(is_int(v) and v > 0 for v in rr)
-                             and rr[0] <= rr[1]),
-              f"resolution_range {rr!r} (expected [MIN, MAX] latent pixels)")
+    for key, unit in (("resolution_range", "latent pixels"), ("text_length_range", "text tokens")):
+        rr = data.get(key)
+        p.require(rr is None or (isinstance(rr, list) and len(rr) == 2 and all(is_int(v) and v > 0 for v in rr)
+                                 and rr[0] <= rr[1]),
+                  f"{key} {rr!r} (expected [MIN, MAX] {unit})")
     fmt = data.get("int8_format")
     p.require(fmt is None or (fmt in INT8_FORMATS and data["target"] == "ort"),
               f"int8_format {fmt!r} (expected one of {INT8_FORMATS}, on an ort-target graph only)")

@@ -13,7 +13,6 @@ import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -24,148 +23,22 @@ from ..core.recipe import CalibrationConfig
 from ..core.sampling import advance, denoise, model_tokens, set_timesteps, shared_inputs
 from ..system import distributed
 from ..system.progress import Progress
-
-COND_KEY = CONTEXT
-UNCOND_KEY = "uncond_encoder_hidden_states"
-POOLED_KEY = "pooled_projections"
-UNCOND_POOLED_KEY = "uncond_pooled_projections"
-# what diffusers' encode_prompt calls the same tensors (accepted in a --cond file)
-ALIASES = {"prompt_embeds": COND_KEY, "negative_prompt_embeds": UNCOND_KEY, "pooled_prompt_embeds": POOLED_KEY,
-           "negative_pooled_prompt_embeds": UNCOND_POOLED_KEY}
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning for calibration: ``cond`` [P, S, D] and, for SD3/Flux, ``pooled`` [P, D2];
-    optional unconditional rows ``uncond`` [1, S, D] / ``uncond_pooled`` [1, D2]."""
-
-    cond: torch.Tensor
-    uncond: torch.Tensor | None = None
-    pooled: torch.Tensor | None = None
-    uncond_pooled: torch.Tensor | None = None
-
-    def for_batch(self, first: int, n: int) -> dict[str, torch.Tensor]:
-        """Conditioning keywords of trajectories ``first .. first + n - 1`` (rows used round-robin)."""
-        idx = torch.arange(first, first + n) % self.cond.shape[0]
-        out = {COND_KEY: self.cond[idx]}
-        if self.pooled is not None:
-            out[POOLED_KEY] = self.pooled[idx]
-        return out
-
-    def unconditional(self) -> dict[str, torch.Tensor] | None:
-        """The unconditional keywords ([1, ...]), or None without ``uncond``."""
-        if self.uncond is None:
-            return None
-        out = {COND_KEY: self.uncond}
-        if self.pooled is not None:
-            if self.uncond_pooled is None:
-                raise CalibrationError(
-                    f"the conditioning has {POOLED_KEY} and {UNCOND_KEY} but no {UNCOND_POOLED_KEY}",
-                    hint=f"add {UNCOND_POOLED_KEY} [1, D2] (the pooled embedding of the empty prompt)",
-                )
-            out[POOLED_KEY] = self.uncond_pooled
-        return out
-
-
-def _check_rows(path: Path, name: str, tensor: torch.Tensor | None, rank: int, width: int | None = None) -> None:
-    if tensor is None:
-        return
-    dims = "[P, S, D]" if rank == 3 else "[P, D2]"
-    if tensor.dim() != rank or (width is not None and tensor.shape[-1] != width) or tensor.numel() == 0:
-        raise CalibrationError(f"{path}: {name} must be {dims} (rank {rank}) with P, S, D >= 1, "
-                               f"found shape {tuple(tensor.shape)}",
-                               hint="save one row per prompt; the unconditional entries hold one row")
-    if name.startswith("uncond") and tensor.shape[0] != 1:
-        raise CalibrationError(f"{path}: {name} must hold one row, found shape {tuple(tensor.shape)}",
-                               hint="save the empty prompt's embeddings as [1, ...]")
-    if not tensor.is_floating_point():
-        raise CalibrationError(f"{path}: {name} has dtype {tensor.dtype}; expected floating-point embeddings",
-                               hint="save the text encoder's float output, not token ids or masks")
-    if not torch.isfinite(tensor).all():
-        raise CalibrationError(f"{path}: {name} holds NaN or Inf values", hint="recompute the embeddings")
-
-
-def _renamed(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` with diffusers' ``encode_prompt`` names (``prompt_embeds``, ``negative_prompt_embeds``,
-    ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``) renamed to this file's; the negative rows, one per
-    prompt in diffusers, must all be one negative prompt's, and one row of it is kept."""
-    out = dict(tensors)
-    for alias, name in ALIASES.items():
-        if alias not in tensors:
-            continue
-        if name in tensors:
-            raise CalibrationError(f"{path} has both {alias!r} and {name!r}", hint="keep one of the two names")
-        value = out.pop(alias)
-        if name.startswith("uncond") and value.dim() >= 1 and value.shape[0] > 1:
-            if not torch.equal(value, value[:1].expand_as(value)):
-                raise CalibrationError(f"{path}: the {value.shape[0]} rows of {alias} differ; dqdeploy guides with "
-                                       "one negative prompt",
-                                       hint=f"save one negative prompt's embeddings as {alias} [1, ...]")
-            value = value[:1]
-        out[name] = value
-    return out
-
-
-def load_conditioning(path: str | Path) -> Conditioning:
-    """Read ``--cond FILE.safetensors``: ``encoder_hidden_states`` [P, S, D] (required),
-    ``pooled_projections`` [P, D2] (SD3 and Flux), and optionally ``uncond_encoder_hidden_states``
-    [1, S, D] / ``uncond_pooled_projections`` [1, D2] (enable classifier-free guidance). diffusers'
-    ``encode_prompt`` names are accepted for the same tensors (``prompt_embeds``, ``negative_prompt_embeds``,
-    ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"conditioning file {path} not found")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CalibrationError(f"{path} is not a readable safetensors file: {exc}") from None
-    return conditioning_from(tensors, path)
-
-
-def conditioning_from(tensors: dict[str, torch.Tensor], path: str | Path) -> Conditioning:
-    """:class:`Conditioning` from named tensors (a ``--cond`` file's, or :func:`dqdeploy.io.prompts.encode`'s),
-    checked; ``path`` names their source in errors."""
-    path = Path(path)
-    tensors = _renamed(path, tensors)
-    if COND_KEY not in tensors:
-        raise CalibrationError(
-            f"{path} has keys {sorted(tensors)}; expected {COND_KEY!r} [P, S, D]",
-            hint=f"save prompt embeddings under {COND_KEY!r} (and optionally {UNCOND_KEY!r})",
-        )
-    cond = tensors[COND_KEY]
-    uncond, pooled, uncond_pooled = (tensors.get(k) for k in (UNCOND_KEY, POOLED_KEY, UNCOND_POOLED_KEY))
-    _check_rows(path, COND_KEY, cond, 3)
-    _check_rows(path, UNCOND_KEY, uncond, 3)
-    if uncond is not None and uncond.shape[-2:] != cond.shape[-2:]:
-        raise CalibrationError(f"{path}: {UNCOND_KEY} {tuple(uncond.shape)} must match "
-                               f"{COND_KEY} {tuple(cond.shape)} in [S, D]")
-    _check_rows(path, POOLED_KEY, pooled, 2)
-    _check_rows(path, UNCOND_POOLED_KEY, uncond_pooled, 2, None if pooled is None else pooled.shape[-1])
-    if pooled is not None and pooled.shape[0] != cond.shape[0]:
-        raise CalibrationError(f"{path}: {POOLED_KEY} has {pooled.shape[0]} rows, {COND_KEY} {cond.shape[0]}",
-                               hint="one pooled row per prompt")
-
-    def first(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[:1].float()
-
-    return Conditioning(cond.float(), first(uncond), None if pooled is None else pooled.float(), first(uncond_pooled))
-
-
-def check_guidance(conditioning: Conditioning | None, guidance: float, denoiser, source: str | Path | None = None
-                   ) -> None:
-    """Refuse classifier-free guidance (``guidance != 1``) without unconditional embeddings, which would
-    otherwise be ignored in silence; Flux's guidance is an input of the model and needs none."""
-    if conditioning is None or guidance == 1.0 or conditioning.uncond is not None:
-        return
-    if GUIDANCE in spec_of(denoiser).input_names(denoiser.config):
-        return
-    raise CalibrationError(
-        f"--guidance {guidance:g} asks for classifier-free guidance, which needs the unconditional (empty prompt) "
-        f"embeddings; {source or 'the conditioning'} has no {UNCOND_KEY!r}",
-        hint=f"add {UNCOND_KEY!r} [1, S, D] (SD3: and {UNCOND_POOLED_KEY!r} [1, D2]) to the --cond file, "
-             "or use --guidance 1 (no guidance)")
+from .conditioning import (  # noqa: F401  (the conditioning file's names and readers, re-exported where they lived)
+    ALIASES,
+    COND_KEY,
+    MASK_KEY,
+    POOLED_KEY,
+    UNCOND_KEY,
+    UNCOND_MASK_KEY,
+    UNCOND_POOLED_KEY,
+    Conditioning,
+    check_conditioning,
+    check_guidance,
+    check_text_mask,
+    conditioning_from,
+    load_conditioning,
+    read_prompts,
+)
 
 
 @dataclass
@@ -247,7 +120,7 @@ def collect(
     spec = spec_of(denoiser)
     guidance = config.guidance if guidance is None else guidance
     embedded = GUIDANCE in spec.input_names(denoiser.config)  # Flux: guidance is an input, not CFG
-    check_guidance(conditioning, guidance, denoiser)
+    check_conditioning(conditioning, guidance, denoiser)
     uncond = None if conditioning is None else conditioning.unconditional()
     cfg_on = uncond is not None and guidance != 1.0 and not embedded
     per_pair = 2 if cfg_on else 1
@@ -326,29 +199,6 @@ def _chunk(denoiser, scheduler, config: CalibrationConfig, conditioning: Conditi
     return {"x": torch.cat(xs) if xs else empty, "t": torch.cat(ts) if ts else torch.zeros(0),
             "rows": torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long), "cond": _cat(conds),
             "shared": shared_inputs(spec, noise, cond), "timesteps": timesteps}
-
-
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-empty line of a UTF-8 text file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CalibrationError(f"--prompts file {path} not found",
-                               hint="pass a text file, one prompt per line") from None
-    except IsADirectoryError:
-        raise CalibrationError(f"--prompts {path} is a folder",
-                               hint="pass a text file, one prompt per line") from None
-    except UnicodeDecodeError:
-        raise CalibrationError(f"--prompts file {path} is not UTF-8 text",
-                               hint="pass a text file, one prompt per line") from None
-    except OSError as exc:
-        raise CalibrationError(f"--prompts file {path} cannot be read: {exc.strerror or exc}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts or "\x00" in text:
-        raise CalibrationError(f"--prompts file {path} holds no prompts" if not prompts
-                               else f"--prompts file {path} is binary",
-                               hint="pass a text file, one prompt per line")
-    return prompts
 
 
 SUBSET_SAMPLES = 64  # the stored subset's size when the steps allow (at least MIN_PER_STEP per step)

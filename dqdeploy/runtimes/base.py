@@ -28,11 +28,13 @@ from ..core.denoisers import spec_for
 from ..core.deprecation import renamed
 from ..core.errors import ArtifactError, RuntimeInputError
 from ..core.inputs import CONTEXT, OUTPUT, SAMPLE, TIMESTEP  # noqa: F401  (re-exported to the runtimes)
+from ..core.vocab import TEXT_MASK
+from .dynamic import TEXT_AXES
 from .spec import ExportSpec, TensorSpec
 from .transformer import as_tensor, call_transformer
 
 DIM_LABELS = {SAMPLE: ("batch", "channels", "height", "width"), TIMESTEP: ("batch",),
-              CONTEXT: ("batch", "sequence", "hidden size")}
+              CONTEXT: ("batch", "sequence", "hidden size"), TEXT_MASK: ("batch", "sequence")}
 TIMESTEP_ATOL = 1e-3
 # inputs beyond this magnitude are not latents or embeddings: a quantized graph would clip them to a
 # finite but meaningless output (the simulation returns NaN/Inf), so they are refused
@@ -269,10 +271,12 @@ class DenoiserRuntime:
                     raise RuntimeInputError(
                         f"{name}: expected {label} {want} (shape {spec.shape}), "
                         f"found {got} (shape {tuple(value.shape)})",
-                        hint=self._shape_hint(name, axis),
+                        hint=self._shape_hint(name, axis, want, got),
                     )
                 if isinstance(want, str) and want and name == self.denoiser.sample and axis >= 2:
                     self._check_resolution(name, label, got)
+                if isinstance(want, str) and want and TEXT_AXES.get(name) == axis:
+                    self._check_text_length(name, got)
                 if isinstance(want, str) and want:
                     seen = symbols.setdefault(want, (name, got))
                     if seen[1] != got:
@@ -295,11 +299,26 @@ class DenoiserRuntime:
             raise RuntimeInputError(f"{name}: {label} {got} is not a multiple of {step}, the model's resolution step",
                                     hint=f"use {got // step * step} or {(got // step + 1) * step}")
 
-    def _shape_hint(self, name: str, axis: int) -> str:
+    def _check_text_length(self, name: str, got: int) -> None:
+        """A dynamic-text-length graph takes the token counts its export asked for (``--dynamic-text-length``)."""
+        bounds = self.spec.text_length_range
+        if bounds and not bounds[0] <= got <= bounds[1]:
+            raise RuntimeInputError(f"{name}: sequence {got} is outside the range {bounds[0]}..{bounds[1]} text tokens "
+                                    "the graph was exported for",
+                                    hint=f"re-export with --dynamic-text-length {min(bounds[0], got)}:"
+                                         f"{max(bounds[1], got)}, or encode the prompts to {bounds[0]}..{bounds[1]} "
+                                         f"tokens (e.g. {self.denoiser.text_length_call(bounds[1])})")
+
+    def _shape_hint(self, name: str, axis: int, want: int = 0, got: int = 0) -> str:
         if name == SAMPLE and axis == 1:
             return "the latents' channel count is fixed by the model (config.in_channels)"
         if name == SAMPLE:
             return "the graph was exported at a fixed resolution; re-export at the resolution you sample at"
+        if TEXT_AXES.get(name) == axis:
+            return (f"the graph takes the {want} text tokens of its calibration conditioning (not a text encoder "
+                    f"fault): export with --dynamic-text-length {min(want, got)}:{max(want, got)} (dqdeploy export "
+                    f"QUANT_DIR --dynamic-text-length ...) to take {got}, or encode the prompts to {want} tokens "
+                    f"({self.denoiser.text_length_call(want)})")
         if name == CONTEXT:
             return "encoder_hidden_states must come from the text encoder the model was exported for"
         return "check the inputs against `dqdeploy inspect EXPORT_DIR`"

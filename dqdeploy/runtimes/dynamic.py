@@ -1,4 +1,5 @@
-"""Exports with a dynamic latent height and width: ``dqdeploy export Q --dynamic-resolution MIN:MAX``.
+"""Exports with a dynamic latent height and width (``dqdeploy export Q --dynamic-resolution MIN:MAX``) or text
+length (``--dynamic-text-length MIN:MAX``).
 
 The graph's ``sample`` / ``hidden_states`` [B, C, H, W] gets symbolic H and W, each any multiple of
 the model's resolution step in ``[MIN, MAX]`` (latent pixels, like ``quantize --resolution``): a
@@ -7,17 +8,36 @@ diffusion transformer (SD3) cuts it into ``patch_size`` patches. The per-step sc
 depend on the resolution, so the Q/DQ surgery is unchanged. Refused: Flux (packed token latents with
 position ids for one grid) and PixArt (its position table is recomputed in Python per size, so a
 traced graph would keep one size's table).
+
+The text length is the sequence axis of ``encoder_hidden_states`` (and of PixArt's ``encoder_attention_mask``): any
+length in ``[MIN, MAX]`` tokens. Attention over the text tokens does not depend on their count and the per-step scales
+do not either; by default the graph keeps the calibration conditioning's length, as before the option existed.
+Refused: unconditional UNets (no text input) and Flux (its ``txt_ids`` position ids, one row per token, are made
+for one length).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.denoisers import DenoiserSpec
 from ..core.errors import ExportError
+from ..core.vocab import CONTEXT, TEXT_MASK
 
 Range = tuple[int, int]
 MAX_LATENT = 1024  # latent pixels: 8192-pixel images for an 8x VAE, far beyond any denoiser's memory at batch 1
+MAX_TEXT = 4096  # text tokens: 16x T5's usual 256, beyond every pipeline's max_sequence_length
+TEXT_AXES = {CONTEXT: 1, TEXT_MASK: 1}  # the sequence axis of each input that has one
+
+
+@dataclass(frozen=True)
+class DynamicAxes:
+    """What an export makes dynamic besides the batch: ``resolution`` (latent H/W) and ``text_length`` (tokens),
+    each ``(MIN, MAX)`` or None (fixed at the traced example's size)."""
+
+    resolution: Range | None = None
+    text_length: Range | None = None
 
 
 def resolution_step(spec: DenoiserSpec, config: Any) -> int:
@@ -33,6 +53,23 @@ def parse_range(text: str) -> Range:
     if not 1 <= lo <= hi:
         raise ValueError(f"{text!r}: expected 1 <= MIN <= MAX")
     return lo, hi
+
+
+def range_arg(value: Any, name: str, unit: str, example: str) -> Range | None:
+    """A ``(MIN, MAX)`` argument of the API (``dynamic_resolution``, ``dynamic_text_length``): a pair of ints or a
+    ``"MIN:MAX"`` string; ``unit`` and ``example`` word the error."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            return parse_range(value)
+        lo, hi = value
+        if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
+            raise ValueError
+        return parse_range(f"{lo}:{hi}")
+    except (ValueError, TypeError):
+        raise ExportError(f"{name}={value!r}: expected (MIN, MAX) or 'MIN:MAX' {unit} with 1 <= MIN <= MAX",
+                          hint=f"e.g. {name}={example}") from None
 
 
 def check_range(spec: DenoiserSpec, config: Any, size: tuple[int, int], lo: int, hi: int) -> int:
@@ -81,3 +118,31 @@ def sample_axes(spec: DenoiserSpec, config: Any, size: tuple[int, int], lo: int,
     h = torch.export.Dim("height_q", min=lo // step, max=hi // step)
     w = torch.export.Dim("width_q", min=lo // step, max=hi // step)
     return {2: step * h, 3: step * w}
+
+
+def check_text_range(spec: DenoiserSpec, names: list[str], length: int, lo: int, hi: int) -> None:
+    """Refuse a text-length range the graph cannot take; ``names``: the graph's inputs, ``length``: the traced
+    example's text tokens (the calibration conditioning's), which the range must hold."""
+    hint = f"e.g. --dynamic-text-length {min(lo, length)}:{min(max(hi, length), MAX_TEXT)}"
+    if CONTEXT not in names:
+        raise ExportError(f"--dynamic-text-length: {spec.class_name} without text conditioning has no text input",
+                          hint="drop --dynamic-text-length")
+    if spec.shared:
+        raise ExportError(f"--dynamic-text-length: {spec.class_name} takes position ids ({', '.join(spec.shared)}) "
+                          "made for one text length", hint="export once per text length (drop --dynamic-text-length)")
+    if hi > MAX_TEXT:
+        raise ExportError(f"--dynamic-text-length {lo}:{hi}: MAX above {MAX_TEXT} tokens is beyond every text "
+                          "encoder's length", hint=hint)
+    if not lo <= length <= hi:
+        raise ExportError(f"--dynamic-text-length {lo}:{hi} does not contain the calibration conditioning's "
+                          f"{length} tokens (the graph is traced there)", hint=hint)
+
+
+def text_axes(spec: DenoiserSpec, names: list[str], length: int, lo: int, hi: int) -> dict[str, dict[int, Any]]:
+    """``{input: {axis: torch.export dim}}``: one symbolic sequence length for every input that has the text axis
+    (after :func:`check_text_range`)."""
+    import torch
+
+    check_text_range(spec, names, length, lo, hi)
+    sequence = torch.export.Dim("sequence", min=lo, max=hi)
+    return {name: {axis: sequence} for name, axis in TEXT_AXES.items() if name in names}

@@ -106,6 +106,7 @@ class ExportSpec:
     # ORT layout: the integer format of the weights, which decides the CPUs its int8 kernels are exact on
     # (:mod:`dqdeploy.system.cpu`); None for other targets, and for ORT graphs exported before it was recorded (int8)
     int8_format: Int8Format | None = None
+    text_length_range: list[int] | None = None  # [MIN, MAX] text tokens of a dynamic-text-length graph
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -147,8 +148,9 @@ class ExportSpec:
     def to_json(self) -> str:
         """The spec as JSON text, sealed (``integrity``: sha256 of the canonical body)."""
         data = asdict(self)
-        if not self.lora_slots:  # a later field: left out when empty, as before it existed
-            del data["lora_slots"]
+        for later in ("lora_slots", "text_length_range"):  # later fields: left out when empty, as before they existed
+            if not data[later]:
+                del data[later]
         if isinstance(data.get("recipe"), dict) and data["recipe"].get("attention") == "float":  # likewise
             del data["recipe"]["attention"]
         return json.dumps(seal(data), indent=2, sort_keys=True)

@@ -4,9 +4,10 @@ diffusers pipelines call ``pipe.transformer(hidden_states=..., timestep=..., enc
 pooled_projections=..., [img_ids=..., txt_ids=..., guidance=...,] joint_attention_kwargs=None,
 return_dict=False)``. The arguments are bound against the diffusers class's own ``forward``
 signature, so positional and keyword calls are read exactly as the model would read them; the graph
-inputs (named like those keywords) are fed, arguments that change nothing are accepted (``None``,
-empty attention kwargs, PixArt's ``added_cond_kwargs`` without size conditions, an all-ones text
-attention mask), and anything else raises :class:`~dqdeploy.core.errors.RuntimeInputError`.
+inputs (named like those keywords: PixArt's ``encoder_attention_mask`` too where the graph takes it) are fed,
+arguments that change nothing are accepted (``None``, empty attention kwargs, PixArt's ``added_cond_kwargs``
+without size conditions, an all-ones text attention mask for a graph without a mask input), and anything else raises
+:class:`~dqdeploy.core.errors.RuntimeInputError`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from ..core.denoisers import DenoiserSpec
 from ..core.errors import RuntimeInputError
+from ..core.vocab import CONTEXT, TEXT_MASK
 
 ATTENTION_KWARGS = ("joint_attention_kwargs", "cross_attention_kwargs", "attention_kwargs")
 
@@ -73,9 +75,17 @@ def bind_call(spec: DenoiserSpec, names: list[str], args: tuple, kwargs: dict) -
         if not _harmless(name, value):
             raise RuntimeInputError(
                 f"{name} was given, but the exported graph has no input for it (inputs: {', '.join(names)})",
-                hint=f"call without {name}, or run the PyTorch model",
+                hint=_missing_input_hint(spec, name),
             )
     return feeds, return_dict
+
+
+def _missing_input_hint(spec: DenoiserSpec, name: str) -> str:
+    """How to run a call whose ``name`` the graph lacks: PixArt's text mask is a graph input when calibrated with it."""
+    if name == TEXT_MASK and name in spec.inputs:
+        return ("quantize with a conditioning file that holds the text mask (dqdeploy encode-prompts or quantize "
+                "--prompts write it) and export again; or call without the mask, or with an all-ones one")
+    return f"call without {name}, or run the PyTorch model"
 
 
 def prepare_transformer_inputs(runtime: Any, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -83,6 +93,7 @@ def prepare_transformer_inputs(runtime: Any, feeds: dict[str, Any]) -> dict[str,
     ``[batch]``, ``guidance`` likewise, position ids without a batch axis."""
     spec = runtime.denoiser
     names = list(runtime._inputs)
+    feeds = _unmasked_default(names, feeds)
     missing = [n for n in names if n not in feeds]
     if missing:
         raise RuntimeInputError(f"{spec.class_name}: missing {', '.join(missing)} "
@@ -100,8 +111,27 @@ def prepare_transformer_inputs(runtime: Any, feeds: dict[str, Any]) -> dict[str,
     for name in spec.shared:
         if name in tensors and tensors[name].dim() == 3:  # the deprecated batched form: one row serves all
             tensors[name] = tensors[name][0]
+    if TEXT_MASK in tensors:
+        _check_mask(tensors[TEXT_MASK])
     runtime._check_shapes(tensors)
     return {n: v.to(device=runtime.device, dtype=runtime._dtypes[n]).contiguous() for n, v in tensors.items()}
+
+
+def _unmasked_default(names: list[str], feeds: dict[str, Any]) -> dict[str, Any]:
+    """``feeds`` with an all-ones text mask where the graph takes one and none was given: what the model does with
+    ``encoder_attention_mask=None`` (every text token attended to)."""
+    context = feeds.get(CONTEXT)
+    if TEXT_MASK not in names or TEXT_MASK in feeds or not isinstance(context, torch.Tensor) or context.dim() != 3:
+        return feeds
+    return {**feeds, TEXT_MASK: torch.ones(context.shape[:2], dtype=torch.float32)}
+
+
+def _check_mask(mask: torch.Tensor) -> None:
+    """A text mask holds 0 (padding) and 1 (token) only: the graph's attention reads it as a key padding mask."""
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise RuntimeInputError(f"{TEXT_MASK}: expected 0 (padding) and 1 (text token) only, found other values "
+                                f"(shape {tuple(mask.shape)}, dtype {mask.dtype})",
+                                hint="pass the tokenizer's attention_mask, as the PixArt pipelines do")
 
 
 def _per_sample(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ..core.sampling import denoise, model_tokens, set_timesteps
 from ..core.terminal import bar, say
 from ..core.vocab import Runtime
 from ..io.models import make_scheduler
-from ..quant.trajectories import Conditioning, check_guidance, load_conditioning
+from ..quant.conditioning import Conditioning, check_conditioning, load_conditioning
 from .sources import OpenedModel, open_model
 
 
@@ -27,7 +27,7 @@ def load_cond(opened: OpenedModel, cond_file: str | Path | None, guidance: float
     if cond_file is None:
         raise CalibrationError("this model is conditional: pass --cond FILE.safetensors with prompt embeddings")
     conditioning = load_conditioning(cond_file)
-    check_guidance(conditioning, guidance, opened.denoiser, cond_file)
+    check_conditioning(conditioning, guidance, opened.denoiser, cond_file)
     return conditioning
 
 
@@ -109,7 +109,7 @@ def generate_from(
     for name, value in (("n", n), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CalibrationError(f"{name}={value!r}: expected a whole number >= 1")
-    check_guidance(conditioning, guidance, opened.denoiser)
+    check_conditioning(conditioning, guidance, opened.denoiser)
     if sampler is None:
         sampler = choose_sampler(opened, scheduler, steps)
         say(sampler.describe())

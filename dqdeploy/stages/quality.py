@@ -22,7 +22,8 @@ from ..core.denoisers import latent_shape, spec_of
 from ..core.metrics import StepErrors, summarize_steps
 from ..core.recipe import CalibrationConfig
 from ..core.sampling import observe_denoise, output_of
-from ..quant.trajectories import Conditioning, model_calls
+from ..quant.conditioning import Conditioning
+from ..quant.trajectories import model_calls
 from ..system.progress import Progress, progress
 
 HELD_TRAJECTORIES = 4
@@ -99,7 +100,7 @@ def held_for(artifact: str | Path, model_dir: str | Path, cond_file: str | Path 
     quantized from (the calibration settings read from its manifest)."""
     from ..io.artifact import read_manifest
     from ..io.models import load_model, make_scheduler
-    from ..quant.trajectories import load_conditioning
+    from ..quant.conditioning import load_conditioning
 
     calibration = CalibrationConfig(**read_manifest(artifact).calibration)
     loaded = load_model(model_dir)

@@ -32,6 +32,14 @@ from ..quant.attention import attention_in_state, install_attention_quant
 from ..quant.blocks import Block, partition
 from ..quant.blockstore import BlockStore
 from ..quant.calibrate import init_activation_scales, init_output_scales
+from ..quant.conditioning import (
+    COND_KEY,
+    POOLED_KEY,
+    Conditioning,
+    check_conditioning,
+    conditioning_from,
+    load_conditioning,
+)
 from ..quant.distill import (
     BlockReport,
     Targets,
@@ -45,17 +53,7 @@ from ..quant.fallback import SearchProgress, check_fallback, fallback_candidates
 from ..quant.modules import QuantizedDenoiser, quant_layers
 from ..quant.sensitivity import scheduler_weights
 from ..quant.timestep import TimestepTable
-from ..quant.trajectories import (
-    COND_KEY,
-    POOLED_KEY,
-    CalibrationSet,
-    Conditioning,
-    calibration_subset,
-    check_guidance,
-    collect,
-    conditioning_from,
-    load_conditioning,
-)
+from ..quant.trajectories import CalibrationSet, calibration_subset, collect
 from ..system import distributed
 from ..system.progress import stage
 from .layer_plan import build_quantized, example_forward, keep_in_float, plan_attention, plan_layers  # noqa: F401  (build_quantized re-exported)
@@ -202,7 +200,7 @@ def _quantize_loaded(model_dir: str | Path, recipe: Recipe, calibration: Calibra
         scheduler = make_scheduler(calibration.scheduler, loaded.scheduler_config, calibration.steps)
         calibration = dataclasses.replace(calibration, scheduler=calibration.scheduler or type(scheduler).__name__)
         conditioning = _conditioning(loaded, cond_file, prompts, allow_pickle)
-        check_guidance(conditioning, calibration.guidance, loaded.denoiser, cond_file)
+        check_conditioning(conditioning, calibration.guidance, loaded.denoiser, cond_file)
     calib = ckpt.calibration() if ckpt else None
     if calib is not None:
         log.info("calibration set restored from the checkpoint")

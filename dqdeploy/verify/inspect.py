@@ -121,6 +121,10 @@ def _describe_export(path: Path, as_json: bool) -> str:
     if spec.recipe is not None and spec.layout is not None:
         lines.append("  attention    " + ("int8: Q/DQ in front of both batched matmuls of every quantized attention"
                                           if spec.recipe.attention == "int8" else "float"))
+    ranges = [f"{what} {r[0]}..{r[1]}{unit}" for what, r, unit in (("latent H/W", spec.resolution_range, " pixels"),
+                                                                   ("text", spec.text_length_range, " tokens")) if r]
+    if ranges:  # --dynamic-resolution, --dynamic-text-length: what the runtime takes
+        lines.append(f"  dynamic      {', '.join(ranges)}")
     if spec.pipeline_parts:  # exported with --pipeline
         lines.append(f"  pipeline     {', '.join(spec.pipeline_parts)} "
                      "(float; dqdeploy.load_pipeline runs it prompt to image)")

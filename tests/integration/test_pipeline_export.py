@@ -178,8 +178,14 @@ def test_hostile_pipeline_folders_are_refused_before_any_work(sd, tmp_path):
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     cond = write_cond_file(tmp_path / "cond.safetensors")  # 5 tokens
     short = quantize(pipe, RECIPE, CALIB, tmp_path / "q5", cond_file=cond).path
-    with pytest.raises(PipelineError, match="has 5-token conditioning; .* text encoder makes 8 tokens"):
+    with pytest.raises(PipelineError, match="has 5-token conditioning; .* text encoder makes 8 tokens") as err:
         export(short, tmp_path / "out", target="ort", pipeline=pipe)
+    assert "--dynamic-text-length 5:8" in err.value.hint
+    # the fix it names: a graph whose text length holds the text encoder's runs the whole pipeline
+    dynamic = export(short, tmp_path / "dynamic", target="ort", pipeline=pipe, dynamic_text_length=(5, 8))
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    image = dqdeploy.load_pipeline(dynamic)("a cat", latents=latents, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
     proc = cli("export", q, "--out", tmp_path / "out", "--pipeline", no_vae)
     assert_user_error(proc, "expected a vae/ component")
     with pytest.raises(DQDeployError, match="pipeline must be a path, found int"):

@@ -50,9 +50,10 @@ def _reference(kind: str, folder, length: int) -> dict[str, torch.Tensor]:
             return {"encoder_hidden_states": c, "uncond_encoder_hidden_states": u[:1], "pooled_projections": p,
                     "uncond_pooled_projections": up[:1]}
         if kind == "pixart":
-            c, _, u, _ = pipe.encode_prompt(PROMPTS, True, negative_prompt="blurry", device=cpu,
-                                            max_sequence_length=length)
-            return {"encoder_hidden_states": c, "uncond_encoder_hidden_states": u[:1]}
+            c, m, u, um = pipe.encode_prompt(PROMPTS, True, negative_prompt="blurry", device=cpu,
+                                             max_sequence_length=length)
+            return {"encoder_hidden_states": c, "uncond_encoder_hidden_states": u[:1], "encoder_attention_mask": m,
+                    "uncond_encoder_attention_mask": um[:1]}  # T5's padding mask, which PixArt's transformer takes
         c, p, _ = pipe.encode_prompt(PROMPTS, None, device=cpu, max_sequence_length=length)
         return {"encoder_hidden_states": c, "pooled_projections": p}
 

@@ -132,6 +132,8 @@ def transformer_artifacts(tmp_path_factory):
 def test_sd3_dynamic_resolution(transformer_artifacts, tmp_path):
     q = transformer_artifacts["sd3"]
     out = export(q, tmp_path / "sd3", target="ort", dynamic_resolution=(4, 16))
+    graph = onnx.load(str(out / "transformer" / "model.onnx"))  # token counts computed at run time: still fused
+    assert sum(n.op_type == "MultiHeadAttention" for n in graph.graph.node) == 2
     runtime, sim = load_runtime(out, "ort"), load_quantized(q)
     inputs = load_calibration_inputs(q)  # the conditioning of real calibration rows
     for h, w in ((12, 16), (4, 6)):

@@ -191,6 +191,14 @@ def test_profile_of_a_dynamic_resolution_export_is_its_range():
     assert profile_shapes(dynamic, resolution=48)["sample"][2] == [8, 4, 48, 48]  # an explicit profile wins
 
 
+def test_profile_of_a_dynamic_text_length_export_is_its_range():
+    import dataclasses
+
+    dynamic = dataclasses.replace(spec(ctx_shape=("batch", "sequence", 768)), text_length_range=[64, 333])
+    assert profile_shapes(dynamic)["encoder_hidden_states"] == ([1, 64, 768], [2, 333, 768], [8, 333, 768])
+    assert profile_shapes(dynamic, seq_len=77)["encoder_hidden_states"][1] == [2, 77, 768]  # an explicit one wins
+
+
 # -- the build's own code, with TensorRT and Polygraphy's TensorRT loaders faked ---------------------
 class _Tensor:
     def __init__(self, name: str, shape: list[int], dtype: str) -> None:
