@@ -209,7 +209,7 @@ def measure(proc: subprocess.Popen, client: Client, args: argparse.Namespace) ->
            "growth_mb": round(series[-1][1] - series[0][1], 1), "max_mb": max(v for _, v in series),
            "min_mb": min(v for _, v in series)}
     model = (f"tiny Stable-Diffusion pipeline (random weights, 16x16 RGB), W8A8 ort export, PNDM "
-             f"{health['default_steps']} steps, guidance 7.5" if health["conditional"] else
+             f"{health['default_steps']} steps, guidance {health['default_guidance']:g}" if health["conditional"] else
              f"digits DDPM (shipped, 16x16x1), W8A8 ort export, DDIM {health['default_steps']} steps")
     return {"model": model if not args.export else f"{args.export.name}: {model}", "health": health, "levels": levels,
             "total_requests": total, "errors": sum(level["errors"] for level in levels), "rss": rss,

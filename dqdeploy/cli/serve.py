@@ -16,7 +16,8 @@ SAMPLERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDis
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @click.option("--max-batch", default=8, show_default=True, type=POSITIVE,
-              help="Most requests in one model call (a guided prompt is 2 rows of the denoiser's batch).")
+              help="Most requests in one model call (with classifier-free guidance, Stable Diffusion's and SD3's, "
+                   "a guided prompt is 2 rows of the denoiser's batch; Flux's is 1).")
 @click.option("--batch-window-ms", default=10.0, show_default=True, type=click.FloatRange(0, 10_000),
               help="How long the first waiting request waits for others to join its batch.")
 @click.option("--steps", type=POSITIVE, help="Default sampling steps of a request (default: the calibrated count).")
@@ -35,6 +36,7 @@ def serve(export_dir, host, port, max_batch, batch_window_ms, steps, max_steps, 
     \b
     A pipeline export (`dqdeploy export Q --target ort --out E --pipeline MODEL_DIR`) takes
       {"prompt": "a cat", "negative_prompt": "", "seed": 0, "steps": 4, "guidance": 7.5}
+    (default guidance: 7.5 Stable Diffusion, 7.0 SD3, 3.5 Flux; Flux takes no negative_prompt);
     an unconditional denoiser export (e.g. the digits DDPM) {"seed": 0, "steps": 10};
     "format": "json" returns {"png_base64": ...} instead of image/png. Requests arriving within
     --batch-window-ms run as one batch of up to --max-batch; each gets the image it would get alone.

@@ -97,11 +97,13 @@ def make_app(model: ServedModel, settings: Settings) -> Any:
 
 
 def _health(model: ServedModel, settings: Settings) -> dict[str, Any]:
-    """The JSON of ``/health``: what is served and whether torch was imported (it never is)."""
-    return {"status": "ok", "kind": model.kind, "conditional": model.rules.conditional,
-            "default_steps": model.rules.default_steps, "max_steps": model.rules.max_steps,
-            "max_batch": settings.max_batch, "fields": list(model.rules.fields),
-            "torch_imported": "torch" in sys.modules}
+    """The JSON of ``/health``: what is served (a pipeline's default guidance and whether it is classifier-free too)
+    and whether torch was imported (it never is)."""
+    rules = model.rules
+    guidance = {"default_guidance": rules.guidance, "classifier_free": rules.cfg} if rules.conditional else {}
+    return {"status": "ok", "kind": model.kind, "model": rules.model, "conditional": rules.conditional,
+            "default_steps": rules.default_steps, "max_steps": rules.max_steps, **guidance,
+            "max_batch": settings.max_batch, "fields": list(rules.fields), "torch_imported": "torch" in sys.modules}
 
 
 async def _body(request: Any) -> bytes:

@@ -50,24 +50,33 @@ class ServedModel:
 
 
 class ServedPipeline(ServedModel):
-    """A ``--pipeline`` export: prompt (+ negative prompt, guidance) to image; guided jobs run their two CFG rows
-    (unconditional, conditional) in the same denoiser batch, so k jobs make a batch of 2k."""
+    """A ``--pipeline`` export: prompt (+ guidance) to image. With classifier-free guidance (Stable Diffusion, SD3) a
+    guided job runs two rows (unconditional, conditional) of the denoiser's batch, an unguided one a single row: guided
+    and unguided jobs make separate batches, so k guided jobs make a batch of 2k. Flux feeds each job's scale to the
+    transformer's guidance input: one row per job whatever its scale, and no negative prompt."""
 
     kind = "pipeline"
 
     def __init__(self, pipe: OrtPipeline, max_steps: int, default_steps: int | None = None) -> None:
         self.pipe = pipe
         steps = default_steps or pipe.default_steps
-        self.rules = Rules(True, steps, max(max_steps, steps))
+        encoder = pipe.prompt_encoder
+        self.rules = Rules(True, steps, max(max_steps, steps), guidance=encoder.guidance, cfg=encoder.cfg,
+                           model=pipe.spec.model_class)
 
-    def key(self, job: Job) -> Hashable:  # noqa: D102
-        return job.steps, job.guidance > 1.0  # guided and unguided jobs make different batches
+    def key(self, job: Job) -> Hashable:
+        """The steps; with classifier-free guidance also whether the job is guided (two rows) or not (one)."""
+        return (job.steps, job.guidance > 1.0) if self.rules.cfg else job.steps
 
     def run(self, jobs: Sequence[Job]) -> list[bytes]:  # noqa: D102
-        out = self.pipe([str(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
-                        num_inference_steps=jobs[0].steps, guidance_scale=[j.guidance for j in jobs],
-                        seed=[j.seed for j in jobs], output_type="np")
+        negatives = [j.negative_prompt for j in jobs] if self.rules.cfg else None
+        out = self.pipe([str(j.prompt) for j in jobs], negatives, num_inference_steps=jobs[0].steps,
+                        guidance_scale=[j.guidance for j in jobs], seed=[j.seed for j in jobs], output_type="np")
         return [png(image) for image in out.images]
+
+    def describe(self) -> str:  # noqa: D102
+        guidance = "classifier-free" if self.rules.cfg else "the transformer's input"
+        return f"{self.rules.model} {super().describe()}, guidance {self.rules.guidance:g} ({guidance})"
 
 
 class ServedSampler(ServedModel):
@@ -78,7 +87,7 @@ class ServedSampler(ServedModel):
     def __init__(self, sampler: OrtSampler, max_steps: int, default_steps: int | None = None) -> None:
         self.sampler = sampler
         steps = default_steps or sampler.default_steps
-        self.rules = Rules(False, steps, max(max_steps, steps))
+        self.rules = Rules(False, steps, max(max_steps, steps), model=sampler.spec.model_class)
 
     def run(self, jobs: Sequence[Job]) -> list[bytes]:  # noqa: D102
         return [png(image) for image in self.sampler([j.seed for j in jobs], jobs[0].steps)]

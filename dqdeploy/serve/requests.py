@@ -15,7 +15,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 50.0
-DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
+DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default (a served pipeline has its family's)
 FORMATS = ("png", "json")
 
 
@@ -33,17 +33,29 @@ class RequestError(DQDeployError):
 
 @dataclass(frozen=True)
 class Rules:
-    """What a served export accepts: prompts or not, the default and largest step count."""
+    """What a served export accepts: prompts or not, the default and largest step count. For prompts: the default
+    guidance scale and how it guides (``cfg``: classifier-free, with a negative prompt; else the denoiser's own
+    guidance input, as Flux's, and no negative prompt); ``model`` names the denoiser in refusals."""
 
     conditional: bool
     default_steps: int
     max_steps: int
+    guidance: float = DEFAULT_GUIDANCE
+    cfg: bool = True
+    model: str = "denoiser"
 
     @property
     def fields(self) -> tuple[str, ...]:
         """The body's known fields."""
-        prompts = ("prompt", "negative_prompt", "guidance") if self.conditional else ()
+        prompts = ("prompt", *(("negative_prompt",) if self.cfg else ()), "guidance") if self.conditional else ()
         return (*prompts, "seed", "steps", "format")
+
+    @property
+    def guidance_meaning(self) -> str:
+        """What a guidance scale does to this export (for the hint of a refused one)."""
+        if self.cfg:
+            return "above 1: classifier-free guidance; at most 1: none"
+        return f"the {self.model}'s guidance input: no classifier-free guidance"
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ def parse_job(raw: bytes, rules: Rules) -> Job:
                            hint=example) from None
     if not isinstance(body, dict):
         raise RequestError(400, f"the body is a JSON {type(body).__name__}: expected an object", hint=example)
+    body = _without_negative(body, rules)
     unknown = sorted(set(body) - set(rules.fields))
     if unknown:
         why = ("" if rules.conditional or not set(unknown) & {"prompt", "negative_prompt", "guidance"}
@@ -85,8 +98,22 @@ def parse_job(raw: bytes, rules: Rules) -> Job:
     if rules.conditional:
         kw["prompt"] = _text(body, "prompt", required=True)
         kw["negative_prompt"] = _text(body, "negative_prompt", required=False)
-        kw["guidance"] = _number(body, "guidance", 0.0, MAX_GUIDANCE, DEFAULT_GUIDANCE)
+        kw["guidance"] = _number(body, "guidance", 0.0, MAX_GUIDANCE, rules.guidance, rules.guidance_meaning)
     return Job(**kw)
+
+
+def _without_negative(body: dict[str, Any], rules: Rules) -> dict[str, Any]:
+    """``body`` less an empty ``negative_prompt`` where the export takes none (as the library ignores one); a
+    non-empty one is refused (422) before it queues, so it never fails the batch it would have joined."""
+    if not rules.conditional or rules.cfg or "negative_prompt" not in body:
+        return body
+    if body["negative_prompt"] != "":
+        found = _show(body["negative_prompt"])
+        raise RequestError(422, f"negative_prompt={found}: expected none, a {rules.model} export is guidance-distilled "
+                                "(guidance is its transformer's input, not classifier-free guidance), it takes no "
+                                "negative prompt",
+                           hint=f"leave out negative_prompt; steer with guidance (default {rules.guidance})")
+    return {k: v for k, v in body.items() if k != "negative_prompt"}
 
 
 def _whole(body: dict[str, Any], name: str, low: int, high: int, default: int) -> int:
@@ -97,12 +124,12 @@ def _whole(body: dict[str, Any], name: str, low: int, high: int, default: int) -
     return value
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float, default: float) -> float:
+def _number(body: dict[str, Any], name: str, low: float, high: float, default: float, meaning: str) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= high:
         raise RequestError(422, f"{name}={_show(value)}: expected a number in [{low}, {high}]",
-                           hint=f"e.g. {default} (above 1: classifier-free guidance; at most 1: none)")
+                           hint=f"e.g. {default}, the default ({meaning})")
     return float(value)
 
 

@@ -5,7 +5,6 @@ never imports torch, against diffusers' FluxPipeline."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -21,22 +20,9 @@ from dqdeploy.exporters.export import export
 from dqdeploy.runtimes.pipeline import pack, unpack
 from dqdeploy.runtimes.spec import read_spec
 from dqdeploy.runtimes.text import family_parts
-from dqdeploy.stages.quantize import quantize
-from tests.helpers import TOKENS, write_transformer_pipeline
-from tests.integration.test_cli_errors import dqdeploy as cli
-from tests.integration.test_pipeline_export import CALIB, PROMPTS, RECIPE
+from tests.helpers import TOKENS
+from tests.integration.test_pipeline_export import PROMPTS
 from tests.integration.test_pipeline_sd3 import STEPS, run_without_torch
-
-
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    """(pipeline folder, artifact, export folder with the pipeline)."""
-    root = tmp_path_factory.mktemp("fluxpipe")
-    pipe = write_transformer_pipeline("flux", root / "pipe", text=True, vae=True)
-    q = quantize(pipe, RECIPE, dataclasses.replace(CALIB, resolution=8), root / "q", prompts=PROMPTS).path
-    proc = cli("export", q, "--target", "ort", "--out", root / "e", "--pipeline", pipe)
-    assert proc.returncode == 0, proc.stderr
-    return pipe, q, root / "e"
 
 
 def _reference(pipe) -> FluxPipeline:

@@ -23,11 +23,9 @@ from dqdeploy.exporters.export import export
 from dqdeploy.exporters.pipeline import PipelinePlan
 from dqdeploy.runtimes.spec import read_spec
 from dqdeploy.runtimes.text import family_parts
-from dqdeploy.stages.quantize import quantize
 from tests.helpers import TOKENS, write_transformer_pipeline
 from tests.integration.test_cli_errors import ROOT
-from tests.integration.test_cli_errors import dqdeploy as cli
-from tests.integration.test_pipeline_export import CALIB, PROMPTS, RECIPE
+from tests.integration.test_pipeline_export import CALIB, PROMPTS
 
 STEPS = CALIB.steps
 RUN = """
@@ -43,17 +41,6 @@ np.savez(sys.argv[4], **{{k: v for k, v in pipe.encode({prompts}).items()}},
 pil = pipe("hello cat", seed=0, num_inference_steps=2, guidance_scale=1.0).images[0]
 print(json.dumps({{"torch": "torch" in sys.modules, "steps": pipe.default_steps, "pil": [pil.mode, *pil.size]}}))
 """.format(prompts=PROMPTS, n=len(PROMPTS))
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """(pipeline folder, artifact, export folder with the pipeline)."""
-    root = tmp_path_factory.mktemp("sd3pipe")
-    pipe = write_transformer_pipeline("sd3", root / "pipe", text=True, vae=True)
-    q = quantize(pipe, RECIPE, CALIB, root / "q", prompts=PROMPTS).path
-    proc = cli("export", q, "--target", "ort", "--out", root / "e", "--pipeline", pipe)  # the README's command
-    assert proc.returncode == 0, proc.stderr
-    return pipe, q, root / "e"
 
 
 def _reference(pipe) -> StableDiffusion3Pipeline:

@@ -1,7 +1,8 @@
-"""Issue 23, the server: `dqdeploy serve` started as a user starts it (a subprocess on a free localhost port) on a
-tiny Stable-Diffusion pipeline export and a tiny unconditional denoiser export, both quantized and exported here.
-Concurrent requests run as one batch and each gets the image it gets alone; hostile requests get a 4xx JSON error
-and leave the server up; SIGTERM/SIGINT stop it cleanly."""
+"""Issue 23, the server: `dqdeploy serve` started as a user starts it (a subprocess on a free localhost port) on tiny
+Stable-Diffusion, SD3 and Flux pipeline exports and a tiny unconditional denoiser export, all quantized and exported
+here (SD3's and Flux's: the pipeline tests' fixtures, conftest.py). Concurrent requests run as one batch and each gets
+the image it gets alone, byte for byte, which is the library's image; hostile requests (a negative prompt to Flux
+among them) get a 4xx JSON error and leave the server up; SIGTERM/SIGINT stop it cleanly."""
 
 from __future__ import annotations
 
@@ -119,6 +120,7 @@ def test_pipeline_batches_concurrent_prompts_and_each_gets_its_own_image(sd_expo
     with serving(sd_export, "--max-batch", "4", "--batch-window-ms", "500") as server:
         health = server.json("/health")
         assert (health["kind"], health["default_steps"], health["torch_imported"]) == ("pipeline", 4, False)
+        assert (health["model"], health["default_guidance"]) == ("UNet2DConditionModel", 7.5)
         alone = [server.generate(**body) for body in bodies]  # one after the other: batches of one
         together = concurrently(server, bodies)
         metrics = server.json("/metrics")
@@ -130,13 +132,12 @@ def test_pipeline_batches_concurrent_prompts_and_each_gets_its_own_image(sd_expo
     assert metrics["errors"] == {"client": 0, "server": 0} and metrics["latency_ms"]["p99"] > 0
     images = [pixels(png) for _, _, png in together]
     assert images[0].shape == (16, 16, 3)
-    for batched, (_, _, single) in zip(images, alone):  # batched == alone, to a rounding of float noise
-        assert np.abs(batched - pixels(single)).max() <= 1
+    assert [png for _, _, png in together] == [png for _, _, png in alone]  # batched == alone, byte for byte
     assert np.array_equal(images[0], images[3])  # same prompt and seed: same image
     assert np.abs(images[0] - images[2]).max() > 10  # another seed (and negative prompt): another image
     pipe = dqdeploy.load_pipeline(sd_export)  # the library's image for the same request
     library = pipe("hello cat", seed=2, guidance_scale=3.0, output_type="np").images[0]
-    assert np.abs((library * 255).round() - pixels(alone[1][2])).max() <= 1
+    assert np.array_equal((library * 255).round(), pixels(alone[1][2]))
     with pytest.raises(RuntimeInputError, match="mixes scales above 1"):
         pipe(["a", "b"], seed=[1, 2], guidance_scale=[1.0, 7.5])
     with pytest.raises(RuntimeInputError, match="1 seeds for 2 prompts"):
@@ -155,7 +156,7 @@ def test_a_batch_mixes_guided_and_unguided_requests_into_separate_calls(sd_expor
     assert sizes == [1, 2, 2]  # the two unguided together, the guided one alone
     as_json = json.loads(results[2][2])
     assert results[2][1]["content-type"] == "application/json" and as_json["seed"] == 6
-    assert np.abs(pixels(base64.b64decode(as_json["png_base64"])) - pixels(alone[2])).max() <= 1
+    assert base64.b64decode(as_json["png_base64"]) == alone[2]
 
 
 HOSTILE_SD = [
@@ -253,3 +254,55 @@ def test_serve_refuses_a_taken_port_and_a_missing_export(noise_export, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "dqdeploy", "serve", str(tmp_path / "nothing")], env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "error:" in proc.stderr, proc.stderr
+
+
+# SD3 pairs CFG rows as Stable Diffusion does (guided and unguided requests run apart); Flux feeds each request's
+# guidance to the transformer (one row per request: every scale runs in one batch).
+TRANSFORMER_BODIES = {
+    "sd3": ([{"prompt": "a cat", "seed": 1}, {"prompt": "hello cat", "seed": 2, "guidance": 3.0, "negative_prompt":
+             "a dog"}, {"prompt": "a cat", "seed": 3, "guidance": 1.0}], ["2", "2", "1"], 7.0),
+    "flux": ([{"prompt": "a cat", "seed": 1}, {"prompt": "hello cat", "seed": 2, "guidance": 1.0},
+              {"prompt": "a cat", "seed": 3, "guidance": 5.0}], ["3", "3", "3"], 3.5),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TRANSFORMER_BODIES))
+def test_sd3_and_flux_exports_serve_the_pipeline_s_image_batched_or_alone(family, request):
+    import dqdeploy
+
+    e = request.getfixturevalue(family)[2]
+    bodies, sizes, guidance = TRANSFORMER_BODIES[family]
+    with serving(e, "--max-batch", "4", "--batch-window-ms", "500") as server:
+        health = server.json("/health")
+        alone = [server.generate(**body) for body in bodies]
+        together = concurrently(server, bodies)
+        code, err = server.stop()
+    assert code == 0 and "Traceback" not in err, err
+    assert (health["kind"], health["default_guidance"], health["torch_imported"]) == ("pipeline", guidance, False)
+    assert [(s, h["x-batch-size"]) for s, h, _ in alone] == [(200, "1")] * len(bodies)
+    assert [(s, h["x-batch-size"]) for s, h, _ in together] == [(200, size) for size in sizes]
+    assert [png for _, _, png in together] == [png for _, _, png in alone]  # byte for byte
+    pipe = dqdeploy.load_pipeline(e)  # the library's images: default guidance and steps, the request's seed
+    for body, (_, _, png) in zip(bodies, alone):
+        scale = body.get("guidance", guidance)
+        image = pipe(body["prompt"], body.get("negative_prompt"), seed=body["seed"], output_type="np",
+                     guidance_scale=None if "guidance" not in body else scale).images[0]
+        assert np.array_equal((image * 255).round(), pixels(png)), body
+    assert len({png for _, _, png in alone}) == len(bodies)  # another seed or guidance: another image
+
+
+def test_flux_refuses_a_negative_prompt_with_a_422_and_its_batch_runs_on(flux):
+    bodies = [{"prompt": "a cat", "seed": 1}, {"prompt": "a cat", "seed": 2, "negative_prompt": "a dog"},
+              {"prompt": "a cat", "seed": 3, "negative_prompt": ""}]  # empty: no negative prompt, as the library
+    with serving(flux[2], "--max-batch", "4", "--batch-window-ms", "500") as server:
+        health = server.json("/health")
+        answers = concurrently(server, bodies)
+        metrics = server.json("/metrics")
+        server.stop()
+    assert health["fields"] == ["prompt", "guidance", "seed", "steps", "format"]
+    (ok, _, _), (status, headers, body), (empty, _, _) = answers
+    assert (ok, empty, status, headers["content-type"]) == (200, 200, 422, "application/json"), body
+    error = json.loads(body)
+    assert "guidance-distilled" in error["error"] and "FluxTransformer2DModel" in error["error"], error
+    assert "leave out negative_prompt" in error["hint"], error
+    assert metrics["errors"] == {"client": 1, "server": 0} and metrics["batch_sizes"] == {"2": 1}
