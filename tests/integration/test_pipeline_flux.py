@@ -22,13 +22,7 @@ from dqdeploy.runtimes.spec import read_spec
 from dqdeploy.runtimes.text import family_parts
 from tests.helpers import TOKENS
 from tests.integration.test_pipeline_export import PROMPTS
-from tests.integration.test_pipeline_sd3 import STEPS, run_without_torch
-
-
-def _reference(pipe) -> FluxPipeline:
-    ref = FluxPipeline.from_pretrained(str(pipe))
-    ref.set_progress_bar_config(disable=True)
-    return ref
+from tests.integration.test_pipeline_sd3 import STEPS, reference, run_without_torch
 
 
 def test_the_export_is_optimum_s_flux_layout_and_sealed(flux):
@@ -65,7 +59,7 @@ def test_prompt_to_image_without_torch_matches_diffusers(flux, tmp_path):
     assert np.array_equal(unpack(pack(latents), 8, 8), latents)
     images, mine = run_without_torch(e, latents, tmp_path)
 
-    ref = _reference(pipe)
+    ref = reference(pipe, FluxPipeline)
     with torch.no_grad():  # diffusers' encode_prompt: T5's sequence (512 tokens), CLIP's pooled output
         embeds, pooled, _ids = ref.encode_prompt(PROMPTS, None)
     np.testing.assert_allclose(mine["encoder_hidden_states"], embeds.numpy(), atol=1e-5, rtol=1e-5)
@@ -93,7 +87,7 @@ def test_a_float_export_of_the_folder_runs_the_fp_pipeline(flux, tmp_path):
     latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
     images = dqdeploy.load_pipeline(e)("a cat", latents=latents, num_inference_steps=2, guidance_scale=5.0,
                                        output_type="np").images
-    expected = _reference(pipe)("a cat", latents=torch.from_numpy(pack(latents)), height=16, width=16,
+    expected = reference(pipe, FluxPipeline)("a cat", latents=torch.from_numpy(pack(latents)), height=16, width=16,
                                 num_inference_steps=2, guidance_scale=5.0, output_type="np").images
     assert np.abs(expected - images).max() < 1e-4
     with pytest.raises(RuntimeInputError, match="guidance-distilled .* takes no negative prompt"):

@@ -43,8 +43,9 @@ print(json.dumps({{"torch": "torch" in sys.modules, "steps": pipe.default_steps,
 """.format(prompts=PROMPTS, n=len(PROMPTS))
 
 
-def _reference(pipe) -> StableDiffusion3Pipeline:
-    ref = StableDiffusion3Pipeline.from_pretrained(str(pipe))
+def reference(pipe, cls=StableDiffusion3Pipeline):
+    """diffusers' own pipeline of the folder ``pipe`` (class ``cls``), without progress bars."""
+    ref = cls.from_pretrained(str(pipe))
     ref.set_progress_bar_config(disable=True)
     return ref
 
@@ -110,7 +111,7 @@ def test_prompt_to_image_without_torch_matches_diffusers(sd3, tmp_path):
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     images, mine = run_without_torch(e, latents, tmp_path)
 
-    ref = _reference(pipe)
+    ref = reference(pipe)
     with torch.no_grad():  # diffusers' encode_prompt: CLIP-L|CLIP-G penultimate states padded, then T5; pooled
         embeds = ref.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True, negative_prompt="")
     names = ["encoder_hidden_states", "negative_encoder_hidden_states", "pooled_projections",
@@ -142,7 +143,7 @@ def test_a_float_export_of_the_folder_runs_the_fp_pipeline(sd3, tmp_path):
     latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
     images = dqdeploy.load_pipeline(e)("a cat", "a dog", latents=latents, num_inference_steps=2,
                                        output_type="np").images
-    expected = _reference(pipe)("a cat", negative_prompt="a dog", latents=torch.from_numpy(latents),
+    expected = reference(pipe)("a cat", negative_prompt="a dog", latents=torch.from_numpy(latents),
                                 num_inference_steps=2, output_type="np").images
     assert np.abs(expected - images).max() < 1e-4
 
