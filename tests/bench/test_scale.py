@@ -10,7 +10,7 @@ from bench.scale import phases, run_stage
 
 def test_a_stage_records_its_longest_silence_and_cpu_time(tmp_path):
     code = ("import time\nprint('a', flush=True)\ntime.sleep(1.5)\nprint('b', flush=True)\n"
-            "sum(range(3_000_000))\nprint('c\\rd', flush=True)")
+            "sum(range(30_000_000))\nprint('c\\rd', flush=True)")
     row = run_stage([sys.executable, "-c", code], tmp_path / "stage.log")
     assert row["exit"] == 0 and row["seconds"] >= 1.5 and 1.4 <= row["longest_silence_s"] < row["seconds"]
     assert 0 < row["cpu_seconds"] < row["seconds"] and row["peak_rss_gb"] > 0
