@@ -320,8 +320,9 @@ def fallback_search_section(d: dict) -> list[str]:
                 "lower is better):", "",
                 "| candidates | float layers | held-out denoiser error | image error | quantize (s) |",
                 "|---:|---:|---:|---:|---:|"]
-        out += [f"| {v['candidates']} | {len(v['fallback'])} | {v['heldout_error']:.5f} | {v['image_error']:.4f} "
-                f"| {v['quantize_s']:.0f} |" for v in e["variants"]]
+        label = {0: "0 (the screen alone)", e["layers"]: f"{e['layers']} (every layer)"}
+        out += [f"| {label.get(v['candidates'], v['candidates'])} | {len(v['fallback'])} | {v['heldout_error']:.5f} "
+                f"| {v['image_error']:.4f} | {v['quantize_s']:.0f} |" for v in e["variants"]]
         out += ["", prov_line(e), ""]
     if "sd15" in d:
         e = d["sd15"]
