@@ -99,9 +99,12 @@ def fallback_layers(
         budget = None if recipe.fallback_time is None else recipe.fallback_time - (clock() - start)  # screen included
         report = analyze(qmodel, subset, step_weights=step_weights, detail=False, blocks=False, only=mine,
                          time_budget=budget, clock=clock, on_row=done.add)
-        macs, layers = layer_macs(qmodel, subset), quant_layers(qmodel.denoiser)
         rows = {r.name: r for part in distributed.all_gather(report.layers) for r in part}
-        rows |= {n: Row(n, layers[n].kind, macs.get(n, 0), g) for n, g in done.gains.items() if n not in rows}
+        restored = [n for n in done.gains if n not in rows]
+        # MACs per layer: one more forward pass, only for rows not measured now or a budget over every layer
+        macs = layer_macs(qmodel, subset) if restored or len(rows) + len(restored) < len(names) else {}
+        layers = quant_layers(qmodel.denoiser)
+        rows |= {n: Row(n, layers[n].kind, macs.get(n, 0), done.gains[n]) for n in restored}
         report = dataclasses.replace(report, layers=[rows[n] for n in names if n in rows])
         total = None
         if len(rows) < len(names):  # screened or cut short: the MAC budget is still a share of every layer
